@@ -1,0 +1,122 @@
+"""Typed run configuration: defaults in pydantic models, overridden by a YAML file, then by CLI flags.
+
+Precedence (lowest to highest): model defaults < ``--config run.yaml`` < ``--set key.sub=value``.
+The resolved configuration is written next to every result so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from he2st.data.patches import PatchSpec
+from he2st.errors import He2stError
+
+WORK_DIR_ENV = "HE2ST_WORK_DIR"
+
+
+def default_work_dir() -> Path:
+    """Where prepared samples, patches, embeddings and runs go: ``$HE2ST_WORK_DIR`` or ``./he2st-work``."""
+    return Path(os.environ.get(WORK_DIR_ENV, "he2st-work"))
+
+
+class SampleSource(BaseModel):
+    """A user's own section, read by one of the technology readers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reader: Literal["visium", "st", "hest", "h5ad"]
+    sample_id: str
+    patient_id: str | None = None
+    path: Path = Field(description="outs/ folder (visium), counts file (st), HEST root (hest), .h5ad (h5ad)")
+    image: Path | None = None
+    spots_file: Path | None = Field(None, description="st: the *_selection.tsv spot file")
+    pixel_size_um: float | None = Field(None, description="h5ad: µm/px of the image")
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str | None = Field("her2st", description="registered dataset name, or null to use `samples`")
+    sections: list[str] | None = Field(None, description="subset of the dataset's imaged sections")
+    samples: list[SampleSource] = Field(default_factory=list)
+
+
+class GeneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_genes: int = Field(250, gt=0)
+    selection: Literal["heg", "hvg"] = "heg"
+    transform: Literal["log1p_cp10k", "log1p"] = "log1p_cp10k"
+    min_spot_fraction: float = Field(0.1, ge=0, le=1)
+    standardize: bool = False
+
+
+class FoldConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    scheme: Literal["lopo", "loso"] = "lopo"
+    allow_shared_patients: bool = False
+
+
+class PrepareConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    work_dir: Path = Field(default_factory=default_work_dir)
+    data: DataConfig = Field(default_factory=DataConfig)
+    patch: PatchSpec = Field(default_factory=PatchSpec)
+    genes: GeneConfig = Field(default_factory=GeneConfig)
+    folds: FoldConfig = Field(default_factory=FoldConfig)
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _set_dotted(tree: dict, dotted: str, value: object) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise He2stError(f"cannot set {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None, **flags: object) -> C:
+    """Build a config: defaults, then the YAML file, then ``key.sub=value`` overrides, then flags.
+
+    Flags whose value is ``None`` are ignored (not given on the command line).
+    """
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise He2stError("config file not found", path)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise He2stError(f"invalid YAML ({exc.__class__.__name__})", path) from exc
+        if not isinstance(tree, dict):
+            raise He2stError("config file must contain a mapping", path)
+    for item in overrides or []:
+        if "=" not in item:
+            raise He2stError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    for key, value in flags.items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise He2stError(f"invalid setting {where}: {first['msg']}", path) from exc
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

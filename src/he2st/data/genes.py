@@ -1,0 +1,169 @@
+"""Gene panels and regression targets, fitted on training samples only.
+
+A :class:`GenePanel` records everything that was learned from data -- which genes, how counts are
+transformed, optional per-gene standardisation -- so that exactly the same mapping can be applied
+to held-out or new samples. Fitting it on anything but a fold's training samples is leakage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+from pydantic import BaseModel, Field
+
+from he2st.errors import He2stError
+from he2st.io import write_text_atomic
+
+Transform = Literal["log1p_cp10k", "log1p"]
+Selection = Literal["heg", "hvg", "given"]
+
+
+def transform_counts(counts: sp.spmatrix | np.ndarray, kind: Transform) -> sp.csr_matrix:
+    """Counts -> target scale. ``log1p_cp10k``: library size from *all* genes of the spot, then
+    counts per 10,000 and log1p (the scanpy default); ``log1p``: log1p of raw counts (HEST-Benchmark)."""
+    matrix = sp.csr_matrix(counts, dtype=np.float32)
+    if kind == "log1p_cp10k":
+        totals = np.asarray(matrix.sum(axis=1)).ravel()
+        totals[totals == 0] = 1.0
+        matrix = sp.csr_matrix(sp.diags(1e4 / totals) @ matrix, dtype=np.float32)
+    elif kind != "log1p":
+        raise He2stError(f"unknown target transform {kind!r}; use 'log1p_cp10k' or 'log1p'")
+    matrix.data = np.log1p(matrix.data)
+    return matrix
+
+
+class GenePanel(BaseModel):
+    """The genes a model predicts and how their targets are computed."""
+
+    genes: list[str]
+    transform: Transform = "log1p_cp10k"
+    selection: Selection = "heg"
+    fitted_on: list[str] = Field(default_factory=list, description="sample ids the panel was fitted on")
+    min_spot_fraction: float = 0.1
+    missing: Literal["error", "zero"] = "error"
+    mean: list[float] | None = None  # per-gene standardisation (fitted on training spots)
+    std: list[float] | None = None
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @classmethod
+    def fit(
+        cls,
+        adatas: dict[str, ad.AnnData],
+        n_genes: int = 250,
+        selection: Selection = "heg",
+        transform: Transform = "log1p_cp10k",
+        min_spot_fraction: float = 0.1,
+        genes: Sequence[str] | None = None,
+        standardize: bool = False,
+        missing: Literal["error", "zero"] = "error",
+    ) -> GenePanel:
+        """Choose genes from the *training* samples ``adatas`` (sample id -> counts AnnData).
+
+        Candidates are genes measured in every training sample and detected (count > 0) in at least
+        ``min_spot_fraction`` of the pooled training spots; ``heg`` keeps the ``n_genes`` with the
+        highest mean target value, ``hvg`` those with the highest variance. Ties break by name.
+        """
+        if not adatas:
+            raise He2stError("cannot fit a gene panel on zero training samples")
+        common = None
+        for adata in adatas.values():
+            names = set(adata.var_names)
+            common = names if common is None else common & names
+        if genes is not None:
+            absent = [g for g in genes if g not in common]
+            if absent:
+                raise He2stError(f"{len(absent)} requested gene(s) not measured in every training sample: {absent[:5]}")
+            candidates = list(genes)
+            selection = "given"
+        else:
+            candidates = sorted(common)
+        pooled = _pooled_targets(adatas, candidates, transform)
+        detected = np.asarray((pooled > 0).mean(axis=0)).ravel()
+        if selection != "given":
+            keep = detected >= min_spot_fraction
+            if selection == "heg":
+                score = np.asarray(pooled.mean(axis=0)).ravel()
+            elif selection == "hvg":
+                mean = np.asarray(pooled.mean(axis=0)).ravel()
+                score = np.asarray(pooled.multiply(pooled).mean(axis=0)).ravel() - mean**2
+            else:
+                raise He2stError(f"unknown gene selection {selection!r}; use 'heg', 'hvg' or pass genes")
+            order = sorted(np.flatnonzero(keep), key=lambda i: (-score[i], candidates[i]))[:n_genes]
+            if len(order) < n_genes:
+                raise He2stError(
+                    f"only {len(order)} genes pass the detection filter (>= {min_spot_fraction:.0%} of spots); "
+                    f"asked for {n_genes}"
+                )
+            chosen = [candidates[i] for i in order]
+            pooled = pooled[:, order]
+        else:
+            chosen = candidates
+        panel = cls(
+            genes=chosen,
+            transform=transform,
+            selection=selection,
+            fitted_on=sorted(adatas),
+            min_spot_fraction=min_spot_fraction,
+            missing=missing,
+        )
+        if standardize:
+            dense = pooled.toarray()
+            std = dense.std(axis=0)
+            panel.mean = dense.mean(axis=0).tolist()
+            panel.std = np.where(std > 0, std, 1.0).tolist()
+        return panel
+
+    def targets(self, adata: ad.AnnData, where: str | Path | None = None) -> np.ndarray:
+        """Target matrix (n_spots, n_genes) float32 for any sample, with this panel's mapping."""
+        index = {g: i for i, g in enumerate(adata.var_names)}
+        absent = [g for g in self.genes if g not in index]
+        if absent and self.missing == "error":
+            raise He2stError(
+                f"{len(absent)} of the model's {self.n_genes} genes are not in this sample "
+                f"(e.g. {', '.join(absent[:5])}); the model cannot be applied to this gene set",
+                where,
+            )
+        full = transform_counts(adata.X, self.transform)
+        out = np.zeros((adata.n_obs, self.n_genes), dtype=np.float32)
+        present = [i for i, g in enumerate(self.genes) if g in index]
+        out[:, present] = full[:, [index[self.genes[i]] for i in present]].toarray()
+        if self.mean is not None and self.std is not None:
+            out = (out - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return out
+
+    def inverse(self, values: np.ndarray) -> np.ndarray:
+        """Undo the standardisation (back to the transform's scale)."""
+        if self.mean is None or self.std is None:
+            return values
+        return values * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)
+
+    def save(self, path: str | Path) -> Path:
+        write_text_atomic(path, self.model_dump_json(indent=1))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> GenePanel:
+        path = Path(path)
+        if not path.exists():
+            raise He2stError("gene panel file not found", path)
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValueError as exc:
+            raise He2stError(f"not a valid gene panel ({exc.__class__.__name__})", path) from exc
+
+
+def _pooled_targets(adatas: dict[str, ad.AnnData], genes: list[str], transform: Transform) -> sp.csr_matrix:
+    blocks = []
+    for adata in adatas.values():
+        full = transform_counts(adata.X, transform)
+        index = {g: i for i, g in enumerate(adata.var_names)}
+        blocks.append(full[:, [index[g] for g in genes]])
+    return sp.vstack(blocks).tocsr()

@@ -1,0 +1,351 @@
+"""Readers that turn each technology's files into a :class:`~he2st.data.sample.Sample`.
+
+One function per layout: legacy ST (her2st style), 10x Space Ranger ``outs/`` (Visium, CytAssist,
+Visium HD bins), a HEST-1k sample, and any ``.h5ad`` with spot coordinates. They all end in the same
+place -- counts AnnData with ``obsm['spatial']`` in level-0 pixels of the image -- and they all
+refuse bad input with one line that names the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.io
+import scipy.sparse as sp
+
+from he2st.data.sample import Sample, build_adata
+from he2st.errors import He2stError
+
+ST_PITCH_UM = 200.0  # legacy ST: spots 100 µm across, 200 µm centre to centre
+ST_SPOT_UM = 100.0
+VISIUM_SPOT_UM = 55.0
+
+
+# ---------------------------------------------------------------------------- shared helpers
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise He2stError(f"{what} not found", path)
+    return path
+
+
+def read_counts_table(path: str | Path) -> pd.DataFrame:
+    """Spots x genes table (TSV/CSV, optionally gzipped); every count must be a non-negative number."""
+    path = _require(Path(path), "counts file")
+    sep = "," if ".csv" in path.name else "\t"
+    try:
+        table = pd.read_csv(path, sep=sep, index_col=0)
+    except (EOFError, OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise He2stError(f"cannot parse counts table ({type(exc).__name__}: {exc})", path) from exc
+    if table.shape[0] == 0 or table.shape[1] == 0:
+        raise He2stError("counts table is empty", path)
+    bad = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
+    if bad:
+        col = bad[0]
+        value = table[col][pd.to_numeric(table[col], errors="coerce").isna()].iloc[0]
+        raise He2stError(f"non-numeric count {value!r} in gene column {col!r}", path)
+    if table.isna().to_numpy().any():
+        raise He2stError("counts table has missing values", path)
+    if (table.to_numpy() < 0).any():
+        raise He2stError("counts table has negative values", path)
+    table.index = table.index.astype(str)
+    if table.index.has_duplicates:
+        raise He2stError(f"duplicate spot barcode {table.index[table.index.duplicated()][0]!r}", path)
+    return table
+
+
+def _join_barcodes(counts_ids: pd.Index, pos_ids: pd.Index, counts_file: Path, pos_file: Path) -> pd.Index:
+    common = counts_ids.intersection(pos_ids, sort=False)
+    if len(common) == 0:
+        raise He2stError(
+            f"no spot barcode in common with {pos_file} (counts: {counts_ids[0]!r}..., "
+            f"positions: {pos_ids[0]!r}...)",
+            counts_file,
+        )
+    return common
+
+
+# ---------------------------------------------------------------------------- legacy ST
+def pixel_size_from_grid(array_xy: np.ndarray, pixel_xy: np.ndarray, pitch_um: float) -> float:
+    """µm/px from how many pixels one array step spans (least squares over all spots)."""
+    slopes = []
+    for axis in (0, 1):
+        if np.ptp(array_xy[:, axis]) == 0:
+            continue
+        slope = np.polyfit(array_xy[:, axis], pixel_xy[:, axis], 1)[0]
+        slopes.append(abs(slope))
+    if not slopes or min(slopes) == 0:
+        raise He2stError("cannot derive pixel size: spots do not span the array grid")
+    return pitch_um / float(np.mean(slopes))
+
+
+def read_st(
+    counts_file: str | Path,
+    spots_file: str | Path,
+    image: str | Path | None,
+    sample_id: str,
+    patient_id: str,
+    image_scale: float = 1.0,
+    pitch_um: float = ST_PITCH_UM,
+    spot_diameter_um: float = ST_SPOT_UM,
+    dataset: str | None = None,
+) -> Sample:
+    """Legacy Spatial Transcriptomics in the her2st layout.
+
+    ``counts_file``: spots x genes TSV with ``"<x>x<y>"`` spot ids; ``spots_file``: the
+    ``*_selection.tsv`` with ``x y new_x new_y pixel_x pixel_y selected``. ``image_scale`` maps the
+    spot file's pixel coordinates onto ``image`` (1 for the full-resolution image). Only spots with
+    ``selected == 1`` (under tissue) are kept. The pixel size comes from the spot grid.
+    """
+    counts_file, spots_file = Path(counts_file), _require(Path(spots_file), "spot file")
+    table = read_counts_table(counts_file)
+    try:
+        spots = pd.read_csv(spots_file, sep="\t")
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise He2stError(f"cannot parse spot file ({exc})", spots_file) from exc
+    need = {"x", "y", "pixel_x", "pixel_y"}
+    if not need.issubset(spots.columns):
+        raise He2stError(f"spot file lacks columns {sorted(need - set(spots.columns))}", spots_file)
+    spots.index = pd.Index(spots["x"].astype(int).astype(str) + "x" + spots["y"].astype(int).astype(str))
+    if spots.index.has_duplicates:
+        raise He2stError(f"duplicate spot {spots.index[spots.index.duplicated()][0]!r}", spots_file)
+    common = _join_barcodes(table.index, spots.index, counts_file, spots_file)
+    spots = spots.loc[common]
+    if "selected" in spots.columns:
+        spots = spots[spots["selected"].astype(int) == 1]
+    if len(spots) == 0:
+        raise He2stError("no spot left after keeping spots under tissue (selected == 1)", spots_file)
+    grid_cols = ["new_x", "new_y"] if {"new_x", "new_y"}.issubset(spots.columns) else ["x", "y"]
+    pixel = spots[["pixel_x", "pixel_y"]].to_numpy(float) * image_scale
+    um_per_px = pixel_size_from_grid(spots[grid_cols].to_numpy(float), pixel, pitch_um)
+    adata = build_adata(table.loc[spots.index].to_numpy(), list(spots.index), list(table.columns), pixel)
+    adata.obs["array_col"] = spots["x"].astype(int).to_numpy()
+    adata.obs["array_row"] = spots["y"].astype(int).to_numpy()
+    sample = Sample(
+        sample_id=sample_id,
+        patient_id=patient_id,
+        adata=adata,
+        pixel_size_um=um_per_px,
+        spot_diameter_um=spot_diameter_um,
+        image_path=None if image is None else Path(image),
+        technology="st",
+        dataset=dataset,
+        source={"counts": str(counts_file), "positions": str(spots_file)}
+        | ({"image": str(image)} if image is not None else {}),
+    )
+    sample.validate()
+    return sample
+
+
+# ---------------------------------------------------------------------------- 10x Space Ranger
+POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+
+
+def _read_10x_h5(path: Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
+    try:
+        with h5py.File(path, "r") as fh:
+            grp = fh["matrix"]
+            n_genes, n_barcodes = (int(v) for v in grp["shape"][:])
+            mat = sp.csc_matrix(
+                (grp["data"][:], grp["indices"][:], grp["indptr"][:]), shape=(n_genes, n_barcodes)
+            )
+            barcodes = [b.decode() for b in grp["barcodes"][:]]
+            feats = grp["features"]
+            names = [b.decode() for b in feats["name"][:]]
+            types = [b.decode() for b in feats["feature_type"][:]] if "feature_type" in feats else None
+    except (OSError, KeyError, ValueError) as exc:
+        raise He2stError(f"not a 10x feature-barcode HDF5 matrix ({type(exc).__name__}: {exc})", path) from exc
+    keep = np.arange(len(names)) if types is None else np.flatnonzero(np.array(types) == "Gene Expression")
+    return mat.T.tocsr()[:, keep], barcodes, [names[i] for i in keep]
+
+
+def _read_10x_mtx(folder: Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
+    def _open(name: str):
+        for candidate in (folder / f"{name}.gz", folder / name):
+            if candidate.exists():
+                return gzip.open(candidate, "rt") if candidate.suffix == ".gz" else open(candidate)
+        raise He2stError(f"{name}(.gz) missing from matrix folder", folder)
+
+    try:
+        with _open("matrix.mtx") as fh:
+            mat = sp.csr_matrix(scipy.io.mmread(fh).T)
+        with _open("barcodes.tsv") as fh:
+            barcodes = [line.strip() for line in fh if line.strip()]
+        with _open("features.tsv") as fh:
+            rows = [line.rstrip("\n").split("\t") for line in fh if line.strip()]
+    except (OSError, ValueError, EOFError) as exc:
+        raise He2stError(f"cannot read 10x matrix folder ({exc})", folder) from exc
+    keep = [i for i, r in enumerate(rows) if len(r) < 3 or r[2] == "Gene Expression"]
+    return mat[:, keep], barcodes, [rows[i][1] if len(rows[i]) > 1 else rows[i][0] for i in keep]
+
+
+def read_tissue_positions(path: Path) -> pd.DataFrame:
+    """Space Ranger spot positions: ``tissue_positions.csv`` (header), ``_list.csv`` (often none), parquet."""
+    try:
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+        else:
+            first = path.read_text().split("\n", 1)[0].split(",")[0].strip()
+            header = 0 if first == "barcode" else None
+            table = pd.read_csv(path, header=header)
+            if header is None:
+                table.columns = POSITION_COLUMNS[: table.shape[1]]
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise He2stError(f"cannot parse tissue positions ({exc})", path) from exc
+    missing = set(POSITION_COLUMNS) - set(table.columns)
+    if missing:
+        raise He2stError(f"tissue positions lack columns {sorted(missing)}", path)
+    table = table.set_index("barcode")
+    table.index = table.index.astype(str)
+    if table.index.has_duplicates:
+        raise He2stError(f"duplicate spot barcode {table.index[table.index.duplicated()][0]!r}", path)
+    return table
+
+
+def read_visium(
+    outs: str | Path,
+    image: str | Path | None,
+    sample_id: str | None = None,
+    patient_id: str | None = None,
+    counts: str = "filtered_feature_bc_matrix.h5",
+    dataset: str | None = None,
+) -> Sample:
+    """10x Space Ranger ``outs/`` folder (Visium v1/v2/CytAssist, or one Visium HD bin folder).
+
+    The full-resolution H&E is not part of ``outs/``: pass the image given to Space Ranger as
+    ``image``. µm/px comes from ``microns_per_pixel`` when present, else 55 µm / ``spot_diameter_fullres``.
+    """
+    outs = _require(Path(outs), "Space Ranger outs folder")
+    spatial_dir = outs / "spatial"
+    counts_path = outs / counts
+    if counts_path.exists() and counts_path.is_file():
+        mat, barcodes, genes = _read_10x_h5(counts_path)
+    elif (outs / "filtered_feature_bc_matrix").is_dir():
+        counts_path = outs / "filtered_feature_bc_matrix"
+        mat, barcodes, genes = _read_10x_mtx(counts_path)
+    else:
+        raise He2stError(f"no {counts} or filtered_feature_bc_matrix/ folder", outs)
+    for name in ("tissue_positions.csv", "tissue_positions_list.csv", "tissue_positions.parquet"):
+        pos_path = spatial_dir / name
+        if pos_path.exists():
+            break
+    else:
+        raise He2stError("no tissue_positions.csv, tissue_positions_list.csv or tissue_positions.parquet", spatial_dir)
+    positions = read_tissue_positions(pos_path)
+    sf_path = _require(spatial_dir / "scalefactors_json.json", "scalefactors_json.json")
+    try:
+        scalefactors = json.loads(sf_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise He2stError(f"cannot parse scale factors ({exc})", sf_path) from exc
+    if pd.Index(barcodes).has_duplicates:
+        raise He2stError("duplicate barcodes in the count matrix", counts_path)
+    common = _join_barcodes(pd.Index(barcodes), positions.index, counts_path, pos_path)
+    positions = positions.loc[common]
+    positions = positions[positions["in_tissue"].astype(int) == 1]
+    if len(positions) == 0:
+        raise He2stError("no spot left after keeping spots under tissue (in_tissue == 1)", pos_path)
+    row_of = {b: i for i, b in enumerate(barcodes)}
+    rows = np.array([row_of[b] for b in positions.index])
+    xy = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
+    adata = build_adata(mat[rows], list(positions.index), genes, xy)
+    adata.obs["array_row"] = positions["array_row"].astype(int).to_numpy()
+    adata.obs["array_col"] = positions["array_col"].astype(int).to_numpy()
+    if "microns_per_pixel" in scalefactors:
+        um_per_px = float(scalefactors["microns_per_pixel"])
+    elif scalefactors.get("spot_diameter_fullres"):
+        um_per_px = VISIUM_SPOT_UM / float(scalefactors["spot_diameter_fullres"])
+    else:
+        raise He2stError("neither microns_per_pixel nor spot_diameter_fullres present", sf_path)
+    spot_um = float(scalefactors.get("bin_size_um", VISIUM_SPOT_UM))
+    sid = sample_id or outs.parent.name or outs.name
+    sample = Sample(
+        sample_id=sid,
+        patient_id=patient_id or sid,
+        adata=adata,
+        pixel_size_um=um_per_px,
+        spot_diameter_um=spot_um,
+        image_path=None if image is None else Path(image),
+        technology="visium_hd" if "bin_size_um" in scalefactors else "visium",
+        dataset=dataset,
+        source={"counts": str(counts_path), "positions": str(pos_path), "scalefactors": str(sf_path)}
+        | ({"image": str(image)} if image is not None else {}),
+    )
+    sample.validate()
+    return sample
+
+
+# ---------------------------------------------------------------------------- HEST-1k and plain h5ad
+def read_h5ad_sample(
+    path: str | Path,
+    image: str | Path | None,
+    pixel_size_um: float,
+    sample_id: str | None = None,
+    patient_id: str | None = None,
+    spot_diameter_um: float = VISIUM_SPOT_UM,
+    technology: str = "h5ad",
+    dataset: str | None = None,
+) -> Sample:
+    """Any AnnData with raw counts in ``X`` and spot centres (x, y) in ``obsm['spatial']``."""
+    path = _require(Path(path), "AnnData file")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:  # noqa: BLE001 - corrupt/truncated files raise many exception types
+        raise He2stError(f"not a readable .h5ad file ({type(exc).__name__}: {exc})", path) from exc
+    if "spatial" not in adata.obsm:
+        raise He2stError("AnnData has no obsm['spatial'] spot coordinates", path)
+    if adata.obs_names.has_duplicates:
+        raise He2stError(f"duplicate spot barcode {adata.obs_names[adata.obs_names.duplicated()][0]!r}", path)
+    if "in_tissue" in adata.obs:
+        adata = adata[adata.obs["in_tissue"].astype(int) == 1].copy()
+    if adata.n_obs == 0:
+        raise He2stError("no spot left after keeping spots under tissue (in_tissue == 1)", path)
+    X = adata.X
+    values = X.data if sp.issparse(X) else np.asarray(X)
+    if not np.issubdtype(values.dtype, np.number) or (values.size and (values < 0).any()):
+        raise He2stError("X must hold non-negative raw counts", path)
+    built = build_adata(X, list(adata.obs_names), list(adata.var_names), np.asarray(adata.obsm["spatial"])[:, :2])
+    for col in adata.obs.columns:
+        built.obs[col] = adata.obs[col].to_numpy()
+    sid = sample_id or path.stem
+    sample = Sample(
+        sample_id=sid,
+        patient_id=patient_id or sid,
+        adata=built,
+        pixel_size_um=float(pixel_size_um),
+        spot_diameter_um=float(spot_diameter_um),
+        image_path=None if image is None else Path(image),
+        technology=technology,
+        dataset=dataset,
+        source={"counts": str(path)} | ({"image": str(image)} if image is not None else {}),
+    )
+    sample.validate()
+    return sample
+
+
+def read_hest(root: str | Path, sample_id: str) -> Sample:
+    """A HEST-1k sample: ``st/<id>.h5ad``, ``wsis/<id>.tif``, ``metadata/<id>.json``."""
+    root = Path(root)
+    meta_path = _require(root / "metadata" / f"{sample_id}.json", "HEST metadata")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise He2stError(f"cannot parse HEST metadata ({exc})", meta_path) from exc
+    mpp = meta.get("pixel_size_um_estimated") or meta.get("pixel_size_um_embedded")
+    if not mpp:
+        raise He2stError("metadata has no pixel_size_um_estimated", meta_path)
+    image = _require(root / "wsis" / f"{sample_id}.tif", "HEST whole-slide image")
+    return read_h5ad_sample(
+        root / "st" / f"{sample_id}.h5ad",
+        image,
+        pixel_size_um=float(mpp),
+        sample_id=sample_id,
+        patient_id=str(meta.get("patient") or sample_id),
+        spot_diameter_um=float(meta.get("spot_diameter") or VISIUM_SPOT_UM),
+        technology=str(meta.get("st_technology", "hest")).lower(),
+        dataset="hest",
+    )

@@ -1,0 +1,181 @@
+"""The one object per tissue section that every he2st step passes around.
+
+A :class:`Sample` owns the spot-level AnnData (counts, spot centres, annotations) and knows its
+slide, pixel size, spot size and patient. Readers for each technology build it; ``save``/``load``
+persist it as a single ``.h5ad`` so later steps never re-parse raw Space Ranger/ST files.
+
+Conventions (as scanpy/squidpy/HEST): ``adata.obsm["spatial"]`` holds spot centres as (x, y) =
+(column, row) in level-0 pixels of the slide; ``adata.X`` holds raw counts (spots x genes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from he2st.data.slide import Slide, open_slide
+from he2st.errors import He2stError
+from he2st.io import atomic_path
+
+META_KEY = "he2st"
+
+
+@dataclass
+class Sample:
+    """A tissue section: spot counts + coordinates + the H&E it was measured on."""
+
+    sample_id: str
+    patient_id: str
+    adata: ad.AnnData
+    pixel_size_um: float
+    spot_diameter_um: float
+    image_path: Path | None = None
+    technology: str = "unknown"
+    dataset: str | None = None
+    source: dict[str, str] = field(default_factory=dict)  # file role -> path, for provenance
+    _slide: Slide | None = field(default=None, init=False, repr=False)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def n_spots(self) -> int:
+        return self.adata.n_obs
+
+    @property
+    def n_genes(self) -> int:
+        return self.adata.n_vars
+
+    @property
+    def has_image(self) -> bool:
+        return self.image_path is not None
+
+    @property
+    def spatial(self) -> np.ndarray:
+        """Spot centres (n, 2) as (x, y) level-0 px."""
+        return np.asarray(self.adata.obsm["spatial"], dtype=np.float64)
+
+    @property
+    def slide(self) -> Slide:
+        """The H&E, opened on first use (reading a slide header is cheap, pixels are read on demand)."""
+        if self.image_path is None:
+            raise He2stError(f"sample {self.sample_id} has no image (expression-only section)")
+        if self._slide is None:
+            self._slide = open_slide(self.image_path)
+        return self._slide
+
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
+    # ----------------------------------------------------------------- checks
+    def validate(self, check_image: bool = True) -> None:
+        """Refuse samples that later steps would silently mishandle; errors name the offending file."""
+        where = self.source.get("counts") or self.sample_id
+        if self.adata.n_obs == 0:
+            raise He2stError(f"sample {self.sample_id} has no spots under tissue", where)
+        if self.adata.obs_names.has_duplicates:
+            dup = self.adata.obs_names[self.adata.obs_names.duplicated()][0]
+            raise He2stError(f"duplicate spot barcode {dup!r}", where)
+        if "spatial" not in self.adata.obsm:
+            raise He2stError("no spot coordinates (obsm['spatial'])", where)
+        if not np.isfinite(self.spatial).all():
+            raise He2stError("spot coordinates contain NaN or infinite values", self.source.get("positions", where))
+        if not (np.isfinite(self.pixel_size_um) and self.pixel_size_um > 0):
+            raise He2stError(f"pixel size must be a positive number of µm/px, got {self.pixel_size_um}", where)
+        if check_image and self.image_path is not None:
+            w, h = self.slide.dimensions
+            xy = self.spatial
+            off = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= w) | (xy[:, 1] >= h)
+            if off.any():
+                first = self.adata.obs_names[np.argmax(off)]
+                raise He2stError(
+                    f"{int(off.sum())} spot(s) lie off the {w}x{h} image (first: {first} at "
+                    f"x={xy[off][0, 0]:.0f}, y={xy[off][0, 1]:.0f}); wrong image or coordinate scale?",
+                    self.image_path,
+                )
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Write the sample as one ``.h5ad`` (metadata in ``uns['he2st']``), atomically."""
+        path = Path(path)
+        adata = self.adata.copy()
+        adata.uns[META_KEY] = {
+            "sample_id": self.sample_id,
+            "patient_id": self.patient_id,
+            "pixel_size_um": float(self.pixel_size_um),
+            "spot_diameter_um": float(self.spot_diameter_um),
+            "image_path": "" if self.image_path is None else str(Path(self.image_path).resolve()),
+            "technology": self.technology,
+            "dataset": self.dataset or "",
+            "source": dict(self.source),
+        }
+        with atomic_path(path, suffix=".h5ad") as tmp:
+            adata.write_h5ad(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Sample:
+        path = Path(path)
+        if not path.exists():
+            raise He2stError("sample file not found", path)
+        try:
+            adata = ad.read_h5ad(path)
+        except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types for bad files
+            raise He2stError(f"not a readable .h5ad file ({type(exc).__name__}: {exc})", path) from exc
+        meta = adata.uns.pop(META_KEY, None)
+        if meta is None:
+            raise He2stError("not a he2st sample file (no uns['he2st']); use read_h5ad_sample for plain .h5ad", path)
+        return cls(
+            sample_id=str(meta["sample_id"]),
+            patient_id=str(meta["patient_id"]),
+            adata=adata,
+            pixel_size_um=float(meta["pixel_size_um"]),
+            spot_diameter_um=float(meta["spot_diameter_um"]),
+            image_path=Path(meta["image_path"]) if meta.get("image_path") else None,
+            technology=str(meta.get("technology", "unknown")),
+            dataset=str(meta.get("dataset")) or None,
+            source={str(k): str(v) for k, v in dict(meta.get("source", {})).items()},
+        )
+
+    def summary(self) -> dict[str, object]:
+        """What ``he2st info`` prints."""
+        info: dict[str, object] = {
+            "sample": self.sample_id,
+            "patient": self.patient_id,
+            "dataset": self.dataset,
+            "technology": self.technology,
+            "spots": self.n_spots,
+            "genes": self.n_genes,
+            "pixel_size_um": round(self.pixel_size_um, 4),
+            "spot_diameter_um": self.spot_diameter_um,
+            "image": str(self.image_path) if self.image_path else None,
+        }
+        if self.image_path is not None:
+            info["image_size"] = "{}x{}".format(*self.slide.dimensions)
+        extra = [c for c in self.adata.obs.columns if c not in ("in_tissue", "array_row", "array_col")]
+        if extra:
+            info["annotations"] = ", ".join(extra)
+        if self.adata.obsm:
+            info["obsm"] = ", ".join(sorted(self.adata.obsm.keys()))
+        return info
+
+
+def build_adata(
+    counts: sp.spmatrix | np.ndarray, barcodes: list[str], genes: list[str], spatial_xy: np.ndarray
+) -> ad.AnnData:
+    """Assemble a counts AnnData with the scverse spatial convention, counts stored sparse."""
+    matrix = sp.csr_matrix(counts, dtype=np.float32)
+    adata = ad.AnnData(
+        X=matrix,
+        obs=pd.DataFrame(index=pd.Index([str(b) for b in barcodes], name="barcode")),
+        var=pd.DataFrame(index=pd.Index([str(g) for g in genes], name="gene")),
+    )
+    adata.obsm["spatial"] = np.asarray(spatial_xy, dtype=np.float64)
+    if adata.var_names.has_duplicates:
+        adata.var_names_make_unique()
+    return adata

@@ -1,0 +1,307 @@
+"""Lazy access to H&E images of any size: whole-slide formats, pyramidal TIFFs and plain JPEG/PNG.
+
+Every backend answers the same question -- "give me this level-0 rectangle at this level, as RGB
+uint8" -- so patch extraction and whole-slide prediction never care which file format they got.
+Regions that leave the image are padded with white (slide background) instead of failing, because
+spots near the tissue edge are real data.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from he2st.errors import He2stError
+
+# Largest plain (non-tiled) image we agree to decode. Pillow's default bomb guard (~89 Mpx) trips on
+# ordinary ST images (her2st JPEGs are ~92 Mpx); we raise the limit for our own reads only.
+PLAIN_IMAGE_MAX_PIXELS = 1_500_000_000
+_PIL_LIMIT_LOCK = threading.Lock()
+
+WHOLE_SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
+TIFF_SUFFIXES = {".tif", ".tiff", ".btf"}
+PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+
+
+class Slide(ABC):
+    """An RGB image pyramid addressed in level-0 pixels."""
+
+    path: Path
+    level_dimensions: list[tuple[int, int]]  # (width, height) per level
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0."""
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        w0 = self.level_dimensions[0][0]
+        return [w0 / w for w, _ in self.level_dimensions]
+
+    @property
+    def embedded_mpp(self) -> float | None:
+        """Pixel size written in the file (µm/px), if any. Sample metadata takes precedence."""
+        return None
+
+    def best_level(self, downsample: float) -> int:
+        """Deepest level whose downsample does not exceed ``downsample`` (never lose resolution)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * 1.001:
+                best = i
+        return best
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) region; (x, y) = top-left in level-0 px, size in level px.
+
+        Parts outside the image are white.
+        """
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        lx, ly = int(math.floor(x / ds)), int(math.floor(y / ds))
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + width, lw), min(ly + height, lh)
+        if x1 > x0 and y1 > y0:
+            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._read_inside(level, x0, y0, x1 - x0, y1 - y0)
+        return out
+
+    @abstractmethod
+    def _read_inside(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """Read a rectangle fully inside ``level`` (coordinates in level px)."""
+
+    def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
+        """A downsampled RGB view and its scale factor (thumbnail px per level-0 px)."""
+        w0, h0 = self.dimensions
+        scale = min(1.0, max_side / max(w0, h0))
+        level = self.best_level(1.0 / scale)
+        lw, lh = self.level_dimensions[level]
+        img = Image.fromarray(self._read_inside(level, 0, 0, lw, lh))
+        size = (max(1, round(w0 * scale)), max(1, round(h0 * scale)))
+        return np.asarray(img.resize(size, Image.Resampling.BILINEAR)), scale
+
+    def close(self) -> None:  # noqa: B027 - optional for backends without handles
+        """Release file handles."""
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class OpenSlideSlide(Slide):
+    """Vendor whole-slide formats and pyramidal TIFFs through openslide."""
+
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        self.path = path
+        try:
+            self._osr = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideError as exc:
+            raise He2stError(f"openslide cannot read this slide ({exc})", path) from exc
+        self.level_dimensions = [tuple(d) for d in self._osr.level_dimensions]
+
+    @property
+    def embedded_mpp(self) -> float | None:
+        mpp = self._osr.properties.get("openslide.mpp-x")
+        return float(mpp) if mpp else None
+
+    def _read_inside(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        ds = self.level_downsamples[level]
+        rgba = self._osr.read_region((round(x * ds), round(y * ds)), level, (width, height))
+        rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+        rgb.paste(rgba, mask=rgba.getchannel("A"))  # transparent = no data = background
+        return np.asarray(rgb)
+
+    def close(self) -> None:
+        self._osr.close()
+
+
+class TiffFileSlide(Slide):
+    """Tiled (pyramidal, OME or SubIFD) TIFFs through tifffile, decoding only the tiles needed."""
+
+    def __init__(self, path: Path) -> None:
+        import tifffile
+
+        self.path = path
+        try:
+            self._tif = tifffile.TiffFile(str(path))
+            series = self._tif.series[0]
+            self._pages = [level.keyframe for level in series.levels]
+        except Exception as exc:  # tifffile raises many types for corrupt files
+            raise He2stError(f"not a readable TIFF ({exc})", path) from exc
+        for page in self._pages:
+            if page.samplesperpixel not in (3, 4) or page.dtype != np.uint8:
+                raise He2stError("expected an 8-bit RGB TIFF", path)
+        self.level_dimensions = [(int(p.imagewidth), int(p.imagelength)) for p in self._pages]
+        self._lock = threading.Lock()
+        self._untiled: dict[int, np.ndarray] = {}
+
+    @property
+    def embedded_mpp(self) -> float | None:
+        page = self._pages[0]
+        tag = page.tags.get("XResolution")
+        unit = page.tags.get("ResolutionUnit")
+        if tag is None or unit is None:
+            return None
+        num, den = tag.value
+        per_unit = num / den if den else 0
+        um_per_unit = {2: 25_400.0, 3: 10_000.0}.get(int(unit.value))
+        return um_per_unit / per_unit if per_unit and um_per_unit else None
+
+    def _read_inside(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        page = self._pages[level]
+        if not page.is_tiled:
+            if level not in self._untiled:
+                self._untiled[level] = page.asarray()[..., :3]
+            return self._untiled[level][y : y + height, x : x + width]
+        tw, th = page.tilewidth, page.tilelength
+        n_across = math.ceil(page.imagewidth / tw)
+        out = np.empty((height, width, 3), dtype=np.uint8)
+        fh = self._tif.filehandle
+        for ty in range(y // th, (y + height - 1) // th + 1):
+            for tx in range(x // tw, (x + width - 1) // tw + 1):
+                index = ty * n_across + tx
+                with self._lock:
+                    fh.seek(page.dataoffsets[index])
+                    data = fh.read(page.databytecounts[index])
+                tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
+                tile = np.asarray(tile).reshape(th, tw, -1)[..., :3]
+                gx0, gy0 = tx * tw, ty * th
+                sx0, sy0 = max(x, gx0), max(y, gy0)
+                sx1, sy1 = min(x + width, gx0 + tw), min(y + height, gy0 + th)
+                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - gy0 : sy1 - gy0, sx0 - gx0 : sx1 - gx0]
+        return out
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+class PlainImageSlide(Slide):
+    """JPEG/PNG images: one level, decoded once on first access (these formats are not tiled)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with _PIL_LIMIT_LOCK:
+            old = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = PLAIN_IMAGE_MAX_PIXELS
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(path) as img:
+                        self.level_dimensions = [img.size]
+            except Image.DecompressionBombError as exc:
+                raise He2stError(
+                    f"image has more than {PLAIN_IMAGE_MAX_PIXELS:,} pixels; convert it to a tiled pyramidal TIFF",
+                    path,
+                ) from exc
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise He2stError(f"not a readable image ({exc})", path) from exc
+            finally:
+                Image.MAX_IMAGE_PIXELS = old
+        self._pixels: np.ndarray | None = None
+
+    def _decode(self, reduce: int = 1) -> np.ndarray:
+        with _PIL_LIMIT_LOCK:
+            old = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = PLAIN_IMAGE_MAX_PIXELS
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(self.path) as img:
+                        if reduce > 1:
+                            img.draft("RGB", (img.size[0] // reduce, img.size[1] // reduce))
+                        return np.asarray(img.convert("RGB"))
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise He2stError(f"image is truncated or corrupt ({exc})", self.path) from exc
+            finally:
+                Image.MAX_IMAGE_PIXELS = old
+
+    def _read_inside(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        if self._pixels is None:
+            self._pixels = self._decode()
+        return self._pixels[y : y + height, x : x + width]
+
+    def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
+        if self._pixels is not None:
+            return super().thumbnail(max_side)
+        w0, h0 = self.dimensions
+        scale = min(1.0, max_side / max(w0, h0))
+        # JPEG draft mode decodes at 1/2, 1/4 or 1/8 size directly: a thumbnail without the full decode.
+        small = Image.fromarray(self._decode(reduce=max(1, int(1.0 / scale))))
+        size = (max(1, round(w0 * scale)), max(1, round(h0 * scale)))
+        return np.asarray(small.resize(size, Image.Resampling.BILINEAR)), scale
+
+    def close(self) -> None:
+        self._pixels = None
+
+
+def open_slide(path: str | Path) -> Slide:
+    """Open an image with the backend that suits its format; errors name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise He2stError("image file not found", path)
+    if not path.is_file():
+        raise He2stError("image path is not a file", path)
+    suffix = path.suffix.lower()
+    if suffix in PLAIN_SUFFIXES:
+        return PlainImageSlide(path)
+    if suffix in TIFF_SUFFIXES:
+        try:
+            slide = TiffFileSlide(path)
+        except He2stError:
+            return _open_with_openslide(path)
+        if slide.level_count > 1 or slide._pages[0].is_tiled:
+            return slide
+        slide.close()
+        return _open_with_openslide(path)
+    return _open_with_openslide(path)
+
+
+def _open_with_openslide(path: Path) -> Slide:
+    import openslide
+
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # noqa: BLE001 - any failure means "not a slide"
+        vendor = None
+    if vendor is None:
+        # Not a whole-slide format: maybe a plain image with an unusual suffix.
+        try:
+            return PlainImageSlide(path)
+        except He2stError as exc:
+            raise He2stError("not a readable image or whole-slide file", path) from exc
+    return OpenSlideSlide(path)
+
+
+def read_patch(
+    slide: Slide, center_xy: tuple[float, float], side_level0_px: float, out_px: int
+) -> np.ndarray:
+    """A square patch of ``side_level0_px`` level-0 pixels centred on ``center_xy``, resampled to ``out_px``.
+
+    The pyramid level is chosen so that we read at no less than the target resolution, then resize
+    once (antialiased when shrinking).
+    """
+    downsample = side_level0_px / out_px
+    level = slide.best_level(downsample)
+    ds = slide.level_downsamples[level]
+    x0 = center_xy[0] - side_level0_px / 2
+    y0 = center_xy[1] - side_level0_px / 2
+    size = max(1, round(side_level0_px / ds))
+    region = slide.read_region(round(x0), round(y0), level, size, size)
+    if size == out_px:
+        return region
+    return np.asarray(Image.fromarray(region).resize((out_px, out_px), Image.Resampling.BILINEAR))

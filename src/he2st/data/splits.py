@@ -1,0 +1,107 @@
+"""Cross-validation folds that hold out whole patients, and validation drawn from training patients.
+
+Sections of one patient (serial cuts, adjacent regions) are near-copies of each other; putting one
+on each side of a split inflates every metric. The default is therefore leave-one-patient-out, and
+any fold that would still share a patient is refused unless the user asks for it, then labelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from pydantic import BaseModel
+
+from he2st.errors import He2stError
+
+
+class Fold(BaseModel):
+    """One train/test split of samples."""
+
+    name: str
+    train: list[str]
+    test: list[str]
+    shared_patients: list[str] = []  # non-empty only when the user explicitly allowed leakage
+
+    @property
+    def leaky(self) -> bool:
+        return bool(self.shared_patients)
+
+
+def _patients(samples: Mapping[str, str], ids: list[str]) -> set[str]:
+    return {samples[s] for s in ids}
+
+
+def leave_one_patient_out(samples: Mapping[str, str]) -> list[Fold]:
+    """One fold per patient; ``samples`` maps sample id -> patient id."""
+    patients = sorted(set(samples.values()))
+    if len(patients) < 2:
+        raise He2stError(f"leave-one-patient-out needs at least 2 patients, got {patients}")
+    folds = []
+    for patient in patients:
+        test = sorted(s for s, p in samples.items() if p == patient)
+        train = sorted(s for s, p in samples.items() if p != patient)
+        folds.append(Fold(name=f"patient_{patient}", train=train, test=test))
+    return folds
+
+
+def leave_one_sample_out(samples: Mapping[str, str], allow_shared_patients: bool = False) -> list[Fold]:
+    """One fold per sample. Other sections of the held-out patient are removed from training,
+    unless ``allow_shared_patients`` (then the fold is kept and labelled as leaky)."""
+    folds = []
+    for sample in sorted(samples):
+        patient = samples[sample]
+        siblings = sorted(s for s, p in samples.items() if p == patient and s != sample)
+        if allow_shared_patients:
+            train = sorted(s for s in samples if s != sample)
+            name = f"sample_{sample}" + ("_LEAKY_patient_shared" if siblings else "")
+            folds.append(Fold(name=name, train=train, test=[sample], shared_patients=[patient] if siblings else []))
+        else:
+            train = sorted(s for s, p in samples.items() if p != patient)
+            if not train:
+                raise He2stError(f"leave-one-sample-out: no training sample left for {sample}")
+            folds.append(Fold(name=f"sample_{sample}", train=train, test=[sample]))
+    return folds
+
+
+def make_folds(samples: Mapping[str, str], scheme: str = "lopo", allow_shared_patients: bool = False) -> list[Fold]:
+    """Folds by scheme name: ``lopo`` (leave one patient out) or ``loso`` (leave one sample out)."""
+    if scheme == "lopo":
+        return leave_one_patient_out(samples)
+    if scheme == "loso":
+        return leave_one_sample_out(samples, allow_shared_patients)
+    raise He2stError(f"unknown fold scheme {scheme!r}; use 'lopo' or 'loso'")
+
+
+def check_fold(fold: Fold, samples: Mapping[str, str]) -> None:
+    """Raise if a fold puts one patient on both sides without being labelled as such."""
+    shared = _patients(samples, fold.train) & _patients(samples, fold.test)
+    if shared and set(shared) != set(fold.shared_patients):
+        raise He2stError(
+            f"fold {fold.name} has patient(s) {sorted(shared)} on both sides; pass allow_shared_patients "
+            "to accept (the fold will be labelled leaky)"
+        )
+
+
+def validation_mask(
+    groups: np.ndarray, fraction: float = 0.15, seed: int = 0, by: np.ndarray | None = None
+) -> np.ndarray:
+    """Boolean mask of training spots held out for validation (early stopping, checkpoint choice).
+
+    Drawn from training data only. ``groups`` gives each spot's sample id; when there are at least
+    three training samples, whole samples are held out (closer to the real test situation),
+    otherwise a random ``fraction`` of spots from every sample. ``by`` overrides the grouping.
+    """
+    rng = np.random.default_rng(seed)
+    keys = np.asarray(by if by is not None else groups)
+    unique = np.unique(keys)
+    if len(unique) >= 3:
+        n_val = max(1, round(fraction * len(unique)))
+        chosen = rng.choice(unique, size=n_val, replace=False)
+        return np.isin(keys, chosen)
+    mask = np.zeros(len(keys), dtype=bool)
+    for key in unique:
+        idx = np.flatnonzero(keys == key)
+        n_val = max(1, round(fraction * len(idx)))
+        mask[rng.choice(idx, size=n_val, replace=False)] = True
+    return mask

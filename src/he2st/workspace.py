@@ -1,0 +1,68 @@
+"""The layout of a he2st work folder, in one place.
+
+``samples/<id>.h5ad`` prepared samples; ``patches/<id>__<spec>.h5`` patch caches;
+``folds/<scheme>.json`` fold definitions; ``panels/<scheme>/<fold>.json`` gene panels fitted on
+each fold's training samples; ``embeddings/<encoder>/<id>__<spec>.h5``; ``runs/<name>/`` results.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from he2st.data.genes import GenePanel
+from he2st.data.patches import PatchSpec, patch_cache_path
+from he2st.data.sample import Sample
+from he2st.data.splits import Fold
+from he2st.errors import He2stError
+from he2st.io import write_text_atomic
+
+
+class Workspace:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def sample_path(self, sample_id: str) -> Path:
+        return self.root / "samples" / f"{sample_id}.h5ad"
+
+    def sample_ids(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "samples").glob("*.h5ad"))
+
+    def load_sample(self, sample_id: str) -> Sample:
+        path = self.sample_path(sample_id)
+        if not path.exists():
+            known = ", ".join(self.sample_ids()) or "none"
+            raise He2stError(f"sample {sample_id!r} is not prepared here (prepared: {known}); run `he2st prepare`", path)
+        return Sample.load(path)
+
+    def patch_path(self, sample_id: str, spec: PatchSpec) -> Path:
+        return patch_cache_path(self.root, sample_id, spec)
+
+    def folds_path(self, scheme: str) -> Path:
+        return self.root / "folds" / f"{scheme}.json"
+
+    def save_folds(self, scheme: str, folds: list[Fold], patients: dict[str, str]) -> Path:
+        payload = {"scheme": scheme, "patients": patients, "folds": [f.model_dump() for f in folds]}
+        path = self.folds_path(scheme)
+        write_text_atomic(path, json.dumps(payload, indent=1))
+        return path
+
+    def load_folds(self, scheme: str) -> tuple[list[Fold], dict[str, str]]:
+        path = self.folds_path(scheme)
+        if not path.exists():
+            raise He2stError("folds not prepared; run `he2st prepare`", path)
+        payload = json.loads(path.read_text())
+        return [Fold(**f) for f in payload["folds"]], dict(payload["patients"])
+
+    def panel_path(self, scheme: str, fold: str) -> Path:
+        return self.root / "panels" / scheme / f"{fold}.json"
+
+    def load_panel(self, scheme: str, fold: str) -> GenePanel:
+        return GenePanel.load(self.panel_path(scheme, fold))
+
+    def embedding_path(self, encoder: str, sample_id: str, spec: PatchSpec) -> Path:
+        safe = encoder.replace("/", "_").replace(":", "_")
+        return self.root / "embeddings" / safe / f"{sample_id}__{spec.key}.h5"
+
+    def run_dir(self, name: str) -> Path:
+        return self.root / "runs" / name

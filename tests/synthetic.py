@@ -1,0 +1,120 @@
+"""Builders for small, realistic test inputs: tissue-like images, pyramidal TIFFs, Space Ranger and HEST folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import tifffile
+from PIL import Image
+
+
+def tissue_image(height: int, width: int, seed: int = 0, blob: tuple[float, float, float] = (0.5, 0.5, 0.35)) -> np.ndarray:
+    """White background with a pink/purple elliptical 'tissue' region with nuclei-like dark dots."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    cy, cx, r = blob[0] * height, blob[1] * width, blob[2] * min(height, width)
+    inside = ((yy - cy) / r) ** 2 + ((xx - cx) / (1.2 * r)) ** 2 < 1
+    img = np.full((height, width, 3), 242, dtype=np.uint8)
+    img[inside] = (200, 120, 190)
+    n_dots = int(inside.sum() / 400)
+    ys, xs = rng.integers(0, height, n_dots), rng.integers(0, width, n_dots)
+    keep = inside[ys, xs]
+    for y, x in zip(ys[keep], xs[keep], strict=True):
+        img[max(0, y - 2) : y + 3, max(0, x - 2) : x + 3] = (70, 40, 120)
+    return img
+
+
+def write_pyramid(path: Path, image: np.ndarray, mpp: float, levels: int = 3, tile: int = 256) -> Path:
+    """A tiled, JPEG-compressed pyramid as consecutive top-level pages (what openslide reads)."""
+    with tifffile.TiffWriter(path, bigtiff=False) as tif:
+        current = image
+        for level in range(levels):
+            tif.write(
+                current, tile=(tile, tile), compression="jpeg", photometric="rgb",
+                subfiletype=0 if level == 0 else 1,
+                resolution=(1e4 / (mpp * 2**level), 1e4 / (mpp * 2**level)), resolutionunit="CENTIMETER",
+            )
+            h, w = current.shape[:2]
+            current = np.asarray(Image.fromarray(current).resize((max(1, w // 2), max(1, h // 2))))
+    return path
+
+
+def spot_grid(n_rows: int, n_cols: int, pitch_px: float, origin: tuple[float, float]) -> np.ndarray:
+    """(x, y) centres of a regular grid."""
+    ys, xs = np.mgrid[0:n_rows, 0:n_cols]
+    return np.stack([origin[0] + xs.ravel() * pitch_px, origin[1] + ys.ravel() * pitch_px], axis=1)
+
+
+def counts_for(xy: np.ndarray, genes: list[str], seed: int = 0) -> np.ndarray:
+    """Poisson counts with a spatial gradient so genes carry signal."""
+    rng = np.random.default_rng(seed)
+    grad = (xy[:, 0] - xy[:, 0].min()) / max(np.ptp(xy[:, 0]), 1)
+    rates = 2 + 20 * np.outer(grad, np.linspace(0, 1, len(genes))) + rng.gamma(2, 1, (1, len(genes)))
+    return rng.poisson(rates).astype(np.int64)
+
+
+def write_space_ranger(
+    outs: Path, xy: np.ndarray, counts: np.ndarray, genes: list[str], spot_diameter_px: float,
+    positions: str = "tissue_positions.csv", header: bool = True, mtx: bool = False, in_tissue: np.ndarray | None = None,
+) -> list[str]:
+    """A minimal Space Ranger ``outs/`` folder (10x HDF5 or MTX counts, positions, scale factors)."""
+    outs.mkdir(parents=True, exist_ok=True)
+    (outs / "spatial").mkdir(exist_ok=True)
+    n = len(xy)
+    barcodes = [f"AAAC{i:08d}-1" for i in range(n)]
+    mat = sp.csc_matrix(counts.T)  # genes x barcodes
+    if mtx:
+        import gzip
+
+        import scipy.io
+
+        folder = outs / "filtered_feature_bc_matrix"
+        folder.mkdir(exist_ok=True)
+        with gzip.open(folder / "matrix.mtx.gz", "wb") as fh:
+            scipy.io.mmwrite(fh, mat)
+        with gzip.open(folder / "barcodes.tsv.gz", "wt") as fh:
+            fh.write("\n".join(barcodes) + "\n")
+        with gzip.open(folder / "features.tsv.gz", "wt") as fh:
+            fh.write("".join(f"ENSG{i:011d}\t{g}\tGene Expression\n" for i, g in enumerate(genes)))
+    else:
+        with h5py.File(outs / "filtered_feature_bc_matrix.h5", "w") as fh:
+            fh.attrs["library_ids"] = np.array([b"lib1"])
+            grp = fh.create_group("matrix")
+            grp["barcodes"] = np.array([b.encode() for b in barcodes])
+            grp["data"], grp["indices"], grp["indptr"] = mat.data, mat.indices, mat.indptr
+            grp["shape"] = np.array(mat.shape)
+            feats = grp.create_group("features")
+            feats["name"] = np.array([g.encode() for g in genes])
+            feats["id"] = np.array([f"ENSG{i:011d}".encode() for i in range(len(genes))])
+            feats["feature_type"] = np.array([b"Gene Expression"] * len(genes))
+    in_tissue = np.ones(n, dtype=int) if in_tissue is None else in_tissue
+    table = pd.DataFrame({
+        "barcode": barcodes, "in_tissue": in_tissue, "array_row": np.arange(n) // 10, "array_col": np.arange(n) % 10,
+        "pxl_row_in_fullres": xy[:, 1], "pxl_col_in_fullres": xy[:, 0],
+    })
+    table.to_csv(outs / "spatial" / positions, index=False, header=header)
+    (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps({
+        "spot_diameter_fullres": spot_diameter_px, "tissue_hires_scalef": 0.1, "tissue_lowres_scalef": 0.03,
+        "fiducial_diameter_fullres": spot_diameter_px * 1.6}))
+    return barcodes
+
+
+def write_hest(root: Path, sample_id: str, image: np.ndarray, mpp: float, xy: np.ndarray, counts: np.ndarray,
+               genes: list[str], patient: str = "P1") -> None:
+    """A HEST-1k style sample: st/<id>.h5ad, wsis/<id>.tif, metadata/<id>.json."""
+    for sub in ("st", "wsis", "metadata"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    adata = ad.AnnData(X=counts.astype(np.float32), obs=pd.DataFrame(index=[f"s{i}" for i in range(len(xy))]),
+                       var=pd.DataFrame(index=genes))
+    adata.obs["in_tissue"] = 1
+    adata.obsm["spatial"] = xy
+    adata.write_h5ad(root / "st" / f"{sample_id}.h5ad")
+    write_pyramid(root / "wsis" / f"{sample_id}.tif", image, mpp)
+    (root / "metadata" / f"{sample_id}.json").write_text(json.dumps({
+        "pixel_size_um_estimated": mpp, "spot_diameter": 55.0, "patient": patient, "st_technology": "Visium"}))

@@ -1,0 +1,130 @@
+"""Bad input: one clear line naming the file and the problem, exit code != 0, no partial output."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from synthetic import tissue_image
+
+GENES = ["GA", "GB", "GC"]
+
+
+def write_st(folder: Path, n: int = 6, pitch: float = 100.0, origin: float = 80.0, counts: pd.DataFrame | None = None,
+             selected: int = 1, image: bool = True, ids: list[str] | None = None) -> dict[str, Path]:
+    """A tiny legacy-ST section (counts TSV, selection TSV, JPEG)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    xs = np.arange(n) % 3 + 2
+    ys = np.arange(n) // 3 + 2
+    spot_ids = ids or [f"{x}x{y}" for x, y in zip(xs, ys, strict=True)]
+    if counts is None:
+        counts = pd.DataFrame(np.random.default_rng(0).poisson(5, (n, len(GENES))), index=spot_ids, columns=GENES)
+    with gzip.open(folder / "cnts.tsv.gz", "wt") as fh:
+        counts.to_csv(fh, sep="\t")
+    pd.DataFrame({"x": xs, "y": ys, "new_x": xs, "new_y": ys, "pixel_x": origin + (xs - 2) * pitch,
+                  "pixel_y": origin + (ys - 2) * pitch, "selected": selected}).to_csv(
+        folder / "sel.tsv", sep="\t", index=False)
+    if image:
+        Image.fromarray(tissue_image(400, 400)).save(folder / "he.jpg")
+    return {"counts": folder / "cnts.tsv.gz", "spots": folder / "sel.tsv", "image": folder / "he.jpg"}
+
+
+def prepare_with(tmp_path: Path, files: dict[str, Path]) -> subprocess.CompletedProcess:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "data:\n  dataset: null\n  samples:\n"
+        f"  - {{reader: st, sample_id: S1, patient_id: P1, path: '{files['counts']}', spots_file: '{files['spots']}',"
+        f" image: '{files['image']}'}}\n"
+        f"  - {{reader: st, sample_id: S2, patient_id: P2, path: '{files['counts']}', spots_file: '{files['spots']}',"
+        f" image: '{files['image']}'}}\n"
+        "genes: {n_genes: 2, min_spot_fraction: 0}\npatch: {field_um: 50, size_px: 32}\n"
+    )
+    return subprocess.run([sys.executable, "-c", "from he2st.cli import main; main()", "prepare", "-c", str(cfg),
+                           "-w", str(tmp_path / "work")], capture_output=True, text=True, env=dict(os.environ))
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, tmp_path: Path, file: Path, words: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert str(file) in lines[0] and words in lines[0], lines[0]
+    leftovers = [p for p in (tmp_path / "work").rglob("*") if p.is_file()] if (tmp_path / "work").exists() else []
+    assert not [p for p in leftovers if p.suffix in (".h5", ".part") or ".part" in p.name], leftovers
+
+
+def test_valid_tiny_st_sample_prepares(tmp_path):
+    result = prepare_with(tmp_path, write_st(tmp_path / "in"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "work" / "patches" / "S1__50um_32px.h5").exists()
+
+
+def test_missing_image(tmp_path):
+    files = write_st(tmp_path / "in", image=False)
+    assert_clean_failure(prepare_with(tmp_path, files), tmp_path, files["image"], "not found")
+
+
+def test_image_that_is_not_an_image(tmp_path):
+    files = write_st(tmp_path / "in", image=False)
+    files["image"].write_bytes(b"this is a text file, not a JPEG\n" * 10)
+    assert_clean_failure(prepare_with(tmp_path, files), tmp_path, files["image"], "not a readable image")
+
+
+def test_truncated_image(tmp_path):
+    files = write_st(tmp_path / "in")
+    data = files["image"].read_bytes()
+    files["image"].write_bytes(data[: len(data) // 3])
+    assert_clean_failure(prepare_with(tmp_path, files), tmp_path, files["image"], "truncated or corrupt")
+
+
+def test_no_barcode_in_common(tmp_path):
+    files = write_st(tmp_path / "in", ids=[f"{i}x99" for i in range(6)])
+    assert_clean_failure(prepare_with(tmp_path, files), tmp_path, files["counts"], "no spot barcode in common")
+
+
+def test_spots_off_the_image(tmp_path):
+    files = write_st(tmp_path / "in", pitch=300.0)
+    assert_clean_failure(prepare_with(tmp_path, files), tmp_path, files["image"], "lie off the 400x400 image")
+
+
+def test_duplicate_barcodes(tmp_path):
+    files = write_st(tmp_path / "in", ids=["2x2", "3x2", "2x2", "2x3", "3x3", "4x3"])
+    assert_clean_failure(prepare_with(tmp_path, files), tmp_path, files["counts"], "duplicate spot barcode '2x2'")
+
+
+def test_non_numeric_counts(tmp_path):
+    counts = pd.DataFrame({"GA": [1, 2, 3, 4, 5, 6], "GB": [1, 2, "x7", 4, 5, 6], "GC": [0] * 6},
+                          index=["2x2", "3x2", "4x2", "2x3", "3x3", "4x3"])
+    files = write_st(tmp_path / "in", counts=counts)
+    assert_clean_failure(prepare_with(tmp_path, files), tmp_path, files["counts"], "non-numeric count 'x7'")
+
+
+def test_empty_after_tissue_filtering(tmp_path):
+    files = write_st(tmp_path / "in", selected=0)
+    assert_clean_failure(prepare_with(tmp_path, files), tmp_path, files["spots"], "no spot left")
+
+
+def test_bad_config_value(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("patch: {field_um: -3}\n")
+    r = subprocess.run([sys.executable, "-c", "from he2st.cli import main; main()", "prepare", "-c", str(cfg)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "patch.field_um" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["A1"])
+def test_unknown_gene_in_panel_is_refused(her2st, name):
+    from he2st.data.genes import GenePanel
+    from he2st.data.her2st import load_section
+    from he2st.errors import He2stError
+
+    panel = GenePanel(genes=["ERBB2", "NOT_A_GENE_XYZ"])
+    with pytest.raises(He2stError, match="NOT_A_GENE_XYZ"):
+        panel.targets(load_section(name, her2st).adata)

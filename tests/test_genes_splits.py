@@ -1,0 +1,86 @@
+"""Gene panels, target transforms and fold builders."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from he2st.data.genes import GenePanel, transform_counts
+from he2st.data.splits import check_fold, leave_one_patient_out, leave_one_sample_out, make_folds, validation_mask
+from he2st.errors import He2stError
+
+
+
+def _ad(counts, genes):
+    import pandas as pd
+
+    return ad.AnnData(X=np.asarray(counts, np.float32), var=pd.DataFrame(index=genes))
+
+
+def test_cp10k_uses_library_size_of_all_genes():
+    out = transform_counts(np.array([[1, 3, 6], [0, 0, 0]]), "log1p_cp10k").toarray()
+    np.testing.assert_allclose(out[0], np.log1p(np.array([1, 3, 6]) / 10 * 1e4), rtol=1e-6)
+    assert (out[1] == 0).all()
+    np.testing.assert_allclose(transform_counts(np.array([[2.0]]), "log1p").toarray(), [[np.log1p(2)]])
+
+
+def test_panel_heg_hvg_and_common_genes_from_training_only():
+    train = {
+        "s1": _ad([[10, 1, 0, 5], [12, 0, 0, 50], [8, 1, 1, 1]], ["A", "B", "C", "D"]),
+        "s2": _ad([[9, 1, 5], [11, 2, 60], [10, 0, 2]], ["A", "B", "D"]),  # no gene C
+    }
+    heg = GenePanel.fit(train, n_genes=2, selection="heg", transform="log1p", min_spot_fraction=0.5)
+    assert heg.genes == ["A", "D"] and heg.fitted_on == ["s1", "s2"]
+    hvg = GenePanel.fit(train, n_genes=1, selection="hvg", transform="log1p", min_spot_fraction=0.5)
+    assert hvg.genes == ["D"]
+    with pytest.raises(He2stError, match="only 2 genes"):
+        GenePanel.fit(train, n_genes=3, transform="log1p", min_spot_fraction=0.9)
+
+
+def test_panel_standardisation_roundtrip_and_save(tmp_path):
+    train = {"s": _ad(np.random.default_rng(0).poisson(5, (30, 4)), ["A", "B", "C", "D"])}
+    panel = GenePanel.fit(train, n_genes=3, standardize=True)
+    y = panel.targets(train["s"])
+    np.testing.assert_allclose(y.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(panel.inverse(y), GenePanel(genes=panel.genes).targets(train["s"]), rtol=1e-5, atol=1e-5)
+    back = GenePanel.load(panel.save(tmp_path / "p.json"))
+    assert back == panel
+
+
+def test_missing_gene_policy():
+    panel = GenePanel(genes=["A", "Z"], transform="log1p")
+    with pytest.raises(He2stError, match="Z"):
+        panel.targets(_ad([[1, 2]], ["A", "B"]))
+    zero = GenePanel(genes=["A", "Z"], transform="log1p", missing="zero").targets(_ad([[1, 2]], ["A", "B"]))
+    np.testing.assert_allclose(zero, [[np.log1p(1), 0]])
+
+
+PATIENTS = {"A1": "A", "B1": "B", "B2": "B", "C1": "C"}
+
+
+def test_lopo_and_loso():
+    lopo = leave_one_patient_out(PATIENTS)
+    assert [f.test for f in lopo] == [["A1"], ["B1", "B2"], ["C1"]]
+    for fold in lopo:
+        check_fold(fold, PATIENTS)
+    loso = leave_one_sample_out(PATIENTS)
+    b1 = next(f for f in loso if f.test == ["B1"])
+    assert "B2" not in b1.train and not b1.leaky  # sibling section removed from training
+    leaky = leave_one_sample_out(PATIENTS, allow_shared_patients=True)
+    b1 = next(f for f in leaky if f.test == ["B1"])
+    assert "B2" in b1.train and b1.leaky and "LEAKY" in b1.name
+    bad = b1.model_copy(update={"shared_patients": []})
+    with pytest.raises(He2stError, match="both sides"):
+        check_fold(bad, PATIENTS)
+    with pytest.raises(He2stError, match="unknown fold scheme"):
+        make_folds(PATIENTS, "random")
+
+
+def test_validation_mask_only_touches_given_training_groups():
+    groups = np.array(["a"] * 50 + ["b"] * 50)
+    mask = validation_mask(groups, fraction=0.2, seed=1)
+    assert mask[:50].sum() == 10 and mask[50:].sum() == 10
+    groups3 = np.repeat(["a", "b", "c", "d"], 10)
+    mask3 = validation_mask(groups3, fraction=0.25, seed=1)
+    assert len(np.unique(groups3[mask3])) == 1 and mask3.sum() == 10  # a whole sample held out

@@ -1,0 +1,103 @@
+"""Readers on synthetic Space Ranger / HEST / h5ad inputs, and the slide backends on a pyramidal TIFF."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from he2st.data.readers import read_h5ad_sample, read_hest, read_visium
+from he2st.data.slide import PlainImageSlide, TiffFileSlide, open_slide, read_patch
+from synthetic import counts_for, spot_grid, tissue_image, write_hest, write_pyramid, write_space_ranger
+
+GENES = [f"G{i}" for i in range(12)]
+
+
+@pytest.fixture()
+def pyramid(tmp_path):
+    img = tissue_image(1200, 1500, seed=1)
+    return write_pyramid(tmp_path / "slide.tif", img, mpp=0.5), img
+
+
+def test_openslide_and_tifffile_read_the_same_pixels(pyramid):
+    path, img = pyramid
+    from he2st.data.slide import OpenSlideSlide
+
+    osr, tff = OpenSlideSlide(path), TiffFileSlide(path)
+    assert osr.level_count == tff.level_count == 3
+    assert osr.dimensions == tff.dimensions == (1500, 1200)
+    assert tff.embedded_mpp == pytest.approx(0.5) and osr.embedded_mpp == pytest.approx(0.5)
+    a = osr.read_region(300, 200, 0, 400, 300).astype(int)
+    b = tff.read_region(300, 200, 0, 400, 300).astype(int)
+    assert np.abs(a - b).mean() < 1.0  # same JPEG tiles, decoded by two libraries
+    assert np.abs(b - img[200:500, 300:700]).mean() < 6  # lossy JPEG vs source
+    # reads crossing the edge are padded with white
+    edge = tff.read_region(1400, 1100, 0, 200, 200)
+    assert (edge[150:, :] == 255).all() and (edge[:, 150:] == 255).all()
+    assert isinstance(open_slide(path), TiffFileSlide)
+
+
+def test_read_patch_uses_pyramid_level_and_physical_size(pyramid):
+    path, _ = pyramid
+    slide = open_slide(path)
+    assert slide.best_level(4.0) == 2 and slide.best_level(1.5) == 0
+    patch = read_patch(slide, (750, 600), side_level0_px=448, out_px=112)  # reads level 2 (ds 4)
+    assert patch.shape == (112, 112, 3) and patch.mean() < 230
+
+
+def test_plain_jpeg_large_image_does_not_change_pillow_limit(tmp_path):
+    before = Image.MAX_IMAGE_PIXELS
+    path = tmp_path / "big.jpg"
+    Image.fromarray(tissue_image(300, 400)).save(path)
+    slide = open_slide(path)
+    assert isinstance(slide, PlainImageSlide) and slide.dimensions == (400, 300)
+    thumb, scale = slide.thumbnail(100)
+    assert thumb.shape[1] == 100 and scale == pytest.approx(0.25)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+@pytest.mark.parametrize(("positions", "header", "mtx"), [
+    ("tissue_positions.csv", True, False), ("tissue_positions_list.csv", False, False),
+    ("tissue_positions_list.csv", True, True),
+])
+def test_space_ranger_reader(tmp_path, pyramid, positions, header, mtx):
+    path, _ = pyramid
+    xy = spot_grid(4, 5, 200, (300, 250))
+    counts = counts_for(xy, GENES)
+    in_tissue = np.ones(len(xy), dtype=int)
+    in_tissue[:3] = 0
+    barcodes = write_space_ranger(tmp_path / "outs", xy, counts, GENES, spot_diameter_px=110.0,
+                                  positions=positions, header=header, mtx=mtx, in_tissue=in_tissue)
+    sample = read_visium(tmp_path / "outs", path, sample_id="V1", patient_id="P9")
+    assert sample.n_spots == 17 and list(sample.adata.obs_names) == barcodes[3:]
+    assert sample.pixel_size_um == pytest.approx(55 / 110)
+    np.testing.assert_allclose(sample.spatial, xy[3:])
+    np.testing.assert_array_equal(sample.adata.X.toarray(), counts[3:])
+    assert sample.patient_id == "P9" and sample.technology == "visium"
+
+
+def test_hest_reader_and_save_load_roundtrip(tmp_path):
+    img = tissue_image(800, 800, seed=2)
+    xy = spot_grid(3, 3, 150, (250, 250))
+    write_hest(tmp_path, "TENX0", img, 0.5, xy, counts_for(xy, GENES), GENES, patient="PX")
+    sample = read_hest(tmp_path, "TENX0")
+    assert sample.pixel_size_um == 0.5 and sample.patient_id == "PX" and sample.slide.level_count == 3
+    sample.save(tmp_path / "s.h5ad")
+    from he2st.data.sample import Sample
+
+    back = Sample.load(tmp_path / "s.h5ad")
+    assert back.sample_id == "TENX0" and back.patient_id == "PX" and back.pixel_size_um == 0.5
+    np.testing.assert_array_equal(back.adata.X.toarray(), sample.adata.X.toarray())
+    assert back.slide.dimensions == (800, 800)
+
+
+def test_generic_h5ad_reader(tmp_path):
+    import anndata as ad
+
+    xy = spot_grid(2, 3, 50, (60, 60))
+    adata = ad.AnnData(X=counts_for(xy, GENES).astype(np.float32))
+    adata.obsm["spatial"] = xy
+    adata.write_h5ad(tmp_path / "x.h5ad")
+    Image.fromarray(tissue_image(300, 300)).save(tmp_path / "he.png")
+    sample = read_h5ad_sample(tmp_path / "x.h5ad", tmp_path / "he.png", pixel_size_um=1.0, sample_id="S")
+    assert sample.n_spots == 6 and sample.slide.dimensions == (300, 300)
