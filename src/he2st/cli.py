@@ -101,6 +101,37 @@ def info(sample: Annotated[str, typer.Argument(help="sample id (prepared, or a h
 
 
 @app.command()
+def embed(
+    config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = None,
+    encoder: Annotated[str | None, typer.Option(help="preset or timm name (default efficientnet_lite0)")] = None,
+    weights: Annotated[Path | None, typer.Option(help="local weights file/folder")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    samples: Annotated[str | None, typer.Option(help="comma-separated sample ids (default: all prepared)")] = None,
+) -> None:
+    """Embed every prepared spot's patch with a frozen encoder (resumable, reused when done)."""
+    from he2st.config import EmbedRunConfig, load_config
+    from he2st.embed import embed_workspace
+    from he2st.progress import progress_bar
+    from he2st.workspace import Workspace
+
+    cfg = load_config(EmbedRunConfig, config, set_, work_dir=str(work_dir) if work_dir else None, **{
+        "embed.encoder": encoder, "embed.weights": str(weights) if weights else None, "embed.batch_size": batch_size})
+    ws = Workspace(cfg.work_dir)
+    ids = samples.split(",") if samples else ws.sample_ids()
+    if not ids:
+        raise He2stError(f"no prepared samples in {ws.root}; run `he2st prepare` first")
+    total = sum(ws.load_sample(s).n_spots for s in ids)
+    with progress_bar(total, f"embed {cfg.embed.encoder}") as advance:
+        summary = embed_workspace(ws, ids, cfg.patch, cfg.embed, on_progress=advance)
+    for sid, path in summary.paths.items():
+        _echo(f"{sid}\t{path}")
+    if summary.n_embedded:
+        _echo(f"embedded {summary.n_embedded} patches in {summary.seconds:.1f} s: {summary.throughput:.1f} patches/s")
+    else:
+        _echo("all embeddings already present: nothing to do")
+
+
+@app.command()
 def demo(work_dir: WorkOpt = None) -> None:
     """Fetch her2st, prepare the 7 imaged sections and summarise them."""
     from he2st.config import PrepareConfig, load_config

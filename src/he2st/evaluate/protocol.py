@@ -1,0 +1,139 @@
+"""The evaluation protocol: one method, one fold, nothing from the test patients but their images.
+
+Per fold: the gene panel is fitted on the fold's training samples; a validation subset is drawn
+from training spots; the method is fitted; test spots are assembled *without* expression and
+predicted; only then is the test expression read, for scoring. HEG/HVG sets are chosen on
+training data (the headline), and -- labelled ``*_testselected`` -- on each test sample as BLEEP
+and CMRCNet report. Every fold returns an audit of which samples fed each fitted component.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from he2st.config import BenchmarkConfig
+from he2st.data.genes import GenePanel
+from he2st.data.spots import SpotSet, load_spots
+from he2st.data.splits import Fold, validation_mask
+from he2st.evaluate.gene_sets import build_gene_sets, test_sample_gene_sets
+from he2st.evaluate.tables import FoldResult, evaluate_fold
+from he2st.methods.base import Method, Prediction
+from he2st.methods.registry import create_method
+from he2st.workspace import Workspace
+
+
+@dataclass
+class FoldAudit:
+    """Sample ids that each fitted component saw (the no-leakage test reads this)."""
+
+    test: list[str]
+    panel_fitted_on: list[str]
+    method_fit: list[str]
+    validation: list[str]
+    gene_sets_from: list[str]
+    reference_bank: list[str] = field(default_factory=list)
+
+    def used_for_fitting(self) -> set[str]:
+        return set(self.panel_fitted_on) | set(self.method_fit) | set(self.validation) | set(
+            self.gene_sets_from) | set(self.reference_bank)
+
+
+@dataclass
+class FoldRun:
+    result: FoldResult
+    audit: FoldAudit
+    predictions: dict[str, Prediction]
+    method: Method
+    seconds: float
+    curves: dict[str, list[float]]
+
+
+def fit_panel(ws: Workspace, train_ids: list[str], config: BenchmarkConfig) -> GenePanel:
+    g = config.genes
+    return GenePanel.fit(
+        {sid: ws.load_sample(sid).adata for sid in train_ids}, n_genes=g.n_genes, selection=g.selection,
+        transform=g.transform, min_spot_fraction=g.min_spot_fraction, standardize=g.standardize,
+    )
+
+
+@dataclass
+class FoldData:
+    """Everything a fold needs, built once and shared by all methods of a benchmark."""
+
+    fold: Fold
+    panel: GenePanel
+    train: SpotSet
+    val_mask: np.ndarray
+    test_inputs: SpotSet  # no expression
+    test_truth: dict[str, np.ndarray]
+    gene_sets: dict[str, list[str]]
+    per_sample_sets: dict[str, dict[str, list[str]]]
+    reference: SpotSet | None  # expression-only spots allowed into retrieval banks
+
+
+def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients: dict[str, str]) -> FoldData:
+    panel = fit_panel(ws, fold.train, config)
+    extras = ("celltype_major",)
+    train = load_spots(ws, fold.train, config.patch, config.embed.encoder, panel, with_targets=True, extras=extras)
+    val_mask = validation_mask(train.sample_ids, config.validation_fraction, seed=config.seed)
+    test_inputs = load_spots(ws, fold.test, config.patch, config.embed.encoder, panel, with_targets=False)
+    truth = load_spots(ws, fold.test, config.patch, config.embed.encoder, panel, with_targets=True)
+    test_truth = {sid: truth.targets[truth.sample_ids == sid] for sid in fold.test}
+    sets = build_gene_sets(train.targets, panel.genes, markers=config.markers, n=config.n_top)
+    per_sample = {sid: test_sample_gene_sets(y, panel.genes, n=config.n_top) for sid, y in test_truth.items()}
+    reference = _reference_spots(fold, config, panel, patients)
+    return FoldData(fold, panel, train, val_mask, test_inputs, test_truth, sets, per_sample, reference)
+
+
+def _reference_spots(fold: Fold, config: BenchmarkConfig, panel: GenePanel, patients: dict[str, str]) -> SpotSet | None:
+    """Expression-only her2st sections whose patient is not among the fold's test patients."""
+    if not config.reference_sections:
+        return None
+    from he2st.data.her2st import load_section, patient_of
+
+    test_patients = {patients[s] for s in fold.test}
+    allowed = [s for s in config.reference_sections if patient_of(s) not in test_patients and s not in fold.test]
+    if not allowed:
+        return None
+    ys, ids = [], []
+    for section in allowed:
+        sample = load_section(section, with_image=False)
+        ys.append(GenePanel(**(panel.model_dump() | {"missing": "zero"})).targets(sample.adata))
+        ids.append(np.full(sample.n_spots, section, dtype=object))
+    y = np.concatenate(ys)
+    n = len(y)
+    return SpotSet(sample_ids=np.concatenate(ids), barcodes=np.arange(n).astype(str).astype(object),
+                   features=np.zeros((n, 0), np.float32), coords_um=np.zeros((n, 2)), genes=panel.genes, targets=y)
+
+
+def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict | None = None) -> FoldRun:
+    """Fit ``name`` on the fold's training spots and score it on the test samples."""
+    opts = {"seed": config.seed} | config.method_options.get(name, {}) | (options or {})
+    method = create_method(name, **opts)
+    method.panel = data.panel
+    train, val = data.train.subset(~data.val_mask), data.train.subset(data.val_mask)
+    start = time.perf_counter()
+    log = method.fit(train, val)
+    bank_ids = sorted(set(data.train.sample_ids)) if getattr(method, "bank", None) is not None else []
+    if data.reference is not None and hasattr(method, "set_reference"):
+        ref_y = np.concatenate([data.train.targets, data.reference.targets])
+        ref_ids = list(data.train.sample_ids) + list(data.reference.sample_ids)
+        method.set_reference(ref_y, data.panel.genes, ref_ids)
+        bank_ids = sorted(set(ref_ids))
+    predictions = {}
+    for sid in data.fold.test:
+        predictions[sid] = method.predict(data.test_inputs.subset(data.test_inputs.sample_ids == sid))
+    seconds = time.perf_counter() - start
+    result = evaluate_fold(
+        name, data.fold.name, {s: p.expression for s, p in predictions.items()}, data.test_truth,
+        data.panel.genes, data.gene_sets, data.per_sample_sets,
+    )
+    audit = FoldAudit(
+        test=list(data.fold.test), panel_fitted_on=list(data.panel.fitted_on),
+        method_fit=sorted(set(train.sample_ids)), validation=sorted(set(val.sample_ids)),
+        gene_sets_from=sorted(set(data.train.sample_ids)), reference_bank=bank_ids,
+    )
+    return FoldRun(result, audit, predictions, method, seconds, log.curves)

@@ -1,0 +1,183 @@
+"""Baselines under the same interface: the HEST-Benchmark ridge probe, ST-Net-style MLP
+regression on frozen features, and image-to-image kNN.
+
+Fitted parameters are kept as arrays (not sklearn objects) so checkpoints stay tensor-only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field
+from sklearn.decomposition import PCA
+from sklearn.linear_model import Ridge
+from sklearn.model_selection import GroupKFold, KFold
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from he2st.data.spots import SpotSet
+from he2st.errors import He2stError
+from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog
+from he2st.methods.features import FeatureScaler
+from he2st.predict.retrieval import ReferenceBank
+from he2st.train import TrainConfig, fit_minibatches
+
+
+class RidgeConfig(MethodConfig):
+    pca_components: int = Field(256, gt=0, description="HEST-Benchmark: PCA to 256 dims after standard scaling")
+    alpha: float | None = Field(None, description="None: HEST's 100 / (n_components * n_genes)")
+    alpha_cv: bool = Field(False, description="choose alpha by inner cross-validation on training samples")
+    alphas: list[float] = Field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5])
+    fit_intercept: bool = Field(False, description="HEST-Benchmark: False")
+
+
+class RidgeProbe(Method):
+    """StandardScaler -> PCA -> Ridge (lsqr), exactly as HEST-Benchmark's linear probe."""
+
+    name = "ridge"
+    Config = RidgeConfig
+
+    def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
+        data = train if val is None else SpotSet.concat([train, val])  # no early stopping: use all training spots
+        X, Y = data.features, data.targets
+        scaler = StandardScaler().fit(X)
+        n_comp = min(self.config.pca_components, X.shape[0], X.shape[1])
+        pca = PCA(n_components=n_comp, random_state=self.config.seed).fit(scaler.transform(X))
+        Z = pca.transform(scaler.transform(X))
+        alpha = self.config.alpha if self.config.alpha is not None else 100.0 / (n_comp * Y.shape[1])
+        log = TrainLog()
+        if self.config.alpha_cv:
+            alpha = self._cv_alpha(Z, Y, data.sample_ids, log)
+        ridge = Ridge(alpha=alpha, fit_intercept=self.config.fit_intercept, solver="lsqr", max_iter=1000,
+                      random_state=self.config.seed).fit(Z, Y)
+        self.arrays = {
+            "scale_mean": scaler.mean_, "scale_std": scaler.scale_, "pca_mean": pca.mean_,
+            "pca_components": pca.components_, "coef": ridge.coef_,
+            "intercept": np.broadcast_to(np.asarray(ridge.intercept_, dtype=np.float64), (Y.shape[1],)).copy(),
+            "alpha": np.array([alpha]),
+        }
+        log.add(alpha=alpha)
+        return log
+
+    def _cv_alpha(self, Z: np.ndarray, Y: np.ndarray, groups: np.ndarray, log: TrainLog) -> float:
+        """Inner CV over training samples only (whole samples per inner fold when there are several)."""
+        n_groups = len(np.unique(groups))
+        splitter = GroupKFold(n_splits=min(5, n_groups)) if n_groups >= 3 else KFold(5, shuffle=True, random_state=0)
+        scores = []
+        for alpha in self.config.alphas:
+            fold_scores = []
+            for tr, te in splitter.split(Z, Y, groups):
+                pred = Ridge(alpha=alpha, fit_intercept=self.config.fit_intercept, solver="lsqr").fit(Z[tr], Y[tr]).predict(Z[te])
+                from he2st.evaluate.metrics import pearson_per_gene
+
+                fold_scores.append(np.nanmean(pearson_per_gene(pred, Y[te])))
+            scores.append(float(np.mean(fold_scores)))
+            log.add(cv_pearson=scores[-1])
+        return float(self.config.alphas[int(np.argmax(scores))])
+
+    def predict(self, spots: SpotSet) -> Prediction:
+        a = self.arrays
+        Z = ((spots.features - a["scale_mean"]) / a["scale_std"] - a["pca_mean"]) @ a["pca_components"].T
+        pred = Z @ a["coef"].T + a["intercept"]
+        return Prediction(pred.astype(np.float32), list(self.panel.genes))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.arrays.items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.arrays = {k: v.numpy() for k, v in state.items()}
+
+
+class RidgeCV(RidgeProbe):
+    """Ridge probe with alpha chosen by inner CV on training samples and an intercept (HEST PR #140's fix)."""
+
+    name = "ridge_cv"
+
+    class Config(RidgeConfig):
+        alpha_cv: bool = True
+        fit_intercept: bool = True
+
+
+class MLPConfig(MethodConfig):
+    hidden: list[int] = Field(default_factory=lambda: [512])
+    dropout: float = 0.2
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=100, batch_size=128, lr=1e-3, weight_decay=1e-2, patience=10))
+
+
+class MLPRegressor(Method):
+    """ST-Net-style regression: frozen image features -> MLP -> all panel genes, MSE loss."""
+
+    name = "mlp"
+    Config = MLPConfig
+
+    def _build(self, d_in: int, d_out: int) -> None:
+        layers: list[nn.Module] = []
+        for h in self.config.hidden:
+            layers += [nn.Linear(d_in, h), nn.GELU(), nn.Dropout(self.config.dropout)]
+            d_in = h
+        self.net = nn.Sequential(*layers, nn.Linear(d_in, d_out))
+
+    def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
+        torch.manual_seed(self.config.seed)
+        self.scaler = FeatureScaler().fit(train.features)
+        self._build(train.features.shape[1], train.targets.shape[1])
+        X, Y = torch.from_numpy(self.scaler(train.features)), torch.from_numpy(train.targets)
+
+        def step(idx: torch.Tensor) -> torch.Tensor:
+            return nn.functional.mse_loss(self.net(X[idx]), Y[idx])
+
+        def validate() -> float:
+            return float(nn.functional.mse_loss(self.net(torch.from_numpy(self.scaler(val.features))),
+                                                torch.from_numpy(val.targets)))
+
+        return fit_minibatches(self.net, len(X), step, self.config.train, self.config.seed,
+                               validate if val is not None and len(val) else None)
+
+    @torch.no_grad()
+    def predict(self, spots: SpotSet) -> Prediction:
+        self.net.eval()
+        pred = self.net(torch.from_numpy(self.scaler(spots.features))).numpy()
+        return Prediction(pred, list(self.panel.genes))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"net.{k}": v for k, v in self.net.state_dict().items()} | self.scaler.state()
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.scaler = FeatureScaler.from_state(state)
+        first, last = state["net.0.weight"], state[f"net.{3 * len(self.config.hidden)}.weight"]
+        self._build(first.shape[1], last.shape[0])
+        self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+        self.net.eval()
+
+
+class KNNConfig(MethodConfig):
+    k: int = Field(50, gt=0)
+    weighting: str = Field("average", description="average | softmax | similarity")
+
+
+class ImageKNN(Method):
+    """Image-to-image retrieval: average expression of the training spots that look most alike
+    (cosine on standardised frozen features). The no-learning reference point for BLEEP."""
+
+    name = "knn"
+    Config = KNNConfig
+
+    def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
+        data = train if val is None else SpotSet.concat([train, val])
+        self.scaler = FeatureScaler().fit(data.features)
+        self.bank = ReferenceBank(self.scaler(data.features), data.targets, data.genes, list(data.sample_ids))
+        return TrainLog()
+
+    def predict(self, spots: SpotSet) -> Prediction:
+        if self.bank is None:
+            raise He2stError("knn has not been fitted")
+        result = self.bank.predict(self.scaler(spots.features), k=min(self.config.k, len(self.bank)),
+                                   weighting=self.config.weighting)
+        return Prediction(result.expression, result.genes,
+                          {"best_similarity": result.best_similarity, "dispersion": result.dispersion})
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.scaler.state()
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.scaler = FeatureScaler.from_state(state)

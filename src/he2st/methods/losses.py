@@ -1,0 +1,186 @@
+"""Contrastive image↔expression losses: faithful BLEEP, an improved CLIP-style loss, NH2ST's InfoNCE.
+
+Conventions: ``img`` and ``spot`` are ``(B, D)`` embeddings of the same B spots (row i of
+each describes spot i); every loss returns a scalar averaged over the batch and both
+directions (image→expression and expression→image).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ContrastiveLoss", "EmbeddingQueue", "bleep_soft_clip_loss", "info_nce"]
+
+
+def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy against a target distribution: ``-Σ_j targets_ij log softmax(logits)_ij``."""
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+
+
+def _soft_targets(img: torch.Tensor, spot: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """BLEEP's soft targets: softmax over the mean of the within-modality similarity matrices.
+
+    Two spots that look alike *and* express alike share probability mass, so near-duplicate
+    neighbours in a batch are not pushed apart as hard negatives.
+    """
+    similarity = (img @ img.T + spot @ spot.T) / 2
+    return F.softmax(similarity / temperature, dim=-1)
+
+
+def bleep_soft_clip_loss(
+    img_emb: torch.Tensor, spot_emb: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """BLEEP's loss (with the published fix to the target temperature), reproduced faithfully.
+
+    ``logits = spot @ img.T / τ``; ``targets = softmax(((img @ img.T + spot @ spot.T) / 2) / τ)``;
+    the loss is the mean over rows of the two directions' soft cross-entropies.
+
+    Embeddings are deliberately *not* L2-normalised, as in BLEEP. That makes the loss depend
+    on embedding norms and on the batch: the targets are a softmax over the other spots in
+    the same batch, so both the loss value and how sharply a spot is separated from its
+    neighbours change with batch size and composition. Compare runs only at equal batch size;
+    :class:`ContrastiveLoss` is the normalised variant without that coupling to norms.
+    """
+    logits = spot_emb @ img_emb.T / temperature
+    targets = _soft_targets(img_emb, spot_emb, temperature)
+    spots_loss = _soft_cross_entropy(logits, targets)
+    images_loss = _soft_cross_entropy(logits.T, targets.T)
+    return ((images_loss + spots_loss) / 2).mean()
+
+
+class ContrastiveLoss(nn.Module):
+    """Improved-BLEEP loss: cosine logits, learnable temperature, soft or hard targets, optional queue.
+
+    * Both embeddings are L2-normalised, so logits are cosine similarities over ``τ`` and
+      cannot be inflated by growing embedding norms.
+    * ``τ`` is learned as ``log τ`` (initialised at ``init_temperature``) and kept in
+      ``[min_temperature, max_temperature]``: the parameter is clamped in place before each
+      forward pass (as CLIP does), so it never sticks outside the range with a zero gradient.
+    * ``soft_targets=True`` uses BLEEP's soft targets computed on the normalised embeddings
+      with a *fixed* ``target_temperature`` (so the learned τ cannot flatten its own targets);
+      ``False`` uses identity targets, i.e. symmetric InfoNCE.
+    * ``queue_img``/``queue_spot`` (``(Q, D)``, normalised, e.g. from :class:`EmbeddingQueue`)
+      add Q extra negative columns: image rows score against ``[batch spots, queue_spot]`` and
+      spot rows against ``[batch images, queue_img]``, with target 0 on queue columns. More
+      negatives than a batch holds sharpen the contrast when batches are small.
+    """
+
+    def __init__(
+        self,
+        init_temperature: float = 0.07,
+        learn_temperature: bool = True,
+        soft_targets: bool = True,
+        target_temperature: float = 0.1,
+        min_temperature: float = 0.01,
+        max_temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not min_temperature <= init_temperature <= max_temperature:
+            raise ValueError(
+                f"init_temperature={init_temperature} outside [{min_temperature}, {max_temperature}]"
+            )
+        if target_temperature <= 0:
+            raise ValueError(f"target_temperature must be > 0, got {target_temperature}")
+        log_t = torch.tensor(math.log(init_temperature))
+        self.log_temperature = nn.Parameter(log_t, requires_grad=learn_temperature)
+        self.soft_targets = soft_targets
+        self.target_temperature = target_temperature
+        self.log_bounds = (math.log(min_temperature), math.log(max_temperature))
+
+    @property
+    def temperature(self) -> float:
+        """Current (clamped) temperature."""
+        return float(self.log_temperature.detach().clamp(*self.log_bounds).exp())
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        spot: torch.Tensor,
+        queue_img: torch.Tensor | None = None,
+        queue_spot: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scalar loss for a batch of paired ``(B, D)`` embeddings plus optional queued negatives."""
+        with torch.no_grad():
+            self.log_temperature.clamp_(*self.log_bounds)
+        tau = self.log_temperature.exp()
+        img = F.normalize(img, dim=-1)
+        spot = F.normalize(spot, dim=-1)
+        batch = img.shape[0]
+        if self.soft_targets:
+            targets = _soft_targets(img, spot, self.target_temperature).detach()
+        else:
+            targets = torch.eye(batch, dtype=img.dtype, device=img.device)
+
+        spot_columns = spot if queue_spot is None else torch.cat([spot, queue_spot.detach()])
+        img_columns = img if queue_img is None else torch.cat([img, queue_img.detach()])
+        images_loss = _soft_cross_entropy(img @ spot_columns.T / tau, _pad_columns(targets.T, spot_columns))
+        spots_loss = _soft_cross_entropy(spot @ img_columns.T / tau, _pad_columns(targets, img_columns))
+        return ((images_loss + spots_loss) / 2).mean()
+
+
+def _pad_columns(targets: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Extend ``(B, B)`` targets with zero columns for the queued negatives in ``columns``."""
+    extra = columns.shape[0] - targets.shape[1]
+    return F.pad(targets, (0, extra)) if extra else targets
+
+
+class EmbeddingQueue(nn.Module):
+    """FIFO ring buffer of past embeddings, used as extra negatives (MoCo-style).
+
+    Stores detached, L2-normalised copies; once full, each ``enqueue`` overwrites the oldest
+    rows. It is a module with buffers so it follows ``.to(device)`` and is saved in the
+    model's ``state_dict`` (a resumed run continues with the same negatives). Use one queue
+    per modality.
+    """
+
+    def __init__(self, dim: int, size: int) -> None:
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"queue size must be >= 1, got {size}")
+        self.register_buffer("buffer", torch.zeros(size, dim))
+        self.register_buffer("next_row", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def __len__(self) -> int:
+        return int(self.filled)
+
+    @torch.no_grad()
+    def enqueue(self, x: torch.Tensor) -> None:
+        """Append ``(n, dim)`` embeddings; if ``n`` exceeds the capacity only the last rows are kept."""
+        size = self.buffer.shape[0]
+        x = F.normalize(x.detach(), dim=-1)[-size:].to(self.buffer.dtype)
+        rows = (int(self.next_row) + torch.arange(x.shape[0], device=self.buffer.device)) % size
+        self.buffer[rows] = x
+        self.next_row.fill_((int(self.next_row) + x.shape[0]) % size)
+        self.filled.fill_(min(size, int(self.filled) + x.shape[0]))
+
+    def tensor(self) -> torch.Tensor:
+        """The filled rows, oldest first, as a ``(len(self), dim)`` tensor (detached)."""
+        if int(self.filled) < self.buffer.shape[0]:
+            return self.buffer[: int(self.filled)]
+        return torch.roll(self.buffer, -int(self.next_row), dims=0)
+
+
+def info_nce(
+    a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05, negative_weight: float = 1.0
+) -> torch.Tensor:
+    """Symmetric InfoNCE between paired ``(B, D)`` embeddings, as NH2ST uses it.
+
+    Cosine similarities are computed on L2-normalised inputs; as in NH2ST, the off-diagonal
+    (negative-pair) similarities are multiplied by ``negative_weight`` *before* the division
+    by ``temperature`` and the softmax, while the diagonal (positives) is left unchanged.
+    A weight below 1 therefore softens the push-away from negatives; ``1.0`` gives standard
+    symmetric InfoNCE with identity targets.
+    """
+    a = F.normalize(a, dim=-1)
+    b = F.normalize(b, dim=-1)
+    batch = a.shape[0]
+    eye = torch.eye(batch, dtype=torch.bool, device=a.device)
+    similarity = a @ b.T
+    logits = torch.where(eye, similarity, similarity * negative_weight) / temperature
+    labels = torch.arange(batch, device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

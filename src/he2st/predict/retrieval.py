@@ -1,0 +1,338 @@
+"""BLEEP-style prediction by retrieval: find the k most similar reference spots, combine their profiles.
+
+The reference bank holds the expression-side embeddings of training spots and their
+measured expression. Because prediction only *looks up* profiles, the bank may carry more
+genes than the model was trained on (e.g. the whole transcriptome), and the prediction is
+always a combination of real spot profiles — BLEEP's argument for why it avoids the
+over-smoothed, mean-reverting outputs of regression heads.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from he2st.errors import He2stError
+from he2st.io import atomic_path
+
+__all__ = ["ReferenceBank", "RetrievalResult"]
+
+#: Above this many reference rows, ``backend="auto"`` uses faiss when it is installed.
+FAISS_AUTO_MIN_ROWS = 50_000
+#: Upper bound on the elements of one query-chunk × bank-rows score block (64 MiB of float32),
+#: so search memory does not grow with the number of queries.
+MAX_BLOCK_ELEMENTS = 1 << 24
+#: Elements of one query-chunk × k × genes block of gathered profiles (4 MiB of float32); the
+#: gather is memory-bound, so small blocks that are averaged while still cached are fastest.
+GATHER_BLOCK_ELEMENTS = 1 << 20
+_FORMAT_VERSION = 1
+_WEIGHTINGS = ("average", "softmax", "similarity")
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+@functools.cache
+def _faiss() -> ModuleType | None:
+    """The faiss module, or None: faiss is an optional extra (``he2st[ann]``)."""
+    try:
+        return importlib.import_module("faiss")
+    except ImportError:
+        return None
+
+
+def _as_2d_float32(x: ArrayLike, name: str) -> np.ndarray:
+    """Convert a numpy array or (possibly grad-tracking, GPU) tensor to a C-contiguous float32 matrix.
+
+    Avoids a copy when the input already is one (a bank may be gigabytes), except for read-only
+    input (e.g. a memory map), which torch cannot wrap.
+    """
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()  # also handles bf16/fp16 embeddings
+    arr = np.ascontiguousarray(x, dtype=np.float32)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    if arr.ndim != 2:
+        raise He2stError(f"{name} must be a 2-D matrix, got shape {arr.shape}")
+    return arr
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation (zero rows stay zero, so they match nothing strongly)."""
+    return F.normalize(torch.from_numpy(x), dim=1).numpy()
+
+
+@dataclass(frozen=True)
+class RetrievalResult:
+    """Output of :meth:`ReferenceBank.predict` for ``n`` query spots.
+
+    ``expression``: ``(n, G)`` predicted profiles, columns in ``genes`` order.
+    ``similarities``/``indices``: ``(n, k)`` cosine similarities and bank rows of the neighbours,
+    best first. ``best_similarity``: ``(n,)`` similarity of the top match — low means the spot
+    looks unlike anything in the reference (out-of-distribution). ``dispersion``: ``(n,)`` mean
+    over genes of the (weighted) standard deviation of the k retrieved profiles — neighbours
+    that disagree signal an uncertain prediction.
+    """
+
+    expression: np.ndarray
+    similarities: np.ndarray
+    indices: np.ndarray
+    best_similarity: np.ndarray
+    dispersion: np.ndarray
+    genes: list[str]
+
+
+class ReferenceBank:
+    """Reference spots for retrieval: L2-normalised embeddings, their expression, gene names.
+
+    ``embeddings`` ``(N, D)`` are normalised at construction so that inner products are cosine
+    similarities. ``expression`` ``(N, G)`` may use a different (larger) gene list than the
+    model's training panel. ``sample_ids`` optionally records which slide each row came from.
+    ``normalize=False`` is only for embeddings already normalised (used by :meth:`load`, so a
+    round trip is bit-exact). A float32 C-contiguous ``expression`` array is used without a
+    copy, so the bank shares its memory.
+    """
+
+    def __init__(
+        self,
+        embeddings: ArrayLike,
+        expression: ArrayLike,
+        genes: Sequence[str],
+        sample_ids: Sequence[str] | None = None,
+        *,
+        normalize: bool = True,
+    ) -> None:
+        emb = _as_2d_float32(embeddings, "reference embeddings")
+        expr = _as_2d_float32(expression, "reference expression")
+        genes = [str(g) for g in genes]
+        if emb.shape[0] != expr.shape[0]:
+            raise He2stError(f"{emb.shape[0]} reference embeddings but {expr.shape[0]} expression rows")
+        if emb.shape[0] == 0:
+            raise He2stError("reference bank is empty")
+        if expr.shape[1] == 0:
+            raise He2stError("reference expression has no genes")
+        if len(genes) != expr.shape[1]:
+            raise He2stError(f"{len(genes)} gene names but {expr.shape[1]} expression columns")
+        if len(set(genes)) != len(genes):
+            dupes = sorted({g for g in genes if genes.count(g) > 1})
+            raise He2stError(f"duplicate gene names in reference: {', '.join(dupes[:10])}")
+        if sample_ids is not None and len(sample_ids) != emb.shape[0]:
+            raise He2stError(f"{len(sample_ids)} sample ids for {emb.shape[0]} reference rows")
+        if not (np.isfinite(emb).all() and np.isfinite(expr).all()):
+            raise He2stError("reference embeddings or expression contain NaN or infinite values")
+        self.embeddings = _l2_normalize(emb) if normalize else emb
+        self.expression = expr
+        self.genes = genes
+        self.sample_ids = None if sample_ids is None else [str(s) for s in sample_ids]
+        self._gene_index = {g: i for i, g in enumerate(genes)}
+        self._faiss_index = None
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return self.embeddings.shape[1]
+
+    # ----------------------------------------------------------------- search
+    def search(self, queries: ArrayLike, k: int, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+        """Top-k cosine neighbours of each query: ``(scores, indices)``, both ``(n, k)``, best first.
+
+        ``exact`` multiplies chunks of queries with the bank in torch (memory bounded by
+        :data:`MAX_BLOCK_ELEMENTS`); ``faiss`` uses an exact ``IndexFlatIP`` (faster on big
+        banks, same results up to float rounding); ``auto`` picks faiss only when it is
+        installed and the bank has more than :data:`FAISS_AUTO_MIN_ROWS` rows.
+        """
+        q = self._prepare_queries(queries)
+        if not 1 <= k <= len(self):
+            raise He2stError(f"k={k} must be between 1 and the bank size {len(self)}")
+        if backend == "auto":
+            backend = "faiss" if _faiss() is not None and len(self) > FAISS_AUTO_MIN_ROWS else "exact"
+        if backend == "exact":
+            return self._search_exact(q, k)
+        if backend == "faiss":
+            return self._search_faiss(q, k)
+        raise He2stError(f"unknown search backend {backend!r}; use 'auto', 'exact' or 'faiss'")
+
+    def _prepare_queries(self, queries: ArrayLike) -> np.ndarray:
+        q = _as_2d_float32(queries, "query embeddings")
+        if q.shape[1] != self.dim:
+            raise He2stError(f"query embeddings have dimension {q.shape[1]}, the bank has {self.dim}")
+        return _l2_normalize(q)
+
+    def _search_exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        bank = torch.from_numpy(self.embeddings)
+        chunk = max(1, MAX_BLOCK_ELEMENTS // len(self))
+        scores, indices = [], []
+        for start in range(0, q.shape[0], chunk):
+            top = torch.topk(torch.from_numpy(q[start : start + chunk]) @ bank.T, k, dim=1)
+            scores.append(top.values.numpy())
+            indices.append(top.indices.numpy())
+        if not scores:  # no queries
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return np.concatenate(scores), np.concatenate(indices)
+
+    def _search_faiss(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        faiss = _faiss()
+        if faiss is None:
+            raise He2stError("backend='faiss' needs faiss: pip install 'he2st[ann]', or use backend='exact'")
+        if self._faiss_index is None:
+            index = faiss.IndexFlatIP(self.dim)
+            index.add(self.embeddings)
+            self._faiss_index = index
+        scores, indices = self._faiss_index.search(q, k)
+        return scores, indices.astype(np.int64)
+
+    # ---------------------------------------------------------------- predict
+    def predict(
+        self,
+        queries: ArrayLike,
+        k: int = 50,
+        weighting: str = "average",
+        temperature: float = 0.1,
+        genes: Sequence[str] | None = None,
+        backend: str = "auto",
+    ) -> RetrievalResult:
+        """Predict expression for image-side query embeddings from their k nearest reference spots.
+
+        ``weighting``: ``"average"`` is BLEEP's plain mean of the k profiles; ``"softmax"``
+        weights by ``softmax(similarity / temperature)`` so closer matches count more;
+        ``"similarity"`` weights proportionally to ``max(similarity, 0)`` (uniform if all
+        k similarities are ≤ 0). ``genes`` restricts/reorders the output columns; names
+        missing from the bank raise :class:`He2stError` listing them.
+        """
+        if weighting not in _WEIGHTINGS:
+            raise He2stError(f"unknown weighting {weighting!r}; use one of {', '.join(_WEIGHTINGS)}")
+        if weighting == "softmax" and temperature <= 0:
+            raise He2stError(f"softmax temperature must be > 0, got {temperature}")
+        columns = self._gene_columns(genes)
+        scores, indices = self.search(queries, k, backend)
+        weights = _neighbour_weights(torch.from_numpy(scores), weighting, temperature)
+
+        expr = torch.from_numpy(self.expression)
+        chunk = max(1, GATHER_BLOCK_ELEMENTS // (k * len(columns)))
+        means, spreads = [np.zeros((0, len(columns)), np.float32)], [np.zeros(0, np.float32)]
+        for start in range(0, indices.shape[0], chunk):
+            rows = torch.from_numpy(indices[start : start + chunk])
+            w = weights[start : start + chunk]
+            if genes is None:  # plain row gather is about twice as fast as 2-D fancy indexing
+                profiles = expr.index_select(0, rows.flatten()).view(*rows.shape, -1)
+            else:
+                profiles = expr[rows[:, :, None], columns[None, None, :]]  # (c, k, G): requested genes only
+            mean = torch.einsum("ck,ckg->cg", w, profiles)
+            squared_dev = profiles.sub_(mean[:, None, :]).square_()
+            means.append(mean.numpy())
+            spreads.append(torch.einsum("ck,ckg->cg", w, squared_dev).sqrt().mean(dim=1).numpy())
+        return RetrievalResult(
+            expression=np.concatenate(means),
+            similarities=scores,
+            indices=indices,
+            best_similarity=scores[:, 0].copy(),
+            dispersion=np.concatenate(spreads),
+            genes=[self.genes[i] for i in columns.tolist()],
+        )
+
+    def _gene_columns(self, genes: Sequence[str] | None) -> torch.Tensor:
+        """Bank column of each requested gene (all genes when ``genes`` is None)."""
+        if genes is None:
+            return torch.arange(len(self.genes))
+        if len(genes) == 0:
+            raise He2stError("genes= is empty; pass None for all reference genes")
+        missing = [g for g in genes if g not in self._gene_index]
+        if missing:
+            shown = ", ".join(missing[:20]) + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else "")
+            raise He2stError(f"{len(missing)} requested genes are not in the reference bank: {shown}")
+        return torch.tensor([self._gene_index[g] for g in genes], dtype=torch.long)
+
+    # ------------------------------------------------------------------- I/O
+    def save(self, path: str | Path) -> None:
+        """Write the bank atomically as HDF5 (``.h5``/``.hdf5``) or ``.npz``; no pickled objects."""
+        path = Path(path)
+        kind = _file_kind(path)
+        arrays = {
+            "embeddings": self.embeddings,
+            "expression": self.expression,
+            "genes": np.array(self.genes, dtype=str),
+        }
+        if self.sample_ids is not None:
+            arrays["sample_ids"] = np.array(self.sample_ids, dtype=str)
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            if kind == "npz":
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, format_version=np.array(_FORMAT_VERSION), **arrays)
+            else:
+                with h5py.File(tmp, "w") as f:
+                    f.attrs["format_version"] = _FORMAT_VERSION
+                    for name, value in arrays.items():
+                        if value.dtype.kind == "U":
+                            value = value.astype(object)
+                            f.create_dataset(name, data=value, dtype=h5py.string_dtype())
+                        else:
+                            f.create_dataset(name, data=value)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReferenceBank:
+        """Read a bank written by :meth:`save`."""
+        path = Path(path)
+        kind = _file_kind(path)
+        if not path.is_file():
+            raise He2stError("reference bank file not found", path)
+        try:
+            if kind == "npz":
+                with np.load(path, allow_pickle=False) as f:
+                    data = {name: f[name] for name in f.files}
+                    version = int(data.pop("format_version", -1))
+            else:
+                with h5py.File(path, "r") as f:
+                    data = {name: f[name][()] for name in f}
+                    version = int(f.attrs.get("format_version", -1))
+        except (OSError, ValueError) as exc:
+            raise He2stError(f"cannot read reference bank ({exc})", path) from exc
+        if version != _FORMAT_VERSION:
+            raise He2stError(f"not a he2st reference bank (format version {version})", path)
+        missing = {"embeddings", "expression", "genes"} - data.keys()
+        if missing:
+            raise He2stError(f"reference bank lacks {', '.join(sorted(missing))}", path)
+        sample_ids = data.get("sample_ids")
+        return cls(
+            data["embeddings"],
+            data["expression"],
+            _strings(data["genes"]),
+            None if sample_ids is None else _strings(sample_ids),
+            normalize=False,
+        )
+
+
+def _neighbour_weights(scores: torch.Tensor, weighting: str, temperature: float) -> torch.Tensor:
+    """``(n, k)`` non-negative weights summing to 1 per row."""
+    if weighting == "average":
+        return torch.full_like(scores, 1.0 / scores.shape[1])
+    if weighting == "softmax":
+        return torch.softmax(scores / temperature, dim=1)
+    positive = scores.clamp(min=0)
+    total = positive.sum(dim=1, keepdim=True)
+    uniform = torch.full_like(scores, 1.0 / scores.shape[1])
+    return torch.where(total > 0, positive / total.clamp(min=torch.finfo(scores.dtype).tiny), uniform)
+
+
+def _file_kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return "npz"
+    if suffix in (".h5", ".hdf5"):
+        return "h5"
+    raise He2stError("reference bank must be a .h5, .hdf5 or .npz file", path)
+
+
+def _strings(values: np.ndarray) -> list[str]:
+    """Decode a string array from npz (unicode) or HDF5 (bytes) into Python strings."""
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values.tolist()]
