@@ -131,17 +131,116 @@ def embed(
         _echo("all embeddings already present: nothing to do")
 
 
-@app.command()
-def demo(work_dir: WorkOpt = None) -> None:
-    """Fetch her2st, prepare the 7 imaged sections and summarise them."""
-    from he2st.config import PrepareConfig, load_config
-    from he2st.prepare import prepare as run_prepare
+@app.command("methods")
+def methods_cmd(name: Annotated[str | None, typer.Argument(help="show one method's options")] = None) -> None:
+    """List methods, or one method's options with defaults and what they do."""
+    from he2st.methods.registry import list_methods, method_class
 
-    cfg = load_config(PrepareConfig, None, None, work_dir=str(work_dir) if work_dir else None)
-    result = run_prepare(cfg)
-    for sid in result.sample_ids:
-        s = result.workspace.load_sample(sid)
-        _echo(f"{sid}\tpatient {s.patient_id}\t{s.n_spots} spots\t{s.pixel_size_um:.3f} µm/px")
+    for method in [name] if name else list_methods():
+        cls = method_class(method)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        _echo(f"{method}: {doc}")
+        if name:
+            defaults = cls.Config()
+            for field, info in cls.Config.model_fields.items():
+                _echo(f"  {field} = {getattr(defaults, field)!r}" + (f"  # {info.description}" if info.description else ""))
+
+
+def _ids(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = None,
+    method: Annotated[str | None, typer.Option(help="method name (he2st methods: bleep, bleep_faithful, ridge, ...)")] = None,
+    samples: Annotated[str | None, typer.Option(help="comma-separated training samples (default: all prepared)")] = None,
+    out: Annotated[Path | None, typer.Option(help="checkpoint path")] = None,
+) -> None:
+    """Train one method on training samples; validation comes from those samples only."""
+    from he2st.config import TrainRunConfig, load_config
+    from he2st.fit import train_model
+
+    cfg = load_config(TrainRunConfig, config, set_, work_dir=str(work_dir) if work_dir else None,
+                      method=method, train_samples=_ids(samples), out=str(out) if out else None)
+    fitted, log, path = train_model(cfg)
+    _echo(f"trained {fitted.name} on {', '.join(sorted(fitted.trained_on))} "
+          f"({len(fitted.panel.genes)} genes, best epoch {log.best_epoch}) -> {path}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="checkpoint from `he2st train`")],
+    samples: Annotated[str, typer.Option(help="comma-separated held-out samples")],
+    work_dir: WorkOpt = None,
+    out: Annotated[Path | None, typer.Option(help="results folder")] = None,
+    allow_training_patients: Annotated[bool, typer.Option(help="score samples of training patients (labelled LEAKY)")] = False,
+) -> None:
+    """Score a trained model on held-out samples (per-gene Pearson/Spearman, MSE, MAE, gene sets)."""
+    from he2st.config import default_work_dir
+    from he2st.evaluate.holdout import evaluate_model
+
+    wd = work_dir or default_work_dir()
+    out_dir = out or Path(wd) / "runs" / f"evaluate_{model.stem}"
+    _, table, paths = evaluate_model(model, wd, _ids(samples) or [], out_dir,
+                                     allow_training_patients=allow_training_patients,
+                                     command=" ".join(["he2st", *sys.argv[1:]]))
+    _echo(table)
+    _echo(f"results: {paths['json']}")
+
+
+@app.command()
+def benchmark(
+    config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = None,
+    dataset: Annotated[str | None, typer.Option(help="prepare this dataset first if the work folder is empty")] = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated methods")] = None,
+    folds: Annotated[str | None, typer.Option(help="lopo (leave one patient out) or loso")] = None,
+    ablation: Annotated[bool | None, typer.Option("--ablation/--no-ablation", help="switch improved-BLEEP parts off one at a time")] = None,
+    name: Annotated[str | None, typer.Option(help="results folder name under <work>/runs/")] = None,
+) -> None:
+    """Run methods over patient-level folds and write results (JSON, CSV, markdown)."""
+    from he2st.config import BenchmarkConfig, load_config
+
+    cfg = load_config(BenchmarkConfig, config, set_, work_dir=str(work_dir) if work_dir else None, name=name,
+                      methods=_ids(methods), ablation=ablation, **{"folds.scheme": folds})
+    _run_benchmark(cfg, dataset)
+
+
+def _run_benchmark(cfg, dataset: str | None = None) -> None:
+    from he2st.config import PrepareConfig
+    from he2st.embed import embed_workspace
+    from he2st.evaluate.benchmark import run_benchmark
+    from he2st.prepare import prepare as run_prepare
+    from he2st.progress import progress_bar
+    from he2st.workspace import Workspace
+
+    ws = Workspace(cfg.work_dir)
+    if dataset:
+        run_prepare(PrepareConfig(work_dir=cfg.work_dir, data={"dataset": dataset}, patch=cfg.patch,
+                                  genes=cfg.genes, folds=cfg.folds))
+    elif not ws.folds_path(cfg.folds.scheme).exists():
+        raise He2stError(f"no {cfg.folds.scheme} folds in {ws.root}: run `he2st prepare --set folds.scheme="
+                         f"{cfg.folds.scheme}` first, or pass --dataset her2st")
+    ids = ws.sample_ids()
+    with progress_bar(sum(ws.load_sample(s).n_spots for s in ids), f"embed {cfg.embed.encoder}") as advance:
+        summary = embed_workspace(ws, ids, cfg.patch, cfg.embed, on_progress=advance)
+    if summary.n_embedded:
+        _echo(f"embedded {summary.n_embedded} patches ({summary.throughput:.1f} patches/s)")
+    outcome = run_benchmark(cfg, log=_echo)
+    _echo("")
+    _echo(f"mean per-gene Pearson over {cfg.folds.scheme} folds (gene sets chosen on training data; "
+          f"*_testselected = chosen on the test sample, as BLEEP reports):")
+    _echo(outcome.table)
+    _echo(f"results: {outcome.paths['json'].parent}")
+
+
+@app.command()
+def demo(work_dir: WorkOpt = None, set_: SetOpt = None) -> None:
+    """The main job: fetch her2st -> prepare -> embed -> benchmark BLEEP and baselines leave-one-patient-out."""
+    from he2st.config import BenchmarkConfig, load_config
+
+    cfg = load_config(BenchmarkConfig, None, set_, work_dir=str(work_dir) if work_dir else None, name="demo")
+    _run_benchmark(cfg, dataset="her2st")
 
 
 def main() -> None:

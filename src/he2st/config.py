@@ -63,12 +63,17 @@ class FoldConfig(BaseModel):
     allow_shared_patients: bool = False
 
 
-class PrepareConfig(BaseModel):
+class WorkConfig(BaseModel):
+    """Settings every pipeline step shares: the work folder and how patches were cut."""
+
     model_config = ConfigDict(extra="forbid")
 
     work_dir: Path = Field(default_factory=default_work_dir)
-    data: DataConfig = Field(default_factory=DataConfig)
     patch: PatchSpec = Field(default_factory=PatchSpec)
+
+
+class PrepareConfig(WorkConfig):
+    data: DataConfig = Field(default_factory=DataConfig)
     genes: GeneConfig = Field(default_factory=GeneConfig)
     folds: FoldConfig = Field(default_factory=FoldConfig)
 
@@ -91,13 +96,9 @@ class EmbedConfig(BaseModel):
     tta: Literal["none", "flips", "d4"] = "none"
 
 
-class EmbedRunConfig(BaseModel):
+class EmbedRunConfig(WorkConfig):
     """``he2st embed``: which patches (work folder + patch spec) and how to embed them."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    work_dir: Path = Field(default_factory=default_work_dir)
-    patch: PatchSpec = Field(default_factory=PatchSpec)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
 
 
@@ -150,14 +151,10 @@ def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-class BenchmarkConfig(BaseModel):
+class BenchmarkConfig(WorkConfig):
     """``he2st benchmark``: methods x patient-level folds on a prepared, embedded work folder."""
 
-    model_config = ConfigDict(extra="forbid")
-
     name: str = "benchmark"
-    work_dir: Path = Field(default_factory=default_work_dir)
-    patch: PatchSpec = Field(default_factory=PatchSpec)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     genes: GeneConfig = Field(default_factory=GeneConfig)
     folds: FoldConfig = Field(default_factory=FoldConfig)
@@ -172,3 +169,22 @@ class BenchmarkConfig(BaseModel):
     )
     ablation: bool = Field(False, description="also run each improved-BLEEP component switched off")
     seed: int = 0
+    seeds: int = Field(1, gt=0, description="train each method with this many seeds and average the fold scores")
+
+    def needs_patches(self) -> bool:
+        """Whether any configured method trains its image encoder end to end (then patches are loaded)."""
+        return any(opts.get("finetune_encoder") for opts in self.method_options.values())
+
+
+class TrainRunConfig(WorkConfig):
+    """``he2st train``: one method on chosen training samples -> one checkpoint."""
+
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    genes: GeneConfig = Field(default_factory=GeneConfig)
+    method: str = "bleep"
+    method_options: dict = Field(default_factory=dict)
+    train_samples: list[str] = Field(default_factory=list, description="default: every prepared sample")
+    validation_fraction: float = Field(0.15, gt=0, lt=1)
+    n_top: int = 50
+    seed: int = 0
+    out: Path | None = Field(None, description="checkpoint path (default <work_dir>/models/<method>.pt)")

@@ -31,13 +31,16 @@ from he2st.errors import He2stError
 FORMAT = 1
 
 
-def recipe(config: EmbedConfig, encoder: Encoder, patch: PatchSpec) -> dict[str, str]:
-    """The attrs that must match for an existing embedding file to be reused."""
+def recipe(config: EmbedConfig, encoder: Encoder, cache: PatchCache) -> dict[str, str]:
+    """The attrs that must match for an existing embedding file to be reused: how the vectors were
+    computed, and from which patches (the cache's sample fingerprint changes with the sample)."""
     return {
         "encoder_spec": encoder.spec.model_dump_json(),
-        "patch_spec": patch.model_dump_json(),
+        "patch_spec": cache.spec.model_dump_json(),
+        "sample_fingerprint": str(cache.attrs.get("sample_fingerprint", "")),
         "stain": config.stain,
         "tta": config.tta,
+        "precision": config.precision,
     }
 
 
@@ -86,10 +89,13 @@ class EmbeddingFile:
         self.path = Path(path)
         if not self.path.exists():
             raise He2stError("embedding file not found; run `he2st embed`", self.path)
-        with h5py.File(self.path, "r") as fh:
-            self.embeddings = fh["embeddings"][:]
-            self.barcodes = [b.decode() for b in fh["barcodes"][:]]
-            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fh.attrs.items()}
+        try:
+            with h5py.File(self.path, "r") as fh:
+                self.embeddings = fh["embeddings"][:]
+                self.barcodes = [b.decode() for b in fh["barcodes"][:]]
+                self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fh.attrs.items()}
+        except (OSError, KeyError) as exc:
+            raise He2stError(f"not a readable embedding file ({type(exc).__name__}: {exc})", self.path) from exc
 
     @property
     def encoder_spec(self) -> dict:
@@ -114,19 +120,23 @@ def embed_cache(
     on_progress: Callable[[int], None] | None = None,
 ) -> EmbedResult:
     """Embed one patch cache into ``out`` (resuming a partial file made with the same recipe)."""
-    wanted = recipe(config, encoder, cache.spec)
+    wanted = recipe(config, encoder, cache)
     if out.exists():
-        existing = EmbeddingFile(out)
-        if all(existing.attrs.get(k) == v for k, v in wanted.items()) and existing.barcodes == cache.barcodes:
-            return EmbedResult(out, len(existing.barcodes), 0.0, reused=True)
-        out.unlink()  # made another way, or the sample changed: recompute
+        try:
+            existing = EmbeddingFile(out)
+            if all(existing.attrs.get(k) == v for k, v in wanted.items()) and existing.barcodes == cache.barcodes:
+                return EmbedResult(out, len(existing.barcodes), 0.0, reused=True)
+        except He2stError:
+            pass  # unreadable: recompute
+        out.unlink()  # the sample changed (or the file is corrupt): recompute
     partial = out.with_name(out.name + ".partial.h5")
     n, dim = len(cache), encoder.embed_dim
     done = 0
     if partial.exists():
         try:
             with h5py.File(partial, "r") as fh:
-                same = all(fh.attrs.get(k) == v for k, v in wanted.items()) and fh["embeddings"].shape == (n, dim)
+                same = (all(fh.attrs.get(k) == v for k, v in wanted.items()) and fh["embeddings"].shape == (n, dim)
+                        and [b.decode() for b in fh["barcodes"][:]] == cache.barcodes)
                 done = int(fh.attrs["n_done"]) if same else -1
         except (OSError, KeyError):
             done = -1
@@ -156,7 +166,9 @@ def embed_cache(
         for start, batch in loader:
             vectors = embed_patches(encoder, batch, device, dtype, stain, config.tta)
             emb[start : start + len(vectors)] = vectors
+            fh.flush()  # rows on disk before the progress marker that vouches for them
             fh.attrs["n_done"] = start + len(vectors)  # committed progress: resume point
+            fh.flush()
             if on_progress is not None:
                 on_progress(len(vectors))
     seconds = time.perf_counter() - start_time
@@ -191,7 +203,7 @@ def embed_workspace(
     for sid in sample_ids:
         cache = PatchCache(workspace.patch_path(sid, patch))
         cache.check(patch)
-        result = embed_cache(encoder, cache, workspace.embedding_path(config.encoder, sid, patch), config, on_progress)
+        result = embed_cache(encoder, cache, workspace.embedding_path(config, sid, patch), config, on_progress)
         paths[sid] = result.path
         if not result.reused:
             n_done += result.n

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from he2st.config import PrepareConfig, SampleSource
 from he2st.data.genes import GenePanel
 from he2st.data.her2st import load_her2st
-from he2st.data.patches import extract_patches, sample_fingerprint
+from he2st.data.patches import extract_patches
 from he2st.data.readers import read_h5ad_sample, read_hest, read_st, read_visium
 from he2st.data.registry import dataset_dir, fetch
 from he2st.data.sample import Sample
@@ -34,7 +34,7 @@ def read_source(src: SampleSource) -> Sample:
             raise He2stError(f"sample {src.sample_id}: reader 'st' needs spots_file")
         return read_st(src.path, src.spots_file, src.image, src.sample_id, src.patient_id or src.sample_id)
     if src.reader == "hest":
-        return read_hest(src.path, src.sample_id)
+        return read_hest(src.path, src.sample_id, patient_id=src.patient_id)
     if src.pixel_size_um is None:
         raise He2stError(f"sample {src.sample_id}: reader 'h5ad' needs pixel_size_um")
     return read_h5ad_sample(src.path, src.image, src.pixel_size_um, src.sample_id, src.patient_id)
@@ -63,9 +63,7 @@ def prepare(config: PrepareConfig, on_patch: Callable[[int], None] | None = None
     ws = Workspace(config.work_dir)
     samples = load_samples(config)
     for sample in samples:
-        path = ws.sample_path(sample.sample_id)
-        if not path.exists() or sample_fingerprint(Sample.load(path)) != sample_fingerprint(sample):
-            sample.save(path)
+        sample.save(ws.sample_path(sample.sample_id))  # always: patient ids or counts may have changed
         extract_patches(sample, config.patch, ws.root, on_progress=on_patch)
         sample.close()
         if on_sample is not None:
@@ -75,14 +73,7 @@ def prepare(config: PrepareConfig, on_patch: Callable[[int], None] | None = None
     by_id = {s.sample_id: s for s in samples}
     for fold in folds:
         check_fold(fold, patients)
-        panel = GenePanel.fit(
-            {sid: by_id[sid].adata for sid in fold.train},
-            n_genes=config.genes.n_genes,
-            selection=config.genes.selection,
-            transform=config.genes.transform,
-            min_spot_fraction=config.genes.min_spot_fraction,
-            standardize=config.genes.standardize,
-        )
+        panel = GenePanel.from_config({sid: by_id[sid].adata for sid in fold.train}, config.genes)
         panel.save(ws.panel_path(config.folds.scheme, fold.name))
     folds_path = ws.save_folds(config.folds.scheme, folds, patients)
     return Prepared(ws, [s.sample_id for s in samples], patients, str(folds_path))

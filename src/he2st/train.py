@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from he2st.errors import He2stError
 from he2st.methods.base import TrainLog
 
 
@@ -43,7 +44,6 @@ def fit_minibatches(
     config: TrainConfig,
     seed: int,
     validate: Callable[[], float] | None = None,
-    after_step: Callable[[], None] | None = None,
 ) -> TrainLog:
     """Train ``module`` by calling ``step(batch_indices) -> loss`` over shuffled mini-batches.
 
@@ -51,6 +51,8 @@ def fit_minibatches(
     is kept. Batches smaller than half the batch size are dropped when possible, because
     contrastive losses degenerate on tiny batches.
     """
+    if n_items == 0:
+        raise He2stError("no training spots left (is the validation fraction too large?)")
     gen = seed_everything(seed)
     params = [p for p in module.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -72,8 +74,6 @@ def fit_minibatches(
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimiser.step()
-            if after_step is not None:
-                after_step()
             losses.append(float(loss.detach()))
         log.add(train_loss=float(np.mean(losses)))
         if validate is None:

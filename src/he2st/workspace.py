@@ -7,9 +7,11 @@ each fold's training samples; ``embeddings/<encoder>/<id>__<spec>.h5``; ``runs/<
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+from he2st.config import EmbedConfig
 from he2st.data.genes import GenePanel
 from he2st.data.patches import PatchSpec, patch_cache_path
 from he2st.data.sample import Sample
@@ -51,8 +53,11 @@ class Workspace:
         path = self.folds_path(scheme)
         if not path.exists():
             raise He2stError("folds not prepared; run `he2st prepare`", path)
-        payload = json.loads(path.read_text())
-        return [Fold(**f) for f in payload["folds"]], dict(payload["patients"])
+        try:
+            payload = json.loads(path.read_text())
+            return [Fold(**f) for f in payload["folds"]], dict(payload["patients"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise He2stError(f"not a valid folds file ({type(exc).__name__}); re-run `he2st prepare`", path) from exc
 
     def panel_path(self, scheme: str, fold: str) -> Path:
         return self.root / "panels" / scheme / f"{fold}.json"
@@ -60,9 +65,14 @@ class Workspace:
     def load_panel(self, scheme: str, fold: str) -> GenePanel:
         return GenePanel.load(self.panel_path(scheme, fold))
 
-    def embedding_path(self, encoder: str, sample_id: str, spec: PatchSpec) -> Path:
-        safe = encoder.replace("/", "_").replace(":", "_")
-        return self.root / "embeddings" / safe / f"{sample_id}__{spec.key}.h5"
+    def embedding_path(self, embed: EmbedConfig, sample_id: str, spec: PatchSpec) -> Path:
+        """One file per (encoder, weights, stain, TTA, precision) recipe, so recipes never overwrite each other."""
+        safe = embed.encoder.replace("/", "_").replace(":", "_")
+        tags = [f"{k}-{v}" for k, v in (("stain", embed.stain), ("tta", embed.tta), ("precision", embed.precision))
+                if v not in ("none", "auto")]
+        if embed.weights is not None:
+            tags.append("w-" + hashlib.sha1(str(Path(embed.weights).resolve()).encode()).hexdigest()[:8])
+        return self.root / "embeddings" / safe / ("__".join([sample_id, spec.key, *tags]) + ".h5")
 
     def run_dir(self, name: str) -> Path:
         return self.root / "runs" / name

@@ -121,6 +121,12 @@ class GenePanel(BaseModel):
             panel.std = np.where(std > 0, std, 1.0).tolist()
         return panel
 
+    @classmethod
+    def from_config(cls, adatas: dict[str, ad.AnnData], config) -> GenePanel:
+        """Fit with the settings of a :class:`he2st.config.GeneConfig` (training samples only)."""
+        return cls.fit(adatas, n_genes=config.n_genes, selection=config.selection, transform=config.transform,
+                       min_spot_fraction=config.min_spot_fraction, standardize=config.standardize)
+
     def targets(self, adata: ad.AnnData, where: str | Path | None = None) -> np.ndarray:
         """Target matrix (n_spots, n_genes) float32 for any sample, with this panel's mapping."""
         index = {g: i for i, g in enumerate(adata.var_names)}

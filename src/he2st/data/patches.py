@@ -70,9 +70,9 @@ class PatchCache:
                 self.barcodes = [b.decode() for b in fh["barcode"][:]]
                 self.coords = fh["coords"][:]
                 self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fh.attrs.items()}
-        except (OSError, KeyError) as exc:
-            raise He2stError(f"not a readable he2st patch cache ({exc})", self.path) from exc
-        self.spec = PatchSpec(**json.loads(self.attrs["spec"]))
+            self.spec = PatchSpec(**json.loads(self.attrs["spec"]))
+        except (OSError, KeyError, ValueError) as exc:
+            raise He2stError(f"not a readable he2st patch cache ({type(exc).__name__}: {exc})", self.path) from exc
 
     def __len__(self) -> int:
         return len(self.barcodes)

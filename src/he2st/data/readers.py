@@ -40,7 +40,7 @@ def read_counts_table(path: str | Path) -> pd.DataFrame:
     sep = "," if ".csv" in path.name else "\t"
     try:
         table = pd.read_csv(path, sep=sep, index_col=0)
-    except (EOFError, OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except (EOFError, OSError, ValueError, UnicodeDecodeError) as exc:  # EmptyDataError/ParserError are ValueErrors
         raise He2stError(f"cannot parse counts table ({type(exc).__name__}: {exc})", path) from exc
     if table.shape[0] == 0 or table.shape[1] == 0:
         raise He2stError("counts table is empty", path)
@@ -106,11 +106,13 @@ def read_st(
     table = read_counts_table(counts_file)
     try:
         spots = pd.read_csv(spots_file, sep="\t")
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise He2stError(f"cannot parse spot file ({exc})", spots_file) from exc
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise He2stError(f"cannot parse spot file ({type(exc).__name__}: {exc})", spots_file) from exc
     need = {"x", "y", "pixel_x", "pixel_y"}
     if not need.issubset(spots.columns):
         raise He2stError(f"spot file lacks columns {sorted(need - set(spots.columns))}", spots_file)
+    if spots[sorted(need)].isna().any().any() or not all(pd.api.types.is_numeric_dtype(spots[c]) for c in need):
+        raise He2stError("spot file has missing or non-numeric x/y/pixel_x/pixel_y values", spots_file)
     spots.index = pd.Index(spots["x"].astype(int).astype(str) + "x" + spots["y"].astype(int).astype(str))
     if spots.index.has_duplicates:
         raise He2stError(f"duplicate spot {spots.index[spots.index.duplicated()][0]!r}", spots_file)
@@ -122,7 +124,10 @@ def read_st(
         raise He2stError("no spot left after keeping spots under tissue (selected == 1)", spots_file)
     grid_cols = ["new_x", "new_y"] if {"new_x", "new_y"}.issubset(spots.columns) else ["x", "y"]
     pixel = spots[["pixel_x", "pixel_y"]].to_numpy(float) * image_scale
-    um_per_px = pixel_size_from_grid(spots[grid_cols].to_numpy(float), pixel, pitch_um)
+    try:
+        um_per_px = pixel_size_from_grid(spots[grid_cols].to_numpy(float), pixel, pitch_um)
+    except He2stError as exc:
+        raise He2stError(exc.problem, spots_file) from exc
     adata = build_adata(table.loc[spots.index].to_numpy(), list(spots.index), list(table.columns), pixel)
     adata.obs["array_col"] = spots["x"].astype(int).to_numpy()
     adata.obs["array_row"] = spots["y"].astype(int).to_numpy()
@@ -180,6 +185,10 @@ def _read_10x_mtx(folder: Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
             rows = [line.rstrip("\n").split("\t") for line in fh if line.strip()]
     except (OSError, ValueError, EOFError) as exc:
         raise He2stError(f"cannot read 10x matrix folder ({exc})", folder) from exc
+    if mat.shape != (len(barcodes), len(rows)):
+        raise He2stError(
+            f"matrix is {mat.shape[1]} features x {mat.shape[0]} barcodes but the folder lists "
+            f"{len(rows)} features and {len(barcodes)} barcodes", folder)
     keep = [i for i, r in enumerate(rows) if len(r) < 3 or r[2] == "Gene Expression"]
     return mat[:, keep], barcodes, [rows[i][1] if len(rows[i]) > 1 else rows[i][0] for i in keep]
 
@@ -225,7 +234,7 @@ def read_visium(
     counts_path = outs / counts
     if counts_path.exists() and counts_path.is_file():
         mat, barcodes, genes = _read_10x_h5(counts_path)
-    elif (outs / "filtered_feature_bc_matrix").is_dir():
+    elif counts == "filtered_feature_bc_matrix.h5" and (outs / "filtered_feature_bc_matrix").is_dir():
         counts_path = outs / "filtered_feature_bc_matrix"
         mat, barcodes, genes = _read_10x_mtx(counts_path)
     else:
@@ -327,8 +336,12 @@ def read_h5ad_sample(
     return sample
 
 
-def read_hest(root: str | Path, sample_id: str) -> Sample:
-    """A HEST-1k sample: ``st/<id>.h5ad``, ``wsis/<id>.tif``, ``metadata/<id>.json``."""
+def read_hest(root: str | Path, sample_id: str, patient_id: str | None = None) -> Sample:
+    """A HEST-1k sample: ``st/<id>.h5ad``, ``wsis/<id>.tif``, ``metadata/<id>.json``.
+
+    The patient comes from ``patient_id``, else the metadata's ``patient``; without either, the
+    sample is its own patient -- then serial sections of one patient are not grouped, so pass it.
+    """
     root = Path(root)
     meta_path = _require(root / "metadata" / f"{sample_id}.json", "HEST metadata")
     try:
@@ -344,7 +357,7 @@ def read_hest(root: str | Path, sample_id: str) -> Sample:
         image,
         pixel_size_um=float(mpp),
         sample_id=sample_id,
-        patient_id=str(meta.get("patient") or sample_id),
+        patient_id=str(patient_id or meta.get("patient") or sample_id),
         spot_diameter_um=float(meta.get("spot_diameter") or VISIUM_SPOT_UM),
         technology=str(meta.get("st_technology", "hest")).lower(),
         dataset="hest",

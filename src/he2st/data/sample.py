@@ -138,7 +138,7 @@ class Sample:
             spot_diameter_um=float(meta["spot_diameter_um"]),
             image_path=Path(meta["image_path"]) if meta.get("image_path") else None,
             technology=str(meta.get("technology", "unknown")),
-            dataset=str(meta.get("dataset")) or None,
+            dataset=str(meta.get("dataset") or "") or None,
             source={str(k): str(v) for k, v in dict(meta.get("source", {})).items()},
         )
 

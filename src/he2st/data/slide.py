@@ -8,10 +8,12 @@ spots near the tissue edge are real data.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,19 @@ _PIL_LIMIT_LOCK = threading.Lock()
 WHOLE_SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf"}
 PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+
+
+@contextlib.contextmanager
+def _raised_pil_limit() -> Iterator[None]:
+    """Pillow's bomb limit raised to ours for the duration of one read, then restored."""
+    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = PLAIN_IMAGE_MAX_PIXELS
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
 
 
 class Slide(ABC):
@@ -195,40 +210,25 @@ class PlainImageSlide(Slide):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        with _PIL_LIMIT_LOCK:
-            old = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = PLAIN_IMAGE_MAX_PIXELS
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    with Image.open(path) as img:
-                        self.level_dimensions = [img.size]
-            except Image.DecompressionBombError as exc:
-                raise He2stError(
-                    f"image has more than {PLAIN_IMAGE_MAX_PIXELS:,} pixels; convert it to a tiled pyramidal TIFF",
-                    path,
-                ) from exc
-            except (OSError, SyntaxError, ValueError) as exc:
-                raise He2stError(f"not a readable image ({exc})", path) from exc
-            finally:
-                Image.MAX_IMAGE_PIXELS = old
+        try:
+            with _raised_pil_limit(), Image.open(path) as img:
+                self.level_dimensions = [img.size]
+        except Image.DecompressionBombError as exc:
+            raise He2stError(
+                f"image has more than {PLAIN_IMAGE_MAX_PIXELS:,} pixels; convert it to a tiled pyramidal TIFF", path
+            ) from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise He2stError(f"not a readable image ({exc})", path) from exc
         self._pixels: np.ndarray | None = None
 
     def _decode(self, reduce: int = 1) -> np.ndarray:
-        with _PIL_LIMIT_LOCK:
-            old = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = PLAIN_IMAGE_MAX_PIXELS
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    with Image.open(self.path) as img:
-                        if reduce > 1:
-                            img.draft("RGB", (img.size[0] // reduce, img.size[1] // reduce))
-                        return np.asarray(img.convert("RGB"))
-            except (OSError, SyntaxError, ValueError) as exc:
-                raise He2stError(f"image is truncated or corrupt ({exc})", self.path) from exc
-            finally:
-                Image.MAX_IMAGE_PIXELS = old
+        try:
+            with _raised_pil_limit(), Image.open(self.path) as img:
+                if reduce > 1:
+                    img.draft("RGB", (img.size[0] // reduce, img.size[1] // reduce))
+                return np.asarray(img.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise He2stError(f"image is truncated or corrupt ({exc})", self.path) from exc
 
     def _read_inside(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         if self._pixels is None:

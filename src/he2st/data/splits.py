@@ -54,6 +54,8 @@ def leave_one_sample_out(samples: Mapping[str, str], allow_shared_patients: bool
         siblings = sorted(s for s, p in samples.items() if p == patient and s != sample)
         if allow_shared_patients:
             train = sorted(s for s in samples if s != sample)
+            if not train:
+                raise He2stError(f"leave-one-sample-out: no training sample left for {sample}")
             name = f"sample_{sample}" + ("_LEAKY_patient_shared" if siblings else "")
             folds.append(Fold(name=name, train=train, test=[sample], shared_patients=[patient] if siblings else []))
         else:
@@ -84,24 +86,28 @@ def check_fold(fold: Fold, samples: Mapping[str, str]) -> None:
 
 
 def validation_mask(
-    groups: np.ndarray, fraction: float = 0.15, seed: int = 0, by: np.ndarray | None = None
+    groups: np.ndarray, fraction: float = 0.15, seed: int = 0, patients: np.ndarray | None = None
 ) -> np.ndarray:
     """Boolean mask of training spots held out for validation (early stopping, checkpoint choice).
 
-    Drawn from training data only. ``groups`` gives each spot's sample id; when there are at least
-    three training samples, whole samples are held out (closer to the real test situation),
-    otherwise a random ``fraction`` of spots from every sample. ``by`` overrides the grouping.
+    Drawn from training data only, so validation necessarily shares patients with training unless
+    there are enough training patients: with >= 3 training patients whole patients are held out,
+    else with >= 3 training samples whole samples (never the spots next to training spots), else a
+    random ``fraction`` of spots from every sample. At least one group always stays for training.
     """
     rng = np.random.default_rng(seed)
-    keys = np.asarray(by if by is not None else groups)
+    groups = np.asarray(groups)
+    keys = groups
+    if patients is not None and len(np.unique(patients)) >= 3:
+        keys = np.asarray(patients)
     unique = np.unique(keys)
     if len(unique) >= 3:
-        n_val = max(1, round(fraction * len(unique)))
+        n_val = min(len(unique) - 1, max(1, round(fraction * len(unique))))
         chosen = rng.choice(unique, size=n_val, replace=False)
         return np.isin(keys, chosen)
     mask = np.zeros(len(keys), dtype=bool)
     for key in unique:
         idx = np.flatnonzero(keys == key)
-        n_val = max(1, round(fraction * len(idx)))
+        n_val = min(len(idx) - 1, max(1, round(fraction * len(idx))))
         mask[rng.choice(idx, size=n_val, replace=False)] = True
     return mask

@@ -15,8 +15,9 @@ from he2st.data.genes import GenePanel
 from he2st.data.patches import PatchCache, PatchSpec
 from he2st.errors import He2stError
 
-# obsm keys that derive from a sample's counts: never loaded for spots being predicted
-EXPRESSION_DERIVED = ("celltype_major", "celltype_minor")
+# obsm keys a predictor may see (derived from the image alone). Everything else in a sample --
+# counts, cell-type proportions, any user-added obsm -- is withheld from spots being predicted.
+IMAGE_DERIVED: tuple[str, ...] = ()
 
 
 @dataclass
@@ -64,14 +65,14 @@ class SpotSet:
 
     def without_expression(self) -> SpotSet:
         """The same spots with every expression-derived array removed (what a predictor may see)."""
-        return replace(self, targets=None, extras={k: v for k, v in self.extras.items() if k not in EXPRESSION_DERIVED})
+        return replace(self, targets=None, extras={k: v for k, v in self.extras.items() if k in IMAGE_DERIVED})
 
 
 def load_spots(
     workspace,
     sample_ids: Sequence[str],
     patch: PatchSpec,
-    encoder: str,
+    embed,
     panel: GenePanel,
     with_targets: bool,
     extras: Sequence[str] = (),
@@ -84,7 +85,7 @@ def load_spots(
     extra_parts: dict[str, list] = {k: [] for k in extras}
     for sid in sample_ids:
         sample = workspace.load_sample(sid)
-        emb = EmbeddingFile(workspace.embedding_path(encoder, sid, patch))
+        emb = EmbeddingFile(workspace.embedding_path(embed, sid, patch))
         if emb.barcodes != list(sample.adata.obs_names):
             raise He2stError(f"embeddings of {sid} do not match its spots; re-run `he2st embed`", emb.path)
         parts["sid"].append(np.full(sample.n_spots, sid, dtype=object))
@@ -94,7 +95,7 @@ def load_spots(
         if with_targets:
             parts["y"].append(panel.targets(sample.adata, where=workspace.sample_path(sid)))
         for key in extras:
-            if not with_targets and key in EXPRESSION_DERIVED:
+            if not with_targets and key not in IMAGE_DERIVED:
                 continue
             if key not in sample.adata.obsm:
                 raise He2stError(f"sample {sid} has no obsm[{key!r}]", workspace.sample_path(sid))

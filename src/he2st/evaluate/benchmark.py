@@ -18,15 +18,20 @@ import torch
 from he2st import __version__
 from he2st.config import BenchmarkConfig, dump_config
 from he2st.data.splits import check_fold
+from he2st.errors import He2stError
 from he2st.evaluate.protocol import FoldAudit, FoldRun, build_fold_data, run_fold
-from he2st.evaluate.tables import FoldResult, summarise, to_markdown, write_results
+from he2st.evaluate.tables import FoldResult, average_results, summarise, to_markdown, write_results
+from he2st.methods.registry import method_class
 from he2st.io import sha256_file, write_text_atomic
 from he2st.workspace import Workspace
 
 # improved-BLEEP components switched off one at a time (name -> option overrides)
 ABLATIONS: dict[str, dict] = {
-    "bleep-no_queue": {"queue_size": 0},
-    "bleep-bleep_loss": {"loss": "bleep_soft", "temperature": 1.0, "learn_temperature": False, "queue_size": 0},
+    # negatives from the batch only; with batch negatives the soft targets would come from a few
+    # spots, so this row uses plain InfoNCE (identity targets) -- one component, "whole-set negatives"
+    "bleep-batch_negatives": {"negatives": "batch", "soft_targets": False},
+    "bleep-single_model": {"ensemble": 1},
+    "bleep-bleep_loss": {"loss": "bleep_soft", "temperature": 1.0, "learn_temperature": False},
     "bleep-projection_expr": {"expression_encoder": "projection"},
     "bleep-average_retrieval": {"weighting": "average"},
 }
@@ -45,8 +50,8 @@ def provenance(config: BenchmarkConfig, ws: Workspace, command: str | None) -> d
     sample_ids = sorted({s for f in ws.load_folds(config.folds.scheme)[0] for s in f.train + f.test})
     checksums = {f"samples/{s}.h5ad": sha256_file(ws.sample_path(s)) for s in sample_ids}
     checksums |= {
-        str(ws.embedding_path(config.embed.encoder, s, config.patch).relative_to(ws.root)):
-        sha256_file(ws.embedding_path(config.embed.encoder, s, config.patch)) for s in sample_ids
+        str(ws.embedding_path(config.embed, s, config.patch).relative_to(ws.root)):
+        sha256_file(ws.embedding_path(config.embed, s, config.patch)) for s in sample_ids
     }
     return {
         "command": command or " ".join(["he2st", *sys.argv[1:]]),
@@ -69,9 +74,18 @@ def run_benchmark(
     results, audits, runs = [], {}, {}
     for fold in folds:
         check_fold(fold, patients)
+        if fold.leaky and not config.folds.allow_shared_patients:
+            raise He2stError(
+                f"fold {fold.name} shares patient(s) {fold.shared_patients} between training and test; set "
+                "folds.allow_shared_patients: true to run it anyway (results are labelled LEAKY)",
+                ws.folds_path(config.folds.scheme))
         data = build_fold_data(ws, fold, config, patients)
         for label, method, opts in variants:
-            run = run_fold(method, data, config, opts)
+            n_seeds = config.seeds if method_class(method).stochastic else 1
+            seed_runs = [run_fold(method, data, config, opts | {"seed": config.seed + s}) for s in range(n_seeds)]
+            run = seed_runs[0]
+            run.result = average_results([r.result for r in seed_runs])
+            run.seconds = sum(r.seconds for r in seed_runs)
             run.result.method = label
             results.append(run.result)
             audits[(label, fold.name)] = run.audit

@@ -51,12 +51,6 @@ class FoldRun:
     curves: dict[str, list[float]]
 
 
-def fit_panel(ws: Workspace, train_ids: list[str], config: BenchmarkConfig) -> GenePanel:
-    g = config.genes
-    return GenePanel.fit(
-        {sid: ws.load_sample(sid).adata for sid in train_ids}, n_genes=g.n_genes, selection=g.selection,
-        transform=g.transform, min_spot_fraction=g.min_spot_fraction, standardize=g.standardize,
-    )
 
 
 @dataclass
@@ -71,21 +65,30 @@ class FoldData:
     test_truth: dict[str, np.ndarray]
     gene_sets: dict[str, list[str]]
     per_sample_sets: dict[str, dict[str, list[str]]]
-    reference: SpotSet | None  # expression-only spots allowed into retrieval banks
+    reference: SpotSet | None  # expression-only spots (any patient not under test) for retrieval banks
+    encoder_spec: str = ""
 
 
 def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients: dict[str, str]) -> FoldData:
-    panel = fit_panel(ws, fold.train, config)
-    extras = ("celltype_major",)
-    train = load_spots(ws, fold.train, config.patch, config.embed.encoder, panel, with_targets=True, extras=extras)
-    val_mask = validation_mask(train.sample_ids, config.validation_fraction, seed=config.seed)
-    test_inputs = load_spots(ws, fold.test, config.patch, config.embed.encoder, panel, with_targets=False)
-    truth = load_spots(ws, fold.test, config.patch, config.embed.encoder, panel, with_targets=True)
+    samples = {sid: ws.load_sample(sid) for sid in fold.train}
+    panel = GenePanel.from_config({sid: s.adata for sid, s in samples.items()}, config.genes)
+    # count-derived annotations (e.g. cell-type proportions) for training spots, when every sample has them
+    extras = tuple(k for k in ("celltype_major",) if all(k in s.adata.obsm for s in samples.values()))
+    patches = config.needs_patches()
+    train = load_spots(ws, fold.train, config.patch, config.embed, panel, with_targets=True, extras=extras,
+                       with_patches=patches)
+    train_patients = np.array([patients[s] for s in train.sample_ids])
+    val_mask = validation_mask(train.sample_ids, config.validation_fraction, seed=config.seed, patients=train_patients)
+    test_inputs = load_spots(ws, fold.test, config.patch, config.embed, panel, with_targets=False, with_patches=patches)
+    truth = load_spots(ws, fold.test, config.patch, config.embed, panel, with_targets=True)
     test_truth = {sid: truth.targets[truth.sample_ids == sid] for sid in fold.test}
     sets = build_gene_sets(train.targets, panel.genes, markers=config.markers, n=config.n_top)
     per_sample = {sid: test_sample_gene_sets(y, panel.genes, n=config.n_top) for sid, y in test_truth.items()}
     reference = _reference_spots(fold, config, panel, patients)
-    return FoldData(fold, panel, train, val_mask, test_inputs, test_truth, sets, per_sample, reference)
+    from he2st.embed import EmbeddingFile
+
+    spec = EmbeddingFile(ws.embedding_path(config.embed, fold.train[0], config.patch)).attrs["encoder_spec"]
+    return FoldData(fold, panel, train, val_mask, test_inputs, test_truth, sets, per_sample, reference, spec)
 
 
 def _reference_spots(fold: Fold, config: BenchmarkConfig, panel: GenePanel, patients: dict[str, str]) -> SpotSet | None:
@@ -114,6 +117,9 @@ def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict |
     opts = {"seed": config.seed} | config.method_options.get(name, {}) | (options or {})
     method = create_method(name, **opts)
     method.panel = data.panel
+    method.encoder_spec = data.encoder_spec
+    method.patch_spec = config.patch.model_dump_json()
+    method.embed_config = config.embed.model_dump_json()
     train, val = data.train.subset(~data.val_mask), data.train.subset(data.val_mask)
     start = time.perf_counter()
     log = method.fit(train, val)

@@ -108,6 +108,27 @@ def evaluate_fold(
     return FoldResult(method, fold, samples, per_sample, pooled, per_gene)
 
 
+def average_results(results: Sequence[FoldResult]) -> FoldResult:
+    """Mean of several runs of one method on one fold (e.g. training seeds): every score averaged.
+
+    Seeds are averaged at the level of scores, not predictions, so the result describes a single
+    model's expected performance rather than an ensemble's.
+    """
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+
+    def mean_of(dicts: list[dict]) -> dict:
+        return {k: (mean_of([d[k] for d in dicts]) if isinstance(dicts[0][k], dict)
+                    else float(np.mean([d[k] for d in dicts]))) for k in dicts[0]}
+
+    per_sample = mean_of([r.per_sample for r in results])
+    pooled = mean_of([r.pooled for r in results])
+    keys = ["sample", "gene"]
+    per_gene = pd.concat([r.per_gene for r in results]).groupby(keys, sort=False).mean(numeric_only=True).reset_index()
+    return FoldResult(first.method, first.fold, list(first.test_samples), per_sample, pooled, per_gene)
+
+
 def _fold_column(fold: int | str) -> str:
     return f"fold_{fold}"
 

@@ -62,6 +62,8 @@ class Method(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    stochastic: ClassVar[bool] = True  # False: results do not depend on the seed (no need to repeat)
+    uses_bank: ClassVar[bool] = False  # retrieval methods: predictions come from a ReferenceBank
 
     def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:
         base = config.model_dump() if config is not None else {}
@@ -71,15 +73,27 @@ class Method(ABC):
             raise He2stError(f"invalid options for method {self.name!r}: {exc}") from exc
         self.panel: GenePanel | None = None
         self.encoder_spec: str = ""
+        self.patch_spec: str = ""  # PatchSpec JSON of the patches the features came from
+        self.embed_config: str = ""  # EmbedConfig JSON (encoder, weights, stain, TTA) of those features
+        # gene sets chosen on the training spots (heg/hvg) and who the model was trained on
+        self.gene_sets: dict[str, list[str]] = {}
+        self.trained_on: dict[str, str] = {}  # sample id -> patient id
 
     # -------------------------------------------------------------- the interface
     @abstractmethod
     def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
         """Learn from training spots (``targets`` present). ``val`` only steers early stopping."""
 
-    @abstractmethod
     def predict(self, spots: SpotSet) -> Prediction:
-        """Expression for spots from their image features only (``spots.targets`` is None)."""
+        """Expression for spots from their image features only; expression-derived inputs are dropped."""
+        if self.panel is None or (self.uses_bank and self.bank is None):
+            raise He2stError(f"method {self.name} has not been fitted (or its reference bank file is missing)")
+        self.check_spots(spots)
+        return self._predict(spots.without_expression())
+
+    @abstractmethod
+    def _predict(self, spots: SpotSet) -> Prediction:
+        """Method-specific prediction (``spots`` carries no targets)."""
 
     @abstractmethod
     def state(self) -> dict[str, torch.Tensor]:
@@ -107,11 +121,17 @@ class Method(ABC):
             "config": self.config.model_dump_json(),
             "panel": self.panel.model_dump_json(),
             "encoder_spec": self.encoder_spec,
+            "patch_spec": self.patch_spec,
+            "embed_config": self.embed_config,
+            "gene_sets": json.dumps(self.gene_sets),
+            "trained_on": json.dumps(self.trained_on),
             "state": {k: v.detach().cpu().contiguous() for k, v in self.state().items()},
         }
         path = Path(path)
         if self.bank is not None:
             self.bank.save(self.bank_path(path))
+        elif self.bank_path(path).exists():
+            self.bank_path(path).unlink()  # never pair this model with another model's bank
         with atomic_path(path, suffix=".pt") as tmp:
             torch.save(payload, tmp)
         return path
@@ -140,10 +160,18 @@ def load_method(path: str | Path) -> Method:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "method" not in payload:
         raise He2stError("not a he2st checkpoint (missing format/method)", path)
     cls = method_class(payload["method"])
-    method = cls(cls.Config.model_validate_json(payload["config"]))
-    method.panel = GenePanel.model_validate_json(payload["panel"])
+    try:
+        method = cls(cls.Config.model_validate_json(payload["config"]))
+        method.panel = GenePanel.model_validate_json(payload["panel"])
+        state = payload["state"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise He2stError(f"checkpoint does not match this he2st version ({type(exc).__name__}: {exc})"[:300], path) from exc
     method.encoder_spec = payload.get("encoder_spec", "")
-    method.load_state(payload["state"])
+    method.patch_spec = payload.get("patch_spec", "")
+    method.embed_config = payload.get("embed_config", "")
+    method.gene_sets = json.loads(payload.get("gene_sets", "{}"))
+    method.trained_on = json.loads(payload.get("trained_on", "{}"))
+    method.load_state(state)
     if Method.bank_path(path).exists():
         from he2st.predict.retrieval import ReferenceBank
 

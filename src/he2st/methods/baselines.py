@@ -6,6 +6,8 @@ Fitted parameters are kept as arrays (not sklearn objects) so checkpoints stay t
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 from pydantic import Field
@@ -16,7 +18,6 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from he2st.data.spots import SpotSet
-from he2st.errors import He2stError
 from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog
 from he2st.methods.features import FeatureScaler
 from he2st.predict.retrieval import ReferenceBank
@@ -36,13 +37,14 @@ class RidgeProbe(Method):
 
     name = "ridge"
     Config = RidgeConfig
+    stochastic = False
 
     def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
         data = train if val is None else SpotSet.concat([train, val])  # no early stopping: use all training spots
         X, Y = data.features, data.targets
         scaler = StandardScaler().fit(X)
         n_comp = min(self.config.pca_components, X.shape[0], X.shape[1])
-        pca = PCA(n_components=n_comp, random_state=self.config.seed).fit(scaler.transform(X))
+        pca = PCA(n_components=n_comp, svd_solver="full").fit(scaler.transform(X))  # exact: seed-independent
         Z = pca.transform(scaler.transform(X))
         alpha = self.config.alpha if self.config.alpha is not None else 100.0 / (n_comp * Y.shape[1])
         log = TrainLog()
@@ -75,7 +77,7 @@ class RidgeProbe(Method):
             log.add(cv_pearson=scores[-1])
         return float(self.config.alphas[int(np.argmax(scores))])
 
-    def predict(self, spots: SpotSet) -> Prediction:
+    def _predict(self, spots: SpotSet) -> Prediction:
         a = self.arrays
         Z = ((spots.features - a["scale_mean"]) / a["scale_std"] - a["pca_mean"]) @ a["pca_components"].T
         pred = Z @ a["coef"].T + a["intercept"]
@@ -134,7 +136,7 @@ class MLPRegressor(Method):
                                validate if val is not None and len(val) else None)
 
     @torch.no_grad()
-    def predict(self, spots: SpotSet) -> Prediction:
+    def _predict(self, spots: SpotSet) -> Prediction:
         self.net.eval()
         pred = self.net(torch.from_numpy(self.scaler(spots.features))).numpy()
         return Prediction(pred, list(self.panel.genes))
@@ -152,7 +154,7 @@ class MLPRegressor(Method):
 
 class KNNConfig(MethodConfig):
     k: int = Field(50, gt=0)
-    weighting: str = Field("average", description="average | softmax | similarity")
+    weighting: Literal["average", "softmax", "similarity"] = "average"
 
 
 class ImageKNN(Method):
@@ -161,6 +163,8 @@ class ImageKNN(Method):
 
     name = "knn"
     Config = KNNConfig
+    stochastic = False
+    uses_bank = True
 
     def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
         data = train if val is None else SpotSet.concat([train, val])
@@ -168,9 +172,7 @@ class ImageKNN(Method):
         self.bank = ReferenceBank(self.scaler(data.features), data.targets, data.genes, list(data.sample_ids))
         return TrainLog()
 
-    def predict(self, spots: SpotSet) -> Prediction:
-        if self.bank is None:
-            raise He2stError("knn has not been fitted")
+    def _predict(self, spots: SpotSet) -> Prediction:
         result = self.bank.predict(self.scaler(spots.features), k=min(self.config.k, len(self.bank)),
                                    weighting=self.config.weighting)
         return Prediction(result.expression, result.genes,

@@ -184,3 +184,34 @@ def info_nce(
     logits = torch.where(eye, similarity, similarity * negative_weight) / temperature
     labels = torch.arange(batch, device=a.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def expression_similarity_targets(
+    batch_expr: torch.Tensor, all_expr: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """Soft targets over a whole reference set from *measured* expression similarity.
+
+    Rows are ``softmax(cos(y_i, y_j) / temperature)`` over all reference spots j (inputs should be
+    standardised per gene). Spots whose expression resembles spot i are not treated as negatives,
+    which matters when a training set holds many near-identical neighbouring spots: the image
+    embedding learns to retrieve spots with similar expression -- what retrieval prediction uses.
+    """
+    a = F.normalize(batch_expr, dim=-1)
+    b = F.normalize(all_expr, dim=-1)
+    return F.softmax(a @ b.T / temperature, dim=-1)
+
+
+def reference_contrastive_loss(
+    img: torch.Tensor, spot: torch.Tensor, img_all: torch.Tensor, spot_all: torch.Tensor,
+    targets: torch.Tensor, temperature: torch.Tensor | float,
+) -> torch.Tensor:
+    """Symmetric cross-entropy of a batch against every reference spot (cosine logits / τ).
+
+    ``img``/``spot`` ``(B, D)`` are the batch, ``img_all``/``spot_all`` ``(N, D)`` all training spots,
+    ``targets`` ``(B, N)`` rows summing to 1 (e.g. :func:`expression_similarity_targets`).
+    """
+    img, spot = F.normalize(img, dim=-1), F.normalize(spot, dim=-1)
+    img_all, spot_all = F.normalize(img_all, dim=-1), F.normalize(spot_all, dim=-1)
+    images_loss = _soft_cross_entropy(img @ spot_all.T / temperature, targets)
+    spots_loss = _soft_cross_entropy(spot @ img_all.T / temperature, targets)
+    return ((images_loss + spots_loss) / 2).mean()

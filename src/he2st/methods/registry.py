@@ -11,8 +11,12 @@ from he2st.methods.base import Method
 def _methods() -> dict[str, type[Method]]:
     from he2st.methods.baselines import ImageKNN, MLPRegressor, RidgeCV, RidgeProbe
     from he2st.methods.bleep import BLEEP, BLEEPFaithful
+    from he2st.methods.carhe import CarHE
+    from he2st.methods.cmrc import CMRCNet
+    from he2st.methods.nh2st import NH2ST
 
-    return {cls.name: cls for cls in (BLEEP, BLEEPFaithful, RidgeProbe, RidgeCV, MLPRegressor, ImageKNN)}
+    return {cls.name: cls for cls in (BLEEP, BLEEPFaithful, RidgeProbe, RidgeCV, MLPRegressor, ImageKNN,
+                                      CMRCNet, NH2ST, CarHE)}
 
 
 def list_methods() -> list[str]:

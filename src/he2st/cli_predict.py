@@ -1,0 +1,100 @@
+"""``he2st predict`` / ``plot`` / ``report``: from a trained model and a new slide to maps and an HTML report.
+
+Kept out of ``cli.py`` so the prediction commands can grow without touching the training CLI;
+``register(app)`` adds them to the main ``he2st`` app. Errors are :class:`He2stError`, which the
+``he2st`` entry point prints as one ``error: ...`` line with exit status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="checkpoint from `he2st train`")]
+GenesOpt = Annotated[str | None, typer.Option(help="comma-separated genes (default: predict all panel genes; "
+                                                    "plot the most variable)")]
+SampleOpt = Annotated[Path | None, typer.Option("--sample", help="measured he2st sample .h5ad to compare with")]
+
+
+def _genes(text: str | None) -> list[str] | None:
+    return [g.strip() for g in text.split(",") if g.strip()] if text else None
+
+
+def predict(
+    model: ModelOpt,
+    slide: Annotated[Path | None, typer.Option("--slide", "-s", help="whole-slide image (SVS, NDPI, TIFF, JPEG, ...)")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("he2st-predictions"),
+    mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel (default: from the file)")] = None,
+    pitch_um: Annotated[float, typer.Option("--pitch-um", help="hexagonal grid pitch, µm (Visium: 100)")] = 100.0,
+    spots_from: Annotated[Path | None, typer.Option("--spots-from", help="predict at this he2st sample's spots (.h5ad)")] = None,
+    mask: Annotated[Path | None, typer.Option(help="tissue mask PNG (same aspect as the slide) instead of detection")] = None,
+    genes: GenesOpt = None,
+    chunk: Annotated[int, typer.Option(help="spots per chunk (memory ~ chunk x patch size)")] = 512,
+    batch_size: Annotated[int, typer.Option(help="encoder batch size")] = 64,
+    weights: Annotated[Path | None, typer.Option(help="encoder weights file (for encoders without bundled weights)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    library_id: Annotated[str | None, typer.Option(help="name of the output (default: slide file stem)")] = None,
+    maps: Annotated[bool, typer.Option("--maps/--no-maps", help="also write maps.png next to the .h5ad")] = True,
+) -> None:
+    """Predict expression over a new slide: hexagonal spots on detected tissue -> one .h5ad (resumable)."""
+    from he2st.predict.wsi import predict_slide
+    from he2st.progress import progress_bar
+
+    with progress_bar(None, "predict") as advance:
+        path = predict_slide(model, slide, out, mpp=mpp, pitch_um=pitch_um, spots_from=spots_from, chunk=chunk,
+                             batch_size=batch_size, genes=_genes(genes) or "panel", mask=mask, weights=weights,
+                             device=device, library_id=library_id, on_chunk=lambda info: advance(info.n_spots))
+    typer.echo(f"predictions: {path}")
+    if maps:
+        from he2st.report.plots import plot_prediction
+
+        written = plot_prediction(path, path.parent / path.stem)
+        typer.echo(f"maps: {written['maps']}")
+
+
+def plot(
+    prediction: Annotated[Path, typer.Argument(help="prediction .h5ad from `he2st predict`")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="folder for the PNGs (default: beside the .h5ad)")] = None,
+    genes: GenesOpt = None,
+    sample: SampleOpt = None,
+    n: Annotated[int, typer.Option(help="number of genes when --genes is not given")] = 6,
+) -> None:
+    """Maps of predicted expression over the H&E; with --sample, predicted vs measured with per-gene Pearson."""
+    from he2st.report.plots import pair_with_measured, plot_prediction
+
+    folder = out or prediction.with_suffix("")
+    paths = plot_prediction(prediction, folder, _genes(genes), sample, n)
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+    if sample is not None:
+        import numpy as np
+
+        r = np.array(list(pair_with_measured(prediction, sample).pearson.values()))
+        typer.echo(f"per-gene Pearson vs measured: mean {np.nanmean(r):.3f}, median {np.nanmedian(r):.3f} "
+                   f"({len(r)} genes)")
+
+
+def report(
+    prediction: Annotated[Path, typer.Argument(help="prediction .h5ad from `he2st predict`")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: <prediction>.html)")] = None,
+    sample: SampleOpt = None,
+    results: Annotated[Path | None, typer.Option(help="results.json of `he2st benchmark`/`evaluate`")] = None,
+    curves: Annotated[Path | None, typer.Option(help="JSON of training curves (name -> values per epoch)")] = None,
+    genes: GenesOpt = None,
+    title: Annotated[str | None, typer.Option(help="report title")] = None,
+) -> None:
+    """One self-contained HTML report: summary, metrics, maps, measured comparison, curves, uncertainty."""
+    from he2st.report.html import build_report
+
+    path = build_report(prediction, out or prediction.with_suffix(".html"), sample=sample, results=results,
+                        curves=curves, genes=_genes(genes), title=title)
+    typer.echo(f"report: {path}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``predict``, ``plot`` and ``report`` to the ``he2st`` command line."""
+    app.command("predict")(predict)
+    app.command("plot")(plot)
+    app.command("report")(report)

@@ -1,0 +1,378 @@
+"""CarHE ("Contrastive Alignment of gene expRession for H&E", bioRxiv 2025): contrastive
+image-expression alignment with two transfer mechanisms, and prediction by retrieval.
+
+Only CarHE's abstract is public (no code), so this is he2st's reading of its two mechanisms:
+
+(a) **cell-type transfer** -- per-spot cell-type proportions (``extras["celltype_major"]``, e.g.
+    deconvolution results) are a third modality. A proportion encoder is aligned contrastively with
+    the image embedding and with the expression embedding, and a head predicts the proportions from
+    the image embedding (KL divergence), so the image tower learns cell composition. Predicted
+    proportions are returned in ``Prediction.extras["celltype_major"]``. Spots whose proportions are
+    missing (non-finite or all zero) are left out of these terms.
+(b) **histology transfer** -- image-to-image contrastive learning on H&E alone: two augmented views
+    of a spot, and a physically neighbouring spot of the same sample, are positives (multi-positive
+    InfoNCE over a small projector). With frozen features the views are feature-space augmentations
+    (:func:`~he2st.methods.blocks.feature_augment`: dropout of single dimensions + Gaussian noise).
+    Unlabelled H&E spots (``fit(..., unlabelled=spots)``: image-only spots, e.g. extra slides of
+    training patients) join this term only, first in a histology-only pre-training stage of the
+    image tower (``histology_pretrain_epochs``), then alongside the alignment.
+
+Prediction: retrieval (BLEEP-style) over a reference bank of expression embeddings; the bank can
+return more genes than the panel (``set_reference(..., output_expression=..., output_genes=...)``),
+which is how CarHE reaches the whole transcriptome.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from he2st.data.spots import SpotSet
+from he2st.errors import He2stError
+from he2st.methods.base import Method, Prediction, TrainLog
+from he2st.methods.blocks import (
+    AlignmentLoss,
+    RetrievalConfig,
+    RetrievalMixin,
+    expression_tower,
+    feature_augment,
+    multi_positive_nce,
+    sample_neighbour,
+    spatial_neighbours,
+    standardize_columns,
+)
+from he2st.methods.features import FeatureScaler
+from he2st.methods.losses import expression_similarity_targets
+from he2st.methods.nn import MLPEncoder
+from he2st.train import TrainConfig, fit_minibatches
+
+
+class CarHEConfig(RetrievalConfig):
+    """Options of CarHE (contrastive/retrieval options as :class:`~he2st.methods.blocks.RetrievalConfig`)."""
+
+    image_hidden: list[int] = Field(
+        default_factory=list,
+        description="hidden widths of the image tower before its "
+        "projection head ([] = BLEEP's projection head)",
+    )
+    celltype_transfer: bool = Field(
+        True,
+        description="cell-type proportions as a third modality + proportion head; "
+        "False: ablation (needs no proportions)",
+    )
+    celltype_key: str = Field("celltype_major", description="extras key of the per-spot proportions (N, C)")
+    proportion_hidden: list[int] = Field(
+        default_factory=lambda: [64], description="hidden widths of the proportion encoder"
+    )
+    celltype_weight: float = Field(
+        0.5, ge=0, description="weight of the proportion-image and proportion-expression alignment"
+    )
+    proportion_head_weight: float = Field(1.0, ge=0, description="weight of the proportion head's loss")
+    proportion_head_hidden: int = Field(128, gt=0, description="hidden width of the proportion head")
+    histology_transfer: bool = Field(
+        True,
+        description="image-image contrastive learning between augmented views and "
+        "physical neighbours; False: ablation",
+    )
+    histology_weight: float = Field(0.5, ge=0, description="weight of the histology term in the joint stage")
+    histology_temperature: float = Field(0.1, gt=0, description="τ of the image-image InfoNCE")
+    histology_neighbours: int = Field(
+        6,
+        ge=0,
+        description="nearest spots of the same sample that count as positives "
+        "(6: Visium hexagon ring); 0: augmented views only",
+    )
+    histology_max_distance_um: float | None = Field(
+        None, gt=0, description="neighbours farther than this (µm) are not positives"
+    )
+    histology_pretrain_epochs: int = Field(
+        10,
+        ge=0,
+        description="histology-only pre-training epochs of the image tower "
+        "before the alignment (over training + unlabelled spots)",
+    )
+    augment_dropout: float = Field(0.2, ge=0, lt=1, description="feature dropout of an augmented view")
+    augment_noise: float = Field(
+        0.1, ge=0, description="std of the Gaussian noise of an augmented view (standardised units)"
+    )
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=60, batch_size=128, lr=1e-3, weight_decay=1e-3),
+        description="optimiser and early stopping of the joint stage (pre-training: same lr, batch size)",
+    )
+
+
+class CarHEModule(nn.Module):
+    """Image tower (+ histology projector, proportion head), expression tower, proportion tower."""
+
+    def __init__(self, image_dim: int, n_genes: int, n_types: int, cfg: CarHEConfig) -> None:
+        super().__init__()
+        p = cfg.projection_dim
+        self.image_tower = MLPEncoder(
+            image_dim, hidden=tuple(cfg.image_hidden), out_dim=p, dropout=cfg.dropout
+        )
+        self.expression_tower = expression_tower(
+            cfg.expression_encoder, n_genes, p, cfg.mlp_hidden, cfg.dropout
+        )
+        if n_types:
+            self.proportion_tower = MLPEncoder(
+                n_types, hidden=tuple(cfg.proportion_hidden), out_dim=p, dropout=cfg.dropout
+            )
+            self.proportion_head = nn.Sequential(
+                nn.Linear(p, cfg.proportion_head_hidden),
+                nn.GELU(),
+                nn.Dropout(cfg.dropout),
+                nn.Linear(cfg.proportion_head_hidden, n_types),
+            )
+        if cfg.histology_transfer:
+            self.histology_projector = nn.Sequential(nn.Linear(p, p), nn.GELU(), nn.Linear(p, p))
+
+
+def _clean_proportions(props: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows normalised to sum 1 (negatives clipped) and a mask of usable rows (finite, positive sum)."""
+    props = np.asarray(props, dtype=np.float64)
+    ok = np.isfinite(props).all(axis=1)
+    clipped = np.where(np.isfinite(props), np.clip(props, 0, None), 0.0)
+    total = clipped.sum(axis=1)
+    ok &= total > 0
+    normed = clipped / np.where(total > 0, total, 1.0)[:, None]
+    return normed.astype(np.float32), ok
+
+
+class CarHE(RetrievalMixin, Method):
+    """Image-expression-proportion alignment, histology transfer, retrieval with a full-transcriptome bank."""
+
+    name = "carhe"
+    Config = CarHEConfig
+    uses_bank = True
+
+    def __init__(self, config: CarHEConfig | None = None, **overrides) -> None:
+        super().__init__(config, **overrides)
+        self.net: CarHEModule | None = None
+        self.aligns = nn.ModuleDict()
+        self.scaler = FeatureScaler()
+        self.bank = None
+
+    def _build(self, image_dim: int, n_genes: int, n_types: int) -> None:
+        cfg = self.config
+        self.net = CarHEModule(image_dim, n_genes, n_types, cfg)
+
+        def align() -> AlignmentLoss:
+            return AlignmentLoss(
+                cfg.loss, cfg.temperature, cfg.learn_temperature, cfg.soft_targets, cfg.target_temperature
+            )
+
+        self.aligns = nn.ModuleDict({"image_expression": align()})
+        if n_types:
+            self.aligns["proportion_image"] = align()
+            self.aligns["proportion_expression"] = align()
+        self.dims = (image_dim, n_genes, n_types)
+
+    # ------------------------------------------------------------------ losses
+    def _histology_loss(
+        self,
+        pool: torch.Tensor,
+        index: torch.Tensor,
+        valid: torch.Tensor,
+        rows: torch.Tensor,
+        gen: torch.Generator,
+    ) -> torch.Tensor:
+        """Multi-positive InfoNCE: view 1 of each anchor against [view 2 of every anchor, one augmented
+        physical neighbour of every anchor]; positives = the same spot or one of its physical neighbours."""
+        cfg = self.config
+        partners = sample_neighbour(index, valid, rows, gen)
+        x = torch.cat([pool[rows], pool[rows], pool[partners]])
+        views = feature_augment(x, cfg.augment_dropout, cfg.augment_noise, gen)
+        z = self.net.histology_projector(self.net.image_tower(views))
+        b = len(rows)
+        anchors, candidates = z[:b], z[b:]
+        ids = torch.cat([rows, partners])
+        positives = ids[None, :] == rows[:, None]
+        if index.shape[1]:
+            near = (ids[None, None, :] == index[rows][:, :, None]) & valid[rows][:, :, None]
+            positives |= near.any(dim=1)
+        return multi_positive_nce(anchors, candidates, positives, cfg.histology_temperature)
+
+    def _celltype_loss(
+        self, img: torch.Tensor, spot: torch.Tensor, props: torch.Tensor, ok: torch.Tensor
+    ) -> torch.Tensor:
+        cfg = self.config
+        if int(ok.sum()) < 2:
+            return img.sum() * 0.0
+        img, spot, props = img[ok], spot[ok], props[ok]
+        prop_emb = self.net.proportion_tower(props)
+        align = (
+            self.aligns["proportion_image"](prop_emb, img)
+            + self.aligns["proportion_expression"](prop_emb, spot)
+        ) / 2
+        log_q = F.log_softmax(self.net.proportion_head(img), dim=-1)
+        neg_entropy = torch.where(
+            props > 0, props * torch.log(props.clamp(min=1e-12)), torch.zeros_like(props)
+        ).sum(-1)
+        kl = (neg_entropy - (props * log_q).sum(-1)).mean()
+        return cfg.celltype_weight * align + cfg.proportion_head_weight * kl
+
+    # ------------------------------------------------------------------ the interface
+    def fit(self, train: SpotSet, val: SpotSet | None = None, unlabelled: SpotSet | None = None) -> TrainLog:
+        """``unlabelled``: image-only spots (never test spots) that join the histology term only."""
+        if train.targets is None:
+            raise He2stError("training spots need targets")
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.scaler.fit(train.features)
+        props = ok = None
+        if cfg.celltype_transfer:
+            if cfg.celltype_key not in train.extras:
+                raise He2stError(
+                    f"carhe: training spots have no extras[{cfg.celltype_key!r}] (cell-type proportions); "
+                    "load them or set celltype_transfer=false"
+                )
+            props_np, ok_np = _clean_proportions(train.extras[cfg.celltype_key])
+            if ok_np.sum() < 2:
+                raise He2stError(
+                    f"carhe: fewer than 2 training spots have usable {cfg.celltype_key} proportions"
+                )
+            props, ok = torch.from_numpy(props_np), torch.from_numpy(ok_np)
+        self._build(train.features.shape[1], train.targets.shape[1], 0 if props is None else props.shape[1])
+
+        X = torch.from_numpy(self.scaler(train.features))
+        Y = torch.from_numpy(train.targets.astype(np.float32))
+        Z = torch.from_numpy(standardize_columns(train.targets)) if self._all_negatives() else None
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        log = TrainLog()
+
+        # histology pool: training spots first, then unlabelled ones; neighbours within each sample
+        pool_sets = [train] + ([unlabelled] if unlabelled is not None and len(unlabelled) else [])
+        if cfg.histology_transfer:
+            pool = torch.from_numpy(np.concatenate([self.scaler(s.features) for s in pool_sets]))
+            coords = np.concatenate([s.coords_um for s in pool_sets])
+            sids = np.concatenate([np.asarray(s.sample_ids).astype(str) for s in pool_sets])
+            index_np, valid_np = spatial_neighbours(
+                coords, sids, cfg.histology_neighbours, cfg.histology_max_distance_um
+            )
+            index, valid = torch.from_numpy(index_np), torch.from_numpy(valid_np)
+            n_train, n_pool = len(train), len(pool)
+            if cfg.histology_pretrain_epochs:
+                pre = cfg.train.model_copy(update={"epochs": cfg.histology_pretrain_epochs})
+                tower = nn.ModuleDict(
+                    {"image": self.net.image_tower, "projector": self.net.histology_projector}
+                )
+                pre_log = fit_minibatches(
+                    tower,
+                    n_pool,
+                    lambda idx: self._histology_loss(pool, index, valid, idx, gen),
+                    pre,
+                    cfg.seed + 2,
+                )
+                log.curves["pretrain_loss"] = pre_log.curves.get("train_loss", [])
+                log.seconds += pre_log.seconds
+
+        def step(idx: torch.Tensor) -> torch.Tensor:
+            img = self.net.image_tower(X[idx])
+            spot = self.net.expression_tower(Y[idx])
+            reference = None
+            if Z is not None:
+                reference = (
+                    self.net.image_tower(X),
+                    self.net.expression_tower(Y),
+                    expression_similarity_targets(Z[idx], Z, cfg.target_temperature),
+                )
+            loss = self.aligns["image_expression"](img, spot, reference)
+            if props is not None:
+                loss = loss + self._celltype_loss(img, spot, props[idx], ok[idx])
+            if cfg.histology_transfer and cfg.histology_weight > 0:
+                rows = idx
+                if n_pool > n_train:  # as many unlabelled anchors as labelled ones
+                    extra = n_train + torch.randint(n_pool - n_train, (len(idx),), generator=gen)
+                    rows = torch.cat([idx, extra])
+                loss = loss + cfg.histology_weight * self._histology_loss(pool, index, valid, rows, gen)
+            return loss
+
+        def validate() -> float:
+            Xv, Yv = (
+                torch.from_numpy(self.scaler(val.features)),
+                torch.from_numpy(val.targets.astype(np.float32)),
+            )
+            pv = okv = None
+            if props is not None and cfg.celltype_key in val.extras:
+                pv_np, okv_np = _clean_proportions(val.extras[cfg.celltype_key])
+                pv, okv = torch.from_numpy(pv_np), torch.from_numpy(okv_np)
+            total, b = 0.0, cfg.train.batch_size
+            for a in range(0, len(val), b):
+                idx = torch.arange(a, min(a + b, len(val)))
+                if len(idx) < 2:
+                    continue
+                img, spot = self.net.image_tower(Xv[idx]), self.net.expression_tower(Yv[idx])
+                loss = self.aligns["image_expression"](img, spot)
+                if pv is not None:
+                    loss = loss + self._celltype_loss(img, spot, pv[idx], okv[idx])
+                total += float(loss) * len(idx)
+            return total / len(val)
+
+        module = nn.ModuleDict({"net": self.net, "aligns": self.aligns})
+        joint = fit_minibatches(
+            module,
+            len(train),
+            step,
+            cfg.train,
+            cfg.seed,
+            validate if val is not None and len(val) > 1 else None,
+        )
+        log.curves |= joint.curves
+        log.best_epoch, log.seconds = joint.best_epoch, log.seconds + joint.seconds
+        reference_spots = train if val is None else SpotSet.concat([train, val])
+        self.set_reference(reference_spots.targets, reference_spots.genes, list(reference_spots.sample_ids))
+        return log
+
+    def _all_negatives(self) -> bool:
+        return self.config.negatives == "all" and self.config.loss == "contrastive"
+
+    @torch.no_grad()
+    def _image_embeddings(self, spots: SpotSet, batch: int = 1024) -> torch.Tensor:
+        self.net.eval()
+        x = self.scaler(spots.features)
+        out = [self.net.image_tower(torch.from_numpy(x[a : a + batch])) for a in range(0, len(x), batch)]
+        return torch.cat(out) if out else torch.zeros(0, self.config.projection_dim)
+
+    def embed_images(self, spots: SpotSet) -> np.ndarray:
+        """Image embeddings from the frozen features alone (the query side of retrieval)."""
+        return self._image_embeddings(spots).numpy()
+
+    @torch.no_grad()
+    def embed_expression(self, expression: np.ndarray, batch: int = 1024) -> np.ndarray:
+        """Expression embeddings (the reference side of retrieval)."""
+        self.net.eval()
+        out = [
+            self.net.expression_tower(torch.from_numpy(expression[a : a + batch].astype(np.float32)))
+            for a in range(0, len(expression), batch)
+        ]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.config.projection_dim), np.float32)
+
+    @torch.no_grad()
+    def predict_proportions(self, spots: SpotSet) -> np.ndarray:
+        """Cell-type proportions ``(N, C)`` predicted from the images (rows sum to 1)."""
+        if not hasattr(self.net, "proportion_head"):
+            raise He2stError("carhe was trained without cell-type transfer (celltype_transfer=false)")
+        return torch.softmax(self.net.proportion_head(self._image_embeddings(spots)), dim=-1).numpy()
+
+    def _predict(self, spots: SpotSet) -> Prediction:
+        prediction = self._retrieve(spots)
+        if hasattr(self.net, "proportion_head"):
+            prediction.extras[self.config.celltype_key] = self.predict_proportions(spots)
+        return prediction
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> dict[str, torch.Tensor]:
+        state = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        state |= {f"aligns.{k}": v for k, v in self.aligns.state_dict().items()} | self.scaler.state()
+        state["dims"] = torch.tensor(self.dims)
+        return state
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._build(*(int(v) for v in state["dims"]))
+        self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+        self.aligns.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("aligns.")})
+        self.scaler = FeatureScaler.from_state(state)
+        self.net.eval()

@@ -1,0 +1,305 @@
+"""Figures of predicted expression: maps over the H&E, predicted vs measured, uncertainty, curves.
+
+Everything reads the prediction ``.h5ad`` written by ``he2st predict`` (or any AnnData in the
+scverse spatial layout), so the same figures work for predictions and for measured samples.
+Figures are built on :class:`matplotlib.figure.Figure` directly (no pyplot): no GUI backend and
+no global state, which matters when a report builds dozens of them in one process.
+Measured expression is put on the model's target scale (``uns["he2st"]["target_transform"]``);
+predicted and measured maps get their own colour scales because only the pattern is comparable
+(Pearson r is what the maps are titled with).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+from matplotlib.collections import EllipseCollection
+from matplotlib.figure import Figure
+from PIL import Image
+from scipy.spatial import cKDTree
+
+from he2st.data.genes import transform_counts
+from he2st.data.sample import Sample
+from he2st.errors import He2stError
+from he2st.evaluate.metrics import pearson_per_gene
+from he2st.io import atomic_path
+
+UNCERTAINTY_KEYS = ("best_similarity", "dispersion")
+
+
+# ---------------------------------------------------------------------------- inputs
+def load_prediction(prediction: str | Path | ad.AnnData) -> ad.AnnData:
+    """A prediction AnnData from a path (errors name the file) or as given."""
+    if isinstance(prediction, ad.AnnData):
+        return prediction
+    path = Path(prediction)
+    if not path.is_file():
+        raise He2stError("prediction file not found", path)
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:  # noqa: BLE001 - anndata/h5py raise many types for bad files
+        raise He2stError(f"not a readable .h5ad file ({type(exc).__name__})", path) from exc
+
+
+@dataclass
+class SpatialView:
+    """What a map needs: background image, its scale, spot centres and diameter (level-0 px)."""
+
+    image: np.ndarray | None
+    scale: float
+    xy: np.ndarray
+    diameter: float
+    library_id: str
+
+
+def spatial_view(adata: ad.AnnData, library_id: str | None = None) -> SpatialView:
+    if "spatial" not in adata.obsm:
+        raise He2stError("AnnData has no obsm['spatial'] spot coordinates")
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    libraries = dict(adata.uns.get("spatial", {}))
+    if library_id is None and libraries:
+        library_id = next(iter(libraries))
+    lib = libraries.get(library_id, {}) if library_id is not None else {}
+    images = lib.get("images", {})
+    factors = lib.get("scalefactors", {})
+    image = images.get("hires")
+    scale = float(factors.get("tissue_hires_scalef", 1.0))
+    if image is None and "lowres" in images:
+        image, scale = images["lowres"], float(factors.get("tissue_lowres_scalef", 1.0))
+    diameter = float(factors.get("spot_diameter_fullres", 0.0))
+    if diameter <= 0:
+        d = cKDTree(xy).query(xy, k=2)[0][:, 1] if len(xy) > 1 else np.array([10.0])
+        diameter = 0.55 * float(np.median(d))
+    return SpatialView(None if image is None else np.asarray(image), scale, xy, diameter, str(library_id or ""))
+
+
+def default_genes(adata: ad.AnnData, n: int = 6) -> list[str]:
+    """The ``n`` genes whose predictions vary most across spots (the most informative maps)."""
+    x = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+    order = np.argsort(-np.nanvar(x, axis=0), kind="stable")
+    return [str(adata.var_names[i]) for i in order[:n]]
+
+
+def _column(adata: ad.AnnData, gene: str) -> np.ndarray:
+    if gene not in adata.var_names:
+        raise He2stError(f"gene {gene!r} is not in the predictions ({adata.n_vars} genes)")
+    col = adata[:, gene].X
+    return np.asarray(col.toarray() if sp.issparse(col) else col, dtype=np.float64).ravel()
+
+
+# ---------------------------------------------------------------------------- drawing
+def _draw_background(ax, view: SpatialView, pad: float, max_px: int = 700) -> None:
+    """The part of the H&E under the spots, reduced to what a panel can show (fast to render)."""
+    h, w = view.image.shape[:2]
+    if len(view.xy):
+        lo = np.floor((view.xy.min(axis=0) - pad) * view.scale).astype(int)
+        hi = np.ceil((view.xy.max(axis=0) + pad) * view.scale).astype(int)
+        x0, y0 = max(lo[0], 0), max(lo[1], 0)
+        x1, y1 = min(max(hi[0], x0 + 1), w), min(max(hi[1], y0 + 1), h)
+    else:
+        x0, y0, x1, y1 = 0, 0, w, h
+    crop = np.ascontiguousarray(view.image[y0:y1, x0:x1, :3])
+    if crop.size == 0:
+        return
+    factor = int(max(crop.shape[:2]) // max_px)
+    if factor >= 2:
+        crop = np.asarray(Image.fromarray(crop.astype(np.uint8)).reduce(factor))
+    s = view.scale
+    ax.imshow(crop, extent=(x0 / s, x1 / s, y1 / s, y0 / s), interpolation="bilinear")
+
+
+def draw_map(ax, view: SpatialView, values: np.ndarray, title: str = "", cmap: str = "viridis",
+             colorbar: bool = True) -> None:
+    """Spots as true-size discs coloured by ``values`` over the H&E (axes in level-0 px)."""
+    pad = view.diameter * 2
+    if view.image is not None:
+        _draw_background(ax, view, pad)
+    finite = np.isfinite(values)
+    discs = EllipseCollection(widths=view.diameter, heights=view.diameter, angles=0, units="xy",
+                              offsets=view.xy[finite], offset_transform=ax.transData, cmap=cmap)
+    discs.set_array(values[finite])
+    if finite.any():
+        lo, hi = np.percentile(values[finite], [1, 99])
+        discs.set_clim(lo, hi if hi > lo else lo + 1e-6)
+    ax.add_collection(discs)
+    if len(view.xy):
+        ax.set_xlim(view.xy[:, 0].min() - pad, view.xy[:, 0].max() + pad)
+        ax.set_ylim(view.xy[:, 1].max() + pad, view.xy[:, 1].min() - pad)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    if colorbar:
+        ax.figure.colorbar(discs, ax=ax, fraction=0.046, pad=0.02)
+
+
+def _grid_figure(n: int, ncols: int, panel_in: float = 3.2) -> tuple[Figure, list]:
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, -(-n // ncols))
+    fig = Figure(figsize=(panel_in * ncols, panel_in * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    return fig, axes[:n]
+
+
+def expression_maps(prediction: str | Path | ad.AnnData, genes: list[str] | None = None, n: int = 6,
+                    ncols: int = 3) -> Figure:
+    """Maps of predicted expression for ``genes`` (default: the ``n`` most variable) over the H&E."""
+    adata = load_prediction(prediction)
+    genes = genes or default_genes(adata, n)
+    view = spatial_view(adata)
+    fig, axes = _grid_figure(len(genes), ncols)
+    for ax, gene in zip(axes, genes, strict=True):
+        draw_map(ax, view, _column(adata, gene), f"{gene} (predicted)")
+    return fig
+
+
+def uncertainty_map(prediction: str | Path | ad.AnnData) -> Figure | None:
+    """Retrieval uncertainty per spot (best match similarity, dispersion); None when the method has none."""
+    adata = load_prediction(prediction)
+    keys = [k for k in UNCERTAINTY_KEYS if k in adata.obs]
+    if not keys:
+        return None
+    view = spatial_view(adata)
+    fig, axes = _grid_figure(len(keys), len(keys), 4.0)
+    notes = {"best_similarity": "similarity of best reference match (low = unfamiliar tissue)",
+             "dispersion": "dispersion of retrieved profiles (high = ambiguous)"}
+    for ax, key in zip(axes, keys, strict=True):
+        draw_map(ax, view, adata.obs[key].to_numpy(dtype=np.float64), notes[key], cmap="magma")
+    return fig
+
+
+# ---------------------------------------------------------------------------- measured comparison
+@dataclass
+class Paired:
+    """Predicted and measured values at the same spots, on the model's target scale."""
+
+    predicted: np.ndarray  # (n, g)
+    measured: np.ndarray  # (n, g)
+    genes: list[str]
+    xy: np.ndarray  # (n, 2) measured spot centres (level-0 px)
+    pearson: dict[str, float]
+    matched_by: str  # "barcode" or "nearest spot"
+
+
+def pair_with_measured(prediction: str | Path | ad.AnnData, sample: Sample | str | Path,
+                       genes: list[str] | None = None) -> Paired:
+    """Align predictions with a sample's measured spots: by barcode, else by nearest spot centre.
+
+    Nearest-spot matching (predictions on a hex grid) accepts pairs closer than one spot diameter.
+    """
+    adata = load_prediction(prediction)
+    sample = Sample.load(sample) if isinstance(sample, str | Path) else sample
+    meta = dict(adata.uns.get("he2st", {}))
+    kind = str(meta.get("target_transform", "log1p_cp10k"))
+    wanted = [g for g in (genes or list(adata.var_names)) if g in set(sample.adata.var_names)]
+    if not wanted:
+        raise He2stError(f"none of the predicted genes is measured in sample {sample.sample_id}")
+    measured_all = transform_counts(sample.adata.X, kind)  # library size from all measured genes
+    columns = sample.adata.var_names.get_indexer(wanted)
+    measured = np.asarray(measured_all[:, columns].toarray(), dtype=np.float64)
+    pred_names = {str(b): i for i, b in enumerate(adata.obs_names)}
+    meas_names = [str(b) for b in sample.adata.obs_names]
+    shared = [i for i, b in enumerate(meas_names) if b in pred_names]
+    if len(shared) >= max(1, len(meas_names) // 2):
+        rows_m = np.array(shared)
+        rows_p = np.array([pred_names[meas_names[i]] for i in shared])
+        how = "barcode"
+    else:
+        view = spatial_view(adata)
+        dist, nearest = cKDTree(view.xy).query(sample.spatial, k=1)
+        ok = dist <= max(view.diameter, 1.0)
+        rows_m, rows_p = np.flatnonzero(ok), nearest[ok]
+        how = "nearest spot"
+    if len(rows_m) < 3:
+        raise He2stError(f"fewer than 3 predicted spots coincide with the measured spots of {sample.sample_id}")
+    pred = np.column_stack([_column(adata, g)[rows_p] for g in wanted])
+    meas = measured[rows_m]
+    r = pearson_per_gene(pred, meas)
+    return Paired(pred, meas, wanted, sample.spatial[rows_m], dict(zip(wanted, map(float, r), strict=True)), how)
+
+
+def _pick(paired: Paired, genes: list[str] | None, n: int) -> list[str]:
+    if genes:
+        return [g for g in genes if g in paired.pearson]
+    var = paired.predicted.var(axis=0)
+    return [paired.genes[i] for i in np.argsort(-var, kind="stable")[:n]]
+
+
+def predicted_vs_measured(paired: Paired, view: SpatialView, genes: list[str] | None = None, n: int = 4) -> Figure:
+    """Side-by-side maps (predicted | measured) per gene, titled with the gene's Pearson r."""
+    genes = _pick(paired, genes, n)
+    fig = Figure(figsize=(6.4, 3.0 * len(genes)), layout="constrained")
+    axes = fig.subplots(len(genes), 2, squeeze=False)
+    at = SpatialView(view.image, view.scale, paired.xy, view.diameter, view.library_id)
+    for row, gene in zip(axes, genes, strict=True):
+        j = paired.genes.index(gene)
+        draw_map(row[0], at, paired.predicted[:, j], f"{gene} predicted (r = {paired.pearson[gene]:.2f})")
+        draw_map(row[1], at, paired.measured[:, j], f"{gene} measured")
+    return fig
+
+
+def measured_scatter(paired: Paired, genes: list[str] | None = None, n: int = 6, ncols: int = 3) -> Figure:
+    """Predicted vs measured per spot, one panel per gene, with Pearson r."""
+    genes = _pick(paired, genes, n)
+    fig, axes = _grid_figure(len(genes), ncols, 2.8)
+    for ax, gene in zip(axes, genes, strict=True):
+        j = paired.genes.index(gene)
+        ax.scatter(paired.measured[:, j], paired.predicted[:, j], s=6, alpha=0.6, linewidths=0)
+        ax.set_title(f"{gene}: r = {paired.pearson[gene]:.2f}", fontsize=9)
+        ax.set_xlabel("measured", fontsize=8)
+        ax.set_ylabel("predicted", fontsize=8)
+        ax.tick_params(labelsize=7)
+    return fig
+
+
+def training_curves(curves: dict[str, list[float]]) -> Figure:
+    """Per-epoch curves (train/val loss, metrics), one panel per curve name."""
+    names = [k for k, v in curves.items() if len(v) > 0]
+    if not names:
+        raise He2stError("no training curves to plot")
+    fig, axes = _grid_figure(len(names), 3, 2.8)
+    for ax, name in zip(axes, names, strict=True):
+        ax.plot(np.arange(1, len(curves[name]) + 1), curves[name], marker="." if len(curves[name]) < 30 else None)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+    return fig
+
+
+# ---------------------------------------------------------------------------- output
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
+    """Write a PNG atomically."""
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        tmp.write_bytes(figure_png(fig, dpi))
+    return path
+
+
+def plot_prediction(prediction: str | Path | ad.AnnData, out_dir: str | Path, genes: list[str] | None = None,
+                    sample: Sample | str | Path | None = None, n: int = 6) -> dict[str, Path]:
+    """Write ``maps.png`` (+ ``uncertainty.png``; with a measured sample ``compare.png``, ``scatter.png``)."""
+    adata = load_prediction(prediction)
+    out = Path(out_dir)
+    paths = {"maps": save_figure(expression_maps(adata, genes, n), out / "maps.png")}
+    unc = uncertainty_map(adata)
+    if unc is not None:
+        paths["uncertainty"] = save_figure(unc, out / "uncertainty.png")
+    if sample is not None:
+        paired = pair_with_measured(adata, sample)
+        view = spatial_view(adata)
+        paths["compare"] = save_figure(predicted_vs_measured(paired, view, genes, min(n, 4)), out / "compare.png")
+        paths["scatter"] = save_figure(measured_scatter(paired, genes, n), out / "scatter.png")
+    return paths

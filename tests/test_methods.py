@@ -1,0 +1,134 @@
+"""Every method behind one interface: fit, predict, save/load identically, refuse unsafe checkpoints."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from he2st.data.genes import GenePanel
+from he2st.data.spots import SpotSet
+from he2st.errors import He2stError
+from he2st.methods import create_method, list_methods, load_method
+
+FAST = {"train": {"epochs": 8, "batch_size": 64, "patience": 3}}
+OPTIONS = {"bleep": FAST | {"ensemble": 2}, "bleep_faithful": FAST, "mlp": FAST, "ridge": {"pca_components": 8},
+           "ridge_cv": {"pca_components": 8, "alphas": [1.0, 100.0]}, "knn": {"k": 5}}
+
+
+def synthetic_spots(n: int = 240, d: int = 16, g: int = 12, seed: int = 0) -> SpotSet:
+    """Image features that carry the expression signal through a random linear map plus noise."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n, 3))
+    features = latent @ rng.normal(size=(3, d)) + 0.3 * rng.normal(size=(n, d))
+    targets = np.log1p(np.exp(latent @ rng.normal(size=(3, g)) * 0.7 + 1.0))
+    return SpotSet(
+        sample_ids=np.repeat(np.array(["s1", "s2", "s3"], dtype=object), n // 3),
+        barcodes=np.arange(n).astype(str).astype(object), features=features.astype(np.float32),
+        coords_um=rng.uniform(0, 2000, size=(n, 2)), genes=[f"G{i}" for i in range(g)],
+        targets=targets.astype(np.float32),
+    )
+
+
+def fitted(name: str) -> tuple:
+    spots = synthetic_spots()
+    train, val, test = spots.subset(np.arange(0, 160)), spots.subset(np.arange(160, 200)), spots.subset(np.arange(200, 240))
+    method = create_method(name, **OPTIONS[name])
+    method.panel = GenePanel(genes=spots.genes)
+    method.encoder_spec = '{"name": "synthetic", "embed_dim": 16}'
+    method.fit(train, val)
+    return method, test
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_fit_predict_and_checkpoint_roundtrip(name, tmp_path):
+    assert name in list_methods()
+    method, test = fitted(name)
+    pred = method.predict(test.without_expression())
+    assert pred.expression.shape == (40, 12) and pred.genes == test.genes
+    r = [np.corrcoef(pred.expression[:, j], test.targets[:, j])[0, 1] for j in range(12)]
+    assert np.nanmean(r) > 0.3, f"{name} learned nothing: {np.nanmean(r):.3f}"
+    path = method.save(tmp_path / f"{name}.pt")
+    back = load_method(path)
+    np.testing.assert_array_equal(back.predict(test.without_expression()).expression, pred.expression)
+    assert back.panel == method.panel and back.config == method.config
+
+
+def test_tampered_checkpoint_with_pickled_object_is_refused(tmp_path):
+    method, _ = fitted("ridge")
+    path = method.save(tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    payload["config"] = Evil()
+    with open(tmp_path / "evil.pt", "wb") as fh:
+        torch.save(payload, fh, pickle_module=pickle)
+    with pytest.raises(He2stError, match="refusing checkpoint"):
+        load_method(tmp_path / "evil.pt")
+
+
+def test_model_refuses_features_from_another_encoder():
+    method, test = fitted("knn")
+    test.features = np.zeros((len(test), 32), np.float32)
+    with pytest.raises(He2stError, match="16-d image features"):
+        method.predict(test)
+
+
+def test_unknown_method_name():
+    with pytest.raises(He2stError, match="unknown method"):
+        create_method("bleeep")
+
+
+def test_faithful_bleep_defaults_match_the_paper():
+    cfg = create_method("bleep_faithful").config
+    assert (cfg.loss, cfg.temperature, cfg.learn_temperature, cfg.negatives, cfg.weighting, cfg.k) == (
+        "bleep_soft", 1.0, False, "batch", "average", 50)
+    assert cfg.expression_encoder == "projection" and cfg.projection_dim == 256 and cfg.train.lr == 1e-3
+
+
+def test_bleep_retrieval_is_the_average_of_the_k_nearest_reference_profiles():
+    method, test = fitted("bleep_faithful")
+    q = method.embed_images(test)
+    bank = method.bank
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    sims = qn @ bank.embeddings.T
+    top = np.argsort(-sims, axis=1)[:, :50]
+    expected = bank.expression[top].mean(axis=1)
+    np.testing.assert_allclose(method.predict(test).expression, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_end_to_end_finetuning_path_with_tiny_encoder():
+    spots = synthetic_spots(n=48)
+    rng = np.random.default_rng(0)
+    spots.patches = rng.integers(0, 255, size=(48, 32, 32, 3), dtype=np.uint8)
+    method = create_method("bleep", finetune_encoder=True, encoder="test_vit", encoder_pretrained=False, ensemble=1,
+                           train={"epochs": 2, "batch_size": 16})
+    method.panel = GenePanel(genes=spots.genes)
+    log = method.fit(spots.subset(np.arange(32)), spots.subset(np.arange(32, 48)))
+    assert len(log.curves["train_loss"]) >= 1
+    params = list(method.nets[0].encoder.parameters())
+    assert all(p.requires_grad for p in params)
+    assert method.predict(spots.subset(np.arange(32, 48))).expression.shape == (16, 12)
+
+
+def test_same_seed_same_predictions():
+    a, test = fitted("bleep")
+    b, _ = fitted("bleep")
+    np.testing.assert_array_equal(a.predict(test).expression, b.predict(test).expression)
+
+
+def test_retrieval_can_return_more_genes_than_the_panel():
+    method, test = fitted("bleep")
+    train = synthetic_spots().subset(np.arange(0, 200))
+    rng = np.random.default_rng(1)
+    full = np.hstack([train.targets, rng.random((200, 30000), dtype=np.float32)])
+    genes = train.genes + [f"EXTRA{i}" for i in range(30000)]
+    method.set_reference(train.targets, train.genes, list(train.sample_ids), output_expression=full, output_genes=genes)
+    pred = method.predict(test)
+    assert pred.expression.shape == (40, 30012) and pred.genes[-1] == "EXTRA29999"
+    assert set(pred.uncertainty) == {"best_similarity", "dispersion"}

@@ -1,0 +1,292 @@
+"""Whole-slide prediction: tissue detection, spot grids, streamed/resumable prediction, maps and report.
+
+Synthetic slides (pyramidal JPEG TIFFs from tests/synthetic.py) with a tiny random ViT and a kNN
+model fitted on random features keep most tests to seconds; two tests use real her2st sections.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from synthetic import tissue_image, write_pyramid
+
+from he2st.data.genes import GenePanel
+from he2st.data.patches import PatchSpec
+from he2st.data.slide import open_slide, read_patch
+from he2st.data.spots import SpotSet
+from he2st.embed import embed_patches
+from he2st.encoders import create
+from he2st.errors import He2stError
+from he2st.methods.base import load_method
+from he2st.methods.registry import create_method
+from he2st.predict.grid import hex_grid
+from he2st.predict.tissue import detect_tissue, load_mask
+from he2st.predict.wsi import predict_slide, read_patches
+
+MPP = 0.5
+SIDE = 3000  # px: a 1.5 mm field with an elliptical tissue blob (~120 spots at 100 µm pitch)
+GENES = [f"G{i}" for i in range(8)]
+
+
+def _truth(h: int, w: int) -> np.ndarray:
+    """The blob of ``tissue_image`` (defaults) at any resolution."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = 0.35 * min(h, w)
+    return ((yy - 0.5 * h) / r) ** 2 + ((xx - 0.5 * w) / (1.2 * r)) ** 2 < 1
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory) -> Path:
+    return write_pyramid(tmp_path_factory.mktemp("wsi") / "slide.tif", tissue_image(SIDE, SIDE, seed=3), MPP)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return create("test_vit", pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def model_path(encoder, tmp_path_factory) -> Path:
+    """A kNN model over random 'training spots' whose features match the tiny encoder."""
+    rng = np.random.default_rng(0)
+    n = 80
+    method = create_method("knn", k=5)
+    method.panel = GenePanel(genes=GENES)
+    method.encoder_spec = encoder.spec.model_dump_json()
+    method.patch_spec = PatchSpec().model_dump_json()
+    method.fit(SpotSet(sample_ids=np.array(["T"] * n, dtype=object), barcodes=np.array([f"b{i}" for i in range(n)], dtype=object),
+                       features=rng.normal(size=(n, encoder.embed_dim)).astype(np.float32), coords_um=np.zeros((n, 2)),
+                       genes=GENES, targets=rng.gamma(2, 1, (n, len(GENES))).astype(np.float32)))
+    return method.save(tmp_path_factory.mktemp("model") / "knn.pt")
+
+
+@pytest.fixture(scope="module")
+def reference(model_path, slide_path, encoder, tmp_path_factory) -> Path:
+    """One uninterrupted prediction of the synthetic slide (several chunks)."""
+    return predict_slide(model_path, slide_path, tmp_path_factory.mktemp("ref"), chunk=32, encoder=encoder)
+
+
+# ---------------------------------------------------------------------------- tissue and grid
+def test_tissue_mask_covers_tissue_not_background_or_pen(slide_path):
+    with open_slide(slide_path) as slide:
+        thumb, scale = slide.thumbnail(1000)
+    truth = _truth(*thumb.shape[:2])
+    mask = detect_tissue(thumb, MPP / scale)
+    assert mask.shape == truth.shape
+    assert mask[truth].mean() > 0.98 and mask[~truth].mean() < 0.01
+    inked = thumb.copy()
+    inked[30:45, 40:900] = (40, 160, 60)  # green pen line
+    inked[940:955, 40:900] = (20, 40, 200)  # saturated blue pen line
+    inked[960:975, 40:900] = (15, 15, 15)  # black marker
+    mask = detect_tissue(inked, MPP / scale)
+    assert not mask[30:45].any() and not mask[940:].any() and mask[truth].mean() > 0.98
+
+
+def test_hex_grid_has_visium_pitch_and_stays_on_tissue():
+    mask = np.zeros((400, 500), dtype=bool)
+    mask[50:350, 60:440] = True
+    scale, mpp, pitch = 0.1, 0.5, 100.0  # mask px per level-0 px; 100 µm = 200 level-0 px
+    grid = hex_grid(mask, scale, pitch, mpp)
+    xy = grid.xy
+    mx, my = np.floor(xy[:, 0] * scale).astype(int), np.floor(xy[:, 1] * scale).astype(int)
+    assert mask[my, mx].all() and len(grid) > 100
+    d = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    np.testing.assert_allclose(d.min(axis=1), pitch / mpp, rtol=1e-9)
+    interior = (np.abs(d - pitch / mpp) < 1e-6).sum(axis=1)
+    assert interior.max() == 6  # hexagonal: six nearest neighbours
+    rows = np.unique(xy[:, 1])
+    np.testing.assert_allclose(np.diff(rows), pitch / mpp * np.sqrt(3) / 2)
+    assert ((grid.array_col - grid.array_row) % 2 == 0).all()  # Visium column parity
+    assert grid.spot_diameter_um == pytest.approx(55.0) and len(set(grid.names)) == len(grid)
+
+
+def test_block_reader_matches_read_patch(slide_path):
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(-100, SIDE + 100, (40, 2))
+    with open_slide(slide_path) as slide:
+        for side, block in ((224, 2048), (500, 300)):
+            expected = np.stack([read_patch(slide, tuple(p), side, 224) for p in xy])
+            np.testing.assert_array_equal(read_patches(slide, xy, side, 224, block_px=block), expected)
+
+
+# ---------------------------------------------------------------------------- prediction
+def test_prediction_h5ad_layout(reference, model_path, slide_path, encoder):
+    adata = ad.read_h5ad(reference)
+    n = adata.n_obs
+    assert 80 < n < 200 and adata.X.shape == (n, len(GENES)) and list(adata.var_names) == GENES
+    assert np.isfinite(adata.X).all()
+    xy = adata.obsm["spatial"]
+    assert xy.shape == (n, 2) and _truth(SIDE, SIDE)[xy[:, 1].astype(int), xy[:, 0].astype(int)].all()
+    assert (adata.obs["in_tissue"] == 1).all()
+    assert {"best_similarity", "dispersion", "array_row", "array_col"} <= set(adata.obs.columns)
+    lib = adata.uns["spatial"]["slide"]  # the layout squidpy.pl.spatial_scatter / scanpy.pl.spatial read
+    hires = lib["images"]["hires"]
+    assert hires.dtype == np.uint8 and hires.ndim == 3 and max(hires.shape[:2]) == 2000
+    assert lib["scalefactors"]["tissue_hires_scalef"] == pytest.approx(2000 / SIDE)
+    assert lib["scalefactors"]["spot_diameter_fullres"] == pytest.approx(100 / MPP * 0.55)
+    meta = adata.uns["he2st"]
+    assert meta["target_transform"] == "log1p_cp10k" and meta["encoder"] == "test_vit" and meta["mpp"] == MPP
+    assert not list(reference.parent.glob("*.partial.h5"))
+    # rows are the model's predictions for the patches at those spots (chunking keeps the order)
+    method = load_method(model_path)
+    pick = np.array([0, 33, n - 1])
+    with open_slide(slide_path) as slide, torch.inference_mode():
+        patches = np.stack([read_patch(slide, tuple(xy[i]), 112 / MPP, 224) for i in pick])
+        feats = embed_patches(encoder, patches, torch.device("cpu"), None)
+    spots = SpotSet(np.array(["s"] * 3, dtype=object), np.array(["a", "b", "c"], dtype=object), feats,
+                    np.zeros((3, 2)), GENES)
+    np.testing.assert_allclose(adata.X[pick], method.predict(spots).expression, rtol=1e-4, atol=1e-5)
+
+
+def test_interrupted_prediction_resumes_and_finished_run_is_reused(reference, model_path, slide_path, encoder, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def die(info):
+        raise Stop
+
+    with pytest.raises(Stop):
+        predict_slide(model_path, slide_path, tmp_path, chunk=32, encoder=encoder, on_chunk=die)
+    partial = tmp_path / "slide.partial.h5"
+    assert partial.exists() and not (tmp_path / "slide.h5ad").exists()
+    with h5py.File(partial, "r") as fh:
+        assert fh.attrs["chunks_done"] == 1
+    seen = []
+    out = predict_slide(model_path, slide_path, tmp_path, chunk=32, encoder=encoder, on_chunk=lambda i: seen.append(i.index))
+    assert seen and seen[0] == 1 and not partial.exists()
+    np.testing.assert_allclose(ad.read_h5ad(out).X, ad.read_h5ad(reference).X, rtol=1e-5, atol=1e-6)
+    mtime, seen = out.stat().st_mtime_ns, []
+    predict_slide(model_path, slide_path, tmp_path, chunk=32, encoder=encoder, on_chunk=lambda i: seen.append(i.index))
+    assert not seen and out.stat().st_mtime_ns == mtime
+
+
+def test_gene_subset_and_user_mask(model_path, slide_path, encoder, tmp_path):
+    with open_slide(slide_path) as slide:
+        thumb, _ = slide.thumbnail(500)
+    mask = np.zeros(thumb.shape[:2], dtype=np.uint8)
+    mask[:, : thumb.shape[1] // 2] = 255
+    Image.fromarray(mask).save(tmp_path / "left.png")
+    out = predict_slide(model_path, slide_path, tmp_path / "o", genes="G3,G1", mask=tmp_path / "left.png",
+                        encoder=encoder)
+    adata = ad.read_h5ad(out)
+    assert list(adata.var_names) == ["G3", "G1"] and (adata.obsm["spatial"][:, 0] < SIDE / 2).all()
+    assert adata.uns["he2st"]["tissue"].startswith("mask:")
+    Image.fromarray(mask[:, :100]).save(tmp_path / "narrow.png")
+    with pytest.raises(He2stError, match="aspect"):
+        load_mask(tmp_path / "narrow.png", slide_size=(SIDE, SIDE))
+    with pytest.raises(He2stError, match="not in the model's panel"):
+        predict_slide(model_path, slide_path, tmp_path / "x", genes="NOPE", encoder=encoder)
+
+
+@pytest.mark.parametrize(("kind", "message"), [("empty", "no tissue found"), ("grayscale", "not H&E-like")])
+def test_empty_and_grayscale_slides_are_refused(kind, message, model_path, encoder, tmp_path):
+    img = tissue_image(1200, 1200, seed=5)
+    img = np.full_like(img, 242) if kind == "empty" else np.repeat(img.mean(-1, keepdims=True), 3, -1).astype(np.uint8)
+    path = write_pyramid(tmp_path / f"{kind}.tif", img, MPP)
+    with pytest.raises(He2stError, match=message) as err:
+        predict_slide(model_path, path, tmp_path / "out", encoder=encoder)
+    assert str(path) in str(err.value)
+    assert not any((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+
+
+def test_too_coarse_or_unknown_pixel_size_is_refused(model_path, slide_path, encoder, tmp_path):
+    with pytest.raises(He2stError, match=r"2 µm/px is too coarse.*0\.5 µm/px.*1 µm/px or finer"):
+        predict_slide(model_path, slide_path, tmp_path, mpp=2.0, encoder=encoder)
+    # 2x upsampling is allowed (a coarse grid keeps this quick)
+    predict_slide(model_path, slide_path, tmp_path, mpp=1.0, pitch_um=500, encoder=encoder, genes="G0")
+    png = tmp_path / "plain.png"
+    Image.fromarray(tissue_image(600, 600)).save(png)
+    with pytest.raises(He2stError, match="--mpp"):
+        predict_slide(model_path, png, tmp_path, encoder=encoder)
+
+
+def test_cli_predict_plot_report(model_path, slide_path, encoder, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from he2st.cli_predict import register
+
+    app = typer.Typer()
+    register(app)
+    weights = tmp_path / "test_vit.pth"
+    torch.save(encoder.backbone.state_dict(), weights)
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", "--model", str(model_path), "--slide", str(slide_path), "--out",
+                              str(tmp_path / "pred"), "--weights", str(weights), "--pitch-um", "200"])
+    assert res.exit_code == 0, res.output
+    h5ad = tmp_path / "pred" / "slide.h5ad"
+    assert h5ad.exists() and (tmp_path / "pred" / "slide" / "maps.png").exists()
+    res = runner.invoke(app, ["plot", str(h5ad), "--genes", "G0,G2", "--out", str(tmp_path / "figs")])
+    assert res.exit_code == 0, res.output
+    assert Image.open(tmp_path / "figs" / "maps.png").size[0] > 300
+    assert (tmp_path / "figs" / "uncertainty.png").exists()
+    results = {"provenance": {"command": "he2st benchmark <x>"}, "summary": [
+        {"method": "knn", "gene_set": "heg50", "metric": "pearson_mean", "mean": 0.21, "sd": 0.05, "n_folds": 4}]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "curves.json").write_text(json.dumps({"train_loss": [1.0, 0.7, 0.5], "val_loss": [1.1, 0.9, 0.8]}))
+    res = runner.invoke(app, ["report", str(h5ad), "--results", str(tmp_path / "results.json"),
+                              "--curves", str(tmp_path / "curves.json"), "--out", str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3 and "&lt;x&gt;" in page and "0.210 ± 0.050" in page
+    assert "Training curves" in page and "Uncertainty" in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    res = runner.invoke(app, ["predict", "--model", str(model_path), "--slide", str(slide_path), "--mpp", "4",
+                              "--out", str(tmp_path / "x")])
+    assert isinstance(res.exception, He2stError) and "too coarse" in str(res.exception)
+
+
+# ---------------------------------------------------------------------------- real her2st data
+def test_tissue_detection_on_her2st_covers_annotated_spots(her2st):
+    from scipy import ndimage as ndi
+
+    from he2st.data.her2st import IMAGED_SECTIONS, load_section
+
+    for section in IMAGED_SECTIONS:
+        sample = load_section(section)
+        thumb, scale = sample.slide.thumbnail(1000)
+        mask = detect_tissue(thumb, sample.pixel_size_um / scale, where=section)
+        xy = np.floor(sample.spatial * scale).astype(int)
+        assert mask[xy[:, 1], xy[:, 0]].mean() >= 0.95, section
+        spots = np.zeros(mask.shape, dtype=bool)
+        spots[xy[:, 1], xy[:, 0]] = True
+        far = ndi.distance_transform_edt(~spots) * sample.pixel_size_um / scale > 400  # > 2 spot pitches away
+        assert mask[far].mean() < 0.05, section  # background (glass, haze, black frame) is left out
+        sample.close()
+
+
+def test_her2st_b4_predicted_at_its_own_spots(prepared, tmp_path):
+    from he2st.config import TrainRunConfig
+    from he2st.data.patches import PatchCache
+    from he2st.data.sample import Sample
+    from he2st.fit import train_model
+    from he2st.report.html import build_report
+    from he2st.report.plots import plot_prediction
+    from he2st.workspace import Workspace
+
+    ws = Workspace(prepared)
+    model = tmp_path / "knn.pt"
+    train_model(TrainRunConfig(work_dir=prepared, method="knn", train_samples=["C2", "C3"], out=model))
+    out = predict_slide(model, None, tmp_path / "pred", spots_from=ws.sample_path("B4"), chunk=128)
+    adata = ad.read_h5ad(out)
+    b4 = Sample.load(ws.sample_path("B4"))
+    assert adata.n_obs == 283 == b4.n_spots and list(adata.obs_names) == list(b4.adata.obs_names)
+    assert adata.n_vars == 250 and np.isfinite(adata.X).all()
+    np.testing.assert_array_equal(adata.obsm["spatial"], b4.spatial)
+    assert "B4" in adata.uns["spatial"] and adata.uns["he2st"]["spots"] == "sample:B4"
+    with open_slide(b4.image_path) as slide:  # the same pixels `he2st prepare` cut for training
+        patches = read_patches(slide, b4.spatial[:8], 112 / b4.pixel_size_um, 224)
+    np.testing.assert_array_equal(patches, PatchCache(ws.patch_path("B4", PatchSpec())).read(0, 8))
+    paths = plot_prediction(out, tmp_path / "figs", sample=b4)
+    assert {"maps", "compare", "scatter", "uncertainty"} <= set(paths) and all(p.exists() for p in paths.values())
+    page = build_report(out, tmp_path / "report.html", sample=b4).read_text()
+    assert "Predicted vs measured (B4)" in page and "283 spots matched by barcode" in page
