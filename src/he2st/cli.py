@@ -243,6 +243,11 @@ def demo(work_dir: WorkOpt = None, set_: SetOpt = None) -> None:
     _run_benchmark(cfg, dataset="her2st")
 
 
+from he2st.cli_predict import register as _register_predict_commands  # noqa: E402
+
+_register_predict_commands(app)
+
+
 def main() -> None:
     """Console-script entry point: turn :class:`He2stError` into one line on stderr and exit code 2."""
     try:

@@ -24,19 +24,23 @@ def _genes(text: str | None) -> list[str] | None:
 
 def predict(
     model: ModelOpt,
-    slide: Annotated[Path | None, typer.Option("--slide", "-s", help="whole-slide image (SVS, NDPI, TIFF, JPEG, ...)")] = None,
+    slide: Annotated[Path | None, typer.Option("--slide", "-s",
+                                               help="whole-slide image (SVS, NDPI, TIFF, JPEG, ...)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("he2st-predictions"),
     mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel (default: from the file)")] = None,
     pitch_um: Annotated[float, typer.Option("--pitch-um", help="hexagonal grid pitch, µm (Visium: 100)")] = 100.0,
-    spots_from: Annotated[Path | None, typer.Option("--spots-from", help="predict at this he2st sample's spots (.h5ad)")] = None,
-    mask: Annotated[Path | None, typer.Option(help="tissue mask PNG (same aspect as the slide) instead of detection")] = None,
+    spots_from: Annotated[Path | None, typer.Option("--spots-from",
+                                                    help="predict at this he2st sample's spots (.h5ad)")] = None,
+    mask: Annotated[Path | None, typer.Option(
+        help="tissue mask PNG (same aspect as the slide) instead of detection")] = None,
     genes: GenesOpt = None,
     chunk: Annotated[int, typer.Option(help="spots per chunk (memory ~ chunk x patch size)")] = 512,
     batch_size: Annotated[int, typer.Option(help="encoder batch size")] = 64,
-    weights: Annotated[Path | None, typer.Option(help="encoder weights file (for encoders without bundled weights)")] = None,
+    weights: Annotated[Path | None, typer.Option(
+        help="encoder weights file (for encoders without bundled weights)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    library_id: Annotated[str | None, typer.Option(help="name of the output (default: slide file stem)")] = None,
-    maps: Annotated[bool, typer.Option("--maps/--no-maps", help="also write maps.png next to the .h5ad")] = True,
+    library_id: Annotated[str | None, typer.Option(help="output name (default: slide file stem; sample id with --spots-from)")] = None,
+    maps: Annotated[bool, typer.Option("--maps/--no-maps", help="also write maps.png into <out>/<library-id>/")] = True,
 ) -> None:
     """Predict expression over a new slide: hexagonal spots on detected tissue -> one .h5ad (resumable)."""
     from he2st.predict.wsi import predict_slide
@@ -56,7 +60,8 @@ def predict(
 
 def plot(
     prediction: Annotated[Path, typer.Argument(help="prediction .h5ad from `he2st predict`")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="folder for the PNGs (default: beside the .h5ad)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o",
+                                             help="folder for the PNGs (default: beside the .h5ad)")] = None,
     genes: GenesOpt = None,
     sample: SampleOpt = None,
     n: Annotated[int, typer.Option(help="number of genes when --genes is not given")] = 6,

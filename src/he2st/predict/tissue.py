@@ -173,7 +173,8 @@ def detect_tissue(rgb: np.ndarray, um_per_px: float | None = None, where: str | 
     if factor >= 2:
         small = np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., :3])).reduce(factor))
         mask, st = tissue_stats(small, um_per_px * factor)
-        big = Image.fromarray(mask.astype(np.uint8) * 255).resize((rgb.shape[1], rgb.shape[0]), Image.Resampling.NEAREST)
+        big = Image.fromarray(mask.astype(np.uint8) * 255).resize((rgb.shape[1], rgb.shape[0]),
+                                                                  Image.Resampling.NEAREST)
         mask = np.asarray(big) > 127
     else:
         mask, st = tissue_stats(rgb, um_per_px)
@@ -186,7 +187,8 @@ def detect_tissue(rgb: np.ndarray, um_per_px: float | None = None, where: str | 
             raise He2stError(
                 "slide is not H&E-like: it has structure but no stain colour (grayscale or fluorescence image?); "
                 "he2st models need brightfield H&E", where)
-        raise He2stError("no tissue found on the slide (empty or blank slide?); pass --mask to choose the area", where)
+        raise He2stError("no tissue found on the slide (empty or blank slide?); pass --mask to choose the area",
+                         where)
     problems = []
     if st.mean_saturation < HE_MIN_MEAN_SATURATION:
         problems.append(f"mean saturation {st.mean_saturation:.2f} < {HE_MIN_MEAN_SATURATION}")

@@ -2,10 +2,13 @@
 
 The slide is processed as a stream of spot chunks -- read patches, embed them with the model's
 encoder, predict -- so memory depends on the chunk size, not on the slide size. Each finished chunk
-is committed to ``<name>.partial.h5`` (with a fingerprint of everything that changes the numbers),
-so an interrupted run resumes where it stopped. At the end one ``.h5ad`` is written atomically in
-the scverse layout (``obsm["spatial"]`` in level-0 px, ``uns["spatial"][library_id]`` with a hires
-image and scale factors), so ``squidpy.pl.spatial_scatter`` / ``scanpy.pl.spatial`` work unchanged.
+(features and predictions) is committed to ``<name>.partial.h5`` with a fingerprint of everything
+that changes the numbers, so an interrupted run resumes where it stopped. Methods that read
+neighbouring spots (NH2ST) get each chunk plus a halo of its spots' neighbours, taken from the
+committed features, so chunk borders do not cut neighbourhoods. At the end one ``.h5ad`` is
+written atomically in the scverse layout (``obsm["spatial"]`` in level-0 px,
+``uns["spatial"][library_id]`` with a hires image and scale factors), so
+``squidpy.pl.spatial_scatter`` / ``scanpy.pl.spatial`` work unchanged.
 
 Patches are cut exactly as ``he2st prepare`` cuts training patches (same level choice, rounding
 and resampling as :func:`he2st.data.slide.read_patch`), but a chunk's patches are read in blocks
@@ -29,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from scipy.spatial import cKDTree
 
 from he2st.config import EmbedConfig
 from he2st.data.patches import PatchSpec
@@ -58,7 +62,7 @@ class ChunkInfo:
     n_spots: int
     read_s: float  # reading + decoding + resampling patches (in the prefetch thread)
     embed_s: float  # encoder forward pass (incl. preprocessing)
-    predict_s: float  # the method's predict
+    predict_s: float  # the method's predict for the chunks that became ready (with halos: one behind)
 
 
 # ---------------------------------------------------------------------------- resolution
@@ -148,24 +152,48 @@ def _stored_fingerprint(path: Path) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _open_partial(path: Path, fingerprint: str, grid: SpotGrid, n_genes: int, chunk: int) -> int:
-    """Create or validate the partial file; returns the number of chunks already done."""
+def _open_partial(path: Path, fingerprint: str, grid: SpotGrid, n_genes: int, dim: int, chunk: int) -> None:
+    """Create the partial file, or keep an existing one made with the same fingerprint."""
     if path.exists():
         try:
             with h5py.File(path, "r") as fh:
                 if fh.attrs.get("fingerprint") == fingerprint and fh.attrs.get("format") == PARTIAL_FORMAT:
-                    return int(fh.attrs["chunks_done"])
+                    return
         except (OSError, KeyError):
             pass
         path.unlink()  # made another way (or unreadable): start again
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = len(grid)
+    n, rows = len(grid), max(1, min(chunk, len(grid)))
     with h5py.File(path, "w") as fh:
         fh.create_dataset("xy", data=grid.xy)
-        fh.create_dataset("expression", shape=(n, n_genes), dtype=np.float32,
-                          chunks=(max(1, min(chunk, n)), n_genes), fillvalue=np.nan)
-        fh.attrs.update({"format": PARTIAL_FORMAT, "fingerprint": fingerprint, "chunks_done": 0})
-    return 0
+        fh.create_dataset("features", shape=(n, dim), dtype=np.float32, chunks=(rows, dim))
+        fh.create_dataset("expression", shape=(n, n_genes), dtype=np.float32, chunks=(rows, n_genes),
+                          fillvalue=np.nan)
+        fh.attrs.update({"format": PARTIAL_FORMAT, "fingerprint": fingerprint, "embedded_chunks": 0,
+                         "predicted_chunks": 0})
+
+
+def neighbourhood_k(method: Method) -> int:
+    """How many physically nearest spots a method reads to predict one spot (0: spots are independent).
+
+    Declared by a method as ``spatial_context_k``; NH2ST-style configs (``neighbours`` + ``k``) are
+    recognised without it. Chunked prediction then adds these neighbours (a halo) to every chunk.
+    """
+    k = getattr(method, "spatial_context_k", None)
+    if k is None:
+        cfg = method.config
+        k = int(getattr(cfg, "k", 0)) if getattr(cfg, "neighbours", False) else 0
+    return max(0, int(k))
+
+
+def _halo_rows(tree: cKDTree, xy: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """``rows`` plus every spot as close as their k-th nearest neighbour (ties included), sorted."""
+    if k == 0 or len(rows) == 0:
+        return rows
+    kk = min(k + 1, tree.n)
+    dist = tree.query(xy[rows], k=kk)[0].reshape(len(rows), kk)
+    found = tree.query_ball_point(xy[rows], dist[:, -1] * (1 + 1e-9) + 1e-9)
+    return np.unique(np.concatenate([rows, *[np.asarray(f, dtype=np.int64) for f in found]]))
 
 
 # ---------------------------------------------------------------------------- main entry
@@ -221,8 +249,11 @@ def predict_slide(
         thumb, scale = slide.thumbnail(thumbnail_px)
         grid, tissue_source = _spots(slide, thumb, scale, mpp, pitch_um, sample, mask)
         library_id = library_id or (sample.sample_id if sample is not None else slide_path.stem)
-        enc_cfg = EmbedConfig(encoder=model_encoder["name"], weights=weights, batch_size=batch_size,
-                              device=device, precision=precision, stain=stain, tta=tta)
+        try:
+            enc_cfg = EmbedConfig(encoder=model_encoder["name"], weights=weights, batch_size=batch_size,
+                                  device=device, precision=precision, stain=stain, tta=tta)
+        except ValueError as exc:  # pydantic: unknown precision/stain/tta
+            raise He2stError(f"invalid embedding option: {exc.errors()[0]['msg']}") from exc
         encoder = encoder or load_encoder(enc_cfg)
         _check_encoder(encoder, model_encoder, model_path)
         out_dir = Path(out_dir)
@@ -236,9 +267,9 @@ def predict_slide(
         if final.exists() and _stored_fingerprint(final) == fingerprint:
             return final
         partial = out_dir / f"{library_id}.partial.h5"
-        done = _open_partial(partial, fingerprint, grid, len(gene_index), chunk)
+        _open_partial(partial, fingerprint, grid, len(gene_index), encoder.embed_dim, chunk)
         _run_chunks(slide, method, encoder, enc_cfg, grid, patch, mpp, library_id, gene_index, partial, chunk,
-                    done, on_chunk)
+                    on_chunk)
 
     meta = {
         "fingerprint": fingerprint, "target_transform": method.panel.transform, "method": method.name,
@@ -296,13 +327,14 @@ def _check_encoder(encoder: Encoder, model_encoder: dict, model_path: Path) -> N
 
 
 def _run_chunks(slide: Slide, method: Method, encoder: Encoder, cfg: EmbedConfig, grid: SpotGrid, patch: PatchSpec,
-                mpp: float, library_id: str, gene_index: list[int], partial: Path, chunk: int, done: int,
+                mpp: float, library_id: str, gene_index: list[int], partial: Path, chunk: int,
                 on_chunk: Callable[[ChunkInfo], None] | None) -> None:
-    """Read (one chunk ahead, in a thread), embed, predict and commit chunks ``done..``."""
+    """Read (one chunk ahead, in a thread), embed and commit chunks; predict each chunk once the
+    features of its neighbourhood halo (methods that read neighbouring spots) are committed."""
     n = len(grid)
     n_chunks = (n + chunk - 1) // chunk
-    if done >= n_chunks:
-        return
+    k = neighbourhood_k(method)
+    tree = cKDTree(grid.xy) if k else None
     side = patch.field_um / mpp
     device = resolve_device(cfg.device)
     dtype = autocast_dtype(device, cfg.precision)
@@ -316,8 +348,39 @@ def _run_chunks(slide: Slide, method: Method, encoder: Encoder, cfg: EmbedConfig
         patches = read_patches(slide, grid.xy[i * chunk : (i + 1) * chunk], side, patch.size_px)
         return patches, time.perf_counter() - start
 
+    def predict(fh: h5py.File, i: int, features: np.ndarray | None, patches: np.ndarray | None) -> None:
+        a, b = i * chunk, min((i + 1) * chunk, n)
+        rows = _halo_rows(tree, grid.xy, np.arange(a, b), k) if k else np.arange(a, b)
+        if features is None or len(rows) != b - a:
+            features, patches = fh["features"][rows], None
+        spots = SpotSet(sample_ids=np.full(len(rows), library_id, dtype=object),
+                        barcodes=np.asarray([grid.names[r] for r in rows], dtype=object), features=features,
+                        coords_um=grid.xy[rows] * mpp, genes=list(method.panel.genes), patches=patches)
+        pred = method.predict(spots)
+        keep = np.searchsorted(rows, np.arange(a, b))  # the chunk's own rows within chunk + halo
+        fh["expression"][a:b] = np.asarray(pred.expression, dtype=np.float32)[keep][:, gene_index]
+        outputs = [(k_, v, "uncertainty") for k_, v in pred.uncertainty.items()]
+        outputs += [(k_, v, "extra") for k_, v in pred.extras.items()]
+        for key, values, kind in outputs:
+            values = np.asarray(values, dtype=np.float32)
+            if values.shape[:1] != (len(rows),) or values.ndim > 2:
+                continue
+            if key not in fh:
+                fh.create_dataset(key, shape=(n, *values.shape[1:]), dtype=np.float32, fillvalue=np.nan)
+                fh[key].attrs["kind"] = kind
+            fh[key][a:b] = values[keep]
+        fh.attrs["predicted_chunks"] = i + 1
+
+    def ready(fh: h5py.File, i: int) -> bool:
+        """Chunk ``i``'s halo lies in committed chunks."""
+        if not k:
+            return int(fh.attrs["embedded_chunks"]) > i
+        a, b = i * chunk, min((i + 1) * chunk, n)
+        return int(_halo_rows(tree, grid.xy, np.arange(a, b), k)[-1]) // chunk < int(fh.attrs["embedded_chunks"])
+
     with ThreadPoolExecutor(max_workers=1) as pool, h5py.File(partial, "a") as fh, torch.inference_mode():
-        pending = pool.submit(read, done)
+        done = int(fh.attrs["embedded_chunks"])
+        pending = pool.submit(read, done) if done < n_chunks else None
         for i in range(done, n_chunks):
             patches, read_s = pending.result()
             if i + 1 < n_chunks:
@@ -327,32 +390,26 @@ def _run_chunks(slide: Slide, method: Method, encoder: Encoder, cfg: EmbedConfig
             features = np.concatenate([
                 embed_patches(encoder, patches[j : j + cfg.batch_size], device, dtype, stain, cfg.tta)
                 for j in range(0, len(patches), cfg.batch_size)])
+            fh["features"][a:b] = features
+            fh.attrs["embedded_chunks"] = i + 1  # committed: the resume point for embedding
             t1 = time.perf_counter()
-            spots = SpotSet(sample_ids=np.full(b - a, library_id, dtype=object),
-                            barcodes=np.asarray(grid.names[a:b], dtype=object), features=features,
-                            coords_um=grid.xy[a:b] * mpp, genes=list(method.panel.genes))
-            pred = method.predict(spots)
-            t2 = time.perf_counter()
-            fh["expression"][a:b] = np.asarray(pred.expression, dtype=np.float32)[:, gene_index]
-            for key, values in pred.uncertainty.items():
-                values = np.asarray(values, dtype=np.float32)
-                if values.shape != (b - a,):
-                    continue
-                if key not in fh:
-                    fh.create_dataset(key, shape=(n,), dtype=np.float32, fillvalue=np.nan)
-                    fh[key].attrs["uncertainty"] = True
-                fh[key][a:b] = values
-            fh.attrs["chunks_done"] = i + 1  # committed: the resume point
+            while int(fh.attrs["predicted_chunks"]) < n_chunks and ready(fh, int(fh.attrs["predicted_chunks"])):
+                j = int(fh.attrs["predicted_chunks"])
+                predict(fh, j, features if j == i else None, patches if j == i else None)
             fh.flush()
             if on_chunk is not None:
-                on_chunk(ChunkInfo(i, n_chunks, b - a, read_s, t1 - t0, t2 - t1))
+                on_chunk(ChunkInfo(i, n_chunks, b - a, read_s, t1 - t0, time.perf_counter() - t1))
+        while int(fh.attrs["predicted_chunks"]) < n_chunks:  # resumed after the last embedding
+            predict(fh, int(fh.attrs["predicted_chunks"]), None, None)
+        fh.flush()
 
 
 def _write_h5ad(partial: Path, final: Path, grid: SpotGrid, genes: list[str], thumb: np.ndarray, scale: float,
                 mpp: float, library_id: str, meta: dict) -> None:
     with h5py.File(partial, "r") as fh:
         expression = fh["expression"][:]
-        uncertainty = {k: fh[k][:] for k in fh if fh[k].attrs.get("uncertainty", False)}
+        uncertainty = {k: fh[k][:] for k in fh if fh[k].attrs.get("kind") == "uncertainty" and fh[k].ndim == 1}
+        extras = {k: fh[k][:] for k in fh if fh[k].attrs.get("kind") == "extra"}
     obs = pd.DataFrame(index=pd.Index(grid.names, name="spot"))
     obs["in_tissue"] = grid.in_tissue.astype(np.int64)
     if grid.array_row is not None and grid.array_col is not None:
@@ -361,6 +418,8 @@ def _write_h5ad(partial: Path, final: Path, grid: SpotGrid, genes: list[str], th
         obs[key] = values
     adata = ad.AnnData(X=expression, obs=obs, var=pd.DataFrame(index=pd.Index(genes, name="gene")))
     adata.obsm["spatial"] = grid.xy.astype(np.float64)
+    for key, values in extras.items():  # e.g. predicted cell-type proportions
+        adata.obsm[key] = values if values.ndim == 2 else values[:, None]
     adata.uns["spatial"] = {library_id: {
         "images": {"hires": np.ascontiguousarray(thumb, dtype=np.uint8)},
         "scalefactors": {"tissue_hires_scalef": float(scale),

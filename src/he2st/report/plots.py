@@ -168,8 +168,8 @@ def uncertainty_map(prediction: str | Path | ad.AnnData) -> Figure | None:
         return None
     view = spatial_view(adata)
     fig, axes = _grid_figure(len(keys), len(keys), 4.0)
-    notes = {"best_similarity": "similarity of best reference match (low = unfamiliar tissue)",
-             "dispersion": "dispersion of retrieved profiles (high = ambiguous)"}
+    notes = {"best_similarity": "best-match similarity\n(low = unfamiliar tissue)",
+             "dispersion": "dispersion of retrieved profiles\n(high = ambiguous)"}
     for ax, key in zip(axes, keys, strict=True):
         draw_map(ax, view, adata.obs[key].to_numpy(dtype=np.float64), notes[key], cmap="magma")
     return fig
