@@ -62,7 +62,10 @@ def _summary(adata: ad.AnnData) -> str:
                        ("model", "model"), ("encoder", "encoder"), ("target_transform", "target scale"),
                        ("trained_on", "trained on (sample: patient)")]:
         if key in meta:
-            rows.append([label, meta[key]])
+            value = meta[key]
+            if key == "pitch_um" and not value:  # stored as 0 when spots came from a sample (no regular grid)
+                value = "irregular (a sample's own spots)"
+            rows.append([label, value])
     return _table(["", "value"], rows)
 
 
