@@ -30,6 +30,7 @@ from torch import nn
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog
+from he2st.methods.blocks import RetrievalMixin
 from he2st.methods.features import FeatureScaler
 from he2st.methods.losses import (
     ContrastiveLoss,
@@ -112,7 +113,7 @@ class BLEEPNet(nn.Module):
         return self.expression_tower(y)
 
 
-class BLEEP(Method):
+class BLEEP(RetrievalMixin, Method):
     """BLEEP, improved: normalised embeddings, learned temperature, whole-set negatives, ensemble."""
 
     name = "bleep"
@@ -275,26 +276,8 @@ class BLEEP(Method):
                 [net.embed_images(self._image_inputs(net, spots, idx, False, None)) for net in self.nets]).float().cpu())
         return torch.cat(out).numpy()
 
-    def set_reference(self, panel_expression: np.ndarray, genes: list[str], sample_ids: list[str],
-                      output_expression: np.ndarray | None = None, output_genes: list[str] | None = None) -> None:
-        """Reference bank = expression embeddings of reference spots (training spots, and any
-        expression-only sections from training patients); ``output_expression`` optionally returns
-        more genes (e.g. the whole transcriptome) than the model was trained on."""
-        embeddings = self.embed_expression(panel_expression)
-        self.bank = ReferenceBank(
-            embeddings,
-            panel_expression if output_expression is None else output_expression,
-            genes if output_genes is None else output_genes,
-            sample_ids,
-        )
-
     def _predict(self, spots: SpotSet) -> Prediction:
-        result = self.bank.predict(
-            self.embed_images(spots), k=min(self.config.k, len(self.bank)), weighting=self.config.weighting,
-            temperature=self.config.weighting_temperature,
-        )
-        return Prediction(result.expression, result.genes, {
-            "best_similarity": result.best_similarity, "dispersion": result.dispersion})
+        return self._retrieve(spots)
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict[str, torch.Tensor]:

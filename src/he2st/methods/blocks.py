@@ -460,8 +460,8 @@ class RetrievalMixin:
         output_genes: list[str] | None = None,
     ) -> None:
         """Reference bank = expression embeddings of reference spots (training spots, and any
-        expression-only sections of training patients); ``output_expression`` optionally returns
-        more genes (e.g. the whole transcriptome) than the model was trained on."""
+        expression-only sections whose patient is not under test); ``output_expression`` optionally
+        returns more genes (e.g. the whole transcriptome) than the model was trained on."""
         embeddings = self.embed_expression(panel_expression)
         self.bank = ReferenceBank(
             embeddings,
