@@ -445,11 +445,21 @@ class RetrievalMixin:
     """Prediction by retrieval, BLEEP's way: image embeddings of query spots are matched (cosine)
     against expression embeddings of reference spots held in ``self.bank``.
 
-    The host class provides ``embed_expression(np.ndarray) -> np.ndarray``,
-    ``embed_images(SpotSet) -> np.ndarray`` and ``config`` with ``k``/``weighting``/``weighting_temperature``.
+    The host class provides ``embed_images(SpotSet) -> np.ndarray``, ``self.net.expression_tower``
+    (or its own ``embed_expression``) and ``config`` with ``projection_dim``, ``k``, ``weighting``, ``weighting_temperature``.
     """
 
     bank: ReferenceBank | None
+
+    @torch.no_grad()
+    def embed_expression(self, expression: np.ndarray, batch: int = 1024) -> np.ndarray:
+        """Expression embeddings (the reference side of retrieval); hosts keep their tower at ``self.net.expression_tower``."""
+        self.net.eval()
+        out = [
+            self.net.expression_tower(torch.from_numpy(expression[a : a + batch].astype(np.float32)))
+            for a in range(0, len(expression), batch)
+        ]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.config.projection_dim), np.float32)
 
     def set_reference(
         self,

@@ -341,16 +341,6 @@ class CarHE(RetrievalMixin, Method):
         return self._image_embeddings(spots).numpy()
 
     @torch.no_grad()
-    def embed_expression(self, expression: np.ndarray, batch: int = 1024) -> np.ndarray:
-        """Expression embeddings (the reference side of retrieval)."""
-        self.net.eval()
-        out = [
-            self.net.expression_tower(torch.from_numpy(expression[a : a + batch].astype(np.float32)))
-            for a in range(0, len(expression), batch)
-        ]
-        return torch.cat(out).numpy() if out else np.zeros((0, self.config.projection_dim), np.float32)
-
-    @torch.no_grad()
     def predict_proportions(self, spots: SpotSet) -> np.ndarray:
         """Cell-type proportions ``(N, C)`` predicted from the images (rows sum to 1)."""
         if not hasattr(self.net, "proportion_head"):

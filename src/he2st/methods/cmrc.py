@@ -317,16 +317,6 @@ class CMRCNet(RetrievalMixin, Method):
         return self.config.negatives == "all" and self.config.loss == "contrastive"
 
     @torch.no_grad()
-    def embed_expression(self, expression: np.ndarray, batch: int = 1024) -> np.ndarray:
-        """Expression embeddings (the reference side of retrieval)."""
-        self.net.eval()
-        out = [
-            self.net.expression_tower(torch.from_numpy(expression[a : a + batch].astype(np.float32)))
-            for a in range(0, len(expression), batch)
-        ]
-        return torch.cat(out).numpy() if out else np.zeros((0, self.config.projection_dim), np.float32)
-
-    @torch.no_grad()
     def embed_images(self, spots: SpotSet, batch: int = 1024) -> np.ndarray:
         """Image embeddings from the frozen features alone (the query side of retrieval)."""
         self.net.eval()
