@@ -446,7 +446,8 @@ class RetrievalMixin:
     against expression embeddings of reference spots held in ``self.bank``.
 
     The host class provides ``embed_images(SpotSet) -> np.ndarray``, ``self.net.expression_tower``
-    (or its own ``embed_expression``) and ``config`` with ``projection_dim``, ``k``, ``weighting``, ``weighting_temperature``.
+    (or its own ``embed_expression``) and ``config`` with ``projection_dim``, ``k``, ``weighting``
+    and ``weighting_temperature``.
     """
 
     bank: ReferenceBank | None
