@@ -134,6 +134,23 @@ def test_timm_models_pool_like_timm(name: str, size: int, pooling: str) -> None:
     torch.testing.assert_close(embedding, expected)
 
 
+@pytest.mark.parametrize(("name", "size"), [("resnet18", 64), ("test_vit", 160)])
+def test_grid_tokens_pool_the_spatial_map(name: str, size: int) -> None:
+    encoder = create(name, pretrained=False)
+    x = _images(2, size)
+    with torch.no_grad():
+        features = encoder.forward_features(x)
+        tokens = encoder.forward_tokens(x)
+        one, two = encoder.grid_tokens(features, 1), encoder.grid_tokens(features, 2)
+    assert one.shape == (2, 1, tokens.shape[2]) and two.shape == (2, 4, tokens.shape[2])
+    torch.testing.assert_close(one[:, 0], tokens.mean(dim=1))  # a 1 x 1 grid is the mean token
+    side = round(tokens.shape[1] ** 0.5)
+    grid = tokens.reshape(2, side, side, -1)
+    half = side // 2 if side % 2 == 0 else None
+    if half:  # an even map splits into exact quadrants, row-major
+        torch.testing.assert_close(two[:, 1], grid[:, :half, half:].mean(dim=(1, 2)))
+
+
 def test_unknown_name_suggests_close_names() -> None:
     with pytest.raises(He2stError, match=r"unknown encoder 'resnet181'.*resnet18.*list_presets\(\)"):
         create("resnet181", pretrained=False)

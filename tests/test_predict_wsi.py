@@ -142,7 +142,7 @@ def test_prediction_h5ad_layout(reference, model_path, slide_path, encoder):
     pick = np.array([0, 33, n - 1])
     with open_slide(slide_path) as slide, torch.inference_mode():
         patches = np.stack([read_patch(slide, tuple(xy[i]), 112 / MPP, 224) for i in pick])
-        feats = embed_patches(encoder, patches, torch.device("cpu"), None)
+        feats = embed_patches(encoder, patches, torch.device("cpu"), None)[0]
     spots = SpotSet(np.array(["s"] * 3, dtype=object), np.array(["a", "b", "c"], dtype=object), feats,
                     np.zeros((3, 2)), GENES)
     np.testing.assert_allclose(adata.X[pick], method.predict(spots).expression, rtol=1e-4, atol=1e-5)

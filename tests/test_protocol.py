@@ -18,10 +18,13 @@ from he2st.embed import EmbeddingFile, embed_workspace
 from he2st.errors import He2stError
 from he2st.evaluate.benchmark import run_benchmark
 from he2st.evaluate.protocol import build_fold_data, run_fold
+from he2st.methods.registry import list_methods
 from he2st.workspace import Workspace
 
 FAST = {"bleep": {"ensemble": 1, "train": {"epochs": 6}}, "bleep_faithful": {"train": {"epochs": 6}},
-        "mlp": {"train": {"epochs": 6}}}
+        "mlp": {"train": {"epochs": 6}}, "cmrcnet": {"train": {"epochs": 4}}, "nh2st": {"train": {"epochs": 4}},
+        "carhe": {"histology_pretrain_epochs": 2, "train": {"epochs": 4}}}
+TOKENS = EmbedConfig(token_grid=2)  # pooled embeddings plus a 2 x 2 grid of the encoder's feature map
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +80,49 @@ def test_patch_cache_from_other_settings_is_refused(embedded):
         ws.patch_path("C2", other).unlink()
 
 
+@pytest.fixture(scope="session")
+def token_embedded(embedded):
+    """A1 (patient A) and B4 (patient B) embedded again with a cached token grid."""
+    work, _ = embedded
+    ws = Workspace(work)
+    return work, embed_workspace(ws, ["A1", "B4"], PatchSpec(), TOKENS)
+
+
+def test_token_grid_is_cached_without_changing_the_embeddings(token_embedded):
+    work, summary = token_embedded
+    ws = Workspace(work)
+    for sid, path in summary.paths.items():
+        with_tokens, plain = EmbeddingFile(path), EmbeddingFile(ws.embedding_path(EmbedConfig(), sid, PatchSpec()))
+        assert path != plain.path and with_tokens.attrs["token_grid"] == "2" and not plain.has_tokens
+        np.testing.assert_allclose(with_tokens.embeddings, plain.embeddings, rtol=1e-5, atol=1e-5)
+        tokens = with_tokens.tokens()
+        assert tokens.shape == (len(plain.barcodes), 4, 1280) and np.isfinite(tokens).all()
+        assert tokens.std(axis=1).mean() > 0  # the four quadrants differ
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_trains_and_predicts_end_to_end_on_two_real_sections(method, token_embedded, tmp_path):
+    """Train on section B4 (patient B), predict and score section A1 (patient A): real images, counts,
+    cell-type proportions and (for CMRCNet) the encoder's token grid."""
+    from he2st.config import TrainRunConfig
+    from he2st.evaluate.holdout import evaluate_model
+    from he2st.fit import train_model
+
+    work, _ = token_embedded
+    config = TrainRunConfig(work_dir=work, embed=TOKENS, method=method, method_options=FAST.get(method, {}),
+                            train_samples=["B4"], out=tmp_path / f"{method}.pt")
+    model, log, path = train_model(config)
+    assert path.exists() and model.trained_on == {"B4": "B"}
+    if method == "cmrcnet":
+        assert model.token_scaler is not None and model.dims[2:] == (1280, 4)  # trained on real tokens
+    if method == "carhe":
+        assert "proportion_head" in dict(model.net.named_children())  # trained with B4's proportions
+    result, table, paths = evaluate_model(path, work, ["A1"], tmp_path / "eval")
+    scores = result.set_scores()
+    assert np.isfinite(scores["all"]["pearson_mean"]) and scores["all"]["n_genes"] == 250, method
+    assert paths["json"].exists() and "heg50" in table
+
+
 def test_no_test_patient_spot_is_used_for_fitting_anything(embedded):
     work, _ = embedded
     cfg = BenchmarkConfig(work_dir=work, name="audit", methods=["bleep", "ridge", "knn"], method_options=FAST,
@@ -111,16 +157,20 @@ def test_predictions_do_not_read_test_expression(embedded, tmp_path):
         if key != "spatial":
             del adata.obsm[key]
     adata.write_h5ad(stripped / "samples" / "A1.h5ad")
-    cfg = BenchmarkConfig(work_dir=work, method_options=FAST)
+    cfg = BenchmarkConfig(work_dir=work, method_options=FAST, transcriptome_threshold=None)
     folds, patients = Workspace(work).load_folds("lopo")
     fold = next(f for f in folds if f.test == ["A1"])
     full = build_fold_data(Workspace(work), fold, cfg, patients)
     blind = build_fold_data(Workspace(stripped), fold, cfg.model_copy(update={"work_dir": stripped}), patients)
     assert blind.test_inputs.targets is None and not blind.test_inputs.extras
-    for method in ("bleep", "bleep_faithful", "ridge", "mlp", "knn"):
-        a = run_fold(method, full, cfg).predictions["A1"].expression
-        b = run_fold(method, blind, cfg).predictions["A1"].expression
-        np.testing.assert_array_equal(a, b, err_msg=method)
+    assert full.celltype_truth and not blind.celltype_truth  # truth exists only where scoring may read it
+    for method in list_methods():
+        a = run_fold(method, full, cfg).predictions["A1"]
+        b = run_fold(method, blind, cfg).predictions["A1"]
+        np.testing.assert_array_equal(a.expression, b.expression, err_msg=method)
+        assert a.extras.keys() == b.extras.keys(), method
+        for key in a.extras:
+            np.testing.assert_array_equal(a.extras[key], b.extras[key], err_msg=f"{method} {key}")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,6 @@ import torch
 from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
-from he2st.methods import registry
 from he2st.methods.base import load_method
 from he2st.methods.blocks import (
     ExpressionTokenizer,
@@ -66,13 +65,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def registered(monkeypatch):
-    """Make load_method resolve the three names (until he2st.methods.registry lists them)."""
-    original = registry._methods
-    monkeypatch.setattr(registry, "_methods", lambda: original() | SEED_METHODS)
 
 
 def synthetic_spots(
@@ -298,7 +290,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("name", "tokens", "options"), CASES)
-def test_fit_predict_image_only_and_checkpoint_roundtrip(name, tokens, options, tmp_path, registered):
+def test_fit_predict_image_only_and_checkpoint_roundtrip(name, tokens, options, tmp_path):
     method, log, _, test = fit_method(name, tokens=tokens, **options)
     assert log.curves["train_loss"] and np.isfinite(log.curves["train_loss"]).all()
     pred = method.predict(test.without_expression())
@@ -374,7 +366,7 @@ def test_carhe_unlabelled_spots_and_full_transcriptome_bank():
         ("carhe", {"histology_transfer": False}, "histology_projector"),
     ],
 )
-def test_ablation_switches_remove_their_component(name, options, absent, tmp_path, registered):
+def test_ablation_switches_remove_their_component(name, options, absent, tmp_path):
     method, _, _, test = fit_method(name, **options | {"train": EPOCHS | {"epochs": 2}})
     modules = dict(method.net.named_children())
     assert absent not in modules or modules[absent] is None

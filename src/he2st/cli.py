@@ -195,7 +195,7 @@ def benchmark(
     dataset: Annotated[str | None, typer.Option(help="prepare this dataset first if the work folder is empty")] = None,
     methods: Annotated[str | None, typer.Option(help="comma-separated methods")] = None,
     folds: Annotated[str | None, typer.Option(help="lopo (leave one patient out) or loso")] = None,
-    ablation: Annotated[bool | None, typer.Option("--ablation/--no-ablation", help="switch improved-BLEEP parts off one at a time")] = None,
+    ablation: Annotated[bool | None, typer.Option("--ablation/--no-ablation", help="also run each method with one component switched off at a time")] = None,
     name: Annotated[str | None, typer.Option(help="results folder name under <work>/runs/")] = None,
 ) -> None:
     """Run methods over patient-level folds and write results (JSON, CSV, markdown)."""

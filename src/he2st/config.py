@@ -94,6 +94,11 @@ class EmbedConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     stain: Literal["none", "macenko", "reinhard"] = "none"
     tta: Literal["none", "flips", "d4"] = "none"
+    token_grid: int = Field(
+        0, ge=0, le=16,
+        description="also cache the encoder's spatial tokens average-pooled to a g x g grid (float16), "
+        "for token-level methods such as CMRCNet's masked reconstruction; 0: pooled embeddings only",
+    )
 
 
 class EmbedRunConfig(WorkConfig):
@@ -167,13 +172,30 @@ class BenchmarkConfig(WorkConfig):
         default_factory=list,
         description="expression-only her2st sections added to retrieval banks (only when their patient is not tested)",
     )
-    ablation: bool = Field(False, description="also run each improved-BLEEP component switched off")
+    ablation: bool = Field(
+        False, description="also run each listed method with one of its components switched off at a time"
+    )
+    ablation_only: list[str] | None = Field(
+        None, description="with ablation: only these rows, given as method names (all of that method's rows) "
+        "or row labels such as carhe-no_celltype_transfer (None: every row of the listed methods)",
+    )
+    transcriptome_threshold: float | None = Field(
+        0.1, ge=0,
+        description="retrieval methods also predict every gene measured in all training samples; genes "
+        "whose mean transformed training expression is >= this are scored (None: skip)",
+    )
     seed: int = 0
     seeds: int = Field(1, gt=0, description="train each method with this many seeds and average the fold scores")
 
     def needs_patches(self) -> bool:
         """Whether any configured method trains its image encoder end to end (then patches are loaded)."""
         return any(opts.get("finetune_encoder") for opts in self.method_options.values())
+
+    def needs_tokens(self) -> bool:
+        """Whether token grids are loaded: they are cached (``embed.token_grid``) and a method uses them."""
+        from he2st.methods.registry import method_class
+
+        return bool(self.embed.token_grid) and any(method_class(m).uses_tokens for m in self.methods)
 
 
 class TrainRunConfig(WorkConfig):

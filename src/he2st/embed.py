@@ -1,7 +1,8 @@
 """``he2st embed``: frozen-encoder embeddings for every spot, computed once and reused.
 
-Per sample and encoder, one HDF5 file holds ``embeddings`` (N x D float32), ``barcodes`` and, in
-attrs, the encoder spec, patch spec, stain normalisation and test-time augmentation used, so a
+Per sample and encoder, one HDF5 file holds ``embeddings`` (N x D float32), ``barcodes``, with
+``embed.token_grid`` > 0 also ``tokens`` (N x g² x C float16: the spatial token map pooled to a small
+grid, for token-level methods; from the un-augmented view when TTA is on) and, in attrs, the encoder spec, patch spec, stain normalisation and test-time augmentation used, so a
 file can never be silently mixed with embeddings made another way. Work in progress lives in a
 ``.partial.h5`` file that records how many rows are done: an interrupted run continues from there,
 and the final file appears (atomically renamed) only when every spot is embedded.
@@ -34,7 +35,7 @@ FORMAT = 1
 def recipe(config: EmbedConfig, encoder: Encoder, cache: PatchCache) -> dict[str, str]:
     """The attrs that must match for an existing embedding file to be reused: how the vectors were
     computed, and from which patches (the cache's sample fingerprint changes with the sample)."""
-    return {
+    wanted = {
         "encoder_spec": encoder.spec.model_dump_json(),
         "patch_spec": cache.spec.model_dump_json(),
         "sample_fingerprint": str(cache.attrs.get("sample_fingerprint", "")),
@@ -42,6 +43,9 @@ def recipe(config: EmbedConfig, encoder: Encoder, cache: PatchCache) -> dict[str
         "tta": config.tta,
         "precision": config.precision,
     }
+    if config.token_grid:  # only then, so files made before token grids existed stay valid
+        wanted["token_grid"] = str(config.token_grid)
+    return wanted
 
 
 def resolve_device(device: str) -> torch.device:
@@ -94,8 +98,16 @@ class EmbeddingFile:
                 self.embeddings = fh["embeddings"][:]
                 self.barcodes = [b.decode() for b in fh["barcodes"][:]]
                 self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fh.attrs.items()}
+                self.has_tokens = "tokens" in fh
         except (OSError, KeyError) as exc:
             raise He2stError(f"not a readable embedding file ({type(exc).__name__}: {exc})", self.path) from exc
+
+    def tokens(self) -> np.ndarray:
+        """The cached token grid ``(N, g², C)`` as float32 (read on demand: it is the large part)."""
+        if not self.has_tokens:
+            raise He2stError("this embedding file has no token grid; embed with embed.token_grid > 0", self.path)
+        with h5py.File(self.path, "r") as fh:
+            return fh["tokens"][:].astype(np.float32)
 
     @property
     def encoder_spec(self) -> dict:
@@ -104,15 +116,25 @@ class EmbeddingFile:
 
 def embed_patches(
     encoder: Encoder, patches: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype | None,
-    stain: Callable[[np.ndarray], np.ndarray] | None = None, tta: str = "none",
-) -> np.ndarray:
-    """Embed a batch of uint8 patches (B, H, W, 3) -> float32 (B, D)."""
+    stain: Callable[[np.ndarray], np.ndarray] | None = None, tta: str = "none", token_grid: int = 0,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Embed a batch of uint8 patches (B, H, W, 3) -> float32 (B, D), and with ``token_grid`` > 0 the
+    token grid (B, g², C) from the same forward pass (a second pass of the plain view under TTA)."""
     if stain is not None:
         patches = stain(np.asarray(patches))
     x = encoder.preprocess(patches).to(device).contiguous(memory_format=torch.channels_last)
+    tokens = None
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        out = embed_with_tta(encoder, x, tta) if tta != "none" else encoder(x)
-    return out.float().cpu().numpy()
+        if tta != "none":
+            out = embed_with_tta(encoder, x, tta)
+            if token_grid:
+                tokens = encoder.grid_tokens(encoder.forward_features(x), token_grid)
+        else:
+            features = encoder.forward_features(x)
+            out = encoder.pool(features)
+            if token_grid:
+                tokens = encoder.grid_tokens(features, token_grid)
+    return out.float().cpu().numpy(), None if tokens is None else tokens.float().cpu().numpy()
 
 
 def embed_cache(
@@ -164,8 +186,12 @@ def embed_cache(
     with h5py.File(partial, "a") as fh, torch.inference_mode():
         emb = fh["embeddings"]
         for start, batch in loader:
-            vectors = embed_patches(encoder, batch, device, dtype, stain, config.tta)
+            vectors, tokens = embed_patches(encoder, batch, device, dtype, stain, config.tta, config.token_grid)
             emb[start : start + len(vectors)] = vectors
+            if tokens is not None:
+                if "tokens" not in fh:  # its width is known once the encoder has run
+                    fh.create_dataset("tokens", shape=(n, *tokens.shape[1:]), dtype=np.float16)
+                fh["tokens"][start : start + len(tokens)] = tokens.astype(np.float16)
             fh.flush()  # rows on disk before the progress marker that vouches for them
             fh.attrs["n_done"] = start + len(vectors)  # committed progress: resume point
             fh.flush()

@@ -8,7 +8,7 @@ import numpy as np
 
 from he2st.config import TrainRunConfig
 from he2st.data.genes import GenePanel
-from he2st.data.spots import load_spots
+from he2st.data.spots import load_spots, shared_extras
 from he2st.data.splits import validation_mask
 from he2st.embed import EmbeddingFile, embed_workspace
 from he2st.errors import He2stError
@@ -34,7 +34,9 @@ def train_model(config: TrainRunConfig) -> tuple[Method, TrainLog, Path]:
     spec = ensure_embeddings(ws, train_ids, config)
     method = create_method(config.method, **({"seed": config.seed} | config.method_options))
     spots = load_spots(ws, train_ids, config.patch, config.embed, panel, with_targets=True,
-                       with_patches=getattr(method.config, "finetune_encoder", False))
+                       extras=shared_extras(samples.values()),
+                       with_patches=getattr(method.config, "finetune_encoder", False),
+                       with_tokens=bool(config.embed.token_grid) and method.uses_tokens)
     patients = np.array([samples[s].patient_id for s in spots.sample_ids])
     val = validation_mask(spots.sample_ids, config.validation_fraction, seed=config.seed, patients=patients)
     method.panel = panel

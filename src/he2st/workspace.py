@@ -66,10 +66,12 @@ class Workspace:
         return GenePanel.load(self.panel_path(scheme, fold))
 
     def embedding_path(self, embed: EmbedConfig, sample_id: str, spec: PatchSpec) -> Path:
-        """One file per (encoder, weights, stain, TTA, precision) recipe, so recipes never overwrite each other."""
+        """One file per (encoder, weights, stain, TTA, precision, token grid) recipe, so recipes never overwrite each other."""
         safe = embed.encoder.replace("/", "_").replace(":", "_")
         tags = [f"{k}-{v}" for k, v in (("stain", embed.stain), ("tta", embed.tta), ("precision", embed.precision))
                 if v not in ("none", "auto")]
+        if embed.token_grid:
+            tags.append(f"tokens-{embed.token_grid}")
         if embed.weights is not None:
             tags.append("w-" + hashlib.sha1(str(Path(embed.weights).resolve()).encode()).hexdigest()[:8])
         return self.root / "embeddings" / safe / ("__".join([sample_id, spec.key, *tags]) + ".h5")

@@ -19,6 +19,14 @@ from he2st.errors import He2stError
 # counts, cell-type proportions, any user-added obsm -- is withheld from spots being predicted.
 IMAGE_DERIVED: tuple[str, ...] = ()
 
+# count-derived per-spot annotations that methods may train on (CarHE's cell-type modality)
+TRAINING_EXTRAS: tuple[str, ...] = ("celltype_major",)
+
+
+def shared_extras(samples) -> tuple[str, ...]:
+    """The :data:`TRAINING_EXTRAS` that every one of ``samples`` (Sample objects) carries in obsm."""
+    return tuple(k for k in TRAINING_EXTRAS if all(k in s.adata.obsm for s in samples))
+
 
 @dataclass
 class SpotSet:
@@ -77,11 +85,13 @@ def load_spots(
     with_targets: bool,
     extras: Sequence[str] = (),
     with_patches: bool = False,
+    with_tokens: bool = False,
 ) -> SpotSet:
-    """Assemble a :class:`SpotSet` from a prepared work folder and its embedding files."""
+    """Assemble a :class:`SpotSet` from a prepared work folder and its embedding files
+    (``with_tokens``: also the cached token grids, for token-level methods)."""
     from he2st.embed import EmbeddingFile
 
-    parts: dict[str, list] = {k: [] for k in ("sid", "bc", "feat", "xy", "y", "patch")}
+    parts: dict[str, list] = {k: [] for k in ("sid", "bc", "feat", "xy", "y", "patch", "tok")}
     extra_parts: dict[str, list] = {k: [] for k in extras}
     for sid in sample_ids:
         sample = workspace.load_sample(sid)
@@ -102,6 +112,8 @@ def load_spots(
             extra_parts[key].append(np.asarray(sample.adata.obsm[key], dtype=np.float32))
         if with_patches:
             parts["patch"].append(PatchCache(workspace.patch_path(sid, patch)).read_all())
+        if with_tokens:
+            parts["tok"].append(emb.tokens())
     return SpotSet(
         sample_ids=np.concatenate(parts["sid"]),
         barcodes=np.concatenate(parts["bc"]),
@@ -111,4 +123,5 @@ def load_spots(
         targets=np.concatenate(parts["y"]) if with_targets else None,
         extras={k: np.concatenate(v) for k, v in extra_parts.items() if v},
         patches=np.concatenate(parts["patch"]) if with_patches else None,
+        tokens=np.concatenate(parts["tok"]) if with_tokens else None,
     )

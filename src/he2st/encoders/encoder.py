@@ -77,7 +77,10 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images ``(B, 3, S, S)`` -> embeddings ``(B, embed_dim)``."""
-        features = self.forward_features(x)
+        return self.pool(self.forward_features(x))
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """The spec's pooling of :meth:`forward_features` output -> ``(B, embed_dim)``."""
         pooling = self.spec.pooling
         if pooling == "attentional":
             return self.backbone.attentional_pool(features)
@@ -88,6 +91,17 @@ class Encoder(nn.Module):
             return head_norm(features[:, 0])
         patch_mean = head_norm(_tokens(features, self.backbone).mean(dim=1))
         return torch.cat([head_norm(features[:, 0]), patch_mean], dim=-1)
+
+    def grid_tokens(self, features: torch.Tensor, grid: int) -> torch.Tensor:
+        """Spatial tokens of :meth:`forward_features` output average-pooled to a ``grid x grid`` map,
+        ``(B, grid², C)`` row-major -- small enough to cache per spot for token-level methods."""
+        tokens = _tokens(features, self.backbone)
+        batch, n, channels = tokens.shape
+        side = round(n**0.5)
+        if side * side != n:
+            raise He2stError(f"encoder '{self.spec.name}' gives {n} spatial tokens, not a square map")
+        grid_map = tokens.transpose(1, 2).reshape(batch, channels, side, side)
+        return F.adaptive_avg_pool2d(grid_map, grid).flatten(2).transpose(1, 2)
 
     def set_trainable(self, trainable: bool) -> Encoder:
         """Enable or disable gradients for all backbone parameters (fine-tuning); returns self."""

@@ -20,21 +20,62 @@ from he2st.config import BenchmarkConfig, dump_config
 from he2st.data.splits import check_fold
 from he2st.errors import He2stError
 from he2st.evaluate.protocol import FoldAudit, FoldRun, build_fold_data, run_fold
-from he2st.evaluate.tables import FoldResult, average_results, summarise, to_markdown, write_results
+from he2st.evaluate.tables import (
+    FoldResult,
+    average_results,
+    extra_markdown,
+    summarise,
+    summarise_extra,
+    to_markdown,
+    write_results,
+)
 from he2st.methods.registry import method_class
 from he2st.io import sha256_file, write_text_atomic
 from he2st.workspace import Workspace
 
-# improved-BLEEP components switched off one at a time (name -> option overrides)
-ABLATIONS: dict[str, dict] = {
-    # negatives from the batch only; with batch negatives the soft targets would come from a few
-    # spots, so this row uses plain InfoNCE (identity targets) -- one component, "whole-set negatives"
-    "bleep-batch_negatives": {"negatives": "batch", "soft_targets": False},
-    "bleep-single_model": {"ensemble": 1},
-    "bleep-bleep_loss": {"loss": "bleep_soft", "temperature": 1.0, "learn_temperature": False},
-    "bleep-projection_expr": {"expression_encoder": "projection"},
-    "bleep-average_retrieval": {"weighting": "average"},
+# one component switched off at a time, per method: method -> {row suffix: option overrides}
+ABLATIONS: dict[str, dict[str, dict]] = {
+    "bleep": {
+        # the whole training set as negatives at every step (he2st's stand-in for a memory queue, without
+        # stale entries) -> in-batch negatives; with a few in-batch spots the soft targets would be noise,
+        # so this row uses plain InfoNCE (identity targets)
+        "batch_negatives": {"negatives": "batch", "soft_targets": False},
+        "single_model": {"ensemble": 1},
+        "bleep_loss": {"loss": "bleep_soft", "temperature": 1.0, "learn_temperature": False},
+        "projection_expr": {"expression_encoder": "projection"},
+        "average_retrieval": {"weighting": "average"},
+        # not an ablation but the converse: CarHE's query-time neighbour context added to BLEEP, so the
+        # table shows how much of CarHE's gain that context alone gives
+        "plus_query_context": {"query_neighbours": 6},
+    },
+    "cmrcnet": {
+        "no_reconstruction": {"reconstruction": False},
+        "batch_negatives": {"negatives": "batch", "soft_targets": False},
+    },
+    "nh2st": {
+        "no_neighbours": {"neighbours": False},
+        "no_fusion": {"fusion": False},
+        "no_contrastive": {"contrastive": False},
+    },
+    "carhe": {
+        "no_celltype_transfer": {"celltype_transfer": False},
+        "no_histology_transfer": {"histology_transfer": False},
+        "no_query_context": {"query_neighbours": 0},
+        "batch_negatives": {"negatives": "batch", "soft_targets": False},
+    },
 }
+
+
+def ablation_variants(methods: list[str], only: list[str] | None = None) -> list[tuple[str, str, dict]]:
+    """``(row label, method, options)`` for the ablations of the listed methods, in their order;
+    ``only`` keeps rows whose method or label it names."""
+    rows = [(f"{m}-{name}", m, opts) for m in methods for name, opts in ABLATIONS.get(m, {}).items()]
+    if only is None:
+        return rows
+    unknown = set(only) - {label for label, _, _ in rows} - set(methods)
+    if unknown:
+        raise He2stError(f"ablation_only names no ablation row of the listed methods: {sorted(unknown)}")
+    return [row for row in rows if row[0] in only or row[1] in only]
 
 
 @dataclass
@@ -70,7 +111,7 @@ def run_benchmark(
     folds, patients = ws.load_folds(config.folds.scheme)
     variants: list[tuple[str, str, dict]] = [(m, m, {}) for m in config.methods]
     if config.ablation:
-        variants += [(label, "bleep", opts) for label, opts in ABLATIONS.items()]
+        variants += ablation_variants(config.methods, config.ablation_only)
     results, audits, runs = [], {}, {}
     for fold in folds:
         check_fold(fold, patients)
@@ -102,4 +143,7 @@ def run_benchmark(
     write_text_atomic(out_dir / "config.yaml", dump_config(config))
     n = config.n_top
     table = to_markdown(summarise(results), sets=("all", f"heg{n}", f"hvg{n}", f"heg{n}_testselected"))
+    extra = summarise_extra(results)
+    if not extra.empty:
+        table += "\n" + extra_markdown(extra)
     return BenchmarkOutcome(results, audits, runs, paths, table)

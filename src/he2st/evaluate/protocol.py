@@ -16,11 +16,18 @@ import numpy as np
 
 from he2st.config import BenchmarkConfig
 from he2st.data.genes import GenePanel
-from he2st.data.spots import SpotSet, load_spots
+from he2st.data.spots import SpotSet, load_spots, shared_extras
 from he2st.data.splits import Fold, validation_mask
+from he2st.evaluate.beyond_panel import (
+    TranscriptomeTargets,
+    build_transcriptome,
+    celltype_scores,
+    transcriptome_scores,
+)
 from he2st.evaluate.gene_sets import build_gene_sets, test_sample_gene_sets
 from he2st.evaluate.tables import FoldResult, evaluate_fold
 from he2st.methods.base import Method, Prediction
+from he2st.methods.blocks import RetrievalMixin
 from he2st.methods.registry import create_method
 from he2st.workspace import Workspace
 
@@ -67,16 +74,22 @@ class FoldData:
     per_sample_sets: dict[str, dict[str, list[str]]]
     reference: SpotSet | None  # expression-only spots (any patient not under test) for retrieval banks
     encoder_spec: str = ""
+    transcriptome: TranscriptomeTargets | None = None  # whole-transcriptome bank output and truth
+    celltype_truth: dict[str, np.ndarray] = field(default_factory=dict)  # test sample -> proportions
+    celltype_names: list[str] = field(default_factory=list)
+
+
+CELLTYPE_KEY = "celltype_major"
 
 
 def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients: dict[str, str]) -> FoldData:
     samples = {sid: ws.load_sample(sid) for sid in fold.train}
     panel = GenePanel.from_config({sid: s.adata for sid, s in samples.items()}, config.genes)
     # count-derived annotations (e.g. cell-type proportions) for training spots, when every sample has them
-    extras = tuple(k for k in ("celltype_major",) if all(k in s.adata.obsm for s in samples.values()))
+    extras = shared_extras(samples.values())
     patches = config.needs_patches()
     train = load_spots(ws, fold.train, config.patch, config.embed, panel, with_targets=True, extras=extras,
-                       with_patches=patches)
+                       with_patches=patches, with_tokens=config.needs_tokens())
     train_patients = np.array([patients[s] for s in train.sample_ids])
     val_mask = validation_mask(train.sample_ids, config.validation_fraction, seed=config.seed, patients=train_patients)
     test_inputs = load_spots(ws, fold.test, config.patch, config.embed, panel, with_targets=False, with_patches=patches)
@@ -88,7 +101,18 @@ def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients
     from he2st.embed import EmbeddingFile
 
     spec = EmbeddingFile(ws.embedding_path(config.embed, fold.train[0], config.patch)).attrs["encoder_spec"]
-    return FoldData(fold, panel, train, val_mask, test_inputs, test_truth, sets, per_sample, reference, spec)
+    data = FoldData(fold, panel, train, val_mask, test_inputs, test_truth, sets, per_sample, reference, spec)
+    # test expression and proportions below are read for scoring only (predictions never see them)
+    test_samples = {sid: ws.load_sample(sid) for sid in fold.test}
+    if config.transcriptome_threshold is not None:
+        data.transcriptome = build_transcriptome(samples | test_samples, fold.train, fold.test, train,
+                                                 panel.transform, config.transcriptome_threshold)
+    if CELLTYPE_KEY in extras and all(CELLTYPE_KEY in s.adata.obsm for s in test_samples.values()):
+        table = samples[fold.train[0]].adata.obsm[CELLTYPE_KEY]
+        data.celltype_names = [str(c) for c in getattr(table, "columns", range(np.shape(table)[1]))]
+        data.celltype_truth = {sid: np.asarray(s.adata.obsm[CELLTYPE_KEY], np.float32)
+                               for sid, s in test_samples.items()}
+    return data
 
 
 def _reference_spots(fold: Fold, config: BenchmarkConfig, panel: GenePanel, patients: dict[str, str]) -> SpotSet | None:
@@ -137,9 +161,27 @@ def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict |
         name, data.fold.name, {s: p.expression for s, p in predictions.items()}, data.test_truth,
         data.panel.genes, data.gene_sets, data.per_sample_sets,
     )
+    result.extra = _beyond_panel(method, data, predictions)
     audit = FoldAudit(
         test=list(data.fold.test), panel_fitted_on=list(data.panel.fitted_on),
         method_fit=sorted(set(train.sample_ids)), validation=sorted(set(val.sample_ids)),
         gene_sets_from=sorted(set(data.train.sample_ids)), reference_bank=bank_ids,
     )
     return FoldRun(result, audit, predictions, method, seconds, log.curves)
+
+
+def _beyond_panel(method: Method, data: FoldData, predictions: dict[str, Prediction]) -> dict[str, float]:
+    """Cell-type proportion scores (methods that predict them) and whole-transcriptome scores (retrieval
+    methods, with a bank of the fold's training spots returning every gene they all measured)."""
+    extra: dict[str, float] = {}
+    if data.celltype_truth and all(CELLTYPE_KEY in p.extras for p in predictions.values()):
+        predicted = {s: p.extras[CELLTYPE_KEY] for s, p in predictions.items()}
+        extra |= celltype_scores(predicted, data.celltype_truth, data.celltype_names)
+    tx = data.transcriptome
+    if tx is not None and isinstance(method, RetrievalMixin):
+        method.set_reference(data.train.targets, data.panel.genes, list(data.train.sample_ids),
+                             output_expression=tx.train, output_genes=tx.genes)
+        whole = {sid: method.predict(data.test_inputs.subset(data.test_inputs.sample_ids == sid)).expression
+                 for sid in data.fold.test}
+        extra |= transcriptome_scores(whole, tx.genes, tx)
+    return extra

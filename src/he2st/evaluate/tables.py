@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +24,8 @@ from he2st.errors import He2stError
 from he2st.evaluate.metrics import SET_METRICS, evaluate_sample
 from he2st.io import atomic_path
 
-__all__ = ["FoldResult", "evaluate_fold", "summarise", "to_markdown", "write_results"]
+__all__ = ["FoldResult", "evaluate_fold", "extra_markdown", "summarise", "summarise_extra", "to_markdown",
+           "write_results"]
 
 Level = Literal["per_sample", "pooled"]
 
@@ -38,7 +39,8 @@ class FoldResult:
 
     ``per_sample`` maps test sample -> gene set -> metric (keys of ``SET_METRICS``);
     ``pooled`` maps gene set -> metric computed once on all the fold's test spots stacked;
-    ``per_gene`` has one row per (sample, gene) with pearson, spearman, mse, mae.
+    ``per_gene`` has one row per (sample, gene) with pearson, spearman, mse, mae;
+    ``extra`` holds fold-level scores beyond the panel (whole transcriptome, cell-type proportions).
     """
 
     method: str
@@ -47,6 +49,7 @@ class FoldResult:
     per_sample: dict[str, dict[str, dict[str, float]]]
     pooled: dict[str, dict[str, float]]
     per_gene: pd.DataFrame
+    extra: dict[str, float] = field(default_factory=dict)
 
     def set_scores(self, level: Level = "per_sample") -> dict[str, dict[str, float]]:
         """Fold score per gene set and metric.
@@ -126,7 +129,8 @@ def average_results(results: Sequence[FoldResult]) -> FoldResult:
     pooled = mean_of([r.pooled for r in results])
     keys = ["sample", "gene"]
     per_gene = pd.concat([r.per_gene for r in results]).groupby(keys, sort=False).mean(numeric_only=True).reset_index()
-    return FoldResult(first.method, first.fold, list(first.test_samples), per_sample, pooled, per_gene)
+    extra = {k: float(np.mean([r.extra[k] for r in results])) for k in first.extra}
+    return FoldResult(first.method, first.fold, list(first.test_samples), per_sample, pooled, per_gene, extra)
 
 
 def _fold_column(fold: int | str) -> str:
@@ -171,6 +175,41 @@ def summarise(fold_results: Iterable[FoldResult], level: Level = "per_sample") -
                 row.update({_fold_column(f): values.get(f, float("nan")) for f in fold_ids})
                 rows.append(row)
     return pd.DataFrame(rows)
+
+
+def summarise_extra(fold_results: Iterable[FoldResult]) -> pd.DataFrame:
+    """One row per (method, extra score): mean and sd (ddof=1) over folds, n_folds, fold columns."""
+    results = [r for r in fold_results if r.extra]
+    fold_ids = sorted({r.fold for r in results})
+    rows = []
+    for method in dict.fromkeys(r.method for r in results):
+        mine = [r for r in results if r.method == method]
+        for score in dict.fromkeys(k for r in mine for k in r.extra):
+            values = {r.fold: r.extra[score] for r in mine if score in r.extra}
+            v = np.array(list(values.values()), dtype=np.float64)
+            row: dict[str, Any] = {"method": method, "score": score, "mean": float(v.mean()),
+                                   "sd": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
+                                   "n_folds": int(v.size)}
+            row.update({_fold_column(f): values.get(f, float("nan")) for f in fold_ids})
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["method", "score", "mean", "sd", "n_folds", *map(_fold_column, fold_ids)])
+
+
+def extra_markdown(df: pd.DataFrame) -> str:
+    """Methods x extra scores (``mean ± sd`` over folds); counts and thresholds shown as plain numbers."""
+    scores = list(dict.fromkeys(df["score"]))
+    lookup = {(r.method, r.score): (r.mean, r.sd) for r in df.itertuples(index=False)}
+
+    def cell(method: str, score: str) -> str:
+        if (method, score) not in lookup:
+            return "n/a"
+        mean, sd = lookup[(method, score)]
+        if score.endswith(("_predicted", "_scored", "_constant", "_threshold")):
+            return f"{mean:g}"
+        return _cell(mean, sd)
+
+    body = [[m, *(cell(m, s) for s in scores)] for m in dict.fromkeys(df["method"])]
+    return _markdown_table(["method", *scores], body)
 
 
 def _cell(mean: float, sd: float) -> str:
@@ -241,11 +280,12 @@ def _fold_record(r: FoldResult) -> dict[str, Any]:
         "fold_scores": r.set_scores("per_sample"),
         "per_sample": r.per_sample,
         "pooled": r.pooled,
+        "extra": r.extra,
         "per_gene": {c: r.per_gene[c].tolist() for c in r.per_gene.columns},
     }
 
 
-def _markdown_report(summary: pd.DataFrame, provenance: Mapping[str, Any]) -> str:
+def _markdown_report(summary: pd.DataFrame, provenance: Mapping[str, Any], extra: pd.DataFrame) -> str:
     sets = list(dict.fromkeys(summary["gene_set"]))
     parts = [
         "# he2st evaluation results\n",
@@ -262,6 +302,13 @@ def _markdown_report(summary: pd.DataFrame, provenance: Mapping[str, Any]) -> st
     for metric in _MARKDOWN_METRICS:
         if metric in set(summary["metric"]):
             parts.append(f"## {metric}\n\n" + to_markdown(summary, metric, sets))
+    if not extra.empty:
+        parts.append(
+            "## beyond the panel\n\nWhole-transcriptome retrieval (genes measured in every training sample; "
+            "scored: mean training expression >= threshold) and cell-type proportions predicted from the "
+            "image (Pearson per type across a test sample's spots). Mean ± sd over folds.\n\n"
+            + extra_markdown(extra)
+        )
     return "\n".join(parts)
 
 
@@ -283,6 +330,7 @@ def write_results(
     results = list(fold_results)
     summary = summarise(results)
     pooled = summarise(results, level="pooled")
+    extra = summarise_extra(results)
     document = _jsonable(
         {
             "provenance": provenance,
@@ -293,6 +341,7 @@ def write_results(
             ),
             "summary": summary.to_dict(orient="records"),
             "summary_pooled": pooled.to_dict(orient="records"),
+            "summary_extra": extra.to_dict(orient="records"),
             "folds": [_fold_record(r) for r in results],
         }
     )
@@ -311,5 +360,5 @@ def write_results(
     _write_atomic(paths["json"], json.dumps(document, indent=2, allow_nan=False) + "\n")
     _write_atomic(paths["summary"], summary.to_csv(index=False))
     _write_atomic(paths["per_gene"], per_gene.to_csv(index=False))
-    _write_atomic(paths["markdown"], _markdown_report(summary, provenance))
+    _write_atomic(paths["markdown"], _markdown_report(summary, provenance, extra))
     return paths

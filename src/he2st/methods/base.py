@@ -64,6 +64,7 @@ class Method(ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     stochastic: ClassVar[bool] = True  # False: results do not depend on the seed (no need to repeat)
     uses_bank: ClassVar[bool] = False  # retrieval methods: predictions come from a ReferenceBank
+    uses_tokens: ClassVar[bool] = False  # training reads spots.tokens (cached token grids) when available
 
     def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:
         base = config.model_dump() if config is not None else {}

@@ -67,6 +67,9 @@ class BLEEPConfig(MethodConfig):
     k: int = Field(50, gt=0, description="reference spots retrieved per query")
     weighting: Literal["average", "softmax", "similarity"] = Field("softmax", description="BLEEP: average")
     weighting_temperature: float = 0.05
+    query_neighbours: int = Field(
+        0, ge=0, description="average each query's image embedding with its k physically nearest spots' "
+        "(same slide, predicted together; see RetrievalConfig); 0: off (BLEEP)")
     finetune_encoder: bool = Field(False, description="train the image encoder end to end on patches (GPU path)")
     encoder: str | None = Field(None, description="encoder preset for finetune_encoder (default: the embedding encoder)")
     encoder_weights: str | None = Field(None, description="local weights for that encoder")

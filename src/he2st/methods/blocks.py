@@ -51,6 +51,7 @@ __all__ = [
     "fuse",
     "knn_hypergraph",
     "masked_mean",
+    "neighbour_context",
     "multi_positive_nce",
     "neighbourhood_layer",
     "random_mask",
@@ -116,6 +117,21 @@ def sample_neighbour(
         pick = torch.multinomial(weights[has], 1, generator=generator).squeeze(1)
         out[has] = index[rows[has], pick]
     return out
+
+
+def neighbour_context(
+    embeddings: np.ndarray, coords_um: np.ndarray, sample_ids: Sequence, k: int,
+    max_distance_um: float | None = None,
+) -> np.ndarray:
+    """Each spot's L2-normalised embedding averaged with those of its ``k`` physically nearest spots
+    of the same sample (NH2ST's neighbourhood context, applied to image embeddings at query time:
+    neighbouring tissue is seen, never its expression). Spots without neighbours keep their own."""
+    z = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    if k == 0 or len(z) == 0:
+        return z.astype(np.float32)
+    index, valid = spatial_neighbours(coords_um, sample_ids, k, max_distance_um)
+    total = z + (z[index] * valid[:, :, None]).sum(axis=1)
+    return (total / (1 + valid.sum(axis=1, keepdims=True))).astype(np.float32)
 
 
 def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -439,6 +455,11 @@ class RetrievalConfig(MethodConfig):
         "softmax", description="how retrieved profiles are combined (BLEEP/CMRCNet: 'average')"
     )
     weighting_temperature: float = Field(0.05, gt=0, description="temperature of weighting='softmax'")
+    query_neighbours: int = Field(
+        0, ge=0,
+        description="he2st addition (NH2ST's neighbourhood idea at query time): average each query's image "
+        "embedding with those of its k physically nearest spots predicted together (same slide); 0: off",
+    )
 
 
 class RetrievalMixin:
@@ -446,8 +467,8 @@ class RetrievalMixin:
     against expression embeddings of reference spots held in ``self.bank``.
 
     The host class provides ``embed_images(SpotSet) -> np.ndarray``, ``self.net.expression_tower``
-    (or its own ``embed_expression``) and ``config`` with ``projection_dim``, ``k``, ``weighting``
-    and ``weighting_temperature``.
+    (or its own ``embed_expression``) and ``config`` with ``projection_dim``, ``k``, ``weighting``,
+    ``weighting_temperature`` and optionally ``query_neighbours`` (neighbour context of the queries).
     """
 
     bank: ReferenceBank | None
@@ -485,8 +506,11 @@ class RetrievalMixin:
         if self.bank is None:
             raise He2stError(f"method {self.name} has no reference bank")
         cfg = self.config
+        queries = self.embed_images(spots)
+        if getattr(cfg, "query_neighbours", 0):
+            queries = neighbour_context(queries, spots.coords_um, spots.sample_ids, cfg.query_neighbours)
         result = self.bank.predict(
-            self.embed_images(spots),
+            queries,
             k=min(cfg.k, len(self.bank)),
             weighting=cfg.weighting,
             temperature=cfg.weighting_temperature,

@@ -17,8 +17,11 @@ Only CarHE's abstract is public (no code), so this is he2st's reading of its two
     training patients) join this term only, first in a histology-only pre-training stage of the
     image tower (``histology_pretrain_epochs``), then alongside the alignment.
 
-Prediction: retrieval (BLEEP-style) over a reference bank of expression embeddings; the bank can
-return more genes than the panel (``set_reference(..., output_expression=..., output_genes=...)``),
+Prediction: retrieval (BLEEP-style) over a reference bank of expression embeddings. The query is the
+spot's image embedding averaged with its physical neighbours' (``query_neighbours``, a he2st addition:
+NH2ST's neighbourhood context, and the counterpart at prediction of (b), which teaches neighbours to
+embed alike; predictions therefore depend on which spots of a slide are predicted together -- pass
+whole slides, as the benchmark and ``he2st predict`` do). The bank can return more genes than the panel (``set_reference(..., output_expression=..., output_genes=...)``),
 which is how CarHE reaches the whole transcriptome.
 """
 
@@ -95,6 +98,11 @@ class CarHEConfig(RetrievalConfig):
         "before the alignment (over training + unlabelled spots)",
     )
     augment_dropout: float = Field(0.2, ge=0, lt=1, description="feature dropout of an augmented view")
+    query_neighbours: int = Field(
+        6, ge=0,
+        description="he2st addition: at prediction, each spot's image embedding is averaged with its 6 nearest "
+        "spots' (same slide; the hexagon ring) -- the counterpart of training with neighbours as positives; 0: off",
+    )
     augment_noise: float = Field(
         0.1, ge=0, description="std of the Gaussian noise of an augmented view (standardised units)"
     )

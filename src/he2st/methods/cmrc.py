@@ -182,6 +182,7 @@ class CMRCNet(RetrievalMixin, Method):
     name = "cmrcnet"
     Config = CMRCNetConfig
     uses_bank = True
+    uses_tokens = True
 
     def __init__(self, config: CMRCNetConfig | None = None, **overrides) -> None:
         super().__init__(config, **overrides)

@@ -388,7 +388,7 @@ def _run_chunks(slide: Slide, method: Method, encoder: Encoder, cfg: EmbedConfig
             a, b = i * chunk, min((i + 1) * chunk, n)
             t0 = time.perf_counter()
             features = np.concatenate([
-                embed_patches(encoder, patches[j : j + cfg.batch_size], device, dtype, stain, cfg.tta)
+                embed_patches(encoder, patches[j : j + cfg.batch_size], device, dtype, stain, cfg.tta)[0]
                 for j in range(0, len(patches), cfg.batch_size)])
             fh["features"][a:b] = features
             fh.attrs["embedded_chunks"] = i + 1  # committed: the resume point for embedding
