@@ -483,6 +483,23 @@ class RetrievalMixin:
         ]
         return torch.cat(out).numpy() if out else np.zeros((0, self.config.projection_dim), np.float32)
 
+    def _all_negatives(self) -> bool:
+        """Whether training contrasts each batch with every training spot (``negatives="all"``)."""
+        return self.config.negatives == "all" and self.config.loss == "contrastive"
+
+    @torch.no_grad()
+    def _embed_frozen(self, head: nn.Module, spots: SpotSet, batch: int = 1024) -> torch.Tensor:
+        """``head`` applied, in batches, to the spots' standardised frozen features (``self.scaler``)."""
+        self.net.eval()
+        x = self.scaler(spots.features)
+        out = [head(torch.from_numpy(x[a : a + batch])) for a in range(0, len(x), batch)]
+        return torch.cat(out) if out else torch.zeros(0, self.config.projection_dim)
+
+    def _reference_from_training(self, train: SpotSet, val: SpotSet | None) -> None:
+        """The default bank: every training spot, validation spots included."""
+        spots = train if val is None else SpotSet.concat([train, val])
+        self.set_reference(spots.targets, spots.genes, list(spots.sample_ids))
+
     def set_reference(
         self,
         panel_expression: np.ndarray,

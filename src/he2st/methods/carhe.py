@@ -330,30 +330,19 @@ class CarHE(RetrievalMixin, Method):
         )
         log.curves |= joint.curves
         log.best_epoch, log.seconds = joint.best_epoch, log.seconds + joint.seconds
-        reference_spots = train if val is None else SpotSet.concat([train, val])
-        self.set_reference(reference_spots.targets, reference_spots.genes, list(reference_spots.sample_ids))
+        self._reference_from_training(train, val)
         return log
-
-    def _all_negatives(self) -> bool:
-        return self.config.negatives == "all" and self.config.loss == "contrastive"
-
-    @torch.no_grad()
-    def _image_embeddings(self, spots: SpotSet, batch: int = 1024) -> torch.Tensor:
-        self.net.eval()
-        x = self.scaler(spots.features)
-        out = [self.net.image_tower(torch.from_numpy(x[a : a + batch])) for a in range(0, len(x), batch)]
-        return torch.cat(out) if out else torch.zeros(0, self.config.projection_dim)
 
     def embed_images(self, spots: SpotSet) -> np.ndarray:
         """Image embeddings from the frozen features alone (the query side of retrieval)."""
-        return self._image_embeddings(spots).numpy()
+        return self._embed_frozen(self.net.image_tower, spots).numpy()
 
     @torch.no_grad()
     def predict_proportions(self, spots: SpotSet) -> np.ndarray:
         """Cell-type proportions ``(N, C)`` predicted from the images (rows sum to 1)."""
         if not hasattr(self.net, "proportion_head"):
             raise He2stError("carhe was trained without cell-type transfer (celltype_transfer=false)")
-        return torch.softmax(self.net.proportion_head(self._image_embeddings(spots)), dim=-1).numpy()
+        return torch.softmax(self.net.proportion_head(self._embed_frozen(self.net.image_tower, spots)), dim=-1).numpy()
 
     def _predict(self, spots: SpotSet) -> Prediction:
         prediction = self._retrieve(spots)

@@ -310,20 +310,12 @@ class CMRCNet(RetrievalMixin, Method):
             cfg.seed,
             validate if val is not None and len(val) > 1 else None,
         )
-        reference = train if val is None else SpotSet.concat([train, val])
-        self.set_reference(reference.targets, reference.genes, list(reference.sample_ids))
+        self._reference_from_training(train, val)
         return log
 
-    def _all_negatives(self) -> bool:
-        return self.config.negatives == "all" and self.config.loss == "contrastive"
-
-    @torch.no_grad()
-    def embed_images(self, spots: SpotSet, batch: int = 1024) -> np.ndarray:
+    def embed_images(self, spots: SpotSet) -> np.ndarray:
         """Image embeddings from the frozen features alone (the query side of retrieval)."""
-        self.net.eval()
-        x = self.scaler(spots.features)
-        out = [self.net.image_head(torch.from_numpy(x[a : a + batch])) for a in range(0, len(x), batch)]
-        return torch.cat(out).numpy() if out else np.zeros((0, self.config.projection_dim), np.float32)
+        return self._embed_frozen(self.net.image_head, spots).numpy()
 
     def _predict(self, spots: SpotSet) -> Prediction:
         return self._retrieve(spots)
