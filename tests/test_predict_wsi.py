@@ -219,6 +219,32 @@ def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path
     np.testing.assert_allclose(result.X[clear], whole[clear], rtol=1e-5, atol=1e-6)
 
 
+def test_retrieval_methods_with_query_context_get_a_halo():
+    """CarHE's query-time neighbour context (and BLEEP's when switched on) reads the nearest spots,
+    so chunked prediction must extend chunks by them, as it does for NH2ST."""
+    from he2st.predict.wsi import neighbourhood_k
+
+    assert neighbourhood_k(create_method("carhe")) == 6
+    assert neighbourhood_k(create_method("carhe", query_neighbours=0)) == 0
+    assert neighbourhood_k(create_method("bleep")) == 0
+    assert neighbourhood_k(create_method("bleep", query_neighbours=3)) == 3
+    assert neighbourhood_k(create_method("nh2st")) == 8
+
+
+def test_slide_is_encoded_with_the_stain_and_tta_of_the_models_training(model_path, slide_path, encoder, tmp_path):
+    """Features at prediction are made as in training (recorded embedding config), unless overridden."""
+    from he2st.config import EmbedConfig
+
+    method = load_method(model_path)
+    method.embed_config = EmbedConfig(encoder=encoder.spec.name, stain="macenko", tta="flips").model_dump_json()
+    stained = method.save(tmp_path / "stained.pt")
+    as_trained = ad.read_h5ad(predict_slide(stained, slide_path, tmp_path / "a", encoder=encoder))
+    assert (as_trained.uns["he2st"]["stain"], as_trained.uns["he2st"]["tta"]) == ("macenko", "flips")
+    plain = ad.read_h5ad(predict_slide(stained, slide_path, tmp_path / "b", encoder=encoder, stain="none", tta="none"))
+    assert (plain.uns["he2st"]["stain"], plain.uns["he2st"]["tta"]) == ("none", "none")
+    assert not np.allclose(as_trained.X, plain.X)
+
+
 def test_gene_subset_and_user_mask(model_path, slide_path, encoder, tmp_path):
     with open_slide(slide_path) as slide:
         thumb, _ = slide.thumbnail(500)

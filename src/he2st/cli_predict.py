@@ -39,6 +39,10 @@ def predict(
     weights: Annotated[Path | None, typer.Option(
         help="encoder weights file (for encoders without bundled weights)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    stain: Annotated[str | None, typer.Option(
+        help="none, macenko or reinhard (default: as the model's training features)")] = None,
+    tta: Annotated[str | None, typer.Option(
+        help="none, flips or d4 (default: as the model's training features)")] = None,
     library_id: Annotated[str | None, typer.Option(help="output name (default: slide file stem; sample id with --spots-from)")] = None,
     maps: Annotated[bool, typer.Option("--maps/--no-maps", help="also write maps.png into <out>/<library-id>/")] = True,
 ) -> None:
@@ -49,7 +53,8 @@ def predict(
     with progress_bar(None, "predict") as advance:
         path = predict_slide(model, slide, out, mpp=mpp, pitch_um=pitch_um, spots_from=spots_from, chunk=chunk,
                              batch_size=batch_size, genes=_genes(genes) or "panel", mask=mask, weights=weights,
-                             device=device, library_id=library_id, on_chunk=lambda info: advance(info.n_spots))
+                             device=device, stain=stain, tta=tta, library_id=library_id,
+                             on_chunk=lambda info: advance(info.n_spots))
     typer.echo(f"predictions: {path}")
     if maps:
         from he2st.report.plots import plot_prediction

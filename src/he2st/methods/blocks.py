@@ -473,6 +473,12 @@ class RetrievalMixin:
 
     bank: ReferenceBank | None
 
+    @property
+    def spatial_context_k(self) -> int:
+        """Physically nearest spots each query reads (``query_neighbours``); chunked whole-slide
+        prediction adds them to every chunk as a halo so spots at chunk borders keep their context."""
+        return int(getattr(self.config, "query_neighbours", 0))
+
     @torch.no_grad()
     def embed_expression(self, expression: np.ndarray, batch: int = 1024) -> np.ndarray:
         """Expression embeddings (the reference side of retrieval); hosts keep their tower at ``self.net.expression_tower``."""

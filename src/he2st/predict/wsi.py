@@ -212,8 +212,8 @@ def predict_slide(
     weights: str | Path | None = None,
     device: str = "auto",
     precision: str = "auto",
-    stain: str = "none",
-    tta: str = "none",
+    stain: str | None = None,
+    tta: str | None = None,
     encoder: Encoder | None = None,
     library_id: str | None = None,
     thumbnail_px: int = 2000,
@@ -227,6 +227,8 @@ def predict_slide(
     (a he2st sample ``.h5ad`` or :class:`Sample`; its image is used when ``slide_path`` is None and
     its pixel size when ``mpp`` is None). ``genes``: ``"panel"`` or a list / comma-separated
     subset. ``encoder`` overrides loading the model's encoder by name (tests, custom weights).
+    ``stain``, ``tta`` and ``weights`` default to what the model's training features used (its
+    recorded embedding config), so a slide is encoded the way the model saw tissue.
     A rerun with identical inputs returns the existing file; an interrupted one resumes.
     """
     model_path = Path(model_path)
@@ -239,6 +241,10 @@ def predict_slide(
     slide_path = Path(slide_path)
     patch = PatchSpec.model_validate_json(method.patch_spec) if method.patch_spec else PatchSpec()
     model_encoder = json.loads(method.encoder_spec) if method.encoder_spec else {"name": "efficientnet_lite0"}
+    trained = EmbedConfig.model_validate_json(method.embed_config) if method.embed_config else None
+    stain = stain if stain is not None else (trained.stain if trained else "none")
+    tta = tta if tta is not None else (trained.tta if trained else "none")
+    weights = weights if weights is not None else (trained.weights if trained else None)
     gene_index = _select_genes(list(method.panel.genes), genes)
     if chunk <= 0 or batch_size <= 0:
         raise He2stError(f"chunk ({chunk}) and batch size ({batch_size}) must be positive")
