@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from he2st.data.genes import GenePanel, transform_counts
-from he2st.data.splits import check_fold, leave_one_patient_out, leave_one_sample_out, make_folds, validation_mask
+from he2st.data.splits import (
+    check_fold,
+    inner_folds,
+    leave_one_patient_out,
+    leave_one_sample_out,
+    make_folds,
+    validation_mask,
+)
 from he2st.errors import He2stError
 
 
@@ -75,6 +82,20 @@ def test_lopo_and_loso():
         check_fold(bad, PATIENTS)
     with pytest.raises(He2stError, match="unknown fold scheme"):
         make_folds(PATIENTS, "random")
+
+
+def test_inner_folds_never_contain_the_outer_test_patient():
+    """Nested selection: the folds inside patient_B's training set are A-vs-C only."""
+    outer = leave_one_patient_out(PATIENTS)
+    inner = inner_folds(outer, PATIENTS, "patient_B")
+    assert [(f.name, f.train, f.test) for f in inner] == [
+        ("patient_B__patient_A", ["C1"], ["A1"]), ("patient_B__patient_C", ["A1"], ["C1"])]
+    assert [f.test for f in inner_folds(outer, PATIENTS, "patient_A", "loso")] == [["B1"], ["B2"], ["C1"]]
+    with pytest.raises(He2stError, match="no fold named 'patient_X'"):
+        inner_folds(outer, PATIENTS, "patient_X")
+    two = {"A1": "A", "B1": "B"}
+    with pytest.raises(He2stError, match="trains on one patient"):
+        inner_folds(leave_one_patient_out(two), two, "patient_A")
 
 
 def test_validation_mask_only_touches_given_training_groups():

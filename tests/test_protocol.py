@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import anndata as ad
 import h5py
@@ -143,6 +144,21 @@ def test_no_test_patient_spot_is_used_for_fitting_anything(embedded):
     results = json.loads(outcome.paths["json"].read_text())
     assert results["provenance"]["command"] and results["provenance"]["data_checksums_sha256"]
     assert "heg50" in outcome.table and "heg50_testselected" in outcome.table
+
+
+def test_nested_folds_inside_an_outer_fold_never_touch_its_test_patient(embedded):
+    """``inner_of``: options can be chosen by leave-one-patient-out over an outer fold's training patients."""
+    work, _ = embedded
+    cfg = BenchmarkConfig(work_dir=work, name="inner", methods=["ridge"], inner_of="patient_B",
+                          transcriptome_threshold=None)
+    outcome = run_benchmark(cfg)
+    _, patients = Workspace(work).load_folds("lopo")
+    assert sorted(f for _, f in outcome.audits) == ["patient_B__patient_A", "patient_B__patient_C"]
+    for audit in outcome.audits.values():
+        touched = audit.used_for_fitting() | set(audit.test)
+        assert touched and "B" not in {patients[s] for s in touched}
+    checksums = json.loads(outcome.paths["json"].read_text())["provenance"]["data_checksums_sha256"]
+    assert not any(patients[Path(k).name.split("__")[0].removesuffix(".h5ad")] == "B" for k in checksums)
 
 
 def test_predictions_do_not_read_test_expression(embedded, tmp_path):

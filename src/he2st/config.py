@@ -186,6 +186,10 @@ class BenchmarkConfig(WorkConfig):
     )
     seed: int = 0
     seeds: int = Field(1, gt=0, description="train each method with this many seeds and average the fold scores")
+    inner_of: str | None = Field(
+        None, description="run the folds of folds.scheme over the training samples of this fold only (e.g. "
+        "patient_A): the inner loop of nested cross-validation, to choose options without its test patients",
+    )
 
     def needs_patches(self) -> bool:
         """Whether any configured method trains its image encoder end to end (then patches are loaded)."""

@@ -75,6 +75,22 @@ def make_folds(samples: Mapping[str, str], scheme: str = "lopo", allow_shared_pa
     raise He2stError(f"unknown fold scheme {scheme!r}; use 'lopo' or 'loso'")
 
 
+def inner_folds(
+    folds: list[Fold], samples: Mapping[str, str], outer: str, scheme: str = "lopo", allow_shared_patients: bool = False
+) -> list[Fold]:
+    """The folds of ``scheme`` over the training samples of the fold named ``outer`` (the inner loop of
+    nested cross-validation): options chosen on them never saw the outer fold's test patients."""
+    match = next((f for f in folds if f.name == outer), None)
+    if match is None:
+        raise He2stError(f"no fold named {outer!r} to nest in; folds: {[f.name for f in folds]}")
+    train = {s: samples[s] for s in match.train}
+    if scheme == "lopo" and len(set(train.values())) < 2:
+        raise He2stError(f"fold {outer} trains on one patient ({sorted(set(train.values()))}); "
+                         "leave-one-patient-out inside it needs at least 2")
+    return [f.model_copy(update={"name": f"{outer}__{f.name}"})
+            for f in make_folds(train, scheme, allow_shared_patients)]
+
+
 def check_fold(fold: Fold, samples: Mapping[str, str]) -> None:
     """Raise if a fold puts one patient on both sides without being labelled as such."""
     shared = _patients(samples, fold.train) & _patients(samples, fold.test)

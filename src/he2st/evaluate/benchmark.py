@@ -17,7 +17,7 @@ import torch
 
 from he2st import __version__
 from he2st.config import BenchmarkConfig, dump_config
-from he2st.data.splits import check_fold
+from he2st.data.splits import Fold, check_fold, inner_folds
 from he2st.errors import He2stError
 from he2st.evaluate.protocol import FoldAudit, FoldRun, build_fold_data, run_fold
 from he2st.evaluate.tables import (
@@ -87,8 +87,16 @@ class BenchmarkOutcome:
     table: str
 
 
+def benchmark_folds(config: BenchmarkConfig, ws: Workspace) -> tuple[list[Fold], dict[str, str]]:
+    """The prepared folds, or with ``inner_of`` the folds nested inside that one's training samples."""
+    folds, patients = ws.load_folds(config.folds.scheme)
+    if config.inner_of:
+        folds = inner_folds(folds, patients, config.inner_of, config.folds.scheme, config.folds.allow_shared_patients)
+    return folds, patients
+
+
 def provenance(config: BenchmarkConfig, ws: Workspace, command: str | None) -> dict:
-    sample_ids = sorted({s for f in ws.load_folds(config.folds.scheme)[0] for s in f.train + f.test})
+    sample_ids = sorted({s for f in benchmark_folds(config, ws)[0] for s in f.train + f.test})
     checksums = {f"samples/{s}.h5ad": sha256_file(ws.sample_path(s)) for s in sample_ids}
     checksums |= {
         str(ws.embedding_path(config.embed, s, config.patch).relative_to(ws.root)):
@@ -108,7 +116,7 @@ def run_benchmark(
     config: BenchmarkConfig, command: str | None = None, log: Callable[[str], None] | None = None
 ) -> BenchmarkOutcome:
     ws = Workspace(config.work_dir)
-    folds, patients = ws.load_folds(config.folds.scheme)
+    folds, patients = benchmark_folds(config, ws)
     variants: list[tuple[str, str, dict]] = [(m, m, {}) for m in config.methods]
     if config.ablation:
         variants += ablation_variants(config.methods, config.ablation_only)
