@@ -72,6 +72,31 @@ def test_tampered_checkpoint_with_pickled_object_is_refused(tmp_path):
         load_method(tmp_path / "evil.pt")
 
 
+def test_ridge_probe_also_predicts_cell_type_proportions_when_trained_on_them(tmp_path):
+    """The linear baseline for CarHE's cell-type head: proportions from the same PCA features."""
+    spots = synthetic_spots()
+    rng = np.random.default_rng(1)
+    logits = spots.features[:, :4] @ rng.normal(size=(4, 5))
+    props = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    props[3] = np.nan  # deconvolution tables have unusable rows; they are left out of the fit
+    spots.extras["celltype_major"] = props.astype(np.float32)
+    train, test = spots.subset(np.arange(0, 200)), spots.subset(np.arange(200, 240))
+    method = create_method("ridge", pca_components=8)
+    method.panel = GenePanel(genes=spots.genes)
+    method.fit(train)
+    pred = method.predict(test.without_expression()).extras["celltype_major"]
+    assert pred.shape == (40, 5) and (pred >= 0).all()
+    np.testing.assert_allclose(pred.sum(axis=1), 1, atol=1e-5)
+    r = [np.corrcoef(pred[:, j], test.extras["celltype_major"][:, j])[0, 1] for j in range(5)]
+    assert np.mean(r) > 0.5
+    back = load_method(method.save(tmp_path / "ridge.pt"))
+    np.testing.assert_array_equal(back.predict(test.without_expression()).extras["celltype_major"], pred)
+    off = create_method("ridge", pca_components=8, celltype_key=None)
+    off.panel = method.panel
+    off.fit(train)
+    assert not off.predict(test.without_expression()).extras
+
+
 def test_model_refuses_features_from_another_encoder():
     method, test = fitted("knn")
     test.features = np.zeros((len(test), 32), np.float32)

@@ -19,6 +19,7 @@ from torch import nn
 
 from he2st.data.spots import SpotSet
 from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog
+from he2st.methods.blocks import clean_proportions
 from he2st.methods.features import FeatureScaler
 from he2st.predict.retrieval import ReferenceBank
 from he2st.train import TrainConfig, fit_minibatches
@@ -30,6 +31,12 @@ class RidgeConfig(MethodConfig):
     alpha_cv: bool = Field(False, description="choose alpha by inner cross-validation on training samples")
     alphas: list[float] = Field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5])
     fit_intercept: bool = Field(False, description="HEST-Benchmark: False")
+    celltype_key: str | None = Field(
+        "celltype_major",
+        description="when training spots carry these proportions (extras), also fit a ridge (with intercept) "
+        "from the same PCA features to them and predict them (rows clipped and summed to 1): the linear "
+        "baseline for CarHE's cell-type head; None: expression only",
+    )
 
 
 class RidgeProbe(Method):
@@ -58,6 +65,12 @@ class RidgeProbe(Method):
             "intercept": np.broadcast_to(np.asarray(ridge.intercept_, dtype=np.float64), (Y.shape[1],)).copy(),
             "alpha": np.array([alpha]),
         }
+        key = self.config.celltype_key
+        if key and key in data.extras:
+            props, ok = clean_proportions(data.extras[key])
+            fit = Ridge(alpha=100.0 / (n_comp * props.shape[1]), solver="lsqr", max_iter=1000,
+                        random_state=self.config.seed).fit(Z[ok], props[ok])
+            self.arrays |= {"proportion_coef": fit.coef_, "proportion_intercept": fit.intercept_}
         log.add(alpha=alpha)
         return log
 
@@ -81,7 +94,11 @@ class RidgeProbe(Method):
         a = self.arrays
         Z = ((spots.features - a["scale_mean"]) / a["scale_std"] - a["pca_mean"]) @ a["pca_components"].T
         pred = Z @ a["coef"].T + a["intercept"]
-        return Prediction(pred.astype(np.float32), list(self.panel.genes))
+        prediction = Prediction(pred.astype(np.float32), list(self.panel.genes))
+        if "proportion_coef" in a:
+            props = Z @ a["proportion_coef"].T + a["proportion_intercept"]
+            prediction.extras[self.config.celltype_key] = clean_proportions(props)[0]
+        return prediction
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.arrays.items()}

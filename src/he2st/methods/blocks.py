@@ -345,6 +345,18 @@ def standardize_columns(x: np.ndarray) -> np.ndarray:
     return ((x - x.mean(0)) / np.maximum(x.std(0), 1e-6)).astype(np.float32)
 
 
+def clean_proportions(props: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows normalised to sum 1 (negatives clipped) and a mask of usable rows (finite, positive sum):
+    deconvolution tables carry NaN rows and tiny negative values that would break a simplex target."""
+    props = np.asarray(props, dtype=np.float64)
+    ok = np.isfinite(props).all(axis=1)
+    clipped = np.where(np.isfinite(props), np.clip(props, 0, None), 0.0)
+    total = clipped.sum(axis=1)
+    ok &= total > 0
+    normed = clipped / np.where(total > 0, total, 1.0)[:, None]
+    return normed.astype(np.float32), ok
+
+
 # ====================================================================== losses
 class AlignmentLoss(nn.Module):
     """Contrastive alignment of two modalities with he2st's options, in one module.

@@ -40,6 +40,7 @@ from he2st.methods.blocks import (
     AlignmentLoss,
     RetrievalConfig,
     RetrievalMixin,
+    clean_proportions,
     expression_tower,
     feature_augment,
     multi_positive_nce,
@@ -138,17 +139,6 @@ class CarHEModule(nn.Module):
             self.histology_projector = nn.Sequential(nn.Linear(p, p), nn.GELU(), nn.Linear(p, p))
 
 
-def _clean_proportions(props: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows normalised to sum 1 (negatives clipped) and a mask of usable rows (finite, positive sum)."""
-    props = np.asarray(props, dtype=np.float64)
-    ok = np.isfinite(props).all(axis=1)
-    clipped = np.where(np.isfinite(props), np.clip(props, 0, None), 0.0)
-    total = clipped.sum(axis=1)
-    ok &= total > 0
-    normed = clipped / np.where(total > 0, total, 1.0)[:, None]
-    return normed.astype(np.float32), ok
-
-
 class CarHE(RetrievalMixin, Method):
     """Image-expression-proportion alignment, histology transfer, retrieval with a full-transcriptome bank."""
 
@@ -237,7 +227,7 @@ class CarHE(RetrievalMixin, Method):
                     f"carhe: training spots have no extras[{cfg.celltype_key!r}] (cell-type proportions); "
                     "load them or set celltype_transfer=false"
                 )
-            props_np, ok_np = _clean_proportions(train.extras[cfg.celltype_key])
+            props_np, ok_np = clean_proportions(train.extras[cfg.celltype_key])
             if ok_np.sum() < 2:
                 raise He2stError(
                     f"carhe: fewer than 2 training spots have usable {cfg.celltype_key} proportions"
@@ -305,7 +295,7 @@ class CarHE(RetrievalMixin, Method):
             )
             pv = okv = None
             if props is not None and cfg.celltype_key in val.extras:
-                pv_np, okv_np = _clean_proportions(val.extras[cfg.celltype_key])
+                pv_np, okv_np = clean_proportions(val.extras[cfg.celltype_key])
                 pv, okv = torch.from_numpy(pv_np), torch.from_numpy(okv_np)
             total, b = 0.0, cfg.train.batch_size
             for a in range(0, len(val), b):
