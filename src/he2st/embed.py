@@ -61,6 +61,21 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16}[precision]
 
 
+def ready_for_inference(
+    encoder: Encoder, config: EmbedConfig
+) -> tuple[torch.device, torch.dtype | None, Callable[[np.ndarray], np.ndarray] | None]:
+    """Move ``encoder`` to the configured device in eval mode (channels-last on GPUs); returns that
+    device, the autocast dtype and the stain normaliser (None: off), so every embedding path -- the
+    patch cache and whole-slide prediction -- encodes tissue identically."""
+    device = resolve_device(config.device)
+    dtype = autocast_dtype(device, config.precision)
+    encoder.to(device).eval()
+    if device.type != "cpu":
+        encoder.to(memory_format=torch.channels_last)
+    stain = make_stain_normalizer(config.stain)[0] if config.stain != "none" else None
+    return device, dtype, stain
+
+
 class _PatchChunks(Dataset):
     """Chunks of uint8 patches read straight from the HDF5 cache (one h5 handle per worker)."""
 
@@ -171,12 +186,7 @@ def embed_cache(
             fh.create_dataset("embeddings", shape=(n, dim), dtype=np.float32)
             fh.create_dataset("barcodes", data=np.array([b.encode() for b in cache.barcodes]))
             fh.attrs.update(wanted | {"format": FORMAT, "n_done": 0, "patch_cache": str(cache.path)})
-    device = resolve_device(config.device)
-    dtype = autocast_dtype(device, config.precision)
-    encoder.to(device).eval()
-    if device.type != "cpu":
-        encoder.to(memory_format=torch.channels_last)
-    stain = make_stain_normalizer(config.stain)[0] if config.stain != "none" else None
+    device, dtype, stain = ready_for_inference(encoder, config)
     loader = DataLoader(
         _PatchChunks(cache.path, done, n, config.batch_size), batch_size=None, shuffle=False,
         num_workers=config.num_workers, prefetch_factor=4 if config.num_workers else None,

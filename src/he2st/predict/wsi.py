@@ -39,9 +39,8 @@ from he2st.data.patches import PatchSpec
 from he2st.data.sample import Sample
 from he2st.data.slide import Slide, open_slide
 from he2st.data.spots import SpotSet
-from he2st.embed import autocast_dtype, embed_patches, load_encoder, resolve_device
+from he2st.embed import embed_patches, load_encoder, ready_for_inference
 from he2st.encoders import Encoder
-from he2st.encoders.stain import make_stain_normalizer
 from he2st.errors import He2stError
 from he2st.io import atomic_path
 from he2st.methods.base import Method, load_method
@@ -342,12 +341,7 @@ def _run_chunks(slide: Slide, method: Method, encoder: Encoder, cfg: EmbedConfig
     k = neighbourhood_k(method)
     tree = cKDTree(grid.xy) if k else None
     side = patch.field_um / mpp
-    device = resolve_device(cfg.device)
-    dtype = autocast_dtype(device, cfg.precision)
-    encoder.to(device).eval()
-    if device.type != "cpu":
-        encoder.to(memory_format=torch.channels_last)
-    stain = make_stain_normalizer(cfg.stain)[0] if cfg.stain != "none" else None
+    device, dtype, stain = ready_for_inference(encoder, cfg)
 
     def read(i: int) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
