@@ -240,10 +240,11 @@ def predict_slide(
     slide_path = Path(slide_path)
     patch = PatchSpec.model_validate_json(method.patch_spec) if method.patch_spec else PatchSpec()
     model_encoder = json.loads(method.encoder_spec) if method.encoder_spec else {"name": "efficientnet_lite0"}
-    trained = EmbedConfig.model_validate_json(method.embed_config) if method.embed_config else None
-    stain = stain if stain is not None else (trained.stain if trained else "none")
-    tta = tta if tta is not None else (trained.tta if trained else "none")
-    weights = weights if weights is not None else (trained.weights if trained else None)
+    trained = (EmbedConfig.model_validate_json(method.embed_config) if method.embed_config
+               else EmbedConfig(encoder=model_encoder["name"]))
+    stain = stain if stain is not None else trained.stain
+    tta = tta if tta is not None else trained.tta
+    weights = weights if weights is not None else trained.weights
     gene_index = _select_genes(list(method.panel.genes), genes)
     if chunk <= 0 or batch_size <= 0:
         raise He2stError(f"chunk ({chunk}) and batch size ({batch_size}) must be positive")
