@@ -19,11 +19,13 @@ from pathlib import Path
 
 import torch
 
-from he2st.config import EmbedConfig, PrepareConfig
+from he2st.data.embeddings import EmbedConfig
 from he2st.data.patches import PatchCache, PatchSpec
-from he2st.embed import autocast_dtype, embed_cache, load_encoder, resolve_device
-from he2st.prepare import prepare
-from he2st.workspace import Workspace
+from he2st.data.workspace import Workspace
+from he2st.encoders.inference import autocast_dtype, load_encoder, resolve_device
+from he2st.workflows.config import PrepareConfig
+from he2st.workflows.embed import embed_cache
+from he2st.workflows.prepare import prepare
 
 
 def bare_forward(encoder, batch: int, device, dtype, seconds: float = 20.0) -> float:

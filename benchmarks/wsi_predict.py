@@ -34,14 +34,17 @@ import h5py
 import numpy as np
 import tifffile
 
-from he2st.config import EmbedConfig
+from he2st.data.embeddings import EmbedConfig
 from he2st.data.genes import GenePanel
-from he2st.data.patches import PatchCache, PatchSpec
+from he2st.data.patches import PatchCache, PatchSpec, read_patches
 from he2st.data.slide import open_slide
 from he2st.data.spots import SpotSet
-from he2st.embed import embed_cache, load_encoder
-from he2st.methods.registry import create_method
-from he2st.predict.wsi import ChunkInfo, predict_slide, read_patches
+from he2st.encoders.inference import load_encoder
+from he2st.encoders.spec import EncoderSpec
+from he2st.methods import ModelCard, create_method
+from he2st.predict import ChunkInfo
+from he2st.workflows.embed import embed_cache
+from he2st.workflows.predict_slide import predict_slide
 
 TILE = 256
 MPP = 0.5
@@ -102,13 +105,13 @@ def build_slide(path: Path, size: int) -> Path:
 
 
 # ---------------------------------------------------------------------------- model and references
-def small_model(encoder_spec: str, dim: int, path: Path, n: int = 2000, genes: int = 250) -> Path:
+def small_model(encoder_spec: EncoderSpec, dim: int, path: Path, n: int = 2000, genes: int = 250) -> Path:
     """kNN over a random bank: realistic retrieval cost, no training data needed."""
     rng = np.random.default_rng(0)
     names = [f"GENE{i}" for i in range(genes)]
-    method = create_method("knn", k=50)
-    method.panel, method.encoder_spec = GenePanel(genes=names), encoder_spec
-    method.patch_spec = PatchSpec().model_dump_json()
+    method = create_method("knn", top_k=50)
+    method.card = ModelCard(method="knn", panel=GenePanel(genes=names), encoder=encoder_spec, patch=PatchSpec(),
+                            embedding=EmbedConfig(encoder=encoder_spec.name))
     method.fit(SpotSet(np.array(["ref"] * n, dtype=object), np.array([str(i) for i in range(n)], dtype=object),
                        rng.normal(size=(n, dim)).astype(np.float32), np.zeros((n, 2)), names,
                        rng.gamma(2, 1, (n, genes)).astype(np.float32)))
@@ -156,7 +159,7 @@ def main() -> None:
                   f"in {time.perf_counter() - start:.0f} s")
         cfg = EmbedConfig(encoder=args.encoder, batch_size=args.batch_size)
         encoder = load_encoder(cfg)
-        model = small_model(encoder.spec.model_dump_json(), encoder.embed_dim, tmp / "knn.pt")
+        model = small_model(encoder.spec, encoder.embed_dim, tmp / "knn.pt")
         chunks: list[ChunkInfo] = []
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         start = time.perf_counter()

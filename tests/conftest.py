@@ -34,8 +34,8 @@ def her2st() -> Path:
 @pytest.fixture(scope="session")
 def prepared(her2st: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 7 imaged her2st sections prepared once for the whole test session (real data)."""
-    from he2st.config import PrepareConfig
-    from he2st.prepare import prepare
+    from he2st.workflows.config import PrepareConfig
+    from he2st.workflows.prepare import prepare
 
     work = tmp_path_factory.mktemp("work")
     prepare(PrepareConfig(work_dir=work))

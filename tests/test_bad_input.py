@@ -45,7 +45,7 @@ def prepare_with(tmp_path: Path, files: dict[str, Path]) -> subprocess.Completed
         f" image: '{files['image']}'}}\n"
         f"  - {{reader: st, sample_id: S2, patient_id: P2, path: '{files['counts']}', spots_file: '{files['spots']}',"
         f" image: '{files['image']}'}}\n"
-        "genes: {n_genes: 2, min_spot_fraction: 0}\npatch: {field_um: 50, size_px: 32}\n"
+        "patch: {field_um: 50, size_px: 32}\n"
     )
     return subprocess.run([sys.executable, "-c", "from he2st.cli import main; main()", "prepare", "-c", str(cfg),
                            "-w", str(tmp_path / "work")], capture_output=True, text=True, env=dict(os.environ))

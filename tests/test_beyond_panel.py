@@ -14,11 +14,12 @@ import scipy.sparse as sp
 from he2st.data.genes import transform_counts
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
-from he2st.evaluate.benchmark import ABLATIONS, ablation_variants
 from he2st.evaluate.beyond_panel import build_transcriptome, celltype_scores, transcriptome_scores
-from he2st.evaluate.tables import FoldResult, average_results, extra_markdown, summarise_extra
-from he2st.methods.blocks import neighbour_context
-from he2st.methods.registry import method_class
+from he2st.evaluate.scoring import FoldResult, average_results, summarise_extra
+from he2st.evaluate.tables import extra_markdown
+from he2st.methods import list_methods, method_class
+from he2st.methods.neighbourhood import neighbour_context
+from he2st.workflows.benchmark import ablation_variants
 
 
 def _sample(sid: str, genes: list[str], n: int, rng: np.random.Generator, scale: np.ndarray):
@@ -101,7 +102,8 @@ def test_neighbour_context_averages_physical_neighbours_within_a_sample():
 
 
 def test_every_ablation_names_real_options_of_its_method():
-    for method, rows in ABLATIONS.items():
+    for method in list_methods():
+        rows = method_class(method).ablations
         fields = method_class(method).Config.model_fields
         for name, options in rows.items():
             assert set(options) <= set(fields), (method, name)
@@ -110,6 +112,6 @@ def test_every_ablation_names_real_options_of_its_method():
     assert labels[0] == "carhe-no_celltype_transfer" and "nh2st-no_neighbours" in labels
     assert not any(label.startswith("ridge") for label in labels)
     only = ablation_variants(["bleep", "carhe"], ["carhe", "bleep-single_model"])
-    assert [label for label, _, _ in only][0] == "bleep-single_model" and len(only) == 1 + len(ABLATIONS["carhe"])
+    assert [label for label, _, _ in only][0] == "bleep-single_model" and len(only) == 1 + len(method_class("carhe").ablations)
     with pytest.raises(He2stError, match="nh2st-no_neighbours"):
         ablation_variants(["bleep"], ["nh2st-no_neighbours"])

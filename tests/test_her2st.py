@@ -15,7 +15,7 @@ from he2st.data.her2st import IMAGED_SECTIONS, load_section
 from he2st.data.patches import PatchCache, PatchSpec
 from he2st.data.slide import read_patch
 from he2st.errors import He2stError
-from he2st.workspace import Workspace
+from he2st.data.workspace import Workspace
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -48,7 +48,7 @@ def test_tissue_patches_darker_than_background_corner(prepared):
         sample = ws.load_sample(section)
         cache = PatchCache(ws.patch_path(section, PatchSpec()))
         assert len(cache) == sample.n_spots and cache.barcodes == list(sample.adata.obs_names)
-        tissue_mean = cache.read_all().mean()
+        tissue_mean = cache.read().mean()
         side = 112 / sample.pixel_size_um
         corner = read_patch(sample.slide, (side / 2 + 5, side / 2 + 5), side, 224)
         assert tissue_mean < corner.mean() - 20, (tissue_mean, corner.mean())
@@ -63,10 +63,13 @@ def test_lopo_folds_hold_out_whole_patients(prepared):
 
 
 def test_panels_fitted_on_training_samples_only(prepared):
+    from he2st.data.genes import GeneConfig, GenePanel
+
     ws = Workspace(prepared)
+    assert not (prepared / "panels").exists()  # panels are fitted per fold when a run needs them
     folds, _ = ws.load_folds("lopo")
     for fold in folds:
-        panel = ws.load_panel("lopo", fold.name)
+        panel = GenePanel.from_config({s: ws.load_sample(s).adata for s in fold.train}, GeneConfig())
         assert panel.fitted_on == sorted(fold.train) and panel.n_genes == 250
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from he2st.errors import He2stError
 from he2st.methods.losses import ContrastiveLoss, EmbeddingQueue, bleep_soft_clip_loss, info_nce
 from he2st.methods.nn import BidirectionalFusion, CrossAttentionBlock, MLPEncoder, ProjectionHead
-from he2st.predict.retrieval import ReferenceBank
+from he2st.methods.bank import ReferenceBank
 
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
 
@@ -212,7 +212,7 @@ def test_search_is_chunked_without_changing_results(monkeypatch: pytest.MonkeyPa
     bank = _bank()
     queries = np.random.default_rng(2).normal(size=(30, 16))
     full = bank.search(queries, 5, backend="exact")
-    monkeypatch.setattr("he2st.predict.retrieval.MAX_BLOCK_ELEMENTS", 3 * len(bank))
+    monkeypatch.setattr("he2st.methods.bank.MAX_BLOCK_ELEMENTS", 3 * len(bank))
     chunked = bank.search(queries, 5, backend="exact")
     np.testing.assert_array_equal(full[1], chunked[1])
     np.testing.assert_allclose(full[0], chunked[0], atol=1e-6)  # BLAS blocking may change the last bit
@@ -229,8 +229,8 @@ def test_faiss_and_exact_backends_agree() -> None:
 
 
 def test_without_faiss_auto_falls_back_and_faiss_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("he2st.predict.retrieval._faiss", lambda: None)
-    monkeypatch.setattr("he2st.predict.retrieval.FAISS_AUTO_MIN_ROWS", 10)
+    monkeypatch.setattr("he2st.methods.bank._faiss", lambda: None)
+    monkeypatch.setattr("he2st.methods.bank.FAISS_AUTO_MIN_ROWS", 10)
     bank = _bank()
     queries = np.random.default_rng(7).normal(size=(3, 16))
     np.testing.assert_array_equal(bank.search(queries, 4)[1], bank.search(queries, 4, backend="exact")[1])

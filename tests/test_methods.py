@@ -15,7 +15,7 @@ from he2st.methods import create_method, list_methods, load_method
 
 FAST = {"train": {"epochs": 8, "batch_size": 64, "patience": 3}}
 OPTIONS = {"bleep": FAST | {"ensemble": 2}, "bleep_faithful": FAST, "mlp": FAST, "ridge": {"pca_components": 8},
-           "ridge_cv": {"pca_components": 8, "alphas": [1.0, 100.0]}, "knn": {"k": 5}}
+           "ridge_cv": {"pca_components": 8, "alphas": [1.0, 100.0]}, "knn": {"top_k": 5}}
 
 
 def synthetic_spots(n: int = 240, d: int = 16, g: int = 12, seed: int = 0) -> SpotSet:
@@ -37,7 +37,6 @@ def fitted(name: str) -> tuple:
     train, val, test = spots.subset(np.arange(0, 160)), spots.subset(np.arange(160, 200)), spots.subset(np.arange(200, 240))
     method = create_method(name, **OPTIONS[name])
     method.panel = GenePanel(genes=spots.genes)
-    method.encoder_spec = '{"name": "synthetic", "embed_dim": 16}'
     method.fit(train, val)
     return method, test
 
@@ -111,7 +110,7 @@ def test_unknown_method_name():
 
 def test_faithful_bleep_defaults_match_the_paper():
     cfg = create_method("bleep_faithful").config
-    assert (cfg.loss, cfg.temperature, cfg.learn_temperature, cfg.negatives, cfg.weighting, cfg.k) == (
+    assert (cfg.loss, cfg.temperature, cfg.learn_temperature, cfg.negatives, cfg.weighting, cfg.top_k) == (
         "bleep_soft", 1.0, False, "batch", "average", 50)
     assert cfg.expression_encoder == "projection" and cfg.projection_dim == 256 and cfg.train.lr == 1e-3
 
@@ -153,7 +152,8 @@ def test_retrieval_can_return_more_genes_than_the_panel():
     rng = np.random.default_rng(1)
     full = np.hstack([train.targets, rng.random((200, 30000), dtype=np.float32)])
     genes = train.genes + [f"EXTRA{i}" for i in range(30000)]
-    method.set_reference(train.targets, train.genes, list(train.sample_ids), output_expression=full, output_genes=genes)
+    method.bank = method.reference_bank(train.targets, train.genes, list(train.sample_ids),
+                                        output_expression=full, output_genes=genes)
     pred = method.predict(test)
     assert pred.expression.shape == (40, 30012) and pred.genes[-1] == "EXTRA29999"
     assert set(pred.uncertainty) == {"best_similarity", "dispersion"}

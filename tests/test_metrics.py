@@ -21,7 +21,9 @@ from he2st.evaluate.metrics import (
     pearson_per_spot,
     spearman_per_gene,
 )
-from he2st.evaluate.tables import FoldResult, evaluate_fold, summarise, to_markdown, write_results
+from he2st.evaluate.results import write_results
+from he2st.evaluate.scoring import FoldResult, evaluate_fold, summarise
+from he2st.evaluate.tables import to_markdown
 
 
 @pytest.fixture

@@ -17,18 +17,18 @@ import torch
 from PIL import Image
 from synthetic import tissue_image, write_pyramid
 
+from he2st.data.embeddings import EmbedConfig
 from he2st.data.genes import GenePanel
-from he2st.data.patches import PatchSpec
+from he2st.data.patches import PatchSpec, read_patches
 from he2st.data.slide import open_slide, read_patch
 from he2st.data.spots import SpotSet
-from he2st.embed import embed_patches
 from he2st.encoders import create
+from he2st.encoders.inference import embed_patches
 from he2st.errors import He2stError
-from he2st.methods.base import load_method
-from he2st.methods.registry import create_method
+from he2st.methods import ModelCard, create_method, load_method
 from he2st.predict.grid import hex_grid
 from he2st.predict.tissue import detect_tissue, load_mask
-from he2st.predict.wsi import predict_slide, read_patches
+from he2st.workflows.predict_slide import predict_slide
 
 MPP = 0.5
 SIDE = 3000  # px: a 1.5 mm field with an elliptical tissue blob (~120 spots at 100 µm pitch)
@@ -58,10 +58,9 @@ def model_path(encoder, tmp_path_factory) -> Path:
     """A kNN model over random 'training spots' whose features match the tiny encoder."""
     rng = np.random.default_rng(0)
     n = 80
-    method = create_method("knn", k=5)
-    method.panel = GenePanel(genes=GENES)
-    method.encoder_spec = encoder.spec.model_dump_json()
-    method.patch_spec = PatchSpec().model_dump_json()
+    method = create_method("knn", top_k=5)
+    method.card = ModelCard(method="knn", panel=GenePanel(genes=GENES), encoder=encoder.spec, patch=PatchSpec(),
+                            embedding=EmbedConfig(encoder=encoder.spec.name))
     ids = np.array([f"b{i}" for i in range(n)], dtype=object)
     features = rng.normal(size=(n, encoder.embed_dim)).astype(np.float32)
     targets = rng.gamma(2, 1, (n, len(GENES))).astype(np.float32)
@@ -173,23 +172,21 @@ def test_interrupted_prediction_resumes_and_finished_run_is_reused(reference, mo
     assert not seen and out.stat().st_mtime_ns == mtime
 
 
-def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path, slide_path, encoder, tmp_path,
-                                                                       monkeypatch):
+def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path, slide_path, encoder, tmp_path):
     """A method that reads each spot's 6 nearest neighbours (as NH2ST does) predicts the same in
     small chunks as in one: chunks are extended by a halo of neighbours."""
-    import he2st.predict.wsi as wsi
-    from he2st.methods.base import Method, Prediction
-    from he2st.methods.blocks import spatial_neighbours
+    from he2st.methods import Method, Prediction
+    from he2st.methods.neighbourhood import spatial_neighbours
 
     class Smooth(Method):
         name = "smooth_test"
-        spatial_context_k = 6
+        context_k = 6
 
         def fit(self, train, val=None):
             raise NotImplementedError
 
         def _predict(self, spots):
-            index, valid = spatial_neighbours(spots.coords_um, spots.sample_ids, self.spatial_context_k)
+            index, valid = spatial_neighbours(spots.coords_um, spots.sample_ids, self.context_k)
             f = spots.features[:, : len(GENES)]
             total = f + (f[index] * valid[..., None]).sum(axis=1)
             return Prediction((total / (1 + valid.sum(axis=1, keepdims=True))).astype(np.float32), GENES)
@@ -197,16 +194,14 @@ def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path
         def state(self):
             return {}
 
-        def load_state(self, state):
+        def load_state(self, state, layout):
             pass
 
     method = Smooth()
-    method.panel, method.encoder_spec = GenePanel(genes=GENES), encoder.spec.model_dump_json()
-    monkeypatch.setattr(wsi, "load_method", lambda path: method)
-    assert wsi.neighbourhood_k(method) == 6
-    whole = ad.read_h5ad(predict_slide(model_path, slide_path, tmp_path / "a", chunk=10_000, encoder=encoder)).X
+    method.card = load_method(model_path).card
+    whole = ad.read_h5ad(predict_slide(method, slide_path, tmp_path / "a", chunk=10_000, encoder=encoder)).X
     seen = []
-    chunked = predict_slide(model_path, slide_path, tmp_path / "b", chunk=16, encoder=encoder,
+    chunked = predict_slide(method, slide_path, tmp_path / "b", chunk=16, encoder=encoder,
                             on_chunk=lambda info: seen.append(info.index))
     assert len(seen) > 5
     result = ad.read_h5ad(chunked)
@@ -222,21 +217,19 @@ def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path
 def test_retrieval_methods_with_query_context_get_a_halo():
     """CarHE's query-time neighbour context (and BLEEP's when switched on) reads the nearest spots,
     so chunked prediction must extend chunks by them, as it does for NH2ST."""
-    from he2st.predict.wsi import neighbourhood_k
-
-    assert neighbourhood_k(create_method("carhe")) == 6
-    assert neighbourhood_k(create_method("carhe", query_neighbours=0)) == 0
-    assert neighbourhood_k(create_method("bleep")) == 0
-    assert neighbourhood_k(create_method("bleep", query_neighbours=3)) == 3
-    assert neighbourhood_k(create_method("nh2st")) == 8
+    assert create_method("carhe").context_k == 6
+    assert create_method("carhe", query_neighbours=0).context_k == 0
+    assert create_method("bleep").context_k == 0
+    assert create_method("bleep", query_neighbours=3).context_k == 3
+    assert create_method("nh2st").context_k == 8
+    assert create_method("nh2st", neighbours=False).context_k == 0
 
 
 def test_slide_is_encoded_with_the_stain_and_tta_of_the_models_training(model_path, slide_path, encoder, tmp_path):
     """Features at prediction are made as in training (recorded embedding config), unless overridden."""
-    from he2st.config import EmbedConfig
-
     method = load_method(model_path)
-    method.embed_config = EmbedConfig(encoder=encoder.spec.name, stain="macenko", tta="flips").model_dump_json()
+    method.card = method.card.model_copy(update={
+        "embedding": EmbedConfig(encoder=encoder.spec.name, stain="macenko", tta="flips")})
     stained = method.save(tmp_path / "stained.pt")
     as_trained = ad.read_h5ad(predict_slide(stained, slide_path, tmp_path / "a", encoder=encoder))
     assert (as_trained.uns["he2st"]["stain"], as_trained.uns["he2st"]["tta"]) == ("macenko", "flips")
@@ -309,11 +302,12 @@ def test_cli_predict_plot_report(model_path, slide_path, encoder, tmp_path):
     assert Image.open(tmp_path / "figs" / "maps.png").size[0] > 300
     assert (tmp_path / "figs" / "uncertainty.png").exists()
     results = {"provenance": {"command": "he2st benchmark <x>"}, "summary": [
-        {"method": "knn", "gene_set": "heg50", "metric": "pearson_mean", "mean": 0.21, "sd": 0.05, "n_folds": 4}]}
+        {"method": "knn", "gene_set": "heg50", "metric": "pearson_mean", "mean": 0.21, "sd": 0.05, "n_folds": 4}],
+        "folds": [{"method": "mlp", "fold": "patient_A",  # as `he2st benchmark` writes them
+                   "curves": {"seed0": {"train_loss": [1.0, 0.7, 0.5], "val_loss": [1.1, 0.9, 0.8]}}}]}
     (tmp_path / "results.json").write_text(json.dumps(results))
-    (tmp_path / "curves.json").write_text(json.dumps({"train_loss": [1.0, 0.7, 0.5], "val_loss": [1.1, 0.9, 0.8]}))
     res = runner.invoke(app, ["report", str(h5ad), "--results", str(tmp_path / "results.json"),
-                              "--curves", str(tmp_path / "curves.json"), "--out", str(tmp_path / "r.html")])
+                              "--out", str(tmp_path / "r.html")])
     assert res.exit_code == 0, res.output
     page = (tmp_path / "r.html").read_text()
     assert page.count("data:image/png;base64,") >= 3 and "&lt;x&gt;" in page and "0.210 ± 0.050" in page
@@ -346,13 +340,13 @@ def test_tissue_detection_on_her2st_covers_annotated_spots(her2st):
 def test_her2st_b4_predicted_at_its_own_spots(prepared, encoder, tmp_path):
     """kNN trained on patient C, predicted at B4's spots (the tiny ViT keeps it fast on CPU; the
     real-encoder path is the same code with another name)."""
-    from he2st.config import EmbedConfig, TrainRunConfig
     from he2st.data.patches import PatchCache
     from he2st.data.sample import Sample
-    from he2st.fit import train_model
+    from he2st.workflows.train import train_model
     from he2st.report.html import build_report
     from he2st.report.plots import plot_prediction
-    from he2st.workspace import Workspace
+    from he2st.data.workspace import Workspace
+    from he2st.workflows.config import TrainRunConfig
 
     ws = Workspace(prepared)
     model = tmp_path / "knn.pt"

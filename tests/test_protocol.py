@@ -13,14 +13,15 @@ import h5py
 import numpy as np
 import pytest
 
-from he2st.config import BenchmarkConfig, EmbedConfig
+from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.patches import PatchCache, PatchSpec
-from he2st.embed import EmbeddingFile, embed_workspace
+from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
-from he2st.evaluate.benchmark import run_benchmark
-from he2st.evaluate.protocol import build_fold_data, run_fold
-from he2st.methods.registry import list_methods
-from he2st.workspace import Workspace
+from he2st.methods import list_methods
+from he2st.workflows.benchmark import run_benchmark
+from he2st.workflows.config import BenchmarkConfig
+from he2st.workflows.embed import embed_cache, embed_workspace
+from he2st.workflows.protocol import build_fold_data, run_fold
 
 FAST = {"bleep": {"ensemble": 1, "train": {"epochs": 6}}, "bleep_faithful": {"train": {"epochs": 6}},
         "mlp": {"train": {"epochs": 6}}, "cmrcnet": {"train": {"epochs": 4}}, "nh2st": {"train": {"epochs": 4}},
@@ -61,7 +62,7 @@ def test_interrupted_embedding_resumes(embedded, tmp_path):
         fh.attrs["n_done"] = 64
         fh["embeddings"][64:] = 0
     target = tmp_path / "C2.h5"
-    from he2st.embed import embed_cache, load_encoder
+    from he2st.encoders.inference import load_encoder
 
     cfg = EmbedConfig()
     result = embed_cache(load_encoder(cfg), PatchCache(ws.patch_path("C2", PatchSpec())), target, cfg)
@@ -105,17 +106,18 @@ def test_token_grid_is_cached_without_changing_the_embeddings(token_embedded):
 def test_every_method_trains_and_predicts_end_to_end_on_two_real_sections(method, token_embedded, tmp_path):
     """Train on section B4 (patient B), predict and score section A1 (patient A): real images, counts,
     cell-type proportions and (for CMRCNet) the encoder's token grid."""
-    from he2st.config import TrainRunConfig
-    from he2st.evaluate.holdout import evaluate_model
-    from he2st.fit import train_model
+    from he2st.workflows.config import TrainRunConfig
+    from he2st.workflows.holdout import evaluate_model
+    from he2st.workflows.train import train_model
 
     work, _ = token_embedded
-    config = TrainRunConfig(work_dir=work, embed=TOKENS, method=method, method_options=FAST.get(method, {}),
+    config = TrainRunConfig(work_dir=work, embed=TOKENS, method=method, method_options=FAST,
                             train_samples=["B4"], out=tmp_path / f"{method}.pt")
     model, log, path = train_model(config)
-    assert path.exists() and model.trained_on == {"B4": "B"}
+    assert path.exists() and model.card.training_samples == {"B4": "B"}
     if method == "cmrcnet":
-        assert model.token_scaler is not None and model.dims[2:] == (1280, 4)  # trained on real tokens
+        assert model.token_scaler is not None  # trained on real tokens
+        assert (model.dims["token_dim"], model.dims["n_tokens"]) == (1280, 4)
     if method == "carhe":
         assert "proportion_head" in dict(model.net.named_children())  # trained with B4's proportions
     result, table, paths = evaluate_model(path, work, ["A1"], tmp_path / "eval")
@@ -209,7 +211,6 @@ def test_cli_train_then_evaluate_held_out_patient(embedded, tmp_path):
 
 
 def test_stain_and_tta_are_applied_and_recorded(embedded, tmp_path):
-    from he2st.embed import embed_cache
     from he2st.encoders import create
 
     work, _ = embedded

@@ -11,23 +11,19 @@ import torch
 from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
-from he2st.methods.base import load_method
-from he2st.methods.blocks import (
-    ExpressionTokenizer,
-    NeighbourhoodAttention,
-    NeighbourhoodHypergraph,
-    apply_mask,
-    feature_chunks,
-    fuse,
-    knn_hypergraph,
-    multi_positive_nce,
-    random_mask,
-    spatial_neighbours,
-)
+from he2st.methods import list_methods, load_method, method_class
 from he2st.methods.carhe import CarHE
 from he2st.methods.cmrc import CMRCNet
+from he2st.methods.losses import multi_positive_nce
+from he2st.methods.masking import apply_mask, feature_chunks, random_mask
+from he2st.methods.neighbourhood import (
+    NeighbourhoodAttention,
+    NeighbourhoodHypergraph,
+    knn_hypergraph,
+    spatial_neighbours,
+)
 from he2st.methods.nh2st import NH2ST
-from he2st.methods.nn import BidirectionalFusion
+from he2st.methods.nn import BidirectionalFusion, ExpressionTokenizer, fuse
 
 SEED_METHODS = {cls.name: cls for cls in (CMRCNet, NH2ST, CarHE)}
 EPOCHS = {"epochs": 6, "batch_size": 48, "patience": 3}
@@ -40,10 +36,10 @@ SMALL = {
         "cross_heads": 2,
         "fusion_heads": 4,
         "fusion_depth": 1,
-        "k": 10,
+        "top_k": 10,
         "train": EPOCHS,
     },
-    "nh2st": {"dim": 32, "fusion_heads": 4, "head_hidden": 32, "k": 4, "train": EPOCHS | {"lr": 3e-3}},
+    "nh2st": {"dim": 32, "fusion_heads": 4, "head_hidden": 32, "neighbour_k": 4, "train": EPOCHS | {"lr": 3e-3}},
     "carhe": {
         "projection_dim": 32,
         "mlp_hidden": [32],
@@ -51,7 +47,7 @@ SMALL = {
         "proportion_head_hidden": 32,
         "histology_pretrain_epochs": 1,
         "histology_neighbours": 4,
-        "k": 10,
+        "top_k": 10,
         "train": EPOCHS,
     },
 }
@@ -115,7 +111,6 @@ def fit_method(name: str, tokens: bool = False, **options):
     train, val, test = split(spots)
     method = SEED_METHODS[name](**(SMALL[name] | options))
     method.panel = GenePanel(genes=spots.genes)
-    method.encoder_spec = '{"name": "synthetic", "embed_dim": 24}'
     log = method.fit(train, val)
     return method, log, train, test
 
@@ -153,7 +148,8 @@ def test_mask_ratio_out_of_range_is_refused():
 def test_cmrcnet_uses_its_configured_mask_ratio():
     for ratio, mode in [(0.5, "element"), (0.3, "token")]:
         method = CMRCNet(mask_ratio=ratio, mask_mode=mode, attention_dim=16, cross_heads=2, fusion_heads=2)
-        method._build(image_dim=24, n_genes=12, token_dim=8, n_tokens=10)
+        method.dims = {"image_dim": 24, "n_genes": 12, "token_dim": 8, "n_tokens": 10}
+        method.build(method.dims)
         mask = method.mask(8, torch.Generator().manual_seed(1))
         assert mask.shape == (8, 10, 16)
         if mode == "element":
@@ -209,7 +205,7 @@ def test_nh2st_neighbourhoods_never_cross_samples_at_prediction():
     together = method.predict(SpotSet.concat([other, test.without_expression()]))
     np.testing.assert_allclose(together.expression[len(other) :], alone.expression, rtol=1e-5, atol=1e-6)
     nodes, valid = method.neighbourhoods(test)
-    assert nodes.shape == (len(test), 1 + method.config.k) and valid[:, 0].all()
+    assert nodes.shape == (len(test), 1 + method.config.neighbour_k) and valid[:, 0].all()
 
 
 # ============================================================================ attention blocks
@@ -265,7 +261,8 @@ def test_fusion_with_padding_and_token_shapes():
     tok = ExpressionTokenizer(12, n_tokens=8, dim=16, hidden=32)
     assert tok(torch.randn(5, 12)).shape == (5, 8, 16)
     method = CMRCNet(attention_dim=16, cross_heads=2, fusion_heads=4, projection_dim=24)
-    method._build(image_dim=24, n_genes=12, token_dim=8, n_tokens=10)
+    method.dims = {"image_dim": 24, "n_genes": 12, "token_dim": 8, "n_tokens": 10}
+    method.build(method.dims)
     out = method.net.reconstructor(torch.randn(5, 10, 8), torch.randn(5, 12), method.mask(5))
     assert out.shape == (5, 24)
 
@@ -349,7 +346,7 @@ def test_carhe_unlabelled_spots_and_full_transcriptome_bank():
     rng = np.random.default_rng(1)
     full = np.hstack([train.targets, rng.random((len(train), 300), dtype=np.float32)])
     genes = train.genes + [f"EXTRA{i}" for i in range(300)]
-    method.set_reference(
+    method.bank = method.reference_bank(
         train.targets, train.genes, list(train.sample_ids), output_expression=full, output_genes=genes
     )
     pred = method.predict(test)
@@ -392,6 +389,6 @@ def test_same_seed_same_predictions():
 
 
 def test_every_option_is_documented():
-    for cls in SEED_METHODS.values():
+    for cls in map(method_class, list_methods()):
         undocumented = [k for k, f in cls.Config.model_fields.items() if not f.description]
         assert not undocumented, f"{cls.name}: {undocumented}"

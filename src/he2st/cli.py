@@ -61,11 +61,11 @@ def data_fetch(name: str, urls: Annotated[bool, typer.Option(help="only print fi
 def prepare(config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = None,
             dataset: Annotated[str | None, typer.Option(help="registered dataset")] = None,
             sections: Annotated[str | None, typer.Option(help="comma-separated sections, e.g. A1,B4")] = None) -> None:
-    """Read a dataset into samples, patch caches, patient-level folds and per-fold gene panels."""
-    from he2st.config import PrepareConfig, dump_config, load_config
+    """Read a dataset into samples, patch caches and patient-level folds."""
     from he2st.io import write_text_atomic
-    from he2st.prepare import prepare as run_prepare
     from he2st.progress import progress_bar
+    from he2st.workflows.config import PrepareConfig, dump_config, load_config
+    from he2st.workflows.prepare import prepare as run_prepare
 
     cfg = load_config(
         PrepareConfig, config, set_, work_dir=str(work_dir) if work_dir else None, **{
@@ -82,10 +82,10 @@ def prepare(config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = N
 def info(sample: Annotated[str, typer.Argument(help="sample id (prepared, or a her2st section) or a .h5ad path")],
          work_dir: WorkOpt = None) -> None:
     """Spots, genes, µm/px, image size and patient of a sample."""
-    from he2st.config import default_work_dir
     from he2st.data.her2st import SECTIONS, load_section
     from he2st.data.sample import Sample
-    from he2st.workspace import Workspace
+    from he2st.data.workspace import Workspace
+    from he2st.workflows.config import default_work_dir
 
     ws = Workspace(work_dir or default_work_dir())
     if sample.endswith(".h5ad"):
@@ -109,10 +109,10 @@ def embed(
     samples: Annotated[str | None, typer.Option(help="comma-separated sample ids (default: all prepared)")] = None,
 ) -> None:
     """Embed every prepared spot's patch with a frozen encoder (resumable, reused when done)."""
-    from he2st.config import EmbedRunConfig, load_config
-    from he2st.embed import embed_workspace
+    from he2st.data.workspace import Workspace
     from he2st.progress import progress_bar
-    from he2st.workspace import Workspace
+    from he2st.workflows.config import EmbedRunConfig, load_config
+    from he2st.workflows.embed import embed_workspace
 
     cfg = load_config(EmbedRunConfig, config, set_, work_dir=str(work_dir) if work_dir else None, **{
         "embed.encoder": encoder, "embed.weights": str(weights) if weights else None, "embed.batch_size": batch_size})
@@ -134,7 +134,7 @@ def embed(
 @app.command("methods")
 def methods_cmd(name: Annotated[str | None, typer.Argument(help="show one method's options")] = None) -> None:
     """List methods, or one method's options with defaults and what they do."""
-    from he2st.methods.registry import list_methods, method_class
+    from he2st.methods import list_methods, method_class
 
     for method in [name] if name else list_methods():
         cls = method_class(method)
@@ -158,13 +158,13 @@ def train(
     out: Annotated[Path | None, typer.Option(help="checkpoint path")] = None,
 ) -> None:
     """Train one method on training samples; validation comes from those samples only."""
-    from he2st.config import TrainRunConfig, load_config
-    from he2st.fit import train_model
+    from he2st.workflows.config import TrainRunConfig, load_config
+    from he2st.workflows.train import train_model
 
     cfg = load_config(TrainRunConfig, config, set_, work_dir=str(work_dir) if work_dir else None,
                       method=method, train_samples=_ids(samples), out=str(out) if out else None)
     fitted, log, path = train_model(cfg)
-    _echo(f"trained {fitted.name} on {', '.join(sorted(fitted.trained_on))} "
+    _echo(f"trained {fitted.name} on {fitted.card.training_line()} "
           f"({len(fitted.panel.genes)} genes, best epoch {log.best_epoch}) -> {path}")
 
 
@@ -177,8 +177,8 @@ def evaluate(
     allow_training_patients: Annotated[bool, typer.Option(help="score samples of training patients (labelled LEAKY)")] = False,
 ) -> None:
     """Score a trained model on held-out samples (per-gene Pearson/Spearman, MSE, MAE, gene sets)."""
-    from he2st.config import default_work_dir
-    from he2st.evaluate.holdout import evaluate_model
+    from he2st.workflows.config import default_work_dir
+    from he2st.workflows.holdout import evaluate_model
 
     wd = work_dir or default_work_dir()
     out_dir = out or Path(wd) / "runs" / f"evaluate_{model.stem}"
@@ -199,7 +199,7 @@ def benchmark(
     name: Annotated[str | None, typer.Option(help="results folder name under <work>/runs/")] = None,
 ) -> None:
     """Run methods over patient-level folds and write results (JSON, CSV, markdown)."""
-    from he2st.config import BenchmarkConfig, load_config
+    from he2st.workflows.config import BenchmarkConfig, load_config
 
     cfg = load_config(BenchmarkConfig, config, set_, work_dir=str(work_dir) if work_dir else None, name=name,
                       methods=_ids(methods), ablation=ablation, **{"folds.scheme": folds})
@@ -207,17 +207,17 @@ def benchmark(
 
 
 def _run_benchmark(cfg, dataset: str | None = None) -> None:
-    from he2st.config import PrepareConfig
-    from he2st.embed import embed_workspace
-    from he2st.evaluate.benchmark import run_benchmark
-    from he2st.prepare import prepare as run_prepare
+    from he2st.data.workspace import Workspace
     from he2st.progress import progress_bar
-    from he2st.workspace import Workspace
+    from he2st.workflows.benchmark import run_benchmark
+    from he2st.workflows.config import PrepareConfig
+    from he2st.workflows.embed import embed_workspace
+    from he2st.workflows.prepare import prepare as run_prepare
 
     ws = Workspace(cfg.work_dir)
     if dataset:
         run_prepare(PrepareConfig(work_dir=cfg.work_dir, data={"dataset": dataset}, patch=cfg.patch,
-                                  genes=cfg.genes, folds=cfg.folds))
+                                  folds=cfg.folds))
     elif not ws.folds_path(cfg.folds.scheme).exists():
         raise He2stError(f"no {cfg.folds.scheme} folds in {ws.root}: run `he2st prepare --set folds.scheme="
                          f"{cfg.folds.scheme}` first, or pass --dataset her2st")
@@ -237,7 +237,7 @@ def _run_benchmark(cfg, dataset: str | None = None) -> None:
 @app.command()
 def demo(work_dir: WorkOpt = None, set_: SetOpt = None) -> None:
     """The main job: fetch her2st -> prepare -> embed -> benchmark BLEEP and baselines leave-one-patient-out."""
-    from he2st.config import BenchmarkConfig, load_config
+    from he2st.workflows.config import BenchmarkConfig, load_config
 
     cfg = load_config(BenchmarkConfig, None, set_, work_dir=str(work_dir) if work_dir else None, name="demo")
     _run_benchmark(cfg, dataset="her2st")

@@ -26,19 +26,21 @@ def predict(
     model: ModelOpt,
     slide: Annotated[Path | None, typer.Option("--slide", "-s",
                                                help="whole-slide image (SVS, NDPI, TIFF, JPEG, ...)")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("he2st-predictions"),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder [he2st-predictions]")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML with PredictConfig fields")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a setting: key=value (repeatable)")] = None,
     mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel (default: from the file)")] = None,
-    pitch_um: Annotated[float, typer.Option("--pitch-um", help="hexagonal grid pitch, µm (Visium: 100)")] = 100.0,
+    pitch_um: Annotated[float | None, typer.Option("--pitch-um", help="hexagonal grid pitch, µm [100]")] = None,
     spots_from: Annotated[Path | None, typer.Option("--spots-from",
                                                     help="predict at this he2st sample's spots (.h5ad)")] = None,
     mask: Annotated[Path | None, typer.Option(
         help="tissue mask PNG (same aspect as the slide) instead of detection")] = None,
     genes: GenesOpt = None,
-    chunk: Annotated[int, typer.Option(help="spots per chunk (memory ~ chunk x patch size)")] = 512,
-    batch_size: Annotated[int, typer.Option(help="encoder batch size")] = 64,
+    chunk: Annotated[int | None, typer.Option(help="spots per chunk (memory ~ chunk x patch size) [512]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="encoder batch size [64]")] = None,
     weights: Annotated[Path | None, typer.Option(
-        help="encoder weights file (for encoders without bundled weights)")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+        help="encoder weights file (default: as the model's training features)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1, ... [auto]")] = None,
     stain: Annotated[str | None, typer.Option(
         help="none, macenko or reinhard (default: as the model's training features)")] = None,
     tta: Annotated[str | None, typer.Option(
@@ -46,21 +48,31 @@ def predict(
     library_id: Annotated[str | None, typer.Option(help="output name (default: slide file stem; sample id with --spots-from)")] = None,
     maps: Annotated[bool, typer.Option("--maps/--no-maps", help="also write maps.png into <out>/<library-id>/")] = True,
 ) -> None:
-    """Predict expression over a new slide: hexagonal spots on detected tissue -> one .h5ad (resumable)."""
-    from he2st.predict.wsi import predict_slide
-    from he2st.progress import progress_bar
+    """Predict expression over a new slide: hexagonal spots on detected tissue -> one .h5ad (resumable).
 
+    Settings (PredictConfig) come from defaults < --config YAML < --set key=value < the flags above."""
+    from he2st.methods import load_method
+    from he2st.predict import PredictConfig, run_prediction
+    from he2st.progress import progress_bar
+    from he2st.workflows.config import load_config
+
+    cfg = load_config(PredictConfig, config, set_, model=str(model), slide=_path(slide), out=_path(out), mpp=mpp,
+                      pitch_um=pitch_um, spots_from=_path(spots_from), mask=_path(mask), genes=genes,
+                      chunk=chunk, batch_size=batch_size, weights=_path(weights), device=device, stain=stain,
+                      tta=tta, library_id=library_id)
+    method = load_method(model)
     with progress_bar(None, "predict") as advance:
-        path = predict_slide(model, slide, out, mpp=mpp, pitch_um=pitch_um, spots_from=spots_from, chunk=chunk,
-                             batch_size=batch_size, genes=_genes(genes) or "panel", mask=mask, weights=weights,
-                             device=device, stain=stain, tta=tta, library_id=library_id,
-                             on_chunk=lambda info: advance(info.n_spots))
+        path = run_prediction(cfg, method, on_chunk=lambda info: advance(info.n_spots))
     typer.echo(f"predictions: {path}")
     if maps:
         from he2st.report.plots import plot_prediction
 
         written = plot_prediction(path, path.parent / path.stem)
         typer.echo(f"maps: {written['maps']}")
+
+
+def _path(value: Path | None) -> str | None:
+    return None if value is None else str(value)
 
 
 def plot(
@@ -91,15 +103,14 @@ def report(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: <prediction>.html)")] = None,
     sample: SampleOpt = None,
     results: Annotated[Path | None, typer.Option(help="results.json of `he2st benchmark`/`evaluate`")] = None,
-    curves: Annotated[Path | None, typer.Option(help="JSON of training curves (name -> values per epoch)")] = None,
     genes: GenesOpt = None,
     title: Annotated[str | None, typer.Option(help="report title")] = None,
 ) -> None:
-    """One self-contained HTML report: summary, metrics, maps, measured comparison, curves, uncertainty."""
+    """One self-contained HTML report: summary, metrics, maps, measured comparison, training curves, uncertainty."""
     from he2st.report.html import build_report
 
     path = build_report(prediction, out or prediction.with_suffix(".html"), sample=sample, results=results,
-                        curves=curves, genes=_genes(genes), title=title)
+                        genes=_genes(genes), title=title)
     typer.echo(f"report: {path}")
 
 

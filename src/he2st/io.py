@@ -41,7 +41,7 @@ def _current_umask() -> int:
 def write_text_atomic(target: str | Path, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(target) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

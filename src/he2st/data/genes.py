@@ -1,8 +1,10 @@
 """Gene panels and regression targets, fitted on training samples only.
 
-A :class:`GenePanel` records everything that was learned from data -- which genes, how counts are
-transformed, optional per-gene standardisation -- so that exactly the same mapping can be applied
-to held-out or new samples. Fitting it on anything but a fold's training samples is leakage.
+A :class:`GenePanel` records everything that was learned from data -- which genes and how counts are
+transformed -- so that exactly the same mapping can be applied to held-out or new samples. Fitting
+it on anything but a fold's training samples is leakage. Targets and predictions are always on the
+panel's transform (``log1p_cp10k`` by default); methods that standardise genes internally map their
+predictions back to it (their ``standardize_targets`` option).
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ from typing import Literal
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from he2st.errors import He2stError
-from he2st.io import write_text_atomic
 
 Transform = Literal["log1p_cp10k", "log1p"]
 Selection = Literal["heg", "hvg", "given"]
@@ -37,6 +38,15 @@ def transform_counts(counts: sp.spmatrix | np.ndarray, kind: Transform) -> sp.cs
     return matrix
 
 
+class GeneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_genes: int = Field(250, gt=0)
+    selection: Literal["heg", "hvg"] = "heg"
+    transform: Literal["log1p_cp10k", "log1p"] = "log1p_cp10k"
+    min_spot_fraction: float = Field(0.1, ge=0, le=1)
+
+
 class GenePanel(BaseModel):
     """The genes a model predicts and how their targets are computed."""
 
@@ -46,8 +56,6 @@ class GenePanel(BaseModel):
     fitted_on: list[str] = Field(default_factory=list, description="sample ids the panel was fitted on")
     min_spot_fraction: float = 0.1
     missing: Literal["error", "zero"] = "error"
-    mean: list[float] | None = None  # per-gene standardisation (fitted on training spots)
-    std: list[float] | None = None
 
     @property
     def n_genes(self) -> int:
@@ -62,7 +70,6 @@ class GenePanel(BaseModel):
         transform: Transform = "log1p_cp10k",
         min_spot_fraction: float = 0.1,
         genes: Sequence[str] | None = None,
-        standardize: bool = False,
         missing: Literal["error", "zero"] = "error",
     ) -> GenePanel:
         """Choose genes from the *training* samples ``adatas`` (sample id -> counts AnnData).
@@ -114,18 +121,13 @@ class GenePanel(BaseModel):
             min_spot_fraction=min_spot_fraction,
             missing=missing,
         )
-        if standardize:
-            dense = pooled.toarray()
-            std = dense.std(axis=0)
-            panel.mean = dense.mean(axis=0).tolist()
-            panel.std = np.where(std > 0, std, 1.0).tolist()
         return panel
 
     @classmethod
     def from_config(cls, adatas: dict[str, ad.AnnData], config) -> GenePanel:
-        """Fit with the settings of a :class:`he2st.config.GeneConfig` (training samples only)."""
+        """Fit with the settings of a :class:`GeneConfig` (training samples only)."""
         return cls.fit(adatas, n_genes=config.n_genes, selection=config.selection, transform=config.transform,
-                       min_spot_fraction=config.min_spot_fraction, standardize=config.standardize)
+                       min_spot_fraction=config.min_spot_fraction)
 
     def targets(self, adata: ad.AnnData, where: str | Path | None = None) -> np.ndarray:
         """Target matrix (n_spots, n_genes) float32 for any sample, with this panel's mapping."""
@@ -141,29 +143,7 @@ class GenePanel(BaseModel):
         out = np.zeros((adata.n_obs, self.n_genes), dtype=np.float32)
         present = [i for i, g in enumerate(self.genes) if g in index]
         out[:, present] = full[:, [index[self.genes[i]] for i in present]].toarray()
-        if self.mean is not None and self.std is not None:
-            out = (out - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return out
-
-    def inverse(self, values: np.ndarray) -> np.ndarray:
-        """Undo the standardisation (back to the transform's scale)."""
-        if self.mean is None or self.std is None:
-            return values
-        return values * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)
-
-    def save(self, path: str | Path) -> Path:
-        write_text_atomic(path, self.model_dump_json(indent=1))
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> GenePanel:
-        path = Path(path)
-        if not path.exists():
-            raise He2stError("gene panel file not found", path)
-        try:
-            return cls.model_validate_json(path.read_text())
-        except ValueError as exc:
-            raise He2stError(f"not a valid gene panel ({exc.__class__.__name__})", path) from exc
 
 
 def _pooled_targets(adatas: dict[str, ad.AnnData], genes: list[str], transform: Transform) -> sp.csr_matrix:

@@ -3,7 +3,8 @@
 A patch is a square field of view (default 112 µm, HEST's convention) resampled to a fixed pixel
 size (default 224 px, i.e. 0.5 µm/px), so samples scanned at different resolutions feed the same
 encoder the same physical scale. The cache (``img`` N x H x W x 3 uint8, ``coords``, ``barcode``)
-is written atomically and reused when the settings and the sample are unchanged.
+is written atomically and reused when the settings and the sample are unchanged. The resolution
+policy (:func:`check_resolution`) is shared by every step that reads patches from a slide.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from he2st.data.sample import Sample
-from he2st.data.slide import read_patch
+from he2st.data.slide import Slide
 from he2st.errors import He2stError
 from he2st.io import atomic_path
 
 CACHE_FORMAT = 1
+MAX_UPSAMPLE = 2.0  # beyond this, patches would be blurrier than anything the encoder saw in training
+BLOCK_PX = 2048  # side (level px) of the blocks patches are read in
 
 
 class PatchSpec(BaseModel):
@@ -40,6 +44,54 @@ class PatchSpec(BaseModel):
     @property
     def key(self) -> str:
         return f"{self.field_um:g}um_{self.size_px}px"
+
+
+def check_resolution(mpp: float, patch: PatchSpec, where: str | Path | None = None,
+                     max_upsample: float = MAX_UPSAMPLE) -> None:
+    """Refuse slides too coarse for the model's patches (more than ``max_upsample`` x upsampling)."""
+    need = patch.pixel_size_um
+    if mpp > need * max_upsample * 1.001:
+        raise He2stError(
+            f"slide pixel size {mpp:g} µm/px is too coarse for this model: it reads {patch.field_um:g} µm patches "
+            f"at {patch.size_px} px ({need:g} µm/px) and allows at most {max_upsample:g}x upsampling, so the slide "
+            f"must be {need * max_upsample:g} µm/px or finer (check the pixel size, or scan at higher magnification)", where)
+
+
+def read_patches(slide: Slide, xy: np.ndarray, side_level0_px: float, out_px: int,
+                 block_px: int = BLOCK_PX) -> np.ndarray:
+    """Square patches of ``side_level0_px`` level-0 pixels centred on ``xy`` ``(n, 2)``, resampled to ``out_px``.
+
+    Each patch is read at the coarsest pyramid level that is still at least the target resolution
+    (top-left corner rounded half-to-even in level-0 px), then resized once (bilinear). Patches are
+    read in blocks of about ``block_px`` level pixels, so neighbouring patches share one decode of the
+    tiles they overlap: ``he2st prepare`` and whole-slide prediction both cut patches here, so a
+    slide is cut exactly as the training samples were.
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    out = np.empty((len(xy), out_px, out_px, 3), dtype=np.uint8)
+    if len(xy) == 0:
+        return out
+    level = slide.best_level(side_level0_px / out_px)
+    ds = slide.level_downsamples[level]
+    size = max(1, round(side_level0_px / ds))
+    top_left = np.round(xy - side_level0_px / 2)  # half-to-even, as Python's round() in read_patch
+    lxy = np.floor(top_left / ds).astype(np.int64)  # what read_region computes
+    keys = lxy // max(block_px, size)
+    _, group = np.unique(keys, axis=0, return_inverse=True)
+    for g in np.unique(group):
+        idx = np.flatnonzero(group == g)
+        gx0, gy0 = lxy[idx].min(axis=0)
+        gx1, gy1 = lxy[idx].max(axis=0) + size
+        # (g + 0.5) * ds maps back to exactly level pixel g under read_region's floor(x / ds)
+        region = slide.read_region((gx0 + 0.5) * ds, (gy0 + 0.5) * ds, level, int(gx1 - gx0), int(gy1 - gy0))
+        for i in idx:
+            ox, oy = lxy[i, 0] - gx0, lxy[i, 1] - gy0
+            crop = region[oy : oy + size, ox : ox + size]
+            if size == out_px:
+                out[i] = crop
+            else:
+                out[i] = np.asarray(Image.fromarray(crop).resize((out_px, out_px), Image.Resampling.BILINEAR))
+    return out
 
 
 def sample_fingerprint(sample: Sample) -> str:
@@ -82,9 +134,6 @@ class PatchCache:
         with h5py.File(self.path, "r") as fh:
             return fh["img"][start:stop]
 
-    def read_all(self) -> np.ndarray:
-        return self.read()
-
     def check(self, spec: PatchSpec, fingerprint: str | None = None) -> None:
         """Refuse a cache cut with other settings (or from another version of the sample)."""
         if self.spec != spec:
@@ -102,7 +151,7 @@ def extract_patches(
     spec: PatchSpec,
     work_dir: str | Path,
     overwrite: bool = False,
-    chunk: int = 64,
+    chunk: int = 256,
     on_progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Cut one patch per spot and store them; reuse an existing cache with identical settings."""
@@ -127,9 +176,7 @@ def extract_patches(
             )
             for start in range(0, n, chunk):
                 stop = min(start + chunk, n)
-                img[start:stop] = np.stack(
-                    [read_patch(slide, (xy[i, 0], xy[i, 1]), side_px, spec.size_px) for i in range(start, stop)]
-                )
+                img[start:stop] = read_patches(slide, xy[start:stop], side_px, spec.size_px)
                 if on_progress is not None:
                     on_progress(stop - start)
             top_left = np.round(xy - side_px / 2).astype(np.int64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Literal
 
 import anndata as ad
 import h5py
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.io
 import scipy.sparse as sp
+from pydantic import BaseModel, ConfigDict, Field
 
 from he2st.data.sample import Sample, build_adata
 from he2st.errors import He2stError
@@ -362,3 +364,32 @@ def read_hest(root: str | Path, sample_id: str, patient_id: str | None = None) -
         technology=str(meta.get("st_technology", "hest")).lower(),
         dataset="hest",
     )
+
+
+class SampleSource(BaseModel):
+    """A user's own section, read by one of the technology readers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reader: Literal["visium", "st", "hest", "h5ad"]
+    sample_id: str
+    patient_id: str | None = None
+    path: Path = Field(description="outs/ folder (visium), counts file (st), HEST root (hest), .h5ad (h5ad)")
+    image: Path | None = None
+    spots_file: Path | None = Field(None, description="st: the *_selection.tsv spot file")
+    pixel_size_um: float | None = Field(None, description="h5ad: µm/px of the image")
+
+
+def read_source(src: SampleSource) -> Sample:
+    """Read a user-described sample with the matching reader."""
+    if src.reader == "visium":
+        return read_visium(src.path, src.image, sample_id=src.sample_id, patient_id=src.patient_id)
+    if src.reader == "st":
+        if src.spots_file is None:
+            raise He2stError(f"sample {src.sample_id}: reader 'st' needs spots_file")
+        return read_st(src.path, src.spots_file, src.image, src.sample_id, src.patient_id or src.sample_id)
+    if src.reader == "hest":
+        return read_hest(src.path, src.sample_id, patient_id=src.patient_id)
+    if src.pixel_size_um is None:
+        raise He2stError(f"sample {src.sample_id}: reader 'h5ad' needs pixel_size_um")
+    return read_h5ad_sample(src.path, src.image, src.pixel_size_um, src.sample_id, src.patient_id)

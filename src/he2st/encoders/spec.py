@@ -69,10 +69,6 @@ class EncoderSpec(BaseModel):
             ) from exc
         return value
 
-    def to_json(self) -> str:
-        """Serialise for embedding-file metadata."""
-        return self.model_dump_json()
-
     def constructor_kwargs(self) -> dict[str, Any]:
         """``model_kwargs`` with dotted-path layer classes imported, ready for the backend."""
         return constructor_kwargs(self.model_kwargs)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 from he2st.errors import He2stError
+from he2st.stats import column_pearson, constant_columns, finite_pair, pearson_per_gene, spearman_per_gene
 
 __all__ = [
     "SET_METRICS",
@@ -47,76 +47,15 @@ SET_METRICS: tuple[str, ...] = (
 )
 
 
-def _as_pair(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return both arrays as finite float64 matrices of one shape, or explain why not.
-
-    Non-finite values are refused rather than skipped: a NaN prediction is a bug upstream,
-    and scoring around it would report a number for spots the model never predicted.
-    """
-    p = np.asarray(pred, dtype=np.float64)
-    t = np.asarray(true, dtype=np.float64)
-    if p.ndim != 2 or t.ndim != 2:
-        raise He2stError(f"pred and true must be 2-D (spots x genes); got shapes {p.shape} and {t.shape}")
-    if p.shape != t.shape:
-        raise He2stError(f"pred and true differ in shape: {p.shape} vs {t.shape}")
-    if p.shape[0] == 0:
-        raise He2stError("pred and true have no spots to score")
-    for name, a in (("pred", p), ("true", t)):
-        if not np.isfinite(a).all():
-            raise He2stError(f"{name} contains {int((~np.isfinite(a)).sum())} non-finite values (NaN or inf)")
-    return p, t
-
-
-def _constant_columns(a: np.ndarray) -> np.ndarray:
-    """Columns whose values are all identical.
-
-    Tested exactly rather than by a small standard deviation: centring a constant column
-    can leave round-off of ~1e-17 that would otherwise yield a meaningless correlation.
-    """
-    return (a == a[:1]).all(axis=0)
-
-
-def _column_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson correlation of matching columns of two finite matrices; NaN where undefined."""
-    undefined = _constant_columns(a) | _constant_columns(b)
-    ac = a - a.mean(axis=0)
-    bc = b - b.mean(axis=0)
-    denom = np.sqrt((ac * ac).sum(axis=0) * (bc * bc).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (ac * bc).sum(axis=0) / denom
-    r = np.clip(r, -1.0, 1.0)
-    r[undefined] = np.nan
-    return r
-
-
-def pearson_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Pearson correlation across spots for each gene, shape ``(n_genes,)``.
-
-    NaN for a gene that is constant in ``pred`` or in ``true`` (correlation undefined).
-    """
-    p, t = _as_pair(pred, true)
-    return _column_pearson(p, t)
-
-
-def spearman_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Spearman rank correlation across spots for each gene, shape ``(n_genes,)``.
-
-    Pearson of average ranks (ties share their mean rank), so it matches
-    ``scipy.stats.spearmanr``; NaN for genes constant in either array.
-    """
-    p, t = _as_pair(pred, true)
-    return _column_pearson(rankdata(p, axis=0), rankdata(t, axis=0))
-
-
 def mse_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """Mean squared error across spots for each gene, shape ``(n_genes,)``."""
-    p, t = _as_pair(pred, true)
+    p, t = finite_pair(pred, true)
     return ((p - t) ** 2).mean(axis=0)
 
 
 def mae_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """Mean absolute error across spots for each gene, shape ``(n_genes,)``."""
-    p, t = _as_pair(pred, true)
+    p, t = finite_pair(pred, true)
     return np.abs(p - t).mean(axis=0)
 
 
@@ -129,8 +68,8 @@ def pearson_per_spot(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     spot) scores high here while carrying no spatial information. Prefer per-gene scores.
     NaN for spots constant in either array.
     """
-    p, t = _as_pair(pred, true)
-    return _column_pearson(p.T, t.T)
+    p, t = finite_pair(pred, true)
+    return column_pearson(p.T, t.T)
 
 
 def _correlation_matrix(a: np.ndarray) -> np.ndarray:
@@ -155,17 +94,17 @@ def gene_gene_correlation_preservation(
     because fewer than two gene pairs cannot be correlated. ``genes_idx`` restricts the
     comparison to those columns.
     """
-    p, t = _as_pair(pred, true)
+    p, t = finite_pair(pred, true)
     if genes_idx is not None:
         idx = np.asarray(genes_idx, dtype=np.intp)
         p, t = p[:, idx], t[:, idx]
-    keep = ~(_constant_columns(p) | _constant_columns(t))
+    keep = ~(constant_columns(p) | constant_columns(t))
     if keep.sum() < 3:
         return float("nan")
     cp = _correlation_matrix(p[:, keep])
     ct = _correlation_matrix(t[:, keep])
     upper = np.triu_indices(int(keep.sum()), k=1)
-    r = _column_pearson(cp[upper][:, None], ct[upper][:, None])[0]
+    r = column_pearson(cp[upper][:, None], ct[upper][:, None])[0]
     return float(r)
 
 
@@ -227,12 +166,12 @@ def evaluate_sample(
     having fewer genes averaged without the table saying so. ``mse``/``mae`` are means over
     all the set's genes. Each set also gets ``gene_gene_corr`` over its own genes.
     """
-    p, t = _as_pair(pred, true)
+    p, t = finite_pair(pred, true)
     if p.shape[1] != len(genes):
         raise He2stError(f"pred has {p.shape[1]} gene columns but {len(genes)} gene names were given")
     index = _set_indices(genes, gene_sets)
 
-    pearson = _column_pearson(p, t)
+    pearson = column_pearson(p, t)
     spearman = spearman_per_gene(p, t)
     mse = mse_per_gene(p, t)
     mae = mae_per_gene(p, t)

@@ -3,27 +3,31 @@
 A method is fitted on training spots (with a validation subset drawn from training patients),
 predicts expression for spots it has never seen from their images alone, and saves to a single
 checkpoint that holds only tensors and JSON text -- loaded with ``torch.load(weights_only=True)``,
-so opening a checkpoint can never execute code.
+so opening a checkpoint can never execute code. What a method needs from the pipeline is declared
+as class capabilities (``uses_bank``, ``uses_tokens``, ``uses_patches``, ``context_k``), never sniffed.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.io import atomic_path
+from he2st.methods.bank import ReferenceBank
+from he2st.methods.card import ModelCard
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 class MethodConfig(BaseModel):
@@ -31,7 +35,21 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = 0
+    seed: int = Field(0, description="seed of initialisation, shuffling and sampling")
+
+
+C = TypeVar("C", bound=MethodConfig)
+
+
+def preset(config: type[C], name: str, doc: str, **defaults: Any) -> type[C]:
+    """A named variant of a method's options, as timm's presets: ``config`` with other defaults for the
+    listed options; types, bounds and descriptions stay those of ``config``."""
+    fields = {}
+    for option, value in defaults.items():
+        info = copy.copy(config.model_fields[option])
+        info.default, info.default_factory = value, None
+        fields[option] = (info.annotation, info)
+    return create_model(name, __base__=config, __doc__=doc, **fields)
 
 
 @dataclass
@@ -57,28 +75,58 @@ class TrainLog:
             self.curves.setdefault(key, []).append(float(value))
 
 
+def option_error(name: str, exc: ValidationError) -> He2stError:
+    """One line naming the first invalid option of a method (pydantic's own dump spans many lines)."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "options"
+    return He2stError(f"invalid option for method {name!r}: {where}: {first['msg']}")
+
+
 class Method(ABC):
     """Fit on training spots, predict from images, save/load."""
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: one component switched off at a time (ablation row suffix -> option overrides); the benchmark
+    #: runs them with ``--ablation``
+    ablations: ClassVar[dict[str, dict[str, Any]]] = {}
     stochastic: ClassVar[bool] = True  # False: results do not depend on the seed (no need to repeat)
-    uses_bank: ClassVar[bool] = False  # retrieval methods: predictions come from a ReferenceBank
+    uses_bank: ClassVar[bool] = False  # predictions come from a ReferenceBank (saved beside the checkpoint)
     uses_tokens: ClassVar[bool] = False  # training reads spots.tokens (cached token grids) when available
+    bank: ReferenceBank | None = None  # set by methods with uses_bank
 
     def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:
         base = config.model_dump() if config is not None else {}
         try:
             self.config = self.Config(**(base | overrides))
-        except ValueError as exc:
-            raise He2stError(f"invalid options for method {self.name!r}: {exc}") from exc
-        self.panel: GenePanel | None = None
-        self.encoder_spec: str = ""
-        self.patch_spec: str = ""  # PatchSpec JSON of the patches the features came from
-        self.embed_config: str = ""  # EmbedConfig JSON (encoder, weights, stain, TTA) of those features
-        # gene sets chosen on the training spots (heg/hvg) and who the model was trained on
-        self.gene_sets: dict[str, list[str]] = {}
-        self.trained_on: dict[str, str] = {}  # sample id -> patient id
+        except ValidationError as exc:
+            raise option_error(self.name, exc) from exc
+        self.card: ModelCard | None = None
+
+    # -------------------------------------------------------------- capabilities
+    @property
+    def uses_patches(self) -> bool:
+        """Training reads raw patches (the image encoder is trained end to end)."""
+        return bool(getattr(self.config, "finetune_encoder", False))
+
+    @property
+    def context_k(self) -> int:
+        """Physically nearest spots of the same slide each prediction reads (0: spots are independent);
+        chunked whole-slide prediction adds them to every chunk as a halo."""
+        return 0
+
+    # -------------------------------------------------------------- the card
+    @property
+    def panel(self) -> GenePanel:
+        if self.card is None:
+            raise He2stError(f"method {self.name} has no model card (gene panel); set one before fitting")
+        return self.card.panel
+
+    @panel.setter
+    def panel(self, panel: GenePanel) -> None:
+        """Set the panel (a minimal card for models fitted on arrays outside the workflows)."""
+        self.card = (ModelCard(method=self.name, panel=panel) if self.card is None
+                     else self.card.model_copy(update={"panel": panel}))
 
     # -------------------------------------------------------------- the interface
     @abstractmethod
@@ -87,7 +135,7 @@ class Method(ABC):
 
     def predict(self, spots: SpotSet) -> Prediction:
         """Expression for spots from their image features only; expression-derived inputs are dropped."""
-        if self.panel is None or (self.uses_bank and self.bank is None):
+        if self.card is None or (self.uses_bank and self.bank is None):
             raise He2stError(f"method {self.name} has not been fitted (or its reference bank file is missing)")
         self.check_spots(spots)
         return self._predict(spots.without_expression())
@@ -101,31 +149,29 @@ class Method(ABC):
         """All learned arrays as tensors (what the checkpoint stores)."""
 
     @abstractmethod
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Inverse of :meth:`state`."""
+    def load_state(self, state: dict[str, torch.Tensor], layout: dict[str, Any]) -> None:
+        """Inverse of :meth:`state`; ``layout`` is what :meth:`layout` returned when it was saved."""
+
+    def layout(self) -> dict[str, Any]:
+        """JSON-serialisable sizes and structure needed to rebuild the modules before loading tensors."""
+        return {}
 
     # -------------------------------------------------------------- checkpoints
-    bank: Any = None  # retrieval methods keep a ReferenceBank here; it is saved next to the checkpoint
-
     @staticmethod
     def bank_path(path: str | Path) -> Path:
         path = Path(path)
         return path.with_name(path.stem + ".bank.h5")
 
     def save(self, path: str | Path) -> Path:
-        """One file: format, method, config, gene panel, encoder spec, tensors."""
-        if self.panel is None:
+        """One file: format, method, config, model card, layout (JSON), tensors; the bank beside it."""
+        if self.card is None:
             raise He2stError(f"method {self.name} has not been fitted")
         payload = {
             "format": CHECKPOINT_FORMAT,
             "method": self.name,
             "config": self.config.model_dump_json(),
-            "panel": self.panel.model_dump_json(),
-            "encoder_spec": self.encoder_spec,
-            "patch_spec": self.patch_spec,
-            "embed_config": self.embed_config,
-            "gene_sets": json.dumps(self.gene_sets),
-            "trained_on": json.dumps(self.trained_on),
+            "card": self.card.model_dump_json(),
+            "layout": json.dumps(self.layout()),
             "state": {k: v.detach().cpu().contiguous() for k, v in self.state().items()},
         }
         path = Path(path)
@@ -137,44 +183,17 @@ class Method(ABC):
             torch.save(payload, tmp)
         return path
 
+    @property
+    def feature_dim(self) -> int | None:
+        """Width of the image features the model was fitted on (None: not fitted)."""
+        return None
+
     def check_spots(self, spots: SpotSet) -> None:
         """Refuse spots whose features cannot be what the model was trained on."""
-        expected = json.loads(self.encoder_spec).get("embed_dim") if self.encoder_spec else None
+        if self.uses_patches:
+            return  # the encoder is part of the model; features are not its input
+        expected = self.feature_dim
         if expected is not None and spots.features.shape[1] != expected:
-            raise He2stError(
-                f"model expects {expected}-d image features from encoder "
-                f"{json.loads(self.encoder_spec)['name']!r}, got {spots.features.shape[1]}-d"
-            )
-
-
-def load_method(path: str | Path) -> Method:
-    """Load any method's checkpoint safely (tensors and JSON only; pickled objects are refused)."""
-    from he2st.methods.registry import method_class
-
-    path = Path(path)
-    if not path.exists():
-        raise He2stError("checkpoint not found", path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - the unpickler raises many types for unsafe/corrupt files
-        raise He2stError(f"refusing checkpoint: not a safe he2st checkpoint ({type(exc).__name__})", path) from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "method" not in payload:
-        raise He2stError("not a he2st checkpoint (missing format/method)", path)
-    cls = method_class(payload["method"])
-    try:
-        method = cls(cls.Config.model_validate_json(payload["config"]))
-        method.panel = GenePanel.model_validate_json(payload["panel"])
-        state = payload["state"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise He2stError(f"checkpoint does not match this he2st version ({type(exc).__name__}: {exc})"[:300], path) from exc
-    method.encoder_spec = payload.get("encoder_spec", "")
-    method.patch_spec = payload.get("patch_spec", "")
-    method.embed_config = payload.get("embed_config", "")
-    method.gene_sets = json.loads(payload.get("gene_sets", "{}"))
-    method.trained_on = json.loads(payload.get("trained_on", "{}"))
-    method.load_state(state)
-    if Method.bank_path(path).exists():
-        from he2st.predict.retrieval import ReferenceBank
-
-        method.bank = ReferenceBank.load(Method.bank_path(path))
-    return method
+            encoder = self.card.encoder if self.card is not None else None
+            source = f" from encoder {encoder.name!r}" if encoder is not None else ""
+            raise He2stError(f"model expects {expected}-d image features{source}, got {spots.features.shape[1]}-d")

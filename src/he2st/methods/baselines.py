@@ -18,18 +18,21 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from he2st.data.spots import SpotSet
-from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog
-from he2st.methods.blocks import clean_proportions
-from he2st.methods.features import FeatureScaler
-from he2st.predict.retrieval import ReferenceBank
-from he2st.train import TrainConfig, fit_minibatches
+from he2st.methods.bank import ReferenceBank
+from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog, preset
+from he2st.methods.features import FeatureScaler, clean_proportions
+from he2st.methods.neural import NeuralMethod
+from he2st.methods.registry import register_method
+from he2st.methods.training import TrainConfig, fit_minibatches
+from he2st.stats import pearson_per_gene
 
 
 class RidgeConfig(MethodConfig):
     pca_components: int = Field(256, gt=0, description="HEST-Benchmark: PCA to 256 dims after standard scaling")
     alpha: float | None = Field(None, description="None: HEST's 100 / (n_components * n_genes)")
     alpha_cv: bool = Field(False, description="choose alpha by inner cross-validation on training samples")
-    alphas: list[float] = Field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5])
+    alphas: list[float] = Field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5],
+                                description="candidate alphas for alpha_cv")
     fit_intercept: bool = Field(False, description="HEST-Benchmark: False")
     celltype_key: str | None = Field(
         "celltype_major",
@@ -39,6 +42,7 @@ class RidgeConfig(MethodConfig):
     )
 
 
+@register_method
 class RidgeProbe(Method):
     """StandardScaler -> PCA -> Ridge (lsqr), exactly as HEST-Benchmark's linear probe."""
 
@@ -74,6 +78,14 @@ class RidgeProbe(Method):
         log.add(alpha=alpha)
         return log
 
+    def __init__(self, config: RidgeConfig | None = None, **overrides) -> None:
+        super().__init__(config, **overrides)
+        self.arrays: dict[str, np.ndarray] = {}  # fitted scaler, PCA and ridge parameters
+
+    @property
+    def feature_dim(self) -> int | None:
+        return len(self.arrays["scale_mean"]) if self.arrays else None
+
     def _cv_alpha(self, Z: np.ndarray, Y: np.ndarray, groups: np.ndarray, log: TrainLog) -> float:
         """Inner CV over training samples only (whole samples per inner fold when there are several)."""
         n_groups = len(np.unique(groups))
@@ -83,8 +95,6 @@ class RidgeProbe(Method):
             fold_scores = []
             for tr, te in splitter.split(Z, Y, groups):
                 pred = Ridge(alpha=alpha, fit_intercept=self.config.fit_intercept, solver="lsqr").fit(Z[tr], Y[tr]).predict(Z[te])
-                from he2st.evaluate.metrics import pearson_per_gene
-
                 fold_scores.append(np.nanmean(pearson_per_gene(pred, Y[te])))
             scores.append(float(np.mean(fold_scores)))
             log.add(cv_pearson=scores[-1])
@@ -103,43 +113,47 @@ class RidgeProbe(Method):
     def state(self) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.arrays.items()}
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state(self, state: dict[str, torch.Tensor], layout: dict) -> None:
         self.arrays = {k: v.numpy() for k, v in state.items()}
 
 
+@register_method
 class RidgeCV(RidgeProbe):
     """Ridge probe with alpha chosen by inner CV on training samples and an intercept (HEST PR #140's fix)."""
 
     name = "ridge_cv"
 
-    class Config(RidgeConfig):
-        alpha_cv: bool = True
-        fit_intercept: bool = True
+    Config = preset(RidgeConfig, "RidgeCVConfig", "The ridge probe with alpha chosen by inner CV and an intercept.",
+                    alpha_cv=True, fit_intercept=True)
 
 
 class MLPConfig(MethodConfig):
-    hidden: list[int] = Field(default_factory=lambda: [512])
-    dropout: float = 0.2
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=100, batch_size=128, lr=1e-3, weight_decay=1e-2, patience=10))
+    hidden: list[int] = Field(default_factory=lambda: [512], description="hidden widths")
+    dropout: float = Field(0.2, ge=0, lt=1, description="dropout after each hidden layer")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=100, batch_size=128, lr=1e-3, weight_decay=1e-2, patience=10),
+        description="optimiser and early stopping on validation MSE")
 
 
-class MLPRegressor(Method):
+@register_method
+class MLPRegressor(NeuralMethod):
     """ST-Net-style regression: frozen image features -> MLP -> all panel genes, MSE loss."""
 
     name = "mlp"
     Config = MLPConfig
 
-    def _build(self, d_in: int, d_out: int) -> None:
+    def sizes(self, train: SpotSet) -> dict[str, int]:
+        return {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1]}
+
+    def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
         layers: list[nn.Module] = []
+        d_in = dims["image_dim"]
         for h in self.config.hidden:
             layers += [nn.Linear(d_in, h), nn.GELU(), nn.Dropout(self.config.dropout)]
             d_in = h
-        self.net = nn.Sequential(*layers, nn.Linear(d_in, d_out))
+        self.net = nn.Sequential(*layers, nn.Linear(d_in, dims["n_genes"]))
 
-    def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
-        torch.manual_seed(self.config.seed)
-        self.scaler = FeatureScaler().fit(train.features)
-        self._build(train.features.shape[1], train.targets.shape[1])
+    def train_modules(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         X, Y = torch.from_numpy(self.scaler(train.features)), torch.from_numpy(train.targets)
 
         def step(idx: torch.Tensor) -> torch.Tensor:
@@ -150,7 +164,7 @@ class MLPRegressor(Method):
                                                 torch.from_numpy(val.targets)))
 
         return fit_minibatches(self.net, len(X), step, self.config.train, self.config.seed,
-                               validate if val is not None and len(val) else None)
+                               None if val is None else validate)
 
     @torch.no_grad()
     def _predict(self, spots: SpotSet) -> Prediction:
@@ -158,22 +172,14 @@ class MLPRegressor(Method):
         pred = self.net(torch.from_numpy(self.scaler(spots.features))).numpy()
         return Prediction(pred, list(self.panel.genes))
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {f"net.{k}": v for k, v in self.net.state_dict().items()} | self.scaler.state()
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.scaler = FeatureScaler.from_state(state)
-        first, last = state["net.0.weight"], state[f"net.{3 * len(self.config.hidden)}.weight"]
-        self._build(first.shape[1], last.shape[0])
-        self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-        self.net.eval()
-
 
 class KNNConfig(MethodConfig):
-    k: int = Field(50, gt=0)
-    weighting: Literal["average", "softmax", "similarity"] = "average"
+    top_k: int = Field(50, gt=0, description="training spots retrieved per query")
+    weighting: Literal["average", "softmax", "similarity"] = Field(
+        "average", description="how the retrieved profiles are combined")
 
 
+@register_method
 class ImageKNN(Method):
     """Image-to-image retrieval: average expression of the training spots that look most alike
     (cosine on standardised frozen features). The no-learning reference point for BLEEP."""
@@ -183,6 +189,14 @@ class ImageKNN(Method):
     stochastic = False
     uses_bank = True
 
+    def __init__(self, config: KNNConfig | None = None, **overrides) -> None:
+        super().__init__(config, **overrides)
+        self.scaler = FeatureScaler()
+
+    @property
+    def feature_dim(self) -> int | None:
+        return None if self.scaler.mean is None else len(self.scaler.mean)
+
     def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
         data = train if val is None else SpotSet.concat([train, val])
         self.scaler = FeatureScaler().fit(data.features)
@@ -190,7 +204,7 @@ class ImageKNN(Method):
         return TrainLog()
 
     def _predict(self, spots: SpotSet) -> Prediction:
-        result = self.bank.predict(self.scaler(spots.features), k=min(self.config.k, len(self.bank)),
+        result = self.bank.predict(self.scaler(spots.features), k=min(self.config.top_k, len(self.bank)),
                                    weighting=self.config.weighting)
         return Prediction(result.expression, result.genes,
                           {"best_similarity": result.best_similarity, "dispersion": result.dispersion})
@@ -198,5 +212,5 @@ class ImageKNN(Method):
     def state(self) -> dict[str, torch.Tensor]:
         return self.scaler.state()
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state(self, state: dict[str, torch.Tensor], layout: dict) -> None:
         self.scaler = FeatureScaler.from_state(state)

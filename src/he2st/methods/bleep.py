@@ -8,10 +8,12 @@ Two presets share this code:
   vector goes straight into a projection head), the soft-target CLIP loss at temperature 1 on
   unnormalised embeddings, AdamW (lr 1e-3, wd 1e-3), batch 256, plain average of the top-50
   reference profiles by cosine similarity.
-* ``bleep`` (he2st's default, "improved") -- L2-normalised embeddings with a learnable temperature,
-  a memory queue of past embeddings as extra negatives (so results do not hinge on batch size,
-  BLEEP's known single-GPU failure), an MLP expression encoder, and similarity-weighted retrieval.
-  Each change can be switched off on its own (see :class:`BLEEPConfig`) for ablations.
+* ``bleep`` (he2st's improved variant) -- L2-normalised embeddings with a learnable temperature;
+  every training spot as a negative at each step, re-embedded with gradients and with soft targets
+  from measured expression similarity (so results do not hinge on batch size, BLEEP's known
+  single-GPU failure; the cost is quadratic in the number of spots); an MLP expression encoder;
+  softmax-weighted retrieval; 5 seeded heads whose similarities are averaged. Each change can be
+  switched off on its own (:attr:`BLEEP.ablations`).
 
 Image side: frozen cached embeddings through a projection head (CPU path), or the encoder itself
 fine-tuned end to end on augmented patches (``finetune_encoder``, the GPU path).
@@ -19,7 +21,6 @@ fine-tuned end to end on augmented patches (``finetune_encoder``, the GPU path).
 
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 import numpy as np
@@ -28,9 +29,10 @@ from pydantic import Field
 from torch import nn
 
 from he2st.data.spots import SpotSet
+from he2st.encoders import create
+from he2st.encoders.augment import augment_batch
 from he2st.errors import He2stError
-from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog
-from he2st.methods.blocks import RetrievalMixin
+from he2st.methods.base import TrainLog, preset
 from he2st.methods.features import FeatureScaler
 from he2st.methods.losses import (
     ContrastiveLoss,
@@ -39,59 +41,42 @@ from he2st.methods.losses import (
     expression_similarity_targets,
     reference_contrastive_loss,
 )
-from he2st.methods.nn import MLPEncoder, ProjectionHead
-from he2st.predict.retrieval import ReferenceBank
-from he2st.train import TrainConfig, fit_minibatches
+from he2st.methods.nn import ProjectionHead, expression_tower
+from he2st.methods.registry import register_method
+from he2st.methods.retrieval import RetrievalConfig, RetrievalMethod
+from he2st.methods.training import TrainConfig, batched_mean, fit_minibatches
 
 
-class BLEEPConfig(MethodConfig):
-    """Options of BLEEP (defaults = he2st's improved variant)."""
+class BLEEPConfig(RetrievalConfig):
+    """Options of BLEEP (defaults = he2st's improved variant; alignment and retrieval: RetrievalConfig)."""
 
-    projection_dim: int = Field(256, description="joint embedding size (BLEEP: 256)")
-    dropout: float = 0.1
-    expression_encoder: Literal["projection", "mlp"] = Field("mlp", description="BLEEP: projection")
-    mlp_hidden: list[int] = Field(default_factory=lambda: [512])
-    loss: Literal["bleep_soft", "contrastive"] = Field(
-        "contrastive", description="bleep_soft: BLEEP's loss (unnormalised, fixed τ); contrastive: L2-normalised"
-    )
-    temperature: float = Field(0.07, description="τ (BLEEP: 1.0); initial value when learned")
-    learn_temperature: bool = True
-    soft_targets: bool = Field(True, description="BLEEP's soft targets (else identity / InfoNCE)")
-    target_temperature: float = 0.1
     negatives: Literal["batch", "queue", "all"] = Field(
         "all",
-        description="extra negatives beyond the batch: 'queue' = memory queue of past embeddings, 'all' = every "
-        "training spot re-embedded (detached) each step (frozen-feature path; falls back to 'queue' end to end)",
+        description="negatives beyond the batch: 'queue' = memory queue of past embeddings, 'all' = every "
+        "training spot re-embedded (with gradients) at each step (frozen-feature path; 'queue' end to end)",
     )
     queue_size: int = Field(1024, ge=0, description="size of the memory queue for negatives='queue'")
-    k: int = Field(50, gt=0, description="reference spots retrieved per query")
-    weighting: Literal["average", "softmax", "similarity"] = Field("softmax", description="BLEEP: average")
-    weighting_temperature: float = 0.05
-    query_neighbours: int = Field(
-        0, ge=0, description="average each query's image embedding with its k physically nearest spots' "
-        "(same slide, predicted together; see RetrievalConfig); 0: off (BLEEP)")
     finetune_encoder: bool = Field(False, description="train the image encoder end to end on patches (GPU path)")
-    encoder: str | None = Field(None, description="encoder preset for finetune_encoder (default: the embedding encoder)")
+    encoder: str | None = Field(
+        None, description="encoder preset for finetune_encoder (default: the model card's embedding encoder)")
     encoder_weights: str | None = Field(None, description="local weights for that encoder")
     encoder_pretrained: bool = Field(True, description="start fine-tuning from pretrained weights")
-    augment: bool = True
-    standardize_expression: bool = Field(
-        False, description="z-score each gene (training statistics) before the expression tower (BLEEP: False)")
+    augment: bool = Field(True, description="dihedral + colour augmentation of patches when fine-tuning")
+    standardize_targets: bool = Field(
+        False, description="z-score each gene (training statistics) before the expression tower (BLEEP: False); "
+        "predictions stay on the panel's scale")
     ensemble: int = Field(5, gt=0, description="independently seeded heads whose cosine similarities are averaged")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=60, batch_size=128, lr=1e-3, weight_decay=1e-3))
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=60, batch_size=128, lr=1e-3, weight_decay=1e-3),
+        description="optimiser and early stopping (BLEEP: AdamW lr 1e-3, wd 1e-3, batch 256)")
 
 
-class BLEEPFaithfulConfig(BLEEPConfig):
-    """BLEEP exactly as published (see module docstring)."""
-
-    expression_encoder: Literal["projection", "mlp"] = "projection"
-    loss: Literal["bleep_soft", "contrastive"] = "bleep_soft"
-    temperature: float = 1.0
-    learn_temperature: bool = False
-    negatives: Literal["batch", "queue", "all"] = "batch"
-    ensemble: int = 1
-    weighting: Literal["average", "softmax", "similarity"] = "average"
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=60, batch_size=256, lr=1e-3, weight_decay=1e-3))
+BLEEPFaithfulConfig = preset(
+    BLEEPConfig, "BLEEPFaithfulConfig", "BLEEP exactly as published (see the module docstring).",
+    expression_encoder="projection", loss="bleep_soft", temperature=1.0, learn_temperature=False,
+    negatives="batch", ensemble=1, weighting="average",
+    train=TrainConfig(epochs=60, batch_size=256, lr=1e-3, weight_decay=1e-3),
+)
 
 
 class BLEEPNet(nn.Module):
@@ -101,12 +86,8 @@ class BLEEPNet(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.image_head = ProjectionHead(image_dim, config.projection_dim, config.dropout)
-        if config.expression_encoder == "mlp":
-            self.expression_tower: nn.Module = MLPEncoder(
-                n_genes, hidden=tuple(config.mlp_hidden), out_dim=config.projection_dim, dropout=config.dropout
-            )
-        else:
-            self.expression_tower = ProjectionHead(n_genes, config.projection_dim, config.dropout)
+        self.expression_tower = expression_tower(
+            config.expression_encoder, n_genes, config.projection_dim, config.mlp_hidden, config.dropout)
 
     def embed_images(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: standardised frozen features (B, D), or preprocessed images when an encoder is attached."""
@@ -116,36 +97,60 @@ class BLEEPNet(nn.Module):
         return self.expression_tower(y)
 
 
-class BLEEP(RetrievalMixin, Method):
+@register_method
+class BLEEP(RetrievalMethod):
     """BLEEP, improved: normalised embeddings, learned temperature, whole-set negatives, ensemble."""
 
     name = "bleep"
     Config = BLEEPConfig
-    uses_bank = True
+    module_attrs = ("nets", "losses")
+    scaler_attrs = ("scaler", "target_scaler")
+    ablations = {
+        # the whole training set as negatives at every step -> in-batch negatives; with a few in-batch
+        # spots the soft targets would be noise, so this row uses plain InfoNCE (identity targets)
+        "batch_negatives": {"negatives": "batch", "soft_targets": False},
+        "single_model": {"ensemble": 1},
+        "bleep_loss": {"loss": "bleep_soft", "temperature": 1.0, "learn_temperature": False},
+        "projection_expr": {"expression_encoder": "projection"},
+        "average_retrieval": {"weighting": "average"},
+        # not an ablation but the converse: CarHE's query-time neighbour context added to BLEEP, so the
+        # table shows how much of CarHE's gain that context alone gives
+        "plus_query_context": {"query_neighbours": 6},
+    }
 
     def __init__(self, config: BLEEPConfig | None = None, **overrides) -> None:
         super().__init__(config, **overrides)
         self.nets = nn.ModuleList()
         self.losses = nn.ModuleList()  # one ContrastiveLoss per member (empty for BLEEP's fixed-τ loss)
-        self.scaler = FeatureScaler()
-        self.expression_scaler: FeatureScaler | None = None
-        self.bank: ReferenceBank | None = None
+        self.target_scaler: FeatureScaler | None = None
 
     # ------------------------------------------------------------------ building blocks
-    def _build(self, image_dim: int, n_genes: int, pretrained: bool = True) -> None:
+    def fit_scalers(self, train: SpotSet) -> None:
+        super().fit_scalers(train)
+        self.target_scaler = FeatureScaler().fit(train.targets) if self.config.standardize_targets else None
+
+    def sizes(self, train: SpotSet) -> dict[str, int]:
+        return {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1]}
+
+    def _encoder_name(self) -> str:
+        if self.config.encoder:
+            return self.config.encoder
+        if self.card is not None and self.card.encoder is not None:
+            return self.card.encoder.name
+        raise He2stError("bleep: finetune_encoder needs the `encoder` option or a model card with an encoder")
+
+    def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
         cfg = self.config
+        image_dim = dims["image_dim"]
         self.nets, self.losses = nn.ModuleList(), nn.ModuleList()
         for _ in range(cfg.ensemble):
             encoder = None
             if cfg.finetune_encoder:
-                from he2st.encoders import create
-
-                default = json.loads(self.encoder_spec).get("name") if self.encoder_spec else None
-                encoder = create(cfg.encoder or default or "efficientnet_lite0", weights=cfg.encoder_weights,
+                encoder = create(self._encoder_name(), weights=cfg.encoder_weights,
                                  pretrained=pretrained and cfg.encoder_pretrained)
                 encoder.set_trainable(True)
                 image_dim = encoder.embed_dim
-            self.nets.append(BLEEPNet(image_dim, n_genes, cfg, encoder))
+            self.nets.append(BLEEPNet(image_dim, dims["n_genes"], cfg, encoder))
             if cfg.loss == "contrastive":
                 self.losses.append(ContrastiveLoss(
                     init_temperature=cfg.temperature, learn_temperature=cfg.learn_temperature,
@@ -168,20 +173,12 @@ class BLEEP(RetrievalMixin, Method):
                 raise He2stError("finetune_encoder needs patches (load spots with with_patches=True)")
             patches = torch.from_numpy(spots.patches[idx.numpy()])
             if train and self.config.augment:
-                from he2st.augment import augment_batch
-
                 patches = augment_batch(patches, gen)
             return net.encoder.preprocess(patches)
         return torch.from_numpy(self.scaler(spots.features[idx.numpy()])).to(self._device)
 
-    # ------------------------------------------------------------------ the interface
-    def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
-        if train.targets is None:
-            raise He2stError("training spots need targets")
-        torch.manual_seed(self.config.seed)
-        self.scaler.fit(train.features)
-        self.expression_scaler = FeatureScaler().fit(train.targets) if self.config.standardize_expression else None
-        self._build(train.features.shape[1], train.targets.shape[1])
+    # ------------------------------------------------------------------ training
+    def train_modules(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         if self.config.finetune_encoder and torch.cuda.is_available():
             self.nets.cuda()  # the end-to-end path is meant for a GPU; frozen features train fine on CPU
             self.losses.cuda()
@@ -192,8 +189,6 @@ class BLEEP(RetrievalMixin, Method):
                 log.curves[f"{key}" if member == 0 else f"{key}_{member}"] = values
             log.best_epoch = member_log.best_epoch if member == 0 else log.best_epoch
             log.seconds += member_log.seconds
-        reference = train if val is None else SpotSet.concat([train, val])
-        self.set_reference(reference.targets, reference.genes, list(reference.sample_ids))
         return log
 
     def _fit_member(self, member: int, train: SpotSet, val: SpotSet | None) -> TrainLog:
@@ -231,27 +226,21 @@ class BLEEP(RetrievalMixin, Method):
                 queues[1].enqueue(nn.functional.normalize(spot.detach(), dim=-1))
             return loss
 
-        def validate() -> float:
-            losses, b = [], cfg.train.batch_size
-            for a in range(0, len(val), b):
-                idx = torch.arange(a, min(a + b, len(val)))
-                if len(idx) < 2:
-                    continue
-                img = net.embed_images(self._image_inputs(net, val, idx, False, None))
-                spot = net.embed_expression(
-                    torch.from_numpy(self._expression_inputs(val.targets[idx.numpy()])).to(self._device))
-                losses.append(float(self._loss(member, img, spot)) * len(idx))
-            return sum(losses) / max(1, len(val))
+        def val_loss(idx: torch.Tensor) -> torch.Tensor:
+            img = net.embed_images(self._image_inputs(net, val, idx, False, None))
+            spot = net.embed_expression(
+                torch.from_numpy(self._expression_inputs(val.targets[idx.numpy()])).to(self._device))
+            return self._loss(member, img, spot)
 
-        return fit_minibatches(module, len(train), step, cfg.train, seed,
-                               validate if val is not None and len(val) > 1 else None)
+        validate = None if val is None else (lambda: batched_mean(val_loss, len(val), cfg.train.batch_size))
+        return fit_minibatches(module, len(train), step, cfg.train, seed, validate)
 
     @property
     def _device(self) -> torch.device:
         return next(self.nets.parameters()).device
 
     def _expression_inputs(self, expression: np.ndarray) -> np.ndarray:
-        return expression if self.expression_scaler is None else self.expression_scaler(expression)
+        return expression if self.target_scaler is None else self.target_scaler(expression)
 
     def _joint(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         """One member: its embedding. Several: normalised embeddings concatenated and scaled by
@@ -279,35 +268,11 @@ class BLEEP(RetrievalMixin, Method):
                 [net.embed_images(self._image_inputs(net, spots, idx, False, None)) for net in self.nets]).float().cpu())
         return torch.cat(out).numpy()
 
-    def _predict(self, spots: SpotSet) -> Prediction:
-        return self._retrieve(spots)
 
-    # ------------------------------------------------------------------ persistence
-    def state(self) -> dict[str, torch.Tensor]:
-        state = {f"nets.{k}": v.cpu() for k, v in self.nets.state_dict().items()}
-        state |= {f"losses.{k}": v.cpu() for k, v in self.losses.state_dict().items()} | self.scaler.state()
-        if self.expression_scaler is not None:
-            state |= self.expression_scaler.state("expression_scaler")
-        state["dims"] = torch.tensor([self.scaler.mean.shape[0], _in_features(self.nets[0].expression_tower)])
-        return state
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self._build(int(state["dims"][0]), int(state["dims"][1]), pretrained=False)  # weights come from state
-        self.nets.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("nets.")})
-        self.losses.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("losses.")})
-        self.scaler = FeatureScaler.from_state(state)
-        if "expression_scaler.mean" in state:
-            self.expression_scaler = FeatureScaler.from_state(state, "expression_scaler")
-        self.nets.eval()
-
-
+@register_method
 class BLEEPFaithful(BLEEP):
     """BLEEP as published: soft-target CLIP loss at τ=1, projection heads, top-50 average."""
 
     name = "bleep_faithful"
     Config = BLEEPFaithfulConfig
-
-
-def _in_features(module: nn.Module) -> int:
-    """Input width of a tower (its first Linear layer)."""
-    return next(m for m in module.modules() if isinstance(m, nn.Linear)).in_features
+    ablations = {}

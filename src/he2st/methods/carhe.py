@@ -12,7 +12,7 @@ Only CarHE's abstract is public (no code), so this is he2st's reading of its two
 (b) **histology transfer** -- image-to-image contrastive learning on H&E alone: two augmented views
     of a spot, and a physically neighbouring spot of the same sample, are positives (multi-positive
     InfoNCE over a small projector). With frozen features the views are feature-space augmentations
-    (:func:`~he2st.methods.blocks.feature_augment`: dropout of single dimensions + Gaussian noise).
+    (:func:`~he2st.methods.masking.feature_augment`: dropout of single dimensions + Gaussian noise).
     Unlabelled H&E spots (``fit(..., unlabelled=spots)``: image-only spots, e.g. extra slides of
     training patients) join this term only, first in a histology-only pre-training stage of the
     image tower (``histology_pretrain_epochs``), then alongside the alignment.
@@ -21,7 +21,7 @@ Prediction: retrieval (BLEEP-style) over a reference bank of expression embeddin
 spot's image embedding averaged with its physical neighbours' (``query_neighbours``, a he2st addition:
 NH2ST's neighbourhood context, and the counterpart at prediction of (b), which teaches neighbours to
 embed alike; predictions therefore depend on which spots of a slide are predicted together -- pass
-whole slides, as the benchmark and ``he2st predict`` do). The bank can return more genes than the panel (``set_reference(..., output_expression=..., output_genes=...)``),
+whole slides, as the benchmark and ``he2st predict`` do). The bank can return more genes than the panel (``reference_bank(..., output_expression=..., output_genes=...)``),
 which is how CarHE reaches the whole transcriptome.
 """
 
@@ -35,27 +35,19 @@ from torch import nn
 
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
-from he2st.methods.base import Method, Prediction, TrainLog
-from he2st.methods.blocks import (
-    AlignmentLoss,
-    RetrievalConfig,
-    RetrievalMixin,
-    clean_proportions,
-    expression_tower,
-    feature_augment,
-    multi_positive_nce,
-    sample_neighbour,
-    spatial_neighbours,
-    standardize_columns,
-)
-from he2st.methods.features import FeatureScaler
-from he2st.methods.losses import expression_similarity_targets
-from he2st.methods.nn import MLPEncoder
-from he2st.train import TrainConfig, fit_minibatches
+from he2st.methods.base import Prediction, TrainLog
+from he2st.methods.features import clean_proportions, standardize_columns
+from he2st.methods.losses import AlignmentLoss, expression_similarity_targets, multi_positive_nce
+from he2st.methods.masking import feature_augment
+from he2st.methods.neighbourhood import sample_neighbour, spatial_neighbours
+from he2st.methods.nn import MLPEncoder, expression_tower
+from he2st.methods.registry import register_method
+from he2st.methods.retrieval import RetrievalConfig, RetrievalMethod
+from he2st.methods.training import TrainConfig, batched_mean, fit_minibatches
 
 
 class CarHEConfig(RetrievalConfig):
-    """Options of CarHE (contrastive/retrieval options as :class:`~he2st.methods.blocks.RetrievalConfig`)."""
+    """Options of CarHE (contrastive/retrieval options as :class:`~he2st.methods.retrieval.RetrievalConfig`)."""
 
     image_hidden: list[int] = Field(
         default_factory=list,
@@ -139,23 +131,49 @@ class CarHEModule(nn.Module):
             self.histology_projector = nn.Sequential(nn.Linear(p, p), nn.GELU(), nn.Linear(p, p))
 
 
-class CarHE(RetrievalMixin, Method):
+@register_method
+class CarHE(RetrievalMethod):
     """Image-expression-proportion alignment, histology transfer, retrieval with a full-transcriptome bank."""
 
     name = "carhe"
     Config = CarHEConfig
-    uses_bank = True
+    module_attrs = ("net", "aligns")
+    ablations = {
+        "no_celltype_transfer": {"celltype_transfer": False},
+        "no_histology_transfer": {"histology_transfer": False},
+        "no_query_context": {"query_neighbours": 0},
+        "batch_negatives": {"negatives": "batch", "soft_targets": False},
+    }
 
     def __init__(self, config: CarHEConfig | None = None, **overrides) -> None:
         super().__init__(config, **overrides)
         self.net: CarHEModule | None = None
         self.aligns = nn.ModuleDict()
-        self.scaler = FeatureScaler()
-        self.bank = None
 
-    def _build(self, image_dim: int, n_genes: int, n_types: int) -> None:
+    def _proportions(self, spots: SpotSet) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cleaned training proportions and their usable-row mask (None without cell-type transfer)."""
         cfg = self.config
-        self.net = CarHEModule(image_dim, n_genes, n_types, cfg)
+        if not cfg.celltype_transfer:
+            return None
+        if cfg.celltype_key not in spots.extras:
+            raise He2stError(
+                f"carhe: training spots have no extras[{cfg.celltype_key!r}] (cell-type proportions); "
+                "load them or set celltype_transfer=false"
+            )
+        props, ok = clean_proportions(spots.extras[cfg.celltype_key])
+        if ok.sum() < 2:
+            raise He2stError(f"carhe: fewer than 2 training spots have usable {cfg.celltype_key} proportions")
+        return torch.from_numpy(props), torch.from_numpy(ok)
+
+    def sizes(self, train: SpotSet) -> dict[str, int]:
+        props = self._proportions(train)
+        return {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1],
+                "n_types": 0 if props is None else int(props[0].shape[1])}
+
+    def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
+        cfg = self.config
+        n_types = dims["n_types"]
+        self.net = CarHEModule(dims["image_dim"], dims["n_genes"], n_types, cfg)
 
         def align() -> AlignmentLoss:
             return AlignmentLoss(
@@ -166,7 +184,6 @@ class CarHE(RetrievalMixin, Method):
         if n_types:
             self.aligns["proportion_image"] = align()
             self.aligns["proportion_expression"] = align()
-        self.dims = (image_dim, n_genes, n_types)
 
     # ------------------------------------------------------------------ losses
     def _histology_loss(
@@ -212,32 +229,14 @@ class CarHE(RetrievalMixin, Method):
         kl = (neg_entropy - (props * log_q).sum(-1)).mean()
         return cfg.celltype_weight * align + cfg.proportion_head_weight * kl
 
-    # ------------------------------------------------------------------ the interface
-    def fit(self, train: SpotSet, val: SpotSet | None = None, unlabelled: SpotSet | None = None) -> TrainLog:
+    # ------------------------------------------------------------------ training
+    def train_modules(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         """``unlabelled``: image-only spots (never test spots) that join the histology term only."""
-        if train.targets is None:
-            raise He2stError("training spots need targets")
         cfg = self.config
-        torch.manual_seed(cfg.seed)
-        self.scaler.fit(train.features)
-        props = ok = None
-        if cfg.celltype_transfer:
-            if cfg.celltype_key not in train.extras:
-                raise He2stError(
-                    f"carhe: training spots have no extras[{cfg.celltype_key!r}] (cell-type proportions); "
-                    "load them or set celltype_transfer=false"
-                )
-            props_np, ok_np = clean_proportions(train.extras[cfg.celltype_key])
-            if ok_np.sum() < 2:
-                raise He2stError(
-                    f"carhe: fewer than 2 training spots have usable {cfg.celltype_key} proportions"
-                )
-            props, ok = torch.from_numpy(props_np), torch.from_numpy(ok_np)
-        self._build(train.features.shape[1], train.targets.shape[1], 0 if props is None else props.shape[1])
-
+        props, ok = self._proportions(train) or (None, None)
         X = torch.from_numpy(self.scaler(train.features))
         Y = torch.from_numpy(train.targets.astype(np.float32))
-        Z = torch.from_numpy(standardize_columns(train.targets)) if self._all_negatives() else None
+        Z = torch.from_numpy(standardize_columns(train.targets)) if self.all_negatives() else None
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         log = TrainLog()
 
@@ -289,67 +288,41 @@ class CarHE(RetrievalMixin, Method):
             return loss
 
         def validate() -> float:
-            Xv, Yv = (
-                torch.from_numpy(self.scaler(val.features)),
-                torch.from_numpy(val.targets.astype(np.float32)),
-            )
+            Xv = torch.from_numpy(self.scaler(val.features))
+            Yv = torch.from_numpy(val.targets.astype(np.float32))
             pv = okv = None
             if props is not None and cfg.celltype_key in val.extras:
                 pv_np, okv_np = clean_proportions(val.extras[cfg.celltype_key])
                 pv, okv = torch.from_numpy(pv_np), torch.from_numpy(okv_np)
-            total, b = 0.0, cfg.train.batch_size
-            for a in range(0, len(val), b):
-                idx = torch.arange(a, min(a + b, len(val)))
-                if len(idx) < 2:
-                    continue
+
+            def val_loss(idx: torch.Tensor) -> torch.Tensor:
                 img, spot = self.net.image_tower(Xv[idx]), self.net.expression_tower(Yv[idx])
                 loss = self.aligns["image_expression"](img, spot)
                 if pv is not None:
                     loss = loss + self._celltype_loss(img, spot, pv[idx], okv[idx])
-                total += float(loss) * len(idx)
-            return total / len(val)
+                return loss
+
+            return batched_mean(val_loss, len(val), cfg.train.batch_size)
 
         module = nn.ModuleDict({"net": self.net, "aligns": self.aligns})
-        joint = fit_minibatches(
-            module,
-            len(train),
-            step,
-            cfg.train,
-            cfg.seed,
-            validate if val is not None and len(val) > 1 else None,
-        )
+        joint = fit_minibatches(module, len(train), step, cfg.train, cfg.seed, None if val is None else validate)
         log.curves |= joint.curves
         log.best_epoch, log.seconds = joint.best_epoch, log.seconds + joint.seconds
-        self._reference_from_training(train, val)
         return log
 
     def embed_images(self, spots: SpotSet) -> np.ndarray:
         """Image embeddings from the frozen features alone (the query side of retrieval)."""
-        return self._embed_frozen(self.net.image_tower, spots).numpy()
+        return self.embed_frozen(self.net.image_tower, spots).numpy()
 
     @torch.no_grad()
     def predict_proportions(self, spots: SpotSet) -> np.ndarray:
         """Cell-type proportions ``(N, C)`` predicted from the images (rows sum to 1)."""
-        if not hasattr(self.net, "proportion_head"):
+        if not self.dims.get("n_types"):
             raise He2stError("carhe was trained without cell-type transfer (celltype_transfer=false)")
-        return torch.softmax(self.net.proportion_head(self._embed_frozen(self.net.image_tower, spots)), dim=-1).numpy()
+        return torch.softmax(self.net.proportion_head(self.embed_frozen(self.net.image_tower, spots)), dim=-1).numpy()
 
     def _predict(self, spots: SpotSet) -> Prediction:
-        prediction = self._retrieve(spots)
-        if hasattr(self.net, "proportion_head"):
+        prediction = super()._predict(spots)
+        if self.dims.get("n_types"):
             prediction.extras[self.config.celltype_key] = self.predict_proportions(spots)
         return prediction
-
-    # ------------------------------------------------------------------ persistence
-    def state(self) -> dict[str, torch.Tensor]:
-        state = {f"net.{k}": v for k, v in self.net.state_dict().items()}
-        state |= {f"aligns.{k}": v for k, v in self.aligns.state_dict().items()} | self.scaler.state()
-        state["dims"] = torch.tensor(self.dims)
-        return state
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self._build(*(int(v) for v in state["dims"]))
-        self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-        self.aligns.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("aligns.")})
-        self.scaler = FeatureScaler.from_state(state)
-        self.net.eval()

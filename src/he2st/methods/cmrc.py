@@ -18,7 +18,7 @@ Frozen-feature path (he2st's CPU path; CMRCNet trains its ViT from scratch):
 * image tokens come from ``spots.tokens`` ``(N, T, C)`` -- a small pooled grid of the encoder's
   spatial tokens, standardised per channel with training statistics -- and, when the spots carry
   no tokens, from the standardised feature vector split into ``feature_chunks`` consecutive chunks
-  (:func:`~he2st.methods.blocks.feature_chunks`; a stand-in that keeps the mechanism, not CMRCNet's
+  (:func:`~he2st.methods.masking.feature_chunks`; a stand-in that keeps the mechanism, not CMRCNet's
   spatial masking). Tokens are needed only for training, never for prediction.
 
 Defaults follow he2st's improved BLEEP for the contrastive and retrieval parts (normalised
@@ -41,22 +41,20 @@ from torch import nn
 
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
-from he2st.methods.base import Method, Prediction, TrainLog
-from he2st.methods.blocks import (
-    AlignmentLoss,
+from he2st.methods.base import TrainLog
+from he2st.methods.features import FeatureScaler, standardize_columns
+from he2st.methods.losses import AlignmentLoss, expression_similarity_targets
+from he2st.methods.masking import apply_mask, feature_chunks, random_mask
+from he2st.methods.nn import (
+    BidirectionalFusion,
+    CrossAttentionBlock,
     ExpressionTokenizer,
-    RetrievalConfig,
-    RetrievalMixin,
-    apply_mask,
+    ProjectionHead,
     expression_tower,
-    feature_chunks,
-    random_mask,
-    standardize_columns,
 )
-from he2st.methods.features import FeatureScaler
-from he2st.methods.losses import expression_similarity_targets
-from he2st.methods.nn import BidirectionalFusion, CrossAttentionBlock, ProjectionHead
-from he2st.train import TrainConfig, fit_minibatches
+from he2st.methods.registry import register_method
+from he2st.methods.retrieval import RetrievalConfig, RetrievalMethod
+from he2st.methods.training import TrainConfig, batched_mean, fit_minibatches
 
 
 class CMRCNetConfig(RetrievalConfig):
@@ -176,36 +174,48 @@ class CMRCNetModule(nn.Module):
         )
 
 
-class CMRCNet(RetrievalMixin, Method):
+@register_method
+class CMRCNet(RetrievalMethod):
     """BLEEP contrastive alignment + cross-modal masked reconstruction; BLEEP retrieval at inference."""
 
     name = "cmrcnet"
     Config = CMRCNetConfig
-    uses_bank = True
     uses_tokens = True
+    module_attrs = ("net", "align")
+    scaler_attrs = ("scaler", "token_scaler")
+    ablations = {
+        "no_reconstruction": {"reconstruction": False},
+        "batch_negatives": {"negatives": "batch", "soft_targets": False},
+    }
 
     def __init__(self, config: CMRCNetConfig | None = None, **overrides) -> None:
         super().__init__(config, **overrides)
         self.net: CMRCNetModule | None = None
         self.align: AlignmentLoss | None = None
-        self.scaler = FeatureScaler()
         self.token_scaler: FeatureScaler | None = None  # set when training used spots.tokens
-        self.bank = None
 
     # ------------------------------------------------------------------ pieces
-    def _build(self, image_dim: int, n_genes: int, token_dim: int, n_tokens: int) -> None:
+    def fit_scalers(self, train: SpotSet) -> None:
+        super().fit_scalers(train)
+        self.token_scaler = None
+        if train.tokens is not None:
+            n, t, c = train.tokens.shape
+            self.token_scaler = FeatureScaler().fit(train.tokens.reshape(n * t, c))
+
+    def sizes(self, train: SpotSet) -> dict[str, int]:
+        if self.token_scaler is not None:
+            token_dim, n_tokens = train.tokens.shape[2], train.tokens.shape[1]
+        else:
+            token_dim, n_tokens = -(-train.features.shape[1] // self.config.feature_chunks), self.config.feature_chunks
+        return {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1],
+                "token_dim": token_dim, "n_tokens": n_tokens}
+
+    def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
         cfg = self.config
-        self.net = CMRCNetModule(image_dim, n_genes, token_dim, n_tokens, cfg)
+        self.net = CMRCNetModule(dims["image_dim"], dims["n_genes"], dims["token_dim"], dims["n_tokens"], cfg)
         self.align = AlignmentLoss(
             cfg.loss, cfg.temperature, cfg.learn_temperature, cfg.soft_targets, cfg.target_temperature
         )
-        self.dims = (image_dim, n_genes, token_dim, n_tokens)
-
-    def _token_shape(self, spots: SpotSet) -> tuple[int, int]:
-        if self.token_scaler is not None:
-            return spots.tokens.shape[2], spots.tokens.shape[1]
-        width = -(-spots.features.shape[1] // self.config.feature_chunks)
-        return width, self.config.feature_chunks
 
     def image_tokens(self, spots: SpotSet) -> torch.Tensor | None:
         """Standardised image tokens of ``spots`` ``(N, T, C)`` as used by the reconstruction branch
@@ -219,9 +229,8 @@ class CMRCNet(RetrievalMixin, Method):
 
     def mask(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """A reconstruction mask ``(batch, T, attention_dim)`` for this model (True = masked)."""
-        n_tokens = self.dims[3]
         return random_mask(
-            (batch, n_tokens, self.config.attention_dim),
+            (batch, self.dims["n_tokens"], self.config.attention_dim),
             self.config.mask_ratio,
             self.config.mask_mode,
             generator,
@@ -254,24 +263,13 @@ class CMRCNet(RetrievalMixin, Method):
             return torch.log1p(contrastive) + cfg.reconstruction_weight * torch.log1p(reconstruction)
         return contrastive + cfg.reconstruction_weight * reconstruction
 
-    # ------------------------------------------------------------------ the interface
-    def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
-        if train.targets is None:
-            raise He2stError("training spots need targets")
+    # ------------------------------------------------------------------ training
+    def train_modules(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         cfg = self.config
-        torch.manual_seed(cfg.seed)
-        self.scaler.fit(train.features)
-        self.token_scaler = None
-        if train.tokens is not None:
-            n, t, c = train.tokens.shape
-            self.token_scaler = FeatureScaler().fit(train.tokens.reshape(n * t, c))
-        token_dim, n_tokens = self._token_shape(train)
-        self._build(train.features.shape[1], train.targets.shape[1], token_dim, n_tokens)
-
         X = torch.from_numpy(self.scaler(train.features))
         Y = torch.from_numpy(train.targets.astype(np.float32))
         tokens = self.image_tokens(train)
-        Z = torch.from_numpy(standardize_columns(train.targets)) if self._all_negatives() else None
+        Z = torch.from_numpy(standardize_columns(train.targets)) if self.all_negatives() else None
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         module = nn.ModuleDict({"net": self.net, "align": self.align})
 
@@ -288,53 +286,17 @@ class CMRCNet(RetrievalMixin, Method):
 
         def validate() -> float:
             val_gen = torch.Generator().manual_seed(cfg.seed + 2)  # the same masks at every epoch
-            Xv, Yv = (
-                torch.from_numpy(self.scaler(val.features)),
-                torch.from_numpy(val.targets.astype(np.float32)),
-            )
+            Xv = torch.from_numpy(self.scaler(val.features))
+            Yv = torch.from_numpy(val.targets.astype(np.float32))
             tv = self.image_tokens(val)
-            total, b = 0.0, cfg.train.batch_size
-            for a in range(0, len(val), b):
-                idx = torch.arange(a, min(a + b, len(val)))
-                if len(idx) < 2:
-                    continue
-                con, rec = self._losses(Xv[idx], Yv[idx], None if tv is None else tv[idx], val_gen)
-                total += float(self._total(con, rec)) * len(idx)
-            return total / len(val)
 
-        log = fit_minibatches(
-            module,
-            len(train),
-            step,
-            cfg.train,
-            cfg.seed,
-            validate if val is not None and len(val) > 1 else None,
-        )
-        self._reference_from_training(train, val)
-        return log
+            def val_loss(idx: torch.Tensor) -> torch.Tensor:
+                return self._total(*self._losses(Xv[idx], Yv[idx], None if tv is None else tv[idx], val_gen))
+
+            return batched_mean(val_loss, len(val), cfg.train.batch_size)
+
+        return fit_minibatches(module, len(train), step, cfg.train, cfg.seed, None if val is None else validate)
 
     def embed_images(self, spots: SpotSet) -> np.ndarray:
         """Image embeddings from the frozen features alone (the query side of retrieval)."""
-        return self._embed_frozen(self.net.image_head, spots).numpy()
-
-    def _predict(self, spots: SpotSet) -> Prediction:
-        return self._retrieve(spots)
-
-    # ------------------------------------------------------------------ persistence
-    def state(self) -> dict[str, torch.Tensor]:
-        state = {f"net.{k}": v for k, v in self.net.state_dict().items()}
-        state |= {f"align.{k}": v for k, v in self.align.state_dict().items()} | self.scaler.state()
-        if self.token_scaler is not None:
-            state |= self.token_scaler.state("token_scaler")
-        state["dims"] = torch.tensor(self.dims)
-        return state
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self._build(*(int(v) for v in state["dims"]))
-        self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-        self.align.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("align.")})
-        self.scaler = FeatureScaler.from_state(state)
-        self.token_scaler = (
-            FeatureScaler.from_state(state, "token_scaler") if "token_scaler.mean" in state else None
-        )
-        self.net.eval()
+        return self.embed_frozen(self.net.image_head, spots).numpy()

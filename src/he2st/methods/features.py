@@ -1,4 +1,5 @@
-"""Standardisation of frozen image features, fitted on training spots and stored with the model."""
+"""Standardisation of features and targets (fitted on training spots, stored with the model), and
+clean-up of cell-type proportion tables."""
 
 from __future__ import annotations
 
@@ -27,3 +28,20 @@ class FeatureScaler:
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], prefix: str = "scaler") -> FeatureScaler:
         return cls(state[f"{prefix}.mean"].numpy(), state[f"{prefix}.std"].numpy())
+
+
+def standardize_columns(x: np.ndarray) -> np.ndarray:
+    """Per-column z-scores (as float32), used for expression-similarity soft targets."""
+    return ((x - x.mean(0)) / np.maximum(x.std(0), 1e-6)).astype(np.float32)
+
+
+def clean_proportions(props: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows normalised to sum 1 (negatives clipped) and a mask of usable rows (finite, positive sum):
+    deconvolution tables carry NaN rows and tiny negative values that would break a simplex target."""
+    props = np.asarray(props, dtype=np.float64)
+    ok = np.isfinite(props).all(axis=1)
+    clipped = np.where(np.isfinite(props), np.clip(props, 0, None), 0.0)
+    total = clipped.sum(axis=1)
+    ok &= total > 0
+    normed = clipped / np.where(total > 0, total, 1.0)[:, None]
+    return normed.astype(np.float32), ok

@@ -1,4 +1,5 @@
-"""Contrastive image↔expression losses: faithful BLEEP, an improved CLIP-style loss, NH2ST's InfoNCE.
+"""Contrastive losses: faithful BLEEP, an improved CLIP-style loss, NH2ST's InfoNCE, he2st's alignment
+module that switches between them, and a multi-positive InfoNCE for image↔image learning.
 
 Conventions: ``img`` and ``spot`` are ``(B, D)`` embeddings of the same B spots (row i of
 each describes spot i); every loss returns a scalar averaged over the batch and both
@@ -8,12 +9,23 @@ directions (image→expression and expression→image).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ContrastiveLoss", "EmbeddingQueue", "bleep_soft_clip_loss", "info_nce"]
+from he2st.errors import He2stError
+
+__all__ = [
+    "AlignmentLoss",
+    "ContrastiveLoss",
+    "EmbeddingQueue",
+    "bleep_soft_clip_loss",
+    "info_nce",
+    "multi_positive_nce",
+    "reference_contrastive_loss",
+]
 
 
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -215,3 +227,66 @@ def reference_contrastive_loss(
     images_loss = _soft_cross_entropy(img @ spot_all.T / temperature, targets)
     spots_loss = _soft_cross_entropy(spot @ img_all.T / temperature, targets)
     return ((images_loss + spots_loss) / 2).mean()
+
+
+class AlignmentLoss(nn.Module):
+    """Contrastive alignment of two modalities with he2st's options, in one module.
+
+    ``kind="bleep_soft"``: BLEEP's soft-target CLIP loss at a fixed temperature on unnormalised
+    embeddings. ``kind="contrastive"``: :class:`~he2st.methods.losses.ContrastiveLoss` (L2-normalised,
+    learned temperature, soft or identity targets); when ``reference=(a_all, b_all, targets)`` is
+    given, the batch is scored against every reference spot instead
+    (:func:`reference_contrastive_loss`, the improved BLEEP's ``negatives="all"``).
+    """
+
+    def __init__(
+        self,
+        kind: Literal["bleep_soft", "contrastive"] = "contrastive",
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+        soft_targets: bool = True,
+        target_temperature: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.fixed_temperature = temperature
+        self.contrastive = None
+        if kind == "contrastive":
+            self.contrastive = ContrastiveLoss(
+                init_temperature=temperature,
+                learn_temperature=learn_temperature,
+                soft_targets=soft_targets,
+                target_temperature=target_temperature,
+            )
+        elif kind != "bleep_soft":
+            raise He2stError(f"unknown alignment loss {kind!r}; use 'bleep_soft' or 'contrastive'")
+
+    def forward(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if self.contrastive is None:
+            return bleep_soft_clip_loss(a, b, self.fixed_temperature)
+        if reference is None:
+            return self.contrastive(a, b)
+        loss = self.contrastive
+        with torch.no_grad():
+            loss.log_temperature.clamp_(*loss.log_bounds)
+        return reference_contrastive_loss(
+            a, b, reference[0], reference[1], reference[2], loss.log_temperature.exp()
+        )
+
+
+def multi_positive_nce(
+    anchors: torch.Tensor, candidates: torch.Tensor, positives: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """InfoNCE with several positives per anchor (SupCon form): cosine logits ``(B, M) / τ``;
+    each anchor's loss is minus the mean log-probability of its positive candidates.
+    ``positives`` ``(B, M)`` is boolean; every anchor needs at least one positive."""
+    a = F.normalize(anchors, dim=-1)
+    c = F.normalize(candidates, dim=-1)
+    log_prob = F.log_softmax(a @ c.T / temperature, dim=1)
+    pos = positives.to(log_prob.dtype)
+    return -((log_prob * pos).sum(dim=1) / pos.sum(dim=1).clamp(min=1.0)).mean()

@@ -3,7 +3,7 @@ neighbour branch over its physical neighbourhood, cross-attention between pathol
 contrastive alignment, and a regression head.
 
 * Neighbourhood: the ``k`` physically nearest spots of the same sample (``coords_um``; NH2ST: the 9
-  nearest including the spot, i.e. k=8), built by :func:`~he2st.methods.blocks.spatial_neighbours`.
+  nearest including the spot, i.e. neighbour_k=8), built by :func:`~he2st.methods.neighbourhood.spatial_neighbours`.
 * Nodes: every spot's image feature and expression go through an image / expression encoder; the
   neighbourhood's nodes (the spot first) pass a k-NN hypergraph (NH2ST: 2 hypergraph convolutions,
   hyperedges of 3 cosine-nearest nodes) or a self-attention layer, per modality, and are mean-pooled.
@@ -34,13 +34,14 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from he2st.data.spots import SpotSet
-from he2st.errors import He2stError
-from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog
-from he2st.methods.blocks import fuse, masked_mean, neighbourhood_layer, spatial_neighbours
+from he2st.methods.base import MethodConfig, Prediction, TrainLog
 from he2st.methods.features import FeatureScaler
 from he2st.methods.losses import info_nce
-from he2st.methods.nn import BidirectionalFusion, ProjectionHead
-from he2st.train import TrainConfig, fit_minibatches
+from he2st.methods.neighbourhood import masked_mean, neighbourhood_layer, spatial_neighbours
+from he2st.methods.neural import NeuralMethod
+from he2st.methods.nn import BidirectionalFusion, ProjectionHead, fuse
+from he2st.methods.registry import register_method
+from he2st.methods.training import TrainConfig, fit_minibatches
 
 
 class NH2STConfig(MethodConfig):
@@ -50,7 +51,7 @@ class NH2STConfig(MethodConfig):
     dim: int = Field(512, gt=0, description="width of node embeddings and attention (NH2ST: 512)")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout in encoders, neighbour layers and the head")
     neighbours: bool = Field(True, description="neighbour branch; False = the target spot only (ablation)")
-    k: int = Field(
+    neighbour_k: int = Field(
         8,
         gt=0,
         description="physical neighbours per spot, same sample only (NH2ST: 9 nearest incl. the spot)",
@@ -93,7 +94,8 @@ class NH2STConfig(MethodConfig):
         "context (needs neighbours=True); False: the spot's image embedding only",
     )
     standardize_targets: bool = Field(
-        True, description="regress per-gene z-scores (training statistics) and map back"
+        True, description="regress per-gene z-scores (training statistics); predictions are mapped back "
+        "to the panel's scale"
     )
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(
@@ -170,24 +172,33 @@ class NH2STModule(nn.Module):
         return self.head(torch.cat([spot, context], dim=-1) if self.uses_context else spot)
 
 
-class NH2ST(Method):
+@register_method
+class NH2ST(NeuralMethod):
     """NH2ST on frozen features: neighbourhood hypergraphs, cross-attention, InfoNCE + MSE;
     regression from images only."""
 
     name = "nh2st"
     Config = NH2STConfig
+    scaler_attrs = ("scaler", "target_scaler")
+    ablations = {
+        "no_neighbours": {"neighbours": False},
+        "no_fusion": {"fusion": False},
+        "no_contrastive": {"contrastive": False},
+    }
 
     def __init__(self, config: NH2STConfig | None = None, **overrides) -> None:
         super().__init__(config, **overrides)
         self.net: NH2STModule | None = None
-        self.scaler = FeatureScaler()
         self.target_scaler: FeatureScaler | None = None
+
+    @property
+    def context_k(self) -> int:
+        return self.config.neighbour_k if self.config.neighbours else 0
 
     # ------------------------------------------------------------------ neighbourhoods
     def neighbourhoods(self, spots: SpotSet) -> tuple[torch.Tensor, torch.Tensor]:
         """Node rows ``(N, 1 + k)`` (the spot, then its physical neighbours in ``spots``), and validity."""
-        k = self.config.k if self.config.neighbours else 0
-        index, valid = spatial_neighbours(spots.coords_um, spots.sample_ids, k, self.config.max_distance_um)
+        index, valid = spatial_neighbours(spots.coords_um, spots.sample_ids, self.context_k, self.config.max_distance_um)
         rows = np.arange(len(spots))[:, None]
         nodes = np.concatenate([rows, index], axis=1)
         node_valid = np.concatenate([np.ones((len(spots), 1), bool), valid], axis=1)
@@ -196,18 +207,19 @@ class NH2ST(Method):
     def _targets_in(self, targets: np.ndarray) -> np.ndarray:
         return self.target_scaler(targets) if self.target_scaler is not None else targets.astype(np.float32)
 
-    def _build(self, image_dim: int, n_genes: int) -> None:
-        self.net = NH2STModule(image_dim, n_genes, self.config)
+    def fit_scalers(self, train: SpotSet) -> None:
+        super().fit_scalers(train)
+        self.target_scaler = FeatureScaler().fit(train.targets) if self.config.standardize_targets else None
 
-    # ------------------------------------------------------------------ the interface
-    def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
-        if train.targets is None:
-            raise He2stError("training spots need targets")
+    def sizes(self, train: SpotSet) -> dict[str, int]:
+        return {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1]}
+
+    def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
+        self.net = NH2STModule(dims["image_dim"], dims["n_genes"], self.config)
+
+    # ------------------------------------------------------------------ training
+    def train_modules(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         cfg = self.config
-        torch.manual_seed(cfg.seed)
-        self.scaler.fit(train.features)
-        self.target_scaler = FeatureScaler().fit(train.targets) if cfg.standardize_targets else None
-        self._build(train.features.shape[1], train.targets.shape[1])
         X = torch.from_numpy(self.scaler(train.features))
         Y = torch.from_numpy(self._targets_in(train.targets))
         nodes, node_valid = self.neighbourhoods(train)  # within the training spots, per sample
@@ -238,14 +250,7 @@ class NH2ST(Method):
             pred = self._regress(val)
             return float(np.mean((pred - val.targets) ** 2))
 
-        return fit_minibatches(
-            self.net,
-            len(train),
-            step,
-            cfg.train,
-            cfg.seed,
-            validate if val is not None and len(val) > 0 else None,
-        )
+        return fit_minibatches(self.net, len(train), step, cfg.train, cfg.seed, None if val is None else validate)
 
     @torch.no_grad()
     def _regress(self, spots: SpotSet, batch: int = 512) -> np.ndarray:
@@ -258,31 +263,10 @@ class NH2ST(Method):
             rows, valid = nodes[a : a + batch], node_valid[a : a + batch]
             img, context, _ = self.net.image_side(X[rows], valid)
             out.append(self.net.regress(img, context))
-        pred = torch.cat(out).numpy() if out else np.zeros((0, self.panel_size), np.float32)
+        pred = torch.cat(out).numpy() if out else np.zeros((0, self.dims["n_genes"]), np.float32)
         if self.target_scaler is not None:
             pred = pred * self.target_scaler.std + self.target_scaler.mean
         return pred.astype(np.float32)
 
-    @property
-    def panel_size(self) -> int:
-        return self.net.head[-1].out_features
-
     def _predict(self, spots: SpotSet) -> Prediction:
         return Prediction(self._regress(spots), list(self.panel.genes))
-
-    # ------------------------------------------------------------------ persistence
-    def state(self) -> dict[str, torch.Tensor]:
-        state = {f"net.{k}": v for k, v in self.net.state_dict().items()} | self.scaler.state()
-        if self.target_scaler is not None:
-            state |= self.target_scaler.state("target_scaler")
-        state["dims"] = torch.tensor([self.scaler.mean.shape[0], self.panel_size])
-        return state
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self._build(int(state["dims"][0]), int(state["dims"][1]))
-        self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-        self.scaler = FeatureScaler.from_state(state)
-        self.target_scaler = (
-            FeatureScaler.from_state(state, "target_scaler") if "target_scaler.mean" in state else None
-        )
-        self.net.eval()

@@ -8,11 +8,20 @@ papers differ (losses, fusion, inference), not in re-implemented layers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
-__all__ = ["BidirectionalFusion", "CrossAttentionBlock", "MLPEncoder", "ProjectionHead"]
+__all__ = [
+    "BidirectionalFusion",
+    "CrossAttentionBlock",
+    "ExpressionTokenizer",
+    "MLPEncoder",
+    "ProjectionHead",
+    "expression_tower",
+    "fuse",
+]
 
 
 class ProjectionHead(nn.Module):
@@ -131,3 +140,53 @@ class BidirectionalFusion(nn.Module):
         for block_a, block_b in zip(self.a_from_b, self.b_from_a, strict=True):
             a, b = block_a(a, b), block_b(b, a)
         return self.norm_a(a), self.norm_b(b)
+
+
+def fuse(
+    fusion: BidirectionalFusion,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_valid: torch.Tensor | None = None,
+    b_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a :class:`BidirectionalFusion` with padding masks on both streams
+    (``True`` = real token), so padded neighbours are never attended to."""
+    a_pad = None if a_valid is None else ~a_valid
+    b_pad = None if b_valid is None else ~b_valid
+    for block_a, block_b in zip(fusion.a_from_b, fusion.b_from_a, strict=True):
+        a, b = block_a(a, b, b_pad), block_b(b, a, a_pad)
+    return fusion.norm_a(a), fusion.norm_b(b)
+
+
+class ExpressionTokenizer(nn.Module):
+    """Expression vector -> ``T`` tokens: ``Linear -> SELU -> AlphaDropout -> Linear``, reshaped to
+    ``(..., T, dim)`` (CMRCNet's self-normalising "SNN" block; ``self_normalising=False`` uses GELU
+    and plain dropout)."""
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_tokens: int,
+        dim: int,
+        hidden: int = 1024,
+        dropout: float = 0.1,
+        self_normalising: bool = True,
+    ) -> None:
+        super().__init__()
+        self.n_tokens, self.dim = n_tokens, dim
+        act, drop = (
+            (nn.SELU(), nn.AlphaDropout(dropout)) if self_normalising else (nn.GELU(), nn.Dropout(dropout))
+        )
+        self.net = nn.Sequential(nn.Linear(n_genes, hidden), act, drop, nn.Linear(hidden, n_tokens * dim))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.net(y).view(*y.shape[:-1], self.n_tokens, self.dim)
+
+
+def expression_tower(
+    kind: Literal["projection", "mlp"], n_genes: int, dim: int, hidden: Sequence[int], dropout: float
+) -> nn.Module:
+    """BLEEP's projection head (``projection``) or the improved BLEEP's MLP encoder (``mlp``)."""
+    if kind == "mlp":
+        return MLPEncoder(n_genes, hidden=tuple(hidden), out_dim=dim, dropout=dropout)
+    return ProjectionHead(n_genes, dim, dropout)

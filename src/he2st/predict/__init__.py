@@ -1,5 +1,7 @@
-"""Turning trained models into expression predictions (retrieval from a reference bank, for now)."""
+"""Whole-slide prediction: a spot grid over tissue, patches encoded as the model's training features
+were, predictions streamed to a resumable file and written as a scverse AnnData."""
 
-from he2st.predict.retrieval import ReferenceBank, RetrievalResult
+from he2st.predict.config import PredictConfig
+from he2st.predict.slide import ChunkInfo, run_prediction
 
-__all__ = ["ReferenceBank", "RetrievalResult"]
+__all__ = ["ChunkInfo", "PredictConfig", "run_prediction"]

@@ -19,6 +19,7 @@ import numpy as np
 from he2st.data.sample import Sample
 from he2st.errors import He2stError
 from he2st.io import write_text_atomic
+from he2st.methods import ModelCard
 from he2st.report import plots
 
 _CSS = """
@@ -54,18 +55,25 @@ def _fmt(x: Any) -> str:
     return "nan" if not np.isfinite(v) else f"{v:.3f}"
 
 
-def _summary(adata: ad.AnnData) -> str:
+def model_card(adata: ad.AnnData) -> ModelCard | None:
+    """The model card a prediction file carries (``uns["he2st"]["card"]``), if any."""
+    text = dict(adata.uns.get("he2st", {})).get("card")
+    return ModelCard.model_validate_json(text) if text else None
+
+
+def _summary(adata: ad.AnnData, card: ModelCard | None) -> str:
     meta = dict(adata.uns.get("he2st", {}))
     rows = [["spots", adata.n_obs], ["genes", adata.n_vars]]
     for key, label in [("slide", "slide"), ("mpp", "µm / px (level 0)"), ("spots", "spot positions"),
                        ("pitch_um", "grid pitch (µm)"), ("tissue", "tissue area"), ("method", "method"),
-                       ("model", "model"), ("encoder", "encoder"), ("target_transform", "target scale"),
-                       ("trained_on", "trained on (sample: patient)")]:
+                       ("model", "model"), ("encoder", "encoder"), ("target_transform", "target scale")]:
         if key in meta:
             value = meta[key]
             if key == "pitch_um" and not value:  # stored as 0 when spots came from a sample (no regular grid)
                 value = "irregular (a sample's own spots)"
             rows.append([label, value])
+    if card is not None:
+        rows.append(["trained on", card.training_line()])
     return _table(["", "value"], rows)
 
 
@@ -119,19 +127,11 @@ def _find_curves(doc: dict | None) -> dict[str, list[float]]:
     return found
 
 
-def _load_curves(curves: str | Path | dict | None) -> dict[str, list[float]]:
-    if curves is None or isinstance(curves, dict):
-        return _find_curves({"curves": curves}) if curves else {}
-    doc = _load_results(curves)
-    return _find_curves(doc if "curves" in doc or "folds" in doc else {"curves": doc})
-
-
 def build_report(
     prediction: str | Path | ad.AnnData,
     out: str | Path,
     sample: Sample | str | Path | None = None,
     results: str | Path | dict | None = None,
-    curves: str | Path | dict | None = None,
     genes: list[str] | None = None,
     title: str | None = None,
     n_genes: int = 6,
@@ -139,15 +139,15 @@ def build_report(
     """Write one HTML file: summary, metrics (``results.json``), maps, measured comparison, curves, uncertainty.
 
     ``sample``: a measured sample (Sample or he2st ``.h5ad``) for per-gene Pearson, scatter plots
-    and side-by-side maps. ``curves``: training curves (a dict or JSON file of name -> values);
-    curves found in ``results`` are used too.
+    and side-by-side maps. Training curves come from the prediction's model card, or from ``results``.
     """
     adata = plots.load_prediction(prediction)
+    card = model_card(adata)
     doc = _load_results(results)
     genes = genes or plots.default_genes(adata, n_genes)
     library = plots.spatial_view(adata).library_id
     title = title or f"he2st prediction: {library}"
-    parts = [f"<h1>{_e(title)}</h1>", "<h2>Data</h2>", _summary(adata)]
+    parts = [f"<h1>{_e(title)}</h1>", "<h2>Data</h2>", _summary(adata, card)]
     if doc is not None:
         parts += ["<h2>Benchmark metrics</h2>", _metrics_table(doc)]
     parts += ["<h2>Predicted expression</h2>",
@@ -167,7 +167,7 @@ def build_report(
             _img(plots.measured_scatter(paired, genes), "scatter"),
             _img(plots.predicted_vs_measured(paired, plots.spatial_view(adata), genes[:4]), "compare"),
         ]
-    found = _find_curves(doc) | _load_curves(curves)
+    found = _find_curves({"curves": card.curves} if card is not None else None) | _find_curves(doc)
     if found:
         parts += ["<h2>Training curves</h2>", _img(plots.training_curves(found), "curves")]
     unc = plots.uncertainty_map(adata)

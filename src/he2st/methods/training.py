@@ -37,6 +37,19 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def batched_mean(loss: Callable[[torch.Tensor], torch.Tensor | float], n_items: int, batch_size: int) -> float:
+    """Spot-weighted mean of ``loss(batch_indices)`` over consecutive batches of ``n_items`` (validation):
+    the same per-batch objective as training, so its value means the same thing. Batches of one spot
+    are skipped (a contrastive loss has no negatives there)."""
+    total = 0.0
+    for a in range(0, n_items, batch_size):
+        idx = torch.arange(a, min(a + batch_size, n_items))
+        if len(idx) < 2:
+            continue
+        total += float(loss(idx)) * len(idx)
+    return total / max(1, n_items)
+
+
 def fit_minibatches(
     module: nn.Module,
     n_items: int,

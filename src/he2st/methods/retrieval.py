@@ -1,0 +1,149 @@
+"""The contrastive retrieval methods' shared options and base: BLEEP, CMRCNet and CarHE align image and
+expression embeddings and predict a spot by retrieving the reference spots whose expression embeddings
+are nearest to its image embedding."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from he2st.data.spots import SpotSet
+from he2st.methods.bank import ReferenceBank
+from he2st.methods.base import MethodConfig, Prediction
+from he2st.methods.neighbourhood import neighbour_context
+from he2st.methods.neural import NeuralMethod
+
+
+class RetrievalConfig(MethodConfig):
+    """Options shared by the contrastive retrieval methods (alignment loss, towers, retrieval)."""
+
+    seed: int = Field(0, description="seed of initialisation, shuffling, masking and augmentation")
+    projection_dim: int = Field(256, gt=0, description="joint embedding size (BLEEP/CMRCNet: 256)")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout inside the projection heads and encoders")
+    expression_encoder: Literal["projection", "mlp"] = Field(
+        "mlp",
+        description="expression tower: BLEEP's projection head ('projection') or an MLP encoder ('mlp')",
+    )
+    mlp_hidden: list[int] = Field(
+        default_factory=lambda: [512], description="hidden widths of the MLP expression encoder"
+    )
+    loss: Literal["bleep_soft", "contrastive"] = Field(
+        "contrastive",
+        description="image-expression loss: 'bleep_soft' = BLEEP's soft CLIP loss at fixed τ on "
+        "unnormalised embeddings (batch-size dependent); 'contrastive' = L2-normalised, learned τ",
+    )
+    temperature: float = Field(
+        0.07, gt=0, description="τ of the alignment loss (BLEEP: 1.0); initial value when learned"
+    )
+    learn_temperature: bool = Field(True, description="learn τ (loss='contrastive' only)")
+    soft_targets: bool = Field(
+        True, description="BLEEP-style soft targets (else identity targets, i.e. InfoNCE)"
+    )
+    target_temperature: float = Field(0.1, gt=0, description="fixed temperature of the soft targets")
+    negatives: Literal["batch", "all"] = Field(
+        "all",
+        description="'batch': in-batch negatives; 'all': every training spot re-embedded (with gradients) at "
+        "each step, soft targets from measured expression similarity (loss='contrastive' only; independent "
+        "of batch size, quadratic cost in the number of spots)",
+    )
+    top_k: int = Field(50, gt=0, description="reference spots retrieved per query")
+    weighting: Literal["average", "softmax", "similarity"] = Field(
+        "softmax", description="how retrieved profiles are combined (BLEEP/CMRCNet: 'average')"
+    )
+    weighting_temperature: float = Field(0.05, gt=0, description="temperature of weighting='softmax'")
+    query_neighbours: int = Field(
+        0, ge=0,
+        description="he2st addition (NH2ST's neighbourhood idea at query time): average each query's image "
+        "embedding with those of its k physically nearest spots predicted together (same slide); 0: off",
+    )
+
+
+class RetrievalMethod(NeuralMethod):
+    """Prediction by retrieval, BLEEP's way: image embeddings of query spots are matched (cosine)
+    against expression embeddings of reference spots held in the method's own :attr:`bank`.
+
+    A subclass provides :meth:`embed_images` and keeps its expression tower at
+    ``self.net.expression_tower`` (or overrides :meth:`embed_expression`); its config is a
+    :class:`RetrievalConfig`. Its bank is every training spot (validation spots included);
+    :meth:`reference_bank` builds others -- with expression-only sections, or returning more genes
+    (the whole transcriptome) -- and :meth:`retrieve` queries any bank.
+    """
+
+    Config = RetrievalConfig
+    uses_bank = True
+
+    @property
+    def context_k(self) -> int:
+        return self.config.query_neighbours
+
+    @abstractmethod
+    def embed_images(self, spots: SpotSet) -> np.ndarray:
+        """Image embeddings of ``spots`` (the query side of retrieval)."""
+
+    @torch.no_grad()
+    def embed_expression(self, expression: np.ndarray, batch: int = 1024) -> np.ndarray:
+        """Expression embeddings (the reference side of retrieval)."""
+        self.net.eval()
+        out = [
+            self.net.expression_tower(torch.from_numpy(expression[a : a + batch].astype(np.float32)))
+            for a in range(0, len(expression), batch)
+        ]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.config.projection_dim), np.float32)
+
+    def all_negatives(self) -> bool:
+        """Whether training contrasts each batch with every training spot (``negatives="all"``)."""
+        return self.config.negatives == "all" and self.config.loss == "contrastive"
+
+    @torch.no_grad()
+    def embed_frozen(self, head: nn.Module, spots: SpotSet, batch: int = 1024) -> torch.Tensor:
+        """``head`` applied, in batches, to the spots' standardised frozen features (``self.scaler``)."""
+        self.net.eval()
+        x = self.scaler(spots.features)
+        out = [head(torch.from_numpy(x[a : a + batch])) for a in range(0, len(x), batch)]
+        return torch.cat(out) if out else torch.zeros(0, self.config.projection_dim)
+
+    def after_fit(self, train: SpotSet, val: SpotSet | None) -> None:
+        """The default bank: every training spot, validation spots included."""
+        spots = train if val is None else SpotSet.concat([train, val])
+        self.bank = self.reference_bank(spots.targets, spots.genes, list(spots.sample_ids))
+
+    def reference_bank(
+        self,
+        panel_expression: np.ndarray,
+        genes: list[str],
+        sample_ids: list[str],
+        output_expression: np.ndarray | None = None,
+        output_genes: list[str] | None = None,
+    ) -> ReferenceBank:
+        """A bank of the expression embeddings of reference spots (training spots, and any
+        expression-only sections whose patient is not under test); ``output_expression`` optionally
+        returns more genes (e.g. the whole transcriptome) than the model was trained on."""
+        return ReferenceBank(
+            self.embed_expression(panel_expression),
+            panel_expression if output_expression is None else output_expression,
+            genes if output_genes is None else output_genes,
+            sample_ids,
+        )
+
+    def _predict(self, spots: SpotSet) -> Prediction:
+        return self.retrieve(spots, self.bank)
+
+    def retrieve(self, spots: SpotSet, bank: ReferenceBank) -> Prediction:
+        """Profiles of ``bank`` retrieved for the images of ``spots`` (with their neighbour context)."""
+        cfg = self.config
+        queries = self.embed_images(spots)
+        if cfg.query_neighbours:
+            queries = neighbour_context(queries, spots.coords_um, spots.sample_ids, cfg.query_neighbours)
+        result = bank.predict(
+            queries, k=min(cfg.top_k, len(bank)), weighting=cfg.weighting,
+            temperature=cfg.weighting_temperature,
+        )
+        return Prediction(
+            result.expression, result.genes,
+            {"best_similarity": result.best_similarity, "dispersion": result.dispersion},
+        )

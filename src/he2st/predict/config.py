@@ -1,0 +1,51 @@
+"""``PredictConfig``: every setting of whole-slide prediction, with the same precedence as the other
+commands (defaults < ``--config run.yaml`` < ``--set key=value`` < flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from he2st.data.patches import MAX_UPSAMPLE
+from he2st.predict.grid import VISIUM_PITCH_UM
+
+
+class PredictConfig(BaseModel):
+    """Where to predict, what to write, and how to encode the slide (``None``: as the model was trained)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Path | None = Field(None, description="checkpoint path, recorded in the output")
+    slide: Path | None = Field(None, description="whole-slide image (SVS, NDPI, TIFF, JPEG, ...); "
+                                                 "default: the image of spots_from")
+    out: Path = Field(Path("he2st-predictions"), description="output folder")
+    mpp: float | None = Field(None, gt=0, description="µm per level-0 pixel (default: from the file)")
+    pitch_um: float = Field(VISIUM_PITCH_UM, gt=0, description="hexagonal grid pitch, µm (Visium: 100)")
+    spots_from: Path | None = Field(None, description="predict at this he2st sample's spots (.h5ad)")
+    mask: Path | None = Field(None, description="tissue mask PNG (the slide's aspect) instead of detection")
+    genes: list[str] | None = Field(None, description="genes to write (default: the whole panel)")
+    chunk: int = Field(512, gt=0, description="spots per chunk (memory ~ chunk x patch size)")
+    batch_size: int = Field(64, gt=0, description="encoder batch size")
+    weights: Path | None = Field(None, description="encoder weights file (default: the model card's)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    stain: Literal["none", "macenko", "reinhard"] | None = Field(
+        None, description="stain normalisation (default: as the model's training features)")
+    tta: Literal["none", "flips", "d4"] | None = Field(
+        None, description="test-time augmentation (default: as the model's training features)")
+    library_id: str | None = Field(None, description="output name (default: slide file stem; sample id "
+                                                     "with spots_from)")
+    thumbnail_px: int = Field(2000, gt=0, description="long side of the thumbnail (tissue detection, hires image)")
+    max_upsample: float = Field(MAX_UPSAMPLE, gt=0, description="refuse slides that need more upsampling")
+
+    @field_validator("genes", mode="before")
+    @classmethod
+    def _gene_list(cls, value: object) -> object:
+        """Accept ``"G1,G2"`` and ``"panel"``/``"all"`` (the whole panel) as well as a list."""
+        if isinstance(value, str):
+            if value in ("panel", "all"):
+                return None
+            return [g.strip() for g in value.split(",") if g.strip()]
+        return value

@@ -1,0 +1,269 @@
+"""Whole-slide prediction: expression maps for a slide that was never sequenced.
+
+:func:`run_prediction` takes a :class:`PredictConfig` and a fitted method. The slide is processed as
+a stream of spot chunks -- read patches (one chunk ahead, in a thread), embed them as the model's
+training features were embedded, predict -- so memory depends on the chunk size, not on the slide
+size. Each finished chunk is committed to the partial file (:mod:`he2st.predict.store`), so an
+interrupted run resumes where it stopped. Methods that read neighbouring spots (``context_k``: NH2ST,
+query-time context) get each chunk plus a halo of its spots' neighbours, taken from the committed
+features, so chunk borders do not cut neighbourhoods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from he2st.data.embeddings import EmbedConfig
+from he2st.data.patches import PatchSpec, check_resolution, read_patches
+from he2st.data.sample import Sample
+from he2st.data.slide import Slide, open_slide
+from he2st.data.spots import SpotSet
+from he2st.encoders import Encoder
+from he2st.encoders.inference import embed_patches, load_encoder, ready_for_inference
+from he2st.encoders.spec import EncoderSpec
+from he2st.errors import He2stError
+from he2st.methods import Method
+from he2st.predict.config import PredictConfig
+from he2st.predict.grid import SpotGrid, grid_from_sample, hex_grid
+from he2st.predict.store import (
+    file_id,
+    fingerprint,
+    method_fingerprint,
+    open_partial,
+    stored_fingerprint,
+    write_h5ad,
+)
+from he2st.predict.tissue import detect_tissue, load_mask
+
+
+@dataclass
+class ChunkInfo:
+    """Progress and timings of one committed chunk (passed to ``on_chunk``)."""
+
+    index: int
+    n_chunks: int
+    n_spots: int
+    read_s: float  # reading + decoding + resampling patches (in the prefetch thread)
+    embed_s: float  # encoder forward pass (incl. preprocessing)
+    predict_s: float  # the method's predict for the chunks that became ready (with halos: one behind)
+
+
+def resolve_mpp(mpp: float | None, slide: Slide, sample: Sample | None = None) -> float:
+    """Level-0 µm/px: the argument, else the spot sample's pixel size, else the file's, else an error."""
+    value = mpp if mpp is not None else (sample.pixel_size_um if sample is not None else slide.embedded_mpp)
+    if value is None:
+        raise He2stError("the slide does not record its pixel size; pass --mpp (µm per level-0 pixel)", slide.path)
+    if not (math.isfinite(value) and value > 0):
+        raise He2stError(f"pixel size must be a positive number of µm/px, got {value}", slide.path)
+    return float(value)
+
+
+def _select_genes(panel_genes: list[str], genes: list[str] | None) -> list[int]:
+    """Panel columns of the requested genes (None: all of them)."""
+    if genes is None:
+        return list(range(len(panel_genes)))
+    index = {g: i for i, g in enumerate(panel_genes)}
+    missing = [g for g in genes if g not in index]
+    if missing:
+        raise He2stError(f"gene(s) {', '.join(missing[:5])} are not in the model's panel "
+                         f"({len(panel_genes)} genes, e.g. {', '.join(panel_genes[:5])})")
+    if not genes:
+        raise He2stError("no genes selected")
+    return [index[g] for g in genes]
+
+
+def _halo_rows(tree: cKDTree, xy: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """``rows`` plus every spot as close as their k-th nearest neighbour (ties included), sorted."""
+    if k == 0 or len(rows) == 0:
+        return rows
+    kk = min(k + 1, tree.n)
+    dist = tree.query(xy[rows], k=kk)[0].reshape(len(rows), kk)
+    found = tree.query_ball_point(xy[rows], dist[:, -1] * (1 + 1e-9) + 1e-9)
+    return np.unique(np.concatenate([rows, *[np.asarray(f, dtype=np.int64) for f in found]]))
+
+
+def run_prediction(
+    config: PredictConfig, method: Method, *, encoder: Encoder | None = None,
+    on_chunk: Callable[[ChunkInfo], None] | None = None,
+) -> Path:
+    """Predict ``method``'s genes over a slide; returns the written ``<out>/<library_id>.h5ad``.
+
+    Spots: a hexagonal grid of ``pitch_um`` over detected tissue (or over ``mask``), or the spots of
+    ``spots_from`` (a he2st sample ``.h5ad``; its image is used when ``slide`` is None and its pixel
+    size when ``mpp`` is None). The slide is encoded with the encoder, stain normalisation, TTA and
+    weights the model card records (``stain``, ``tta``, ``weights`` override); ``encoder`` replaces
+    loading it by name (tests, custom weights). A rerun with identical inputs returns the existing
+    file; an interrupted one resumes.
+    """
+    trained_encoder, patch, trained = method.card.features(config.model)
+    sample = Sample.load(config.spots_from) if config.spots_from is not None else None
+    slide_path = config.slide
+    if slide_path is None:
+        if sample is None or sample.image_path is None:
+            raise He2stError("no slide given (pass --slide, or --spots-from a sample that has an image)")
+        slide_path = sample.image_path
+    slide_path = Path(slide_path)
+    stain = config.stain if config.stain is not None else trained.stain
+    tta = config.tta if config.tta is not None else trained.tta
+    weights = config.weights if config.weights is not None else trained.weights
+    gene_index = _select_genes(list(method.panel.genes), config.genes)
+    enc_cfg = EmbedConfig(encoder=trained_encoder.name, weights=weights, batch_size=config.batch_size,
+                          device=config.device, precision=config.precision, stain=stain, tta=tta)
+
+    with open_slide(slide_path) as slide:
+        mpp = resolve_mpp(config.mpp, slide, sample)
+        check_resolution(mpp, patch, slide_path, config.max_upsample)
+        thumb, scale = slide.thumbnail(config.thumbnail_px)
+        grid, tissue_source = _spots(slide, thumb, scale, mpp, config.pitch_um, sample, config.mask)
+        library_id = config.library_id or (sample.sample_id if sample is not None else slide_path.stem)
+        encoder = encoder or load_encoder(enc_cfg)
+        _check_encoder(encoder, trained_encoder, config.model)
+        final = config.out / f"{library_id}.h5ad"
+        stamp = fingerprint({
+            "model": method_fingerprint(method), "slide": file_id(slide_path), "mpp": round(mpp, 9),
+            "patch": patch.model_dump(), "encoder": encoder.spec.model_dump_json(), "stain": stain, "tta": tta,
+            "genes": [method.panel.genes[i] for i in gene_index], "chunk": config.chunk,
+            "xy": hashlib.sha1(np.ascontiguousarray(grid.xy).tobytes()).hexdigest(), "names": grid.names,
+        })
+        if final.exists() and stored_fingerprint(final) == stamp:
+            return final
+        partial = config.out / f"{library_id}.partial.h5"
+        open_partial(partial, stamp, grid, len(gene_index), encoder.embed_dim, config.chunk)
+        _run_chunks(slide, method, encoder, enc_cfg, grid, patch, mpp, library_id, gene_index, partial,
+                    config.chunk, on_chunk)
+
+    meta = {
+        "fingerprint": stamp, "target_transform": method.card.target_scale, "method": method.name,
+        "model": "" if config.model is None else str(Path(config.model).resolve()),
+        "card": method.card.model_dump_json(),
+        "encoder": encoder.spec.name, "encoder_weights": encoder.spec.weights,
+        "patch_spec": patch.model_dump_json(), "mpp": mpp, "slide": str(slide_path.resolve()),
+        "spots": "hex_grid" if sample is None else f"sample:{sample.sample_id}", "tissue": tissue_source,
+        "pitch_um": float(grid.pitch_um or 0.0), "spot_diameter_um": float(grid.spot_diameter_um),
+        "trained_on": json.dumps(method.card.training_samples), "stain": stain, "tta": tta,
+    }
+    write_h5ad(partial, final, grid, [method.panel.genes[i] for i in gene_index], thumb, scale, mpp,
+               library_id, meta)
+    partial.unlink()
+    return final
+
+
+def _spots(slide: Slide, thumb: np.ndarray, scale: float, mpp: float, pitch_um: float, sample: Sample | None,
+           mask: Path | None) -> tuple[SpotGrid, str]:
+    """The spot grid and a note on where the tissue area came from."""
+    tissue = None
+    if mask is not None:
+        tissue = load_mask(mask, shape=thumb.shape[:2], slide_size=slide.dimensions)
+        source = f"mask:{Path(mask).resolve()}"
+    if sample is not None:
+        grid = grid_from_sample(sample)
+        w, h = slide.dimensions
+        off = (grid.xy[:, 0] < 0) | (grid.xy[:, 1] < 0) | (grid.xy[:, 0] >= w) | (grid.xy[:, 1] >= h)
+        if off.any():
+            raise He2stError(f"{int(off.sum())} spot(s) of sample {sample.sample_id} lie off the {w}x{h} slide; "
+                             "is this the sample's image?", slide.path)
+        if tissue is not None:
+            mx = np.clip(np.floor(grid.xy[:, 0] * scale).astype(int), 0, tissue.shape[1] - 1)
+            my = np.clip(np.floor(grid.xy[:, 1] * scale).astype(int), 0, tissue.shape[0] - 1)
+            grid.in_tissue = tissue[my, mx].astype(np.int64)
+            return grid, source
+        return grid, "sample"
+    if tissue is None:
+        tissue = detect_tissue(thumb, mpp / scale, where=slide.path)
+        source = "detected"
+    grid = hex_grid(tissue, scale, pitch_um, mpp)
+    if len(grid) == 0:
+        raise He2stError(f"the tissue area holds no spot centre at a {pitch_um:g} µm pitch", slide.path)
+    return grid, source
+
+
+def _check_encoder(encoder: Encoder, trained: EncoderSpec, where: Path | None) -> None:
+    if encoder.spec.name != trained.name or encoder.embed_dim != trained.embed_dim:
+        raise He2stError(
+            f"model was trained on {trained.embed_dim}-d features of encoder {trained.name!r}, "
+            f"got encoder {encoder.spec.name!r} ({encoder.embed_dim}-d)", where)
+
+
+def _run_chunks(slide: Slide, method: Method, encoder: Encoder, cfg: EmbedConfig, grid: SpotGrid, patch: PatchSpec,
+                mpp: float, library_id: str, gene_index: list[int], partial: Path, chunk: int,
+                on_chunk: Callable[[ChunkInfo], None] | None) -> None:
+    """Read (one chunk ahead, in a thread), embed and commit chunks; predict each chunk once the
+    features of its neighbourhood halo (methods that read neighbouring spots) are committed."""
+    n = len(grid)
+    n_chunks = (n + chunk - 1) // chunk
+    k = method.context_k
+    tree = cKDTree(grid.xy) if k else None
+    side = patch.field_um / mpp
+    device, dtype, stain = ready_for_inference(encoder, cfg)
+
+    def read(i: int) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        patches = read_patches(slide, grid.xy[i * chunk : (i + 1) * chunk], side, patch.size_px)
+        return patches, time.perf_counter() - start
+
+    def predict(fh: h5py.File, i: int, features: np.ndarray | None, patches: np.ndarray | None) -> None:
+        a, b = i * chunk, min((i + 1) * chunk, n)
+        rows = _halo_rows(tree, grid.xy, np.arange(a, b), k) if k else np.arange(a, b)
+        if features is None or len(rows) != b - a:
+            features, patches = fh["features"][rows], None
+        spots = SpotSet(sample_ids=np.full(len(rows), library_id, dtype=object),
+                        barcodes=np.asarray([grid.names[r] for r in rows], dtype=object), features=features,
+                        coords_um=grid.xy[rows] * mpp, genes=list(method.panel.genes), patches=patches)
+        pred = method.predict(spots)
+        keep = np.searchsorted(rows, np.arange(a, b))  # the chunk's own rows within chunk + halo
+        fh["expression"][a:b] = np.asarray(pred.expression, dtype=np.float32)[keep][:, gene_index]
+        outputs = [(k_, v, "uncertainty") for k_, v in pred.uncertainty.items()]
+        outputs += [(k_, v, "extra") for k_, v in pred.extras.items()]
+        for key, values, kind in outputs:
+            values = np.asarray(values, dtype=np.float32)
+            if values.shape[:1] != (len(rows),) or values.ndim > 2:
+                continue
+            if key not in fh:
+                fh.create_dataset(key, shape=(n, *values.shape[1:]), dtype=np.float32, fillvalue=np.nan)
+                fh[key].attrs["kind"] = kind
+            fh[key][a:b] = values[keep]
+        fh.attrs["predicted_chunks"] = i + 1
+
+    def ready(fh: h5py.File, i: int) -> bool:
+        """Chunk ``i``'s halo lies in committed chunks."""
+        if not k:
+            return int(fh.attrs["embedded_chunks"]) > i
+        a, b = i * chunk, min((i + 1) * chunk, n)
+        return int(_halo_rows(tree, grid.xy, np.arange(a, b), k)[-1]) // chunk < int(fh.attrs["embedded_chunks"])
+
+    with ThreadPoolExecutor(max_workers=1) as pool, h5py.File(partial, "a") as fh, torch.inference_mode():
+        done = int(fh.attrs["embedded_chunks"])
+        pending = pool.submit(read, done) if done < n_chunks else None
+        for i in range(done, n_chunks):
+            patches, read_s = pending.result()
+            if i + 1 < n_chunks:
+                pending = pool.submit(read, i + 1)
+            a, b = i * chunk, min((i + 1) * chunk, n)
+            t0 = time.perf_counter()
+            features = np.concatenate([
+                embed_patches(encoder, patches[j : j + cfg.batch_size], device, dtype, stain, cfg.tta)[0]
+                for j in range(0, len(patches), cfg.batch_size)])
+            fh["features"][a:b] = features
+            fh.attrs["embedded_chunks"] = i + 1  # committed: the resume point for embedding
+            t1 = time.perf_counter()
+            while int(fh.attrs["predicted_chunks"]) < n_chunks and ready(fh, int(fh.attrs["predicted_chunks"])):
+                j = int(fh.attrs["predicted_chunks"])
+                predict(fh, j, features if j == i else None, patches if j == i else None)
+            fh.flush()
+            if on_chunk is not None:
+                on_chunk(ChunkInfo(i, n_chunks, b - a, read_s, t1 - t0, time.perf_counter() - t1))
+        while int(fh.attrs["predicted_chunks"]) < n_chunks:  # resumed after the last embedding
+            predict(fh, int(fh.attrs["predicted_chunks"]), None, None)
+        fh.flush()

@@ -1,0 +1,108 @@
+"""The files of a whole-slide prediction: the resumable partial file and the scverse AnnData it becomes.
+
+``<name>.partial.h5`` holds the spot centres, every committed chunk's features and predictions, and a
+fingerprint of everything that changes the numbers, so an interrupted run resumes where it stopped
+and a changed run starts again. :func:`write_h5ad` turns it into one ``.h5ad`` in the scverse layout
+(``obsm["spatial"]`` in level-0 px, ``uns["spatial"][library_id]`` with a hires image and scale
+factors), so ``squidpy.pl.spatial_scatter`` / ``scanpy.pl.spatial`` work unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+
+from he2st.io import atomic_path
+from he2st.methods import Method
+from he2st.predict.grid import SpotGrid
+
+PARTIAL_FORMAT = 1
+
+
+def file_id(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def fingerprint(parts: dict) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def method_fingerprint(method: Method) -> str:
+    """Changes with anything learned or configured: card, options, layout, tensors and bank."""
+    h = hashlib.sha1()
+    h.update(method.card.model_dump_json(exclude={"created"}).encode())
+    h.update(method.config.model_dump_json().encode())
+    h.update(json.dumps(method.layout(), sort_keys=True).encode())
+    for key, tensor in sorted(method.state().items()):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(tensor.detach().cpu().numpy()).tobytes())
+    if method.bank is not None:
+        h.update(np.ascontiguousarray(method.bank.embeddings).tobytes())
+        h.update(np.ascontiguousarray(method.bank.expression).tobytes())
+    return h.hexdigest()
+
+
+def stored_fingerprint(path: Path) -> str | None:
+    try:
+        with h5py.File(path, "r") as fh:
+            value = fh["uns/he2st/fingerprint"][()]
+    except (OSError, KeyError):
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def open_partial(path: Path, fingerprint: str, grid: SpotGrid, n_genes: int, dim: int, chunk: int) -> None:
+    """Create the partial file, or keep an existing one made with the same fingerprint."""
+    if path.exists():
+        try:
+            with h5py.File(path, "r") as fh:
+                if fh.attrs.get("fingerprint") == fingerprint and fh.attrs.get("format") == PARTIAL_FORMAT:
+                    return
+        except (OSError, KeyError):
+            pass
+        path.unlink()  # made another way (or unreadable): start again
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n, rows = len(grid), max(1, min(chunk, len(grid)))
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("xy", data=grid.xy)
+        fh.create_dataset("features", shape=(n, dim), dtype=np.float32, chunks=(rows, dim))
+        fh.create_dataset("expression", shape=(n, n_genes), dtype=np.float32, chunks=(rows, n_genes),
+                          fillvalue=np.nan)
+        fh.attrs.update({"format": PARTIAL_FORMAT, "fingerprint": fingerprint, "embedded_chunks": 0,
+                         "predicted_chunks": 0})
+
+
+def write_h5ad(partial: Path, final: Path, grid: SpotGrid, genes: list[str], thumb: np.ndarray, scale: float,
+                mpp: float, library_id: str, meta: dict) -> None:
+    """The finished prediction: ``X`` = predictions, per-spot uncertainty in ``obs``, extras (e.g. cell-type
+    proportions) in ``obsm``, the hires thumbnail and scale factors in ``uns["spatial"]``."""
+    with h5py.File(partial, "r") as fh:
+        expression = fh["expression"][:]
+        uncertainty = {k: fh[k][:] for k in fh if fh[k].attrs.get("kind") == "uncertainty" and fh[k].ndim == 1}
+        extras = {k: fh[k][:] for k in fh if fh[k].attrs.get("kind") == "extra"}
+    obs = pd.DataFrame(index=pd.Index(grid.names, name="spot"))
+    obs["in_tissue"] = grid.in_tissue.astype(np.int64)
+    if grid.array_row is not None and grid.array_col is not None:
+        obs["array_row"], obs["array_col"] = grid.array_row, grid.array_col
+    for key, values in uncertainty.items():
+        obs[key] = values
+    adata = ad.AnnData(X=expression, obs=obs, var=pd.DataFrame(index=pd.Index(genes, name="gene")))
+    adata.obsm["spatial"] = grid.xy.astype(np.float64)
+    for key, values in extras.items():  # e.g. predicted cell-type proportions
+        adata.obsm[key] = values if values.ndim == 2 else values[:, None]
+    adata.uns["spatial"] = {library_id: {
+        "images": {"hires": np.ascontiguousarray(thumb, dtype=np.uint8)},
+        "scalefactors": {"tissue_hires_scalef": float(scale),
+                         "spot_diameter_fullres": float(grid.spot_diameter_um / mpp)},
+        "metadata": {"source_image_path": meta["slide"], "software": "he2st predict"},
+    }}
+    adata.uns["he2st"] = meta
+    with atomic_path(final, suffix=".h5ad") as tmp:
+        adata.write_h5ad(tmp)

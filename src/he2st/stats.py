@@ -1,0 +1,76 @@
+"""Per-gene correlation kernels, shared by model selection inside methods and by evaluation.
+
+Genes that are constant in either array have no defined correlation. They get NaN, never 0:
+a silent 0 would drag means down for one method and not another depending on how its
+predictions collapse, and a silent drop would hide that the model predicted a constant.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+from he2st.errors import He2stError
+
+__all__ = ["column_pearson", "constant_columns", "finite_pair", "pearson_per_gene", "spearman_per_gene"]
+
+
+def finite_pair(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return both arrays as finite float64 matrices of one shape, or explain why not.
+
+    Non-finite values are refused rather than skipped: a NaN prediction is a bug upstream,
+    and scoring around it would report a number for spots the model never predicted.
+    """
+    p = np.asarray(pred, dtype=np.float64)
+    t = np.asarray(true, dtype=np.float64)
+    if p.ndim != 2 or t.ndim != 2:
+        raise He2stError(f"pred and true must be 2-D (spots x genes); got shapes {p.shape} and {t.shape}")
+    if p.shape != t.shape:
+        raise He2stError(f"pred and true differ in shape: {p.shape} vs {t.shape}")
+    if p.shape[0] == 0:
+        raise He2stError("pred and true have no spots to score")
+    for name, a in (("pred", p), ("true", t)):
+        if not np.isfinite(a).all():
+            raise He2stError(f"{name} contains {int((~np.isfinite(a)).sum())} non-finite values (NaN or inf)")
+    return p, t
+
+
+def constant_columns(a: np.ndarray) -> np.ndarray:
+    """Columns whose values are all identical.
+
+    Tested exactly rather than by a small standard deviation: centring a constant column
+    can leave round-off of ~1e-17 that would otherwise yield a meaningless correlation.
+    """
+    return (a == a[:1]).all(axis=0)
+
+
+def column_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of matching columns of two finite matrices; NaN where undefined."""
+    undefined = constant_columns(a) | constant_columns(b)
+    ac = a - a.mean(axis=0)
+    bc = b - b.mean(axis=0)
+    denom = np.sqrt((ac * ac).sum(axis=0) * (bc * bc).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (ac * bc).sum(axis=0) / denom
+    r = np.clip(r, -1.0, 1.0)
+    r[undefined] = np.nan
+    return r
+
+
+def pearson_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Pearson correlation across spots for each gene, shape ``(n_genes,)``.
+
+    NaN for a gene that is constant in ``pred`` or in ``true`` (correlation undefined).
+    """
+    p, t = finite_pair(pred, true)
+    return column_pearson(p, t)
+
+
+def spearman_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation across spots for each gene, shape ``(n_genes,)``.
+
+    Pearson of average ranks (ties share their mean rank), so it matches
+    ``scipy.stats.spearmanr``; NaN for genes constant in either array.
+    """
+    p, t = finite_pair(pred, true)
+    return column_pearson(rankdata(p, axis=0), rankdata(t, axis=0))

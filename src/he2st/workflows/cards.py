@@ -1,0 +1,31 @@
+"""Model cards filled from what a workflow knows: the panel, the embedding file's recorded encoder,
+the patch spec and embedding recipe, the gene sets and the training samples and patients."""
+
+from __future__ import annotations
+
+import functools
+
+from he2st.data.embeddings import EmbedConfig, EmbeddingFile
+from he2st.data.genes import GenePanel
+from he2st.data.patches import PatchSpec
+from he2st.encoders.spec import EncoderSpec
+from he2st.encoders.weights import weights_sha256
+from he2st.methods import ModelCard
+
+
+@functools.lru_cache(maxsize=8)
+def _checksum(spec_json: str) -> str | None:
+    return weights_sha256(EncoderSpec.model_validate_json(spec_json))
+
+
+def model_card(
+    method: str, panel: GenePanel, embeddings: EmbeddingFile, patch: PatchSpec, embed: EmbedConfig,
+    gene_sets: dict[str, list[str]], training_samples: dict[str, str],
+) -> ModelCard:
+    """The card of a model about to be fitted on features from ``embeddings`` (curves come after fitting)."""
+    spec_json = embeddings.attrs["encoder_spec"]
+    return ModelCard(
+        method=method, panel=panel, encoder=EncoderSpec.model_validate_json(spec_json),
+        weights_sha256=_checksum(spec_json), patch=patch, embedding=embed,
+        gene_sets=gene_sets, training_samples=training_samples,
+    )

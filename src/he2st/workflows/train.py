@@ -1,0 +1,47 @@
+"""``he2st train``: fit one method on chosen training samples and save a self-describing checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from he2st.data.embeddings import EmbeddingFile
+from he2st.data.genes import GenePanel
+from he2st.data.splits import validation_mask
+from he2st.data.spots import load_spots, shared_extras
+from he2st.data.workspace import Workspace
+from he2st.errors import He2stError
+from he2st.evaluate.gene_sets import build_gene_sets
+from he2st.methods import Method, TrainLog, create_method
+from he2st.workflows.cards import model_card
+from he2st.workflows.config import TrainRunConfig
+from he2st.workflows.embed import embed_workspace
+
+
+def train_model(config: TrainRunConfig) -> tuple[Method, TrainLog, Path]:
+    """Fit ``config.method`` on the training samples (validation from their patients) and save it with
+    its model card."""
+    ws = Workspace(config.work_dir)
+    train_ids = config.train_samples or ws.sample_ids()
+    if not train_ids:
+        raise He2stError(f"no training samples: none prepared in {ws.root}")
+    samples = {sid: ws.load_sample(sid) for sid in train_ids}
+    panel = GenePanel.from_config({sid: s.adata for sid, s in samples.items()}, config.genes)
+    paths = embed_workspace(ws, train_ids, config.patch, config.embed).paths
+    method = create_method(config.method, **config.options_for(config.method))
+    spots = load_spots(ws, train_ids, config.patch, config.embed, panel, with_targets=True,
+                       extras=shared_extras(samples.values()), with_patches=config.needs_patches(),
+                       with_tokens=config.needs_tokens())
+    patients = np.array([samples[s].patient_id for s in spots.sample_ids])
+    val = validation_mask(spots.sample_ids, config.validation_fraction, seed=config.seed, patients=patients)
+    method.card = model_card(
+        config.method, panel, EmbeddingFile(paths[train_ids[0]]), config.patch, config.embed,
+        build_gene_sets(spots.targets, panel.genes, n=config.n_top),
+        {sid: s.patient_id for sid, s in samples.items()})
+    log = method.fit(spots.subset(~val), spots.subset(val))
+    method.card = method.card.model_copy(update={
+        "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds})
+    out = config.out or ws.root / "models" / f"{config.method}.pt"
+    method.save(out)
+    return method, log, Path(out)
