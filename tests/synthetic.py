@@ -118,3 +118,25 @@ def write_hest(root: Path, sample_id: str, image: np.ndarray, mpp: float, xy: np
     write_pyramid(root / "wsis" / f"{sample_id}.tif", image, mpp)
     (root / "metadata" / f"{sample_id}.json").write_text(json.dumps({
         "pixel_size_um_estimated": mpp, "spot_diameter": 55.0, "patient": patient, "st_technology": "Visium"}))
+
+
+def write_st_section(folder: Path, n_rows: int = 5, n_cols: int = 5, pitch_px: float = 100.0,
+                     genes: list[str] | None = None, seed: int = 0) -> dict[str, Path]:
+    """A small legacy-ST section in the her2st layout: ``cnts.tsv.gz`` (spots x genes, ``<x>x<y>`` ids),
+    ``sel.tsv`` (spot grid with pixel positions, all under tissue) and a tissue-like ``he.jpg``.
+    With the ST pitch of 200 µm, ``pitch_px`` = 100 gives 2 µm/px."""
+    import gzip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    genes = genes or [f"G{i}" for i in range(20)]
+    xy = spot_grid(n_rows, n_cols, pitch_px, (pitch_px, pitch_px))
+    gx, gy = np.arange(n_rows * n_cols) % n_cols + 2, np.arange(n_rows * n_cols) // n_cols + 2
+    ids = [f"{x}x{y}" for x, y in zip(gx, gy, strict=True)]
+    counts = pd.DataFrame(counts_for(xy, genes, seed=seed), index=ids, columns=genes)
+    with gzip.open(folder / "cnts.tsv.gz", "wt") as fh:
+        counts.to_csv(fh, sep="\t")
+    pd.DataFrame({"x": gx, "y": gy, "new_x": gx, "new_y": gy, "pixel_x": xy[:, 0], "pixel_y": xy[:, 1],
+                  "selected": 1}).to_csv(folder / "sel.tsv", sep="\t", index=False)
+    side = int(pitch_px * (max(n_rows, n_cols) + 1))
+    Image.fromarray(tissue_image(side, side, seed=seed, blob=(0.5, 0.5, 0.45))).save(folder / "he.jpg")
+    return {"counts": folder / "cnts.tsv.gz", "spots": folder / "sel.tsv", "image": folder / "he.jpg"}

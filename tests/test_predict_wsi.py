@@ -337,6 +337,7 @@ def test_tissue_detection_on_her2st_covers_annotated_spots(her2st):
         sample.close()
 
 
+@pytest.mark.slow  # trains on real sections and embeds them
 def test_her2st_b4_predicted_at_its_own_spots(prepared, encoder, tmp_path):
     """kNN trained on patient C, predicted at B4's spots (the tiny ViT keeps it fast on CPU; the
     real-encoder path is the same code with another name)."""

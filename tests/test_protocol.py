@@ -28,6 +28,10 @@ FAST = {"bleep": {"ensemble": 1, "train": {"epochs": 6}}, "bleep_faithful": {"tr
         "carhe": {"histology_pretrain_epochs": 2, "train": {"epochs": 4}}}
 TOKENS = EmbedConfig(token_grid=2)  # pooled embeddings plus a 2 x 2 grid of the encoder's feature map
 
+# every test here embeds all 7 real sections (and most train methods on them): the full loop only;
+# test_pipeline_small.py runs the same checks on a tiny synthetic work folder in the fast loop
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="session")
 def embedded(prepared):

@@ -1,0 +1,250 @@
+"""The whole pipeline on a tiny synthetic work folder, quick enough for the fast test loop:
+prepare -> embed -> train -> evaluate -> benchmark, through the Python API and the CLI, with the
+resume and no-leakage checks that test_protocol.py runs on real her2st (marked slow there).
+
+Three legacy-ST sections of three patients (25 spots, 60 genes each), embedded by a tiny random ViT.
+Panels have 50 genes because ``evaluate_model`` scores test-selected sets of 50 genes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import anndata as ad
+import h5py
+import numpy as np
+import pytest
+import torch
+from synthetic import write_st_section
+from typer.testing import CliRunner
+
+from he2st.config import BenchmarkConfig, EmbedConfig, PrepareConfig, TrainRunConfig
+from he2st.data.patches import PatchCache, PatchSpec
+from he2st.embed import EmbeddingFile, embed_cache, embed_workspace, load_encoder
+from he2st.encoders import create
+from he2st.errors import He2stError
+from he2st.evaluate.benchmark import run_benchmark
+from he2st.evaluate.holdout import evaluate_model
+from he2st.evaluate.protocol import build_fold_data, run_fold
+from he2st.fit import train_model
+from he2st.methods.registry import list_methods
+from he2st.prepare import prepare
+from he2st.workspace import Workspace
+
+PATIENTS = {"S1": "P1", "S2": "P2", "S3": "P3"}
+GENE_NAMES = [f"G{i}" for i in range(60)]
+GENES = {"n_genes": 50, "min_spot_fraction": 0.0}
+N_TOP = 5
+TINY_TRAIN = {"epochs": 2, "batch_size": 16, "patience": 2}
+# every method, small enough to fit in well under a second on the 50 training spots of a fold
+TINY = {
+    "bleep": {"ensemble": 1, "train": TINY_TRAIN},
+    "bleep_faithful": {"k": 5, "train": TINY_TRAIN},
+    "mlp": {"train": TINY_TRAIN},
+    "ridge": {"pca_components": 8},
+    "ridge_cv": {"pca_components": 8},
+    "knn": {"k": 5},
+    "cmrcnet": {"projection_dim": 16, "mlp_hidden": [16], "attention_dim": 16, "expression_token_hidden": 16,
+                "cross_heads": 2, "fusion_heads": 2, "fusion_depth": 1, "k": 5, "train": TINY_TRAIN},
+    "nh2st": {"dim": 16, "fusion_heads": 2, "head_hidden": 16, "k": 4, "train": TINY_TRAIN},
+    "carhe": {"projection_dim": 16, "mlp_hidden": [16], "celltype_transfer": False, "histology_pretrain_epochs": 1,
+              "histology_neighbours": 4, "k": 5, "train": TINY_TRAIN},
+}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """``(work dir, embed config)`` of three prepared and embedded synthetic sections."""
+    root = tmp_path_factory.mktemp("small")
+    sources = []
+    for i, (sid, pid) in enumerate(PATIENTS.items()):
+        files = write_st_section(root / "raw" / sid, pitch_px=200, genes=GENE_NAMES, seed=i)  # 1 µm/px
+        sources.append({"reader": "st", "sample_id": sid, "patient_id": pid, "path": files["counts"],
+                        "spots_file": files["spots"], "image": files["image"]})
+    work = root / "work"
+    prepare(PrepareConfig(work_dir=work, data={"dataset": None, "samples": sources}, genes=GENES))
+    torch.manual_seed(0)
+    weights = root / "test_vit.pth"
+    torch.save(create("test_vit", pretrained=False).backbone.state_dict(), weights)
+    embed = EmbedConfig(encoder="test_vit", weights=weights, num_workers=0)
+    embed_workspace(Workspace(work), sorted(PATIENTS), PatchSpec(), embed)
+    return work, embed
+
+
+def test_prepared_and_embedded_once_and_rerun_is_noop(small):
+    work, embed = small
+    ws = Workspace(work)
+    assert ws.sample_ids() == sorted(PATIENTS)
+    folds, patients = ws.load_folds("lopo")
+    assert patients == PATIENTS and sorted(f.name for f in folds) == ["patient_P1", "patient_P2", "patient_P3"]
+    for fold in folds:
+        panel = ws.load_panel("lopo", fold.name)
+        assert panel.fitted_on == sorted(fold.train) and panel.n_genes == 50
+    for sid in PATIENTS:
+        f = EmbeddingFile(ws.embedding_path(embed, sid, PatchSpec()))
+        assert f.barcodes == list(ws.load_sample(sid).adata.obs_names) and len(f.barcodes) == 25
+        assert f.encoder_spec["name"] == "test_vit" and np.isfinite(f.embeddings).all()
+    again = embed_workspace(ws, sorted(PATIENTS), PatchSpec(), embed)
+    assert again.n_embedded == 0
+
+
+def test_interrupted_embedding_resumes(small, tmp_path):
+    work, embed = small
+    ws = Workspace(work)
+    final = ws.embedding_path(embed, "S2", PatchSpec())
+    reference = EmbeddingFile(final).embeddings
+    target = tmp_path / "S2.h5"
+    partial = tmp_path / "S2.h5.partial.h5"
+    shutil.copy(final, partial)
+    with h5py.File(partial, "a") as fh:  # pretend the run died after 10 rows
+        fh.attrs["n_done"] = 10
+        fh["embeddings"][10:] = 0
+    cfg = embed.model_copy(update={"batch_size": 8})
+    result = embed_cache(load_encoder(cfg), PatchCache(ws.patch_path("S2", PatchSpec())), target, cfg)
+    assert not result.reused and not partial.exists()
+    np.testing.assert_allclose(EmbeddingFile(target).embeddings, reference, atol=1e-5)
+
+
+def test_stain_and_tta_are_applied_and_recorded(small, tmp_path):
+    work, embed = small
+    cache = PatchCache(Workspace(work).patch_path("S3", PatchSpec()))
+    encoder = load_encoder(embed)
+    plain = embed_cache(encoder, cache, tmp_path / "plain.h5", embed)
+    tta = embed_cache(encoder, cache, tmp_path / "tta.h5", embed.model_copy(update={"tta": "flips", "stain": "macenko"}))
+    a, b = EmbeddingFile(plain.path), EmbeddingFile(tta.path)
+    assert (b.attrs["tta"], b.attrs["stain"]) == ("flips", "macenko") and a.attrs["tta"] == "none"
+    assert a.embeddings.shape == b.embeddings.shape and not np.allclose(a.embeddings, b.embeddings)
+
+
+def test_train_then_evaluate_held_out_patient(small, tmp_path):
+    work, embed = small
+    config = TrainRunConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, method="bleep",
+                            method_options=TINY["bleep"], train_samples=["S2", "S3"], out=tmp_path / "bleep.pt")
+    model, log, path = train_model(config)
+    assert path.exists() and model.trained_on == {"S2": "P2", "S3": "P3"} and log.curves["train_loss"]
+    assert set(model.gene_sets) == {"all", "heg5", "hvg5"}
+    result, table, paths = evaluate_model(path, work, ["S1"], tmp_path / "eval")
+    scores = result.set_scores()
+    assert scores["all"]["n_genes"] == 50 and np.isfinite(scores["all"]["pearson_mean"])
+    assert "heg5" in table and json.loads(paths["json"].read_text())["provenance"]["samples"] == ["S1"]
+    with pytest.raises(He2stError, match="patients the model was trained on"):
+        evaluate_model(path, work, ["S3"], tmp_path / "leaky")
+    assert not (tmp_path / "leaky").exists()
+
+
+def test_cli_embed_train_evaluate(small, tmp_path):
+    from he2st.cli import app
+
+    work, embed = small
+    runner = CliRunner()
+    sets = ["--set", f"embed.weights={embed.weights}", "--set", "embed.num_workers=0"]
+    res = runner.invoke(app, ["embed", "-w", str(work), "--encoder", "test_vit", *sets])
+    assert res.exit_code == 0, res.output
+    assert "nothing to do" in res.output
+    model = tmp_path / "knn.pt"
+    res = runner.invoke(app, ["train", "-w", str(work), "--method", "knn", "--samples", "S1,S2", "--out", str(model),
+                              "--set", "embed.encoder=test_vit", *sets, "--set", "genes.n_genes=50",
+                              "--set", "genes.min_spot_fraction=0", "--set", f"n_top={N_TOP}"])
+    assert res.exit_code == 0, res.output
+    assert "trained knn on S1, S2 (50 genes" in res.output and model.exists()
+    res = runner.invoke(app, ["evaluate", "-w", str(work), "--model", str(model), "--samples", "S3",
+                              "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    assert "heg5" in res.output and (tmp_path / "ev" / "results.json").exists()
+    res = runner.invoke(app, ["evaluate", "-w", str(work), "--model", str(model), "--samples", "S2",
+                              "--out", str(tmp_path / "x")])
+    assert isinstance(res.exception, He2stError) and "patients the model was trained on" in str(res.exception)
+    assert not (tmp_path / "x").exists()
+
+
+def test_benchmark_never_fits_on_a_test_patient(small):
+    work, embed = small
+    cfg = BenchmarkConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, name="audit",
+                          methods=["ridge", "knn", "bleep"], method_options=TINY, transcriptome_threshold=0.0)
+    outcome = run_benchmark(cfg)
+    folds, patients = Workspace(work).load_folds("lopo")
+    assert len(outcome.audits) == 3 * len(folds)
+    for (method, fold_name), audit in outcome.audits.items():
+        used = audit.used_for_fitting()
+        assert used and not {patients[s] for s in used} & {patients[s] for s in audit.test}, (method, fold_name)
+    results = json.loads(outcome.paths["json"].read_text())
+    assert results["provenance"]["command"] and len(results["provenance"]["data_checksums_sha256"]) == 6
+    assert "heg5" in outcome.table and "heg5_testselected" in outcome.table
+    # retrieval methods also score every gene measured in all training samples (60, beyond the panel's 50)
+    bleep = next(r for r in outcome.results if r.method == "bleep")
+    assert bleep.extra and all(np.isfinite(v) for v in bleep.extra.values())
+    assert (work / "runs" / "audit" / "config.yaml").exists()
+
+
+def test_nested_folds_never_touch_the_outer_test_patient(small):
+    work, embed = small
+    cfg = BenchmarkConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, name="inner", methods=["ridge"],
+                          method_options=TINY, inner_of="patient_P2", transcriptome_threshold=None)
+    outcome = run_benchmark(cfg)
+    assert sorted(f for _, f in outcome.audits) == ["patient_P2__patient_P1", "patient_P2__patient_P3"]
+    for audit in outcome.audits.values():
+        assert "S2" not in audit.used_for_fitting() | set(audit.test)
+
+
+def test_model_predicted_at_a_samples_own_spots_with_plots_and_report(small, tmp_path):
+    """Whole-slide prediction at the spots of a prepared sample, compared with its measurements."""
+    from he2st.data.sample import Sample
+    from he2st.predict.wsi import predict_slide
+    from he2st.report.html import build_report
+    from he2st.report.plots import plot_prediction
+
+    work, embed = small
+    ws = Workspace(work)
+    model = tmp_path / "knn.pt"
+    train_model(TrainRunConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, method="knn",
+                               train_samples=["S2", "S3"], out=model))
+    out = predict_slide(model, None, tmp_path / "pred", spots_from=ws.sample_path("S1"), chunk=16,
+                        weights=embed.weights)
+    adata = ad.read_h5ad(out)
+    s1 = Sample.load(ws.sample_path("S1"))
+    assert adata.n_obs == 25 and list(adata.obs_names) == list(s1.adata.obs_names) and adata.n_vars == 50
+    assert np.isfinite(adata.X).all() and adata.uns["he2st"]["spots"] == "sample:S1"
+    np.testing.assert_array_equal(adata.obsm["spatial"], s1.spatial)
+    # the features at prediction are the ones the model was trained with: same patches, same encoder
+    own = EmbeddingFile(ws.embedding_path(embed, "S1", PatchSpec())).embeddings
+    np.testing.assert_allclose(adata.X, _knn_predict(model, own), rtol=1e-4, atol=1e-4)
+    paths = plot_prediction(out, tmp_path / "figs", sample=s1)
+    assert {"maps", "compare", "scatter"} <= set(paths) and all(p.exists() for p in paths.values())
+    page = build_report(out, tmp_path / "report.html", sample=s1).read_text()
+    assert "Predicted vs measured (S1)" in page and "25 spots matched by barcode" in page
+
+
+def _knn_predict(model_path, features: np.ndarray) -> np.ndarray:
+    from he2st.data.spots import SpotSet
+    from he2st.methods.base import load_method
+
+    method = load_method(model_path)
+    n = len(features)
+    spots = SpotSet(np.array(["S1"] * n, dtype=object), np.arange(n).astype(str).astype(object), features,
+                    np.zeros((n, 2)), method.panel.genes)
+    return method.predict(spots).expression
+
+
+def test_predictions_do_not_read_test_expression(small, tmp_path):
+    """A test sample with its counts zeroed gives the same predictions, for every method."""
+    work, embed = small
+    stripped = tmp_path / "work"
+    for sub in ("samples", "embeddings", "folds"):
+        shutil.copytree(work / sub, stripped / sub)
+    adata = ad.read_h5ad(stripped / "samples" / "S1.h5ad")
+    adata.X = adata.X * 0
+    adata.write_h5ad(stripped / "samples" / "S1.h5ad")
+    cfg = BenchmarkConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, method_options=TINY,
+                          transcriptome_threshold=None)
+    folds, patients = Workspace(work).load_folds("lopo")
+    fold = next(f for f in folds if f.test == ["S1"])
+    full = build_fold_data(Workspace(work), fold, cfg, patients)
+    blind = build_fold_data(Workspace(stripped), fold, cfg.model_copy(update={"work_dir": stripped}), patients)
+    assert blind.test_inputs.targets is None
+    assert sorted(TINY) == sorted(list_methods())
+    for method in list_methods():
+        a = run_fold(method, full, cfg).predictions["S1"]
+        b = run_fold(method, blind, cfg).predictions["S1"]
+        assert a.expression.shape == (25, 50) and np.isfinite(a.expression).all(), method
+        np.testing.assert_array_equal(a.expression, b.expression, err_msg=method)
