@@ -123,15 +123,14 @@ def test_cli_data_list_and_prepare_config(her2st, tmp_path):
     out = run_cli("data", "list")
     assert out.returncode == 0 and "her2st" in out.stdout and "complete" in out.stdout
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("data:\n  sections: [B4]\npatch:\n  field_um: 100\n  size_px: 64\ngenes:\n  n_genes: 20\n"
-                   "folds:\n  scheme: loso\n")
-    out = run_cli("prepare", "--config", str(cfg), "--work-dir", str(tmp_path / "w"), "--set", "genes.n_genes=30",
+    cfg.write_text("data:\n  sections: [B4]\npatch:\n  field_um: 100\n  size_px: 64\nfolds:\n  scheme: lopo\n")
+    out = run_cli("prepare", "--config", str(cfg), "--work-dir", str(tmp_path / "w"), "--set", "folds.scheme=loso",
                   "--sections", "B4,A1")
     assert out.returncode == 0, out.stderr
     cache = PatchCache(tmp_path / "w" / "patches" / "B4__100um_64px.h5")
     assert cache.read(0, 2).shape == (2, 64, 64, 3)
     folds = json.loads((tmp_path / "w" / "folds" / "loso.json").read_text())
     assert len(folds["folds"]) == 2
-    panel = json.loads((tmp_path / "w" / "panels" / "loso" / "sample_A1.json").read_text())
-    assert len(panel["genes"]) == 30 and panel["fitted_on"] == ["B4"]
+    assert [f["train"] for f in folds["folds"] if f["test"] == ["A1"]] == [["B4"]]
+    assert "folds:\n  scheme: loso" in (tmp_path / "w" / "prepare.yaml").read_text()  # --set beat the file
     assert np.isclose(cache.spec.pixel_size_um, 100 / 64)

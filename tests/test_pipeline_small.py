@@ -19,18 +19,21 @@ import torch
 from synthetic import write_st_section
 from typer.testing import CliRunner
 
-from he2st.config import BenchmarkConfig, EmbedConfig, PrepareConfig, TrainRunConfig
+from he2st.data.embeddings import EmbedConfig, EmbeddingFile
+from he2st.data.genes import GeneConfig, GenePanel
 from he2st.data.patches import PatchCache, PatchSpec
-from he2st.embed import EmbeddingFile, embed_cache, embed_workspace, load_encoder
+from he2st.data.workspace import Workspace
 from he2st.encoders import create
+from he2st.encoders.inference import load_encoder
 from he2st.errors import He2stError
-from he2st.evaluate.benchmark import run_benchmark
-from he2st.evaluate.holdout import evaluate_model
-from he2st.evaluate.protocol import build_fold_data, run_fold
-from he2st.fit import train_model
-from he2st.methods.registry import list_methods
-from he2st.prepare import prepare
-from he2st.workspace import Workspace
+from he2st.methods import list_methods, load_method
+from he2st.workflows.benchmark import run_benchmark
+from he2st.workflows.config import BenchmarkConfig, PrepareConfig, TrainRunConfig
+from he2st.workflows.embed import embed_cache, embed_workspace
+from he2st.workflows.holdout import evaluate_model
+from he2st.workflows.prepare import prepare
+from he2st.workflows.protocol import build_fold_data, run_fold
+from he2st.workflows.train import train_model
 
 PATIENTS = {"S1": "P1", "S2": "P2", "S3": "P3"}
 GENE_NAMES = [f"G{i}" for i in range(60)]
@@ -40,16 +43,16 @@ TINY_TRAIN = {"epochs": 2, "batch_size": 16, "patience": 2}
 # every method, small enough to fit in well under a second on the 50 training spots of a fold
 TINY = {
     "bleep": {"ensemble": 1, "train": TINY_TRAIN},
-    "bleep_faithful": {"k": 5, "train": TINY_TRAIN},
+    "bleep_faithful": {"top_k": 5, "train": TINY_TRAIN},
     "mlp": {"train": TINY_TRAIN},
     "ridge": {"pca_components": 8},
     "ridge_cv": {"pca_components": 8},
-    "knn": {"k": 5},
+    "knn": {"top_k": 5},
     "cmrcnet": {"projection_dim": 16, "mlp_hidden": [16], "attention_dim": 16, "expression_token_hidden": 16,
-                "cross_heads": 2, "fusion_heads": 2, "fusion_depth": 1, "k": 5, "train": TINY_TRAIN},
-    "nh2st": {"dim": 16, "fusion_heads": 2, "head_hidden": 16, "k": 4, "train": TINY_TRAIN},
+                "cross_heads": 2, "fusion_heads": 2, "fusion_depth": 1, "top_k": 5, "train": TINY_TRAIN},
+    "nh2st": {"dim": 16, "fusion_heads": 2, "head_hidden": 16, "neighbour_k": 4, "train": TINY_TRAIN},
     "carhe": {"projection_dim": 16, "mlp_hidden": [16], "celltype_transfer": False, "histology_pretrain_epochs": 1,
-              "histology_neighbours": 4, "k": 5, "train": TINY_TRAIN},
+              "histology_neighbours": 4, "top_k": 5, "train": TINY_TRAIN},
 }
 
 
@@ -63,7 +66,7 @@ def small(tmp_path_factory):
         sources.append({"reader": "st", "sample_id": sid, "patient_id": pid, "path": files["counts"],
                         "spots_file": files["spots"], "image": files["image"]})
     work = root / "work"
-    prepare(PrepareConfig(work_dir=work, data={"dataset": None, "samples": sources}, genes=GENES))
+    prepare(PrepareConfig(work_dir=work, data={"dataset": None, "samples": sources}))
     torch.manual_seed(0)
     weights = root / "test_vit.pth"
     torch.save(create("test_vit", pretrained=False).backbone.state_dict(), weights)
@@ -79,7 +82,7 @@ def test_prepared_and_embedded_once_and_rerun_is_noop(small):
     folds, patients = ws.load_folds("lopo")
     assert patients == PATIENTS and sorted(f.name for f in folds) == ["patient_P1", "patient_P2", "patient_P3"]
     for fold in folds:
-        panel = ws.load_panel("lopo", fold.name)
+        panel = GenePanel.from_config({s: ws.load_sample(s).adata for s in fold.train}, GeneConfig(**GENES))
         assert panel.fitted_on == sorted(fold.train) and panel.n_genes == 50
     for sid in PATIENTS:
         f = EmbeddingFile(ws.embedding_path(embed, sid, PatchSpec()))
@@ -120,10 +123,11 @@ def test_stain_and_tta_are_applied_and_recorded(small, tmp_path):
 def test_train_then_evaluate_held_out_patient(small, tmp_path):
     work, embed = small
     config = TrainRunConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, method="bleep",
-                            method_options=TINY["bleep"], train_samples=["S2", "S3"], out=tmp_path / "bleep.pt")
+                            method_options=TINY, train_samples=["S2", "S3"], out=tmp_path / "bleep.pt")
     model, log, path = train_model(config)
-    assert path.exists() and model.trained_on == {"S2": "P2", "S3": "P3"} and log.curves["train_loss"]
-    assert set(model.gene_sets) == {"all", "heg5", "hvg5"}
+    assert path.exists() and model.card.training_samples == {"S2": "P2", "S3": "P3"} and log.curves["train_loss"]
+    assert set(model.card.gene_sets) == {"all", "heg5", "hvg5"}
+    assert load_method(path).card.curves == log.curves  # the curves travel with the checkpoint
     result, table, paths = evaluate_model(path, work, ["S1"], tmp_path / "eval")
     scores = result.set_scores()
     assert scores["all"]["n_genes"] == 50 and np.isfinite(scores["all"]["pearson_mean"])
@@ -147,7 +151,7 @@ def test_cli_embed_train_evaluate(small, tmp_path):
                               "--set", "embed.encoder=test_vit", *sets, "--set", "genes.n_genes=50",
                               "--set", "genes.min_spot_fraction=0", "--set", f"n_top={N_TOP}"])
     assert res.exit_code == 0, res.output
-    assert "trained knn on S1, S2 (50 genes" in res.output and model.exists()
+    assert "trained knn on S1, S2 (patients P1, P2) (50 genes" in res.output and model.exists()
     res = runner.invoke(app, ["evaluate", "-w", str(work), "--model", str(model), "--samples", "S3",
                               "--out", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output
@@ -190,7 +194,7 @@ def test_nested_folds_never_touch_the_outer_test_patient(small):
 def test_model_predicted_at_a_samples_own_spots_with_plots_and_report(small, tmp_path):
     """Whole-slide prediction at the spots of a prepared sample, compared with its measurements."""
     from he2st.data.sample import Sample
-    from he2st.predict.wsi import predict_slide
+    from he2st.workflows.predict_slide import predict_slide
     from he2st.report.html import build_report
     from he2st.report.plots import plot_prediction
 
@@ -217,7 +221,6 @@ def test_model_predicted_at_a_samples_own_spots_with_plots_and_report(small, tmp
 
 def _knn_predict(model_path, features: np.ndarray) -> np.ndarray:
     from he2st.data.spots import SpotSet
-    from he2st.methods.base import load_method
 
     method = load_method(model_path)
     n = len(features)

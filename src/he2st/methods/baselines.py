@@ -89,11 +89,14 @@ class RidgeProbe(Method):
     def _cv_alpha(self, Z: np.ndarray, Y: np.ndarray, groups: np.ndarray, log: TrainLog) -> float:
         """Inner CV over training samples only (whole samples per inner fold when there are several)."""
         n_groups = len(np.unique(groups))
-        splitter = GroupKFold(n_splits=min(5, n_groups)) if n_groups >= 3 else KFold(5, shuffle=True, random_state=0)
+        if n_groups >= 3:
+            splits = list(GroupKFold(n_splits=min(5, n_groups)).split(Z, Y, groups))
+        else:
+            splits = list(KFold(5, shuffle=True, random_state=0).split(Z, Y))
         scores = []
         for alpha in self.config.alphas:
             fold_scores = []
-            for tr, te in splitter.split(Z, Y, groups):
+            for tr, te in splits:
                 pred = Ridge(alpha=alpha, fit_intercept=self.config.fit_intercept, solver="lsqr").fit(Z[tr], Y[tr]).predict(Z[te])
                 fold_scores.append(np.nanmean(pearson_per_gene(pred, Y[te])))
             scores.append(float(np.mean(fold_scores)))

@@ -42,11 +42,14 @@ def evaluate_model(
     embed_workspace(ws, sample_ids, patch, embed)
     inputs = load_spots(ws, sample_ids, patch, embed, method.panel, with_targets=False)
     truth = load_spots(ws, sample_ids, patch, embed, method.panel, with_targets=True)
+    # test-selected sets as large as the training-selected ones the card records (the run's n_top)
+    n_top = next((len(genes) for name, genes in card.gene_sets.items() if name.startswith("heg")),
+                 min(50, len(method.panel.genes)))
     preds, trues, per_sample = {}, {}, {}
     for sid in sample_ids:
         preds[sid] = method.predict(inputs.subset(inputs.sample_ids == sid)).expression
         trues[sid] = truth.targets[truth.sample_ids == sid]
-        per_sample[sid] = test_sample_gene_sets(trues[sid], method.panel.genes)
+        per_sample[sid] = test_sample_gene_sets(trues[sid], method.panel.genes, n=n_top)
     label = method.name + ("_LEAKY" if shared else "")
     result = evaluate_fold(label, "holdout", preds, trues, method.panel.genes, card.gene_sets or
                            {"all": method.panel.genes}, per_sample)
