@@ -32,7 +32,7 @@ def test_readme_python_snippet_runs(her2st, tmp_path, monkeypatch, capsys):
     namespace: dict = {}
     exec(compile(readme_snippet(), "README.md", "exec"), namespace)  # noqa: S102 - our own README
     assert "knn" in namespace["outcome"].table and "ridge" in namespace["outcome"].table
-    assert namespace["method"].card.training_samples == {"B4": "B", "C2": "C"}
+    assert namespace["method"].card.training_samples == {"A1": "A", "B4": "B"}
     pred = ad.read_h5ad(namespace["h5ad"])
-    assert pred.n_obs == namespace["a1"].n_spots and pred.uns["he2st"]["target_transform"] == "log1p_cp10k"
-    assert "patients B, C" in capsys.readouterr().out
+    assert pred.n_obs == namespace["c3"].n_spots and pred.uns["he2st"]["target_transform"] == "log1p_cp10k"
+    assert "patients A, B" in capsys.readouterr().out
