@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from he2st.errors import He2stError
-from he2st.methods.losses import ContrastiveLoss, EmbeddingQueue, bleep_soft_clip_loss, info_nce
+from he2st.methods.losses import (
+    ContrastiveLoss,
+    EmbeddingQueue,
+    NegativeBank,
+    bleep_soft_clip_loss,
+    expression_similarity_targets,
+    info_nce,
+    reference_contrastive_loss,
+)
 from he2st.methods.nn import BidirectionalFusion, CrossAttentionBlock, MLPEncoder, ProjectionHead
 from he2st.methods.bank import ReferenceBank
 
@@ -314,3 +322,47 @@ def test_bank_rejects_bad_input(tmp_path) -> None:
         bank.save(tmp_path / "bank.pkl")
     with pytest.raises(He2stError, match="not found"):
         ReferenceBank.load(tmp_path / "missing.h5")
+
+
+def test_negative_bank_is_the_whole_set_loss_when_fresh_and_small() -> None:
+    """With a fresh bank and fewer spots than n_negatives, the batch is scored against itself plus every
+    bank spot, with soft targets from expression similarity over that same set (hand computation)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20, 6, generator=g)
+    a_all, b_all = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
+    bank = NegativeBank(z, n_negatives=64, target_temperature=0.1, generator=g)
+    bank.refresh(a_all, b_all)
+    idx = torch.tensor([3, 7, 11])
+    a, b = a_all[idx].clone().requires_grad_(), b_all[idx].clone().requires_grad_()
+    got = bank.loss(idx, a, b, 0.2)
+    rows = torch.cat([idx, torch.arange(20)])
+    expected = reference_contrastive_loss(a, b, a_all[rows], b_all[rows],
+                                          expression_similarity_targets(z[idx], z[rows], 0.1), 0.2)
+    torch.testing.assert_close(got, expected)
+    got.backward()
+    assert a.grad is not None and b.grad is not None  # the live batch learns; the bank is detached
+
+
+def test_negative_bank_cost_does_not_grow_with_the_number_of_spots() -> None:
+    """Each step reads batch + n_negatives columns, however many spots the bank holds (linear cost)."""
+    g = torch.Generator().manual_seed(0)
+    seen = []
+    for n in (1_000, 50_000):
+        bank = NegativeBank(torch.randn(n, 4, generator=g), n_negatives=128, target_temperature=0.1, generator=g)
+        bank.refresh(torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g))
+        idx = torch.arange(32)
+        captured = {}
+
+        def spy(a, b, a_all, b_all, targets, temperature, captured=captured):
+            captured["columns"] = a_all.shape[0]
+            return reference_contrastive_loss(a, b, a_all, b_all, targets, temperature)
+
+        import he2st.methods.losses as losses
+
+        original, losses.reference_contrastive_loss = losses.reference_contrastive_loss, spy
+        try:
+            bank.loss(idx, torch.randn(32, 8), torch.randn(32, 8), 0.1)
+        finally:
+            losses.reference_contrastive_loss = original
+        seen.append(captured["columns"])
+    assert seen == [32 + 128, 32 + 128]

@@ -157,3 +157,39 @@ def test_retrieval_can_return_more_genes_than_the_panel():
     pred = method.predict(test)
     assert pred.expression.shape == (40, 30012) and pred.genes[-1] == "EXTRA29999"
     assert set(pred.uncertainty) == {"best_similarity", "dispersion"}
+
+
+def two_patient_spots(n: int = 240) -> tuple[SpotSet, SpotSet, dict[str, str]]:
+    spots = synthetic_spots(n)
+    return spots.subset(np.arange(0, 200)), spots.subset(np.arange(200, n)), {"s1": "P1", "s2": "P2", "s3": "P3"}
+
+
+def test_ensemble_weights_come_from_inner_folds_over_training_patients_and_roundtrip(tmp_path):
+    train, test, patients = two_patient_spots()
+    train = train.subset(np.isin(train.sample_ids, ["s1", "s2"]))
+    members = {"knn": {"method": "knn", "top_k": 5}, "ridge": {"method": "ridge_cv", "pca_components": 8},
+               "mlp": {"method": "mlp"} | FAST, "carhe": {"method": "carhe"}}
+    method = create_method("ensemble", members=members)
+    method.panel = GenePanel(genes=train.genes)
+    method.card = method.card.model_copy(update={"training_samples": {"s1": "P1", "s2": "P2"}})
+    log = method.fit(train)
+    sel = log.selection
+    assert sel["inner_folds"] == ["P1", "P2"]  # one inner fold per training patient, never the test one
+    assert "carhe" in sel["dropped"] and "proportions" in sel["dropped"]["carhe"]  # reported, not fatal
+    assert set(sel["weights"]) == {"knn", "ridge", "mlp"} and all(len(v) == 2 for v in sel["inner_pearson"].values())
+    assert (method.weights >= 0).all() and method.weights.sum() > 0
+    pred = method.predict(test.without_expression())
+    r = [np.corrcoef(pred.expression[:, j], test.targets[:, j])[0, 1] for j in range(12)]
+    assert np.nanmean(r) > 0.3
+    back = load_method(method.save(tmp_path / "ens.pt"))
+    np.testing.assert_allclose(back.predict(test.without_expression()).expression, pred.expression, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_validation_follows_the_prediction_pearson():
+    """Neural methods stop early on the mean per-gene Pearson of their own predictions for validation spots."""
+    method, _ = fitted("mlp")
+    spots = synthetic_spots()
+    log = method.fit(spots.subset(np.arange(0, 160)), spots.subset(np.arange(160, 200)))
+    curve = log.curves["val_pearson"]
+    assert log.best_epoch == int(np.argmax(curve)) and max(curve) > 0.3

@@ -53,6 +53,8 @@ TINY = {
     "nh2st": {"dim": 16, "fusion_heads": 2, "head_hidden": 16, "neighbour_k": 4, "train": TINY_TRAIN},
     "carhe": {"projection_dim": 16, "mlp_hidden": [16], "celltype_transfer": False, "histology_pretrain_epochs": 1,
               "histology_neighbours": 4, "top_k": 5, "train": TINY_TRAIN},
+    "ensemble": {"members": {"knn": {"method": "knn", "top_k": 5}, "ridge": {"method": "ridge", "pca_components": 8},
+                             "bleep": {"method": "bleep", "ensemble": 1, "train": TINY_TRAIN}}},
 }
 
 

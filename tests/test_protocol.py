@@ -25,7 +25,9 @@ from he2st.workflows.protocol import build_fold_data, run_fold
 
 FAST = {"bleep": {"ensemble": 1, "train": {"epochs": 6}}, "bleep_faithful": {"train": {"epochs": 6}},
         "mlp": {"train": {"epochs": 6}}, "cmrcnet": {"train": {"epochs": 4}}, "nh2st": {"train": {"epochs": 4}},
-        "carhe": {"histology_pretrain_epochs": 2, "train": {"epochs": 4}}}
+        "carhe": {"histology_pretrain_epochs": 2, "train": {"epochs": 4}},
+        "ensemble": {"members": {"knn": {"method": "knn"}, "ridge_cv": {"method": "ridge_cv"},
+                                 "bleep": {"method": "bleep", "ensemble": 1, "train": {"epochs": 3}}}}}
 TOKENS = EmbedConfig(token_grid=2)  # pooled embeddings plus a 2 x 2 grid of the encoder's feature map
 
 # every test here embeds all 7 real sections (and most train methods on them): the full loop only;
@@ -150,6 +152,13 @@ def test_no_test_patient_spot_is_used_for_fitting_anything(embedded):
     results = json.loads(outcome.paths["json"].read_text())
     assert results["provenance"]["command"] and results["provenance"]["data_checksums_sha256"]
     assert "heg50" in outcome.table and "heg50_testselected" in outcome.table
+    bleep_a = next(f for f in results["folds"] if f["method"] == "bleep" and f["fold"] == "patient_A")
+    assert bleep_a["curves"]["seed0"]["val_pearson"]  # training curves travel with the scores
+    kept = ad.read_h5ad(outcome.paths["json"].parent / "predictions" / "bleep" / "A1.h5ad")
+    truth = ad.read_h5ad(Path(work) / "samples" / "A1.h5ad")
+    assert kept.n_obs == truth.n_obs and kept.n_vars == 250 and kept.uns["he2st"]["fold"] == "patient_A"
+    np.testing.assert_array_equal(kept.obsm["spatial"], truth.obsm["spatial"])
+    assert {"best_similarity", "dispersion"} <= set(kept.obs.columns)
 
 
 def test_nested_folds_inside_an_outer_fold_never_touch_its_test_patient(embedded):

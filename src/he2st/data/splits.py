@@ -106,24 +106,33 @@ def validation_mask(
 ) -> np.ndarray:
     """Boolean mask of training spots held out for validation (early stopping, checkpoint choice).
 
-    Drawn from training data only, so validation necessarily shares patients with training unless
-    there are enough training patients: with >= 3 training patients whole patients are held out,
-    else with >= 3 training samples whole samples (never the spots next to training spots), else a
-    random ``fraction`` of spots from every sample. At least one group always stays for training.
+    Drawn from training data only, and never at the price of a training patient: with >= 3 training
+    patients whole patients are held out; else whole samples (never the spots next to training spots),
+    chosen only among patients that keep another sample in training -- a patient's only section is
+    never taken away -- when at least 3 samples exist and one can be spared; else a random
+    ``fraction`` of spots from every sample. At least one group always stays for training.
     """
     rng = np.random.default_rng(seed)
     groups = np.asarray(groups)
-    keys = groups
-    if patients is not None and len(np.unique(patients)) >= 3:
-        keys = np.asarray(patients)
-    unique = np.unique(keys)
-    if len(unique) >= 3:
-        n_val = min(len(unique) - 1, max(1, round(fraction * len(unique))))
-        chosen = rng.choice(unique, size=n_val, replace=False)
-        return np.isin(keys, chosen)
-    mask = np.zeros(len(keys), dtype=bool)
-    for key in unique:
-        idx = np.flatnonzero(keys == key)
+    patient_of = np.asarray(patients) if patients is not None else groups
+    if len(np.unique(patient_of)) >= 3:
+        return _hold_out(rng, patient_of, np.unique(patient_of), fraction)
+    samples = np.unique(groups)
+    if len(samples) >= 3:
+        spare = [s for s in samples if len(np.unique(groups[patient_of == patient_of[groups == s][0]])) >= 2]
+        if spare:
+            return _hold_out(rng, groups, np.asarray(spare), fraction, len(samples))
+    mask = np.zeros(len(groups), dtype=bool)
+    for key in samples:
+        idx = np.flatnonzero(groups == key)
         n_val = min(len(idx) - 1, max(1, round(fraction * len(idx))))
         mask[rng.choice(idx, size=n_val, replace=False)] = True
     return mask
+
+
+def _hold_out(rng: np.random.Generator, keys: np.ndarray, candidates: np.ndarray, fraction: float,
+              n_groups: int | None = None) -> np.ndarray:
+    """Whole groups of ``keys`` held out: about ``fraction`` of all groups, drawn from ``candidates``."""
+    n_groups = n_groups or len(candidates)
+    n_val = min(len(candidates), n_groups - 1, max(1, round(fraction * n_groups)))
+    return np.isin(keys, rng.choice(candidates, size=n_val, replace=False))

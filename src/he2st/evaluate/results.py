@@ -54,6 +54,7 @@ def _fold_record(r: FoldResult) -> dict[str, Any]:
         "pooled": r.pooled,
         "extra": r.extra,
         "curves": r.curves,
+        "selection": r.selection,
         "per_gene": {c: r.per_gene[c].tolist() for c in r.per_gene.columns},
     }
 

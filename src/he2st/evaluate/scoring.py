@@ -44,6 +44,7 @@ class FoldResult:
     per_gene: pd.DataFrame
     extra: dict[str, float] = field(default_factory=dict)
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    selection: dict[str, dict[str, Any]] = field(default_factory=dict)  # seed label -> choices on training data
 
     def set_scores(self, level: Level = "per_sample") -> dict[str, dict[str, float]]:
         """Fold score per gene set and metric.
@@ -125,7 +126,9 @@ def average_results(results: Sequence[FoldResult]) -> FoldResult:
     per_gene = pd.concat([r.per_gene for r in results]).groupby(keys, sort=False).mean(numeric_only=True).reset_index()
     extra = {k: float(np.mean([r.extra[k] for r in results])) for k in first.extra}
     curves = {label: c for r in results for label, c in r.curves.items()}
-    return FoldResult(first.method, first.fold, list(first.test_samples), per_sample, pooled, per_gene, extra, curves)
+    selection = {label: c for r in results for label, c in r.selection.items()}
+    return FoldResult(first.method, first.fold, list(first.test_samples), per_sample, pooled, per_gene, extra, curves,
+                      selection)
 
 
 def _fold_column(fold: int | str) -> str:

@@ -133,9 +133,12 @@ class RidgeCV(RidgeProbe):
 class MLPConfig(MethodConfig):
     hidden: list[int] = Field(default_factory=lambda: [512], description="hidden widths")
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout after each hidden layer")
+    standardize_targets: bool = Field(
+        True, description="regress per-gene z-scores (training statistics), so every gene weighs the same in "
+        "the loss whatever its level; predictions are mapped back to the panel's scale")
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=100, batch_size=128, lr=1e-3, weight_decay=1e-2, patience=10),
-        description="optimiser and early stopping on validation MSE")
+        description="optimiser and early stopping on the validation Pearson")
 
 
 @register_method
@@ -144,6 +147,15 @@ class MLPRegressor(NeuralMethod):
 
     name = "mlp"
     Config = MLPConfig
+    scaler_attrs = ("scaler", "target_scaler")
+
+    def __init__(self, config: MLPConfig | None = None, **overrides) -> None:
+        super().__init__(config, **overrides)
+        self.target_scaler: FeatureScaler | None = None
+
+    def fit_scalers(self, train: SpotSet) -> None:
+        super().fit_scalers(train)
+        self.target_scaler = FeatureScaler().fit(train.targets) if self.config.standardize_targets else None
 
     def sizes(self, train: SpotSet) -> dict[str, int]:
         return {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1]}
@@ -157,23 +169,22 @@ class MLPRegressor(NeuralMethod):
         self.net = nn.Sequential(*layers, nn.Linear(d_in, dims["n_genes"]))
 
     def train_modules(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
-        X, Y = torch.from_numpy(self.scaler(train.features)), torch.from_numpy(train.targets)
+        X = torch.from_numpy(self.scaler(train.features))
+        Y = torch.from_numpy(train.targets if self.target_scaler is None else self.target_scaler(train.targets))
 
         def step(idx: torch.Tensor) -> torch.Tensor:
             return nn.functional.mse_loss(self.net(X[idx]), Y[idx])
 
-        def validate() -> float:
-            return float(nn.functional.mse_loss(self.net(torch.from_numpy(self.scaler(val.features))),
-                                                torch.from_numpy(val.targets)))
-
         return fit_minibatches(self.net, len(X), step, self.config.train, self.config.seed,
-                               None if val is None else validate)
+                               self.validation(train, val))
 
     @torch.no_grad()
     def _predict(self, spots: SpotSet) -> Prediction:
         self.net.eval()
         pred = self.net(torch.from_numpy(self.scaler(spots.features))).numpy()
-        return Prediction(pred, list(self.panel.genes))
+        if self.target_scaler is not None:
+            pred = pred * self.target_scaler.std + self.target_scaler.mean
+        return Prediction(pred.astype(np.float32), list(self.panel.genes))
 
 
 class KNNConfig(MethodConfig):

@@ -9,11 +9,13 @@ Two presets share this code:
   unnormalised embeddings, AdamW (lr 1e-3, wd 1e-3), batch 256, plain average of the top-50
   reference profiles by cosine similarity.
 * ``bleep`` (he2st's improved variant) -- L2-normalised embeddings with a learnable temperature;
-  every training spot as a negative at each step, re-embedded with gradients and with soft targets
-  from measured expression similarity (so results do not hinge on batch size, BLEEP's known
-  single-GPU failure; the cost is quadratic in the number of spots); an MLP expression encoder;
-  softmax-weighted retrieval; 5 seeded heads whose similarities are averaged. Each change can be
-  switched off on its own (:attr:`BLEEP.ablations`).
+  negatives beyond the batch from a bank of every training spot's detached embeddings, refreshed each
+  epoch and sampled per step, with soft targets from measured expression similarity (so results do
+  not hinge on batch size, BLEEP's known single-GPU failure; the cost stays linear in the number of
+  spots); an MLP expression encoder; softmax-weighted retrieval; 5 seeded heads trained together on
+  different batch compositions, whose similarities are averaged; early stopping on the validation
+  Pearson of the ensemble's own predictions. Each change can be switched off on its own
+  (:attr:`BLEEP.ablations`).
 
 Image side: frozen cached embeddings through a projection head (CPU path), or the encoder itself
 fine-tuned end to end on augmented patches (``finetune_encoder``, the GPU path).
@@ -34,17 +36,11 @@ from he2st.encoders.augment import augment_batch
 from he2st.errors import He2stError
 from he2st.methods.base import TrainLog, preset
 from he2st.methods.features import FeatureScaler
-from he2st.methods.losses import (
-    ContrastiveLoss,
-    EmbeddingQueue,
-    bleep_soft_clip_loss,
-    expression_similarity_targets,
-    reference_contrastive_loss,
-)
+from he2st.methods.losses import ContrastiveLoss, EmbeddingQueue, bleep_soft_clip_loss
 from he2st.methods.nn import ProjectionHead, expression_tower
 from he2st.methods.registry import register_method
 from he2st.methods.retrieval import RetrievalConfig, RetrievalMethod
-from he2st.methods.training import TrainConfig, batched_mean, fit_minibatches
+from he2st.methods.training import TrainConfig, fit_minibatches
 
 
 class BLEEPConfig(RetrievalConfig):
@@ -52,8 +48,8 @@ class BLEEPConfig(RetrievalConfig):
 
     negatives: Literal["batch", "queue", "all"] = Field(
         "all",
-        description="negatives beyond the batch: 'queue' = memory queue of past embeddings, 'all' = every "
-        "training spot re-embedded (with gradients) at each step (frozen-feature path; 'queue' end to end)",
+        description="negatives beyond the batch: 'queue' = memory queue of past embeddings, 'all' = a bank of "
+        "every training spot refreshed each epoch (frozen-feature path; 'queue' end to end)",
     )
     queue_size: int = Field(1024, ge=0, description="size of the memory queue for negatives='queue'")
     finetune_encoder: bool = Field(False, description="train the image encoder end to end on patches (GPU path)")
@@ -179,61 +175,49 @@ class BLEEP(RetrievalMethod):
 
     # ------------------------------------------------------------------ training
     def train_modules(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
-        if self.config.finetune_encoder and torch.cuda.is_available():
+        """All heads train together, each on its own batch composition (a fixed permutation of the spots
+        per head), so that early stopping follows the ensemble's own validation Pearson."""
+        cfg = self.config
+        if cfg.finetune_encoder and torch.cuda.is_available():
             self.nets.cuda()  # the end-to-end path is meant for a GPU; frozen features train fine on CPU
             self.losses.cuda()
-        log = TrainLog()
-        for member in range(len(self.nets)):
-            member_log = self._fit_member(member, train, val)
-            for key, values in member_log.curves.items():
-                log.curves[f"{key}" if member == 0 else f"{key}_{member}"] = values
-            log.best_epoch = member_log.best_epoch if member == 0 else log.best_epoch
-            log.seconds += member_log.seconds
-        return log
-
-    def _fit_member(self, member: int, train: SpotSet, val: SpotSet | None) -> TrainLog:
-        cfg = self.config
-        seed = cfg.seed + 1000 * member
-        net = self.nets[member]
-        module = nn.ModuleDict({"net": net} | ({"loss": self.losses[member]} if len(self.losses) else {}))
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        n = len(train)
+        perms = [torch.arange(n)] + [torch.randperm(n, generator=gen) for _ in range(len(self.nets) - 1)]
         targets = torch.from_numpy(self._expression_inputs(train.targets)).to(self._device)
         negatives = cfg.negatives if cfg.loss == "contrastive" else "batch"
-        if negatives == "all" and net.encoder is not None:
-            negatives = "queue"  # re-embedding every patch each step is not affordable end to end
-        queues = None
-        if negatives == "queue":
-            queues = (EmbeddingQueue(cfg.projection_dim, cfg.queue_size), EmbeddingQueue(cfg.projection_dim, cfg.queue_size))
-        all_features = z_all = None
-        if negatives == "all":
-            all_features = torch.from_numpy(self.scaler(train.features))
-            z = (train.targets - train.targets.mean(0)) / np.maximum(train.targets.std(0), 1e-6)
-            z_all = torch.from_numpy(z.astype(np.float32))
-        gen = torch.Generator().manual_seed(seed + 1)
+        if negatives == "all" and cfg.finetune_encoder:
+            negatives = "queue"  # re-embedding every patch each epoch is not affordable end to end
+        queues = [(EmbeddingQueue(cfg.projection_dim, cfg.queue_size), EmbeddingQueue(cfg.projection_dim, cfg.queue_size))
+                  for _ in self.nets] if negatives == "queue" else None
+        banks = [self.negative_bank(train, gen) for _ in self.nets] if negatives == "all" else None
+        features = torch.from_numpy(self.scaler(train.features)) if banks else None
+
+        def refresh() -> None:
+            with torch.no_grad():
+                for net, bank in zip(self.nets, banks, strict=True):
+                    net.eval()
+                    bank.refresh(_batched(net.embed_images, features), _batched(net.embed_expression, targets))
 
         def step(idx: torch.Tensor) -> torch.Tensor:
-            img = net.embed_images(self._image_inputs(net, train, idx, True, gen))
-            spot = net.embed_expression(targets[idx])
-            if all_features is not None:
-                loss_fn = self.losses[member]
-                soft = expression_similarity_targets(z_all[idx], z_all, cfg.target_temperature)
-                return reference_contrastive_loss(
-                    img, spot, net.embed_images(all_features), net.embed_expression(targets), soft,
-                    loss_fn.log_temperature.clamp(*loss_fn.log_bounds).exp(),
-                )
-            loss = self._loss(member, img, spot, queues)
-            if queues is not None:
-                queues[0].enqueue(nn.functional.normalize(img.detach(), dim=-1))
-                queues[1].enqueue(nn.functional.normalize(spot.detach(), dim=-1))
-            return loss
+            total = torch.zeros(())
+            for member, net in enumerate(self.nets):
+                rows = perms[member][idx]
+                img = net.embed_images(self._image_inputs(net, train, rows, True, gen))
+                spot = net.embed_expression(targets[rows])
+                if banks is not None:
+                    loss = banks[member].loss(rows, img, spot, self.losses[member].tau())
+                else:
+                    loss = self._loss(member, img, spot, None if queues is None else queues[member])
+                    if queues is not None:
+                        queues[member][0].enqueue(nn.functional.normalize(img.detach(), dim=-1))
+                        queues[member][1].enqueue(nn.functional.normalize(spot.detach(), dim=-1))
+                total = total + loss
+            return total / len(self.nets)
 
-        def val_loss(idx: torch.Tensor) -> torch.Tensor:
-            img = net.embed_images(self._image_inputs(net, val, idx, False, None))
-            spot = net.embed_expression(
-                torch.from_numpy(self._expression_inputs(val.targets[idx.numpy()])).to(self._device))
-            return self._loss(member, img, spot)
-
-        validate = None if val is None else (lambda: batched_mean(val_loss, len(val), cfg.train.batch_size))
-        return fit_minibatches(module, len(train), step, cfg.train, seed, validate)
+        module = nn.ModuleDict({"nets": self.nets, "losses": self.losses})
+        return fit_minibatches(module, n, step, cfg.train, cfg.seed, self.validation(train, val),
+                               refresh if banks else None)
 
     @property
     def _device(self) -> torch.device:
@@ -276,3 +260,8 @@ class BLEEPFaithful(BLEEP):
     name = "bleep_faithful"
     Config = BLEEPFaithfulConfig
     ablations = {}
+
+
+def _batched(fn, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
+    """``fn`` over ``x`` in batches (bounded memory when refreshing a bank of every training spot)."""
+    return torch.cat([fn(x[a : a + batch]) for a in range(0, len(x), batch)])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,6 +44,8 @@ class ModelCard(BaseModel):
     curves: dict[str, list[float]] = Field(default_factory=dict, description="per-epoch training/validation curves")
     best_epoch: int | None = None
     train_seconds: float | None = None
+    selection: dict[str, Any] = Field(
+        default_factory=dict, description="choices made on training patients (ensemble: inner scores, weights)")
 
     @property
     def target_scale(self) -> str:

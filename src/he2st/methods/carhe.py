@@ -36,14 +36,15 @@ from torch import nn
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import Prediction, TrainLog
-from he2st.methods.features import clean_proportions, standardize_columns
-from he2st.methods.losses import AlignmentLoss, expression_similarity_targets, multi_positive_nce
+from he2st.methods.features import clean_proportions
+from he2st.methods.losses import AlignmentLoss, multi_positive_nce
 from he2st.methods.masking import feature_augment
 from he2st.methods.neighbourhood import sample_neighbour, spatial_neighbours
 from he2st.methods.nn import MLPEncoder, expression_tower
 from he2st.methods.registry import register_method
 from he2st.methods.retrieval import RetrievalConfig, RetrievalMethod
-from he2st.methods.training import TrainConfig, batched_mean, fit_minibatches
+from he2st.methods.training import TrainConfig, fit_minibatches
+from he2st.stats import pearson_per_gene
 
 
 class CarHEConfig(RetrievalConfig):
@@ -236,8 +237,8 @@ class CarHE(RetrievalMethod):
         props, ok = self._proportions(train) or (None, None)
         X = torch.from_numpy(self.scaler(train.features))
         Y = torch.from_numpy(train.targets.astype(np.float32))
-        Z = torch.from_numpy(standardize_columns(train.targets)) if self.all_negatives() else None
         gen = torch.Generator().manual_seed(cfg.seed + 1)
+        bank = self.negative_bank(train, gen)
         log = TrainLog()
 
         # histology pool: training spots first, then unlabelled ones; neighbours within each sample
@@ -266,17 +267,15 @@ class CarHE(RetrievalMethod):
                 log.curves["pretrain_loss"] = pre_log.curves.get("train_loss", [])
                 log.seconds += pre_log.seconds
 
+        def refresh() -> None:
+            self.net.eval()
+            with torch.no_grad():
+                bank.refresh(self.net.image_tower(X), self.net.expression_tower(Y))
+
         def step(idx: torch.Tensor) -> torch.Tensor:
             img = self.net.image_tower(X[idx])
             spot = self.net.expression_tower(Y[idx])
-            reference = None
-            if Z is not None:
-                reference = (
-                    self.net.image_tower(X),
-                    self.net.expression_tower(Y),
-                    expression_similarity_targets(Z[idx], Z, cfg.target_temperature),
-                )
-            loss = self.aligns["image_expression"](img, spot, reference)
+            loss = self.aligns["image_expression"](img, spot, bank, idx)
             if props is not None:
                 loss = loss + self._celltype_loss(img, spot, props[idx], ok[idx])
             if cfg.histology_transfer and cfg.histology_weight > 0:
@@ -287,28 +286,25 @@ class CarHE(RetrievalMethod):
                 loss = loss + cfg.histology_weight * self._histology_loss(pool, index, valid, rows, gen)
             return loss
 
-        def validate() -> float:
-            Xv = torch.from_numpy(self.scaler(val.features))
-            Yv = torch.from_numpy(val.targets.astype(np.float32))
-            pv = okv = None
-            if props is not None and cfg.celltype_key in val.extras:
-                pv_np, okv_np = clean_proportions(val.extras[cfg.celltype_key])
-                pv, okv = torch.from_numpy(pv_np), torch.from_numpy(okv_np)
-
-            def val_loss(idx: torch.Tensor) -> torch.Tensor:
-                img, spot = self.net.image_tower(Xv[idx]), self.net.expression_tower(Yv[idx])
-                loss = self.aligns["image_expression"](img, spot)
-                if pv is not None:
-                    loss = loss + self._celltype_loss(img, spot, pv[idx], okv[idx])
-                return loss
-
-            return batched_mean(val_loss, len(val), cfg.train.batch_size)
-
         module = nn.ModuleDict({"net": self.net, "aligns": self.aligns})
-        joint = fit_minibatches(module, len(train), step, cfg.train, cfg.seed, None if val is None else validate)
+        joint = fit_minibatches(module, len(train), step, cfg.train, cfg.seed, self.validation(train, val),
+                                None if bank is None else refresh)
         log.curves |= joint.curves
         log.best_epoch, log.seconds = joint.best_epoch, log.seconds + joint.seconds
         return log
+
+    def validation_pearson(self, train: SpotSet, val: SpotSet) -> float:
+        """Both of CarHE's outputs count: the expression Pearson, averaged with the mean per-type Pearson
+        of the predicted cell-type proportions when the validation spots carry proportions."""
+        expression = super().validation_pearson(train, val)
+        key = self.config.celltype_key
+        if not self.dims.get("n_types") or key not in val.extras:
+            return expression
+        truth, ok = clean_proportions(val.extras[key])
+        if ok.sum() < 3:
+            return expression
+        r = pearson_per_gene(self.predict_proportions(val.subset(ok)), truth[ok])
+        return (expression + float(np.nanmean(r))) / 2 if np.isfinite(r).any() else expression
 
     def embed_images(self, spots: SpotSet) -> np.ndarray:
         """Image embeddings from the frozen features alone (the query side of retrieval)."""

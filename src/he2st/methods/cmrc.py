@@ -42,8 +42,8 @@ from torch import nn
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import TrainLog
-from he2st.methods.features import FeatureScaler, standardize_columns
-from he2st.methods.losses import AlignmentLoss, expression_similarity_targets
+from he2st.methods.features import FeatureScaler
+from he2st.methods.losses import AlignmentLoss, NegativeBank
 from he2st.methods.masking import apply_mask, feature_chunks, random_mask
 from he2st.methods.nn import (
     BidirectionalFusion,
@@ -54,7 +54,7 @@ from he2st.methods.nn import (
 )
 from he2st.methods.registry import register_method
 from he2st.methods.retrieval import RetrievalConfig, RetrievalMethod
-from he2st.methods.training import TrainConfig, batched_mean, fit_minibatches
+from he2st.methods.training import TrainConfig, fit_minibatches
 
 
 class CMRCNetConfig(RetrievalConfig):
@@ -242,11 +242,12 @@ class CMRCNet(RetrievalMethod):
         y: torch.Tensor,
         tokens: torch.Tensor | None,
         generator: torch.Generator | None,
-        reference=None,
+        bank: NegativeBank | None = None,
+        idx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         img = self.net.image_head(x)
         spot = self.net.expression_tower(y)
-        contrastive = self.align(img, spot, reference)
+        contrastive = self.align(img, spot, bank, idx)
         if self.net.reconstructor is None or tokens is None:
             return contrastive, None
         reconstructed = self.net.reconstructor(tokens, y, self.mask(len(x), generator))
@@ -255,10 +256,8 @@ class CMRCNet(RetrievalMethod):
 
     def _total(self, contrastive: torch.Tensor, reconstruction: torch.Tensor | None) -> torch.Tensor:
         cfg = self.config
-        if self.net.reconstructor is None:
+        if reconstruction is None:
             return contrastive  # reconstruction off: exactly the contrastive objective
-        if reconstruction is None:  # validation spots without the token grid training used
-            return torch.log1p(contrastive) if cfg.log_losses else contrastive
         if cfg.log_losses:
             return torch.log1p(contrastive) + cfg.reconstruction_weight * torch.log1p(reconstruction)
         return contrastive + cfg.reconstruction_weight * reconstruction
@@ -269,33 +268,21 @@ class CMRCNet(RetrievalMethod):
         X = torch.from_numpy(self.scaler(train.features))
         Y = torch.from_numpy(train.targets.astype(np.float32))
         tokens = self.image_tokens(train)
-        Z = torch.from_numpy(standardize_columns(train.targets)) if self.all_negatives() else None
         gen = torch.Generator().manual_seed(cfg.seed + 1)
+        bank = self.negative_bank(train, gen)
         module = nn.ModuleDict({"net": self.net, "align": self.align})
 
+        def refresh() -> None:
+            self.net.eval()
+            with torch.no_grad():
+                bank.refresh(self.net.image_head(X), self.net.expression_tower(Y))
+
         def step(idx: torch.Tensor) -> torch.Tensor:
-            reference = None
-            if Z is not None:
-                reference = (
-                    self.net.image_head(X),
-                    self.net.expression_tower(Y),
-                    expression_similarity_targets(Z[idx], Z, cfg.target_temperature),
-                )
-            con, rec = self._losses(X[idx], Y[idx], None if tokens is None else tokens[idx], gen, reference)
+            con, rec = self._losses(X[idx], Y[idx], None if tokens is None else tokens[idx], gen, bank, idx)
             return self._total(con, rec)
 
-        def validate() -> float:
-            val_gen = torch.Generator().manual_seed(cfg.seed + 2)  # the same masks at every epoch
-            Xv = torch.from_numpy(self.scaler(val.features))
-            Yv = torch.from_numpy(val.targets.astype(np.float32))
-            tv = self.image_tokens(val)
-
-            def val_loss(idx: torch.Tensor) -> torch.Tensor:
-                return self._total(*self._losses(Xv[idx], Yv[idx], None if tv is None else tv[idx], val_gen))
-
-            return batched_mean(val_loss, len(val), cfg.train.batch_size)
-
-        return fit_minibatches(module, len(train), step, cfg.train, cfg.seed, None if val is None else validate)
+        return fit_minibatches(module, len(train), step, cfg.train, cfg.seed, self.validation(train, val),
+                               None if bank is None else refresh)
 
     def embed_images(self, spots: SpotSet) -> np.ndarray:
         """Image embeddings from the frozen features alone (the query side of retrieval)."""

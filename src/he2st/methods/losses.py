@@ -21,6 +21,7 @@ __all__ = [
     "AlignmentLoss",
     "ContrastiveLoss",
     "EmbeddingQueue",
+    "NegativeBank",
     "bleep_soft_clip_loss",
     "info_nce",
     "multi_positive_nce",
@@ -108,6 +109,12 @@ class ContrastiveLoss(nn.Module):
         """Current (clamped) temperature."""
         return float(self.log_temperature.detach().clamp(*self.log_bounds).exp())
 
+    def tau(self) -> torch.Tensor:
+        """The temperature as a tensor that carries its gradient (clamped into range in place first)."""
+        with torch.no_grad():
+            self.log_temperature.clamp_(*self.log_bounds)
+        return self.log_temperature.exp()
+
     def forward(
         self,
         img: torch.Tensor,
@@ -116,9 +123,7 @@ class ContrastiveLoss(nn.Module):
         queue_spot: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scalar loss for a batch of paired ``(B, D)`` embeddings plus optional queued negatives."""
-        with torch.no_grad():
-            self.log_temperature.clamp_(*self.log_bounds)
-        tau = self.log_temperature.exp()
+        tau = self.tau()
         img = F.normalize(img, dim=-1)
         spot = F.normalize(spot, dim=-1)
         batch = img.shape[0]
@@ -229,14 +234,48 @@ def reference_contrastive_loss(
     return ((images_loss + spots_loss) / 2).mean()
 
 
+class NegativeBank:
+    """Negatives beyond the batch at a cost linear in the number of spots (MoCo's memory bank, refreshed
+    every epoch): detached embeddings of every training spot are recomputed once per epoch
+    (:meth:`refresh`); each step contrasts the live batch with itself plus ``n_negatives`` spots drawn
+    uniformly from the bank (all of them when the bank is small), with soft targets from *measured*
+    expression similarity over that set (:func:`expression_similarity_targets`), so near-identical
+    neighbouring spots are not pushed apart. Gradients flow through the batch's own embeddings only.
+
+    ``z`` ``(N, G)`` is the training expression standardised per gene (training statistics).
+    """
+
+    def __init__(self, z: torch.Tensor, n_negatives: int, target_temperature: float,
+                 generator: torch.Generator) -> None:
+        self.z, self.n_negatives, self.target_temperature = z, n_negatives, target_temperature
+        self.generator = generator
+        self.a: torch.Tensor | None = None
+        self.b: torch.Tensor | None = None
+
+    def refresh(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """The bank's embeddings of every training spot (both modalities), computed without gradients."""
+        self.a, self.b = a.detach(), b.detach()
+
+    def loss(self, idx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+        """Symmetric soft-target contrastive loss of the batch ``idx`` (live embeddings ``a``, ``b``)."""
+        n = len(self.z)
+        if n <= self.n_negatives:
+            others = torch.arange(n)
+        else:
+            others = torch.randint(n, (self.n_negatives,), generator=self.generator)
+        rows = torch.cat([idx, others])
+        targets = expression_similarity_targets(self.z[idx], self.z[rows], self.target_temperature)
+        return reference_contrastive_loss(
+            a, b, torch.cat([a, self.a[others]]), torch.cat([b, self.b[others]]), targets, temperature)
+
+
 class AlignmentLoss(nn.Module):
     """Contrastive alignment of two modalities with he2st's options, in one module.
 
     ``kind="bleep_soft"``: BLEEP's soft-target CLIP loss at a fixed temperature on unnormalised
-    embeddings. ``kind="contrastive"``: :class:`~he2st.methods.losses.ContrastiveLoss` (L2-normalised,
-    learned temperature, soft or identity targets); when ``reference=(a_all, b_all, targets)`` is
-    given, the batch is scored against every reference spot instead
-    (:func:`reference_contrastive_loss`, the improved BLEEP's ``negatives="all"``).
+    embeddings. ``kind="contrastive"``: :class:`ContrastiveLoss` (L2-normalised, learned temperature,
+    soft or identity targets); with a :class:`NegativeBank` and the batch's rows, the batch is scored
+    against itself plus the bank's sampled negatives instead (the ``negatives="all"`` option).
     """
 
     def __init__(
@@ -262,21 +301,13 @@ class AlignmentLoss(nn.Module):
             raise He2stError(f"unknown alignment loss {kind!r}; use 'bleep_soft' or 'contrastive'")
 
     def forward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        self, a: torch.Tensor, b: torch.Tensor, bank: NegativeBank | None = None, idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.contrastive is None:
             return bleep_soft_clip_loss(a, b, self.fixed_temperature)
-        if reference is None:
+        if bank is None:
             return self.contrastive(a, b)
-        loss = self.contrastive
-        with torch.no_grad():
-            loss.log_temperature.clamp_(*loss.log_bounds)
-        return reference_contrastive_loss(
-            a, b, reference[0], reference[1], reference[2], loss.log_temperature.exp()
-        )
+        return bank.loss(idx, a, b, self.contrastive.tau())
 
 
 def multi_positive_nce(

@@ -10,8 +10,10 @@ to build its modules from them (:meth:`NeuralMethod.build`), and its objective i
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +21,7 @@ from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import Method, MethodConfig, TrainLog
 from he2st.methods.features import FeatureScaler
+from he2st.stats import pearson_per_gene
 
 
 def has_validation(val: SpotSet | None) -> bool:
@@ -65,6 +68,23 @@ class NeuralMethod(Method):
 
     def after_fit(self, train: SpotSet, val: SpotSet | None) -> None:
         """Prepare prediction once trained (retrieval methods build their bank here)."""
+
+    def prepare_validation(self, train: SpotSet) -> None:
+        """Make :meth:`_predict` usable mid-training from training spots alone (retrieval: a bank)."""
+
+    def validation_pearson(self, train: SpotSet, val: SpotSet) -> float:
+        """Mean per-gene Pearson of the method's own prediction for the validation spots -- what the
+        benchmark scores, so early stopping and checkpoint choice follow it, whatever the objective."""
+        self.prepare_validation(train)
+        try:
+            r = pearson_per_gene(self._predict(val.without_expression()).expression, val.targets)
+        except He2stError:  # non-finite predictions: the worst score, so this epoch is never chosen
+            return -1.0
+        return float(np.nanmean(r)) if np.isfinite(r).any() else -1.0
+
+    def validation(self, train: SpotSet, val: SpotSet | None) -> Callable[[], float] | None:
+        """The validation score callable for :func:`~he2st.methods.training.fit_minibatches` (None: no val)."""
+        return None if val is None else (lambda: self.validation_pearson(train, val))
 
     # ------------------------------------------------------------------ the shared sequence
     def fit(self, train: SpotSet, val: SpotSet | None = None, unlabelled: SpotSet | None = None) -> TrainLog:

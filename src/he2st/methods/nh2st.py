@@ -101,7 +101,7 @@ class NH2STConfig(MethodConfig):
         default_factory=lambda: TrainConfig(
             epochs=100, batch_size=64, lr=5e-4, weight_decay=1e-4, patience=15
         ),
-        description="optimiser and early stopping on validation MSE (NH2ST: Adam 5e-4, batch 8, patience 20)",
+        description="optimiser and early stopping on the validation Pearson (NH2ST: Adam 5e-4, batch 8, patience 20)",
     )
 
     @model_validator(mode="after")
@@ -246,11 +246,7 @@ class NH2ST(NeuralMethod):
                 loss = loss + cfg.neighbour_weight * info_nce(a, b, cfg.temperature, cfg.negative_weight)
             return loss
 
-        def validate() -> float:
-            pred = self._regress(val)
-            return float(np.mean((pred - val.targets) ** 2))
-
-        return fit_minibatches(self.net, len(train), step, cfg.train, cfg.seed, None if val is None else validate)
+        return fit_minibatches(self.net, len(train), step, cfg.train, cfg.seed, self.validation(train, val))
 
     @torch.no_grad()
     def _regress(self, spots: SpotSet, batch: int = 512) -> np.ndarray:

@@ -15,6 +15,8 @@ from torch import nn
 from he2st.data.spots import SpotSet
 from he2st.methods.bank import ReferenceBank
 from he2st.methods.base import MethodConfig, Prediction
+from he2st.methods.features import standardize_columns
+from he2st.methods.losses import NegativeBank
 from he2st.methods.neighbourhood import neighbour_context
 from he2st.methods.neural import NeuralMethod
 
@@ -47,10 +49,13 @@ class RetrievalConfig(MethodConfig):
     target_temperature: float = Field(0.1, gt=0, description="fixed temperature of the soft targets")
     negatives: Literal["batch", "all"] = Field(
         "all",
-        description="'batch': in-batch negatives; 'all': every training spot re-embedded (with gradients) at "
-        "each step, soft targets from measured expression similarity (loss='contrastive' only; independent "
-        "of batch size, quadratic cost in the number of spots)",
+        description="'batch': in-batch negatives; 'all': every training spot is a candidate negative -- a bank "
+        "of detached embeddings refreshed each epoch, bank_negatives of them sampled per step, soft targets "
+        "from measured expression similarity (loss='contrastive' only; cost linear in the number of spots)",
     )
+    bank_negatives: int = Field(
+        1024, gt=0, description="bank spots contrasted with each batch for negatives='all' (all when fewer; "
+        "as many as BLEEP's memory queue holds)")
     top_k: int = Field(50, gt=0, description="reference spots retrieved per query")
     weighting: Literal["average", "softmax", "similarity"] = Field(
         "softmax", description="how retrieved profiles are combined (BLEEP/CMRCNet: 'average')"
@@ -96,8 +101,19 @@ class RetrievalMethod(NeuralMethod):
         return torch.cat(out).numpy() if out else np.zeros((0, self.config.projection_dim), np.float32)
 
     def all_negatives(self) -> bool:
-        """Whether training contrasts each batch with every training spot (``negatives="all"``)."""
+        """Whether training contrasts each batch with the bank of every training spot (``negatives="all"``)."""
         return self.config.negatives == "all" and self.config.loss == "contrastive"
+
+    def negative_bank(self, train: SpotSet, generator: torch.Generator) -> NegativeBank | None:
+        """The bank of detached negatives for ``negatives="all"`` (None otherwise); refresh it each epoch."""
+        if not self.all_negatives():
+            return None
+        z = torch.from_numpy(standardize_columns(train.targets))
+        return NegativeBank(z, self.config.bank_negatives, self.config.target_temperature, generator)
+
+    def prepare_validation(self, train: SpotSet) -> None:
+        """Retrieval from the training spots only (a bank holding validation spots would retrieve them)."""
+        self.bank = self.reference_bank(train.targets, train.genes, list(train.sample_ids))
 
     @torch.no_grad()
     def embed_frozen(self, head: nn.Module, spots: SpotSet, batch: int = 1024) -> torch.Tensor:

@@ -37,19 +37,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def batched_mean(loss: Callable[[torch.Tensor], torch.Tensor | float], n_items: int, batch_size: int) -> float:
-    """Spot-weighted mean of ``loss(batch_indices)`` over consecutive batches of ``n_items`` (validation):
-    the same per-batch objective as training, so its value means the same thing. Batches of one spot
-    are skipped (a contrastive loss has no negatives there)."""
-    total = 0.0
-    for a in range(0, n_items, batch_size):
-        idx = torch.arange(a, min(a + batch_size, n_items))
-        if len(idx) < 2:
-            continue
-        total += float(loss(idx)) * len(idx)
-    return total / max(1, n_items)
-
-
 def fit_minibatches(
     module: nn.Module,
     n_items: int,
@@ -57,12 +44,15 @@ def fit_minibatches(
     config: TrainConfig,
     seed: int,
     validate: Callable[[], float] | None = None,
+    before_epoch: Callable[[], None] | None = None,
 ) -> TrainLog:
     """Train ``module`` by calling ``step(batch_indices) -> loss`` over shuffled mini-batches.
 
-    ``validate()`` returns a score to minimise (e.g. validation loss); without it the last epoch
-    is kept. Batches smaller than half the batch size are dropped when possible, because
-    contrastive losses degenerate on tiny batches.
+    ``validate()`` scores the model's own predictions on validation spots (higher is better: the
+    mean per-gene Pearson); the best epoch's weights are kept, and training stops after
+    ``patience`` epochs without improvement. Without it the last epoch is kept. ``before_epoch()``
+    runs before each epoch (e.g. refreshing a bank of detached negatives). Batches smaller than half
+    the batch size are dropped when possible, because contrastive losses degenerate on tiny batches.
     """
     if n_items == 0:
         raise He2stError("no training spots left (is the validation fraction too large?)")
@@ -70,10 +60,12 @@ def fit_minibatches(
     params = [p for p in module.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     log = TrainLog()
-    best, best_state, stale = float("inf"), None, 0
+    best, best_state, stale = -float("inf"), None, 0
     start = time.perf_counter()
     batch = min(config.batch_size, n_items)
     for epoch in range(config.epochs):
+        if before_epoch is not None:
+            before_epoch()
         module.train()
         order = torch.randperm(n_items, generator=gen)
         losses = []
@@ -94,8 +86,8 @@ def fit_minibatches(
         module.eval()
         with torch.no_grad():
             score = float(validate())
-        log.add(val_loss=score)
-        if score < best - 1e-6:
+        log.add(val_pearson=score)
+        if score > best + 1e-6:
             best, best_state, stale = score, copy.deepcopy(module.state_dict()), 0
             log.best_epoch = epoch
         else:

@@ -13,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import anndata as ad
+import numpy as np
+import pandas as pd
 import torch
 
 from he2st.data.splits import Fold, check_fold, inner_folds
@@ -21,7 +24,7 @@ from he2st.errors import He2stError
 from he2st.evaluate.results import write_results
 from he2st.evaluate.scoring import FoldResult, average_results, summarise, summarise_extra
 from he2st.evaluate.tables import extra_markdown, to_markdown
-from he2st.io import sha256_file, write_text_atomic
+from he2st.io import atomic_path, sha256_file, write_text_atomic
 from he2st.methods import method_class
 from he2st.version import __version__
 from he2st.workflows.config import BenchmarkConfig, dump_config
@@ -47,6 +50,26 @@ class BenchmarkOutcome:
     runs: dict[tuple[str, str], FoldRun]
     paths: dict[str, Path]
     table: str
+
+
+def write_predictions(ws: Workspace, folder: Path, run: FoldRun, fold: str) -> None:
+    """Each held-out sample's predictions as ``<folder>/<sample>.h5ad``: ``X`` on the panel's scale, the
+    sample's spot coordinates, per-spot uncertainty in ``obs``, extras (cell-type proportions) in ``obsm``,
+    the fold and the model card in ``uns["he2st"]`` -- for inspection, ensembling and downstream analyses."""
+    for sid, pred in run.predictions.items():
+        sample = ws.load_sample(sid)
+        obs = pd.DataFrame(index=pd.Index(sample.adata.obs_names.astype(str), name="spot"))
+        for key, values in pred.uncertainty.items():
+            obs[key] = np.asarray(values, np.float32)
+        adata = ad.AnnData(X=np.asarray(pred.expression, np.float32), obs=obs,
+                           var=pd.DataFrame(index=pd.Index(pred.genes, name="gene")))
+        adata.obsm["spatial"] = sample.spatial
+        for key, values in pred.extras.items():
+            adata.obsm[key] = np.asarray(values, np.float32)
+        adata.uns["he2st"] = {"fold": fold, "sample": sid, "method": run.card.method,
+                              "target_transform": run.card.target_scale, "card": run.card.model_dump_json()}
+        with atomic_path(folder / f"{sid}.h5ad", suffix=".h5ad") as tmp:
+            adata.write_h5ad(tmp)
 
 
 def benchmark_folds(config: BenchmarkConfig, ws: Workspace) -> tuple[list[Fold], dict[str, str]]:
@@ -83,6 +106,7 @@ def run_benchmark(
     if config.ablation:
         variants += ablation_variants(config.methods, config.ablation_only)
     results, audits, runs = [], {}, {}
+    failures: dict[str, str] = {}
     for fold in folds:
         check_fold(fold, patients)
         if fold.leaky and not config.folds.allow_shared_patients:
@@ -93,7 +117,13 @@ def run_benchmark(
         data = build_fold_data(ws, fold, config, patients)
         for label, method, opts in variants:
             n_seeds = config.seeds if method_class(method).stochastic else 1
-            seed_runs = [run_fold(method, data, config, opts | {"seed": config.seed + s}) for s in range(n_seeds)]
+            try:
+                seed_runs = [run_fold(method, data, config, opts | {"seed": config.seed + s}) for s in range(n_seeds)]
+            except He2stError as exc:  # one method that cannot run here does not stop the others
+                failures[f"{label}/{fold.name}"] = str(exc)
+                if log is not None:
+                    log(f"{fold.name:<12} {label:<24} skipped: {exc}")
+                continue
             run = seed_runs[0]
             run.result = average_results([r.result for r in seed_runs])
             run.seconds = sum(r.seconds for r in seed_runs)
@@ -101,6 +131,7 @@ def run_benchmark(
             results.append(run.result)
             audits[(label, fold.name)] = run.audit
             runs[(label, fold.name)] = run
+            write_predictions(ws, ws.run_dir(config.name) / "predictions" / label, run, fold.name)
             if log is not None:
                 scores = run.result.set_scores()
                 log(f"{fold.name:<12} {label:<24} all {scores['all']['pearson_mean']:.3f}  "
@@ -109,6 +140,9 @@ def run_benchmark(
     out_dir = ws.run_dir(config.name)
     prov = provenance(config, ws, command)
     prov["audit"] = {f"{m}/{f}": a.__dict__ for (m, f), a in audits.items()}
+    prov["failures"] = failures
+    if not results:
+        raise He2stError(f"no method could run on any fold: {failures}")
     paths = write_results(out_dir, results, prov)
     write_text_atomic(out_dir / "config.yaml", dump_config(config))
     n = config.n_top

@@ -159,7 +159,8 @@ class BenchmarkConfig(FitConfig):
 
     name: str = "benchmark"
     folds: FoldConfig = Field(default_factory=FoldConfig)
-    methods: list[str] = Field(default_factory=lambda: ["bleep_faithful", "bleep", "ridge", "ridge_cv", "mlp", "knn"])
+    methods: list[str] = Field(
+        default_factory=lambda: ["ensemble", "bleep_faithful", "bleep", "ridge", "ridge_cv", "mlp", "knn"])
     markers: list[str] | None = Field(None, description="marker genes scored as their own set")
     reference_sections: list[str] = Field(
         default_factory=list,
@@ -190,7 +191,7 @@ class BenchmarkConfig(FitConfig):
 class TrainRunConfig(FitConfig):
     """``he2st train``: one method on chosen training samples -> one checkpoint."""
 
-    method: str = "bleep"
+    method: str = "ensemble"
     train_samples: list[str] = Field(default_factory=list, description="default: every prepared sample")
     out: Path | None = Field(None, description="checkpoint path (default <work_dir>/models/<method>.pt)")
 

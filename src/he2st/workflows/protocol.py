@@ -143,7 +143,8 @@ def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict |
     start = time.perf_counter()
     log = method.fit(train, val)
     method.card = method.card.model_copy(update={
-        "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds})
+        "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds,
+        "selection": log.selection})
     bank_ids = sorted(set(data.train.sample_ids)) if method.uses_bank else []
     if data.reference is not None and isinstance(method, RetrievalMethod):
         ref_y = np.concatenate([data.train.targets, data.reference.targets])
@@ -160,6 +161,7 @@ def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict |
     )
     result.extra = _beyond_panel(method, data, predictions)
     result.curves = {f"seed{method.config.seed}": log.curves}
+    result.selection = {f"seed{method.config.seed}": log.selection} if log.selection else {}
     audit = FoldAudit(
         test=list(data.fold.test), panel_fitted_on=list(data.panel.fitted_on),
         method_fit=sorted(set(train.sample_ids)), validation=sorted(set(val.sample_ids)),

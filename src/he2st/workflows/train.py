@@ -41,7 +41,8 @@ def train_model(config: TrainRunConfig) -> tuple[Method, TrainLog, Path]:
         {sid: s.patient_id for sid, s in samples.items()})
     log = method.fit(spots.subset(~val), spots.subset(val))
     method.card = method.card.model_copy(update={
-        "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds})
+        "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds,
+        "selection": log.selection})
     out = config.out or ws.root / "models" / f"{config.method}.pt"
     method.save(out)
     return method, log, Path(out)
