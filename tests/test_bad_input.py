@@ -128,3 +128,42 @@ def test_unknown_gene_in_panel_is_refused(her2st, name):
     panel = GenePanel(genes=["ERBB2", "NOT_A_GENE_XYZ"])
     with pytest.raises(He2stError, match="NOT_A_GENE_XYZ"):
         panel.targets(load_section(name, her2st).adata)
+
+
+@pytest.mark.parametrize("hostile", ["../../escaped", "a/b", ".hidden", "x\\\\y"])
+def test_hostile_sample_id_in_a_config_writes_nothing_anywhere(tmp_path, hostile):
+    files = write_st(tmp_path / "in")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "data:\n  dataset: null\n  samples:\n"
+        f"  - {{reader: st, sample_id: '{hostile}', patient_id: P1, path: '{files['counts']}', "
+        f"spots_file: '{files['spots']}', image: '{files['image']}'}}\n")
+    result = subprocess.run([sys.executable, "-c", "from he2st.cli import main; main()", "prepare", "-c", str(cfg),
+                             "-w", str(tmp_path / "deep" / "work")], capture_output=True, text=True,
+                            env=dict(os.environ))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "not a safe name" in lines[0], result.stderr
+    assert not (tmp_path / "deep").exists() and not list(tmp_path.rglob("*escaped*"))
+
+
+def test_hostile_ids_from_metadata_or_run_names_cannot_leave_the_work_folder(tmp_path):
+    from he2st.data.patches import PatchSpec
+    from he2st.data.workspace import Workspace
+    from he2st.errors import He2stError
+    from he2st.workflows.config import BenchmarkConfig, load_config
+
+    ws = Workspace(tmp_path / "work")
+    for path in (lambda: ws.sample_path("../x"), lambda: ws.patch_path("../../x", PatchSpec()),
+                 lambda: ws.run_dir("../runs2")):
+        with pytest.raises(He2stError, match="not a safe name"):
+            path()
+    with pytest.raises(He2stError, match="invalid setting name"):
+        load_config(BenchmarkConfig, None, ["name=../../elsewhere"])
+
+
+def test_cli_prints_its_version():
+    from he2st.version import __version__
+
+    out = subprocess.run([sys.executable, "-c", "from he2st.cli import main; main()", "--version"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"he2st {__version__}"

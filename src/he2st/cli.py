@@ -23,6 +23,20 @@ def _echo(text: str) -> None:
     typer.echo(text)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from he2st.version import __version__
+
+        typer.echo(f"he2st {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="print the he2st version and exit")] = False) -> None:
+    """Predict spatial gene expression from H&E."""
+
+
 @data_app.command("list")
 def data_list() -> None:
     """List registered datasets and whether they are in the local cache."""

@@ -5,9 +5,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from he2st.errors import He2stError
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 @contextlib.contextmanager
@@ -51,3 +56,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def safe_name(value: str, what: str = "name") -> str:
+    """``value`` when it can be one component of a file name he2st writes: letters, digits, ``.``, ``_``,
+    ``-``, no leading dot, no separator, at most 128 characters. Sample, patient and run ids come from
+    configs, file names and metadata; one like ``../../x`` would otherwise write outside the work folder."""
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value):
+        raise He2stError(f"{what} {value!r} is not a safe name (letters, digits, '.', '_', '-'; no leading dot, "
+                         "no path separator)")
+    return value

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from he2st.data.sample import Sample
 from he2st.data.slide import Slide
 from he2st.errors import He2stError
-from he2st.io import atomic_path
+from he2st.io import atomic_path, safe_name
 
 CACHE_FORMAT = 1
 MAX_UPSAMPLE = 2.0  # beyond this, patches would be blurrier than anything the encoder saw in training
@@ -107,7 +107,7 @@ def sample_fingerprint(sample: Sample) -> str:
 
 
 def patch_cache_path(work_dir: str | Path, sample_id: str, spec: PatchSpec) -> Path:
-    return Path(work_dir) / "patches" / f"{sample_id}__{spec.key}.h5"
+    return Path(work_dir) / "patches" / f"{safe_name(sample_id, 'sample id')}__{spec.key}.h5"
 
 
 class PatchCache:

@@ -19,10 +19,11 @@ import numpy as np
 import pandas as pd
 import scipy.io
 import scipy.sparse as sp
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from he2st.data.sample import Sample, build_adata
 from he2st.errors import He2stError
+from he2st.io import safe_name
 
 ST_PITCH_UM = 200.0  # legacy ST: spots 100 µm across, 200 µm centre to centre
 ST_SPOT_UM = 100.0
@@ -378,6 +379,17 @@ class SampleSource(BaseModel):
     image: Path | None = None
     spots_file: Path | None = Field(None, description="st: the *_selection.tsv spot file")
     pixel_size_um: float | None = Field(None, description="h5ad: µm/px of the image")
+
+    @field_validator("sample_id", "patient_id")
+    @classmethod
+    def _safe(cls, value: str | None) -> str | None:
+        """Ids become file names: refused here, before anything is read, if they could escape the folder."""
+        if value is not None:
+            try:
+                safe_name(value, "id")
+            except He2stError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
 
 
 def read_source(src: SampleSource) -> Sample:

@@ -16,7 +16,7 @@ from he2st.data.patches import PatchSpec, patch_cache_path
 from he2st.data.sample import Sample
 from he2st.data.splits import Fold
 from he2st.errors import He2stError
-from he2st.io import write_text_atomic
+from he2st.io import safe_name, write_text_atomic
 
 
 class Workspace:
@@ -24,7 +24,7 @@ class Workspace:
         self.root = Path(root)
 
     def sample_path(self, sample_id: str) -> Path:
-        return self.root / "samples" / f"{sample_id}.h5ad"
+        return self.root / "samples" / f"{safe_name(sample_id, 'sample id')}.h5ad"
 
     def sample_ids(self) -> list[str]:
         return sorted(p.stem for p in (self.root / "samples").glob("*.h5ad"))
@@ -67,7 +67,7 @@ class Workspace:
             tags.append(f"tokens-{embed.token_grid}")
         if embed.weights is not None:
             tags.append("w-" + hashlib.sha1(str(Path(embed.weights).resolve()).encode()).hexdigest()[:8])
-        return self.root / "embeddings" / safe / ("__".join([sample_id, spec.key, *tags]) + ".h5")
+        return self.root / "embeddings" / safe / ("__".join([safe_name(sample_id, "sample id"), spec.key, *tags]) + ".h5")
 
     def run_dir(self, name: str) -> Path:
-        return self.root / "runs" / name
+        return self.root / "runs" / safe_name(name, "run name")

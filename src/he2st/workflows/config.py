@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from he2st.data.embeddings import EmbedConfig
 from he2st.data.genes import GeneConfig
 from he2st.data.patches import PatchSpec
 from he2st.data.readers import SampleSource
 from he2st.errors import He2stError
+from he2st.io import safe_name
 from he2st.methods import method_class
 
 WORK_DIR_ENV = "HE2ST_WORK_DIR"
@@ -186,6 +187,15 @@ class BenchmarkConfig(FitConfig):
 
     def fitted_methods(self) -> list[str]:
         return list(self.methods)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_run_name(cls, value: str) -> str:
+        """The run folder's name: refused before anything runs if it could leave ``<work>/runs``."""
+        try:
+            return safe_name(value, "run name")
+        except He2stError as exc:
+            raise ValueError(str(exc)) from exc
 
 
 class TrainRunConfig(FitConfig):

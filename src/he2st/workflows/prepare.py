@@ -16,6 +16,7 @@ from he2st.data.sample import Sample
 from he2st.data.splits import check_fold, make_folds
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
+from he2st.io import safe_name
 from he2st.workflows.config import PrepareConfig
 
 
@@ -38,6 +39,9 @@ def load_samples(config: PrepareConfig) -> list[Sample]:
     samples += [read_source(src) for src in config.data.samples]
     if not samples:
         raise He2stError("no samples: set data.dataset or list data.samples")
+    for s in samples:  # ids from file names and metadata too, not only from the config
+        safe_name(s.sample_id, "sample id")
+        safe_name(s.patient_id, f"patient id of sample {s.sample_id}")
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         raise He2stError(f"duplicate sample ids: {sorted({i for i in ids if ids.count(i) > 1})}")
