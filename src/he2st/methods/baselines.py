@@ -147,18 +147,7 @@ class MLPRegressor(NeuralMethod):
 
     name = "mlp"
     Config = MLPConfig
-    scaler_attrs = ("scaler", "target_scaler")
-
-    def __init__(self, config: MLPConfig | None = None, **overrides) -> None:
-        super().__init__(config, **overrides)
-        self.target_scaler: FeatureScaler | None = None
-
-    def fit_scalers(self, train: SpotSet) -> None:
-        super().fit_scalers(train)
-        self.target_scaler = FeatureScaler().fit(train.targets) if self.config.standardize_targets else None
-
-    def sizes(self, train: SpotSet) -> dict[str, int]:
-        return {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1]}
+    scales_targets = True
 
     def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
         layers: list[nn.Module] = []

@@ -35,7 +35,6 @@ from he2st.encoders import create
 from he2st.encoders.augment import augment_batch
 from he2st.errors import He2stError
 from he2st.methods.base import TrainLog, preset
-from he2st.methods.features import FeatureScaler
 from he2st.methods.losses import ContrastiveLoss, EmbeddingQueue, bleep_soft_clip_loss
 from he2st.methods.nn import ProjectionHead, expression_tower
 from he2st.methods.registry import register_method
@@ -100,7 +99,7 @@ class BLEEP(RetrievalMethod):
     name = "bleep"
     Config = BLEEPConfig
     module_attrs = ("nets", "losses")
-    scaler_attrs = ("scaler", "target_scaler")
+    scales_targets = True
     ablations = {
         # the whole training set as negatives at every step -> in-batch negatives; with a few in-batch
         # spots the soft targets would be noise, so this row uses plain InfoNCE (identity targets)
@@ -118,16 +117,8 @@ class BLEEP(RetrievalMethod):
         super().__init__(config, **overrides)
         self.nets = nn.ModuleList()
         self.losses = nn.ModuleList()  # one ContrastiveLoss per member (empty for BLEEP's fixed-τ loss)
-        self.target_scaler: FeatureScaler | None = None
 
     # ------------------------------------------------------------------ building blocks
-    def fit_scalers(self, train: SpotSet) -> None:
-        super().fit_scalers(train)
-        self.target_scaler = FeatureScaler().fit(train.targets) if self.config.standardize_targets else None
-
-    def sizes(self, train: SpotSet) -> dict[str, int]:
-        return {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1]}
-
     def _encoder_name(self) -> str:
         if self.config.encoder:
             return self.config.encoder

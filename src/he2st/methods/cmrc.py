@@ -182,7 +182,7 @@ class CMRCNet(RetrievalMethod):
     Config = CMRCNetConfig
     uses_tokens = True
     module_attrs = ("net", "align")
-    scaler_attrs = ("scaler", "token_scaler")
+    scaler_attrs = ("scaler", "target_scaler", "token_scaler")
     ablations = {
         "no_reconstruction": {"reconstruction": False},
         "batch_negatives": {"negatives": "batch", "soft_targets": False},

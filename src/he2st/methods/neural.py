@@ -42,17 +42,21 @@ class NeuralMethod(Method):
     #: attributes holding the nn.Modules saved with the model
     module_attrs: ClassVar[tuple[str, ...]] = ("net",)
     #: attributes holding FeatureScalers (None when a run does not use one) saved with the model
-    scaler_attrs: ClassVar[tuple[str, ...]] = ("scaler",)
+    scaler_attrs: ClassVar[tuple[str, ...]] = ("scaler", "target_scaler")
+    #: the method's config has ``standardize_targets``: z-score each gene with training statistics
+    #: (``target_scaler``) before the model sees it, and map predictions back to the panel's scale
+    scales_targets: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self.dims: dict[str, int] = {}
         self.scaler = FeatureScaler()
+        self.target_scaler: FeatureScaler | None = None
 
     # ------------------------------------------------------------------ what a method supplies
-    @abstractmethod
     def sizes(self, train: SpotSet) -> dict[str, int]:
-        """The sizes its modules are built from (input widths, genes, ...), read from training spots."""
+        """The sizes its modules are built from, read from training spots (default: features and genes)."""
+        return {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1]}
 
     @abstractmethod
     def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
@@ -63,8 +67,11 @@ class NeuralMethod(Method):
         """Train the built modules; ``val`` (or None) steers early stopping."""
 
     def fit_scalers(self, train: SpotSet) -> None:
-        """Standardisation fitted on training spots only (default: the frozen features)."""
+        """Standardisation fitted on training spots only: the frozen features, and the targets when the
+        method scales them (``scales_targets`` and its ``standardize_targets`` option)."""
         self.scaler = FeatureScaler().fit(train.features)
+        scale = self.scales_targets and self.config.standardize_targets
+        self.target_scaler = FeatureScaler().fit(train.targets) if scale else None
 
     def after_fit(self, train: SpotSet, val: SpotSet | None) -> None:
         """Prepare prediction once trained (retrieval methods build their bank here)."""

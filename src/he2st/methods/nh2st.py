@@ -35,7 +35,6 @@ from torch import nn
 
 from he2st.data.spots import SpotSet
 from he2st.methods.base import MethodConfig, Prediction, TrainLog
-from he2st.methods.features import FeatureScaler
 from he2st.methods.losses import info_nce
 from he2st.methods.neighbourhood import masked_mean, neighbourhood_layer, spatial_neighbours
 from he2st.methods.neural import NeuralMethod
@@ -179,7 +178,7 @@ class NH2ST(NeuralMethod):
 
     name = "nh2st"
     Config = NH2STConfig
-    scaler_attrs = ("scaler", "target_scaler")
+    scales_targets = True
     ablations = {
         "no_neighbours": {"neighbours": False},
         "no_fusion": {"fusion": False},
@@ -189,7 +188,6 @@ class NH2ST(NeuralMethod):
     def __init__(self, config: NH2STConfig | None = None, **overrides) -> None:
         super().__init__(config, **overrides)
         self.net: NH2STModule | None = None
-        self.target_scaler: FeatureScaler | None = None
 
     @property
     def context_k(self) -> int:
@@ -206,13 +204,6 @@ class NH2ST(NeuralMethod):
 
     def _targets_in(self, targets: np.ndarray) -> np.ndarray:
         return self.target_scaler(targets) if self.target_scaler is not None else targets.astype(np.float32)
-
-    def fit_scalers(self, train: SpotSet) -> None:
-        super().fit_scalers(train)
-        self.target_scaler = FeatureScaler().fit(train.targets) if self.config.standardize_targets else None
-
-    def sizes(self, train: SpotSet) -> dict[str, int]:
-        return {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1]}
 
     def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
         self.net = NH2STModule(dims["image_dim"], dims["n_genes"], self.config)
