@@ -29,6 +29,7 @@ from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.bank import ReferenceBank
 from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog
+from he2st.methods.neural import strip_prefix
 from he2st.methods.registry import create_method, method_class, register_method
 from he2st.stats import pearson_per_gene
 
@@ -188,7 +189,7 @@ class Ensemble(Method):
         for label, saved in layout["members"].items():
             method = self._create(label)
             method.config = type(method.config).model_validate(saved["config"])
-            own = {k[len(label) + 1 :]: v for k, v in state.items() if k.startswith(label + ".")}
+            own = strip_prefix(state, label)
             method.load_state({k: v for k, v in own.items() if not k.startswith("bank.")}, saved["layout"])
             if "bank.embeddings" in own:
                 method.bank = ReferenceBank(own["bank.embeddings"].numpy(), own["bank.expression"].numpy(),

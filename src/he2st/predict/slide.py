@@ -131,8 +131,10 @@ def run_prediction(
         encoder = encoder or load_encoder(enc_cfg)
         _check_encoder(encoder, trained_encoder, config.model)
         final = config.out / f"{library_id}.h5ad"
+        # a checkpoint file is identified by path, size and mtime; a method in memory by its tensors
+        model_id = file_id(config.model) if config.model is not None else method_fingerprint(method)
         stamp = fingerprint({
-            "model": method_fingerprint(method), "slide": file_id(slide_path), "mpp": round(mpp, 9),
+            "model": model_id, "slide": file_id(slide_path), "mpp": round(mpp, 9),
             "patch": patch.model_dump(), "encoder": encoder.spec.model_dump_json(), "stain": stain, "tta": tta,
             "genes": [method.panel.genes[i] for i in gene_index], "chunk": config.chunk,
             "xy": hashlib.sha1(np.ascontiguousarray(grid.xy).tobytes()).hexdigest(), "names": grid.names,
