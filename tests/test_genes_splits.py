@@ -104,3 +104,13 @@ def test_validation_mask_only_touches_given_training_groups():
     groups3 = np.repeat(["a", "b", "c", "d"], 10)
     mask3 = validation_mask(groups3, fraction=0.25, seed=1)
     assert len(np.unique(groups3[mask3])) == 1 and mask3.sum() == 10  # a whole sample held out
+
+
+def test_inner_folds_hold_out_whole_groups_and_stay_few():
+    from he2st.data.splits import held_out_groups
+
+    assert held_out_groups(np.array(["P1"] * 5), 3) == []
+    two = held_out_groups(np.array(["P2", "P1", "P2"]), 3)
+    assert [list(f) for f in two] == [["P1"], ["P2"]]
+    many = held_out_groups(np.repeat([f"s{i:02d}" for i in range(20)], 4), 3)
+    assert len(many) == 3 and sorted(np.concatenate(many)) == [f"s{i:02d}" for i in range(20)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -188,8 +190,76 @@ def test_ensemble_weights_come_from_inner_folds_over_training_patients_and_round
 
 def test_validation_follows_the_prediction_pearson():
     """Neural methods stop early on the mean per-gene Pearson of their own predictions for validation spots."""
-    method, _ = fitted("mlp")
+    method = create_method("mlp", **OPTIONS["mlp"], epochs_by="validation")
+    method.panel = GenePanel(genes=synthetic_spots().genes)
     spots = synthetic_spots()
     log = method.fit(spots.subset(np.arange(0, 160)), spots.subset(np.arange(160, 200)))
     curve = log.curves["val_pearson"]
     assert log.best_epoch == int(np.argmax(curve)) and max(curve) > 0.3
+
+
+def test_mlp_chooses_its_epochs_on_held_out_training_patients():
+    """The MLP's epoch count comes from the mean validation curve of inner folds that each hold out
+    training patients; the final fit then uses all training spots for that many epochs."""
+    spots = synthetic_spots()
+    method = create_method("mlp", **OPTIONS["mlp"])
+    method.panel = GenePanel(genes=spots.genes)
+    method.card = method.card.model_copy(update={"training_samples": {"s1": "P1", "s2": "P2", "s3": "P2"}})
+    log = method.fit(spots.subset(np.arange(0, 200)))
+    curve = log.curves["inner_val_pearson"]
+    assert log.best_epoch == int(np.argmax(curve)) and max(curve) > 0.3
+    assert len(log.curves["train_loss"]) == log.best_epoch + 1  # the final fit: exactly the chosen epochs
+
+
+def with_field(spots: SpotSet, seed: int = 1) -> SpotSet:
+    """The spots with context-field features (a noisy copy of their own: tissue around a spot resembles it)."""
+    rng = np.random.default_rng(seed)
+    return replace(spots, field_features=(spots.features + rng.normal(size=spots.features.shape)).astype(np.float32))
+
+
+def test_neighbour_context_is_the_mean_of_the_nearest_spots_of_the_same_sample():
+    from he2st.methods.context import neighbour_mean
+
+    spots = synthetic_spots(60)
+    mean = neighbour_mean(spots.features, spots.coords_um, spots.sample_ids, 3)
+    for i in (0, 25, 59):
+        same = np.flatnonzero(spots.sample_ids == spots.sample_ids[i])
+        same = same[same != i]
+        nearest = same[np.argsort(np.linalg.norm(spots.coords_um[same] - spots.coords_um[i], axis=1))[:3]]
+        np.testing.assert_allclose(mean[i], spots.features[nearest].mean(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["knn", "ridge_cv", "mlp"])
+def test_every_method_reads_spatial_context_as_features(name, tmp_path):
+    """Context options widen any method's input ([spot | neighbour mean | field]) and travel with its checkpoint."""
+    spots = with_field(synthetic_spots())
+    train, test = spots.subset(np.arange(0, 200)), spots.subset(np.arange(200, 240))
+    method = create_method(name, **OPTIONS[name], context_neighbours=4, context_field=True)
+    method.panel = GenePanel(genes=spots.genes)
+    method.fit(train.subset(np.arange(160)), train.subset(np.arange(160, 200)))
+    assert method.feature_dim == 3 * 16 and method.halo_hops[-1] == 4
+    pred = method.predict(test.without_expression()).expression
+    back = load_method(method.save(tmp_path / "m.pt"))
+    np.testing.assert_allclose(back.predict(test.without_expression()).expression, pred, rtol=1e-5, atol=1e-6)
+    with pytest.raises(He2stError, match="context field"):
+        method.predict(replace(test, field_features=None))
+    with pytest.raises(He2stError, match="expects 16-d"):
+        method.predict(replace(test, features=test.features[:, :8], field_features=test.field_features[:, :8]))
+
+
+def test_ensemble_chooses_each_members_context_on_inner_folds():
+    train, test, patients = two_patient_spots()
+    train = with_field(train.subset(np.isin(train.sample_ids, ["s1", "s2"])))
+    members = {"knn": {"method": "knn", "top_k": 5}, "plain_knn": {"method": "knn", "top_k": 5, "context_neighbours": 0}}
+    method = create_method("ensemble", members=members)
+    method.panel = GenePanel(genes=train.genes)
+    method.card = method.card.model_copy(update={"training_samples": {"s1": "P1", "s2": "P2"}})
+    sel = method.fit(train).selection
+    tried = sel["context_inner_pearson"]["knn"]
+    assert len(tried) == 3 and len(sel["context_inner_pearson"]["plain_knn"]) == 1  # a pinned member is not varied
+    best = max(tried, key=tried.get)
+    assert sel["context"]["knn"] == json.loads(best) and sel["context"]["plain_knn"] == {}
+    chosen = method.fitted["knn"].config
+    assert {k: getattr(chosen, k) for k in json.loads(best)} == json.loads(best)
+    with pytest.raises(He2stError, match="on its members"):
+        create_method("ensemble", context_neighbours=6)

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.genes import GeneConfig, GenePanel
 from he2st.data.patches import PatchCache, PatchSpec
+from he2st.data.spots import load_spots
 from he2st.data.workspace import Workspace
 from he2st.encoders import create
 from he2st.encoders.inference import load_encoder
@@ -92,6 +93,21 @@ def test_prepared_and_embedded_once_and_rerun_is_noop(small):
         assert f.encoder_spec["name"] == "test_vit" and np.isfinite(f.embeddings).all()
     again = embed_workspace(ws, sorted(PATIENTS), PatchSpec(), embed)
     assert again.n_embedded == 0
+
+
+def test_context_field_is_cut_embedded_and_loaded_beside_the_spot(small):
+    """``prepare`` cuts a field 3x the spot's around it, ``embed`` embeds it, spot bundles carry it."""
+    work, embed = small
+    ws = Workspace(work)
+    field = PatchSpec().context_field()
+    assert field.field_um == 3 * PatchSpec().field_um and field.size_px == PatchSpec().size_px
+    spot_patches, field_patches = PatchCache(ws.patch_path("S1", PatchSpec())), PatchCache(ws.patch_path("S1", field))
+    assert field_patches.barcodes == spot_patches.barcodes
+    assert not np.array_equal(field_patches.read(), spot_patches.read())
+    panel = GenePanel.from_config({"S1": ws.load_sample("S1").adata}, GeneConfig(**GENES))
+    spots = load_spots(ws, ["S1", "S2"], PatchSpec(), embed, panel, with_targets=False)
+    assert spots.field_features.shape == spots.features.shape
+    assert not np.allclose(spots.field_features, spots.features)
 
 
 def test_interrupted_embedding_resumes(small, tmp_path):

@@ -172,9 +172,12 @@ def test_interrupted_prediction_resumes_and_finished_run_is_reused(reference, mo
     assert not seen and out.stat().st_mtime_ns == mtime
 
 
-def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path, slide_path, encoder, tmp_path):
+@pytest.mark.parametrize("context_neighbours", [0, 6])
+def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path, slide_path, encoder, tmp_path,
+                                                                      context_neighbours):
     """A method that reads each spot's 6 nearest neighbours (as NH2ST does) predicts the same in
-    small chunks as in one: chunks are extended by a halo of neighbours."""
+    small chunks as in one: chunks are extended by a halo of neighbours -- two hops deep when its
+    features also carry the mean of each spot's own neighbours (``context_neighbours``)."""
     from he2st.methods import Method, Prediction
     from he2st.methods.neighbourhood import spatial_neighbours
 
@@ -182,12 +185,14 @@ def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path
         name = "smooth_test"
         context_k = 6
 
-        def fit(self, train, val=None):
+        def _fit(self, train, val, unlabelled):
             raise NotImplementedError
 
         def _predict(self, spots):
             index, valid = spatial_neighbours(spots.coords_um, spots.sample_ids, self.context_k)
-            f = spots.features[:, : len(GENES)]
+            d = spots.features.shape[1] // self.context_width
+            last = (self.context_width - 1) * d  # the neighbour-mean block when there is one
+            f = spots.features[:, last : last + len(GENES)]
             total = f + (f[index] * valid[..., None]).sum(axis=1)
             return Prediction((total / (1 + valid.sum(axis=1, keepdims=True))).astype(np.float32), GENES)
 
@@ -197,7 +202,8 @@ def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path
         def load_state(self, state, layout):
             pass
 
-    method = Smooth()
+    method = Smooth(context_neighbours=context_neighbours)
+    assert method.halo_hops == ((6, 6) if context_neighbours else (6,))
     method.card = load_method(model_path).card
     whole = ad.read_h5ad(predict_slide(method, slide_path, tmp_path / "a", chunk=10_000, encoder=encoder)).X
     seen = []
@@ -211,7 +217,45 @@ def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path
     dist = cKDTree(result.obsm["spatial"]).query(result.obsm["spatial"], k=8)[0]
     clear = dist[:, 7] - dist[:, 6] > 1e-6
     assert clear.mean() > 0.6
+    if context_neighbours:  # two hops: a spot is clear when its neighbours are clear too
+        index, _ = spatial_neighbours(result.obsm["spatial"], np.zeros(len(clear)), 6)
+        clear &= clear[index].all(axis=1)
+        assert clear.mean() > 0.3
     np.testing.assert_allclose(result.X[clear], whole[clear], rtol=1e-5, atol=1e-6)
+
+
+def test_methods_reading_the_context_field_get_it_cut_and_embedded_around_each_spot(model_path, slide_path, encoder,
+                                                                                 tmp_path):
+    """A model with ``context_field`` is given, beside each spot's features, those of the field 3x its
+    side around it -- cut from the slide and embedded as in training -- in every chunk."""
+    from he2st.methods import Method, Prediction
+
+    seen = {}
+
+    class FieldReader(Method):
+        name = "field_test"
+
+        def _fit(self, train, val, unlabelled):
+            raise NotImplementedError
+
+        def _predict(self, spots):
+            d = spots.features.shape[1] // 2
+            seen["spot"], seen["field"] = spots.features[:, :d], spots.features[:, d:]
+            return Prediction(spots.features[:, d : d + len(GENES)].astype(np.float32), GENES)
+
+        def state(self):
+            return {}
+
+        def load_state(self, state, layout):
+            pass
+
+    method = FieldReader(context_field=True)
+    assert method.reads_field and method.context_width == 2
+    method.card = load_method(model_path).card
+    whole = ad.read_h5ad(predict_slide(method, slide_path, tmp_path / "a", chunk=10_000, encoder=encoder))
+    assert seen["field"].shape == seen["spot"].shape and not np.allclose(seen["field"], seen["spot"])
+    chunked = ad.read_h5ad(predict_slide(method, slide_path, tmp_path / "b", chunk=16, encoder=encoder))
+    np.testing.assert_allclose(chunked.X, whole.X, rtol=1e-5, atol=1e-6)
 
 
 def test_retrieval_methods_with_query_context_get_a_halo():

@@ -126,7 +126,7 @@ def embed(
     from he2st.data.workspace import Workspace
     from he2st.progress import progress_bar
     from he2st.workflows.config import EmbedRunConfig, load_config
-    from he2st.workflows.embed import embed_workspace
+    from he2st.workflows.embed import embed_workspace, patches_to_embed
 
     cfg = load_config(EmbedRunConfig, config, set_, work_dir=str(work_dir) if work_dir else None, **{
         "embed.encoder": encoder, "embed.weights": str(weights) if weights else None, "embed.batch_size": batch_size})
@@ -134,8 +134,7 @@ def embed(
     ids = samples.split(",") if samples else ws.sample_ids()
     if not ids:
         raise He2stError(f"no prepared samples in {ws.root}; run `he2st prepare` first")
-    total = sum(ws.load_sample(s).n_spots for s in ids)
-    with progress_bar(total, f"embed {cfg.embed.encoder}") as advance:
+    with progress_bar(patches_to_embed(ws, ids, cfg.patch), f"embed {cfg.embed.encoder}") as advance:
         summary = embed_workspace(ws, ids, cfg.patch, cfg.embed, on_progress=advance)
     for sid, path in summary.paths.items():
         _echo(f"{sid}\t{path}")
@@ -225,7 +224,7 @@ def _run_benchmark(cfg, dataset: str | None = None) -> None:
     from he2st.progress import progress_bar
     from he2st.workflows.benchmark import run_benchmark
     from he2st.workflows.config import PrepareConfig
-    from he2st.workflows.embed import embed_workspace
+    from he2st.workflows.embed import embed_workspace, patches_to_embed
     from he2st.workflows.prepare import prepare as run_prepare
 
     ws = Workspace(cfg.work_dir)
@@ -236,7 +235,7 @@ def _run_benchmark(cfg, dataset: str | None = None) -> None:
         raise He2stError(f"no {cfg.folds.scheme} folds in {ws.root}: run `he2st prepare --set folds.scheme="
                          f"{cfg.folds.scheme}` first, or pass --dataset her2st")
     ids = ws.sample_ids()
-    with progress_bar(sum(ws.load_sample(s).n_spots for s in ids), f"embed {cfg.embed.encoder}") as advance:
+    with progress_bar(patches_to_embed(ws, ids, cfg.patch), f"embed {cfg.embed.encoder}") as advance:
         summary = embed_workspace(ws, ids, cfg.patch, cfg.embed, on_progress=advance)
     if summary.n_embedded:
         _echo(f"embedded {summary.n_embedded} patches ({summary.throughput:.1f} patches/s)")

@@ -27,6 +27,7 @@ from he2st.io import atomic_path, safe_name
 CACHE_FORMAT = 1
 MAX_UPSAMPLE = 2.0  # beyond this, patches would be blurrier than anything the encoder saw in training
 BLOCK_PX = 2048  # side (level px) of the blocks patches are read in
+CONTEXT_FIELD_SCALE = 3.0  # the context field's side as a multiple of the spot field (TRIPLEX's global view)
 
 
 class PatchSpec(BaseModel):
@@ -44,6 +45,12 @@ class PatchSpec(BaseModel):
     @property
     def key(self) -> str:
         return f"{self.field_um:g}um_{self.size_px}px"
+
+    def context_field(self) -> PatchSpec:
+        """The larger field cut around the same spot centres (:data:`CONTEXT_FIELD_SCALE` x the side, the
+        same output size): the tissue around a spot, embedded once like the spot itself, for methods
+        whose ``context_field`` option reads it."""
+        return PatchSpec(field_um=self.field_um * CONTEXT_FIELD_SCALE, size_px=self.size_px)
 
 
 def check_resolution(mpp: float, patch: PatchSpec, where: str | Path | None = None,

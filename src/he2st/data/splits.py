@@ -91,6 +91,17 @@ def inner_folds(
             for f in make_folds(train, scheme, allow_shared_patients)]
 
 
+def held_out_groups(groups: np.ndarray, max_folds: int) -> list[np.ndarray]:
+    """The groups each inner fold holds out: one group per fold up to ``max_folds`` groups, else the
+    groups dealt (in sorted order, round-robin) into ``max_folds`` folds -- so the cost of inner
+    cross-validation stays bounded on studies of many patients or slides. Empty with fewer than 2 groups."""
+    keys = np.unique(np.asarray(groups).astype(str))
+    if len(keys) < 2:
+        return []
+    n = min(max_folds, len(keys))
+    return [keys[i::n] for i in range(n)]
+
+
 def check_fold(fold: Fold, samples: Mapping[str, str]) -> None:
     """Raise if a fold puts one patient on both sides without being labelled as such."""
     shared = _patients(samples, fold.train) & _patients(samples, fold.test)

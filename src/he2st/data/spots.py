@@ -43,6 +43,7 @@ class SpotSet:
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. cell-type proportions
     patches: np.ndarray | None = None  # (N, H, W, 3) uint8, for end-to-end training
     tokens: np.ndarray | None = None  # (N, T, C) spatial tokens, for token-level methods
+    field_features: np.ndarray | None = None  # (N, D) embeddings of the larger context field around each spot
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -56,6 +57,7 @@ class SpotSet:
             self, sample_ids=self.sample_ids[mask], barcodes=self.barcodes[mask], features=self.features[mask],
             coords_um=self.coords_um[mask], targets=pick(self.targets),
             extras={k: v[mask] for k, v in self.extras.items()}, patches=pick(self.patches), tokens=pick(self.tokens),
+            field_features=pick(self.field_features),
         )
 
     @staticmethod
@@ -70,7 +72,7 @@ class SpotSet:
             sample_ids=cat("sample_ids"), barcodes=cat("barcodes"), features=cat("features"),
             coords_um=cat("coords_um"), genes=list(sets[0].genes), targets=cat("targets"),
             extras={k: np.concatenate([s.extras[k] for s in sets]) for k in sorted(keys)},
-            patches=cat("patches"), tokens=cat("tokens"),
+            patches=cat("patches"), tokens=cat("tokens"), field_features=cat("field_features"),
         )
 
     def without_expression(self) -> SpotSet:
@@ -90,8 +92,9 @@ def load_spots(
     with_tokens: bool = False,
 ) -> SpotSet:
     """Assemble a :class:`SpotSet` from a prepared work folder and its embedding files
-    (``with_tokens``: also the cached token grids, for token-level methods)."""
-    parts: dict[str, list] = {k: [] for k in ("sid", "bc", "feat", "xy", "y", "patch", "tok")}
+    (``with_tokens``: also the cached token grids, for token-level methods). The context-field
+    embeddings come along when every sample has them (``he2st prepare`` cuts the field by default)."""
+    parts: dict[str, list] = {k: [] for k in ("sid", "bc", "feat", "xy", "y", "patch", "tok", "field")}
     extra_parts: dict[str, list] = {k: [] for k in extras}
     for sid in sample_ids:
         sample = workspace.load_sample(sid)
@@ -114,6 +117,13 @@ def load_spots(
             parts["patch"].append(PatchCache(workspace.patch_path(sid, patch)).read())
         if with_tokens:
             parts["tok"].append(emb.tokens())
+        field_path = workspace.embedding_path(embed, sid, patch.context_field())
+        if field_path.exists():
+            field = EmbeddingFile(field_path)
+            if field.barcodes != emb.barcodes:
+                raise He2stError(f"context-field embeddings of {sid} do not match its spots; re-run `he2st embed`",
+                                 field.path)
+            parts["field"].append(field.embeddings.astype(np.float32))
     return SpotSet(
         sample_ids=np.concatenate(parts["sid"]),
         barcodes=np.concatenate(parts["bc"]),
@@ -124,4 +134,5 @@ def load_spots(
         extras={k: np.concatenate(v) for k, v in extra_parts.items() if v},
         patches=np.concatenate(parts["patch"]) if with_patches else None,
         tokens=np.concatenate(parts["tok"]) if with_tokens else None,
+        field_features=np.concatenate(parts["field"]) if len(parts["field"]) == len(sample_ids) else None,
     )

@@ -26,6 +26,7 @@ from he2st.errors import He2stError
 from he2st.io import atomic_path
 from he2st.methods.bank import ReferenceBank
 from he2st.methods.card import ModelCard
+from he2st.methods.context import context_width, with_context
 
 CHECKPOINT_FORMAT = 2
 
@@ -36,6 +37,11 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(0, description="seed of initialisation, shuffling and sampling")
+    context_neighbours: int = Field(
+        0, ge=0, le=64, description="append to each spot's image features the mean of its k physically nearest "
+        "spots' features (same slide); 0: none")
+    context_field: bool = Field(
+        False, description="append the features of the field 3x the spot's around it (cut by `he2st prepare`)")
 
 
 C = TypeVar("C", bound=MethodConfig)
@@ -116,6 +122,13 @@ class Method(ABC):
         chunked whole-slide prediction adds them to every chunk as a halo."""
         return 0
 
+    @property
+    def halo_hops(self) -> tuple[int, ...]:
+        """Neighbour reads of one prediction, hop by hop: the method's own (``context_k``), then the
+        context features' (each neighbour's features carry the mean of its own neighbours). Chunked
+        whole-slide prediction widens every chunk by these hops, so chunks predict as the whole slide."""
+        return tuple(k for k in (self.context_k, self.config.context_neighbours) if k)
+
     # -------------------------------------------------------------- the card
     @property
     def panel(self) -> GenePanel:
@@ -130,20 +143,61 @@ class Method(ABC):
                      else self.card.model_copy(update={"panel": panel}))
 
     # -------------------------------------------------------------- the interface
+    def fit(self, train: SpotSet, val: SpotSet | None = None, unlabelled: SpotSet | None = None) -> TrainLog:
+        """Learn from training spots (``targets`` present). ``val`` only steers early stopping;
+        ``unlabelled``: image-only spots (never test spots) for methods that learn from histology alone.
+        Spatial context is added to the features here, the same way for every method (training and
+        validation spots together, so a spot's neighbours are found whichever set they fell in)."""
+        if not self.context_width > 1:
+            return self._fit(train, val, unlabelled)
+        if val is not None and len(val):
+            both = self.contextual(SpotSet.concat([train, val]))
+            rows = np.arange(len(both))
+            train, val = both.subset(rows < len(train)), both.subset(rows >= len(train))
+        else:
+            train = self.contextual(train)
+        return self._fit(train, val, None if unlabelled is None else self.contextual(unlabelled))
+
     @abstractmethod
-    def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
-        """Learn from training spots (``targets`` present). ``val`` only steers early stopping."""
+    def _fit(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
+        """Method-specific training on features that already carry the configured context."""
 
     def predict(self, spots: SpotSet) -> Prediction:
         """Expression for spots from their image features only; expression-derived inputs are dropped."""
         if self.card is None or (self.uses_bank and self.bank is None):
             raise He2stError(f"method {self.name} has not been fitted (or its reference bank file is missing)")
         self.check_spots(spots)
-        return self._predict(spots.without_expression())
+        return self._predict(self.contextual(spots.without_expression()))
 
     @abstractmethod
     def _predict(self, spots: SpotSet) -> Prediction:
-        """Method-specific prediction (``spots`` carries no targets)."""
+        """Method-specific prediction (``spots`` carries no targets, its features carry the context)."""
+
+    def training_groups(self, spots: SpotSet) -> np.ndarray:
+        """What inner cross-validation holds out: the patient of each spot when the model card says and
+        there are two or more patients, else its sample (a patient's sections are never split)."""
+        samples = np.asarray(spots.sample_ids).astype(str)
+        patients = self.card.training_samples if self.card is not None else {}
+        if patients and all(s in patients for s in set(samples)):
+            by_patient = np.array([patients[s] for s in samples])
+            if len(set(by_patient)) >= 2:
+                return by_patient
+        return samples
+
+    # -------------------------------------------------------------- spatial context
+    @property
+    def context_width(self) -> int:
+        """How many embedding widths the method's input features span (1: the spot alone)."""
+        return context_width(self.config.context_neighbours, self.config.context_field)
+
+    @property
+    def reads_field(self) -> bool:
+        """Whether prediction needs the context-field embeddings (whole-slide prediction then cuts them)."""
+        return self.config.context_field
+
+    def contextual(self, spots: SpotSet) -> SpotSet:
+        """``spots`` with the configured context appended to their features."""
+        return with_context(spots, self.config.context_neighbours, self.config.context_field, self.name)
 
     @abstractmethod
     def state(self) -> dict[str, torch.Tensor]:
@@ -193,7 +247,7 @@ class Method(ABC):
         """Refuse spots whose features cannot be what the model was trained on."""
         if self.uses_patches:
             return  # the encoder is part of the model; features are not its input
-        expected = self.feature_dim
+        expected = None if self.feature_dim is None else self.feature_dim // self.context_width
         if expected is not None and spots.features.shape[1] != expected:
             encoder = self.card.encoder if self.card is not None else None
             source = f" from encoder {encoder.name!r}" if encoder is not None else ""

@@ -17,6 +17,7 @@ from sklearn.model_selection import GroupKFold, KFold
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from he2st.data.splits import held_out_groups
 from he2st.data.spots import SpotSet
 from he2st.methods.bank import ReferenceBank
 from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog, preset
@@ -50,7 +51,7 @@ class RidgeProbe(Method):
     Config = RidgeConfig
     stochastic = False
 
-    def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
+    def _fit(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         data = train if val is None else SpotSet.concat([train, val])  # no early stopping: use all training spots
         X, Y = data.features, data.targets
         scaler = StandardScaler().fit(X)
@@ -139,6 +140,16 @@ class MLPConfig(MethodConfig):
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=100, batch_size=128, lr=1e-3, weight_decay=1e-2, patience=10),
         description="optimiser and early stopping on the validation Pearson")
+    pca_components: int | None = Field(
+        256, gt=0, description="first project the standardised features on their top principal components "
+        "(fitted on training spots, variances kept relative, as the ridge probe does): with a few thousand spots, "
+        "the 1,000+ z-scored dimensions of a frozen encoder are mostly noise at equal weight; None: no projection")
+    inner_folds: int = Field(3, ge=2, le=10, description="most inner folds for epochs_by='inner_cv'")
+    epochs_by: Literal["inner_cv", "validation"] = Field(
+        "inner_cv", description="how many epochs to train: chosen by cross-validation over the training patients "
+        "(each held out in turn; the mean validation curve's best epoch, then one fit on all training spots), or "
+        "by early stopping on the validation spots alone (ST-Net; a validation section of a training patient "
+        "rewards memorising that patient)")
 
 
 @register_method
@@ -149,23 +160,70 @@ class MLPRegressor(NeuralMethod):
     Config = MLPConfig
     scales_targets = True
 
+    def sizes(self, train: SpotSet) -> dict[str, int]:
+        dims = super().sizes(train)
+        if self.config.pca_components:
+            dims["pca_dim"] = min(self.config.pca_components, len(train), dims["image_dim"])
+        return dims
+
     def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
         layers: list[nn.Module] = []
         d_in = dims["image_dim"]
+        if "pca_dim" in dims:  # frozen projection, set from training spots by _fit_projection
+            layers.append(nn.Linear(d_in, dims["pca_dim"]).requires_grad_(False))
+            d_in = dims["pca_dim"]
         for h in self.config.hidden:
             layers += [nn.Linear(d_in, h), nn.GELU(), nn.Dropout(self.config.dropout)]
             d_in = h
         self.net = nn.Sequential(*layers, nn.Linear(d_in, dims["n_genes"]))
 
     def train_modules(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
-        X = torch.from_numpy(self.scaler(train.features))
-        Y = torch.from_numpy(train.targets if self.target_scaler is None else self.target_scaler(train.targets))
+        spots = train if val is None else SpotSet.concat([train, val])
+        if "pca_dim" in self.dims:
+            self.projection = self._fit_projection(train)
+        groups = self.training_groups(spots)
+        if self.config.epochs_by == "validation" or len(set(groups)) < 2:
+            return self._regress(train, self.validation(train, val), self.config.train)
+        curves = []
+        for fold in held_out_groups(groups, self.config.inner_folds):  # training patients held out in turn
+            test = np.isin(groups.astype(str), fold)
+            inner_train, held = spots.subset(~test), spots.subset(test)
+            self._rebuild()
+            curve = self._regress(inner_train, self.validation(inner_train, held), self.config.train)
+            curves.append(curve.curves["val_pearson"])
+        depth = max(map(len, curves))
+        mean_curve = np.mean([c + c[-1:] * (depth - len(c)) for c in curves], axis=0)  # stopped folds hold their last
+        epochs = int(np.argmax(mean_curve)) + 1
+        self._rebuild()
+        log = self._regress(spots, None, self.config.train.model_copy(update={"epochs": epochs}))
+        log.curves["inner_val_pearson"] = mean_curve.tolist()
+        log.best_epoch = epochs - 1
+        return log
+
+    def _fit_projection(self, train: SpotSet) -> dict[str, torch.Tensor]:
+        """The principal axes of the training spots' standardised features as a frozen linear layer,
+        scaled so the projected features have unit mean variance (relative variances kept)."""
+        pca = PCA(n_components=self.dims["pca_dim"], random_state=self.config.seed).fit(self.scaler(train.features))
+        scale = np.sqrt(pca.explained_variance_.mean())
+        weight = torch.from_numpy((pca.components_ / scale).astype(np.float32))
+        state = {"weight": weight, "bias": -(weight @ torch.from_numpy(pca.mean_.astype(np.float32)))}
+        self.net[0].load_state_dict(state)
+        return state
+
+    def _rebuild(self) -> None:
+        torch.manual_seed(self.config.seed)
+        self.build(self.dims)
+        if "pca_dim" in self.dims:
+            self.net[0].load_state_dict(self.projection)
+
+    def _regress(self, spots: SpotSet, validate, train: TrainConfig) -> TrainLog:
+        X = torch.from_numpy(self.scaler(spots.features))
+        Y = torch.from_numpy(spots.targets if self.target_scaler is None else self.target_scaler(spots.targets))
 
         def step(idx: torch.Tensor) -> torch.Tensor:
             return nn.functional.mse_loss(self.net(X[idx]), Y[idx])
 
-        return fit_minibatches(self.net, len(X), step, self.config.train, self.config.seed,
-                               self.validation(train, val))
+        return fit_minibatches(self.net, len(X), step, train, self.config.seed, validate)
 
     @torch.no_grad()
     def _predict(self, spots: SpotSet) -> Prediction:
@@ -200,7 +258,7 @@ class ImageKNN(Method):
     def feature_dim(self) -> int | None:
         return None if self.scaler.mean is None else len(self.scaler.mean)
 
-    def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
+    def _fit(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         data = train if val is None else SpotSet.concat([train, val])
         self.scaler = FeatureScaler().fit(data.features)
         self.bank = ReferenceBank(self.scaler(data.features), data.targets, data.genes, list(data.sample_ids))

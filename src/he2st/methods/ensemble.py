@@ -1,13 +1,18 @@
 """``ensemble``: a default that is never far from the best member, by construction.
 
-Diverse members -- retrieval in raw feature space (``knn``), contrastive retrieval (``bleep``), the
-same with query-time neighbour context (``bleep`` with ``query_neighbours``), and a regularised
-regression (``ridge_cv``) -- are combined with non-negative weights chosen by cross-validation *over
+Diverse members -- retrieval in raw feature space (``knn``), contrastive retrieval (``bleep``), a
+regularised regression (``ridge_cv``) and contrastive retrieval with cell-type transfer and
+query-time neighbour context (``carhe``, dropped where no cell-type proportions exist) -- are combined with non-negative weights chosen by cross-validation *over
 the training patients only*: each member is fitted with one training patient held out and predicts
 that patient; the held-out predictions of all inner folds are stacked and a non-negative linear
 regression of the measured expression on them gives the weights (one set for all genes, or one per
 gene). The members are then refitted on all training spots. The outer test patients are never seen:
 this is the inner loop of nested cross-validation, run inside ``fit``.
+
+Spatial context is chosen the same way: each member is tried with every ``context`` option (none,
+the mean of its 6 nearest spots, that plus the 3x field around it) and keeps the one with the best
+inner score, so whether context helps -- and how much -- is decided on the training patients of each
+dataset, not by hand on one.
 
 Inner folds hold out whole patients when the training spots come from at least two (the model card's
 ``training_samples`` says which sample belongs to whom), else whole samples; with a single sample
@@ -17,6 +22,7 @@ is dropped with its reason, recorded with the weights and inner scores in ``Trai
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 import numpy as np
@@ -24,7 +30,7 @@ import torch
 from pydantic import Field
 from sklearn.linear_model import LinearRegression
 
-from he2st.data.splits import validation_mask
+from he2st.data.splits import held_out_groups, validation_mask
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.bank import ReferenceBank
@@ -32,6 +38,8 @@ from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog
 from he2st.methods.neural import strip_prefix
 from he2st.methods.registry import create_method, method_class, register_method
 from he2st.stats import pearson_per_gene
+
+CONTEXT_OPTIONS = ("context_neighbours", "context_field")
 
 
 class EnsembleConfig(MethodConfig):
@@ -41,13 +49,19 @@ class EnsembleConfig(MethodConfig):
         default_factory=lambda: {
             "knn": {"method": "knn"},
             "bleep": {"method": "bleep"},
-            "bleep_context": {"method": "bleep", "query_neighbours": 6},
             "ridge_cv": {"method": "ridge_cv"},
+            "carhe": {"method": "carhe"},
         },
         description="member label -> {method: registered name, other keys: that method's options}",
     )
+    context: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{}, {"context_neighbours": 6}, {"context_neighbours": 6, "context_field": True}],
+        description="spatial context options tried for every member whose spec does not set them; each member "
+        "keeps the one with the best inner cross-validated Pearson (6 neighbours: the first ring of a Visium grid)")
     weights: Literal["global", "per_gene"] = Field(
         "global", description="one non-negative weight per member for all genes, or one set per gene")
+    inner_folds: int = Field(
+        3, ge=2, le=10, description="most inner folds (training patients, or samples, are dealt into at most this many)")
     validation_fraction: float = Field(
         0.15, gt=0, lt=1, description="of each inner training set, for the members' early stopping")
 
@@ -71,6 +85,8 @@ class Ensemble(Method):
 
     def __init__(self, config: EnsembleConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
+        if self.context_width > 1:
+            raise He2stError("ensemble: set context_neighbours/context_field on its members, not on the ensemble")
         for label, spec in self.config.members.items():
             if "method" not in spec:
                 raise He2stError(f"ensemble member {label!r} names no method")
@@ -80,89 +96,111 @@ class Ensemble(Method):
         self.intercepts = np.zeros(0, np.float32)
 
     @property
-    def context_k(self) -> int:
-        return max((m.context_k for m in self._members().values()), default=0)
+    def halo_hops(self) -> tuple[int, ...]:
+        """As many hops as the deepest member, each as wide as the widest: covers every member's reads."""
+        hops = [m.halo_hops for m in self._members().values()]
+        depth, width = max(map(len, hops), default=0), max((k for h in hops for k in h), default=0)
+        return (width,) * depth
+
+    @property
+    def reads_field(self) -> bool:
+        return any(m.reads_field for m in self._members().values())
 
     def _members(self) -> dict[str, Method]:
         if self.fitted:
             return self.fitted
         return {label: self._create(label) for label in self.config.members}
 
-    def _create(self, label: str) -> Method:
-        spec = dict(self.config.members[label])
+    def _create(self, label: str, context: dict[str, Any] | None = None) -> Method:
+        spec = dict(self.config.members[label]) | (context or {})
         method = create_method(spec.pop("method"), **({"seed": self.config.seed} | spec))
         method.card = self.card
         return method
 
-    def _groups(self, spots: SpotSet) -> np.ndarray:
-        """Patient of each spot when the card says, and there are two or more; else its sample."""
-        samples = np.asarray(spots.sample_ids).astype(str)
-        patients = self.card.training_samples if self.card is not None else {}
-        if patients and all(s in patients for s in set(samples)):
-            by_patient = np.array([patients[s] for s in samples])
-            if len(set(by_patient)) >= 2:
-                return by_patient
-        return samples
+    def _candidates(self, label: str) -> list[dict[str, Any]]:
+        """The context options tried for a member: its own when its spec pins them, else ``context``."""
+        spec = self.config.members[label]
+        if any(key in spec for key in CONTEXT_OPTIONS):
+            return [{}]
+        return [dict(c) for c in self.config.context] or [{}]
 
-    def _fit_member(self, label: str, spots: SpotSet, groups: np.ndarray) -> Method:
+    def _fit_member(self, label: str, context: dict[str, Any], spots: SpotSet, groups: np.ndarray) -> Method:
         val = validation_mask(spots.sample_ids, self.config.validation_fraction, seed=self.config.seed,
                               patients=groups)
-        method = self._create(label)
+        method = self._create(label, context)
         method.fit(spots.subset(~val), spots.subset(val))
         return method
 
-    def fit(self, train: SpotSet, val: SpotSet | None = None) -> TrainLog:
+    def _fit(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         spots = train if val is None else SpotSet.concat([train, val])
-        groups = self._groups(spots)
-        log = TrainLog()
-        labels = list(self.config.members)
-        dropped: dict[str, str] = {}
-        inner: dict[str, list[float]] = {label: [] for label in labels}
-        oof = {label: np.full(spots.targets.shape, np.nan, np.float32) for label in labels}
-        held_out = sorted(set(groups)) if len(set(groups)) >= 2 else []
-        for group in held_out:
-            test = groups == group
-            for label in [lb for lb in labels if lb not in dropped]:
+        groups = self.training_groups(spots)
+        held_out = held_out_groups(groups, self.config.inner_folds)
+        trials = [(label, i) for label in self.config.members for i in range(len(self._candidates(label)))]
+        failed: dict[tuple[str, int], str] = {}
+        inner: dict[tuple[str, int], list[float]] = {t: [] for t in trials}
+        oof = {t: np.full(spots.targets.shape, np.nan, np.float32) for t in trials}
+        for fold in held_out:
+            test = np.isin(groups.astype(str), fold)
+            for label, i in [t for t in trials if t not in failed]:
                 try:
-                    member = self._fit_member(label, spots.subset(~test), groups[~test])
+                    member = self._fit_member(label, self._candidates(label)[i], spots.subset(~test), groups[~test])
                     pred = member.predict(spots.subset(test)).expression
                 except He2stError as exc:
-                    dropped[label] = str(exc)
+                    failed[(label, i)] = str(exc)
                     continue
-                oof[label][test] = pred
-                inner[label].append(float(np.nanmean(pearson_per_gene(pred, spots.targets[test]))))
-        kept = [lb for lb in labels if lb not in dropped]
-        if held_out:
-            X = np.stack([oof[lb] for lb in kept], axis=-1)  # (spots, genes, members)
-            y = spots.targets
-            if self.config.weights == "global":
-                centred = X - X.mean(0, keepdims=True)
-                w, _ = _nnls(centred.reshape(-1, len(kept)), (y - y.mean(0)).reshape(-1))
-                self.weights = w[None, :].astype(np.float32)
-                self.intercepts = (y.mean(0) - X.mean(0) @ w).astype(np.float32)
+                oof[(label, i)][test] = pred
+                inner[(label, i)].append(float(np.nanmean(pearson_per_gene(pred, spots.targets[test]))))
+        # each member keeps its context candidate with the best mean inner score (the first without inner folds)
+        chosen: dict[str, int] = {}
+        dropped: dict[str, str] = {}
+        for label in self.config.members:
+            ok = [i for lb, i in trials if lb == label and (lb, i) not in failed]
+            if not ok:
+                dropped[label] = "; ".join(dict.fromkeys(failed[(label, i)] for lb, i in trials if lb == label))
             else:
-                fits = [_nnls(X[:, g], y[:, g]) for g in range(y.shape[1])]
-                self.weights = np.stack([w for w, _ in fits]).astype(np.float32)
-                self.intercepts = np.array([b for _, b in fits], np.float32)
-        else:
-            self.weights = np.full((1, len(kept)), 1.0 / len(kept), np.float32)
-            self.intercepts = np.zeros(spots.targets.shape[1], np.float32)
+                chosen[label] = max(ok, key=lambda i: np.mean(inner[(label, i)])) if held_out else ok[0]
+        self._stack(spots, [oof[(lb, i)] for lb, i in chosen.items()], bool(held_out))
+        kept = list(chosen)
         self.fitted = {}
-        for label in list(kept):
+        for label in kept:
             try:
-                self.fitted[label] = self._fit_member(label, spots, groups)
+                self.fitted[label] = self._fit_member(label, self._candidates(label)[chosen[label]], spots, groups)
             except He2stError as exc:
                 dropped[label] = str(exc)
         if not self.fitted:
             raise He2stError(f"ensemble: no member could be fitted ({'; '.join(f'{k}: {v}' for k, v in dropped.items())})")
-        keep = [kept.index(lb) for lb in self.fitted]
-        self.weights = self.weights[:, keep]
+        self.weights = self.weights[:, [kept.index(lb) for lb in self.fitted]]
+        log = TrainLog()
         log.selection = {
-            "inner_folds": [str(g) for g in held_out], "inner_pearson": {lb: inner[lb] for lb in self.fitted},
+            "inner_folds": ["+".join(fold) for fold in held_out],
+            "inner_pearson": {lb: inner[(lb, chosen[lb])] for lb in self.fitted},
+            "context": {lb: self._candidates(lb)[chosen[lb]] for lb in self.fitted},
+            "context_inner_pearson": {
+                lb: {json.dumps(c, sort_keys=True): round(float(np.mean(inner[(lb, i)])), 4)
+                     for i, c in enumerate(self._candidates(lb)) if inner[(lb, i)]}
+                for lb in self.fitted},
             "weights": {lb: self.weights[:, i].round(4).tolist() for i, lb in enumerate(self.fitted)},
             "dropped": dropped,
         }
         return log
+
+    def _stack(self, spots: SpotSet, predictions: list[np.ndarray], nested: bool) -> None:
+        """Non-negative weights of the members' held-out predictions (equal weights without inner folds)."""
+        y = spots.targets
+        if not nested:
+            self.weights = np.full((1, len(predictions)), 1.0 / len(predictions), np.float32)
+            self.intercepts = np.zeros(y.shape[1], np.float32)
+            return
+        X = np.stack(predictions, axis=-1)  # (spots, genes, members)
+        if self.config.weights == "global":
+            centred = X - X.mean(0, keepdims=True)
+            w, _ = _nnls(centred.reshape(-1, X.shape[-1]), (y - y.mean(0)).reshape(-1))
+            self.weights = w[None, :].astype(np.float32)
+            self.intercepts = (y.mean(0) - X.mean(0) @ w).astype(np.float32)
+        else:
+            fits = [_nnls(X[:, g], y[:, g]) for g in range(y.shape[1])]
+            self.weights = np.stack([w for w, _ in fits]).astype(np.float32)
+            self.intercepts = np.array([b for _, b in fits], np.float32)
 
     def _predict(self, spots: SpotSet) -> Prediction:
         preds = np.stack([m.predict(spots).expression for m in self.fitted.values()], axis=-1)

@@ -94,8 +94,7 @@ class NeuralMethod(Method):
         return None if val is None else (lambda: self.validation_pearson(train, val))
 
     # ------------------------------------------------------------------ the shared sequence
-    def fit(self, train: SpotSet, val: SpotSet | None = None, unlabelled: SpotSet | None = None) -> TrainLog:
-        """``unlabelled``: image-only spots (never test spots) for methods that learn from histology alone."""
+    def _fit(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         if train.targets is None:
             raise He2stError(f"{self.name}: training spots need targets")
         torch.manual_seed(self.config.seed)

@@ -147,10 +147,16 @@ class RetrievalMethod(NeuralMethod):
         )
 
     def _predict(self, spots: SpotSet) -> Prediction:
-        return self.retrieve(spots, self.bank)
+        return self._retrieve(spots, self.bank)
 
     def retrieve(self, spots: SpotSet, bank: ReferenceBank) -> Prediction:
-        """Profiles of ``bank`` retrieved for the images of ``spots`` (with their neighbour context)."""
+        """Profiles of another ``bank`` (say, whole-transcriptome profiles) retrieved for the images of
+        ``spots``, as :meth:`predict` retrieves from the model's own."""
+        self.check_spots(spots)
+        return self._retrieve(self.contextual(spots.without_expression()), bank)
+
+    def _retrieve(self, spots: SpotSet, bank: ReferenceBank) -> Prediction:
+        """Retrieval for spots whose features carry the context (with query-time neighbour averaging)."""
         cfg = self.config
         queries = self.embed_images(spots)
         if cfg.query_neighbours:

@@ -4,9 +4,10 @@
 a stream of spot chunks -- read patches (one chunk ahead, in a thread), embed them as the model's
 training features were embedded, predict -- so memory depends on the chunk size, not on the slide
 size. Each finished chunk is committed to the partial file (:mod:`he2st.predict.store`), so an
-interrupted run resumes where it stopped. Methods that read neighbouring spots (``context_k``: NH2ST,
-query-time context) get each chunk plus a halo of its spots' neighbours, taken from the committed
-features, so chunk borders do not cut neighbourhoods.
+interrupted run resumes where it stopped. Methods that read neighbouring spots (``halo_hops``: NH2ST,
+query-time context, neighbour context features) get each chunk plus a halo of its spots' neighbours,
+taken from the committed features, so chunk borders do not cut neighbourhoods; methods that read the
+context field (``reads_field``) get it cut and embedded beside each spot's patch.
 """
 
 from __future__ import annotations
@@ -84,14 +85,16 @@ def _select_genes(panel_genes: list[str], genes: list[str] | None) -> list[int]:
     return [index[g] for g in genes]
 
 
-def _halo_rows(tree: cKDTree, xy: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """``rows`` plus every spot as close as their k-th nearest neighbour (ties included), sorted."""
-    if k == 0 or len(rows) == 0:
-        return rows
-    kk = min(k + 1, tree.n)
-    dist = tree.query(xy[rows], k=kk)[0].reshape(len(rows), kk)
-    found = tree.query_ball_point(xy[rows], dist[:, -1] * (1 + 1e-9) + 1e-9)
-    return np.unique(np.concatenate([rows, *[np.asarray(f, dtype=np.int64) for f in found]]))
+def _halo_rows(tree: cKDTree, xy: np.ndarray, rows: np.ndarray, hops: tuple[int, ...]) -> np.ndarray:
+    """``rows`` plus, hop by hop, every spot as close as the k-th nearest neighbour (ties included), sorted."""
+    for k in hops:
+        if len(rows) == 0:
+            break
+        kk = min(k + 1, tree.n)
+        dist = tree.query(xy[rows], k=kk)[0].reshape(len(rows), kk)
+        found = tree.query_ball_point(xy[rows], dist[:, -1] * (1 + 1e-9) + 1e-9)
+        rows = np.unique(np.concatenate([rows, *[np.asarray(f, dtype=np.int64) for f in found]]))
+    return rows
 
 
 def run_prediction(
@@ -138,11 +141,13 @@ def run_prediction(
             "patch": patch.model_dump(), "encoder": encoder.spec.model_dump_json(), "stain": stain, "tta": tta,
             "genes": [method.panel.genes[i] for i in gene_index], "chunk": config.chunk,
             "xy": hashlib.sha1(np.ascontiguousarray(grid.xy).tobytes()).hexdigest(), "names": grid.names,
+            "field": method.reads_field,
         })
         if final.exists() and stored_fingerprint(final) == stamp:
             return final
         partial = config.out / f"{library_id}.partial.h5"
-        open_partial(partial, stamp, grid, len(gene_index), encoder.embed_dim, config.chunk)
+        width = encoder.embed_dim * (2 if method.reads_field else 1)  # spot features, then the field's
+        open_partial(partial, stamp, grid, len(gene_index), width, config.chunk)
         _run_chunks(slide, method, encoder, enc_cfg, grid, patch, mpp, library_id, gene_index, partial,
                     config.chunk, on_chunk)
 
@@ -205,24 +210,33 @@ def _run_chunks(slide: Slide, method: Method, encoder: Encoder, cfg: EmbedConfig
     features of its neighbourhood halo (methods that read neighbouring spots) are committed."""
     n = len(grid)
     n_chunks = (n + chunk - 1) // chunk
-    k = method.context_k
-    tree = cKDTree(grid.xy) if k else None
-    side = patch.field_um / mpp
+    hops = method.halo_hops
+    tree = cKDTree(grid.xy) if hops else None
+    sides = [patch.field_um / mpp] + ([patch.context_field().field_um / mpp] if method.reads_field else [])
+    dim = encoder.embed_dim
     device, dtype, stain = ready_for_inference(encoder, cfg)
 
-    def read(i: int) -> tuple[np.ndarray, float]:
+    def read(i: int) -> tuple[list[np.ndarray], float]:
+        """The chunk's spot patches (and context-field patches when the method reads them)."""
         start = time.perf_counter()
-        patches = read_patches(slide, grid.xy[i * chunk : (i + 1) * chunk], side, patch.size_px)
+        xy = grid.xy[i * chunk : (i + 1) * chunk]
+        patches = [read_patches(slide, xy, side, patch.size_px) for side in sides]
         return patches, time.perf_counter() - start
+
+    def embed(patches: np.ndarray) -> np.ndarray:
+        return np.concatenate([
+            embed_patches(encoder, patches[j : j + cfg.batch_size], device, dtype, stain, cfg.tta)[0]
+            for j in range(0, len(patches), cfg.batch_size)])
 
     def predict(fh: h5py.File, i: int, features: np.ndarray | None, patches: np.ndarray | None) -> None:
         a, b = i * chunk, min((i + 1) * chunk, n)
-        rows = _halo_rows(tree, grid.xy, np.arange(a, b), k) if k else np.arange(a, b)
+        rows = _halo_rows(tree, grid.xy, np.arange(a, b), hops)
         if features is None or len(rows) != b - a:
             features, patches = fh["features"][rows], None
         spots = SpotSet(sample_ids=np.full(len(rows), library_id, dtype=object),
-                        barcodes=np.asarray([grid.names[r] for r in rows], dtype=object), features=features,
-                        coords_um=grid.xy[rows] * mpp, genes=list(method.panel.genes), patches=patches)
+                        barcodes=np.asarray([grid.names[r] for r in rows], dtype=object), features=features[:, :dim],
+                        coords_um=grid.xy[rows] * mpp, genes=list(method.panel.genes), patches=patches,
+                        field_features=features[:, dim:] if method.reads_field else None)
         pred = method.predict(spots)
         keep = np.searchsorted(rows, np.arange(a, b))  # the chunk's own rows within chunk + halo
         fh["expression"][a:b] = np.asarray(pred.expression, dtype=np.float32)[keep][:, gene_index]
@@ -240,10 +254,10 @@ def _run_chunks(slide: Slide, method: Method, encoder: Encoder, cfg: EmbedConfig
 
     def ready(fh: h5py.File, i: int) -> bool:
         """Chunk ``i``'s halo lies in committed chunks."""
-        if not k:
+        if not hops:
             return int(fh.attrs["embedded_chunks"]) > i
         a, b = i * chunk, min((i + 1) * chunk, n)
-        return int(_halo_rows(tree, grid.xy, np.arange(a, b), k)[-1]) // chunk < int(fh.attrs["embedded_chunks"])
+        return int(_halo_rows(tree, grid.xy, np.arange(a, b), hops)[-1]) // chunk < int(fh.attrs["embedded_chunks"])
 
     with ThreadPoolExecutor(max_workers=1) as pool, h5py.File(partial, "a") as fh, torch.inference_mode():
         done = int(fh.attrs["embedded_chunks"])
@@ -254,9 +268,8 @@ def _run_chunks(slide: Slide, method: Method, encoder: Encoder, cfg: EmbedConfig
                 pending = pool.submit(read, i + 1)
             a, b = i * chunk, min((i + 1) * chunk, n)
             t0 = time.perf_counter()
-            features = np.concatenate([
-                embed_patches(encoder, patches[j : j + cfg.batch_size], device, dtype, stain, cfg.tta)[0]
-                for j in range(0, len(patches), cfg.batch_size)])
+            features = np.concatenate([embed(p) for p in patches], axis=1)
+            patches = patches[0]  # end-to-end methods read the spot patches only
             fh["features"][a:b] = features
             fh.attrs["embedded_chunks"] = i + 1  # committed: the resume point for embedding
             t1 = time.perf_counter()

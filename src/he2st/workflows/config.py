@@ -58,6 +58,9 @@ class PrepareConfig(WorkConfig):
 
     data: DataConfig = Field(default_factory=DataConfig)
     folds: FoldConfig = Field(default_factory=FoldConfig)
+    context_field: bool = Field(
+        True, description="also cut the context field (3x the spot's side, same centre) for every spot; "
+        "`he2st embed` then embeds it, and methods whose context_field option is on read it")
 
 
 class EmbedRunConfig(WorkConfig):

@@ -145,16 +145,30 @@ def embed_workspace(
     workspace, sample_ids: list[str], patch: PatchSpec, config: EmbedConfig,
     on_progress: Callable[[int], None] | None = None, encoder: Encoder | None = None,
 ) -> EmbedSummary:
-    """Embed the patch caches of ``sample_ids`` in a work folder; finished files are reused."""
+    """Embed the patch caches of ``sample_ids`` in a work folder (spot patches and their context field);
+    finished files are reused. ``paths`` names each sample's spot-embedding file."""
     encoder = encoder or load_encoder(config)
     paths: dict[str, Path] = {}
     n_done, seconds = 0, 0.0
     for sid in sample_ids:
-        cache = PatchCache(workspace.patch_path(sid, patch))
-        cache.check(patch)
-        result = embed_cache(encoder, cache, workspace.embedding_path(config, sid, patch), config, on_progress)
-        paths[sid] = result.path
-        if not result.reused:
-            n_done += result.n
-            seconds += result.seconds
+        for spec in patch_specs(workspace, sid, patch):
+            cache = PatchCache(workspace.patch_path(sid, spec))
+            cache.check(spec)
+            result = embed_cache(encoder, cache, workspace.embedding_path(config, sid, spec), config, on_progress)
+            paths.setdefault(sid, result.path)
+            if not result.reused:
+                n_done += result.n
+                seconds += result.seconds
     return EmbedSummary(paths, n_done, seconds)
+
+
+def patch_specs(workspace, sample_id: str, patch: PatchSpec) -> list[PatchSpec]:
+    """The patch caches of a sample that are embedded: the spot patches, and the context field
+    around them when ``he2st prepare`` cut it."""
+    field = patch.context_field()
+    return [patch] + ([field] if workspace.patch_path(sample_id, field).exists() else [])
+
+
+def patches_to_embed(workspace, sample_ids: list[str], patch: PatchSpec) -> int:
+    """How many patches :func:`embed_workspace` goes through (a progress bar's total)."""
+    return sum(workspace.load_sample(s).n_spots * len(patch_specs(workspace, s, patch)) for s in sample_ids)

@@ -56,6 +56,8 @@ def prepare(config: PrepareConfig, on_patch: Callable[[int], None] | None = None
     for sample in samples:
         sample.save(ws.sample_path(sample.sample_id))  # always: patient ids or counts may have changed
         extract_patches(sample, config.patch, ws.root, on_progress=on_patch)
+        if config.context_field:
+            extract_patches(sample, config.patch.context_field(), ws.root, on_progress=on_patch)
         sample.close()
         if on_sample is not None:
             on_sample(sample)
