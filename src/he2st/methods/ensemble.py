@@ -66,14 +66,10 @@ class EnsembleConfig(MethodConfig):
         0.15, gt=0, lt=1, description="of each inner training set, for the members' early stopping")
 
 
-def _nnls(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-    """Non-negative weights (and a free intercept) of ``y ~ X``; equal weights if all come out zero."""
-    fit = LinearRegression(positive=True).fit(X, y)
-    w = np.clip(fit.coef_, 0, None)
-    if w.sum() <= 0:
-        w = np.full(X.shape[1], 1.0 / X.shape[1])
-        return w, float(y.mean() - X.mean(0) @ w)
-    return w, float(fit.intercept_)
+def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative weights of ``y ~ X`` (both centred); equal weights if all come out zero."""
+    w = np.clip(LinearRegression(positive=True, fit_intercept=False).fit(X, y).coef_, 0, None)
+    return w if w.sum() > 0 else np.full(X.shape[1], 1.0 / X.shape[1])
 
 
 @register_method
@@ -192,15 +188,19 @@ class Ensemble(Method):
             self.intercepts = np.zeros(y.shape[1], np.float32)
             return
         X = np.stack(predictions, axis=-1)  # (spots, genes, members)
+        # what is scored is the pattern within each sample, so weights are fitted on within-sample
+        # deviations: level shifts between samples (and patients) would otherwise drive them to zero
+        Xc, yc = X.copy(), y.astype(np.float64)
+        for sid in np.unique(np.asarray(spots.sample_ids).astype(str)):
+            rows = np.asarray(spots.sample_ids).astype(str) == sid
+            Xc[rows] -= X[rows].mean(0, keepdims=True)
+            yc[rows] -= y[rows].mean(0, keepdims=True)
         if self.config.weights == "global":
-            centred = X - X.mean(0, keepdims=True)
-            w, _ = _nnls(centred.reshape(-1, X.shape[-1]), (y - y.mean(0)).reshape(-1))
-            self.weights = w[None, :].astype(np.float32)
-            self.intercepts = (y.mean(0) - X.mean(0) @ w).astype(np.float32)
+            self.weights = _nnls(Xc.reshape(-1, X.shape[-1]), yc.reshape(-1))[None, :].astype(np.float32)
         else:
-            fits = [_nnls(X[:, g], y[:, g]) for g in range(y.shape[1])]
-            self.weights = np.stack([w for w, _ in fits]).astype(np.float32)
-            self.intercepts = np.array([b for _, b in fits], np.float32)
+            self.weights = np.stack([_nnls(Xc[:, g], yc[:, g]) for g in range(y.shape[1])]).astype(np.float32)
+        self.intercepts = (y.mean(0) - np.einsum("ngm,gm->g", X, np.broadcast_to(
+            self.weights, (y.shape[1], X.shape[-1]))) / len(X)).astype(np.float32)
 
     def _predict(self, spots: SpotSet) -> Prediction:
         preds = np.stack([m.predict(spots).expression for m in self.fitted.values()], axis=-1)
