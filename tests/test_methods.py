@@ -180,6 +180,7 @@ def test_ensemble_weights_come_from_inner_folds_over_training_patients_and_round
     assert "carhe" in sel["dropped"] and "proportions" in sel["dropped"]["carhe"]  # reported, not fatal
     assert set(sel["weights"]) == {"knn", "ridge", "mlp"} and all(len(v) == 2 for v in sel["inner_pearson"].values())
     assert (method.weights >= 0).all() and method.weights.sum() > 0
+    assert sel["combination"] == "equal"  # two held-out patients are too few to fit weights on ('auto')
     pred = method.predict(test.without_expression())
     r = [np.corrcoef(pred.expression[:, j], test.targets[:, j])[0, 1] for j in range(12)]
     assert np.nanmean(r) > 0.3
@@ -250,7 +251,8 @@ def test_every_method_reads_spatial_context_as_features(name, tmp_path):
 def test_ensemble_chooses_each_members_context_on_inner_folds():
     train, test, patients = two_patient_spots()
     train = with_field(train.subset(np.isin(train.sample_ids, ["s1", "s2"])))
-    members = {"knn": {"method": "knn", "top_k": 5}, "plain_knn": {"method": "knn", "top_k": 5, "context_neighbours": 0}}
+    members = {"knn": {"method": "knn", "top_k": 5}, "plain_knn": {"method": "knn", "top_k": 5, "context_neighbours": 0},
+               "bleep": {"method": "bleep", "ensemble": 1, "context_neighbours": 0} | FAST}
     method = create_method("ensemble", members=members)
     method.panel = GenePanel(genes=train.genes)
     method.card = method.card.model_copy(update={"training_samples": {"s1": "P1", "s2": "P2"}})
@@ -261,5 +263,22 @@ def test_ensemble_chooses_each_members_context_on_inner_folds():
     assert sel["context"]["knn"] == json.loads(best) and sel["context"]["plain_knn"] == {}
     chosen = method.fitted["knn"].config
     assert {k: getattr(chosen, k) for k in json.loads(best)} == json.loads(best)
+    # a retrieval member is trained once per inner fold and queried with and without neighbour averaging
+    queried = sel["context_inner_pearson"]["bleep"]
+    assert sorted(queried) == ['{"query_neighbours": 0}', '{"query_neighbours": 6}']
+    assert method.fitted["bleep"].config.query_neighbours == sel["context"]["bleep"]["query_neighbours"]
     with pytest.raises(He2stError, match="on its members"):
         create_method("ensemble", context_neighbours=6)
+
+
+def test_ensemble_fits_weights_once_enough_patients_are_held_out():
+    """With three or more inner folds, 'auto' fits non-negative stacking weights on the held-out
+    predictions, on a common scale per member: the weaker member (1-nearest-neighbour retrieval)
+    gets less say than the regression."""
+    spots = replace(synthetic_spots(300), sample_ids=np.repeat(np.array(["s1", "s2", "s3", "s4", "s5"], dtype=object), 60))
+    members = {"ridge": {"method": "ridge_cv", "pca_components": 8}, "knn1": {"method": "knn", "top_k": 1}}
+    method = create_method("ensemble", members=members, context=[{}])
+    method.panel = GenePanel(genes=spots.genes)
+    sel = method.fit(spots).selection
+    assert sel["combination"] == "global" and len(sel["inner_folds"]) == 3
+    assert np.mean(sel["weights"]["ridge"]) > np.mean(sel["weights"]["knn1"]) >= 0

@@ -100,6 +100,9 @@ class Method(ABC):
     stochastic: ClassVar[bool] = True  # False: results do not depend on the seed (no need to repeat)
     uses_bank: ClassVar[bool] = False  # predictions come from a ReferenceBank (saved beside the checkpoint)
     uses_tokens: ClassVar[bool] = False  # training reads spots.tokens (cached token grids) when available
+    #: options that change only how a fitted model predicts (a fitted model can be re-queried with other
+    #: values, as the ensemble's selection does; training reads them only through its validation score)
+    query_options: ClassVar[tuple[str, ...]] = ()
     bank: ReferenceBank | None = None  # set by methods with uses_bank
 
     def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:

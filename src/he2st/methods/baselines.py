@@ -132,14 +132,16 @@ class RidgeCV(RidgeProbe):
 
 
 class MLPConfig(MethodConfig):
-    hidden: list[int] = Field(default_factory=lambda: [512], description="hidden widths")
-    dropout: float = Field(0.2, ge=0, lt=1, description="dropout after each hidden layer")
+    hidden: list[int] = Field(default_factory=lambda: [256], description="hidden widths")
+    dropout: float = Field(0.5, ge=0, lt=1, description="dropout after each hidden layer (a few thousand spots "
+                           "per study: strong)")
     standardize_targets: bool = Field(
         True, description="regress per-gene z-scores (training statistics), so every gene weighs the same in "
         "the loss whatever its level; predictions are mapped back to the panel's scale")
     train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=100, batch_size=128, lr=1e-3, weight_decay=1e-2, patience=10),
-        description="optimiser and early stopping on the validation Pearson")
+        default_factory=lambda: TrainConfig(epochs=200, batch_size=128, lr=1e-4, weight_decay=1e-2, patience=20),
+        description="optimiser and early stopping on the validation Pearson; a small learning rate, so the best "
+        "epoch is not one of the first few and the inner-CV choice of the epoch count has a fine grid")
     pca_components: int | None = Field(
         256, gt=0, description="first project the standardised features on their top principal components "
         "(fitted on training spots, variances kept relative, as the ridge probe does): with a few thousand spots, "

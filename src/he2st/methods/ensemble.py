@@ -10,9 +10,12 @@ gene). The members are then refitted on all training spots. The outer test patie
 this is the inner loop of nested cross-validation, run inside ``fit``.
 
 Spatial context is chosen the same way: each member is tried with every ``context`` option (none,
-the mean of its 6 nearest spots, that plus the 3x field around it) and keeps the one with the best
-inner score, so whether context helps -- and how much -- is decided on the training patients of each
-dataset, not by hand on one.
+the mean of its 6 nearest spots, that plus the 3x field around it; each a refit) and, for retrieval
+members, every ``query_neighbours`` value (query-time averaging with the nearest spots; no refit),
+and keeps the variant with the best inner score, so whether context helps -- and how much -- is
+decided on the training patients of each dataset, not by hand on one. The neural members (``bleep``,
+``carhe``) pin their feature context to none by default, so their context is chosen at query time
+only and each of them is trained once per inner fold.
 
 Inner folds hold out whole patients when the training spots come from at least two (the model card's
 ``training_samples`` says which sample belongs to whom), else whole samples; with a single sample
@@ -48,9 +51,9 @@ class EnsembleConfig(MethodConfig):
     members: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {
             "knn": {"method": "knn"},
-            "bleep": {"method": "bleep"},
+            "bleep": {"method": "bleep", "context_neighbours": 0},
             "ridge_cv": {"method": "ridge_cv"},
-            "carhe": {"method": "carhe"},
+            "carhe": {"method": "carhe", "context_neighbours": 0},
         },
         description="member label -> {method: registered name, other keys: that method's options}",
     )
@@ -58,8 +61,17 @@ class EnsembleConfig(MethodConfig):
         default_factory=lambda: [{}, {"context_neighbours": 6}, {"context_neighbours": 6, "context_field": True}],
         description="spatial context options tried for every member whose spec does not set them; each member "
         "keeps the one with the best inner cross-validated Pearson (6 neighbours: the first ring of a Visium grid)")
-    weights: Literal["global", "per_gene"] = Field(
-        "global", description="one non-negative weight per member for all genes, or one set per gene")
+    query_neighbours: list[int] = Field(
+        default_factory=lambda: [0, 6],
+        description="query-time neighbour averaging tried on each fitted member that offers it (retrieval "
+        "methods; no refit), unless the member's spec sets query_neighbours")
+    weights: Literal["auto", "global", "per_gene", "equal"] = Field(
+        "auto", description="how the members' held-out predictions (each on a common per-gene scale) are "
+        "combined: one non-negative weight per member fitted for all genes ('global'), one set per gene "
+        "('per_gene'), or an equal say ('equal'); 'auto': 'global' with at least min_stacking_folds inner folds, "
+        "else 'equal' -- weights fitted on one or two held-out patients are mostly noise, and a plain average of "
+        "diverse members is then the more reliable combination")
+    min_stacking_folds: int = Field(3, ge=2, description="inner folds needed before 'auto' fits weights")
     inner_folds: int = Field(
         3, ge=2, le=10, description="most inner folds (training patients, or samples, are dealt into at most this many)")
     validation_fraction: float = Field(
@@ -90,6 +102,7 @@ class Ensemble(Method):
         self.fitted: dict[str, Method] = {}
         self.weights = np.zeros((0, 0), np.float32)  # (genes or 1, members)
         self.intercepts = np.zeros(0, np.float32)
+        self.combination = "equal"  # how the weights were set (reported in the selection)
 
     @property
     def halo_hops(self) -> tuple[int, ...]:
@@ -114,11 +127,19 @@ class Ensemble(Method):
         return method
 
     def _candidates(self, label: str) -> list[dict[str, Any]]:
-        """The context options tried for a member: its own when its spec pins them, else ``context``."""
+        """The context options tried for a member (each a refit): its own when its spec pins them, else ``context``."""
         spec = self.config.members[label]
         if any(key in spec for key in CONTEXT_OPTIONS):
             return [{}]
         return [dict(c) for c in self.config.context] or [{}]
+
+    def _queries(self, label: str) -> list[dict[str, Any]]:
+        """The query-time context tried on each fitted member (no refit): ``query_neighbours`` for
+        methods that average each query with its neighbours at prediction, unless the spec pins it."""
+        spec = self.config.members[label]
+        if "query_neighbours" not in method_class(spec["method"]).query_options or "query_neighbours" in spec:
+            return [{}]
+        return [{"query_neighbours": k} for k in self.config.query_neighbours] or [{}]
 
     def _fit_member(self, label: str, context: dict[str, Any], spots: SpotSet, groups: np.ndarray) -> Method:
         val = validation_mask(spots.sample_ids, self.config.validation_fraction, seed=self.config.seed,
@@ -131,76 +152,102 @@ class Ensemble(Method):
         spots = train if val is None else SpotSet.concat([train, val])
         groups = self.training_groups(spots)
         held_out = held_out_groups(groups, self.config.inner_folds)
-        trials = [(label, i) for label in self.config.members for i in range(len(self._candidates(label)))]
+        fits = [(label, i) for label in self.config.members for i in range(len(self._candidates(label)))]
+        variants = [(lb, i, q) for lb, i in fits for q in range(len(self._queries(lb)))]
         failed: dict[tuple[str, int], str] = {}
-        inner: dict[tuple[str, int], list[float]] = {t: [] for t in trials}
-        oof = {t: np.full(spots.targets.shape, np.nan, np.float32) for t in trials}
+        inner: dict[tuple[str, int, int], list[float]] = {v: [] for v in variants}
+        oof = {v: np.full(spots.targets.shape, np.nan, np.float32) for v in variants}
         for fold in held_out:
             test = np.isin(groups.astype(str), fold)
-            for label, i in [t for t in trials if t not in failed]:
+            for label, i in [f for f in fits if f not in failed]:
                 try:
                     member = self._fit_member(label, self._candidates(label)[i], spots.subset(~test), groups[~test])
-                    pred = member.predict(spots.subset(test)).expression
+                    for q, query in enumerate(self._queries(label)):
+                        member.config = member.config.model_copy(update=query)
+                        pred = member.predict(spots.subset(test)).expression
+                        oof[(label, i, q)][test] = pred
+                        inner[(label, i, q)].append(float(np.nanmean(pearson_per_gene(pred, spots.targets[test]))))
                 except He2stError as exc:
                     failed[(label, i)] = str(exc)
-                    continue
-                oof[(label, i)][test] = pred
-                inner[(label, i)].append(float(np.nanmean(pearson_per_gene(pred, spots.targets[test]))))
-        # each member keeps its context candidate with the best mean inner score (the first without inner folds)
-        chosen: dict[str, int] = {}
+        # each member keeps the variant with the best mean inner score (the first without inner folds)
+        chosen: dict[str, tuple[int, int]] = {}
         dropped: dict[str, str] = {}
         for label in self.config.members:
-            ok = [i for lb, i in trials if lb == label and (lb, i) not in failed]
+            ok = [(i, q) for lb, i, q in variants if lb == label and (lb, i) not in failed]
             if not ok:
-                dropped[label] = "; ".join(dict.fromkeys(failed[(label, i)] for lb, i in trials if lb == label))
+                dropped[label] = "; ".join(dict.fromkeys(failed[(lb, i)] for lb, i in fits if lb == label))
             else:
-                chosen[label] = max(ok, key=lambda i: np.mean(inner[(label, i)])) if held_out else ok[0]
-        self._stack(spots, [oof[(lb, i)] for lb, i in chosen.items()], bool(held_out))
+                chosen[label] = max(ok, key=lambda v: np.mean(inner[(label, *v)])) if held_out else ok[0]
+        self._stack(spots, [oof[(lb, *v)] for lb, v in chosen.items()], len(held_out))
         kept = list(chosen)
         self.fitted = {}
-        for label in kept:
+        for label, (i, q) in chosen.items():
             try:
-                self.fitted[label] = self._fit_member(label, self._candidates(label)[chosen[label]], spots, groups)
+                member = self._fit_member(label, self._candidates(label)[i], spots, groups)
             except He2stError as exc:
                 dropped[label] = str(exc)
+                continue
+            member.config = member.config.model_copy(update=self._queries(label)[q])
+            self.fitted[label] = member
         if not self.fitted:
             raise He2stError(f"ensemble: no member could be fitted ({'; '.join(f'{k}: {v}' for k, v in dropped.items())})")
         self.weights = self.weights[:, [kept.index(lb) for lb in self.fitted]]
         log = TrainLog()
         log.selection = {
             "inner_folds": ["+".join(fold) for fold in held_out],
-            "inner_pearson": {lb: inner[(lb, chosen[lb])] for lb in self.fitted},
-            "context": {lb: self._candidates(lb)[chosen[lb]] for lb in self.fitted},
+            "inner_pearson": {lb: inner[(lb, *chosen[lb])] for lb in self.fitted},
+            "context": {lb: self._variant(lb, *chosen[lb]) for lb in self.fitted},
             "context_inner_pearson": {
-                lb: {json.dumps(c, sort_keys=True): round(float(np.mean(inner[(lb, i)])), 4)
-                     for i, c in enumerate(self._candidates(lb)) if inner[(lb, i)]}
+                lb: {json.dumps(self._variant(lb, i, q), sort_keys=True): round(float(np.mean(inner[(lb, i, q)])), 4)
+                     for lb_, i, q in variants if lb_ == lb and inner[(lb, i, q)]}
                 for lb in self.fitted},
+            "combination": self.combination,
             "weights": {lb: self.weights[:, i].round(4).tolist() for i, lb in enumerate(self.fitted)},
             "dropped": dropped,
         }
         return log
 
-    def _stack(self, spots: SpotSet, predictions: list[np.ndarray], nested: bool) -> None:
-        """Non-negative weights of the members' held-out predictions (equal weights without inner folds)."""
+    def _variant(self, label: str, i: int, q: int) -> dict[str, Any]:
+        """The options of one tried variant of a member (context features and query-time context)."""
+        return self._candidates(label)[i] | self._queries(label)[q]
+
+    def _stack(self, spots: SpotSet, predictions: list[np.ndarray], n_folds: int) -> None:
+        """Per-gene weights of the members from their held-out predictions (equal without inner folds).
+
+        What is scored is each gene's pattern within a sample, so everything is fitted on within-sample
+        deviations (level shifts between samples and patients would otherwise dominate), and each
+        member's prediction is first put on a common scale (its held-out per-gene spread), so that
+        "equal" means an equal say and stacked weights are comparable. The combination is finally
+        rescaled per gene to the spread of the measured expression.
+        """
         y = spots.targets
-        if not nested:
+        if not n_folds:
             self.weights = np.full((1, len(predictions)), 1.0 / len(predictions), np.float32)
             self.intercepts = np.zeros(y.shape[1], np.float32)
             return
-        X = np.stack(predictions, axis=-1)  # (spots, genes, members)
-        # what is scored is the pattern within each sample, so weights are fitted on within-sample
-        # deviations: level shifts between samples (and patients) would otherwise drive them to zero
+        X = np.stack(predictions, axis=-1).astype(np.float64)  # (spots, genes, members)
         Xc, yc = X.copy(), y.astype(np.float64)
         for sid in np.unique(np.asarray(spots.sample_ids).astype(str)):
             rows = np.asarray(spots.sample_ids).astype(str) == sid
             Xc[rows] -= X[rows].mean(0, keepdims=True)
             yc[rows] -= y[rows].mean(0, keepdims=True)
-        if self.config.weights == "global":
-            self.weights = _nnls(Xc.reshape(-1, X.shape[-1]), yc.reshape(-1))[None, :].astype(np.float32)
+        spread = np.maximum(Xc.std(0), 1e-8)  # (genes, members)
+        Z = Xc / spread
+        mode = self.config.weights
+        if mode == "auto":
+            mode = "global" if n_folds >= self.config.min_stacking_folds else "equal"
+        members = X.shape[-1]
+        if mode == "equal":
+            w = np.full((y.shape[1], members), 1.0 / members)
+        elif mode == "global":
+            w = np.broadcast_to(_nnls(Z.reshape(-1, members), yc.reshape(-1)), (y.shape[1], members))
         else:
-            self.weights = np.stack([_nnls(Xc[:, g], yc[:, g]) for g in range(y.shape[1])]).astype(np.float32)
-        self.intercepts = (y.mean(0) - np.einsum("ngm,gm->g", X, np.broadcast_to(
-            self.weights, (y.shape[1], X.shape[-1]))) / len(X)).astype(np.float32)
+            w = np.stack([_nnls(Z[:, g], yc[:, g]) for g in range(y.shape[1])])
+        combined = np.einsum("ngm,gm->ng", Z, w)
+        scale = yc.std(0) / np.maximum(combined.std(0), 1e-8)
+        self.weights = (w / spread * scale[:, None]).astype(np.float32)
+        self.intercepts = (y.mean(0) - np.einsum("gm,gm->g", self.weights, X.mean(0))).astype(np.float32)
+        self.combination = mode
 
     def _predict(self, spots: SpotSet) -> Prediction:
         preds = np.stack([m.predict(spots).expression for m in self.fitted.values()], axis=-1)

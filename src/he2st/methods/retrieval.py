@@ -79,6 +79,8 @@ class RetrievalMethod(NeuralMethod):
     (the whole transcriptome) -- and :meth:`retrieve` queries any bank.
     """
 
+    query_options = ("query_neighbours",)
+
     Config = RetrievalConfig
     uses_bank = True
 
