@@ -4,8 +4,8 @@ reconstruction.
 Training: image and expression embeddings are aligned contrastively, as in BLEEP. In addition the
 image *tokens* of a spot are randomly masked, attend to *expression tokens* of the same spot
 (expression vector -> self-normalising MLP -> ``T_e`` tokens) through one cross-attention block
-and bidirectional fusion blocks, and the mean-pooled result must reconstruct the spot's *unmasked*
-image embedding (MSE). The total loss is ``log(1 + L_con) + log(1 + L_rec)``. Because the target is
+and fusion blocks (bidirectional here; one-way and weight-shared in CMRCNet's code), and the
+mean-pooled result must reconstruct the spot's *unmasked* image embedding (MSE). The total loss is ``log(1 + L_con) + log(1 + L_rec)``. Because the target is
 the image embedding that retrieval uses, the reconstruction shapes the image tower: the embedding
 must be predictable from half of the image plus the expression, i.e. carry what expression explains.
 
@@ -98,8 +98,10 @@ class CMRCNetConfig(RetrievalConfig):
     cross_heads: int = Field(
         4, gt=0, description="heads of the image-to-expression cross-attention (CMRCNet: 4)"
     )
-    fusion_heads: int = Field(8, gt=0, description="heads of the bidirectional fusion blocks (CMRCNet: 8)")
-    fusion_depth: int = Field(2, ge=0, description="number of bidirectional fusion blocks (CMRCNet: 2)")
+    fusion_heads: int = Field(8, gt=0, description="heads of the bidirectional fusion blocks (CMRCNet's fusion: 8)")
+    fusion_depth: int = Field(
+        2, ge=0, description="number of independent bidirectional fusion blocks (he2st's design; CMRCNet applies one "
+        "one-way block -- image self- then cross-attention, expression tokens unchanged -- twice with shared weights)")
     fusion_mlp_ratio: float = Field(4.0, gt=0, description="MLP width / token width in the attention blocks")
     attention_dropout: float = Field(0.1, ge=0, lt=1, description="dropout in the attention blocks")
     detach_target: bool = Field(
