@@ -151,7 +151,7 @@ class Method(ABC):
         ``unlabelled``: image-only spots (never test spots) for methods that learn from histology alone.
         Spatial context is added to the features here, the same way for every method (training and
         validation spots together, so a spot's neighbours are found whichever set they fell in)."""
-        if not self.context_width > 1:
+        if self.context_width == 1:
             return self._fit(train, val, unlabelled)
         if val is not None and len(val):
             both = self.contextual(SpotSet.concat([train, val]))

@@ -17,16 +17,12 @@ import numpy as np
 
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
-from he2st.methods.neighbourhood import spatial_neighbours
+from he2st.methods.neighbourhood import neighbour_sum
 
 
 def neighbour_mean(features: np.ndarray, coords_um: np.ndarray, sample_ids: np.ndarray, k: int) -> np.ndarray:
     """Mean embedding of each spot's ``k`` nearest other spots of its sample (its own when it has none)."""
-    index, valid = spatial_neighbours(coords_um, sample_ids, k)
-    count = valid.sum(axis=1, keepdims=True)
-    total = np.zeros_like(features, dtype=np.float64)
-    for j in range(k):  # slot by slot: never materialises an (N, k, D) array
-        total += features[index[:, j]] * valid[:, j, None]
+    total, count = neighbour_sum(features, coords_um, sample_ids, k)
     mean = np.where(count > 0, total / np.maximum(count, 1), features)
     return mean.astype(np.float32)
 

@@ -102,7 +102,6 @@ class Ensemble(Method):
         self.fitted: dict[str, Method] = {}
         self.weights = np.zeros((0, 0), np.float32)  # (genes or 1, members)
         self.intercepts = np.zeros(0, np.float32)
-        self.combination = "equal"  # how the weights were set (reported in the selection)
 
     @property
     def halo_hops(self) -> tuple[int, ...]:
@@ -178,7 +177,7 @@ class Ensemble(Method):
                 dropped[label] = "; ".join(dict.fromkeys(failed[(lb, i)] for lb, i in fits if lb == label))
             else:
                 chosen[label] = max(ok, key=lambda v: np.mean(inner[(label, *v)])) if held_out else ok[0]
-        self._stack(spots, [oof[(lb, *v)] for lb, v in chosen.items()], len(held_out))
+        combination = self._stack(spots, [oof[(lb, *v)] for lb, v in chosen.items()], len(held_out))
         kept = list(chosen)
         self.fitted = {}
         for label, (i, q) in chosen.items():
@@ -201,7 +200,7 @@ class Ensemble(Method):
                 lb: {json.dumps(self._variant(lb, i, q), sort_keys=True): round(float(np.mean(inner[(lb, i, q)])), 4)
                      for lb_, i, q in variants if lb_ == lb and inner[(lb, i, q)]}
                 for lb in self.fitted},
-            "combination": self.combination,
+            "combination": combination,
             "weights": {lb: self.weights[:, i].round(4).tolist() for i, lb in enumerate(self.fitted)},
             "dropped": dropped,
         }
@@ -211,8 +210,9 @@ class Ensemble(Method):
         """The options of one tried variant of a member (context features and query-time context)."""
         return self._candidates(label)[i] | self._queries(label)[q]
 
-    def _stack(self, spots: SpotSet, predictions: list[np.ndarray], n_folds: int) -> None:
-        """Per-gene weights of the members from their held-out predictions (equal without inner folds).
+    def _stack(self, spots: SpotSet, predictions: list[np.ndarray], n_folds: int) -> str:
+        """Per-gene weights of the members from their held-out predictions (equal without inner folds);
+        returns how they were set.
 
         What is scored is each gene's pattern within a sample, so everything is fitted on within-sample
         deviations (level shifts between samples and patients would otherwise dominate), and each
@@ -224,7 +224,7 @@ class Ensemble(Method):
         if not n_folds:
             self.weights = np.full((1, len(predictions)), 1.0 / len(predictions), np.float32)
             self.intercepts = np.zeros(y.shape[1], np.float32)
-            return
+            return "equal"
         X = np.stack(predictions, axis=-1).astype(np.float64)  # (spots, genes, members)
         Xc, yc = X.copy(), y.astype(np.float64)
         for sid in np.unique(np.asarray(spots.sample_ids).astype(str)):
@@ -247,7 +247,7 @@ class Ensemble(Method):
         scale = yc.std(0) / np.maximum(combined.std(0), 1e-8)
         self.weights = (w / spread * scale[:, None]).astype(np.float32)
         self.intercepts = (y.mean(0) - np.einsum("gm,gm->g", self.weights, X.mean(0))).astype(np.float32)
-        self.combination = mode
+        return mode
 
     def _predict(self, spots: SpotSet) -> Prediction:
         preds = np.stack([m.predict(spots).expression for m in self.fitted.values()], axis=-1)

@@ -88,9 +88,20 @@ def neighbour_context(
     z = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     if k == 0 or len(z) == 0:
         return z.astype(np.float32)
+    total, count = neighbour_sum(z, coords_um, sample_ids, k, max_distance_um)
+    return ((z + total) / (1 + count)).astype(np.float32)
+
+
+def neighbour_sum(
+    features: np.ndarray, coords_um: np.ndarray, sample_ids: Sequence, k: int, max_distance_um: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of the features of each spot's ``k`` physically nearest spots of its sample (float64), and
+    how many there were ``(N, 1)``; added slot by slot, never as an ``(N, k, D)`` array."""
     index, valid = spatial_neighbours(coords_um, sample_ids, k, max_distance_um)
-    total = z + (z[index] * valid[:, :, None]).sum(axis=1)
-    return (total / (1 + valid.sum(axis=1, keepdims=True))).astype(np.float32)
+    total = np.zeros(features.shape, dtype=np.float64)
+    for j in range(k):
+        total += features[index[:, j]] * valid[:, j, None]
+    return total, valid.sum(axis=1, keepdims=True)
 
 
 def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
