@@ -2,11 +2,14 @@
 
     python benchmarks/wsi_predict.py [--size 40000] [--encoder efficientnet_lite0] [--chunk 512]
                                      [--batch-size 64] [--slide existing.tif] [--embed-sample 1024]
+                                     [--runtimes torch,auto]
 
 Builds a synthetic H&E-like pyramidal TIFF (size x size px at 0.5 µm/px, tiled JPEG, levels at
 1/4 steps as top-level pages) strip by strip in a child process, so neither the image nor its
 build counts towards the measured memory. Then predicts it with a kNN model (random bank, 250
-genes) over the chosen encoder's features at a 100 µm hexagonal grid, and reports:
+genes) over the chosen encoder's features at a 100 µm hexagonal grid, once per embed runtime
+(``--runtimes torch,auto``: he2st before runtimes existed, and today's default), each run in its own
+process, and reports for each:
 
 * spots/s end to end (thumbnail, tissue detection, patch reading, embedding, prediction, writes);
 * the share of busy time spent reading/decoding/resampling patches vs in the model (reading runs
@@ -16,7 +19,7 @@ genes) over the chosen encoder's features at a 100 µm hexagonal grid, and repor
   patches), i.e. what whole-slide streaming costs over embedding pre-cut patches.
 
 The full 40,000 px slide is 1.6 gigapixels (20 x 20 mm, ~18,500 spots under tissue); ``--size 8000``
-(~740 spots) is a quick check.
+(~740 spots) is a quick check. Last, the ratio of each runtime's spots/s to the first's.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import anndata
 import h5py
 import numpy as np
 import tifffile
@@ -133,6 +137,40 @@ def bare_embed_rate(encoder, slide_path: Path, xy: np.ndarray, cfg: EmbedConfig,
     return result.n / result.seconds
 
 
+def measure(slide_path: Path, runtime: str, args: argparse.Namespace, tmp: Path) -> dict:
+    """One `he2st predict` run with ``runtime`` (in its own process, so peak RSS is this run's)."""
+    cfg = EmbedConfig(encoder=args.encoder, batch_size=args.batch_size, runtime=runtime)
+    encoder = load_encoder(cfg)
+    model = small_model(encoder.spec, encoder.embed_dim, tmp / f"knn_{runtime}.pt")
+    chunks: list[ChunkInfo] = []
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    out = predict_slide(model, slide_path, tmp / f"pred_{runtime}", chunk=args.chunk, batch_size=args.batch_size,
+                        encoder=encoder, on_chunk=chunks.append, runtime=runtime)
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    adata = anndata.read_h5ad(out)
+    xy, used = adata.obsm["spatial"], adata.uns["he2st"]["runtime"]
+    n = len(xy)
+    read_s = sum(c.read_s for c in chunks)
+    model_s = sum(c.embed_s + c.predict_s for c in chunks)
+    embed_s = sum(c.embed_s for c in chunks)
+    rng = np.random.default_rng(0)
+    sample = xy[np.sort(rng.choice(n, size=min(n, args.embed_sample), replace=False))]
+    bare = bare_embed_rate(encoder, slide_path, sample, cfg, tmp / f"bare_{runtime}")
+    return {
+        "runtime": runtime, "runtime_used": used, "spots": n, "seconds": wall, "spots_per_s": n / wall,
+        "read_s": read_s, "embed_s": embed_s, "predict_s": model_s - embed_s,
+        "read_share": read_s / (read_s + model_s), "non_model_s": wall - model_s,
+        "peak_rss_mb": peak, "rss_before_predict_mb": rss_before, "bare_embed_patches_per_s": bare,
+        "ratio_to_bare_embed": n / wall / bare, "encoder": args.encoder, "chunk": args.chunk,
+    }
+
+
+def _child(queue: mp.Queue, *arguments) -> None:
+    queue.put(measure(*arguments))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=40_000, help="slide side in px (0.5 µm/px)")
@@ -141,58 +179,46 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--embed-sample", type=int, default=1024, help="patches for the bare `he2st embed` reference")
+    ap.add_argument("--runtimes", default="torch,auto", help="embed runtimes to compare, each in its own process")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args()
 
+    context = mp.get_context("spawn")
+    results = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         slide_path = args.slide
         if slide_path is None:
             slide_path = tmp / f"synthetic_{args.size}.tif"
             start = time.perf_counter()
-            child = mp.get_context("spawn").Process(target=build_slide, args=(slide_path, args.size))
+            child = context.Process(target=build_slide, args=(slide_path, args.size))
             child.start()
             child.join()
             if child.exitcode != 0:
                 raise SystemExit(f"building the slide failed (exit {child.exitcode})")
             print(f"built {args.size}x{args.size} px slide ({slide_path.stat().st_size / 1e6:.0f} MB) "
                   f"in {time.perf_counter() - start:.0f} s")
-        cfg = EmbedConfig(encoder=args.encoder, batch_size=args.batch_size)
-        encoder = load_encoder(cfg)
-        model = small_model(encoder.spec, encoder.embed_dim, tmp / "knn.pt")
-        chunks: list[ChunkInfo] = []
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        start = time.perf_counter()
-        out = predict_slide(model, slide_path, tmp / "pred", chunk=args.chunk, batch_size=args.batch_size,
-                            encoder=encoder, on_chunk=chunks.append)
-        wall = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        with h5py.File(out, "r") as fh:
-            xy = fh["obsm/spatial"][:]
-        n = len(xy)
-        read_s = sum(c.read_s for c in chunks)
-        model_s = sum(c.embed_s + c.predict_s for c in chunks)
-        embed_s = sum(c.embed_s for c in chunks)
-        rng = np.random.default_rng(0)
-        sample = xy[np.sort(rng.choice(n, size=min(n, args.embed_sample), replace=False))]
-        bare = bare_embed_rate(encoder, slide_path, sample, cfg, tmp)
-        e2e = n / wall
-        numbers = {
-            "size_px": args.size if args.slide is None else None, "spots": n, "seconds": wall, "spots_per_s": e2e,
-            "read_s": read_s, "embed_s": embed_s, "predict_s": model_s - embed_s,
-            "read_share": read_s / (read_s + model_s), "non_model_s": wall - model_s,
-            "peak_rss_mb": peak, "rss_before_predict_mb": rss_before, "bare_embed_patches_per_s": bare,
-            "ratio_to_bare_embed": e2e / bare, "encoder": args.encoder, "chunk": args.chunk,
-        }
-    print(f"spots predicted:        {n} in {wall:.1f} s = {e2e:.1f} spots/s end to end")
-    print(f"busy time:              reading/decoding {read_s:.1f} s ({numbers['read_share']:.0%}), "
-          f"model {model_s:.1f} s (embed {embed_s:.1f} s, predict {model_s - embed_s:.1f} s); "
-          f"reading overlaps the model in a prefetch thread")
-    print(f"peak RSS:               {peak:.0f} MB (before predicting: {rss_before:.0f} MB)")
-    print(f"bare `he2st embed`:     {bare:.1f} patches/s on {len(sample)} of the same patches")
-    print(f"ratio predict / embed:  {e2e / bare:.3f}")
+        for runtime in args.runtimes.split(","):
+            (tmp / f"bare_{runtime}").mkdir()
+            queue = context.Queue()
+            child = context.Process(target=_child, args=(queue, slide_path, runtime, args, tmp))
+            child.start()
+            numbers = queue.get()
+            child.join()
+            results.append(numbers)
+            print(f"runtime {runtime} ({numbers['runtime_used']}): {numbers['spots']} spots in "
+                  f"{numbers['seconds']:.1f} s = {numbers['spots_per_s']:.1f} spots/s; peak RSS "
+                  f"{numbers['peak_rss_mb']:.0f} MB; reading {numbers['read_s']:.1f} s "
+                  f"({numbers['read_share']:.0%} of busy time, overlapped), embed {numbers['embed_s']:.1f} s, "
+                  f"predict {numbers['predict_s']:.1f} s; bare `he2st embed` {numbers['bare_embed_patches_per_s']:.1f} "
+                  f"patches/s (ratio predict / embed {numbers['ratio_to_bare_embed']:.3f})")
+    if len(results) > 1:
+        base = results[0]
+        for numbers in results[1:]:
+            print(f"ratio spots/s {numbers['runtime']} / {base['runtime']}: "
+                  f"{numbers['spots_per_s'] / base['spots_per_s']:.2f}  (goal >= 2.5)")
     if args.json:
-        args.json.write_text(json.dumps(numbers, indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,14 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # shared machine with few cores, threads that spin-wait for a busy core made tests 10-50x slower
 # (set before any test module imports torch; CLI subprocesses inherit it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Exported encoder graphs go to a folder of this test session, not the user's cache.
+if "HE2ST_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["HE2ST_CACHE_DIR"] = tempfile.mkdtemp(prefix="he2st-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["HE2ST_CACHE_DIR"], ignore_errors=True)
 
 
 def her2st_root() -> Path:

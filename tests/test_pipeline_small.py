@@ -269,3 +269,18 @@ def test_predictions_do_not_read_test_expression(small, tmp_path):
         b = run_fold(method, blind, cfg).predictions["S1"]
         assert a.expression.shape == (25, 50) and np.isfinite(a.expression).all(), method
         np.testing.assert_array_equal(a.expression, b.expression, err_msg=method)
+
+
+def test_every_runtime_gives_the_same_embeddings_and_is_recorded(small, tmp_path):
+    """The default (a validated ONNX graph when one is installed) and torch agree within 1e-4."""
+    from he2st.encoders.runtime import FP32_TOLERANCE
+
+    work, embed = small
+    cache = PatchCache(Workspace(work).patch_path("S3", PatchSpec()))
+    encoder = load_encoder(embed)
+    files = {runtime: EmbeddingFile(embed_cache(encoder, cache, tmp_path / f"{runtime}.h5",
+                                                embed.model_copy(update={"runtime": runtime})).path)
+             for runtime in ("torch", "auto")}
+    assert files["torch"].attrs["runtime"] == "torch" and files["auto"].attrs["runtime"] in ("openvino", "onnxruntime")
+    assert np.abs(files["torch"].embeddings - files["auto"].embeddings).max() <= FP32_TOLERANCE
+

@@ -120,6 +120,9 @@ def embed(
     encoder: Annotated[str | None, typer.Option(help="preset or timm name (default efficientnet_lite0)")] = None,
     weights: Annotated[Path | None, typer.Option(help="local weights file/folder")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
+    runtime: Annotated[str | None, typer.Option(
+        help="auto (an ONNX graph on OpenVINO or ONNX Runtime on a CPU, torch on a GPU), torch, onnxruntime, "
+             "openvino")] = None,
     samples: Annotated[str | None, typer.Option(help="comma-separated sample ids (default: all prepared)")] = None,
 ) -> None:
     """Embed every prepared spot's patch with a frozen encoder (resumable, reused when done)."""
@@ -129,7 +132,8 @@ def embed(
     from he2st.workflows.embed import embed_workspace, patches_to_embed
 
     cfg = load_config(EmbedRunConfig, config, set_, work_dir=str(work_dir) if work_dir else None, **{
-        "embed.encoder": encoder, "embed.weights": str(weights) if weights else None, "embed.batch_size": batch_size})
+        "embed.encoder": encoder, "embed.weights": str(weights) if weights else None, "embed.batch_size": batch_size,
+        "embed.runtime": runtime})
     ws = Workspace(cfg.work_dir)
     ids = samples.split(",") if samples else ws.sample_ids()
     if not ids:
@@ -139,7 +143,8 @@ def embed(
     for sid, path in summary.paths.items():
         _echo(f"{sid}\t{path}")
     if summary.n_embedded:
-        _echo(f"embedded {summary.n_embedded} patches in {summary.seconds:.1f} s: {summary.throughput:.1f} patches/s")
+        _echo(f"embedded {summary.n_embedded} patches in {summary.seconds:.1f} s: {summary.throughput:.1f} patches/s "
+              f"(runtime {', '.join(sorted(summary.runtimes))})")
     else:
         _echo("all embeddings already present: nothing to do")
 

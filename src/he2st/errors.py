@@ -16,3 +16,7 @@ class He2stError(Exception):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class He2stWarning(UserWarning):
+    """Something he2st worked around (e.g. an encoder that falls back to torch), said in one line."""

@@ -73,7 +73,7 @@ class Encoder(nn.Module):
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Spatial tokens ``(B, N, C)``: ViT patch tokens (no class/register tokens) or a flat CNN map."""
-        return _tokens(self.forward_features(x), self.backbone)
+        return spatial_tokens(self.forward_features(x), self.backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images ``(B, 3, S, S)`` -> embeddings ``(B, embed_dim)``."""
@@ -86,22 +86,16 @@ class Encoder(nn.Module):
             return self.backbone.attentional_pool(features)
         head_norm = getattr(self.backbone, "fc_norm", nn.Identity())
         if pooling == "avg":
-            return head_norm(_tokens(features, self.backbone).mean(dim=1))
+            return head_norm(spatial_tokens(features, self.backbone).mean(dim=1))
         if pooling == "cls":
             return head_norm(features[:, 0])
-        patch_mean = head_norm(_tokens(features, self.backbone).mean(dim=1))
+        patch_mean = head_norm(spatial_tokens(features, self.backbone).mean(dim=1))
         return torch.cat([head_norm(features[:, 0]), patch_mean], dim=-1)
 
     def grid_tokens(self, features: torch.Tensor, grid: int) -> torch.Tensor:
         """Spatial tokens of :meth:`forward_features` output average-pooled to a ``grid x grid`` map,
         ``(B, grid², C)`` row-major -- small enough to cache per spot for token-level methods."""
-        tokens = _tokens(features, self.backbone)
-        batch, n, channels = tokens.shape
-        side = round(n**0.5)
-        if side * side != n:
-            raise He2stError(f"encoder '{self.spec.name}' gives {n} spatial tokens, not a square map")
-        grid_map = tokens.transpose(1, 2).reshape(batch, channels, side, side)
-        return F.adaptive_avg_pool2d(grid_map, grid).flatten(2).transpose(1, 2)
+        return pool_to_grid(spatial_tokens(features, self.backbone), grid, self.spec.name)
 
     def set_trainable(self, trainable: bool) -> Encoder:
         """Enable or disable gradients for all backbone parameters (fine-tuning); returns self."""
@@ -110,13 +104,24 @@ class Encoder(nn.Module):
         return self
 
 
-def _tokens(features: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
-    """Drop prefix (class/register) tokens of a sequence, or flatten a feature map to tokens."""
+def spatial_tokens(features: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+    """Spatial tokens ``(B, N, C)`` of a backbone's ``forward_features`` output: a sequence without
+    its prefix (class/register) tokens, or a feature map flattened to tokens."""
     if features.ndim == 3:
         return features[:, getattr(backbone, "num_prefix_tokens", 0) :]
     if getattr(backbone, "output_fmt", "NCHW") == "NHWC":
         return features.flatten(1, 2)
     return features.flatten(2).transpose(1, 2)
+
+
+def pool_to_grid(tokens: torch.Tensor, grid: int, encoder_name: str) -> torch.Tensor:
+    """Square-map spatial tokens ``(B, N, C)`` average-pooled to ``(B, grid², C)``, row-major."""
+    batch, n, channels = tokens.shape
+    side = round(n**0.5)
+    if side * side != n:
+        raise He2stError(f"encoder '{encoder_name}' gives {n} spatial tokens, not a square map")
+    grid_map = tokens.transpose(1, 2).reshape(batch, channels, side, side)
+    return F.adaptive_avg_pool2d(grid_map, grid).flatten(2).transpose(1, 2)
 
 
 def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:

@@ -1,22 +1,21 @@
-"""Running an encoder on patches: device, precision, stain normalisation and TTA in one place.
+"""Running an encoder on patches: device, precision, runtime, stain normalisation and TTA in one place.
 
 Every path that turns tissue into features -- the patch caches of ``he2st embed`` and whole-slide
-prediction -- goes through :func:`ready_for_inference` and :func:`embed_patches`, so a slide is
-encoded exactly the way the training features were.
+prediction -- goes through :class:`PatchEmbedder`, so a slide is encoded exactly the way the
+training features were.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from he2st.data.embeddings import EmbedConfig
-from he2st.encoders.encoder import Encoder
+from he2st.encoders.encoder import Encoder, pool_to_grid
 from he2st.encoders.registry import create
+from he2st.encoders.runtime import graph_runner, resolve_runtime
 from he2st.encoders.stain import make_stain_normalizer
-from he2st.encoders.tta import embed_with_tta
+from he2st.encoders.tta import CHANNELS_FIRST, CHANNELS_LAST, embed_with_tta
 
 
 def resolve_device(device: str) -> torch.device:
@@ -32,42 +31,75 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16}[precision]
 
 
-def ready_for_inference(
-    encoder: Encoder, config: EmbedConfig
-) -> tuple[torch.device, torch.dtype | None, Callable[[np.ndarray], np.ndarray] | None]:
-    """Move ``encoder`` to the configured device in eval mode (channels-last on GPUs); returns that
-    device, the autocast dtype and the stain normaliser (None: off), so every embedding path -- the
-    patch cache and whole-slide prediction -- encodes tissue identically."""
-    device = resolve_device(config.device)
-    dtype = autocast_dtype(device, config.precision)
-    encoder.to(device).eval()
-    if device.type != "cpu":
-        encoder.to(memory_format=torch.channels_last)
-    stain = make_stain_normalizer(config.stain)[0] if config.stain != "none" else None
-    return device, dtype, stain
+class PatchEmbedder:
+    """uint8 patches ``(B, H, W, 3)`` -> float32 embeddings ``(B, D)`` (and token grids), encoded the
+    way ``config`` says: device, precision, stain normalisation, test-time augmentation and runtime.
 
+    Every path that turns tissue into features -- ``he2st embed`` and whole-slide prediction -- goes
+    through this class, so a slide is encoded exactly the way the training features were. On a CPU
+    the network runs in a validated ONNX graph (:mod:`he2st.encoders.runtime`) when
+    ``config.runtime`` allows; :attr:`runtime` names the one in use, for the record.
+    """
 
-def embed_patches(
-    encoder: Encoder, patches: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype | None,
-    stain: Callable[[np.ndarray], np.ndarray] | None = None, tta: str = "none", token_grid: int = 0,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Embed a batch of uint8 patches (B, H, W, 3) -> float32 (B, D), and with ``token_grid`` > 0 the
-    token grid (B, g², C) from the same forward pass (a second pass of the plain view under TTA)."""
-    if stain is not None:
-        patches = stain(np.asarray(patches))
-    x = encoder.preprocess(patches).to(device).contiguous(memory_format=torch.channels_last)
-    tokens = None
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        if tta != "none":
-            out = embed_with_tta(encoder, x, tta)
-            if token_grid:
-                tokens = encoder.grid_tokens(encoder.forward_features(x), token_grid)
+    def __init__(self, encoder: Encoder, config: EmbedConfig, patch_px: int, token_grid: int = 0) -> None:
+        self.encoder, self.tta, self.token_grid = encoder, config.tta, token_grid
+        self.device = resolve_device(config.device)
+        self.dtype = autocast_dtype(self.device, config.precision)
+        self.stain = make_stain_normalizer(config.stain)[0] if config.stain != "none" else None
+        encoder.to(self.device).eval()
+        if self.device.type != "cpu":
+            encoder.to(memory_format=torch.channels_last)
+        self.runtime = resolve_runtime(config.runtime, self.device, self.dtype)
+        # Patches already at the encoder's input size are normalised inside the graph.
+        self._raw_input = patch_px == encoder.spec.input_size
+        self._graph = None
+        if self.runtime != "torch":
+            self._graph = graph_runner(encoder, self.runtime, self._raw_input, bool(token_grid),
+                                       torch.get_num_threads())
+            if self._graph is None:
+                self.runtime = "torch"
+
+    def __call__(self, patches: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embeddings ``(B, D)`` and, with ``token_grid`` > 0, the token grid ``(B, g², C)`` from the
+        same forward pass (a second pass of the plain view under TTA)."""
+        if self.stain is not None:
+            patches = self.stain(np.asarray(patches))
+        if self._graph is None:
+            x = self.encoder.preprocess(patches).to(self.device).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype,
+                                                         enabled=self.dtype is not None):
+                pooled, tokens = self._torch_forward(x)
         else:
-            features = encoder.forward_features(x)
-            out = encoder.pool(features)
-            if token_grid:
-                tokens = encoder.grid_tokens(features, token_grid)
-    return out.float().cpu().numpy(), None if tokens is None else tokens.float().cpu().numpy()
+            if self._raw_input:
+                x = torch.from_numpy(np.ascontiguousarray(patches)) if isinstance(patches, np.ndarray) else patches
+                dims = CHANNELS_LAST
+            else:
+                x, dims = self.encoder.preprocess(patches), CHANNELS_FIRST
+            pooled, tokens = self._graph_forward(x, dims)
+        return pooled.float().cpu().numpy(), None if tokens is None else tokens.float().cpu().numpy()
+
+    def _torch_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.tta != "none":
+            pooled = embed_with_tta(self.encoder, x, self.tta)
+            features = self.encoder.forward_features(x) if self.token_grid else None
+        else:
+            features = self.encoder.forward_features(x)
+            pooled = self.encoder.pool(features)
+        tokens = self.encoder.grid_tokens(features, self.token_grid) if self.token_grid else None
+        return pooled, tokens
+
+    def _graph_forward(self, x: torch.Tensor, dims: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def run(view: torch.Tensor) -> list[torch.Tensor]:
+            return [torch.from_numpy(out) for out in self._graph(np.ascontiguousarray(view.numpy()))]
+
+        if self.tta != "none":
+            pooled = embed_with_tta(lambda view: run(view)[0], x, self.tta, dims)
+            outputs = run(x) if self.token_grid else None
+        else:
+            outputs = run(x)
+            pooled = outputs[0]
+        tokens = pool_to_grid(outputs[1], self.token_grid, self.encoder.spec.name) if self.token_grid else None
+        return pooled, tokens
 
 
 def load_encoder(config: EmbedConfig) -> Encoder:

@@ -8,8 +8,7 @@ transforms; ``flips`` is a cheaper 3-view compromise (identity, horizontal, vert
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from types import MappingProxyType
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -19,43 +18,46 @@ from he2st.errors import He2stError
 TtaMode = Literal["none", "flips", "d4"]
 
 _Transform = Callable[[torch.Tensor], torch.Tensor]
-_H, _W = -2, -1
+CHANNELS_FIRST = (-2, -1)  # (B, C, H, W) tensors
+CHANNELS_LAST = (1, 2)  # (B, H, W, C) uint8 patches
 
 
-def _rotation(quarter_turns: int, mirrored: bool) -> _Transform:
+def _flip(dim: int) -> _Transform:
+    return lambda x: torch.flip(x, dims=(dim,))
+
+
+def _rotation(quarter_turns: int, mirrored: bool, dims: tuple[int, int]) -> _Transform:
     def apply(x: torch.Tensor) -> torch.Tensor:
-        x = torch.flip(x, dims=(_W,)) if mirrored else x
-        return torch.rot90(x, k=quarter_turns, dims=(_H, _W)) if quarter_turns else x
+        x = torch.flip(x, dims=(dims[1],)) if mirrored else x
+        return torch.rot90(x, k=quarter_turns, dims=dims) if quarter_turns else x
 
     return apply
 
 
-_TRANSFORMS: Mapping[str, tuple[_Transform, ...]] = MappingProxyType(
-    {
-        "none": (lambda x: x,),
-        "flips": (lambda x: x, lambda x: torch.flip(x, dims=(_W,)), lambda x: torch.flip(x, dims=(_H,))),
-        "d4": tuple(_rotation(k, mirrored) for mirrored in (False, True) for k in range(4)),
-    }
-)
+def views(mode: str, dims: tuple[int, int] = CHANNELS_FIRST) -> tuple[_Transform, ...]:
+    """The transforms of ``mode`` over the spatial ``dims`` (height, width), identity first."""
+    if mode == "none":
+        return (lambda x: x,)
+    if mode == "flips":
+        return (lambda x: x, _flip(dims[1]), _flip(dims[0]))
+    if mode == "d4":
+        return tuple(_rotation(k, mirrored, dims) for mirrored in (False, True) for k in range(4))
+    raise He2stError(f"unknown test-time augmentation '{mode}': choose none, flips or d4")
 
 
 def embed_with_tta(
-    encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: TtaMode = "none"
+    encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: TtaMode = "none",
+    dims: tuple[int, int] = CHANNELS_FIRST,
 ) -> torch.Tensor:
-    """Mean of ``encoder`` over the augmented views of ``x`` (``(B, C, H, W)``, square for d4).
+    """Mean of ``encoder`` over the augmented views of ``x`` (spatial ``dims``; square for d4).
 
-    Views are encoded one at a time, so memory stays that of a single batch.
+    Views are encoded one at a time, so memory stays that of a single batch. Normalisation is
+    per pixel, so augmenting raw patches (``CHANNELS_LAST``) equals augmenting normalised input.
     """
-    transforms = _transforms(mode)
-    if mode == "d4" and x.shape[_H] != x.shape[_W]:
-        raise He2stError(f"d4 test-time augmentation needs square inputs, got {tuple(x.shape[-2:])}")
+    transforms = views(mode, dims)
+    if mode == "d4" and x.shape[dims[0]] != x.shape[dims[1]]:
+        raise He2stError(f"d4 test-time augmentation needs square inputs, got {(x.shape[dims[0]], x.shape[dims[1]])}")
     total = encoder(transforms[0](x))
     for transform in transforms[1:]:
         total = total + encoder(transform(x))
     return total / len(transforms)
-
-
-def _transforms(mode: str) -> tuple[_Transform, ...]:
-    if mode not in _TRANSFORMS:
-        raise He2stError(f"unknown test-time augmentation '{mode}': choose none, flips or d4")
-    return _TRANSFORMS[mode]

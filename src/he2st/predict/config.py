@@ -31,6 +31,8 @@ class PredictConfig(BaseModel):
     weights: Path | None = Field(None, description="encoder weights file (default: the model card's)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto", description="what runs the encoder (see `he2st embed`): auto = a validated ONNX graph on a CPU")
     stain: Literal["none", "macenko", "reinhard"] | None = Field(
         None, description="stain normalisation (default: as the model's training features)")
     tta: Literal["none", "flips", "d4"] | None = Field(

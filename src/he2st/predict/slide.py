@@ -32,7 +32,7 @@ from he2st.data.sample import Sample
 from he2st.data.slide import Slide, open_slide
 from he2st.data.spots import SpotSet
 from he2st.encoders import Encoder
-from he2st.encoders.inference import embed_patches, load_encoder, ready_for_inference
+from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.encoders.spec import EncoderSpec
 from he2st.errors import He2stError
 from he2st.methods import Method
@@ -123,7 +123,8 @@ def run_prediction(
     weights = config.weights if config.weights is not None else trained.weights
     gene_index = _select_genes(list(method.panel.genes), config.genes)
     enc_cfg = EmbedConfig(encoder=trained_encoder.name, weights=weights, batch_size=config.batch_size,
-                          device=config.device, precision=config.precision, stain=stain, tta=tta)
+                          device=config.device, precision=config.precision, runtime=config.runtime, stain=stain,
+                          tta=tta)
 
     with open_slide(slide_path) as slide:
         mpp = resolve_mpp(config.mpp, slide, sample)
@@ -148,7 +149,8 @@ def run_prediction(
         partial = config.out / f"{library_id}.partial.h5"
         width = encoder.embed_dim * (2 if method.reads_field else 1)  # spot features, then the field's
         open_partial(partial, stamp, grid, len(gene_index), width, config.chunk)
-        _run_chunks(slide, method, encoder, enc_cfg, grid, patch, mpp, library_id, gene_index, partial,
+        embedder = PatchEmbedder(encoder, enc_cfg, patch.size_px)
+        _run_chunks(slide, method, embedder, config.batch_size, grid, patch, mpp, library_id, gene_index, partial,
                     config.chunk, on_chunk)
 
     meta = {
@@ -160,6 +162,7 @@ def run_prediction(
         "spots": "hex_grid" if sample is None else f"sample:{sample.sample_id}", "tissue": tissue_source,
         "pitch_um": float(grid.pitch_um or 0.0), "spot_diameter_um": float(grid.spot_diameter_um),
         "trained_on": json.dumps(method.card.training_samples), "stain": stain, "tta": tta,
+        "runtime": embedder.runtime,
     }
     write_h5ad(partial, final, grid, [method.panel.genes[i] for i in gene_index], thumb, scale, mpp,
                library_id, meta)
@@ -203,7 +206,7 @@ def _check_encoder(encoder: Encoder, trained: EncoderSpec, where: Path | None) -
             f"got encoder {encoder.spec.name!r} ({encoder.embed_dim}-d)", where)
 
 
-def _run_chunks(slide: Slide, method: Method, encoder: Encoder, cfg: EmbedConfig, grid: SpotGrid, patch: PatchSpec,
+def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_size: int, grid: SpotGrid, patch: PatchSpec,
                 mpp: float, library_id: str, gene_index: list[int], partial: Path, chunk: int,
                 on_chunk: Callable[[ChunkInfo], None] | None) -> None:
     """Read (one chunk ahead, in a thread), embed and commit chunks; predict each chunk once the
@@ -213,8 +216,7 @@ def _run_chunks(slide: Slide, method: Method, encoder: Encoder, cfg: EmbedConfig
     hops = method.halo_hops
     tree = cKDTree(grid.xy) if hops else None
     sides = [patch.field_um / mpp] + ([patch.context_field().field_um / mpp] if method.reads_field else [])
-    dim = encoder.embed_dim
-    device, dtype, stain = ready_for_inference(encoder, cfg)
+    dim = embedder.encoder.embed_dim
 
     def read(i: int) -> tuple[list[np.ndarray], float]:
         """The chunk's spot patches (and context-field patches when the method reads them)."""
@@ -225,8 +227,7 @@ def _run_chunks(slide: Slide, method: Method, encoder: Encoder, cfg: EmbedConfig
 
     def embed(patches: np.ndarray) -> np.ndarray:
         return np.concatenate([
-            embed_patches(encoder, patches[j : j + cfg.batch_size], device, dtype, stain, cfg.tta)[0]
-            for j in range(0, len(patches), cfg.batch_size)])
+            embedder(patches[j : j + batch_size])[0] for j in range(0, len(patches), batch_size)])
 
     def predict(fh: h5py.File, i: int, features: np.ndarray | None, patches: np.ndarray | None) -> None:
         a, b = i * chunk, min((i + 1) * chunk, n)

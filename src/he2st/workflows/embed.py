@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.patches import PatchCache, PatchSpec
 from he2st.encoders import Encoder
-from he2st.encoders.inference import embed_patches, load_encoder, ready_for_inference
+from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.errors import He2stError
 
 FORMAT = 1
@@ -44,21 +45,25 @@ def recipe(config: EmbedConfig, encoder: Encoder, cache: PatchCache) -> dict[str
     return wanted
 
 
-class _PatchChunks(Dataset):
-    """Chunks of uint8 patches read straight from the HDF5 cache (one h5 handle per worker)."""
+def _patch_chunks(path: Path, start: int, stop: int, chunk: int, read_ahead: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Chunks of uint8 patches from the HDF5 cache, read ``read_ahead`` chunks ahead in a thread.
 
-    def __init__(self, path: Path, start: int, stop: int, chunk: int) -> None:
-        self.path, self.start, self.stop, self.chunk = path, start, stop, chunk
-        self._fh: h5py.File | None = None
-
-    def __len__(self) -> int:
-        return (self.stop - self.start + self.chunk - 1) // self.chunk
-
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
-        if self._fh is None:
-            self._fh = h5py.File(self.path, "r")
-        a = self.start + i * self.chunk
-        return a, self._fh["img"][a : min(a + self.chunk, self.stop)]
+    A thread, not a worker process: reading an uncompressed chunk takes ~1% of encoding it, and on a
+    small machine a second process pre-empts the runtime's compute threads (measured: half the rate
+    with one DataLoader worker beside a 2-thread OpenVINO graph)."""
+    with h5py.File(path, "r") as fh:
+        images = fh["img"]
+        starts = range(start, stop, chunk)
+        if not read_ahead:
+            yield from ((a, images[a : min(a + chunk, stop)]) for a in starts)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = deque(pool.submit(lambda a=a: images[a : min(a + chunk, stop)]) for a in starts[:read_ahead])
+            for i, a in enumerate(starts):
+                if i + read_ahead < len(starts):
+                    b = starts[i + read_ahead]
+                    pending.append(pool.submit(lambda b=b: images[b : min(b + chunk, stop)]))
+                yield a, pending.popleft().result()
 
 
 @dataclass
@@ -70,10 +75,18 @@ class EmbedResult:
 
 
 def embed_cache(
-    encoder: Encoder, cache: PatchCache, out: Path, config: EmbedConfig,
+    encoder: Encoder | PatchEmbedder, cache: PatchCache, out: Path, config: EmbedConfig,
     on_progress: Callable[[int], None] | None = None,
 ) -> EmbedResult:
-    """Embed one patch cache into ``out`` (resuming a partial file made with the same recipe)."""
+    """Embed one patch cache into ``out`` (resuming a partial file made with the same recipe).
+
+    Pass a :class:`PatchEmbedder` to reuse one (its runtime's graph is exported and validated once).
+    The file records the runtime that ran the encoder; it is not part of the recipe, since every
+    runtime gives the same numbers within :data:`he2st.encoders.runtime.FP32_TOLERANCE`."""
+    if isinstance(encoder, PatchEmbedder):
+        embedder, encoder = encoder, encoder.encoder
+    else:
+        embedder = PatchEmbedder(encoder, config, cache.spec.size_px, config.token_grid)
     wanted = recipe(config, encoder, cache)
     if out.exists():
         try:
@@ -103,17 +116,11 @@ def embed_cache(
             fh.create_dataset("embeddings", shape=(n, dim), dtype=np.float32)
             fh.create_dataset("barcodes", data=np.array([b.encode() for b in cache.barcodes]))
             fh.attrs.update(wanted | {"format": FORMAT, "n_done": 0, "patch_cache": str(cache.path)})
-    device, dtype, stain = ready_for_inference(encoder, config)
-    loader = DataLoader(
-        _PatchChunks(cache.path, done, n, config.batch_size), batch_size=None, shuffle=False,
-        num_workers=config.num_workers, prefetch_factor=4 if config.num_workers else None,
-        persistent_workers=False,
-    )
     start_time = time.perf_counter()
     with h5py.File(partial, "a") as fh, torch.inference_mode():
         emb = fh["embeddings"]
-        for start, batch in loader:
-            vectors, tokens = embed_patches(encoder, batch, device, dtype, stain, config.tta, config.token_grid)
+        for start, batch in _patch_chunks(cache.path, done, n, config.batch_size, config.num_workers):
+            vectors, tokens = embedder(batch)
             emb[start : start + len(vectors)] = vectors
             if tokens is not None:
                 if "tokens" not in fh:  # its width is known once the encoder has run
@@ -124,6 +131,7 @@ def embed_cache(
             fh.flush()
             if on_progress is not None:
                 on_progress(len(vectors))
+        fh.attrs["runtime"] = embedder.runtime
     seconds = time.perf_counter() - start_time
     os.replace(partial, out)
     return EmbedResult(out, n, seconds, reused=False)
@@ -134,6 +142,7 @@ class EmbedSummary:
     paths: dict[str, Path]
     n_embedded: int
     seconds: float
+    runtimes: set[str]  # what ran the encoder (several only when patch sizes differ and one graph was refused)
 
     @property
     def throughput(self) -> float:
@@ -148,18 +157,22 @@ def embed_workspace(
     """Embed the patch caches of ``sample_ids`` in a work folder (spot patches and their context field);
     finished files are reused. ``paths`` names each sample's spot-embedding file."""
     encoder = encoder or load_encoder(config)
+    embedders: dict[int, PatchEmbedder] = {}  # by patch size: one export and validation per run
     paths: dict[str, Path] = {}
     n_done, seconds = 0, 0.0
     for sid in sample_ids:
         for spec in patch_specs(workspace, sid, patch):
             cache = PatchCache(workspace.patch_path(sid, spec))
             cache.check(spec)
-            result = embed_cache(encoder, cache, workspace.embedding_path(config, sid, spec), config, on_progress)
+            if spec.size_px not in embedders:
+                embedders[spec.size_px] = PatchEmbedder(encoder, config, spec.size_px, config.token_grid)
+            result = embed_cache(embedders[spec.size_px], cache, workspace.embedding_path(config, sid, spec), config,
+                                 on_progress)
             paths.setdefault(sid, result.path)
             if not result.reused:
                 n_done += result.n
                 seconds += result.seconds
-    return EmbedSummary(paths, n_done, seconds)
+    return EmbedSummary(paths, n_done, seconds, {e.runtime for e in embedders.values()})
 
 
 def patch_specs(workspace, sample_id: str, patch: PatchSpec) -> list[PatchSpec]:
