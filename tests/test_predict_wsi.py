@@ -267,7 +267,9 @@ def test_retrieval_methods_with_query_context_get_a_halo():
     assert create_method("bleep").context_k == 0
     assert create_method("bleep", query_neighbours=3).context_k == 3
     assert create_method("nh2st").context_k == 8
-    assert create_method("nh2st", neighbours=False).context_k == 0
+    assert create_method("nh2st", neighbours=False).context_k == 8  # the head still reads the neighbours
+    assert create_method("nh2st", head_neighbour_context=False).context_k == 0  # the branch is training-only
+    assert create_method("nh2st_faithful").context_k == 0
 
 
 def test_slide_is_encoded_with_the_stain_and_tta_of_the_models_training(model_path, slide_path, encoder, tmp_path):

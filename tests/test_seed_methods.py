@@ -23,7 +23,7 @@ from he2st.methods.neighbourhood import (
     spatial_neighbours,
 )
 from he2st.methods.nh2st import NH2ST
-from he2st.methods.nn import BidirectionalFusion, ExpressionTokenizer, fuse
+from he2st.methods.nn import BidirectionalFusion, ExpressionTokenizer
 
 SEED_METHODS = {cls.name: cls for cls in (CMRCNet, NH2ST, CarHE)}
 EPOCHS = {"epochs": 6, "batch_size": 48, "patience": 3}
@@ -204,7 +204,7 @@ def test_nh2st_neighbourhoods_never_cross_samples_at_prediction():
     alone = method.predict(test)
     together = method.predict(SpotSet.concat([other, test.without_expression()]))
     np.testing.assert_allclose(together.expression[len(other) :], alone.expression, rtol=1e-5, atol=1e-6)
-    nodes, valid = method.neighbourhoods(test)
+    nodes, valid = method.neighbourhoods(test, method.context_k)
     assert nodes.shape == (len(test), 1 + method.config.neighbour_k) and valid[:, 0].all()
 
 
@@ -253,11 +253,11 @@ def test_fusion_with_padding_and_token_shapes():
     fusion = BidirectionalFusion(16, heads=4, depth=1).eval()
     a, valid = _padded_batch()
     b = torch.randn(4, 6, 16)
-    fa, fb = fuse(fusion, a, b, valid, valid)
+    fa, fb = fusion(a, b, valid, valid)
     assert fa.shape == a.shape and fb.shape == b.shape
     b2 = b.clone()
     b2[~valid] = 50.0
-    torch.testing.assert_close(fuse(fusion, a, b2, valid, valid)[0], fa)
+    torch.testing.assert_close(fusion(a, b2, valid, valid)[0], fa)
     tok = ExpressionTokenizer(12, n_tokens=8, dim=16, hidden=32)
     assert tok(torch.randn(5, 12)).shape == (5, 8, 16)
     method = CMRCNet(attention_dim=16, cross_heads=2, fusion_heads=4, projection_dim=24)
@@ -357,7 +357,7 @@ def test_carhe_unlabelled_spots_and_full_transcriptome_bank():
     ("name", "options", "absent"),
     [
         ("cmrcnet", {"reconstruction": False}, "reconstructor"),
-        ("nh2st", {"neighbours": False}, "image_neighbourhood"),
+        ("nh2st", {"neighbours": False}, "expression_neighbourhood"),
         ("nh2st", {"fusion": False}, "target_fusion"),
         ("nh2st", {"contrastive": False}, "target_fusion"),
         ("carhe", {"histology_transfer": False}, "histology_projector"),
@@ -371,6 +371,26 @@ def test_ablation_switches_remove_their_component(name, options, absent, tmp_pat
     assert np.isfinite(pred.expression).all()
     back = load_method(method.save(tmp_path / "m.pt"))
     np.testing.assert_array_equal(back.predict(test).expression, pred.expression)
+
+
+def test_nh2st_neighbour_branch_and_head_inputs_are_separate_switches():
+    """`nh2st-no_neighbours` drops the neighbour branch only: the head still reads the neighbours' images;
+    `head_neighbour_context=False` changes only what the head reads."""
+    dim = SMALL["nh2st"]["dim"]
+    no_branch, _, _, test = fit_method("nh2st", neighbours=False, train=EPOCHS | {"epochs": 1})
+    modules = dict(no_branch.net.named_children())
+    assert "expression_neighbourhood" not in modules and "neighbour_fusion" not in modules
+    assert "image_neighbourhood" in modules and no_branch.net.head[0].in_features == 2 * dim
+    assert no_branch.context_k == no_branch.config.neighbour_k
+    spot_head, _, _, _ = fit_method("nh2st", head_neighbour_context=False, train=EPOCHS | {"epochs": 1})
+    modules = dict(spot_head.net.named_children())
+    assert {"image_neighbourhood", "expression_neighbourhood", "neighbour_fusion"} <= set(modules)
+    assert spot_head.net.head[0].in_features == dim and spot_head.context_k == 0
+    # a head on the spot alone predicts a spot the same whichever spots come with it
+    alone = spot_head.predict(test.subset(np.arange(5))).expression
+    np.testing.assert_allclose(spot_head.predict(test).expression[:5], alone, rtol=1e-5, atol=1e-6)
+    with_context = no_branch.predict(test).expression[:5]
+    assert not np.allclose(no_branch.predict(test.subset(np.arange(5))).expression, with_context)
 
 
 def test_cmrcnet_without_reconstruction_optimises_the_contrastive_loss_only():

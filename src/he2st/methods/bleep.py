@@ -6,11 +6,17 @@ Two presets share this code:
 
 * ``bleep_faithful`` -- the paper's choices: BLEEP projection heads on both sides (the expression
   vector goes straight into a projection head), the soft-target CLIP loss at temperature 1 on
-  unnormalised embeddings, AdamW (lr 1e-3, wd 1e-3), batch 256, plain average of the top-50
-  reference profiles by cosine similarity.
+  unnormalised embeddings, AdamW (lr 1e-3, wd 1e-3), batch 256, no gradient clipping, every one of
+  60 epochs run and the best kept, plain average of the top-50 reference profiles by cosine
+  similarity. Unavoidable differences (docs/faithful_methods.md): the image side is a projection head
+  on frozen cached embeddings (BLEEP fine-tunes its ResNet-50; the ``finetune_encoder`` path does that
+  on a GPU, with augmentation), the kept epoch is chosen by the Pearson of the predictions on
+  validation spots of training patients (BLEEP: lowest loss on a random 80/20 spot split), one
+  process (BLEEP: 4 GPUs of 128 spots, each its own loss), no Harmony correction of the targets.
 * ``bleep`` (he2st's improved variant) -- L2-normalised embeddings with a learnable temperature;
-  negatives beyond the batch from a bank of every training spot's detached embeddings, refreshed each
-  epoch and sampled per step, with soft targets from measured expression similarity (so results do
+  negatives beyond the batch from a bank of every training spot's embeddings, recomputed once per
+  epoch without gradients and with dropout off, and sampled per step (the batch itself keeps its
+  gradients), with soft targets from measured expression similarity (so results do
   not hinge on batch size, BLEEP's known single-GPU failure; the cost stays linear in the number of
   spots); an MLP expression encoder; softmax-weighted retrieval; 5 seeded heads trained together on
   different batch compositions, whose similarities are averaged; early stopping on the validation
@@ -31,10 +37,8 @@ from pydantic import Field
 from torch import nn
 
 from he2st.data.spots import SpotSet
-from he2st.encoders import create
-from he2st.encoders.augment import augment_batch
-from he2st.errors import He2stError
 from he2st.methods.base import TrainLog, preset
+from he2st.methods.finetune import FinetuneConfig, patch_batch, trainable_encoder
 from he2st.methods.losses import ContrastiveLoss, EmbeddingQueue, bleep_soft_clip_loss
 from he2st.methods.nn import ProjectionHead, expression_tower
 from he2st.methods.registry import register_method
@@ -42,8 +46,9 @@ from he2st.methods.retrieval import RetrievalConfig, RetrievalMethod
 from he2st.methods.training import TrainConfig, fit_minibatches
 
 
-class BLEEPConfig(RetrievalConfig):
-    """Options of BLEEP (defaults = he2st's improved variant; alignment and retrieval: RetrievalConfig)."""
+class BLEEPConfig(RetrievalConfig, FinetuneConfig):
+    """Options of BLEEP (defaults = he2st's improved variant; alignment and retrieval: RetrievalConfig;
+    end-to-end training: FinetuneConfig)."""
 
     negatives: Literal["batch", "queue", "all"] = Field(
         "all",
@@ -51,12 +56,6 @@ class BLEEPConfig(RetrievalConfig):
         "every training spot refreshed each epoch (frozen-feature path; 'queue' end to end)",
     )
     queue_size: int = Field(1024, ge=0, description="size of the memory queue for negatives='queue'")
-    finetune_encoder: bool = Field(False, description="train the image encoder end to end on patches (GPU path)")
-    encoder: str | None = Field(
-        None, description="encoder preset for finetune_encoder (default: the model card's embedding encoder)")
-    encoder_weights: str | None = Field(None, description="local weights for that encoder")
-    encoder_pretrained: bool = Field(True, description="start fine-tuning from pretrained weights")
-    augment: bool = Field(True, description="dihedral + colour augmentation of patches when fine-tuning")
     standardize_targets: bool = Field(
         False, description="z-score each gene (training statistics) before the expression tower (BLEEP: False); "
         "predictions stay on the panel's scale")
@@ -70,7 +69,8 @@ BLEEPFaithfulConfig = preset(
     BLEEPConfig, "BLEEPFaithfulConfig", "BLEEP exactly as published (see the module docstring).",
     expression_encoder="projection", loss="bleep_soft", temperature=1.0, learn_temperature=False,
     negatives="batch", ensemble=1, weighting="average",
-    train=TrainConfig(epochs=60, batch_size=256, lr=1e-3, weight_decay=1e-3),
+    # BLEEP trains every epoch and keeps the best checkpoint, without gradient clipping
+    train=TrainConfig(epochs=60, batch_size=256, lr=1e-3, weight_decay=1e-3, patience=60, grad_clip=None),
 )
 
 
@@ -119,13 +119,6 @@ class BLEEP(RetrievalMethod):
         self.losses = nn.ModuleList()  # one ContrastiveLoss per member (empty for BLEEP's fixed-τ loss)
 
     # ------------------------------------------------------------------ building blocks
-    def _encoder_name(self) -> str:
-        if self.config.encoder:
-            return self.config.encoder
-        if self.card is not None and self.card.encoder is not None:
-            return self.card.encoder.name
-        raise He2stError("bleep: finetune_encoder needs the `encoder` option or a model card with an encoder")
-
     def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
         cfg = self.config
         image_dim = dims["image_dim"]
@@ -133,9 +126,7 @@ class BLEEP(RetrievalMethod):
         for _ in range(cfg.ensemble):
             encoder = None
             if cfg.finetune_encoder:
-                encoder = create(self._encoder_name(), weights=cfg.encoder_weights,
-                                 pretrained=pretrained and cfg.encoder_pretrained)
-                encoder.set_trainable(True)
+                encoder = trainable_encoder(cfg, self.card, pretrained)
                 image_dim = encoder.embed_dim
             self.nets.append(BLEEPNet(image_dim, dims["n_genes"], cfg, encoder))
             if cfg.loss == "contrastive":
@@ -156,12 +147,7 @@ class BLEEP(RetrievalMethod):
                       gen: torch.Generator | None) -> torch.Tensor:
         """Standardised features, or (end to end) augmented + preprocessed patches."""
         if net.encoder is not None:
-            if spots.patches is None:
-                raise He2stError("finetune_encoder needs patches (load spots with with_patches=True)")
-            patches = torch.from_numpy(spots.patches[idx.numpy()])
-            if train and self.config.augment:
-                patches = augment_batch(patches, gen)
-            return net.encoder.preprocess(patches)
+            return patch_batch(net.encoder, spots, idx, train and self.config.augment, gen)
         return torch.from_numpy(self.scaler(spots.features[idx.numpy()])).to(self._device)
 
     # ------------------------------------------------------------------ training

@@ -2,32 +2,50 @@
 reconstruction.
 
 Training: image and expression embeddings are aligned contrastively, as in BLEEP. In addition the
-image *tokens* of a spot are randomly masked, attend to *expression tokens* of the same spot
-(expression vector -> self-normalising MLP -> ``T_e`` tokens) through one cross-attention block
-and fusion blocks (bidirectional here; one-way and weight-shared in CMRCNet's code), and the
-mean-pooled result must reconstruct the spot's *unmasked* image embedding (MSE). The total loss is ``log(1 + L_con) + log(1 + L_rec)``. Because the target is
-the image embedding that retrieval uses, the reconstruction shapes the image tower: the embedding
-must be predictable from half of the image plus the expression, i.e. carry what expression explains.
+image *tokens* of a spot are randomly masked, attend to *expression tokens* of the same spot, and
+the result must reconstruct the spot's *unmasked* image embedding (MSE); the total loss is
+``log(1 + L_con) + log(1 + L_rec)``. Because the target is the image embedding that retrieval uses,
+the reconstruction shapes the image tower. Prediction: BLEEP retrieval (image embedding -> nearest
+reference expression embeddings -> the average of their profiles); the reconstruction branch is
+training-only.
 
-Prediction: BLEEP retrieval. Only the image side runs (image embedding -> nearest reference
-expression embeddings -> their profiles); the reconstruction branch is training-only.
+Two presets share this code (every difference, with the published values: docs/faithful_methods.md):
 
-Frozen-feature path (he2st's CPU path; CMRCNet trains its ViT from scratch):
+* ``cmrcnet_faithful`` -- the published choices: BLEEP projection heads on both sides, BLEEP's
+  soft-target loss at τ = 1 on unnormalised embeddings with ``log(1 + ·)`` taken per spot before the
+  batch mean; expression tokens from one Linear-ELU-AlphaDropout(0.25) layer (8 x 256); image tokens
+  projected to 256 and masked element-wise with probability 0.5; a plain 4-head attention in which
+  the masked image tokens query the expression tokens (no residual, norm or MLP); one fusion block
+  applied twice with shared weights (image self-attention + MLP, then MCFN cross-attention to the
+  expression tokens, which pass unchanged: one-way); the mean of the image stream is the
+  reconstruction; AdamW lr 1e-4 cosine-decayed to 1e-5 over 60 epochs, weight decay 1e-3, batch 64,
+  no gradient clipping, every epoch run and the best one kept; top-50 plain average.
+  Unavoidable differences on he2st's CPU path: the image embedding is a projection head on the frozen
+  encoder's pooled vector (CMRCNet: the mean of its ViT's 50 tokens, trained from scratch), the image
+  tokens are a cached pooled grid of the frozen encoder's spatial map or, without one, chunks of the
+  pooled vector; the kept epoch is chosen by the validation Pearson of the predictions on spots of
+  training patients (CMRCNet: lowest loss on a random 80/20 split of training spots); fp32 and no EMA
+  copy (CMRCNet keeps one but does not use it). The published end-to-end recipe runs through
+  ``finetune_encoder=True, encoder="vit_base_patch32_224", encoder_pretrained=False`` (tokens: the
+  ViT's 49 patch tokens; embedding: the encoder's own pooling) -- a GPU path: on one CPU thread a
+  step of 64 patches takes about 37 s, i.e. about 17 minutes per her2st LOPO epoch.
+* ``cmrcnet`` (he2st's variant) -- differs from the faithful preset in: he2st's improved-BLEEP
+  alignment (L2-normalised embeddings, learned τ from 0.07, a bank of every training spot as
+  negatives with soft targets from measured expression similarity, ``log(1 + ·)`` of the batch mean),
+  an MLP expression encoder, softmax-weighted retrieval; the reconstruction branch
+  (``reconstructor="he2st"``): expression tokens from a Linear-SELU-AlphaDropout-Linear MLP, a
+  learned position embedding on the image tokens, a pre-norm cross-attention block with residual and
+  MLP, two independent bidirectional fusion blocks, and a linear map of the mean of *both* streams;
+  masks of exactly 50% of the entries; AdamW lr 1e-3 constant, weight decay 1e-3, gradient clipping
+  at 5, batch 128, early stopping after 10 epochs without improvement.
 
-* the image embedding is a projection head on the frozen pooled feature vector;
-* image tokens come from ``spots.tokens`` ``(N, T, C)`` -- a small pooled grid of the encoder's
-  spatial tokens, standardised per channel with training statistics -- and, when the spots carry
-  no tokens, from the standardised feature vector split into ``feature_chunks`` consecutive chunks
-  (:func:`~he2st.methods.masking.feature_chunks`; a stand-in that keeps the mechanism, not CMRCNet's
-  spatial masking). Tokens are needed only for training, never for prediction.
-
-Defaults follow he2st's improved BLEEP for the contrastive and retrieval parts (normalised
-embeddings, learned τ, every training spot as a negative, softmax-weighted retrieval, lr 1e-3,
-batch 128), so ``reconstruction=False`` is the improved BLEEP with one head and the ablation
-isolates the reconstruction. CMRCNet as published: ``loss="bleep_soft", temperature=1,
-learn_temperature=False, negatives="batch", expression_encoder="projection", weighting="average",
-``, batch 64, lr 1e-4. ``reconstruction_fraction`` < 1 computes the reconstruction term on a share of
-each batch, trading accuracy for speed.
+Image tokens on the frozen path: ``spots.tokens`` ``(N, T, C)`` (a small pooled grid of the encoder's
+spatial tokens, standardised per channel with training statistics), or -- when the spots carry no
+grid -- the standardised feature vector split into ``feature_chunks`` consecutive chunks, each with
+its own projection (a shared one mixed unrelated channels, so the reconstruction ignored the image:
+its error stayed flat as more of it was masked). Tokens are needed only for training.
+``reconstruction_fraction`` < 1 computes the reconstruction term on a share of each batch, trading
+accuracy for speed.
 """
 
 from __future__ import annotations
@@ -37,71 +55,93 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
-from he2st.methods.base import TrainLog
+from he2st.methods.base import TrainLog, preset
 from he2st.methods.features import FeatureScaler
+from he2st.methods.finetune import FinetuneConfig, patch_batch, trainable_encoder
 from he2st.methods.losses import AlignmentLoss, NegativeBank
 from he2st.methods.masking import apply_mask, feature_chunks, random_mask
 from he2st.methods.nn import (
     BidirectionalFusion,
     CrossAttentionBlock,
     ExpressionTokenizer,
+    OneWayFusionBlock,
     ProjectionHead,
+    TokenwiseLinear,
     expression_tower,
 )
 from he2st.methods.registry import register_method
 from he2st.methods.retrieval import RetrievalConfig, RetrievalMethod
 from he2st.methods.training import TrainConfig, fit_minibatches
 
+#: dropout of CMRCNet's SNN expression block and of its fusion's MCFN cross-attention (fixed in its code)
+CMRCNET_SNN_DROPOUT = 0.25
 
-class CMRCNetConfig(RetrievalConfig):
-    """Options of CMRCNet (contrastive and retrieval options: see RetrievalConfig)."""
+
+class CMRCNetConfig(RetrievalConfig, FinetuneConfig):
+    """Options of CMRCNet (contrastive and retrieval options: RetrievalConfig; end-to-end training of
+    the image encoder: FinetuneConfig)."""
 
     reconstruction: bool = Field(
         True,
         description="cross-modal masked reconstruction; False = contrastive only "
         "(the improved BLEEP with one head), the ablation of CMRCNet's contribution",
     )
+    reconstructor: Literal["he2st", "cmrcnet"] = Field(
+        "he2st",
+        description="'cmrcnet': the branch as published -- expression tokens from one "
+        "Linear-ELU-AlphaDropout layer, a plain multi-head attention (masked image tokens query the "
+        "expression tokens; no residual, norm or MLP), one fusion block applied fusion_depth times with "
+        "shared weights (image self-attention + MLP, then MCFN cross-attention to the expression tokens, "
+        "which pass unchanged), and the mean of the image stream as the reconstruction (no output layer; "
+        "attention_dim = projection_dim). 'he2st': "
+        "SNN MLP expression tokens, a pre-norm cross-attention block, fusion_depth independent bidirectional "
+        "blocks, a linear map of the mean of both streams",
+    )
     mask_ratio: float = Field(
         0.5,
         ge=0,
         lt=1,
-        description="fraction of image-token entries masked (CMRCNet: 0.5); "
-        "exactly round(ratio * n) per spot",
+        description="fraction of image-token entries masked (CMRCNet: 0.5); exactly round(ratio * n) per "
+        "spot, or the probability of each entry for mask_mode='bernoulli'",
     )
-    mask_mode: Literal["element", "token"] = Field(
+    mask_mode: Literal["element", "token", "bernoulli"] = Field(
         "element",
-        description="'element': single entries of the projected tokens are zeroed (CMRCNet); 'token': "
-        "whole tokens are replaced by a learned mask token (MAE-style)",
+        description="'element': exactly round(ratio * n) single entries of the projected tokens are zeroed; "
+        "'bernoulli': each entry is zeroed with probability mask_ratio (CMRCNet's code); 'token': whole "
+        "tokens are replaced by a learned mask token (MAE-style)",
     )
     feature_chunks: int = Field(
         8,
         gt=0,
-        description="number of image tokens made by splitting the frozen feature "
-        "vector when the spots carry no token grid (spots.tokens is None)",
+        description="number of image tokens made by splitting the frozen feature vector when the spots "
+        "carry no token grid (spots.tokens is None); each chunk has its own projection",
     )
     attention_dim: int = Field(
         256, gt=0, description="width of image/expression tokens in the reconstruction branch"
     )
     expression_tokens: int = Field(8, gt=0, description="number of expression tokens T_e (CMRCNet: 8)")
-    expression_token_hidden: int = Field(1024, gt=0, description="hidden width of the expression-token MLP")
+    expression_token_hidden: int = Field(
+        1024, gt=0, description="hidden width of the expression-token MLP (reconstructor='he2st')")
     self_normalising: bool = Field(
         True,
-        description="SELU + AlphaDropout in the expression-token MLP (CMRCNet's SNN "
-        "block); False: GELU + dropout",
+        description="SELU + AlphaDropout in the expression-token MLP (reconstructor='he2st'; CMRCNet's SNN "
+        "block is one Linear-ELU-AlphaDropout layer); False: GELU + dropout",
     )
-    token_positions: bool = Field(True, description="learned position embedding added to the image tokens")
+    token_positions: bool = Field(
+        True, description="learned position embedding added to the image tokens (reconstructor='he2st'; "
+        "CMRCNet's ViT tokens carry their own)")
     cross_heads: int = Field(
         4, gt=0, description="heads of the image-to-expression cross-attention (CMRCNet: 4)"
     )
-    fusion_heads: int = Field(8, gt=0, description="heads of the bidirectional fusion blocks (CMRCNet's fusion: 8)")
+    fusion_heads: int = Field(8, gt=0, description="heads of the fusion blocks (CMRCNet: 8)")
     fusion_depth: int = Field(
-        2, ge=0, description="number of independent bidirectional fusion blocks (he2st's design; CMRCNet applies one "
-        "one-way block -- image self- then cross-attention, expression tokens unchanged -- twice with shared weights)")
+        2, ge=0, description="reconstructor='he2st': number of independent bidirectional fusion blocks; "
+        "'cmrcnet': how often its one shared one-way block is applied (CMRCNet: 2)")
     fusion_mlp_ratio: float = Field(4.0, gt=0, description="MLP width / token width in the attention blocks")
     attention_dropout: float = Field(0.1, ge=0, lt=1, description="dropout in the attention blocks")
     detach_target: bool = Field(
@@ -118,24 +158,67 @@ class CMRCNetConfig(RetrievalConfig):
     log_losses: bool = Field(
         True, description="total = log(1+L_con) + w log(1+L_rec) (CMRCNet); False: L_con + w L_rec"
     )
+    log_per_spot: bool = Field(
+        False, description="take log(1+.) of each spot's contrastive loss before the batch mean, as "
+        "CMRCNet's code does (loss='bleep_soft' only); False: of the batch mean")
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=60, batch_size=128, lr=1e-3, weight_decay=1e-3),
-        description="optimiser and early stopping (CMRCNet: batch 64, AdamW lr 1e-4, wd 1e-3, 60 epochs)",
+        description="optimiser and early stopping (CMRCNet: batch 64, AdamW lr 1e-4 cosine-decayed to 1e-5, "
+        "wd 1e-3, 60 epochs)",
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CMRCNetConfig:
+        if self.log_per_spot and self.loss != "bleep_soft":
+            raise ValueError("log_per_spot needs loss='bleep_soft'")
+        if self.reconstructor == "cmrcnet" and self.attention_dim != self.projection_dim:
+            raise ValueError("reconstructor='cmrcnet' reconstructs the embedding from the token mean: "
+                             "attention_dim must equal projection_dim")
+        if self.finetune_encoder and self.negatives == "all" and self.loss == "contrastive":
+            raise ValueError(
+                "finetune_encoder needs negatives='batch' (the bank re-embeds every spot each epoch)")
+        return self
+
+
+CMRCNetFaithfulConfig = preset(
+    CMRCNetConfig, "CMRCNetFaithfulConfig", "CMRCNet as published (see the module docstring).",
+    loss="bleep_soft", temperature=1.0, learn_temperature=False, negatives="batch",
+    expression_encoder="projection", weighting="average", reconstructor="cmrcnet", mask_mode="bernoulli",
+    log_per_spot=True,
+    train=TrainConfig(epochs=60, batch_size=64, lr=1e-4, weight_decay=1e-3, patience=60, grad_clip=None,
+                      schedule="cosine", min_lr=1e-5),
+)
 
 
 class MaskedReconstructor(nn.Module):
-    """Masked image tokens attend to expression tokens; the pooled latent predicts the image embedding."""
+    """Masked image tokens attend to expression tokens; the pooled latent predicts the image embedding
+    (he2st's or CMRCNet's block structure: ``reconstructor``)."""
 
-    def __init__(self, token_dim: int, n_tokens: int, n_genes: int, out_dim: int, cfg: CMRCNetConfig) -> None:
+    def __init__(
+        self, token_dim: int, n_tokens: int, n_genes: int, out_dim: int, cfg: CMRCNetConfig,
+        chunks: bool = False,
+    ) -> None:
         super().__init__()
         dim = cfg.attention_dim
         for heads in (cfg.cross_heads, cfg.fusion_heads):
             if dim % heads:
                 raise He2stError(f"attention_dim={dim} is not divisible by {heads} heads")
-        self.token_proj = nn.Linear(token_dim, dim)
+        self.published = cfg.reconstructor == "cmrcnet"
+        self.fusion_depth = cfg.fusion_depth
+        # chunks of one feature vector: each its own projection (see TokenwiseLinear); spatial tokens: shared
+        self.token_proj = TokenwiseLinear(n_tokens, token_dim, dim) if chunks else nn.Linear(token_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(dim)) if cfg.mask_mode == "token" else None
-        self.positions = nn.Parameter(torch.zeros(1, n_tokens, dim)) if cfg.token_positions else None
+        self.positions = None
+        if self.published:
+            self.expression_tokens = ExpressionTokenizer(
+                n_genes, cfg.expression_tokens, dim, None, CMRCNET_SNN_DROPOUT)
+            self.cross = nn.MultiheadAttention(dim, cfg.cross_heads, batch_first=True)
+            self.fusion = OneWayFusionBlock(
+                dim, cfg.fusion_heads, cfg.fusion_mlp_ratio, cfg.attention_dropout, CMRCNET_SNN_DROPOUT)
+            self.out = nn.Identity()
+            return
+        if cfg.token_positions:
+            self.positions = nn.Parameter(torch.zeros(1, n_tokens, dim))
         self.expression_tokens = ExpressionTokenizer(
             n_genes,
             cfg.expression_tokens,
@@ -159,24 +242,32 @@ class MaskedReconstructor(nn.Module):
         if self.positions is not None:
             x = x + self.positions
         e = self.expression_tokens(expression)
+        if self.published:
+            x = self.cross(x, e, e, need_weights=False)[0]
+            for _ in range(self.fusion_depth):
+                x = self.fusion(x, e)
+            return self.out(x.mean(dim=1))
         x = self.cross(x, e)
         x, e = self.fusion(x, e)
         return self.out(torch.cat([x, e], dim=1).mean(dim=1))
 
 
 class CMRCNetModule(nn.Module):
-    """Image head (used at prediction), expression tower, and the training-only reconstruction branch."""
+    """Image tower (optional trainable encoder + projection head, used at prediction), expression
+    tower, and the training-only reconstruction branch."""
 
     def __init__(
-        self, image_dim: int, n_genes: int, token_dim: int, n_tokens: int, cfg: CMRCNetConfig
+        self, image_dim: int, n_genes: int, token_dim: int, n_tokens: int, cfg: CMRCNetConfig,
+        encoder: nn.Module | None = None, chunks: bool = False,
     ) -> None:
         super().__init__()
+        self.encoder = encoder
         self.image_head = ProjectionHead(image_dim, cfg.projection_dim, cfg.dropout)
         self.expression_tower = expression_tower(
             cfg.expression_encoder, n_genes, cfg.projection_dim, cfg.mlp_hidden, cfg.dropout
         )
         self.reconstructor = (
-            MaskedReconstructor(token_dim, n_tokens, n_genes, cfg.projection_dim, cfg)
+            MaskedReconstructor(token_dim, n_tokens, n_genes, cfg.projection_dim, cfg, chunks)
             if cfg.reconstruction
             else None
         )
@@ -206,34 +297,58 @@ class CMRCNet(RetrievalMethod):
     def fit_scalers(self, train: SpotSet) -> None:
         super().fit_scalers(train)
         self.token_scaler = None
-        if train.tokens is not None:
+        if train.tokens is not None and not self.config.finetune_encoder:
             n, t, c = train.tokens.shape
             self.token_scaler = FeatureScaler().fit(train.tokens.reshape(n * t, c))
 
     def sizes(self, train: SpotSet) -> dict[str, int]:
+        n_genes = train.targets.shape[1]
+        if self.config.finetune_encoder:  # the encoder's own pooled width and spatial tokens
+            encoder = trainable_encoder(self.config, self.card, pretrained=False)
+            side = encoder.spec.input_size
+            with torch.no_grad():
+                tokens = encoder.forward_tokens(torch.zeros(1, 3, side, side))
+            return {"image_dim": encoder.embed_dim, "n_genes": n_genes,
+                    "token_dim": tokens.shape[2], "n_tokens": tokens.shape[1]}
         if self.token_scaler is not None:
-            token_dim, n_tokens = train.tokens.shape[2], train.tokens.shape[1]
-        else:
-            token_dim, n_tokens = -(-train.features.shape[1] // self.config.feature_chunks), self.config.feature_chunks
-        return {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1],
-                "token_dim": token_dim, "n_tokens": n_tokens}
+            return {"image_dim": train.features.shape[1], "n_genes": n_genes,
+                    "token_dim": train.tokens.shape[2], "n_tokens": train.tokens.shape[1]}
+        return {"image_dim": train.features.shape[1], "n_genes": n_genes, "chunk_tokens": 1,
+                "token_dim": -(-train.features.shape[1] // self.config.feature_chunks),
+                "n_tokens": self.config.feature_chunks}
 
     def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
         cfg = self.config
-        self.net = CMRCNetModule(dims["image_dim"], dims["n_genes"], dims["token_dim"], dims["n_tokens"], cfg)
+        encoder = trainable_encoder(cfg, self.card, pretrained) if cfg.finetune_encoder else None
+        self.net = CMRCNetModule(dims["image_dim"], dims["n_genes"], dims["token_dim"], dims["n_tokens"], cfg,
+                                 encoder, chunks=bool(dims.get("chunk_tokens", 0)))
         self.align = AlignmentLoss(
             cfg.loss, cfg.temperature, cfg.learn_temperature, cfg.soft_targets, cfg.target_temperature
         )
 
     def image_tokens(self, spots: SpotSet) -> torch.Tensor | None:
         """Standardised image tokens of ``spots`` ``(N, T, C)`` as used by the reconstruction branch
-        (the token grid if training used one, else chunks of the feature vector); None if unavailable."""
+        (the token grid if training used one, else chunks of the feature vector); None if unavailable.
+        Frozen-feature path only: end to end, the tokens come from the encoder (:meth:`_image_batch`)."""
         if self.token_scaler is not None:
             if spots.tokens is None:
                 return None
             n, t, c = spots.tokens.shape
             return torch.from_numpy(self.token_scaler(spots.tokens.reshape(n * t, c)).reshape(n, t, c))
         return feature_chunks(torch.from_numpy(self.scaler(spots.features)), self.config.feature_chunks)
+
+    def _image_batch(
+        self, spots: SpotSet, idx: torch.Tensor, features: torch.Tensor | None, tokens: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Input of the image head and reconstruction tokens of the spots ``idx``: rows of the frozen
+        ``features``/``tokens``, or -- end to end -- one encoder pass over their augmented patches
+        (pooled as the encoder pools; its spatial tokens, CMRCNet's ViT tokens)."""
+        encoder = self.net.encoder
+        if encoder is None:
+            return features[idx], None if tokens is None else tokens[idx]
+        maps = encoder.forward_features(patch_batch(encoder, spots, idx, self.config.augment, generator))
+        return encoder.pool(maps), encoder.grid_tokens(maps, round(self.dims["n_tokens"] ** 0.5))
 
     def mask(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """A reconstruction mask ``(batch, T, attention_dim)`` for this model (True = masked)."""
@@ -253,9 +368,10 @@ class CMRCNet(RetrievalMethod):
         bank: NegativeBank | None = None,
         idx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The contrastive term (per spot with ``log_per_spot``) and the reconstruction MSE (None: off)."""
         img = self.net.image_head(x)
         spot = self.net.expression_tower(y)
-        contrastive = self.align(img, spot, bank, idx)
+        contrastive = self.align(img, spot, bank, idx, per_spot=self.config.log_per_spot)
         if self.net.reconstructor is None or tokens is None:
             return contrastive, None
         target = img.detach() if self.config.detach_target else img
@@ -269,17 +385,25 @@ class CMRCNet(RetrievalMethod):
     def _total(self, contrastive: torch.Tensor, reconstruction: torch.Tensor | None) -> torch.Tensor:
         cfg = self.config
         if reconstruction is None:
-            return contrastive  # reconstruction off: exactly the contrastive objective
+            return contrastive.mean()  # reconstruction off: exactly the contrastive objective
         if cfg.log_losses:
-            return torch.log1p(contrastive) + cfg.reconstruction_weight * torch.log1p(reconstruction)
-        return contrastive + cfg.reconstruction_weight * reconstruction
+            return torch.log1p(contrastive).mean() + cfg.reconstruction_weight * torch.log1p(reconstruction)
+        return contrastive.mean() + cfg.reconstruction_weight * reconstruction
 
     # ------------------------------------------------------------------ training
+    @property
+    def _device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
     def train_modules(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         cfg = self.config
-        X = torch.from_numpy(self.scaler(train.features))
-        Y = torch.from_numpy(train.targets.astype(np.float32))
-        tokens = self.image_tokens(train)
+        end_to_end = self.net.encoder is not None
+        if end_to_end and torch.cuda.is_available():
+            self.net.cuda()  # the end-to-end path is meant for a GPU; frozen features train fine on CPU
+            self.align.cuda()
+        X = None if end_to_end else torch.from_numpy(self.scaler(train.features))
+        Y = torch.from_numpy(train.targets.astype(np.float32)).to(self._device)
+        tokens = None if end_to_end else self.image_tokens(train)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         bank = self.negative_bank(train, gen)
         module = nn.ModuleDict({"net": self.net, "align": self.align})
@@ -290,12 +414,32 @@ class CMRCNet(RetrievalMethod):
                 bank.refresh(self.net.image_head(X), self.net.expression_tower(Y))
 
         def step(idx: torch.Tensor) -> torch.Tensor:
-            con, rec = self._losses(X[idx], Y[idx], None if tokens is None else tokens[idx], gen, bank, idx)
+            x, tok = self._image_batch(train, idx, X, tokens, gen)
+            con, rec = self._losses(x, Y[idx], tok, gen, bank, idx)
             return self._total(con, rec)
 
         return fit_minibatches(module, len(train), step, cfg.train, cfg.seed, self.validation(train, val),
                                None if bank is None else refresh)
 
-    def embed_images(self, spots: SpotSet) -> np.ndarray:
-        """Image embeddings from the frozen features alone (the query side of retrieval)."""
-        return self.embed_frozen(self.net.image_head, spots).numpy()
+    @torch.no_grad()
+    def embed_images(self, spots: SpotSet, batch: int = 256) -> np.ndarray:
+        """Image embeddings (the query side of retrieval): from the frozen features, or end to end from
+        the patches through the trained encoder."""
+        encoder = self.net.encoder
+        if encoder is None:
+            return self.embed_frozen(self.net.image_head, spots).numpy()
+        self.net.eval()
+        rows = [torch.arange(a, min(a + batch, len(spots))) for a in range(0, len(spots), batch)]
+        out = [self.net.image_head(encoder(patch_batch(encoder, spots, idx, False, None))).float().cpu()
+               for idx in rows]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.config.projection_dim), np.float32)
+
+
+@register_method
+class CMRCNetFaithful(CMRCNet):
+    """CMRCNet as published: BLEEP's soft-target loss at τ=1 and projection heads, CMRCNet's one-way
+    shared fusion, AdamW 1e-4 cosine to 1e-5, batch 64, top-50 average."""
+
+    name = "cmrcnet_faithful"
+    Config = CMRCNetFaithfulConfig
+    ablations = {"no_reconstruction": {"reconstruction": False}}

@@ -2,8 +2,8 @@
 module that switches between them, and a multi-positive InfoNCE for image↔image learning.
 
 Conventions: ``img`` and ``spot`` are ``(B, D)`` embeddings of the same B spots (row i of
-each describes spot i); every loss returns a scalar averaged over the batch and both
-directions (image→expression and expression→image).
+each describes spot i); every loss returns a scalar averaged over the batch and, unless an
+option says otherwise, both directions (image→expression and expression→image).
 """
 
 from __future__ import annotations
@@ -45,12 +45,15 @@ def _soft_targets(img: torch.Tensor, spot: torch.Tensor, temperature: float | to
 
 
 def bleep_soft_clip_loss(
-    img_emb: torch.Tensor, spot_emb: torch.Tensor, temperature: float = 1.0
+    img_emb: torch.Tensor, spot_emb: torch.Tensor, temperature: float = 1.0, per_spot: bool = False
 ) -> torch.Tensor:
     """BLEEP's loss (with the published fix to the target temperature), reproduced faithfully.
 
     ``logits = spot @ img.T / τ``; ``targets = softmax(((img @ img.T + spot @ spot.T) / 2) / τ)``;
-    the loss is the mean over rows of the two directions' soft cross-entropies.
+    the loss is the mean over rows of the two directions' soft cross-entropies. ``per_spot=True``
+    returns the ``(B,)`` row losses before that mean (CMRCNet takes ``log(1 + ·)`` of each first).
+    CMRCNet's copy still divides the targets' similarities by ``2 * τ`` the pre-fix way
+    (``/ 2 * τ``); at its τ = 1 both forms agree.
 
     Embeddings are deliberately *not* L2-normalised, as in BLEEP. That makes the loss depend
     on embedding norms and on the batch: the targets are a softmax over the other spots in
@@ -62,7 +65,8 @@ def bleep_soft_clip_loss(
     targets = _soft_targets(img_emb, spot_emb, temperature)
     spots_loss = _soft_cross_entropy(logits, targets)
     images_loss = _soft_cross_entropy(logits.T, targets.T)
-    return ((images_loss + spots_loss) / 2).mean()
+    loss = (images_loss + spots_loss) / 2
+    return loss if per_spot else loss.mean()
 
 
 class ContrastiveLoss(nn.Module):
@@ -183,15 +187,21 @@ class EmbeddingQueue(nn.Module):
 
 
 def info_nce(
-    a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05, negative_weight: float = 1.0
+    a: torch.Tensor,
+    b: torch.Tensor,
+    temperature: float = 0.05,
+    negative_weight: float = 1.0,
+    symmetric: bool = True,
 ) -> torch.Tensor:
-    """Symmetric InfoNCE between paired ``(B, D)`` embeddings, as NH2ST uses it.
+    """InfoNCE between paired ``(B, D)`` embeddings with NH2ST's scaled negatives.
 
     Cosine similarities are computed on L2-normalised inputs; as in NH2ST, the off-diagonal
-    (negative-pair) similarities are multiplied by ``negative_weight`` *before* the division
-    by ``temperature`` and the softmax, while the diagonal (positives) is left unchanged.
-    A weight below 1 therefore softens the push-away from negatives; ``1.0`` gives standard
-    symmetric InfoNCE with identity targets.
+    (negative-pair) similarities are multiplied by ``negative_weight`` (the order relative to the
+    division by ``temperature`` does not matter), while the diagonal (positives) is left unchanged.
+    A weight below 1 therefore softens the push-away from negatives. ``symmetric=False`` is NH2ST's
+    one-directional form: each row of ``a`` picks its partner among the rows of ``b``
+    (``F.cross_entropy(logits, arange(B))``); ``True`` averages it with the ``b -> a`` direction.
+    ``negative_weight=1`` with ``symmetric=True`` is standard symmetric InfoNCE.
     """
     a = F.normalize(a, dim=-1)
     b = F.normalize(b, dim=-1)
@@ -200,6 +210,8 @@ def info_nce(
     similarity = a @ b.T
     logits = torch.where(eye, similarity, similarity * negative_weight) / temperature
     labels = torch.arange(batch, device=a.device)
+    if not symmetric:
+        return F.cross_entropy(logits, labels)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
@@ -301,10 +313,14 @@ class AlignmentLoss(nn.Module):
             raise He2stError(f"unknown alignment loss {kind!r}; use 'bleep_soft' or 'contrastive'")
 
     def forward(
-        self, a: torch.Tensor, b: torch.Tensor, bank: NegativeBank | None = None, idx: torch.Tensor | None = None,
+        self, a: torch.Tensor, b: torch.Tensor, bank: NegativeBank | None = None,
+        idx: torch.Tensor | None = None, per_spot: bool = False,
     ) -> torch.Tensor:
+        """The batch's loss; ``per_spot=True`` (``kind="bleep_soft"`` only): each spot's, ``(B,)``."""
         if self.contrastive is None:
-            return bleep_soft_clip_loss(a, b, self.fixed_temperature)
+            return bleep_soft_clip_loss(a, b, self.fixed_temperature, per_spot)
+        if per_spot:
+            raise He2stError("per-spot alignment losses exist for kind='bleep_soft' only")
         if bank is None:
             return self.contrastive(a, b)
         return bank.loss(idx, a, b, self.contrastive.tau())

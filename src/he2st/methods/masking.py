@@ -15,17 +15,20 @@ from he2st.errors import He2stError
 def random_mask(
     shape: tuple[int, int, int],
     ratio: float,
-    mode: Literal["element", "token"] = "element",
+    mode: Literal["element", "token", "bernoulli"] = "element",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Boolean mask ``(B, T, C)``, True = masked, with *exactly* ``round(ratio · n)`` masked entries
-    per sample: ``n = T · C`` single elements (``element``, CMRCNet) or ``n = T`` whole tokens
-    (``token``, MAE-style). Positions are drawn uniformly without replacement."""
+    per sample: ``n = T · C`` single elements (``element``) or ``n = T`` whole tokens (``token``,
+    MAE-style), positions drawn uniformly without replacement; or each element masked independently
+    with probability ``ratio`` (``bernoulli``, CMRCNet's code: ``rand < 0.5`` keeps an entry)."""
     if not 0.0 <= ratio < 1.0:
         raise He2stError(f"mask ratio must be in [0, 1), got {ratio}")
-    if mode not in ("element", "token"):
-        raise He2stError(f"unknown mask mode {mode!r}; use 'element' or 'token'")
+    if mode not in ("element", "token", "bernoulli"):
+        raise He2stError(f"unknown mask mode {mode!r}; use 'element', 'token' or 'bernoulli'")
     batch, tokens, channels = shape
+    if mode == "bernoulli":
+        return torch.rand(shape, generator=generator) < ratio
     n = tokens * channels if mode == "element" else tokens
     masked = round(ratio * n)
     ranks = torch.rand(batch, n, generator=generator).argsort(dim=1).argsort(dim=1)

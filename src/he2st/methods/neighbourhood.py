@@ -135,7 +135,8 @@ class NeighbourhoodAttention(nn.Module):
 @torch.no_grad()
 def knn_hypergraph(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
     """NH2ST's hypergraph over each neighbourhood: one hyperedge per valid node, holding that node
-    and its ``k - 1`` most cosine-similar valid nodes. Returns the incidence ``(B, nodes, edges)``."""
+    and its ``k - 1`` most cosine-similar valid nodes (NH2ST: ``k = 4``, a node and its 3 most
+    similar). Returns the incidence ``(B, nodes, edges)``."""
     batch, n, _ = x.shape
     z = F.normalize(x.detach().float(), dim=-1)
     sim = z @ z.transpose(1, 2)  # (B, centre, node)
@@ -169,29 +170,40 @@ class HypergraphConv(nn.Module):
 
 
 class NeighbourhoodHypergraph(nn.Module):
-    """NH2ST's neighbour branch: a k-NN hypergraph over the neighbourhood's nodes (built once from
-    the input features) and ``depth`` hypergraph convolutions ``dim -> hidden -> ... -> dim`` with
-    GELU and dropout between them. ``(B, n, dim)`` -> ``(B, n, dim)``; padded nodes come out as zeros."""
+    """NH2ST's neighbour branch: a k-NN hypergraph over the neighbourhood's nodes and ``depth``
+    hypergraph convolutions ``in_dim -> hidden -> ... -> dim``. ``(B, n, in_dim)`` -> ``(B, n, dim)``;
+    padded nodes come out as zeros.
+
+    The hypergraph is built from the input nodes unless ``incidence`` is given (NH2ST builds it on the
+    image nodes and reuses it for the expression nodes). ``relu_every_layer=False`` (he2st): GELU and
+    dropout between convolutions; ``True``: ReLU after every convolution, the last included, and no
+    dropout (NH2ST's ``HGNN``/``EXPNN``).
+    """
 
     def __init__(
-        self, dim: int, hidden: int | None = None, depth: int = 2, hyperedge_k: int = 3, dropout: float = 0.1
+        self, dim: int, hidden: int | None = None, depth: int = 2, hyperedge_k: int = 3, dropout: float = 0.1,
+        in_dim: int | None = None, relu_every_layer: bool = False,
     ) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError("depth must be >= 1")
         hidden = hidden or 2 * dim
-        widths = [dim] + [hidden] * (depth - 1) + [dim]
+        widths = [in_dim or dim] + [hidden] * (depth - 1) + [dim]
         self.convs = nn.ModuleList(HypergraphConv(a, b) for a, b in itertools.pairwise(widths))
-        self.act = nn.GELU()
-        self.dropout = nn.Dropout(dropout)
+        self.act = nn.ReLU() if relu_every_layer else nn.GELU()
+        self.dropout = nn.Identity() if relu_every_layer else nn.Dropout(dropout)
+        self.relu_every_layer = relu_every_layer
         self.hyperedge_k = hyperedge_k
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        incidence = knn_hypergraph(x, valid, self.hyperedge_k)
+    def forward(
+        self, x: torch.Tensor, valid: torch.Tensor, incidence: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if incidence is None:
+            incidence = knn_hypergraph(x, valid, self.hyperedge_k)
         keep = valid.unsqueeze(-1).to(x.dtype)
         for i, conv in enumerate(self.convs):
             x = conv(x, incidence)
-            if i < len(self.convs) - 1:
+            if self.relu_every_layer or i < len(self.convs) - 1:
                 x = self.dropout(self.act(x))
         return x * keep
 
@@ -203,10 +215,13 @@ def neighbourhood_layer(
     depth: int = 2,
     hyperedge_k: int = 3,
     dropout: float = 0.1,
+    in_dim: int | None = None,
+    relu_every_layer: bool = False,
 ) -> nn.Module:
-    """The neighbour-branch layer chosen by a method's config."""
+    """The neighbour-branch layer chosen by a method's config (``in_dim`` and ``relu_every_layer``:
+    hypergraph only, see :class:`NeighbourhoodHypergraph`)."""
     if kind == "hypergraph":
-        return NeighbourhoodHypergraph(dim, 2 * dim, depth, hyperedge_k, dropout)
+        return NeighbourhoodHypergraph(dim, 2 * dim, depth, hyperedge_k, dropout, in_dim, relu_every_layer)
     if kind == "attention":
         return NeighbourhoodAttention(dim, heads, depth, mlp_ratio=2, dropout=dropout)
     raise He2stError(f"unknown neighbourhood layer {kind!r}; use 'hypergraph' or 'attention'")

@@ -17,10 +17,13 @@ __all__ = [
     "BidirectionalFusion",
     "CrossAttentionBlock",
     "ExpressionTokenizer",
+    "MCFNCrossAttention",
     "MLPEncoder",
+    "OneWayFusionBlock",
     "ProjectionHead",
+    "SharedFusion",
+    "TokenwiseLinear",
     "expression_tower",
-    "fuse",
 ]
 
 
@@ -135,45 +138,146 @@ class BidirectionalFusion(nn.Module):
         self.norm_a = nn.LayerNorm(dim)
         self.norm_b = nn.LayerNorm(dim)
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fuse ``(B, La, dim)`` and ``(B, Lb, dim)``; returns tensors of the same shapes."""
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor,
+        a_valid: torch.Tensor | None = None, b_valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fuse ``(B, La, dim)`` and ``(B, Lb, dim)``; returns tensors of the same shapes. ``a_valid`` /
+        ``b_valid`` ``(B, L)`` (True = real token) keep padded neighbours from being attended to."""
+        a_pad, b_pad = _padding(a_valid), _padding(b_valid)
         for block_a, block_b in zip(self.a_from_b, self.b_from_a, strict=True):
-            a, b = block_a(a, b), block_b(b, a)
+            a, b = block_a(a, b, b_pad), block_b(b, a, a_pad)
         return self.norm_a(a), self.norm_b(b)
 
 
-def fuse(
-    fusion: BidirectionalFusion,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    a_valid: torch.Tensor | None = None,
-    b_valid: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a :class:`BidirectionalFusion` with padding masks on both streams
-    (``True`` = real token), so padded neighbours are never attended to."""
-    a_pad = None if a_valid is None else ~a_valid
-    b_pad = None if b_valid is None else ~b_valid
-    for block_a, block_b in zip(fusion.a_from_b, fusion.b_from_a, strict=True):
-        a, b = block_a(a, b, b_pad), block_b(b, a, a_pad)
-    return fusion.norm_a(a), fusion.norm_b(b)
+class SharedFusion(nn.Module):
+    """NH2ST's ``TWOFusionEncoder`` used both ways: one stack of cross-attention blocks and one final
+    LayerNorm serve both directions, applied one after the other -- the first stream reads the second,
+    then the second reads the *updated* first (NH2ST: image <- expression, then expression <- image).
+    NH2ST shares one such encoder between the target spot and the neighbourhood as well."""
+
+    def __init__(self, dim: int, heads: int, depth: int, mlp_ratio: float = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(CrossAttentionBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def _read(
+        self, queries: torch.Tensor, context: torch.Tensor, padding: torch.Tensor | None
+    ) -> torch.Tensor:
+        for block in self.blocks:
+            queries = block(queries, context, padding)
+        return self.norm(queries)
+
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor,
+        a_valid: torch.Tensor | None = None, b_valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a`` reads ``b``, then ``b`` reads the new ``a``; shapes and padding as
+        :class:`BidirectionalFusion`."""
+        a = self._read(a, b, _padding(b_valid))
+        return a, self._read(b, a, _padding(a_valid))
+
+
+def _padding(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """Key-padding mask (True = ignore) from a validity mask (True = real token)."""
+    return None if valid is None else ~valid
+
+
+class MCFNCrossAttention(nn.Module):
+    """The cross-attention of CMRCNet's fusion block (from MCFN): queries and keys each pass
+    ``Linear -> ReLU -> Dropout``; per head the output is ``V1 q + softmax(q k^T / sqrt(d_head)) V2 k``
+    -- the transformed queries plus what they read -- with no output projection or normalisation."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.heads = heads
+        self.queries = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))
+        self.keys = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))
+        self.query_values = nn.Linear(dim, dim)
+        self.key_values = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(B, Lq, dim)`` reads ``context`` ``(B, Lk, dim)`` -> ``(B, Lq, dim)``."""
+        q, k = self.queries(x), self.keys(context)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+
+        qh, kh = heads(q), heads(k)
+        attention = torch.softmax(qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5, dim=-1)
+        read = (attention @ heads(self.key_values(k))).transpose(1, 2).reshape(q.shape)
+        return self.query_values(q) + read
+
+
+class OneWayFusionBlock(nn.Module):
+    """CMRCNet's fusion block (``Block_fusion_MCFN_2``): the image stream runs a pre-norm ViT block
+    (self-attention, then MLP) and adds what it reads from the expression tokens through
+    :class:`MCFNCrossAttention`; the expression tokens are not updated (one-way). CMRCNet applies one
+    such block twice with shared weights."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4, dropout: float = 0.1,
+                 cross_dropout: float = 0.25) -> None:
+        super().__init__()
+        self.norm_attention = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.attention_dropout = nn.Dropout(dropout)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(hidden, dim), nn.Dropout(dropout),
+        )
+        self.cross = MCFNCrossAttention(dim, heads, cross_dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Update the image tokens ``x`` ``(B, L, dim)``; ``context`` (expression tokens) is only read."""
+        h = self.norm_attention(x)
+        x = x + self.attention_dropout(self.attention(h, h, h, need_weights=False)[0])
+        x = x + self.mlp(self.norm_mlp(x))
+        return x + self.cross(x, context)
+
+
+class TokenwiseLinear(nn.Module):
+    """A separate linear map per token position: ``(B, T, C) -> (B, T, out_dim)``.
+
+    For tokens that are consecutive chunks of one feature vector, where channel ``j`` of one chunk
+    means something else than channel ``j`` of the next: a shared ``nn.Linear`` would mix unrelated
+    features, so the chunks would say little about the image (the reconstruction then leans on
+    expression alone). Initialised as ``nn.Linear``.
+    """
+
+    def __init__(self, n_tokens: int, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        bound = 1 / in_dim**0.5
+        self.weight = nn.Parameter(torch.empty(n_tokens, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_tokens, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("btc,tcd->btd", x, self.weight) + self.bias
 
 
 class ExpressionTokenizer(nn.Module):
-    """Expression vector -> ``T`` tokens: ``Linear -> SELU -> AlphaDropout -> Linear``, reshaped to
-    ``(..., T, dim)`` (CMRCNet's self-normalising "SNN" block; ``self_normalising=False`` uses GELU
-    and plain dropout)."""
+    """Expression vector -> ``T`` tokens ``(..., T, dim)``.
+
+    With a ``hidden`` width (he2st): ``Linear -> SELU -> AlphaDropout -> Linear`` (GELU and plain
+    dropout with ``self_normalising=False``). With ``hidden=None``: CMRCNet's ``SNN_Block`` as published,
+    one ``Linear -> ELU -> AlphaDropout`` straight to ``T * dim``.
+    """
 
     def __init__(
         self,
         n_genes: int,
         n_tokens: int,
         dim: int,
-        hidden: int = 1024,
+        hidden: int | None = 1024,
         dropout: float = 0.1,
         self_normalising: bool = True,
     ) -> None:
         super().__init__()
         self.n_tokens, self.dim = n_tokens, dim
+        if hidden is None:
+            self.net = nn.Sequential(nn.Linear(n_genes, n_tokens * dim), nn.ELU(), nn.AlphaDropout(dropout))
+            return
         act, drop = (
             (nn.SELU(), nn.AlphaDropout(dropout)) if self_normalising else (nn.GELU(), nn.Dropout(dropout))
         )

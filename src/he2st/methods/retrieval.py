@@ -94,10 +94,12 @@ class RetrievalMethod(NeuralMethod):
 
     @torch.no_grad()
     def embed_expression(self, expression: np.ndarray, batch: int = 1024) -> np.ndarray:
-        """Expression embeddings (the reference side of retrieval)."""
+        """Expression embeddings (the reference side of retrieval), computed where the model lives."""
         self.net.eval()
+        device = next(self.net.parameters()).device
         out = [
-            self.net.expression_tower(torch.from_numpy(expression[a : a + batch].astype(np.float32)))
+            self.net.expression_tower(torch.from_numpy(expression[a : a + batch].astype(np.float32)).to(device))
+            .cpu()
             for a in range(0, len(expression), batch)
         ]
         return torch.cat(out).numpy() if out else np.zeros((0, self.config.projection_dim), np.float32)

@@ -1,4 +1,5 @@
-"""One mini-batch training loop for every neural method: AdamW, seeded shuffling, early stopping.
+"""One mini-batch training loop for every neural method: AdamW, an optional learning-rate schedule,
+seeded shuffling, early stopping.
 
 Early stopping and checkpoint choice use a validation score computed on spots of *training*
 patients only (the caller passes them); the best weights are restored at the end.
@@ -7,8 +8,10 @@ patients only (the caller passes them); the best weights are restored at the end
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,9 +28,31 @@ class TrainConfig(BaseModel):
     epochs: int = Field(60, gt=0)
     batch_size: int = Field(128, gt=1)
     lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-3, ge=0)
+    weight_decay: float = Field(
+        1e-3, ge=0, description="AdamW's decoupled weight decay; 0 is plain Adam (NH2ST)")
     patience: int = Field(10, gt=0, description="epochs without validation improvement before stopping")
     grad_clip: float | None = 5.0
+    schedule: Literal["constant", "cosine", "step"] = Field(
+        "constant", description="learning rate per epoch: 'cosine' decays lr to min_lr at the last epoch "
+        "(CMRCNet), 'step' multiplies it by gamma every step_epochs epochs (NH2ST's StepLR)")
+    min_lr: float = Field(0.0, ge=0, description="learning rate of the last epoch for schedule='cosine'")
+    step_epochs: int = Field(50, gt=0, description="epochs between decays for schedule='step'")
+    gamma: float = Field(0.9, gt=0, le=1, description="decay factor for schedule='step'")
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of ``epoch`` (0-based) under ``config.schedule``.
+
+    'cosine' is CMRCNet's ``CosineAnnealingLR(T_max=epochs, eta_min=min_lr)`` stepped *before* each
+    epoch, so epoch ``e`` runs at step ``e + 1``: already below ``lr`` in the first epoch, ``min_lr`` in
+    the last. 'step' is ``StepLR`` stepped after each epoch, as Lightning does for NH2ST.
+    """
+    if config.schedule == "cosine":
+        progress = (epoch + 1) / config.epochs
+        return config.min_lr + (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress)) / 2
+    if config.schedule == "step":
+        return config.lr * config.gamma ** (epoch // config.step_epochs)
+    return config.lr
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -64,6 +89,8 @@ def fit_minibatches(
     start = time.perf_counter()
     batch = min(config.batch_size, n_items)
     for epoch in range(config.epochs):
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate(config, epoch)
         if before_epoch is not None:
             before_epoch()
         module.train()
