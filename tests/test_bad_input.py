@@ -161,6 +161,73 @@ def test_hostile_ids_from_metadata_or_run_names_cannot_leave_the_work_folder(tmp
         load_config(BenchmarkConfig, None, ["name=../../elsewhere"])
 
 
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from he2st.cli import main; main()", *args], capture_output=True,
+                          text=True, env=dict(os.environ))
+
+
+def test_hostile_patient_in_hest_metadata_writes_nothing(tmp_path):
+    """Ids read from files (here HEST metadata's patient) are checked like ids typed in a config."""
+    from synthetic import counts_for, spot_grid, write_hest
+
+    xy = spot_grid(3, 3, 150, (250, 250))
+    write_hest(tmp_path / "hest", "TENX0", tissue_image(800, 800), 0.5, xy, counts_for(xy, GENES), GENES,
+               patient="../../escaped")
+    cfg = tmp_path / "hest.yaml"
+    cfg.write_text(f"data:\n  dataset: null\n  samples:\n  - {{reader: hest, sample_id: TENX0, path: '{tmp_path / 'hest'}'}}\n")
+    result = _run_cli("prepare", "-c", str(cfg), "-w", str(tmp_path / "deep" / "work"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "patient id of sample TENX0" in lines[0], result.stderr
+    assert "not a safe name" in lines[0]
+    assert not (tmp_path / "deep").exists() and not list(tmp_path.rglob("*escaped*"))
+
+
+def test_hostile_library_id_is_refused_before_anything_is_read(tmp_path):
+    result = _run_cli("predict", "--model", str(tmp_path / "missing.pt"), "--slide", str(tmp_path / "s.tif"),
+                      "--library-id", "../../escaped", "--out", str(tmp_path / "out"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "library id" in lines[0] and "not a safe name" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_outputs_named_after_a_slide_get_a_safe_name():
+    from he2st.io import name_from_stem, safe_name
+
+    for stem in ["TCGA-A1 (copy)", "..hidden", "slide#1", ""]:
+        assert safe_name(name_from_stem(stem)) == name_from_stem(stem)
+
+
+def test_duplicate_gene_names_are_made_unique_with_a_warning_naming_the_file(tmp_path):
+    from he2st.data.readers import read_st
+    from he2st.errors import He2stWarning
+
+    counts = pd.DataFrame(np.ones((6, 3), int), index=[f"{x}x{y}" for y in (2, 3) for x in (2, 3, 4)],
+                          columns=["GA", "GB", "GA"])
+    files = write_st(tmp_path, counts=counts)
+    with pytest.warns(He2stWarning, match=r"cnts\.tsv\.gz: duplicate gene name\(s\) GA made unique"):
+        sample = read_st(files["counts"], files["spots"], files["image"], sample_id="S1", patient_id="P1")
+    assert list(sample.adata.var_names) == ["GA", "GB", "GA-1"]
+
+
+def test_one_resolution_rule_warns_in_prepare_and_info_prints_the_upsampling(tmp_path):
+    """A section at 2 µm/px is upsampled 4x by the default 112 µm / 224 px patches: prepare says so in
+    one warning line (predict refuses such a slide), `he2st info` prints the factor."""
+    files = write_st(tmp_path / "in", n=9)  # 100 px per 200 µm array step: 2 µm/px
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "data:\n  dataset: null\n  samples:\n"
+        + "".join(f"  - {{reader: st, sample_id: {sid}, patient_id: P{sid}, path: '{files['counts']}', "
+                  f"spots_file: '{files['spots']}', image: '{files['image']}'}}\n" for sid in ("S1", "S2"))
+        + "context_field: false\n")
+    work = tmp_path / "work"
+    result = _run_cli("prepare", "-c", str(cfg), "-w", str(work))
+    warnings_ = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert result.returncode == 0 and len(warnings_) == 2, result.stderr
+    assert "sample S1" in warnings_[0] and "upsampled 4.0x" in warnings_[0] and "sample S2" in warnings_[1]
+    info = _run_cli("info", "S1", "-w", str(work))
+    assert info.returncode == 0 and "upsampling: 4.00x for 112um_224px patches (too coarse" in info.stdout
+
+
 def test_cli_prints_its_version():
     from he2st.version import __version__
 

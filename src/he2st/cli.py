@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from he2st.errors import He2stError
+from he2st.errors import He2stError, He2stWarning
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Predict spatial gene expression from H&E.")
 data_app = typer.Typer(no_args_is_help=True, help="Public datasets: list and fetch.")
@@ -97,6 +98,7 @@ def info(sample: Annotated[str, typer.Argument(help="sample id (prepared, or a h
          work_dir: WorkOpt = None) -> None:
     """Spots, genes, µm/px, image size and patient of a sample."""
     from he2st.data.her2st import SECTIONS, load_section
+    from he2st.data.patches import PatchSpec, too_coarse, upsampling
     from he2st.data.sample import Sample
     from he2st.data.workspace import Workspace
     from he2st.workflows.config import default_work_dir
@@ -112,6 +114,9 @@ def info(sample: Annotated[str, typer.Argument(help="sample id (prepared, or a h
         raise He2stError(f"unknown sample {sample!r}: not prepared in {ws.root} and not a her2st section")
     for key, value in obj.summary().items():
         _echo(f"{key:>16}: {value}")
+    patch = PatchSpec()
+    note = "" if too_coarse(obj.pixel_size_um, patch) is None else " (too coarse: see `he2st prepare`'s warning)"
+    _echo(f"{'upsampling':>16}: {upsampling(obj.pixel_size_um, patch):.2f}x for {patch.key} patches{note}")
 
 
 @app.command()
@@ -267,7 +272,17 @@ _register_predict_commands(app)
 
 
 def main() -> None:
-    """Console-script entry point: turn :class:`He2stError` into one line on stderr and exit code 2."""
+    """Console-script entry point: turn :class:`He2stError` into one line on stderr and exit code 2, and
+    each :class:`He2stWarning` into one line ``warning: <message>``."""
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, He2stWarning):
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
     try:
         app()
     except He2stError as exc:

@@ -66,3 +66,10 @@ def safe_name(value: str, what: str = "name") -> str:
         raise He2stError(f"{what} {value!r} is not a safe name (letters, digits, '.', '_', '-'; no leading dot, "
                          "no path separator)")
     return value
+
+
+def name_from_stem(stem: str) -> str:
+    """A safe name (:func:`safe_name`) made from a file's stem, for outputs named after an input file:
+    characters outside letters, digits and ``._-`` become ``_``, leading dots are dropped."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".")[:128]
+    return cleaned or "slide"

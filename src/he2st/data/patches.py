@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from he2st.data.sample import Sample
 from he2st.data.slide import Slide
-from he2st.errors import He2stError
+from he2st.errors import He2stError, He2stWarning
 from he2st.io import atomic_path, safe_name
 
 CACHE_FORMAT = 1
@@ -53,15 +54,36 @@ class PatchSpec(BaseModel):
         return PatchSpec(field_um=self.field_um * CONTEXT_FIELD_SCALE, size_px=self.size_px)
 
 
+def upsampling(mpp: float, patch: PatchSpec) -> float:
+    """How much ``patch`` magnifies a slide of ``mpp`` µm/px (2.0: every slide pixel becomes 2 x 2)."""
+    return mpp / patch.pixel_size_um
+
+
+def too_coarse(mpp: float, patch: PatchSpec, max_upsample: float = MAX_UPSAMPLE) -> str | None:
+    """The one resolution rule of prepare, evaluate, benchmark and predict: None when a slide of ``mpp``
+    µm/px suits ``patch``, else why not (predict refuses such a slide; the others warn)."""
+    need = patch.pixel_size_um
+    if upsampling(mpp, patch) <= max_upsample * 1.001:
+        return None
+    return (f"slide pixel size {mpp:g} µm/px is too coarse for {patch.field_um:g} µm patches at {patch.size_px} px "
+            f"({need:g} µm/px): they are upsampled {upsampling(mpp, patch):.1f}x, more than {max_upsample:g}x, so "
+            f"they are blurrier than anything the encoder saw (the slide should be {need * max_upsample:g} µm/px "
+            "or finer; check the pixel size, or scan at higher magnification)")
+
+
 def check_resolution(mpp: float, patch: PatchSpec, where: str | Path | None = None,
                      max_upsample: float = MAX_UPSAMPLE) -> None:
-    """Refuse slides too coarse for the model's patches (more than ``max_upsample`` x upsampling)."""
-    need = patch.pixel_size_um
-    if mpp > need * max_upsample * 1.001:
-        raise He2stError(
-            f"slide pixel size {mpp:g} µm/px is too coarse for this model: it reads {patch.field_um:g} µm patches "
-            f"at {patch.size_px} px ({need:g} µm/px) and allows at most {max_upsample:g}x upsampling, so the slide "
-            f"must be {need * max_upsample:g} µm/px or finer (check the pixel size, or scan at higher magnification)", where)
+    """Refuse slides too coarse for the model's patches (:func:`too_coarse`)."""
+    problem = too_coarse(mpp, patch, max_upsample)
+    if problem is not None:
+        raise He2stError(problem, where)
+
+
+def warn_if_too_coarse(sample: Sample, patch: PatchSpec) -> None:
+    """The warning line prepare, evaluate and benchmark give for a sample :func:`too_coarse` for ``patch``."""
+    problem = too_coarse(sample.pixel_size_um, patch)
+    if problem is not None:
+        warnings.warn(f"sample {sample.sample_id}: {problem}", He2stWarning, stacklevel=2)
 
 
 def read_patches(slide: Slide, xy: np.ndarray, side_level0_px: float, out_px: int,

@@ -56,6 +56,8 @@ def read_counts_table(path: str | Path) -> pd.DataFrame:
         raise He2stError("counts table has missing values", path)
     if (table.to_numpy() < 0).any():
         raise He2stError("counts table has negative values", path)
+    # pandas renames a repeated column G to G.1; keep the file's names so duplicates are seen (build_adata)
+    table.columns = pd.read_csv(path, sep=sep, header=None, nrows=1).iloc[0, 1:].astype(str).to_list()
     table.index = table.index.astype(str)
     if table.index.has_duplicates:
         raise He2stError(f"duplicate spot barcode {table.index[table.index.duplicated()][0]!r}", path)
@@ -131,7 +133,8 @@ def read_st(
         um_per_px = pixel_size_from_grid(spots[grid_cols].to_numpy(float), pixel, pitch_um)
     except He2stError as exc:
         raise He2stError(exc.problem, spots_file) from exc
-    adata = build_adata(table.loc[spots.index].to_numpy(), list(spots.index), list(table.columns), pixel)
+    adata = build_adata(table.loc[spots.index].to_numpy(), list(spots.index), list(table.columns), pixel,
+                        where=counts_file)
     adata.obs["array_col"] = spots["x"].astype(int).to_numpy()
     adata.obs["array_row"] = spots["y"].astype(int).to_numpy()
     sample = Sample(
@@ -264,7 +267,7 @@ def read_visium(
     row_of = {b: i for i, b in enumerate(barcodes)}
     rows = np.array([row_of[b] for b in positions.index])
     xy = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
-    adata = build_adata(mat[rows], list(positions.index), genes, xy)
+    adata = build_adata(mat[rows], list(positions.index), genes, xy, where=counts_path)
     adata.obs["array_row"] = positions["array_row"].astype(int).to_numpy()
     adata.obs["array_col"] = positions["array_col"].astype(int).to_numpy()
     if "microns_per_pixel" in scalefactors:
@@ -320,7 +323,8 @@ def read_h5ad_sample(
     values = X.data if sp.issparse(X) else np.asarray(X)
     if not np.issubdtype(values.dtype, np.number) or (values.size and (values < 0).any()):
         raise He2stError("X must hold non-negative raw counts", path)
-    built = build_adata(X, list(adata.obs_names), list(adata.var_names), np.asarray(adata.obsm["spatial"])[:, :2])
+    built = build_adata(X, list(adata.obs_names), list(adata.var_names), np.asarray(adata.obsm["spatial"])[:, :2],
+                        where=path)
     for col in adata.obs.columns:
         built.obs[col] = adata.obs[col].to_numpy()
     sid = sample_id or path.stem

@@ -10,6 +10,7 @@ Conventions (as scanpy/squidpy/HEST): ``adata.obsm["spatial"]`` holds spot centr
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from he2st.data.slide import Slide, open_slide
-from he2st.errors import He2stError
+from he2st.errors import He2stError, He2stWarning
 from he2st.io import atomic_path
 
 META_KEY = "he2st"
@@ -162,16 +163,24 @@ class Sample:
 
 
 def build_adata(
-    counts: sp.spmatrix | np.ndarray, barcodes: list[str], genes: list[str], spatial_xy: np.ndarray
+    counts: sp.spmatrix | np.ndarray, barcodes: list[str], genes: list[str], spatial_xy: np.ndarray,
+    where: str | Path | None = None,
 ) -> ad.AnnData:
-    """Assemble a counts AnnData with the scverse spatial convention, counts stored sparse."""
+    """Assemble a counts AnnData with the scverse spatial convention, counts stored sparse. Duplicate gene
+    names are made unique the scanpy way (``G``, ``G-1``), with a warning naming ``where`` (the file)."""
     matrix = sp.csr_matrix(counts, dtype=np.float32)
-    adata = ad.AnnData(
-        X=matrix,
-        obs=pd.DataFrame(index=pd.Index([str(b) for b in barcodes], name="barcode")),
-        var=pd.DataFrame(index=pd.Index([str(g) for g in genes], name="gene")),
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Variable names are not unique")  # handled below, naming the file
+        adata = ad.AnnData(
+            X=matrix,
+            obs=pd.DataFrame(index=pd.Index([str(b) for b in barcodes], name="barcode")),
+            var=pd.DataFrame(index=pd.Index([str(g) for g in genes], name="gene")),
+        )
     adata.obsm["spatial"] = np.asarray(spatial_xy, dtype=np.float64)
     if adata.var_names.has_duplicates:
+        dupes = sorted(set(adata.var_names[adata.var_names.duplicated()]))
+        warnings.warn(f"{where or 'counts'}: duplicate gene name(s) {', '.join(dupes[:5])}"
+                      f"{' ...' if len(dupes) > 5 else ''} made unique the scanpy way (G, G-1, ...)",
+                      He2stWarning, stacklevel=2)
         adata.var_names_make_unique()
     return adata

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from he2st.data.patches import MAX_UPSAMPLE
+from he2st.io import safe_name
 from he2st.predict.grid import VISIUM_PITCH_UM
 
 
@@ -41,6 +42,12 @@ class PredictConfig(BaseModel):
                                                      "with spots_from)")
     thumbnail_px: int = Field(2000, gt=0, description="long side of the thumbnail (tissue detection, hires image)")
     max_upsample: float = Field(MAX_UPSAMPLE, gt=0, description="refuse slides that need more upsampling")
+
+    @field_validator("library_id")
+    @classmethod
+    def _safe_library_id(cls, value: str | None) -> str | None:
+        """The output file is ``<out>/<library_id>.h5ad``: an id like ``../x`` must not leave ``out``."""
+        return None if value is None else safe_name(value, "library id")
 
     @field_validator("genes", mode="before")
     @classmethod

@@ -35,6 +35,7 @@ from he2st.encoders import Encoder
 from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.encoders.spec import EncoderSpec
 from he2st.errors import He2stError
+from he2st.io import name_from_stem
 from he2st.methods import Method
 from he2st.predict.config import PredictConfig
 from he2st.predict.grid import SpotGrid, grid_from_sample, hex_grid
@@ -131,7 +132,7 @@ def run_prediction(
         check_resolution(mpp, patch, slide_path, config.max_upsample)
         thumb, scale = slide.thumbnail(config.thumbnail_px)
         grid, tissue_source = _spots(slide, thumb, scale, mpp, config.pitch_um, sample, config.mask)
-        library_id = config.library_id or (sample.sample_id if sample is not None else slide_path.stem)
+        library_id = config.library_id or (sample.sample_id if sample is not None else name_from_stem(slide_path.stem))
         encoder = encoder or load_encoder(enc_cfg)
         _check_encoder(encoder, trained_encoder, config.model)
         final = config.out / f"{library_id}.h5ad"

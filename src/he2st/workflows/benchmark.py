@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from he2st.data.patches import warn_if_too_coarse
 from he2st.data.splits import Fold, check_fold, inner_folds
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
@@ -102,6 +103,8 @@ def run_benchmark(
 ) -> BenchmarkOutcome:
     ws = Workspace(config.work_dir)
     folds, patients = benchmark_folds(config, ws)
+    for sid in sorted({s for fold in folds for s in [*fold.train, *fold.test]}):
+        warn_if_too_coarse(ws.load_sample(sid), config.patch)
     variants: list[tuple[str, str, dict]] = [(m, m, {}) for m in config.methods]
     if config.ablation:
         variants += ablation_variants(config.methods, config.ablation_only)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from he2st.data.patches import warn_if_too_coarse
 from he2st.data.spots import load_spots
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
@@ -32,6 +33,8 @@ def evaluate_model(
     _, patch, embed = card.features(model_path)  # the same features as in training
     ws = Workspace(work_dir)
     samples = {sid: ws.load_sample(sid) for sid in sample_ids}
+    for sample in samples.values():
+        warn_if_too_coarse(sample, patch)
     shared = {sid for sid, s in samples.items() if s.patient_id in set(card.training_patients)}
     if shared and not allow_training_patients:
         raise He2stError(

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from he2st.data.her2st import load_her2st
-from he2st.data.patches import extract_patches
+from he2st.data.patches import extract_patches, warn_if_too_coarse
 from he2st.data.readers import read_source
 from he2st.data.registry import dataset_dir, fetch
 from he2st.data.sample import Sample
@@ -53,7 +53,12 @@ def prepare(config: PrepareConfig, on_patch: Callable[[int], None] | None = None
     """Save samples, cut patches and define folds."""
     ws = Workspace(config.work_dir)
     samples = load_samples(config)
+    patients = {s.sample_id: s.patient_id for s in samples}
+    folds = make_folds(patients, config.folds.scheme, config.folds.allow_shared_patients)  # before heavy work
+    for fold in folds:
+        check_fold(fold, patients)
     for sample in samples:
+        warn_if_too_coarse(sample, config.patch)
         sample.save(ws.sample_path(sample.sample_id))  # always: patient ids or counts may have changed
         extract_patches(sample, config.patch, ws.root, on_progress=on_patch)
         if config.context_field:
@@ -61,9 +66,5 @@ def prepare(config: PrepareConfig, on_patch: Callable[[int], None] | None = None
         sample.close()
         if on_sample is not None:
             on_sample(sample)
-    patients = {s.sample_id: s.patient_id for s in samples}
-    folds = make_folds(patients, config.folds.scheme, config.folds.allow_shared_patients)
-    for fold in folds:
-        check_fold(fold, patients)
     folds_path = ws.save_folds(config.folds.scheme, folds, patients)
     return Prepared(ws, [s.sample_id for s in samples], patients, str(folds_path))
