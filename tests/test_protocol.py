@@ -26,6 +26,11 @@ from he2st.workflows.protocol import build_fold_data, run_fold
 FAST = {"bleep": {"ensemble": 1, "train": {"epochs": 6}}, "bleep_faithful": {"train": {"epochs": 6}},
         "mlp": {"train": {"epochs": 6}}, "cmrcnet": {"train": {"epochs": 4}}, "nh2st": {"train": {"epochs": 4}},
         "carhe": {"histology_pretrain_epochs": 2, "train": {"epochs": 4}},
+        # the presets' own schedules, cut short ("train" replaces a preset's whole training block)
+        "cmrcnet_faithful": {"train": {"epochs": 4, "batch_size": 64, "lr": 1e-4, "weight_decay": 1e-3,
+                                       "schedule": "cosine", "min_lr": 1e-5, "grad_clip": None}},
+        "nh2st_faithful": {"train": {"epochs": 2, "batch_size": 8, "lr": 5e-4, "weight_decay": 0.0,
+                                     "schedule": "step", "grad_clip": None}},
         "ensemble": {"members": {"knn": {"method": "knn"}, "ridge_cv": {"method": "ridge_cv"},
                                  "bleep": {"method": "bleep", "ensemble": 1, "train": {"epochs": 3}}}}}
 TOKENS = EmbedConfig(token_grid=2)  # pooled embeddings plus a 2 x 2 grid of the encoder's feature map
