@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-
 from synthetic import tissue_image
 
 GENES = ["GA", "GB", "GC"]

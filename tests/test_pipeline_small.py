@@ -98,6 +98,20 @@ def test_prepared_and_embedded_once_and_rerun_is_noop(small):
     assert again.n_embedded == 0
 
 
+def test_prepared_samples_carry_the_scverse_spatial_layout(small):
+    """squidpy.pl.spatial_scatter / scanpy.pl.spatial read uns["spatial"][library_id]: a hires image whose
+    scale maps obsm["spatial"] (level-0 px) onto it, and the spot diameter in level-0 px."""
+    work, _ = small
+    adata = ad.read_h5ad(work / "samples" / "S1.h5ad")
+    library = adata.uns["spatial"]["S1"]
+    hires, factors = library["images"]["hires"], library["scalefactors"]
+    assert hires.dtype == np.uint8 and hires.ndim == 3 and hires.shape[2] == 3
+    xy = adata.obsm["spatial"] * factors["tissue_hires_scalef"]
+    assert (xy >= 0).all() and (xy[:, 0] < hires.shape[1]).all() and (xy[:, 1] < hires.shape[0]).all()
+    assert isinstance(factors["spot_diameter_fullres"], float) and factors["spot_diameter_fullres"] > 0
+    assert isinstance(adata.uns["he2st"]["pixel_size_um"], float)
+
+
 def test_context_field_is_cut_embedded_and_loaded_beside_the_spot(small):
     """``prepare`` cuts a field 3x the spot's around it, ``embed`` embeds it, spot bundles carry it."""
     work, embed = small
@@ -215,9 +229,9 @@ def test_nested_folds_never_touch_the_outer_test_patient(small):
 def test_model_predicted_at_a_samples_own_spots_with_plots_and_report(small, tmp_path):
     """Whole-slide prediction at the spots of a prepared sample, compared with its measurements."""
     from he2st.data.sample import Sample
-    from he2st.workflows.predict_slide import predict_slide
     from he2st.report.html import build_report
     from he2st.report.plots import plot_prediction
+    from he2st.workflows.predict_slide import predict_slide
 
     work, embed = small
     ws = Workspace(work)
@@ -238,6 +252,17 @@ def test_model_predicted_at_a_samples_own_spots_with_plots_and_report(small, tmp
     assert {"maps", "compare", "scatter"} <= set(paths) and all(p.exists() for p in paths.values())
     page = build_report(out, tmp_path / "report.html", sample=s1).read_text()
     assert "Predicted vs measured (S1)" in page and "25 spots matched by barcode" in page
+    # another section is refused, whether named by its spots or only by its slide
+    from he2st.errors import He2stError
+
+    s2 = Sample.load(ws.sample_path("S2"))
+    with pytest.raises(He2stError, match="made at the spots of S1, not of sample S2"):
+        plot_prediction(out, tmp_path / "figs2", sample=s2)
+    del adata.uns["he2st"]["spots"]
+    adata.write_h5ad(tmp_path / "hexgrid.h5ad")
+    with pytest.raises(He2stError, match="sample S2 was measured on .*not the same slide"):
+        build_report(tmp_path / "hexgrid.h5ad", tmp_path / "report2.html", sample=s2)
+    assert not (tmp_path / "figs2").exists() and not (tmp_path / "report2.html").exists()
 
 
 def _knn_predict(model_path, features: np.ndarray) -> np.ndarray:

@@ -136,6 +136,7 @@ def test_prediction_h5ad_layout(reference, model_path, slide_path, encoder):
     meta = adata.uns["he2st"]
     assert meta["target_transform"] == "log1p_cp10k" and meta["encoder"] == "test_vit" and meta["mpp"] == MPP
     assert meta["runtime"] in ("openvino", "onnxruntime")  # the dev extra installs them; auto picks one
+    assert isinstance(meta["trained_on"], dict) and isinstance(meta["pitch_um"], float)  # numbers as numbers
     assert not list(reference.parent.glob("*.partial.h5"))
     # rows are the model's predictions for the patches at those spots (chunking keeps the order)
     method = load_method(model_path)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
+from synthetic import counts_for, spot_grid, tissue_image, write_hest, write_pyramid, write_space_ranger
 
 from he2st.data.readers import read_h5ad_sample, read_hest, read_visium
 from he2st.data.slide import PlainImageSlide, TiffFileSlide, open_slide, read_patch
-from synthetic import counts_for, spot_grid, tissue_image, write_hest, write_pyramid, write_space_ranger
 
 GENES = [f"G{i}" for i in range(12)]
 
@@ -101,3 +102,29 @@ def test_generic_h5ad_reader(tmp_path):
     Image.fromarray(tissue_image(300, 300)).save(tmp_path / "he.png")
     sample = read_h5ad_sample(tmp_path / "x.h5ad", tmp_path / "he.png", pixel_size_um=1.0, sample_id="S")
     assert sample.n_spots == 6 and sample.slide.dimensions == (300, 300)
+
+
+@pytest.mark.parametrize(("array", "pitch_um"), [("1k", 200.0), ("2k", 100.0)])
+def test_legacy_st_array_and_its_pixel_size_come_from_the_spot_lattice(tmp_path, array, pitch_um):
+    """The 2k array numbers positions in 100 µm steps and fills a checkerboard of them (141 µm diagonal
+    spacing); the 1k array fills every 200 µm position. A slide at 0.5 µm/px must read as 0.5 either way."""
+    from he2st.data.readers import read_st
+
+    mpp = 0.5
+    grid = [(x, y) for y in range(2, 14) for x in range(2, 14) if array == "1k" or (x + y) % 2 == 0]
+    xs, ys = np.array(grid).T
+    rng = np.random.default_rng(0)
+    step_px = pitch_um / mpp
+    spots = pd.DataFrame({"x": xs, "y": ys, "new_x": xs + rng.normal(0, 0.02, len(xs)),
+                          "new_y": ys + rng.normal(0, 0.02, len(xs)), "pixel_x": 40 + xs * step_px,
+                          "pixel_y": 40 + ys * step_px, "selected": 1})
+    spots.to_csv(tmp_path / "sel.tsv", sep="\t", index=False)
+    ids = [f"{x}x{y}" for x, y in grid]
+    pd.DataFrame(rng.poisson(3, (len(ids), 3)), index=ids, columns=GENES[:3]).to_csv(tmp_path / "cnts.tsv", sep="\t")
+    sample = read_st(tmp_path / "cnts.tsv", tmp_path / "sel.tsv", None, "S1", "P1")
+    assert sample.pixel_size_um == pytest.approx(mpp, rel=0.05)
+    forced = read_st(tmp_path / "cnts.tsv", tmp_path / "sel.tsv", None, "S1", "P1", pitch_um=200.0)
+    assert forced.pixel_size_um == pytest.approx(mpp * 200.0 / pitch_um, rel=0.05)  # the override is obeyed
+    given = read_st(tmp_path / "cnts.tsv", tmp_path / "sel.tsv", None, "S1", "P1", pixel_size_um=0.25)
+    assert given.pixel_size_um == 0.25
+

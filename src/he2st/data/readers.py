@@ -25,7 +25,8 @@ from he2st.data.sample import Sample, build_adata
 from he2st.errors import He2stError
 from he2st.io import safe_name
 
-ST_PITCH_UM = 200.0  # legacy ST: spots 100 µm across, 200 µm centre to centre
+ST_PITCH_UM = 200.0  # legacy ST 1k array: spots 100 µm across, 200 µm centre to centre per array step
+ST_2K_PITCH_UM = 100.0  # 2k array: 100 µm per array step, spots on a checkerboard (141 µm diagonal spacing)
 ST_SPOT_UM = 100.0
 VISIUM_SPOT_UM = 55.0
 
@@ -89,6 +90,16 @@ def pixel_size_from_grid(array_xy: np.ndarray, pixel_xy: np.ndarray, pitch_um: f
     return pitch_um / float(np.mean(slopes))
 
 
+def st_array_pitch(array_xy: np.ndarray) -> float:
+    """µm per array step of a legacy ST array, from its spot lattice. The 2k array adds a spot at the
+    centre of each square of the 1k array and numbers the positions in half steps, so its spots occupy
+    a checkerboard (x + y of one parity); the 1k array's occupy both parities."""
+    parity = (np.rint(array_xy).astype(np.int64).sum(axis=1)) % 2
+    if len(parity) >= 10 and (parity == parity[0]).all():
+        return ST_2K_PITCH_UM
+    return ST_PITCH_UM
+
+
 def read_st(
     counts_file: str | Path,
     spots_file: str | Path,
@@ -96,16 +107,19 @@ def read_st(
     sample_id: str,
     patient_id: str,
     image_scale: float = 1.0,
-    pitch_um: float = ST_PITCH_UM,
+    pitch_um: float | None = None,
     spot_diameter_um: float = ST_SPOT_UM,
     dataset: str | None = None,
+    pixel_size_um: float | None = None,
 ) -> Sample:
     """Legacy Spatial Transcriptomics in the her2st layout.
 
     ``counts_file``: spots x genes TSV with ``"<x>x<y>"`` spot ids; ``spots_file``: the
     ``*_selection.tsv`` with ``x y new_x new_y pixel_x pixel_y selected``. ``image_scale`` maps the
     spot file's pixel coordinates onto ``image`` (1 for the full-resolution image). Only spots with
-    ``selected == 1`` (under tissue) are kept. The pixel size comes from the spot grid.
+    ``selected == 1`` (under tissue) are kept. The pixel size comes from the spot grid: pixels per
+    array step against ``pitch_um`` µm per step, which is detected from the lattice (1k or 2k array,
+    :func:`st_array_pitch`) unless given; ``pixel_size_um`` overrides the derived value.
     """
     counts_file, spots_file = Path(counts_file), _require(Path(spots_file), "spot file")
     table = read_counts_table(counts_file)
@@ -129,8 +143,10 @@ def read_st(
         raise He2stError("no spot left after keeping spots under tissue (selected == 1)", spots_file)
     grid_cols = ["new_x", "new_y"] if {"new_x", "new_y"}.issubset(spots.columns) else ["x", "y"]
     pixel = spots[["pixel_x", "pixel_y"]].to_numpy(float) * image_scale
+    if pitch_um is None:
+        pitch_um = st_array_pitch(spots[["x", "y"]].to_numpy(float))
     try:
-        um_per_px = pixel_size_from_grid(spots[grid_cols].to_numpy(float), pixel, pitch_um)
+        um_per_px = pixel_size_um or pixel_size_from_grid(spots[grid_cols].to_numpy(float), pixel, pitch_um)
     except He2stError as exc:
         raise He2stError(exc.problem, spots_file) from exc
     adata = build_adata(table.loc[spots.index].to_numpy(), list(spots.index), list(table.columns), pixel,
@@ -382,7 +398,12 @@ class SampleSource(BaseModel):
     path: Path = Field(description="outs/ folder (visium), counts file (st), HEST root (hest), .h5ad (h5ad)")
     image: Path | None = None
     spots_file: Path | None = Field(None, description="st: the *_selection.tsv spot file")
-    pixel_size_um: float | None = Field(None, description="h5ad: µm/px of the image")
+    pixel_size_um: float | None = Field(
+        None, gt=0, description="µm/px of the image: required for h5ad; for the other readers it overrides "
+        "what they derive (st: from the spot grid; visium: scale factors; hest: metadata)")
+    pitch_um: float | None = Field(
+        None, gt=0, description="st: µm per array step (default: detected from the spot lattice, 200 for the "
+        "1k array, 100 for the 2k array)")
 
     @field_validator("sample_id", "patient_id")
     @classmethod
@@ -398,14 +419,19 @@ class SampleSource(BaseModel):
 
 def read_source(src: SampleSource) -> Sample:
     """Read a user-described sample with the matching reader."""
-    if src.reader == "visium":
-        return read_visium(src.path, src.image, sample_id=src.sample_id, patient_id=src.patient_id)
+    if src.pitch_um is not None and src.reader != "st":
+        raise He2stError(f"sample {src.sample_id}: pitch_um applies to reader 'st' only")
     if src.reader == "st":
         if src.spots_file is None:
             raise He2stError(f"sample {src.sample_id}: reader 'st' needs spots_file")
-        return read_st(src.path, src.spots_file, src.image, src.sample_id, src.patient_id or src.sample_id)
-    if src.reader == "hest":
-        return read_hest(src.path, src.sample_id, patient_id=src.patient_id)
+        return read_st(src.path, src.spots_file, src.image, src.sample_id, src.patient_id or src.sample_id,
+                       pitch_um=src.pitch_um, pixel_size_um=src.pixel_size_um)
+    if src.reader in ("visium", "hest"):
+        sample = (read_visium(src.path, src.image, sample_id=src.sample_id, patient_id=src.patient_id)
+                  if src.reader == "visium" else read_hest(src.path, src.sample_id, patient_id=src.patient_id))
+        if src.pixel_size_um is not None:
+            sample.pixel_size_um = float(src.pixel_size_um)
+        return sample
     if src.pixel_size_um is None:
         raise He2stError(f"sample {src.sample_id}: reader 'h5ad' needs pixel_size_um")
     return read_h5ad_sample(src.path, src.image, src.pixel_size_um, src.sample_id, src.patient_id)

@@ -24,6 +24,7 @@ from he2st.errors import He2stError, He2stWarning
 from he2st.io import atomic_path
 
 META_KEY = "he2st"
+HIRES_PX = 2000  # long side of the hires image in uns["spatial"] (Space Ranger's tissue_hires_image)
 
 
 @dataclass
@@ -111,6 +112,11 @@ class Sample:
             "dataset": self.dataset or "",
             "source": dict(self.source),
         }
+        if self.image_path is not None:  # the scverse layout, so squidpy/scanpy plot the measured counts on the H&E
+            thumb, scale = self.slide.thumbnail(HIRES_PX)
+            adata.uns["spatial"] = {self.sample_id: spatial_library(
+                thumb, scale, self.spot_diameter_um / self.pixel_size_um, str(Path(self.image_path).resolve()),
+                "he2st prepare")}
         with atomic_path(path, suffix=".h5ad") as tmp:
             adata.write_h5ad(tmp)
         return path
@@ -160,6 +166,16 @@ class Sample:
         if self.adata.obsm:
             info["obsm"] = ", ".join(sorted(self.adata.obsm.keys()))
         return info
+
+
+def spatial_library(hires: np.ndarray, scale: float, spot_diameter_px: float, image: str, software: str) -> dict:
+    """One library of ``uns["spatial"]`` as squidpy and scanpy read it: the hires image (``scale`` hires px per
+    level-0 px, the frame of ``obsm["spatial"]``) and the spot diameter in level-0 px."""
+    return {
+        "images": {"hires": np.ascontiguousarray(hires, dtype=np.uint8)},
+        "scalefactors": {"tissue_hires_scalef": float(scale), "spot_diameter_fullres": float(spot_diameter_px)},
+        "metadata": {"source_image_path": image, "software": software},
+    }
 
 
 def build_adata(

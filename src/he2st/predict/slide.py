@@ -13,7 +13,6 @@ context field (``reads_field``) get it cut and embedded beside each spot's patch
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -162,7 +161,7 @@ def run_prediction(
         "patch_spec": patch.model_dump_json(), "mpp": mpp, "slide": str(slide_path.resolve()),
         "spots": "hex_grid" if sample is None else f"sample:{sample.sample_id}", "tissue": tissue_source,
         "pitch_um": float(grid.pitch_um or 0.0), "spot_diameter_um": float(grid.spot_diameter_um),
-        "trained_on": json.dumps(method.card.training_samples), "stain": stain, "tta": tta,
+        "trained_on": dict(method.card.training_samples), "stain": stain, "tta": tta,
         "runtime": embedder.runtime,
     }
     write_h5ad(partial, final, grid, [method.panel.genes[i] for i in gene_index], thumb, scale, mpp,

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from he2st.data.sample import spatial_library
 from he2st.io import atomic_path
 from he2st.methods import Method
 from he2st.predict.grid import SpotGrid
@@ -97,12 +98,8 @@ def write_h5ad(partial: Path, final: Path, grid: SpotGrid, genes: list[str], thu
     adata.obsm["spatial"] = grid.xy.astype(np.float64)
     for key, values in extras.items():  # e.g. predicted cell-type proportions
         adata.obsm[key] = values if values.ndim == 2 else values[:, None]
-    adata.uns["spatial"] = {library_id: {
-        "images": {"hires": np.ascontiguousarray(thumb, dtype=np.uint8)},
-        "scalefactors": {"tissue_hires_scalef": float(scale),
-                         "spot_diameter_fullres": float(grid.spot_diameter_um / mpp)},
-        "metadata": {"source_image_path": meta["slide"], "software": "he2st predict"},
-    }}
+    adata.uns["spatial"] = {library_id: spatial_library(thumb, scale, grid.spot_diameter_um / mpp, meta["slide"],
+                                                        "he2st predict")}
     adata.uns["he2st"] = meta
     with atomic_path(final, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)

@@ -27,7 +27,7 @@ from he2st.data.genes import transform_counts
 from he2st.data.sample import Sample
 from he2st.errors import He2stError
 from he2st.evaluate.metrics import pearson_per_gene
-from he2st.io import atomic_path
+from he2st.io import atomic_path, sha256_file
 
 UNCERTAINTY_KEYS = ("best_similarity", "dispersion")
 
@@ -188,6 +188,29 @@ class Paired:
     matched_by: str  # "barcode" or "nearest spot"
 
 
+def check_same_slide(meta: dict, sample: Sample) -> None:
+    """Refuse to compare a prediction with a sample measured on another section: its spots would be matched
+    "by nearest spot" and the correlations would be meaningless. The prediction records its slide (and, when
+    predicted at a sample's spots, that sample); a slide at another path counts as the same only if the two
+    files are byte-identical."""
+    spots = str(meta.get("spots", ""))
+    if spots.startswith("sample:") and spots != f"sample:{sample.sample_id}":
+        raise He2stError(f"the prediction was made at the spots of {spots.removeprefix('sample:')}, "
+                         f"not of sample {sample.sample_id}: compare it with that sample")
+    slide = meta.get("slide")
+    if not slide or sample.image_path is None:
+        return  # nothing recorded to compare
+    predicted, measured = Path(slide), Path(sample.image_path)
+    if predicted.exists() and measured.exists():
+        same = predicted.samefile(measured) or (predicted.stat().st_size == measured.stat().st_size
+                                                and sha256_file(predicted) == sha256_file(measured))
+    else:
+        same = predicted.name == measured.name
+    if not same:
+        raise He2stError(f"sample {sample.sample_id} was measured on {measured}, but the prediction was made on "
+                         f"{predicted}: not the same slide")
+
+
 def pair_with_measured(prediction: str | Path | ad.AnnData, sample: Sample | str | Path,
                        genes: list[str] | None = None) -> Paired:
     """Align predictions with a sample's measured spots: by barcode, else by nearest spot centre.
@@ -197,6 +220,7 @@ def pair_with_measured(prediction: str | Path | ad.AnnData, sample: Sample | str
     adata = load_prediction(prediction)
     sample = Sample.load(sample) if isinstance(sample, str | Path) else sample
     meta = dict(adata.uns.get("he2st", {}))
+    check_same_slide(meta, sample)
     kind = str(meta.get("target_transform", "log1p_cp10k"))
     wanted = [g for g in (genes or list(adata.var_names)) if g in set(sample.adata.var_names)]
     if not wanted:
@@ -293,12 +317,12 @@ def plot_prediction(prediction: str | Path | ad.AnnData, out_dir: str | Path, ge
     """Write ``maps.png`` (+ ``uncertainty.png``; with a measured sample ``compare.png``, ``scatter.png``)."""
     adata = load_prediction(prediction)
     out = Path(out_dir)
+    paired = None if sample is None else pair_with_measured(adata, sample)  # refused before anything is written
     paths = {"maps": save_figure(expression_maps(adata, genes, n), out / "maps.png")}
     unc = uncertainty_map(adata)
     if unc is not None:
         paths["uncertainty"] = save_figure(unc, out / "uncertainty.png")
-    if sample is not None:
-        paired = pair_with_measured(adata, sample)
+    if paired is not None:
         view = spatial_view(adata)
         paths["compare"] = save_figure(predicted_vs_measured(paired, view, genes, min(n, 4)), out / "compare.png")
         paths["scatter"] = save_figure(measured_scatter(paired, genes, n), out / "scatter.png")
