@@ -187,6 +187,12 @@ def test_cli_embed_train_evaluate(small, tmp_path):
                               "--set", "genes.min_spot_fraction=0", "--set", f"n_top={N_TOP}"])
     assert res.exit_code == 0, res.output
     assert "trained knn on S1, S2 (patients P1, P2) (50 genes" in res.output and model.exists()
+    res = runner.invoke(app, ["card", str(model)])  # the model card, for a person
+    assert res.exit_code == 0, res.output
+    for expected in ("model: knn (he2st", "trained on: S1, S2 (patients P1, P2)", "intended tissue: not stated",
+                     "encoder: test_vit", "panel: 50 genes on the log1p_cp10k scale", "known scores: none recorded",
+                     "command: he2st "):  # sys.argv of this process (pytest here)
+        assert expected in res.output, (expected, res.output)
     res = runner.invoke(app, ["evaluate", "-w", str(work), "--model", str(model), "--samples", "S3",
                               "--out", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output

@@ -186,9 +186,19 @@ def train(
 
     cfg = load_config(TrainRunConfig, config, set_, work_dir=str(work_dir) if work_dir else None,
                       method=method, train_samples=_ids(samples), out=str(out) if out else None)
-    fitted, log, path = train_model(cfg)
+    fitted, log, path = train_model(cfg, command=" ".join(["he2st", *sys.argv[1:]]))
     _echo(f"trained {fitted.name} on {fitted.card.training_line()} "
           f"({len(fitted.panel.genes)} genes, best epoch {log.best_epoch}) -> {path}")
+
+
+@app.command()
+def card(model: Annotated[Path, typer.Argument(help="checkpoint from `he2st train`")]) -> None:
+    """Print a checkpoint's model card: training data, intended tissue, encoder and weights checksum,
+    inputs, gene panel and the scores known at training time with the command that produced them."""
+    from he2st.methods import load_method
+
+    for key, value in load_method(model).card.describe():
+        _echo(f"{key:>16}: {value}")
 
 
 @app.command()

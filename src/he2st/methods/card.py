@@ -46,6 +46,8 @@ class ModelCard(BaseModel):
     train_seconds: float | None = None
     selection: dict[str, Any] = Field(
         default_factory=dict, description="choices made on training patients (ensemble: inner scores, weights)")
+    tissue: str = Field("", description="tissue, disease and platform of the training samples: the intended use")
+    command: str = Field("", description="the command that trained the model")
 
     @property
     def target_scale(self) -> str:
@@ -64,6 +66,39 @@ class ModelCard(BaseModel):
                 f"the {self.method} model card records no encoder/patch/embedding recipe (fitted outside "
                 "`he2st train`?); it cannot be applied to new images", where)
         return self.encoder, self.patch, self.embedding
+
+    def describe(self) -> list[tuple[str, str]]:
+        """The card as (field, text) lines for a person (`he2st card`): training data, intended tissue,
+        encoder and weights checksum, inputs, panel and the scores known at training time, with their command."""
+        lines = [("model", f"{self.method} (he2st {self.he2st_version}, trained {self.created})"),
+                 ("trained on", self.training_line()),
+                 ("intended tissue", self.tissue or "not stated (set tissue=... when training)")]
+        if self.encoder is not None:
+            lines.append(("encoder", f"{self.encoder.name} ({self.encoder.embed_dim}-d), weights {self.encoder.weights}, "
+                                     f"sha256 {self.weights_sha256 or 'not computed'}"))
+        if self.patch is not None and self.embedding is not None:
+            lines.append(("inputs", f"{self.patch.field_um:g} µm patches at {self.patch.size_px} px "
+                                    f"({self.patch.pixel_size_um:g} µm/px), stain {self.embedding.stain}, "
+                                    f"TTA {self.embedding.tta}"))
+        genes = list(self.panel.genes)
+        lines.append(("panel", f"{len(genes)} genes on the {self.panel.transform} scale: {', '.join(genes[:8])}"
+                               f"{', ...' if len(genes) > 8 else ''}"))
+        lines.append(("known scores", self._scores_line()))
+        lines.append(("command", self.command or "not recorded"))
+        return lines
+
+    def _scores_line(self) -> str:
+        """What training measured on held-out spots of its own patients (no test data is ever seen)."""
+        parts = []
+        val = self.curves.get("val_pearson")
+        if val:
+            best = self.best_epoch if self.best_epoch is not None else int(max(range(len(val)), key=val.__getitem__))
+            parts.append(f"validation Pearson {max(val):.3f} (mean per-gene r on held-out spots of the training "
+                         f"patients, epoch {best})")
+        if "combination" in self.selection:
+            parts.append(f"ensemble chosen on inner folds of the training patients: {self.selection['combination']}"
+                         + (f", weights {self.selection['weights']}" if self.selection.get("weights") else ""))
+        return "; ".join(parts) or "none recorded (score it with `he2st evaluate` on held-out patients)"
 
     def training_line(self) -> str:
         """One human-readable line: 'B4, C2 (patients B, C)'."""

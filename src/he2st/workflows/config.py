@@ -207,6 +207,8 @@ class TrainRunConfig(FitConfig):
     method: str = "ensemble"
     train_samples: list[str] = Field(default_factory=list, description="default: every prepared sample")
     out: Path | None = Field(None, description="checkpoint path (default <work_dir>/models/<method>.pt)")
+    tissue: str | None = Field(None, description="tissue, disease and platform the model is for (model card; default: "
+                                                 "from the training samples' registered dataset)")
 
     def fitted_methods(self) -> list[str]:
         return [self.method]

@@ -8,6 +8,7 @@ import numpy as np
 
 from he2st.data.embeddings import EmbeddingFile
 from he2st.data.genes import GenePanel
+from he2st.data.registry import DATASETS, get_dataset
 from he2st.data.splits import validation_mask
 from he2st.data.spots import load_spots, shared_extras
 from he2st.data.workspace import Workspace
@@ -19,9 +20,9 @@ from he2st.workflows.config import TrainRunConfig
 from he2st.workflows.embed import embed_workspace
 
 
-def train_model(config: TrainRunConfig) -> tuple[Method, TrainLog, Path]:
+def train_model(config: TrainRunConfig, command: str = "") -> tuple[Method, TrainLog, Path]:
     """Fit ``config.method`` on the training samples (validation from their patients) and save it with
-    its model card."""
+    its model card (which records ``command``)."""
     ws = Workspace(config.work_dir)
     train_ids = config.train_samples or ws.sample_ids()
     if not train_ids:
@@ -42,7 +43,14 @@ def train_model(config: TrainRunConfig) -> tuple[Method, TrainLog, Path]:
     log = method.fit(spots.subset(~val), spots.subset(val))
     method.card = method.card.model_copy(update={
         "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds,
-        "selection": log.selection})
+        "selection": log.selection, "command": command, "tissue": config.tissue or _tissue(samples.values())})
     out = config.out or ws.root / "models" / f"{config.method}.pt"
     method.save(out)
     return method, log, Path(out)
+
+
+def _tissue(samples) -> str:
+    """The registered datasets' own description of the training samples (before its first colon)."""
+    names = sorted({s.dataset for s in samples if s.dataset in DATASETS})
+    return "; ".join(get_dataset(name).description.split(":")[0] for name in names)
+
