@@ -11,7 +11,7 @@ import typer
 
 from he2st.errors import He2stError, He2stWarning
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Predict spatial gene expression from H&E.")
+app = typer.Typer(no_args_is_help=True, add_completion=True, help="Predict spatial gene expression from H&E.")
 data_app = typer.Typer(no_args_is_help=True, help="Public datasets: list and fetch.")
 app.add_typer(data_app, name="data")
 
@@ -75,7 +75,8 @@ def data_fetch(name: str, urls: Annotated[bool, typer.Option(help="only print fi
 @app.command()
 def prepare(config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = None,
             dataset: Annotated[str | None, typer.Option(help="registered dataset")] = None,
-            sections: Annotated[str | None, typer.Option(help="comma-separated sections, e.g. A1,B4")] = None) -> None:
+            sections: Annotated[str | None, typer.Option(
+                "--samples", "--sections", help="comma-separated sections of the dataset, e.g. A1,B4")] = None) -> None:
     """Read a dataset into samples, patch caches and patient-level folds."""
     from he2st.io import write_text_atomic
     from he2st.progress import progress_bar

@@ -62,7 +62,7 @@ def predict(
                       tta=tta, library_id=library_id)
     method = load_method(model)
     with progress_bar(None, "predict") as advance:
-        path = run_prediction(cfg, method, on_chunk=lambda info: advance(info.n_spots))
+        path = run_prediction(cfg, method, on_chunk=lambda info: advance(info.n_spots, total=info.total_spots))
     typer.echo(f"predictions: {path}")
     if maps:
         from he2st.report.plots import plot_prediction

@@ -18,11 +18,24 @@ def interactive() -> bool:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int | None, description: str) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; renders a bar only when stderr is an interactive terminal."""
+def progress_bar(total: int | None, description: str) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n, total=None)`` (``total`` sets the bar's total once the caller knows it); renders a
+    bar with the count and the time remaining only when stderr is an interactive terminal."""
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=console, disable=not interactive(), transient=False,
     ) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+
+        def advance(n: int = 1, total: int | None = None) -> None:
+            if total is not None:
+                bar.update(task, total=total)
+            bar.advance(task, n)
+
+        yield advance
+
+
+def say(line: str) -> None:
+    """A progress line (e.g. one per training epoch) on an interactive terminal; silent in logs and pipes."""
+    if interactive():
+        console.print(line, highlight=False)

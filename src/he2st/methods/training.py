@@ -20,6 +20,7 @@ from torch import nn
 
 from he2st.errors import He2stError
 from he2st.methods.base import TrainLog
+from he2st.progress import say
 
 
 class TrainConfig(BaseModel):
@@ -109,11 +110,13 @@ def fit_minibatches(
             losses.append(float(loss.detach()))
         log.add(train_loss=float(np.mean(losses)))
         if validate is None:
+            say(f"epoch {epoch + 1}/{config.epochs}: training loss {np.mean(losses):.4f}")
             continue
         module.eval()
         with torch.no_grad():
             score = float(validate())
         log.add(val_pearson=score)
+        say(f"epoch {epoch + 1}/{config.epochs}: training loss {np.mean(losses):.4f}, validation r {score:.3f}")
         if score > best + 1e-6:
             best, best_state, stale = score, copy.deepcopy(module.state_dict()), 0
             log.best_epoch = epoch

@@ -59,6 +59,7 @@ class ChunkInfo:
     read_s: float  # reading + decoding + resampling patches (in the prefetch thread)
     embed_s: float  # encoder forward pass (incl. preprocessing)
     predict_s: float  # the method's predict for the chunks that became ready (with halos: one behind)
+    total_spots: int  # spots of the whole slide (a progress bar's total)
 
 
 def resolve_mpp(mpp: float | None, slide: Slide, sample: Sample | None = None) -> float:
@@ -279,7 +280,7 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_siz
                 predict(fh, j, features if j == i else None, patches if j == i else None)
             fh.flush()
             if on_chunk is not None:
-                on_chunk(ChunkInfo(i, n_chunks, b - a, read_s, t1 - t0, time.perf_counter() - t1))
+                on_chunk(ChunkInfo(i, n_chunks, b - a, read_s, t1 - t0, time.perf_counter() - t1, n))
         while int(fh.attrs["predicted_chunks"]) < n_chunks:  # resumed after the last embedding
             predict(fh, int(fh.attrs["predicted_chunks"]), None, None)
         fh.flush()

@@ -48,11 +48,13 @@ def load_samples(config: PrepareConfig) -> list[Sample]:
     return samples
 
 
-def prepare(config: PrepareConfig, on_patch: Callable[[int], None] | None = None,
+def prepare(config: PrepareConfig, on_patch: Callable[..., None] | None = None,
             on_sample: Callable[[Sample], None] | None = None) -> Prepared:
-    """Save samples, cut patches and define folds."""
+    """Save samples, cut patches and define folds; ``on_patch(n, total=...)`` follows the patches cut."""
     ws = Workspace(config.work_dir)
     samples = load_samples(config)
+    if on_patch is not None:
+        on_patch(0, total=sum(s.n_spots for s in samples) * (2 if config.context_field else 1))
     patients = {s.sample_id: s.patient_id for s in samples}
     folds = make_folds(patients, config.folds.scheme, config.folds.allow_shared_patients)  # before heavy work
     for fold in folds:
