@@ -128,3 +128,33 @@ def test_legacy_st_array_and_its_pixel_size_come_from_the_spot_lattice(tmp_path,
     given = read_st(tmp_path / "cnts.tsv", tmp_path / "sel.tsv", None, "S1", "P1", pixel_size_um=0.25)
     assert given.pixel_size_um == 0.25
 
+
+
+def test_visium_hd_bins_are_summed_into_pseudo_spots(tmp_path):
+    """8 µm bins on a 0.5 µm/px image (16 px per bin), summed into 56 µm pseudo-spots (7 x 7 bins): the
+    counts are conserved, every kept pseudo-spot is at least half covered, centres sit on the 56 µm grid."""
+    from he2st.data.readers import SampleSource, read_source
+
+    mpp, bin_um, side = 0.5, 8, 56.0
+    n = 21  # 21 x 21 bins = 3 x 3 pseudo-spots
+    gx, gy = np.meshgrid(np.arange(n), np.arange(n))
+    xy = (np.column_stack([gx.ravel(), gy.ravel()]) + 0.5) * bin_um / mpp
+    in_tissue = (gx.ravel() < 18).astype(int)  # the right column of pseudo-spots keeps 4 of its 7 bin columns
+    counts = np.random.default_rng(0).poisson(2, (len(xy), len(GENES)))
+    outs = tmp_path / "outs"
+    folder = outs / "binned_outputs" / "square_008um"
+    write_space_ranger(folder, xy, counts, GENES, spot_diameter_px=bin_um / mpp, positions="tissue_positions.parquet.csv",
+                       in_tissue=in_tissue)
+    positions = pd.read_csv(folder / "spatial" / "tissue_positions.parquet.csv")
+    positions.to_parquet(folder / "spatial" / "tissue_positions.parquet")  # Visium HD ships parquet
+    (folder / "spatial" / "tissue_positions.parquet.csv").unlink()
+    sf = folder / "spatial" / "scalefactors_json.json"
+    sf.write_text(sf.read_text().replace("{", f'{{"microns_per_pixel": {mpp}, "bin_size_um": {bin_um}, ', 1))
+    sample = read_source(SampleSource(reader="visium_hd", sample_id="HD1", path=outs, pseudo_spot_um=side))
+    assert sample.technology == "visium_hd" and sample.spot_diameter_um == side and sample.pixel_size_um == mpp
+    kept = sample.adata.obs["n_bins"].to_numpy()
+    assert sample.n_spots == 9 and (kept >= 0.5 * 49).all()  # the right column keeps 4 of 7 bin columns: 28 bins
+    assert sorted(set(kept)) == [28, 49]
+    in_spots = in_tissue.astype(bool)
+    np.testing.assert_allclose(sample.adata.X.sum(), counts[in_spots].sum())
+    np.testing.assert_allclose(np.unique(sample.spatial[:, 0]), (np.arange(3) + 0.5) * side / mpp)

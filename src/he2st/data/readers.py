@@ -219,7 +219,10 @@ def read_tissue_positions(path: Path) -> pd.DataFrame:
     """Space Ranger spot positions: ``tissue_positions.csv`` (header), ``_list.csv`` (often none), parquet."""
     try:
         if path.suffix == ".parquet":
-            table = pd.read_parquet(path)
+            try:
+                table = pd.read_parquet(path)
+            except ImportError as exc:
+                raise He2stError("reading parquet positions needs pyarrow: pip install 'he2st[formats]'", path) from exc
         else:
             first = path.read_text().split("\n", 1)[0].split(",")[0].strip()
             header = 0 if first == "barcode" else None
@@ -387,20 +390,71 @@ def read_hest(root: str | Path, sample_id: str, patient_id: str | None = None) -
     )
 
 
+# ---------------------------------------------------------------------------- Visium HD
+VISIUM_HD_BINS_UM = (2, 8, 16)
+
+
+def read_visium_hd(
+    outs: str | Path,
+    image: str | Path | None,
+    sample_id: str,
+    patient_id: str | None = None,
+    bin_um: int = 8,
+    pseudo_spot_um: float = VISIUM_SPOT_UM,
+    dataset: str | None = None,
+    pixel_size_um: float | None = None,
+) -> Sample:
+    """A Visium HD ``outs/`` folder: the square bins of ``binned_outputs/square_<bin>um`` summed into square
+    pseudo-spots of ``pseudo_spot_um`` (default 55 µm, a Visium spot's size, so a model sees the field it
+    was trained on). Bins map to pseudo-spots by their centre; a pseudo-spot is kept when at least half of
+    its area is covered by bins under tissue, so tissue edges do not make near-empty spots."""
+    if bin_um not in VISIUM_HD_BINS_UM:
+        raise He2stError(f"Visium HD bin size must be one of {VISIUM_HD_BINS_UM} µm, got {bin_um}")
+    folder = _require(Path(outs) / "binned_outputs" / f"square_{bin_um:03d}um", f"Visium HD {bin_um} µm bin folder")
+    bins = read_visium(folder, image, sample_id=sample_id, patient_id=patient_id, dataset=dataset)
+    if pixel_size_um is not None:
+        bins.pixel_size_um = float(pixel_size_um)
+    if pseudo_spot_um < bin_um:
+        raise He2stError(f"pseudo-spots of {pseudo_spot_um:g} µm are smaller than the {bin_um} µm bins", folder)
+    side_px = pseudo_spot_um / bins.pixel_size_um
+    cells = np.floor(bins.spatial / side_px).astype(np.int64)
+    keys, group = np.unique(cells, axis=0, return_inverse=True)
+    group = group.ravel()
+    members = sp.csr_matrix((np.ones(len(group), np.float32), (group, np.arange(len(group)))),
+                            shape=(len(keys), len(group)))
+    n_bins = np.asarray(members.sum(axis=1)).ravel()
+    keep = n_bins >= 0.5 * (pseudo_spot_um / bin_um) ** 2
+    if not keep.any():
+        raise He2stError(f"no {pseudo_spot_um:g} µm pseudo-spot is half covered by bins under tissue", folder)
+    counts = members[keep] @ sp.csr_matrix(bins.adata.X)
+    names = [f"ps_{x}_{y}" for x, y in keys[keep]]
+    adata = build_adata(counts, names, list(bins.adata.var_names), (keys[keep] + 0.5) * side_px,
+                        where=folder)
+    adata.obs["array_col"], adata.obs["array_row"] = keys[keep, 0], keys[keep, 1]
+    adata.obs["n_bins"] = n_bins[keep].astype(np.int64)
+    return Sample(
+        sample_id=bins.sample_id, patient_id=bins.patient_id, adata=adata, pixel_size_um=bins.pixel_size_um,
+        spot_diameter_um=float(pseudo_spot_um), image_path=bins.image_path, technology="visium_hd",
+        dataset=dataset, source=bins.source | {"bin_um": str(bin_um), "pseudo_spot_um": f"{pseudo_spot_um:g}"},
+    )
+
+
 class SampleSource(BaseModel):
     """A user's own section, read by one of the technology readers."""
 
     model_config = ConfigDict(extra="forbid")
 
-    reader: Literal["visium", "st", "hest", "h5ad"]
+    reader: Literal["visium", "visium_hd", "st", "hest", "h5ad"]
     sample_id: str
     patient_id: str | None = None
-    path: Path = Field(description="outs/ folder (visium), counts file (st), HEST root (hest), .h5ad (h5ad)")
+    path: Path = Field(description="outs/ folder (visium, visium_hd), counts file (st), HEST root (hest), .h5ad (h5ad)")
     image: Path | None = None
     spots_file: Path | None = Field(None, description="st: the *_selection.tsv spot file")
     pixel_size_um: float | None = Field(
         None, gt=0, description="µm/px of the image: required for h5ad; for the other readers it overrides "
         "what they derive (st: from the spot grid; visium: scale factors; hest: metadata)")
+    bin_um: int = Field(8, description="visium_hd: the bins summed into pseudo-spots (2, 8 or 16 µm)")
+    pseudo_spot_um: float = Field(VISIUM_SPOT_UM, gt=0, description="visium_hd: side of the square pseudo-spots, µm")
     pitch_um: float | None = Field(
         None, gt=0, description="st: µm per array step (default: detected from the spot lattice, 200 for the "
         "1k array, 100 for the 2k array)")
@@ -426,6 +480,9 @@ def read_source(src: SampleSource) -> Sample:
             raise He2stError(f"sample {src.sample_id}: reader 'st' needs spots_file")
         return read_st(src.path, src.spots_file, src.image, src.sample_id, src.patient_id or src.sample_id,
                        pitch_um=src.pitch_um, pixel_size_um=src.pixel_size_um)
+    if src.reader == "visium_hd":
+        return read_visium_hd(src.path, src.image, src.sample_id, src.patient_id, src.bin_um, src.pseudo_spot_um,
+                              pixel_size_um=src.pixel_size_um)
     if src.reader in ("visium", "hest"):
         sample = (read_visium(src.path, src.image, sample_id=src.sample_id, patient_id=src.patient_id)
                   if src.reader == "visium" else read_hest(src.path, src.sample_id, patient_id=src.patient_id))
