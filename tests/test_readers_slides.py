@@ -158,3 +158,43 @@ def test_visium_hd_bins_are_summed_into_pseudo_spots(tmp_path):
     in_spots = in_tissue.astype(bool)
     np.testing.assert_allclose(sample.adata.X.sum(), counts[in_spots].sum())
     np.testing.assert_allclose(np.unique(sample.spatial[:, 0]), (np.arange(3) + 0.5) * side / mpp)
+
+
+@pytest.mark.parametrize("cell_level", [False, True])
+def test_xenium_cells_placed_on_the_he_by_its_alignment(tmp_path, cell_level):
+    """Cells at known H&E pixels (0.5 µm/px), stored in Xenium µm through an alignment matrix (H&E px ->
+    morphology px at 0.2125 µm/px): read back at those pixels, with the H&E's µm/px from the matrix, as
+    cells or summed into 55 µm pseudo-spots (counts conserved)."""
+    import shutil
+
+    from he2st.data.readers import SampleSource, read_source
+
+    mpp, morph = 0.5, 0.2125
+    rng = np.random.default_rng(1)
+    gx, gy = np.meshgrid(np.arange(12), np.arange(12))
+    he_xy = np.column_stack([gx.ravel(), gy.ravel()]) * 30.0 + 15.0 + rng.uniform(-3, 3, (144, 2))  # 15 µm apart
+    scale = mpp / morph
+    matrix = np.array([[scale, 0.0, 100.0], [0.0, scale, 50.0], [0.0, 0.0, 1.0]])
+    um = (matrix @ np.column_stack([he_xy, np.ones(len(he_xy))]).T).T[:, :2] * morph
+    counts = rng.poisson(2, (len(he_xy), len(GENES)))
+    ids = write_space_ranger(tmp_path / "sr", he_xy, counts, GENES, spot_diameter_px=10)
+    folder = tmp_path / "xenium"
+    folder.mkdir()
+    shutil.copy(tmp_path / "sr" / "filtered_feature_bc_matrix.h5", folder / "cell_feature_matrix.h5")
+    pd.DataFrame({"cell_id": ids, "x_centroid": um[:, 0], "y_centroid": um[:, 1], "cell_area": 60.0}).to_csv(
+        folder / "cells.csv.gz", index=False)
+    np.savetxt(tmp_path / "alignment.csv", matrix, delimiter=",")
+    sample = read_source(SampleSource(reader="xenium", sample_id="X1", path=folder, cell_level=cell_level,
+                                      alignment=tmp_path / "alignment.csv"))
+    assert sample.technology == "xenium" and sample.pixel_size_um == pytest.approx(mpp)
+    if cell_level:
+        np.testing.assert_allclose(sample.spatial, he_xy, atol=1e-6)
+        assert sample.n_spots == 144 and sample.spot_diameter_um == pytest.approx(2 * np.sqrt(60 / np.pi))
+    else:
+        side = 55.0 / mpp  # 110 px; the last row and column of squares catch a sliver of one cell each
+        squares, which, per_square = np.unique(np.floor(he_xy / side).astype(int), axis=0, return_inverse=True,
+                                               return_counts=True)
+        kept = per_square >= 0.5 * np.median(per_square)
+        assert sample.n_spots == kept.sum() == 9  # near-empty edge squares dropped
+        np.testing.assert_allclose(sample.adata.X.sum(), counts[kept[which.ravel()]].sum())  # conserved where kept
+        assert set(np.unique(sample.spatial)) <= set((np.arange(4) + 0.5) * side)

@@ -394,6 +394,27 @@ def read_hest(root: str | Path, sample_id: str, patient_id: str | None = None) -
 VISIUM_HD_BINS_UM = (2, 8, 16)
 
 
+def sum_into_squares(counts: sp.spmatrix | np.ndarray, xy_px: np.ndarray, genes: list[str], side_px: float,
+                     min_members: float, where: Path) -> ad.AnnData:
+    """Counts of bins or cells at ``xy_px`` summed into a grid of squares of ``side_px`` (each member goes
+    to the square holding its centre); squares with fewer than ``min_members`` members are dropped. The
+    pseudo-spots sit at the squares' centres, with ``array_col``/``array_row`` and ``n_members`` in obs."""
+    cells = np.floor(xy_px / side_px).astype(np.int64)
+    keys, group = np.unique(cells, axis=0, return_inverse=True)
+    group = group.ravel()
+    members = sp.csr_matrix((np.ones(len(group), np.float32), (group, np.arange(len(group)))),
+                            shape=(len(keys), len(group)))
+    n_members = np.asarray(members.sum(axis=1)).ravel()
+    keep = n_members >= min_members
+    if not keep.any():
+        raise He2stError(f"no pseudo-spot of {side_px:.0f} px has {min_members:g} or more members under tissue", where)
+    adata = build_adata(members[keep] @ sp.csr_matrix(counts), [f"ps_{x}_{y}" for x, y in keys[keep]], genes,
+                        (keys[keep] + 0.5) * side_px, where=where)
+    adata.obs["array_col"], adata.obs["array_row"] = keys[keep, 0], keys[keep, 1]
+    adata.obs["n_members"] = n_members[keep].astype(np.int64)
+    return adata
+
+
 def read_visium_hd(
     outs: str | Path,
     image: str | Path | None,
@@ -417,21 +438,9 @@ def read_visium_hd(
     if pseudo_spot_um < bin_um:
         raise He2stError(f"pseudo-spots of {pseudo_spot_um:g} µm are smaller than the {bin_um} µm bins", folder)
     side_px = pseudo_spot_um / bins.pixel_size_um
-    cells = np.floor(bins.spatial / side_px).astype(np.int64)
-    keys, group = np.unique(cells, axis=0, return_inverse=True)
-    group = group.ravel()
-    members = sp.csr_matrix((np.ones(len(group), np.float32), (group, np.arange(len(group)))),
-                            shape=(len(keys), len(group)))
-    n_bins = np.asarray(members.sum(axis=1)).ravel()
-    keep = n_bins >= 0.5 * (pseudo_spot_um / bin_um) ** 2
-    if not keep.any():
-        raise He2stError(f"no {pseudo_spot_um:g} µm pseudo-spot is half covered by bins under tissue", folder)
-    counts = members[keep] @ sp.csr_matrix(bins.adata.X)
-    names = [f"ps_{x}_{y}" for x, y in keys[keep]]
-    adata = build_adata(counts, names, list(bins.adata.var_names), (keys[keep] + 0.5) * side_px,
-                        where=folder)
-    adata.obs["array_col"], adata.obs["array_row"] = keys[keep, 0], keys[keep, 1]
-    adata.obs["n_bins"] = n_bins[keep].astype(np.int64)
+    adata = sum_into_squares(bins.adata.X, bins.spatial, list(bins.adata.var_names), side_px,
+                             0.5 * (pseudo_spot_um / bin_um) ** 2, folder)
+    adata.obs = adata.obs.rename(columns={"n_members": "n_bins"})
     return Sample(
         sample_id=bins.sample_id, patient_id=bins.patient_id, adata=adata, pixel_size_um=bins.pixel_size_um,
         spot_diameter_um=float(pseudo_spot_um), image_path=bins.image_path, technology="visium_hd",
@@ -439,22 +448,117 @@ def read_visium_hd(
     )
 
 
+# ---------------------------------------------------------------------------- Xenium
+XENIUM_PIXEL_UM = 0.2125  # the morphology image's µm/px (experiment.xenium "pixel_size")
+
+
+def read_xenium(
+    folder: str | Path,
+    image: str | Path | None,
+    sample_id: str,
+    patient_id: str | None = None,
+    alignment: str | Path | None = None,
+    pixel_size_um: float | None = None,
+    pseudo_spot_um: float | None = VISIUM_SPOT_UM,
+    dataset: str | None = None,
+) -> Sample:
+    """A Xenium output folder and the H&E stained on the same section after the run.
+
+    Cells: ``cell_feature_matrix.h5`` (gene-expression features only) and ``cells.parquet`` or
+    ``cells.csv.gz`` (centroids in µm). They are placed on the H&E with ``alignment``, the 3 x 3 matrix
+    Xenium Explorer's image alignment exports (H&E px -> morphology px, morphology px = µm / pixel_size of
+    ``experiment.xenium``), which also gives the H&E's µm/px; without it the H&E must be in the Xenium frame
+    at ``pixel_size_um``. Cells are summed into square pseudo-spots of ``pseudo_spot_um`` (kept when they
+    hold at least half the median number of cells, so tissue edges do not make near-empty spots), or with
+    ``pseudo_spot_um=None`` each cell is a spot of its own (spot diameter: the median cell's equivalent
+    diameter)."""
+    folder = _require(Path(folder), "Xenium output folder")
+    counts_path = _require(folder / "cell_feature_matrix.h5", "cell_feature_matrix.h5")
+    mat, cell_ids, genes = _read_10x_h5(counts_path)
+    cells = _read_cells(folder)
+    morph_um = XENIUM_PIXEL_UM
+    if (folder / "experiment.xenium").exists():
+        try:
+            morph_um = float(json.loads((folder / "experiment.xenium").read_text()).get("pixel_size", morph_um))
+        except (OSError, ValueError) as exc:
+            raise He2stError(f"cannot parse experiment.xenium ({exc})", folder / "experiment.xenium") from exc
+    common = _join_barcodes(pd.Index(cell_ids), cells.index, counts_path, folder / "cells")
+    row_of = {c: i for i, c in enumerate(cell_ids)}
+    counts = mat[np.array([row_of[c] for c in common])]
+    um = cells.loc[common, ["x_centroid", "y_centroid"]].to_numpy(float)
+    if alignment is not None:
+        path = _require(Path(alignment), "alignment matrix")
+        try:
+            matrix = np.loadtxt(path, delimiter=",").reshape(3, 3)
+        except ValueError as exc:
+            raise He2stError(f"not a 3 x 3 alignment matrix ({exc})", path) from exc
+        morph = np.column_stack([um / morph_um, np.ones(len(um))])
+        xy = (np.linalg.inv(matrix) @ morph.T).T[:, :2]
+        mpp = morph_um * float(np.sqrt(abs(np.linalg.det(matrix[:2, :2]))))
+    elif pixel_size_um is not None:
+        xy, mpp = um / pixel_size_um, float(pixel_size_um)
+    else:
+        raise He2stError(f"sample {sample_id}: Xenium needs the H&E alignment matrix (alignment) or pixel_size_um")
+    if pixel_size_um is not None and alignment is not None:
+        mpp = float(pixel_size_um)
+    if pseudo_spot_um is None:
+        adata = build_adata(counts, list(common), genes, xy, where=counts_path)
+        area = cells.loc[common, "cell_area"].to_numpy(float) if "cell_area" in cells else np.array([78.5])
+        spot_um = float(2 * np.sqrt(np.median(area) / np.pi))
+    else:
+        side_px = pseudo_spot_um / mpp
+        per_square = np.unique(np.floor(xy / side_px).astype(np.int64), axis=0, return_counts=True)[1]
+        adata = sum_into_squares(counts, xy, genes, side_px, 0.5 * float(np.median(per_square)), folder)
+        adata.obs = adata.obs.rename(columns={"n_members": "n_cells"})
+        spot_um = float(pseudo_spot_um)
+    return Sample(
+        sample_id=sample_id, patient_id=patient_id or sample_id, adata=adata, pixel_size_um=mpp,
+        spot_diameter_um=spot_um, image_path=None if image is None else Path(image), technology="xenium",
+        dataset=dataset, source={"counts": str(counts_path), "cells": str(folder)}
+        | ({"image": str(image)} if image is not None else {}) | ({"alignment": str(alignment)} if alignment else {}),
+    )
+
+
+def _read_cells(folder: Path) -> pd.DataFrame:
+    """Xenium's cell table (``cells.parquet``, else ``cells.csv.gz``/``cells.csv``) indexed by cell id."""
+    for name in ("cells.parquet", "cells.csv.gz", "cells.csv"):
+        path = folder / name
+        if path.exists():
+            break
+    else:
+        raise He2stError("no cells.parquet, cells.csv.gz or cells.csv", folder)
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except ImportError as exc:
+        raise He2stError("reading parquet cells needs pyarrow: pip install 'he2st[formats]'", path) from exc
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise He2stError(f"cannot parse the cell table ({exc})", path) from exc
+    missing = {"cell_id", "x_centroid", "y_centroid"} - set(table.columns)
+    if missing:
+        raise He2stError(f"cell table lacks columns {sorted(missing)}", path)
+    table["cell_id"] = table["cell_id"].astype(str)
+    return table.set_index("cell_id")
+
+
 class SampleSource(BaseModel):
     """A user's own section, read by one of the technology readers."""
 
     model_config = ConfigDict(extra="forbid")
 
-    reader: Literal["visium", "visium_hd", "st", "hest", "h5ad"]
+    reader: Literal["visium", "visium_hd", "xenium", "st", "hest", "h5ad"]
     sample_id: str
     patient_id: str | None = None
-    path: Path = Field(description="outs/ folder (visium, visium_hd), counts file (st), HEST root (hest), .h5ad (h5ad)")
+    path: Path = Field(description="outs/ folder (visium, visium_hd), output folder (xenium), counts file (st), "
+                                   "HEST root (hest), .h5ad (h5ad)")
     image: Path | None = None
     spots_file: Path | None = Field(None, description="st: the *_selection.tsv spot file")
     pixel_size_um: float | None = Field(
         None, gt=0, description="µm/px of the image: required for h5ad; for the other readers it overrides "
         "what they derive (st: from the spot grid; visium: scale factors; hest: metadata)")
     bin_um: int = Field(8, description="visium_hd: the bins summed into pseudo-spots (2, 8 or 16 µm)")
-    pseudo_spot_um: float = Field(VISIUM_SPOT_UM, gt=0, description="visium_hd: side of the square pseudo-spots, µm")
+    pseudo_spot_um: float = Field(VISIUM_SPOT_UM, gt=0, description="visium_hd, xenium: side of the square pseudo-spots, µm")
+    cell_level: bool = Field(False, description="xenium: one spot per cell instead of pseudo-spots")
+    alignment: Path | None = Field(None, description="xenium: the H&E alignment matrix (3 x 3 CSV, H&E px -> morphology px)")
     pitch_um: float | None = Field(
         None, gt=0, description="st: µm per array step (default: detected from the spot lattice, 200 for the "
         "1k array, 100 for the 2k array)")
@@ -480,6 +584,9 @@ def read_source(src: SampleSource) -> Sample:
             raise He2stError(f"sample {src.sample_id}: reader 'st' needs spots_file")
         return read_st(src.path, src.spots_file, src.image, src.sample_id, src.patient_id or src.sample_id,
                        pitch_um=src.pitch_um, pixel_size_um=src.pixel_size_um)
+    if src.reader == "xenium":
+        return read_xenium(src.path, src.image, src.sample_id, src.patient_id, src.alignment, src.pixel_size_um,
+                           None if src.cell_level else src.pseudo_spot_um)
     if src.reader == "visium_hd":
         return read_visium_hd(src.path, src.image, src.sample_id, src.patient_id, src.bin_um, src.pseudo_spot_um,
                               pixel_size_um=src.pixel_size_um)
