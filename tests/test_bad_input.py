@@ -227,6 +227,18 @@ def test_one_resolution_rule_warns_in_prepare_and_info_prints_the_upsampling(tmp
     assert info.returncode == 0 and "upsampling: 4.00x for 112um_224px patches (too coarse" in info.stdout
 
 
+def test_a_single_sample_prepares_with_a_note_instead_of_folds(tmp_path):
+    files = write_st(tmp_path / "in", n=9)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("data:\n  dataset: null\n  samples:\n"
+                   f"  - {{reader: st, sample_id: S1, patient_id: P1, path: '{files['counts']}', "
+                   f"spots_file: '{files['spots']}', image: '{files['image']}'}}\ncontext_field: false\n")
+    result = _run_cli("prepare", "-c", str(cfg), "-w", str(tmp_path / "work"))
+    assert result.returncode == 0, result.stderr
+    assert "prepared 1 samples (S1)" in result.stdout and "note: one patient only: no lopo folds" in result.stdout
+    assert (tmp_path / "work" / "samples" / "S1.h5ad").exists() and not (tmp_path / "work" / "folds").exists()
+
+
 def test_cli_prints_its_version():
     from he2st.version import __version__
 

@@ -91,7 +91,7 @@ def prepare(config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = N
         result = run_prepare(cfg, on_patch=advance)
     write_text_atomic(result.workspace.root / "prepare.yaml", dump_config(cfg))
     _echo(f"prepared {len(result.sample_ids)} samples ({', '.join(result.sample_ids)}) in {result.workspace.root}")
-    _echo(f"folds ({cfg.folds.scheme}): {result.folds_path}")
+    _echo(f"folds ({cfg.folds.scheme}): {result.folds_path}" if result.folds_path else f"note: {result.note}")
 
 
 @app.command()

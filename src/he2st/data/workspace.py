@@ -51,7 +51,8 @@ class Workspace:
     def load_folds(self, scheme: str) -> tuple[list[Fold], dict[str, str]]:
         path = self.folds_path(scheme)
         if not path.exists():
-            raise He2stError("folds not prepared; run `he2st prepare`", path)
+            raise He2stError("folds not prepared; run `he2st prepare` (folds need samples of at least 2 patients, "
+                             "or 2 samples for loso)", path)
         try:
             payload = json.loads(path.read_text())
             return [Fold(**f) for f in payload["folds"]], dict(payload["patients"])

@@ -25,7 +25,8 @@ class Prepared:
     workspace: Workspace
     sample_ids: list[str]
     patients: dict[str, str]
-    folds_path: str
+    folds_path: str  # "" when the samples are too few for the scheme (see ``note``)
+    note: str = ""
 
 
 def load_samples(config: PrepareConfig) -> list[Sample]:
@@ -56,8 +57,10 @@ def prepare(config: PrepareConfig, on_patch: Callable[..., None] | None = None,
     if on_patch is not None:
         on_patch(0, total=sum(s.n_spots for s in samples) * (2 if config.context_field else 1))
     patients = {s.sample_id: s.patient_id for s in samples}
-    folds = make_folds(patients, config.folds.scheme, config.folds.allow_shared_patients)  # before heavy work
-    for fold in folds:
+    groups = set(patients.values()) if config.folds.scheme == "lopo" else set(patients)
+    folds = (make_folds(patients, config.folds.scheme, config.folds.allow_shared_patients)  # before heavy work
+             if len(groups) >= 2 else None)
+    for fold in folds or []:
         check_fold(fold, patients)
     for sample in samples:
         warn_if_too_coarse(sample, config.patch)
@@ -68,5 +71,10 @@ def prepare(config: PrepareConfig, on_patch: Callable[..., None] | None = None,
         sample.close()
         if on_sample is not None:
             on_sample(sample)
+    ids = [s.sample_id for s in samples]
+    if folds is None:
+        what = "patient" if config.folds.scheme == "lopo" else "sample"
+        return Prepared(ws, ids, patients, "", f"one {what} only: no {config.folds.scheme} folds (benchmarking needs "
+                                               f"at least 2); the sample can be used for training or prediction")
     folds_path = ws.save_folds(config.folds.scheme, folds, patients)
-    return Prepared(ws, [s.sample_id for s in samples], patients, str(folds_path))
+    return Prepared(ws, ids, patients, str(folds_path))
