@@ -417,3 +417,25 @@ def test_her2st_b4_predicted_at_its_own_spots(prepared, encoder, tmp_path):
     assert {"maps", "compare", "scatter", "uncertainty"} <= set(paths) and all(p.exists() for p in paths.values())
     page = build_report(out, tmp_path / "report.html", sample=b4).read_text()
     assert "Predicted vs measured (B4)" in page and "283 spots matched by barcode" in page
+
+
+def test_predict_format_zarr_writes_a_spatialdata_store(model_path, slide_path, encoder, tmp_path):
+    """`he2st predict --format zarr`: a SpatialData store beside the .h5ad, read back with spatialdata: the
+    predictions as its table, the spots as circles and the H&E as a pyramid, all in µm."""
+    spatialdata = pytest.importorskip("spatialdata")
+    from spatialdata.transformations import get_transformation
+
+    out = predict_slide(model_path, slide_path, tmp_path / "pred", pitch_um=200, encoder=encoder, format="zarr")
+    sdata = spatialdata.read_zarr(out.with_suffix(".zarr"))
+    adata = ad.read_h5ad(out)
+    table = sdata.tables["table"]
+    np.testing.assert_allclose(np.asarray(table.X), np.asarray(adata.X))
+    assert list(table.var_names) == list(adata.var_names) and "best_similarity" in table.obs
+    spots = sdata.shapes["spots"]
+    assert len(spots) == adata.n_obs
+    centres = np.column_stack([spots.geometry.x, spots.geometry.y])
+    np.testing.assert_allclose(centres, adata.obsm["spatial"] * MPP, rtol=1e-6)  # level-0 px -> µm
+    assert spots["radius"].iloc[0] == pytest.approx(200 * 0.55 / 2)  # spots 0.55 x the pitch across, as Visium
+    image = sdata.images["he"]
+    assert "um" in get_transformation(image, get_all=True) and "um" in sdata.coordinate_systems
+    assert table.uns["spatialdata_attrs"]["region"] == "spots"

@@ -47,6 +47,8 @@ def predict(
         help="none, flips or d4 (default: as the model's training features)")] = None,
     library_id: Annotated[str | None, typer.Option(help="output name (default: slide file stem; sample id with --spots-from)")] = None,
     maps: Annotated[bool, typer.Option("--maps/--no-maps", help="also write maps.png into <out>/<library-id>/")] = True,
+    format: Annotated[str | None, typer.Option(
+        "--format", help="h5ad, or zarr: also a SpatialData store <out>/<library-id>.zarr [h5ad]")] = None,
 ) -> None:
     """Predict expression over a new slide: hexagonal spots on detected tissue -> one .h5ad (resumable).
 
@@ -59,11 +61,13 @@ def predict(
     cfg = load_config(PredictConfig, config, set_, model=str(model), slide=_path(slide), out=_path(out), mpp=mpp,
                       pitch_um=pitch_um, spots_from=_path(spots_from), mask=_path(mask), genes=genes,
                       chunk=chunk, batch_size=batch_size, weights=_path(weights), device=device, stain=stain,
-                      tta=tta, library_id=library_id)
+                      tta=tta, library_id=library_id, format=format)
     method = load_method(model)
     with progress_bar(None, "predict") as advance:
         path = run_prediction(cfg, method, on_chunk=lambda info: advance(info.n_spots, total=info.total_spots))
     typer.echo(f"predictions: {path}")
+    if cfg.format == "zarr":
+        typer.echo(f"SpatialData store: {path.with_suffix('.zarr')}")
     if maps:
         from he2st.report.plots import plot_prediction
 

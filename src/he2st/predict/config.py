@@ -32,6 +32,8 @@ class PredictConfig(BaseModel):
     weights: Path | None = Field(None, description="encoder weights file (default: the model card's)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    format: Literal["h5ad", "zarr"] = Field(
+        "h5ad", description="h5ad: one AnnData; zarr: also a SpatialData store beside it (image, spots, table in µm)")
     runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto", description="what runs the encoder (see `he2st embed`): auto = a validated ONNX graph on a CPU")
     stain: Literal["none", "macenko", "reinhard"] | None = Field(

@@ -38,6 +38,7 @@ from he2st.io import name_from_stem
 from he2st.methods import Method
 from he2st.predict.config import PredictConfig
 from he2st.predict.grid import SpotGrid, grid_from_sample, hex_grid
+from he2st.predict.sdata import write_spatialdata
 from he2st.predict.store import (
     file_id,
     fingerprint,
@@ -146,7 +147,7 @@ def run_prediction(
             "field": method.reads_field,
         })
         if final.exists() and stored_fingerprint(final) == stamp:
-            return final
+            return _with_store(final, config.format)
         partial = config.out / f"{library_id}.partial.h5"
         width = encoder.embed_dim * (2 if method.reads_field else 1)  # spot features, then the field's
         open_partial(partial, stamp, grid, len(gene_index), width, config.chunk)
@@ -168,6 +169,15 @@ def run_prediction(
     write_h5ad(partial, final, grid, [method.panel.genes[i] for i in gene_index], thumb, scale, mpp,
                library_id, meta)
     partial.unlink()
+    return _with_store(final, config.format)
+
+
+def _with_store(final: Path, format: str) -> Path:
+    """With ``format="zarr"``, the SpatialData store ``<library_id>.zarr`` beside the .h5ad (made from it when
+    missing or older); returns the .h5ad either way."""
+    store = final.with_suffix(".zarr")
+    if format == "zarr" and (not store.exists() or store.stat().st_mtime < final.stat().st_mtime):
+        write_spatialdata(final, store)
     return final
 
 
