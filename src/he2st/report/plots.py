@@ -4,9 +4,9 @@ Everything reads the prediction ``.h5ad`` written by ``he2st predict`` (or any A
 scverse spatial layout), so the same figures work for predictions and for measured samples.
 Figures are built on :class:`matplotlib.figure.Figure` directly (no pyplot): no GUI backend and
 no global state, which matters when a report builds dozens of them in one process.
-Measured expression is put on the model's target scale (``uns["he2st"]["target_transform"]``);
-predicted and measured maps get their own colour scales because only the pattern is comparable
-(Pearson r is what the maps are titled with).
+Measured expression is put on the model's target scale (``uns["he2st"]["target_transform"]``), so
+predicted and measured values are in the same units and their maps share one colour scale per gene;
+colour bars name that scale.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ from he2st.evaluate.metrics import pearson_per_gene
 from he2st.io import atomic_path, sha256_file
 
 UNCERTAINTY_KEYS = ("best_similarity", "dispersion")
+#: target transform -> (colour-bar label, what it means)
+SCALES = {"log1p_cp10k": ("log1p CP10k", "ln(1 + counts per 10,000 counts of the spot)"),
+          "log1p": ("log1p counts", "ln(1 + raw counts)")}
+EXPRESSED = 0.01  # a spot expresses a gene above this value (target scale; far below one count, above float noise)
+MIN_EXPRESSED_FRACTION = 0.1  # genes expressed in fewer spots make empty maps, however variable
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -42,7 +47,7 @@ def load_prediction(prediction: str | Path | ad.AnnData) -> ad.AnnData:
         raise He2stError("prediction file not found", path)
     try:
         return ad.read_h5ad(path)
-    except Exception as exc:  # noqa: BLE001 - anndata/h5py raise many types for bad files
+    except Exception as exc:  # anndata/h5py raise many types for bad files
         raise He2stError(f"not a readable .h5ad file ({type(exc).__name__})", path) from exc
 
 
@@ -78,11 +83,32 @@ def spatial_view(adata: ad.AnnData, library_id: str | None = None) -> SpatialVie
     return SpatialView(None if image is None else np.asarray(image), scale, xy, diameter, str(library_id or ""))
 
 
+def target_transform(adata: ad.AnnData) -> str:
+    """The prediction's target transform, with the same default :func:`pair_with_measured` assumes."""
+    return str(dict(adata.uns.get("he2st", {})).get("target_transform", "log1p_cp10k"))
+
+
+def scale_label(adata: ad.AnnData) -> str:
+    """The units of predicted (and paired measured) values, for colour bars and axes."""
+    kind = target_transform(adata)
+    return SCALES.get(kind, (kind, ""))[0]
+
+
+def informative_genes(values: np.ndarray, names: list[str], n: int, also: np.ndarray | None = None) -> list[str]:
+    """The ``n`` most variable genes among those expressed in at least 10% of spots (of ``also`` too, when
+    given), then the others by variance. Variance alone favours genes that are zero almost everywhere and
+    high in a few spots: their maps are empty (colour bar 0 to 1e-6)."""
+    expressed = (values > EXPRESSED).mean(axis=0) >= MIN_EXPRESSED_FRACTION
+    if also is not None:
+        expressed &= (also > EXPRESSED).mean(axis=0) >= MIN_EXPRESSED_FRACTION
+    order = np.lexsort((-np.nanvar(values, axis=0), ~expressed))  # expressed first, each group by variance
+    return [names[i] for i in order[:n]]
+
+
 def default_genes(adata: ad.AnnData, n: int = 6) -> list[str]:
-    """The ``n`` genes whose predictions vary most across spots (the most informative maps)."""
+    """The ``n`` genes whose predictions vary most across spots where they are expressed (informative maps)."""
     x = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
-    order = np.argsort(-np.nanvar(x, axis=0), kind="stable")
-    return [str(adata.var_names[i]) for i in order[:n]]
+    return informative_genes(np.asarray(x, dtype=np.float64), [str(g) for g in adata.var_names], n)
 
 
 def _column(adata: ad.AnnData, gene: str) -> np.ndarray:
@@ -113,9 +139,21 @@ def _draw_background(ax, view: SpatialView, pad: float, max_px: int = 700) -> No
     ax.imshow(crop, extent=(x0 / s, x1 / s, y1 / s, y0 / s), interpolation="bilinear")
 
 
+def robust_limits(*arrays: np.ndarray) -> tuple[float, float] | None:
+    """1st-99th percentile of the finite values of all ``arrays`` together: one outlier spot does not wash
+    out a map, and maps drawn with the same limits can be compared colour for colour."""
+    values = np.concatenate([np.ravel(a) for a in arrays])
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return None
+    lo, hi = np.percentile(values, [1, 99])
+    return float(lo), float(hi if hi > lo else lo + 1e-6)
+
+
 def draw_map(ax, view: SpatialView, values: np.ndarray, title: str = "", cmap: str = "viridis",
-             colorbar: bool = True) -> None:
-    """Spots as true-size discs coloured by ``values`` over the H&E (axes in level-0 px)."""
+             colorbar: bool = True, label: str = "", clim: tuple[float, float] | None = None) -> None:
+    """Spots as true-size discs coloured by ``values`` over the H&E (axes in level-0 px); the colour bar is
+    titled ``label`` (the units) and spans ``clim`` (default: :func:`robust_limits` of ``values``)."""
     pad = view.diameter * 2
     if view.image is not None:
         _draw_background(ax, view, pad)
@@ -123,9 +161,9 @@ def draw_map(ax, view: SpatialView, values: np.ndarray, title: str = "", cmap: s
     discs = EllipseCollection(widths=view.diameter, heights=view.diameter, angles=0, units="xy",
                               offsets=view.xy[finite], offset_transform=ax.transData, cmap=cmap)
     discs.set_array(values[finite])
-    if finite.any():
-        lo, hi = np.percentile(values[finite], [1, 99])
-        discs.set_clim(lo, hi if hi > lo else lo + 1e-6)
+    clim = clim or robust_limits(values)
+    if clim is not None:
+        discs.set_clim(*clim)
     ax.add_collection(discs)
     if len(view.xy):
         ax.set_xlim(view.xy[:, 0].min() - pad, view.xy[:, 0].max() + pad)
@@ -135,7 +173,8 @@ def draw_map(ax, view: SpatialView, values: np.ndarray, title: str = "", cmap: s
     ax.set_yticks([])
     ax.set_title(title, fontsize=9)
     if colorbar:
-        ax.figure.colorbar(discs, ax=ax, fraction=0.046, pad=0.02)
+        bar = ax.figure.colorbar(discs, ax=ax, fraction=0.046, pad=0.02)
+        bar.set_label(label, fontsize=8)
 
 
 def _grid_figure(n: int, ncols: int, panel_in: float = 3.2) -> tuple[Figure, list]:
@@ -156,7 +195,7 @@ def expression_maps(prediction: str | Path | ad.AnnData, genes: list[str] | None
     view = spatial_view(adata)
     fig, axes = _grid_figure(len(genes), ncols)
     for ax, gene in zip(axes, genes, strict=True):
-        draw_map(ax, view, _column(adata, gene), f"{gene} (predicted)")
+        draw_map(ax, view, _column(adata, gene), f"{gene} (predicted)", label=scale_label(adata))
     return fig
 
 
@@ -252,35 +291,81 @@ def pair_with_measured(prediction: str | Path | ad.AnnData, sample: Sample | str
 def _pick(paired: Paired, genes: list[str] | None, n: int) -> list[str]:
     if genes:
         return [g for g in genes if g in paired.pearson]
-    var = paired.predicted.var(axis=0)
-    return [paired.genes[i] for i in np.argsort(-var, kind="stable")[:n]]
+    return informative_genes(paired.predicted, paired.genes, n, also=paired.measured)
 
 
-def predicted_vs_measured(paired: Paired, view: SpatialView, genes: list[str] | None = None, n: int = 4) -> Figure:
-    """Side-by-side maps (predicted | measured) per gene, titled with the gene's Pearson r."""
+def predicted_vs_measured(paired: Paired, view: SpatialView, genes: list[str] | None = None, n: int = 4,
+                          scale: str = "") -> Figure:
+    """Side-by-side maps (predicted | measured) per gene on one colour scale, titled with the gene's Pearson r.
+
+    Both are on the model's target scale (``scale`` names it), so one colour scale per gene (1st-99th
+    percentile of both together) is the honest view: a prediction shrunk towards the mean looks washed
+    out next to the measurement instead of being stretched to look as contrasted. Z-scoring both would
+    hide exactly that; it is only warranted for values on different scales, which these are not.
+    """
     genes = _pick(paired, genes, n)
     fig = Figure(figsize=(6.4, 3.0 * len(genes)), layout="constrained")
     axes = fig.subplots(len(genes), 2, squeeze=False)
     at = SpatialView(view.image, view.scale, paired.xy, view.diameter, view.library_id)
     for row, gene in zip(axes, genes, strict=True):
         j = paired.genes.index(gene)
-        draw_map(row[0], at, paired.predicted[:, j], f"{gene} predicted (r = {paired.pearson[gene]:.2f})")
-        draw_map(row[1], at, paired.measured[:, j], f"{gene} measured")
+        clim = robust_limits(paired.predicted[:, j], paired.measured[:, j])
+        draw_map(row[0], at, paired.predicted[:, j], f"{gene} predicted (r = {paired.pearson[gene]:.2f})",
+                 label=scale, clim=clim)
+        draw_map(row[1], at, paired.measured[:, j], f"{gene} measured", label=scale, clim=clim)
     return fig
 
 
-def measured_scatter(paired: Paired, genes: list[str] | None = None, n: int = 6, ncols: int = 3) -> Figure:
-    """Predicted vs measured per spot, one panel per gene, with Pearson r."""
+def measured_scatter(paired: Paired, genes: list[str] | None = None, n: int = 6, ncols: int = 3,
+                     scale: str = "") -> Figure:
+    """Predicted vs measured per spot, one panel per gene, with Pearson r (axes in ``scale`` units)."""
     genes = _pick(paired, genes, n)
     fig, axes = _grid_figure(len(genes), ncols, 2.8)
+    unit = f" ({scale})" if scale else ""
     for ax, gene in zip(axes, genes, strict=True):
         j = paired.genes.index(gene)
         ax.scatter(paired.measured[:, j], paired.predicted[:, j], s=6, alpha=0.6, linewidths=0)
         ax.set_title(f"{gene}: r = {paired.pearson[gene]:.2f}", fontsize=9)
-        ax.set_xlabel("measured", fontsize=8)
-        ax.set_ylabel("predicted", fontsize=8)
+        ax.set_xlabel(f"measured{unit}", fontsize=8)
+        ax.set_ylabel(f"predicted{unit}", fontsize=8)
         ax.tick_params(labelsize=7)
     return fig
+
+
+def pearson_histogram(paired: Paired) -> Figure:
+    """Per-gene Pearson r of predicted vs measured: the spread behind the mean (a few good genes or many)."""
+    r = np.array(list(paired.pearson.values()), dtype=np.float64)
+    fig = Figure(figsize=(5.0, 3.0), layout="constrained")
+    ax = fig.subplots()
+    ax.hist(r[np.isfinite(r)], bins=np.linspace(-1, 1, 41), color="#4c72b0")
+    if np.isfinite(r).any():
+        ax.axvline(float(np.nanmean(r)), color="k", linestyle="--", linewidth=1, label="mean")
+        ax.legend(fontsize=8)
+    ax.axvline(0, color="#999", linewidth=0.8)
+    ax.set_xlabel("per-gene Pearson r across spots (predicted vs measured)", fontsize=8)
+    ax.set_ylabel("genes", fontsize=8)
+    constant = int((~np.isfinite(r)).sum())
+    ax.set_title(f"{len(r)} genes" + (f", {constant} constant (no r)" if constant else ""), fontsize=9)
+    ax.tick_params(labelsize=7)
+    return fig
+
+
+def morans_i(values: np.ndarray, xy: np.ndarray, k: int = 6) -> np.ndarray:
+    """Moran's I per column of ``values`` (spots x genes) with binary k-nearest-neighbour weights,
+    row-standardised: how much each spot resembles its ``k`` nearest spots (0 = no spatial pattern,
+    NaN for a constant gene). Predictions from overlapping image patches can be smoother than the
+    tissue, which inflates spatially-variable-gene calls made on them."""
+    n = len(xy)
+    k = min(k, n - 1)
+    idx = cKDTree(xy).query(xy, k=k + 1)[1]
+    not_self = idx != np.arange(n)[:, None]  # self is usually first, but not for duplicated centres
+    neighbours = np.take_along_axis(idx, np.argsort(~not_self, axis=1, kind="stable"), axis=1)[:, :k]
+    weights = sp.csr_matrix((np.full(n * k, 1.0 / k), (np.repeat(np.arange(n), k), neighbours.ravel())),
+                            shape=(n, n))  # row-standardised: a spot's lag is the mean of its neighbours
+    z = values - values.mean(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        moran = (z * (weights @ z)).sum(axis=0) / (z**2).sum(axis=0)
+    return np.where(np.ptp(values, axis=0) > 0, moran, np.nan)
 
 
 def training_curves(curves: dict[str, list[float]]) -> Figure:
@@ -314,7 +399,8 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
 
 def plot_prediction(prediction: str | Path | ad.AnnData, out_dir: str | Path, genes: list[str] | None = None,
                     sample: Sample | str | Path | None = None, n: int = 6) -> dict[str, Path]:
-    """Write ``maps.png`` (+ ``uncertainty.png``; with a measured sample ``compare.png``, ``scatter.png``)."""
+    """Write ``maps.png`` (+ ``uncertainty.png``; with a measured sample ``compare.png``, ``scatter.png``,
+    ``pearson.png``)."""
     adata = load_prediction(prediction)
     out = Path(out_dir)
     paired = None if sample is None else pair_with_measured(adata, sample)  # refused before anything is written
@@ -323,7 +409,9 @@ def plot_prediction(prediction: str | Path | ad.AnnData, out_dir: str | Path, ge
     if unc is not None:
         paths["uncertainty"] = save_figure(unc, out / "uncertainty.png")
     if paired is not None:
-        view = spatial_view(adata)
-        paths["compare"] = save_figure(predicted_vs_measured(paired, view, genes, min(n, 4)), out / "compare.png")
-        paths["scatter"] = save_figure(measured_scatter(paired, genes, n), out / "scatter.png")
+        view, scale = spatial_view(adata), scale_label(adata)
+        paths["compare"] = save_figure(predicted_vs_measured(paired, view, genes, min(n, 4), scale),
+                                       out / "compare.png")
+        paths["scatter"] = save_figure(measured_scatter(paired, genes, n, scale=scale), out / "scatter.png")
+        paths["pearson"] = save_figure(pearson_histogram(paired), out / "pearson.png")
     return paths
