@@ -38,6 +38,17 @@ def her2st_root() -> Path:
                 f"looked in {candidate}")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The test machine is shared: keep torch to one thread while a module's tests run."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def her2st() -> Path:
     root = her2st_root()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import gzip
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from in_process import run_cli
 from PIL import Image
 from synthetic import tissue_image
 
@@ -46,8 +45,7 @@ def prepare_with(tmp_path: Path, files: dict[str, Path]) -> subprocess.Completed
         f" image: '{files['image']}'}}\n"
         "patch: {field_um: 50, size_px: 32}\n"
     )
-    return subprocess.run([sys.executable, "-c", "from he2st.cli import main; main()", "prepare", "-c", str(cfg),
-                           "-w", str(tmp_path / "work")], capture_output=True, text=True, env=dict(os.environ))
+    return run_cli("prepare", "-c", str(cfg), "-w", str(tmp_path / "work"))
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, tmp_path: Path, file: Path, words: str) -> None:
@@ -113,8 +111,7 @@ def test_empty_after_tissue_filtering(tmp_path):
 def test_bad_config_value(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("patch: {field_um: -3}\n")
-    r = subprocess.run([sys.executable, "-c", "from he2st.cli import main; main()", "prepare", "-c", str(cfg)],
-                       capture_output=True, text=True)
+    r = run_cli("prepare", "-c", str(cfg))
     assert r.returncode == 2 and "patch.field_um" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -137,9 +134,7 @@ def test_hostile_sample_id_in_a_config_writes_nothing_anywhere(tmp_path, hostile
         "data:\n  dataset: null\n  samples:\n"
         f"  - {{reader: st, sample_id: '{hostile}', patient_id: P1, path: '{files['counts']}', "
         f"spots_file: '{files['spots']}', image: '{files['image']}'}}\n")
-    result = subprocess.run([sys.executable, "-c", "from he2st.cli import main; main()", "prepare", "-c", str(cfg),
-                             "-w", str(tmp_path / "deep" / "work")], capture_output=True, text=True,
-                            env=dict(os.environ))
+    result = run_cli("prepare", "-c", str(cfg), "-w", str(tmp_path / "deep" / "work"))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "not a safe name" in lines[0], result.stderr
     assert not (tmp_path / "deep").exists() and not list(tmp_path.rglob("*escaped*"))
@@ -160,11 +155,6 @@ def test_hostile_ids_from_metadata_or_run_names_cannot_leave_the_work_folder(tmp
         load_config(BenchmarkConfig, None, ["name=../../elsewhere"])
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from he2st.cli import main; main()", *args], capture_output=True,
-                          text=True, env=dict(os.environ))
-
-
 def test_hostile_patient_in_hest_metadata_writes_nothing(tmp_path):
     """Ids read from files (here HEST metadata's patient) are checked like ids typed in a config."""
     from synthetic import counts_for, spot_grid, write_hest
@@ -174,7 +164,7 @@ def test_hostile_patient_in_hest_metadata_writes_nothing(tmp_path):
                patient="../../escaped")
     cfg = tmp_path / "hest.yaml"
     cfg.write_text(f"data:\n  dataset: null\n  samples:\n  - {{reader: hest, sample_id: TENX0, path: '{tmp_path / 'hest'}'}}\n")
-    result = _run_cli("prepare", "-c", str(cfg), "-w", str(tmp_path / "deep" / "work"))
+    result = run_cli("prepare", "-c", str(cfg), "-w", str(tmp_path / "deep" / "work"))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "patient id of sample TENX0" in lines[0], result.stderr
     assert "not a safe name" in lines[0]
@@ -182,7 +172,7 @@ def test_hostile_patient_in_hest_metadata_writes_nothing(tmp_path):
 
 
 def test_hostile_library_id_is_refused_before_anything_is_read(tmp_path):
-    result = _run_cli("predict", "--model", str(tmp_path / "missing.pt"), "--slide", str(tmp_path / "s.tif"),
+    result = run_cli("predict", "--model", str(tmp_path / "missing.pt"), "--slide", str(tmp_path / "s.tif"),
                       "--library-id", "../../escaped", "--out", str(tmp_path / "out"))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "library id" in lines[0] and "not a safe name" in lines[0]
@@ -219,11 +209,11 @@ def test_one_resolution_rule_warns_in_prepare_and_info_prints_the_upsampling(tmp
                   f"spots_file: '{files['spots']}', image: '{files['image']}'}}\n" for sid in ("S1", "S2"))
         + "context_field: false\n")
     work = tmp_path / "work"
-    result = _run_cli("prepare", "-c", str(cfg), "-w", str(work))
+    result = run_cli("prepare", "-c", str(cfg), "-w", str(work))
     warnings_ = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert result.returncode == 0 and len(warnings_) == 2, result.stderr
     assert "sample S1" in warnings_[0] and "upsampled 4.0x" in warnings_[0] and "sample S2" in warnings_[1]
-    info = _run_cli("info", "S1", "-w", str(work))
+    info = run_cli("info", "S1", "-w", str(work))
     assert info.returncode == 0 and "upsampling: 4.00x for 112um_224px patches (too coarse" in info.stdout
 
 
@@ -233,7 +223,7 @@ def test_a_single_sample_prepares_with_a_note_instead_of_folds(tmp_path):
     cfg.write_text("data:\n  dataset: null\n  samples:\n"
                    f"  - {{reader: st, sample_id: S1, patient_id: P1, path: '{files['counts']}', "
                    f"spots_file: '{files['spots']}', image: '{files['image']}'}}\ncontext_field: false\n")
-    result = _run_cli("prepare", "-c", str(cfg), "-w", str(tmp_path / "work"))
+    result = run_cli("prepare", "-c", str(cfg), "-w", str(tmp_path / "work"))
     assert result.returncode == 0, result.stderr
     assert "prepared 1 samples (S1)" in result.stdout and "note: one patient only: no lopo folds" in result.stdout
     assert (tmp_path / "work" / "samples" / "S1.h5ad").exists() and not (tmp_path / "work" / "folds").exists()
@@ -242,6 +232,5 @@ def test_a_single_sample_prepares_with_a_note_instead_of_folds(tmp_path):
 def test_cli_prints_its_version():
     from he2st.version import __version__
 
-    out = subprocess.run([sys.executable, "-c", "from he2st.cli import main; main()", "--version"],
-                         capture_output=True, text=True)
+    out = run_cli("--version")
     assert out.returncode == 0 and out.stdout.strip() == f"he2st {__version__}"

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.error
 
 import numpy as np
 import pytest
+from in_process import run_cli
 
 from he2st.data import registry
 from he2st.data.her2st import IMAGED_SECTIONS, load_section
 from he2st.data.patches import PatchCache, PatchSpec
 from he2st.data.slide import read_patch
-from he2st.errors import He2stError
 from he2st.data.workspace import Workspace
-
-
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    return subprocess.run([sys.executable, "-c", "from he2st.cli import main; main()", *args],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+from he2st.errors import He2stError
 
 
 @pytest.mark.parametrize(("section", "spots"), [("A1", 346), ("B4", 283), ("C2", 187)])
