@@ -170,7 +170,7 @@ def test_ensemble_weights_come_from_inner_folds_over_training_patients_and_round
     train, test, patients = two_patient_spots()
     train = train.subset(np.isin(train.sample_ids, ["s1", "s2"]))
     members = {"knn": {"method": "knn", "top_k": 5}, "ridge": {"method": "ridge_cv", "pca_components": 8},
-               "mlp": {"method": "mlp"} | FAST, "carhe": {"method": "carhe"}}
+               "mlp": {"method": "mlp"} | FAST, "carhe": {"method": "carhe", "celltypes_from": "extras"}}
     method = create_method("ensemble", members=members)
     method.panel = GenePanel(genes=train.genes)
     method.card = method.card.model_copy(update={"training_samples": {"s1": "P1", "s2": "P2"}})

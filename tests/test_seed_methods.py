@@ -315,17 +315,28 @@ def test_carhe_proportion_head_beats_the_training_mean():
     assert mse_model < 0.7 * mse_mean, (mse_model, mse_mean)
 
 
-def test_carhe_requires_proportions_unless_switched_off():
+def test_carhe_without_proportions_learns_expression_programmes(tmp_path):
+    """Data without cell-type proportions (most data): the third modality is NMF expression programmes of
+    the training spots, predicted from the image as extras["expression_programmes"]; asking for the
+    proportions explicitly is one clear error; switching the modality off still works."""
     spots = synthetic_spots()
     train, _, test = split(spots)
     train.extras = {}
-    with pytest.raises(He2stError, match="celltype_transfer"):
-        CarHE(**SMALL["carhe"]).fit(train)
-    method = CarHE(**SMALL["carhe"] | {"celltype_transfer": False, "train": EPOCHS | {"epochs": 1}})
+    with pytest.raises(He2stError, match="celltypes_from=programmes"):
+        CarHE(**SMALL["carhe"] | {"celltypes_from": "extras"}).fit(train)
+    method = CarHE(**SMALL["carhe"] | {"programmes": 4, "train": EPOCHS | {"epochs": 2}})
     method.panel = GenePanel(genes=spots.genes)
     method.fit(train)
-    pred = method.predict(test)
-    assert pred.extras == {} and "proportion_tower" not in dict(method.net.named_children())
+    pred = method.predict(test).extras
+    assert list(pred) == ["expression_programmes"] and pred["expression_programmes"].shape == (len(test), 4)
+    np.testing.assert_allclose(pred["expression_programmes"].sum(1), 1.0, rtol=1e-5)
+    loaded = load_method(method.save(tmp_path / "carhe.pt"))
+    np.testing.assert_allclose(loaded.predict(test).extras["expression_programmes"], pred["expression_programmes"],
+                               rtol=1e-5, atol=1e-6)
+    off = CarHE(**SMALL["carhe"] | {"celltype_transfer": False, "train": EPOCHS | {"epochs": 1}})
+    off.panel = GenePanel(genes=spots.genes)
+    off.fit(train)
+    assert off.predict(test).extras == {} and "proportion_tower" not in dict(off.net.named_children())
 
 
 def test_carhe_unlabelled_spots_and_full_transcriptome_bank():

@@ -13,6 +13,9 @@ Only CarHE's abstract is public (no code), so this is he2st's reading of its two
     of a spot, and a physically neighbouring spot of the same sample, are positives (multi-positive
     InfoNCE over a small projector). With frozen features the views are feature-space augmentations
     (:func:`~he2st.methods.masking.feature_augment`: dropout of single dimensions + Gaussian noise).
+    Without proportions (``celltypes_from``), the third modality is a set of expression programmes
+    learned on the training spots only (NMF of their targets, each spot's loadings normalised to sum
+    to 1), returned as ``extras["expression_programmes"]``: CarHE runs on any data.
     Unlabelled H&E spots (``fit(..., unlabelled=spots)``: image-only spots, e.g. extra slides of
     training patients) join this term only, first in a histology-only pre-training stage of the
     image tower (``histology_pretrain_epochs``), then alongside the alignment.
@@ -27,10 +30,15 @@ which is how CarHE reaches the whole transcriptome.
 
 from __future__ import annotations
 
+import warnings
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from sklearn.decomposition import NMF
+from sklearn.exceptions import ConvergenceWarning
 from torch import nn
 
 from he2st.data.spots import SpotSet
@@ -61,6 +69,11 @@ class CarHEConfig(RetrievalConfig):
         "False: ablation (needs no proportions)",
     )
     celltype_key: str = Field("celltype_major", description="extras key of the per-spot proportions (N, C)")
+    celltypes_from: Literal["auto", "extras", "programmes"] = Field(
+        "auto", description="where the third modality comes from: 'extras' = the training spots' proportions "
+        "(e.g. deconvolution); 'programmes' = expression programmes learned on the training spots (NMF of their "
+        "targets, rows normalised to sum to 1), for data without proportions; 'auto' = extras when present")
+    programmes: int = Field(8, ge=2, description="number of NMF expression programmes (celltypes_from='programmes')")
     proportion_hidden: list[int] = Field(
         default_factory=lambda: [64], description="hidden widths of the proportion encoder"
     )
@@ -151,17 +164,49 @@ class CarHE(RetrievalMethod):
         self.net: CarHEModule | None = None
         self.aligns = nn.ModuleDict()
 
+    def _celltype_source(self, spots: SpotSet) -> str:
+        """'extras', 'programmes' or 'none': what the third modality is made of for these training spots."""
+        cfg = self.config
+        if not cfg.celltype_transfer:
+            return "none"
+        if cfg.celltypes_from != "programmes" and cfg.celltype_key in spots.extras:
+            return "extras"
+        if cfg.celltypes_from == "extras":
+            raise He2stError(
+                f"carhe: training spots have no extras[{cfg.celltype_key!r}] (cell-type proportions); load them, "
+                "or set celltypes_from=programmes (or auto), or celltype_transfer=false")
+        return "programmes"
+
+    @property
+    def proportion_key(self) -> str:
+        """The extras key predictions carry: the cell types trained on, or the expression programmes."""
+        return "expression_programmes" if self.dims.get("programmes") else self.config.celltype_key
+
+    def _programme_loadings(self, spots: SpotSet) -> np.ndarray:
+        """Each training spot's NMF expression-programme loadings, normalised to sum to 1 (fitted on these
+        training targets only; the same spots give the same loadings, so the result is kept)."""
+        cached = getattr(self, "_programme_cache", None)
+        if cached is not None and cached[0] is spots.targets:
+            return cached[1]
+        targets = np.clip(np.asarray(spots.targets, dtype=np.float64), 0, None)
+        nmf = NMF(n_components=min(self.config.programmes, targets.shape[1]), init="nndsvda", max_iter=500,
+                  random_state=self.config.seed)
+        with warnings.catch_warnings():  # loadings short of full convergence still describe the programmes
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            loadings = nmf.fit_transform(targets)
+        total = loadings.sum(axis=1, keepdims=True)
+        props = np.divide(loadings, total, out=np.zeros_like(loadings), where=total > 0).astype(np.float32)
+        self._programme_cache = (spots.targets, props)
+        return props
+
     def _proportions(self, spots: SpotSet) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Cleaned training proportions and their usable-row mask (None without cell-type transfer)."""
         cfg = self.config
-        if not cfg.celltype_transfer:
+        source = self._celltype_source(spots)
+        if source == "none":
             return None
-        if cfg.celltype_key not in spots.extras:
-            raise He2stError(
-                f"carhe: training spots have no extras[{cfg.celltype_key!r}] (cell-type proportions); "
-                "load them or set celltype_transfer=false"
-            )
-        props, ok = clean_proportions(spots.extras[cfg.celltype_key])
+        raw = spots.extras[cfg.celltype_key] if source == "extras" else self._programme_loadings(spots)
+        props, ok = clean_proportions(raw)
         if ok.sum() < 2:
             raise He2stError(f"carhe: fewer than 2 training spots have usable {cfg.celltype_key} proportions")
         return torch.from_numpy(props), torch.from_numpy(ok)
@@ -169,7 +214,8 @@ class CarHE(RetrievalMethod):
     def sizes(self, train: SpotSet) -> dict[str, int]:
         props = self._proportions(train)
         return {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1],
-                "n_types": 0 if props is None else int(props[0].shape[1])}
+                "n_types": 0 if props is None else int(props[0].shape[1]),
+                "programmes": int(self._celltype_source(train) == "programmes")}
 
     def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
         cfg = self.config
@@ -297,7 +343,7 @@ class CarHE(RetrievalMethod):
         """Both of CarHE's outputs count: the expression Pearson, averaged with the mean per-type Pearson
         of the predicted cell-type proportions when the validation spots carry proportions."""
         expression = super().validation_pearson(train, val)
-        key = self.config.celltype_key
+        key = self.proportion_key
         if not self.dims.get("n_types") or key not in val.extras:
             return expression
         truth, ok = clean_proportions(val.extras[key])
@@ -320,5 +366,5 @@ class CarHE(RetrievalMethod):
     def _predict(self, spots: SpotSet) -> Prediction:
         prediction = super()._predict(spots)
         if self.dims.get("n_types"):
-            prediction.extras[self.config.celltype_key] = self.predict_proportions(spots)
+            prediction.extras[self.proportion_key] = self.predict_proportions(spots)
         return prediction

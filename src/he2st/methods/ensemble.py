@@ -2,7 +2,7 @@
 
 Diverse members -- retrieval in raw feature space (``knn``), contrastive retrieval (``bleep``), a
 regularised regression (``ridge_cv``) and contrastive retrieval with cell-type transfer and
-query-time neighbour context (``carhe``, dropped where no cell-type proportions exist) -- are combined with non-negative weights chosen by cross-validation *over
+query-time neighbour context (``carhe``; without cell-type proportions it learns expression programmes) -- are combined with non-negative weights chosen by cross-validation *over
 the training patients only*: each member is fitted with one training patient held out and predicts
 that patient; the held-out predictions of all inner folds are stacked and a non-negative linear
 regression of the measured expression on them gives the weights (one set for all genes, or one per
@@ -19,7 +19,7 @@ only and each of them is trained once per inner fold.
 
 Inner folds hold out whole patients when the training spots come from at least two (the model card's
 ``training_samples`` says which sample belongs to whom), else whole samples; with a single sample
-the members are weighted equally. A member that cannot run (say, CarHE without cell-type proportions)
+the members are weighted equally. A member that cannot run (say, CarHE told to use cell-type proportions that are missing)
 is dropped with its reason, recorded with the weights and inner scores in ``TrainLog.selection``.
 """
 
