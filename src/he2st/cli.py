@@ -193,6 +193,38 @@ def train(
 
 
 @app.command()
+def tls(
+    prediction: Annotated[Path, typer.Argument(help="prediction .h5ad (he2st predict) or a prepared sample .h5ad")],
+    model: Annotated[str, typer.Option(help="'her2st' (the published TLS model) or a gene,weight table")] = "her2st",
+    threshold: Annotated[float | None, typer.Option(help="call spots with a score at least this")] = None,
+    quantile: Annotated[float, typer.Option(help="threshold as this quantile of the reference scores")] = 0.9,
+    threshold_from: Annotated[str | None, typer.Option(
+        help="comma-separated measured sample .h5ad files of training patients: the threshold is the quantile "
+             "of their scores (default: of this section's)")] = None,
+    sample: Annotated[Path | None, typer.Option(help="measured sample .h5ad: compare TLS scores (r, AUROC)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: beside the input)")] = None,
+) -> None:
+    """TLS score per spot (her2st's published model or any weighted gene list), calls and connected regions,
+    written into <out>/<name>.tls.h5ad with a map over the H&E (<name>.tls.png)."""
+    from he2st.report.plots import draw_tls_map
+    from he2st.workflows.tls import detect_tls
+
+    result = detect_tls(prediction, out or prediction.parent, model, threshold, quantile,
+                        [Path(p) for p in threshold_from.split(",")] if threshold_from else None, sample)
+    info = result.adata.uns["he2st_tls"]
+    _echo(f"TLS score from {info['genes_used']} genes ({info['weight_coverage']:.0%} of the model's weight); "
+          f"threshold {info['threshold']:.4g} from {result.threshold_source}: {info['n_called']} spots called "
+          f"in {info['n_regions']} regions")
+    if info["weight_coverage"] < 0.5:
+        _echo("caution: most of the model's weight is on genes the input lacks (predict the whole transcriptome "
+              "with a retrieval method, or give a signature of predicted genes)")
+    if result.agreement is not None:
+        _echo(f"against the measured sample: r {result.agreement['pearson']:.3f}, AUROC for its top-decile spots "
+              f"{result.agreement['auroc_top_decile']:.3f}")
+    _echo(f"written: {result.path} and {draw_tls_map(result.adata, result.path.with_suffix('.png'))}")
+
+
+@app.command()
 def card(model: Annotated[Path, typer.Argument(help="checkpoint from `he2st train`")]) -> None:
     """Print a checkpoint's model card: training data, intended tissue, encoder and weights checksum,
     inputs, gene panel and the scores known at training time with the command that produced them."""

@@ -415,3 +415,18 @@ def plot_prediction(prediction: str | Path | ad.AnnData, out_dir: str | Path, ge
         paths["scatter"] = save_figure(measured_scatter(paired, genes, n, scale=scale), out / "scatter.png")
         paths["pearson"] = save_figure(pearson_histogram(paired), out / "pearson.png")
     return paths
+
+
+def draw_tls_map(adata: ad.AnnData, path: str | Path) -> Path:
+    """The TLS score over the H&E, called spots outlined (``he2st tls``)."""
+    view = spatial_view(adata)
+    fig = Figure(figsize=(6, 6), layout="constrained")
+    ax = fig.subplots()
+    draw_map(ax, view, adata.obs["tls_score"].to_numpy(float), title="TLS score (called spots outlined)",
+             cmap="PuRd", label="TLS score")
+    called = adata.obs["tls_call"].to_numpy(bool)
+    ax.add_collection(EllipseCollection(widths=view.diameter, heights=view.diameter, angles=0, units="xy",
+                                        offsets=view.xy[called], offset_transform=ax.transData,
+                                        facecolors="none", edgecolors="black", linewidths=1.0))
+    return save_figure(fig, path)
+

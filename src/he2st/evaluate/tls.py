@@ -1,0 +1,119 @@
+"""Tertiary lymphoid structures (TLS) from expression: a per-spot score, calls and regions.
+
+The score follows her2st's published TLS model (Andersson et al. 2021, ``res/TLS-pred``; the authors'
+``scripts/predict.py``): each spot's expression as relative abundance (counts / spot total), each gene
+divided by its standard deviation across the spots of the section, then a weighted sum with the
+model's coefficients plus its intercept. Any weighted gene list works the same way (e.g. a chemokine
+TLS signature for other cancers). Predictions on the log1p CP10k scale are turned back into relative
+abundance first (``expm1 / 1e4``), so predicted and measured sections are scored alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+from sklearn.metrics import roc_auc_score
+
+from he2st.errors import He2stError
+
+HER2ST_MODEL = Path("res") / "TLS-pred" / "coef-full.tsv.gz"  # inside the her2st dataset folder
+
+
+@dataclass(frozen=True)
+class TlsModel:
+    """Gene weights (upper-case symbols) and an intercept."""
+
+    weights: pd.Series
+    intercept: float = 0.0
+
+    def restricted(self, genes: pd.Index) -> TlsModel:
+        """The model on ``genes`` only: scores of sections with other gene sets become comparable."""
+        return TlsModel(self.weights[self.weights.index.intersection(genes)], self.intercept)
+
+    @classmethod
+    def read(cls, path: str | Path) -> TlsModel:
+        """A two-column table (gene, weight; tab- or comma-separated, one header row); a row named
+        ``intercept`` is the intercept."""
+        path = Path(path)
+        if not path.exists():
+            raise He2stError("TLS model/signature file not found", path)
+        try:
+            table = pd.read_csv(path, sep=None, engine="python", index_col=0)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise He2stError(f"cannot parse the TLS model ({exc})", path) from exc
+        if table.shape[1] < 1 or not pd.api.types.is_numeric_dtype(table.iloc[:, 0]):
+            raise He2stError("a TLS model needs a numeric weight column after the gene column", path)
+        weights = table.iloc[:, 0].astype(float)
+        weights.index = weights.index.astype(str).str.upper().str.replace(" ", "")
+        intercept = float(weights.pop("INTERCEPT")) if "INTERCEPT" in weights.index else 0.0
+        weights = weights[weights != 0]
+        if weights.index.has_duplicates:
+            weights = weights.groupby(level=0).sum()
+        return cls(weights, intercept)
+
+
+@dataclass(frozen=True)
+class TlsScore:
+    score: np.ndarray  # per spot
+    genes: pd.Index  # the model's genes present in the data (upper case)
+    weight_coverage: float  # share of the model's total |weight| on genes present in the data
+
+    @property
+    def genes_used(self) -> int:
+        return len(self.genes)
+
+
+def relative_abundance(values: np.ndarray | sp.spmatrix, scale: str) -> np.ndarray:
+    """Per-spot relative abundance from raw ``counts`` (divided by the spot total over all genes given)
+    or from ``log1p_cp10k`` values (``expm1 / 1e4``)."""
+    dense = np.asarray(values.toarray() if sp.issparse(values) else values, dtype=np.float64)
+    if scale == "counts":
+        total = dense.sum(axis=1, keepdims=True)
+        return np.divide(dense, total, out=np.zeros_like(dense), where=total > 0)
+    if scale == "log1p_cp10k":
+        return np.expm1(dense) / 1e4
+    raise He2stError(f"TLS scores need counts or log1p_cp10k values, got {scale!r}")
+
+
+def tls_score(values: np.ndarray | sp.spmatrix, genes: list[str], model: TlsModel, scale: str) -> TlsScore:
+    """The section's per-spot TLS score (see the module docstring)."""
+    abundance = relative_abundance(values, scale)
+    names = pd.Index([g.upper().replace(" ", "") for g in genes])
+    unique = ~names.duplicated(keep=False)
+    present = model.weights.index.intersection(names[unique])
+    if len(present) == 0:
+        raise He2stError("none of the TLS model's genes is in the data")
+    columns = pd.Series(np.flatnonzero(unique), index=names[unique])[present].to_numpy()
+    block = abundance[:, columns]
+    std = block.std(axis=0)
+    scaled = np.divide(block, std, out=np.zeros_like(block), where=std > 0)
+    weights = model.weights[present].to_numpy()
+    coverage = float(np.abs(weights).sum() / np.abs(model.weights).sum())
+    return TlsScore(scaled @ weights + model.intercept, present, coverage)
+
+
+def tls_regions(score: np.ndarray, xy: np.ndarray, threshold: float, link: float) -> np.ndarray:
+    """Connected regions of called spots (score >= ``threshold``; spots closer than ``link`` are joined):
+    a region id per spot, -1 for spots not called."""
+    called = np.flatnonzero(score >= threshold)
+    regions = np.full(len(score), -1, dtype=np.int64)
+    if len(called) == 0:
+        return regions
+    pairs = cKDTree(xy[called]).query_pairs(link, output_type="ndarray")
+    graph = sp.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(called), len(called)))
+    regions[called] = connected_components(graph, directed=False)[1]
+    return regions
+
+
+def tls_agreement(predicted: np.ndarray, measured: np.ndarray, top: float = 0.1) -> dict[str, float]:
+    """How well a predicted TLS score follows the measured one on a section: Pearson r, and AUROC of the
+    predicted score for the spots whose measured score is in the top ``top`` fraction."""
+    positive = measured >= np.quantile(measured, 1 - top)
+    auroc = float(roc_auc_score(positive, predicted)) if 0 < positive.sum() < len(positive) else float("nan")
+    return {"pearson": float(np.corrcoef(predicted, measured)[0, 1]), "auroc_top_decile": auroc}
