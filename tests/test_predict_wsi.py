@@ -12,6 +12,7 @@ from pathlib import Path
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -439,3 +440,40 @@ def test_predict_format_zarr_writes_a_spatialdata_store(model_path, slide_path, 
     image = sdata.images["he"]
     assert "um" in get_transformation(image, get_all=True) and "um" in sdata.coordinate_systems
     assert table.uns["spatialdata_attrs"]["region"] == "spots"
+
+
+def _three_slides(slide_path: Path, folder: Path) -> list[Path]:
+    folder.mkdir()
+    slides = [folder / f"slide{i}.tif" for i in range(3)]
+    for i, path in enumerate(slides):
+        write_pyramid(path, tissue_image(SIDE, SIDE, seed=10 + i), MPP)
+    return slides
+
+
+@pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+def test_many_slides_one_command_equal_one_by_one(model_path, slide_path, encoder, tmp_path, engine):
+    """`he2st predict --manifest` on an engine with two workers: every slide's output equals predicting it
+    alone, a broken slide is recorded with its error while the others finish, and index.csv lists all."""
+    if engine == "ray":
+        pytest.importorskip("ray")
+    from in_process import run_cli
+
+    weights = tmp_path / "test_vit.pth"
+    torch.save(encoder.backbone.state_dict(), weights)
+    slides = _three_slides(slide_path, tmp_path / "slides")
+    (tmp_path / "slides" / "broken.tif").write_text("not an image")
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text("slide,mpp\n" + "".join(f"slides/{p.name},{MPP}\n" for p in slides) + "slides/broken.tif,\n")
+    out = tmp_path / "batch"
+    result = run_cli("predict", "--model", model_path, "--manifest", manifest, "--out", out, "--engine", engine,
+                     "--workers", "2", "--weights", weights, "--pitch-um", "200", "--set", "chunk=64")
+    assert result.returncode == 1, result.stderr  # one slide failed: a non-zero exit, the others written
+    assert "3 of 4 slides predicted" in result.stdout
+    index = pd.read_csv(out / "index.csv")
+    assert list(index["status"]) == ["done", "done", "done", "failed"]
+    assert index["slide"].iloc[3].endswith("broken.tif") and len(index["error"].iloc[3]) > 0
+    for path in slides:
+        alone = predict_slide(model_path, path, tmp_path / "alone", pitch_um=200, chunk=64, weights=weights)
+        batch = ad.read_h5ad(out / f"{path.stem}.h5ad")
+        np.testing.assert_array_equal(batch.X, ad.read_h5ad(alone).X)
+        np.testing.assert_array_equal(batch.obsm["spatial"], ad.read_h5ad(alone).obsm["spatial"])

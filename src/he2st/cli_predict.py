@@ -24,8 +24,8 @@ def _genes(text: str | None) -> list[str] | None:
 
 def predict(
     model: ModelOpt,
-    slide: Annotated[Path | None, typer.Option("--slide", "-s",
-                                               help="whole-slide image (SVS, NDPI, TIFF, JPEG, ...)")] = None,
+    slide: Annotated[list[Path] | None, typer.Option(
+        "--slide", "-s", help="whole-slide image (SVS, NDPI, TIFF, JPEG, ...); repeat it for several slides")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder [he2st-predictions]")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML with PredictConfig fields")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a setting: key=value (repeatable)")] = None,
@@ -49,6 +49,11 @@ def predict(
     maps: Annotated[bool, typer.Option("--maps/--no-maps", help="also write maps.png into <out>/<library-id>/")] = True,
     format: Annotated[str | None, typer.Option(
         "--format", help="h5ad, or zarr: also a SpatialData store <out>/<library-id>.zarr [h5ad]")] = None,
+    manifest: Annotated[Path | None, typer.Option(
+        help="CSV of slides (columns slide[, mpp, spots_from, out]): one task per slide")] = None,
+    engine: Annotated[str, typer.Option(help="for several slides: local (a process pool) or ray")] = "local",
+    workers: Annotated[int, typer.Option(help="slides predicted at once")] = 2,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray instance)")] = None,
 ) -> None:
     """Predict expression over a new slide: hexagonal spots on detected tissue -> one .h5ad (resumable).
 
@@ -58,10 +63,15 @@ def predict(
     from he2st.progress import progress_bar
     from he2st.workflows.config import load_config
 
-    cfg = load_config(PredictConfig, config, set_, model=str(model), slide=_path(slide), out=_path(out), mpp=mpp,
+    slides = list(slide or [])
+    cfg = load_config(PredictConfig, config, set_, model=str(model), slide=_path(slides[0]) if len(slides) == 1 else None,
+                      out=_path(out), mpp=mpp,
                       pitch_um=pitch_um, spots_from=_path(spots_from), mask=_path(mask), genes=genes,
                       chunk=chunk, batch_size=batch_size, weights=_path(weights), device=device, stain=stain,
                       tta=tta, library_id=library_id, format=format)
+    if manifest is not None or len(slides) > 1:
+        _predict_many(model, cfg, slides, manifest, engine, workers, address)
+        return
     method = load_method(model)
     with progress_bar(None, "predict") as advance:
         path = run_prediction(cfg, method, on_chunk=lambda info: advance(info.n_spots, total=info.total_spots))
@@ -73,6 +83,24 @@ def predict(
 
         written = plot_prediction(path, path.parent / path.stem)
         typer.echo(f"maps: {written['maps']}")
+
+
+def _predict_many(model: Path, cfg, slides: list[Path], manifest: Path | None, engine: str, workers: int,
+                  address: str | None) -> None:
+    """Several slides: one task each on the chosen engine, one overall progress bar, an index CSV."""
+    from he2st.progress import progress_bar
+    from he2st.workflows.batch_predict import predict_many, read_manifest, slide_configs
+
+    rows = ([{"slide": str(s)} for s in slides]) + (read_manifest(manifest) if manifest is not None else [])
+    configs = slide_configs(cfg, rows)
+    with progress_bar(len(configs), f"predict ({engine}, {workers} workers)") as advance:
+        outcomes = predict_many(model, configs, cfg.out, engine, workers, address, on_done=lambda _: advance(1))
+    for o in outcomes:
+        typer.echo(f"{o.status}\t{o.slide}\t{o.output or o.error}")
+    failed = sum(o.status == "failed" for o in outcomes)
+    typer.echo(f"{len(outcomes) - failed} of {len(outcomes)} slides predicted; index: {cfg.out / 'index.csv'}")
+    if failed:
+        raise typer.Exit(1)
 
 
 def _path(value: Path | None) -> str | None:
