@@ -318,3 +318,23 @@ def test_every_runtime_gives_the_same_embeddings_and_is_recorded(small, tmp_path
     assert files["torch"].attrs["runtime"] == "torch" and files["auto"].attrs["runtime"] in ("openvino", "onnxruntime")
     assert np.abs(files["torch"].embeddings - files["auto"].embeddings).max() <= FP32_TOLERANCE
 
+
+
+def test_embed_on_an_engine_equals_embedding_one_by_one(small, tmp_path):
+    """`he2st embed --engine local --workers 2`: one task per sample, the same files as a sequential run."""
+    from in_process import run_cli
+
+    work, embed = small
+    copy = tmp_path / "work"
+    for sub in ("samples", "patches", "folds"):
+        shutil.copytree(work / sub, copy / sub)
+    result = run_cli("embed", "-w", copy, "--engine", "local", "--workers", "2", "--encoder", "test_vit",
+                     "--weights", embed.weights, "--set", "embed.num_workers=0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("done\t") == 3
+    for sid in PATIENTS:
+        for spec in (PatchSpec(), PatchSpec().context_field()):
+            ours = EmbeddingFile(Workspace(copy).embedding_path(embed, sid, spec))
+            theirs = EmbeddingFile(Workspace(work).embedding_path(embed, sid, spec))
+            np.testing.assert_allclose(ours.embeddings, theirs.embeddings, atol=1e-6)
+            assert ours.barcodes == theirs.barcodes

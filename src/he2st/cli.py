@@ -130,6 +130,10 @@ def embed(
         help="auto (an ONNX graph on OpenVINO or ONNX Runtime on a CPU, torch on a GPU), torch, onnxruntime, "
              "openvino")] = None,
     samples: Annotated[str | None, typer.Option(help="comma-separated sample ids (default: all prepared)")] = None,
+    engine: Annotated[str | None, typer.Option(
+        help="embed samples in parallel, one task each: local (a process pool) or ray (default: one by one)")] = None,
+    workers: Annotated[int, typer.Option(help="samples embedded at once (with --engine)")] = 2,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray instance)")] = None,
 ) -> None:
     """Embed every prepared spot's patch with a frozen encoder (resumable, reused when done)."""
     from he2st.data.workspace import Workspace
@@ -144,6 +148,16 @@ def embed(
     ids = samples.split(",") if samples else ws.sample_ids()
     if not ids:
         raise He2stError(f"no prepared samples in {ws.root}; run `he2st prepare` first")
+    if engine is not None:
+        from he2st.workflows.embed import embed_many
+
+        with progress_bar(len(ids), f"embed {cfg.embed.encoder} ({engine}, {workers} workers)") as advance:
+            outcomes = embed_many(ws, ids, cfg.patch, cfg.embed, engine, workers, address, lambda _: advance(1))
+        for o in outcomes:
+            _echo(f"{o.status}\t{o.sample}\t{o.error or f'{o.n_embedded} patches in {o.seconds:.1f} s'}")
+        if any(o.status == "failed" for o in outcomes):
+            raise typer.Exit(1)
+        return
     with progress_bar(patches_to_embed(ws, ids, cfg.patch), f"embed {cfg.embed.encoder}") as advance:
         summary = embed_workspace(ws, ids, cfg.patch, cfg.embed, on_progress=advance)
     for sid, path in summary.paths.items():

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +21,7 @@ import pandas as pd
 from he2st.errors import He2stError
 from he2st.io import write_text_atomic
 from he2st.predict import PredictConfig
+from he2st.workflows.engines import run_tasks, threads_per_worker
 
 MANIFEST_COLUMNS = ("slide", "mpp", "spots_from", "out")
 
@@ -96,9 +94,7 @@ def predict_many(model: str | Path, configs: list[PredictConfig], out: Path, eng
                  workers: int = 2, address: str | None = None,
                  on_done: Callable[[SlideOutcome], None] | None = None) -> list[SlideOutcome]:
     """Predict every slide with ``engine``; write ``<out>/index.csv``; return the outcomes in input order."""
-    if workers < 1:
-        raise He2stError(f"--workers must be at least 1, got {workers}")
-    model, threads = str(model), max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_worker(workers)
     outcomes: dict[int, SlideOutcome] = {}
 
     def record(i: int, outcome: SlideOutcome) -> None:
@@ -106,40 +102,10 @@ def predict_many(model: str | Path, configs: list[PredictConfig], out: Path, eng
         if on_done is not None:
             on_done(outcome)
 
-    if engine == "local":
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(predict_one, model, cfg, threads): i for i, cfg in enumerate(configs)}
-            for future in as_completed(futures):
-                record(futures[future], future.result())
-    elif engine == "ray":
-        _with_ray(model, configs, workers, threads, address, record)
-    else:
-        raise He2stError(f"unknown engine {engine!r}: choose local or ray")
+    run_tasks(predict_one, [(str(model), cfg, threads) for cfg in configs], engine, workers, address, record)
     ordered = [outcomes[i] for i in range(len(configs))]
     write_index(out / "index.csv", ordered)
     return ordered
-
-
-def _with_ray(model: str, configs: list[PredictConfig], workers: int, threads: int, address: str | None,
-              record: Callable[[int, SlideOutcome], None]) -> None:
-    try:
-        import ray
-    except ImportError as exc:
-        raise He2stError("--engine ray needs ray: pip install 'he2st[ray]'") from exc
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
-                 log_to_driver=False, ignore_reinit_error=True)
-    try:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        task = ray.remote(num_cpus=threads if not address else 1, num_gpus=gpus)(predict_one)
-        pending = {task.remote(model, cfg, threads): i for i, cfg in enumerate(configs)}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            record(pending.pop(done[0]), ray.get(done[0]))
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def write_index(path: Path, outcomes: list[SlideOutcome]) -> Path:

@@ -25,6 +25,7 @@ from he2st.data.patches import PatchCache, PatchSpec
 from he2st.encoders import Encoder
 from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.errors import He2stError
+from he2st.workflows.engines import run_tasks, threads_per_worker
 
 FORMAT = 1
 
@@ -185,3 +186,43 @@ def patch_specs(workspace, sample_id: str, patch: PatchSpec) -> list[PatchSpec]:
 def patches_to_embed(workspace, sample_ids: list[str], patch: PatchSpec) -> int:
     """How many patches :func:`embed_workspace` goes through (a progress bar's total)."""
     return sum(workspace.load_sample(s).n_spots * len(patch_specs(workspace, s, patch)) for s in sample_ids)
+
+
+@dataclass
+class SampleOutcome:
+    sample: str
+    status: str  # "done" or "failed"
+    n_embedded: int
+    seconds: float
+    error: str
+
+
+def embed_one(work_dir: str, sample_id: str, patch: PatchSpec, config: EmbedConfig, threads: int) -> SampleOutcome:
+    """Embed one sample of a work folder (in a worker): its outcome, never an exception."""
+    torch.set_num_threads(threads)
+    try:
+        from he2st.data.workspace import Workspace
+
+        summary = embed_workspace(Workspace(work_dir), [sample_id], patch, config)
+        return SampleOutcome(sample_id, "done", summary.n_embedded, summary.seconds, "")
+    except Exception as exc:  # noqa: BLE001 - a failing sample is recorded, the others go on
+        return SampleOutcome(sample_id, "failed", 0, 0.0, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def embed_many(workspace, sample_ids: list[str], patch: PatchSpec, config: EmbedConfig, engine: str, workers: int,
+               address: str | None = None, on_done: Callable[[SampleOutcome], None] | None = None,
+               ) -> list[SampleOutcome]:
+    """One task per sample on ``engine`` (see :mod:`he2st.workflows.engines`); outcomes in input order. The
+    files are those :func:`embed_workspace` writes, so a later run reuses them."""
+    threads = threads_per_worker(workers)
+    outcomes: dict[int, SampleOutcome] = {}
+
+    def record(i: int, outcome: SampleOutcome) -> None:
+        outcomes[i] = outcome
+        if on_done is not None:
+            on_done(outcome)
+
+    run_tasks(embed_one, [(str(workspace.root), sid, patch, config, threads) for sid in sample_ids], engine,
+              workers, address, record)
+    return [outcomes[i] for i in range(len(sample_ids))]
+
