@@ -395,10 +395,11 @@ VISIUM_HD_BINS_UM = (2, 8, 16)
 
 
 def sum_into_squares(counts: sp.spmatrix | np.ndarray, xy_px: np.ndarray, genes: list[str], side_px: float,
-                     min_members: float, where: Path) -> ad.AnnData:
+                     min_members: float, members_name: str, where: Path) -> ad.AnnData:
     """Counts of bins or cells at ``xy_px`` summed into a grid of squares of ``side_px`` (each member goes
     to the square holding its centre); squares with fewer than ``min_members`` members are dropped. The
-    pseudo-spots sit at the squares' centres, with ``array_col``/``array_row`` and ``n_members`` in obs."""
+    pseudo-spots sit at the squares' centres, with ``array_col``/``array_row`` and the member count
+    (``obs[members_name]``, e.g. ``n_bins``)."""
     cells = np.floor(xy_px / side_px).astype(np.int64)
     keys, group = np.unique(cells, axis=0, return_inverse=True)
     group = group.ravel()
@@ -411,7 +412,7 @@ def sum_into_squares(counts: sp.spmatrix | np.ndarray, xy_px: np.ndarray, genes:
     adata = build_adata(members[keep] @ sp.csr_matrix(counts), [f"ps_{x}_{y}" for x, y in keys[keep]], genes,
                         (keys[keep] + 0.5) * side_px, where=where)
     adata.obs["array_col"], adata.obs["array_row"] = keys[keep, 0], keys[keep, 1]
-    adata.obs["n_members"] = n_members[keep].astype(np.int64)
+    adata.obs[members_name] = n_members[keep].astype(np.int64)
     return adata
 
 
@@ -439,8 +440,7 @@ def read_visium_hd(
         raise He2stError(f"pseudo-spots of {pseudo_spot_um:g} µm are smaller than the {bin_um} µm bins", folder)
     side_px = pseudo_spot_um / bins.pixel_size_um
     adata = sum_into_squares(bins.adata.X, bins.spatial, list(bins.adata.var_names), side_px,
-                             0.5 * (pseudo_spot_um / bin_um) ** 2, folder)
-    adata.obs = adata.obs.rename(columns={"n_members": "n_bins"})
+                             0.5 * (pseudo_spot_um / bin_um) ** 2, "n_bins", folder)
     return Sample(
         sample_id=bins.sample_id, patient_id=bins.patient_id, adata=adata, pixel_size_um=bins.pixel_size_um,
         spot_diameter_um=float(pseudo_spot_um), image_path=bins.image_path, technology="visium_hd",
@@ -508,8 +508,7 @@ def read_xenium(
     else:
         side_px = pseudo_spot_um / mpp
         per_square = np.unique(np.floor(xy / side_px).astype(np.int64), axis=0, return_counts=True)[1]
-        adata = sum_into_squares(counts, xy, genes, side_px, 0.5 * float(np.median(per_square)), folder)
-        adata.obs = adata.obs.rename(columns={"n_members": "n_cells"})
+        adata = sum_into_squares(counts, xy, genes, side_px, 0.5 * float(np.median(per_square)), "n_cells", folder)
         spot_um = float(pseudo_spot_um)
     return Sample(
         sample_id=sample_id, patient_id=patient_id or sample_id, adata=adata, pixel_size_um=mpp,

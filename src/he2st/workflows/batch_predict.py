@@ -21,7 +21,7 @@ import pandas as pd
 from he2st.errors import He2stError
 from he2st.io import write_text_atomic
 from he2st.predict import PredictConfig
-from he2st.workflows.engines import run_tasks, threads_per_worker
+from he2st.workflows.engines import run_tasks
 
 MANIFEST_COLUMNS = ("slide", "mpp", "spots_from", "out")
 
@@ -94,18 +94,9 @@ def predict_many(model: str | Path, configs: list[PredictConfig], out: Path, eng
                  workers: int = 2, address: str | None = None,
                  on_done: Callable[[SlideOutcome], None] | None = None) -> list[SlideOutcome]:
     """Predict every slide with ``engine``; write ``<out>/index.csv``; return the outcomes in input order."""
-    threads = threads_per_worker(workers)
-    outcomes: dict[int, SlideOutcome] = {}
-
-    def record(i: int, outcome: SlideOutcome) -> None:
-        outcomes[i] = outcome
-        if on_done is not None:
-            on_done(outcome)
-
-    run_tasks(predict_one, [(str(model), cfg, threads) for cfg in configs], engine, workers, address, record)
-    ordered = [outcomes[i] for i in range(len(configs))]
-    write_index(out / "index.csv", ordered)
-    return ordered
+    outcomes = run_tasks(predict_one, [(str(model), cfg) for cfg in configs], engine, workers, address, on_done)
+    write_index(out / "index.csv", outcomes)
+    return outcomes
 
 
 def write_index(path: Path, outcomes: list[SlideOutcome]) -> Path:

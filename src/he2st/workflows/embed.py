@@ -25,7 +25,7 @@ from he2st.data.patches import PatchCache, PatchSpec
 from he2st.encoders import Encoder
 from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.errors import He2stError
-from he2st.workflows.engines import run_tasks, threads_per_worker
+from he2st.workflows.engines import run_tasks
 
 FORMAT = 1
 
@@ -67,6 +67,17 @@ def _patch_chunks(path: Path, start: int, stop: int, chunk: int, read_ahead: int
                 yield a, pending.popleft().result()
 
 
+def finished(out: Path, wanted: dict[str, str], cache: PatchCache) -> bool:
+    """``out`` exists, is readable and was made with the ``wanted`` recipe from this cache's spots."""
+    if not out.exists():
+        return False
+    try:
+        existing = EmbeddingFile(out)
+    except He2stError:
+        return False  # unreadable: recompute
+    return all(existing.attrs.get(k) == v for k, v in wanted.items()) and existing.barcodes == cache.barcodes
+
+
 @dataclass
 class EmbedResult:
     path: Path
@@ -84,19 +95,13 @@ def embed_cache(
     Pass a :class:`PatchEmbedder` to reuse one (its runtime's graph is exported and validated once).
     The file records the runtime that ran the encoder; it is not part of the recipe, since every
     runtime gives the same numbers within :data:`he2st.encoders.runtime.FP32_TOLERANCE`."""
-    if isinstance(encoder, PatchEmbedder):
-        embedder, encoder = encoder, encoder.encoder
-    else:
-        embedder = PatchEmbedder(encoder, config, cache.spec.size_px, config.token_grid)
+    embedder = encoder if isinstance(encoder, PatchEmbedder) else None
+    encoder = embedder.encoder if embedder is not None else encoder
     wanted = recipe(config, encoder, cache)
-    if out.exists():
-        try:
-            existing = EmbeddingFile(out)
-            if all(existing.attrs.get(k) == v for k, v in wanted.items()) and existing.barcodes == cache.barcodes:
-                return EmbedResult(out, len(existing.barcodes), 0.0, reused=True)
-        except He2stError:
-            pass  # unreadable: recompute
-        out.unlink()  # the sample changed (or the file is corrupt): recompute
+    if finished(out, wanted, cache):
+        return EmbedResult(out, len(cache), 0.0, reused=True)
+    out.unlink(missing_ok=True)  # the sample changed (or the file is corrupt): recompute
+    embedder = embedder or PatchEmbedder(encoder, config, cache.spec.size_px, config.token_grid)
     partial = out.with_name(out.name + ".partial.h5")
     n, dim = len(cache), encoder.embed_dim
     done = 0
@@ -158,21 +163,22 @@ def embed_workspace(
     """Embed the patch caches of ``sample_ids`` in a work folder (spot patches and their context field);
     finished files are reused. ``paths`` names each sample's spot-embedding file."""
     encoder = encoder or load_encoder(config)
-    embedders: dict[int, PatchEmbedder] = {}  # by patch size: one export and validation per run
+    embedders: dict[int, PatchEmbedder] = {}  # by patch size, made only when there is work: one export per run
     paths: dict[str, Path] = {}
     n_done, seconds = 0, 0.0
     for sid in sample_ids:
         for spec in patch_specs(workspace, sid, patch):
             cache = PatchCache(workspace.patch_path(sid, spec))
             cache.check(spec)
+            out = workspace.embedding_path(config, sid, spec)
+            paths.setdefault(sid, out)
+            if finished(out, recipe(config, encoder, cache), cache):
+                continue
             if spec.size_px not in embedders:
                 embedders[spec.size_px] = PatchEmbedder(encoder, config, spec.size_px, config.token_grid)
-            result = embed_cache(embedders[spec.size_px], cache, workspace.embedding_path(config, sid, spec), config,
-                                 on_progress)
-            paths.setdefault(sid, result.path)
-            if not result.reused:
-                n_done += result.n
-                seconds += result.seconds
+            result = embed_cache(embedders[spec.size_px], cache, out, config, on_progress)
+            n_done += result.n
+            seconds += result.seconds
     return EmbedSummary(paths, n_done, seconds, {e.runtime for e in embedders.values()})
 
 
@@ -214,15 +220,6 @@ def embed_many(workspace, sample_ids: list[str], patch: PatchSpec, config: Embed
                ) -> list[SampleOutcome]:
     """One task per sample on ``engine`` (see :mod:`he2st.workflows.engines`); outcomes in input order. The
     files are those :func:`embed_workspace` writes, so a later run reuses them."""
-    threads = threads_per_worker(workers)
-    outcomes: dict[int, SampleOutcome] = {}
-
-    def record(i: int, outcome: SampleOutcome) -> None:
-        outcomes[i] = outcome
-        if on_done is not None:
-            on_done(outcome)
-
-    run_tasks(embed_one, [(str(workspace.root), sid, patch, config, threads) for sid in sample_ids], engine,
-              workers, address, record)
-    return [outcomes[i] for i in range(len(sample_ids))]
+    return run_tasks(embed_one, [(str(workspace.root), sid, patch, config) for sid in sample_ids], engine, workers,
+                     address, on_done)
 

@@ -22,16 +22,24 @@ def threads_per_worker(workers: int) -> int:
 
 
 def run_tasks(task: Callable[..., Any], arguments: list[tuple], engine: str, workers: int,
-              address: str | None, on_done: Callable[[int, Any], None]) -> None:
-    """Run ``task(*args)`` for every entry of ``arguments`` on ``engine`` with ``workers`` at once;
-    ``on_done(i, result)`` as each finishes (in completion order). ``task`` must be importable (top level)."""
+              address: str | None, on_done: Callable[[Any], None] | None = None) -> list[Any]:
+    """Run ``task(*args, threads)`` for every entry of ``arguments`` on ``engine`` with ``workers`` at once
+    (``threads``: the CPU threads each may use); ``on_done(result)`` as each finishes. Returns the results in
+    input order. ``task`` must be importable (top level)."""
     threads = threads_per_worker(workers)
+    results: dict[int, Any] = {}
+
+    def record(i: int, result: Any) -> None:
+        results[i] = result
+        if on_done is not None:
+            on_done(result)
+
     if engine == "local":
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(task, *args): i for i, args in enumerate(arguments)}
+            futures = {pool.submit(task, *args, threads): i for i, args in enumerate(arguments)}
             for future in as_completed(futures):
-                on_done(futures[future], future.result())
-        return
+                record(futures[future], future.result())
+        return [results[i] for i in range(len(arguments))]
     if engine != "ray":
         raise He2stError(f"unknown engine {engine!r}: choose {' or '.join(ENGINES)}")
     try:
@@ -45,10 +53,11 @@ def run_tasks(task: Callable[..., Any], arguments: list[tuple], engine: str, wor
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0  # a GPU per task where the cluster has them
         remote = ray.remote(num_cpus=threads, num_gpus=gpus)(task)
-        pending = {remote.remote(*args): i for i, args in enumerate(arguments)}
+        pending = {remote.remote(*args, threads): i for i, args in enumerate(arguments)}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            on_done(pending.pop(done[0]), ray.get(done[0]))
+            record(pending.pop(done[0]), ray.get(done[0]))
     finally:
         if started:
             ray.shutdown()
+    return [results[i] for i in range(len(arguments))]
