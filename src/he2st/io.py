@@ -73,3 +73,17 @@ def name_from_stem(stem: str) -> str:
     characters outside letters, digits and ``._-`` become ``_``, leading dots are dropped."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".")[:128]
     return cleaned or "slide"
+
+
+def inside(root: str | Path, path: str | Path, what: str = "output path") -> Path:
+    """``path`` when it lies inside the folder ``root``, else a one-line :class:`He2stError`.
+
+    Every path he2st writes under a folder the user named is built from parts that may come from data
+    (ids, manifest columns); this is the last check before writing. It compares normalised absolute
+    paths (``..`` collapsed) without following links, so a work folder whose subfolders are links the user
+    made to another disk stays usable."""
+    base = Path(os.path.abspath(root))
+    target = Path(os.path.abspath(path))
+    if target != base and base not in target.parents:
+        raise He2stError(f"{what} {str(path)!r} leaves the output folder {base}")
+    return Path(path)

@@ -21,7 +21,7 @@ import scipy.io
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from he2st.data.sample import Sample, build_adata
+from he2st.data.sample import Sample, build_adata, id_from_file
 from he2st.errors import He2stError
 from he2st.io import safe_name
 
@@ -324,7 +324,9 @@ def read_h5ad_sample(
     technology: str = "h5ad",
     dataset: str | None = None,
 ) -> Sample:
-    """Any AnnData with raw counts in ``X`` and spot centres (x, y) in ``obsm['spatial']``."""
+    """Any AnnData with raw counts in ``X`` and spot centres (x, y) in ``obsm['spatial']``. Without
+    ``sample_id``, the sample is named by the file's own library id (the one key of ``uns['spatial']``, the
+    scverse convention), else by the file's stem."""
     path = _require(Path(path), "AnnData file")
     try:
         adata = ad.read_h5ad(path)
@@ -346,7 +348,7 @@ def read_h5ad_sample(
                         where=path)
     for col in adata.obs.columns:
         built.obs[col] = adata.obs[col].to_numpy()
-    sid = sample_id or path.stem
+    sid = sample_id or _own_library_id(adata, path) or path.stem
     sample = Sample(
         sample_id=sid,
         patient_id=patient_id or sid,
@@ -360,6 +362,14 @@ def read_h5ad_sample(
     )
     sample.validate()
     return sample
+
+
+def _own_library_id(adata: ad.AnnData, path: Path) -> str | None:
+    """The one library id of ``uns['spatial']`` (checked: it names output files), or None."""
+    libraries = adata.uns.get("spatial")
+    if not isinstance(libraries, dict) or len(libraries) != 1:
+        return None
+    return id_from_file(next(iter(libraries)), "library id in uns['spatial']", path)
 
 
 def read_hest(root: str | Path, sample_id: str, patient_id: str | None = None) -> Sample:
@@ -383,7 +393,8 @@ def read_hest(root: str | Path, sample_id: str, patient_id: str | None = None) -
         image,
         pixel_size_um=float(mpp),
         sample_id=sample_id,
-        patient_id=str(patient_id or meta.get("patient") or sample_id),
+        patient_id=patient_id or id_from_file(meta.get("patient") or sample_id, f"patient id of sample {sample_id}",
+                                             meta_path),
         spot_diameter_um=float(meta.get("spot_diameter") or VISIUM_SPOT_UM),
         technology=str(meta.get("st_technology", "hest")).lower(),
         dataset="hest",

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from he2st.data.slide import Slide, open_slide
 from he2st.errors import He2stError, He2stWarning
-from he2st.io import atomic_path
+from he2st.io import atomic_path, safe_name
 
 META_KEY = "he2st"
 HIRES_PX = 2000  # long side of the hires image in uns["spatial"] (Space Ranger's tissue_hires_image)
@@ -134,8 +134,8 @@ class Sample:
         if meta is None:
             raise He2stError("not a he2st sample file (no uns['he2st']); use read_h5ad_sample for plain .h5ad", path)
         return cls(
-            sample_id=str(meta["sample_id"]),
-            patient_id=str(meta["patient_id"]),
+            sample_id=id_from_file(meta["sample_id"], "sample id", path),
+            patient_id=id_from_file(meta["patient_id"], "patient id", path),
             adata=adata,
             pixel_size_um=float(meta["pixel_size_um"]),
             spot_diameter_um=float(meta["spot_diameter_um"]),
@@ -166,6 +166,15 @@ class Sample:
         if self.adata.obsm:
             info["obsm"] = ", ".join(sorted(self.adata.obsm.keys()))
         return info
+
+
+def id_from_file(value: object, what: str, path: str | Path) -> str:
+    """An id read from a file's own metadata (a sample's ``uns``, HEST JSON), refused in one line naming the
+    file when it is not a safe name: such ids name outputs, and ``../../x`` would write outside the folder."""
+    try:
+        return safe_name(str(value), what)
+    except He2stError as exc:
+        raise He2stError(exc.problem, path) from None
 
 
 def spatial_library(hires: np.ndarray, scale: float, spot_diameter_px: float, image: str, software: str) -> dict:

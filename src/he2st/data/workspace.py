@@ -2,7 +2,8 @@
 
 ``samples/<id>.h5ad`` prepared samples; ``patches/<id>__<spec>.h5`` patch caches;
 ``folds/<scheme>.json`` fold definitions; ``embeddings/<encoder>/<id>__<spec>.h5``;
-``models/<method>.pt`` checkpoints; ``runs/<name>/`` results.
+``models/<method>.pt`` checkpoints; ``runs/<name>/`` results. Every path is checked to stay inside the
+work folder (:func:`he2st.io.inside`), whatever the ids it is built from.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from he2st.data.patches import PatchSpec, patch_cache_path
 from he2st.data.sample import Sample
 from he2st.data.splits import Fold
 from he2st.errors import He2stError
-from he2st.io import safe_name, write_text_atomic
+from he2st.io import inside, safe_name, write_text_atomic
 
 
 class Workspace:
@@ -24,7 +25,7 @@ class Workspace:
         self.root = Path(root)
 
     def sample_path(self, sample_id: str) -> Path:
-        return self.root / "samples" / f"{safe_name(sample_id, 'sample id')}.h5ad"
+        return self._inside(self.root / "samples" / f"{safe_name(sample_id, 'sample id')}.h5ad")
 
     def sample_ids(self) -> list[str]:
         return sorted(p.stem for p in (self.root / "samples").glob("*.h5ad"))
@@ -37,10 +38,10 @@ class Workspace:
         return Sample.load(path)
 
     def patch_path(self, sample_id: str, spec: PatchSpec) -> Path:
-        return patch_cache_path(self.root, sample_id, spec)
+        return self._inside(patch_cache_path(self.root, sample_id, spec))
 
     def folds_path(self, scheme: str) -> Path:
-        return self.root / "folds" / f"{scheme}.json"
+        return self._inside(self.root / "folds" / f"{safe_name(scheme, 'fold scheme')}.json")
 
     def save_folds(self, scheme: str, folds: list[Fold], patients: dict[str, str]) -> Path:
         payload = {"scheme": scheme, "patients": patients, "folds": [f.model_dump() for f in folds]}
@@ -68,7 +69,11 @@ class Workspace:
             tags.append(f"tokens-{embed.token_grid}")
         if embed.weights is not None:
             tags.append("w-" + hashlib.sha1(str(Path(embed.weights).resolve()).encode()).hexdigest()[:8])
-        return self.root / "embeddings" / safe / ("__".join([safe_name(sample_id, "sample id"), spec.key, *tags]) + ".h5")
+        name = "__".join([safe_name(sample_id, "sample id"), spec.key, *tags]) + ".h5"
+        return self._inside(self.root / "embeddings" / safe / name)
 
     def run_dir(self, name: str) -> Path:
-        return self.root / "runs" / safe_name(name, "run name")
+        return self._inside(self.root / "runs" / safe_name(name, "run name"))
+
+    def _inside(self, path: Path) -> Path:
+        return inside(self.root, path, "work-folder path")

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from he2st.data.patches import MAX_UPSAMPLE
-from he2st.io import safe_name
+from he2st.io import inside, safe_name
 from he2st.predict.grid import VISIUM_PITCH_UM
 
 
@@ -34,6 +34,9 @@ class PredictConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     format: Literal["h5ad", "zarr"] = Field(
         "h5ad", description="h5ad: one AnnData; zarr: also a SpatialData store beside it (image, spots, table in µm)")
+    zarr_image: Literal["hires", "full"] = Field(
+        "hires", description="image of the SpatialData store: hires (the 2,000 px view) or full (the whole slide at "
+                             "full resolution, as a pyramid read tile by tile)")
     runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto", description="what runs the encoder (see `he2st embed`): auto = a validated ONNX graph on a CPU")
     stain: Literal["none", "macenko", "reinhard"] | None = Field(
@@ -50,6 +53,11 @@ class PredictConfig(BaseModel):
     def _safe_library_id(cls, value: str | None) -> str | None:
         """The output file is ``<out>/<library_id>.h5ad``: an id like ``../x`` must not leave ``out``."""
         return None if value is None else safe_name(value, "library id")
+
+    def output(self, library_id: str) -> Path:
+        """``<out>/<library_id>.h5ad``, refused in one line when it would leave ``out`` (the id may come from a
+        sample file's own metadata, not only from this config)."""
+        return inside(self.out, self.out / f"{safe_name(library_id, 'library id')}.h5ad")
 
     @field_validator("genes", mode="before")
     @classmethod

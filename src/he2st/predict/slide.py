@@ -38,7 +38,7 @@ from he2st.io import name_from_stem
 from he2st.methods import Method
 from he2st.predict.config import PredictConfig
 from he2st.predict.grid import SpotGrid, grid_from_sample, hex_grid
-from he2st.predict.sdata import write_spatialdata
+from he2st.predict.sdata import store_is_current, write_spatialdata
 from he2st.predict.store import (
     file_id,
     fingerprint,
@@ -136,7 +136,7 @@ def run_prediction(
         library_id = config.library_id or (sample.sample_id if sample is not None else name_from_stem(slide_path.stem))
         encoder = encoder or load_encoder(enc_cfg)
         _check_encoder(encoder, trained_encoder, config.model)
-        final = config.out / f"{library_id}.h5ad"
+        final = config.output(library_id)
         # a checkpoint file is identified by path, size and mtime; a method in memory by its tensors
         model_id = file_id(config.model) if config.model is not None else method_fingerprint(method)
         stamp = fingerprint({
@@ -147,8 +147,8 @@ def run_prediction(
             "field": method.reads_field,
         })
         if final.exists() and stored_fingerprint(final) == stamp:
-            return _with_store(final, config.format)
-        partial = config.out / f"{library_id}.partial.h5"
+            return _with_store(final, config)
+        partial = final.with_suffix(".partial.h5")
         width = encoder.embed_dim * (2 if method.reads_field else 1)  # spot features, then the field's
         open_partial(partial, stamp, grid, len(gene_index), width, config.chunk)
         embedder = PatchEmbedder(encoder, enc_cfg, patch.size_px)
@@ -169,15 +169,15 @@ def run_prediction(
     write_h5ad(partial, final, grid, [method.panel.genes[i] for i in gene_index], thumb, scale, mpp,
                library_id, meta)
     partial.unlink()
-    return _with_store(final, config.format)
+    return _with_store(final, config)
 
 
-def _with_store(final: Path, format: str) -> Path:
+def _with_store(final: Path, config: PredictConfig) -> Path:
     """With ``format="zarr"``, the SpatialData store ``<library_id>.zarr`` beside the .h5ad (made from it when
-    missing or older); returns the .h5ad either way."""
+    missing, older or holding the other image); returns the .h5ad either way."""
     store = final.with_suffix(".zarr")
-    if format == "zarr" and (not store.exists() or store.stat().st_mtime < final.stat().st_mtime):
-        write_spatialdata(final, store)
+    if config.format == "zarr" and not store_is_current(store, final, config.zarr_image):
+        write_spatialdata(final, store, config.zarr_image)
     return final
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from he2st.errors import He2stError
-from he2st.io import write_text_atomic
+from he2st.io import inside, write_text_atomic
 from he2st.predict import PredictConfig
 from he2st.workflows.engines import run_tasks
 
@@ -37,7 +37,7 @@ class SlideOutcome:
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
     """Rows of a CSV with a ``slide`` column and optional ``mpp``, ``spots_from`` and ``out`` columns;
-    relative paths are relative to the manifest's folder."""
+    relative input paths are relative to the manifest's folder, ``out`` to the command's output folder."""
     if not path.is_file():
         raise He2stError("manifest not found", path)
     try:
@@ -51,7 +51,7 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
         raise He2stError("manifest lists no slide", path)
     rows = []
     for row in table.to_dict("records"):
-        for key in ("slide", "spots_from", "out"):
+        for key in ("slide", "spots_from"):
             if row.get(key):
                 row[key] = str((path.parent / row[key]) if not Path(row[key]).is_absolute() else row[key])
         rows.append({k: v for k, v in row.items() if v != ""})
@@ -59,7 +59,8 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
 
 
 def slide_configs(base: PredictConfig, rows: list[dict[str, str]]) -> list[PredictConfig]:
-    """One prediction config per row: the command's settings with the row's slide, mpp, spots and output."""
+    """One prediction config per row: the command's settings with the row's slide, mpp, spots and output (a
+    folder inside the command's ``out``: a row cannot send its files elsewhere)."""
     configs = []
     for row in rows:
         update = {"slide": Path(row["slide"]), "library_id": None}
@@ -68,7 +69,7 @@ def slide_configs(base: PredictConfig, rows: list[dict[str, str]]) -> list[Predi
         if "spots_from" in row:
             update["spots_from"] = Path(row["spots_from"])
         if "out" in row:
-            update["out"] = Path(row["out"])
+            update["out"] = inside(base.out, base.out / row["out"], f"manifest out of {Path(row['slide']).name}:")
         configs.append(base.model_copy(update=update))
     return configs
 
