@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from he2st.errors import He2stError
+from he2st.methods.distributed import gather
 
 __all__ = [
     "AlignmentLoss",
@@ -61,6 +62,7 @@ def bleep_soft_clip_loss(
     neighbours change with batch size and composition. Compare runs only at equal batch size;
     :class:`ContrastiveLoss` is the normalised variant without that coupling to norms.
     """
+    img_emb, spot_emb = gather(img_emb), gather(spot_emb)  # the whole batch under several processes
     logits = spot_emb @ img_emb.T / temperature
     targets = _soft_targets(img_emb, spot_emb, temperature)
     spots_loss = _soft_cross_entropy(logits, targets)
@@ -128,6 +130,7 @@ class ContrastiveLoss(nn.Module):
     ) -> torch.Tensor:
         """Scalar loss for a batch of paired ``(B, D)`` embeddings plus optional queued negatives."""
         tau = self.tau()
+        img, spot = gather(img), gather(spot)  # the whole batch under several processes
         img = F.normalize(img, dim=-1)
         spot = F.normalize(spot, dim=-1)
         batch = img.shape[0]
@@ -173,7 +176,8 @@ class EmbeddingQueue(nn.Module):
     def enqueue(self, x: torch.Tensor) -> None:
         """Append ``(n, dim)`` embeddings; if ``n`` exceeds the capacity only the last rows are kept."""
         size = self.buffer.shape[0]
-        x = F.normalize(x.detach(), dim=-1)[-size:].to(self.buffer.dtype)
+        x = gather(x.detach())  # every process queues the whole batch
+        x = F.normalize(x, dim=-1)[-size:].to(self.buffer.dtype)
         rows = (int(self.next_row) + torch.arange(x.shape[0], device=self.buffer.device)) % size
         self.buffer[rows] = x
         self.next_row.fill_((int(self.next_row) + x.shape[0]) % size)
@@ -203,6 +207,7 @@ def info_nce(
     (``F.cross_entropy(logits, arange(B))``); ``True`` averages it with the ``b -> a`` direction.
     ``negative_weight=1`` with ``symmetric=True`` is standard symmetric InfoNCE.
     """
+    a, b = gather(a), gather(b)  # the whole batch under several processes
     a = F.normalize(a, dim=-1)
     b = F.normalize(b, dim=-1)
     batch = a.shape[0]
@@ -270,6 +275,7 @@ class NegativeBank:
 
     def loss(self, idx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
         """Symmetric soft-target contrastive loss of the batch ``idx`` (live embeddings ``a``, ``b``)."""
+        idx, a, b = gather(idx), gather(a), gather(b)  # the whole batch under several processes
         n = len(self.z)
         if n <= self.n_negatives:
             others = torch.arange(n)

@@ -2,7 +2,9 @@
 seeded shuffling, early stopping.
 
 Early stopping and checkpoint choice use a validation score computed on spots of *training*
-patients only (the caller passes them); the best weights are restored at the end.
+patients only (the caller passes them); the best weights are restored at the end. Under several
+processes (:mod:`he2st.methods.distributed`) each rank steps on its share of every batch and the
+summed gradients make the one-process step.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from he2st.errors import He2stError
+from he2st.methods import distributed
 from he2st.methods.base import TrainLog
 from he2st.progress import say
 
@@ -83,6 +86,13 @@ def fit_minibatches(
     if n_items == 0:
         raise He2stError("no training spots left (is the validation fraction too large?)")
     gen = seed_everything(seed)
+    world = distributed.world_size()
+    if world > 1:
+        distributed.broadcast_module(module)
+        torch.manual_seed(seed + distributed.rank())  # own dropout masks per rank; the shuffle (gen) is shared
+        if min(config.batch_size, n_items) < 2 * world:
+            raise He2stError(f"batch size {min(config.batch_size, n_items)} is too small for {world} devices "
+                             f"(at least two spots per device)")
     params = [p for p in module.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     log = TrainLog()
@@ -101,22 +111,32 @@ def fit_minibatches(
             idx = order[a : a + batch]
             if len(idx) < max(2, batch // 2) and a > 0:
                 continue
-            loss = step(idx)
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            if world == 1:
+                loss = step(idx)
+                loss.backward()
+                value = float(loss.detach())
+            else:
+                part = distributed.shard(idx)
+                with distributed.sharded():
+                    loss = step(part) * (len(part) / len(idx))
+                loss.backward()
+                value = distributed.reduce_gradients(params, loss)
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimiser.step()
-            losses.append(float(loss.detach()))
+            losses.append(value)
         log.add(train_loss=float(np.mean(losses)))
         if validate is None:
-            say(f"epoch {epoch + 1}/{config.epochs}: training loss {np.mean(losses):.4f}")
+            if distributed.is_main():
+                say(f"epoch {epoch + 1}/{config.epochs}: training loss {np.mean(losses):.4f}")
             continue
         module.eval()
         with torch.no_grad():
-            score = float(validate())
+            score = distributed.agree(float(validate()))
         log.add(val_pearson=score)
-        say(f"epoch {epoch + 1}/{config.epochs}: training loss {np.mean(losses):.4f}, validation r {score:.3f}")
+        if distributed.is_main():
+            say(f"epoch {epoch + 1}/{config.epochs}: training loss {np.mean(losses):.4f}, validation r {score:.3f}")
         if score > best + 1e-6:
             best, best_state, stale = score, copy.deepcopy(module.state_dict()), 0
             log.best_epoch = epoch

@@ -1,4 +1,8 @@
-"""``he2st train``: fit one method on chosen training samples and save a self-describing checkpoint."""
+"""``he2st train``: fit one method on chosen training samples and save a self-describing checkpoint.
+
+With ``devices`` > 1 (or under ``torchrun``) every process loads the same spots and trains on its share
+of each batch (:mod:`he2st.methods.distributed`); rank 0 writes the embedding cache first and saves the
+checkpoint, which the calling process then loads."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from he2st.data.spots import load_spots, shared_extras
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
 from he2st.evaluate.gene_sets import build_gene_sets
-from he2st.methods import Method, TrainLog, create_method
+from he2st.methods import Method, TrainLog, create_method, distributed, load_method
 from he2st.workflows.cards import model_card
 from he2st.workflows.config import TrainRunConfig
 from he2st.workflows.embed import embed_workspace
@@ -23,13 +27,30 @@ from he2st.workflows.embed import embed_workspace
 def train_model(config: TrainRunConfig, command: str = "") -> tuple[Method, TrainLog, Path]:
     """Fit ``config.method`` on the training samples (validation from their patients) and save it with
     its model card (which records ``command``)."""
+    if config.devices == 1 and not distributed.launched():
+        return _train(config, command)
+    path = distributed.launch(_train_ranks, config.devices, config, command)
+    method = load_method(path)
+    card = method.card
+    return method, TrainLog(card.curves, card.best_epoch, card.train_seconds or 0.0, card.selection), path
+
+
+def _train_ranks(config: TrainRunConfig, command: str) -> Path:
+    """One rank's share of :func:`train_model`: the checkpoint's path once rank 0 has saved it."""
+    path = _train(config, command)[2]
+    distributed.barrier()
+    return path
+
+
+def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path]:
     ws = Workspace(config.work_dir)
     train_ids = config.train_samples or ws.sample_ids()
     if not train_ids:
         raise He2stError(f"no training samples: none prepared in {ws.root}")
     samples = {sid: ws.load_sample(sid) for sid in train_ids}
     panel = GenePanel.from_config({sid: s.adata for sid, s in samples.items()}, config.genes)
-    paths = embed_workspace(ws, train_ids, config.patch, config.embed).paths
+    with distributed.main_first():
+        paths = embed_workspace(ws, train_ids, config.patch, config.embed).paths
     method = create_method(config.method, **config.options_for(config.method))
     spots = load_spots(ws, train_ids, config.patch, config.embed, panel, with_targets=True,
                        extras=shared_extras(samples.values()), with_patches=config.needs_patches(),
@@ -45,7 +66,8 @@ def train_model(config: TrainRunConfig, command: str = "") -> tuple[Method, Trai
         "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds,
         "selection": log.selection, "command": command, "tissue": config.tissue or _tissue(samples.values())})
     out = config.out or ws.root / "models" / f"{config.method}.pt"
-    method.save(out)
+    if distributed.is_main():
+        method.save(out)
     return method, log, Path(out)
 
 
