@@ -10,7 +10,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,9 @@ from he2st.errors import He2stError
 from he2st.evaluate.scoring import FoldResult, summarise, summarise_extra
 from he2st.evaluate.tables import markdown_report
 from he2st.io import write_text_atomic
+
+if TYPE_CHECKING:
+    from he2st.evaluate.tls_benchmark import TlsReport
 
 __all__ = ["write_results"]
 
@@ -60,12 +63,14 @@ def _fold_record(r: FoldResult) -> dict[str, Any]:
 
 
 def write_results(
-    out_dir: str | Path, fold_results: Iterable[FoldResult], provenance: Mapping[str, Any]
+    out_dir: str | Path, fold_results: Iterable[FoldResult], provenance: Mapping[str, Any],
+    tls: TlsReport | None = None,
 ) -> dict[str, Path]:
     """Write results.json, summary.csv, per_gene.csv and results.md into ``out_dir``.
 
     ``provenance`` (command, config, package version, data checksums, ...) is stored verbatim
-    in results.json. Every file is written to a temporary file beside it and renamed into
+    in results.json; ``tls`` (the benchmark's TLS scores) goes under its ``tls`` key and into results.md.
+    Every file is written to a temporary file beside it and renamed into
     place, so an interrupted run leaves either the old file or the complete new one.
     Returns the written paths keyed "json", "summary", "per_gene", "markdown".
     """
@@ -85,7 +90,7 @@ def write_results(
             "summary_pooled": pooled.to_dict(orient="records"),
             "summary_extra": extra.to_dict(orient="records"),
             "folds": [_fold_record(r) for r in results],
-        }
+        } | ({"tls": tls.document()} if tls is not None else {})
     )
     per_gene = pd.concat(
         [r.per_gene.assign(method=r.method, fold=r.fold) for r in results], ignore_index=True
@@ -102,5 +107,9 @@ def write_results(
     write_text_atomic(paths["json"], json.dumps(document, indent=2, allow_nan=False) + "\n")
     write_text_atomic(paths["summary"], summary.to_csv(index=False))
     write_text_atomic(paths["per_gene"], per_gene.to_csv(index=False))
-    write_text_atomic(paths["markdown"], markdown_report(summary, provenance, extra))
+    tls_section = None if tls is None else (
+        f"TLS score of each held-out sample (model {tls.source}) from predicted vs measured expression: Pearson r "
+        "across its spots and AUROC for its spots in the measured top decile, mean ± sd over folds; the ridge probe "
+        "predicts the score from image features, fitted on training patients only.\n\n" + tls.markdown())
+    write_text_atomic(paths["markdown"], markdown_report(summary, provenance, extra, tls_section))
     return paths

@@ -73,7 +73,9 @@ def to_markdown(
     return _markdown_table(["method", *sets], body)
 
 
-def markdown_report(summary: pd.DataFrame, provenance: Mapping[str, Any], extra: pd.DataFrame) -> str:
+def markdown_report(summary: pd.DataFrame, provenance: Mapping[str, Any], extra: pd.DataFrame,
+                    tls: str | None = None) -> str:
+    """results.md: the gene-set tables, scores beyond the panel and, when given, the TLS section."""
     sets = list(dict.fromkeys(summary["gene_set"]))
     parts = [
         "# he2st evaluation results\n",
@@ -97,4 +99,6 @@ def markdown_report(summary: pd.DataFrame, provenance: Mapping[str, Any], extra:
             "image (Pearson per type across a test sample's spots). Mean ± sd over folds.\n\n"
             + extra_markdown(extra)
         )
+    if tls:
+        parts.append("## TLS detection\n\n" + tls)
     return "\n".join(parts)

@@ -23,6 +23,7 @@ from sklearn.metrics import roc_auc_score
 from he2st.errors import He2stError
 
 HER2ST_MODEL = Path("res") / "TLS-pred" / "coef-full.tsv.gz"  # inside the her2st dataset folder
+HER2ST_SIGNATURE = Path("res") / "TLS-pred" / "tls-signature.tsv.gz"  # its 172-gene signature, same folder
 
 
 @dataclass(frozen=True)

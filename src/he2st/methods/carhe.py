@@ -15,7 +15,10 @@ Only CarHE's abstract is public (no code), so this is he2st's reading of its two
     (:func:`~he2st.methods.masking.feature_augment`: dropout of single dimensions + Gaussian noise).
     Without proportions (``celltypes_from``), the third modality is a set of expression programmes
     learned on the training spots only (NMF of their targets, each spot's loadings normalised to sum
-    to 1), returned as ``extras["expression_programmes"]``: CarHE runs on any data.
+    to 1), returned as ``extras["expression_programmes"]``: CarHE runs on any data. With a user's
+    single-cell reference (``celltypes_from="reference"``), the training spots are deconvolved into its
+    cell types instead (Tangram, :mod:`~he2st.methods.deconvolution`; recorded in the model card),
+    returned as ``extras["reference_celltypes"]``.
     Unlabelled H&E spots (``fit(..., unlabelled=spots)``: image-only spots, e.g. extra slides of
     training patients) join this term only, first in a histology-only pre-training stage of the
     image tower (``histology_pretrain_epochs``), then alongside the alignment.
@@ -31,12 +34,13 @@ which is how CarHE reaches the whole transcriptome.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from sklearn.decomposition import NMF
 from sklearn.exceptions import ConvergenceWarning
 from torch import nn
@@ -44,6 +48,7 @@ from torch import nn
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import Prediction, TrainLog
+from he2st.methods.deconvolution import tangram_proportions
 from he2st.methods.features import clean_proportions
 from he2st.methods.losses import AlignmentLoss, multi_positive_nce
 from he2st.methods.masking import feature_augment
@@ -68,11 +73,16 @@ class CarHEConfig(RetrievalConfig):
         description="cell-type proportions as a third modality + proportion head; "
         "False: ablation (needs no proportions)",
     )
-    celltype_key: str = Field("celltype_major", description="extras key of the per-spot proportions (N, C)")
-    celltypes_from: Literal["auto", "extras", "programmes"] = Field(
+    celltype_key: str = Field("celltype_major", description="extras key of the per-spot proportions (N, C); "
+                              "with celltypes_from='reference': the reference's cell-type column (obs)")
+    celltypes_from: Literal["auto", "extras", "programmes", "reference"] = Field(
         "auto", description="where the third modality comes from: 'extras' = the training spots' proportions "
         "(e.g. deconvolution); 'programmes' = expression programmes learned on the training spots (NMF of their "
-        "targets, rows normalised to sum to 1), for data without proportions; 'auto' = extras when present")
+        "targets, rows normalised to sum to 1), for data without proportions; 'reference' = the training spots "
+        "deconvolved against celltype_reference by Tangram (extra 'deconvolution'); 'auto' = extras when present")
+    celltype_reference: Path | None = Field(
+        None, description="single-cell reference .h5ad for celltypes_from='reference': counts per cell (X or "
+        "layers['counts']) and the cell-type column celltype_key")
     programmes: int = Field(8, ge=2, description="number of NMF expression programmes (celltypes_from='programmes')")
     proportion_hidden: list[int] = Field(
         default_factory=lambda: [64], description="hidden widths of the proportion encoder"
@@ -117,6 +127,12 @@ class CarHEConfig(RetrievalConfig):
         default_factory=lambda: TrainConfig(epochs=60, batch_size=128, lr=1e-3, weight_decay=1e-3),
         description="optimiser and early stopping of the joint stage (pre-training: same lr, batch size)",
     )
+
+    @model_validator(mode="after")
+    def _reference_given(self) -> CarHEConfig:
+        if self.celltypes_from == "reference" and self.celltype_reference is None:
+            raise ValueError("celltypes_from='reference' needs celltype_reference (a single-cell .h5ad)")
+        return self
 
 
 class CarHEModule(nn.Module):
@@ -165,10 +181,13 @@ class CarHE(RetrievalMethod):
         self.aligns = nn.ModuleDict()
 
     def _celltype_source(self, spots: SpotSet) -> str:
-        """'extras', 'programmes' or 'none': what the third modality is made of for these training spots."""
+        """'extras', 'programmes', 'reference' or 'none': what the third modality is made of for these
+        training spots."""
         cfg = self.config
         if not cfg.celltype_transfer:
             return "none"
+        if cfg.celltypes_from == "reference":
+            return "reference"
         if cfg.celltypes_from != "programmes" and cfg.celltype_key in spots.extras:
             return "extras"
         if cfg.celltypes_from == "extras":
@@ -179,15 +198,30 @@ class CarHE(RetrievalMethod):
 
     @property
     def proportion_key(self) -> str:
-        """The extras key predictions carry: the cell types trained on, or the expression programmes."""
-        return "expression_programmes" if self.dims.get("programmes") else self.config.celltype_key
+        """The extras key predictions carry: the cell types trained on, the reference's, or the programmes."""
+        if self.dims.get("programmes"):
+            return "expression_programmes"
+        return "reference_celltypes" if self.dims.get("reference") else self.config.celltype_key
+
+    def _derived_proportions(self, spots: SpotSet, source: str) -> np.ndarray:
+        """Proportions derived from the training spots themselves (expression programmes, or deconvolution
+        against the reference, recorded for the model card); the same spots give the same result, so it is kept."""
+        cached = getattr(self, "_derived_cache", None)
+        if cached is not None and cached[0] is spots.targets:
+            return cached[1]
+        if source == "programmes":
+            props = self._programme_loadings(spots)
+            self.celltypes_record = {"source": "programmes", "programmes": int(props.shape[1])}
+        else:
+            cfg = self.config
+            result = tangram_proportions(cfg.celltype_reference, cfg.celltype_key, spots.targets, spots.genes, cfg.seed)
+            props, self.celltypes_record = result.proportions, {"source": "reference"} | result.record
+        self._derived_cache = (spots.targets, props)
+        return props
 
     def _programme_loadings(self, spots: SpotSet) -> np.ndarray:
         """Each training spot's NMF expression-programme loadings, normalised to sum to 1 (fitted on these
-        training targets only; the same spots give the same loadings, so the result is kept)."""
-        cached = getattr(self, "_programme_cache", None)
-        if cached is not None and cached[0] is spots.targets:
-            return cached[1]
+        training targets only)."""
         targets = np.clip(np.asarray(spots.targets, dtype=np.float64), 0, None)
         nmf = NMF(n_components=min(self.config.programmes, targets.shape[1]), init="nndsvda", max_iter=500,
                   random_state=self.config.seed)
@@ -195,9 +229,7 @@ class CarHE(RetrievalMethod):
             warnings.simplefilter("ignore", ConvergenceWarning)
             loadings = nmf.fit_transform(targets)
         total = loadings.sum(axis=1, keepdims=True)
-        props = np.divide(loadings, total, out=np.zeros_like(loadings), where=total > 0).astype(np.float32)
-        self._programme_cache = (spots.targets, props)
-        return props
+        return np.divide(loadings, total, out=np.zeros_like(loadings), where=total > 0).astype(np.float32)
 
     def _proportions(self, spots: SpotSet) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Cleaned training proportions and their usable-row mask (None without cell-type transfer)."""
@@ -205,7 +237,7 @@ class CarHE(RetrievalMethod):
         source = self._celltype_source(spots)
         if source == "none":
             return None
-        raw = spots.extras[cfg.celltype_key] if source == "extras" else self._programme_loadings(spots)
+        raw = spots.extras[cfg.celltype_key] if source == "extras" else self._derived_proportions(spots, source)
         props, ok = clean_proportions(raw)
         if ok.sum() < 2:
             raise He2stError(f"carhe: fewer than 2 training spots have usable {cfg.celltype_key} proportions")
@@ -215,7 +247,8 @@ class CarHE(RetrievalMethod):
         props = self._proportions(train)
         return {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1],
                 "n_types": 0 if props is None else int(props[0].shape[1]),
-                "programmes": int(self._celltype_source(train) == "programmes")}
+                "programmes": int(self._celltype_source(train) == "programmes"),
+                "reference": int(self._celltype_source(train) == "reference")}
 
     def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
         cfg = self.config
@@ -286,6 +319,8 @@ class CarHE(RetrievalMethod):
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         bank = self.negative_bank(train, gen)
         log = TrainLog()
+        if props is not None and self.dims.get("programmes", 0) + self.dims.get("reference", 0):
+            log.selection["celltypes"] = self.celltypes_record  # fitted on these training spots: the model card
 
         # histology pool: training spots first, then unlabelled ones; neighbours within each sample
         pool_sets = [train] + ([unlabelled] if unlabelled is not None and len(unlabelled) else [])

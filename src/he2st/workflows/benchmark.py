@@ -25,11 +25,13 @@ from he2st.errors import He2stError
 from he2st.evaluate.results import write_results
 from he2st.evaluate.scoring import FoldResult, average_results, summarise, summarise_extra
 from he2st.evaluate.tables import extra_markdown, to_markdown
+from he2st.evaluate.tls_benchmark import TlsReport
 from he2st.io import atomic_path, sha256_file, write_text_atomic
 from he2st.methods import method_class
 from he2st.version import __version__
 from he2st.workflows.config import BenchmarkConfig, dump_config
 from he2st.workflows.protocol import FoldAudit, FoldRun, build_fold_data, run_fold
+from he2st.workflows.tls import read_model
 
 
 def ablation_variants(methods: list[str], only: list[str] | None = None) -> list[tuple[str, str, dict]]:
@@ -51,6 +53,7 @@ class BenchmarkOutcome:
     runs: dict[tuple[str, str], FoldRun]
     paths: dict[str, Path]
     table: str
+    tls: TlsReport | None = None
 
 
 def write_predictions(ws: Workspace, folder: Path, run: FoldRun, fold: str) -> None:
@@ -98,6 +101,16 @@ def provenance(config: BenchmarkConfig, ws: Workspace, command: str | None) -> d
     }
 
 
+def tls_report(config: BenchmarkConfig) -> TlsReport | None:
+    """The run's TLS report (None: TLS off); a model that cannot be read skips TLS, with the reason."""
+    if not config.tls:
+        return None
+    try:
+        return TlsReport(config.tls_model, read_model(config.tls_model))
+    except He2stError as exc:
+        return TlsReport(config.tls_model, skipped=str(exc))
+
+
 def run_benchmark(
     config: BenchmarkConfig, command: str | None = None, log: Callable[[str], None] | None = None
 ) -> BenchmarkOutcome:
@@ -110,6 +123,7 @@ def run_benchmark(
         variants += ablation_variants(config.methods, config.ablation_only)
     results, audits, runs = [], {}, {}
     failures: dict[str, str] = {}
+    tls = tls_report(config)
     for fold in folds:
         check_fold(fold, patients)
         if fold.leaky and not config.folds.allow_shared_patients:
@@ -118,6 +132,9 @@ def run_benchmark(
                 "folds.allow_shared_patients: true to run it anyway (results are labelled LEAKY)",
                 ws.folds_path(config.folds.scheme))
         data = build_fold_data(ws, fold, config, patients)
+        tls_fold = None if tls is None or tls.model is None else tls.fold(
+            fold.name, {s: ws.load_sample(s) for s in [*fold.train, *fold.test]}, data.train, data.test_inputs,
+            patients)
         for label, method, opts in variants:
             n_seeds = config.seeds if method_class(method).stochastic else 1
             try:
@@ -127,6 +144,10 @@ def run_benchmark(
                 if log is not None:
                     log(f"{fold.name:<12} {label:<24} skipped: {exc}")
                 continue
+            if tls_fold is not None:
+                tls.score(label, fold.name, [r.method for r in seed_runs], tls_fold, data.train, data.test_inputs)
+            for r in seed_runs:
+                r.method = None  # fitted models are not kept across folds
             run = seed_runs[0]
             run.result = average_results([r.result for r in seed_runs])
             run.seconds = sum(r.seconds for r in seed_runs)
@@ -146,11 +167,14 @@ def run_benchmark(
     prov["failures"] = failures
     if not results:
         raise He2stError(f"no method could run on any fold: {failures}")
-    paths = write_results(out_dir, results, prov)
+    paths = write_results(out_dir, results, prov, tls)
     write_text_atomic(out_dir / "config.yaml", dump_config(config))
     n = config.n_top
     table = to_markdown(summarise(results), sets=("all", f"heg{n}", f"hvg{n}", f"heg{n}_testselected"))
     extra = summarise_extra(results)
     if not extra.empty:
         table += "\n" + extra_markdown(extra)
-    return BenchmarkOutcome(results, audits, runs, paths, table)
+    if tls is not None:
+        table += (f"\nTLS detection (model {tls.source}): per held-out sample, Pearson r and AUROC for its "
+                  "top-decile spots of the TLS score from predicted vs measured expression:\n" + tls.markdown())
+    return BenchmarkOutcome(results, audits, runs, paths, table, tls)

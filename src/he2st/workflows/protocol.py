@@ -60,6 +60,7 @@ class FoldRun:
     predictions: dict[str, Prediction]
     card: ModelCard
     seconds: float
+    method: Method | None = None  # the fitted method, for scores computed after the fold (the benchmark's TLS)
 
 
 @dataclass
@@ -170,7 +171,7 @@ def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict |
     leaked = audit.used_for_fitting() & set(audit.test)
     if leaked:  # a guard, not a check for tests only: no number is reported from a leaky fit
         raise He2stError(f"{name} fold {data.fold.name}: test sample(s) {sorted(leaked)} fed a fitted component")
-    return FoldRun(result, audit, predictions, method.card, seconds)
+    return FoldRun(result, audit, predictions, method.card, seconds, method)
 
 
 def _beyond_panel(method: Method, data: FoldData, predictions: dict[str, Prediction]) -> dict[str, float]:

@@ -17,7 +17,15 @@ from scipy.spatial import cKDTree
 from he2st.data.registry import dataset_dir
 from he2st.data.sample import Sample
 from he2st.errors import He2stError
-from he2st.evaluate.tls import HER2ST_MODEL, TlsModel, TlsScore, tls_agreement, tls_regions, tls_score
+from he2st.evaluate.tls import (
+    HER2ST_MODEL,
+    HER2ST_SIGNATURE,
+    TlsModel,
+    TlsScore,
+    tls_agreement,
+    tls_regions,
+    tls_score,
+)
 from he2st.io import atomic_path
 
 
@@ -29,9 +37,14 @@ class TlsResult:
     agreement: dict[str, float] | None  # against a measured sample, when given
 
 
+SHIPPED_MODELS = {"her2st": HER2ST_MODEL, "her2st-signature": HER2ST_SIGNATURE}
+
+
 def read_model(model: str | Path) -> TlsModel:
-    """``her2st`` (the published model shipped with the her2st dataset) or a weighted gene list file."""
-    return TlsModel.read(dataset_dir("her2st") / HER2ST_MODEL if str(model) == "her2st" else model)
+    """``her2st`` (the published model shipped with the her2st dataset), ``her2st-signature`` (its
+    172-gene signature) or a weighted gene list file."""
+    shipped = SHIPPED_MODELS.get(str(model))
+    return TlsModel.read(dataset_dir("her2st") / shipped if shipped is not None else model)
 
 
 def section_score(adata: ad.AnnData, model: TlsModel, where: Path) -> TlsScore:
