@@ -194,22 +194,27 @@ def train(
     method: Annotated[str | None, typer.Option(help="method name (he2st methods: bleep, bleep_faithful, ridge, ...)")] = None,
     samples: Annotated[str | None, typer.Option(help="comma-separated training samples (default: all prepared)")] = None,
     out: Annotated[Path | None, typer.Option(help="checkpoint path")] = None,
+    devices: Annotated[int | None, typer.Option(
+        help="training processes sharing each batch: N CPU processes (gloo), or one per GPU (NCCL) with CUDA")] = None,
 ) -> None:
-    """Train one method on training samples; validation comes from those samples only."""
+    """Train one method on training samples; validation comes from those samples only. With --devices N
+    (or under torchrun) N processes train data-parallel: the same steps as one process, split."""
+    from he2st.methods.distributed import is_main
     from he2st.workflows.config import TrainRunConfig, load_config
     from he2st.workflows.train import train_model
 
     cfg = load_config(TrainRunConfig, config, set_, work_dir=str(work_dir) if work_dir else None,
-                      method=method, train_samples=_ids(samples), out=str(out) if out else None)
+                      method=method, train_samples=_ids(samples), out=str(out) if out else None, devices=devices)
     fitted, log, path = train_model(cfg, command=" ".join(["he2st", *sys.argv[1:]]))
-    _echo(f"trained {fitted.name} on {fitted.card.training_line()} "
-          f"({len(fitted.panel.genes)} genes, best epoch {log.best_epoch}) -> {path}")
+    if is_main():
+        _echo(f"trained {fitted.name} on {fitted.card.training_line()} "
+              f"({len(fitted.panel.genes)} genes, best epoch {log.best_epoch}) -> {path}")
 
 
 @app.command()
 def tls(
     prediction: Annotated[Path, typer.Argument(help="prediction .h5ad (he2st predict) or a prepared sample .h5ad")],
-    model: Annotated[str, typer.Option(help="'her2st' (the published TLS model) or a gene,weight table")] = "her2st",
+    model: Annotated[str, typer.Option(help="'her2st' (the published TLS model), 'her2st-signature' (its 172 genes) or a gene,weight table")] = "her2st",
     threshold: Annotated[float | None, typer.Option(help="call spots with a score at least this")] = None,
     quantile: Annotated[float, typer.Option(help="threshold as this quantile of the reference scores")] = 0.9,
     threshold_from: Annotated[str | None, typer.Option(
@@ -326,6 +331,9 @@ def demo(work_dir: WorkOpt = None, set_: SetOpt = None) -> None:
 from he2st.cli_predict import register as _register_predict_commands  # noqa: E402
 
 _register_predict_commands(app)
+from he2st.cli_analyses import register as _register_analysis_commands  # noqa: E402
+
+_register_analysis_commands(app)
 
 
 def main() -> None:

@@ -182,6 +182,16 @@ class BenchmarkConfig(FitConfig):
         description="retrieval methods also predict every gene measured in all training samples; genes "
         "whose mean transformed training expression is >= this are scored (None: skip)",
     )
+    tls: bool = Field(
+        True, description="score TLS detection: for retrieval methods, each held-out sample's TLS score from "
+        "predicted vs measured expression (Pearson r, AUROC for its top-decile spots), beside a ridge probe from "
+        "image features to the score; skipped, with its reason in the results, when tls_model cannot be read")
+    tls_model: str = Field(
+        "her2st-signature", description="'her2st-signature' (the 172-gene TLS signature in the her2st dataset "
+        "folder), 'her2st' (the published full model: 11,315 genes, each divided by its spread across the "
+        "section, which inflates the many weakly weighted genes of a smooth predicted map -- on her2st LOPO it "
+        "scores predictions below zero) or a weighted gene list file (gene, weight; an 'intercept' row is the "
+        "intercept)")
     seeds: int = Field(1, gt=0, description="train each method with this many seeds and average the fold scores")
     inner_of: str | None = Field(
         None, description="run the folds of folds.scheme over the training samples of this fold only (e.g. "
@@ -209,6 +219,8 @@ class TrainRunConfig(FitConfig):
     out: Path | None = Field(None, description="checkpoint path (default <work_dir>/models/<method>.pt)")
     tissue: str | None = Field(None, description="tissue, disease and platform the model is for (model card; default: "
                                                  "from the training samples' registered dataset)")
+    devices: int = Field(1, ge=1, description="training processes, each stepping on its share of every batch: CPU "
+                         "processes (gloo) or one per GPU (NCCL); under torchrun the launcher's count applies")
 
     def fitted_methods(self) -> list[str]:
         return [self.method]

@@ -1,0 +1,111 @@
+"""``he2st stack`` / ``survival``: analyses built on predicted expression (3D from serial sections, outcome).
+
+Kept out of ``cli.py`` like :mod:`he2st.cli_predict`; ``register(app)`` adds the commands to the main
+``he2st`` app. Errors are :class:`He2stError`, printed by the entry point as one ``error: ...`` line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def _list(text: str | None) -> list[str] | None:
+    return [g.strip() for g in text.split(",") if g.strip()] if text else None
+
+
+def stack(
+    sections: Annotated[list[Path], typer.Argument(
+        help="serial sections in cutting order: slide images or prepared he2st sample .h5ad files")],
+    spacing_um: Annotated[float, typer.Option("--spacing-um", help="distance between consecutive sections, µm")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="checkpoint from `he2st train`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    pitch_um: Annotated[float, typer.Option("--pitch-um", help="common hexagonal grid pitch, µm")] = 100.0,
+    interpolate: Annotated[int, typer.Option(help="planes linearly interpolated between adjacent sections")] = 0,
+    mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel of the slide images (default: from "
+                                                   "each file)")] = None,
+    genes: Annotated[str | None, typer.Option(help="comma-separated genes to predict (default: the panel)")] = None,
+    show: Annotated[str | None, typer.Option(help="comma-separated genes for the 3D views (default: the most "
+                                                  "variable)")] = None,
+    register: Annotated[bool, typer.Option("--register/--no-register",
+                                           help="register the sections (--no-register: as mounted)")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    weights: Annotated[Path | None, typer.Option(help="encoder weights file (default: as the model's training "
+                                                      "features)")] = None,
+) -> None:
+    """3D expression from serial H&E sections: register consecutive sections (rigid, then affine), predict
+    each on one common grid, write <out>/stack.h5ad (x, y, z in µm) with stack.png and stack.html."""
+    from he2st.methods import load_method
+    from he2st.report.stack_view import draw_stack_png, stack_genes, write_stack_html
+    from he2st.workflows.stack import build_stack, evaluate_stack
+
+    result = build_stack(sections, spacing_um, load_method(model), model, out, pitch_um, interpolate, mpp,
+                         _list(genes), register, device, weights)
+    info = result.adata.uns["he2st_stack"]["transforms"]
+    for k, name in enumerate(result.adata.uns["he2st_stack"]["sections"]):
+        entry, n = info[name], int((result.adata.obs["section"] == name).sum())
+        fit = (f"tissue overlap (Dice) with the previous section {entry['dice_before']:.2f} as mounted -> "
+               f"{entry['dice_after']:.2f} registered{'' if entry['affine_kept'] else ' (rigid; affine refused)'}"
+               if "dice_after" in entry else "as mounted (not registered)" if k else "reference frame")
+        typer.echo(f"{name}: {n} grid points; {fit}")
+    shown = stack_genes(result.adata, _list(show))
+    png = draw_stack_png(result.adata, out / "stack.png", shown[0])
+    html = write_stack_html(result.adata, out / "stack.html", shown)
+    if any(s.sample is not None for s in result.sections):
+        scores = evaluate_stack(result)
+        for name, s in scores["sections"].items():
+            typer.echo(f"{name}: predicted vs measured, mean per-gene Pearson {s['pearson_mean']:.3f} "
+                       f"({s['n_spots']} spots, {s['n_genes']} genes)")
+        for pair, s in scores["adjacent"].items():
+            typer.echo(f"{pair}: measured agreement at corresponding spots, registered r {s['registered']['profile_r']:.3f}"
+                       f" ({s['registered']['n_pairs']} pairs) vs unregistered {s['unregistered']['profile_r']:.3f}"
+                       f" ({s['unregistered']['n_pairs']} pairs)")
+        from he2st.io import write_text_atomic
+
+        write_text_atomic(out / "stack_evaluation.json", json.dumps(scores, indent=2))
+    typer.echo(f"written: {result.path}, {png}, {html}")
+
+
+def survival(
+    slides: Annotated[Path, typer.Option("--slides", help="CSV: prediction (.h5ad path), time, event (1/0)[, slide]")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    horizon: Annotated[float, typer.Option(help="DFS horizon for the classifier and the AUC (the table's time unit)")],
+    signature: Annotated[Path | None, typer.Option(help="weighted gene list (gene,weight): its mean spot score "
+                                                        "is a feature")] = None,
+    genes: Annotated[str | None, typer.Option(help="comma-separated genes whose slide means are features")] = None,
+    tls: Annotated[str | None, typer.Option(help="'her2st' or a gene,weight TLS model: TLS density (and mean "
+                                                 "score) are features")] = None,
+    tls_threshold: Annotated[float | None, typer.Option(help="TLS call threshold (default: 0.9 quantile of all "
+                                                             "slides' spot scores)")] = None,
+    folds: Annotated[int, typer.Option(help="cross-validation folds (stratified by event)")] = 5,
+    penalizer: Annotated[float, typer.Option(help="Cox model L2 penalty")] = 0.1,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap draws for the 95% intervals")] = 500,
+    seed: Annotated[int, typer.Option(help="seed of the folds and the bootstrap")] = 0,
+) -> None:
+    """Survival from predicted expression: slide features, a Cox model and a DFS classifier at --horizon,
+    cross-validated C-index and time-dependent AUC with bootstrap intervals, and a Kaplan-Meier plot of the
+    out-of-fold risk groups (results.json, risk.csv, km.png in --out)."""
+    from he2st.report.survival_plot import draw_km
+    from he2st.workflows.survival import run_survival
+
+    result = run_survival(slides, out, horizon, signature, _list(genes), tls, tls_threshold, folds, penalizer,
+                          bootstrap, seed)
+    s = result.cv.scores
+    typer.echo(f"{len(result.features)} slides, {int(result.cohort.event.sum())} events; features: "
+               f"{', '.join(result.features.columns)}")
+    for name, label in (("cox", "Cox model"), ("dfs", f"DFS classifier (horizon {horizon:g})")):
+        typer.echo(f"{label}: C-index {s[f'{name}_c_index']:.3f} [{s[f'{name}_c_index_ci'][0]:.3f}, "
+                   f"{s[f'{name}_c_index_ci'][1]:.3f}], AUC({horizon:g}) {s[f'{name}_auc']:.3f} "
+                   f"[{s[f'{name}_auc_ci'][0]:.3f}, {s[f'{name}_auc_ci'][1]:.3f}] (out-of-fold, {folds} folds)")
+    km = draw_km(result.cohort.time, result.cohort.event, result.high_risk, result.paths["km"], result.logrank_p)
+    typer.echo(f"risk groups (median split): log-rank p {result.logrank_p:.3g}")
+    typer.echo(f"written: {result.paths['results']}, {result.paths['risk']}, {km}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``stack`` and ``survival`` to the ``he2st`` command line."""
+    app.command("stack")(stack)
+    app.command("survival")(survival)

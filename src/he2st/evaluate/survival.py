@@ -1,0 +1,185 @@
+"""Outcome from predicted expression: slide-level features, a Cox model, a DFS classifier, and their scores.
+
+A prediction covers one slide with many spots; an outcome belongs to the patient. Features are slide
+summaries of predicted expression -- weighted signature scores (spot score = weighted sum of the
+signature's genes, slide feature = its mean over spots), the TLS density (share of spots whose TLS
+score reaches a threshold shared by all slides), chosen genes' means.
+
+Models: a penalised Cox model (lifelines) for the hazard, and a logistic regression (scikit-learn) for
+"event before the horizon". Both are scored on out-of-fold predictions of a stratified k-fold split,
+features standardised with the training folds' mean and deviation only. Scores:
+
+* Harrell's C-index of the Cox risk;
+* the cumulative/dynamic AUC at the horizon (as scikit-survival's ``cumulative_dynamic_auc``): cases
+  are slides with an event by the horizon, weighted by the inverse probability of being still
+  uncensored then (Kaplan-Meier of the censoring times, IPCW); controls are slides still event-free
+  after it. Slides censored before the horizon are neither, and the weights stand in for them;
+* 95% bootstrap intervals (slides resampled, out-of-fold risks kept).
+The classifier is trained only on slides whose status at the horizon is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+
+from he2st.errors import He2stError
+from he2st.evaluate.tls import TlsModel
+
+
+def _lifelines():
+    try:
+        import lifelines
+    except ImportError as exc:
+        raise He2stError("survival models need lifelines: pip install 'he2st[survival]'") from exc
+    return lifelines
+
+
+# ------------------------------------------------------------------ features
+def signature_score(values: np.ndarray, genes: list[str], signature: TlsModel) -> np.ndarray:
+    """Per-spot weighted sum of the signature's genes (prediction scale; genes matched upper-case)."""
+    names = pd.Index([g.upper() for g in genes])
+    present = signature.weights.index.intersection(names)
+    if len(present) == 0:
+        raise He2stError("none of the signature's genes is in the predictions")
+    columns = names.get_indexer(present)
+    return np.asarray(values, dtype=np.float64)[:, columns] @ signature.weights[present].to_numpy()
+
+
+def tls_density(scores: list[np.ndarray], threshold: float | None = None, quantile: float = 0.9) -> tuple[
+        np.ndarray, float]:
+    """Share of each slide's spots at or above one threshold: ``threshold``, else the ``quantile`` of all
+    slides' scores pooled (outcome-free, so the same for every fold)."""
+    cut = float(np.quantile(np.concatenate(scores), quantile)) if threshold is None else float(threshold)
+    return np.array([float((s >= cut).mean()) for s in scores]), cut
+
+
+# ------------------------------------------------------------------ metrics
+def concordance(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's C-index: the share of comparable pairs whose higher risk fails first (risk ties count half).
+
+    A pair is comparable when the earlier time is an event (a censoring at the same time counts as
+    later), as in lifelines' ``concordance_index``; all pairs at once, so bootstraps stay cheap."""
+    time, event, risk = (np.asarray(a, dtype=np.float64) for a in (time, event, risk))
+    ti, tj = time[:, None], time[None, :]
+    comparable = (event[:, None] == 1) & ((ti < tj) | ((ti == tj) & (event[None, :] == 0)))
+    if not comparable.any():
+        return float("nan")
+    ri, rj = risk[:, None], risk[None, :]
+    wins = np.where(ri > rj, 1.0, np.where(ri == rj, 0.5, 0.0))
+    return float(wins[comparable].sum() / comparable.sum())
+
+
+def _censoring_survival(time: np.ndarray, event: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Kaplan-Meier probability of staying uncensored just before each of ``at`` (censoring = the event)."""
+    order = np.unique(time[event == 0])
+    at_risk = np.array([(time >= t).sum() for t in order])
+    censored = np.array([((time == t) & (event == 0)).sum() for t in order])
+    surv = np.concatenate([[1.0], np.cumprod(1 - censored / at_risk)])
+    return surv[np.searchsorted(order, at, side="left")]  # steps strictly before ``at``
+
+
+def cumulative_dynamic_auc(time: np.ndarray, event: np.ndarray, risk: np.ndarray, horizon: float) -> float:
+    """IPCW cumulative/dynamic AUC at ``horizon`` (see the module docstring); NaN without cases or controls."""
+    time, event, risk = (np.asarray(a, dtype=np.float64) for a in (time, event, risk))
+    cases = (time <= horizon) & (event == 1)
+    controls = time > horizon
+    if not cases.any() or not controls.any():
+        return float("nan")
+    g = _censoring_survival(time, event, time[cases])
+    weights = 1.0 / np.clip(g, 1e-8, None)
+    rc, rk = risk[cases][:, None], risk[controls][None, :]
+    wins = (rc > rk).sum(axis=1) + 0.5 * (rc == rk).sum(axis=1)
+    return float((weights * wins).sum() / (weights.sum() * controls.sum()))
+
+
+def bootstrap_interval(stat, n: int, draws: int = 500, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of ``stat(rows)`` over ``draws`` resamples of ``n`` rows (NaN draws skipped)."""
+    rng = np.random.default_rng(seed)
+    values = np.array([stat(rng.integers(0, n, n)) for _ in range(draws)])
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    return tuple(float(v) for v in np.quantile(values, [(1 - level) / 2, (1 + level) / 2]))
+
+
+# ------------------------------------------------------------------ models
+@dataclass
+class SurvivalCv:
+    """Out-of-fold risks and their scores."""
+
+    cox_risk: np.ndarray  # log partial hazard per slide
+    dfs_probability: np.ndarray  # P(event by the horizon); NaN never (every slide is predicted)
+    fold: np.ndarray
+    scores: dict[str, float | list[float]]
+    coefficients: pd.Series  # the Cox model refitted on all slides (standardised features)
+
+
+def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    std[std == 0] = 1.0
+    return (train - mean) / std, (test - mean) / std
+
+
+def _cox(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, penalizer: float):
+    lifelines = _lifelines()
+    table = features.assign(_time=time, _event=event)
+    try:
+        return lifelines.CoxPHFitter(penalizer=penalizer).fit(table, duration_col="_time", event_col="_event")
+    except Exception as exc:  # lifelines raises convergence errors of several types
+        raise He2stError(f"the Cox model did not converge ({type(exc).__name__}: {exc}); fewer features or a "
+                         "larger penalizer may help") from exc
+
+
+def cross_validate(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, horizon: float, folds: int = 5,
+                   penalizer: float = 0.1, draws: int = 500, seed: int = 0) -> SurvivalCv:
+    """Out-of-fold Cox risks and DFS probabilities, C-index and AUC at ``horizon`` with bootstrap intervals."""
+    time, event = np.asarray(time, dtype=np.float64), np.asarray(event, dtype=np.int64)
+    n = len(time)
+    if features.shape[1] == 0:
+        raise He2stError("no features: give a signature, genes or a TLS model")
+    if event.sum() < folds or (n - event.sum()) < folds:
+        raise He2stError(f"too few events ({int(event.sum())} of {n} slides) for {folds}-fold cross-validation")
+    x = features.to_numpy(np.float64)
+    cox_risk, probability, fold_of = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
+    split = StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, event)
+    for k, (train, test) in enumerate(split):
+        xtr, xte = _standardise(x[train], x[test])
+        model = _cox(pd.DataFrame(xtr, columns=features.columns), time[train], event[train], penalizer)
+        cox_risk[test] = np.asarray(model.predict_log_partial_hazard(pd.DataFrame(xte, columns=features.columns)))
+        known = (time[train] > horizon) | (event[train] == 1)  # status at the horizon is known
+        label = (time[train] <= horizon) & (event[train] == 1)
+        if len(np.unique(label[known])) < 2:
+            raise He2stError(f"fold {k + 1}: every slide with a known status at horizon {horizon:g} is in one class; "
+                             "choose another horizon")
+        clf = LogisticRegression(C=1.0, max_iter=1000).fit(xtr[known], label[known])
+        probability[test] = clf.predict_proba(xte)[:, 1]
+        fold_of[test] = k
+
+    def scored(risk: np.ndarray) -> dict[str, float | list[float]]:
+        c = concordance(time, event, risk)
+        auc = cumulative_dynamic_auc(time, event, risk, horizon)
+        return {"c_index": c, "c_index_ci": list(bootstrap_interval(
+                    lambda r: concordance(time[r], event[r], risk[r]), n, draws, seed)),
+                "auc": auc, "auc_ci": list(bootstrap_interval(
+                    lambda r: cumulative_dynamic_auc(time[r], event[r], risk[r], horizon), n, draws, seed))}
+
+    scores = {f"cox_{k}": v for k, v in scored(cox_risk).items()}
+    scores |= {f"dfs_{k}": v for k, v in scored(probability).items()}
+    full, _ = _standardise(x, x)
+    refit = _cox(pd.DataFrame(full, columns=features.columns), time, event, penalizer)
+    return SurvivalCv(cox_risk, probability, fold_of, scores, refit.params_.rename("coef"))
+
+
+def risk_groups(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> tuple[np.ndarray, float]:
+    """High-risk membership (above the median out-of-fold risk) and the log-rank p-value between groups."""
+    _lifelines()
+    from lifelines.statistics import logrank_test
+
+    high = np.asarray(risk) > np.median(risk)
+    test = logrank_test(time[high], time[~high], event[high], event[~high])
+    return high, float(test.p_value)

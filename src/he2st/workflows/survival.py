@@ -1,0 +1,131 @@
+"""``he2st survival``: outcome models from a table of slide predictions.
+
+The table (CSV) has one row per slide: ``prediction`` (a prediction ``.h5ad``; relative paths are
+relative to the table), ``time`` (follow-up, any unit, > 0) and ``event`` (1 = recurrence/death, 0 =
+censored); an optional ``slide`` column names the rows. Features and models: :mod:`he2st.evaluate.survival`.
+Outputs, each written atomically into ``out``: ``results.json`` (scores, intervals, Cox coefficients,
+settings) and ``risk.csv`` (out-of-fold risks and groups per slide); the command adds ``km.png``
+(Kaplan-Meier curves of the risk groups, :mod:`he2st.report.survival_plot`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from he2st.errors import He2stError
+from he2st.evaluate.survival import SurvivalCv, cross_validate, risk_groups, signature_score, tls_density
+from he2st.evaluate.tls import TlsModel, tls_score
+from he2st.io import write_text_atomic
+from he2st.workflows.tls import read_model
+
+
+@dataclass
+class Cohort:
+    slides: list[str]
+    paths: list[Path]
+    time: np.ndarray
+    event: np.ndarray
+
+
+@dataclass
+class SurvivalResult:
+    cohort: Cohort
+    features: pd.DataFrame
+    cv: SurvivalCv
+    high_risk: np.ndarray
+    logrank_p: float
+    tls_threshold: float | None
+    paths: dict[str, Path]
+
+
+def read_cohort(table: Path) -> Cohort:
+    """The slide table, checked: columns, numbers, 0/1 events, files that exist."""
+    if not table.is_file():
+        raise He2stError("slide table not found", table)
+    try:
+        frame = pd.read_csv(table)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise He2stError(f"cannot read the slide table ({exc})", table) from exc
+    missing = {"prediction", "time", "event"} - set(frame.columns)
+    if missing:
+        raise He2stError(f"the slide table lacks column(s) {', '.join(sorted(missing))} "
+                         "(needs prediction, time, event)", table)
+    time = pd.to_numeric(frame["time"], errors="coerce").to_numpy(np.float64)
+    event = pd.to_numeric(frame["event"], errors="coerce").to_numpy(np.float64)
+    if not np.isfinite(time).all() or (time <= 0).any():
+        raise He2stError(f"row {int(np.argmax(~np.isfinite(time) | (time <= 0))) + 2}: time must be a positive "
+                         "number", table)
+    if not np.isin(event, (0, 1)).all():
+        raise He2stError(f"row {int(np.argmax(~np.isin(event, (0, 1)))) + 2}: event must be 0 or 1", table)
+    paths = [Path(p) if Path(p).is_absolute() else table.parent / p for p in frame["prediction"].astype(str)]
+    for row, path in enumerate(paths):
+        if not path.is_file():
+            raise He2stError(f"row {row + 2}: prediction file {path} not found", table)
+    slides = frame["slide"].astype(str).tolist() if "slide" in frame else [p.stem for p in paths]
+    return Cohort(slides, paths, time, event.astype(np.int64))
+
+
+def _dense(adata: ad.AnnData) -> np.ndarray:
+    return np.asarray(adata.X.toarray() if sp.issparse(adata.X) else adata.X, dtype=np.float64)
+
+
+def slide_features(paths: list[Path], signature: TlsModel | None = None, genes: list[str] | None = None,
+                   tls: TlsModel | None = None, tls_threshold: float | None = None) -> tuple[pd.DataFrame, float | None]:
+    """One row per slide: ``signature`` (mean spot score), ``tls_density`` (and ``tls_mean``), ``mean:<gene>``."""
+    rows, tls_scores = [], []
+    for path in paths:
+        adata = ad.read_h5ad(path)
+        values, names = _dense(adata), list(adata.var_names)
+        row = {}
+        try:
+            if signature is not None:
+                row["signature"] = float(signature_score(values, names, signature).mean())
+            for gene in genes or []:
+                if gene not in adata.var_names:
+                    raise He2stError(f"gene {gene} is not in the predictions")
+                row[f"mean:{gene}"] = float(values[:, names.index(gene)].mean())
+            if tls is not None:
+                scale = str(dict(adata.uns.get("he2st", {})).get("target_transform", "log1p_cp10k"))
+                tls_scores.append(tls_score(values, names, tls, scale).score)
+                row["tls_mean"] = float(tls_scores[-1].mean())
+        except He2stError as exc:
+            raise He2stError(exc.problem, path) from exc
+        rows.append(row)
+    features = pd.DataFrame(rows)
+    threshold = None
+    if tls is not None:
+        features["tls_density"], threshold = tls_density(tls_scores, tls_threshold)
+    return features, threshold
+
+
+def run_survival(table: Path, out: Path, horizon: float, signature: Path | None = None,
+                 genes: list[str] | None = None, tls: str | None = None, tls_threshold: float | None = None,
+                 folds: int = 5, penalizer: float = 0.1, draws: int = 500, seed: int = 0) -> SurvivalResult:
+    """Features, cross-validated models and their scores; writes results.json and risk.csv (the caller draws
+    km.png from the result: drawing lives a floor up)."""
+    cohort = read_cohort(table)
+    if not horizon > 0:
+        raise He2stError(f"--horizon must be a positive time, got {horizon}")
+    features, threshold = slide_features(cohort.paths, TlsModel.read(signature) if signature else None, genes,
+                                         read_model(tls) if tls else None, tls_threshold)
+    features.index = pd.Index(cohort.slides, name="slide")
+    cv = cross_validate(features, cohort.time, cohort.event, horizon, folds, penalizer, draws, seed)
+    high, p_value = risk_groups(cohort.time, cohort.event, cv.cox_risk)
+    out.mkdir(parents=True, exist_ok=True)
+    risk = features.assign(time=cohort.time, event=cohort.event, fold=cv.fold, cox_risk=cv.cox_risk,
+                           dfs_probability=cv.dfs_probability, risk_group=np.where(high, "high", "low"))
+    write_text_atomic(out / "risk.csv", risk.to_csv())
+    results = {"n_slides": len(cohort.slides), "n_events": int(cohort.event.sum()), "horizon": horizon,
+               "folds": folds, "penalizer": penalizer, "bootstrap_draws": draws, "seed": seed,
+               "features": list(features.columns), "tls_threshold": threshold, "logrank_p": p_value,
+               "cox_coefficients": {k: float(v) for k, v in cv.coefficients.items()}, **cv.scores}
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    return SurvivalResult(cohort, features, cv, high, p_value, threshold,
+                          {"results": out / "results.json", "risk": out / "risk.csv", "km": out / "km.png"})
