@@ -184,3 +184,19 @@ def test_write_results_valid_json_and_no_temp_files(rng, tmp_path):
     assert len(table) == 2 * (len(genes) * 2)
     assert "±" in paths["markdown"].read_text(encoding="utf-8")
     assert set(pd.read_csv(paths["summary"])["gene_set"]) >= {"all", "heg2", "heg2_testselected"}
+
+
+def test_mean_sample_pearson_scores_patterns_within_samples_not_level_shifts(rng):
+    """Inner selections score what the benchmark scores: a prediction that gets each section's level right
+    but each within-section pattern backwards correlates highly when pooled, and negatively per sample."""
+    from he2st.stats import mean_sample_pearson, pearson_per_gene
+
+    truth = rng.normal(size=(200, 5))
+    samples = np.repeat(["s1", "s2"], 100)
+    truth[samples == "s2"] += 10.0  # section s2 is higher in every gene
+    pred = -truth.copy()
+    pred[samples == "s1"] -= 10.0  # levels right way round (s2 above s1), patterns reversed
+    pred[samples == "s2"] += 30.0
+    assert np.nanmean(pearson_per_gene(pred, truth)) > 0.9
+    assert mean_sample_pearson(pred, truth, samples) == pytest.approx(-1.0)
+    assert mean_sample_pearson(truth, truth, samples) == pytest.approx(1.0)

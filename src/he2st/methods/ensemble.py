@@ -2,8 +2,9 @@
 
 Diverse members -- retrieval in raw feature space (``knn``), contrastive retrieval (``bleep``), a
 regularised regression (``ridge_cv``) and contrastive retrieval with cell-type transfer and
-query-time neighbour context (``carhe``; without cell-type proportions it learns expression programmes) -- are combined with non-negative weights chosen by cross-validation *over
-the training patients only*: each member is fitted with one training patient held out and predicts
+query-time neighbour context (``carhe``; without cell-type proportions it learns expression
+programmes) -- are combined with non-negative weights chosen by cross-validation *over the training
+patients only*: each member is fitted with one training patient held out and predicts
 that patient; the held-out predictions of all inner folds are stacked and a non-negative linear
 regression of the measured expression on them gives the weights (one set for all genes, or one per
 gene). The members are then refitted on all training spots. The outer test patients are never seen:
@@ -11,16 +12,20 @@ this is the inner loop of nested cross-validation, run inside ``fit``.
 
 Spatial context is chosen the same way: each member is tried with every ``context`` option (none,
 the mean of its 6 nearest spots, that plus the 3x field around it; each a refit) and, for retrieval
-members, every ``query_neighbours`` value (query-time averaging with the nearest spots; no refit),
-and keeps the variant with the best inner score, so whether context helps -- and how much -- is
-decided on the training patients of each dataset, not by hand on one. The neural members (``bleep``,
-``carhe``) pin their feature context to none by default, so their context is chosen at query time
-only and each of them is trained once per inner fold.
+members, every ``query_neighbours`` value (query-time averaging with the nearest spots; no refit), and
+keeps the variant with the best inner score. So whether context helps, and how much, is decided on the
+training patients of each dataset, not by hand on one. The neural members (``bleep``, ``carhe``) pin
+their feature context to none by default: their context is chosen at query time only, and each of them
+is trained once per inner fold.
+
+An inner score is the mean over held-out samples of each sample's mean per-gene Pearson, which is what
+the benchmark reports. A correlation pooled over several held-out sections would also reward getting
+their levels apart, which says nothing of the pattern within each.
 
 Inner folds hold out whole patients when the training spots come from at least two (the model card's
 ``training_samples`` says which sample belongs to whom), else whole samples; with a single sample
-the members are weighted equally. A member that cannot run (say, CarHE told to use cell-type proportions that are missing)
-is dropped with its reason, recorded with the weights and inner scores in ``TrainLog.selection``.
+the members are weighted equally. A member that cannot run (say, CarHE told to use cell-type proportions
+that are missing) is dropped with its reason, recorded with the weights and inner scores in ``TrainLog.selection``.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from he2st.methods.bank import ReferenceBank
 from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog
 from he2st.methods.neural import strip_prefix
 from he2st.methods.registry import create_method, method_class, register_method
-from he2st.stats import pearson_per_gene
+from he2st.stats import mean_sample_pearson
 
 CONTEXT_OPTIONS = ("context_neighbours", "context_field")
 
@@ -165,7 +170,8 @@ class Ensemble(Method):
                         member.config = member.config.model_copy(update=query)
                         pred = member.predict(spots.subset(test)).expression
                         oof[(label, i, q)][test] = pred
-                        inner[(label, i, q)].append(float(np.nanmean(pearson_per_gene(pred, spots.targets[test]))))
+                        inner[(label, i, q)].append(
+                            mean_sample_pearson(pred, spots.targets[test], spots.sample_ids[test]))
                 except He2stError as exc:
                     failed[(label, i)] = str(exc)
         # each member keeps the variant with the best mean inner score (the first without inner folds)
