@@ -15,24 +15,21 @@ import anndata as ad
 import h5py
 import numpy as np
 import pytest
-import torch
-from synthetic import write_st_section
+from synthetic import embedded_sections
 from typer.testing import CliRunner
 
-from he2st.data.embeddings import EmbedConfig, EmbeddingFile
+from he2st.data.embeddings import EmbeddingFile
 from he2st.data.genes import GeneConfig, GenePanel
 from he2st.data.patches import PatchCache, PatchSpec
 from he2st.data.spots import load_spots
 from he2st.data.workspace import Workspace
-from he2st.encoders import create
 from he2st.encoders.inference import load_encoder
 from he2st.errors import He2stError
 from he2st.methods import list_methods, load_method
 from he2st.workflows.benchmark import run_benchmark
-from he2st.workflows.config import BenchmarkConfig, PrepareConfig, TrainRunConfig
+from he2st.workflows.config import BenchmarkConfig, TrainRunConfig
 from he2st.workflows.embed import embed_cache, embed_workspace
 from he2st.workflows.holdout import evaluate_model
-from he2st.workflows.prepare import prepare
 from he2st.workflows.protocol import build_fold_data, run_fold
 from he2st.workflows.train import train_model
 
@@ -65,20 +62,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """``(work dir, embed config)`` of three prepared and embedded synthetic sections."""
-    root = tmp_path_factory.mktemp("small")
-    sources = []
-    for i, (sid, pid) in enumerate(PATIENTS.items()):
-        files = write_st_section(root / "raw" / sid, pitch_px=200, genes=GENE_NAMES, seed=i)  # 1 µm/px
-        sources.append({"reader": "st", "sample_id": sid, "patient_id": pid, "path": files["counts"],
-                        "spots_file": files["spots"], "image": files["image"]})
-    work = root / "work"
-    prepare(PrepareConfig(work_dir=work, data={"dataset": None, "samples": sources}))
-    torch.manual_seed(0)
-    weights = root / "test_vit.pth"
-    torch.save(create("test_vit", pretrained=False).backbone.state_dict(), weights)
-    embed = EmbedConfig(encoder="test_vit", weights=weights, num_workers=0)
-    embed_workspace(Workspace(work), sorted(PATIENTS), PatchSpec(), embed)
-    return work, embed
+    return embedded_sections(tmp_path_factory.mktemp("small"), PATIENTS, GENE_NAMES)
 
 
 def test_prepared_and_embedded_once_and_rerun_is_noop(small):
@@ -264,6 +248,10 @@ def test_model_predicted_at_a_samples_own_spots_with_plots_and_report(small, tmp
     s2 = Sample.load(ws.sample_path("S2"))
     with pytest.raises(He2stError, match="made at the spots of S1, not of sample S2"):
         plot_prediction(out, tmp_path / "figs2", sample=s2)
+    from in_process import run_cli
+
+    refused = run_cli("plot", out, "--sample", ws.sample_path("S2"), "--out", tmp_path / "figs2")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and refused.stderr.startswith("error:")
     del adata.uns["he2st"]["spots"]
     adata.write_h5ad(tmp_path / "hexgrid.h5ad")
     with pytest.raises(He2stError, match="sample S2 was measured on .*not the same slide"):
