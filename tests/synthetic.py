@@ -1,4 +1,5 @@
-"""Builders for small, realistic test inputs: tissue-like images, pyramidal TIFFs, Space Ranger and HEST folders."""
+"""Builders for small, realistic test inputs: tissue-like images, pyramidal TIFFs, Space Ranger and HEST folders,
+spot sets whose features carry the expression signal, and prepared + embedded work folders."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pandas as pd
 import scipy.sparse as sp
 import tifffile
 from PIL import Image
+
+from he2st.data.spots import SpotSet
 
 
 def tissue_image(height: int, width: int, seed: int = 0, blob: tuple[float, float, float] = (0.5, 0.5, 0.35)) -> np.ndarray:
@@ -140,3 +143,48 @@ def write_st_section(folder: Path, n_rows: int = 5, n_cols: int = 5, pitch_px: f
     side = int(pitch_px * (max(n_rows, n_cols) + 1))
     Image.fromarray(tissue_image(side, side, seed=seed, blob=(0.5, 0.5, 0.45))).save(folder / "he.jpg")
     return {"counts": folder / "cnts.tsv.gz", "spots": folder / "sel.tsv", "image": folder / "he.jpg"}
+
+
+def linear_spots(n: int = 240, d: int = 16, g: int = 12, seed: int = 0, n_samples: int = 3) -> SpotSet:
+    """Image features that carry the expression signal through a random linear map plus noise, so every
+    method has something to learn; ``n`` spots split evenly over ``n_samples`` samples ``s1, s2, ...``."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n, 3))
+    features = latent @ rng.normal(size=(3, d)) + 0.3 * rng.normal(size=(n, d))
+    targets = np.log1p(np.exp(latent @ rng.normal(size=(3, g)) * 0.7 + 1.0))
+    return SpotSet(
+        sample_ids=np.repeat(np.array([f"s{i + 1}" for i in range(n_samples)], dtype=object), n // n_samples),
+        barcodes=np.arange(n).astype(str).astype(object), features=features.astype(np.float32),
+        coords_um=rng.uniform(0, 2000, size=(n, 2)), genes=[f"G{i}" for i in range(g)],
+        targets=targets.astype(np.float32),
+    )
+
+
+def embedded_sections(root: Path, patients: dict[str, str], genes: list[str]):
+    """``(work dir, embed config)``: one synthetic ST section per ``{sample: patient}`` (25 spots each),
+    prepared and embedded with a seeded ``test_vit`` whose weights are saved under ``root``, so that a
+    training run with ``embed.weights`` set finds the cache already made."""
+    # imported here: torch and the workflows take seconds that tests which only write files should not pay
+    import torch
+
+    from he2st.data.embeddings import EmbedConfig
+    from he2st.data.patches import PatchSpec
+    from he2st.data.workspace import Workspace
+    from he2st.encoders import create
+    from he2st.workflows.config import PrepareConfig
+    from he2st.workflows.embed import embed_workspace
+    from he2st.workflows.prepare import prepare
+
+    sources = []
+    for i, (sid, pid) in enumerate(patients.items()):
+        files = write_st_section(root / "raw" / sid, pitch_px=200, genes=genes, seed=i)  # 1 µm/px
+        sources.append({"reader": "st", "sample_id": sid, "patient_id": pid, "path": files["counts"],
+                        "spots_file": files["spots"], "image": files["image"]})
+    work = root / "work"
+    prepare(PrepareConfig(work_dir=work, data={"dataset": None, "samples": sources}))
+    torch.manual_seed(0)
+    weights = root / "test_vit.pth"
+    torch.save(create("test_vit", pretrained=False).backbone.state_dict(), weights)
+    embed = EmbedConfig(encoder="test_vit", weights=weights, num_workers=0)
+    embed_workspace(Workspace(work), sorted(patients), PatchSpec(), embed)
+    return work, embed

@@ -12,21 +12,16 @@ idle machine, 20-30 s on a busy one), hence the ``slow`` marks.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from in_process import run_cli
-from synthetic import write_st_section
+from synthetic import embedded_sections, linear_spots
 
-from he2st.data.embeddings import EmbedConfig
-from he2st.data.patches import PatchSpec
-from he2st.data.spots import SpotSet
-from he2st.data.workspace import Workspace
-from he2st.encoders import create
 from he2st.methods import create_method, distributed, load_method
-from he2st.workflows.config import PrepareConfig, TrainRunConfig
-from he2st.workflows.embed import embed_workspace
-from he2st.workflows.prepare import prepare
+from he2st.workflows.config import TrainRunConfig
 
 TRAIN = {"epochs": 5, "batch_size": 45, "patience": 5}
 CASES = {
@@ -38,23 +33,9 @@ CASES = {
 RTOL = 1e-4
 
 
-def spots(n: int = 200, d: int = 16, g: int = 12, seed: int = 0) -> SpotSet:
-    """Image features that carry the expression signal through a random linear map plus noise."""
-    rng = np.random.default_rng(seed)
-    latent = rng.normal(size=(n, 3))
-    features = latent @ rng.normal(size=(3, d)) + 0.3 * rng.normal(size=(n, d))
-    targets = np.log1p(np.exp(latent @ rng.normal(size=(3, g)) * 0.7 + 1.0))
-    return SpotSet(
-        sample_ids=np.repeat(np.array(["s1", "s2"], dtype=object), n // 2),
-        barcodes=np.arange(n).astype(str).astype(object), features=features.astype(np.float32),
-        coords_um=rng.uniform(0, 2000, size=(n, 2)), genes=[f"G{i}" for i in range(g)],
-        targets=targets.astype(np.float32),
-    )
-
-
 def curves(cases: dict[str, dict]) -> dict[str, dict[str, list[float]]]:
     """Each method's training and validation curves (160 training spots, 40 validation spots)."""
-    data = spots()
+    data = linear_spots(n=200, n_samples=2)
     train, val = data.subset(np.arange(160)), data.subset(np.arange(160, 200))
     return {name: create_method(name, **options).fit(train, val).curves for name, options in cases.items()}
 
@@ -71,23 +52,34 @@ def test_two_processes_take_the_one_process_steps(one_torch_thread):
     assert one["bleep"]["train_loss"][-1] < one["bleep"]["train_loss"][0]  # it trains
 
 
+CARHE = {"dropout": 0.0, "histology_transfer": False, "projection_dim": 16, "mlp_hidden": [16], "top_k": 5,
+         "train": {"epochs": 3, "batch_size": 45, "patience": 3}}
+
+
+def carhe_curves(options: dict) -> dict[str, list[float]]:
+    """CarHE's curves on spots of which only every 15th has usable cell-type proportions, so some batch shares
+    hold none: every process must still take the same all-gathers, and the proportion head's loss stays the
+    mean over the whole batch's usable rows."""
+    data = linear_spots(n=200, n_samples=2)
+    props = np.random.default_rng(0).dirichlet(np.ones(4), 200).astype(np.float32)
+    props[np.arange(200) % 15 != 0] = np.nan
+    data = replace(data, extras={"celltype_major": props})
+    train, val = data.subset(np.arange(160)), data.subset(np.arange(160, 200))
+    return create_method("carhe", **options).fit(train, val).curves
+
+
+@pytest.mark.slow
+def test_carhe_with_few_usable_proportions_takes_the_one_process_steps(one_torch_thread):
+    one, two = carhe_curves(CARHE), distributed.launch(carhe_curves, 2, CARHE)
+    np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=RTOL)
+    np.testing.assert_allclose(two["val_pearson"], one["val_pearson"], rtol=RTOL, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """A work folder of three prepared and embedded synthetic ST sections (25 spots each, 3 patients)."""
-    root = tmp_path_factory.mktemp("small")
-    sources = []
-    for i, sid in enumerate(("S1", "S2", "S3")):
-        files = write_st_section(root / "raw" / sid, pitch_px=200, genes=[f"G{g}" for g in range(40)], seed=i)
-        sources.append({"reader": "st", "sample_id": sid, "patient_id": f"P{i}", "path": files["counts"],
-                        "spots_file": files["spots"], "image": files["image"]})
-    work = root / "work"
-    prepare(PrepareConfig(work_dir=work, data={"dataset": None, "samples": sources}))
-    torch.manual_seed(0)
-    weights = root / "test_vit.pth"
-    torch.save(create("test_vit", pretrained=False).backbone.state_dict(), weights)
-    embed = EmbedConfig(encoder="test_vit", weights=weights, num_workers=0)
-    embed_workspace(Workspace(work), ["S1", "S2", "S3"], PatchSpec(), embed)
-    return work, embed
+    return embedded_sections(tmp_path_factory.mktemp("small"), {"S1": "P0", "S2": "P1", "S3": "P2"},
+                             [f"G{g}" for g in range(40)])
 
 
 def train_args(work, embed, out, *extra: str) -> list[str]:

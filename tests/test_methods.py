@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from synthetic import linear_spots
 
 from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
@@ -20,22 +21,8 @@ OPTIONS = {"bleep": FAST | {"ensemble": 2}, "bleep_faithful": FAST, "mlp": FAST,
            "ridge_cv": {"pca_components": 8, "alphas": [1.0, 100.0]}, "knn": {"top_k": 5}}
 
 
-def synthetic_spots(n: int = 240, d: int = 16, g: int = 12, seed: int = 0) -> SpotSet:
-    """Image features that carry the expression signal through a random linear map plus noise."""
-    rng = np.random.default_rng(seed)
-    latent = rng.normal(size=(n, 3))
-    features = latent @ rng.normal(size=(3, d)) + 0.3 * rng.normal(size=(n, d))
-    targets = np.log1p(np.exp(latent @ rng.normal(size=(3, g)) * 0.7 + 1.0))
-    return SpotSet(
-        sample_ids=np.repeat(np.array(["s1", "s2", "s3"], dtype=object), n // 3),
-        barcodes=np.arange(n).astype(str).astype(object), features=features.astype(np.float32),
-        coords_um=rng.uniform(0, 2000, size=(n, 2)), genes=[f"G{i}" for i in range(g)],
-        targets=targets.astype(np.float32),
-    )
-
-
 def fitted(name: str) -> tuple:
-    spots = synthetic_spots()
+    spots = linear_spots()
     train, val, test = spots.subset(np.arange(0, 160)), spots.subset(np.arange(160, 200)), spots.subset(np.arange(200, 240))
     method = create_method(name, **OPTIONS[name])
     method.panel = GenePanel(genes=spots.genes)
@@ -75,7 +62,7 @@ def test_tampered_checkpoint_with_pickled_object_is_refused(tmp_path):
 
 def test_ridge_probe_also_predicts_cell_type_proportions_when_trained_on_them(tmp_path):
     """The linear baseline for CarHE's cell-type head: proportions from the same PCA features."""
-    spots = synthetic_spots()
+    spots = linear_spots()
     rng = np.random.default_rng(1)
     logits = spots.features[:, :4] @ rng.normal(size=(4, 5))
     props = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
@@ -129,7 +116,7 @@ def test_bleep_retrieval_is_the_average_of_the_k_nearest_reference_profiles():
 
 
 def test_end_to_end_finetuning_path_with_tiny_encoder():
-    spots = synthetic_spots(n=48)
+    spots = linear_spots(n=48)
     rng = np.random.default_rng(0)
     spots.patches = rng.integers(0, 255, size=(48, 32, 32, 3), dtype=np.uint8)
     method = create_method("bleep", finetune_encoder=True, encoder="test_vit", encoder_pretrained=False, ensemble=1,
@@ -150,7 +137,7 @@ def test_same_seed_same_predictions():
 
 def test_retrieval_can_return_more_genes_than_the_panel():
     method, test = fitted("bleep")
-    train = synthetic_spots().subset(np.arange(0, 200))
+    train = linear_spots().subset(np.arange(0, 200))
     rng = np.random.default_rng(1)
     full = np.hstack([train.targets, rng.random((200, 30000), dtype=np.float32)])
     genes = train.genes + [f"EXTRA{i}" for i in range(30000)]
@@ -162,7 +149,7 @@ def test_retrieval_can_return_more_genes_than_the_panel():
 
 
 def two_patient_spots(n: int = 240) -> tuple[SpotSet, SpotSet, dict[str, str]]:
-    spots = synthetic_spots(n)
+    spots = linear_spots(n)
     return spots.subset(np.arange(0, 200)), spots.subset(np.arange(200, n)), {"s1": "P1", "s2": "P2", "s3": "P3"}
 
 
@@ -192,8 +179,8 @@ def test_ensemble_weights_come_from_inner_folds_over_training_patients_and_round
 def test_validation_follows_the_prediction_pearson():
     """Neural methods stop early on the mean per-gene Pearson of their own predictions for validation spots."""
     method = create_method("mlp", **OPTIONS["mlp"], epochs_by="validation")
-    method.panel = GenePanel(genes=synthetic_spots().genes)
-    spots = synthetic_spots()
+    method.panel = GenePanel(genes=linear_spots().genes)
+    spots = linear_spots()
     log = method.fit(spots.subset(np.arange(0, 160)), spots.subset(np.arange(160, 200)))
     curve = log.curves["val_pearson"]
     assert log.best_epoch == int(np.argmax(curve)) and max(curve) > 0.3
@@ -202,7 +189,7 @@ def test_validation_follows_the_prediction_pearson():
 def test_mlp_chooses_its_epochs_on_held_out_training_patients():
     """The MLP's epoch count comes from the mean validation curve of inner folds that each hold out
     training patients; the final fit then uses all training spots for that many epochs."""
-    spots = synthetic_spots()
+    spots = linear_spots()
     method = create_method("mlp", **OPTIONS["mlp"])
     method.panel = GenePanel(genes=spots.genes)
     method.card = method.card.model_copy(update={"training_samples": {"s1": "P1", "s2": "P2", "s3": "P2"}})
@@ -221,7 +208,7 @@ def with_field(spots: SpotSet, seed: int = 1) -> SpotSet:
 def test_neighbour_context_is_the_mean_of_the_nearest_spots_of_the_same_sample():
     from he2st.methods.context import neighbour_mean
 
-    spots = synthetic_spots(60)
+    spots = linear_spots(60)
     mean = neighbour_mean(spots.features, spots.coords_um, spots.sample_ids, 3)
     for i in (0, 25, 59):
         same = np.flatnonzero(spots.sample_ids == spots.sample_ids[i])
@@ -233,7 +220,7 @@ def test_neighbour_context_is_the_mean_of_the_nearest_spots_of_the_same_sample()
 @pytest.mark.parametrize("name", ["knn", "ridge_cv", "mlp"])
 def test_every_method_reads_spatial_context_as_features(name, tmp_path):
     """Context options widen any method's input ([spot | neighbour mean | field]) and travel with its checkpoint."""
-    spots = with_field(synthetic_spots())
+    spots = with_field(linear_spots())
     train, test = spots.subset(np.arange(0, 200)), spots.subset(np.arange(200, 240))
     method = create_method(name, **OPTIONS[name], context_neighbours=4, context_field=True)
     method.panel = GenePanel(genes=spots.genes)
@@ -275,7 +262,7 @@ def test_ensemble_fits_weights_once_enough_patients_are_held_out():
     """With three or more inner folds, 'auto' fits non-negative stacking weights on the held-out
     predictions, on a common scale per member: the weaker member (1-nearest-neighbour retrieval)
     gets less say than the regression."""
-    spots = replace(synthetic_spots(300), sample_ids=np.repeat(np.array(["s1", "s2", "s3", "s4", "s5"], dtype=object), 60))
+    spots = replace(linear_spots(300), sample_ids=np.repeat(np.array(["s1", "s2", "s3", "s4", "s5"], dtype=object), 60))
     members = {"ridge": {"method": "ridge_cv", "pca_components": 8}, "knn1": {"method": "knn", "top_k": 1}}
     method = create_method("ensemble", members=members, context=[{}])
     method.panel = GenePanel(genes=spots.genes)

@@ -11,22 +11,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
-from synthetic import write_st_section
+from synthetic import embedded_sections
 
-from he2st.data.embeddings import EmbedConfig
 from he2st.data.genes import GenePanel
-from he2st.data.patches import PatchSpec
 from he2st.data.spots import SpotSet
 from he2st.data.workspace import Workspace
-from he2st.encoders import create
 from he2st.evaluate.tls import TlsModel
 from he2st.evaluate.tls_benchmark import PROBE, build_tls_fold, method_tls_scores
 from he2st.methods import create_method
 from he2st.workflows.benchmark import run_benchmark, tls_report
-from he2st.workflows.config import BenchmarkConfig, PrepareConfig
-from he2st.workflows.embed import embed_workspace
-from he2st.workflows.prepare import prepare
+from he2st.workflows.config import BenchmarkConfig
 
 GENES = [f"G{i}" for i in range(30)]
 MODEL = TlsModel(pd.Series([1.0, 0.8, 0.5, -0.3], index=["G0", "G1", "G2", "G3"]), intercept=0.1)
@@ -83,20 +77,10 @@ def test_a_test_sample_identical_to_a_training_one_is_retrieved_exactly_and_the_
 def work(tmp_path_factory):
     """Three prepared and embedded synthetic sections of three patients, and a TLS signature on their genes."""
     root = tmp_path_factory.mktemp("tls_bench")
-    sources = []
-    for i, sid in enumerate(("S1", "S2", "S3")):
-        files = write_st_section(root / "raw" / sid, pitch_px=200, genes=GENES, seed=i)
-        sources.append({"reader": "st", "sample_id": sid, "patient_id": f"P{i}", "path": files["counts"],
-                        "spots_file": files["spots"], "image": files["image"]})
-    prepare(PrepareConfig(work_dir=root / "work", data={"dataset": None, "samples": sources}))
-    torch.manual_seed(0)
-    weights = root / "vit.pth"
-    torch.save(create("test_vit", pretrained=False).backbone.state_dict(), weights)
-    embed = EmbedConfig(encoder="test_vit", weights=weights, num_workers=0)
-    embed_workspace(Workspace(root / "work"), ["S1", "S2", "S3"], PatchSpec(), embed)
+    work, embed = embedded_sections(root, {"S1": "P0", "S2": "P1", "S3": "P2"}, GENES)
     signature = root / "signature.tsv"
     signature.write_text("gene\tweight\nG0\t1.0\nG1\t0.5\nG7\t-0.2\nNOTMEASURED\t2.0\nintercept\t0.1\n")
-    return root / "work", embed, signature
+    return work, embed, signature
 
 
 def test_benchmark_writes_a_tls_table_for_retrieval_methods_and_the_probe(work):

@@ -6,7 +6,6 @@ Kept out of ``cli.py`` like :mod:`he2st.cli_predict`; ``register(app)`` adds the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -38,6 +37,7 @@ def stack(
 ) -> None:
     """3D expression from serial H&E sections: register consecutive sections (rigid, then affine), predict
     each on one common grid, write <out>/stack.h5ad (x, y, z in µm) with stack.png and stack.html."""
+    from he2st.io import write_json_atomic
     from he2st.methods import load_method
     from he2st.report.stack_view import draw_stack_png, stack_genes, write_stack_html
     from he2st.workflows.stack import build_stack, evaluate_stack
@@ -63,9 +63,7 @@ def stack(
             typer.echo(f"{pair}: measured agreement at corresponding spots, registered r {s['registered']['profile_r']:.3f}"
                        f" ({s['registered']['n_pairs']} pairs) vs unregistered {s['unregistered']['profile_r']:.3f}"
                        f" ({s['unregistered']['n_pairs']} pairs)")
-        from he2st.io import write_text_atomic
-
-        write_text_atomic(out / "stack_evaluation.json", json.dumps(scores, indent=2))
+        write_json_atomic(out / "stack_evaluation.json", scores)
     typer.echo(f"written: {result.path}, {png}, {html}")
 
 

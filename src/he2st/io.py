@@ -1,14 +1,19 @@
-"""Small file helpers: atomic writes (no half-written outputs) and checksums."""
+"""Small file helpers: atomic writes (no half-written outputs), JSON any reader accepts, and checksums."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from he2st.errors import He2stError
 
@@ -47,6 +52,33 @@ def write_text_atomic(target: str | Path, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def jsonable(value: Any, where: str = "results") -> Any:
+    """Plain JSON types, with NaN/inf as null: Python's default ``NaN`` token is not JSON, and strict readers
+    (browsers, jq, other languages) refuse the whole file over one undefined score."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, np.bool_):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist(), where)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise He2stError(f"{where} has a value of type {type(value).__name__} that cannot be written as JSON")
+
+
+def write_json_atomic(target: str | Path, value: Any) -> None:
+    """Write ``value`` as indented, valid JSON (:func:`jsonable`) atomically."""
+    write_text_atomic(target, json.dumps(jsonable(value, Path(target).name), indent=2, allow_nan=False) + "\n")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -6,45 +6,20 @@ leaves either the old file or the complete new one.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
-from he2st.errors import He2stError
 from he2st.evaluate.scoring import FoldResult, summarise, summarise_extra
 from he2st.evaluate.tables import markdown_report
-from he2st.io import write_text_atomic
+from he2st.io import jsonable, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from he2st.evaluate.tls_benchmark import TlsReport
 
 __all__ = ["write_results"]
-
-
-def _jsonable(value: Any, where: str = "results") -> Any:
-    """Plain JSON types, with NaN/inf as null so the file is valid JSON for any reader."""
-    if value is None or isinstance(value, (str, bool)):
-        return value
-    if isinstance(value, (int, np.integer)) and not isinstance(value, np.bool_):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist(), where)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise He2stError(f"{where} has a value of type {type(value).__name__} that cannot be written as JSON")
 
 
 def _fold_record(r: FoldResult) -> dict[str, Any]:
@@ -78,7 +53,7 @@ def write_results(
     summary = summarise(results)
     pooled = summarise(results, level="pooled")
     extra = summarise_extra(results)
-    document = _jsonable(
+    document = jsonable(
         {
             "provenance": provenance,
             "aggregation": (
@@ -104,7 +79,7 @@ def write_results(
         "per_gene": out / "per_gene.csv",
         "markdown": out / "results.md",
     }
-    write_text_atomic(paths["json"], json.dumps(document, indent=2, allow_nan=False) + "\n")
+    write_json_atomic(paths["json"], document)
     write_text_atomic(paths["summary"], summary.to_csv(index=False))
     write_text_atomic(paths["per_gene"], per_gene.to_csv(index=False))
     tls_section = None if tls is None else (

@@ -49,6 +49,7 @@ from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import Prediction, TrainLog
 from he2st.methods.deconvolution import tangram_proportions
+from he2st.methods.distributed import gather
 from he2st.methods.features import clean_proportions
 from he2st.methods.losses import AlignmentLoss, multi_positive_nce
 from he2st.methods.masking import feature_augment
@@ -294,7 +295,11 @@ class CarHE(RetrievalMethod):
         self, img: torch.Tensor, spot: torch.Tensor, props: torch.Tensor, ok: torch.Tensor
     ) -> torch.Tensor:
         cfg = self.config
-        if int(ok.sum()) < 2:
+        # the whole batch's usable rows (gathered under several processes): the alignments below gather across
+        # processes, so a process that skipped them alone would leave the others waiting
+        every = gather(ok.to(torch.int64))
+        n_ok = int(every.sum())
+        if n_ok < 2:
             return img.sum() * 0.0
         img, spot, props = img[ok], spot[ok], props[ok]
         prop_emb = self.net.proportion_tower(props)
@@ -306,7 +311,9 @@ class CarHE(RetrievalMethod):
         neg_entropy = torch.where(
             props > 0, props * torch.log(props.clamp(min=1e-12)), torch.zeros_like(props)
         ).sum(-1)
-        kl = (neg_entropy - (props * log_q).sum(-1)).mean()
+        # the mean over the whole batch's usable rows, of which this process holds some (or none); the caller
+        # weighs a process's loss by its share of the batch, len(ok) / len(every)
+        kl = (neg_entropy - (props * log_q).sum(-1)).sum() * (len(every) / (n_ok * len(ok)))
         return cfg.celltype_weight * align + cfg.proportion_head_weight * kl
 
     # ------------------------------------------------------------------ training

@@ -142,6 +142,7 @@ def agree(value: float) -> float:
 
 
 def barrier() -> None:
+    """Wait until every rank gets here (e.g. until rank 0 has saved a file the others read); one process: nothing."""
     if world_size() > 1:
         dist.barrier()
 
@@ -170,6 +171,7 @@ def setup(rank_: int, world: int, init_method: str = "env://") -> None:
 
 
 def teardown() -> None:
+    """Leave the process group, so a later group in the same process (the next test, a second run) can form."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -7,6 +7,7 @@ with an orthographic projection, depth-sorted; drag rotates, the wheel zooms, a 
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -99,6 +100,8 @@ def write_stack_html(adata: ad.AnnData, path: str | Path, genes: list[str], titl
             "i": adata.obs["interpolated"].to_numpy(bool)[rows].astype(int).tolist(), "genes": genes, "v": values,
             "r": extent, "ez": exaggerate}
     path = Path(path)
-    write_text_atomic(path, _PAGE.format(title=title, data=json.dumps(data, separators=(",", ":"))))
+    # "</" escaped (still valid JSON): a gene named like "</script>" must not end the page's script early
+    script = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    write_text_atomic(path, _PAGE.format(title=html.escape(title), data=script))
     return path
 

@@ -10,7 +10,6 @@ settings) and ``risk.csv`` (out-of-fold risks and groups per slide); the command
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import scipy.sparse as sp
 from he2st.errors import He2stError
 from he2st.evaluate.survival import SurvivalCv, cross_validate, risk_groups, signature_score, tls_density
 from he2st.evaluate.tls import TlsModel, tls_score
-from he2st.io import write_text_atomic
+from he2st.io import write_json_atomic, write_text_atomic
 from he2st.workflows.tls import read_model
 
 
@@ -126,6 +125,6 @@ def run_survival(table: Path, out: Path, horizon: float, signature: Path | None 
                "folds": folds, "penalizer": penalizer, "bootstrap_draws": draws, "seed": seed,
                "features": list(features.columns), "tls_threshold": threshold, "logrank_p": p_value,
                "cox_coefficients": {k: float(v) for k, v in cv.coefficients.items()}, **cv.scores}
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    write_json_atomic(out / "results.json", results)
     return SurvivalResult(cohort, features, cv, high, p_value, threshold,
                           {"results": out / "results.json", "risk": out / "risk.csv", "km": out / "km.png"})
