@@ -262,11 +262,12 @@ def test_methods_reading_the_context_field_get_it_cut_and_embedded_around_each_s
 
 
 def test_retrieval_methods_with_query_context_get_a_halo():
-    """CarHE's query-time neighbour context (and BLEEP's when switched on) reads the nearest spots,
-    so chunked prediction must extend chunks by them, as it does for NH2ST."""
+    """Query-time neighbour context (CarHE's and BLEEP's; off in BLEEP as published) reads the nearest
+    spots, so chunked prediction must extend chunks by them, as it does for NH2ST."""
     assert create_method("carhe").context_k == 6
     assert create_method("carhe", query_neighbours=0).context_k == 0
-    assert create_method("bleep").context_k == 0
+    assert create_method("bleep").context_k == 6
+    assert create_method("bleep_faithful").context_k == 0
     assert create_method("bleep", query_neighbours=3).context_k == 3
     assert create_method("nh2st").context_k == 8
     assert create_method("nh2st", neighbours=False).context_k == 8  # the head still reads the neighbours
