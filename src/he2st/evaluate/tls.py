@@ -26,6 +26,12 @@ HER2ST_MODEL = Path("res") / "TLS-pred" / "coef-full.tsv.gz"  # inside the her2s
 HER2ST_SIGNATURE = Path("res") / "TLS-pred" / "tls-signature.tsv.gz"  # its 172-gene signature, same folder
 
 
+def gene_symbols(names) -> pd.Index:
+    """Gene names as TLS models key them: upper case, spaces removed (files and AnnData spell symbols
+    differently, and every comparison with a model's genes goes through this one spelling)."""
+    return pd.Index([str(g).upper().replace(" ", "") for g in names])
+
+
 @dataclass(frozen=True)
 class TlsModel:
     """Gene weights (upper-case symbols) and an intercept."""
@@ -51,7 +57,7 @@ class TlsModel:
         if table.shape[1] < 1 or not pd.api.types.is_numeric_dtype(table.iloc[:, 0]):
             raise He2stError("a TLS model needs a numeric weight column after the gene column", path)
         weights = table.iloc[:, 0].astype(float)
-        weights.index = weights.index.astype(str).str.upper().str.replace(" ", "")
+        weights.index = gene_symbols(weights.index)
         intercept = float(weights.pop("INTERCEPT")) if "INTERCEPT" in weights.index else 0.0
         weights = weights[weights != 0]
         if weights.index.has_duplicates:
@@ -85,7 +91,7 @@ def relative_abundance(values: np.ndarray | sp.spmatrix, scale: str) -> np.ndarr
 def tls_score(values: np.ndarray | sp.spmatrix, genes: list[str], model: TlsModel, scale: str) -> TlsScore:
     """The section's per-spot TLS score (see the module docstring)."""
     abundance = relative_abundance(values, scale)
-    names = pd.Index([g.upper().replace(" ", "") for g in genes])
+    names = gene_symbols(genes)
     unique = ~names.duplicated(keep=False)
     present = model.weights.index.intersection(names[unique])
     if len(present) == 0:

@@ -33,7 +33,7 @@ from he2st.data.genes import transform_counts
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.evaluate.tables import extra_markdown
-from he2st.evaluate.tls import TlsModel, tls_agreement, tls_score
+from he2st.evaluate.tls import TlsModel, gene_symbols, tls_agreement, tls_score
 from he2st.methods import Method
 from he2st.methods.bank import ReferenceBank
 from he2st.methods.retrieval import RetrievalMethod
@@ -61,7 +61,7 @@ class TlsFold:
 
 def _upper_columns(adata, genes: Sequence[str]) -> np.ndarray:
     """Column of each of ``genes`` (upper-case names) in ``adata``, matched case-insensitively."""
-    names = pd.Index([str(g).upper().replace(" ", "") for g in adata.var_names])
+    names = gene_symbols(adata.var_names)
     return pd.Series(np.arange(len(names)), index=names)[list(genes)].to_numpy()
 
 
@@ -69,7 +69,7 @@ def _fold_genes(model: TlsModel, adatas: Sequence) -> list[str]:
     """The model's genes (upper case) measured exactly once in every one of ``adatas``."""
     genes = model.weights.index
     for adata in adatas:
-        names = pd.Index([str(g).upper().replace(" ", "") for g in adata.var_names])
+        names = gene_symbols(adata.var_names)
         genes = genes.intersection(names[~names.duplicated(keep=False)])
     if len(genes) == 0:
         raise He2stError("no gene of the TLS model is measured in every sample of the fold")
