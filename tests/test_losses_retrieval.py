@@ -353,16 +353,16 @@ def test_negative_bank_cost_does_not_grow_with_the_number_of_spots() -> None:
         idx = torch.arange(32)
         captured = {}
 
-        def spy(a, b, a_all, b_all, targets, temperature, captured=captured):
-            captured["columns"] = a_all.shape[0]
-            return reference_contrastive_loss(a, b, a_all, b_all, targets, temperature)
-
         import he2st.methods.losses as losses
 
-        original, losses.reference_contrastive_loss = losses.reference_contrastive_loss, spy
+        def spy(a, b, a_all, b_all, targets, temperature, captured=captured, real=losses.unit_reference_loss):
+            captured["columns"] = a_all.shape[0]
+            return real(a, b, a_all, b_all, targets, temperature)
+
+        original, losses.unit_reference_loss = losses.unit_reference_loss, spy
         try:
             bank.loss(idx, torch.randn(32, 8), torch.randn(32, 8), 0.1)
         finally:
-            losses.reference_contrastive_loss = original
+            losses.unit_reference_loss = original
         seen.append(captured["columns"])
     assert seen == [32 + 128, 32 + 128]

@@ -14,6 +14,7 @@ from he2st.errors import He2stError
 from he2st.methods import list_methods, load_method, method_class
 from he2st.methods.carhe import CarHE
 from he2st.methods.cmrc import CMRCNet
+from he2st.methods.features import FeatureScaler
 from he2st.methods.losses import multi_positive_nce
 from he2st.methods.masking import apply_mask, feature_chunks, random_mask
 from he2st.methods.neighbourhood import (
@@ -270,12 +271,29 @@ def test_multi_positive_nce_prefers_the_positives():
     assert good < bad
 
 
+def test_feature_scaler_projects_on_principal_axes_and_round_trips():
+    """With components, the z-scores land on the training spots' top principal axes: uncorrelated,
+    ordered by variance, unit mean variance; the state restores the same map."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3)) @ rng.normal(size=(3, 20)) + 0.1 * rng.normal(size=(400, 20)) + 5.0
+    scaler = FeatureScaler().fit(x, components=3)
+    z = scaler(x)
+    assert z.shape == (400, 3) and scaler.dim == 3
+    cov = np.cov(z.T)
+    np.testing.assert_allclose(np.diag(cov).mean(), 1.0, rtol=0.01)
+    assert np.all(np.diff(np.diag(cov)) < 0) and np.abs(cov - np.diag(np.diag(cov))).max() < 1e-3
+    back = FeatureScaler.from_state(scaler.state("s"), "s")
+    np.testing.assert_array_equal(back(x), z)
+    assert FeatureScaler().fit(x, components=50).dim == 20  # more components than features: z-scores only
+
+
 # ============================================================================ methods
 CASES = [
     ("cmrcnet", False, {}),
     ("cmrcnet", True, {"mask_mode": "token"}),
     ("nh2st", False, {}),
     ("nh2st", False, {"neighbour_layer": "attention", "neighbour_heads": 4}),
+    ("nh2st", False, {"input_components": 6, "neighbour_fusion": "nodes"}),
     ("carhe", False, {}),
 ]
 

@@ -75,6 +75,7 @@ class TrainLog:
     curves: dict[str, list[float]] = field(default_factory=dict)
     best_epoch: int | None = None
     seconds: float = 0.0
+    epoch_seconds: list[float] = field(default_factory=list)  # each epoch's training pass (not validation)
     selection: dict[str, Any] = field(default_factory=dict)  # what a method chose on training data (ensemble)
 
     def add(self, **values: float) -> None:

@@ -159,8 +159,9 @@ class MLPConfig(MethodConfig):
         "epoch is not one of the first few and the inner-CV choice of the epoch count has a fine grid")
     pca_components: int | None = Field(
         256, gt=0, description="first project the standardised features on their top principal components "
-        "(fitted on training spots, variances kept relative, as the ridge probe does): with a few thousand spots, "
-        "the 1,000+ z-scored dimensions of a frozen encoder are mostly noise at equal weight; None: no projection")
+        "(exact axes of the training spots, variances kept relative, as the ridge probe does): with a few thousand "
+        "spots, the 1,000+ z-scored dimensions of a frozen encoder are mostly noise at equal weight; None: no "
+        "projection")
     inner_folds: int = Field(3, ge=2, le=10, description="most inner folds for epochs_by='inner_cv'")
     epochs_by: Literal["inner_cv", "validation"] = Field(
         "inner_cv", description="how many epochs to train: chosen by cross-validation over the training patients "
@@ -177,18 +178,12 @@ class MLPRegressor(NeuralMethod):
     Config = MLPConfig
     scales_targets = True
 
-    def sizes(self, train: SpotSet) -> dict[str, int]:
-        dims = super().sizes(train)
-        if self.config.pca_components:
-            dims["pca_dim"] = min(self.config.pca_components, len(train), dims["image_dim"])
-        return dims
+    def input_components(self) -> int | None:
+        return self.config.pca_components
 
     def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
         layers: list[nn.Module] = []
-        d_in = dims["image_dim"]
-        if "pca_dim" in dims:  # frozen projection, set from training spots by _fit_projection
-            layers.append(nn.Linear(d_in, dims["pca_dim"]).requires_grad_(False))
-            d_in = dims["pca_dim"]
+        d_in = dims.get("input_dim", dims["image_dim"])
         for h in self.config.hidden:
             layers += [nn.Linear(d_in, h), nn.GELU(), nn.Dropout(self.config.dropout)]
             d_in = h
@@ -196,8 +191,6 @@ class MLPRegressor(NeuralMethod):
 
     def train_modules(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         spots = train if val is None else SpotSet.concat([train, val])
-        if "pca_dim" in self.dims:
-            self.projection = self._fit_projection(train)
         groups = self.training_groups(spots)
         if self.config.epochs_by == "validation" or len(set(groups)) < 2:
             return self._regress(train, self.validation(train, val), self.config.train)
@@ -217,21 +210,9 @@ class MLPRegressor(NeuralMethod):
         log.best_epoch = epochs - 1
         return log
 
-    def _fit_projection(self, train: SpotSet) -> dict[str, torch.Tensor]:
-        """The principal axes of the training spots' standardised features as a frozen linear layer,
-        scaled so the projected features have unit mean variance (relative variances kept)."""
-        pca = PCA(n_components=self.dims["pca_dim"], random_state=self.config.seed).fit(self.scaler(train.features))
-        scale = np.sqrt(pca.explained_variance_.mean())
-        weight = torch.from_numpy((pca.components_ / scale).astype(np.float32))
-        state = {"weight": weight, "bias": -(weight @ torch.from_numpy(pca.mean_.astype(np.float32)))}
-        self.net[0].load_state_dict(state)
-        return state
-
     def _rebuild(self) -> None:
         torch.manual_seed(self.config.seed)
         self.build(self.dims)
-        if "pca_dim" in self.dims:
-            self.net[0].load_state_dict(self.projection)
 
     def _regress(self, spots: SpotSet, validate, train: TrainConfig) -> TrainLog:
         X = torch.from_numpy(self.scaler(spots.features))

@@ -378,7 +378,7 @@ class CarHE(RetrievalMethod):
         joint = fit_minibatches(module, len(train), step, cfg.train, cfg.seed, self.validation(train, val),
                                 None if bank is None else refresh)
         log.curves |= joint.curves
-        log.best_epoch, log.seconds = joint.best_epoch, log.seconds + joint.seconds
+        log.best_epoch, log.seconds, log.epoch_seconds = joint.best_epoch, log.seconds + joint.seconds, joint.epoch_seconds
         return log
 
     def validation_pearson(self, train: SpotSet, val: SpotSet) -> float:

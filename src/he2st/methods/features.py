@@ -5,29 +5,48 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.decomposition import PCA
 
 
 class FeatureScaler:
-    """z-score per feature dimension; mean/std come from training spots only."""
+    """z-score per feature dimension; mean/std come from training spots only. With ``components``, the
+    z-scores are then projected on the training spots' top principal axes (scaled so the projection has
+    unit mean variance, relative variances kept): a model whose first layer reads every neighbour of
+    every spot then multiplies a few hundred inputs instead of the encoder's 1,000+."""
 
-    def __init__(self, mean: np.ndarray | None = None, std: np.ndarray | None = None) -> None:
-        self.mean, self.std = mean, std
+    def __init__(self, mean: np.ndarray | None = None, std: np.ndarray | None = None,
+                 axes: np.ndarray | None = None) -> None:
+        self.mean, self.std, self.axes = mean, std, axes  # axes: (components, features), scaled
 
-    def fit(self, features: np.ndarray) -> FeatureScaler:
+    def fit(self, features: np.ndarray, components: int | None = None) -> FeatureScaler:
         self.mean = features.mean(axis=0).astype(np.float32)
         std = features.std(axis=0).astype(np.float32)
         self.std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
+        self.axes = None
+        if components is not None and components < min(features.shape):
+            z = (features - self.mean) / self.std  # centred already: the axes need no offset
+            pca = PCA(n_components=components, svd_solver="covariance_eigh").fit(z)
+            self.axes = (pca.components_ / np.sqrt(pca.explained_variance_.mean())).astype(np.float32)
         return self
 
+    @property
+    def dim(self) -> int:
+        """Width of the scaled output."""
+        return len(self.mean) if self.axes is None else len(self.axes)
+
     def __call__(self, features: np.ndarray) -> np.ndarray:
-        return ((features - self.mean) / self.std).astype(np.float32)
+        z = ((features - self.mean) / self.std).astype(np.float32)
+        return z if self.axes is None else z @ self.axes.T
 
     def state(self, prefix: str = "scaler") -> dict[str, torch.Tensor]:
-        return {f"{prefix}.mean": torch.from_numpy(self.mean), f"{prefix}.std": torch.from_numpy(self.std)}
+        state = {f"{prefix}.mean": torch.from_numpy(self.mean), f"{prefix}.std": torch.from_numpy(self.std)}
+        return state if self.axes is None else state | {f"{prefix}.axes": torch.from_numpy(self.axes)}
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], prefix: str = "scaler") -> FeatureScaler:
-        return cls(state[f"{prefix}.mean"].numpy(), state[f"{prefix}.std"].numpy())
+        axes = state.get(f"{prefix}.axes")
+        return cls(state[f"{prefix}.mean"].numpy(), state[f"{prefix}.std"].numpy(),
+                   None if axes is None else axes.numpy())
 
 
 def standardize_columns(x: np.ndarray) -> np.ndarray:

@@ -55,8 +55,14 @@ class NeuralMethod(Method):
 
     # ------------------------------------------------------------------ what a method supplies
     def sizes(self, train: SpotSet) -> dict[str, int]:
-        """The sizes its modules are built from, read from training spots (default: features and genes)."""
-        return {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1]}
+        """The sizes its modules are built from, read from training spots (default: features and genes;
+        ``input_dim``: the width of the scaled features the first layer reads, when they are projected)."""
+        dims = {"image_dim": train.features.shape[1], "n_genes": train.targets.shape[1]}
+        return dims if self.scaler.axes is None else dims | {"input_dim": self.scaler.dim}
+
+    def input_components(self) -> int | None:
+        """Principal axes the standardised features are projected on before the first layer (None: none)."""
+        return None
 
     @abstractmethod
     def build(self, dims: dict[str, int], pretrained: bool = True) -> None:
@@ -67,9 +73,10 @@ class NeuralMethod(Method):
         """Train the built modules; ``val`` (or None) steers early stopping."""
 
     def fit_scalers(self, train: SpotSet) -> None:
-        """Standardisation fitted on training spots only: the frozen features, and the targets when the
-        method scales them (``scales_targets`` and its ``standardize_targets`` option)."""
-        self.scaler = FeatureScaler().fit(train.features)
+        """Standardisation fitted on training spots only: the frozen features (projected on their top
+        principal axes when :meth:`input_components` says so), and the targets when the method scales
+        them (``scales_targets`` and its ``standardize_targets`` option)."""
+        self.scaler = FeatureScaler().fit(train.features, self.input_components())
         scale = self.scales_targets and self.config.standardize_targets
         self.target_scaler = FeatureScaler().fit(train.targets) if scale else None
 

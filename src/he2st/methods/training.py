@@ -100,6 +100,7 @@ def fit_minibatches(
     start = time.perf_counter()
     batch = min(config.batch_size, n_items)
     for epoch in range(config.epochs):
+        epoch_start = time.perf_counter()
         for group in optimiser.param_groups:
             group["lr"] = learning_rate(config, epoch)
         if before_epoch is not None:
@@ -127,6 +128,7 @@ def fit_minibatches(
             optimiser.step()
             losses.append(value)
         log.add(train_loss=float(np.mean(losses)))
+        log.epoch_seconds.append(time.perf_counter() - epoch_start)
         if validate is None:
             if distributed.is_main():
                 say(f"epoch {epoch + 1}/{config.epochs}: training loss {np.mean(losses):.4f}")
