@@ -60,6 +60,18 @@ def test_tampered_checkpoint_with_pickled_object_is_refused(tmp_path):
         load_method(tmp_path / "evil.pt")
 
 
+def test_checkpoint_of_an_older_layout_is_refused_in_one_line(tmp_path):
+    """An mlp saved before its principal axes moved into the scaler held a frozen projection as net.0."""
+    method, _ = fitted("mlp")
+    path = method.save(tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["state"]["net.9.weight"] = torch.zeros(2, 2)
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.raises(He2stError, match="weights do not fit this he2st version.*re-train") as info:
+        load_method(tmp_path / "old.pt")
+    assert "\n" not in str(info.value)
+
+
 def test_ridge_probe_also_predicts_cell_type_proportions_when_trained_on_them(tmp_path):
     """The linear baseline for CarHE's cell-type head: proportions from the same PCA features."""
     spots = linear_spots()

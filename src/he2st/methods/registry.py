@@ -67,7 +67,11 @@ def load_method(path: str | Path) -> Method:
         state = payload["state"]
     except (ValidationError, ValueError, KeyError, TypeError) as exc:
         raise He2stError(f"checkpoint does not match this he2st version ({type(exc).__name__})", path) from exc
-    method.load_state(state, layout)
+    try:
+        method.load_state(state, layout)
+    except (RuntimeError, KeyError) as exc:  # weights of an older layout (e.g. mlp's former projection layer)
+        raise He2stError(f"checkpoint's {payload['method']} weights do not fit this he2st version "
+                         f"({type(exc).__name__}); re-train the model with this version", path) from exc
     if Method.bank_path(path).exists():
         method.bank = ReferenceBank.load(Method.bank_path(path))
     return method
