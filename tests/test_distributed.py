@@ -25,7 +25,8 @@ from he2st.workflows.config import TrainRunConfig
 
 TRAIN = {"epochs": 5, "batch_size": 45, "patience": 5}
 CASES = {
-    "mlp": {"dropout": 0.0, "epochs_by": "validation", "pca_components": None, "train": TRAIN | {"lr": 1e-3}},
+    "mlp": {"dropout": 0.0, "epochs_by": "validation", "pca_components": None, "n_models": 2,
+            "train": TRAIN | {"lr": 1e-3}},
     "bleep_faithful": {"dropout": 0.0, "train": TRAIN},
     # the improved variant: a bank of every spot as negatives, learned temperature, two seeded heads
     "bleep": {"dropout": 0.0, "ensemble": 2, "train": TRAIN},
