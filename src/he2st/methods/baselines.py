@@ -163,9 +163,10 @@ class MLPConfig(MethodConfig):
         "spots, the 1,000+ z-scored dimensions of a frozen encoder are mostly noise at equal weight; None: no "
         "projection")
     n_models: int = Field(
-        5, ge=1, description="networks trained the same way from seeds seed..seed+n-1 and averaged: on a few "
-        "thousand spots an MLP's fit varies with its initialisation, and averaging removes that variance (on "
-        "her2st 0.079 -> 0.082 HEG-50 LOPO, 0.086 -> 0.091 LOSO); 1: ST-Net's single network")
+        5, ge=1, description="networks trained from seeds seed..seed+n-1 for the epoch count chosen with the first "
+        "one, then averaged: on a few thousand spots an MLP's fit varies with its initialisation, and averaging "
+        "removes that variance (on her2st 0.079 -> 0.083 HEG-50 LOPO, 0.086 -> 0.092 LOSO); 1: ST-Net's single "
+        "network")
     inner_folds: int = Field(3, ge=2, le=10, description="most inner folds for epochs_by='inner_cv'")
     epochs_by: Literal["inner_cv", "validation"] = Field(
         "inner_cv", description="how many epochs to train: chosen by cross-validation over the training patients "
@@ -212,21 +213,28 @@ class MLPRegressor(NeuralMethod):
         self.net = SeedAverage([self._network(dims) for _ in range(self.config.n_models)])
 
     def train_modules(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
-        logs = [self._train_member(k, train, val) for k in range(self.config.n_models)]
+        logs = [self._train_member(0, train, val)]  # the epoch count is chosen once, with the first seed
+        logs += [self._train_member(k, train, val, logs[0].best_epoch + 1) for k in range(1, self.config.n_models)]
         self.net.active = None
         log = logs[0]  # the first network's curves; every network's epoch count is in the selection
         log.selection["epochs"] = [member.best_epoch + 1 for member in logs]
         log.epoch_seconds = [sum(times) for times in zip(*(member.epoch_seconds for member in logs))]  # all networks
         return log
 
-    def _train_member(self, k: int, train: SpotSet, val: SpotSet | None) -> TrainLog:
-        """Train network ``k`` (seed ``seed + k``); while it trains, the model predicts with it alone."""
+    def _train_member(self, k: int, train: SpotSet, val: SpotSet | None, epochs: int | None = None) -> TrainLog:
+        """Train network ``k`` (seed ``seed + k``) for ``epochs`` on every training spot, or as many as the
+        inner cross-validation chooses (None); while it trains, the model predicts with it alone."""
         self.net.active = k
         spots = train if val is None else SpotSet.concat([train, val])
         groups = self.training_groups(spots)
         if self.config.epochs_by == "validation" or len(set(groups)) < 2:
             self._fresh(k, None)
             return self._regress(k, train, self.validation(train, val), self.config.train)
+        if epochs is not None:
+            self._fresh(k, spots)
+            log = self._regress(k, spots, None, self.config.train.model_copy(update={"epochs": epochs}))
+            log.best_epoch = epochs - 1
+            return log
         curves = []
         for fold in held_out_groups(groups, self.config.inner_folds):  # training patients held out in turn
             test = np.isin(groups.astype(str), fold)
