@@ -14,8 +14,9 @@ Two presets share this code (every difference, with the published values: docs/f
 * ``cmrcnet_faithful`` -- the published choices: BLEEP projection heads on both sides, BLEEP's
   soft-target loss at τ = 1 on unnormalised embeddings with ``log(1 + ·)`` taken per spot before the
   batch mean; expression tokens from one Linear-ELU-AlphaDropout(0.25) layer (8 x 256); image tokens
-  projected to 256 and masked element-wise with probability 0.5, on every spot of a batch; a plain 4-head attention in which
-  the masked image tokens query the expression tokens (no residual, norm or MLP); one fusion block
+  projected to 256 and masked element-wise with probability 0.5, on every spot of a batch; a plain
+  4-head attention in which the masked image tokens query the expression tokens (no residual, norm or
+  MLP); one fusion block
   applied twice with shared weights (image self-attention + MLP, then MCFN cross-attention to the
   expression tokens, which pass unchanged: one-way); the mean of the image stream is the
   reconstruction; AdamW lr 1e-4 cosine-decayed to 1e-5 over 60 epochs, weight decay 1e-3, batch 64,
@@ -37,9 +38,9 @@ Two presets share this code (every difference, with the published values: docs/f
   learned position embedding on the image tokens, a pre-norm cross-attention block with residual and
   MLP, one bidirectional fusion block, and a linear map of the mean of *both* streams; tokens 128 wide;
   masks of exactly 50% of the entries; the reconstruction term on a random half of each batch (these
-  three choices cut an epoch at 10,000 spots from about 17 s to under 5 s, and on her2st raised HEG-50 from
-  0.085 to 0.098 LOPO and from 0.087 to 0.092 LOSO); AdamW lr 1e-3 constant, weight decay 1e-3, gradient clipping
-  at 5, batch 128, early stopping after 10 epochs without improvement.
+  three choices cut an epoch at 10,000 spots from about 17 s to under 5 s, and on her2st raised HEG-50
+  from 0.085 to 0.098 LOPO and from 0.087 to 0.092 LOSO); AdamW lr 1e-3 constant, weight decay 1e-3,
+  gradient clipping at 5, batch 128, early stopping after 10 epochs without improvement.
 
 Image tokens on the frozen path: ``spots.tokens`` ``(N, T, C)`` (a small pooled grid of the encoder's
 spatial tokens, standardised per channel with training statistics), or -- when the spots carry no

@@ -28,6 +28,7 @@ __all__ = [
     "multi_positive_nce",
     "reference_contrastive_loss",
     "unit_reference_loss",
+    "unit_similarity_targets",
 ]
 
 
@@ -231,7 +232,12 @@ def expression_similarity_targets(
     which matters when a training set holds many near-identical neighbouring spots: the image
     embedding learns to retrieve spots with similar expression -- what retrieval prediction uses.
     """
-    return F.softmax(F.normalize(batch_expr, dim=-1) @ F.normalize(all_expr, dim=-1).T / temperature, dim=-1)
+    return unit_similarity_targets(F.normalize(batch_expr, dim=-1), F.normalize(all_expr, dim=-1), temperature)
+
+
+def unit_similarity_targets(batch_unit: torch.Tensor, all_unit: torch.Tensor, temperature: float) -> torch.Tensor:
+    """:func:`expression_similarity_targets` on expression rows that are already L2-normalised."""
+    return F.softmax(batch_unit @ all_unit.T / temperature, dim=-1)
 
 
 def reference_contrastive_loss(
@@ -291,7 +297,7 @@ class NegativeBank:
         else:
             others = torch.randint(n, (self.n_negatives,), generator=self.generator)
         rows = torch.cat([idx, others])
-        targets = F.softmax(self.z[idx] @ self.z[rows].T / self.target_temperature, dim=-1)
+        targets = unit_similarity_targets(self.z[idx], self.z[rows], self.target_temperature)
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
         return unit_reference_loss(
             a, b, torch.cat([a, self.a[others]]), torch.cat([b, self.b[others]]), targets, temperature)
