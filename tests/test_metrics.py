@@ -200,3 +200,16 @@ def test_mean_sample_pearson_scores_patterns_within_samples_not_level_shifts(rng
     assert np.nanmean(pearson_per_gene(pred, truth)) > 0.9
     assert mean_sample_pearson(pred, truth, samples) == pytest.approx(-1.0)
     assert mean_sample_pearson(truth, truth, samples) == pytest.approx(1.0)
+
+
+def test_one_standard_error_rule_keeps_the_default_unless_the_evidence_is_clear():
+    """Options chosen on a few noisy inner folds: the best mean replaces the default only when it is ahead
+    by more than a standard error of the paired differences (with two folds: ahead in both)."""
+    from he2st.stats import one_standard_error_choice
+
+    assert one_standard_error_choice({"off": [0.10, 0.20], "on": [0.11, 0.21]}, "off") == "on"  # ahead in both
+    assert one_standard_error_choice({"off": [0.10, 0.20], "on": [0.30, 0.19]}, "off") == "off"  # a lucky fold
+    assert one_standard_error_choice({"off": [0.3, 0.3, 0.3], "on": [0.5, 0.5, 0.1]}, "off") == "off"
+    assert one_standard_error_choice({"off": [0.3, 0.3, 0.3, 0.3], "on": [0.5, 0.5, 0.4, 0.29]}, "off") == "on"
+    assert one_standard_error_choice({"off": [0.1], "on": [0.9]}, "off") == "off"  # one fold: no error to judge by
+    assert one_standard_error_choice({"off": [0.1, 0.1], "on": [0.2, 0.2], "half": [0.15, 0.15]}, "half") == "on"

@@ -7,12 +7,18 @@ predictions collapse, and a silent drop would hide that the model predicted a co
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TypeVar
+
 import numpy as np
 from scipy.stats import rankdata
 
 from he2st.errors import He2stError
 
-__all__ = ["column_pearson", "constant_columns", "finite_pair", "pearson_per_gene", "spearman_per_gene"]
+__all__ = ["column_pearson", "constant_columns", "finite_pair", "one_standard_error_choice", "pearson_per_gene",
+           "spearman_per_gene"]
+
+K = TypeVar("K", bound=Hashable)
 
 
 def finite_pair(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,3 +91,20 @@ def spearman_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """
     p, t = finite_pair(pred, true)
     return column_pearson(rankdata(p, axis=0), rankdata(t, axis=0))
+
+
+def one_standard_error_choice(scores: Mapping[K, Sequence[float]], default: K) -> K:
+    """The option with the best mean score over folds, if it beats ``default`` by more than one standard
+    error of their paired per-fold differences; else ``default`` (Breiman's one-standard-error rule).
+
+    Cross-validated scores on a few folds are noisy, and taking the plain argmax then picks options that
+    were lucky on those folds. The rule keeps the default unless the evidence is clear -- with two
+    folds, unless the best option is ahead in both -- and follows the scores as folds accumulate.
+    ``scores`` holds each option's per-fold scores, in the same fold order; NaN folds are skipped.
+    """
+    best = max(scores, key=lambda k: np.nanmean(scores[k]))
+    diff = np.asarray(scores[best], float) - np.asarray(scores[default], float)
+    diff = diff[np.isfinite(diff)]
+    if best == default or len(diff) < 2:
+        return default
+    return best if diff.mean() > diff.std(ddof=1) / np.sqrt(len(diff)) else default

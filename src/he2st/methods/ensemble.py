@@ -12,11 +12,13 @@ this is the inner loop of nested cross-validation, run inside ``fit``.
 
 Spatial context is chosen the same way: each member is tried with every ``context`` option (none,
 the mean of its 6 nearest spots, that plus the 3x field around it; each a refit) and, for retrieval
-members, every ``query_neighbours`` value (query-time averaging with the nearest spots; no refit), and
-keeps the variant with the best inner score. So whether context helps, and how much, is decided on the
-training patients of each dataset, not by hand on one. The neural members (``bleep``, ``carhe``) pin
-their feature context to none by default: their context is chosen at query time only, and each of them
-is trained once per inner fold.
+members, every ``query_neighbours`` value (query-time averaging with the nearest spots; no refit). A
+member keeps its own configuration unless the variant with the best inner score beats it by more than
+one standard error of their paired per-fold differences (with two inner folds: unless it is ahead in
+both) -- on a few small inner folds the plain best is mostly the luckiest. So whether context helps,
+and how much, is decided on the training patients of each dataset, not by hand on one. The neural
+members (``bleep``, ``carhe``) pin their feature context to none by default: their context is chosen at
+query time only, and each of them is trained once per inner fold.
 
 An inner score is the mean over held-out samples of each sample's mean per-gene Pearson, which is what
 the benchmark reports. A correlation pooled over several held-out sections would also reward getting
@@ -25,12 +27,15 @@ their levels apart, which says nothing of the pattern within each.
 Inner folds hold out whole patients when the training spots come from at least two (the model card's
 ``training_samples`` says which sample belongs to whom), else whole samples; with a single sample
 the members are weighted equally. A member that cannot run (say, CarHE told to use cell-type proportions
-that are missing) is dropped with its reason, recorded with the weights and inner scores in ``TrainLog.selection``.
+that are missing) is dropped with its reason, recorded in ``TrainLog.selection`` with the weights, the
+inner scores and each member's fitting time.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections import defaultdict
 from typing import Any, Literal
 
 import numpy as np
@@ -45,7 +50,7 @@ from he2st.methods.bank import ReferenceBank
 from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog
 from he2st.methods.neural import strip_prefix
 from he2st.methods.registry import create_method, method_class, register_method
-from he2st.stats import mean_sample_pearson
+from he2st.stats import mean_sample_pearson, one_standard_error_choice
 
 CONTEXT_OPTIONS = ("context_neighbours", "context_field")
 
@@ -65,7 +70,8 @@ class EnsembleConfig(MethodConfig):
     context: list[dict[str, Any]] = Field(
         default_factory=lambda: [{}, {"context_neighbours": 6}, {"context_neighbours": 6, "context_field": True}],
         description="spatial context options tried for every member whose spec does not set them; each member "
-        "keeps the one with the best inner cross-validated Pearson (6 neighbours: the first ring of a Visium grid)")
+        "keeps its own unless one is clearly better on the inner folds (one-standard-error rule; 6 neighbours: "
+        "the first ring of a Visium grid)")
     query_neighbours: list[int] = Field(
         default_factory=lambda: [0, 6],
         description="query-time neighbour averaging tried on each fitted member that offers it (retrieval "
@@ -107,6 +113,7 @@ class Ensemble(Method):
         self.fitted: dict[str, Method] = {}
         self.weights = np.zeros((0, 0), np.float32)  # (genes or 1, members)
         self.intercepts = np.zeros(0, np.float32)
+        self._seconds: defaultdict[str, float] = defaultdict(float)  # each member's fits, inner and final
 
     @property
     def halo_hops(self) -> tuple[int, ...]:
@@ -149,12 +156,17 @@ class Ensemble(Method):
         val = validation_mask(spots.sample_ids, self.config.validation_fraction, seed=self.config.seed,
                               patients=groups)
         method = self._create(label, context)
-        method.fit(spots.subset(~val), spots.subset(val))
+        start = time.perf_counter()
+        try:
+            method.fit(spots.subset(~val), spots.subset(val))
+        finally:
+            self._seconds[label] += time.perf_counter() - start
         return method
 
     def _fit(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         spots = train if val is None else SpotSet.concat([train, val])
         groups = self.training_groups(spots)
+        self._seconds.clear()
         held_out = held_out_groups(groups, self.config.inner_folds)
         fits = [(label, i) for label in self.config.members for i in range(len(self._candidates(label)))]
         variants = [(lb, i, q) for lb, i in fits for q in range(len(self._queries(lb)))]
@@ -174,15 +186,19 @@ class Ensemble(Method):
                             mean_sample_pearson(pred, spots.targets[test], spots.sample_ids[test]))
                 except He2stError as exc:
                     failed[(label, i)] = str(exc)
-        # each member keeps the variant with the best mean inner score (the first without inner folds)
+        # each member keeps its own configuration unless another variant is clearly better on the inner folds
         chosen: dict[str, tuple[int, int]] = {}
         dropped: dict[str, str] = {}
         for label in self.config.members:
             ok = [(i, q) for lb, i, q in variants if lb == label and (lb, i) not in failed]
             if not ok:
                 dropped[label] = "; ".join(dict.fromkeys(failed[(lb, i)] for lb, i in fits if lb == label))
-            else:
-                chosen[label] = max(ok, key=lambda v: np.mean(inner[(label, *v)])) if held_out else ok[0]
+                continue
+            default = self._default_variant(label)
+            if default not in ok:  # the member as configured could not run: the first variant that did
+                default = ok[0]
+            scores = {v: inner[(label, *v)] for v in ok}
+            chosen[label] = one_standard_error_choice(scores, default) if held_out else default
         combination = self._stack(spots, [oof[(lb, *v)] for lb, v in chosen.items()], len(held_out))
         kept = list(chosen)
         self.fitted = {}
@@ -203,14 +219,24 @@ class Ensemble(Method):
             "inner_pearson": {lb: inner[(lb, *chosen[lb])] for lb in self.fitted},
             "context": {lb: self._variant(lb, *chosen[lb]) for lb in self.fitted},
             "context_inner_pearson": {
-                lb: {json.dumps(self._variant(lb, i, q), sort_keys=True): round(float(np.mean(inner[(lb, i, q)])), 4)
+                lb: {json.dumps(self._variant(lb, i, q), sort_keys=True): [round(float(r), 4) for r in inner[(lb, i, q)]]
                      for lb_, i, q in variants if lb_ == lb and inner[(lb, i, q)]}
                 for lb in self.fitted},
             "combination": combination,
             "weights": {lb: self.weights[:, i].round(4).tolist() for i, lb in enumerate(self.fitted)},
             "dropped": dropped,
+            "member_seconds": {lb: round(t, 1) for lb, t in self._seconds.items()},
         }
         return log
+
+    def _default_variant(self, label: str) -> tuple[int, int]:
+        """The tried variant that is the member as configured (its own defaults); the first if none is."""
+        config = self._create(label).config
+
+        def first_match(options: list[dict[str, Any]]) -> int:
+            return next((i for i, o in enumerate(options) if all(getattr(config, k) == v for k, v in o.items())), 0)
+
+        return first_match(self._candidates(label)), first_match(self._queries(label))
 
     def _variant(self, label: str, i: int, q: int) -> dict[str, Any]:
         """The options of one tried variant of a member (context features and query-time context)."""
