@@ -113,7 +113,6 @@ class Ensemble(Method):
         self.fitted: dict[str, Method] = {}
         self.weights = np.zeros((0, 0), np.float32)  # (genes or 1, members)
         self.intercepts = np.zeros(0, np.float32)
-        self._seconds: defaultdict[str, float] = defaultdict(float)  # each member's fits, inner and final
 
     @property
     def halo_hops(self) -> tuple[int, ...]:
@@ -152,7 +151,9 @@ class Ensemble(Method):
             return [{}]
         return [{"query_neighbours": k} for k in self.config.query_neighbours] or [{}]
 
-    def _fit_member(self, label: str, context: dict[str, Any], spots: SpotSet, groups: np.ndarray) -> Method:
+    def _fit_member(self, label: str, context: dict[str, Any], spots: SpotSet, groups: np.ndarray,
+                    seconds: defaultdict[str, float]) -> Method:
+        """Member ``label`` with ``context`` fitted on ``spots``; its fitting time is added to ``seconds``."""
         val = validation_mask(spots.sample_ids, self.config.validation_fraction, seed=self.config.seed,
                               patients=groups)
         method = self._create(label, context)
@@ -160,13 +161,13 @@ class Ensemble(Method):
         try:
             method.fit(spots.subset(~val), spots.subset(val))
         finally:
-            self._seconds[label] += time.perf_counter() - start
+            seconds[label] += time.perf_counter() - start
         return method
 
     def _fit(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         spots = train if val is None else SpotSet.concat([train, val])
         groups = self.training_groups(spots)
-        self._seconds.clear()
+        seconds: defaultdict[str, float] = defaultdict(float)  # each member's fits, inner and final
         held_out = held_out_groups(groups, self.config.inner_folds)
         fits = [(label, i) for label in self.config.members for i in range(len(self._candidates(label)))]
         variants = [(lb, i, q) for lb, i in fits for q in range(len(self._queries(lb)))]
@@ -177,7 +178,8 @@ class Ensemble(Method):
             test = np.isin(groups.astype(str), fold)
             for label, i in [f for f in fits if f not in failed]:
                 try:
-                    member = self._fit_member(label, self._candidates(label)[i], spots.subset(~test), groups[~test])
+                    member = self._fit_member(label, self._candidates(label)[i], spots.subset(~test), groups[~test],
+                                               seconds)
                     for q, query in enumerate(self._queries(label)):
                         member.config = member.config.model_copy(update=query)
                         pred = member.predict(spots.subset(test)).expression
@@ -204,7 +206,7 @@ class Ensemble(Method):
         self.fitted = {}
         for label, (i, q) in chosen.items():
             try:
-                member = self._fit_member(label, self._candidates(label)[i], spots, groups)
+                member = self._fit_member(label, self._candidates(label)[i], spots, groups, seconds)
             except He2stError as exc:
                 dropped[label] = str(exc)
                 continue
@@ -225,7 +227,7 @@ class Ensemble(Method):
             "combination": combination,
             "weights": {lb: self.weights[:, i].round(4).tolist() for i, lb in enumerate(self.fitted)},
             "dropped": dropped,
-            "member_seconds": {lb: round(t, 1) for lb, t in self._seconds.items()},
+            "member_seconds": {lb: round(t, 1) for lb, t in seconds.items()},
         }
         return log
 
