@@ -216,6 +216,34 @@ def test_average_prediction_equals_brute_force_mean() -> None:
     assert result.genes == bank.genes
 
 
+def test_per_sample_retrieval_gives_each_reference_slide_an_equal_say() -> None:
+    """A slide-wide shift (stain, scanner) draws a pooled top-k into one slide; per-sample retrieval
+    averages each slide's own nearest spots, whatever that shift."""
+    rng = np.random.default_rng(3)
+    tissue = rng.normal(size=(120, 16))
+    raw = np.concatenate([tissue, tissue[::-1] + 2.0])  # slide B: same kinds of tissue, shifted features
+    expr = rng.gamma(2.0, size=(240, 12)).astype(np.float32)
+    ids = ["A"] * 120 + ["B"] * 120
+    bank = ReferenceBank(raw, expr, [f"G{i}" for i in range(12)], ids)
+    queries = tissue[:20] + 2.5  # a query slide that looks more like B than A overall
+    pooled = bank.predict(queries, k=5, backend="exact")
+    assert (pooled.indices >= 120).all()  # every neighbour from slide B
+    balanced = bank.predict(queries, k=5, backend="exact", per_sample=True)
+    top_a, top_b = _brute_force_topk(raw[:120], queries, 5), _brute_force_topk(raw[120:], queries, 5)
+    np.testing.assert_allclose(balanced.expression, (expr[top_a].mean(1) + expr[120:][top_b].mean(1)) / 2, rtol=1e-5)
+    assert balanced.indices.shape == (20, 10) and (np.sort(balanced.indices, 1) == np.sort(
+        np.concatenate([top_a, top_b + 120], 1), 1)).all()
+    assert (np.diff(balanced.similarities, axis=1) <= 1e-6).all()  # best first, over both slides
+    np.testing.assert_allclose(balanced.best_similarity, balanced.similarities[:, 0])
+    assert np.shares_memory(bank._sample_banks()[0][1].expression, expr)  # contiguous rows: views, not copies
+    shuffled = np.random.default_rng(4).permutation(240)
+    mixed = ReferenceBank(raw[shuffled], expr[shuffled], bank.genes, np.asarray(ids)[shuffled].tolist())
+    np.testing.assert_allclose(mixed.predict(queries, k=5, per_sample=True).expression, balanced.expression, rtol=1e-5)
+    # one slide, or no sample ids: pooled
+    for one in (ReferenceBank(raw, expr, bank.genes, ["A"] * 240), ReferenceBank(raw, expr, bank.genes)):
+        np.testing.assert_array_equal(one.predict(queries, k=5, per_sample=True).indices, pooled.indices)
+
+
 def test_search_is_chunked_without_changing_results(monkeypatch: pytest.MonkeyPatch) -> None:
     bank = _bank()
     queries = np.random.default_rng(2).normal(size=(30, 16))

@@ -206,6 +206,18 @@ def test_benchmark_never_fits_on_a_test_patient(small):
     assert (work / "runs" / "audit" / "config.yaml").exists()
 
 
+def test_benchmark_seeds_start_at_the_methods_own_seed(small):
+    """``method_options.<method>.seed`` sets the first seed of that method (the run's ``seed`` is the default):
+    a figure quoted with that option is the one the command prints."""
+    work, embed = small
+    options = TINY | {"bleep": TINY["bleep"] | {"seed": 7}}
+    cfg = BenchmarkConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, name="seeds", seed=3, seeds=2,
+                          methods=["bleep", "mlp"], method_options=options, transcriptome_threshold=None, tls=False)
+    outcome = run_benchmark(cfg)
+    seeds = {r.method: sorted(r.curves) for r in outcome.results if r.fold == outcome.results[0].fold}
+    assert seeds == {"bleep": ["seed7", "seed8"], "mlp": ["seed3", "seed4"]}
+
+
 def test_nested_folds_never_touch_the_outer_test_patient(small):
     work, embed = small
     cfg = BenchmarkConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, name="inner", methods=["ridge"],

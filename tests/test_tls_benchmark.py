@@ -50,7 +50,7 @@ def _tissue(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_a_test_sample_identical_to_a_training_one_is_retrieved_exactly_and_the_probe_learns():
-    """knn with k=1 on a test section that copies a training section (same counts, same features) gives the
+    """knn with k=1 (one pooled top-k) on a test section that copies a training section (same counts, same features) gives the
     measured TLS score back (r = AUROC = 1): bank rows are matched to the right spots. The probe, fitted on the
     training patients only, recovers the score from the lymphoid feature on the held-out section."""
     samples, spots = {}, {}
@@ -59,7 +59,7 @@ def test_a_test_sample_identical_to_a_training_one_is_retrieved_exactly_and_the_
     samples["C1"], test_truth = _section("C1", np.asarray(samples["A1"].adata.X.todense()), spots["A1"].features)
     train = SpotSet.concat([spots["A1"], spots["B1"]])
     test = test_truth.without_expression()
-    knn = create_method("knn", top_k=1)
+    knn = create_method("knn", top_k=1, per_sample=False)
     knn.panel = GenePanel(genes=GENES)
     knn.fit(train.subset(np.arange(len(train)) % 5 != 0), train.subset(np.arange(len(train)) % 5 == 0))
     fold = build_tls_fold(samples, train, test, {"A1": "A", "B1": "B", "C1": "C"}, MODEL)

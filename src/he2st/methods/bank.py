@@ -134,6 +134,7 @@ class ReferenceBank:
         self.sample_ids = None if sample_ids is None else [str(s) for s in sample_ids]
         self._gene_index = {g: i for i, g in enumerate(genes)}
         self._faiss_index = None
+        self._per_sample: list[tuple[np.ndarray, ReferenceBank]] | None = None
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
@@ -201,6 +202,7 @@ class ReferenceBank:
         temperature: float = 0.1,
         genes: Sequence[str] | None = None,
         backend: str = "auto",
+        per_sample: bool = False,
     ) -> RetrievalResult:
         """Predict expression for image-side query embeddings from their k nearest reference spots.
 
@@ -209,7 +211,20 @@ class ReferenceBank:
         ``"similarity"`` weights proportionally to ``max(similarity, 0)`` (uniform if all
         k similarities are ≤ 0). ``genes`` restricts/reorders the output columns; names
         missing from the bank raise :class:`He2stError` listing them.
+
+        ``per_sample``: each reference sample predicts from its own k nearest spots (all of them when
+        it has fewer) and the samples' predictions are averaged with an equal say -- batch-balanced
+        retrieval, as BBKNN balances neighbours across batches. A pooled top-k gathers in whichever
+        slide looks most like the query's slide overall (stain, scanner, thickness), not in the spots
+        that share its tissue, and carries that slide's expression level. Neighbours of all samples
+        are returned, best first; a bank of one sample, or without ``sample_ids``, is searched pooled.
+        The per-sample banks are built once; they share this bank's memory where each sample's rows
+        are contiguous (as in banks built from training spots), else copy them.
         """
+        parts = self._sample_banks() if per_sample else []
+        if len(parts) > 1:
+            return _balanced([(rows, bank.predict(queries, min(k, len(bank)), weighting, temperature, genes, backend))
+                              for rows, bank in parts])
         if weighting not in _WEIGHTINGS:
             raise He2stError(f"unknown weighting {weighting!r}; use one of {', '.join(_WEIGHTINGS)}")
         if weighting == "softmax" and temperature <= 0:
@@ -240,6 +255,19 @@ class ReferenceBank:
             dispersion=np.concatenate(spreads),
             genes=[self.genes[i] for i in columns.tolist()],
         )
+
+    def _sample_banks(self) -> list[tuple[np.ndarray, ReferenceBank]]:
+        """One bank per reference sample with its rows in this bank (none without ``sample_ids``)."""
+        if self._per_sample is None:
+            ids = np.asarray(self.sample_ids if self.sample_ids is not None else [], dtype=str)
+            self._per_sample = []
+            for sid in dict.fromkeys(ids.tolist()):
+                rows = np.flatnonzero(ids == sid)
+                # a sample's rows are contiguous in banks built from SpotSets: slices share the bank's memory
+                take = slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else rows
+                self._per_sample.append((rows, ReferenceBank(self.embeddings[take], self.expression[take], self.genes,
+                                                              normalize=False)))
+        return self._per_sample
 
     def _gene_columns(self, genes: Sequence[str] | None) -> torch.Tensor:
         """Bank column of each requested gene (all genes when ``genes`` is None)."""
@@ -310,6 +338,21 @@ class ReferenceBank:
             None if sample_ids is None else _strings(sample_ids),
             normalize=False,
         )
+
+
+def _balanced(results: list[tuple[np.ndarray, RetrievalResult]]) -> RetrievalResult:
+    """The equal-say average of per-sample retrievals (``rows`` maps each sample bank to this bank's rows)."""
+    similarities = np.concatenate([r.similarities for _, r in results], axis=1)
+    indices = np.concatenate([rows[r.indices] for rows, r in results], axis=1)
+    order = np.argsort(-similarities, axis=1, kind="stable")
+    return RetrievalResult(
+        expression=np.mean([r.expression for _, r in results], axis=0, dtype=np.float32),
+        similarities=np.take_along_axis(similarities, order, axis=1),
+        indices=np.take_along_axis(indices, order, axis=1),
+        best_similarity=np.max([r.best_similarity for _, r in results], axis=0),
+        dispersion=np.mean([r.dispersion for _, r in results], axis=0, dtype=np.float32),
+        genes=results[0][1].genes,
+    )
 
 
 def _neighbour_weights(scores: torch.Tensor, weighting: str, temperature: float) -> torch.Tensor:

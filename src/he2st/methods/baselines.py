@@ -283,17 +283,23 @@ class KNNConfig(MethodConfig):
     top_k: int = Field(50, gt=0, description="training spots retrieved per query")
     weighting: Literal["average", "softmax", "similarity"] = Field(
         "average", description="how the retrieved profiles are combined")
+    per_sample: bool = Field(
+        True, description="retrieve top_k within each training sample and average the samples with an equal say "
+        "(batch-balanced, as BBKNN; see ReferenceBank.predict); False: one pooled top_k")
 
 
 @register_method
 class ImageKNN(Method):
     """Image-to-image retrieval: average expression of the training spots that look most alike
-    (cosine on standardised frozen features). The no-learning reference point for BLEEP."""
+    (cosine on standardised frozen features), found within each training slide and the slides averaged
+    with an equal say (``per_sample``). The no-learning reference point for BLEEP."""
 
     name = "knn"
     Config = KNNConfig
     stochastic = False
     uses_bank = True
+    query_options = ("per_sample",)
+    ablations = {"pooled_retrieval": {"per_sample": False}}
 
     def __init__(self, config: KNNConfig | None = None, **overrides) -> None:
         super().__init__(config, **overrides)
@@ -311,7 +317,7 @@ class ImageKNN(Method):
 
     def _predict(self, spots: SpotSet) -> Prediction:
         result = self.bank.predict(self.scaler(spots.features), k=min(self.config.top_k, len(self.bank)),
-                                   weighting=self.config.weighting)
+                                   weighting=self.config.weighting, per_sample=self.config.per_sample)
         return Prediction(result.expression, result.genes,
                           {"best_similarity": result.best_similarity, "dispersion": result.dispersion})
 

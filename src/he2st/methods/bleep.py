@@ -74,7 +74,7 @@ class BLEEPConfig(RetrievalConfig, FinetuneConfig):
 BLEEPFaithfulConfig = preset(
     BLEEPConfig, "BLEEPFaithfulConfig", "BLEEP exactly as published (see the module docstring).",
     expression_encoder="projection", loss="bleep_soft", temperature=1.0, learn_temperature=False,
-    negatives="batch", ensemble=1, weighting="average", query_neighbours=0,
+    negatives="batch", ensemble=1, weighting="average", per_sample=False, query_neighbours=0,
     # BLEEP trains every epoch and keeps the best checkpoint, without gradient clipping
     train=TrainConfig(epochs=60, batch_size=256, lr=1e-3, weight_decay=1e-3, patience=60, grad_clip=None),
 )
@@ -115,6 +115,7 @@ class BLEEP(RetrievalMethod):
         "projection_expr": {"expression_encoder": "projection"},
         "average_retrieval": {"weighting": "average"},
         "no_query_context": {"query_neighbours": 0},
+        "pooled_retrieval": {"per_sample": False},
     }
 
     def __init__(self, config: BLEEPConfig | None = None, **overrides) -> None:

@@ -291,6 +291,8 @@ class Ensemble(Method):
     # ------------------------------------------------------------------ persistence
     def layout(self) -> dict[str, Any]:
         return {"members": {lb: {"config": m.config.model_dump(mode="json"), "layout": m.layout()}
+                            | ({"bank_samples": list(dict.fromkeys(m.bank.sample_ids))}
+                               if m.bank is not None and m.bank.sample_ids is not None else {})
                             for lb, m in self.fitted.items()}}
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -300,6 +302,9 @@ class Ensemble(Method):
             if member.bank is not None:
                 state |= {f"{label}.bank.{k}": torch.from_numpy(np.ascontiguousarray(v))
                           for k, v in (("embeddings", member.bank.embeddings), ("expression", member.bank.expression))}
+                if member.bank.sample_ids is not None:  # per-sample retrieval needs each row's sample
+                    names = {sid: i for i, sid in enumerate(dict.fromkeys(member.bank.sample_ids))}
+                    state[f"{label}.bank.sample_index"] = torch.tensor([names[s] for s in member.bank.sample_ids])
         return state
 
     def load_state(self, state: dict[str, torch.Tensor], layout: dict[str, Any]) -> None:
@@ -311,6 +316,8 @@ class Ensemble(Method):
             own = strip_prefix(state, label)
             method.load_state({k: v for k, v in own.items() if not k.startswith("bank.")}, saved["layout"])
             if "bank.embeddings" in own:
+                samples = saved.get("bank_samples")
+                sample_ids = None if samples is None else [samples[i] for i in own["bank.sample_index"].tolist()]
                 method.bank = ReferenceBank(own["bank.embeddings"].numpy(), own["bank.expression"].numpy(),
-                                            self.panel.genes, normalize=False)
+                                            self.panel.genes, sample_ids, normalize=False)
             self.fitted[label] = method

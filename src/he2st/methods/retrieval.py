@@ -66,6 +66,10 @@ class RetrievalConfig(MethodConfig):
         description="he2st addition (NH2ST's neighbourhood idea at query time): average each query's image "
         "embedding with those of its k physically nearest spots predicted together (same slide); 0: off",
     )
+    per_sample: bool = Field(
+        True, description="he2st addition: retrieve top_k within each reference sample and average the samples "
+        "with an equal say (batch-balanced, as BBKNN; see ReferenceBank.predict); False: one pooled top_k "
+        "(BLEEP/CMRCNet)")
 
 
 class RetrievalMethod(NeuralMethod):
@@ -79,7 +83,7 @@ class RetrievalMethod(NeuralMethod):
     (the whole transcriptome) -- and :meth:`retrieve` queries any bank.
     """
 
-    query_options = ("query_neighbours",)
+    query_options = ("query_neighbours", "per_sample")
 
     Config = RetrievalConfig
     uses_bank = True
@@ -167,7 +171,7 @@ class RetrievalMethod(NeuralMethod):
             queries = neighbour_context(queries, spots.coords_um, spots.sample_ids, cfg.query_neighbours)
         result = bank.predict(
             queries, k=min(cfg.top_k, len(bank)), weighting=cfg.weighting,
-            temperature=cfg.weighting_temperature,
+            temperature=cfg.weighting_temperature, per_sample=cfg.per_sample,
         )
         return Prediction(
             result.expression, result.genes,

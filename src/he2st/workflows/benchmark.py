@@ -137,8 +137,9 @@ def run_benchmark(
             patients)
         for label, method, opts in variants:
             n_seeds = config.seeds if method_class(method).stochastic else 1
+            first_seed = (config.options_for(method) | opts)["seed"]  # method_options.<method>.seed, else seed
             try:
-                seed_runs = [run_fold(method, data, config, opts | {"seed": config.seed + s}) for s in range(n_seeds)]
+                seed_runs = [run_fold(method, data, config, opts | {"seed": first_seed + s}) for s in range(n_seeds)]
             except He2stError as exc:  # one method that cannot run here does not stop the others
                 failures[f"{label}/{fold.name}"] = str(exc)
                 if log is not None:
