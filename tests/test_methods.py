@@ -190,6 +190,32 @@ def test_ensemble_weights_come_from_inner_folds_over_training_patients_and_round
                                atol=1e-5)
 
 
+def test_ensemble_gives_each_member_its_say_within_the_predicted_sample():
+    """A refitted member shown a new slide may spread its predictions far wider than on the inner folds.
+    Standardised within the predicted sample ('sample'), it keeps its say: the combination's pattern does
+    not move; scaled once by its inner spread ('inner'), it takes over."""
+    train, test, _ = two_patient_spots()
+    train = train.subset(np.isin(train.sample_ids, ["s1", "s2"]))
+    query = test.without_expression()
+    members = {"knn": {"method": "knn", "top_k": 5, "context_neighbours": 0},
+               "ridge": {"method": "ridge_cv", "pca_components": 8, "context_neighbours": 0}}
+
+    def pattern(x: np.ndarray) -> np.ndarray:
+        return (x - x.mean(0)) / x.std(0)
+
+    for scale_within, kept in (("sample", True), ("inner", False)):
+        method = create_method("ensemble", members=members, scale_within=scale_within)
+        method.panel = GenePanel(genes=train.genes)
+        method.card = method.card.model_copy(update={"training_samples": {"s1": "P1", "s2": "P2"}})
+        assert method.fit(train).selection["scale_within"] == scale_within
+        before = method.predict(query).expression
+        ridge = method.fitted["ridge"]
+        own = ridge.predict
+        ridge.predict = lambda spots, own=own: replace(own(spots), expression=own(spots).expression * 10 + 3)
+        after = method.predict(query).expression
+        assert np.allclose(pattern(after), pattern(before), atol=1e-4) == kept, scale_within
+
+
 def test_validation_follows_the_prediction_pearson():
     """Neural methods stop early on the mean per-gene Pearson of their own predictions for validation spots."""
     method = create_method("mlp", **OPTIONS["mlp"], epochs_by="validation")

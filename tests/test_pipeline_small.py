@@ -249,7 +249,7 @@ def test_model_predicted_at_a_samples_own_spots_with_plots_and_report(small, tmp
     np.testing.assert_array_equal(adata.obsm["spatial"], s1.spatial)
     # the features at prediction are the ones the model was trained with: same patches, same encoder
     own = EmbeddingFile(ws.embedding_path(embed, "S1", PatchSpec())).embeddings
-    np.testing.assert_allclose(adata.X, _knn_predict(model, own), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(adata.X, _predict_features(model, own), rtol=1e-4, atol=1e-4)
     paths = plot_prediction(out, tmp_path / "figs", sample=s1)
     assert {"maps", "compare", "scatter"} <= set(paths) and all(p.exists() for p in paths.values())
     page = build_report(out, tmp_path / "report.html", sample=s1).read_text()
@@ -271,7 +271,27 @@ def test_model_predicted_at_a_samples_own_spots_with_plots_and_report(small, tmp
     assert not (tmp_path / "figs2").exists() and not (tmp_path / "report2.html").exists()
 
 
-def _knn_predict(model_path, features: np.ndarray) -> np.ndarray:
+def test_ensemble_predicts_a_whole_slide_as_one_sample(small, tmp_path):
+    """The ensemble standardises its members within each predicted slide, so whole-slide prediction predicts
+    every spot together, not chunk by chunk: the same as predicting all the sample's spots at once."""
+    from he2st.workflows.predict_slide import predict_slide
+
+    work, embed = small
+    ws = Workspace(work)
+    model = tmp_path / "ensemble.pt"
+    members = {"knn": {"method": "knn", "top_k": 5, "context_neighbours": 0},
+               "ridge": {"method": "ridge", "pca_components": 8, "context_neighbours": 0}}
+    train_model(TrainRunConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, method="ensemble",
+                               method_options={"ensemble": {"members": members}}, train_samples=["S2", "S3"],
+                               out=model))
+    assert load_method(model).deviations is not None  # two training patients: two inner folds
+    out = predict_slide(model, None, tmp_path / "pred", spots_from=ws.sample_path("S1"), chunk=8,
+                        weights=embed.weights)
+    own = EmbeddingFile(ws.embedding_path(embed, "S1", PatchSpec())).embeddings
+    np.testing.assert_allclose(ad.read_h5ad(out).X, _predict_features(model, own), rtol=1e-4, atol=1e-4)
+
+
+def _predict_features(model_path, features: np.ndarray) -> np.ndarray:
     from he2st.data.spots import SpotSet
 
     method = load_method(model_path)

@@ -199,6 +199,12 @@ class Method(ABC):
         """Whether prediction needs the context-field embeddings (whole-slide prediction then cuts them)."""
         return self.config.context_field
 
+    @property
+    def predicts_whole_samples(self) -> bool:
+        """Whether a spot's prediction depends on the other spots of its sample (say, each slide's own
+        per-gene scale): whole-slide prediction then predicts every spot of the slide together."""
+        return False
+
     def contextual(self, spots: SpotSet) -> SpotSet:
         """``spots`` with the configured context appended to their features."""
         return with_context(spots, self.config.context_neighbours, self.config.context_field, self.name)

@@ -8,7 +8,10 @@ patients only*: each member is fitted with one training patient held out and pre
 that patient; the held-out predictions of all inner folds are stacked and a non-negative linear
 regression of the measured expression on them gives the weights (one set for all genes, or one per
 gene). The members are then refitted on all training spots. The outer test patients are never seen:
-this is the inner loop of nested cross-validation, run inside ``fit``.
+this is the inner loop of nested cross-validation, run inside ``fit``. Weights apply to each member's
+prediction standardised per gene within each held-out sample, and at prediction within each predicted
+sample (``scale_within``): a refitted member shown a new slide spreads its predictions differently from
+how it did on the inner folds, and a scale fixed on them would hand the say to whichever spreads widest.
 
 Spatial context is chosen the same way: each member is tried with every ``context`` option (none,
 the mean of its 6 nearest spots, that plus the 3x field around it; each a refit) and, for retrieval
@@ -53,6 +56,7 @@ from he2st.methods.registry import create_method, method_class, register_method
 from he2st.stats import mean_sample_pearson, one_standard_error_choice
 
 CONTEXT_OPTIONS = ("context_neighbours", "context_field")
+GENE_BLOCK = 64  # genes standardised at a time at prediction
 
 
 class EnsembleConfig(MethodConfig):
@@ -83,10 +87,25 @@ class EnsembleConfig(MethodConfig):
         "else 'equal' -- weights fitted on one or two held-out patients are mostly noise, and a plain average of "
         "diverse members is then the more reliable combination")
     min_stacking_folds: int = Field(3, ge=2, description="inner folds needed before 'auto' fits weights")
+    scale_within: Literal["sample", "inner"] = Field(
+        "sample", description="the common per-gene scale of the members: 'sample' = each member's predictions "
+        "standardised within each predicted sample (slide), so that every member has its stated say on every "
+        "slide -- refitted members shown a new slide have other spreads than on the inner folds, and under "
+        "'inner' the member with the most say on a her2st test patient had 0.5-0.7 of it; 'inner' = each member "
+        "scaled once by the spread of its inner-fold held-out predictions (a spot's prediction then does not "
+        "depend on the other spots of its slide)")
     inner_folds: int = Field(
         3, ge=2, le=10, description="most inner folds (training patients, or samples, are dealt into at most this many)")
     validation_fraction: float = Field(
         0.15, gt=0, lt=1, description="of each inner training set, for the members' early stopping")
+
+
+def _standardised(X: np.ndarray) -> np.ndarray:
+    """``X`` (spots, ...) centred and scaled to unit spread along the spots; zero where it is constant."""
+    centred = X - X.mean(0, keepdims=True)
+    spread = centred.std(0, keepdims=True)
+    constant = spread <= 1e-6 * (1.0 + np.abs(X).mean(0, keepdims=True))
+    return np.where(constant, 0.0, centred / np.where(constant, 1.0, spread))
 
 
 def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -113,6 +132,7 @@ class Ensemble(Method):
         self.fitted: dict[str, Method] = {}
         self.weights = np.zeros((0, 0), np.float32)  # (genes or 1, members)
         self.intercepts = np.zeros(0, np.float32)
+        self.deviations: np.ndarray | None = None  # (genes, members) on standardised predictions ('sample')
 
     @property
     def halo_hops(self) -> tuple[int, ...]:
@@ -124,6 +144,10 @@ class Ensemble(Method):
     @property
     def reads_field(self) -> bool:
         return any(m.reads_field for m in self._members().values())
+
+    @property
+    def predicts_whole_samples(self) -> bool:
+        return self.config.scale_within == "sample"
 
     def _members(self) -> dict[str, Method]:
         if self.fitted:
@@ -215,6 +239,8 @@ class Ensemble(Method):
         if not self.fitted:
             raise He2stError(f"ensemble: no member could be fitted ({'; '.join(f'{k}: {v}' for k, v in dropped.items())})")
         self.weights = self.weights[:, [kept.index(lb) for lb in self.fitted]]
+        if self.deviations is not None:
+            self.deviations = self.deviations[:, [kept.index(lb) for lb in self.fitted]]
         log = TrainLog()
         log.selection = {
             "inner_folds": ["+".join(fold) for fold in held_out],
@@ -225,6 +251,7 @@ class Ensemble(Method):
                      for lb_, i, q in variants if lb_ == lb and inner[(lb, i, q)]}
                 for lb in self.fitted},
             "combination": combination,
+            "scale_within": "inner" if self.deviations is None else "sample",
             "weights": {lb: self.weights[:, i].round(4).tolist() for i, lb in enumerate(self.fitted)},
             "dropped": dropped,
             "member_seconds": {lb: round(t, 1) for lb, t in seconds.items()},
@@ -250,23 +277,30 @@ class Ensemble(Method):
 
         What is scored is each gene's pattern within a sample, so everything is fitted on within-sample
         deviations (level shifts between samples and patients would otherwise dominate), and each
-        member's prediction is first put on a common scale (its held-out per-gene spread), so that
-        "equal" means an equal say and stacked weights are comparable. The combination is finally
-        rescaled per gene to the spread of the measured expression.
+        member's prediction is first put on a common scale (``scale_within``: standardised within each
+        held-out sample, as it will be within each predicted one; or its held-out per-gene spread), so
+        that "equal" means an equal say and stacked weights are comparable. The combination is finally
+        rescaled per gene to the spread of the measured expression. Its level is the weighted members'
+        level either way.
         """
         y = spots.targets
+        self.deviations = None
         if not n_folds:
             self.weights = np.full((1, len(predictions)), 1.0 / len(predictions), np.float32)
             self.intercepts = np.zeros(y.shape[1], np.float32)
             return "equal"
         X = np.stack(predictions, axis=-1).astype(np.float64)  # (spots, genes, members)
         Xc, yc = X.copy(), y.astype(np.float64)
+        by_sample = self.config.scale_within == "sample"
+        Z = np.empty_like(X)
         for sid in np.unique(np.asarray(spots.sample_ids).astype(str)):
             rows = np.asarray(spots.sample_ids).astype(str) == sid
             Xc[rows] -= X[rows].mean(0, keepdims=True)
             yc[rows] -= y[rows].mean(0, keepdims=True)
+            Z[rows] = _standardised(X[rows]) if by_sample else 0.0
         spread = np.maximum(Xc.std(0), 1e-8)  # (genes, members)
-        Z = Xc / spread
+        if not by_sample:
+            Z = Xc / spread
         mode = self.config.weights
         if mode == "auto":
             mode = "global" if n_folds >= self.config.min_stacking_folds else "equal"
@@ -281,12 +315,27 @@ class Ensemble(Method):
         scale = yc.std(0) / np.maximum(combined.std(0), 1e-8)
         self.weights = (w / spread * scale[:, None]).astype(np.float32)
         self.intercepts = (y.mean(0) - np.einsum("gm,gm->g", self.weights, X.mean(0))).astype(np.float32)
+        if by_sample:
+            self.deviations = (w * scale[:, None]).astype(np.float32)
         return mode
 
     def _predict(self, spots: SpotSet) -> Prediction:
-        preds = np.stack([m.predict(spots).expression for m in self.fitted.values()], axis=-1)
-        expression = (preds * self.weights[None]).sum(-1) + self.intercepts
-        return Prediction(expression.astype(np.float32), list(self.panel.genes))
+        preds = np.stack([m.predict(spots).expression for m in self.fitted.values()], axis=-1)  # (n, G, M)
+        if self.deviations is None:
+            expression = (preds * self.weights[None]).sum(-1) + self.intercepts
+            return Prediction(expression.astype(np.float32), list(self.panel.genes))
+        # each predicted sample: the weighted members' level, plus their standardised patterns' combination
+        # (in blocks of genes, so that a whole slide's float64 copies stay small)
+        expression = np.empty(preds.shape[:2], np.float32)
+        sample_ids = np.asarray(spots.sample_ids).astype(str)
+        for sid in np.unique(sample_ids):
+            rows = np.flatnonzero(sample_ids == sid)
+            for a in range(0, preds.shape[1], GENE_BLOCK):
+                genes = slice(a, a + GENE_BLOCK)
+                block = preds[rows, genes].astype(np.float64)
+                level = (block.mean(0) * self.weights[genes]).sum(-1) + self.intercepts[genes]
+                expression[rows, genes] = level + (_standardised(block) * self.deviations[None, genes]).sum(-1)
+        return Prediction(expression, list(self.panel.genes))
 
     # ------------------------------------------------------------------ persistence
     def layout(self) -> dict[str, Any]:
@@ -297,6 +346,8 @@ class Ensemble(Method):
 
     def state(self) -> dict[str, torch.Tensor]:
         state = {"weights": torch.from_numpy(self.weights), "intercepts": torch.from_numpy(self.intercepts)}
+        if self.deviations is not None:
+            state["deviations"] = torch.from_numpy(self.deviations)
         for label, member in self.fitted.items():
             state |= {f"{label}.{k}": v for k, v in member.state().items()}
             if member.bank is not None:
@@ -309,6 +360,7 @@ class Ensemble(Method):
 
     def load_state(self, state: dict[str, torch.Tensor], layout: dict[str, Any]) -> None:
         self.weights, self.intercepts = state["weights"].numpy(), state["intercepts"].numpy()
+        self.deviations = state["deviations"].numpy() if "deviations" in state else None
         self.fitted = {}
         for label, saved in layout["members"].items():
             method = self._create(label)

@@ -221,7 +221,9 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_siz
                 mpp: float, library_id: str, gene_index: list[int], partial: Path, chunk: int,
                 on_chunk: Callable[[ChunkInfo], None] | None) -> None:
     """Read (one chunk ahead, in a thread), embed and commit chunks; predict each chunk once the
-    features of its neighbourhood halo (methods that read neighbouring spots) are committed."""
+    features of its neighbourhood halo (methods that read neighbouring spots) are committed. A method
+    that predicts whole samples predicts every spot together once all are embedded (its memory then
+    grows with the slide's spots)."""
     n = len(grid)
     n_chunks = (n + chunk - 1) // chunk
     hops = method.halo_hops
@@ -240,10 +242,15 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_siz
         return np.concatenate([
             embedder(patches[j : j + batch_size])[0] for j in range(0, len(patches), batch_size)])
 
+    whole = method.predicts_whole_samples
+
     def predict(fh: h5py.File, i: int, features: np.ndarray | None, patches: np.ndarray | None) -> None:
-        a, b = i * chunk, min((i + 1) * chunk, n)
-        rows = _halo_rows(tree, grid.xy, np.arange(a, b), hops)
-        if features is None or len(rows) != b - a:
+        """Chunk ``i`` with its halo, or (``whole``) every spot, which then counts as all chunks."""
+        a, b = (0, n) if whole else (i * chunk, min((i + 1) * chunk, n))
+        rows = np.arange(n) if whole else _halo_rows(tree, grid.xy, np.arange(a, b), hops)
+        if whole:
+            features, patches = fh["features"][:], None
+        elif features is None or len(rows) != b - a:
             features, patches = fh["features"][rows], None
         spots = SpotSet(sample_ids=np.full(len(rows), library_id, dtype=object),
                         barcodes=np.asarray([grid.names[r] for r in rows], dtype=object), features=features[:, :dim],
@@ -262,10 +269,12 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_siz
                 fh.create_dataset(key, shape=(n, *values.shape[1:]), dtype=np.float32, fillvalue=np.nan)
                 fh[key].attrs["kind"] = kind
             fh[key][a:b] = values[keep]
-        fh.attrs["predicted_chunks"] = i + 1
+        fh.attrs["predicted_chunks"] = n_chunks if whole else i + 1
 
     def ready(fh: h5py.File, i: int) -> bool:
-        """Chunk ``i``'s halo lies in committed chunks."""
+        """Chunk ``i``'s halo lies in committed chunks (for ``whole``: every chunk is)."""
+        if whole:
+            return int(fh.attrs["embedded_chunks"]) == n_chunks
         if not hops:
             return int(fh.attrs["embedded_chunks"]) > i
         a, b = i * chunk, min((i + 1) * chunk, n)
