@@ -101,11 +101,21 @@ class EnsembleConfig(MethodConfig):
 
 
 def _standardised(X: np.ndarray) -> np.ndarray:
-    """``X`` (spots, ...) centred and scaled to unit spread along the spots; zero where it is constant."""
+    """``X`` (spots, ...) centred and scaled to unit spread along the spots; zero where it is constant up to
+    float noise (not only exactly, as ``stats.constant_columns`` tests: noise must not be blown up to unit
+    spread and given a member's say)."""
     centred = X - X.mean(0, keepdims=True)
     spread = centred.std(0, keepdims=True)
     constant = spread <= 1e-6 * (1.0 + np.abs(X).mean(0, keepdims=True))
     return np.where(constant, 0.0, centred / np.where(constant, 1.0, spread))
+
+
+def _sample_codes(sample_ids: list[str]) -> tuple[list[str], list[int]]:
+    """A bank's sample ids as a checkpoint keeps them: the samples in order of appearance (layout) and
+    each row's index among them (a tensor)."""
+    names = list(dict.fromkeys(sample_ids))
+    index = {sid: i for i, sid in enumerate(names)}
+    return names, [index[sid] for sid in sample_ids]
 
 
 def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -292,12 +302,14 @@ class Ensemble(Method):
         X = np.stack(predictions, axis=-1).astype(np.float64)  # (spots, genes, members)
         Xc, yc = X.copy(), y.astype(np.float64)
         by_sample = self.config.scale_within == "sample"
-        Z = np.empty_like(X)
-        for sid in np.unique(np.asarray(spots.sample_ids).astype(str)):
-            rows = np.asarray(spots.sample_ids).astype(str) == sid
+        Z = np.empty_like(X) if by_sample else None  # standardised within each held-out sample
+        sample_ids = np.asarray(spots.sample_ids).astype(str)
+        for sid in np.unique(sample_ids):
+            rows = sample_ids == sid
             Xc[rows] -= X[rows].mean(0, keepdims=True)
             yc[rows] -= y[rows].mean(0, keepdims=True)
-            Z[rows] = _standardised(X[rows]) if by_sample else 0.0
+            if by_sample:
+                Z[rows] = _standardised(X[rows])
         spread = np.maximum(Xc.std(0), 1e-8)  # (genes, members)
         if not by_sample:
             Z = Xc / spread
@@ -340,7 +352,7 @@ class Ensemble(Method):
     # ------------------------------------------------------------------ persistence
     def layout(self) -> dict[str, Any]:
         return {"members": {lb: {"config": m.config.model_dump(mode="json"), "layout": m.layout()}
-                            | ({"bank_samples": list(dict.fromkeys(m.bank.sample_ids))}
+                            | ({"bank_samples": _sample_codes(m.bank.sample_ids)[0]}
                                if m.bank is not None and m.bank.sample_ids is not None else {})
                             for lb, m in self.fitted.items()}}
 
@@ -354,8 +366,7 @@ class Ensemble(Method):
                 state |= {f"{label}.bank.{k}": torch.from_numpy(np.ascontiguousarray(v))
                           for k, v in (("embeddings", member.bank.embeddings), ("expression", member.bank.expression))}
                 if member.bank.sample_ids is not None:  # per-sample retrieval needs each row's sample
-                    names = {sid: i for i, sid in enumerate(dict.fromkeys(member.bank.sample_ids))}
-                    state[f"{label}.bank.sample_index"] = torch.tensor([names[s] for s in member.bank.sample_ids])
+                    state[f"{label}.bank.sample_index"] = torch.tensor(_sample_codes(member.bank.sample_ids)[1])
         return state
 
     def load_state(self, state: dict[str, torch.Tensor], layout: dict[str, Any]) -> None:

@@ -227,7 +227,8 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_siz
     n = len(grid)
     n_chunks = (n + chunk - 1) // chunk
     hops = method.halo_hops
-    tree = cKDTree(grid.xy) if hops else None
+    whole = method.predicts_whole_samples
+    tree = cKDTree(grid.xy) if hops and not whole else None  # halos: chunk by chunk only
     sides = [patch.field_um / mpp] + ([patch.context_field().field_um / mpp] if method.reads_field else [])
     dim = embedder.encoder.embed_dim
 
@@ -241,8 +242,6 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_siz
     def embed(patches: np.ndarray) -> np.ndarray:
         return np.concatenate([
             embedder(patches[j : j + batch_size])[0] for j in range(0, len(patches), batch_size)])
-
-    whole = method.predicts_whole_samples
 
     def predict(fh: h5py.File, i: int, features: np.ndarray | None, patches: np.ndarray | None) -> None:
         """Chunk ``i`` with its halo, or (``whole``) every spot, which then counts as all chunks."""
