@@ -280,7 +280,7 @@ def test_ensemble_chooses_each_members_context_on_inner_folds():
     train = with_field(train.subset(np.isin(train.sample_ids, ["s1", "s2"])))
     members = {"knn": {"method": "knn", "top_k": 5}, "plain_knn": {"method": "knn", "top_k": 5, "context_neighbours": 0},
                "bleep": {"method": "bleep", "ensemble": 1, "context_neighbours": 0} | FAST}
-    method = create_method("ensemble", members=members)
+    method = create_method("ensemble", members=members, min_selection_folds=2)  # let two inner folds choose
     method.panel = GenePanel(genes=train.genes)
     method.card = method.card.model_copy(update={"training_samples": {"s1": "P1", "s2": "P2"}})
     sel = method.fit(train).selection
@@ -301,6 +301,25 @@ def test_ensemble_chooses_each_members_context_on_inner_folds():
         kept["query_neighbours"]
     with pytest.raises(He2stError, match="on its members"):
         create_method("ensemble", context_neighbours=6)
+
+
+def test_ensemble_members_keep_their_configuration_on_too_few_inner_folds():
+    """Two inner folds choose nothing (min_selection_folds=3): each member is fitted on them as configured
+    only, runs as configured, and the members have an equal say; the old option name still loads."""
+    train, _, _ = two_patient_spots()
+    train = with_field(train.subset(np.isin(train.sample_ids, ["s1", "s2"])))
+    members = {"knn": {"method": "knn", "top_k": 5},
+               "bleep": {"method": "bleep", "ensemble": 1, "context_neighbours": 0} | FAST}
+    method = create_method("ensemble", members=members)
+    method.panel = GenePanel(genes=train.genes)
+    method.card = method.card.model_copy(update={"training_samples": {"s1": "P1", "s2": "P2"}})
+    sel = method.fit(train).selection
+    assert len(sel["inner_folds"]) == 2 and sel["combination"] == "equal"
+    assert {lb: list(v) for lb, v in sel["context_inner_pearson"].items()} == {
+        "knn": ["{}"], "bleep": ['{"query_neighbours": 6}']}  # only the members as configured were fitted
+    assert sel["context"] == {"knn": {}, "bleep": {"query_neighbours": 6}}
+    assert method.fitted["knn"].config.context_neighbours == 0 and method.fitted["bleep"].config.query_neighbours == 6
+    assert create_method("ensemble", min_stacking_folds=4).config.min_selection_folds == 4
 
 
 def test_ensemble_fits_weights_once_enough_patients_are_held_out():

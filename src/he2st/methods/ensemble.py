@@ -17,11 +17,16 @@ Spatial context is chosen the same way: each member is tried with every ``contex
 the mean of its 6 nearest spots, that plus the 3x field around it; each a refit) and, for retrieval
 members, every ``query_neighbours`` value (query-time averaging with the nearest spots; no refit). A
 member keeps its own configuration unless the variant with the best inner score beats it by more than
-one standard error of their paired per-fold differences (with two inner folds: unless it is ahead in
-both) -- on a few small inner folds the plain best is mostly the luckiest. So whether context helps,
-and how much, is decided on the training patients of each dataset, not by hand on one. The neural
-members (``bleep``, ``carhe``) pin their feature context to none by default: their context is chosen at
-query time only, and each of them is trained once per inner fold.
+one standard error of their paired per-fold differences -- on a few small inner folds the plain best is
+mostly the luckiest. So whether context helps, and how much, is decided on the training patients of each
+dataset, not by hand on one. The neural members (``bleep``, ``carhe``) pin their feature context to none
+by default: their context is chosen at query time only, and each of them is trained once per inner fold.
+
+Inner scores choose nothing -- neither a variant nor stacked weights -- on fewer than
+``min_selection_folds`` (3) inner folds: two folds give a standard error on one degree of freedom (the
+rule then only asks a variant to be ahead in both), and on her2st the variants so chosen for the fold
+holding out patient A were ahead on both inner folds and behind on A. With fewer folds each member runs
+as configured, only that configuration is fitted on the inner folds, and the members have an equal say.
 
 An inner score is the mean over held-out samples of each sample's mean per-gene Pearson, which is what
 the benchmark reports. A correlation pooled over several held-out sections would also reward getting
@@ -43,7 +48,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from sklearn.linear_model import LinearRegression
 
 from he2st.data.splits import held_out_groups, validation_mask
@@ -83,10 +88,15 @@ class EnsembleConfig(MethodConfig):
     weights: Literal["auto", "global", "per_gene", "equal"] = Field(
         "auto", description="how the members' held-out predictions (each on a common per-gene scale) are "
         "combined: one non-negative weight per member fitted for all genes ('global'), one set per gene "
-        "('per_gene'), or an equal say ('equal'); 'auto': 'global' with at least min_stacking_folds inner folds, "
-        "else 'equal' -- weights fitted on one or two held-out patients are mostly noise, and a plain average of "
-        "diverse members is then the more reliable combination")
-    min_stacking_folds: int = Field(3, ge=2, description="inner folds needed before 'auto' fits weights")
+        "('per_gene'), or an equal say ('equal'); 'auto': 'global' with at least min_selection_folds inner "
+        "folds, else 'equal' -- weights fitted on one or two held-out patients are mostly noise, and a plain "
+        "average of diverse members is then the more reliable combination")
+    min_selection_folds: int = Field(
+        3, ge=2, validation_alias=AliasChoices("min_selection_folds", "min_stacking_folds"),
+        description="inner folds needed before their scores choose anything: a member's context variant (with "
+        "fewer, each member keeps its own configuration and only that is fitted on the inner folds) and, under "
+        "weights='auto', stacked weights (with fewer, an equal say); two folds give a standard error on one "
+        "degree of freedom")
     scale_within: Literal["sample", "inner"] = Field(
         "sample", description="the common per-gene scale of the members: 'sample' = each member's predictions "
         "standardised within each predicted sample (slide), so that every member has its stated say on every "
@@ -203,8 +213,12 @@ class Ensemble(Method):
         groups = self.training_groups(spots)
         seconds: defaultdict[str, float] = defaultdict(float)  # each member's fits, inner and final
         held_out = held_out_groups(groups, self.config.inner_folds)
-        fits = [(label, i) for label in self.config.members for i in range(len(self._candidates(label)))]
-        variants = [(lb, i, q) for lb, i in fits for q in range(len(self._queries(lb)))]
+        selecting = len(held_out) >= self.config.min_selection_folds
+        defaults = {label: self._default_variant(label) for label in self.config.members}
+        fits = [(label, i) for label in self.config.members
+                for i in (range(len(self._candidates(label))) if selecting else [defaults[label][0]])]
+        variants = [(lb, i, q) for lb, i in fits
+                    for q in (range(len(self._queries(lb))) if selecting else [defaults[lb][1]])]
         failed: dict[tuple[str, int], str] = {}
         inner: dict[tuple[str, int, int], list[float]] = {v: [] for v in variants}
         oof = {v: np.full(spots.targets.shape, np.nan, np.float32) for v in variants}
@@ -214,8 +228,8 @@ class Ensemble(Method):
                 try:
                     member = self._fit_member(label, self._candidates(label)[i], spots.subset(~test), groups[~test],
                                                seconds)
-                    for q, query in enumerate(self._queries(label)):
-                        member.config = member.config.model_copy(update=query)
+                    for q in [q for lb, i_, q in variants if (lb, i_) == (label, i)]:
+                        member.config = member.config.model_copy(update=self._queries(label)[q])
                         pred = member.predict(spots.subset(test)).expression
                         oof[(label, i, q)][test] = pred
                         inner[(label, i, q)].append(
@@ -230,11 +244,11 @@ class Ensemble(Method):
             if not ok:
                 dropped[label] = "; ".join(dict.fromkeys(failed[(lb, i)] for lb, i in fits if lb == label))
                 continue
-            default = self._default_variant(label)
+            default = defaults[label]
             if default not in ok:  # the member as configured could not run: the first variant that did
                 default = ok[0]
             scores = {v: inner[(label, *v)] for v in ok}
-            chosen[label] = one_standard_error_choice(scores, default) if held_out else default
+            chosen[label] = one_standard_error_choice(scores, default) if selecting else default
         combination = self._stack(spots, [oof[(lb, *v)] for lb, v in chosen.items()], len(held_out))
         kept = list(chosen)
         self.fitted = {}
@@ -315,7 +329,7 @@ class Ensemble(Method):
             Z = Xc / spread
         mode = self.config.weights
         if mode == "auto":
-            mode = "global" if n_folds >= self.config.min_stacking_folds else "equal"
+            mode = "global" if n_folds >= self.config.min_selection_folds else "equal"
         members = X.shape[-1]
         if mode == "equal":
             w = np.full((y.shape[1], members), 1.0 / members)
