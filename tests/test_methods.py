@@ -322,6 +322,26 @@ def test_ensemble_members_keep_their_configuration_on_too_few_inner_folds():
     assert create_method("ensemble", min_stacking_folds=4).config.min_selection_folds == 4
 
 
+def test_ensemble_refits_each_member_as_it_would_be_fitted_on_its_own():
+    """Given validation spots, the refitted members stop early on them, as the same methods fitted on the
+    same (train, val) alone: the ensemble's member and the member's own benchmark row are one model."""
+    train, test, _ = two_patient_spots()
+    train = train.subset(np.isin(train.sample_ids, ["s1", "s2"]))
+    rows = np.arange(len(train))
+    fit, val = train.subset(rows % 5 != 0), train.subset(rows % 5 == 0)
+    bleep = {"ensemble": 1, "context_neighbours": 0} | FAST
+    method = create_method("ensemble", members={"bleep": {"method": "bleep"} | bleep})
+    method.panel = GenePanel(genes=train.genes)
+    method.card = method.card.model_copy(update={"training_samples": {"s1": "P1", "s2": "P2"}})
+    method.fit(fit, val)
+    alone = create_method("bleep", **bleep)
+    alone.panel, alone.card = method.panel, method.card
+    alone.fit(fit, val)
+    query = test.without_expression()
+    np.testing.assert_allclose(method.fitted["bleep"].predict(query).expression, alone.predict(query).expression,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_ensemble_fits_weights_once_enough_patients_are_held_out():
     """With three or more inner folds, 'auto' fits non-negative stacking weights on the held-out
     predictions, on a common scale per member: the weaker member (1-nearest-neighbour retrieval)

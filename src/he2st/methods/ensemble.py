@@ -7,7 +7,8 @@ programmes) -- are combined with non-negative weights chosen by cross-validation
 patients only*: each member is fitted with one training patient held out and predicts
 that patient; the held-out predictions of all inner folds are stacked and a non-negative linear
 regression of the measured expression on them gives the weights (one set for all genes, or one per
-gene). The members are then refitted on all training spots. The outer test patients are never seen:
+gene). The members are then refitted on all training spots, each early-stopped on the caller's validation
+spots as it would be fitted on its own. The outer test patients are never seen:
 this is the inner loop of nested cross-validation, run inside ``fit``. Weights apply to each member's
 prediction standardised per gene within each held-out sample, and at prediction within each predicted
 sample (``scale_within``): a refitted member shown a new slide spreads its predictions differently from
@@ -196,10 +197,12 @@ class Ensemble(Method):
         return [{"query_neighbours": k} for k in self.config.query_neighbours] or [{}]
 
     def _fit_member(self, label: str, context: dict[str, Any], spots: SpotSet, groups: np.ndarray,
-                    seconds: defaultdict[str, float]) -> Method:
-        """Member ``label`` with ``context`` fitted on ``spots``; its fitting time is added to ``seconds``."""
-        val = validation_mask(spots.sample_ids, self.config.validation_fraction, seed=self.config.seed,
-                              patients=groups)
+                    seconds: defaultdict[str, float], val: np.ndarray | None = None) -> Method:
+        """Member ``label`` with ``context`` fitted on ``spots``, early-stopped on the rows ``val`` (drawn
+        from ``spots`` as every he2st fit draws them when not given); its fitting time is added to ``seconds``."""
+        if val is None:
+            val = validation_mask(spots.sample_ids, self.config.validation_fraction, seed=self.config.seed,
+                                  patients=groups)
         method = self._create(label, context)
         start = time.perf_counter()
         try:
@@ -210,6 +213,8 @@ class Ensemble(Method):
 
     def _fit(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         spots = train if val is None else SpotSet.concat([train, val])
+        # the refitted members stop early on the caller's validation spots, as each would fitted on its own
+        given_val = None if val is None or not len(val) else np.arange(len(spots)) >= len(train)
         groups = self.training_groups(spots)
         seconds: defaultdict[str, float] = defaultdict(float)  # each member's fits, inner and final
         held_out = held_out_groups(groups, self.config.inner_folds)
@@ -254,7 +259,7 @@ class Ensemble(Method):
         self.fitted = {}
         for label, (i, q) in chosen.items():
             try:
-                member = self._fit_member(label, self._candidates(label)[i], spots, groups, seconds)
+                member = self._fit_member(label, self._candidates(label)[i], spots, groups, seconds, given_val)
             except He2stError as exc:
                 dropped[label] = str(exc)
                 continue
