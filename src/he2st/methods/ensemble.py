@@ -213,7 +213,7 @@ class Ensemble(Method):
 
     def _fit(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         spots = train if val is None else SpotSet.concat([train, val])
-        # the refitted members stop early on the caller's validation spots, as each would fitted on its own
+        # the refitted members stop early on the caller's validation spots, as each does when fitted on its own
         given_val = None if val is None or not len(val) else np.arange(len(spots)) >= len(train)
         groups = self.training_groups(spots)
         seconds: defaultdict[str, float] = defaultdict(float)  # each member's fits, inner and final
