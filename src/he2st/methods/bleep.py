@@ -67,11 +67,8 @@ class BLEEPConfig(RetrievalConfig, FinetuneConfig):
         "physically nearest spots predicted together (same slide; the hexagon ring); 0: off (BLEEP). On her2st "
         "it took bleep from 0.079 to 0.098 HEG-50 (LOPO) and from 0.082 to 0.094 (LOSO)")
     train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=60, batch_size=128, lr=3e-4, weight_decay=1e-3),
-        description="optimiser and early stopping (BLEEP: AdamW lr 1e-3, wd 1e-3, batch 256). The lr is lower than "
-        "BLEEP's: with its learned temperature and whole-set negatives on a few thousand spots, at 1e-3 the score "
-        "on a held-out her2st patient swung from 0.14 to -0.035 and back to 0.12 between epochs 1, 4 and 7, so "
-        "early stopping picked by luck; at 3e-4 HEG-50 LOPO went from 0.098 to 0.116 (mean of three seeds)")
+        default_factory=lambda: TrainConfig(epochs=60, batch_size=128, lr=1e-3, weight_decay=1e-3),
+        description="optimiser and early stopping (BLEEP: AdamW lr 1e-3, wd 1e-3, batch 256)")
 
 
 BLEEPFaithfulConfig = preset(
