@@ -220,10 +220,16 @@ class Ensemble(Method):
         held_out = held_out_groups(groups, self.config.inner_folds)
         selecting = len(held_out) >= self.config.min_selection_folds
         defaults = {label: self._default_variant(label) for label in self.config.members}
-        fits = [(label, i) for label in self.config.members
-                for i in (range(len(self._candidates(label))) if selecting else [defaults[label][0]])]
-        variants = [(lb, i, q) for lb, i in fits
-                    for q in (range(len(self._queries(lb))) if selecting else [defaults[lb][1]])]
+
+        def tried(label: str) -> tuple[list[int], list[int]]:
+            """The member's context options and query options fitted on the inner folds: all when they
+            choose, else only the member as configured."""
+            if selecting:
+                return list(range(len(self._candidates(label)))), list(range(len(self._queries(label))))
+            return [defaults[label][0]], [defaults[label][1]]
+
+        fits = [(label, i) for label in self.config.members for i in tried(label)[0]]
+        variants = [(lb, i, q) for lb, i in fits for q in tried(lb)[1]]
         failed: dict[tuple[str, int], str] = {}
         inner: dict[tuple[str, int, int], list[float]] = {v: [] for v in variants}
         oof = {v: np.full(spots.targets.shape, np.nan, np.float32) for v in variants}
@@ -233,7 +239,7 @@ class Ensemble(Method):
                 try:
                     member = self._fit_member(label, self._candidates(label)[i], spots.subset(~test), groups[~test],
                                                seconds)
-                    for q in [q for lb, i_, q in variants if (lb, i_) == (label, i)]:
+                    for q in tried(label)[1]:
                         member.config = member.config.model_copy(update=self._queries(label)[q])
                         pred = member.predict(spots.subset(test)).expression
                         oof[(label, i, q)][test] = pred
