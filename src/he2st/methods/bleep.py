@@ -74,7 +74,7 @@ class BLEEPConfig(RetrievalConfig, FinetuneConfig):
         "score on a held-out her2st patient swung from 0.14 to -0.035 and back to 0.12 between epochs 1, 4 and 7, so "
         "early stopping picked by luck; at 3e-4 HEG-50 LOPO went from 0.098 to 0.116 (mean of three seeds). At 3e-4 "
         "every her2st fit peaked by the 15th epoch; 20 epochs bound the cost on large studies, where an epoch holds many "
-        "more steps (on 10,000 synthetic spots the validation score still rose at epoch 41)")
+        "more steps (on 10,000 synthetic spots the validation Pearson crept from 0.3501 at epoch 20 to 0.3504 at 41)")
 
 
 BLEEPFaithfulConfig = preset(
