@@ -58,3 +58,43 @@ def test_her2st_tls_cli_on_a_measured_section(prepared, tmp_path):
     assert (tmp_path / "B4.tls.png").exists()
     lymphoid = out.obsm["celltype_major"][["B-cells", "T-cells"]].sum(axis=1).to_numpy()
     assert np.corrcoef(out.obs["tls_score"], lymphoid)[0, 1] > 0.3
+
+
+def _prediction(path, genes, expected_r_low=None):
+    """A prediction file as `he2st predict` writes one (log1p CP10k values, spots on a grid)."""
+    import anndata as ad
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    var = pd.DataFrame(index=pd.Index(genes, name="gene"))
+    if expected_r_low is not None:
+        var["expected_r"] = var["expected_r_low"] = np.float32(expected_r_low)
+    adata = ad.AnnData(X=rng.gamma(2.0, 0.5, size=(100, len(genes))).astype(np.float32), var=var)
+    adata.obsm["spatial"] = np.stack(np.meshgrid(np.arange(10), np.arange(10)), -1).reshape(-1, 2) * 100.0
+    adata.uns["he2st"] = {"target_transform": "log1p_cp10k"}
+    adata.write_h5ad(path)
+    return path
+
+
+CHEMOKINES = ["CCL2", "CCL3", "CCL4", "CCL5", "CCL8", "CCL18", "CCL19", "CCL21", "CXCL9", "CXCL10", "CXCL11", "CXCL13"]
+
+
+def test_tls_calls_say_no_when_the_prediction_cannot_support_them(tmp_path):
+    """A panel that lacks most of the signature, or a model that cannot predict its genes on a new patient,
+    gets one line naming what is missing and what to do; --force calls anyway and keeps the reason."""
+    from he2st.errors import He2stError
+    from he2st.workflows.tls import detect_tls, list_signatures
+
+    assert {"chemokine-12", "melanoma-cabrita", "her2st"} <= set(list_signatures())
+    few = _prediction(tmp_path / "few.h5ad", ["CCL19", "CXCL13", "ERBB2", "ACTB"])
+    with pytest.raises(He2stError, match=r"holds 17% of signature chemokine-12's weight \(2 of 12 genes"):
+        detect_tls(few, tmp_path, "chemokine-12")
+    weak = _prediction(tmp_path / "weak.h5ad", CHEMOKINES, expected_r_low=0.02)
+    with pytest.raises(He2stError, match="not predictable enough on a new patient"):
+        detect_tls(weak, tmp_path, "chemokine-12")
+    forced = detect_tls(weak, tmp_path, "chemokine-12", force=True)
+    assert "not predictable" in forced.adata.uns["he2st_tls"]["refused_without_force"]
+    good = detect_tls(_prediction(tmp_path / "good.h5ad", CHEMOKINES, expected_r_low=0.4), tmp_path, "chemokine-12")
+    assert good.adata.uns["he2st_tls"]["refused_without_force"] == "" and good.adata.obs["tls_call"].sum() >= 10
+    with pytest.raises(He2stError, match="unknown TLS signature 'chemokines'"):
+        detect_tls(good.path, tmp_path, "chemokines")

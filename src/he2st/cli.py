@@ -222,6 +222,7 @@ def tls(
              "of their scores (default: of this section's)")] = None,
     sample: Annotated[Path | None, typer.Option(help="measured sample .h5ad: compare TLS scores (r, AUROC)")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: beside the input)")] = None,
+    force: Annotated[bool, typer.Option(help="call spots even where the prediction cannot support it (noted)")] = False,
 ) -> None:
     """TLS score per spot (her2st's published model or any weighted gene list), calls and connected regions,
     written into <out>/<name>.tls.h5ad with a map over the H&E (<name>.tls.png)."""
@@ -229,17 +230,17 @@ def tls(
     from he2st.workflows.tls import detect_tls
 
     result = detect_tls(prediction, out or prediction.parent, model, threshold, quantile,
-                        [Path(p) for p in threshold_from.split(",")] if threshold_from else None, sample)
+                        [Path(p) for p in threshold_from.split(",")] if threshold_from else None, sample, force)
     info = result.adata.uns["he2st_tls"]
     _echo(f"TLS score from {info['genes_used']} genes ({info['weight_coverage']:.0%} of the model's weight); "
           f"threshold {info['threshold']:.4g} from {result.threshold_source}: {info['n_called']} spots called "
           f"in {info['n_regions']} regions")
-    if info["weight_coverage"] < 0.5:
-        _echo("caution: most of the model's weight is on genes the input lacks (predict the whole transcriptome "
-              "with a retrieval method, or give a signature of predicted genes)")
+    if info["refused_without_force"]:
+        _echo(f"caution (--force): {info['refused_without_force']}")
     if result.agreement is not None:
         _echo(f"against the measured sample: r {result.agreement['pearson']:.3f}, AUROC for its top-decile spots "
-              f"{result.agreement['auroc_top_decile']:.3f}")
+              f"{result.agreement['auroc_top_decile']:.3f}, precision of the calls "
+              f"{result.agreement.get('precision', float('nan')):.3f}")
     _echo(f"written: {result.path} and {draw_tls_map(result.adata, result.path.with_suffix('.png'))}")
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 
 from he2st.errors import He2stError
 from he2st.evaluate.metrics import SET_METRICS, evaluate_sample
+from he2st.evaluate.reliability import RELIABILITY_METRICS
 
 __all__ = ["FoldResult", "Level", "average_results", "evaluate_fold", "summarise", "summarise_extra"]
 
@@ -157,7 +158,7 @@ def summarise(fold_results: Iterable[FoldResult], level: Level = "per_sample") -
         scores = {r.fold: r.set_scores(level) for r in results if r.method == method}
         set_names = list(dict.fromkeys(name for s in scores.values() for name in s))
         for name in set_names:
-            for metric in SET_METRICS:
+            for metric in SET_METRICS + RELIABILITY_METRICS:
                 values = {f: s[name][metric] for f, s in scores.items() if metric in s.get(name, {})}
                 if not values:
                     continue

@@ -10,8 +10,9 @@ from typing import Any
 import pandas as pd
 
 from he2st.errors import He2stError
+from he2st.evaluate.reliability import RELIABILITY_METRICS
 
-__all__ = ["extra_markdown", "markdown_report", "to_markdown"]
+__all__ = ["extra_markdown", "markdown_report", "reliability_markdown", "to_markdown"]
 
 #: Metrics shown as tables in results.md (counts stay in the CSV and JSON).
 _MARKDOWN_METRICS = ("pearson_mean", "pearson_median", "spearman_mean", "gene_gene_corr", "mse", "mae")
@@ -73,6 +74,18 @@ def to_markdown(
     return _markdown_table(["method", *sets], body)
 
 
+def reliability_markdown(summary: pd.DataFrame) -> str:
+    """Methods x reliability metrics (gene set ``all``), or '' when no method was calibrated."""
+    rows = summary[(summary["gene_set"] == "all") & summary["metric"].isin(RELIABILITY_METRICS)]
+    if rows.empty:
+        return ""
+    metrics = [m for m in RELIABILITY_METRICS if m in set(rows["metric"])]
+    lookup = {(r.method, r.metric): (r.mean, r.sd) for r in rows.itertuples(index=False)}
+    body = [[method, *(_cell(*lookup[(method, m)]) if (method, m) in lookup else "n/a" for m in metrics)]
+            for method in dict.fromkeys(rows["method"])]
+    return _markdown_table(["method", *metrics], body)
+
+
 def markdown_report(summary: pd.DataFrame, provenance: Mapping[str, Any], extra: pd.DataFrame,
                     tls: str | None = None) -> str:
     """results.md: the gene-set tables, scores beyond the panel and, when given, the TLS section."""
@@ -92,6 +105,16 @@ def markdown_report(summary: pd.DataFrame, provenance: Mapping[str, Any], extra:
     for metric in _MARKDOWN_METRICS:
         if metric in set(summary["metric"]):
             parts.append(f"## {metric}\n\n" + to_markdown(summary, metric, sets))
+    reliability = reliability_markdown(summary)
+    if reliability:
+        parts.append(
+            "## reliability\n\nWhat the model said of itself, measured only on its training patients' inner folds, "
+            "checked on the held-out samples (gene set `all`, mean ± sd over folds). `coverage90`: fraction of "
+            "measured values inside the 90% conformal intervals (target 0.9); `interval_width90`: their mean "
+            "width, on the panel's scale; `*_constant`: the same for constant-width conformal intervals, the "
+            "baseline; `predictability_spearman`: Spearman across genes of expected vs realised per-gene r; "
+            "`ood_auroc`: how well the out-of-distribution score finds the top decile of spots by mean "
+            "absolute error (0.5: chance); `ood_fraction`: spots flagged out of distribution.\n\n" + reliability)
     if not extra.empty:
         parts.append(
             "## beyond the panel\n\nWhole-transcriptome retrieval (genes measured in every training sample; "

@@ -11,6 +11,7 @@ abundance first (``expm1 / 1e4``), so predicted and measured sections are scored
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,20 @@ from he2st.errors import He2stError
 
 HER2ST_MODEL = Path("res") / "TLS-pred" / "coef-full.tsv.gz"  # inside the her2st dataset folder
 HER2ST_SIGNATURE = Path("res") / "TLS-pred" / "tls-signature.tsv.gz"  # its 172-gene signature, same folder
+#: published TLS gene lists shipped with he2st (``signatures/<name>.tsv``, unit weights), scored by the rule above
+PACKAGED_SIGNATURES = ("chemokine-12", "melanoma-cabrita")
+SIGNATURE_SOURCES = {
+    "her2st": "Andersson et al. 2021, Nat Commun 12:6012 -- her2st's TLS model (breast; needs the her2st dataset)",
+    "her2st-signature": "Andersson et al. 2021 -- the 172-gene signature of that model (breast; her2st dataset)",
+    "chemokine-12": "Coppola et al. 2011, Am J Pathol 179:37; Messina et al. 2012, Sci Rep 2:765 -- 12 chemokines "
+                    "(CCL2-5, 8, 18, 19, 21, CXCL9-11, 13; colorectal cancer, melanoma and others)",
+    "melanoma-cabrita": "Cabrita et al. 2020, Nature 577:561 -- 9-gene TLS signature (melanoma)",
+}
+
+
+def packaged_signature(name: str) -> Path:
+    """The file of a TLS signature shipped with he2st."""
+    return Path(str(resources.files("he2st.evaluate") / "signatures" / f"{name}.tsv"))
 
 
 def gene_symbols(names) -> pd.Index:
@@ -118,9 +133,15 @@ def tls_regions(score: np.ndarray, xy: np.ndarray, threshold: float, link: float
     return regions
 
 
-def tls_agreement(predicted: np.ndarray, measured: np.ndarray, top: float = 0.1) -> dict[str, float]:
-    """How well a predicted TLS score follows the measured one on a section: Pearson r, and AUROC of the
-    predicted score for the spots whose measured score is in the top ``top`` fraction."""
+def tls_agreement(predicted: np.ndarray, measured: np.ndarray, top: float = 0.1,
+                  threshold: float | None = None) -> dict[str, float]:
+    """How well a predicted TLS score follows the measured one on a section: Pearson r, AUROC of the
+    predicted score for the spots whose measured score is in the top ``top`` fraction, and with a call
+    ``threshold`` the precision of the calls (called spots that are in that top fraction)."""
     positive = measured >= np.quantile(measured, 1 - top)
     auroc = float(roc_auc_score(positive, predicted)) if 0 < positive.sum() < len(positive) else float("nan")
-    return {"pearson": float(np.corrcoef(predicted, measured)[0, 1]), "auroc_top_decile": auroc}
+    scores = {"pearson": float(np.corrcoef(predicted, measured)[0, 1]), "auroc_top_decile": auroc}
+    if threshold is not None:
+        called = predicted >= threshold
+        scores["precision"] = float(positive[called].mean()) if called.any() else float("nan")
+    return scores

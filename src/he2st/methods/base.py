@@ -22,11 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
+from he2st.data.splits import validation_mask
 from he2st.errors import He2stError
 from he2st.io import atomic_path
 from he2st.methods.bank import ReferenceBank
 from he2st.methods.card import ModelCard
 from he2st.methods.context import context_width, with_context
+from he2st.methods.reliability import Reliability
 
 CHECKPOINT_FORMAT = 2
 
@@ -64,8 +66,9 @@ class Prediction:
 
     expression: np.ndarray
     genes: list[str]
-    uncertainty: dict[str, np.ndarray] = field(default_factory=dict)
+    uncertainty: dict[str, np.ndarray] = field(default_factory=dict)  # per spot (N,), e.g. ood_score
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. predicted cell-type proportions
+    layers: dict[str, np.ndarray] = field(default_factory=dict)  # per spot and gene (N, G): lower, upper
 
 
 @dataclass
@@ -105,6 +108,9 @@ class Method(ABC):
     #: values, as the ensemble's selection does; training reads them only through its validation score)
     query_options: ClassVar[tuple[str, ...]] = ()
     bank: ReferenceBank | None = None  # set by methods with uses_bank
+    #: measured on inner patient folds (``he2st.methods.calibration``); adds intervals and OOD flags
+    reliability: Reliability | None = None
+    coverage: float = 0.9  # level of the intervals added to predictions when ``reliability`` is set
 
     def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:
         base = config.model_dump() if config is not None else {}
@@ -171,7 +177,31 @@ class Method(ABC):
         if self.card is None or (self.uses_bank and self.bank is None):
             raise He2stError(f"method {self.name} has not been fitted (or its reference bank file is missing)")
         self.check_spots(spots)
-        return self._predict(self.contextual(spots.without_expression()))
+        prediction = self._predict(self.contextual(spots.without_expression()))
+        if self.reliability is not None and len(spots):
+            self._annotate(prediction, spots.features)
+        return prediction
+
+    def _annotate(self, prediction: Prediction, features: np.ndarray) -> None:
+        """Add the reliability's intervals (panel genes) and out-of-distribution scores to ``prediction``."""
+        out = self.reliability.annotate(prediction.expression, features, self.coverage)
+        prediction.layers |= {"lower": out.pop("lower"), "upper": out.pop("upper")}
+        prediction.uncertainty |= out
+
+    def out_of_fold(self, spots: SpotSet, groups: np.ndarray, folds: list[np.ndarray]) -> np.ndarray:
+        """Predictions (N, G) of ``spots`` (with targets), each made by a copy of this method fitted without
+        its fold's groups -- with its own validation draw, as a fit on all spots draws one."""
+        oof = np.full(spots.targets.shape, np.nan, np.float32)
+        labels = np.asarray(groups).astype(str)
+        for fold in folds:
+            test = np.isin(labels, fold)
+            inner = spots.subset(~test)
+            val = validation_mask(inner.sample_ids, 0.15, seed=self.config.seed, patients=labels[~test])
+            copy_ = type(self)(self.config)
+            copy_.card = self.card
+            copy_.fit(inner.subset(~val), inner.subset(val))
+            oof[test] = copy_.predict(spots.subset(test)).expression
+        return oof
 
     @abstractmethod
     def _predict(self, spots: SpotSet) -> Prediction:
@@ -239,6 +269,9 @@ class Method(ABC):
             "layout": json.dumps(self.layout()),
             "state": {k: v.detach().cpu().contiguous() for k, v in self.state().items()},
         }
+        if self.reliability is not None:
+            payload["reliability"] = {"layout": json.dumps(self.reliability.layout()),
+                                      "state": self.reliability.state()}
         path = Path(path)
         if self.bank is not None:
             self.bank.save(self.bank_path(path))

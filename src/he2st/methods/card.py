@@ -46,6 +46,8 @@ class ModelCard(BaseModel):
     train_seconds: float | None = None
     selection: dict[str, Any] = Field(
         default_factory=dict, description="choices made on training patients (ensemble: inner scores, weights)")
+    reliability: dict[str, Any] = Field(
+        default_factory=dict, description="predictability measured on inner patient folds of the training data")
     tissue: str = Field("", description="tissue, disease and platform of the training samples: the intended use")
     command: str = Field("", description="the command that trained the model")
 
@@ -84,6 +86,7 @@ class ModelCard(BaseModel):
         lines.append(("panel", f"{len(genes)} genes on the {self.panel.transform} scale: {', '.join(genes[:8])}"
                                f"{', ...' if len(genes) > 8 else ''}"))
         lines.append(("known scores", self._scores_line()))
+        lines.append(("reliability", self._reliability_line()))
         lines.append(("command", self.command or "not recorded"))
         return lines
 
@@ -99,6 +102,17 @@ class ModelCard(BaseModel):
             parts.append(f"ensemble chosen on inner folds of the training patients: {self.selection['combination']}"
                          + (f", weights {self.selection['weights']}" if self.selection.get("weights") else ""))
         return "; ".join(parts) or "none recorded (score it with `he2st evaluate` on held-out patients)"
+
+    def _reliability_line(self) -> str:
+        """Expected accuracy on a new patient, as the inner patient folds measured it."""
+        r = self.reliability
+        if not r:
+            return ("not estimated (needs >= 2 training patients or samples; `he2st train --set reliability=true`): "
+                    "predictions carry no intervals or OOD flags")
+        return (f"on held-out {r['units']} ({', '.join(r['held_out'])}; {r['sections']} sections) mean expected "
+                f"r {r['mean_expected_r']:.3f}; {r['genes_expected_r_above_0.3']} genes above 0.3, "
+                f"{r['genes_lower_bound_above_0.1']} with a 90% lower bound above 0.1; most predictable: "
+                f"{', '.join(r['most_predictable'])}")
 
     def training_line(self) -> str:
         """One human-readable line: 'B4, C2 (patients B, C)'."""

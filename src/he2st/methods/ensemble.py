@@ -154,6 +154,9 @@ class Ensemble(Method):
         self.weights = np.zeros((0, 0), np.float32)  # (genes or 1, members)
         self.intercepts = np.zeros(0, np.float32)
         self.deviations: np.ndarray | None = None  # (genes, members) on standardised predictions ('sample')
+        #: the inner folds' held-out groups and the combination of the members' held-out predictions, kept
+        #: after a fit so that the ensemble's own out-of-fold predictions cost no further fit
+        self._inner: tuple[list[list[str]], np.ndarray] | None = None
 
     @property
     def halo_hops(self) -> tuple[int, ...]:
@@ -273,9 +276,14 @@ class Ensemble(Method):
             self.fitted[label] = member
         if not self.fitted:
             raise He2stError(f"ensemble: no member could be fitted ({'; '.join(f'{k}: {v}' for k, v in dropped.items())})")
-        self.weights = self.weights[:, [kept.index(lb) for lb in self.fitted]]
+        columns = [kept.index(lb) for lb in self.fitted]
+        self.weights = self.weights[:, columns]
         if self.deviations is not None:
-            self.deviations = self.deviations[:, [kept.index(lb) for lb in self.fitted]]
+            self.deviations = self.deviations[:, columns]
+        self._inner = None
+        if held_out:
+            members = np.stack([oof[(lb, *chosen[lb])] for lb in self.fitted], axis=-1)
+            self._inner = ([[str(g) for g in fold] for fold in held_out], self._combine(members, spots.sample_ids))
         log = TrainLog()
         log.selection = {
             "inner_folds": ["+".join(fold) for fold in held_out],
@@ -358,13 +366,24 @@ class Ensemble(Method):
 
     def _predict(self, spots: SpotSet) -> Prediction:
         preds = np.stack([m.predict(spots).expression for m in self.fitted.values()], axis=-1)  # (n, G, M)
+        return Prediction(self._combine(preds, spots.sample_ids), list(self.panel.genes))
+
+    def out_of_fold(self, spots: SpotSet, groups: np.ndarray, folds: list[np.ndarray]) -> np.ndarray:
+        """The members' inner-fold predictions combined as the ensemble combines them, when ``folds`` are the
+        ones its fit held out (weights chosen on those predictions make this a little optimistic); else refits."""
+        if self._inner is not None and len(self._inner[1]) == len(spots) and \
+                self._inner[0] == [[str(g) for g in fold] for fold in folds]:
+            return self._inner[1]
+        return super().out_of_fold(spots, groups, folds)
+
+    def _combine(self, preds: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
+        """The members' predictions (n, G, M) combined into the ensemble's (n, G)."""
         if self.deviations is None:
-            expression = (preds * self.weights[None]).sum(-1) + self.intercepts
-            return Prediction(expression.astype(np.float32), list(self.panel.genes))
+            return ((preds * self.weights[None]).sum(-1) + self.intercepts).astype(np.float32)
         # each predicted sample: the weighted members' level, plus their standardised patterns' combination
         # (in blocks of genes, so that a whole slide's float64 copies stay small)
         expression = np.empty(preds.shape[:2], np.float32)
-        sample_ids = np.asarray(spots.sample_ids).astype(str)
+        sample_ids = np.asarray(sample_ids).astype(str)
         for sid in np.unique(sample_ids):
             rows = np.flatnonzero(sample_ids == sid)
             for a in range(0, preds.shape[1], GENE_BLOCK):
@@ -372,7 +391,7 @@ class Ensemble(Method):
                 block = preds[rows, genes].astype(np.float64)
                 level = (block.mean(0) * self.weights[genes]).sum(-1) + self.intercepts[genes]
                 expression[rows, genes] = level + (_standardised(block) * self.deviations[None, genes]).sum(-1)
-        return Prediction(expression, list(self.panel.genes))
+        return expression
 
     # ------------------------------------------------------------------ persistence
     def layout(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from he2st.errors import He2stError
 from he2st.methods.bank import ReferenceBank
 from he2st.methods.base import CHECKPOINT_FORMAT, Method
 from he2st.methods.card import ModelCard
+from he2st.methods.reliability import Reliability
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -72,6 +73,9 @@ def load_method(path: str | Path) -> Method:
     except (RuntimeError, KeyError) as exc:  # weights of an older layout (e.g. mlp's former projection layer)
         raise He2stError(f"checkpoint's {payload['method']} weights do not fit this he2st version "
                          f"({type(exc).__name__}); re-train the model with this version", path) from exc
+    if "reliability" in payload:
+        saved = payload["reliability"]
+        method.reliability = Reliability.from_state(saved["state"], json.loads(saved["layout"]))
     if Method.bank_path(path).exists():
         method.bank = ReferenceBank.load(Method.bank_path(path))
     return method

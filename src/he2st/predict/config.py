@@ -27,6 +27,7 @@ class PredictConfig(BaseModel):
     spots_from: Path | None = Field(None, description="predict at this he2st sample's spots (.h5ad)")
     mask: Path | None = Field(None, description="tissue mask PNG (the slide's aspect) instead of detection")
     genes: list[str] | None = Field(None, description="genes to write (default: the whole panel)")
+    coverage: float = Field(0.9, gt=0, lt=1, description="level of the per-spot prediction intervals (calibrated models)")
     chunk: int = Field(512, gt=0, description="spots per chunk (memory ~ chunk x patch size)")
     batch_size: int = Field(64, gt=0, description="encoder batch size")
     weights: Path | None = Field(None, description="encoder weights file (default: the model card's)")

@@ -45,6 +45,7 @@ from he2st.predict.store import (
     method_fingerprint,
     open_partial,
     stored_fingerprint,
+    warn_if_out_of_distribution,
     write_h5ad,
 )
 from he2st.predict.tissue import detect_tissue, load_mask
@@ -124,6 +125,7 @@ def run_prediction(
     tta = config.tta if config.tta is not None else trained.tta
     weights = config.weights if config.weights is not None else trained.weights
     gene_index = _select_genes(list(method.panel.genes), config.genes)
+    method.coverage = config.coverage
     enc_cfg = EmbedConfig(encoder=trained_encoder.name, weights=weights, batch_size=config.batch_size,
                           device=config.device, precision=config.precision, runtime=config.runtime, stain=stain,
                           tta=tta)
@@ -144,7 +146,7 @@ def run_prediction(
             "patch": patch.model_dump(), "encoder": encoder.spec.model_dump_json(), "stain": stain, "tta": tta,
             "genes": [method.panel.genes[i] for i in gene_index], "chunk": config.chunk,
             "xy": hashlib.sha1(np.ascontiguousarray(grid.xy).tobytes()).hexdigest(), "names": grid.names,
-            "field": method.reads_field,
+            "field": method.reads_field, "coverage": config.coverage if method.reliability is not None else None,
         })
         if final.exists() and stored_fingerprint(final) == stamp:
             return _with_store(final, config)
@@ -166,9 +168,11 @@ def run_prediction(
         "trained_on": dict(method.card.training_samples), "stain": stain, "tta": tta,
         "runtime": embedder.runtime,
     }
-    write_h5ad(partial, final, grid, [method.panel.genes[i] for i in gene_index], thumb, scale, mpp,
-               library_id, meta)
+    genes = [method.panel.genes[i] for i in gene_index]
+    var = method.reliability.gene_columns(genes) if method.reliability is not None else {}
+    write_h5ad(partial, final, grid, genes, thumb, scale, mpp, library_id, meta | {"coverage": config.coverage}, var)
     partial.unlink()
+    warn_if_out_of_distribution(final)
     return _with_store(final, config)
 
 
@@ -258,6 +262,11 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_siz
         pred = method.predict(spots)
         keep = np.searchsorted(rows, np.arange(a, b))  # the chunk's own rows within chunk + halo
         fh["expression"][a:b] = np.asarray(pred.expression, dtype=np.float32)[keep][:, gene_index]
+        for key, values in pred.layers.items():  # per spot and gene: the intervals
+            if key not in fh:
+                fh.create_dataset(key, shape=(n, len(gene_index)), dtype=np.float32, fillvalue=np.nan)
+                fh[key].attrs["kind"] = "layer"
+            fh[key][a:b] = np.asarray(values, dtype=np.float32)[keep][:, gene_index]
         outputs = [(k_, v, "uncertainty") for k_, v in pred.uncertainty.items()]
         outputs += [(k_, v, "extra") for k_, v in pred.extras.items()]
         for key, values, kind in outputs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from he2st.data.sample import spatial_library
+from he2st.errors import He2stWarning
 from he2st.io import atomic_path
 from he2st.methods import Method
 from he2st.predict.grid import SpotGrid
@@ -80,21 +82,36 @@ def open_partial(path: Path, fingerprint: str, grid: SpotGrid, n_genes: int, dim
                          "predicted_chunks": 0})
 
 
+def warn_if_out_of_distribution(path: Path, most: float = 0.5) -> None:
+    """One line when most of a prediction's spots are unlike every training patient's images."""
+    with h5py.File(path, "r") as fh:
+        if "obs" not in fh or "in_distribution" not in fh["obs"]:
+            return
+        inside = np.asarray(fh["obs"]["in_distribution"][:], np.float64)
+    flagged = 1.0 - float(np.nanmean(inside)) if len(inside) else 0.0
+    if flagged > most:
+        warnings.warn(f"{path}: {flagged:.0%} of the spots are out of distribution for this model (unlike the "
+                      "images of its training patients: another tissue, stain, scanner or resolution?); read their "
+                      "predictions with obs['in_distribution']", He2stWarning, stacklevel=2)
+
+
 def write_h5ad(partial: Path, final: Path, grid: SpotGrid, genes: list[str], thumb: np.ndarray, scale: float,
-                mpp: float, library_id: str, meta: dict) -> None:
+                mpp: float, library_id: str, meta: dict, var_columns: dict[str, np.ndarray] | None = None) -> None:
     """The finished prediction: ``X`` = predictions, per-spot uncertainty in ``obs``, extras (e.g. cell-type
     proportions) in ``obsm``, the hires thumbnail and scale factors in ``uns["spatial"]``."""
     with h5py.File(partial, "r") as fh:
         expression = fh["expression"][:]
         uncertainty = {k: fh[k][:] for k in fh if fh[k].attrs.get("kind") == "uncertainty" and fh[k].ndim == 1}
         extras = {k: fh[k][:] for k in fh if fh[k].attrs.get("kind") == "extra"}
+        layers = {k: fh[k][:] for k in fh if fh[k].attrs.get("kind") == "layer"}
     obs = pd.DataFrame(index=pd.Index(grid.names, name="spot"))
     obs["in_tissue"] = grid.in_tissue.astype(np.int64)
     if grid.array_row is not None and grid.array_col is not None:
         obs["array_row"], obs["array_col"] = grid.array_row, grid.array_col
     for key, values in uncertainty.items():
         obs[key] = values
-    adata = ad.AnnData(X=expression, obs=obs, var=pd.DataFrame(index=pd.Index(genes, name="gene")))
+    var = pd.DataFrame(var_columns or {}, index=pd.Index(genes, name="gene"))
+    adata = ad.AnnData(X=expression, obs=obs, var=var, layers=layers)
     adata.obsm["spatial"] = grid.xy.astype(np.float64)
     for key, values in extras.items():  # e.g. predicted cell-type proportions
         adata.obsm[key] = values if values.ndim == 2 else values[:, None]

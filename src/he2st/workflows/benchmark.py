@@ -24,7 +24,7 @@ from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
 from he2st.evaluate.results import write_results
 from he2st.evaluate.scoring import FoldResult, average_results, summarise, summarise_extra
-from he2st.evaluate.tables import extra_markdown, to_markdown
+from he2st.evaluate.tables import extra_markdown, reliability_markdown, to_markdown
 from he2st.evaluate.tls_benchmark import TlsReport
 from he2st.io import atomic_path, sha256_file, write_text_atomic
 from he2st.methods import method_class
@@ -65,8 +65,12 @@ def write_predictions(ws: Workspace, folder: Path, run: FoldRun, fold: str) -> N
         obs = pd.DataFrame(index=pd.Index(sample.adata.obs_names.astype(str), name="spot"))
         for key, values in pred.uncertainty.items():
             obs[key] = np.asarray(values, np.float32)
-        adata = ad.AnnData(X=np.asarray(pred.expression, np.float32), obs=obs,
-                           var=pd.DataFrame(index=pd.Index(pred.genes, name="gene")))
+        var = pd.DataFrame(index=pd.Index(pred.genes, name="gene"))
+        if run.reliability is not None:
+            for key, values in run.reliability.gene_columns(pred.genes).items():
+                var[key] = values
+        adata = ad.AnnData(X=np.asarray(pred.expression, np.float32), obs=obs, var=var,
+                           layers={k: np.asarray(v, np.float32) for k, v in pred.layers.items()})
         adata.obsm["spatial"] = sample.spatial
         for key, values in pred.extras.items():
             adata.obsm[key] = np.asarray(values, np.float32)
@@ -161,7 +165,9 @@ def run_benchmark(
                 scores = run.result.set_scores()
                 log(f"{fold.name:<12} {label:<24} all {scores['all']['pearson_mean']:.3f}  "
                     f"heg{config.n_top} {scores[f'heg{config.n_top}']['pearson_mean']:.3f}  "
-                    f"hvg{config.n_top} {scores[f'hvg{config.n_top}']['pearson_mean']:.3f}  ({run.seconds:.1f} s)")
+                    f"hvg{config.n_top} {scores[f'hvg{config.n_top}']['pearson_mean']:.3f}"
+                    + (f"  coverage90 {scores['all']['coverage90']:.2f}" if "coverage90" in scores["all"] else "")
+                    + f"  ({run.seconds:.1f} s)")
     out_dir = ws.run_dir(config.name)
     prov = provenance(config, ws, command)
     prov["audit"] = {f"{m}/{f}": a.__dict__ for (m, f), a in audits.items()}
@@ -172,6 +178,9 @@ def run_benchmark(
     write_text_atomic(out_dir / "config.yaml", dump_config(config))
     n = config.n_top
     table = to_markdown(summarise(results), sets=("all", f"heg{n}", f"hvg{n}", f"heg{n}_testselected"))
+    reliability = reliability_markdown(summarise(results))
+    if reliability:
+        table += "\nReliability on the held-out samples (gene set all; see results.md):\n" + reliability
     extra = summarise_extra(results)
     if not extra.empty:
         table += "\n" + extra_markdown(extra)

@@ -132,6 +132,15 @@ class FitConfig(WorkConfig):
     validation_fraction: float = Field(0.15, gt=0, lt=1, description="of training spots/samples, for early stopping")
     n_top: int = Field(50, gt=0, description="size of the HEG/HVG sets")
     seed: int = 0
+    reliability: bool | None = Field(
+        None, description="measure per-gene predictability, intervals and OOD flags on inner patient folds "
+        "(None: with >= 3 training patients or samples)")
+
+    def wants_reliability(self, patients: dict[str, str]) -> bool:
+        """Whether fits estimate their reliability: as set, else with at least 3 patients or samples."""
+        if self.reliability is not None:
+            return self.reliability
+        return len(set(patients.values())) >= 3 or len(patients) >= 3
 
     @model_validator(mode="after")
     def _options_are_valid(self) -> FitConfig:

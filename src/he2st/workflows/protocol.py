@@ -28,8 +28,11 @@ from he2st.evaluate.beyond_panel import (
     transcriptome_scores,
 )
 from he2st.evaluate.gene_sets import build_gene_sets, test_sample_gene_sets
+from he2st.evaluate.reliability import reliability_metrics
 from he2st.evaluate.scoring import FoldResult, evaluate_fold
 from he2st.methods import Method, ModelCard, Prediction, create_method
+from he2st.methods.calibration import estimate_reliability
+from he2st.methods.reliability import Reliability
 from he2st.methods.retrieval import RetrievalMethod
 from he2st.workflows.cards import model_card
 from he2st.workflows.config import BenchmarkConfig
@@ -61,6 +64,7 @@ class FoldRun:
     card: ModelCard
     seconds: float
     method: Method | None = None  # the fitted method, for scores computed after the fold (the benchmark's TLS)
+    reliability: Reliability | None = None  # the fitted method's, kept when the method is let go
 
 
 @dataclass
@@ -152,6 +156,7 @@ def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict |
         ref_ids = list(data.train.sample_ids) + list(data.reference.sample_ids)
         method.bank = method.reference_bank(ref_y, data.panel.genes, ref_ids)
         bank_ids = sorted(set(ref_ids))
+    reliability_note = _calibrate(method, train, val, config, data.card.training_samples)
     predictions = {}
     for sid in data.fold.test:
         predictions[sid] = method.predict(data.test_inputs.subset(data.test_inputs.sample_ids == sid))
@@ -160,9 +165,13 @@ def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict |
         name, data.fold.name, {s: p.expression for s, p in predictions.items()}, data.test_truth,
         data.panel.genes, data.gene_sets, data.per_sample_sets,
     )
+    if method.reliability is not None:
+        _score_reliability(method, result, predictions, data.test_truth)
     result.extra = _beyond_panel(method, data, predictions)
     result.curves = {f"seed{method.config.seed}": log.curves}
     result.selection = {f"seed{method.config.seed}": log.selection} if log.selection else {}
+    if reliability_note:
+        result.selection.setdefault(f"seed{method.config.seed}", {})["reliability"] = reliability_note
     audit = FoldAudit(
         test=list(data.fold.test), panel_fitted_on=list(data.panel.fitted_on),
         method_fit=sorted(set(train.sample_ids)), validation=sorted(set(val.sample_ids)),
@@ -171,7 +180,35 @@ def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict |
     leaked = audit.used_for_fitting() & set(audit.test)
     if leaked:  # a guard, not a check for tests only: no number is reported from a leaky fit
         raise He2stError(f"{name} fold {data.fold.name}: test sample(s) {sorted(leaked)} fed a fitted component")
-    return FoldRun(result, audit, predictions, method.card, seconds, method)
+    return FoldRun(result, audit, predictions, method.card, seconds, method, method.reliability)
+
+
+def _calibrate(method: Method, train: SpotSet, val: SpotSet, config: BenchmarkConfig,
+               patients: dict[str, str]) -> str:
+    """Estimate the fitted method's reliability on inner folds of the fold's training spots (train and
+    validation, in the order the fit saw them); returns why it was not, or ''."""
+    if not config.wants_reliability(patients):
+        return ""
+    try:
+        method.reliability = estimate_reliability(
+            method, SpotSet.concat([train, val]) if len(val) else train,
+            max_folds=getattr(method.config, "inner_folds", 3), seed=config.seed)
+    except He2stError as exc:
+        return f"not estimated: {exc}"
+    method.coverage = 0.9
+    return ""
+
+
+def _score_reliability(method: Method, result: FoldResult, predictions: dict[str, Prediction],
+                       truth: dict[str, np.ndarray]) -> None:
+    """Add each held-out sample's reliability scores to its ``all`` gene set (summary rows)."""
+    rel = method.reliability
+    for sid, pred in predictions.items():
+        constant = rel.intervals(pred.expression, np.ones(len(pred.expression)), 0.9, normalised=False)
+        scores = reliability_metrics(
+            pred.expression, truth[sid], rel.expected_r, np.stack([pred.layers["lower"], pred.layers["upper"]]),
+            np.stack(constant), pred.uncertainty["ood_score"], pred.uncertainty["in_distribution"])
+        result.per_sample[sid].setdefault("all", {}).update(scores)
 
 
 def _beyond_panel(method: Method, data: FoldData, predictions: dict[str, Prediction]) -> dict[str, float]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 from scipy.spatial import cKDTree
 
 from he2st.data.registry import dataset_dir
@@ -20,8 +21,12 @@ from he2st.errors import He2stError
 from he2st.evaluate.tls import (
     HER2ST_MODEL,
     HER2ST_SIGNATURE,
+    PACKAGED_SIGNATURES,
+    SIGNATURE_SOURCES,
     TlsModel,
     TlsScore,
+    gene_symbols,
+    packaged_signature,
     tls_agreement,
     tls_regions,
     tls_score,
@@ -37,14 +42,50 @@ class TlsResult:
     agreement: dict[str, float] | None  # against a measured sample, when given
 
 
-SHIPPED_MODELS = {"her2st": HER2ST_MODEL, "her2st-signature": HER2ST_SIGNATURE}
+SHIPPED_MODELS = {"her2st": HER2ST_MODEL, "her2st-signature": HER2ST_SIGNATURE}  # in the her2st dataset folder
+MIN_WEIGHT_COVERAGE = 0.5  # share of a signature's |weight| a prediction must hold before spots are called
+MIN_EXPECTED_R = 0.1  # lower bound of the signature genes' expected r (weighted) below which calls are refused
+
+
+def list_signatures() -> dict[str, str]:
+    """Every named TLS model: name -> its source (the her2st ones need the dataset: `he2st data fetch her2st`)."""
+    return {name: citation for name, citation in SIGNATURE_SOURCES.items()}
 
 
 def read_model(model: str | Path) -> TlsModel:
-    """``her2st`` (the published model shipped with the her2st dataset), ``her2st-signature`` (its
-    172-gene signature) or a weighted gene list file."""
+    """A named TLS model (:func:`list_signatures`) or a weighted gene list file."""
     shipped = SHIPPED_MODELS.get(str(model))
-    return TlsModel.read(dataset_dir("her2st") / shipped if shipped is not None else model)
+    if shipped is not None:
+        return TlsModel.read(dataset_dir("her2st") / shipped)
+    if str(model) in PACKAGED_SIGNATURES:
+        return TlsModel.read(packaged_signature(str(model)))
+    if not Path(model).exists() and "/" not in str(model) and "." not in str(model):
+        raise He2stError(f"unknown TLS signature {str(model)!r}; named ones: {', '.join(SIGNATURE_SOURCES)}, "
+                         "or give a gene,weight table file")
+    return TlsModel.read(model)
+
+
+def refusal(adata: ad.AnnData, scored: TlsScore, model: TlsModel, name: str) -> str:
+    """Why spots of this prediction should not be called with this signature ('' when they may be): too little
+    of the signature's weight predicted, or its genes not predictable by the model on a new patient."""
+    if scored.weight_coverage < MIN_WEIGHT_COVERAGE:
+        missing = [g for g in model.weights.abs().sort_values(ascending=False).index if g not in scored.genes][:8]
+        return (f"the prediction holds {scored.weight_coverage:.0%} of signature {name}'s weight "
+                f"({scored.genes_used} of {len(model.weights)} genes; missing e.g. {', '.join(missing)}); predict "
+                "its genes with a retrieval model trained with a transcriptome bank (`he2st train --set "
+                "transcriptome_threshold=0.1`, then `he2st predict --genes ...`), or pass --force")
+    if "expected_r_low" in adata.var:
+        symbols = gene_symbols(adata.var_names)
+        low = pd.Series(np.asarray(adata.var["expected_r_low"], float), index=symbols)
+        low = low[~low.index.duplicated()].reindex(scored.genes)
+        if low.notna().any():
+            weights = model.weights[scored.genes].abs()
+            bound = float((weights * low.fillna(0.0).clip(lower=0.0)).sum() / model.weights.abs().sum())
+            if bound < MIN_EXPECTED_R:
+                return (f"the model's genes of signature {name} are not predictable enough on a new patient "
+                        f"(weighted 90% lower bound of their expected r {bound:.2f} < {MIN_EXPECTED_R}); "
+                        "see `he2st card` for what this model predicts, or pass --force")
+    return ""
 
 
 def section_score(adata: ad.AnnData, model: TlsModel, where: Path) -> TlsScore:
@@ -59,14 +100,21 @@ def section_score(adata: ad.AnnData, model: TlsModel, where: Path) -> TlsScore:
 
 def detect_tls(path: Path, out: Path, model: str | Path = "her2st", threshold: float | None = None,
                quantile: float = 0.9, threshold_from: list[Path] | None = None,
-               sample: Path | None = None) -> TlsResult:
+               sample: Path | None = None, force: bool = False) -> TlsResult:
     """Score ``path``, call spots at the threshold, join called neighbours into regions, write the result
-    as ``<out>/<name>.tls.h5ad``; with ``sample`` also compare with its measured TLS score."""
+    as ``<out>/<name>.tls.h5ad``; with ``sample`` also compare with its measured TLS score.
+
+    A prediction is refused (one line, naming what is missing) when it holds too little of the signature or
+    its model cannot predict the signature's genes on a new patient; ``force`` calls it anyway, so noted."""
     if not 0 < quantile < 1:
         raise He2stError(f"quantile must lie between 0 and 1, got {quantile}")
     tls = read_model(model)
     adata = ad.read_h5ad(path)
     scored = section_score(adata, tls, path)
+    is_prediction = "target_transform" in dict(adata.uns.get("he2st", {}))
+    reason = refusal(adata, scored, tls, str(model)) if is_prediction else ""
+    if reason and not force:
+        raise He2stError(f"no TLS calls: {reason}", path)
     if threshold is not None:
         source = "given"
     elif threshold_from:  # scored on the genes this input has, so the two score scales agree
@@ -85,6 +133,7 @@ def detect_tls(path: Path, out: Path, model: str | Path = "her2st", threshold: f
         "model": str(model), "threshold": float(threshold), "threshold_source": source,
         "genes_used": int(scored.genes_used), "weight_coverage": float(scored.weight_coverage),
         "n_called": int((regions >= 0).sum()), "n_regions": int(regions.max() + 1),
+        "refused_without_force": reason,
     }
     agreement = None
     if sample is not None:
@@ -94,7 +143,7 @@ def detect_tls(path: Path, out: Path, model: str | Path = "her2st", threshold: f
             raise He2stError(f"fewer than 10 spots of {path.name} are spots of sample {measured.sample_id}; "
                              "predict at its spots (--spots-from) to compare", sample)
         truth = section_score(measured.adata[shared], tls, sample).score
-        agreement = tls_agreement(scored.score[adata.obs_names.get_indexer(shared)], truth)
+        agreement = tls_agreement(scored.score[adata.obs_names.get_indexer(shared)], truth, threshold=threshold)
         adata.uns["he2st_tls"] |= {f"measured_{k}": v for k, v in agreement.items()}
     target = out / f"{path.stem}.tls.h5ad"
     with atomic_path(target, suffix=".h5ad") as tmp:

@@ -14,11 +14,12 @@ from he2st.data.embeddings import EmbeddingFile
 from he2st.data.genes import GenePanel
 from he2st.data.registry import DATASETS, get_dataset
 from he2st.data.splits import validation_mask
-from he2st.data.spots import load_spots, shared_extras
+from he2st.data.spots import SpotSet, load_spots, shared_extras
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
 from he2st.evaluate.gene_sets import build_gene_sets
 from he2st.methods import Method, TrainLog, create_method, distributed, load_method
+from he2st.methods.calibration import estimate_reliability
 from he2st.workflows.cards import model_card
 from he2st.workflows.config import TrainRunConfig
 from he2st.workflows.embed import embed_workspace
@@ -62,9 +63,14 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
         build_gene_sets(spots.targets, panel.genes, n=config.n_top),
         {sid: s.patient_id for sid, s in samples.items()})
     log = method.fit(spots.subset(~val), spots.subset(val))
+    if config.wants_reliability(method.card.training_samples):
+        method.reliability = estimate_reliability(
+            method, SpotSet.concat([spots.subset(~val), spots.subset(val)]),
+            max_folds=getattr(method.config, "inner_folds", 3), seed=config.seed)
     method.card = method.card.model_copy(update={
         "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds,
-        "selection": log.selection, "command": command, "tissue": config.tissue or _tissue(samples.values())})
+        "selection": log.selection, "command": command, "tissue": config.tissue or _tissue(samples.values()),
+        "reliability": method.reliability.summary() if method.reliability is not None else {}})
     out = config.out or ws.root / "models" / f"{config.method}.pt"
     if distributed.is_main():
         method.save(out)

@@ -1,0 +1,76 @@
+"""Estimate a model's :class:`~he2st.methods.reliability.Reliability` on inner patient-level folds.
+
+Each inner fold holds out whole training patients (whole samples when there is one patient), fits the
+method on the rest exactly as it is fitted on everything, and predicts the held-out spots from their
+images. Those out-of-fold predictions give each gene's Pearson on unseen sections, the conformal scores of
+unseen spots, and -- with the distances of held-out spots to *their* fold's training spots -- the
+out-of-distribution threshold. Nothing here reads a spot the outer caller holds out: the caller passes
+training spots only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+from he2st.data.spots import SpotSet
+from he2st.data.splits import held_out_groups
+from he2st.errors import He2stError
+from he2st.methods.base import Method
+from he2st.methods.reliability import MAX_SCORES, FeatureDistance, Reliability
+from he2st.stats import pearson_per_gene
+
+LOWER_BOUND_LEVEL = 0.9  # one-sided confidence of expected_r_low
+OOD_LEVEL = 0.99  # quantile of held-out patients' difficulty above which a spot is flagged
+
+
+def estimate_reliability(method: Method, spots: SpotSet, max_folds: int = 3, seed: int = 0) -> Reliability:
+    """Reliability of ``method`` (already fitted on ``spots``, which carry targets) from inner folds.
+
+    Refused in one line when the spots hold a single group to hold out."""
+    groups = method.training_groups(spots)
+    folds = held_out_groups(groups, max_folds)
+    if not folds:
+        raise He2stError("reliability needs at least 2 training patients or samples to hold out")
+    oof = method.out_of_fold(spots, groups, folds)
+    y = spots.targets
+    held = np.zeros(len(spots), bool)
+    difficulty = np.full(len(spots), np.nan)
+    for fold in folds:
+        test = np.isin(groups.astype(str), fold)
+        distance = FeatureDistance.fit(spots.features[~test], seed=seed)
+        difficulty[test] = distance.distances(spots.features[test])
+        held |= test
+    expected, low, n_sections = _gene_predictability(oof[held], y[held], np.asarray(spots.sample_ids)[held])
+    residuals = np.abs(y[held] - oof[held]).astype(np.float32)
+    rows = np.sort(np.random.default_rng(seed).permutation(len(residuals))[:MAX_SCORES])
+    held_difficulty = difficulty[held]
+    return Reliability(
+        genes=list(spots.genes), expected_r=expected, expected_r_low=low, residuals=residuals[rows],
+        difficulty=held_difficulty[rows].astype(np.float32), distance=FeatureDistance.fit(spots.features, seed=seed),
+        ood_threshold=float(np.quantile(held_difficulty, OOD_LEVEL)), ood_level=OOD_LEVEL,
+        held_out=[[str(g) for g in fold] for fold in folds],
+        units="samples" if np.array_equal(groups.astype(str), np.asarray(spots.sample_ids).astype(str))
+        else "patients", n_sections=n_sections)
+
+
+def _gene_predictability(pred: np.ndarray, true: np.ndarray, samples: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Mean per-gene Pearson over held-out sections and a one-sided lower bound of it.
+
+    The mean is taken on Fisher's z scale (correlations are bounded and skewed near their limits) and the
+    bound uses the t quantile over sections; with one section the bound is -1 (nothing is known of the
+    spread between sections). Sections of one patient are not independent, so on few patients the bound is
+    optimistic; it is a ranking aid, the realised r on new patients is what the benchmark checks."""
+    samples = samples.astype(str)
+    per_section = np.stack([pearson_per_gene(pred[samples == s], true[samples == s]) for s in np.unique(samples)])
+    z = np.arctanh(np.clip(per_section, -0.999, 0.999))
+    n = np.isfinite(z).sum(0)
+    with np.errstate(invalid="ignore"), np.errstate(divide="ignore"):
+        mean = np.nanmean(np.where(np.isfinite(z), z, np.nan), 0)
+        sd = np.nanstd(z, 0, ddof=1) if z.shape[0] > 1 else np.full(z.shape[1], np.nan)
+        t = stats.t.ppf(LOWER_BOUND_LEVEL, np.maximum(n - 1, 1))
+        low = np.where(n > 1, mean - t * sd / np.sqrt(np.maximum(n, 1)), -np.inf)
+    expected = np.tanh(np.nan_to_num(mean, nan=0.0))
+    lower = np.where(np.isfinite(low), np.tanh(np.nan_to_num(low, nan=-10.0)), -1.0)
+    return expected.astype(np.float32), np.minimum(lower, expected).astype(np.float32), per_section.shape[0]

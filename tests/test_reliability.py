@@ -1,0 +1,143 @@
+"""Reliability: per-gene predictability, conformal intervals and OOD flags, estimated on inner patient folds
+and checked on patients the model never saw (synthetic spots whose genes differ in how much of them the
+image explains)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from he2st.data.genes import GenePanel
+from he2st.data.spots import SpotSet
+from he2st.errors import He2stError
+from he2st.evaluate.reliability import ood_auroc, reliability_metrics
+from he2st.methods import Method, ModelCard, create_method, load_method
+from he2st.methods.calibration import estimate_reliability
+
+N_PATIENTS, PER_SAMPLE, GENES = 8, 120, 20
+
+
+def study(seed: int = 0) -> SpotSet:
+    """One sample per patient; gene g's noise grows with g, so its predictability falls with g, and each
+    patient's image features carry a small shift of their own (a batch effect)."""
+    rng = np.random.default_rng(seed)
+    n = N_PATIENTS * PER_SAMPLE
+    latent = rng.normal(size=(n, 4))
+    shift = np.repeat(rng.normal(scale=0.2, size=(N_PATIENTS, 16)), PER_SAMPLE, axis=0)
+    features = latent @ rng.normal(size=(4, 16)) + 0.3 * rng.normal(size=(n, 16)) + shift
+    signal = latent @ rng.normal(size=(4, GENES))
+    noise = rng.normal(size=(n, GENES)) * np.linspace(0.2, 4.0, GENES)
+    return SpotSet(sample_ids=np.repeat(np.array([f"s{i}" for i in range(N_PATIENTS)], dtype=object), PER_SAMPLE),
+                   barcodes=np.arange(n).astype(str).astype(object), features=features.astype(np.float32),
+                   coords_um=rng.uniform(0, 2000, size=(n, 2)), genes=[f"G{i}" for i in range(GENES)],
+                   targets=(signal + noise).astype(np.float32))
+
+
+def fitted(name: str, train: SpotSet, **options) -> Method:
+    method = create_method(name, **options)
+    method.card = ModelCard(method=name, panel=GenePanel(genes=train.genes),
+                            training_samples={s: f"p{s[1:]}" for s in np.unique(train.sample_ids.astype(str))})
+    val = np.isin(train.sample_ids.astype(str), ["s5"])
+    method.fit(train.subset(~val), train.subset(val))
+    method.reliability = estimate_reliability(method, SpotSet.concat([train.subset(~val), train.subset(val)]))
+    return method
+
+
+@pytest.fixture(scope="module")
+def split() -> tuple[SpotSet, SpotSet]:
+    spots = study()
+    test = np.isin(spots.sample_ids.astype(str), ["s6", "s7"])
+    return spots.subset(~test), spots.subset(test)
+
+
+@pytest.mark.parametrize("name", ["ridge_cv", "knn"])
+def test_intervals_cover_new_patients_and_predictability_ranks_genes(split, name):
+    train, test = split
+    method = fitted(name, train)
+    rel = method.reliability
+    assert rel.units == "patients" and len(rel.held_out) == 3
+    assert (rel.expected_r_low <= rel.expected_r).all()
+    pred = method.predict(test)
+    for sid in ("s6", "s7"):
+        rows = test.sample_ids.astype(str) == sid
+        y, lower, upper = test.targets[rows], pred.layers["lower"][rows], pred.layers["upper"][rows]
+        assert 0.82 <= ((y >= lower) & (y <= upper)).mean() <= 0.97
+        realised = [np.corrcoef(pred.expression[rows, g], y[:, g])[0, 1] for g in range(GENES)]
+        assert spearmanr(rel.expected_r, realised).statistic > 0.8
+    assert pred.uncertainty["in_distribution"].mean() > 0.9  # patients like the training ones
+
+
+def test_unlike_images_are_flagged_and_intervals_widen(split):
+    train, test = split
+    method = fitted("ridge_cv", train)
+    usual = method.predict(test)
+    strange = SpotSet(**{**test.__dict__, "features": test.features * 3 + 5})
+    odd = method.predict(strange)
+    assert odd.uncertainty["in_distribution"].mean() < 0.05
+    assert (odd.uncertainty["ood_score"] > usual.uncertainty["ood_score"].max()).mean() > 0.95
+    assert np.mean(odd.layers["upper"] - odd.layers["lower"]) > 2 * np.mean(usual.layers["upper"] - usual.layers["lower"])
+
+
+def test_coverage_level_is_honoured(split):
+    train, test = split
+    method = fitted("ridge_cv", train)
+    widths = {}
+    for level in (0.5, 0.9):
+        method.coverage = level
+        pred = method.predict(test)
+        inside = (test.targets >= pred.layers["lower"]) & (test.targets <= pred.layers["upper"])
+        assert abs(inside.mean() - level) < 0.07
+        widths[level] = np.mean(pred.layers["upper"] - pred.layers["lower"])
+    assert widths[0.5] < widths[0.9]
+
+
+def test_reliability_survives_the_checkpoint(split, tmp_path):
+    train, test = split
+    method = fitted("knn", train)
+    before = method.predict(test)
+    method.save(tmp_path / "knn.pt")
+    loaded = load_method(tmp_path / "knn.pt")
+    after = loaded.predict(test)
+    np.testing.assert_allclose(after.layers["upper"], before.layers["upper"], rtol=1e-6)
+    np.testing.assert_allclose(after.uncertainty["ood_score"], before.uncertainty["ood_score"], rtol=1e-5)
+    np.testing.assert_array_equal(loaded.reliability.expected_r, method.reliability.expected_r)
+
+
+def test_ensemble_reuses_its_inner_folds(split, monkeypatch):
+    """The ensemble's members already predicted every inner fold: its reliability costs no further fit."""
+    train, test = split
+    members = {"knn": {"method": "knn"}, "ridge_cv": {"method": "ridge_cv"}}
+    calls = []
+    original = Method.out_of_fold
+    monkeypatch.setattr(Method, "out_of_fold", lambda self, *a: calls.append(self.name) or original(self, *a))
+    method = fitted("ensemble", train, members=members)
+    assert calls == []  # the ensemble answered from its own inner folds: no refit through the base class
+    pred = method.predict(test)
+    inside = (test.targets >= pred.layers["lower"]) & (test.targets <= pred.layers["upper"])
+    assert 0.82 <= inside.mean() <= 0.97
+
+
+def test_one_group_is_refused_in_one_line(split):
+    train, _ = split
+    one = train.subset(train.sample_ids.astype(str) == "s0")
+    method = create_method("ridge_cv")
+    method.card = ModelCard(method="ridge_cv", panel=GenePanel(genes=one.genes), training_samples={"s0": "p0"})
+    method.fit(one)
+    with pytest.raises(He2stError, match="at least 2 training patients or samples"):
+        estimate_reliability(method, one)
+
+
+def test_metrics_on_known_values():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(200, 5))
+    pred = truth + rng.normal(scale=0.1, size=truth.shape)
+    pred[:20] += 3  # the worst decile
+    score = np.zeros(200)
+    score[:20] = 1
+    assert ood_auroc(score, pred, truth) == 1.0
+    bounds = np.stack([pred - 0.5, pred + 0.5])
+    out = reliability_metrics(pred, truth, np.linspace(1, 0, 5), bounds, bounds, score, np.ones(200))
+    assert out["coverage90"] == pytest.approx(0.9, abs=0.01)
+    assert out["interval_width90"] == pytest.approx(1.0)
+    assert out["ood_fraction"] == 0.0
