@@ -2,7 +2,8 @@
 
 The HTML needs no library and no network: the points (x, y, z in µm, and each shown gene's value
 quantised to 0..255) are written into the page as JSON, and a few lines of canvas script draw them
-with an orthographic projection, depth-sorted; drag rotates, the wheel zooms, a menu picks the gene.
+with an orthographic projection, depth-sorted; drag (mouse, pen or finger: pointer events) rotates, the
+wheel zooms, a menu picks the gene.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def draw_stack_png(adata: ad.AnnData, path: str | Path, gene: str) -> Path:
 
 
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
-<style>body{{font:14px sans-serif;margin:12px}}canvas{{border:1px solid #ccc;cursor:grab}}</style></head><body>
+<style>body{{font:14px sans-serif;margin:12px}}
+canvas{{border:1px solid #ccc;cursor:grab;touch-action:none}}</style></head><body>
 <h3>{title}</h3><p>gene <select id="g"></select> &nbsp; drag to rotate, wheel to zoom; x, y, z in µm
 (z exaggerated x<span id="ez"></span>)</p><canvas id="c" width="800" height="640"></canvas>
 <script>
@@ -70,8 +72,9 @@ function draw(){{const g=+sel.value,n=D.x.length,cy=Math.cos(yaw),sy=Math.sin(ya
  P.sort((a,b)=>a[2]-b[2]);cx.clearRect(0,0,cv.width,cv.height);
  for(const p of P){{cx.fillStyle=col(D.v[g][p[3]]);cx.globalAlpha=D.i[p[3]]?0.35:1;
   cx.fillRect(p[0]-1.5,p[1]-1.5,3,3);}}cx.globalAlpha=1;}}
-cv.onmousedown=e=>{{drag=[e.clientX,e.clientY];}};window.onmouseup=()=>{{drag=null;}};
-window.onmousemove=e=>{{if(!drag)return;yaw+=(e.clientX-drag[0])*0.01;pitch+=(e.clientY-drag[1])*0.01;
+cv.onpointerdown=e=>{{drag=[e.clientX,e.clientY];cv.setPointerCapture(e.pointerId);}};
+cv.onpointerup=cv.onpointercancel=()=>{{drag=null;}};
+cv.onpointermove=e=>{{if(!drag)return;yaw+=(e.clientX-drag[0])*0.01;pitch+=(e.clientY-drag[1])*0.01;
  drag=[e.clientX,e.clientY];draw();}};
 cv.onwheel=e=>{{e.preventDefault();zoom*=e.deltaY<0?1.1:1/1.1;draw();}};sel.onchange=draw;draw();
 </script></body></html>
