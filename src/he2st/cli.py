@@ -334,6 +334,9 @@ _register_predict_commands(app)
 from he2st.cli_analyses import register as _register_analysis_commands  # noqa: E402
 
 _register_analysis_commands(app)
+from he2st.cli_hest import register as _register_hest_commands  # noqa: E402
+
+_register_hest_commands(app, data_app)
 
 
 def main() -> None:
