@@ -20,12 +20,14 @@ def _list(text: str | None) -> list[str] | None:
 def hest_bench(
     bench_dir: Annotated[Path, typer.Option("--bench-dir", help="HEST-Benchmark folder: one folder per task "
                                                                 "(splits/, var_50genes.json, patches, expression)")],
-    tasks: Annotated[str | None, typer.Option(help="comma-separated task folders, e.g. IDC,PRAD (default: all)")] = None,
+    tasks: Annotated[str | None, typer.Option(
+        help="comma-separated task folders, e.g. IDC,PRAD (default: all)")] = None,
     methods: Annotated[str | None, typer.Option(
         help="comma-separated he2st methods beside hest-ridge (default ridge,ridge_cv,knn)")] = None,
     encoder: Annotated[str | None, typer.Option(help="preset or timm name (default efficientnet_lite0)")] = None,
     weights: Annotated[Path | None, typer.Option(help="local encoder weights file/folder")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="results folder (default ./hest-bench-results)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="results folder (default ./hest-bench-results)")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="override a setting, e.g. --set embed.batch_size=32 --set method_options.knn.k=20")] = None,

@@ -125,7 +125,8 @@ def score_row(task: str, split: int, method: str, predictions: dict[str, np.ndar
     return {"task": task, "split": split, "method": method, "score_hest": pooled,
             "score_per_sample": result.set_scores()["all"]["pearson_mean"],
             "per_sample": {s: v["all"]["pearson_mean"] for s, v in result.per_sample.items()},
-            "n_nan_genes": int(np.isnan(per_gene).sum()), "per_gene_hest": dict(zip(data.task.genes, per_gene.tolist()))}
+            "n_nan_genes": int(np.isnan(per_gene).sum()),
+            "per_gene_hest": dict(zip(data.task.genes, per_gene.tolist(), strict=True))}
 
 
 def run_probe(data: TaskData, split: BenchSplit, config: HestBenchConfig) -> tuple[dict[str, Any], str | None]:
