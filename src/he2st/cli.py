@@ -76,7 +76,11 @@ def data_fetch(name: str, urls: Annotated[bool, typer.Option(help="only print fi
 def prepare(config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = None,
             dataset: Annotated[str | None, typer.Option(help="registered dataset")] = None,
             sections: Annotated[str | None, typer.Option(
-                "--samples", "--sections", help="comma-separated sections of the dataset, e.g. A1,B4")] = None) -> None:
+                "--samples", "--sections", help="comma-separated sections of the dataset, e.g. A1,B4")] = None,
+            samplesheet: Annotated[Path | None, typer.Option(
+                help="CSV: sample, patient, reader, path, image[, pixel_size_um, spots_file]")] = None,
+            from_dir: Annotated[Path | None, typer.Option(
+                help="prepare every Space Ranger outs/, legacy ST triple or .h5ad under this folder")] = None) -> None:
     """Read a dataset into samples, patch caches and patient-level folds."""
     from he2st.io import write_text_atomic
     from he2st.progress import progress_bar
@@ -85,7 +89,9 @@ def prepare(config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = N
 
     cfg = load_config(
         PrepareConfig, config, set_, work_dir=str(work_dir) if work_dir else None, **{
-            "data.dataset": dataset, "data.sections": sections.split(",") if sections else None},
+            "data.dataset": dataset, "data.sections": sections.split(",") if sections else None,
+            "data.samplesheet": str(samplesheet) if samplesheet else None,
+            "data.from_dir": str(from_dir) if from_dir else None},
     )
     with progress_bar(None, "patches") as advance:
         result = run_prepare(cfg, on_patch=advance)
@@ -335,6 +341,9 @@ _register_predict_commands(app)
 from he2st.cli_analyses import register as _register_analysis_commands  # noqa: E402
 
 _register_analysis_commands(app)
+from he2st.cli_hest import register as _register_hest_commands  # noqa: E402
+
+_register_hest_commands(app, data_app)
 
 
 def main() -> None:

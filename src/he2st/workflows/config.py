@@ -35,6 +35,17 @@ class DataConfig(BaseModel):
     dataset: str | None = Field("her2st", description="registered dataset name, or null to use `samples`")
     sections: list[str] | None = Field(None, description="subset of the dataset's imaged sections")
     samples: list[SampleSource] = Field(default_factory=list)
+    samplesheet: Path | None = Field(None, description="CSV sample sheet (sample, patient, reader, path, image"
+                                                       "[, pixel_size_um, spots_file]): its rows are added to samples")
+    from_dir: Path | None = Field(None, description="add every Space Ranger outs/, HEST-1k root, legacy ST triple "
+                                                    "and .h5ad found under this folder")
+
+    @model_validator(mode="after")
+    def _sheet_replaces_default_dataset(self) -> DataConfig:
+        """A sample sheet or searched folder stands for the study: the default dataset is dropped unless set."""
+        if (self.samplesheet or self.from_dir) and "dataset" not in self.model_fields_set:
+            self.dataset = None
+        return self
 
 
 class FoldConfig(BaseModel):

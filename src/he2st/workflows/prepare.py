@@ -18,6 +18,7 @@ from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
 from he2st.io import safe_name
 from he2st.workflows.config import PrepareConfig
+from he2st.workflows.samplesheet import save_sheet, sheet_sources
 
 
 @dataclass
@@ -37,9 +38,12 @@ def load_samples(config: PrepareConfig) -> list[Sample]:
             raise He2stError(f"dataset {config.data.dataset!r} has no sample loader yet (available: her2st)")
         fetch(config.data.dataset)
         samples += load_her2st(config.data.sections, root=dataset_dir(config.data.dataset))
-    samples += [read_source(src) for src in config.data.samples]
+    sheet = sheet_sources(config.data.samplesheet, config.data.from_dir)
+    if sheet:
+        save_sheet(config.work_dir, sheet)  # what this run read, to repeat it: --samplesheet <work>/samplesheet.csv
+    samples += [read_source(src) for src in [*config.data.samples, *sheet]]
     if not samples:
-        raise He2stError("no samples: set data.dataset or list data.samples")
+        raise He2stError("no samples: set data.dataset, list data.samples, or give --samplesheet or --from-dir")
     for s in samples:  # ids from file names and metadata too, not only from the config
         safe_name(s.sample_id, "sample id")
         safe_name(s.patient_id, f"patient id of sample {s.sample_id}")

@@ -1,0 +1,178 @@
+"""Sample sheets: a study's sections as one CSV (the nf-core convention), or found by walking a folder.
+
+A sheet has one row per section with columns ``sample``, ``patient``, ``reader``, ``path``, ``image`` and
+optionally ``pixel_size_um``, ``spots_file`` or any other field of a sample source (``bin_um``,
+``alignment``, ...); relative paths are taken from the sheet's folder. Rows become the source dicts that
+``data.samples`` of a prepare config accepts, so a sheet and a YAML list describe sections the same way.
+
+:func:`discover_sources` finds, under a folder: Space Ranger ``outs/`` folders (``visium``; ``visium_hd``
+when ``binned_outputs/`` is there), with the one slide image beside ``outs/`` when there is exactly one;
+HEST-1k roots (``st/``, ``wsis/``, ``metadata/``: ``hest``); legacy ST triples in one folder (a counts
+table, a spot file, an image: ``st``); and any other ``.h5ad`` (``h5ad``, pixel size from its Visium
+scale factors when it has them).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+
+from he2st.errors import He2stError, He2stWarning
+from he2st.io import name_from_stem, write_text_atomic
+
+REQUIRED = ("sample", "reader", "path")
+RENAMED = {"sample": "sample_id", "patient": "patient_id"}
+PATH_FIELDS = ("path", "image", "spots_file", "alignment")
+SHEET_ORDER = ("sample", "patient", "reader", "path", "image", "pixel_size_um", "spots_file")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".jpg", ".jpeg", ".png", ".mrxs", ".scn")
+VISIUM_SPOT_UM = 55.0
+
+
+def read_samplesheet(path: str | Path) -> list[dict[str, object]]:
+    """The sheet's rows as source dicts (``sample`` -> ``sample_id``, ``patient`` -> ``patient_id``; empty
+    cells left out; paths resolved against the sheet's folder)."""
+    path = Path(path)
+    if not path.exists():
+        raise He2stError("sample sheet not found", path)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise He2stError(f"not a readable CSV sample sheet ({type(exc).__name__})", path) from exc
+    table.columns = [c.strip() for c in table.columns]
+    missing = [c for c in REQUIRED if c not in table.columns]
+    if missing:
+        raise He2stError(f"sample sheet lacks column(s) {', '.join(missing)} (needs sample, reader, path; "
+                         "optional patient, image, pixel_size_um, spots_file)", path)
+    if table.empty:
+        raise He2stError("sample sheet lists no samples", path)
+    sources = []
+    for i, row in enumerate(table.to_dict(orient="records"), start=2):
+        source: dict[str, object] = {}
+        for column, value in row.items():
+            value = str(value).strip()
+            if not value:
+                continue
+            key = RENAMED.get(column, column)
+            source[key] = str(path.parent / value) if key in PATH_FIELDS and not os.path.isabs(value) else value
+        for column in REQUIRED:
+            if RENAMED.get(column, column) not in source:
+                raise He2stError(f"line {i}: empty {column!r}", path)
+        sources.append(source)
+    return sources
+
+
+def with_default_patients(sources: list[dict[str, object]], where: str | Path) -> list[dict[str, object]]:
+    """Sources whose patient is missing get their sample as patient, with one warning line (leave one
+    patient out is then leave one sample out: sections of one patient would land on both sides)."""
+    lacking = [s["sample_id"] for s in sources if not s.get("patient_id")]
+    if lacking:
+        warnings.warn(f"{where}: no patient for {len(lacking)} sample(s) ({', '.join(map(str, lacking[:3]))}"
+                      f"{', ...' if len(lacking) > 3 else ''}): each is its own patient, so leave-one-patient-out "
+                      "equals leave-one-sample-out", He2stWarning, stacklevel=2)
+    return [s | {"patient_id": s.get("patient_id") or s["sample_id"]} for s in sources]
+
+
+def write_samplesheet(path: str | Path, sources: Sequence[dict[str, object]]) -> Path:
+    """The sources as a sheet :func:`read_samplesheet` reads back from anywhere (paths made absolute),
+    columns in the usual order."""
+    back = {v: k for k, v in RENAMED.items()}
+    rows = [{back.get(k, k): ("" if v is None else os.path.abspath(v) if k in PATH_FIELDS else str(v))
+             for k, v in s.items()} for s in sources]
+    columns = [c for c in SHEET_ORDER if any(c in r for r in rows)]
+    columns += sorted({c for r in rows for c in r} - set(columns))
+    write_text_atomic(path, pd.DataFrame(rows, columns=columns).fillna("").to_csv(index=False))
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- discovery
+def discover_sources(folder: str | Path) -> list[dict[str, object]]:
+    """Every section found under ``folder`` (rules in the module docstring), sorted by path; a section
+    whose image or pixel size could not be found is kept, with a warning line, for the user to fill in."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise He2stError("folder to search for samples not found", root)
+    sources: list[dict[str, object]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames.sort()
+        if (here.name == "outs" and (here / "spatial").is_dir()) or (here / "binned_outputs").is_dir():
+            sources.append(_space_ranger(here))
+            dirnames[:] = []  # nothing inside outs/ is a section of its own
+        elif all((here / d).is_dir() for d in ("st", "wsis", "metadata")):
+            sources += [{"sample_id": p.stem, "reader": "hest", "path": str(here)}
+                        for p in sorted((here / "st").glob("*.h5ad"))]
+            dirnames[:] = []
+        else:
+            sources += _st_triples(here, sorted(filenames))
+            sources += [_h5ad(here / f) for f in sorted(filenames) if f.endswith(".h5ad")]
+    if not sources:
+        raise He2stError("no Space Ranger outs/, HEST-1k root, legacy ST triple or .h5ad file found", root)
+    ids = [s["sample_id"] for s in sources]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:
+        raise He2stError(f"several sections would be named {duplicated[0]!r}; write a sample sheet with distinct "
+                         "names instead", root)
+    for s in sources:
+        if s["reader"] in ("visium", "visium_hd", "st", "h5ad") and not s.get("image"):
+            warnings.warn(f"{s['path']}: no single slide image found for sample {s['sample_id']}; fill in the "
+                          "image column of the written sample sheet", He2stWarning, stacklevel=2)
+        if s["reader"] == "h5ad" and not s.get("pixel_size_um"):
+            warnings.warn(f"{s['path']}: no pixel size found for sample {s['sample_id']}; fill in pixel_size_um "
+                          "of the written sample sheet", He2stWarning, stacklevel=2)
+    return sources
+
+
+def _images(folder: Path, stem: str | None = None) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and (stem is None or p.name.startswith(stem)))
+
+
+def _space_ranger(outs: Path) -> dict[str, object]:
+    """An ``outs/`` folder; its slide image is the one image file beside ``outs/`` (Space Ranger's input)."""
+    sample = name_from_stem(outs.parent.name if outs.name == "outs" else outs.name)
+    images = _images(outs.parent)
+    return {"sample_id": sample, "reader": "visium_hd" if (outs / "binned_outputs").is_dir() else "visium",
+            "path": str(outs)} | ({"image": str(images[0])} if len(images) == 1 else {})
+
+
+def _st_triples(folder: Path, files: list[str]) -> list[dict[str, object]]:
+    """Legacy ST sections of one folder: a spot file (``*sel*.tsv`` such as ``A1_selection.tsv``, or
+    ``*spot*.tsv``), the counts table sharing its first name part (a ``*.tsv``/``*.tsv.gz`` that is not a
+    spot file) and the image likewise; a folder with one spot file takes its one table and one image."""
+    tables = [f for f in files if f.endswith((".tsv", ".tsv.gz"))]
+    spot_files = [f for f in tables if "sel" in f.lower() or "spot" in f.lower()]
+    counts = [f for f in tables if f not in spot_files]
+    out = []
+    for spots in spot_files:
+        prefix = spots.split("_")[0].split(".")[0]
+        alone = len(spot_files) == 1
+        mine = counts if alone else [c for c in counts if c.split("_")[0].split(".")[0] == prefix]
+        images = _images(folder, None if alone else prefix)
+        if len(mine) != 1:
+            continue
+        name = folder.name if alone else prefix
+        out.append({"sample_id": name_from_stem(name), "reader": "st", "path": str(folder / mine[0]),
+                    "spots_file": str(folder / spots)} | ({"image": str(images[0])} if len(images) == 1 else {}))
+    return out
+
+
+def _h5ad(path: Path) -> dict[str, object]:
+    """A plain ``.h5ad``: the image sharing its stem beside it, µm/px from Visium scale factors if recorded."""
+    source: dict[str, object] = {"sample_id": name_from_stem(path.stem), "reader": "h5ad", "path": str(path)}
+    images = [p for p in _images(path.parent, path.stem) if p.stem == path.stem]
+    if len(images) == 1:
+        source["image"] = str(images[0])
+    try:
+        libraries = ad.read_h5ad(path, backed="r").uns.get("spatial", {})
+        factors = next(iter(libraries.values()))["scalefactors"] if len(libraries) == 1 else {}
+        if factors.get("spot_diameter_fullres"):
+            source["pixel_size_um"] = VISIUM_SPOT_UM / float(factors["spot_diameter_fullres"])
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the reader when it is prepared
+        pass
+    return source
+

@@ -1,0 +1,75 @@
+"""Sample sheets (``he2st prepare --samplesheet``) and folder search (``--from-dir``)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from in_process import run_cli
+from PIL import Image
+from synthetic import spot_grid, tissue_image, write_space_ranger, write_st_section
+
+from he2st.data.samplesheet import discover_sources, read_samplesheet, with_default_patients
+from he2st.errors import He2stError, He2stWarning
+
+
+def test_prepare_from_a_sheet_writes_the_sheet_it_used(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    a, b = write_st_section(raw / "A", seed=0), write_st_section(raw / "B", seed=1)
+    sheet = raw / "samples.csv"
+    pd.DataFrame({
+        "sample": ["A", "B"], "patient": ["P1", ""], "reader": ["st", "st"],
+        "path": ["A/cnts.tsv.gz", str(b["counts"])], "image": ["A/he.jpg", str(b["image"])],
+        "spots_file": ["A/sel.tsv", str(b["spots"])],
+    }).to_csv(sheet, index=False)
+    work = tmp_path / "work"
+    res = run_cli("prepare", "--samplesheet", sheet, "-w", work)
+    assert res.returncode == 0, res.stderr
+    assert "no patient for 1 sample(s) (B)" in res.stderr and "leave-one-sample-out" in res.stderr
+    assert sorted(p.stem for p in (work / "samples").glob("*.h5ad")) == ["A", "B"]
+    written = read_samplesheet(work / "samplesheet.csv")  # absolute paths: it reads back from the work folder
+    assert [s["patient_id"] for s in written] == ["P1", "B"]
+    assert Path(str(written[0]["path"])).resolve() == a["counts"].resolve()
+    assert "folds (lopo)" in res.stdout  # two patients: P1 and B
+
+
+def test_bad_sheet_is_one_line(tmp_path: Path) -> None:
+    sheet = tmp_path / "s.csv"
+    sheet.write_text("sample,path\nA,x.h5ad\n")
+    res = run_cli("prepare", "--samplesheet", sheet, "-w", tmp_path / "w")
+    assert res.returncode == 2 and "lacks column(s) reader" in res.stderr and str(sheet) in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    sheet.write_text("sample,reader,path\nA,tiff,x.h5ad\n")
+    res = run_cli("prepare", "--samplesheet", sheet, "-w", tmp_path / "w")
+    assert res.returncode == 2 and "sample 'A': reader" in res.stderr
+
+
+def test_folder_search_finds_each_kind(tmp_path: Path) -> None:
+    root = tmp_path / "study"
+    xy = spot_grid(4, 4, 80, (200, 200))
+    write_space_ranger(root / "V1" / "outs", xy, np.ones((16, 3), int), ["a", "b", "c"], 60.0)
+    Image.fromarray(tissue_image(600, 600)).save(root / "V1" / "V1_fullres.tif")
+    write_st_section(root / "st_A")
+    adata = ad.AnnData(X=np.ones((4, 2), np.float32))
+    adata.obsm["spatial"] = np.zeros((4, 2))
+    adata.uns["spatial"] = {"lib": {"scalefactors": {"spot_diameter_fullres": 110.0}}}
+    (root / "h5").mkdir()
+    adata.write_h5ad(root / "h5" / "sec9.h5ad")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = {s["sample_id"]: s for s in discover_sources(root)}
+    assert set(found) == {"V1", "st_A", "sec9"}
+    assert found["V1"]["reader"] == "visium" and str(found["V1"]["image"]).endswith("V1_fullres.tif")
+    assert found["st_A"]["reader"] == "st" and str(found["st_A"]["spots_file"]).endswith("sel.tsv")
+    assert found["sec9"]["reader"] == "h5ad" and found["sec9"]["pixel_size_um"] == pytest.approx(0.5)
+    assert [str(w.message) for w in caught if issubclass(w.category, He2stWarning)] == [
+        f"{root / 'h5' / 'sec9.h5ad'}: no single slide image found for sample sec9; fill in the image column of "
+        "the written sample sheet"]
+    with pytest.warns(He2stWarning, match="each is its own patient"):
+        assert all(s["patient_id"] == s["sample_id"] for s in with_default_patients(list(found.values()), root))
+    with pytest.raises(He2stError, match="no Space Ranger outs"):
+        discover_sources(tmp_path / "study" / "V1" / "outs" / "spatial")
