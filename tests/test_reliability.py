@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
-from he2st.evaluate.reliability import ood_auroc, reliability_metrics
+from he2st.evaluate.reliability import ood_auroc, predictability_spearman, reliability_metrics
 from he2st.methods import Method, ModelCard, create_method, load_method
 from he2st.methods.calibration import estimate_reliability
 
@@ -137,7 +137,8 @@ def test_metrics_on_known_values():
     score[:20] = 1
     assert ood_auroc(score, pred, truth) == 1.0
     bounds = np.stack([pred - 0.5, pred + 0.5])
-    out = reliability_metrics(pred, truth, np.linspace(1, 0, 5), bounds, bounds, score, np.ones(200))
+    out = reliability_metrics(pred, truth, bounds, bounds, score, np.ones(200))
     assert out["coverage90"] == pytest.approx(0.9, abs=0.01)
     assert out["interval_width90"] == pytest.approx(1.0)
     assert out["ood_fraction"] == 0.0
+    assert predictability_spearman(np.arange(5.0), np.array([0.1, 0.2, np.nan, 0.4, 0.5])) == pytest.approx(1.0)

@@ -28,7 +28,8 @@ from he2st.evaluate.beyond_panel import (
     transcriptome_scores,
 )
 from he2st.evaluate.gene_sets import build_gene_sets, test_sample_gene_sets
-from he2st.evaluate.reliability import reliability_metrics
+from he2st.evaluate.reliability import predictability_spearman, reliability_metrics
+from he2st.stats import pearson_per_gene
 from he2st.evaluate.scoring import FoldResult, evaluate_fold
 from he2st.methods import Method, ModelCard, Prediction, create_method
 from he2st.methods.calibration import estimate_reliability
@@ -203,12 +204,16 @@ def _score_reliability(method: Method, result: FoldResult, predictions: dict[str
                        truth: dict[str, np.ndarray]) -> None:
     """Add each held-out sample's reliability scores to its ``all`` gene set (summary rows)."""
     rel = method.reliability
+    # expected vs realised per-gene r: the realised r of the fold's held-out patients, averaged over their
+    # samples (one section's r is noisy), so every sample of the fold carries the fold's value
+    realised = np.nanmean([pearson_per_gene(p.expression, truth[s]) for s, p in predictions.items()], axis=0)
+    ranking = predictability_spearman(rel.expected_r, realised)
     for sid, pred in predictions.items():
         constant = rel.intervals(pred.expression, np.ones(len(pred.expression)), 0.9, normalised=False)
         scores = reliability_metrics(
-            pred.expression, truth[sid], rel.expected_r, np.stack([pred.layers["lower"], pred.layers["upper"]]),
+            pred.expression, truth[sid], np.stack([pred.layers["lower"], pred.layers["upper"]]),
             np.stack(constant), pred.uncertainty["ood_score"], pred.uncertainty["in_distribution"])
-        result.per_sample[sid].setdefault("all", {}).update(scores)
+        result.per_sample[sid].setdefault("all", {}).update(scores | {"predictability_spearman": ranking})
 
 
 def _beyond_panel(method: Method, data: FoldData, predictions: dict[str, Prediction]) -> dict[str, float]:
