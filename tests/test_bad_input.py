@@ -187,7 +187,7 @@ def test_outputs_named_after_a_slide_get_a_safe_name():
 
 
 def test_duplicate_gene_names_are_made_unique_with_a_warning_naming_the_file(tmp_path):
-    from he2st.data.readers import read_st
+    from he2st.data.readers.st import read_st
     from he2st.errors import He2stWarning
 
     counts = pd.DataFrame(np.ones((6, 3), int), index=[f"{x}x{y}" for y in (2, 3) for x in (2, 3, 4)],

@@ -8,7 +8,11 @@ import pytest
 from PIL import Image
 from synthetic import counts_for, spot_grid, tissue_image, write_hest, write_pyramid, write_space_ranger
 
-from he2st.data.readers import read_h5ad_sample, read_hest, read_visium
+from he2st.data.readers import read_source
+from he2st.data.readers.h5ad import read_h5ad_sample
+from he2st.data.readers.hest import read_hest
+from he2st.data.readers.st import read_st
+from he2st.data.readers.visium import read_visium
 from he2st.data.slide import PlainImageSlide, TiffFileSlide, open_slide, read_patch
 
 GENES = [f"G{i}" for i in range(12)]
@@ -108,8 +112,6 @@ def test_generic_h5ad_reader(tmp_path):
 def test_legacy_st_array_and_its_pixel_size_come_from_the_spot_lattice(tmp_path, array, pitch_um):
     """The 2k array numbers positions in 100 µm steps and fills a checkerboard of them (141 µm diagonal
     spacing); the 1k array fills every 200 µm position. A slide at 0.5 µm/px must read as 0.5 either way."""
-    from he2st.data.readers import read_st
-
     mpp = 0.5
     grid = [(x, y) for y in range(2, 14) for x in range(2, 14) if array == "1k" or (x + y) % 2 == 0]
     xs, ys = np.array(grid).T
@@ -133,8 +135,6 @@ def test_legacy_st_array_and_its_pixel_size_come_from_the_spot_lattice(tmp_path,
 def test_visium_hd_bins_are_summed_into_pseudo_spots(tmp_path):
     """8 µm bins on a 0.5 µm/px image (16 px per bin), summed into 56 µm pseudo-spots (7 x 7 bins): the
     counts are conserved, every kept pseudo-spot is at least half covered, centres sit on the 56 µm grid."""
-    from he2st.data.readers import SampleSource, read_source
-
     mpp, bin_um, side = 0.5, 8, 56.0
     n = 21  # 21 x 21 bins = 3 x 3 pseudo-spots
     gx, gy = np.meshgrid(np.arange(n), np.arange(n))
@@ -150,7 +150,7 @@ def test_visium_hd_bins_are_summed_into_pseudo_spots(tmp_path):
     (folder / "spatial" / "tissue_positions.parquet.csv").unlink()
     sf = folder / "spatial" / "scalefactors_json.json"
     sf.write_text(sf.read_text().replace("{", f'{{"microns_per_pixel": {mpp}, "bin_size_um": {bin_um}, ', 1))
-    sample = read_source(SampleSource(reader="visium_hd", sample_id="HD1", path=outs, pseudo_spot_um=side))
+    sample = read_source({"reader": "visium_hd", "sample_id": "HD1", "path": outs, "pseudo_spot_um": side})
     assert sample.technology == "visium_hd" and sample.spot_diameter_um == side and sample.pixel_size_um == mpp
     kept = sample.adata.obs["n_bins"].to_numpy()
     assert sample.n_spots == 9 and (kept >= 0.5 * 49).all()  # the right column keeps 4 of 7 bin columns: 28 bins
@@ -167,8 +167,6 @@ def test_xenium_cells_placed_on_the_he_by_its_alignment(tmp_path, cell_level):
     cells or summed into 55 µm pseudo-spots (counts conserved)."""
     import shutil
 
-    from he2st.data.readers import SampleSource, read_source
-
     mpp, morph = 0.5, 0.2125
     rng = np.random.default_rng(1)
     gx, gy = np.meshgrid(np.arange(12), np.arange(12))
@@ -184,8 +182,8 @@ def test_xenium_cells_placed_on_the_he_by_its_alignment(tmp_path, cell_level):
     pd.DataFrame({"cell_id": ids, "x_centroid": um[:, 0], "y_centroid": um[:, 1], "cell_area": 60.0}).to_csv(
         folder / "cells.csv.gz", index=False)
     np.savetxt(tmp_path / "alignment.csv", matrix, delimiter=",")
-    sample = read_source(SampleSource(reader="xenium", sample_id="X1", path=folder, cell_level=cell_level,
-                                      alignment=tmp_path / "alignment.csv"))
+    sample = read_source({"reader": "xenium", "sample_id": "X1", "path": folder, "cell_level": cell_level,
+                          "alignment": tmp_path / "alignment.csv"})
     assert sample.technology == "xenium" and sample.pixel_size_um == pytest.approx(mpp)
     if cell_level:
         np.testing.assert_allclose(sample.spatial, he_xy, atol=1e-6)
