@@ -6,7 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from synthetic import counts_for, spot_grid, tissue_image, write_hest, write_pyramid, write_space_ranger
+from synthetic import (
+    HIRES_SCALEF,
+    counts_for,
+    spot_grid,
+    tissue_image,
+    write_hest,
+    write_pyramid,
+    write_space_ranger,
+)
 
 from he2st.data.readers import read_source
 from he2st.data.readers.h5ad import read_h5ad_sample
@@ -14,6 +22,7 @@ from he2st.data.readers.hest import read_hest
 from he2st.data.readers.st import read_st
 from he2st.data.readers.visium import read_visium
 from he2st.data.slide import PlainImageSlide, TiffFileSlide, open_slide, read_patch
+from he2st.errors import He2stError
 
 GENES = [f"G{i}" for i in range(12)]
 
@@ -79,6 +88,47 @@ def test_space_ranger_reader(tmp_path, pyramid, positions, header, mtx):
     np.testing.assert_allclose(sample.spatial, xy[3:])
     np.testing.assert_array_equal(sample.adata.X.toarray(), counts[3:])
     assert sample.patient_id == "P9" and sample.technology == "visium"
+
+
+@pytest.mark.parametrize("mtx", [False, True], ids=["h5", "mtx"])
+@pytest.mark.parametrize(("positions", "header"), [("tissue_positions.csv", True), ("tissue_positions_list.csv", False)],
+                         ids=["positions-2.0", "positions-1.x"])
+@pytest.mark.parametrize("geo", [False, True], ids=["outs", "geo"])
+def test_visium_as_published_lands_on_its_hires_image(tmp_path, geo, positions, header, mtx):
+    """No full-resolution image: spots land on Space Ranger's hires image (full-resolution px x
+    tissue_hires_scalef) and µm/px is 55 / spot_diameter_fullres / tissue_hires_scalef -- alike from an outs/
+    folder and from GEO's loose files (sample prefix, gzipped), with either positions format and either matrix."""
+    xy = spot_grid(4, 5, 180.0, (311.4, 257.8))  # full-resolution px of a 2400 x 2000 px section
+    counts = counts_for(xy, GENES)
+    in_tissue = np.ones(len(xy), dtype=int)
+    in_tissue[:2] = 0
+    folder = tmp_path / ("GSE1" if geo else "outs")
+    barcodes = write_space_ranger(folder, xy, counts, GENES, spot_diameter_px=137.5, positions=positions,
+                                  header=header, mtx=mtx, in_tissue=in_tissue, prefix="GSM1234_S1_" if geo else "",
+                                  gz=geo, loose=geo, hires=tissue_image(240, 200, seed=3))
+    sample = read_source({"reader": "visium", "sample_id": "S1", "path": folder})
+    assert sample.image_path.name == ("GSM1234_S1_tissue_hires_image.png.gz" if geo else "tissue_hires_image.png")
+    assert sample.slide.dimensions == (200, 240) and list(sample.adata.obs_names) == barcodes[2:]
+    np.testing.assert_allclose(sample.spatial, xy[2:] * HIRES_SCALEF, atol=1.0)
+    assert sample.pixel_size_um == pytest.approx(55 / 137.5 / HIRES_SCALEF, rel=0.01)
+    np.testing.assert_array_equal(sample.adata.X.toarray(), counts[2:])
+    assert read_patch(sample.slide, tuple(sample.spatial[0]), 16, 16).shape == (16, 16, 3)
+
+
+def test_visium_falls_back_to_the_lowres_image_and_refuses_two_samples_in_one_folder(tmp_path):
+    xy = spot_grid(3, 3, 300.0, (400.0, 400.0))
+    folder = tmp_path / "GSE1"
+    write_space_ranger(folder, xy, counts_for(xy, GENES), GENES, spot_diameter_px=100.0, prefix="GSM1_", gz=True,
+                       loose=True)
+    Image.fromarray(tissue_image(60, 60)).save(folder / "GSM1_tissue_lowres_image.png")  # 0.03 x 2000 px
+    sample = read_source({"reader": "visium", "sample_id": "S1", "path": folder})
+    assert sample.slide.dimensions == (60, 60) and sample.pixel_size_um == pytest.approx(55 / 100 / 0.03)
+    np.testing.assert_allclose(sample.spatial, xy * 0.03)
+    write_space_ranger(folder, xy, counts_for(xy, GENES), GENES, spot_diameter_px=100.0, prefix="GSM2_", gz=True,
+                       loose=True)
+    with pytest.raises(He2stError, match="several files could be filtered_feature_bc_matrix.h5") as err:
+        read_source({"reader": "visium", "sample_id": "S1", "path": folder})
+    assert str(folder) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_hest_reader_and_save_load_roundtrip(tmp_path):

@@ -225,4 +225,4 @@ def _refuse_bad_counts(matrix: sp.csr_matrix, barcodes: list[str], genes: list[s
     first = np.lexsort((cols, rows))[0]
     value = matrix.data[bad][first]
     raise He2stError(f"count {value} for gene {str(genes[cols[first]])!r} at spot {str(barcodes[rows[first]])!r}: "
-                     f"counts must be finite and non-negative ({int(bad.sum())} such entries)", where)
+                     f"counts must be finite and non-negative ({int(bad.sum())} bad in all)", where)

@@ -54,8 +54,10 @@ def read_visium_hd(
     side_px = pseudo_spot_um / bins.pixel_size_um
     adata = sum_into_squares(bins.adata.X, bins.spatial, list(bins.adata.var_names), side_px,
                              0.5 * (pseudo_spot_um / bin_um) ** 2, "n_bins", folder)
-    return Sample(
+    sample = Sample(
         sample_id=bins.sample_id, patient_id=bins.patient_id, adata=adata, pixel_size_um=bins.pixel_size_um,
         spot_diameter_um=float(pseudo_spot_um), image_path=bins.image_path, technology="visium_hd",
         dataset=dataset, source=bins.source | {"bin_um": str(bin_um), "pseudo_spot_um": f"{pseudo_spot_um:g}"},
     )
+    sample.validate()
+    return sample

@@ -91,21 +91,23 @@ def read_xenium(
         raise He2stError(f"sample {sample_id}: Xenium needs the H&E alignment matrix (alignment) or pixel_size_um")
     if pixel_size_um is not None and alignment is not None:
         mpp = float(pixel_size_um)
+    adata = build_adata(counts, list(common), genes, xy, where=counts_path)  # cells, checked before summing
     if pseudo_spot_um is None:
-        adata = build_adata(counts, list(common), genes, xy, where=counts_path)
         area = cells.loc[common, "cell_area"].to_numpy(float) if "cell_area" in cells else np.array([78.5])
         spot_um = float(2 * np.sqrt(np.median(area) / np.pi))
     else:
         side_px = pseudo_spot_um / mpp
         per_square = np.unique(np.floor(xy / side_px).astype(np.int64), axis=0, return_counts=True)[1]
-        adata = sum_into_squares(counts, xy, genes, side_px, 0.5 * float(np.median(per_square)), "n_cells", folder)
+        adata = sum_into_squares(adata.X, xy, genes, side_px, 0.5 * float(np.median(per_square)), "n_cells", folder)
         spot_um = float(pseudo_spot_um)
-    return Sample(
+    sample = Sample(
         sample_id=sample_id, patient_id=patient_id or sample_id, adata=adata, pixel_size_um=mpp,
         spot_diameter_um=spot_um, image_path=None if image is None else Path(image), technology="xenium",
         dataset=dataset, source={"counts": str(counts_path), "cells": str(folder)}
         | image_source(image) | ({"alignment": str(alignment)} if alignment else {}),
     )
+    sample.validate()
+    return sample
 
 
 def _read_cells(folder: Path) -> pd.DataFrame:
