@@ -73,7 +73,7 @@ def test_every_method_has_a_tiny_configuration():
 
 @pytest.mark.parametrize("name", list_methods())
 def test_predicts_every_held_out_spot_for_every_panel_gene(name):
-    method, expression = fitted(name)
+    method, _ = fitted(name)
     _, test = split()
     pred = method.predict(test)
     assert pred.expression.shape == (len(test), len(method.panel.genes)) and pred.genes == method.panel.genes

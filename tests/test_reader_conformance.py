@@ -34,7 +34,7 @@ class ReaderInput:
     barcodes: list[str]  # the spot id the reader gives each row of the written counts
 
 
-Factory = Callable[[Path, np.ndarray], ReaderInput]
+Factory = Callable[[Path, float | None], ReaderInput]  # (folder to write in, one bad count to write or None)
 INPUTS: dict[str, Factory] = {}
 
 
@@ -46,12 +46,17 @@ def reader_input(name: str) -> Callable[[Factory], Factory]:
     return register
 
 
-def counts(n: int) -> np.ndarray:
-    return counts_for(spot_grid(1, n, 1.0, (0.0, 0.0)), GENES).astype(np.float64)
+def counts(n: int, bad: float | None) -> np.ndarray:
+    """Counts of ``n`` spots, with ``bad`` at (``BAD_SPOT``, ``BAD_GENE``) when given."""
+    values = counts_for(spot_grid(1, n, 1.0, (0.0, 0.0)), GENES).astype(np.float64)
+    if bad is not None:
+        values[BAD_SPOT, BAD_GENE] = bad
+    return values
 
 
 @reader_input("st")
-def st_input(root: Path, values: np.ndarray) -> ReaderInput:
+def st_input(root: Path, bad: float | None) -> ReaderInput:
+    values = counts(12, bad)
     grid = [(x, y) for y in range(2, 5) for x in range(2, 6)]  # 12 spots, 100 px per 200 µm array step
     ids = [f"{x}x{y}" for x, y in grid]
     pd.DataFrame(values, index=ids, columns=GENES).to_csv(root / "cnts.tsv", sep="\t")
@@ -64,7 +69,8 @@ def st_input(root: Path, values: np.ndarray) -> ReaderInput:
 
 
 @reader_input("visium")
-def visium_input(root: Path, values: np.ndarray) -> ReaderInput:
+def visium_input(root: Path, bad: float | None) -> ReaderInput:
+    values = counts(12, bad)
     xy = spot_grid(3, 4, 300.0, (400.0, 400.0))  # on the 220 x 220 px hires image of a 2200 px section
     barcodes = write_space_ranger(root / "outs", xy, values, GENES, spot_diameter_px=200.0,
                                   hires=tissue_image(220, 220))
@@ -73,7 +79,8 @@ def visium_input(root: Path, values: np.ndarray) -> ReaderInput:
 
 
 @reader_input("visium_hd")
-def visium_hd_input(root: Path, values: np.ndarray) -> ReaderInput:
+def visium_hd_input(root: Path, bad: float | None) -> ReaderInput:
+    values = counts(196, bad)
     gx, gy = np.meshgrid(np.arange(14), np.arange(14))  # 8 µm bins at 0.5 µm/px: 2 x 2 pseudo-spots of 55 µm
     xy = (np.column_stack([gx.ravel(), gy.ravel()]) + 0.5) * 16.0
     folder = root / "outs" / "binned_outputs" / "square_008um"
@@ -86,7 +93,8 @@ def visium_hd_input(root: Path, values: np.ndarray) -> ReaderInput:
 
 
 @reader_input("xenium")
-def xenium_input(root: Path, values: np.ndarray) -> ReaderInput:
+def xenium_input(root: Path, bad: float | None) -> ReaderInput:
+    values = counts(196, bad)
     gx, gy = np.meshgrid(np.arange(14), np.arange(14))  # cells 8 µm apart, H&E and morphology image at 0.5 µm/px
     um = (np.column_stack([gx.ravel(), gy.ravel()]) + 0.5) * 8.0
     ids = write_space_ranger(root / "sr", um, values, GENES, spot_diameter_px=10.0)
@@ -108,7 +116,8 @@ def _anndata(values: np.ndarray, xy: np.ndarray) -> ad.AnnData:
 
 
 @reader_input("h5ad")
-def h5ad_input(root: Path, values: np.ndarray) -> ReaderInput:
+def h5ad_input(root: Path, bad: float | None) -> ReaderInput:
+    values = counts(12, bad)
     xy = spot_grid(3, 4, 60.0, (50.0, 50.0))
     _anndata(values, xy).write_h5ad(root / "x.h5ad")
     Image.fromarray(tissue_image(300, 300)).save(root / "he.png")
@@ -117,25 +126,20 @@ def h5ad_input(root: Path, values: np.ndarray) -> ReaderInput:
 
 
 @reader_input("hest")
-def hest_input(root: Path, values: np.ndarray) -> ReaderInput:
+def hest_input(root: Path, bad: float | None) -> ReaderInput:
+    values = counts(12, bad)
     xy = spot_grid(3, 4, 60.0, (50.0, 50.0))
     write_hest(root, "TENX0", tissue_image(300, 300), 0.5, xy, values, GENES)
     return ReaderInput({"reader": "hest", "sample_id": "TENX0", "path": root}, root / "st" / "TENX0.h5ad",
                        [f"s{i}" for i in range(12)])
 
 
-ROWS = {"st": 12, "visium": 12, "visium_hd": 196, "xenium": 196, "h5ad": 12, "hest": 12}
-
-
 def written(name: str, root: Path, bad: float | None = None) -> ReaderInput:
     """The reader's tiny input under ``root``, with ``bad`` as one count when given."""
     if name not in INPUTS:
         pytest.fail(f"reader {name!r} has no input factory in {Path(__file__).name}")
-    values = counts(ROWS[name])
-    if bad is not None:
-        values[BAD_SPOT, BAD_GENE] = bad
     root.mkdir(parents=True, exist_ok=True)
-    return INPUTS[name](root, values)
+    return INPUTS[name](root, bad)
 
 
 def test_every_reader_has_an_input_factory():

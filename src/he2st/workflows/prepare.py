@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from he2st.data.datasets import dataset_dir, fetch
 from he2st.data.her2st import load_her2st
 from he2st.data.patches import extract_patches, warn_if_too_coarse
+from he2st.data.readers import read_source
 from he2st.data.sample import Sample
 from he2st.data.splits import check_fold, make_folds
 from he2st.data.workspace import Workspace
@@ -36,7 +37,7 @@ def load_samples(config: PrepareConfig) -> list[Sample]:
             raise He2stError(f"dataset {config.data.dataset!r} has no sample loader yet (available: her2st)")
         fetch(config.data.dataset)
         samples += load_her2st(config.data.sections, root=dataset_dir(config.data.dataset))
-    samples += [src.read() for src in config.data.samples]
+    samples += [read_source(src) for src in config.data.samples]
     if not samples:
         raise He2stError("no samples: set data.dataset or list data.samples")
     for s in samples:  # ids from file names and metadata too, not only from the config
