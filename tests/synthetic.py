@@ -3,6 +3,8 @@ spot sets whose features carry the expression signal, and prepared + embedded wo
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 from pathlib import Path
 
@@ -10,11 +12,14 @@ import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
+import scipy.io
 import scipy.sparse as sp
 import tifffile
 from PIL import Image
 
 from he2st.data.spots import SpotSet
+
+HIRES_SCALEF = 0.1  # Space Ranger's tissue_hires_scalef in the folders written here
 
 
 def tissue_image(height: int, width: int, seed: int = 0, blob: tuple[float, float, float] = (0.5, 0.5, 0.35)) -> np.ndarray:
@@ -65,28 +70,33 @@ def counts_for(xy: np.ndarray, genes: list[str], seed: int = 0) -> np.ndarray:
 def write_space_ranger(
     outs: Path, xy: np.ndarray, counts: np.ndarray, genes: list[str], spot_diameter_px: float,
     positions: str = "tissue_positions.csv", header: bool = True, mtx: bool = False, in_tissue: np.ndarray | None = None,
+    prefix: str = "", gz: bool = False, loose: bool = False, hires: np.ndarray | None = None,
 ) -> list[str]:
-    """A minimal Space Ranger ``outs/`` folder (10x HDF5 or MTX counts, positions, scale factors)."""
-    outs.mkdir(parents=True, exist_ok=True)
-    (outs / "spatial").mkdir(exist_ok=True)
+    """A minimal Space Ranger ``outs/`` folder (10x HDF5 or MTX counts, positions, scale factors). As GEO
+    publishes one: ``prefix`` before every file name, ``gz`` compresses every file, ``loose`` puts them all in
+    ``outs`` itself (no ``spatial/`` or matrix folder). ``hires``: Space Ranger's ``tissue_hires_image.png``,
+    ``HIRES_SCALEF`` times the full-resolution pixels."""
+    spatial = outs if loose else outs / "spatial"
+    spatial.mkdir(parents=True, exist_ok=True)
+
+    def put(folder: Path, name: str, data: bytes) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{prefix}{name}{'.gz' if gz else ''}"
+        target.write_bytes(gzip.compress(data) if gz else data)
+
     n = len(xy)
     barcodes = [f"AAAC{i:08d}-1" for i in range(n)]
     mat = sp.csc_matrix(counts.T)  # genes x barcodes
     if mtx:
-        import gzip
-
-        import scipy.io
-
-        folder = outs / "filtered_feature_bc_matrix"
-        folder.mkdir(exist_ok=True)
-        with gzip.open(folder / "matrix.mtx.gz", "wb") as fh:
-            scipy.io.mmwrite(fh, mat)
-        with gzip.open(folder / "barcodes.tsv.gz", "wt") as fh:
-            fh.write("\n".join(barcodes) + "\n")
-        with gzip.open(folder / "features.tsv.gz", "wt") as fh:
-            fh.write("".join(f"ENSG{i:011d}\t{g}\tGene Expression\n" for i, g in enumerate(genes)))
+        folder = outs if loose else outs / "filtered_feature_bc_matrix"
+        buffer = io.BytesIO()
+        scipy.io.mmwrite(buffer, mat)
+        put(folder, "matrix.mtx", buffer.getvalue())
+        put(folder, "barcodes.tsv", ("\n".join(barcodes) + "\n").encode())
+        put(folder, "features.tsv", "".join(f"ENSG{i:011d}\t{g}\tGene Expression\n" for i, g in enumerate(genes)).encode())
     else:
-        with h5py.File(outs / "filtered_feature_bc_matrix.h5", "w") as fh:
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as fh:
             fh.attrs["library_ids"] = np.array([b"lib1"])
             grp = fh.create_group("matrix")
             grp["barcodes"] = np.array([b.encode() for b in barcodes])
@@ -96,15 +106,20 @@ def write_space_ranger(
             feats["name"] = np.array([g.encode() for g in genes])
             feats["id"] = np.array([f"ENSG{i:011d}".encode() for i in range(len(genes))])
             feats["feature_type"] = np.array([b"Gene Expression"] * len(genes))
+        put(outs, "filtered_feature_bc_matrix.h5", buffer.getvalue())
     in_tissue = np.ones(n, dtype=int) if in_tissue is None else in_tissue
     table = pd.DataFrame({
         "barcode": barcodes, "in_tissue": in_tissue, "array_row": np.arange(n) // 10, "array_col": np.arange(n) % 10,
         "pxl_row_in_fullres": xy[:, 1], "pxl_col_in_fullres": xy[:, 0],
     })
-    table.to_csv(outs / "spatial" / positions, index=False, header=header)
-    (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps({
-        "spot_diameter_fullres": spot_diameter_px, "tissue_hires_scalef": 0.1, "tissue_lowres_scalef": 0.03,
-        "fiducial_diameter_fullres": spot_diameter_px * 1.6}))
+    put(spatial, positions, table.to_csv(index=False, header=header).encode())
+    put(spatial, "scalefactors_json.json", json.dumps({
+        "spot_diameter_fullres": spot_diameter_px, "tissue_hires_scalef": HIRES_SCALEF, "tissue_lowres_scalef": 0.03,
+        "fiducial_diameter_fullres": spot_diameter_px * 1.6}).encode())
+    if hires is not None:
+        buffer = io.BytesIO()
+        Image.fromarray(hires).save(buffer, format="PNG")
+        put(spatial, "tissue_hires_image.png", buffer.getvalue())
     return barcodes
 
 

@@ -81,6 +81,23 @@ def test_truncated_image(tmp_path):
     assert_clean_failure(prepare_with(tmp_path, files), tmp_path, files["image"], "truncated or corrupt")
 
 
+def test_nan_count_in_an_h5ad_is_refused_at_prepare(tmp_path):
+    import anndata as ad
+
+    values = np.ones((4, 3), np.float32)
+    values[2, 1] = np.nan
+    adata = ad.AnnData(X=values, obs=pd.DataFrame(index=["a", "b", "c", "d"]), var=pd.DataFrame(index=GENES))
+    adata.obsm["spatial"] = np.array([[50.0, 50.0], [150.0, 50.0], [50.0, 150.0], [150.0, 150.0]])
+    adata.write_h5ad(tmp_path / "x.h5ad")
+    Image.fromarray(tissue_image(300, 300)).save(tmp_path / "he.png")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("data:\n  dataset: null\n  samples:\n"
+                   f"  - {{reader: h5ad, sample_id: S1, path: '{tmp_path / 'x.h5ad'}', image: '{tmp_path / 'he.png'}',"
+                   " pixel_size_um: 1.0}\n")
+    result = run_cli("prepare", "-c", str(cfg), "-w", str(tmp_path / "work"))
+    assert_clean_failure(result, tmp_path, tmp_path / "x.h5ad", "count nan for gene 'GB' at spot 'c'")
+
+
 def test_no_barcode_in_common(tmp_path):
     files = write_st(tmp_path / "in", ids=[f"{i}x99" for i in range(6)])
     assert_clean_failure(prepare_with(tmp_path, files), tmp_path, files["counts"], "no spot barcode in common")
@@ -187,7 +204,7 @@ def test_outputs_named_after_a_slide_get_a_safe_name():
 
 
 def test_duplicate_gene_names_are_made_unique_with_a_warning_naming_the_file(tmp_path):
-    from he2st.data.readers import read_st
+    from he2st.data.readers.st import read_st
     from he2st.errors import He2stWarning
 
     counts = pd.DataFrame(np.ones((6, 3), int), index=[f"{x}x{y}" for y in (2, 3) for x in (2, 3, 4)],

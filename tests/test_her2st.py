@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from in_process import run_cli
 
-from he2st.data import registry
+from he2st.data import datasets
 from he2st.data.her2st import IMAGED_SECTIONS, load_section
 from he2st.data.patches import PatchCache, PatchSpec
 from he2st.data.slide import read_patch
@@ -77,14 +77,14 @@ def test_second_patch_run_with_same_settings_reuses_cache(prepared):
 
 
 def test_registry_lists_every_section_with_pinned_urls_and_checksums(her2st):
-    spec = registry.get_dataset("her2st")
+    spec = datasets.get_dataset("her2st")
     paths = {f.path for f in spec.files}
     for section in ("A1", "D6", "H3"):
         assert f"data/ST-cnts/{section}.tsv.gz" in paths and f"data/ST-spotfiles/{section}_selection.tsv" in paths
     assert sum(p.startswith("data/ST-cnts/") for p in paths) == 36
     assert all(f.sha256 and len(f.sha256) == 64 for f in spec.files)
     assert spec.url(spec.files[0]).startswith(f"https://raw.githubusercontent.com/almaan/her2st/{spec.commit}/")
-    assert registry.fetch("her2st") == her2st  # the shared copy verifies as a filled cache
+    assert datasets.fetch("her2st") == her2st  # the shared copy verifies as a filled cache
 
 
 def test_fetch_without_internet_names_the_env_variable(tmp_path, monkeypatch):
@@ -93,9 +93,9 @@ def test_fetch_without_internet_names_the_env_variable(tmp_path, monkeypatch):
     def no_network(*_a, **_k):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(registry.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", no_network)
     with pytest.raises(He2stError, match="HE2ST_DATA_DIR"):
-        registry.fetch("her2st")
+        datasets.fetch("her2st")
     assert not any(p.is_file() for p in tmp_path.rglob("*"))  # nothing half-downloaded
 
 
@@ -108,7 +108,7 @@ def test_fetch_detects_corrupted_copy(her2st, tmp_path, monkeypatch):
     victim.write_text(victim.read_text()[:100])
     monkeypatch.setenv("HE2ST_DATA_DIR", str(tmp_path))
     with pytest.raises(He2stError, match="checksum"):
-        registry.fetch("her2st")
+        datasets.fetch("her2st")
 
 
 def test_cli_data_list_and_prepare_config(her2st, tmp_path):

@@ -1,4 +1,5 @@
-"""Every method behind one interface: fit, predict, save/load identically, refuse unsafe checkpoints."""
+"""Methods on synthetic spots: they learn the signal, refuse unsafe checkpoints, read spatial context, and the
+ensemble's inner folds (the contract every method shares is in test_method_conformance.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from synthetic import linear_spots
 from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
-from he2st.methods import create_method, list_methods, load_method
+from he2st.methods import create_method, load_method
 from he2st.stats import one_standard_error_choice
 
 FAST = {"train": {"epochs": 8, "batch_size": 64, "patience": 3}}
@@ -32,17 +33,11 @@ def fitted(name: str) -> tuple:
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
-def test_fit_predict_and_checkpoint_roundtrip(name, tmp_path):
-    assert name in list_methods()
+def test_fit_learns_the_signal(name):
     method, test = fitted(name)
     pred = method.predict(test.without_expression())
-    assert pred.expression.shape == (40, 12) and pred.genes == test.genes
     r = [np.corrcoef(pred.expression[:, j], test.targets[:, j])[0, 1] for j in range(12)]
     assert np.nanmean(r) > 0.3, f"{name} learned nothing: {np.nanmean(r):.3f}"
-    path = method.save(tmp_path / f"{name}.pt")
-    back = load_method(path)
-    np.testing.assert_array_equal(back.predict(test.without_expression()).expression, pred.expression)
-    assert back.panel == method.panel and back.config == method.config
 
 
 def test_tampered_checkpoint_with_pickled_object_is_refused(tmp_path):
@@ -140,12 +135,6 @@ def test_end_to_end_finetuning_path_with_tiny_encoder():
     params = list(method.nets[0].encoder.parameters())
     assert all(p.requires_grad for p in params)
     assert method.predict(spots.subset(np.arange(32, 48))).expression.shape == (16, 12)
-
-
-def test_same_seed_same_predictions():
-    a, test = fitted("bleep")
-    b, _ = fitted("bleep")
-    np.testing.assert_array_equal(a.predict(test).expression, b.predict(test).expression)
 
 
 def test_retrieval_can_return_more_genes_than_the_panel():

@@ -13,7 +13,7 @@ from in_process import run_cli
 from synthetic import counts_for, spot_grid, tissue_image, write_pyramid, write_st_section
 from test_predict_wsi import MPP, encoder, model_path  # noqa: F401 - the module's fixtures, reused
 
-from he2st.data.readers import read_h5ad_sample
+from he2st.data.readers.h5ad import read_h5ad_sample
 from he2st.data.sample import Sample
 from he2st.errors import He2stError
 from he2st.io import inside

@@ -29,7 +29,7 @@ from he2st.methods import list_methods, load_method
 from he2st.workflows.benchmark import run_benchmark
 from he2st.workflows.config import BenchmarkConfig, TrainRunConfig
 from he2st.workflows.embed import embed_cache, embed_workspace
-from he2st.workflows.holdout import evaluate_model
+from he2st.workflows.evaluate import evaluate_model
 from he2st.workflows.protocol import build_fold_data, run_fold
 from he2st.workflows.train import train_model
 

@@ -118,7 +118,7 @@ def test_every_method_trains_and_predicts_end_to_end_on_two_real_sections(method
     """Train on section B4 (patient B), predict and score section A1 (patient A): real images, counts,
     cell-type proportions and (for CMRCNet) the encoder's token grid."""
     from he2st.workflows.config import TrainRunConfig
-    from he2st.workflows.holdout import evaluate_model
+    from he2st.workflows.evaluate import evaluate_model
     from he2st.workflows.train import train_model
 
     work, _ = token_embedded

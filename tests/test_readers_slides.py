@@ -6,10 +6,23 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from synthetic import counts_for, spot_grid, tissue_image, write_hest, write_pyramid, write_space_ranger
+from synthetic import (
+    HIRES_SCALEF,
+    counts_for,
+    spot_grid,
+    tissue_image,
+    write_hest,
+    write_pyramid,
+    write_space_ranger,
+)
 
-from he2st.data.readers import read_h5ad_sample, read_hest, read_visium
+from he2st.data.readers import read_source
+from he2st.data.readers.h5ad import read_h5ad_sample
+from he2st.data.readers.hest import read_hest
+from he2st.data.readers.st import read_st
+from he2st.data.readers.visium import read_visium
 from he2st.data.slide import PlainImageSlide, TiffFileSlide, open_slide, read_patch
+from he2st.errors import He2stError
 
 GENES = [f"G{i}" for i in range(12)]
 
@@ -77,6 +90,47 @@ def test_space_ranger_reader(tmp_path, pyramid, positions, header, mtx):
     assert sample.patient_id == "P9" and sample.technology == "visium"
 
 
+@pytest.mark.parametrize("mtx", [False, True], ids=["h5", "mtx"])
+@pytest.mark.parametrize(("positions", "header"), [("tissue_positions.csv", True), ("tissue_positions_list.csv", False)],
+                         ids=["positions-2.0", "positions-1.x"])
+@pytest.mark.parametrize("geo", [False, True], ids=["outs", "geo"])
+def test_visium_as_published_lands_on_its_hires_image(tmp_path, geo, positions, header, mtx):
+    """No full-resolution image: spots land on Space Ranger's hires image (full-resolution px x
+    tissue_hires_scalef) and µm/px is 55 / spot_diameter_fullres / tissue_hires_scalef -- alike from an outs/
+    folder and from GEO's loose files (sample prefix, gzipped), with either positions format and either matrix."""
+    xy = spot_grid(4, 5, 180.0, (311.4, 257.8))  # full-resolution px of a 2400 x 2000 px section
+    counts = counts_for(xy, GENES)
+    in_tissue = np.ones(len(xy), dtype=int)
+    in_tissue[:2] = 0
+    folder = tmp_path / ("GSE1" if geo else "outs")
+    barcodes = write_space_ranger(folder, xy, counts, GENES, spot_diameter_px=137.5, positions=positions,
+                                  header=header, mtx=mtx, in_tissue=in_tissue, prefix="GSM1234_S1_" if geo else "",
+                                  gz=geo, loose=geo, hires=tissue_image(240, 200, seed=3))
+    sample = read_source({"reader": "visium", "sample_id": "S1", "path": folder})
+    assert sample.image_path.name == ("GSM1234_S1_tissue_hires_image.png.gz" if geo else "tissue_hires_image.png")
+    assert sample.slide.dimensions == (200, 240) and list(sample.adata.obs_names) == barcodes[2:]
+    np.testing.assert_allclose(sample.spatial, xy[2:] * HIRES_SCALEF, atol=1.0)
+    assert sample.pixel_size_um == pytest.approx(55 / 137.5 / HIRES_SCALEF, rel=0.01)
+    np.testing.assert_array_equal(sample.adata.X.toarray(), counts[2:])
+    assert read_patch(sample.slide, tuple(sample.spatial[0]), 16, 16).shape == (16, 16, 3)
+
+
+def test_visium_falls_back_to_the_lowres_image_and_refuses_two_samples_in_one_folder(tmp_path):
+    xy = spot_grid(3, 3, 300.0, (400.0, 400.0))
+    folder = tmp_path / "GSE1"
+    write_space_ranger(folder, xy, counts_for(xy, GENES), GENES, spot_diameter_px=100.0, prefix="GSM1_", gz=True,
+                       loose=True)
+    Image.fromarray(tissue_image(60, 60)).save(folder / "GSM1_tissue_lowres_image.png")  # 0.03 x 2000 px
+    sample = read_source({"reader": "visium", "sample_id": "S1", "path": folder})
+    assert sample.slide.dimensions == (60, 60) and sample.pixel_size_um == pytest.approx(55 / 100 / 0.03)
+    np.testing.assert_allclose(sample.spatial, xy * 0.03)
+    write_space_ranger(folder, xy, counts_for(xy, GENES), GENES, spot_diameter_px=100.0, prefix="GSM2_", gz=True,
+                       loose=True)
+    with pytest.raises(He2stError, match="several files could be filtered_feature_bc_matrix.h5") as err:
+        read_source({"reader": "visium", "sample_id": "S1", "path": folder})
+    assert str(folder) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_hest_reader_and_save_load_roundtrip(tmp_path):
     img = tissue_image(800, 800, seed=2)
     xy = spot_grid(3, 3, 150, (250, 250))
@@ -108,8 +162,6 @@ def test_generic_h5ad_reader(tmp_path):
 def test_legacy_st_array_and_its_pixel_size_come_from_the_spot_lattice(tmp_path, array, pitch_um):
     """The 2k array numbers positions in 100 µm steps and fills a checkerboard of them (141 µm diagonal
     spacing); the 1k array fills every 200 µm position. A slide at 0.5 µm/px must read as 0.5 either way."""
-    from he2st.data.readers import read_st
-
     mpp = 0.5
     grid = [(x, y) for y in range(2, 14) for x in range(2, 14) if array == "1k" or (x + y) % 2 == 0]
     xs, ys = np.array(grid).T
@@ -133,8 +185,6 @@ def test_legacy_st_array_and_its_pixel_size_come_from_the_spot_lattice(tmp_path,
 def test_visium_hd_bins_are_summed_into_pseudo_spots(tmp_path):
     """8 µm bins on a 0.5 µm/px image (16 px per bin), summed into 56 µm pseudo-spots (7 x 7 bins): the
     counts are conserved, every kept pseudo-spot is at least half covered, centres sit on the 56 µm grid."""
-    from he2st.data.readers import SampleSource, read_source
-
     mpp, bin_um, side = 0.5, 8, 56.0
     n = 21  # 21 x 21 bins = 3 x 3 pseudo-spots
     gx, gy = np.meshgrid(np.arange(n), np.arange(n))
@@ -150,7 +200,7 @@ def test_visium_hd_bins_are_summed_into_pseudo_spots(tmp_path):
     (folder / "spatial" / "tissue_positions.parquet.csv").unlink()
     sf = folder / "spatial" / "scalefactors_json.json"
     sf.write_text(sf.read_text().replace("{", f'{{"microns_per_pixel": {mpp}, "bin_size_um": {bin_um}, ', 1))
-    sample = read_source(SampleSource(reader="visium_hd", sample_id="HD1", path=outs, pseudo_spot_um=side))
+    sample = read_source({"reader": "visium_hd", "sample_id": "HD1", "path": outs, "pseudo_spot_um": side})
     assert sample.technology == "visium_hd" and sample.spot_diameter_um == side and sample.pixel_size_um == mpp
     kept = sample.adata.obs["n_bins"].to_numpy()
     assert sample.n_spots == 9 and (kept >= 0.5 * 49).all()  # the right column keeps 4 of 7 bin columns: 28 bins
@@ -167,8 +217,6 @@ def test_xenium_cells_placed_on_the_he_by_its_alignment(tmp_path, cell_level):
     cells or summed into 55 µm pseudo-spots (counts conserved)."""
     import shutil
 
-    from he2st.data.readers import SampleSource, read_source
-
     mpp, morph = 0.5, 0.2125
     rng = np.random.default_rng(1)
     gx, gy = np.meshgrid(np.arange(12), np.arange(12))
@@ -184,8 +232,8 @@ def test_xenium_cells_placed_on_the_he_by_its_alignment(tmp_path, cell_level):
     pd.DataFrame({"cell_id": ids, "x_centroid": um[:, 0], "y_centroid": um[:, 1], "cell_area": 60.0}).to_csv(
         folder / "cells.csv.gz", index=False)
     np.savetxt(tmp_path / "alignment.csv", matrix, delimiter=",")
-    sample = read_source(SampleSource(reader="xenium", sample_id="X1", path=folder, cell_level=cell_level,
-                                      alignment=tmp_path / "alignment.csv"))
+    sample = read_source({"reader": "xenium", "sample_id": "X1", "path": folder, "cell_level": cell_level,
+                          "alignment": tmp_path / "alignment.csv"})
     assert sample.technology == "xenium" and sample.pixel_size_um == pytest.approx(mpp)
     if cell_level:
         np.testing.assert_allclose(sample.spatial, he_xy, atol=1e-6)

@@ -299,27 +299,21 @@ CASES = [
 
 
 @pytest.mark.parametrize(("name", "tokens", "options"), CASES)
-def test_fit_predict_image_only_and_checkpoint_roundtrip(name, tokens, options, tmp_path):
+def test_fit_learns_and_predicts_from_images_only(name, tokens, options, tmp_path):
     method, log, _, test = fit_method(name, tokens=tokens, **options)
     assert log.curves["train_loss"] and np.isfinite(log.curves["train_loss"]).all()
     pred = method.predict(test.without_expression())
-    assert pred.expression.shape == (len(test), 12) and pred.genes == test.genes
-    assert np.isfinite(pred.expression).all()
     # the spots' expression (and expression-derived extras) cannot change the prediction
     direct = method._predict(test)
     np.testing.assert_array_equal(direct.expression, pred.expression)
     assert mean_pearson(pred.expression, test.targets) > 0.3, f"{name} learned nothing"
-    path = method.save(tmp_path / f"{name}.pt")
-    back = load_method(path)
-    assert type(back) is type(method) and back.config == method.config
-    again = back.predict(test.without_expression())
-    np.testing.assert_array_equal(again.expression, pred.expression)
-    assert again.extras.keys() == pred.extras.keys()
-    for key in pred.extras:
-        np.testing.assert_array_equal(again.extras[key], pred.extras[key])
     if name != "nh2st":
         assert set(pred.uncertainty) == {"best_similarity", "dispersion"}
-        assert method.bank_path(path).exists()
+    if options or tokens:  # a variant's own modules must survive a checkpoint (the defaults: conformance tests)
+        again = load_method(method.save(tmp_path / f"{name}.pt")).predict(test.without_expression())
+        np.testing.assert_array_equal(again.expression, pred.expression)
+        for key in pred.extras:
+            np.testing.assert_array_equal(again.extras[key], pred.extras[key])
 
 
 def test_carhe_proportion_head_beats_the_training_mean():
@@ -422,13 +416,6 @@ def test_cmrcnet_without_reconstruction_optimises_the_contrastive_loss_only():
     with_rec, _, _, _ = fit_method("cmrcnet", train=EPOCHS | {"epochs": 2})
     assert with_rec.net.reconstructor is not None
     assert sum(p.numel() for p in with_rec.net.parameters()) > sum(p.numel() for p in method.net.parameters())
-
-
-def test_same_seed_same_predictions():
-    for name in SEED_METHODS:
-        a, _, _, test = fit_method(name, train=EPOCHS | {"epochs": 1})
-        b, _, _, _ = fit_method(name, train=EPOCHS | {"epochs": 1})
-        np.testing.assert_array_equal(a.predict(test).expression, b.predict(test).expression)
 
 
 def test_every_option_is_documented():

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from he2st.data.sample import Sample
 from he2st.data.workspace import Workspace
-from he2st.errors import He2stError
+from he2st.errors import one_line
 from he2st.methods import Method
 from he2st.workflows.benchmark import BenchmarkOutcome, run_benchmark
 from he2st.workflows.config import BenchmarkConfig, EmbedRunConfig, PrepareConfig, TrainRunConfig
@@ -27,8 +27,7 @@ def _config(cls: type[BaseModel], settings: dict[str, Any]) -> Any:
     try:
         return cls.model_validate(settings)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise He2stError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+        raise one_line(exc, "invalid setting") from exc
 
 
 def read_sample(path: str | Path) -> Sample:

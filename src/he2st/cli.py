@@ -41,7 +41,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_print_ver
 @data_app.command("list")
 def data_list() -> None:
     """List registered datasets and whether they are in the local cache."""
-    from he2st.data.registry import DATASETS, dataset_dir, get_dataset, missing_files
+    from he2st.data.datasets import DATASETS, dataset_dir, get_dataset, missing_files
 
     for name in DATASETS:
         spec = get_dataset(name)
@@ -54,7 +54,7 @@ def data_list() -> None:
 @data_app.command("fetch")
 def data_fetch(name: str, urls: Annotated[bool, typer.Option(help="only print file URLs")] = False) -> None:
     """Download (or verify an existing copy of) a dataset into $HE2ST_DATA_DIR."""
-    from he2st.data.registry import fetch, get_dataset
+    from he2st.data.datasets import fetch, get_dataset
     from he2st.progress import progress_bar
 
     spec = get_dataset(name)
@@ -270,7 +270,7 @@ def evaluate(
 ) -> None:
     """Score a trained model on held-out samples (per-gene Pearson/Spearman, MSE, MAE, gene sets)."""
     from he2st.workflows.config import default_work_dir
-    from he2st.workflows.holdout import evaluate_model
+    from he2st.workflows.evaluate import evaluate_model
 
     wd = work_dir or default_work_dir()
     out_dir = out or Path(wd) / "runs" / f"evaluate_{model.stem}"

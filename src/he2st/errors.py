@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import ValidationError
+
 
 class He2stError(Exception):
     """A problem with the user's input or environment that he2st can explain in one line.
@@ -20,3 +22,17 @@ class He2stError(Exception):
 
 class He2stWarning(UserWarning):
     """Something he2st worked around (e.g. an encoder that falls back to torch), said in one line."""
+
+
+def one_line(exc: ValidationError, what: str, path: str | Path | None = None) -> He2stError:
+    """The first problem of a pydantic ``ValidationError`` as one line: ``<what> <field>[=<value>]: <message>``.
+
+    pydantic's own text spans several lines and lists every error; users fix one setting at a time, so the
+    first one, named by its dotted field and (when short) the value given, is what the CLI prints."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    value = first.get("input")
+    if first["loc"] and isinstance(value, str | int | float | bool) and len(repr(value)) <= 60:
+        where += f"={value!r}"
+    message = " ".join(str(first["msg"]).split())  # one line, whatever a validator wrote
+    return He2stError(f"{what} {where}: {message}", path)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from he2st.data.readers import read_st
-from he2st.data.registry import dataset_dir
+from he2st.data.datasets import dataset_dir
+from he2st.data.readers.st import read_st
 from he2st.data.sample import Sample
 from he2st.errors import He2stError
 

@@ -191,9 +191,12 @@ def build_adata(
     counts: sp.spmatrix | np.ndarray, barcodes: list[str], genes: list[str], spatial_xy: np.ndarray,
     where: str | Path | None = None,
 ) -> ad.AnnData:
-    """Assemble a counts AnnData with the scverse spatial convention, counts stored sparse. Duplicate gene
-    names are made unique the scanpy way (``G``, ``G-1``), with a warning naming ``where`` (the file)."""
+    """Assemble a counts AnnData with the scverse spatial convention, counts stored sparse. Every reader ends
+    here, so this is where counts are checked: a NaN, infinite or negative count is refused naming ``where``
+    (the file) and its first spot and gene. Duplicate gene names are made unique the scanpy way (``G``,
+    ``G-1``), with a warning naming the file."""
     matrix = sp.csr_matrix(counts, dtype=np.float32)
+    _refuse_bad_counts(matrix, barcodes, genes, where)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Variable names are not unique")  # handled below, naming the file
         adata = ad.AnnData(
@@ -209,3 +212,17 @@ def build_adata(
                       He2stWarning, stacklevel=2)
         adata.var_names_make_unique()
     return adata
+
+
+def _refuse_bad_counts(matrix: sp.csr_matrix, barcodes: list[str], genes: list[str], where: str | Path | None) -> None:
+    """Raise on the first (spot, gene) whose count is not a finite non-negative number: normalisation and
+    every loss would turn one NaN into a NaN model, long after the file that held it is out of sight."""
+    bad = ~np.isfinite(matrix.data) | (matrix.data < 0)
+    if not bad.any():
+        return
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))[bad]
+    cols = matrix.indices[bad]
+    first = np.lexsort((cols, rows))[0]
+    value = matrix.data[bad][first]
+    raise He2stError(f"count {value} for gene {str(genes[cols[first]])!r} at spot {str(barcodes[rows[first]])!r}: "
+                     f"counts must be finite and non-negative ({int(bad.sum())} bad in all)", where)

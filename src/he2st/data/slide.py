@@ -9,6 +9,7 @@ spots near the tissue edge are real data.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import math
 import threading
 import warnings
@@ -205,29 +206,41 @@ class TiffFileSlide(Slide):
         self._tif.close()
 
 
+@contextlib.contextmanager
+def _open_plain(path: Path) -> Iterator[Image.Image]:
+    """A plain image, gunzipped on the fly when its name ends in ``.gz``."""
+    if path.suffix.lower() != ".gz":
+        with Image.open(path) as img:
+            yield img
+        return
+    with gzip.open(path) as fh, Image.open(fh) as img:
+        yield img
+
+
 class PlainImageSlide(Slide):
-    """JPEG/PNG images: one level, decoded once on first access (these formats are not tiled)."""
+    """JPEG/PNG images: one level, decoded once on first access (these formats are not tiled). A gzipped
+    one (``.png.gz``, as GEO ships Space Ranger's images) is read through the decompressor."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            with _raised_pil_limit(), Image.open(path) as img:
+            with _raised_pil_limit(), _open_plain(path) as img:
                 self.level_dimensions = [img.size]
         except Image.DecompressionBombError as exc:
             raise He2stError(
                 f"image has more than {PLAIN_IMAGE_MAX_PIXELS:,} pixels; convert it to a tiled pyramidal TIFF", path
             ) from exc
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise He2stError(f"not a readable image ({exc})", path) from exc
         self._pixels: np.ndarray | None = None
 
     def _decode(self, reduce: int = 1) -> np.ndarray:
         try:
-            with _raised_pil_limit(), Image.open(self.path) as img:
+            with _raised_pil_limit(), _open_plain(self.path) as img:
                 if reduce > 1:
                     img.draft("RGB", (img.size[0] // reduce, img.size[1] // reduce))
                 return np.asarray(img.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise He2stError(f"image is truncated or corrupt ({exc})", self.path) from exc
 
     def _read_inside(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -257,7 +270,7 @@ def open_slide(path: str | Path) -> Slide:
     if not path.is_file():
         raise He2stError("image path is not a file", path)
     suffix = path.suffix.lower()
-    if suffix in PLAIN_SUFFIXES:
+    if suffix in PLAIN_SUFFIXES or (suffix == ".gz" and Path(path.stem).suffix.lower() in PLAIN_SUFFIXES):
         return PlainImageSlide(path)
     if suffix in TIFF_SUFFIXES:
         try:

@@ -10,8 +10,8 @@ in :mod:`he2st.encoders.stain`, test-time augmentation in :mod:`he2st.encoders.t
 from he2st.data.embeddings import DEFAULT_ENCODER
 from he2st.encoders.efficientnet_lite import load_efficientnet_lite0_classifier
 from he2st.encoders.encoder import Encoder
+from he2st.encoders.factory import create
 from he2st.encoders.presets import list_presets
-from he2st.encoders.registry import create
 from he2st.encoders.spec import EncoderSpec
 
 __all__ = [

@@ -12,7 +12,7 @@ import torch
 
 from he2st.data.embeddings import EmbedConfig
 from he2st.encoders.encoder import Encoder, pool_to_grid
-from he2st.encoders.registry import create
+from he2st.encoders.factory import create
 from he2st.encoders.runtime import graph_runner, resolve_runtime
 from he2st.encoders.stain import make_stain_normalizer
 from he2st.encoders.tta import CHANNELS_FIRST, CHANNELS_LAST, embed_with_tta

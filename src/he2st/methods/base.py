@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.data.splits import validation_mask
-from he2st.errors import He2stError
+from he2st.errors import He2stError, one_line
 from he2st.io import atomic_path
 from he2st.methods.bank import ReferenceBank
 from he2st.methods.card import ModelCard
@@ -86,13 +86,6 @@ class TrainLog:
             self.curves.setdefault(key, []).append(float(value))
 
 
-def option_error(name: str, exc: ValidationError) -> He2stError:
-    """One line naming the first invalid option of a method (pydantic's own dump spans many lines)."""
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "options"
-    return He2stError(f"invalid option for method {name!r}: {where}: {first['msg']}")
-
-
 class Method(ABC):
     """Fit on training spots, predict from images, save/load."""
 
@@ -117,7 +110,7 @@ class Method(ABC):
         try:
             self.config = self.Config(**(base | overrides))
         except ValidationError as exc:
-            raise option_error(self.name, exc) from exc
+            raise one_line(exc, f"method {self.name!r}: invalid option") from exc
         self.card: ModelCard | None = None
 
     # -------------------------------------------------------------- capabilities

@@ -17,7 +17,7 @@ from he2st.data.embeddings import EmbedConfig
 from he2st.data.genes import GeneConfig
 from he2st.data.patches import PatchSpec
 from he2st.data.readers import SampleSource
-from he2st.errors import He2stError
+from he2st.errors import He2stError, one_line
 from he2st.io import safe_name
 from he2st.methods import method_class
 
@@ -120,10 +120,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     try:
         return cls.model_validate(tree)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "configuration"
-        message = " ".join(str(first["msg"]).split())  # one line, whatever the validator wrote
-        raise He2stError(f"invalid setting {where}: {message}", path) from exc
+        raise one_line(exc, "invalid setting", path) from exc
 
 
 def dump_config(config: BaseModel) -> str:

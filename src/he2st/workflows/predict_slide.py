@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from he2st.encoders import Encoder
-from he2st.errors import He2stError
+from he2st.errors import one_line
 from he2st.methods import Method, load_method
 from he2st.predict import ChunkInfo, PredictConfig, run_prediction
 
@@ -29,7 +29,6 @@ def predict_slide(
         config = PredictConfig(slide=slide, out=out, **options,
                                model=model if isinstance(model, str | Path) else None)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise He2stError(f"invalid prediction setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+        raise one_line(exc, "invalid prediction setting") from exc
     method = model if isinstance(model, Method) else load_method(model)
     return run_prediction(config, method, encoder=encoder, on_chunk=on_chunk)

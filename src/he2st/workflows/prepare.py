@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from he2st.data.datasets import dataset_dir, fetch
 from he2st.data.her2st import load_her2st
 from he2st.data.patches import extract_patches, warn_if_too_coarse
 from he2st.data.readers import read_source
-from he2st.data.registry import dataset_dir, fetch
 from he2st.data.sample import Sample
 from he2st.data.splits import check_fold, make_folds
 from he2st.data.workspace import Workspace

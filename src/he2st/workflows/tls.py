@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-from he2st.data.registry import dataset_dir
+from he2st.data.datasets import dataset_dir
 from he2st.data.sample import Sample
 from he2st.errors import He2stError
 from he2st.evaluate.tls import (

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from he2st.data.datasets import DATASETS, get_dataset
 from he2st.data.embeddings import EmbeddingFile
 from he2st.data.genes import GenePanel
-from he2st.data.registry import DATASETS, get_dataset
 from he2st.data.splits import validation_mask
 from he2st.data.spots import SpotSet, load_spots, shared_extras
 from he2st.data.workspace import Workspace

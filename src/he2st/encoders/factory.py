@@ -31,7 +31,7 @@ from he2st.encoders.weights import (
     registry_weights,
     weights_file,
 )
-from he2st.errors import He2stError
+from he2st.errors import He2stError, one_line
 
 # create(**overrides) keys that change the spec; every other key is a model constructor argument.
 _SPEC_OVERRIDES = frozenset({"input_size", "mean", "std", "interpolation", "pooling", "truncate_after"})
@@ -90,11 +90,7 @@ def _validated(name: str, base: dict[str, Any], *updates: dict[str, Any]) -> Enc
     try:
         return EncoderSpec.model_validate(merged)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"])
-        raise He2stError(
-            f"invalid encoder option {field}={error.get('input')!r} for '{name}': {error['msg']}"
-        ) from exc
+        raise one_line(exc, f"encoder '{name}': invalid option") from exc
 
 
 def _unknown_name_message(name: str) -> str:

@@ -1,4 +1,4 @@
-"""Dataset registry: which files make a public dataset, where they come from, and their checksums.
+"""Public datasets: which files make each one, where they come from, and their checksums.
 
 A dataset lives in a cache folder (``$HE2ST_DATA_DIR`` or the user cache). ``fetch`` fills it from
 the pinned upstream URLs and verifies every file; a folder that already holds byte-identical copies

@@ -1,0 +1,84 @@
+"""Any AnnData ``.h5ad`` with raw counts in ``X`` and spot centres in ``obsm['spatial']`` (scverse convention).
+
+Such a file does not know its image's pixel size, so the source must give ``pixel_size_um``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+from pydantic import Field
+
+from he2st.data.readers.base import VISIUM_SPOT_UM, SourceOptions, image_source, register_reader, require
+from he2st.data.sample import Sample, build_adata, id_from_file
+from he2st.errors import He2stError
+
+
+@register_reader("h5ad")
+class H5adSource(SourceOptions):
+    """A ``.h5ad`` (``path``) and the image its ``obsm['spatial']`` is in (``image``)."""
+
+    pixel_size_um: float = Field(gt=0, description="µm/px of the image (an .h5ad does not record it)")
+
+    def read(self) -> Sample:
+        return read_h5ad_sample(self.path, self.image, self.pixel_size_um, self.sample_id, self.patient_id)
+
+
+def read_h5ad_sample(
+    path: str | Path,
+    image: str | Path | None,
+    pixel_size_um: float,
+    sample_id: str | None = None,
+    patient_id: str | None = None,
+    spot_diameter_um: float = VISIUM_SPOT_UM,
+    technology: str = "h5ad",
+    dataset: str | None = None,
+) -> Sample:
+    """Any AnnData with raw counts in ``X`` and spot centres (x, y) in ``obsm['spatial']``. Without
+    ``sample_id``, the sample is named by the file's own library id (the one key of ``uns['spatial']``, the
+    scverse convention), else by the file's stem."""
+    path = require(Path(path), "AnnData file")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:  # noqa: BLE001 - corrupt/truncated files raise many exception types
+        raise He2stError(f"not a readable .h5ad file ({type(exc).__name__}: {exc})", path) from exc
+    if "spatial" not in adata.obsm:
+        raise He2stError("AnnData has no obsm['spatial'] spot coordinates", path)
+    if adata.obs_names.has_duplicates:
+        raise He2stError(f"duplicate spot barcode {adata.obs_names[adata.obs_names.duplicated()][0]!r}", path)
+    if "in_tissue" in adata.obs:
+        adata = adata[adata.obs["in_tissue"].astype(int) == 1].copy()
+    if adata.n_obs == 0:
+        raise He2stError("no spot left after keeping spots under tissue (in_tissue == 1)", path)
+    X = adata.X
+    if not np.issubdtype((X.data if sp.issparse(X) else np.asarray(X)).dtype, np.number):
+        raise He2stError("X must hold raw counts (numbers)", path)
+    built = build_adata(X, list(adata.obs_names), list(adata.var_names), np.asarray(adata.obsm["spatial"])[:, :2],
+                        where=path)
+    for col in adata.obs.columns:
+        built.obs[col] = adata.obs[col].to_numpy()
+    sid = sample_id or _own_library_id(adata, path) or path.stem
+    sample = Sample(
+        sample_id=sid,
+        patient_id=patient_id or sid,
+        adata=built,
+        pixel_size_um=float(pixel_size_um),
+        spot_diameter_um=float(spot_diameter_um),
+        image_path=None if image is None else Path(image),
+        technology=technology,
+        dataset=dataset,
+        source={"counts": str(path)} | image_source(image),
+    )
+    sample.validate()
+    return sample
+
+
+def _own_library_id(adata: ad.AnnData, path: Path) -> str | None:
+    """The one library id of ``uns['spatial']`` (checked: it names output files), or None."""
+    libraries = adata.uns.get("spatial")
+    if not isinstance(libraries, dict) or len(libraries) != 1:
+        return None
+    return id_from_file(next(iter(libraries)), "library id in uns['spatial']", path)
