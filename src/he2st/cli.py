@@ -172,16 +172,37 @@ def embed(
 @app.command("methods")
 def methods_cmd(name: Annotated[str | None, typer.Argument(help="show one method's options")] = None) -> None:
     """List methods, or one method's options with defaults and what they do."""
-    from he2st.methods import list_methods, method_class
+    import shutil
 
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    for line in method_lines(name, width):
+        _echo(line)
+
+
+def method_lines(name: str | None = None, width: int | None = None) -> list[str]:
+    """``he2st methods [NAME]``: every method with one line on what it is, or one method's options with
+    defaults and descriptions; with ``width``, wrapped on word boundaries (no word is ever cut)."""
+    import textwrap
+
+    from he2st.methods.registry import list_methods, method_config, method_summary
+
+    def wrap(text: str, indent: str, hang: str) -> list[str]:
+        if width is None:
+            return [indent + text]
+        return textwrap.wrap(text, max(width, 40), initial_indent=indent, subsequent_indent=hang,
+                             break_long_words=False, break_on_hyphens=False)
+
+    lines = []
     for method in [name] if name else list_methods():
-        cls = method_class(method)
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        _echo(f"{method}: {doc}")
+        lines += wrap(f"{method}: {method_summary(method)}", "", "    ")
         if name:
-            defaults = cls.Config()
-            for field, info in cls.Config.model_fields.items():
-                _echo(f"  {field} = {getattr(defaults, field)!r}" + (f"  # {info.description}" if info.description else ""))
+            config = method_config(method)
+            defaults = config()
+            for field, info in config.model_fields.items():
+                lines += wrap(f"{field} = {getattr(defaults, field)!r}", "  ", "      ")
+                if info.description:
+                    lines += wrap(info.description, "      # ", "      # ")
+    return lines
 
 
 def _ids(text: str | None) -> list[str] | None:
@@ -247,9 +268,9 @@ def tls(
 def card(model: Annotated[Path, typer.Argument(help="checkpoint from `he2st train`")]) -> None:
     """Print a checkpoint's model card: training data, intended tissue, encoder and weights checksum,
     inputs, gene panel and the scores known at training time with the command that produced them."""
-    from he2st.methods import load_method
+    from he2st.methods.registry import read_card
 
-    for key, value in load_method(model).card.describe():
+    for key, value in read_card(model).describe():
         _echo(f"{key:>16}: {value}")
 
 
