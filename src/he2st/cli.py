@@ -214,7 +214,8 @@ def train(
     config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = None,
     method: Annotated[str | None, typer.Option(help="method name (he2st methods: bleep, bleep_faithful, ridge, ...)")] = None,
     samples: Annotated[str | None, typer.Option(help="comma-separated training samples (default: all prepared)")] = None,
-    out: Annotated[Path | None, typer.Option(help="checkpoint path")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="checkpoint file, not a folder (default <work>/models/<method>.pt)")] = None,
     devices: Annotated[int | None, typer.Option(
         help="training processes sharing each batch: N CPU processes (gloo), or one per GPU (NCCL) with CUDA")] = None,
 ) -> None:
@@ -235,7 +236,9 @@ def train(
 @app.command()
 def tls(
     prediction: Annotated[Path, typer.Argument(help="prediction .h5ad (he2st predict) or a prepared sample .h5ad")],
-    model: Annotated[str, typer.Option(help="'her2st' (the published TLS model), 'her2st-signature' (its 172 genes) or a gene,weight table")] = "her2st",
+    signature: Annotated[str, typer.Option(
+        "--signature", help="TLS gene model: 'her2st' (the published model), 'her2st-signature' (its 172 genes) or a "
+                            "gene,weight table")] = "her2st",
     threshold: Annotated[float | None, typer.Option(help="call spots with a score at least this")] = None,
     quantile: Annotated[float, typer.Option(help="threshold as this quantile of the reference scores")] = 0.9,
     threshold_from: Annotated[str | None, typer.Option(
@@ -249,7 +252,7 @@ def tls(
     from he2st.report.plots import draw_tls_map
     from he2st.workflows.tls import detect_tls
 
-    result = detect_tls(prediction, out or prediction.parent, model, threshold, quantile,
+    result = detect_tls(prediction, out or prediction.parent, signature, threshold, quantile,
                         [Path(p) for p in threshold_from.split(",")] if threshold_from else None, sample)
     info = result.adata.uns["he2st_tls"]
     _echo(f"TLS score from {info['genes_used']} genes ({info['weight_coverage']:.0%} of the model's weight); "
@@ -276,10 +279,11 @@ def card(model: Annotated[Path, typer.Argument(help="checkpoint from `he2st trai
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Option(help="checkpoint from `he2st train`")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="checkpoint from `he2st train`")],
     samples: Annotated[str, typer.Option(help="comma-separated held-out samples")],
     work_dir: WorkOpt = None,
-    out: Annotated[Path | None, typer.Option(help="results folder")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="output folder (default <work>/runs/evaluate_<model name>)")] = None,
     allow_training_patients: Annotated[bool, typer.Option(help="score samples of training patients (labelled LEAKY)")] = False,
 ) -> None:
     """Score a trained model on held-out samples (per-gene Pearson/Spearman, MSE, MAE, gene sets)."""

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
 from he2st.errors import He2stError
+
+if TYPE_CHECKING:  # annotations only: reading a model card needs no anndata
+    import anndata as ad
 
 Transform = Literal["log1p_cp10k", "log1p"]
 Selection = Literal["heg", "hvg", "given"]
