@@ -166,7 +166,16 @@ class FitConfig(WorkConfig):
 
 
 class BenchmarkConfig(FitConfig):
-    """``he2st benchmark``: methods x patient-level folds on a prepared, embedded work folder."""
+    """``he2st benchmark``: methods x patient-level folds on a prepared, embedded work folder.
+
+    TLS scoring (``tls``) compares each held-out sample's TLS score from predicted expression with the one
+    from its measured counts (Pearson r, AUROC for its top-decile spots), beside a ridge probe from image
+    features to the score, for methods that return the model's genes; it is skipped, with its reason in
+    the results, when ``tls_model`` cannot be read. The default is her2st's 172-gene signature: the full
+    published model (``'her2st'``, 11,315 genes) divides each gene by its spread across the section, which
+    inflates the many weakly weighted genes of a smooth predicted map, and on her2st leave-one-patient-out
+    it scores predictions below zero. A gene list file holds gene,weight rows (an 'intercept' row is the
+    intercept)."""
 
     name: str = Field("benchmark", description="results folder name under <work_dir>/runs/")
     folds: FoldConfig = Field(default_factory=FoldConfig, description="the fold scheme (prepared by `he2st prepare`)")
