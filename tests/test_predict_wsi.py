@@ -7,6 +7,7 @@ model fitted on random features keep most tests to seconds; two tests use real h
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -357,9 +358,9 @@ def test_cli_predict_plot_report(model_path, slide_path, encoder, tmp_path):
                    "curves": {"seed0": {"train_loss": [1.0, 0.7, 0.5], "val_loss": [1.1, 0.9, 0.8]}}}]}
     (tmp_path / "results.json").write_text(json.dumps(results))
     res = runner.invoke(app, ["report", str(h5ad), "--results", str(tmp_path / "results.json"),
-                              "--out", str(tmp_path / "r.html")])
+                              "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
-    page = (tmp_path / "r.html").read_text()
+    page = (tmp_path / "r" / "slide.html").read_text()
     assert page.count("data:image/png;base64,") >= 3 and "&lt;x&gt;" in page and "0.210 ± 0.050" in page
     assert "Training curves" in page and "Uncertainty" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
@@ -427,7 +428,10 @@ def test_predict_format_zarr_writes_a_spatialdata_store(model_path, slide_path, 
     spatialdata = pytest.importorskip("spatialdata")
     from spatialdata.transformations import get_transformation
 
-    out = predict_slide(model_path, slide_path, tmp_path / "pred", pitch_um=200, encoder=encoder, format="zarr")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = predict_slide(model_path, slide_path, tmp_path / "pred", pitch_um=200, encoder=encoder, format="zarr")
+    assert not [w for w in caught if "autosharding" in str(w.message)]  # a library notice that says nothing to users
     sdata = spatialdata.read_zarr(out.with_suffix(".zarr"))
     adata = ad.read_h5ad(out)
     table = sdata.tables["table"]

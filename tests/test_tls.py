@@ -49,7 +49,7 @@ def test_her2st_tls_cli_on_a_measured_section(prepared, tmp_path):
     from in_process import run_cli
 
     sample = prepared / "samples" / "B4.h5ad"
-    result = run_cli("tls", str(sample), "--sample", str(sample), "--out", str(tmp_path))
+    result = run_cli("tls", str(sample), "--signature", "her2st", "--sample", str(sample), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "against the measured sample: r 1.000, AUROC for its top-decile spots 1.000" in result.stdout
     out = ad.read_h5ad(tmp_path / "B4.tls.h5ad")

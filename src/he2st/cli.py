@@ -178,16 +178,37 @@ def embed(
 @app.command("methods")
 def methods_cmd(name: Annotated[str | None, typer.Argument(help="show one method's options")] = None) -> None:
     """List methods, or one method's options with defaults and what they do."""
-    from he2st.methods import list_methods, method_class
+    import shutil
 
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    for line in method_lines(name, width):
+        _echo(line)
+
+
+def method_lines(name: str | None = None, width: int | None = None) -> list[str]:
+    """``he2st methods [NAME]``: every method with one line on what it is, or one method's options with
+    defaults and descriptions; with ``width``, wrapped on word boundaries (no word is ever cut)."""
+    import textwrap
+
+    from he2st.methods.registry import list_methods, method_config, method_summary
+
+    def wrap(text: str, indent: str, hang: str) -> list[str]:
+        if width is None:
+            return [indent + text]
+        return textwrap.wrap(text, max(width, 40), initial_indent=indent, subsequent_indent=hang,
+                             break_long_words=False, break_on_hyphens=False)
+
+    lines = []
     for method in [name] if name else list_methods():
-        cls = method_class(method)
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        _echo(f"{method}: {doc}")
+        lines += wrap(f"{method}: {method_summary(method)}", "", "    ")
         if name:
-            defaults = cls.Config()
-            for field, info in cls.Config.model_fields.items():
-                _echo(f"  {field} = {getattr(defaults, field)!r}" + (f"  # {info.description}" if info.description else ""))
+            config = method_config(method)
+            defaults = config()
+            for field, info in config.model_fields.items():
+                lines += wrap(f"{field} = {getattr(defaults, field)!r}", "  ", "      ")
+                if info.description:
+                    lines += wrap(info.description, "      # ", "      # ")
+    return lines
 
 
 def _ids(text: str | None) -> list[str] | None:
@@ -199,7 +220,8 @@ def train(
     config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = None,
     method: Annotated[str | None, typer.Option(help="method name (he2st methods: bleep, bleep_faithful, ridge, ...)")] = None,
     samples: Annotated[str | None, typer.Option(help="comma-separated training samples (default: all prepared)")] = None,
-    out: Annotated[Path | None, typer.Option(help="checkpoint path")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="checkpoint file, not a folder (default <work>/models/<method>.pt)")] = None,
     devices: Annotated[int | None, typer.Option(
         help="training processes sharing each batch: N CPU processes (gloo), or one per GPU (NCCL) with CUDA")] = None,
 ) -> None:
@@ -220,7 +242,9 @@ def train(
 @app.command()
 def tls(
     prediction: Annotated[Path, typer.Argument(help="prediction .h5ad (he2st predict) or a prepared sample .h5ad")],
-    model: Annotated[str, typer.Option(help="'her2st' (the published TLS model), 'her2st-signature' (its 172 genes) or a gene,weight table")] = "her2st",
+    signature: Annotated[str, typer.Option(
+        "--signature", help="TLS gene model: her2st, her2st-signature, chemokine-12, melanoma-cabrita, or a "
+                            "gene,weight table")] = "her2st",
     threshold: Annotated[float | None, typer.Option(help="call spots with a score at least this")] = None,
     quantile: Annotated[float, typer.Option(help="threshold as this quantile of the reference scores")] = 0.9,
     threshold_from: Annotated[str | None, typer.Option(
@@ -235,7 +259,7 @@ def tls(
     from he2st.report.plots import draw_tls_map
     from he2st.workflows.tls import detect_tls
 
-    result = detect_tls(prediction, out or prediction.parent, model, threshold, quantile,
+    result = detect_tls(prediction, out or prediction.parent, signature, threshold, quantile,
                         [Path(p) for p in threshold_from.split(",")] if threshold_from else None, sample, force)
     info = result.adata.uns["he2st_tls"]
     _echo(f"TLS score from {info['genes_used']} genes ({info['weight_coverage']:.0%} of the model's weight); "
@@ -254,18 +278,19 @@ def tls(
 def card(model: Annotated[Path, typer.Argument(help="checkpoint from `he2st train`")]) -> None:
     """Print a checkpoint's model card: training data, intended tissue, encoder and weights checksum,
     inputs, gene panel and the scores known at training time with the command that produced them."""
-    from he2st.methods import load_method
+    from he2st.methods.registry import read_card
 
-    for key, value in load_method(model).card.describe():
+    for key, value in read_card(model).describe():
         _echo(f"{key:>16}: {value}")
 
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Option(help="checkpoint from `he2st train`")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="checkpoint from `he2st train`")],
     samples: Annotated[str, typer.Option(help="comma-separated held-out samples")],
     work_dir: WorkOpt = None,
-    out: Annotated[Path | None, typer.Option(help="results folder")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="output folder (default <work>/runs/evaluate_<model name>)")] = None,
     allow_training_patients: Annotated[bool, typer.Option(help="score samples of training patients (labelled LEAKY)")] = False,
 ) -> None:
     """Score a trained model on held-out samples (per-gene Pearson/Spearman, MSE, MAE, gene sets)."""

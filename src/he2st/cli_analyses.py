@@ -21,7 +21,7 @@ def stack(
         help="serial sections in cutting order: slide images or prepared he2st sample .h5ad files")],
     spacing_um: Annotated[float, typer.Option("--spacing-um", help="distance between consecutive sections, µm")],
     model: Annotated[Path, typer.Option("--model", "-m", help="checkpoint from `he2st train`")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("he2st-stack"),
     pitch_um: Annotated[float, typer.Option("--pitch-um", help="common hexagonal grid pitch, µm")] = 100.0,
     interpolate: Annotated[int, typer.Option(help="planes linearly interpolated between adjacent sections")] = 0,
     mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel of the slide images (default: from "
@@ -69,8 +69,8 @@ def stack(
 
 def survival(
     slides: Annotated[Path, typer.Option("--slides", help="CSV: prediction (.h5ad path), time, event (1/0)[, slide]")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
     horizon: Annotated[float, typer.Option(help="DFS horizon for the classifier and the AUC (the table's time unit)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("he2st-survival"),
     signature: Annotated[Path | None, typer.Option(help="weighted gene list (gene,weight): its mean spot score "
                                                         "is a feature")] = None,
     genes: Annotated[str | None, typer.Option(help="comma-separated genes whose slide means are features")] = None,

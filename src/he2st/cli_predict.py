@@ -109,8 +109,8 @@ def _path(value: Path | None) -> str | None:
 
 def plot(
     prediction: Annotated[Path, typer.Argument(help="prediction .h5ad from `he2st predict`")],
-    out: Annotated[Path | None, typer.Option("--out", "-o",
-                                             help="folder for the PNGs (default: beside the .h5ad)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="output folder for the PNGs (default: <prediction> without .h5ad)")] = None,
     genes: GenesOpt = None,
     sample: SampleOpt = None,
     n: Annotated[int, typer.Option(help="number of genes when --genes is not given")] = 6,
@@ -132,16 +132,21 @@ def plot(
 
 def report(
     prediction: Annotated[Path, typer.Argument(help="prediction .h5ad from `he2st predict`")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: <prediction>.html)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="output folder for <name>.html (default: beside the prediction)")] = None,
     sample: SampleOpt = None,
     results: Annotated[Path | None, typer.Option(help="results.json of `he2st benchmark`/`evaluate`")] = None,
     genes: GenesOpt = None,
     title: Annotated[str | None, typer.Option(help="report title")] = None,
 ) -> None:
     """One self-contained HTML report: summary, metrics, maps, measured comparison, training curves, uncertainty."""
+    from he2st.errors import He2stError
     from he2st.report.html import build_report
 
-    path = build_report(prediction, out or prediction.with_suffix(".html"), sample=sample, results=results,
+    if out is not None and out.suffix.lower() in (".html", ".htm"):
+        raise He2stError(f"--out is a folder (the report is written as <out>/{prediction.stem}.html)", out)
+    folder = out if out is not None else prediction.parent
+    path = build_report(prediction, folder / f"{prediction.stem}.html", sample=sample, results=results,
                         genes=_genes(genes), title=title)
     typer.echo(f"report: {path}")
 

@@ -27,24 +27,23 @@ class EmbedConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    encoder: str = DEFAULT_ENCODER
-    weights: Path | None = None
-    batch_size: int = Field(64, gt=0)
+    encoder: str = Field(DEFAULT_ENCODER, description="encoder preset or timm model name")
+    weights: Path | None = Field(None, description="local weights file or folder (default: the preset's, by name)")
+    batch_size: int = Field(64, gt=0, description="patches per encoder batch")
     num_workers: int = Field(
         1, ge=0, description="patch chunks read ahead in a background thread while the encoder runs; 0: read inline")
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    stain: Literal["none", "macenko", "reinhard"] = "none"
-    tta: Literal["none", "flips", "d4"] = "none"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="encoder arithmetic: auto (bf16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16")
+    stain: Literal["none", "macenko", "reinhard"] = Field("none", description="stain normalisation of the patches")
+    tta: Literal["none", "flips", "d4"] = Field(
+        "none", description="test-time augmentation: embeddings averaged over 3 views (flips) or all 8 dihedral views (d4)")
     runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
-        "auto", description="what runs the encoder: auto = a validated ONNX graph on OpenVINO or ONNX Runtime "
-        "on a CPU in fp32 (several times faster than torch, same numbers within 1e-4), torch otherwise",
-    )
+        "auto", description="what runs the encoder: auto = a validated ONNX graph (OpenVINO, ONNX Runtime) on a CPU, "
+        "else torch")
     token_grid: int = Field(
-        0, ge=0, le=16,
-        description="also cache the encoder's spatial tokens average-pooled to a g x g grid (float16), "
-        "for token-level methods such as CMRCNet's masked reconstruction; 0: pooled embeddings only",
-    )
+        0, ge=0, le=16, description="also cache the encoder's spatial tokens pooled to a g x g grid (for cmrcnet); 0: "
+        "none")
 
 
 class EmbeddingFile:

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
 from he2st.errors import He2stError
+
+if TYPE_CHECKING:  # annotations only: reading a model card needs no anndata
+    import anndata as ad
 
 Transform = Literal["log1p_cp10k", "log1p"]
 Selection = Literal["heg", "hvg", "given"]
@@ -39,12 +41,17 @@ def transform_counts(counts: sp.spmatrix | np.ndarray, kind: Transform) -> sp.cs
 
 
 class GeneConfig(BaseModel):
+    """How the gene panel is chosen on the training samples."""
+
     model_config = ConfigDict(extra="forbid")
 
-    n_genes: int = Field(250, gt=0)
-    selection: Literal["heg", "hvg"] = "heg"
-    transform: Literal["log1p_cp10k", "log1p"] = "log1p_cp10k"
-    min_spot_fraction: float = Field(0.1, ge=0, le=1)
+    n_genes: int = Field(250, gt=0, description="genes in the panel")
+    selection: Literal["heg", "hvg"] = Field(
+        "heg", description="heg: the highest mean expression; hvg: the highest variance")
+    transform: Literal["log1p_cp10k", "log1p"] = Field(
+        "log1p_cp10k", description="targets: log1p of counts per 10,000, or log1p of raw counts")
+    min_spot_fraction: float = Field(
+        0.1, ge=0, le=1, description="candidate genes are detected in at least this share of training spots")
 
 
 class GenePanel(BaseModel):

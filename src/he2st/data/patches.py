@@ -14,16 +14,19 @@ import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from he2st.data.sample import Sample
-from he2st.data.slide import Slide
 from he2st.errors import He2stError, He2stWarning
 from he2st.io import atomic_path, safe_name
+
+if TYPE_CHECKING:  # annotations only: a PatchSpec (a model card's) needs neither anndata nor a slide reader
+    from he2st.data.sample import Sample
+    from he2st.data.slide import Slide
 
 CACHE_FORMAT = 1
 MAX_UPSAMPLE = 2.0  # beyond this, patches would be blurrier than anything the encoder saw in training

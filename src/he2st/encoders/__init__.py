@@ -5,20 +5,31 @@
 H-optimus) or any timm model name, and returns an :class:`Encoder` whose ``preprocess``
 turns uint8 patches into the normalised input its weights expect. Stain normalisation lives
 in :mod:`he2st.encoders.stain`, test-time augmentation in :mod:`he2st.encoders.tta`.
+Names load on first use, so reading an :class:`EncoderSpec` (a model card's) needs no torch.
 """
 
-from he2st.data.embeddings import DEFAULT_ENCODER
-from he2st.encoders.efficientnet_lite import load_efficientnet_lite0_classifier
-from he2st.encoders.encoder import Encoder
-from he2st.encoders.factory import create
-from he2st.encoders.presets import list_presets
-from he2st.encoders.spec import EncoderSpec
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_ENCODER",
-    "Encoder",
-    "EncoderSpec",
-    "create",
-    "list_presets",
-    "load_efficientnet_lite0_classifier",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "DEFAULT_ENCODER": "he2st.data.embeddings",
+    "Encoder": "he2st.encoders.encoder",
+    "EncoderSpec": "he2st.encoders.spec",
+    "create": "he2st.encoders.factory",
+    "list_presets": "he2st.encoders.presets",
+    "load_efficientnet_lite0_classifier": "he2st.encoders.efficientnet_lite",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'he2st.encoders' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -9,16 +9,15 @@ as class capabilities (``uses_bank``, ``uses_tokens``, ``uses_patches``, ``conte
 
 from __future__ import annotations
 
-import copy
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import ValidationError
 
 from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
@@ -27,37 +26,10 @@ from he2st.errors import He2stError, one_line
 from he2st.io import atomic_path
 from he2st.methods.bank import ReferenceBank
 from he2st.methods.card import ModelCard
+from he2st.methods.checkpoint import CHECKPOINT_FORMAT
+from he2st.methods.configs.common import MethodConfig
 from he2st.methods.context import context_width, with_context
 from he2st.methods.reliability import Reliability
-
-CHECKPOINT_FORMAT = 2
-
-
-class MethodConfig(BaseModel):
-    """Base of every method's options (documented field by field in each subclass)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    seed: int = Field(0, description="seed of initialisation, shuffling and sampling")
-    context_neighbours: int = Field(
-        0, ge=0, le=64, description="append to each spot's image features the mean of its k physically nearest "
-        "spots' features (same slide); 0: none")
-    context_field: bool = Field(
-        False, description="append the features of the field 3x the spot's around it (cut by `he2st prepare`)")
-
-
-C = TypeVar("C", bound=MethodConfig)
-
-
-def preset(config: type[C], name: str, doc: str, **defaults: Any) -> type[C]:
-    """A named variant of a method's options, as timm's presets: ``config`` with other defaults for the
-    listed options; types, bounds and descriptions stay those of ``config``."""
-    fields = {}
-    for option, value in defaults.items():
-        info = copy.copy(config.model_fields[option])
-        info.default, info.default_factory = value, None
-        fields[option] = (info.annotation, info)
-    return create_model(name, __base__=config, __doc__=doc, **fields)
 
 
 @dataclass

@@ -6,11 +6,8 @@ Fitted parameters are kept as arrays (not sklearn objects) so checkpoints stay t
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
-from pydantic import Field
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import GroupKFold, KFold
@@ -20,27 +17,13 @@ from torch import nn
 from he2st.data.splits import held_out_groups
 from he2st.data.spots import SpotSet
 from he2st.methods.bank import ReferenceBank
-from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog, preset
+from he2st.methods.base import Method, Prediction, TrainLog
+from he2st.methods.configs.baselines import KNNConfig, MLPConfig, RidgeConfig, RidgeCVConfig
 from he2st.methods.features import FeatureScaler, clean_proportions
 from he2st.methods.neural import NeuralMethod
 from he2st.methods.registry import register_method
 from he2st.methods.training import TrainConfig, fit_minibatches
 from he2st.stats import mean_sample_pearson
-
-
-class RidgeConfig(MethodConfig):
-    pca_components: int = Field(256, gt=0, description="HEST-Benchmark: PCA to 256 dims after standard scaling")
-    alpha: float | None = Field(None, description="None: HEST's 100 / (n_components * n_genes)")
-    alpha_cv: bool = Field(False, description="choose alpha by inner cross-validation on training samples")
-    alphas: list[float] = Field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5],
-                                description="candidate alphas for alpha_cv")
-    fit_intercept: bool = Field(False, description="HEST-Benchmark: False")
-    celltype_key: str | None = Field(
-        "celltype_major",
-        description="when training spots carry these proportions (extras), also fit a ridge (with intercept) "
-        "from the same PCA features to them and predict them (rows clipped and summed to 1): the linear "
-        "baseline for CarHE's cell-type head; None: expression only",
-    )
 
 
 def ridge_path(X: np.ndarray, Y: np.ndarray, X_new: np.ndarray, alphas: np.ndarray,
@@ -57,7 +40,9 @@ def ridge_path(X: np.ndarray, Y: np.ndarray, X_new: np.ndarray, alphas: np.ndarr
 
 @register_method
 class RidgeProbe(Method):
-    """StandardScaler -> PCA -> Ridge (lsqr), exactly as HEST-Benchmark's linear probe."""
+    """HEST-Benchmark's linear probe: StandardScaler, PCA to 256 components, Ridge.
+
+    StandardScaler -> PCA -> Ridge (lsqr), exactly as HEST-Benchmark's probe."""
 
     name = "ridge"
     Config = RidgeConfig
@@ -138,41 +123,13 @@ class RidgeProbe(Method):
 
 @register_method
 class RidgeCV(RidgeProbe):
-    """Ridge probe with alpha chosen by inner CV on training samples and an intercept (HEST PR #140's fix)."""
+    """The ridge probe with alpha chosen by inner cross-validation on training samples, and an intercept.
+
+    The intercept is HEST-Benchmark PR #140's fix."""
 
     name = "ridge_cv"
 
-    Config = preset(RidgeConfig, "RidgeCVConfig", "The ridge probe with alpha chosen by inner CV and an intercept.",
-                    alpha_cv=True, fit_intercept=True)
-
-
-class MLPConfig(MethodConfig):
-    hidden: list[int] = Field(default_factory=lambda: [256], description="hidden widths")
-    dropout: float = Field(0.5, ge=0, lt=1, description="dropout after each hidden layer (a few thousand spots "
-                           "per study: strong)")
-    standardize_targets: bool = Field(
-        True, description="regress per-gene z-scores (training statistics), so every gene weighs the same in "
-        "the loss whatever its level; predictions are mapped back to the panel's scale")
-    train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=200, batch_size=128, lr=1e-4, weight_decay=1e-2, patience=20),
-        description="optimiser and early stopping on the validation Pearson; a small learning rate, so the best "
-        "epoch is not one of the first few and the inner-CV choice of the epoch count has a fine grid")
-    pca_components: int | None = Field(
-        256, gt=0, description="first project the standardised features on their top principal components "
-        "(exact axes of the training spots, variances kept relative, as the ridge probe does): with a few thousand "
-        "spots, the 1,000+ z-scored dimensions of a frozen encoder are mostly noise at equal weight; None: no "
-        "projection")
-    n_models: int = Field(
-        5, ge=1, description="networks trained from seeds seed..seed+n-1 for the epoch count chosen with the first "
-        "one, then averaged: on a few thousand spots an MLP's fit varies with its initialisation, and averaging "
-        "removes that variance (on her2st 0.079 -> 0.083 HEG-50 LOPO, 0.086 -> 0.092 LOSO); 1: ST-Net's single "
-        "network")
-    inner_folds: int = Field(3, ge=2, le=10, description="most inner folds for epochs_by='inner_cv'")
-    epochs_by: Literal["inner_cv", "validation"] = Field(
-        "inner_cv", description="how many epochs to train: chosen by cross-validation over the training patients "
-        "(each held out in turn; the mean validation curve's best epoch, then one fit on all training spots), or "
-        "by early stopping on the validation spots alone (ST-Net; a validation section of a training patient "
-        "rewards memorising that patient)")
+    Config = RidgeCVConfig
 
 
 class SeedAverage(nn.Module):
@@ -191,8 +148,9 @@ class SeedAverage(nn.Module):
 
 @register_method
 class MLPRegressor(NeuralMethod):
-    """ST-Net-style regression: frozen image features -> MLP -> all panel genes, MSE loss; the mean of
-    ``n_models`` such networks from different seeds."""
+    """ST-Net-style regression: an MLP from frozen image features to every panel gene; the mean of several seeds.
+
+    MSE loss; the mean of ``n_models`` such networks from different seeds."""
 
     name = "mlp"
     Config = MLPConfig
@@ -220,9 +178,8 @@ class MLPRegressor(NeuralMethod):
                     for k in range(self.config.n_models)]
         else:
             epochs, mean_curve = self._inner_cv_epochs(spots, groups)  # chosen once, with the first seed
-            # the final fits train on every training spot, validation ones included: so are the scalers fitted.
-            # Axes fitted without the validation section of a training patient cost one network 0.004 HEG-50 on
-            # her2st (LOPO; LOSO 0.003), and a ridge on the same inputs 0.015.
+            # the final fits train on every training spot, validation ones included: so are the scalers fitted
+            # (axes fitted without a training patient's validation section score lower: docs/methods/mlp.md)
             self.fit_scalers(spots)
             self.dims = self.sizes(spots)
             final = self.config.train.model_copy(update={"epochs": epochs})
@@ -279,20 +236,12 @@ class MLPRegressor(NeuralMethod):
         return Prediction(pred.astype(np.float32), list(self.panel.genes))
 
 
-class KNNConfig(MethodConfig):
-    top_k: int = Field(50, gt=0, description="training spots retrieved per query")
-    weighting: Literal["average", "softmax", "similarity"] = Field(
-        "average", description="how the retrieved profiles are combined")
-    per_sample: bool = Field(
-        True, description="retrieve top_k within each training sample and average the samples with an equal say "
-        "(batch-balanced, as BBKNN; see ReferenceBank.predict); False: one pooled top_k")
-
-
 @register_method
 class ImageKNN(Method):
-    """Image-to-image retrieval: average expression of the training spots that look most alike
-    (cosine on standardised frozen features), found within each training slide and the slides averaged
-    with an equal say (``per_sample``). The no-learning reference point for BLEEP."""
+    """Image-to-image retrieval: the expression of the training spots that look most alike.
+
+    Cosine on standardised frozen features, the spots found within each training slide and the slides
+    averaged with an equal say (``per_sample``). The no-learning reference point for BLEEP."""
 
     name = "knn"
     Config = KNNConfig

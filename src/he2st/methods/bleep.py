@@ -1,29 +1,11 @@
-"""BLEEP (Xie et al., NeurIPS 2023): image and expression embeddings aligned contrastively;
-expression of a new spot = average expression of the reference spots whose *expression*
+"""BLEEP (Xie et al., NeurIPS 2023): image and expression embeddings aligned contrastively; the
+expression of a new spot is the average expression of the reference spots whose *expression*
 embeddings are nearest to its *image* embedding.
 
-Two presets share this code:
-
-* ``bleep_faithful`` -- the paper's choices: BLEEP projection heads on both sides (the expression
-  vector goes straight into a projection head), the soft-target CLIP loss at temperature 1 on
-  unnormalised embeddings, AdamW (lr 1e-3, wd 1e-3), batch 256, no gradient clipping, every one of
-  60 epochs run and the best kept, plain average of the top-50 reference profiles by cosine
-  similarity. Unavoidable differences (docs/faithful_methods.md): the image side is a projection head
-  on frozen cached embeddings (BLEEP fine-tunes its ResNet-50; the ``finetune_encoder`` path does that
-  on a GPU, with augmentation), the kept epoch is chosen by the Pearson of the predictions on
-  validation spots of training patients (BLEEP: lowest loss on a random 80/20 spot split), one
-  process (BLEEP: 4 GPUs of 128 spots, each its own loss), no Harmony correction of the targets.
-* ``bleep`` (he2st's improved variant) -- L2-normalised embeddings with a learnable temperature;
-  negatives beyond the batch from a bank of every training spot's embeddings, recomputed once per
-  epoch without gradients and with dropout off, and sampled per step (the batch itself keeps its
-  gradients), with soft targets from measured expression similarity (so results do
-  not hinge on batch size, BLEEP's known single-GPU failure; the cost stays linear in the number of
-  spots); an MLP expression encoder; softmax-weighted retrieval; 5 seeded heads trained together on
-  different batch compositions, whose similarities are averaged; CarHE's query-time neighbour
-  context (each query's image embedding averaged with its 6 nearest spots'); AdamW at lr 3e-4 for at
-  most 20 epochs, with early stopping on the validation Pearson of the ensemble's own predictions.
-  Each change but the optimiser can be switched off on its own (:attr:`BLEEP.ablations`); the
-  optimiser is the ``train`` option.
+``bleep_faithful`` keeps the paper's choices. ``bleep``, he2st's variant, normalises the embeddings,
+learns the temperature, contrasts each batch with a bank of every training spot, trains 5 heads and
+averages each query with its neighbours; each change is an option with an ablation row beside the class.
+Both, and every deviation from the publication: docs/methods/bleep.md, docs/methods/bleep_faithful.md.
 
 Image side: frozen cached embeddings through a projection head (CPU path), or the encoder itself
 fine-tuned end to end on augmented patches (``finetune_encoder``, the GPU path).
@@ -31,59 +13,19 @@ fine-tuned end to end on augmented patches (``finetune_encoder``, the GPU path).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
 from he2st.data.spots import SpotSet
-from he2st.methods.base import TrainLog, preset
-from he2st.methods.finetune import FinetuneConfig, patch_batch, trainable_encoder
+from he2st.methods.base import TrainLog
+from he2st.methods.configs.bleep import BLEEPConfig, BLEEPFaithfulConfig
+from he2st.methods.finetune import patch_batch, trainable_encoder
 from he2st.methods.losses import ContrastiveLoss, EmbeddingQueue, bleep_soft_clip_loss
 from he2st.methods.nn import ProjectionHead, expression_tower
 from he2st.methods.registry import register_method
-from he2st.methods.retrieval import RetrievalConfig, RetrievalMethod
-from he2st.methods.training import TrainConfig, fit_minibatches
-
-
-class BLEEPConfig(RetrievalConfig, FinetuneConfig):
-    """Options of BLEEP (defaults = he2st's improved variant; alignment and retrieval: RetrievalConfig;
-    end-to-end training: FinetuneConfig)."""
-
-    negatives: Literal["batch", "queue", "all"] = Field(
-        "all",
-        description="negatives beyond the batch: 'queue' = memory queue of past embeddings, 'all' = a bank of "
-        "every training spot refreshed each epoch (frozen-feature path; 'queue' end to end)",
-    )
-    queue_size: int = Field(1024, ge=0, description="size of the memory queue for negatives='queue'")
-    standardize_targets: bool = Field(
-        False, description="z-score each gene (training statistics) before the expression tower (BLEEP: False); "
-        "predictions stay on the panel's scale")
-    ensemble: int = Field(5, gt=0, description="independently seeded heads whose cosine similarities are averaged")
-    query_neighbours: int = Field(
-        6, ge=0,
-        description="he2st addition, as in CarHE: average each query's image embedding with those of its 6 "
-        "physically nearest spots predicted together (same slide; the hexagon ring); 0: off (BLEEP). On her2st "
-        "it took bleep from 0.079 to 0.098 HEG-50 (LOPO) and from 0.082 to 0.094 (LOSO)")
-    train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=20, batch_size=128, lr=3e-4, weight_decay=1e-3),
-        description="optimiser and early stopping (BLEEP: AdamW lr 1e-3, wd 1e-3, batch 256, 60 epochs). The lr is "
-        "lower than BLEEP's: with a learned temperature and whole-set negatives on a few thousand spots, at 1e-3 the "
-        "score on a held-out her2st patient swung from 0.14 to -0.035 and back to 0.12 between epochs 1, 4 and 7, so "
-        "early stopping picked by luck; at 3e-4 HEG-50 LOPO went from 0.098 to 0.116 (mean of three seeds). At 3e-4 "
-        "every her2st fit peaked by the 15th epoch; 20 epochs bound the cost on large studies, where an epoch holds many "
-        "more steps (on 10,000 synthetic spots the validation Pearson crept from 0.3501 at epoch 20 to 0.3504 at 41)")
-
-
-BLEEPFaithfulConfig = preset(
-    BLEEPConfig, "BLEEPFaithfulConfig", "BLEEP exactly as published (see the module docstring).",
-    expression_encoder="projection", loss="bleep_soft", temperature=1.0, learn_temperature=False,
-    negatives="batch", ensemble=1, weighting="average", per_sample=False, query_neighbours=0,
-    # BLEEP trains every epoch and keeps the best checkpoint, without gradient clipping
-    train=TrainConfig(epochs=60, batch_size=256, lr=1e-3, weight_decay=1e-3, patience=60, grad_clip=None),
-)
+from he2st.methods.retrieval import RetrievalMethod
+from he2st.methods.training import fit_minibatches
 
 
 class BLEEPNet(nn.Module):
@@ -106,7 +48,7 @@ class BLEEPNet(nn.Module):
 
 @register_method
 class BLEEP(RetrievalMethod):
-    """BLEEP, improved: normalised embeddings, learned temperature, whole-set negatives, ensemble."""
+    """BLEEP, improved: normalised embeddings, learned temperature, whole-set negatives, 5 heads, neighbour context."""
 
     name = "bleep"
     Config = BLEEPConfig

@@ -1,46 +1,24 @@
 """CarHE ("Contrastive Alignment of gene expRession for H&E", bioRxiv 2025): contrastive
 image-expression alignment with two transfer mechanisms, and prediction by retrieval.
 
-Only CarHE's abstract is public (no code), so this is he2st's reading of its two mechanisms:
+Only the abstract is public, so this is he2st's reading (docs/methods/carhe.md). (a) Cell-type
+transfer: per-spot cell-type proportions (``extras``, NMF expression programmes of the training spots,
+or Tangram on a single-cell reference) are a third modality aligned with the other two, and a head
+predicts them from the image. (b) Histology transfer: image-image InfoNCE between augmented views of a
+spot and its physical neighbours, after a histology-only warm-up that unlabelled spots can join.
 
-(a) **cell-type transfer** -- per-spot cell-type proportions (``extras["celltype_major"]``, e.g.
-    deconvolution results) are a third modality. A proportion encoder is aligned contrastively with
-    the image embedding and with the expression embedding, and a head predicts the proportions from
-    the image embedding (KL divergence), so the image tower learns cell composition. Predicted
-    proportions are returned in ``Prediction.extras["celltype_major"]``. Spots whose proportions are
-    missing (non-finite or all zero) are left out of these terms.
-(b) **histology transfer** -- image-to-image contrastive learning on H&E alone: two augmented views
-    of a spot, and a physically neighbouring spot of the same sample, are positives (multi-positive
-    InfoNCE over a small projector). With frozen features the views are feature-space augmentations
-    (:func:`~he2st.methods.masking.feature_augment`: dropout of single dimensions + Gaussian noise).
-    Without proportions (``celltypes_from``), the third modality is a set of expression programmes
-    learned on the training spots only (NMF of their targets, each spot's loadings normalised to sum
-    to 1), returned as ``extras["expression_programmes"]``: CarHE runs on any data. With a user's
-    single-cell reference (``celltypes_from="reference"``), the training spots are deconvolved into its
-    cell types instead (Tangram, :mod:`~he2st.methods.deconvolution`; recorded in the model card),
-    returned as ``extras["reference_celltypes"]``.
-    Unlabelled H&E spots (``fit(..., unlabelled=spots)``: image-only spots, e.g. extra slides of
-    training patients) join this term only, first in a histology-only pre-training stage of the
-    image tower (``histology_pretrain_epochs``), then alongside the alignment.
-
-Prediction: retrieval (BLEEP-style) over a reference bank of expression embeddings. The query is the
-spot's image embedding averaged with its physical neighbours' (``query_neighbours``, a he2st addition:
-NH2ST's neighbourhood context, and the counterpart at prediction of (b), which teaches neighbours to
-embed alike; predictions therefore depend on which spots of a slide are predicted together -- pass
-whole slides, as the benchmark and ``he2st predict`` do). The bank can return more genes than the panel (``reference_bank(..., output_expression=..., output_genes=...)``),
-which is how CarHE reaches the whole transcriptome.
+Prediction retrieves from a bank of expression embeddings, which can return more genes than the panel.
+Each query is averaged with its neighbours (``query_neighbours``), so predictions depend on which spots
+of a slide are predicted together: pass whole slides.
 """
 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from sklearn.decomposition import NMF
 from sklearn.exceptions import ConvergenceWarning
 from torch import nn
@@ -48,6 +26,7 @@ from torch import nn
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import Prediction, TrainLog
+from he2st.methods.configs.carhe import CarHEConfig
 from he2st.methods.deconvolution import tangram_proportions
 from he2st.methods.distributed import gather
 from he2st.methods.features import clean_proportions
@@ -56,88 +35,9 @@ from he2st.methods.masking import feature_augment
 from he2st.methods.neighbourhood import sample_neighbour, spatial_neighbours
 from he2st.methods.nn import MLPEncoder, expression_tower
 from he2st.methods.registry import register_method
-from he2st.methods.retrieval import RetrievalConfig, RetrievalMethod
-from he2st.methods.training import TrainConfig, fit_minibatches
+from he2st.methods.retrieval import RetrievalMethod
+from he2st.methods.training import fit_minibatches
 from he2st.stats import pearson_per_gene
-
-
-class CarHEConfig(RetrievalConfig):
-    """Options of CarHE (contrastive/retrieval options as :class:`~he2st.methods.retrieval.RetrievalConfig`)."""
-
-    image_hidden: list[int] = Field(
-        default_factory=list,
-        description="hidden widths of the image tower before its "
-        "projection head ([] = BLEEP's projection head)",
-    )
-    celltype_transfer: bool = Field(
-        True,
-        description="cell-type proportions as a third modality + proportion head; "
-        "False: ablation (needs no proportions)",
-    )
-    celltype_key: str = Field("celltype_major", description="extras key of the per-spot proportions (N, C); "
-                              "with celltypes_from='reference': the reference's cell-type column (obs)")
-    celltypes_from: Literal["auto", "extras", "programmes", "reference"] = Field(
-        "auto", description="where the third modality comes from: 'extras' = the training spots' proportions "
-        "(e.g. deconvolution); 'programmes' = expression programmes learned on the training spots (NMF of their "
-        "targets, rows normalised to sum to 1), for data without proportions; 'reference' = the training spots "
-        "deconvolved against celltype_reference by Tangram (extra 'deconvolution'); 'auto' = extras when present")
-    celltype_reference: Path | None = Field(
-        None, description="single-cell reference .h5ad for celltypes_from='reference': counts per cell (X or "
-        "layers['counts']) and the cell-type column celltype_key")
-    programmes: int = Field(8, ge=2, description="number of NMF expression programmes (celltypes_from='programmes')")
-    proportion_hidden: list[int] = Field(
-        default_factory=lambda: [64], description="hidden widths of the proportion encoder"
-    )
-    celltype_weight: float = Field(
-        0.5, ge=0, description="weight of the proportion-image and proportion-expression alignment"
-    )
-    proportion_head_weight: float = Field(1.0, ge=0, description="weight of the proportion head's loss")
-    proportion_head_hidden: int = Field(128, gt=0, description="hidden width of the proportion head")
-    histology_transfer: bool = Field(
-        True,
-        description="image-image contrastive learning between augmented views and "
-        "physical neighbours; False: ablation",
-    )
-    histology_weight: float = Field(0.5, ge=0, description="weight of the histology term in the joint stage")
-    histology_temperature: float = Field(0.1, gt=0, description="τ of the image-image InfoNCE")
-    histology_neighbours: int = Field(
-        6,
-        ge=0,
-        description="nearest spots of the same sample that count as positives "
-        "(6: Visium hexagon ring); 0: augmented views only",
-    )
-    histology_max_distance_um: float | None = Field(
-        None, gt=0, description="neighbours farther than this (µm) are not positives"
-    )
-    histology_pretrain_epochs: int = Field(
-        10,
-        ge=0,
-        description="histology-only pre-training epochs of the image tower "
-        "before the alignment (over training + unlabelled spots)",
-    )
-    augment_dropout: float = Field(0.2, ge=0, lt=1, description="feature dropout of an augmented view")
-    query_neighbours: int = Field(
-        6, ge=0,
-        description="he2st addition: at prediction, each spot's image embedding is averaged with its 6 nearest "
-        "spots' (same slide; the hexagon ring) -- the counterpart of training with neighbours as positives; 0: off",
-    )
-    augment_noise: float = Field(
-        0.1, ge=0, description="std of the Gaussian noise of an augmented view (standardised units)"
-    )
-    per_sample: bool = Field(
-        False, description="retrieve top_k within each reference sample and average the samples (as the other "
-        "retrieval methods do); off by default: on her2st it cost CarHE 0.005 HEG-50 (mean of three seeds, "
-        "leave-one-patient-out) and 0.003 (leave-one-section-out), where it gave knn and bleep 0.007-0.03")
-    train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=60, batch_size=128, lr=1e-3, weight_decay=1e-3),
-        description="optimiser and early stopping of the joint stage (pre-training: same lr, batch size)",
-    )
-
-    @model_validator(mode="after")
-    def _reference_given(self) -> CarHEConfig:
-        if self.celltypes_from == "reference" and self.celltype_reference is None:
-            raise ValueError("celltypes_from='reference' needs celltype_reference (a single-cell .h5ad)")
-        return self
 
 
 class CarHEModule(nn.Module):
@@ -168,7 +68,7 @@ class CarHEModule(nn.Module):
 
 @register_method
 class CarHE(RetrievalMethod):
-    """Image-expression-proportion alignment, histology transfer, retrieval with a full-transcriptome bank."""
+    """CarHE: image-expression-proportion alignment, histology transfer, retrieval from a whole-transcriptome bank."""
 
     name = "carhe"
     Config = CarHEConfig

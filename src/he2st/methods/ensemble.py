@@ -1,43 +1,12 @@
 """``ensemble``: a default that is never far from the best member, by construction.
 
-Diverse members -- retrieval in raw feature space (``knn``), contrastive retrieval (``bleep``), a
-regularised regression (``ridge_cv``) and contrastive retrieval with cell-type transfer and
-query-time neighbour context (``carhe``; without cell-type proportions it learns expression
-programmes) -- are combined with non-negative weights chosen by cross-validation *over the training
-patients only*: each member is fitted with one training patient held out and predicts
-that patient; the held-out predictions of all inner folds are stacked and a non-negative linear
-regression of the measured expression on them gives the weights (one set for all genes, or one per
-gene). The members are then refitted on all training spots, each early-stopped on the caller's validation
-spots as it would be fitted on its own. The outer test patients are never seen:
-this is the inner loop of nested cross-validation, run inside ``fit``. Weights apply to each member's
-prediction standardised per gene within each held-out sample, and at prediction within each predicted
-sample (``scale_within``): a refitted member shown a new slide spreads its predictions differently from
-how it did on the inner folds, and a scale fixed on them would hand the say to whichever spreads widest.
-
-Spatial context is chosen the same way: each member is tried with every ``context`` option (none,
-the mean of its 6 nearest spots, that plus the 3x field around it; each a refit) and, for retrieval
-members, every ``query_neighbours`` value (query-time averaging with the nearest spots; no refit). A
-member keeps its own configuration unless the variant with the best inner score beats it by more than
-one standard error of their paired per-fold differences -- on a few small inner folds the plain best is
-mostly the luckiest. So whether context helps, and how much, is decided on the training patients of each
-dataset, not by hand on one. The neural members (``bleep``, ``carhe``) pin their feature context to none
-by default: their context is chosen at query time only, and each of them is trained once per inner fold.
-
-Inner scores choose nothing -- neither a variant nor stacked weights -- on fewer than
-``min_selection_folds`` (3) inner folds: two folds give a standard error on one degree of freedom (the
-rule then only asks a variant to be ahead in both), and on her2st the variants so chosen for the fold
-holding out patient A were ahead on both inner folds and behind on A. With fewer folds each member runs
-as configured, only that configuration is fitted on the inner folds, and the members have an equal say.
-
-An inner score is the mean over held-out samples of each sample's mean per-gene Pearson, which is what
-the benchmark reports. A correlation pooled over several held-out sections would also reward getting
-their levels apart, which says nothing of the pattern within each.
-
-Inner folds hold out whole patients when the training spots come from at least two (the model card's
-``training_samples`` says which sample belongs to whom), else whole samples; with a single sample
-the members are weighted equally. A member that cannot run (say, CarHE told to use cell-type proportions
-that are missing) is dropped with its reason, recorded in ``TrainLog.selection`` with the weights, the
-inner scores and each member's fitting time.
+Diverse members (``knn``, ``bleep``, ``ridge_cv``, ``carhe``) are combined with non-negative weights
+chosen by cross-validation over the training patients only -- the inner loop of nested cross-validation,
+run inside ``fit`` -- and then refitted on all training spots. Each member's spatial context is chosen on
+the same inner folds by the one-standard-error rule. Members' predictions are standardised per gene
+within each predicted sample before they are weighted (``scale_within``). With fewer than
+``min_selection_folds`` inner folds nothing is chosen: each member runs as configured, with an equal say.
+What was chosen is recorded in ``TrainLog.selection``; docs/methods/ensemble.md tells the whole procedure.
 """
 
 from __future__ import annotations
@@ -45,70 +14,24 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import AliasChoices, Field
 from sklearn.linear_model import LinearRegression
 
 from he2st.data.splits import held_out_groups, validation_mask
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.bank import ReferenceBank
-from he2st.methods.base import Method, MethodConfig, Prediction, TrainLog
+from he2st.methods.base import Method, Prediction, TrainLog
+from he2st.methods.configs.ensemble import EnsembleConfig
 from he2st.methods.neural import strip_prefix
 from he2st.methods.registry import create_method, method_class, register_method
 from he2st.stats import mean_sample_pearson, one_standard_error_choice
 
 CONTEXT_OPTIONS = ("context_neighbours", "context_field")
 GENE_BLOCK = 64  # genes standardised at a time at prediction
-
-
-class EnsembleConfig(MethodConfig):
-    """Members, their options, and how their weights are chosen (on training patients only)."""
-
-    members: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {
-            "knn": {"method": "knn"},
-            "bleep": {"method": "bleep", "context_neighbours": 0},
-            "ridge_cv": {"method": "ridge_cv"},
-            "carhe": {"method": "carhe", "context_neighbours": 0},
-        },
-        description="member label -> {method: registered name, other keys: that method's options}",
-    )
-    context: list[dict[str, Any]] = Field(
-        default_factory=lambda: [{}, {"context_neighbours": 6}, {"context_neighbours": 6, "context_field": True}],
-        description="spatial context options tried for every member whose spec does not set them; each member "
-        "keeps its own unless one is clearly better on the inner folds (one-standard-error rule; 6 neighbours: "
-        "the first ring of a Visium grid)")
-    query_neighbours: list[int] = Field(
-        default_factory=lambda: [0, 6],
-        description="query-time neighbour averaging tried on each fitted member that offers it (retrieval "
-        "methods; no refit), unless the member's spec sets query_neighbours")
-    weights: Literal["auto", "global", "per_gene", "equal"] = Field(
-        "auto", description="how the members' held-out predictions (each on a common per-gene scale) are "
-        "combined: one non-negative weight per member fitted for all genes ('global'), one set per gene "
-        "('per_gene'), or an equal say ('equal'); 'auto': 'global' with at least min_selection_folds inner "
-        "folds, else 'equal' -- weights fitted on one or two held-out patients are mostly noise, and a plain "
-        "average of diverse members is then the more reliable combination")
-    min_selection_folds: int = Field(
-        3, ge=2, validation_alias=AliasChoices("min_selection_folds", "min_stacking_folds"),
-        description="inner folds needed before their scores choose anything: a member's context variant (with "
-        "fewer, each member keeps its own configuration and only that is fitted on the inner folds) and, under "
-        "weights='auto', stacked weights (with fewer, an equal say); two folds give a standard error on one "
-        "degree of freedom")
-    scale_within: Literal["sample", "inner"] = Field(
-        "sample", description="the common per-gene scale of the members: 'sample' = each member's predictions "
-        "standardised within each predicted sample (slide), so that every member has its stated say on every "
-        "slide -- refitted members shown a new slide have other spreads than on the inner folds, and under "
-        "'inner' the member with the most say on a her2st test patient had 0.5-0.7 of it; 'inner' = each member "
-        "scaled once by the spread of its inner-fold held-out predictions (a spot's prediction then does not "
-        "depend on the other spots of its slide)")
-    inner_folds: int = Field(
-        3, ge=2, le=10, description="most inner folds (training patients, or samples, are dealt into at most this many)")
-    validation_fraction: float = Field(
-        0.15, gt=0, lt=1, description="of each inner training set, for the members' early stopping")
 
 
 def _standardised(X: np.ndarray) -> np.ndarray:
@@ -137,7 +60,9 @@ def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 @register_method
 class Ensemble(Method):
-    """Members weighted by nested cross-validation over the training patients, refitted on all of them."""
+    """he2st's default: knn, bleep, ridge_cv and carhe, weighted by nested cross-validation over training patients.
+
+    The members are refitted on all training spots after the selection."""
 
     name = "ensemble"
     Config = EnsembleConfig

@@ -9,28 +9,13 @@ encoder frozen and reads cached embeddings instead. A method that offers the end
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
 from he2st.data.spots import SpotSet
 from he2st.encoders import Encoder, create
 from he2st.encoders.augment import augment_batch
 from he2st.errors import He2stError
-from he2st.methods.base import MethodConfig
 from he2st.methods.card import ModelCard
-
-
-class FinetuneConfig(MethodConfig):
-    """Options of the end-to-end path."""
-
-    finetune_encoder: bool = Field(
-        False, description="train the image encoder end to end on patches (GPU path)")
-    encoder: str | None = Field(
-        None, description="encoder preset or timm name for finetune_encoder (default: the model card's "
-        "encoder)")
-    encoder_weights: str | None = Field(None, description="local weights for that encoder")
-    encoder_pretrained: bool = Field(
-        True, description="start from pretrained weights (False: train from scratch)")
-    augment: bool = Field(True, description="dihedral + colour augmentation of patches when fine-tuning")
+from he2st.methods.configs.common import FinetuneConfig
 
 
 def trainable_encoder(config: FinetuneConfig, card: ModelCard | None, pretrained: bool = True) -> Encoder:

@@ -2,179 +2,31 @@
 neighbour branch over its physical neighbourhood, cross-attention between pathology and expression,
 contrastive alignment, and a regression head that reads images only.
 
-Two presets share this code (every difference, with the published values: docs/faithful_methods.md):
+``nh2st_faithful`` keeps the published layers (``structure="nh2st"``) and ``nh2st`` is he2st's variant
+(docs/methods/nh2st.md, docs/methods/nh2st_faithful.md: both, and every deviation). Ablations isolate
+one idea each: ``no_neighbours`` drops the neighbour branch, ``target_head`` makes the head read the
+spot only, ``no_fusion`` and ``no_contrastive`` drop the cross-attention and the InfoNCE terms.
 
-* ``nh2st_faithful`` -- the published choices that run on he2st's inputs: each spot with its 8
-  physically nearest spots of the same sample (NH2ST: the 9 nearest including the spot); NH2ST's
-  layers (``structure="nh2st"``: a linear image encoder, a Linear-Linear expression encoder, two
-  hypergraph convolutions 1024 -> 512 with ReLU after each over the neighbours' image features and
-  encoded expression, a Linear-Linear head); hyperedges of 4 nodes (a node and its 3 cosine-nearest)
-  built on the image features and reused for expression (``hyperedges="image"``); one shared
-  cross-attention encoder (pre-norm, depth 1, 8 heads, mlp ratio 1, dropout 0.5) for the spot and for
-  the pooled neighbourhood, image reading expression and then expression reading the updated image;
-  the loss ``1.0 · InfoNCE(spot) + 0.5 · InfoNCE(neighbourhood) + MSE`` with one-directional
-  (image -> expression) InfoNCE at τ = 0.05 and negatives scaled by 0.1; a regression head on the
-  spot's image feature only; width 512; unstandardised targets; Adam (AdamW, weight decay 0) lr 5e-4
-  with StepLR(50, 0.9), batch 8, up to 200 epochs, patience 20.
-  Unavoidable differences: frozen cached features (NH2ST trains a ResNet-18 with Ciga et al.'s
-  weights; its 7x7x512 conv map is here the encoder's pooled vector), early stopping and the kept epoch
-  on validation spots of training patients (NH2ST selects on the test fold with its top-50-gene ``R``),
-  no 3x3 smoothing of the targets (it inflates correlations), fp32 on one device.
-* ``nh2st`` (he2st's variant) -- differs from the faithful preset in: the standardised features
-  projected once on the training spots' top 256 principal axes (``input_components``); BLEEP projection
-  heads as image and expression encoders and GELU/dropout between two hypergraph convolutions on the
-  projected nodes (``structure="he2st"``); hyperedges of 3 nodes built per modality on its own
-  embeddings; separate bidirectional fusion blocks for the spot and the pooled neighbourhood, both
-  streams updated from each other at once; symmetric InfoNCE; a
-  Linear-GELU-Dropout-Linear head that also reads the pooled neighbour *images*
-  (``head_neighbour_context``); per-gene z-scored targets; width 256; no dropout outside the
-  cross-attention, as published; AdamW lr 5e-4, weight decay 1e-4, constant lr, gradient clipping at 5,
-  batch 64, up to 100 epochs, patience 15. The principal axes, the pooled neighbourhood fusion and no
-  dropout (stop 22) cut an epoch at 10,000 spots to about a third; her2st HEG-50 went from 0.085 to
-  0.088 LOPO and from 0.083 to 0.088 LOSO.
-
-Ablations isolate one idea each: ``no_neighbours`` drops NH2ST's neighbour branch (the neighbourhood's
-expression hypergraph, fusion and InfoNCE) while the head keeps what it reads; ``target_head`` makes
-the head read the spot only; ``no_fusion`` and ``no_contrastive`` drop the cross-attention and the
-InfoNCE terms.
-
-Predictions from images only. A head that reads neighbour images (``head_neighbour_context``) depends
-on which spots of the sample are passed together: predict whole samples (as the benchmark does).
+A head that reads neighbour images (``head_neighbour_context``) depends on which spots of a sample are
+predicted together: predict whole samples (as the benchmark does).
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
 from he2st.data.spots import SpotSet
-from he2st.methods.base import MethodConfig, Prediction, TrainLog, preset
+from he2st.methods.base import Prediction, TrainLog
+from he2st.methods.configs.nh2st import NH2STConfig, NH2STFaithfulConfig
 from he2st.methods.losses import info_nce
 from he2st.methods.neighbourhood import knn_hypergraph, masked_mean, neighbourhood_layer, spatial_neighbours
 from he2st.methods.neural import NeuralMethod
 from he2st.methods.nn import BidirectionalFusion, ProjectionHead, SharedFusion
 from he2st.methods.registry import register_method
-from he2st.methods.training import TrainConfig, fit_minibatches
-
-
-class NH2STConfig(MethodConfig):
-    """Options of NH2ST (defaults = he2st's variant; ``nh2st_faithful``: the published choices)."""
-
-    seed: int = Field(0, description="seed of initialisation and shuffling")
-    dim: int = Field(
-        256, gt=0, description="width of node embeddings and attention (NH2ST: 512; he2st: 256, 2.5x cheaper per "
-        "epoch -- the nine nodes of every spot pass every layer -- and on her2st LOPO as accurate)")
-    structure: Literal["he2st", "nh2st"] = Field(
-        "he2st",
-        description="layers: 'nh2st' = NH2ST's (linear image encoder, Linear-Linear expression encoder, "
-        "hypergraph convolutions with ReLU after each straight on the neighbours' image features, a "
-        "Linear-Linear head, one cross-attention encoder shared by spot and neighbourhood and both "
-        "directions -- image reads expression, then expression reads the updated image -- on the pooled "
-        "neighbourhood); 'he2st' = projection heads, GELU + dropout between convolutions on projected "
-        "nodes, a Linear-GELU-Dropout-Linear head, separate bidirectional fusion for spot and neighbourhood",
-    )
-    input_components: int | None = Field(
-        256, gt=0, description="project the standardised frozen features on the training spots' top principal "
-        "axes before the image encoder, once per fit: the encoder's first layer reads nine nodes per spot, and "
-        "at 1,280 inputs it was the largest cost per epoch (NH2ST: None, the encoder reads the features)")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout in encoders, neighbour layers and the head "
-                           "(structure='he2st'; NH2ST: none). he2st had 0.1 until stop 22: on her2st it changed "
-                           "HEG-50 by 0.001 LOPO and 0.003 LOSO, and drawing its masks over nine nodes per spot "
-                           "cost a seventh of an epoch")
-    neighbours: bool = Field(
-        True, description="NH2ST's neighbour branch: the neighbourhood's expression hypergraph, fusion and "
-        "InfoNCE; False = the spot-level InfoNCE only (ablation). What the head reads: "
-        "head_neighbour_context")
-    neighbour_k: int = Field(
-        8,
-        gt=0,
-        description="physical neighbours per spot, same sample only (NH2ST: 9 nearest incl. the spot)",
-    )
-    max_distance_um: float | None = Field(
-        None, gt=0, description="ignore neighbours farther than this (µm); None: no limit"
-    )
-    neighbour_layer: Literal["hypergraph", "attention"] = Field(
-        "hypergraph",
-        description="layer over the neighbourhood: NH2ST's k-NN hypergraph convolution or self-attention",
-    )
-    neighbour_depth: int = Field(
-        2, gt=0, description="hypergraph convolutions / attention blocks (NH2ST: 2 convolutions)"
-    )
-    hyperedge_k: int = Field(
-        3, gt=0, description="nodes per hyperedge: a node and its hyperedge_k - 1 cosine-nearest nodes "
-        "(NH2ST: 4, a node and its 3 most similar)"
-    )
-    hyperedges: Literal["per_modality", "image"] = Field(
-        "per_modality", description="where the hypergraph is built: 'image' = on the image nodes, reused for "
-        "the expression nodes (NH2ST); 'per_modality' = each modality on its own embeddings")
-    neighbour_heads: int = Field(4, gt=0, description="attention heads for neighbour_layer='attention'")
-    fusion: bool = Field(
-        True,
-        description="cross-attention between pathology and expression before the contrastive "
-        "losses; False: contrast the unfused embeddings (ablation)",
-    )
-    neighbour_fusion: Literal["pooled", "nodes"] = Field(
-        "pooled", description="what the neighbourhood's cross-attention reads: 'pooled' = each modality's "
-        "neighbourhood tokens averaged first, then the two pooled tokens fused (NH2ST); 'nodes' = the nine "
-        "nodes fused node by node, then pooled (he2st before: about half of an epoch's cost; pooling first was "
-        "as accurate on her2st, LOPO and LOSO)")
-    fusion_heads: int = Field(8, gt=0, description="heads of the cross-attention (NH2ST: 8)")
-    fusion_depth: int = Field(1, gt=0, description="cross-attention layers (NH2ST: 1)")
-    fusion_mlp_ratio: float = Field(
-        1.0, gt=0, description="MLP width / dim in the cross-attention (NH2ST: 1)"
-    )
-    fusion_dropout: float = Field(0.5, ge=0, lt=1, description="dropout in the cross-attention (NH2ST: 0.5)")
-    contrastive: bool = Field(True, description="InfoNCE terms; False: regression only (ablation)")
-    symmetric_infonce: bool = Field(
-        True, description="InfoNCE in both directions; False: image -> expression only (NH2ST)")
-    temperature: float = Field(0.05, gt=0, description="InfoNCE τ (NH2ST: 0.05)")
-    negative_weight: float = Field(0.1, gt=0, description="factor on negative-pair similarities (NH2ST: 0.1)")
-    target_weight: float = Field(1.0, ge=0, description="weight of the target-spot InfoNCE (NH2ST: 1.0)")
-    neighbour_weight: float = Field(0.5, ge=0, description="weight of the neighbourhood InfoNCE (NH2ST: 0.5)")
-    regression_weight: float = Field(1.0, ge=0, description="weight of the MSE regression loss (NH2ST: 1.0)")
-    head_hidden: int = Field(256, gt=0, description="hidden width of the regression head (NH2ST: 256)")
-    head_neighbour_context: bool = Field(
-        True,
-        description="the regression head also reads the pooled neighbour image context (he2st); False: the "
-        "spot's image embedding only (NH2ST). Independent of the neighbour branch (neighbours)",
-    )
-    standardize_targets: bool = Field(
-        True, description="regress per-gene z-scores (training statistics); predictions are mapped back "
-        "to the panel's scale (NH2ST: False)"
-    )
-    train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(
-            epochs=100, batch_size=64, lr=5e-4, weight_decay=1e-4, patience=15
-        ),
-        description="optimiser and early stopping on the validation Pearson (NH2ST: Adam 5e-4, "
-        "StepLR(50, 0.9), batch 8, 200 epochs, patience 20)",
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> NH2STConfig:
-        heads = [self.fusion_heads] + ([self.neighbour_heads] if self.neighbour_layer == "attention" else [])
-        for h in heads:
-            if self.dim % h:
-                raise ValueError(f"dim={self.dim} is not divisible by {h} attention heads")
-        if self.neighbour_layer != "hypergraph" and (self.hyperedges == "image" or self.structure == "nh2st"):
-            raise ValueError("hyperedges='image' and structure='nh2st' need neighbour_layer='hypergraph'")
-        if self.structure == "nh2st" and self.neighbour_fusion != "pooled":
-            raise ValueError("structure='nh2st' fuses the pooled neighbourhood (neighbour_fusion='pooled')")
-        return self
-
-
-NH2STFaithfulConfig = preset(
-    NH2STConfig, "NH2STFaithfulConfig", "NH2ST as published (see the module docstring).",
-    dim=512, input_components=None, structure="nh2st", hyperedge_k=4, hyperedges="image", symmetric_infonce=False,
-    head_neighbour_context=False, standardize_targets=False,
-    train=TrainConfig(epochs=200, batch_size=8, lr=5e-4, weight_decay=0.0, patience=20, grad_clip=None,
-                      schedule="step", step_epochs=50, gamma=0.9),
-)
+from he2st.methods.training import fit_minibatches
 
 
 class NH2STModule(nn.Module):
@@ -282,8 +134,7 @@ class NH2STModule(nn.Module):
 
 @register_method
 class NH2ST(NeuralMethod):
-    """NH2ST on frozen features: neighbourhood hypergraphs, cross-attention, InfoNCE + MSE;
-    regression from images only."""
+    """NH2ST: neighbourhood hypergraphs, cross-attention, InfoNCE and a regression head that reads images only."""
 
     name = "nh2st"
     Config = NH2STConfig
@@ -388,8 +239,7 @@ class NH2ST(NeuralMethod):
 
 @register_method
 class NH2STFaithful(NH2ST):
-    """NH2ST as published, on frozen features: NH2ST's layers, image-built 4-node hyperedges, one-way
-    InfoNCE with scaled negatives, a head on the spot's image only, Adam + StepLR, batch 8."""
+    """NH2ST as published, on frozen features: its layers, image-built hyperedges, one-way InfoNCE, Adam + StepLR."""
 
     name = "nh2st_faithful"
     Config = NH2STFaithfulConfig

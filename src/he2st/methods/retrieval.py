@@ -5,71 +5,19 @@ are nearest to its image embedding."""
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
 from he2st.data.spots import SpotSet
 from he2st.methods.bank import ReferenceBank
-from he2st.methods.base import MethodConfig, Prediction
+from he2st.methods.base import Prediction
+from he2st.methods.configs.common import RetrievalConfig
 from he2st.methods.features import standardize_columns
 from he2st.methods.losses import NegativeBank
 from he2st.methods.neighbourhood import neighbour_context
 from he2st.methods.neural import NeuralMethod
-
-
-class RetrievalConfig(MethodConfig):
-    """Options shared by the contrastive retrieval methods (alignment loss, towers, retrieval)."""
-
-    seed: int = Field(0, description="seed of initialisation, shuffling, masking and augmentation")
-    projection_dim: int = Field(256, gt=0, description="joint embedding size (BLEEP/CMRCNet: 256)")
-    dropout: float = Field(0.1, ge=0, lt=1, description="dropout inside the projection heads and encoders")
-    expression_encoder: Literal["projection", "mlp"] = Field(
-        "mlp",
-        description="expression tower: BLEEP's projection head ('projection') or an MLP encoder ('mlp')",
-    )
-    mlp_hidden: list[int] = Field(
-        default_factory=lambda: [512], description="hidden widths of the MLP expression encoder"
-    )
-    loss: Literal["bleep_soft", "contrastive"] = Field(
-        "contrastive",
-        description="image-expression loss: 'bleep_soft' = BLEEP's soft CLIP loss at fixed τ on "
-        "unnormalised embeddings (batch-size dependent); 'contrastive' = L2-normalised, learned τ",
-    )
-    temperature: float = Field(
-        0.07, gt=0, description="τ of the alignment loss (BLEEP: 1.0); initial value when learned"
-    )
-    learn_temperature: bool = Field(True, description="learn τ (loss='contrastive' only)")
-    soft_targets: bool = Field(
-        True, description="BLEEP-style soft targets (else identity targets, i.e. InfoNCE)"
-    )
-    target_temperature: float = Field(0.1, gt=0, description="fixed temperature of the soft targets")
-    negatives: Literal["batch", "all"] = Field(
-        "all",
-        description="'batch': in-batch negatives; 'all': every training spot is a candidate negative -- a bank "
-        "of detached embeddings refreshed each epoch, bank_negatives of them sampled per step, soft targets "
-        "from measured expression similarity (loss='contrastive' only; cost linear in the number of spots)",
-    )
-    bank_negatives: int = Field(
-        1024, gt=0, description="bank spots contrasted with each batch for negatives='all' (all when fewer; "
-        "as many as BLEEP's memory queue holds)")
-    top_k: int = Field(50, gt=0, description="reference spots retrieved per query")
-    weighting: Literal["average", "softmax", "similarity"] = Field(
-        "softmax", description="how retrieved profiles are combined (BLEEP/CMRCNet: 'average')"
-    )
-    weighting_temperature: float = Field(0.05, gt=0, description="temperature of weighting='softmax'")
-    query_neighbours: int = Field(
-        0, ge=0,
-        description="he2st addition (NH2ST's neighbourhood idea at query time): average each query's image "
-        "embedding with those of its k physically nearest spots predicted together (same slide); 0: off",
-    )
-    per_sample: bool = Field(
-        True, description="he2st addition: retrieve top_k within each reference sample and average the samples "
-        "with an equal say (batch-balanced, as BBKNN; see ReferenceBank.predict); False: one pooled top_k "
-        "(BLEEP/CMRCNet)")
 
 
 class RetrievalMethod(NeuralMethod):

@@ -13,35 +13,16 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from he2st.errors import He2stError
 from he2st.methods import distributed
 from he2st.methods.base import TrainLog
+from he2st.methods.configs.common import TrainConfig
 from he2st.progress import say
-
-
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(60, gt=0)
-    batch_size: int = Field(128, gt=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(
-        1e-3, ge=0, description="AdamW's decoupled weight decay; 0 is plain Adam (NH2ST)")
-    patience: int = Field(10, gt=0, description="epochs without validation improvement before stopping")
-    grad_clip: float | None = 5.0
-    schedule: Literal["constant", "cosine", "step"] = Field(
-        "constant", description="learning rate per epoch: 'cosine' decays lr to min_lr at the last epoch "
-        "(CMRCNet), 'step' multiplies it by gamma every step_epochs epochs (NH2ST's StepLR)")
-    min_lr: float = Field(0.0, ge=0, description="learning rate of the last epoch for schedule='cosine'")
-    step_epochs: int = Field(50, gt=0, description="epochs between decays for schedule='step'")
-    gamma: float = Field(0.9, gt=0, le=1, description="decay factor for schedule='step'")
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:

@@ -32,12 +32,13 @@ class PredictConfig(BaseModel):
     batch_size: int = Field(64, gt=0, description="encoder batch size")
     weights: Path | None = Field(None, description="encoder weights file (default: the model card's)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="encoder arithmetic: auto (bf16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16")
     format: Literal["h5ad", "zarr"] = Field(
         "h5ad", description="h5ad: one AnnData; zarr: also a SpatialData store beside it (image, spots, table in µm)")
     zarr_image: Literal["hires", "full"] = Field(
-        "hires", description="image of the SpatialData store: hires (the 2,000 px view) or full (the whole slide at "
-                             "full resolution, as a pyramid read tile by tile)")
+        "hires", description="image of the SpatialData store: hires (the 2,000 px view) or full (the whole slide, "
+        "tile by tile)")
     runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto", description="what runs the encoder (see `he2st embed`): auto = a validated ONNX graph on a CPU")
     stain: Literal["none", "macenko", "reinhard"] | None = Field(

@@ -20,6 +20,7 @@ import contextlib
 import math
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -69,7 +70,9 @@ def write_spatialdata(prediction: Path, store: Path, image: str = "hires") -> Pa
             hires = np.moveaxis(np.asarray(library["images"]["hires"]), -1, 0)  # (c, y, x)
             he = _pyramid(hires, mpp / float(library["scalefactors"]["tissue_hires_scalef"]))  # hires px -> µm
         sdata = spatialdata.SpatialData(images={"he": he}, shapes={"spots": spots}, tables={"table": table})
-        sdata.write(partial)
+        with warnings.catch_warnings():  # anndata's notice about its future zarr defaults, once per array written
+            warnings.filterwarnings("ignore", message="zarr v3 autosharding will be the default", category=UserWarning)
+            sdata.write(partial)
     shutil.rmtree(store, ignore_errors=True)
     partial.rename(store)
     return store

@@ -30,11 +30,14 @@ def default_work_dir() -> Path:
 
 
 class DataConfig(BaseModel):
+    """Which samples ``he2st prepare`` reads: a registered dataset's sections, or samples of your own."""
+
     model_config = ConfigDict(extra="forbid")
 
     dataset: str | None = Field("her2st", description="registered dataset name, or null to use `samples`")
     sections: list[str] | None = Field(None, description="subset of the dataset's imaged sections")
-    samples: list[SampleSource] = Field(default_factory=list)
+    samples: list[SampleSource] = Field(
+        default_factory=list, description="your own samples, each read by one reader (Visium, HEST, ST, ...)")
     samplesheet: Path | None = Field(None, description="CSV sample sheet (sample, patient, reader, path, image"
                                                        "[, pixel_size_um, spots_file]): its rows are added to samples")
     from_dir: Path | None = Field(None, description="add every Space Ranger outs/, HEST-1k root, legacy ST triple "
@@ -49,10 +52,14 @@ class DataConfig(BaseModel):
 
 
 class FoldConfig(BaseModel):
+    """How samples are dealt into test folds."""
+
     model_config = ConfigDict(extra="forbid")
 
-    scheme: Literal["lopo", "loso"] = "lopo"
-    allow_shared_patients: bool = False
+    scheme: Literal["lopo", "loso"] = Field(
+        "lopo", description="lopo: hold out one patient at a time; loso: one section at a time")
+    allow_shared_patients: bool = Field(
+        False, description="loso: keep the held-out section's sibling sections in training (folds labelled LEAKY)")
 
 
 class WorkConfig(BaseModel):
@@ -60,24 +67,25 @@ class WorkConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    work_dir: Path = Field(default_factory=default_work_dir)
-    patch: PatchSpec = Field(default_factory=PatchSpec)
+    work_dir: Path = Field(
+        default_factory=default_work_dir, description="work folder (default $HE2ST_WORK_DIR or ./he2st-work)")
+    patch: PatchSpec = Field(default_factory=PatchSpec, description="how patches are cut around each spot")
 
 
 class PrepareConfig(WorkConfig):
     """``he2st prepare``: which samples, how patches are cut, how folds are made."""
 
-    data: DataConfig = Field(default_factory=DataConfig)
-    folds: FoldConfig = Field(default_factory=FoldConfig)
+    data: DataConfig = Field(default_factory=DataConfig, description="which samples to read")
+    folds: FoldConfig = Field(default_factory=FoldConfig, description="how test folds are made")
     context_field: bool = Field(
-        True, description="also cut the context field (3x the spot's side, same centre) for every spot; "
-        "`he2st embed` then embeds it, and methods whose context_field option is on read it")
+        True, description="also cut the context field (3x the spot's side, same centre) of every spot, for "
+        "context_field methods")
 
 
 class EmbedRunConfig(WorkConfig):
     """``he2st embed``: which patches (work folder + patch spec) and how to embed them."""
 
-    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig, description="encoder and how it runs")
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -130,16 +138,15 @@ def dump_config(config: BaseModel) -> str:
 class FitConfig(WorkConfig):
     """What fitting shares in ``train`` and ``benchmark``: features, panel, per-method options, validation."""
 
-    embed: EmbedConfig = Field(default_factory=EmbedConfig)
-    genes: GeneConfig = Field(default_factory=GeneConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig, description="the features models are fitted on")
+    genes: GeneConfig = Field(default_factory=GeneConfig, description="how the gene panel is chosen")
     method_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="per-method option overrides, method name -> {option: value} "
-        "(--set method_options.bleep.top_k=20); see `he2st methods NAME`",
-    )
-    validation_fraction: float = Field(0.15, gt=0, lt=1, description="of training spots/samples, for early stopping")
+        default_factory=dict, description="options per method, name -> {option: value}, e.g. --set "
+        "method_options.bleep.top_k=20")
+    validation_fraction: float = Field(
+        0.15, gt=0, lt=1, description="share of training spots/samples held out for early stopping")
     n_top: int = Field(50, gt=0, description="size of the HEG/HVG sets")
-    seed: int = 0
+    seed: int = Field(0, description="seed of every method (unless its method_options set one) and of the validation split")
     reliability: bool | None = Field(
         None, description="measure per-gene predictability, intervals and OOD flags on inner patient folds "
         "(None: with >= 3 training patients or samples)")
@@ -176,44 +183,44 @@ class FitConfig(WorkConfig):
 
 
 class BenchmarkConfig(FitConfig):
-    """``he2st benchmark``: methods x patient-level folds on a prepared, embedded work folder."""
+    """``he2st benchmark``: methods x patient-level folds on a prepared, embedded work folder.
 
-    name: str = "benchmark"
-    folds: FoldConfig = Field(default_factory=FoldConfig)
+    TLS scoring (``tls``) compares each held-out sample's TLS score from predicted expression with the one
+    from its measured counts (Pearson r, AUROC for its top-decile spots), beside a ridge probe from image
+    features to the score, for methods that return the model's genes; it is skipped, with its reason in
+    the results, when ``tls_model`` cannot be read. The default is her2st's 172-gene signature: the full
+    published model (``'her2st'``, 11,315 genes) divides each gene by its spread across the section, which
+    inflates the many weakly weighted genes of a smooth predicted map, and on her2st leave-one-patient-out
+    it scores predictions below zero. A gene list file holds gene,weight rows (an 'intercept' row is the
+    intercept)."""
+
+    name: str = Field("benchmark", description="results folder name under <work_dir>/runs/")
+    folds: FoldConfig = Field(default_factory=FoldConfig, description="the fold scheme (prepared by `he2st prepare`)")
     methods: list[str] = Field(
-        default_factory=lambda: ["ensemble", "bleep_faithful", "bleep", "ridge", "ridge_cv", "mlp", "knn"])
+        default_factory=lambda: ["ensemble", "bleep_faithful", "bleep", "ridge", "ridge_cv", "mlp", "knn"],
+        description="methods to run over the folds (`he2st methods` lists them)")
     markers: list[str] | None = Field(None, description="marker genes scored as their own set")
     reference_sections: list[str] = Field(
         default_factory=list,
         description="expression-only her2st sections added to retrieval banks (only when their patient is not tested)",
     )
     ablation: bool = Field(
-        False, description="also run each listed method with one of its components switched off at a time"
-    )
+        False, description="also run each listed method with one of its components switched off at a time")
     ablation_only: list[str] | None = Field(
-        None, description="with ablation: only these rows, given as method names (all of that method's rows) "
-        "or row labels such as carhe-no_celltype_transfer (None: every row of the listed methods)",
-    )
+        None, description="with ablation: only these rows, as method names or row labels "
+        "(carhe-no_celltype_transfer)")
     transcriptome_threshold: float | None = Field(
-        0.1, ge=0,
-        description="retrieval methods also predict every gene measured in all training samples; genes "
-        "whose mean transformed training expression is >= this are scored (None: skip)",
-    )
+        0.1, ge=0, description="score retrieval methods beyond the panel on genes at least this expressed in "
+        "training (None: skip)")
     tls: bool = Field(
-        True, description="score TLS detection: for retrieval methods, each held-out sample's TLS score from "
-        "predicted vs measured expression (Pearson r, AUROC for its top-decile spots), beside a ridge probe from "
-        "image features to the score; skipped, with its reason in the results, when tls_model cannot be read")
+        True, description="score TLS detection from predicted vs measured expression, beside an image ridge probe")
     tls_model: str = Field(
-        "her2st-signature", description="'her2st-signature' (the 172-gene TLS signature in the her2st dataset "
-        "folder), 'her2st' (the published full model: 11,315 genes, each divided by its spread across the "
-        "section, which inflates the many weakly weighted genes of a smooth predicted map -- on her2st LOPO it "
-        "scores predictions below zero) or a weighted gene list file (gene, weight; an 'intercept' row is the "
-        "intercept)")
+        "her2st-signature", description="TLS model: 'her2st-signature' (172 genes), 'her2st' (the full published "
+        "model) or a gene,weight file")
     seeds: int = Field(1, gt=0, description="train each method with this many seeds and average the fold scores")
     inner_of: str | None = Field(
-        None, description="run the folds of folds.scheme over the training samples of this fold only (e.g. "
-        "patient_A): the inner loop of nested cross-validation, to choose options without its test patients",
-    )
+        None, description="run the folds over this fold's training samples only (nested cross-validation), e.g. "
+        "patient_A")
 
     def fitted_methods(self) -> list[str]:
         return list(self.methods)
@@ -231,13 +238,14 @@ class BenchmarkConfig(FitConfig):
 class TrainRunConfig(FitConfig):
     """``he2st train``: one method on chosen training samples -> one checkpoint."""
 
-    method: str = "ensemble"
-    train_samples: list[str] = Field(default_factory=list, description="default: every prepared sample")
+    method: str = Field("ensemble", description="the method to train (`he2st methods` lists them)")
+    train_samples: list[str] = Field(default_factory=list, description="training samples (default: every prepared "
+                                     "sample)")
     out: Path | None = Field(None, description="checkpoint path (default <work_dir>/models/<method>.pt)")
-    tissue: str | None = Field(None, description="tissue, disease and platform the model is for (model card; default: "
-                                                 "from the training samples' registered dataset)")
-    devices: int = Field(1, ge=1, description="training processes, each stepping on its share of every batch: CPU "
-                         "processes (gloo) or one per GPU (NCCL); under torchrun the launcher's count applies")
+    tissue: str | None = Field(None, description="tissue, disease and platform the model is for (model card; "
+                               "default: from the dataset)")
+    devices: int = Field(1, ge=1, description="training processes sharing each batch: CPU processes (gloo) or one "
+                         "per GPU (NCCL)")
 
     def fitted_methods(self) -> list[str]:
         return [self.method]
