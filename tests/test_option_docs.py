@@ -21,7 +21,7 @@ from he2st.workflows.config import BenchmarkConfig, EmbedRunConfig, PrepareConfi
 REPO = Path(__file__).resolve().parents[1]
 MAX_CHARS = 120
 # SampleSource (he2st.data.readers) documents each reader's options with its reader
-NOT_WALKED = {"SampleSource"}
+NOT_WALKED: set[str] = set()
 
 
 def models_in(annotation: object) -> list[type[BaseModel]]:

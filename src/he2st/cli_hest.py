@@ -27,7 +27,7 @@ def hest_bench(
     encoder: Annotated[str | None, typer.Option(help="preset or timm name (default efficientnet_lite0)")] = None,
     weights: Annotated[Path | None, typer.Option(help="local encoder weights file/folder")] = None,
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="results folder (default ./hest-bench-results)")] = None,
+        "--out", "-o", help="output folder for the results (default ./hest-bench-results)")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="override a setting, e.g. --set embed.batch_size=32 --set method_options.knn.k=20")] = None,
@@ -48,7 +48,7 @@ def hest_bench(
 
 
 def export_hest(
-    out: Annotated[Path, typer.Option("--out", "-o", help="benchmark folder to write the task into")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder: the benchmark folder to write the task into")],
     work_dir: Annotated[Path | None, typer.Option("--work-dir", "-w", help="prepared work folder "
                                                   "(default $HE2ST_WORK_DIR or ./he2st-work)")] = None,
     task: Annotated[str, typer.Option(help="task folder name")] = "he2st",

@@ -52,6 +52,12 @@ def _sample_codes(sample_ids: list[str]) -> tuple[list[str], list[int]]:
     return names, [index[sid] for sid in sample_ids]
 
 
+def _shares(weights: np.ndarray) -> np.ndarray:
+    """Non-negative per-gene weights (genes, members) made to sum to one per gene (equal where all are zero)."""
+    total = weights.sum(1, keepdims=True)
+    return np.where(total > 0, weights / np.where(total > 0, total, 1.0), 1.0 / weights.shape[1]).astype(np.float32)
+
+
 def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Non-negative weights of ``y ~ X`` (both centred); equal weights if all come out zero."""
     w = np.clip(LinearRegression(positive=True, fit_intercept=False).fit(X, y).coef_, 0, None)
@@ -79,6 +85,10 @@ class Ensemble(Method):
         self.weights = np.zeros((0, 0), np.float32)  # (genes or 1, members)
         self.intercepts = np.zeros(0, np.float32)
         self.deviations: np.ndarray | None = None  # (genes, members) on standardised predictions ('sample')
+        #: (genes, members) each member's share of a predicted sample's level ('sample'): the members' own
+        #: weights made to sum to one, so the level is a weighted mean of levels every member predicts on the
+        #: target scale (weights scaled for standardised deviations would multiply a member's level error)
+        self.level_shares: np.ndarray | None = None
         #: the inner folds' held-out groups and the combination of the members' held-out predictions, kept
         #: after a fit so that the ensemble's own out-of-fold predictions cost no further fit
         self._inner: tuple[list[list[str]], np.ndarray] | None = None
@@ -205,6 +215,7 @@ class Ensemble(Method):
         self.weights = self.weights[:, columns]
         if self.deviations is not None:
             self.deviations = self.deviations[:, columns]
+            self.level_shares = _shares(self.deviations)
         self._inner = None
         if held_out:
             members = np.stack([oof[(lb, *chosen[lb])] for lb in self.fitted], axis=-1)
@@ -248,11 +259,11 @@ class Ensemble(Method):
         member's prediction is first put on a common scale (``scale_within``: standardised within each
         held-out sample, as it will be within each predicted one; or its held-out per-gene spread), so
         that "equal" means an equal say and stacked weights are comparable. The combination is finally
-        rescaled per gene to the spread of the measured expression. Its level is the weighted members'
-        level either way.
+        rescaled per gene to the spread of the measured expression. Its level is the members' weighted mean
+        level (under ``sample``; under ``inner`` the fitted linear combination).
         """
         y = spots.targets
-        self.deviations = None
+        self.deviations = self.level_shares = None
         if not n_folds:
             self.weights = np.full((1, len(predictions)), 1.0 / len(predictions), np.float32)
             self.intercepts = np.zeros(y.shape[1], np.float32)
@@ -287,6 +298,7 @@ class Ensemble(Method):
         self.intercepts = (y.mean(0) - np.einsum("gm,gm->g", self.weights, X.mean(0))).astype(np.float32)
         if by_sample:
             self.deviations = (w * scale[:, None]).astype(np.float32)
+            self.level_shares = _shares(self.deviations)
         return mode
 
     def _predict(self, spots: SpotSet) -> Prediction:
@@ -314,7 +326,10 @@ class Ensemble(Method):
             for a in range(0, preds.shape[1], GENE_BLOCK):
                 genes = slice(a, a + GENE_BLOCK)
                 block = preds[rows, genes].astype(np.float64)
-                level = (block.mean(0) * self.weights[genes]).sum(-1) + self.intercepts[genes]
+                if self.level_shares is not None:
+                    level = (block.mean(0) * self.level_shares[genes]).sum(-1)
+                else:  # a checkpoint written before the level became the members' weighted mean
+                    level = (block.mean(0) * self.weights[genes]).sum(-1) + self.intercepts[genes]
                 expression[rows, genes] = level + (_standardised(block) * self.deviations[None, genes]).sum(-1)
         return expression
 
@@ -329,6 +344,8 @@ class Ensemble(Method):
         state = {"weights": torch.from_numpy(self.weights), "intercepts": torch.from_numpy(self.intercepts)}
         if self.deviations is not None:
             state["deviations"] = torch.from_numpy(self.deviations)
+        if self.level_shares is not None:
+            state["level_shares"] = torch.from_numpy(self.level_shares)
         for label, member in self.fitted.items():
             state |= {f"{label}.{k}": v for k, v in member.state().items()}
             if member.bank is not None:
@@ -341,6 +358,7 @@ class Ensemble(Method):
     def load_state(self, state: dict[str, torch.Tensor], layout: dict[str, Any]) -> None:
         self.weights, self.intercepts = state["weights"].numpy(), state["intercepts"].numpy()
         self.deviations = state["deviations"].numpy() if "deviations" in state else None
+        self.level_shares = state["level_shares"].numpy() if "level_shares" in state else None
         self.fitted = {}
         for label, saved in layout["members"].items():
             method = self._create(label)

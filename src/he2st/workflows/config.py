@@ -148,8 +148,7 @@ class FitConfig(WorkConfig):
     n_top: int = Field(50, gt=0, description="size of the HEG/HVG sets")
     seed: int = Field(0, description="seed of every method (unless its method_options set one) and of the validation split")
     reliability: bool | None = Field(
-        None, description="measure per-gene predictability, intervals and OOD flags on inner patient folds "
-        "(None: with >= 3 training patients or samples)")
+        None, description="estimate per-gene predictability, intervals, OOD flags on inner folds (None: >= 3 patients/samples)")
 
     def wants_reliability(self, patients: dict[str, str]) -> bool:
         """Whether fits estimate their reliability: as set, else with at least 3 patients or samples."""

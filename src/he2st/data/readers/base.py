@@ -34,11 +34,11 @@ class SourceOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reader: str
-    sample_id: str
+    reader: str = Field(description="which reader reads the files (he2st prepare --help lists them)")
+    sample_id: str = Field(description="the sample's id (a file name in the work folder)")
     patient_id: str | None = Field(None, description="default: the sample is its own patient")
-    path: Path
-    image: Path | None = None
+    path: Path = Field(description="the reader's main input: a folder or a counts file")
+    image: Path | None = Field(None, description="H&E image (default: what the reader finds beside path)")
     pixel_size_um: float | None = Field(
         None, gt=0, description="µm/px of the image; overrides what the reader derives from its files")
 
@@ -72,7 +72,7 @@ def register_reader(name: str) -> Callable[[type[OptionsT]], type[OptionsT]]:
         if name in _READERS:
             raise ValueError(f"reader {name!r} is registered twice")
         tagged = create_model(cls.__name__, __base__=cls, __module__=cls.__module__, __doc__=cls.__doc__,
-                              reader=(Literal[name], name))
+                              reader=(Literal[name], Field(name, description=f"the {name} reader")))
         tagged.__qualname__ = cls.__qualname__
         _READERS[name] = tagged
         return tagged
