@@ -142,3 +142,46 @@ def test_metrics_on_known_values():
     assert out["interval_width90"] == pytest.approx(1.0)
     assert out["ood_fraction"] == 0.0
     assert predictability_spearman(np.arange(5.0), np.array([0.1, 0.2, np.nan, 0.4, 0.5])) == pytest.approx(1.0)
+
+
+def test_train_predict_and_report_carry_the_reliability(tmp_path):
+    """`he2st train` on three patients calibrates the model by default; its card says how predictable each gene
+    is; a slide predicted with it has intervals, per-gene expected r and OOD flags; the report leads with them."""
+    import sys
+
+    import anndata as ad
+    import torch
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from synthetic import embedded_sections
+
+    from he2st.encoders import create
+    from he2st.methods import read_card
+    from he2st.report.html import build_report
+    from he2st.workflows.config import TrainRunConfig
+    from he2st.workflows.predict_slide import predict_slide
+    from he2st.workflows.train import train_model
+
+    genes = [f"G{i}" for i in range(8)]
+    work, embed = embedded_sections(tmp_path, {"S1": "P0", "S2": "P1", "S3": "P2"}, genes)
+    model = tmp_path / "knn.pt"
+    method, _, _ = train_model(TrainRunConfig(work_dir=work, method="knn", out=model, embed=embed,
+                                              genes={"n_genes": 8, "min_spot_fraction": 0.0},
+                                              n_top=4, method_options={"knn": {"top_k": 5}}))
+    card = read_card(model)
+    assert card.reliability["units"] == "patients" and len(card.reliability["held_out"]) == 3
+    assert "mean expected r" in dict(card.describe())["reliability"]
+    torch.manual_seed(0)
+    encoder = create("test_vit", pretrained=False)
+    encoder.backbone.load_state_dict(torch.load(embed.weights))
+    sample = work / "samples" / "S1.h5ad"
+    out = predict_slide(model, None, tmp_path / "pred", spots_from=sample, encoder=encoder, coverage=0.8)
+    pred = ad.read_h5ad(out)
+    assert {"lower", "upper"} <= set(pred.layers) and {"ood_score", "in_distribution"} <= set(pred.obs)
+    assert (pred.layers["lower"] <= pred.X).all() and (pred.X <= pred.layers["upper"]).all()
+    np.testing.assert_allclose(pred.var["expected_r"], method.reliability.gene_columns(list(pred.var_names))["expected_r"])
+    assert pred.uns["he2st"]["coverage"] == 0.8
+    page = build_report(out, tmp_path / "report.html").read_text()
+    assert "How far to trust it" in page and "80% conformal interval" in page
+    best = pred.var["expected_r"].sort_values(ascending=False).index[0]
+    assert best in page.split("Predicted expression")[0]

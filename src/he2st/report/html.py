@@ -108,6 +108,29 @@ def _summary(adata: ad.AnnData, card: ModelCard | None) -> str:
     return _table(["", "value"], rows)
 
 
+def _reliability(adata: ad.AnnData, genes: list[str]) -> str:
+    """What the model measured of itself on held-out training patients: the genes shown and the most
+    predictable, the intervals' level and width, and the spots flagged out of distribution."""
+    var = adata.var
+    order = var["expected_r"].sort_values(ascending=False, na_position="last").index[:10]
+    rows = [[g, f"{var.at[g, 'expected_r']:.2f}", f"{var.at[g, 'expected_r_low']:.2f}",
+             "shown below" if g in genes else ""] for g in order]
+    lines = [_note("Expected per-gene Pearson on a patient the model has not seen, and a one-sided 90% lower bound, "
+                   "measured on held-out training patients. Read maps of genes with a low bound as noise.")]
+    lines.append(_table(["gene", "expected r", "lower bound", ""], rows))
+    reliable = int((var["expected_r_low"] > 0.1).sum())
+    facts = [f"{reliable} of {adata.n_vars} genes have a lower bound above 0.1."]
+    meta = dict(adata.uns.get("he2st", {}))
+    if "lower" in adata.layers and "upper" in adata.layers:
+        width = float(np.nanmean(np.asarray(adata.layers["upper"]) - np.asarray(adata.layers["lower"])))
+        facts.append(f"Each spot and gene has a {float(meta.get('coverage', 0.9)):.0%} conformal interval "
+                     f"(layers lower/upper; mean width {width:.2f} on the target scale).")
+    if "in_distribution" in adata.obs:
+        flagged = 1.0 - float(np.nanmean(adata.obs["in_distribution"].to_numpy(dtype=np.float64)))
+        facts.append(f"{flagged:.0%} of the spots are out of distribution (unlike every training patient's images).")
+    return "".join(lines) + _note(" ".join(facts))
+
+
 def _checksum(source: Any) -> str:
     """sha256 of a file given by path; objects passed in memory have no file to vouch for."""
     return sha256_file(source) if isinstance(source, str | Path) else "not computed (passed in memory, not a file)"
@@ -262,6 +285,8 @@ def build_report(
         parts += ["<h2>What the numbers mean</h2>", _glossary(adata)]
     if doc is not None:
         parts += ["<h2>Benchmark metrics</h2>", _metrics_table(doc)]
+    if "expected_r" in adata.var:
+        parts += ["<h2>How far to trust it</h2>", _reliability(adata, genes)]
     parts += ["<h2>Predicted expression</h2>",
               _note("Spots drawn at their true size over the H&amp;E; colour scale 1st-99th percentile per gene, "
                     f"in {_e(plots.scale_label(adata))} (the model's target scale)."),
@@ -273,8 +298,9 @@ def build_report(
         parts += ["<h2>Training curves</h2>", _img(plots.training_curves(found), "curves")]
     unc = plots.uncertainty_map(adata)
     if unc is not None:
-        parts += ["<h2>Uncertainty</h2>", _note("Low similarity to every reference spot or widely spread retrieved "
-                                                "profiles mark spots where the prediction deserves less trust."),
+        parts += ["<h2>Uncertainty</h2>", _note("An out-of-distribution score above 1, low similarity to every "
+                                                "reference spot or widely spread retrieved profiles mark spots where "
+                                                "the prediction deserves less trust."),
                   _img(unc, "uncertainty")]
     parts += ["<h2>Provenance</h2>", _provenance(prediction, sample, card)]
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'

@@ -29,7 +29,7 @@ from he2st.errors import He2stError
 from he2st.evaluate.metrics import pearson_per_gene
 from he2st.io import atomic_path, sha256_file
 
-UNCERTAINTY_KEYS = ("best_similarity", "dispersion")
+UNCERTAINTY_KEYS = ("ood_score", "best_similarity", "dispersion")
 #: target transform -> (colour-bar label, what it means)
 SCALES = {"log1p_cp10k": ("log1p CP10k", "ln(1 + counts per 10,000 counts of the spot)"),
           "log1p": ("log1p counts", "ln(1 + raw counts)")}
@@ -106,9 +106,16 @@ def informative_genes(values: np.ndarray, names: list[str], n: int, also: np.nda
 
 
 def default_genes(adata: ad.AnnData, n: int = 6) -> list[str]:
-    """The ``n`` genes whose predictions vary most across spots where they are expressed (informative maps)."""
-    x = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
-    return informative_genes(np.asarray(x, dtype=np.float64), [str(g) for g in adata.var_names], n)
+    """The ``n`` genes to show first: the most predictable on a new patient when the model measured it
+    (``var["expected_r"]``), among genes expressed in enough spots; else those whose predictions vary most
+    across spots where they are expressed (informative maps)."""
+    x = np.asarray(adata.X.toarray() if sp.issparse(adata.X) else adata.X, dtype=np.float64)
+    names = [str(g) for g in adata.var_names]
+    if "expected_r" in adata.var:
+        expected = np.nan_to_num(adata.var["expected_r"].to_numpy(dtype=np.float64), nan=-np.inf)
+        expressed = (x > EXPRESSED).mean(axis=0) >= MIN_EXPRESSED_FRACTION
+        return [names[i] for i in np.lexsort((-expected, ~expressed))[:n]]
+    return informative_genes(x, names, n)
 
 
 def _column(adata: ad.AnnData, gene: str) -> np.ndarray:
@@ -208,7 +215,8 @@ def uncertainty_map(prediction: str | Path | ad.AnnData) -> Figure | None:
     view = spatial_view(adata)
     fig, axes = _grid_figure(len(keys), len(keys), 4.0)
     notes = {"best_similarity": "best-match similarity\n(low = unfamiliar tissue)",
-             "dispersion": "dispersion of retrieved profiles\n(high = ambiguous)"}
+             "dispersion": "dispersion of retrieved profiles\n(high = ambiguous)",
+             "ood_score": "out-of-distribution score\n(> 1: unlike every training patient)"}
     for ax, key in zip(axes, keys, strict=True):
         draw_map(ax, view, adata.obs[key].to_numpy(dtype=np.float64), notes[key], cmap="magma")
     return fig
