@@ -41,7 +41,8 @@ def estimate_reliability(method: Method, spots: SpotSet, max_folds: int = 3, see
         distance = FeatureDistance.fit(spots.features[~test], seed=seed)
         difficulty[test] = distance.distances(spots.features[test])
         held |= test
-    expected, low, n_sections = _gene_predictability(oof[held], y[held], np.asarray(spots.sample_ids)[held])
+    expected, low, n_sections = _gene_predictability(oof[held], y[held], np.asarray(spots.sample_ids)[held],
+                                                     groups[held])
     residuals = np.abs(y[held] - oof[held]).astype(np.float32)
     rows = np.sort(np.random.default_rng(seed).permutation(len(residuals))[:MAX_SCORES])
     held_difficulty = difficulty[held]
@@ -54,23 +55,31 @@ def estimate_reliability(method: Method, spots: SpotSet, max_folds: int = 3, see
         else "patients", n_sections=n_sections)
 
 
-def _gene_predictability(pred: np.ndarray, true: np.ndarray, samples: np.ndarray
+def _gene_predictability(pred: np.ndarray, true: np.ndarray, samples: np.ndarray, groups: np.ndarray
                          ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Mean per-gene Pearson over held-out sections and a one-sided lower bound of it.
+    """Each gene's expected Pearson on a new patient and a one-sided lower bound of it.
 
-    The mean is taken on Fisher's z scale (correlations are bounded and skewed near their limits) and the
-    bound uses the t quantile over sections; with one section the bound is -1 (nothing is known of the
-    spread between sections). Sections of one patient are not independent, so on few patients the bound is
-    optimistic; it is a ranking aid, the realised r on new patients is what the benchmark checks."""
-    samples = samples.astype(str)
-    per_section = np.stack([pearson_per_gene(pred[samples == s], true[samples == s]) for s in np.unique(samples)])
+    Per-section correlations are averaged on Fisher's z scale (correlations are bounded and skewed near their
+    limits), each held-out patient (or sample, when samples are the groups) with an equal say: sections of one
+    patient are alike, and a patient cut into many sections would otherwise outvote the rest. The bound uses
+    the t quantile with Kish's effective number of sections; with one section it is -1 (nothing is known of
+    the spread between sections)."""
+    samples, groups = samples.astype(str), np.asarray(groups).astype(str)
+    sections = np.unique(samples)
+    per_section = np.stack([pearson_per_gene(pred[samples == s], true[samples == s]) for s in sections])
+    group_of = np.array([groups[samples == s][0] for s in sections])
+    weight = np.array([1.0 / (group_of == g).sum() for g in group_of])[:, None]
     z = np.arctanh(np.clip(per_section, -0.999, 0.999))
-    n = np.isfinite(z).sum(0)
-    with np.errstate(invalid="ignore"), np.errstate(divide="ignore"):
-        mean = np.nanmean(np.where(np.isfinite(z), z, np.nan), 0)
-        sd = np.nanstd(z, 0, ddof=1) if z.shape[0] > 1 else np.full(z.shape[1], np.nan)
-        t = stats.t.ppf(LOWER_BOUND_LEVEL, np.maximum(n - 1, 1))
-        low = np.where(n > 1, mean - t * sd / np.sqrt(np.maximum(n, 1)), -np.inf)
+    ok = np.isfinite(z)
+    w = np.where(ok, weight, 0.0)
+    total = w.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (w * np.where(ok, z, 0.0)).sum(0) / total
+        var = (w * np.where(ok, (z - mean) ** 2, 0.0)).sum(0) / total
+        n_eff = total**2 / (w**2).sum(0)
+        spread = np.sqrt(var * n_eff / np.maximum(n_eff - 1, 1e-12))  # unbiased sd with n_eff sections
+        t = stats.t.ppf(LOWER_BOUND_LEVEL, np.maximum(n_eff - 1, 1))
+        low = np.where(n_eff > 1.5, mean - t * spread / np.sqrt(n_eff), -np.inf)
     expected = np.tanh(np.nan_to_num(mean, nan=0.0))
     lower = np.where(np.isfinite(low), np.tanh(np.nan_to_num(low, nan=-10.0)), -1.0)
-    return expected.astype(np.float32), np.minimum(lower, expected).astype(np.float32), per_section.shape[0]
+    return expected.astype(np.float32), np.minimum(lower, expected).astype(np.float32), len(sections)
