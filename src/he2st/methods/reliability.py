@@ -7,9 +7,12 @@ of what happens on a patient the model has not seen:
 * ``expected_r``: each gene's mean Pearson on the held-out sections, ``expected_r_low`` a one-sided 90%
   lower bound of that mean (Fisher z, t quantile over the held-out sections);
 * per-spot intervals by normalised split-conformal prediction (``crepes``): the nonconformity of a held-out
-  spot is its absolute error divided by its *difficulty*, the summed distance from its image features to
-  their nearest training spots; a new spot's interval is its prediction plus/minus the score's conformal
-  quantile times its own difficulty, so intervals widen where the model has seen nothing alike;
+  spot is its absolute error divided by its *difficulty*, the local outlier factor of its image features
+  among the training spots (scikit-learn); a new spot's interval is its prediction plus/minus the score's
+  conformal quantile times its own difficulty, so intervals widen where the model has seen nothing alike.
+  The outlier factor compares a spot's distance to its neighbours with theirs to their own, so it does not
+  shrink as the reference grows: inner folds, whose references are smaller, measure it on the scale the
+  final model's reference gives new spots, where plain neighbour distances would be larger inside;
 * the same difficulty is the out-of-distribution score: spots scoring above what held-out training patients
   reach (their ``ood_level`` quantile) are flagged.
 
@@ -25,17 +28,17 @@ from typing import Any
 import numpy as np
 import torch
 from crepes import ConformalRegressor
-from crepes.extras import DifficultyEstimator
+from sklearn.neighbors import LocalOutlierFactor
 
 PROJECTION_DIMS = 32  # principal components kept of the image features (plus their residual norm)
-NEIGHBOURS = 10  # training spots whose distances make a spot's difficulty
+NEIGHBOURS = 20  # training spots whose distances make a spot's difficulty (scikit-learn's default for LOF)
 MAX_REFERENCE = 20_000  # training spots kept for the distances (a seeded subsample beyond)
 MAX_SCORES = 5_000  # held-out spots kept per gene for the conformal quantiles (a seeded subsample beyond)
 
 
 @dataclass
 class FeatureDistance:
-    """Distance from image features to their nearest training spots, in a compact projection.
+    """How far image features lie from the training spots' (local outlier factor), in a compact projection.
 
     Features are standardised, projected on their leading principal components, and the norm of what the
     projection leaves out is kept as one more coordinate -- an image unlike every training patch can sit
@@ -67,12 +70,14 @@ class FeatureDistance:
         rest = np.sqrt(np.maximum((z * z).sum(1) - (coords * coords).sum(1), 0.0))
         return np.concatenate([coords, rest[:, None]], axis=1).astype(np.float32)
 
-    def estimator(self) -> DifficultyEstimator:
-        return DifficultyEstimator().fit(X=self.reference, k=min(NEIGHBOURS, len(self.reference)), beta=0.0)
+    def estimator(self) -> LocalOutlierFactor:
+        k = max(1, min(NEIGHBOURS, len(self.reference) - 1))
+        return LocalOutlierFactor(n_neighbors=k, novelty=True).fit(self.reference)
 
-    def distances(self, features: np.ndarray, estimator: DifficultyEstimator | None = None) -> np.ndarray:
-        """Summed distance of each spot to its nearest training spots (its difficulty and OOD score)."""
-        return np.asarray((estimator or self.estimator()).apply(self.project(features)), np.float64)
+    def distances(self, features: np.ndarray, estimator: LocalOutlierFactor | None = None) -> np.ndarray:
+        """Local outlier factor of each spot among the training spots (about 1 inside them, its difficulty and
+        OOD score)."""
+        return -np.asarray((estimator or self.estimator()).score_samples(self.project(features)), np.float64)
 
 
 @dataclass
@@ -83,7 +88,7 @@ class Reliability:
     expected_r: np.ndarray  # (G,) mean held-out Pearson per gene
     expected_r_low: np.ndarray  # (G,) one-sided 90% lower bound of that mean
     residuals: np.ndarray  # (R, G) absolute errors of held-out spots
-    difficulty: np.ndarray  # (R,) those spots' difficulty (distance to their inner training spots)
+    difficulty: np.ndarray  # (R,) those spots' difficulty (outlier factor among their inner training spots)
     distance: FeatureDistance  # to all training spots, for new spots
     ood_threshold: float  # difficulty above which a spot is out of distribution
     ood_level: float  # the held-out quantile that set it
@@ -92,7 +97,7 @@ class Reliability:
     n_sections: int  # held-out sections behind expected_r
 
     def __post_init__(self) -> None:
-        self._estimator: DifficultyEstimator | None = None
+        self._estimator: LocalOutlierFactor | None = None
 
     # ------------------------------------------------------------------ applying it
     def spot_difficulty(self, features: np.ndarray) -> np.ndarray:
