@@ -18,9 +18,10 @@ from he2st.methods.calibration import estimate_reliability
 N_PATIENTS, PER_SAMPLE, GENES = 8, 120, 20
 
 
-def study(seed: int = 0) -> SpotSet:
+def study(seed: int = 0, noise_with_novelty: bool = False) -> SpotSet:
     """One sample per patient; gene g's noise grows with g, so its predictability falls with g, and each
-    patient's image features carry a small shift of their own (a batch effect)."""
+    patient's image features carry a small shift of their own (a batch effect). ``noise_with_novelty``: the
+    noise also grows with how far a spot's image lies in the tails, where training spots are sparse."""
     rng = np.random.default_rng(seed)
     n = N_PATIENTS * PER_SAMPLE
     latent = rng.normal(size=(n, 4))
@@ -28,6 +29,8 @@ def study(seed: int = 0) -> SpotSet:
     features = latent @ rng.normal(size=(4, 16)) + 0.3 * rng.normal(size=(n, 16)) + shift
     signal = latent @ rng.normal(size=(4, GENES))
     noise = rng.normal(size=(n, GENES)) * np.linspace(0.2, 4.0, GENES)
+    if noise_with_novelty:
+        noise *= 0.2 + np.linalg.norm(latent, axis=1, keepdims=True) ** 2
     return SpotSet(sample_ids=np.repeat(np.array([f"s{i}" for i in range(N_PATIENTS)], dtype=object), PER_SAMPLE),
                    barcodes=np.arange(n).astype(str).astype(object), features=features.astype(np.float32),
                    coords_um=rng.uniform(0, 2000, size=(n, 2)), genes=[f"G{i}" for i in range(GENES)],
@@ -68,7 +71,7 @@ def test_intervals_cover_new_patients_and_predictability_ranks_genes(split, name
     assert pred.uncertainty["in_distribution"].mean() > 0.9  # patients like the training ones
 
 
-def test_unlike_images_are_flagged_and_intervals_widen(split):
+def test_unlike_images_are_flagged(split):
     train, test = split
     method = fitted("ridge_cv", train)
     usual = method.predict(test)
@@ -76,7 +79,23 @@ def test_unlike_images_are_flagged_and_intervals_widen(split):
     odd = method.predict(strange)
     assert odd.uncertainty["in_distribution"].mean() < 0.05
     assert (odd.uncertainty["ood_score"] > usual.uncertainty["ood_score"].max()).mean() > 0.95
-    assert np.mean(odd.layers["upper"] - odd.layers["lower"]) > 2 * np.mean(usual.layers["upper"] - usual.layers["lower"])
+
+
+@pytest.mark.parametrize("novelty", [False, True])
+def test_intervals_scale_with_difficulty_only_where_the_training_patients_show_it_pays(novelty):
+    """Uniform noise: constant-width intervals (scaling would only move width about). Noise that grows where
+    images are unusual: intervals scaled by difficulty, wider there, and still covering."""
+    spots = study(seed=1, noise_with_novelty=novelty)
+    test = np.isin(spots.sample_ids.astype(str), ["s6", "s7"])
+    method = fitted("ridge_cv", spots.subset(~test))
+    assert method.reliability.normalised is novelty
+    held = spots.subset(test)
+    pred = method.predict(held)
+    width = (pred.layers["upper"] - pred.layers["lower"]).mean(1)
+    inside = (held.targets >= pred.layers["lower"]) & (held.targets <= pred.layers["upper"])
+    assert 0.82 <= inside.mean() <= 0.97
+    hard = pred.uncertainty["ood_score"] > np.median(pred.uncertainty["ood_score"])
+    assert bool(width[hard].mean() > 1.1 * width[~hard].mean()) is novelty
 
 
 def test_coverage_level_is_honoured(split):

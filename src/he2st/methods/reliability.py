@@ -92,6 +92,7 @@ class Reliability:
     distance: FeatureDistance  # to all training spots, for new spots
     ood_threshold: float  # difficulty above which a spot is out of distribution
     ood_level: float  # the held-out quantile that set it
+    normalised: bool  # intervals scale with each spot's difficulty (chosen on the inner folds), else constant
     held_out: list[list[str]]  # the groups (patients, else samples) each inner fold held out
     units: str  # "patients" or "samples"
     n_sections: int  # held-out sections behind expected_r
@@ -106,9 +107,10 @@ class Reliability:
         return self.distance.distances(features, self._estimator)
 
     def intervals(self, expression: np.ndarray, difficulty: np.ndarray, coverage: float,
-                  normalised: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Lower and upper bounds (N, G) at ``coverage``; ``normalised=False`` gives the constant-width
-        conformal intervals of the same scores (the baseline the benchmark reports beside them)."""
+                  normalised: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper bounds (N, G) at ``coverage``, scaled by difficulty as the inner folds chose
+        (``normalised`` forces one kind: the benchmark reports constant width beside the chosen kind)."""
+        normalised = self.normalised if normalised is None else normalised
         lower = np.empty(expression.shape, np.float32)
         upper = np.empty(expression.shape, np.float32)
         calib = np.maximum(self.difficulty, 1e-12) if normalised else np.ones(len(self.difficulty))
@@ -151,14 +153,14 @@ class Reliability:
 
     def layout(self) -> dict[str, Any]:
         return {"genes": self.genes, "ood_threshold": self.ood_threshold, "ood_level": self.ood_level,
-                "held_out": self.held_out, "units": self.units, "n_sections": self.n_sections}
+                "normalised": self.normalised, "held_out": self.held_out, "units": self.units, "n_sections": self.n_sections}
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], layout: dict[str, Any]) -> Reliability:
         a = {k: v.numpy() for k, v in state.items()}
         distance = FeatureDistance(a["mean"], a["scale"], a["components"], a["reference"])
         return cls(list(layout["genes"]), a["expected_r"], a["expected_r_low"], a["residuals"], a["difficulty"],
-                   distance, float(layout["ood_threshold"]), float(layout["ood_level"]),
+                   distance, float(layout["ood_threshold"]), float(layout["ood_level"]), bool(layout["normalised"]),
                    [list(g) for g in layout["held_out"]], str(layout["units"]), int(layout["n_sections"]))
 
     def summary(self) -> dict[str, Any]:
@@ -169,4 +171,5 @@ class Reliability:
                 "sections": self.n_sections, "mean_expected_r": round(float(np.nanmean(self.expected_r)), 4),
                 "genes_expected_r_above_0.3": int((self.expected_r > 0.3).sum()),
                 "genes_lower_bound_above_0.1": int((self.expected_r_low > 0.1).sum()),
-                "most_predictable": top, "ood_level": self.ood_level}
+                "most_predictable": top, "ood_level": self.ood_level,
+                "intervals": "scaled by difficulty" if self.normalised else "constant width"}
