@@ -18,7 +18,7 @@ from he2st.evaluate.beyond_panel import build_transcriptome, celltype_scores, tr
 from he2st.evaluate.scoring import FoldResult, average_results, summarise_extra
 from he2st.evaluate.tables import extra_markdown
 from he2st.methods import list_methods, method_class
-from he2st.methods.neighbourhood import neighbour_context
+from he2st.methods.layers.neighbourhood import neighbour_context
 from he2st.workflows.benchmark import ablation_variants
 
 

@@ -16,7 +16,7 @@ from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.io import sha256_file
 from he2st.methods import create_method
-from he2st.methods.deconvolution import tangram_proportions
+from he2st.methods.layers.deconvolution import tangram_proportions
 from he2st.stats import pearson_per_gene
 
 TYPES = ["B-cells", "CAFs", "Epithelial", "T-cells"]

@@ -17,8 +17,8 @@ from torch import nn
 from he2st.data.genes import GenePanel
 from he2st.errors import He2stError
 from he2st.methods import create_method, load_method
-from he2st.methods.masking import random_mask
-from he2st.methods.neighbourhood import knn_hypergraph
+from he2st.methods.layers.masking import random_mask
+from he2st.methods.layers.neighbourhood import knn_hypergraph
 from he2st.methods.training import TrainConfig, fit_minibatches, learning_rate
 
 # small widths and few epochs; the training options keep the presets' schedules (a `train` option

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from he2st.errors import He2stError
-from he2st.methods.losses import (
+from he2st.methods.layers.losses import (
     ContrastiveLoss,
     EmbeddingQueue,
     NegativeBank,
@@ -20,8 +20,8 @@ from he2st.methods.losses import (
     info_nce,
     reference_contrastive_loss,
 )
-from he2st.methods.nn import BidirectionalFusion, CrossAttentionBlock, MLPEncoder, ProjectionHead
-from he2st.methods.bank import ReferenceBank
+from he2st.methods.layers.nn import BidirectionalFusion, CrossAttentionBlock, MLPEncoder, ProjectionHead
+from he2st.methods.layers.bank import ReferenceBank
 
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
 
@@ -248,7 +248,7 @@ def test_search_is_chunked_without_changing_results(monkeypatch: pytest.MonkeyPa
     bank = _bank()
     queries = np.random.default_rng(2).normal(size=(30, 16))
     full = bank.search(queries, 5, backend="exact")
-    monkeypatch.setattr("he2st.methods.bank.MAX_BLOCK_ELEMENTS", 3 * len(bank))
+    monkeypatch.setattr("he2st.methods.layers.bank.MAX_BLOCK_ELEMENTS", 3 * len(bank))
     chunked = bank.search(queries, 5, backend="exact")
     np.testing.assert_array_equal(full[1], chunked[1])
     np.testing.assert_allclose(full[0], chunked[0], atol=1e-6)  # BLAS blocking may change the last bit
@@ -265,8 +265,8 @@ def test_faiss_and_exact_backends_agree() -> None:
 
 
 def test_without_faiss_auto_falls_back_and_faiss_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("he2st.methods.bank._faiss", lambda: None)
-    monkeypatch.setattr("he2st.methods.bank.FAISS_AUTO_MIN_ROWS", 10)
+    monkeypatch.setattr("he2st.methods.layers.bank._faiss", lambda: None)
+    monkeypatch.setattr("he2st.methods.layers.bank.FAISS_AUTO_MIN_ROWS", 10)
     bank = _bank()
     queries = np.random.default_rng(7).normal(size=(3, 16))
     np.testing.assert_array_equal(bank.search(queries, 4)[1], bank.search(queries, 4, backend="exact")[1])
@@ -381,7 +381,7 @@ def test_negative_bank_cost_does_not_grow_with_the_number_of_spots() -> None:
         idx = torch.arange(32)
         captured = {}
 
-        import he2st.methods.losses as losses
+        import he2st.methods.layers.losses as losses
 
         def spy(a, b, a_all, b_all, targets, temperature, captured=captured, real=losses.unit_reference_loss):
             captured["columns"] = a_all.shape[0]

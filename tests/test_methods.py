@@ -235,7 +235,7 @@ def with_field(spots: SpotSet, seed: int = 1) -> SpotSet:
 
 
 def test_neighbour_context_is_the_mean_of_the_nearest_spots_of_the_same_sample():
-    from he2st.methods.context import neighbour_mean
+    from he2st.methods.layers.context import neighbour_mean
 
     spots = linear_spots(60)
     mean = neighbour_mean(spots.features, spots.coords_um, spots.sample_ids, 3)

@@ -183,7 +183,7 @@ def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path
     small chunks as in one: chunks are extended by a halo of neighbours -- two hops deep when its
     features also carry the mean of each spot's own neighbours (``context_neighbours``)."""
     from he2st.methods import Method, Prediction
-    from he2st.methods.neighbourhood import spatial_neighbours
+    from he2st.methods.layers.neighbourhood import spatial_neighbours
 
     class Smooth(Method):
         name = "smooth_test"

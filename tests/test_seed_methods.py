@@ -12,19 +12,19 @@ from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods import list_methods, load_method, method_class
-from he2st.methods.carhe import CarHE
-from he2st.methods.cmrc import CMRCNet
-from he2st.methods.features import FeatureScaler
-from he2st.methods.losses import multi_positive_nce
-from he2st.methods.masking import apply_mask, feature_chunks, random_mask
-from he2st.methods.neighbourhood import (
+from he2st.methods.models.carhe import CarHE
+from he2st.methods.models.cmrc import CMRCNet
+from he2st.methods.layers.features import FeatureScaler
+from he2st.methods.layers.losses import multi_positive_nce
+from he2st.methods.layers.masking import apply_mask, feature_chunks, random_mask
+from he2st.methods.layers.neighbourhood import (
     NeighbourhoodAttention,
     NeighbourhoodHypergraph,
     knn_hypergraph,
     spatial_neighbours,
 )
-from he2st.methods.nh2st import NH2ST
-from he2st.methods.nn import BidirectionalFusion, ExpressionTokenizer
+from he2st.methods.models.nh2st import NH2ST
+from he2st.methods.layers.nn import BidirectionalFusion, ExpressionTokenizer
 
 SEED_METHODS = {cls.name: cls for cls in (CMRCNet, NH2ST, CarHE)}
 EPOCHS = {"epochs": 6, "batch_size": 48, "patience": 3}

@@ -35,7 +35,7 @@ from he2st.errors import He2stError
 from he2st.evaluate.tables import extra_markdown
 from he2st.evaluate.tls import TlsModel, gene_symbols, tls_agreement, tls_score
 from he2st.methods import Method
-from he2st.methods.bank import ReferenceBank
+from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.retrieval import RetrievalMethod
 
 __all__ = ["PROBE", "TlsFold", "TlsReport", "build_tls_fold", "method_tls_scores"]

@@ -24,11 +24,11 @@ from he2st.data.spots import SpotSet
 from he2st.data.splits import validation_mask
 from he2st.errors import He2stError, one_line
 from he2st.io import atomic_path
-from he2st.methods.bank import ReferenceBank
+from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.card import ModelCard
 from he2st.methods.checkpoint import CHECKPOINT_FORMAT
 from he2st.methods.configs.common import MethodConfig
-from he2st.methods.context import context_width, with_context
+from he2st.methods.layers.context import context_width, with_context
 from he2st.methods.reliability import Reliability
 
 

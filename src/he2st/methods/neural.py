@@ -20,7 +20,7 @@ from torch import nn
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import Method, MethodConfig, TrainLog
-from he2st.methods.features import FeatureScaler
+from he2st.methods.layers.features import FeatureScaler
 from he2st.stats import pearson_per_gene
 
 

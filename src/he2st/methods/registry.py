@@ -38,40 +38,40 @@ class MethodEntry:
 _C = "he2st.methods.configs"
 METHODS: dict[str, MethodEntry] = {
     "bleep": MethodEntry(
-        "he2st.methods.bleep", f"{_C}.bleep:BLEEPConfig",
+        "he2st.methods.models.bleep", f"{_C}.bleep:BLEEPConfig",
         "BLEEP, improved: normalised embeddings, learned temperature, whole-set negatives, 5 heads, neighbour context."),
     "bleep_faithful": MethodEntry(
-        "he2st.methods.bleep", f"{_C}.bleep:BLEEPFaithfulConfig",
+        "he2st.methods.models.bleep", f"{_C}.bleep:BLEEPFaithfulConfig",
         "BLEEP as published: soft-target CLIP loss at τ=1, projection heads, top-50 average."),
     "carhe": MethodEntry(
-        "he2st.methods.carhe", f"{_C}.carhe:CarHEConfig",
+        "he2st.methods.models.carhe", f"{_C}.carhe:CarHEConfig",
         "CarHE: image-expression-proportion alignment, histology transfer, retrieval from a whole-transcriptome bank."),
     "cmrcnet": MethodEntry(
-        "he2st.methods.cmrc", f"{_C}.cmrc:CMRCNetConfig",
+        "he2st.methods.models.cmrc", f"{_C}.cmrc:CMRCNetConfig",
         "CMRCNet: BLEEP's contrastive alignment plus cross-modal masked reconstruction; retrieval at inference."),
     "cmrcnet_faithful": MethodEntry(
-        "he2st.methods.cmrc", f"{_C}.cmrc:CMRCNetFaithfulConfig",
+        "he2st.methods.models.cmrc", f"{_C}.cmrc:CMRCNetFaithfulConfig",
         "CMRCNet as published: BLEEP's loss at τ=1, CMRCNet's one-way shared fusion, AdamW 1e-4 cosine, batch 64."),
     "ensemble": MethodEntry(
-        "he2st.methods.ensemble", f"{_C}.ensemble:EnsembleConfig",
+        "he2st.methods.models.ensemble", f"{_C}.ensemble:EnsembleConfig",
         "he2st's default: knn, bleep, ridge_cv and carhe, weighted by nested cross-validation over training patients."),
     "knn": MethodEntry(
-        "he2st.methods.baselines", f"{_C}.baselines:KNNConfig",
+        "he2st.methods.models.baselines", f"{_C}.baselines:KNNConfig",
         "Image-to-image retrieval: the expression of the training spots that look most alike."),
     "mlp": MethodEntry(
-        "he2st.methods.baselines", f"{_C}.baselines:MLPConfig",
+        "he2st.methods.models.baselines", f"{_C}.baselines:MLPConfig",
         "ST-Net-style regression: an MLP from frozen image features to every panel gene; the mean of several seeds."),
     "nh2st": MethodEntry(
-        "he2st.methods.nh2st", f"{_C}.nh2st:NH2STConfig",
+        "he2st.methods.models.nh2st", f"{_C}.nh2st:NH2STConfig",
         "NH2ST: neighbourhood hypergraphs, cross-attention, InfoNCE and a regression head that reads images only."),
     "nh2st_faithful": MethodEntry(
-        "he2st.methods.nh2st", f"{_C}.nh2st:NH2STFaithfulConfig",
+        "he2st.methods.models.nh2st", f"{_C}.nh2st:NH2STFaithfulConfig",
         "NH2ST as published, on frozen features: its layers, image-built hyperedges, one-way InfoNCE, Adam + StepLR."),
     "ridge": MethodEntry(
-        "he2st.methods.baselines", f"{_C}.baselines:RidgeConfig",
+        "he2st.methods.models.baselines", f"{_C}.baselines:RidgeConfig",
         "HEST-Benchmark's linear probe: StandardScaler, PCA to 256 components, Ridge."),
     "ridge_cv": MethodEntry(
-        "he2st.methods.baselines", f"{_C}.baselines:RidgeCVConfig",
+        "he2st.methods.models.baselines", f"{_C}.baselines:RidgeCVConfig",
         "The ridge probe with alpha chosen by inner cross-validation on training samples, and an intercept."),
 }
 
@@ -135,7 +135,7 @@ def load_method(path: str | Path) -> Method:
     """Load any method's checkpoint safely (tensors and JSON only; pickled objects are refused)."""
     import torch
 
-    from he2st.methods.bank import ReferenceBank
+    from he2st.methods.layers.bank import ReferenceBank
     from he2st.methods.base import Method
     from he2st.methods.card import ModelCard
     from he2st.methods.checkpoint import CHECKPOINT_FORMAT

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from he2st.data.spots import SpotSet
-from he2st.methods.bank import ReferenceBank
+from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.base import Prediction
 from he2st.methods.configs.common import RetrievalConfig
-from he2st.methods.features import standardize_columns
-from he2st.methods.losses import NegativeBank
-from he2st.methods.neighbourhood import neighbour_context
+from he2st.methods.layers.features import standardize_columns
+from he2st.methods.layers.losses import NegativeBank
+from he2st.methods.layers.neighbourhood import neighbour_context
 from he2st.methods.neural import NeuralMethod
 
 

@@ -16,10 +16,10 @@ from torch import nn
 
 from he2st.data.splits import held_out_groups
 from he2st.data.spots import SpotSet
-from he2st.methods.bank import ReferenceBank
+from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.base import Method, Prediction, TrainLog
 from he2st.methods.configs.baselines import KNNConfig, MLPConfig, RidgeConfig, RidgeCVConfig
-from he2st.methods.features import FeatureScaler, clean_proportions
+from he2st.methods.layers.features import FeatureScaler, clean_proportions
 from he2st.methods.neural import NeuralMethod
 from he2st.methods.registry import register_method
 from he2st.methods.training import TrainConfig, fit_minibatches

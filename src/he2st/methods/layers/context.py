@@ -17,7 +17,7 @@ import numpy as np
 
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
-from he2st.methods.neighbourhood import neighbour_sum
+from he2st.methods.layers.neighbourhood import neighbour_sum
 
 
 def neighbour_mean(features: np.ndarray, coords_um: np.ndarray, sample_ids: np.ndarray, k: int) -> np.ndarray:

@@ -21,10 +21,10 @@ from torch import nn
 from he2st.data.spots import SpotSet
 from he2st.methods.base import Prediction, TrainLog
 from he2st.methods.configs.nh2st import NH2STConfig, NH2STFaithfulConfig
-from he2st.methods.losses import info_nce
-from he2st.methods.neighbourhood import knn_hypergraph, masked_mean, neighbourhood_layer, spatial_neighbours
+from he2st.methods.layers.losses import info_nce
+from he2st.methods.layers.neighbourhood import knn_hypergraph, masked_mean, neighbourhood_layer, spatial_neighbours
 from he2st.methods.neural import NeuralMethod
-from he2st.methods.nn import BidirectionalFusion, ProjectionHead, SharedFusion
+from he2st.methods.layers.nn import BidirectionalFusion, ProjectionHead, SharedFusion
 from he2st.methods.registry import register_method
 from he2st.methods.training import fit_minibatches
 

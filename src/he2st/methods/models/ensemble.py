@@ -23,7 +23,7 @@ from sklearn.linear_model import LinearRegression
 from he2st.data.splits import held_out_groups, validation_mask
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
-from he2st.methods.bank import ReferenceBank
+from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.base import Method, Prediction, TrainLog
 from he2st.methods.configs.ensemble import EnsembleConfig
 from he2st.methods.neural import strip_prefix

@@ -18,7 +18,7 @@ from scipy.spatial import cKDTree
 from torch import nn
 
 from he2st.errors import He2stError
-from he2st.methods.nn import CrossAttentionBlock
+from he2st.methods.layers.nn import CrossAttentionBlock
 
 
 def spatial_neighbours(
@@ -113,7 +113,7 @@ def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 class NeighbourhoodAttention(nn.Module):
     """Self-attention over a spot and its neighbours: ``(B, n, dim)`` nodes -> ``(B, n, dim)``.
 
-    Pre-norm transformer blocks (:class:`~he2st.methods.nn.CrossAttentionBlock` with the node set
+    Pre-norm transformer blocks (:class:`~he2st.methods.layers.nn.CrossAttentionBlock` with the node set
     as both queries and context); padded neighbours (``valid`` False) receive no attention and come
     out as zeros. Node 0 is expected to be the spot itself, which is always valid.
     """

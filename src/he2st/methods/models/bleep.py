@@ -21,8 +21,8 @@ from he2st.data.spots import SpotSet
 from he2st.methods.base import TrainLog
 from he2st.methods.configs.bleep import BLEEPConfig, BLEEPFaithfulConfig
 from he2st.methods.finetune import patch_batch, trainable_encoder
-from he2st.methods.losses import ContrastiveLoss, EmbeddingQueue, bleep_soft_clip_loss
-from he2st.methods.nn import ProjectionHead, expression_tower
+from he2st.methods.layers.losses import ContrastiveLoss, EmbeddingQueue, bleep_soft_clip_loss
+from he2st.methods.layers.nn import ProjectionHead, expression_tower
 from he2st.methods.registry import register_method
 from he2st.methods.retrieval import RetrievalMethod
 from he2st.methods.training import fit_minibatches

@@ -27,13 +27,13 @@ from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import Prediction, TrainLog
 from he2st.methods.configs.carhe import CarHEConfig
-from he2st.methods.deconvolution import tangram_proportions
+from he2st.methods.layers.deconvolution import tangram_proportions
 from he2st.methods.distributed import gather
-from he2st.methods.features import clean_proportions
-from he2st.methods.losses import AlignmentLoss, multi_positive_nce
-from he2st.methods.masking import feature_augment
-from he2st.methods.neighbourhood import sample_neighbour, spatial_neighbours
-from he2st.methods.nn import MLPEncoder, expression_tower
+from he2st.methods.layers.features import clean_proportions
+from he2st.methods.layers.losses import AlignmentLoss, multi_positive_nce
+from he2st.methods.layers.masking import feature_augment
+from he2st.methods.layers.neighbourhood import sample_neighbour, spatial_neighbours
+from he2st.methods.layers.nn import MLPEncoder, expression_tower
 from he2st.methods.registry import register_method
 from he2st.methods.retrieval import RetrievalMethod
 from he2st.methods.training import fit_minibatches

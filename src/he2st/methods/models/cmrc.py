@@ -24,11 +24,11 @@ from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import TrainLog
 from he2st.methods.configs.cmrc import CMRCNetConfig, CMRCNetFaithfulConfig
-from he2st.methods.features import FeatureScaler
+from he2st.methods.layers.features import FeatureScaler
 from he2st.methods.finetune import patch_batch, trainable_encoder
-from he2st.methods.losses import AlignmentLoss, NegativeBank
-from he2st.methods.masking import apply_mask, feature_chunks, random_mask
-from he2st.methods.nn import (
+from he2st.methods.layers.losses import AlignmentLoss, NegativeBank
+from he2st.methods.layers.masking import apply_mask, feature_chunks, random_mask
+from he2st.methods.layers.nn import (
     BidirectionalFusion,
     CrossAttentionBlock,
     ExpressionTokenizer,
