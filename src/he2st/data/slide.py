@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from he2st.errors import He2stError
+from he2st.io import input_path
 
 # Largest plain (non-tiled) image we agree to decode. Pillow's default bomb guard (~89 Mpx) trips on
 # ordinary ST images (her2st JPEGs are ~92 Mpx); we raise the limit for our own reads only.
@@ -251,11 +252,7 @@ class PlainImageSlide(Slide):
 
 def open_slide(path: str | Path) -> Slide:
     """Open an image with the backend that suits its format; errors name the file."""
-    path = Path(path)
-    if not path.exists():
-        raise He2stError("image file not found", path)
-    if not path.is_file():
-        raise He2stError("image path is not a file", path)
+    path = input_path(path, "image file")
     suffix = path.suffix.lower()
     if suffix in PLAIN_SUFFIXES:
         return PlainImageSlide(path)

@@ -17,7 +17,7 @@ from he2st.data.patches import PatchSpec, patch_cache_path
 from he2st.data.sample import Sample
 from he2st.data.splits import Fold
 from he2st.errors import He2stError
-from he2st.io import inside, safe_name, write_text_atomic
+from he2st.io import inside, path_kind, safe_name, write_text_atomic
 
 
 class Workspace:
@@ -32,7 +32,7 @@ class Workspace:
 
     def load_sample(self, sample_id: str) -> Sample:
         path = self.sample_path(sample_id)
-        if not path.exists():
+        if path_kind(path) == "missing":  # a link loop, a folder, ...: Sample.load names what it is
             known = ", ".join(self.sample_ids()) or "none"
             raise He2stError(f"sample {sample_id!r} is not prepared here (prepared: {known}); run `he2st prepare`", path)
         return Sample.load(path)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
-from he2st.io import atomic_path
+from he2st.io import atomic_path, check_output
 from he2st.methods.bank import ReferenceBank
 from he2st.methods.card import ModelCard
 from he2st.methods.context import context_width, with_context
@@ -240,6 +240,8 @@ class Method(ABC):
             "state": {k: v.detach().cpu().contiguous() for k, v in self.state().items()},
         }
         path = Path(path)
+        check_output(path)  # before the bank is written or removed: both are refused unless he2st's own
+        check_output(self.bank_path(path))
         if self.bank is not None:
             self.bank.save(self.bank_path(path))
         elif self.bank_path(path).exists():

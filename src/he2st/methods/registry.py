@@ -14,6 +14,7 @@ import torch
 from pydantic import ValidationError
 
 from he2st.errors import He2stError
+from he2st.io import input_path
 from he2st.methods.bank import ReferenceBank
 from he2st.methods.base import CHECKPOINT_FORMAT, Method
 from he2st.methods.card import ModelCard
@@ -47,9 +48,7 @@ def create_method(name: str, **options: Any) -> Method:
 
 def load_method(path: str | Path) -> Method:
     """Load any method's checkpoint safely (tensors and JSON only; pickled objects are refused)."""
-    path = Path(path)
-    if not path.exists():
-        raise He2stError("checkpoint not found", path)
+    path = input_path(path, "checkpoint")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the unpickler raises many types for unsafe/corrupt files

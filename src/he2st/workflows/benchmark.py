@@ -22,11 +22,11 @@ from he2st.data.patches import warn_if_too_coarse
 from he2st.data.splits import Fold, check_fold, inner_folds
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
-from he2st.evaluate.results import write_results
+from he2st.evaluate.results import check_results_folder, write_results
 from he2st.evaluate.scoring import FoldResult, average_results, summarise, summarise_extra
 from he2st.evaluate.tables import extra_markdown, to_markdown
 from he2st.evaluate.tls_benchmark import TlsReport
-from he2st.io import atomic_path, sha256_file, write_text_atomic
+from he2st.io import atomic_path, check_output, sha256_file, write_text_atomic
 from he2st.methods import method_class
 from he2st.version import __version__
 from he2st.workflows.config import BenchmarkConfig, dump_config
@@ -76,6 +76,27 @@ def write_predictions(ws: Workspace, folder: Path, run: FoldRun, fold: str) -> N
             adata.write_h5ad(tmp)
 
 
+def missing_folds(ws: Workspace, scheme: str) -> He2stError:
+    """Why a work folder has no ``scheme`` folds, in one line that names the real cause: no samples, samples
+    of a single patient (leave-one-patient-out needs two; leave-one-sample-out is offered when there are two
+    samples), a single sample, or folds that were prepared for another scheme."""
+    ids = ws.sample_ids()
+    if not ids:
+        return He2stError(f"no prepared samples in {ws.root}: run `he2st prepare` first, or pass --dataset her2st")
+    patients = {sid: ws.load_sample(sid).patient_id for sid in ids}
+    names = ", ".join(ids)
+    if scheme == "lopo" and len(set(patients.values())) < 2:
+        offer = (" ; to hold out one sample at a time instead, run `he2st prepare --set folds.scheme=loso` and "
+                 "`he2st benchmark --folds loso`" if len(ids) >= 2 else "")
+        return He2stError(f"all prepared samples ({names}) are of one patient ({patients[ids[0]]}): "
+                          f"leave-one-patient-out folds need samples of at least 2 patients{offer}".replace(" ;", ";"),
+                          ws.root)
+    if len(ids) < 2:
+        return He2stError(f"only one prepared sample ({names}): {scheme} folds need at least 2 samples", ws.root)
+    return He2stError(f"no {scheme} folds prepared here: run `he2st prepare --set folds.scheme={scheme}` first",
+                      ws.root)
+
+
 def benchmark_folds(config: BenchmarkConfig, ws: Workspace) -> tuple[list[Fold], dict[str, str]]:
     """The prepared folds, or with ``inner_of`` the folds nested inside that one's training samples."""
     folds, patients = ws.load_folds(config.folds.scheme)
@@ -121,6 +142,11 @@ def run_benchmark(
     variants: list[tuple[str, str, dict]] = [(m, m, {}) for m in config.methods]
     if config.ablation:
         variants += ablation_variants(config.methods, config.ablation_only)
+    out_dir = ws.run_dir(config.name)
+    check_results_folder(out_dir, ("config.yaml",))  # before any work: files he2st did not write are refused
+    for label, _, _ in variants:
+        for sid in sorted({s for fold in folds for s in fold.test}):
+            check_output(out_dir / "predictions" / label / f"{sid}.h5ad")
     results, audits, runs = [], {}, {}
     failures: dict[str, str] = {}
     tls = tls_report(config)
@@ -162,7 +188,6 @@ def run_benchmark(
                 log(f"{fold.name:<12} {label:<24} all {scores['all']['pearson_mean']:.3f}  "
                     f"heg{config.n_top} {scores[f'heg{config.n_top}']['pearson_mean']:.3f}  "
                     f"hvg{config.n_top} {scores[f'hvg{config.n_top}']['pearson_mean']:.3f}  ({run.seconds:.1f} s)")
-    out_dir = ws.run_dir(config.name)
     prov = provenance(config, ws, command)
     prov["audit"] = {f"{m}/{f}": a.__dict__ for (m, f), a in audits.items()}
     prov["failures"] = failures

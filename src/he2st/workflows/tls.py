@@ -26,7 +26,7 @@ from he2st.evaluate.tls import (
     tls_regions,
     tls_score,
 )
-from he2st.io import atomic_path
+from he2st.io import atomic_path, check_output, read_h5ad_checked
 
 
 @dataclass
@@ -64,8 +64,11 @@ def detect_tls(path: Path, out: Path, model: str | Path = "her2st", threshold: f
     as ``<out>/<name>.tls.h5ad``; with ``sample`` also compare with its measured TLS score."""
     if not 0 < quantile < 1:
         raise He2stError(f"quantile must lie between 0 and 1, got {quantile}")
+    adata = read_h5ad_checked(path, "input")
+    target = out / f"{path.stem}.tls.h5ad"
+    check_output(target)  # before any work; the map (.tls.png) beside it too
+    check_output(target.with_suffix(".png"))
     tls = read_model(model)
-    adata = ad.read_h5ad(path)
     scored = section_score(adata, tls, path)
     if threshold is not None:
         source = "given"
@@ -96,7 +99,6 @@ def detect_tls(path: Path, out: Path, model: str | Path = "her2st", threshold: f
         truth = section_score(measured.adata[shared], tls, sample).score
         agreement = tls_agreement(scored.score[adata.obs_names.get_indexer(shared)], truth)
         adata.uns["he2st_tls"] |= {f"measured_{k}": v for k, v in agreement.items()}
-    target = out / f"{path.stem}.tls.h5ad"
     with atomic_path(target, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
     return TlsResult(adata, target, source, agreement)
