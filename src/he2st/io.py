@@ -291,11 +291,15 @@ def atomic_path(target: str | Path, suffix: str | None = None, overwrite: bool |
     """
     target = check_output(target, overwrite=overwrite)
     make_folder(target.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".part", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".part", dir=target.parent)
+    except OSError as exc:
+        raise He2stError(f"cannot be written ({_reason(exc) or exc.strerror or exc})", target) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with writing(target):
+            yield tmp_path
         if tmp_path.exists():
             os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp creates 0600; results are for sharing
         check_output(target, overwrite=overwrite)  # again: another process may have put something there
@@ -307,16 +311,49 @@ def atomic_path(target: str | Path, suffix: str | None = None, overwrite: bool |
 
 
 @contextlib.contextmanager
+def writing(target: str | Path) -> Iterator[None]:
+    """Within this block, a write that fails for want of space or permission becomes one line naming
+    ``target`` (instead of a library's message that names no file)."""
+    try:
+        yield
+    except OSError as exc:
+        if _reason(exc) is None:
+            raise
+        raise He2stError(f"cannot be written ({_reason(exc) or exc.strerror or exc})", target) from exc
+
+
+_ENVIRONMENT = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
+
+
+def _reason(exc: OSError) -> str | None:
+    """The environment's reason for a failed write (disk full, read-only, permissions), else None."""
+    if exc.errno in _ENVIRONMENT:
+        return _ENVIRONMENT[exc.errno]
+    text = str(exc).lower()
+    for words, reason in (("no space left", "no space left on the device"), ("read-only file system",
+                          "read-only file system"), ("permission denied", "permission denied"),
+                          ("quota", "disk quota exceeded")):
+        if words in text:
+            return reason
+    return None
+
+
+@contextlib.contextmanager
 def atomic_folder(target: str | Path, overwrite: bool | None = None) -> Iterator[Path]:
     """Yield a path (not yet existing) in a temporary folder beside ``target``; on success it replaces
     ``target`` (a folder: he2st's own, or ``--overwrite``) with a marker listing its entries. On any failure
     the temporary folder is removed and ``target`` is left as it was."""
     target = check_output(target, folder=True, overwrite=overwrite)
     make_folder(target.parent)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    except OSError as exc:
+        raise He2stError(f"cannot be written ({_reason(exc) or exc.strerror or exc})", target) from exc
     try:
         built = scratch / "new"
-        yield built
+        with writing(target):
+            yield built
         (built / MARKER).write_text("".join(f"{name}\n" for name in sorted(os.listdir(built))), encoding="utf-8")
         check_output(target, folder=True, overwrite=overwrite)
         if target.exists():

@@ -34,7 +34,7 @@ from he2st.encoders import Encoder
 from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.encoders.spec import EncoderSpec
 from he2st.errors import He2stError
-from he2st.io import check_output, name_from_stem, output_lock, overwriting
+from he2st.io import check_output, name_from_stem, output_lock, overwriting, writing
 from he2st.methods import Method
 from he2st.predict.config import PredictConfig
 from he2st.predict.grid import SpotGrid, grid_from_sample, hex_grid
@@ -162,12 +162,13 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
             return _with_store(final, config)
         with output_lock(final):
             width = encoder.embed_dim * (2 if method.reads_field else 1)  # spot features, then the field's
-            open_partial(partial, stamp, grid, len(gene_index), width, config.chunk)
             embedder = PatchEmbedder(encoder, enc_cfg, patch.size_px)
             try:
-                _run_chunks(slide, method, embedder, config.batch_size, grid, patch, mpp, library_id, gene_index,
-                            partial, config.chunk, on_chunk)
-            except He2stError:  # bad input found part-way: nothing to resume
+                with writing(partial):
+                    open_partial(partial, stamp, grid, len(gene_index), width, config.chunk)
+                    _run_chunks(slide, method, embedder, config.batch_size, grid, patch, mpp, library_id,
+                                gene_index, partial, config.chunk, on_chunk)
+            except He2stError:  # bad input (or a full disk) found part-way: nothing to resume
                 partial.unlink(missing_ok=True)
                 raise
             _finish(partial, final, stamp, method, config, encoder, embedder, patch, mpp, slide_path, sample,

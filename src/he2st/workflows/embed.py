@@ -25,7 +25,7 @@ from he2st.data.patches import PatchCache, PatchSpec
 from he2st.encoders import Encoder
 from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.errors import He2stError
-from he2st.io import check_output, make_folder, output_lock, record_output
+from he2st.io import check_output, make_folder, output_lock, record_output, writing
 from he2st.workflows.engines import run_tasks
 
 FORMAT = 1
@@ -136,7 +136,7 @@ def _embed_locked(embedder: PatchEmbedder | None, encoder: Encoder, cache: Patch
             fh.create_dataset("barcodes", data=np.array([b.encode() for b in cache.barcodes]))
             fh.attrs.update(wanted | {"format": FORMAT, "n_done": 0, "patch_cache": str(cache.path)})
     start_time = time.perf_counter()
-    with h5py.File(partial, "a") as fh, torch.inference_mode():
+    with writing(partial), h5py.File(partial, "a") as fh, torch.inference_mode():
         emb = fh["embeddings"]
         for start, batch in _patch_chunks(cache.path, done, n, config.batch_size, config.num_workers):
             vectors, tokens = embedder(batch)
