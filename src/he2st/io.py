@@ -187,6 +187,14 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def check_finite(values, what: str, path: str | Path) -> None:
+    """One line naming ``path`` when ``values`` (a dense or sparse matrix) hold NaN or infinite numbers."""
+    data = getattr(values, "data", values) if hasattr(values, "tocsr") else values
+    bad = ~np.isfinite(np.asarray(data, dtype=np.float64))
+    if bad.any():
+        raise He2stError(f"{what} holds {int(bad.sum())} non-finite value(s) (NaN or infinite)", path)
+
+
 # ---------------------------------------------------------------------------------------------- outputs
 def written_here(folder: str | Path) -> set[str]:
     """Names of the entries of ``folder`` that he2st wrote (its ``.he2st-output`` marker)."""

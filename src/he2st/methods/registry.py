@@ -7,6 +7,7 @@ name its checkpoint records. Faithful presets and ablation rows are declared nex
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,7 +15,7 @@ import torch
 from pydantic import ValidationError
 
 from he2st.errors import He2stError
-from he2st.io import input_path
+from he2st.io import file_type, input_path
 from he2st.methods.bank import ReferenceBank
 from he2st.methods.base import CHECKPOINT_FORMAT, Method
 from he2st.methods.card import ModelCard
@@ -49,10 +50,17 @@ def create_method(name: str, **options: Any) -> Method:
 def load_method(path: str | Path) -> Method:
     """Load any method's checkpoint safely (tensors and JSON only; pickled objects are refused)."""
     path = input_path(path, "checkpoint")
+    kind = file_type(path)
+    if not kind.startswith("a zip archive"):  # torch.save writes a zip archive
+        raise He2stError(f"not a he2st checkpoint: it is {kind} (a checkpoint is the .pt file `he2st train` "
+                         "writes)", path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - the unpickler raises many types for unsafe/corrupt files
-        raise He2stError(f"refusing checkpoint: not a safe he2st checkpoint ({type(exc).__name__})", path) from exc
+    except pickle.UnpicklingError as exc:  # objects other than tensors and plain values
+        raise He2stError("refusing checkpoint: it holds pickled objects, not only tensors and JSON (not a safe "
+                         "he2st checkpoint)", path) from exc
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged archives
+        raise He2stError(f"not a readable checkpoint: truncated or corrupt ({type(exc).__name__})", path) from exc
     if not isinstance(payload, dict) or "method" not in payload or "format" not in payload:
         raise He2stError("not a he2st checkpoint (missing format/method)", path)
     if payload["format"] != CHECKPOINT_FORMAT:

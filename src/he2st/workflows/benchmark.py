@@ -132,6 +132,27 @@ def tls_report(config: BenchmarkConfig) -> TlsReport | None:
         return TlsReport(config.tls_model, skipped=str(exc))
 
 
+def benchmark_variants(config: BenchmarkConfig) -> list[tuple[str, str, dict]]:
+    """``(row label, method, options)`` of every row the run fits: the methods, then their ablations."""
+    variants: list[tuple[str, str, dict]] = [(m, m, {}) for m in config.methods]
+    if config.ablation:
+        variants += ablation_variants(config.methods, config.ablation_only)
+    return variants
+
+
+def check_outputs(config: BenchmarkConfig) -> Path:
+    """The run's folder ``<work>/runs/<name>``, once every file the run writes there is known to be writable:
+    absent or he2st's own (or ``--overwrite``); else one line naming the file."""
+    ws = Workspace(config.work_dir)
+    out_dir = ws.run_dir(config.name)
+    check_results_folder(out_dir, ("config.yaml",))
+    tested = sorted({s for fold in benchmark_folds(config, ws)[0] for s in fold.test})
+    for label, _, _ in benchmark_variants(config):
+        for sid in tested:
+            check_output(out_dir / "predictions" / label / f"{sid}.h5ad")
+    return out_dir
+
+
 def run_benchmark(
     config: BenchmarkConfig, command: str | None = None, log: Callable[[str], None] | None = None
 ) -> BenchmarkOutcome:
@@ -139,14 +160,8 @@ def run_benchmark(
     folds, patients = benchmark_folds(config, ws)
     for sid in sorted({s for fold in folds for s in [*fold.train, *fold.test]}):
         warn_if_too_coarse(ws.load_sample(sid), config.patch)
-    variants: list[tuple[str, str, dict]] = [(m, m, {}) for m in config.methods]
-    if config.ablation:
-        variants += ablation_variants(config.methods, config.ablation_only)
-    out_dir = ws.run_dir(config.name)
-    check_results_folder(out_dir, ("config.yaml",))  # before any work: files he2st did not write are refused
-    for label, _, _ in variants:
-        for sid in sorted({s for fold in folds for s in fold.test}):
-            check_output(out_dir / "predictions" / label / f"{sid}.h5ad")
+    variants = benchmark_variants(config)
+    out_dir = check_outputs(config)  # before any work: files he2st did not write are refused
     results, audits, runs = [], {}, {}
     failures: dict[str, str] = {}
     tls = tls_report(config)

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from he2st.errors import He2stError
 from he2st.evaluate.survival import SurvivalCv, cross_validate, risk_groups, signature_score, tls_density
 from he2st.evaluate.tls import TlsModel, tls_score
-from he2st.io import check_folder, check_output, input_path, read_h5ad_checked, write_json_atomic, write_text_atomic
+from he2st.io import check_finite, check_folder, check_output, input_path, read_h5ad_checked, write_json_atomic, write_text_atomic
 from he2st.workflows.tls import read_model
 
 
@@ -83,6 +83,7 @@ def slide_features(paths: list[Path], signature: TlsModel | None = None, genes: 
     for path in paths:
         adata = read_h5ad_checked(path, "prediction file")
         values, names = _dense(adata), list(adata.var_names)
+        check_finite(values, "its expression matrix (X)", path)
         row = {}
         try:
             if signature is not None:

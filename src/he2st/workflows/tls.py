@@ -26,7 +26,7 @@ from he2st.evaluate.tls import (
     tls_regions,
     tls_score,
 )
-from he2st.io import atomic_path, check_output, read_h5ad_checked
+from he2st.io import atomic_path, check_finite, check_output, read_h5ad_checked
 
 
 @dataclass
@@ -49,6 +49,7 @@ def read_model(model: str | Path) -> TlsModel:
 
 def section_score(adata: ad.AnnData, model: TlsModel, where: Path) -> TlsScore:
     """Score a prediction (its target scale) or a he2st sample (raw counts)."""
+    check_finite(adata.X, "its expression matrix (X)", where)
     meta = dict(adata.uns.get("he2st", {}))
     scale = str(meta["target_transform"]) if "target_transform" in meta else "counts"
     try:
