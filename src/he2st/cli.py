@@ -117,7 +117,7 @@ def info(sample: Annotated[str, typer.Argument(help="sample id (prepared, or a h
     ws = Workspace(work_dir or default_work_dir())
     if sample.endswith(".h5ad"):
         obj = Sample.load(sample)
-    elif ws.sample_path(sample).exists():
+    elif ws.sample_path(sample).is_symlink() or ws.sample_path(sample).exists():  # a broken link: said so
         obj = ws.load_sample(sample)
     elif sample in SECTIONS:
         obj = load_section(sample)

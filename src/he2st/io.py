@@ -151,6 +151,16 @@ def input_path(path: str | Path, what: str = "file", folder: bool = False) -> Pa
     return path
 
 
+def table_path(path: str | Path, what: str = "table") -> Path:
+    """``path`` when it is a readable text table (plain or gzip-compressed), else one line naming it and what it
+    is instead (:func:`input_path`'s problems, or a PNG, an HDF5 file, ...)."""
+    path = input_path(path, what)
+    kind = file_type(path)
+    if kind not in ("a text file", "a gzip file"):
+        raise He2stError(f"{what} is {kind}, not a text table (CSV or TSV)", path)
+    return path
+
+
 def read_h5ad_checked(path: str | Path, what: str = ".h5ad file", backed: bool = False):
     """An AnnData read from ``path``, or one line naming the file and what it is instead: not found, empty,
     not HDF5 (a PNG, a text file, ...), truncated, HDF5 but not AnnData."""

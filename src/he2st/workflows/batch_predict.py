@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from he2st.errors import He2stError, He2stWarning
-from he2st.io import check_output, input_path, inside, name_from_stem, write_text_atomic
+from he2st.io import check_output, inside, name_from_stem, table_path, write_text_atomic
 from he2st.predict import PredictConfig
 from he2st.workflows.engines import run_tasks
 
@@ -39,7 +39,7 @@ class SlideOutcome:
 def read_manifest(path: Path) -> list[dict[str, str]]:
     """Rows of a CSV with a ``slide`` column and optional ``mpp``, ``spots_from`` and ``out`` columns;
     relative input paths are relative to the manifest's folder, ``out`` to the command's output folder."""
-    input_path(path, "manifest")
+    table_path(path, "manifest")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError, UnicodeDecodeError) as exc:

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from he2st.errors import He2stError
 from he2st.evaluate.survival import SurvivalCv, cross_validate, risk_groups, signature_score, tls_density
 from he2st.evaluate.tls import TlsModel, tls_score
-from he2st.io import check_finite, check_folder, check_output, input_path, read_h5ad_checked, write_json_atomic, write_text_atomic
+from he2st.io import check_finite, check_folder, check_output, input_path, read_h5ad_checked, table_path, write_json_atomic, write_text_atomic
 from he2st.workflows.tls import read_model
 
 
@@ -46,7 +46,7 @@ class SurvivalResult:
 
 def read_cohort(table: Path) -> Cohort:
     """The slide table, checked: columns, numbers, 0/1 events, files that exist."""
-    input_path(table, "slide table")
+    table_path(table, "slide table")
     try:
         frame = pd.read_csv(table)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
