@@ -173,6 +173,7 @@ def test_cli_embed_train_evaluate(small, tmp_path):
                               "--set", "genes.min_spot_fraction=0", "--set", f"n_top={N_TOP}"])
     assert res.exit_code == 0, res.output
     assert "trained knn on S1, S2 (patients P1, P2) (50 genes" in res.output and model.exists()
+    assert "best epoch" not in res.output  # knn has no epochs: nothing to say about one
     res = runner.invoke(app, ["card", str(model)])  # the model card, for a person
     assert res.exit_code == 0, res.output
     for expected in ("model: knn (he2st", "trained on: S1, S2 (patients P1, P2)", "intended tissue: not stated",
