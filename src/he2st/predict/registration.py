@@ -160,6 +160,15 @@ def register_sections(fixed: SectionImage, moving: SectionImage) -> Registration
     sitk = _sitk()
     if not fixed.mask.any() or not moving.mask.any():
         raise He2stError("cannot register a section without tissue")
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # every filter inside (pyramids, initialiser) in one
+    try:  # thread: sums add up in one order, so a rerun gives the same transform to the last bit
+        return _register(sitk, fixed, moving)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _register(sitk, fixed: SectionImage, moving: SectionImage) -> Registration:
     smooth = [_smoothed(sitk, _image(sitk, s.mask, s.um_per_px), 2 * s.um_per_px) for s in (fixed, moving)]
     best, best_value = None, np.inf
     for angle in START_ANGLES_DEG:
