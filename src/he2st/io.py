@@ -334,10 +334,22 @@ def writing(target: str | Path) -> Iterator[None]:
     ``target`` (instead of a library's message that names no file)."""
     try:
         yield
-    except OSError as exc:
-        if _reason(exc) is None:
+    except (OSError, RuntimeError) as exc:  # h5py reports a failed write as a RuntimeError without an errno
+        reason = _reason(exc) if isinstance(exc, OSError) else _failed_write(exc, Path(target))
+        if reason is None:
             raise
-        raise He2stError(f"cannot be written ({_reason(exc) or exc.strerror or exc})", target) from exc
+        raise He2stError(f"cannot be written ({reason})", target) from exc
+
+
+def _failed_write(exc: RuntimeError, target: Path) -> str | None:
+    """Why an HDF5 write failed (h5py names no errno): a nearly full device, else the library's words."""
+    text = _first_line(exc)
+    if "write failed" not in text and "No space" not in text:
+        return None
+    folder = next((p for p in (target, *target.parents) if p.is_dir()), Path("."))
+    if shutil.disk_usage(folder).free < 64 * 2**20:
+        return "no space left on the device"
+    return f"the write failed: {text}"
 
 
 _ENVIRONMENT = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",

@@ -168,11 +168,11 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
                     open_partial(partial, stamp, grid, len(gene_index), width, config.chunk)
                     _run_chunks(slide, method, embedder, config.batch_size, grid, patch, mpp, library_id,
                                 gene_index, partial, config.chunk, on_chunk)
-            except He2stError:  # bad input (or a full disk) found part-way: nothing to resume
+                _finish(partial, final, stamp, method, config, encoder, embedder, patch, mpp, slide_path, sample,
+                        tissue_source, grid, gene_index, thumb, scale, library_id, stain, tta)
+            except He2stError:  # bad input (or a full disk) found part-way: nothing to resume, space to free
                 partial.unlink(missing_ok=True)
                 raise
-            _finish(partial, final, stamp, method, config, encoder, embedder, patch, mpp, slide_path, sample,
-                    tissue_source, grid, gene_index, thumb, scale, library_id, stain, tta)
     return _with_store(final, config)
 
 
