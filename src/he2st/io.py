@@ -299,6 +299,37 @@ def forget_created() -> None:
     _created.clear()
 
 
+def _temp_prefix(target: Path) -> str:
+    """Temporary siblings are named after the target and the process writing them (see :func:`sweep_stale`)."""
+    return f".{target.name}.he2st-{os.getpid()}-"
+
+
+def sweep_stale(target: str | Path) -> None:
+    """Remove temporary siblings of ``target`` left by he2st processes that were killed mid-write (the process
+    named in the temporary name no longer runs on this machine); those of running processes are kept."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.he2st-(\d+)-")
+    with contextlib.suppress(OSError):
+        for entry in target.parent.iterdir():
+            found = pattern.match(entry.name)
+            if found is None or _alive(int(found.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path, suffix: str | None = None, overwrite: bool | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; rename it onto ``target`` only on success.
@@ -309,8 +340,9 @@ def atomic_path(target: str | Path, suffix: str | None = None, overwrite: bool |
     """
     target = check_output(target, overwrite=overwrite)
     make_folder(target.parent)
+    sweep_stale(target)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".part", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=suffix or ".part", dir=target.parent)
     except OSError as exc:
         raise He2stError(f"cannot be written ({_reason(exc) or exc.strerror or exc})", target) from exc
     os.close(fd)
@@ -376,8 +408,9 @@ def atomic_folder(target: str | Path, overwrite: bool | None = None) -> Iterator
     the temporary folder is removed and ``target`` is left as it was."""
     target = check_output(target, folder=True, overwrite=overwrite)
     make_folder(target.parent)
+    sweep_stale(target)
     try:
-        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        scratch = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".partial", dir=target.parent))
     except OSError as exc:
         raise He2stError(f"cannot be written ({_reason(exc) or exc.strerror or exc})", target) from exc
     try:
