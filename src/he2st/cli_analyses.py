@@ -11,7 +11,6 @@ from typing import Annotated
 
 import typer
 
-
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace existing outputs that he2st did not write "
                                                              "(default: refuse them)")]
 

@@ -21,7 +21,16 @@ import scipy.sparse as sp
 from he2st.errors import He2stError
 from he2st.evaluate.survival import SurvivalCv, cross_validate, risk_groups, signature_score, tls_density
 from he2st.evaluate.tls import TlsModel, tls_score
-from he2st.io import check_finite, check_folder, check_output, input_path, read_h5ad_checked, table_path, write_json_atomic, write_text_atomic
+from he2st.io import (
+    check_finite,
+    check_folder,
+    check_output,
+    input_path,
+    read_h5ad_checked,
+    table_path,
+    write_json_atomic,
+    write_text_atomic,
+)
 from he2st.workflows.tls import read_model
 
 

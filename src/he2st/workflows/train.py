@@ -17,8 +17,8 @@ from he2st.data.splits import validation_mask
 from he2st.data.spots import load_spots, shared_extras
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
-from he2st.io import check_output
 from he2st.evaluate.gene_sets import build_gene_sets
+from he2st.io import check_output
 from he2st.methods import Method, TrainLog, create_method, distributed, load_method
 from he2st.workflows.cards import model_card
 from he2st.workflows.config import TrainRunConfig
