@@ -293,6 +293,11 @@ CASES |= {
     **{f"tls-model-{kind}": _file_case(
         lambda k, bad, out: ["tls", k.prediction, "--model", bad, "--out", out], kind, "model.csv",
         None) for kind in ("missing", "empty", "png")},
+    **{f"predict-config-{kind}": _file_case(
+        lambda k, bad, out: ["predict", "-m", k.model, "-s", k.slide, "-c", bad, "--out", out], kind, "run.yaml")
+       for kind in ("missing", "png", "folder", "loop")},
+    **{f"prepare-config-{kind}": _file_case(lambda k, bad, out: ["prepare", "-c", bad, "-w", out], kind, "prep.yaml")
+       for kind in ("missing", "png", "folder", "loop")},
     "survival-signature-missing": _file_case(
         lambda k, bad, out: ["survival", "--slides", _survival_table(out.parent, k.prediction), "--out", out,
                              "--horizon", "10", "--signature", bad], "missing", "sig.csv"),

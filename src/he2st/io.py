@@ -128,7 +128,7 @@ def _parent_problem(path: Path) -> He2stError | None:
     return None
 
 
-def input_path(path: str | Path, what: str = "file", folder: bool = False) -> Path:
+def input_path(path: str | Path, what: str = "file", folder: bool = False, empty_ok: bool = False) -> Path:
     """``path`` when it is an existing, readable, non-empty file (``folder``: a folder), else one line naming it
     and the problem: not found, a symbolic link loop, a broken link, a folder where a file belongs (or the
     reverse), empty, not readable."""
@@ -146,18 +146,18 @@ def input_path(path: str | Path, what: str = "file", folder: bool = False) -> Pa
         raise He2stError(f"{what} is a {kind}, not a {want}", path)
     if not os.access(path, os.R_OK | (os.X_OK if folder else 0)):
         raise He2stError(f"{what} cannot be read (permission denied)", path)
-    if not folder and path.stat().st_size == 0:
+    if not folder and not empty_ok and path.stat().st_size == 0:
         raise He2stError(f"{what} is empty (0 bytes)", path)
     return path
 
 
-def table_path(path: str | Path, what: str = "table") -> Path:
-    """``path`` when it is a readable text table (plain or gzip-compressed), else one line naming it and what it
-    is instead (:func:`input_path`'s problems, or a PNG, an HDF5 file, ...)."""
-    path = input_path(path, what)
+def table_path(path: str | Path, what: str = "table", empty_ok: bool = False) -> Path:
+    """``path`` when it is a readable text file (a CSV/TSV table, a YAML config; plain or gzip-compressed), else
+    one line naming it and what it is instead (:func:`input_path`'s problems, or a PNG, an HDF5 file, ...)."""
+    path = input_path(path, what, empty_ok=empty_ok)
     kind = file_type(path)
-    if kind not in ("a text file", "a gzip file"):
-        raise He2stError(f"{what} is {kind}, not a text table (CSV or TSV)", path)
+    if kind not in ("a text file", "a gzip file", "an empty file"):
+        raise He2stError(f"{what} is {kind}, not a text file", path)
     return path
 
 
