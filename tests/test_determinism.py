@@ -59,13 +59,17 @@ def test_registration_of_sections_of_different_pixel_size_is_the_same_every_run(
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_training_and_its_selection_are_the_same_every_run(name):
     (first, test), (second, _) = fitted(name), fitted(name)
-    assert first.card is None or first.card.model_dump(exclude={"created"}) == second.card.model_dump(exclude={"created"})
+    assert first.card is None or first.card.model_dump(exclude={"created"}) == second.card.model_dump(
+        exclude={"created"}
+    )
     state_a, state_b = first.state(), second.state()
     assert state_a.keys() == state_b.keys()
     for key in state_a:
         torch.testing.assert_close(state_a[key], state_b[key], rtol=0, atol=0, msg=f"{name}: {key}")
-    np.testing.assert_array_equal(first.predict(test.without_expression()).expression,
-                                  second.predict(test.without_expression()).expression)
+    np.testing.assert_array_equal(
+        first.predict(test.without_expression()).expression,
+        second.predict(test.without_expression()).expression,
+    )
 
 
 def test_whole_slide_prediction_is_the_same_every_run(tmp_path):
@@ -76,14 +80,28 @@ def test_whole_slide_prediction_is_the_same_every_run(tmp_path):
     rng = np.random.default_rng(0)
     genes = [f"G{i}" for i in range(6)]
     knn = create_method("knn", top_k=5)
-    knn.card = ModelCard(method="knn", panel=GenePanel(genes=genes), encoder=encoder.spec, patch=PatchSpec(),
-                         embedding=EmbedConfig(encoder=encoder.spec.name))
-    knn.fit(SpotSet(np.array(["T"] * 40, dtype=object), np.array([f"b{i}" for i in range(40)], dtype=object),
-                    rng.normal(size=(40, encoder.embed_dim)).astype(np.float32), np.zeros((40, 2)), genes,
-                    rng.gamma(2, 1, (40, len(genes))).astype(np.float32)))
+    knn.card = ModelCard(
+        method="knn",
+        panel=GenePanel(genes=genes),
+        encoder=encoder.spec,
+        patch=PatchSpec(),
+        embedding=EmbedConfig(encoder=encoder.spec.name),
+    )
+    knn.fit(
+        SpotSet(
+            np.array(["T"] * 40, dtype=object),
+            np.array([f"b{i}" for i in range(40)], dtype=object),
+            rng.normal(size=(40, encoder.embed_dim)).astype(np.float32),
+            np.zeros((40, 2)),
+            genes,
+            rng.gamma(2, 1, (40, len(genes))).astype(np.float32),
+        )
+    )
     model = knn.save(tmp_path / "knn.pt")
-    runs = [ad.read_h5ad(predict_slide(load_method(model), slide, tmp_path / f"run{i}", encoder=encoder, chunk=8))
-            for i in range(2)]
+    runs = [
+        ad.read_h5ad(predict_slide(load_method(model), slide, tmp_path / f"run{i}", encoder=encoder, chunk=8))
+        for i in range(2)
+    ]
     np.testing.assert_array_equal(runs[0].X, runs[1].X)
     np.testing.assert_array_equal(runs[0].obsm["spatial"], runs[1].obsm["spatial"])
     assert list(runs[0].obs_names) == list(runs[1].obs_names)

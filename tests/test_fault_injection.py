@@ -32,10 +32,11 @@ pytestmark = pytest.mark.slow
 SRC = Path(__file__).resolve().parents[1] / "src"
 GENES = [f"G{i}" for i in range(20)]
 SEED = 20240611
+VARIES = re.compile("seconds|created|card|command|runtime")  # what may differ between two equal runs
 FIT = ["--set", "genes.n_genes=20", "--set", "genes.min_spot_fraction=0", "--set", "n_top=5"]
 
 
-def he2st(*args, cwd: Path) -> list[str]:
+def he2st(*args) -> list[str]:
     return [sys.executable, "-c", "from he2st.cli import main; main()", *map(str, args)]
 
 
@@ -48,7 +49,7 @@ def _env() -> dict[str, str]:
 
 def run(*args, cwd: Path, check: bool = True) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
-    done = subprocess.run(he2st(*args, cwd=cwd), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(he2st(*args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
     if check:
         assert done.returncode == 0, (args, done.stderr[-3000:])
     return done, time.perf_counter() - start
@@ -56,8 +57,9 @@ def run(*args, cwd: Path, check: bool = True) -> tuple[subprocess.CompletedProce
 
 def killed(*args, cwd: Path, after: float) -> bool:
     """Start the command and SIGKILL it ``after`` seconds in; whether it was still running then."""
-    process = subprocess.Popen(he2st(*args, cwd=cwd), cwd=cwd, env=_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        he2st(*args), cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         process.wait(timeout=after)
         return False
@@ -77,10 +79,13 @@ def arrays(root: Path) -> dict[str, object]:
             continue
         if path.suffix in (".h5", ".h5ad"):
             with h5py.File(path, "r") as fh:
-                fh.visititems(lambda name, obj, rel=rel: found.__setitem__(f"{rel}:{name}", obj[()])
-                              if isinstance(obj, h5py.Dataset) and "seconds" not in name and "created" not in name
-                              and "card" not in name and "command" not in name and "runtime" not in name
-                              else None)
+                fh.visititems(
+                    lambda name, obj, rel=rel: (
+                        found.__setitem__(f"{rel}:{name}", obj[()])
+                        if isinstance(obj, h5py.Dataset) and not VARIES.search(name)
+                        else None
+                    )
+                )
         elif path.suffix == ".csv":
             table = pd.read_csv(path)
             found[rel] = table.drop(columns=[c for c in table.columns if c in ("seconds",)]).to_dict("list")
@@ -115,32 +120,77 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     lines = ["data:", "  dataset: null", "  samples:"]
     for i, (sid, pid) in enumerate((("S1", "P1"), ("S2", "P2"), ("S3", "P2"))):
         files = write_st_section(root / "raw" / sid, pitch_px=200, genes=GENES, seed=i)
-        lines.append(f"  - {{reader: st, sample_id: {sid}, patient_id: {pid}, path: '{files['counts']}', "
-                     f"spots_file: '{files['spots']}', image: '{files['image']}'}}")
+        lines.append(
+            f"  - {{reader: st, sample_id: {sid}, patient_id: {pid}, path: '{files['counts']}', "
+            f"spots_file: '{files['spots']}', image: '{files['image']}'}}"
+        )
     config = root / "prepare.yaml"
     config.write_text("\n".join(lines) + "\n")
     torch.manual_seed(0)
     weights = root / "test_vit.pth"
     torch.save(create("test_vit", pretrained=False).backbone.state_dict(), weights)
-    slides = [write_pyramid(root / f"slide{i}.tif", tissue_image(1600, 1600, seed=3 + i), 0.5) for i in range(2)]
+    slides = [
+        write_pyramid(root / f"slide{i}.tif", tissue_image(1600, 1600, seed=3 + i), 0.5) for i in range(2)
+    ]
     return {"root": root, "config": config, "weights": weights, "slide0": slides[0], "slide1": slides[1]}
 
 
 def _embed(work: Path, weights: Path) -> list:
-    return ["embed", "-w", work, "--encoder", "test_vit", "--weights", weights, "--set", "embed.num_workers=0"]
+    return [
+        "embed",
+        "-w",
+        work,
+        "--encoder",
+        "test_vit",
+        "--weights",
+        weights,
+        "--set",
+        "embed.num_workers=0",
+    ]
 
 
 def _steps(inputs: dict[str, Path], work: Path, model: Path, out: Path) -> dict[str, list]:
-    sets = ["--set", "embed.encoder=test_vit", "--set", f"embed.weights={inputs['weights']}",
-            "--set", "embed.num_workers=0"]
+    sets = [
+        "--set",
+        "embed.encoder=test_vit",
+        "--set",
+        f"embed.weights={inputs['weights']}",
+        "--set",
+        "embed.num_workers=0",
+    ]
     return {
         "prepare": ["prepare", "-c", inputs["config"], "-w", work],
         "embed": _embed(work, inputs["weights"]),
-        "predict": ["predict", "-m", model, "-s", inputs["slide0"], "--out", out, "--device", "cpu",
-                    "--set", "chunk=16", "--no-maps"],
+        "predict": [
+            "predict",
+            "-m",
+            model,
+            "-s",
+            inputs["slide0"],
+            "--out",
+            out,
+            "--device",
+            "cpu",
+            "--set",
+            "chunk=16",
+            "--no-maps",
+        ],
         "benchmark": ["benchmark", "-w", work, "--methods", "knn,ridge_cv", "--name", "fi", *sets, *FIT],
-        "stack": ["stack", inputs["slide0"], inputs["slide1"], "--spacing-um", "10", "-m", model, "--out", out,
-                  "--pitch-um", "150", "--device", "cpu"],
+        "stack": [
+            "stack",
+            inputs["slide0"],
+            inputs["slide1"],
+            "--spacing-um",
+            "10",
+            "-m",
+            model,
+            "--out",
+            out,
+            "--pitch-um",
+            "150",
+            "--device",
+            "cpu",
+        ],
     }
 
 
@@ -148,9 +198,25 @@ def _model(inputs: dict[str, Path], work: Path) -> Path:
     """A knn model on the prepared, embedded folder (set-up, not under test)."""
     model = inputs["root"] / "knn.pt"
     if not model.exists():
-        run("train", "-w", work, "--method", "knn", "--samples", "S1,S2", "--out", model,
-            "--set", "embed.encoder=test_vit", "--set", f"embed.weights={inputs['weights']}",
-            "--set", "embed.num_workers=0", *FIT, cwd=inputs["root"])
+        run(
+            "train",
+            "-w",
+            work,
+            "--method",
+            "knn",
+            "--samples",
+            "S1,S2",
+            "--out",
+            model,
+            "--set",
+            "embed.encoder=test_vit",
+            "--set",
+            f"embed.weights={inputs['weights']}",
+            "--set",
+            "embed.num_workers=0",
+            *FIT,
+            cwd=inputs["root"],
+        )
     return model
 
 
@@ -177,14 +243,104 @@ def test_killed_at_a_random_moment_and_rerun_equals_an_uninterrupted_run(step, i
     assert_same(reference, interrupted)
 
 
+def _tiny_model(path: Path, weights: Path) -> Path:
+    """A kNN over random features of the tiny encoder's width (its weights recorded in the card)."""
+    from he2st.data.embeddings import EmbedConfig
+    from he2st.data.genes import GenePanel
+    from he2st.data.patches import PatchSpec
+    from he2st.data.spots import SpotSet
+    from he2st.methods import ModelCard, create_method
+
+    torch.manual_seed(0)
+    encoder = create("test_vit", pretrained=False)
+    rng = np.random.default_rng(0)
+    knn = create_method("knn", top_k=5)
+    knn.card = ModelCard(
+        method="knn",
+        panel=GenePanel(genes=GENES),
+        encoder=encoder.spec,
+        patch=PatchSpec(),
+        embedding=EmbedConfig(encoder=encoder.spec.name, weights=weights),
+    )
+    knn.fit(
+        SpotSet(
+            np.array(["T"] * 40, dtype=object),
+            np.array([f"b{i}" for i in range(40)], dtype=object),
+            rng.normal(size=(40, encoder.embed_dim)).astype(np.float32),
+            np.zeros((40, 2)),
+            GENES,
+            rng.gamma(2, 1, (40, len(GENES))).astype(np.float32),
+        )
+    )
+    return knn.save(path)
+
+
+def _together(*commands: list, cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Start the commands at once; their outcomes once all have ended."""
+    processes = [
+        subprocess.Popen(
+            he2st(*c), cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for c in commands
+    ]
+    return [
+        subprocess.CompletedProcess(c, p.returncode, *p.communicate(timeout=600))
+        for c, p in zip(commands, processes, strict=True)
+    ]
+
+
+def test_two_embeds_of_one_work_folder_at_once_equal_one(inputs, tmp_path):
+    """The second waits for the first (saying so) and reuses its files: nothing corrupt, nothing crashed."""
+    for name in ("reference", "together"):
+        run("prepare", "-c", inputs["config"], "-w", tmp_path / name / "work", cwd=tmp_path)
+    run(*_embed(tmp_path / "reference" / "work", inputs["weights"]), cwd=tmp_path)
+    both = _together(*[_embed(tmp_path / "together" / "work", inputs["weights"])] * 2, cwd=tmp_path)
+    for done in both:
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert_same(tmp_path / "reference", tmp_path / "together")
+
+
+def test_two_predictions_to_one_output_at_once(inputs, tmp_path):
+    """Either the second finds the output being written and says so in one line naming the first process, or
+    it starts after the first finished and reuses it; the output equals a prediction made alone."""
+    model = _tiny_model(tmp_path / "knn.pt", inputs["weights"])
+    command = [
+        "predict",
+        "-m",
+        model,
+        "-s",
+        inputs["slide0"],
+        "--device",
+        "cpu",
+        "--no-maps",
+        "--set",
+        "chunk=16",
+    ]
+    run(*command, "--out", tmp_path / "reference", cwd=tmp_path)
+    both = _together(*[[*command, "--out", tmp_path / "together"]] * 2, cwd=tmp_path)
+    assert any(done.returncode == 0 for done in both), [d.stderr for d in both]
+    for done in both:
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        refused = len(errors) == 1 and "being written by another he2st process (pid " in errors[0]
+        assert done.returncode == 0 or (done.returncode == 2 and refused), done.stderr
+    assert_same(tmp_path / "reference", tmp_path / "together")
+
+
 def _mount_tmpfs(folder: Path, options: str) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
-@pytest.mark.parametrize("options,words", [("size=1m", "no space left"), ("ro,size=1m", "not writable")],
-                         ids=["full-disk", "read-only"])
+@pytest.mark.parametrize(
+    "options,words",
+    [("size=1m", "no space left"), ("ro,size=1m", "not writable")],
+    ids=["full-disk", "read-only"],
+)
 def test_full_disk_or_read_only_output_is_one_line_and_leaves_nothing(options, words, inputs, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
@@ -192,26 +348,21 @@ def test_full_disk_or_read_only_output_is_one_line_and_leaves_nothing(options, w
     if not _mount_tmpfs(disk, options):
         pytest.skip("mount -t tmpfs is not permitted here")
     try:
-        model = tmp_path / "knn.pt"
-        from he2st.data.embeddings import EmbedConfig
-        from he2st.data.genes import GenePanel
-        from he2st.data.patches import PatchSpec
-        from he2st.data.spots import SpotSet
-        from he2st.methods import ModelCard, create_method
-
-        torch.manual_seed(0)
-        encoder = create("test_vit", pretrained=False)
-        rng = np.random.default_rng(0)
-        knn = create_method("knn", top_k=5)
-        knn.card = ModelCard(method="knn", panel=GenePanel(genes=GENES), encoder=encoder.spec, patch=PatchSpec(),
-                             embedding=EmbedConfig(encoder=encoder.spec.name, weights=inputs["weights"]))
-        knn.fit(SpotSet(np.array(["T"] * 40, dtype=object), np.array([f"b{i}" for i in range(40)], dtype=object),
-                        rng.normal(size=(40, encoder.embed_dim)).astype(np.float32), np.zeros((40, 2)), GENES,
-                        rng.gamma(2, 1, (40, len(GENES))).astype(np.float32)))
-        knn.save(model)
+        model = _tiny_model(tmp_path / "knn.pt", inputs["weights"])
         before = {p: p.stat().st_mtime_ns for p in inputs["root"].rglob("*") if p.is_file()}
-        done, _ = run("predict", "-m", model, "-s", inputs["slide0"], "--out", disk / "out", "--device", "cpu",
-                      cwd=tmp_path, check=False)
+        done, _ = run(
+            "predict",
+            "-m",
+            model,
+            "-s",
+            inputs["slide0"],
+            "--out",
+            disk / "out",
+            "--device",
+            "cpu",
+            cwd=tmp_path,
+            check=False,
+        )
         errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
         assert done.returncode == 2 and len(errors) == 1 and words in errors[0], done.stderr
         assert str(disk) in errors[0] and "Traceback" not in done.stderr

@@ -67,36 +67,70 @@ def kit(tmp_path_factory, one_torch_thread) -> Kit:
     rng = np.random.default_rng(0)
     n = 60
     method = create_method("knn", top_k=5)
-    method.card = ModelCard(method="knn", panel=GenePanel(genes=GENES), encoder=encoder.spec, patch=PatchSpec(),
-                            embedding=EmbedConfig(encoder=encoder.spec.name, weights=weights))
-    method.fit(SpotSet(np.array(["T"] * n, dtype=object), np.array([f"b{i}" for i in range(n)], dtype=object),
-                       rng.normal(size=(n, encoder.embed_dim)).astype(np.float32), np.zeros((n, 2)), GENES,
-                       rng.gamma(2, 1, (n, len(GENES))).astype(np.float32)))
+    method.card = ModelCard(
+        method="knn",
+        panel=GenePanel(genes=GENES),
+        encoder=encoder.spec,
+        patch=PatchSpec(),
+        embedding=EmbedConfig(encoder=encoder.spec.name, weights=weights),
+    )
+    method.fit(
+        SpotSet(
+            np.array(["T"] * n, dtype=object),
+            np.array([f"b{i}" for i in range(n)], dtype=object),
+            rng.normal(size=(n, encoder.embed_dim)).astype(np.float32),
+            np.zeros((n, 2)),
+            GENES,
+            rng.gamma(2, 1, (n, len(GENES))).astype(np.float32),
+        )
+    )
     model = method.save(root / "model" / "knn.pt")
-    slide = write_pyramid((root / "slide").mkdir() or root / "slide" / "slide.tif",
-                          tissue_image(1200, 1200, seed=3), 0.5)
+    slide = write_pyramid(
+        (root / "slide").mkdir() or root / "slide" / "slide.tif", tissue_image(1200, 1200, seed=3), 0.5
+    )
     slide2 = write_pyramid(root / "slide" / "slide2.tif", tissue_image(1200, 1200, seed=4), 0.5)
     prediction = predict_slide(model, slide, root / "pred", encoder=encoder)
     signature = root / "signature.csv"
     signature.write_text("gene,weight\n" + "".join(f"{g},{1 + i / 10}\n" for i, g in enumerate(GENES)))
     works = {}
-    for name, patients in (("work", {"S1": "P1", "S2": "P2"}), ("work1", {"S1": "P1", "S2": "P1"}),
-                           ("workloop", {"S1": "P1"})):
+    for name, patients in (
+        ("work", {"S1": "P1", "S2": "P2"}),
+        ("work1", {"S1": "P1", "S2": "P1"}),
+        ("workloop", {"S1": "P1"}),
+    ):
         sources = []
         for i, (sid, pid) in enumerate(patients.items()):
             files = write_st_section(root / "raw" / name / sid, pitch_px=200, genes=GENES, seed=i)
-            sources.append({"reader": "st", "sample_id": sid, "patient_id": pid, "path": files["counts"],
-                            "spots_file": files["spots"], "image": files["image"]})
+            sources.append(
+                {
+                    "reader": "st",
+                    "sample_id": sid,
+                    "patient_id": pid,
+                    "path": files["counts"],
+                    "spots_file": files["spots"],
+                    "image": files["image"],
+                }
+            )
         works[name] = root / name
         prepare(PrepareConfig(work_dir=works[name], data={"dataset": None, "samples": sources}))
     os.symlink("loop.h5ad", works["workloop"] / "samples" / "loop.h5ad")
-    return Kit(root, model, weights, slide, slide2, prediction, signature, works["work"], works["work1"],
-               works["workloop"])
+    return Kit(
+        root,
+        model,
+        weights,
+        slide,
+        slide2,
+        prediction,
+        signature,
+        works["work"],
+        works["work1"],
+        works["workloop"],
+    )
 
 
 @pytest.fixture(scope="module")
 def read_only(tmp_path_factory) -> Path:
-    """An empty folder nobody may write into: a read-only tmpfs when running as root (root ignores file modes),
+    """An empty folder nobody may write into: a read-only tmpfs when running as root (root ignores modes),
     else a folder without write permission; skipped where neither can be made."""
     folder = tmp_path_factory.mktemp("readonly")
     if os.geteuid() != 0:
@@ -104,8 +138,12 @@ def read_only(tmp_path_factory) -> Path:
         yield folder
         folder.chmod(0o755)
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    )
     if not mounted:
         pytest.skip("cannot make a read-only folder as root here (mount -t tmpfs failed)")
     yield folder
@@ -143,9 +181,18 @@ def hostile(kind: str, path: Path, kit: Kit) -> Path:
     return path
 
 
-WORDS = {"missing": "not found", "empty": "empty (0 bytes)", "text": "text file", "png": "PNG image",
-         "truncated": "truncated", "folder": "is a folder", "loop": "symbolic link loop",
-         "broken-link": "does not exist", "hdf5": "not an AnnData", "nan": "non-finite"}
+WORDS = {
+    "missing": "not found",
+    "empty": "empty (0 bytes)",
+    "text": "text file",
+    "png": "PNG image",
+    "truncated": "truncated",
+    "folder": "is a folder",
+    "loop": "symbolic link loop",
+    "broken-link": "does not exist",
+    "hdf5": "not an AnnData",
+    "nan": "non-finite",
+}
 
 
 def _survival_table(tmp: Path, prediction: Path) -> Path:
@@ -158,23 +205,59 @@ def _survival_table(tmp: Path, prediction: Path) -> Path:
 # a command reading an .h5ad: (kit, hostile file, output folder) -> arguments
 H5AD_READERS: dict[str, Callable[[Kit, Path, Path], list]] = {
     "tls": lambda k, bad, out: ["tls", bad, "--model", k.signature, "--out", out],
-    "tls-sample": lambda k, bad, out: ["tls", k.prediction, "--model", k.signature, "--sample", bad, "--out", out],
+    "tls-sample": lambda k, bad, out: [
+        "tls",
+        k.prediction,
+        "--model",
+        k.signature,
+        "--sample",
+        bad,
+        "--out",
+        out,
+    ],
     "plot": lambda k, bad, out: ["plot", bad, "--out", out],
     "plot-sample": lambda k, bad, out: ["plot", k.prediction, "--sample", bad, "--out", out],
     "report": lambda k, bad, out: ["report", bad, "--out", out / "r.html"],
     "info": lambda k, bad, out: ["info", bad, "-w", k.work],
-    "predict-spots-from": lambda k, bad, out: ["predict", "-m", k.model, "--spots-from", bad, "--out", out,
-                                               "--device", "cpu", "--no-maps"],
+    "predict-spots-from": lambda k, bad, out: [
+        "predict",
+        "-m",
+        k.model,
+        "--spots-from",
+        bad,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--no-maps",
+    ],
     "stack": lambda k, bad, out: ["stack", bad, k.slide, "--spacing-um", "10", "-m", k.model, "--out", out],
-    "survival": lambda k, bad, out: ["survival", "--slides", _survival_table(out.parent, bad), "--out", out,
-                                     "--horizon", "10"],
+    "survival": lambda k, bad, out: [
+        "survival",
+        "--slides",
+        _survival_table(out.parent, bad),
+        "--out",
+        out,
+        "--horizon",
+        "10",
+    ],
 }
 H5AD_KINDS = ["missing", "empty", "text", "png", "truncated", "folder", "loop"]
 
 CHECKPOINT_READERS: dict[str, Callable[[Kit, Path, Path], list]] = {
     "card": lambda k, bad, out: ["card", bad],
     "predict": lambda k, bad, out: ["predict", "-m", bad, "-s", k.slide, "--out", out, "--device", "cpu"],
-    "evaluate": lambda k, bad, out: ["evaluate", "--model", bad, "--samples", "S1", "-w", k.work, "--out", out],
+    "evaluate": lambda k, bad, out: [
+        "evaluate",
+        "--model",
+        bad,
+        "--samples",
+        "S1",
+        "-w",
+        k.work,
+        "--out",
+        out,
+    ],
     "stack": lambda k, bad, out: ["stack", k.slide, k.slide2, "--spacing-um", "10", "-m", bad, "--out", out],
 }
 CHECKPOINT_KINDS = ["missing", "empty", "text", "png", "truncated", "folder", "loop"]
@@ -193,19 +276,28 @@ def _reader_case(readers: dict, command: str, kind: str, name: str) -> Case:
     def build(kit: Kit, tmp: Path) -> tuple[list, Path, str]:
         bad = hostile(kind, tmp / "in" / name, kit)
         return readers[command](kit, bad, tmp / "out"), bad, WORDS[kind]
+
     return Case(build)
 
 
-def _file_case(command: Callable[[Kit, Path, Path], list], kind: str, name: str, words: str | None = None) -> Case:
+def _file_case(
+    command: Callable[[Kit, Path, Path], list], kind: str, name: str, words: str | None = None
+) -> Case:
     def build(kit: Kit, tmp: Path) -> tuple[list, Path, str]:
         bad = hostile(kind, tmp / "in" / name, kit)
         return command(kit, bad, tmp / "out"), bad, WORDS.get(kind, "") if words is None else words
+
     return Case(build)
 
 
-def _foreign(relative: str, command: Callable[[Kit, Path], list], folder: bool = False,
-             out: Callable[[Kit, Path], Path] | None = None) -> Case:
+def _foreign(
+    relative: str,
+    command: Callable[[Kit, Path], list],
+    folder: bool = False,
+    out: Callable[[Kit, Path], Path] | None = None,
+) -> Case:
     """An output he2st would write already exists and is the user's: refused, untouched, --overwrite named."""
+
     def build(kit: Kit, tmp: Path) -> tuple[list, Path, str]:
         base = out(kit, tmp) if out is not None else tmp / "out"
         target = base / relative
@@ -216,16 +308,19 @@ def _foreign(relative: str, command: Callable[[Kit, Path], list], folder: bool =
         else:
             target.write_bytes(b"the user's own file\n")
         return command(kit, tmp), target, "--overwrite"
+
     return Case(build)
 
 
 def _wrong_kind(relative: str, command: Callable[[Kit, Path], list], make_folder: bool) -> Case:
     """A folder where he2st writes a file, or a file where it writes a folder."""
+
     def build(kit: Kit, tmp: Path) -> tuple[list, Path, str]:
         target = tmp / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.mkdir() if make_folder else target.write_bytes(b"user data\n")
         return command(kit, tmp), target, "is a folder" if make_folder else "is a file"
+
     return Case(build)
 
 
@@ -234,7 +329,19 @@ def _plain(command: Callable[[Kit, Path], tuple[list, Path, str]]) -> Case:
 
 
 def _predict(k: Kit, tmp: Path, *extra) -> list:
-    return ["predict", "-m", k.model, "-s", k.slide, "--out", tmp / "out", "--device", "cpu", "--no-maps", *extra]
+    return [
+        "predict",
+        "-m",
+        k.model,
+        "-s",
+        k.slide,
+        "--out",
+        tmp / "out",
+        "--device",
+        "cpu",
+        "--no-maps",
+        *extra,
+    ]
 
 
 def _manifest_clash(k: Kit, tmp: Path) -> tuple[list, Path, str]:
@@ -243,12 +350,17 @@ def _manifest_clash(k: Kit, tmp: Path) -> tuple[list, Path, str]:
         (tmp / folder / "slide.tif").write_bytes(k.slide.read_bytes())  # two slides of one name
     manifest = tmp / "slides.csv"
     manifest.write_text("slide\na/slide.tif\nb/slide.tif\n")
-    return ["predict", "-m", k.model, "--manifest", manifest, "--out", tmp / "out"], manifest, "would both write"
+    return (
+        ["predict", "-m", k.model, "--manifest", manifest, "--out", tmp / "out"],
+        manifest,
+        "would both write",
+    )
 
 
 def _read_only(command: Callable[[Kit, Path], list]) -> Case:
     def build(kit: Kit, tmp: Path) -> tuple[list, Path, str]:
         return command(kit, tmp), tmp, "not writable"
+
     return Case(build)
 
 
@@ -265,111 +377,293 @@ CASES |= {
     "tls-non-finite-prediction": _reader_case(H5AD_READERS, "tls", "nan", "bad.h5ad"),
     "survival-non-finite-prediction": _reader_case(H5AD_READERS, "survival", "nan", "bad.h5ad"),
     "tls-threshold-from-png": _file_case(
-        lambda k, bad, out: ["tls", k.prediction, "--model", k.signature, "--threshold-from", bad, "--out", out],
-        "png", "bad.h5ad"),
+        lambda k, bad, out: [
+            "tls",
+            k.prediction,
+            "--model",
+            k.signature,
+            "--threshold-from",
+            bad,
+            "--out",
+            out,
+        ],
+        "png",
+        "bad.h5ad",
+    ),
     # slide images
-    **{f"predict-slide-{kind}": _file_case(
-        lambda k, bad, out: ["predict", "-m", k.model, "-s", bad, "--out", out, "--device", "cpu"], kind, "bad.tif",
-        words) for kind, words in (("missing", "not found"), ("empty", "empty"), ("text", "text file"),
-                                   ("folder", "is a folder"), ("loop", "symbolic link loop"),
-                                   ("truncated", ""))},
-    **{f"stack-section-{kind}": _file_case(
-        lambda k, bad, out: ["stack", bad, k.slide, "--spacing-um", "10", "-m", k.model, "--out", out], kind,
-        "bad.tif") for kind in ("missing", "text", "folder")},
-    "predict-mask-missing": _file_case(lambda k, bad, out: ["predict", "-m", k.model, "-s", k.slide, "--mask", bad,
-                                                            "--out", out, "--device", "cpu"], "missing", "mask.png"),
-    "predict-mask-text": _file_case(lambda k, bad, out: ["predict", "-m", k.model, "-s", k.slide, "--mask", bad,
-                                                         "--out", out, "--device", "cpu"], "text", "mask.png",
-                                    "not a readable mask"),
+    **{
+        f"predict-slide-{kind}": _file_case(
+            lambda k, bad, out: ["predict", "-m", k.model, "-s", bad, "--out", out, "--device", "cpu"],
+            kind,
+            "bad.tif",
+            words,
+        )
+        for kind, words in (
+            ("missing", "not found"),
+            ("empty", "empty"),
+            ("text", "text file"),
+            ("folder", "is a folder"),
+            ("loop", "symbolic link loop"),
+            ("truncated", ""),
+        )
+    },
+    **{
+        f"stack-section-{kind}": _file_case(
+            lambda k, bad, out: ["stack", bad, k.slide, "--spacing-um", "10", "-m", k.model, "--out", out],
+            kind,
+            "bad.tif",
+        )
+        for kind in ("missing", "text", "folder")
+    },
+    "predict-mask-missing": _file_case(
+        lambda k, bad, out: [
+            "predict",
+            "-m",
+            k.model,
+            "-s",
+            k.slide,
+            "--mask",
+            bad,
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        ],
+        "missing",
+        "mask.png",
+    ),
+    "predict-mask-text": _file_case(
+        lambda k, bad, out: [
+            "predict",
+            "-m",
+            k.model,
+            "-s",
+            k.slide,
+            "--mask",
+            bad,
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        ],
+        "text",
+        "mask.png",
+        "not a readable mask",
+    ),
     # tables
-    **{f"predict-manifest-{kind}": _file_case(
-        lambda k, bad, out: ["predict", "-m", k.model, "--manifest", bad, "--out", out], kind, "slides.csv",
-        "columns must be" if kind == "text" else None) for kind in ("missing", "empty", "folder", "loop", "png",
-                                                                     "text")},
-    **{f"survival-slides-{kind}": _file_case(
-        lambda k, bad, out: ["survival", "--slides", bad, "--out", out, "--horizon", "10"], kind, "cohort.csv",
-        "lacks column" if kind == "text" else None) for kind in ("missing", "empty", "folder", "loop", "png",
-                                                                  "text")},
-    **{f"tls-model-{kind}": _file_case(
-        lambda k, bad, out: ["tls", k.prediction, "--model", bad, "--out", out], kind, "model.csv",
-        None) for kind in ("missing", "empty", "png")},
-    **{f"predict-config-{kind}": _file_case(
-        lambda k, bad, out: ["predict", "-m", k.model, "-s", k.slide, "-c", bad, "--out", out], kind, "run.yaml")
-       for kind in ("missing", "png", "folder", "loop")},
-    **{f"prepare-config-{kind}": _file_case(lambda k, bad, out: ["prepare", "-c", bad, "-w", out], kind, "prep.yaml")
-       for kind in ("missing", "png", "folder", "loop")},
+    **{
+        f"predict-manifest-{kind}": _file_case(
+            lambda k, bad, out: ["predict", "-m", k.model, "--manifest", bad, "--out", out],
+            kind,
+            "slides.csv",
+            "columns must be" if kind == "text" else None,
+        )
+        for kind in ("missing", "empty", "folder", "loop", "png", "text")
+    },
+    **{
+        f"survival-slides-{kind}": _file_case(
+            lambda k, bad, out: ["survival", "--slides", bad, "--out", out, "--horizon", "10"],
+            kind,
+            "cohort.csv",
+            "lacks column" if kind == "text" else None,
+        )
+        for kind in ("missing", "empty", "folder", "loop", "png", "text")
+    },
+    **{
+        f"tls-model-{kind}": _file_case(
+            lambda k, bad, out: ["tls", k.prediction, "--model", bad, "--out", out], kind, "model.csv", None
+        )
+        for kind in ("missing", "empty", "png")
+    },
+    **{
+        f"predict-config-{kind}": _file_case(
+            lambda k, bad, out: ["predict", "-m", k.model, "-s", k.slide, "-c", bad, "--out", out],
+            kind,
+            "run.yaml",
+        )
+        for kind in ("missing", "png", "folder", "loop")
+    },
+    **{
+        f"prepare-config-{kind}": _file_case(
+            lambda k, bad, out: ["prepare", "-c", bad, "-w", out], kind, "prep.yaml"
+        )
+        for kind in ("missing", "png", "folder", "loop")
+    },
     "survival-signature-missing": _file_case(
-        lambda k, bad, out: ["survival", "--slides", _survival_table(out.parent, k.prediction), "--out", out,
-                             "--horizon", "10", "--signature", bad], "missing", "sig.csv"),
+        lambda k, bad, out: [
+            "survival",
+            "--slides",
+            _survival_table(out.parent, k.prediction),
+            "--out",
+            out,
+            "--horizon",
+            "10",
+            "--signature",
+            bad,
+        ],
+        "missing",
+        "sig.csv",
+    ),
     "predict-manifest-two-rows-one-output": _plain(_manifest_clash),
     # outputs that exist and are not he2st's
     "predict-foreign-h5ad": _foreign("slide.h5ad", _predict),
-    "predict-foreign-zarr": _foreign("slide.zarr", lambda k, t: _predict(k, t, "--format", "zarr"), folder=True),
-    "tls-foreign-output": _foreign("slide.tls.h5ad", lambda k, t: ["tls", k.prediction, "--model", k.signature,
-                                                                  "--out", t / "out"]),
-    "tls-foreign-map": _foreign("slide.tls.png", lambda k, t: ["tls", k.prediction, "--model", k.signature,
-                                                              "--out", t / "out"]),
-    "report-foreign-html": _foreign("r.html", lambda k, t: ["report", k.prediction, "--out", t / "out" / "r.html"]),
+    "predict-foreign-zarr": _foreign(
+        "slide.zarr", lambda k, t: _predict(k, t, "--format", "zarr"), folder=True
+    ),
+    "tls-foreign-output": _foreign(
+        "slide.tls.h5ad", lambda k, t: ["tls", k.prediction, "--model", k.signature, "--out", t / "out"]
+    ),
+    "tls-foreign-map": _foreign(
+        "slide.tls.png", lambda k, t: ["tls", k.prediction, "--model", k.signature, "--out", t / "out"]
+    ),
+    "report-foreign-html": _foreign(
+        "r.html", lambda k, t: ["report", k.prediction, "--out", t / "out" / "r.html"]
+    ),
     "plot-foreign-png": _foreign("maps.png", lambda k, t: ["plot", k.prediction, "--out", t / "out"]),
-    "stack-foreign-h5ad": _foreign("stack.h5ad", lambda k, t: ["stack", k.slide, k.slide2, "--spacing-um", "10",
-                                                              "-m", k.model, "--out", t / "out"]),
-    "survival-foreign-results": _foreign("results.json", lambda k, t: [
-        "survival", "--slides", _survival_table(t, k.prediction), "--out", t / "out", "--horizon", "10"]),
-    "train-foreign-checkpoint": _foreign("m.pt", lambda k, t: ["train", "-w", k.work, "--method", "ridge",
-                                                              "--out", t / "out" / "m.pt"]),
-    "evaluate-foreign-results": _foreign("results.json", lambda k, t: [
-        "evaluate", "--model", k.model, "--samples", "S1", "-w", k.work, "--out", t / "out"]),
+    "stack-foreign-h5ad": _foreign(
+        "stack.h5ad",
+        lambda k, t: ["stack", k.slide, k.slide2, "--spacing-um", "10", "-m", k.model, "--out", t / "out"],
+    ),
+    "survival-foreign-results": _foreign(
+        "results.json",
+        lambda k, t: [
+            "survival",
+            "--slides",
+            _survival_table(t, k.prediction),
+            "--out",
+            t / "out",
+            "--horizon",
+            "10",
+        ],
+    ),
+    "train-foreign-checkpoint": _foreign(
+        "m.pt", lambda k, t: ["train", "-w", k.work, "--method", "ridge", "--out", t / "out" / "m.pt"]
+    ),
+    "evaluate-foreign-results": _foreign(
+        "results.json",
+        lambda k, t: ["evaluate", "--model", k.model, "--samples", "S1", "-w", k.work, "--out", t / "out"],
+    ),
     "benchmark-foreign-results": _foreign(
-        "results.json", lambda k, t: ["benchmark", "-w", k.work, "--methods", "ridge", "--name", t.name],
-        out=lambda k, t: k.work / "runs" / t.name),
+        "results.json",
+        lambda k, t: ["benchmark", "-w", k.work, "--methods", "ridge", "--name", t.name],
+        out=lambda k, t: k.work / "runs" / t.name,
+    ),
     # a folder where a file goes, a file where a folder goes
     "predict-out-is-a-file": _wrong_kind("out", _predict, make_folder=False),
-    "predict-zarr-is-a-file": _wrong_kind("out/slide.zarr", lambda k, t: _predict(k, t, "--format", "zarr"),
-                                          make_folder=False),
+    "predict-zarr-is-a-file": _wrong_kind(
+        "out/slide.zarr", lambda k, t: _predict(k, t, "--format", "zarr"), make_folder=False
+    ),
     "predict-h5ad-is-a-folder": _wrong_kind("out/slide.h5ad", _predict, make_folder=True),
-    "report-out-is-a-folder": _wrong_kind("r.html", lambda k, t: ["report", k.prediction, "--out", t / "r.html"],
-                                          make_folder=True),
-    "plot-out-is-a-file": _wrong_kind("maps", lambda k, t: ["plot", k.prediction, "--out", t / "maps"],
-                                      make_folder=False),
-    "tls-out-is-a-file": _wrong_kind("out", lambda k, t: ["tls", k.prediction, "--model", k.signature,
-                                                          "--out", t / "out"], make_folder=False),
-    "stack-out-is-a-file": _wrong_kind("out", lambda k, t: ["stack", k.slide, k.slide2, "--spacing-um", "10",
-                                                            "-m", k.model, "--out", t / "out"], make_folder=False),
-    "survival-out-is-a-file": _wrong_kind("out", lambda k, t: [
-        "survival", "--slides", _survival_table(t, k.prediction), "--out", t / "out", "--horizon", "10"],
-        make_folder=False),
-    "train-out-is-a-folder": _wrong_kind("m.pt", lambda k, t: ["train", "-w", k.work, "--method", "ridge",
-                                                               "--out", t / "m.pt"], make_folder=True),
+    "report-out-is-a-folder": _wrong_kind(
+        "r.html", lambda k, t: ["report", k.prediction, "--out", t / "r.html"], make_folder=True
+    ),
+    "plot-out-is-a-file": _wrong_kind(
+        "maps", lambda k, t: ["plot", k.prediction, "--out", t / "maps"], make_folder=False
+    ),
+    "tls-out-is-a-file": _wrong_kind(
+        "out",
+        lambda k, t: ["tls", k.prediction, "--model", k.signature, "--out", t / "out"],
+        make_folder=False,
+    ),
+    "stack-out-is-a-file": _wrong_kind(
+        "out",
+        lambda k, t: ["stack", k.slide, k.slide2, "--spacing-um", "10", "-m", k.model, "--out", t / "out"],
+        make_folder=False,
+    ),
+    "survival-out-is-a-file": _wrong_kind(
+        "out",
+        lambda k, t: [
+            "survival",
+            "--slides",
+            _survival_table(t, k.prediction),
+            "--out",
+            t / "out",
+            "--horizon",
+            "10",
+        ],
+        make_folder=False,
+    ),
+    "train-out-is-a-folder": _wrong_kind(
+        "m.pt",
+        lambda k, t: ["train", "-w", k.work, "--method", "ridge", "--out", t / "m.pt"],
+        make_folder=True,
+    ),
     # work folders: unknown ids, a link loop among the samples, too few patients
     "info-unknown-sample": _plain(lambda k, t: (["info", "nosuch", "-w", k.work], k.work, "unknown sample")),
-    "embed-unknown-sample": _plain(lambda k, t: (["embed", "-w", k.work, "--samples", "nosuch"],
-                                                 k.work / "samples" / "nosuch.h5ad", "not prepared here")),
-    "train-unknown-sample": _plain(lambda k, t: (["train", "-w", k.work, "--method", "ridge", "--samples", "nosuch",
-                                                  "--out", t / "m.pt"], k.work / "samples" / "nosuch.h5ad",
-                                                 "not prepared here")),
-    "evaluate-unknown-sample": _plain(lambda k, t: (["evaluate", "--model", k.model, "--samples", "nosuch", "-w",
-                                                     k.work, "--out", t / "out"], k.work / "samples" / "nosuch.h5ad",
-                                                    "not prepared here")),
-    "info-sample-link-loop": _plain(lambda k, t: (["info", "loop", "-w", k.workloop],
-                                                  k.workloop / "samples" / "loop.h5ad", "symbolic link loop")),
-    "embed-sample-link-loop": _plain(lambda k, t: (["embed", "-w", k.workloop], k.workloop / "samples" / "loop.h5ad",
-                                                   "symbolic link loop")),
-    "train-sample-link-loop": _plain(lambda k, t: (["train", "-w", k.workloop, "--method", "ridge", "--samples",
-                                                    "S1,loop", "--out", t / "m.pt"],
-                                                   k.workloop / "samples" / "loop.h5ad", "symbolic link loop")),
-    "benchmark-one-patient": _plain(lambda k, t: (["benchmark", "-w", k.work1, "--methods", "ridge"], k.work1,
-                                                  "one patient")),
-    "predict-unknown-gene": _plain(lambda k, t: (_predict(k, t, "--genes", "NOPE") + ["--weights", k.weights],
-                                                 Path("NOPE"), "not in the model's panel")),
+    "embed-unknown-sample": _plain(
+        lambda k, t: (
+            ["embed", "-w", k.work, "--samples", "nosuch"],
+            k.work / "samples" / "nosuch.h5ad",
+            "not prepared here",
+        )
+    ),
+    "train-unknown-sample": _plain(
+        lambda k, t: (
+            ["train", "-w", k.work, "--method", "ridge", "--samples", "nosuch", "--out", t / "m.pt"],
+            k.work / "samples" / "nosuch.h5ad",
+            "not prepared here",
+        )
+    ),
+    "evaluate-unknown-sample": _plain(
+        lambda k, t: (
+            ["evaluate", "--model", k.model, "--samples", "nosuch", "-w", k.work, "--out", t / "out"],
+            k.work / "samples" / "nosuch.h5ad",
+            "not prepared here",
+        )
+    ),
+    "info-sample-link-loop": _plain(
+        lambda k, t: (
+            ["info", "loop", "-w", k.workloop],
+            k.workloop / "samples" / "loop.h5ad",
+            "symbolic link loop",
+        )
+    ),
+    "embed-sample-link-loop": _plain(
+        lambda k, t: (["embed", "-w", k.workloop], k.workloop / "samples" / "loop.h5ad", "symbolic link loop")
+    ),
+    "train-sample-link-loop": _plain(
+        lambda k, t: (
+            ["train", "-w", k.workloop, "--method", "ridge", "--samples", "S1,loop", "--out", t / "m.pt"],
+            k.workloop / "samples" / "loop.h5ad",
+            "symbolic link loop",
+        )
+    ),
+    "benchmark-one-patient": _plain(
+        lambda k, t: (["benchmark", "-w", k.work1, "--methods", "ridge"], k.work1, "one patient")
+    ),
+    "predict-unknown-gene": _plain(
+        lambda k, t: (
+            _predict(k, t, "--genes", "NOPE") + ["--weights", k.weights],
+            Path("NOPE"),
+            "not in the model's panel",
+        )
+    ),
 }
 
 READ_ONLY: dict[str, Callable[[Kit, Path], list]] = {
-    "predict": lambda k, ro: ["predict", "-m", k.model, "-s", k.slide, "--out", ro / "sub", "--device", "cpu"],
+    "predict": lambda k, ro: [
+        "predict",
+        "-m",
+        k.model,
+        "-s",
+        k.slide,
+        "--out",
+        ro / "sub",
+        "--device",
+        "cpu",
+    ],
     "tls": lambda k, ro: ["tls", k.prediction, "--model", k.signature, "--out", ro],
     "report": lambda k, ro: ["report", k.prediction, "--out", ro / "r.html"],
     "plot": lambda k, ro: ["plot", k.prediction, "--out", ro / "maps"],
-    "survival": lambda k, ro: ["survival", "--slides", _survival_table(k.root / "cohort", k.prediction), "--out",
-                               ro / "sub", "--horizon", "10"],
+    "survival": lambda k, ro: [
+        "survival",
+        "--slides",
+        _survival_table(k.root / "cohort", k.prediction),
+        "--out",
+        ro / "sub",
+        "--horizon",
+        "10",
+    ],
     "train": lambda k, ro: ["train", "-w", k.work, "--method", "ridge", "--out", ro / "m.pt"],
 }
 

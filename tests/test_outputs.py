@@ -71,9 +71,11 @@ def test_a_failed_write_keeps_the_old_output_and_leaves_no_temporary_file(tmp_pa
 def test_wrong_kinds_are_one_line(tmp_path):
     (tmp_path / "folder.h5ad").mkdir()
     (tmp_path / "file").write_text("x")
-    for path, folder, words in ((tmp_path / "folder.h5ad", False, "is a folder, but he2st writes a file"),
-                                (tmp_path / "file", True, "is a file, but he2st writes a folder"),
-                                (tmp_path / "file" / "x.h5ad", False, "is a file, not a folder")):
+    for path, folder, words in (
+        (tmp_path / "folder.h5ad", False, "is a folder, but he2st writes a file"),
+        (tmp_path / "file", True, "is a file, but he2st writes a folder"),
+        (tmp_path / "file" / "x.h5ad", False, "is a file, not a folder"),
+    ):
         with pytest.raises(He2stError, match=words) as caught:
             check_output(path, folder=folder)
         assert "\n" not in str(caught.value)
@@ -93,7 +95,11 @@ def test_folders_are_replaced_whole_only_when_every_entry_is_he2sts(tmp_path):
     with pytest.raises(He2stError, match="--overwrite"), atomic_folder(store) as new:
         new.mkdir()
     assert (store / "notes.txt").exists() and (store / "table").read_text() == "v2"
-    with pytest.raises(RuntimeError), overwriting(), atomic_folder(store) as new:  # a failure keeps the old store
+    with (
+        pytest.raises(RuntimeError),
+        overwriting(),
+        atomic_folder(store) as new,
+    ):  # a failure keeps the old store
         new.mkdir()
         raise RuntimeError("interrupted")
     assert (store / "notes.txt").exists() and _entries(tmp_path) == {"s.zarr", MARKER}
@@ -102,7 +108,9 @@ def test_folders_are_replaced_whole_only_when_every_entry_is_he2sts(tmp_path):
 def test_a_second_writer_is_one_line_naming_the_first(tmp_path):
     target = tmp_path / "slide.h5ad"
     with output_lock(target):
-        with pytest.raises(He2stError, match=f"being written by another he2st process \\(pid {os.getpid()} on "):
+        with pytest.raises(
+            He2stError, match=f"being written by another he2st process \\(pid {os.getpid()} on "
+        ):
             with output_lock(target):
                 pass
     with output_lock(target):  # released: free again
@@ -131,10 +139,21 @@ def test_a_cache_writer_waits_for_the_first_and_says_so(tmp_path):
     assert any(issubclass(w.category, He2stWarning) and "waiting" in str(w.message) for w in caught)
 
 
-# ------------------------------------------------------------------------------------------------ the commands
+# ---------------------------------------------------------------------------------------------- the commands
 def _predict(kit: Kit, out: Path, *extra) -> list[str]:  # noqa: F811
-    return ["predict", "-m", str(kit.model), "-s", str(kit.slide), "--out", str(out), "--device", "cpu",
-            "--no-maps", *extra]
+    return [
+        "predict",
+        "-m",
+        str(kit.model),
+        "-s",
+        str(kit.slide),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-maps",
+        *extra,
+    ]
 
 
 def test_predict_replaces_its_own_output_and_a_foreign_one_only_with_overwrite(kit, tmp_path):  # noqa: F811
@@ -180,8 +199,19 @@ def test_a_prediction_being_written_by_another_process_is_one_line(kit, tmp_path
 def test_a_manifest_row_repeated_is_predicted_once_and_a_missing_slide_is_an_error_line(kit, tmp_path):  # noqa: F811
     manifest = tmp_path / "slides.csv"
     manifest.write_text(f"slide\n{kit.slide}\n{kit.slide}\n{tmp_path / 'nope.tif'}\n")
-    result = run_cli("predict", "-m", str(kit.model), "--manifest", str(manifest), "--out", str(tmp_path / "M"),
-                     "--device", "cpu", "--workers", "1")
+    result = run_cli(
+        "predict",
+        "-m",
+        str(kit.model),
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(tmp_path / "M"),
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+    )
     lines = result.stderr.splitlines()
     assert result.returncode == 1, result.stderr  # documented: some slides failed
     assert any(line.startswith("warning:") and "row 3 repeats row 2" in line for line in lines)
