@@ -283,9 +283,10 @@ def _together(*commands: list, cwd: Path) -> list[subprocess.CompletedProcess]:
         )
         for c in commands
     ]
+    outputs = [p.communicate(timeout=600) for p in processes]
     return [
-        subprocess.CompletedProcess(c, p.returncode, *p.communicate(timeout=600))
-        for c, p in zip(commands, processes, strict=True)
+        subprocess.CompletedProcess(c, p.returncode, *out)
+        for c, p, out in zip(commands, processes, outputs, strict=True)
     ]
 
 

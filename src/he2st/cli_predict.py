@@ -63,10 +63,13 @@ def predict(
     Settings (PredictConfig) come from defaults < --config YAML < --set key=value < the flags above.
     Exit status: 0 every slide predicted; 1 some slides failed (each named in an `error:` line on stderr,
     the others written, all listed in <out>/index.csv); 2 bad input before any work (one `error:` line)."""
+    from he2st.io import allow_overwrite
     from he2st.methods import load_method
     from he2st.predict import PredictConfig, run_prediction
     from he2st.progress import progress_bar
     from he2st.workflows.config import load_config
+
+    allow_overwrite(overwrite)  # the maps too
 
     slides = list(slide or [])
     cfg = load_config(PredictConfig, config, set_, model=str(model), slide=_path(slides[0]) if len(slides) == 1 else None,

@@ -28,7 +28,7 @@ class Workspace:
         return self._inside(self.root / "samples" / f"{safe_name(sample_id, 'sample id')}.h5ad")
 
     def sample_ids(self) -> list[str]:
-        return sorted(p.stem for p in (self.root / "samples").glob("*.h5ad"))
+        return sorted(p.stem for p in (self.root / "samples").glob("*.h5ad") if not p.name.startswith("."))
 
     def load_sample(self, sample_id: str) -> Sample:
         path = self.sample_path(sample_id)
