@@ -3,7 +3,7 @@
 Registration of serial sections (SimpleITK samples its metric at random points: a fixed seed, one thread),
 training and the selection inside it (ridge_cv's alpha, mlp's epochs, BLEEP's ensemble), and whole-slide
 prediction. Sections of different pixel size make the registration resample, where an unseeded sampler
-once let the affine stage be kept on one run and refused on the next.
+would let the affine stage be kept on one run and refused on the next.
 """
 
 from __future__ import annotations

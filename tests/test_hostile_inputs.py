@@ -85,9 +85,8 @@ def kit(tmp_path_factory, one_torch_thread) -> Kit:
         )
     )
     model = method.save(root / "model" / "knn.pt")
-    slide = write_pyramid(
-        (root / "slide").mkdir() or root / "slide" / "slide.tif", tissue_image(1200, 1200, seed=3), 0.5
-    )
+    (root / "slide").mkdir()
+    slide = write_pyramid(root / "slide" / "slide.tif", tissue_image(1200, 1200, seed=3), 0.5)
     slide2 = write_pyramid(root / "slide" / "slide2.tif", tissue_image(1200, 1200, seed=4), 0.5)
     prediction = predict_slide(model, slide, root / "pred", encoder=encoder)
     signature = root / "signature.csv"

@@ -335,7 +335,7 @@ def _run_benchmark(cfg, dataset: str | None = None) -> None:
         raise missing_folds(ws, cfg.folds.scheme)
     from he2st.workflows.benchmark import check_outputs
 
-    check_outputs(cfg)  # before embedding: results he2st did not write are refused now, not at the end
+    check_outputs(cfg)  # before embedding: results he2st did not write are refused here, not at the end
     ids = ws.sample_ids()
     with progress_bar(patches_to_embed(ws, ids, cfg.patch), f"embed {cfg.embed.encoder}") as advance:
         summary = embed_workspace(ws, ids, cfg.patch, cfg.embed, on_progress=advance)
