@@ -474,6 +474,8 @@ def test_many_slides_one_command_equal_one_by_one(model_path, slide_path, encode
                      "--workers", "2", "--weights", weights, "--pitch-um", "200", "--set", "chunk=64")
     assert result.returncode == 1, result.stderr  # one slide failed: a non-zero exit, the others written
     assert "3 of 4 slides predicted" in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # the failure summary
+    assert len(errors) == 1 and "broken.tif" in errors[0] and "Traceback" not in result.stderr, result.stderr
     index = pd.read_csv(out / "index.csv")
     assert list(index["status"]) == ["done", "done", "done", "failed"]
     assert index["slide"].iloc[3].endswith("broken.tif") and len(index["error"].iloc[3]) > 0

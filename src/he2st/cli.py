@@ -18,6 +18,14 @@ app.add_typer(data_app, name="data")
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a setting, e.g. --set patch.field_um=100")]
 WorkOpt = Annotated[Path | None, typer.Option("--work-dir", "-w", help="work folder (default $HE2ST_WORK_DIR or ./he2st-work)")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace existing outputs that he2st did not write "
+                                                             "(default: refuse them)")]
+
+
+def _overwrite(allowed: bool) -> None:
+    from he2st.io import allow_overwrite
+
+    allow_overwrite(allowed)
 
 
 def _echo(text: str) -> None:
@@ -80,8 +88,10 @@ def prepare(config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = N
             samplesheet: Annotated[Path | None, typer.Option(
                 help="CSV: sample, patient, reader, path, image[, pixel_size_um, spots_file]")] = None,
             from_dir: Annotated[Path | None, typer.Option(
-                help="prepare every Space Ranger outs/, legacy ST triple or .h5ad under this folder")] = None) -> None:
+                help="prepare every Space Ranger outs/, legacy ST triple or .h5ad under this folder")] = None,
+            overwrite: OverwriteOpt = False) -> None:
     """Read a dataset into samples, patch caches and patient-level folds."""
+    _overwrite(overwrite)
     from he2st.io import write_text_atomic
     from he2st.progress import progress_bar
     from he2st.workflows.config import PrepareConfig, dump_config, load_config
@@ -113,7 +123,7 @@ def info(sample: Annotated[str, typer.Argument(help="sample id (prepared, or a h
     ws = Workspace(work_dir or default_work_dir())
     if sample.endswith(".h5ad"):
         obj = Sample.load(sample)
-    elif ws.sample_path(sample).exists():
+    elif ws.sample_path(sample).is_symlink() or ws.sample_path(sample).exists():  # a broken link: said so
         obj = ws.load_sample(sample)
     elif sample in SECTIONS:
         obj = load_section(sample)
@@ -140,8 +150,13 @@ def embed(
         help="embed samples in parallel, one task each: local (a process pool) or ray (default: one by one)")] = None,
     workers: Annotated[int, typer.Option(help="samples embedded at once (with --engine)")] = 2,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray instance)")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
-    """Embed every prepared spot's patch with a frozen encoder (resumable, reused when done)."""
+    """Embed every prepared spot's patch with a frozen encoder (resumable, reused when done).
+
+    Exit status with --engine: 0 every sample embedded; 1 some failed (each named in an `error:` line on
+    stderr, the others written); 2 bad input before any work."""
+    _overwrite(overwrite)
     from he2st.data.workspace import Workspace
     from he2st.progress import progress_bar
     from he2st.workflows.config import EmbedRunConfig, load_config
@@ -161,6 +176,9 @@ def embed(
             outcomes = embed_many(ws, ids, cfg.patch, cfg.embed, engine, workers, address, lambda _: advance(1))
         for o in outcomes:
             _echo(f"{o.status}\t{o.sample}\t{o.error or f'{o.n_embedded} patches in {o.seconds:.1f} s'}")
+        for o in outcomes:  # the failure summary: one line per sample, on stderr
+            if o.status == "failed":
+                typer.echo(f"error: sample {o.sample}: {o.error}", err=True)
         if any(o.status == "failed" for o in outcomes):
             raise typer.Exit(1)
         return
@@ -224,9 +242,11 @@ def train(
         "--out", "-o", help="checkpoint file, not a folder (default <work>/models/<method>.pt)")] = None,
     devices: Annotated[int | None, typer.Option(
         help="training processes sharing each batch: N CPU processes (gloo), or one per GPU (NCCL) with CUDA")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Train one method on training samples; validation comes from those samples only. With --devices N
     (or under torchrun) N processes train data-parallel: the same steps as one process, split."""
+    _overwrite(overwrite)
     from he2st.methods.distributed import is_main
     from he2st.workflows.config import TrainRunConfig, load_config
     from he2st.workflows.train import train_model
@@ -235,8 +255,8 @@ def train(
                       method=method, train_samples=_ids(samples), out=str(out) if out else None, devices=devices)
     fitted, log, path = train_model(cfg, command=" ".join(["he2st", *sys.argv[1:]]))
     if is_main():
-        _echo(f"trained {fitted.name} on {fitted.card.training_line()} "
-              f"({len(fitted.panel.genes)} genes, best epoch {log.best_epoch}) -> {path}")
+        epoch = "" if log.best_epoch is None else f", best epoch {log.best_epoch}"
+        _echo(f"trained {fitted.name} on {fitted.card.training_line()} ({len(fitted.panel.genes)} genes{epoch}) -> {path}")
 
 
 @app.command()
@@ -253,9 +273,11 @@ def tls(
     sample: Annotated[Path | None, typer.Option(help="measured sample .h5ad: compare TLS scores (r, AUROC)")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: beside the input)")] = None,
     force: Annotated[bool, typer.Option(help="call spots even where the prediction cannot support it (noted)")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """TLS score per spot (her2st's published model or any weighted gene list), calls and connected regions,
     written into <out>/<name>.tls.h5ad with a map over the H&E (<name>.tls.png)."""
+    _overwrite(overwrite)
     from he2st.report.plots import draw_tls_map
     from he2st.workflows.tls import detect_tls
 
@@ -292,9 +314,11 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="output folder (default <work>/runs/evaluate_<model name>)")] = None,
     allow_training_patients: Annotated[bool, typer.Option(help="score samples of training patients (labelled LEAKY)")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Score a trained model on held-out samples (per-gene Pearson/Spearman, MSE, MAE, gene sets)."""
     from he2st.workflows.config import default_work_dir
+    _overwrite(overwrite)
     from he2st.workflows.evaluate import evaluate_model
 
     wd = work_dir or default_work_dir()
@@ -314,8 +338,10 @@ def benchmark(
     folds: Annotated[str | None, typer.Option(help="lopo (leave one patient out) or loso")] = None,
     ablation: Annotated[bool | None, typer.Option("--ablation/--no-ablation", help="also run each method with one component switched off at a time")] = None,
     name: Annotated[str | None, typer.Option(help="results folder name under <work>/runs/")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Run methods over patient-level folds and write results (JSON, CSV, markdown)."""
+    _overwrite(overwrite)
     from he2st.workflows.config import BenchmarkConfig, load_config
 
     cfg = load_config(BenchmarkConfig, config, set_, work_dir=str(work_dir) if work_dir else None, name=name,
@@ -336,8 +362,12 @@ def _run_benchmark(cfg, dataset: str | None = None) -> None:
         run_prepare(PrepareConfig(work_dir=cfg.work_dir, data={"dataset": dataset}, patch=cfg.patch,
                                   folds=cfg.folds))
     elif not ws.folds_path(cfg.folds.scheme).exists():
-        raise He2stError(f"no {cfg.folds.scheme} folds in {ws.root}: run `he2st prepare --set folds.scheme="
-                         f"{cfg.folds.scheme}` first, or pass --dataset her2st")
+        from he2st.workflows.benchmark import missing_folds
+
+        raise missing_folds(ws, cfg.folds.scheme)
+    from he2st.workflows.benchmark import check_outputs
+
+    check_outputs(cfg)  # before embedding: results he2st did not write are refused here, not at the end
     ids = ws.sample_ids()
     with progress_bar(patches_to_embed(ws, ids, cfg.patch), f"embed {cfg.embed.encoder}") as advance:
         summary = embed_workspace(ws, ids, cfg.patch, cfg.embed, on_progress=advance)
@@ -371,9 +401,24 @@ from he2st.cli_hest import register as _register_hest_commands  # noqa: E402
 _register_hest_commands(app, data_app)
 
 
+def _run_app() -> None:
+    from he2st.io import allow_overwrite
+
+    try:
+        app()
+    finally:
+        allow_overwrite(False)
+
+
 def main() -> None:
-    """Console-script entry point: turn :class:`He2stError` into one line on stderr and exit code 2, and
-    each :class:`He2stWarning` into one line ``warning: <message>``."""
+    """Console-script entry point. Exit status: 0 done; 1 some items of a batch failed (each named in an
+    ``error:`` line); 2 bad input or environment (one ``error: <file>: <problem>`` line, nothing left half
+    written); 3 an internal error (a bug: one line, the traceback with ``HE2ST_DEBUG=1``); 130 interrupted.
+    Each :class:`He2stWarning` is one line ``warning: <message>``. See docs/robustness.md."""
+    import os
+
+    from he2st.io import allow_overwrite, forget_created, remove_created
+
     show = warnings.showwarning
 
     def one_line(message, category, filename, lineno, file=None, line=None):
@@ -382,12 +427,35 @@ def main() -> None:
         else:
             show(message, category, filename, lineno, file, line)
 
+    def fail(message: str, code: int) -> None:
+        remove_created()  # output folders this run made and left empty
+        typer.echo("error: " + " ".join(message.split()), err=True)
+        sys.exit(code)
+
     warnings.showwarning = one_line
+    forget_created()
+    allow_overwrite(False)  # until the command's --overwrite says otherwise
     try:
-        app()
+        _run_app()
+    except SystemExit as exc:
+        remove_created() if exc.code not in (0, None) else forget_created()
+        raise
     except He2stError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        fail(str(exc), 2)
     except KeyboardInterrupt:
+        remove_created()
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except MemoryError:
+        fail("out of memory (try a smaller --chunk or --batch-size, or fewer --workers)", 2)
+    except OSError as exc:  # the environment: disk full, permissions, a read-only file system
+        if os.environ.get("HE2ST_DEBUG"):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        fail(f"{where}{exc.strerror or exc}", 2)
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback on request
+        if os.environ.get("HE2ST_DEBUG"):
+            raise
+        fail(f"internal error ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+             "please report it; HE2ST_DEBUG=1 shows the traceback", 3)
+    forget_created()

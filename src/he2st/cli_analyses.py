@@ -11,6 +11,9 @@ from typing import Annotated
 
 import typer
 
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace existing outputs that he2st did not write "
+                                                             "(default: refuse them)")]
+
 
 def _list(text: str | None) -> list[str] | None:
     return [g.strip() for g in text.split(",") if g.strip()] if text else None
@@ -34,14 +37,16 @@ def stack(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     weights: Annotated[Path | None, typer.Option(help="encoder weights file (default: as the model's training "
                                                       "features)")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """3D expression from serial H&E sections: register consecutive sections (rigid, then affine), predict
     each on one common grid, write <out>/stack.h5ad (x, y, z in µm) with stack.png and stack.html."""
-    from he2st.io import write_json_atomic
+    from he2st.io import allow_overwrite, write_json_atomic
     from he2st.methods import load_method
     from he2st.report.stack_view import draw_stack_png, stack_genes, write_stack_html
     from he2st.workflows.stack import build_stack, evaluate_stack
 
+    allow_overwrite(overwrite)
     result = build_stack(sections, spacing_um, load_method(model), model, out, pitch_um, interpolate, mpp,
                          _list(genes), register, device, weights)
     info = result.adata.uns["he2st_stack"]["transforms"]
@@ -82,11 +87,15 @@ def survival(
     penalizer: Annotated[float, typer.Option(help="Cox model L2 penalty")] = 0.1,
     bootstrap: Annotated[int, typer.Option(help="bootstrap draws for the 95% intervals")] = 500,
     seed: Annotated[int, typer.Option(help="seed of the folds and the bootstrap")] = 0,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Survival from predicted expression: slide features, a Cox model and a DFS classifier at --horizon,
     cross-validated C-index and time-dependent AUC with bootstrap intervals, and a Kaplan-Meier plot of the
     out-of-fold risk groups (results.json, risk.csv, km.png in --out)."""
+    from he2st.io import allow_overwrite
     from he2st.report.survival_plot import draw_km
+
+    allow_overwrite(overwrite)
     from he2st.workflows.survival import run_survival
 
     result = run_survival(slides, out, horizon, signature, _list(genes), tls, tls_threshold, folds, penalizer,

@@ -16,6 +16,8 @@ ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="checkpoint from `
 GenesOpt = Annotated[str | None, typer.Option(help="comma-separated genes (default: predict all panel genes; "
                                                     "plot the most variable)")]
 SampleOpt = Annotated[Path | None, typer.Option("--sample", help="measured he2st sample .h5ad to compare with")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace existing outputs that he2st did not write "
+                                                             "(default: refuse them)")]
 
 
 def _genes(text: str | None) -> list[str] | None:
@@ -54,21 +56,27 @@ def predict(
     engine: Annotated[str, typer.Option(help="for several slides: local (a process pool) or ray")] = "local",
     workers: Annotated[int, typer.Option(help="slides predicted at once")] = 2,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray instance)")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Predict expression over a new slide: hexagonal spots on detected tissue -> one .h5ad (resumable).
 
-    Settings (PredictConfig) come from defaults < --config YAML < --set key=value < the flags above."""
+    Settings (PredictConfig) come from defaults < --config YAML < --set key=value < the flags above.
+    Exit status: 0 every slide predicted; 1 some slides failed (each named in an `error:` line on stderr,
+    the others written, all listed in <out>/index.csv); 2 bad input before any work (one `error:` line)."""
+    from he2st.io import allow_overwrite
     from he2st.methods import load_method
     from he2st.predict import PredictConfig, run_prediction
     from he2st.progress import progress_bar
     from he2st.workflows.config import load_config
+
+    allow_overwrite(overwrite)  # the maps too
 
     slides = list(slide or [])
     cfg = load_config(PredictConfig, config, set_, model=str(model), slide=_path(slides[0]) if len(slides) == 1 else None,
                       out=_path(out), mpp=mpp,
                       pitch_um=pitch_um, spots_from=_path(spots_from), mask=_path(mask), genes=genes,
                       chunk=chunk, batch_size=batch_size, weights=_path(weights), device=device, stain=stain,
-                      tta=tta, library_id=library_id, format=format)
+                      tta=tta, library_id=library_id, format=format, overwrite=overwrite or None)
     if manifest is not None or len(slides) > 1:
         _predict_many(model, cfg, slides, manifest, engine, workers, address)
         return
@@ -92,13 +100,15 @@ def _predict_many(model: Path, cfg, slides: list[Path], manifest: Path | None, e
     from he2st.workflows.batch_predict import predict_many, read_manifest, slide_configs
 
     rows = ([{"slide": str(s)} for s in slides]) + (read_manifest(manifest) if manifest is not None else [])
-    configs = slide_configs(cfg, rows)
+    configs = slide_configs(cfg, rows, manifest)
     with progress_bar(len(configs), f"predict ({engine}, {workers} workers)") as advance:
         outcomes = predict_many(model, configs, cfg.out, engine, workers, address, on_done=lambda _: advance(1))
     for o in outcomes:
         typer.echo(f"{o.status}\t{o.slide}\t{o.output or o.error}")
-    failed = sum(o.status == "failed" for o in outcomes)
-    typer.echo(f"{len(outcomes) - failed} of {len(outcomes)} slides predicted; index: {cfg.out / 'index.csv'}")
+    failed = [o for o in outcomes if o.status == "failed"]
+    typer.echo(f"{len(outcomes) - len(failed)} of {len(outcomes)} slides predicted; index: {cfg.out / 'index.csv'}")
+    for o in failed:  # the failure summary: one line per slide, on stderr
+        typer.echo(f"error: {o.error if o.error.startswith(o.slide) else f'{o.slide}: {o.error}'}", err=True)
     if failed:
         raise typer.Exit(1)
 
@@ -114,8 +124,12 @@ def plot(
     genes: GenesOpt = None,
     sample: SampleOpt = None,
     n: Annotated[int, typer.Option(help="number of genes when --genes is not given")] = 6,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Maps of predicted expression over the H&E; with --sample, predicted vs measured with per-gene Pearson."""
+    from he2st.io import allow_overwrite
+
+    allow_overwrite(overwrite)
     from he2st.report.plots import pair_with_measured, plot_prediction
 
     folder = out or prediction.with_suffix("")
@@ -138,9 +152,13 @@ def report(
     results: Annotated[Path | None, typer.Option(help="results.json of `he2st benchmark`/`evaluate`")] = None,
     genes: GenesOpt = None,
     title: Annotated[str | None, typer.Option(help="report title")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """One self-contained HTML report: summary, metrics, maps, measured comparison, training curves, uncertainty."""
     from he2st.errors import He2stError
+    from he2st.io import allow_overwrite
+
+    allow_overwrite(overwrite)
     from he2st.report.html import build_report
 
     if out is not None and out.suffix.lower() in (".html", ".htm"):

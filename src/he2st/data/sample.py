@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from he2st.data.slide import Slide, open_slide
 from he2st.errors import He2stError, He2stWarning
-from he2st.io import atomic_path, safe_name
+from he2st.io import atomic_path, read_h5ad_checked, safe_name
 
 META_KEY = "he2st"
 HIRES_PX = 2000  # long side of the hires image in uns["spatial"] (Space Ranger's tissue_hires_image)
@@ -124,12 +124,7 @@ class Sample:
     @classmethod
     def load(cls, path: str | Path) -> Sample:
         path = Path(path)
-        if not path.exists():
-            raise He2stError("sample file not found", path)
-        try:
-            adata = ad.read_h5ad(path)
-        except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types for bad files
-            raise He2stError(f"not a readable .h5ad file ({type(exc).__name__}: {exc})", path) from exc
+        adata = read_h5ad_checked(path, "sample file")
         meta = adata.uns.pop(META_KEY, None)
         if meta is None:
             raise He2stError("not a he2st sample file (no uns['he2st']); use read_h5ad_sample for plain .h5ad", path)

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from he2st.errors import He2stError
+from he2st.io import file_type, input_path
 
 # Largest plain (non-tiled) image we agree to decode. Pillow's default bomb guard (~89 Mpx) trips on
 # ordinary ST images (her2st JPEGs are ~92 Mpx); we raise the limit for our own reads only.
@@ -90,8 +91,19 @@ class Slide(ABC):
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + width, lw), min(ly + height, lh)
         if x1 > x0 and y1 > y0:
-            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._read_inside(level, x0, y0, x1 - x0, y1 - y0)
+            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._decoded(level, x0, y0, x1 - x0, y1 - y0)
         return out
+
+    def _decoded(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """:meth:`_read_inside`, with a damaged file (a truncated copy, a corrupt tile) said in one line naming it."""
+        try:
+            return self._read_inside(level, x, y, width, height)
+        except He2stError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - decoders (JPEG, LZW, openslide, ...) raise many types
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise He2stError(f"image data cannot be decoded: truncated or corrupt ({type(exc).__name__}"
+                             f"{': ' + text if text else ''})", getattr(self, "path", None)) from exc
 
     @abstractmethod
     def _read_inside(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -103,7 +115,7 @@ class Slide(ABC):
         scale = min(1.0, max_side / max(w0, h0))
         level = self.best_level(1.0 / scale)
         lw, lh = self.level_dimensions[level]
-        img = Image.fromarray(self._read_inside(level, 0, 0, lw, lh))
+        img = Image.fromarray(self._decoded(level, 0, 0, lw, lh))
         size = (max(1, round(w0 * scale)), max(1, round(h0 * scale)))
         return np.asarray(img.resize(size, Image.Resampling.BILINEAR)), scale
 
@@ -264,11 +276,7 @@ class PlainImageSlide(Slide):
 
 def open_slide(path: str | Path) -> Slide:
     """Open an image with the backend that suits its format; errors name the file."""
-    path = Path(path)
-    if not path.exists():
-        raise He2stError("image file not found", path)
-    if not path.is_file():
-        raise He2stError("image path is not a file", path)
+    path = input_path(path, "image file")
     suffix = path.suffix.lower()
     if suffix in PLAIN_SUFFIXES or (suffix == ".gz" and Path(path.stem).suffix.lower() in PLAIN_SUFFIXES):
         return PlainImageSlide(path)
@@ -296,7 +304,7 @@ def _open_with_openslide(path: Path) -> Slide:
         try:
             return PlainImageSlide(path)
         except He2stError as exc:
-            raise He2stError("not a readable image or whole-slide file", path) from exc
+            raise He2stError(f"not a readable image or whole-slide file (it is {file_type(path)})", path) from exc
     return OpenSlideSlide(path)
 
 

@@ -17,7 +17,7 @@ from he2st.data.patches import PatchSpec, patch_cache_path
 from he2st.data.sample import Sample
 from he2st.data.splits import Fold
 from he2st.errors import He2stError
-from he2st.io import inside, safe_name, write_text_atomic
+from he2st.io import inside, path_kind, safe_name, write_text_atomic
 
 
 class Workspace:
@@ -28,11 +28,11 @@ class Workspace:
         return self._inside(self.root / "samples" / f"{safe_name(sample_id, 'sample id')}.h5ad")
 
     def sample_ids(self) -> list[str]:
-        return sorted(p.stem for p in (self.root / "samples").glob("*.h5ad"))
+        return sorted(p.stem for p in (self.root / "samples").glob("*.h5ad") if not p.name.startswith("."))
 
     def load_sample(self, sample_id: str) -> Sample:
         path = self.sample_path(sample_id)
-        if not path.exists():
+        if path_kind(path) == "missing":  # a link loop, a folder, ...: Sample.load names what it is
             known = ", ".join(self.sample_ids()) or "none"
             raise He2stError(f"sample {sample_id!r} is not prepared here (prepared: {known}); run `he2st prepare`", path)
         return Sample.load(path)

@@ -14,12 +14,27 @@ import pandas as pd
 
 from he2st.evaluate.scoring import FoldResult, summarise, summarise_extra
 from he2st.evaluate.tables import markdown_report
-from he2st.io import jsonable, write_json_atomic, write_text_atomic
+from he2st.io import check_folder, check_output, jsonable, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from he2st.evaluate.tls_benchmark import TlsReport
 
-__all__ = ["write_results"]
+__all__ = ["check_results_folder", "result_paths", "write_results"]
+
+
+def result_paths(out_dir: str | Path) -> dict[str, Path]:
+    """The files :func:`write_results` writes, keyed "json", "summary", "per_gene", "markdown"."""
+    out = Path(out_dir)
+    return {"json": out / "results.json", "summary": out / "summary.csv", "per_gene": out / "per_gene.csv",
+            "markdown": out / "results.md"}
+
+
+def check_results_folder(out_dir: str | Path, extra: tuple[str, ...] = ()) -> None:
+    """Before a run's work: refuse (one line) a results folder he2st cannot write, or result files in it that
+    he2st did not write (:func:`he2st.io.check_output`)."""
+    check_folder(out_dir)
+    for path in [*result_paths(out_dir).values(), *(Path(out_dir) / name for name in extra)]:
+        check_output(path)
 
 
 def _fold_record(r: FoldResult) -> dict[str, Any]:
@@ -72,13 +87,7 @@ def write_results(
     )
     per_gene = per_gene[["method", "fold", *[c for c in per_gene.columns if c not in ("method", "fold")]]]
 
-    out = Path(out_dir)
-    paths = {
-        "json": out / "results.json",
-        "summary": out / "summary.csv",
-        "per_gene": out / "per_gene.csv",
-        "markdown": out / "results.md",
-    }
+    paths = result_paths(out_dir)
     write_json_atomic(paths["json"], document)
     write_text_atomic(paths["summary"], summary.to_csv(index=False))
     write_text_atomic(paths["per_gene"], per_gene.to_csv(index=False))

@@ -22,6 +22,7 @@ from scipy.spatial import cKDTree
 from sklearn.metrics import roc_auc_score
 
 from he2st.errors import He2stError
+from he2st.io import table_path
 
 HER2ST_MODEL = Path("res") / "TLS-pred" / "coef-full.tsv.gz"  # inside the her2st dataset folder
 HER2ST_SIGNATURE = Path("res") / "TLS-pred" / "tls-signature.tsv.gz"  # its 172-gene signature, same folder
@@ -62,9 +63,7 @@ class TlsModel:
     def read(cls, path: str | Path) -> TlsModel:
         """A two-column table (gene, weight; tab- or comma-separated, one header row); a row named
         ``intercept`` is the intercept."""
-        path = Path(path)
-        if not path.exists():
-            raise He2stError("TLS model/signature file not found", path)
+        path = table_path(path, "TLS model/signature file")
         try:
             table = pd.read_csv(path, sep=None, engine="python", index_col=0)
         except (OSError, ValueError, UnicodeDecodeError) as exc:

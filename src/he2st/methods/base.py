@@ -23,7 +23,7 @@ from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.data.splits import validation_mask
 from he2st.errors import He2stError, one_line
-from he2st.io import atomic_path
+from he2st.io import atomic_path, check_output
 from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.card import ModelCard
 from he2st.methods.checkpoint import CHECKPOINT_FORMAT
@@ -238,6 +238,8 @@ class Method(ABC):
             payload["reliability"] = {"layout": json.dumps(self.reliability.layout()),
                                       "state": self.reliability.state()}
         path = Path(path)
+        check_output(path)  # before the bank is written or removed: both are refused unless he2st's own
+        check_output(self.bank_path(path))
         if self.bank is not None:
             self.bank.save(self.bank_path(path))
         elif self.bank_path(path).exists():

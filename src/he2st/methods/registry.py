@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from he2st.errors import He2stError
+
+from he2st.io import file_type, input_path
 
 if TYPE_CHECKING:
     from he2st.methods.base import Method
@@ -135,19 +138,24 @@ def load_method(path: str | Path) -> Method:
     """Load any method's checkpoint safely (tensors and JSON only; pickled objects are refused)."""
     import torch
 
-    from he2st.methods.layers.bank import ReferenceBank
     from he2st.methods.base import Method
     from he2st.methods.card import ModelCard
     from he2st.methods.checkpoint import CHECKPOINT_FORMAT
+    from he2st.methods.layers.bank import ReferenceBank
     from he2st.methods.reliability import Reliability
 
-    path = Path(path)
-    if not path.exists():
-        raise He2stError("checkpoint not found", path)
+    path = input_path(path, "checkpoint")
+    kind = file_type(path)
+    if not kind.startswith("a zip archive"):  # torch.save writes a zip archive
+        raise He2stError(f"not a he2st checkpoint: it is {kind} (a checkpoint is the .pt file `he2st train` "
+                         "writes)", path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - the unpickler raises many types for unsafe/corrupt files
-        raise He2stError(f"refusing checkpoint: not a safe he2st checkpoint ({type(exc).__name__})", path) from exc
+    except pickle.UnpicklingError as exc:  # objects other than tensors and plain values
+        raise He2stError("refusing checkpoint: it holds pickled objects, not only tensors and JSON (not a safe "
+                         "he2st checkpoint)", path) from exc
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged archives
+        raise He2stError(f"not a readable checkpoint: truncated or corrupt ({type(exc).__name__})", path) from exc
     if not isinstance(payload, dict) or "method" not in payload or "format" not in payload:
         raise He2stError("not a he2st checkpoint (missing format/method)", path)
     if payload["format"] != CHECKPOINT_FORMAT:

@@ -49,6 +49,7 @@ class PredictConfig(BaseModel):
                                                      "with spots_from)")
     thumbnail_px: int = Field(2000, gt=0, description="long side of the thumbnail (tissue detection, hires image)")
     max_upsample: float = Field(MAX_UPSAMPLE, gt=0, description="refuse slides that need more upsampling")
+    overwrite: bool = Field(False, description="replace outputs he2st did not write (default: refuse them)")
 
     @field_validator("library_id")
     @classmethod

@@ -25,6 +25,7 @@ import numpy as np
 from he2st.errors import He2stError
 
 START_ANGLES_DEG = tuple(range(0, 360, 30))  # rigid starts: mounting angle is unknown
+SAMPLING_SEED = 1  # the metric's sample points; SimpleITK reads 0 (sitkWallClock) as "seed from the clock"
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def _method(sitk, metric: str, um_per_px: float, iterations: int = 200):
     if metric == "mattes":
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
         reg.SetMetricSamplingStrategy(reg.REGULAR)
-        reg.SetMetricSamplingPercentage(0.5, seed=0)
+        reg.SetMetricSamplingPercentage(0.5, seed=SAMPLING_SEED)  # the same points on every run
     else:
         reg.SetMetricAsMeanSquares()
     reg.SetInterpolator(sitk.sitkLinear)
@@ -145,14 +146,30 @@ def _method(sitk, metric: str, um_per_px: float, iterations: int = 200):
     return reg
 
 
+def _smoothed(sitk, image, sigma: float):
+    """Gaussian smoothing in one thread (as the registration itself: a rerun gives the same numbers)."""
+    smoother = sitk.SmoothingRecursiveGaussianImageFilter()
+    smoother.SetSigma(sigma)
+    smoother.SetNumberOfThreads(1)
+    return smoother.Execute(image)
+
+
 def register_sections(fixed: SectionImage, moving: SectionImage) -> Registration:
     """Rigid (masks, several starting angles) then affine (grey levels) registration of ``moving`` onto
     ``fixed``; see the module docstring."""
     sitk = _sitk()
     if not fixed.mask.any() or not moving.mask.any():
         raise He2stError("cannot register a section without tissue")
-    smooth = [sitk.SmoothingRecursiveGaussian(_image(sitk, s.mask, s.um_per_px), 2 * s.um_per_px)
-              for s in (fixed, moving)]
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # every filter inside (pyramids, initialiser) in one
+    try:  # thread: sums add up in one order, so a rerun gives the same transform to the last bit
+        return _register(sitk, fixed, moving)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _register(sitk, fixed: SectionImage, moving: SectionImage) -> Registration:
+    smooth = [_smoothed(sitk, _image(sitk, s.mask, s.um_per_px), 2 * s.um_per_px) for s in (fixed, moving)]
     best, best_value = None, np.inf
     for angle in START_ANGLES_DEG:
         start = sitk.CenteredTransformInitializer(smooth[0], smooth[1], sitk.Euler2DTransform(),

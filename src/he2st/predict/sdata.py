@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import uuid
 import warnings
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image
 
 from he2st.data.slide import Slide, open_slide
 from he2st.errors import He2stError
+from he2st.io import atomic_folder, output_lock
 
 COORDINATES = "um"
 TILE_PX = 2048  # dask chunk (and zarr chunk) side of the full-resolution image
@@ -37,8 +37,9 @@ SMALLEST_LEVEL_PX = 256  # the pyramid is halved until its long side is about th
 
 
 def write_spatialdata(prediction: Path, store: Path, image: str = "hires") -> Path:
-    """Write the finished ``prediction`` (.h5ad) as the SpatialData store ``store`` (replaced atomically);
-    ``image`` is ``"hires"`` (the 2,000 px view) or ``"full"`` (the slide at full resolution)."""
+    """Write the finished ``prediction`` (.h5ad) as the SpatialData store ``store`` (replaced atomically, and
+    only when it is he2st's own or ``--overwrite`` allows it: :func:`he2st.io.atomic_folder`); ``image`` is
+    ``"hires"`` (the 2,000 px view) or ``"full"`` (the slide at full resolution)."""
     try:
         import spatialdata
         from spatialdata.models import ShapesModel, TableModel
@@ -60,9 +61,9 @@ def write_spatialdata(prediction: Path, store: Path, image: str = "hires") -> Pa
     table.obs["region"] = pd.Categorical(["spots"] * table.n_obs)
     table.obs["spot_id"] = np.arange(table.n_obs)
     table = TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
-    partial = store.with_name(f".{store.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(output_lock(store))
+        partial = stack.enter_context(atomic_folder(store))
         if image == "full":
             slide = stack.enter_context(open_slide(meta["slide"]))  # open while the tiles are read and written
             he = slide_pyramid(slide, mpp)
@@ -70,11 +71,9 @@ def write_spatialdata(prediction: Path, store: Path, image: str = "hires") -> Pa
             hires = np.moveaxis(np.asarray(library["images"]["hires"]), -1, 0)  # (c, y, x)
             he = _pyramid(hires, mpp / float(library["scalefactors"]["tissue_hires_scalef"]))  # hires px -> µm
         sdata = spatialdata.SpatialData(images={"he": he}, shapes={"spots": spots}, tables={"table": table})
-        with warnings.catch_warnings():  # anndata's notice about its future zarr defaults, once per array written
-            warnings.filterwarnings("ignore", message="zarr v3 autosharding will be the default", category=UserWarning)
+        with warnings.catch_warnings():  # zarr's notes on its own future defaults are not the user's concern
+            warnings.filterwarnings("ignore", "zarr v3 autosharding", UserWarning)
             sdata.write(partial)
-    shutil.rmtree(store, ignore_errors=True)
-    partial.rename(store)
     return store
 
 

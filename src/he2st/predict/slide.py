@@ -34,7 +34,7 @@ from he2st.encoders import Encoder
 from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.encoders.spec import EncoderSpec
 from he2st.errors import He2stError
-from he2st.io import name_from_stem
+from he2st.io import check_output, name_from_stem, output_lock, overwriting, writing
 from he2st.methods import Method
 from he2st.predict.config import PredictConfig
 from he2st.predict.grid import SpotGrid, grid_from_sample, hex_grid
@@ -111,8 +111,15 @@ def run_prediction(
     size when ``mpp`` is None). The slide is encoded with the encoder, stain normalisation, TTA and
     weights the model card records (``stain``, ``tta``, ``weights`` override); ``encoder`` replaces
     loading it by name (tests, custom weights). A rerun with identical inputs returns the existing
-    file; an interrupted one resumes.
+    file; an interrupted one resumes. Outputs that he2st did not write are refused unless
+    ``config.overwrite``; another process predicting the same output is refused in one line naming it.
     """
+    with overwriting(config.overwrite):
+        return _run_prediction(config, method, encoder, on_chunk)
+
+
+def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | None,
+                    on_chunk: Callable[[ChunkInfo], None] | None) -> Path:
     trained_encoder, patch, trained = method.card.features(config.model)
     sample = Sample.load(config.spots_from) if config.spots_from is not None else None
     slide_path = config.slide
@@ -136,9 +143,14 @@ def run_prediction(
         thumb, scale = slide.thumbnail(config.thumbnail_px)
         grid, tissue_source = _spots(slide, thumb, scale, mpp, config.pitch_um, sample, config.mask)
         library_id = config.library_id or (sample.sample_id if sample is not None else name_from_stem(slide_path.stem))
+        final = config.output(library_id)
+        partial = final.with_suffix(".partial.h5")
+        check_output(final)  # before any work: a foreign file here is refused, not found out at the end
+        check_output(partial)
+        if config.format == "zarr":
+            check_output(final.with_suffix(".zarr"), folder=True)
         encoder = encoder or load_encoder(enc_cfg)
         _check_encoder(encoder, trained_encoder, config.model)
-        final = config.output(library_id)
         # a checkpoint file is identified by path, size and mtime; a method in memory by its tensors
         model_id = file_id(config.model) if config.model is not None else method_fingerprint(method)
         stamp = fingerprint({
@@ -150,13 +162,27 @@ def run_prediction(
         })
         if final.exists() and stored_fingerprint(final) == stamp:
             return _with_store(final, config)
-        partial = final.with_suffix(".partial.h5")
-        width = encoder.embed_dim * (2 if method.reads_field else 1)  # spot features, then the field's
-        open_partial(partial, stamp, grid, len(gene_index), width, config.chunk)
-        embedder = PatchEmbedder(encoder, enc_cfg, patch.size_px)
-        _run_chunks(slide, method, embedder, config.batch_size, grid, patch, mpp, library_id, gene_index, partial,
-                    config.chunk, on_chunk)
+        with output_lock(final):
+            width = encoder.embed_dim * (2 if method.reads_field else 1)  # spot features, then the field's
+            embedder = PatchEmbedder(encoder, enc_cfg, patch.size_px)
+            try:
+                with writing(partial):
+                    open_partial(partial, stamp, grid, len(gene_index), width, config.chunk)
+                    _run_chunks(slide, method, embedder, config.batch_size, grid, patch, mpp, library_id,
+                                gene_index, partial, config.chunk, on_chunk)
+                _finish(partial, final, stamp, method, config, encoder, embedder, patch, mpp, slide_path, sample,
+                        tissue_source, grid, gene_index, thumb, scale, library_id, stain, tta)
+            except He2stError:  # bad input (or a full disk) found part-way: nothing to resume, space to free
+                partial.unlink(missing_ok=True)
+                raise
+    return _with_store(final, config)
 
+
+def _finish(partial: Path, final: Path, stamp: str, method: Method, config: PredictConfig, encoder: Encoder,
+            embedder: PatchEmbedder, patch: PatchSpec, mpp: float, slide_path: Path, sample: Sample | None,
+            tissue_source: str, grid: SpotGrid, gene_index: list[int], thumb: np.ndarray, scale: float,
+            library_id: str, stain: str, tta: str) -> None:
+    """The finished ``.h5ad`` from the partial file (which is then removed)."""
     meta = {
         "fingerprint": stamp, "target_transform": method.card.target_scale, "method": method.name,
         "model": "" if config.model is None else str(Path(config.model).resolve()),
@@ -173,7 +199,6 @@ def run_prediction(
     write_h5ad(partial, final, grid, genes, thumb, scale, mpp, library_id, meta | {"coverage": config.coverage}, var)
     partial.unlink()
     warn_if_out_of_distribution(final)
-    return _with_store(final, config)
 
 
 def _with_store(final: Path, config: PredictConfig) -> Path:

@@ -21,7 +21,7 @@ import pandas as pd
 
 from he2st.data.sample import spatial_library
 from he2st.errors import He2stWarning
-from he2st.io import atomic_path
+from he2st.io import atomic_path, make_folder, record_output
 from he2st.methods import Method
 from he2st.predict.grid import SpotGrid
 
@@ -70,9 +70,10 @@ def open_partial(path: Path, fingerprint: str, grid: SpotGrid, n_genes: int, dim
                     return
         except (OSError, KeyError):
             pass
-        path.unlink()  # made another way (or unreadable): start again
-    path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink()  # made another way (or unreadable): start again (the caller checked it is he2st's own)
+    make_folder(path.parent)
     n, rows = len(grid), max(1, min(chunk, len(grid)))
+    record_output(path)
     with h5py.File(path, "w") as fh:
         fh.create_dataset("xy", data=grid.xy)
         fh.create_dataset("features", shape=(n, dim), dtype=np.float32, chunks=(rows, dim))

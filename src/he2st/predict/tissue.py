@@ -34,6 +34,7 @@ from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 
 from he2st.errors import He2stError
+from he2st.io import input_path
 
 DARK_V = 0.15  # below: no-data / black ink, never tissue
 MIN_TISSUE_SATURATION = 0.07  # floor on the Otsu threshold: glass-only slides stay empty
@@ -210,9 +211,7 @@ def load_mask(path: str | Path, shape: tuple[int, int] | None = None,
     The mask must have the slide's aspect ratio (``slide_size`` = level-0 (width, height), 2%
     tolerance) and is resized (nearest) to ``shape`` = (height, width) of the thumbnail it is used with.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise He2stError("mask file not found", path)
+    path = input_path(path, "mask file")
     try:
         with Image.open(path) as img:
             img.load()

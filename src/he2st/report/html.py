@@ -21,7 +21,7 @@ import numpy as np
 
 from he2st.data.sample import Sample
 from he2st.errors import He2stError
-from he2st.io import sha256_file, write_text_atomic
+from he2st.io import check_output, input_path, sha256_file, write_text_atomic
 from he2st.methods import ModelCard
 from he2st.report import plots
 from he2st.version import __version__
@@ -172,9 +172,7 @@ def _glossary(adata: ad.AnnData) -> str:
 def _load_results(results: str | Path | dict | None) -> dict | None:
     if results is None or isinstance(results, dict):
         return results
-    path = Path(results)
-    if not path.is_file():
-        raise He2stError("results file not found", path)
+    path = input_path(results, "results file")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -275,6 +273,7 @@ def build_report(
     and side-by-side maps. Training curves come from the prediction's model card, or from ``results``.
     """
     adata = plots.load_prediction(prediction)
+    check_output(out)  # before any work: a file he2st did not write is refused
     card = model_card(adata)
     doc = _load_results(results)
     genes = genes or plots.default_genes(adata, n_genes)

@@ -27,7 +27,7 @@ from he2st.data.genes import transform_counts
 from he2st.data.sample import Sample
 from he2st.errors import He2stError
 from he2st.evaluate.metrics import pearson_per_gene
-from he2st.io import atomic_path, sha256_file
+from he2st.io import atomic_path, check_folder, check_output, read_h5ad_checked, sha256_file
 
 UNCERTAINTY_KEYS = ("ood_score", "best_similarity", "dispersion")
 #: target transform -> (colour-bar label, what it means)
@@ -42,13 +42,7 @@ def load_prediction(prediction: str | Path | ad.AnnData) -> ad.AnnData:
     """A prediction AnnData from a path (errors name the file) or as given."""
     if isinstance(prediction, ad.AnnData):
         return prediction
-    path = Path(prediction)
-    if not path.is_file():
-        raise He2stError("prediction file not found", path)
-    try:
-        return ad.read_h5ad(path)
-    except Exception as exc:  # anndata/h5py raise many types for bad files
-        raise He2stError(f"not a readable .h5ad file ({type(exc).__name__})", path) from exc
+    return read_h5ad_checked(prediction, "prediction file")
 
 
 @dataclass
@@ -410,7 +404,9 @@ def plot_prediction(prediction: str | Path | ad.AnnData, out_dir: str | Path, ge
     """Write ``maps.png`` (+ ``uncertainty.png``; with a measured sample ``compare.png``, ``scatter.png``,
     ``pearson.png``)."""
     adata = load_prediction(prediction)
-    out = Path(out_dir)
+    out = check_folder(out_dir)
+    for name in ("maps.png", "uncertainty.png", "compare.png", "scatter.png", "pearson.png"):
+        check_output(out / name)  # before any work: files he2st did not write are refused
     paired = None if sample is None else pair_with_measured(adata, sample)  # refused before anything is written
     paths = {"maps": save_figure(expression_maps(adata, genes, n), out / "maps.png")}
     unc = uncertainty_map(adata)

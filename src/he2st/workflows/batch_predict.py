@@ -12,14 +12,15 @@ from __future__ import annotations
 import csv
 import io
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from he2st.errors import He2stError
-from he2st.io import inside, write_text_atomic
+from he2st.errors import He2stError, He2stWarning
+from he2st.io import check_output, inside, name_from_stem, table_path, write_text_atomic
 from he2st.predict import PredictConfig
 from he2st.workflows.engines import run_tasks
 
@@ -38,8 +39,7 @@ class SlideOutcome:
 def read_manifest(path: Path) -> list[dict[str, str]]:
     """Rows of a CSV with a ``slide`` column and optional ``mpp``, ``spots_from`` and ``out`` columns;
     relative input paths are relative to the manifest's folder, ``out`` to the command's output folder."""
-    if not path.is_file():
-        raise He2stError("manifest not found", path)
+    table_path(path, "manifest")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -58,20 +58,62 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def slide_configs(base: PredictConfig, rows: list[dict[str, str]]) -> list[PredictConfig]:
+def slide_configs(base: PredictConfig, rows: list[dict[str, str]], manifest: Path | None = None) -> list[PredictConfig]:
     """One prediction config per row: the command's settings with the row's slide, mpp, spots and output (a
-    folder inside the command's ``out``: a row cannot send its files elsewhere)."""
-    configs = []
-    for row in rows:
+    folder inside the command's ``out``: a row cannot send its files elsewhere).
+
+    Before any work: a row that repeats an earlier one (same slide, spots, mpp and output) is merged into it
+    with a warning; two different rows that would write the same output file are refused in one line (they
+    would overwrite each other, or fight over one partial file)."""
+    configs: list[PredictConfig] = []
+    seen: dict[tuple, str] = {}
+    outputs: dict[Path, str] = {}
+    for i, row in enumerate(rows):
+        where = f"row {i + 2}" if manifest is not None else f"--slide {row['slide']}"
         update = {"slide": Path(row["slide"]), "library_id": None}
         if "mpp" in row:
-            update["mpp"] = float(row["mpp"])
+            try:
+                update["mpp"] = float(row["mpp"])
+            except ValueError:
+                raise He2stError(f"{where}: mpp {row['mpp']!r} is not a number", manifest) from None
         if "spots_from" in row:
             update["spots_from"] = Path(row["spots_from"])
         if "out" in row:
             update["out"] = inside(base.out, base.out / row["out"], f"manifest out of {Path(row['slide']).name}:")
-        configs.append(base.model_copy(update=update))
+        config = base.model_copy(update=update)
+        key = (_same(config.slide), _same(config.spots_from), config.mpp, _same(config.out))
+        if key in seen:
+            warnings.warn(f"{manifest or 'predict'}: {where} repeats {seen[key]} ({row['slide']}): predicted once",
+                          He2stWarning, stacklevel=2)
+            continue
+        seen[key] = where
+        output = _output_of(config)
+        if output is not None and output in outputs:
+            raise He2stError(f"{outputs[output]} and {where} would both write {output}; give one of them its own "
+                             "out column (or rename a slide)", manifest)
+        if output is not None:
+            outputs[output] = where
+        configs.append(config)
     return configs
+
+
+def _same(path: Path | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+def _output_of(config: PredictConfig) -> Path | None:
+    """The ``.h5ad`` a row writes (None when it depends on a sample file that cannot be read here: that row
+    then fails on its own)."""
+    if config.spots_from is None:
+        return Path(_same(config.output(name_from_stem(Path(config.slide).stem))))
+    try:
+        import h5py
+
+        with h5py.File(config.spots_from, "r") as fh:
+            value = fh["uns/he2st/sample_id"][()]
+        return Path(_same(config.output(value.decode() if isinstance(value, bytes) else str(value))))
+    except (OSError, KeyError, He2stError):
+        return None
 
 
 def predict_one(model: str, config: PredictConfig, threads: int) -> SlideOutcome:
@@ -86,8 +128,11 @@ def predict_one(model: str, config: PredictConfig, threads: int) -> SlideOutcome
     try:
         path = run_prediction(config, load_method(model))
         return SlideOutcome(str(config.slide), "done", str(path), "", time.perf_counter() - start)
-    except Exception as exc:  # noqa: BLE001 - a failing slide is recorded, the others go on
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except He2stError as exc:  # a failing slide is recorded, the others go on
+        return SlideOutcome(str(config.slide), "failed", "", " ".join(str(exc).split()), time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001 - not bad input: named with its type
+        text = str(exc).strip()
+        message = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
         return SlideOutcome(str(config.slide), "failed", "", message, time.perf_counter() - start)
 
 
@@ -95,6 +140,7 @@ def predict_many(model: str | Path, configs: list[PredictConfig], out: Path, eng
                  workers: int = 2, address: str | None = None,
                  on_done: Callable[[SlideOutcome], None] | None = None) -> list[SlideOutcome]:
     """Predict every slide with ``engine``; write ``<out>/index.csv``; return the outcomes in input order."""
+    check_output(out / "index.csv")  # before any work
     outcomes = run_tasks(predict_one, [(str(model), cfg) for cfg in configs], engine, workers, address, on_done)
     write_index(out / "index.csv", outcomes)
     return outcomes

@@ -22,11 +22,11 @@ from he2st.data.patches import warn_if_too_coarse
 from he2st.data.splits import Fold, check_fold, inner_folds
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
-from he2st.evaluate.results import write_results
+from he2st.evaluate.results import check_results_folder, write_results
 from he2st.evaluate.scoring import FoldResult, average_results, summarise, summarise_extra
 from he2st.evaluate.tables import extra_markdown, reliability_markdown, to_markdown
 from he2st.evaluate.tls_benchmark import TlsReport
-from he2st.io import atomic_path, sha256_file, write_text_atomic
+from he2st.io import atomic_path, check_output, sha256_file, write_text_atomic
 from he2st.methods import method_class
 from he2st.version import __version__
 from he2st.workflows.config import BenchmarkConfig, dump_config
@@ -80,6 +80,27 @@ def write_predictions(ws: Workspace, folder: Path, run: FoldRun, fold: str) -> N
             adata.write_h5ad(tmp)
 
 
+def missing_folds(ws: Workspace, scheme: str) -> He2stError:
+    """Why a work folder has no ``scheme`` folds, in one line that names the real cause: no samples, samples
+    of a single patient (leave-one-patient-out needs two; leave-one-sample-out is offered when there are two
+    samples), a single sample, or folds that were prepared for another scheme."""
+    ids = ws.sample_ids()
+    if not ids:
+        return He2stError(f"no prepared samples in {ws.root}: run `he2st prepare` first, or pass --dataset her2st")
+    patients = {sid: ws.load_sample(sid).patient_id for sid in ids}
+    names = ", ".join(ids)
+    if scheme == "lopo" and len(set(patients.values())) < 2:
+        offer = (" ; to hold out one sample at a time instead, run `he2st prepare --set folds.scheme=loso` and "
+                 "`he2st benchmark --folds loso`" if len(ids) >= 2 else "")
+        return He2stError(f"all prepared samples ({names}) are of one patient ({patients[ids[0]]}): "
+                          f"leave-one-patient-out folds need samples of at least 2 patients{offer}".replace(" ;", ";"),
+                          ws.root)
+    if len(ids) < 2:
+        return He2stError(f"only one prepared sample ({names}): {scheme} folds need at least 2 samples", ws.root)
+    return He2stError(f"no {scheme} folds prepared here: run `he2st prepare --set folds.scheme={scheme}` first",
+                      ws.root)
+
+
 def benchmark_folds(config: BenchmarkConfig, ws: Workspace) -> tuple[list[Fold], dict[str, str]]:
     """The prepared folds, or with ``inner_of`` the folds nested inside that one's training samples."""
     folds, patients = ws.load_folds(config.folds.scheme)
@@ -115,6 +136,27 @@ def tls_report(config: BenchmarkConfig) -> TlsReport | None:
         return TlsReport(config.tls_model, skipped=str(exc))
 
 
+def benchmark_variants(config: BenchmarkConfig) -> list[tuple[str, str, dict]]:
+    """``(row label, method, options)`` of every row the run fits: the methods, then their ablations."""
+    variants: list[tuple[str, str, dict]] = [(m, m, {}) for m in config.methods]
+    if config.ablation:
+        variants += ablation_variants(config.methods, config.ablation_only)
+    return variants
+
+
+def check_outputs(config: BenchmarkConfig) -> Path:
+    """The run's folder ``<work>/runs/<name>``, once every file the run writes there is known to be writable:
+    absent or he2st's own (or ``--overwrite``); else one line naming the file."""
+    ws = Workspace(config.work_dir)
+    out_dir = ws.run_dir(config.name)
+    check_results_folder(out_dir, ("config.yaml",))
+    tested = sorted({s for fold in benchmark_folds(config, ws)[0] for s in fold.test})
+    for label, _, _ in benchmark_variants(config):
+        for sid in tested:
+            check_output(out_dir / "predictions" / label / f"{sid}.h5ad")
+    return out_dir
+
+
 def run_benchmark(
     config: BenchmarkConfig, command: str | None = None, log: Callable[[str], None] | None = None
 ) -> BenchmarkOutcome:
@@ -122,9 +164,8 @@ def run_benchmark(
     folds, patients = benchmark_folds(config, ws)
     for sid in sorted({s for fold in folds for s in [*fold.train, *fold.test]}):
         warn_if_too_coarse(ws.load_sample(sid), config.patch)
-    variants: list[tuple[str, str, dict]] = [(m, m, {}) for m in config.methods]
-    if config.ablation:
-        variants += ablation_variants(config.methods, config.ablation_only)
+    variants = benchmark_variants(config)
+    out_dir = check_outputs(config)  # before any work: files he2st did not write are refused
     results, audits, runs = [], {}, {}
     failures: dict[str, str] = {}
     tls = tls_report(config)
@@ -168,7 +209,6 @@ def run_benchmark(
                     f"hvg{config.n_top} {scores[f'hvg{config.n_top}']['pearson_mean']:.3f}"
                     + (f"  coverage90 {scores['all']['coverage90']:.2f}" if "coverage90" in scores["all"] else "")
                     + f"  ({run.seconds:.1f} s)")
-    out_dir = ws.run_dir(config.name)
     prov = provenance(config, ws, command)
     prov["audit"] = {f"{m}/{f}": a.__dict__ for (m, f), a in audits.items()}
     prov["failures"] = failures

@@ -18,7 +18,7 @@ from he2st.data.genes import GeneConfig
 from he2st.data.patches import PatchSpec
 from he2st.data.readers import SampleSource
 from he2st.errors import He2stError, one_line
-from he2st.io import safe_name
+from he2st.io import safe_name, table_path
 from he2st.methods import method_class
 
 WORK_DIR_ENV = "HE2ST_WORK_DIR"
@@ -108,12 +108,10 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     """
     tree: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise He2stError("config file not found", path)
+        path = table_path(path, "config file", empty_ok=True)  # a readable text file (YAML is text), else one line saying what it is
         try:
             tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise He2stError(f"invalid YAML ({exc.__class__.__name__})", path) from exc
         if not isinstance(tree, dict):
             raise He2stError("config file must contain a mapping", path)

@@ -25,6 +25,7 @@ from he2st.data.patches import PatchCache, PatchSpec
 from he2st.encoders import Encoder
 from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.errors import He2stError
+from he2st.io import check_output, make_folder, output_lock, record_output, writing
 from he2st.workflows.engines import run_tasks
 
 FORMAT = 1
@@ -100,9 +101,20 @@ def embed_cache(
     wanted = recipe(config, encoder, cache)
     if finished(out, wanted, cache):
         return EmbedResult(out, len(cache), 0.0, reused=True)
+    with output_lock(out, wait=True):  # another process embedding this sample: wait, then reuse its file
+        if finished(out, wanted, cache):
+            return EmbedResult(out, len(cache), 0.0, reused=True)
+        return _embed_locked(embedder, encoder, cache, out, config, wanted, on_progress)
+
+
+def _embed_locked(embedder: PatchEmbedder | None, encoder: Encoder, cache: PatchCache, out: Path,
+                  config: EmbedConfig, wanted: dict[str, str], on_progress: Callable[[int], None] | None,
+                  ) -> EmbedResult:
+    partial = out.with_name(out.name + ".partial.h5")
+    check_output(out)
+    check_output(partial)
     out.unlink(missing_ok=True)  # the sample changed (or the file is corrupt): recompute
     embedder = embedder or PatchEmbedder(encoder, config, cache.spec.size_px, config.token_grid)
-    partial = out.with_name(out.name + ".partial.h5")
     n, dim = len(cache), encoder.embed_dim
     done = 0
     if partial.exists():
@@ -117,13 +129,14 @@ def embed_cache(
             partial.unlink()
             done = 0
     if done == 0 and not partial.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(out.parent)
+        record_output(partial)
         with h5py.File(partial, "w") as fh:
             fh.create_dataset("embeddings", shape=(n, dim), dtype=np.float32)
             fh.create_dataset("barcodes", data=np.array([b.encode() for b in cache.barcodes]))
             fh.attrs.update(wanted | {"format": FORMAT, "n_done": 0, "patch_cache": str(cache.path)})
     start_time = time.perf_counter()
-    with h5py.File(partial, "a") as fh, torch.inference_mode():
+    with writing(partial), h5py.File(partial, "a") as fh, torch.inference_mode():
         emb = fh["embeddings"]
         for start, batch in _patch_chunks(cache.path, done, n, config.batch_size, config.num_workers):
             vectors, tokens = embedder(batch)
@@ -139,6 +152,7 @@ def embed_cache(
                 on_progress(len(vectors))
         fh.attrs["runtime"] = embedder.runtime
     seconds = time.perf_counter() - start_time
+    record_output(out)
     os.replace(partial, out)
     return EmbedResult(out, n, seconds, reused=False)
 

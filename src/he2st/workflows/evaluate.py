@@ -14,7 +14,7 @@ from he2st.data.spots import load_spots
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
 from he2st.evaluate.gene_sets import test_sample_gene_sets
-from he2st.evaluate.results import write_results
+from he2st.evaluate.results import check_results_folder, write_results
 from he2st.evaluate.scoring import FoldResult, evaluate_fold, summarise
 from he2st.evaluate.tables import to_markdown
 from he2st.methods import load_method
@@ -29,6 +29,7 @@ def evaluate_model(
     if not sample_ids:
         raise He2stError("no samples to evaluate (--samples is empty)")
     method = load_method(model_path)
+    check_results_folder(out_dir)
     card = method.card
     _, patch, embed = card.features(model_path)  # the same features as in training
     ws = Workspace(work_dir)

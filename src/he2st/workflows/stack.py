@@ -31,7 +31,7 @@ from he2st.data.sample import Sample, build_adata
 from he2st.data.slide import open_slide
 from he2st.errors import He2stError
 from he2st.evaluate.metrics import pearson_per_spot
-from he2st.io import atomic_path, name_from_stem
+from he2st.io import atomic_path, check_folder, check_output, make_folder, name_from_stem
 from he2st.methods import Method
 from he2st.predict import PredictConfig, run_prediction
 from he2st.predict.grid import hex_grid
@@ -40,6 +40,7 @@ from he2st.predict.tissue import detect_tissue
 from he2st.stats import pearson_per_gene
 
 THUMB_UM_PER_PX = 20.0  # registration and tissue outline resolution: outline and coarse texture only
+OUTPUTS = ("stack.h5ad", "stack.png", "stack.html", "stack_evaluation.json")  # in --out, beside sections/, grids/
 
 
 @dataclass
@@ -128,6 +129,9 @@ def build_stack(paths: list[Path], spacing_um: float, method: Method, model: Pat
         raise He2stError("a stack needs at least two sections")
     if not spacing_um > 0 or not pitch_um > 0 or interpolate < 0:
         raise He2stError("--spacing-um and --pitch-um must be positive and --interpolate at least 0")
+    check_folder(out)  # before any work: outputs he2st did not write are refused
+    for name in OUTPUTS:
+        check_output(out / name)
     sections = [load_section(Path(p), mpp) for p in paths]
     names = [s.name for s in sections]
     if len(set(names)) < len(names):
@@ -140,8 +144,7 @@ def build_stack(paths: list[Path], spacing_um: float, method: Method, model: Pat
         ids = np.flatnonzero(_on_tissue(section, own_um))
         if len(ids) == 0:
             raise He2stError("no common grid point falls on this section's tissue", section.path)
-        grids = out / "grids"
-        grids.mkdir(parents=True, exist_ok=True)
+        grids = make_folder(out / "grids")
         grid_path = _grid_sample(section, ids, own_um[ids], pitch_um).save(grids / f"{section.name}.h5ad")
         cfg = PredictConfig(model=model, slide=section.image, mpp=section.mpp, out=out / "sections",
                             spots_from=grid_path, library_id=section.name, genes=genes, device=device,

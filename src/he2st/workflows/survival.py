@@ -21,7 +21,16 @@ import scipy.sparse as sp
 from he2st.errors import He2stError
 from he2st.evaluate.survival import SurvivalCv, cross_validate, risk_groups, signature_score, tls_density
 from he2st.evaluate.tls import TlsModel, tls_score
-from he2st.io import write_json_atomic, write_text_atomic
+from he2st.io import (
+    check_finite,
+    check_folder,
+    check_output,
+    input_path,
+    read_h5ad_checked,
+    table_path,
+    write_json_atomic,
+    write_text_atomic,
+)
 from he2st.workflows.tls import read_model
 
 
@@ -46,8 +55,7 @@ class SurvivalResult:
 
 def read_cohort(table: Path) -> Cohort:
     """The slide table, checked: columns, numbers, 0/1 events, files that exist."""
-    if not table.is_file():
-        raise He2stError("slide table not found", table)
+    table_path(table, "slide table")
     try:
         frame = pd.read_csv(table)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -65,8 +73,10 @@ def read_cohort(table: Path) -> Cohort:
         raise He2stError(f"row {int(np.argmax(~np.isin(event, (0, 1)))) + 2}: event must be 0 or 1", table)
     paths = [Path(p) if Path(p).is_absolute() else table.parent / p for p in frame["prediction"].astype(str)]
     for row, path in enumerate(paths):
-        if not path.is_file():
-            raise He2stError(f"row {row + 2}: prediction file {path} not found", table)
+        try:
+            input_path(path, "prediction file")
+        except He2stError as exc:
+            raise He2stError(f"row {row + 2}: {exc}", table) from None
     slides = frame["slide"].astype(str).tolist() if "slide" in frame else [p.stem for p in paths]
     return Cohort(slides, paths, time, event.astype(np.int64))
 
@@ -80,8 +90,9 @@ def slide_features(paths: list[Path], signature: TlsModel | None = None, genes: 
     """One row per slide: ``signature`` (mean spot score), ``tls_density`` (and ``tls_mean``), ``mean:<gene>``."""
     rows, tls_scores = [], []
     for path in paths:
-        adata = ad.read_h5ad(path)
+        adata = read_h5ad_checked(path, "prediction file")
         values, names = _dense(adata), list(adata.var_names)
+        check_finite(values, "its expression matrix (X)", path)
         row = {}
         try:
             if signature is not None:
@@ -112,12 +123,14 @@ def run_survival(table: Path, out: Path, horizon: float, signature: Path | None 
     cohort = read_cohort(table)
     if not horizon > 0:
         raise He2stError(f"--horizon must be a positive time, got {horizon}")
+    check_folder(out)  # before any work: outputs he2st did not write are refused
+    for name in ("results.json", "risk.csv", "km.png"):
+        check_output(out / name)
     features, threshold = slide_features(cohort.paths, TlsModel.read(signature) if signature else None, genes,
                                          read_model(tls) if tls else None, tls_threshold)
     features.index = pd.Index(cohort.slides, name="slide")
     cv = cross_validate(features, cohort.time, cohort.event, horizon, folds, penalizer, draws, seed)
     high, p_value = risk_groups(cohort.time, cohort.event, cv.cox_risk)
-    out.mkdir(parents=True, exist_ok=True)
     risk = features.assign(time=cohort.time, event=cohort.event, fold=cv.fold, cox_risk=cv.cox_risk,
                            dfs_probability=cv.dfs_probability, risk_group=np.where(high, "high", "low"))
     write_text_atomic(out / "risk.csv", risk.to_csv())

@@ -31,7 +31,7 @@ from he2st.evaluate.tls import (
     tls_regions,
     tls_score,
 )
-from he2st.io import atomic_path
+from he2st.io import atomic_path, check_finite, check_output, read_h5ad_checked
 
 
 @dataclass
@@ -90,6 +90,7 @@ def refusal(adata: ad.AnnData, scored: TlsScore, model: TlsModel, name: str) -> 
 
 def section_score(adata: ad.AnnData, model: TlsModel, where: Path) -> TlsScore:
     """Score a prediction (its target scale) or a he2st sample (raw counts)."""
+    check_finite(adata.X, "its expression matrix (X)", where)
     meta = dict(adata.uns.get("he2st", {}))
     scale = str(meta["target_transform"]) if "target_transform" in meta else "counts"
     try:
@@ -108,8 +109,11 @@ def detect_tls(path: Path, out: Path, model: str | Path = "her2st", threshold: f
     its model cannot predict the signature's genes on a new patient; ``force`` calls it anyway, so noted."""
     if not 0 < quantile < 1:
         raise He2stError(f"quantile must lie between 0 and 1, got {quantile}")
+    adata = read_h5ad_checked(path, "input")
+    target = out / f"{path.stem}.tls.h5ad"
+    check_output(target)  # before any work; the map (.tls.png) beside it too
+    check_output(target.with_suffix(".png"))
     tls = read_model(model)
-    adata = ad.read_h5ad(path)
     scored = section_score(adata, tls, path)
     is_prediction = "target_transform" in dict(adata.uns.get("he2st", {}))
     reason = refusal(adata, scored, tls, str(model)) if is_prediction else ""
@@ -145,7 +149,6 @@ def detect_tls(path: Path, out: Path, model: str | Path = "her2st", threshold: f
         truth = section_score(measured.adata[shared], tls, sample).score
         agreement = tls_agreement(scored.score[adata.obs_names.get_indexer(shared)], truth, threshold=threshold)
         adata.uns["he2st_tls"] |= {f"measured_{k}": v for k, v in agreement.items()}
-    target = out / f"{path.stem}.tls.h5ad"
     with atomic_path(target, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
     return TlsResult(adata, target, source, agreement)

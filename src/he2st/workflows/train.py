@@ -18,6 +18,7 @@ from he2st.data.spots import SpotSet, load_spots, shared_extras
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
 from he2st.evaluate.gene_sets import build_gene_sets
+from he2st.io import check_output
 from he2st.methods import Method, TrainLog, create_method, distributed, load_method
 from he2st.methods.calibration import estimate_reliability
 from he2st.workflows.cards import model_card
@@ -48,6 +49,9 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
     train_ids = config.train_samples or ws.sample_ids()
     if not train_ids:
         raise He2stError(f"no training samples: none prepared in {ws.root}")
+    out = Path(config.out or ws.root / "models" / f"{config.method}.pt")
+    check_output(out)  # before any work: a file he2st did not write is refused (the bank beside it too)
+    check_output(Method.bank_path(out))
     samples = {sid: ws.load_sample(sid) for sid in train_ids}
     panel = GenePanel.from_config({sid: s.adata for sid, s in samples.items()}, config.genes)
     with distributed.main_first():
@@ -71,7 +75,6 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
         "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds,
         "selection": log.selection, "command": command, "tissue": config.tissue or _tissue(samples.values()),
         "reliability": method.reliability.summary() if method.reliability is not None else {}})
-    out = config.out or ws.root / "models" / f"{config.method}.pt"
     if distributed.is_main():
         method.save(out)
     return method, log, Path(out)
