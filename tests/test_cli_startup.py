@@ -93,5 +93,5 @@ def test_card_is_read_without_torch_as_load_method_reads_it(checkpoint, tmp_path
     with pytest.raises(He2stError, match="format 1"):
         read_card(tmp_path / "old.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(He2stError, match="refusing checkpoint"):
+    with pytest.raises(He2stError, match="not a he2st checkpoint: it is a text file"):
         read_card(tmp_path / "junk.pt")

@@ -203,11 +203,11 @@ def _survival_table(tmp: Path, prediction: Path) -> Path:
 
 # a command reading an .h5ad: (kit, hostile file, output folder) -> arguments
 H5AD_READERS: dict[str, Callable[[Kit, Path, Path], list]] = {
-    "tls": lambda k, bad, out: ["tls", bad, "--model", k.signature, "--out", out],
+    "tls": lambda k, bad, out: ["tls", bad, "--signature", k.signature, "--out", out],
     "tls-sample": lambda k, bad, out: [
         "tls",
         k.prediction,
-        "--model",
+        "--signature",
         k.signature,
         "--sample",
         bad,
@@ -216,7 +216,7 @@ H5AD_READERS: dict[str, Callable[[Kit, Path, Path], list]] = {
     ],
     "plot": lambda k, bad, out: ["plot", bad, "--out", out],
     "plot-sample": lambda k, bad, out: ["plot", k.prediction, "--sample", bad, "--out", out],
-    "report": lambda k, bad, out: ["report", bad, "--out", out / "r.html"],
+    "report": lambda k, bad, out: ["report", bad, "--out", out],
     "info": lambda k, bad, out: ["info", bad, "-w", k.work],
     "predict-spots-from": lambda k, bad, out: [
         "predict",
@@ -379,7 +379,7 @@ CASES |= {
         lambda k, bad, out: [
             "tls",
             k.prediction,
-            "--model",
+            "--signature",
             k.signature,
             "--threshold-from",
             bad,
@@ -470,7 +470,7 @@ CASES |= {
     },
     **{
         f"tls-model-{kind}": _file_case(
-            lambda k, bad, out: ["tls", k.prediction, "--model", bad, "--out", out], kind, "model.csv", None
+            lambda k, bad, out: ["tls", k.prediction, "--signature", bad, "--out", out], kind, "model.csv", None
         )
         for kind in ("missing", "empty", "png")
     },
@@ -510,13 +510,13 @@ CASES |= {
         "slide.zarr", lambda k, t: _predict(k, t, "--format", "zarr"), folder=True
     ),
     "tls-foreign-output": _foreign(
-        "slide.tls.h5ad", lambda k, t: ["tls", k.prediction, "--model", k.signature, "--out", t / "out"]
+        "slide.tls.h5ad", lambda k, t: ["tls", k.prediction, "--signature", k.signature, "--out", t / "out"]
     ),
     "tls-foreign-map": _foreign(
-        "slide.tls.png", lambda k, t: ["tls", k.prediction, "--model", k.signature, "--out", t / "out"]
+        "slide.tls.png", lambda k, t: ["tls", k.prediction, "--signature", k.signature, "--out", t / "out"]
     ),
     "report-foreign-html": _foreign(
-        "r.html", lambda k, t: ["report", k.prediction, "--out", t / "out" / "r.html"]
+        "slide.html", lambda k, t: ["report", k.prediction, "--out", t / "out"]
     ),
     "plot-foreign-png": _foreign("maps.png", lambda k, t: ["plot", k.prediction, "--out", t / "out"]),
     "stack-foreign-h5ad": _foreign(
@@ -554,14 +554,14 @@ CASES |= {
     ),
     "predict-h5ad-is-a-folder": _wrong_kind("out/slide.h5ad", _predict, make_folder=True),
     "report-out-is-a-folder": _wrong_kind(
-        "r.html", lambda k, t: ["report", k.prediction, "--out", t / "r.html"], make_folder=True
+        "slide.html", lambda k, t: ["report", k.prediction, "--out", t], make_folder=True
     ),
     "plot-out-is-a-file": _wrong_kind(
         "maps", lambda k, t: ["plot", k.prediction, "--out", t / "maps"], make_folder=False
     ),
     "tls-out-is-a-file": _wrong_kind(
         "out",
-        lambda k, t: ["tls", k.prediction, "--model", k.signature, "--out", t / "out"],
+        lambda k, t: ["tls", k.prediction, "--signature", k.signature, "--out", t / "out"],
         make_folder=False,
     ),
     "stack-out-is-a-file": _wrong_kind(
@@ -651,8 +651,8 @@ READ_ONLY: dict[str, Callable[[Kit, Path], list]] = {
         "--device",
         "cpu",
     ],
-    "tls": lambda k, ro: ["tls", k.prediction, "--model", k.signature, "--out", ro],
-    "report": lambda k, ro: ["report", k.prediction, "--out", ro / "r.html"],
+    "tls": lambda k, ro: ["tls", k.prediction, "--signature", k.signature, "--out", ro],
+    "report": lambda k, ro: ["report", k.prediction, "--out", ro],
     "plot": lambda k, ro: ["plot", k.prediction, "--out", ro / "maps"],
     "survival": lambda k, ro: [
         "survival",

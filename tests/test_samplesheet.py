@@ -45,7 +45,7 @@ def test_bad_sheet_is_one_line(tmp_path: Path) -> None:
     assert len(res.stderr.strip().splitlines()) == 1
     sheet.write_text("sample,reader,path\nA,tiff,x.h5ad\n")
     res = run_cli("prepare", "--samplesheet", sheet, "-w", tmp_path / "w")
-    assert res.returncode == 2 and "sample 'A': reader" in res.stderr
+    assert res.returncode == 2 and "sample 'A': unknown reader 'tiff'" in res.stderr
 
 
 def test_folder_search_finds_each_kind(tmp_path: Path) -> None:

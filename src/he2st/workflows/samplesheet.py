@@ -6,33 +6,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from he2st.data.readers import SampleSource
+from he2st.data.readers import SampleSource, SourceOptions, reader_options
 from he2st.data.samplesheet import discover_sources, read_samplesheet, with_default_patients, write_samplesheet
-from he2st.errors import He2stError
+from he2st.errors import He2stError, one_line
 
 SHEET_NAME = "samplesheet.csv"
 
 
-def sheet_sources(samplesheet: Path | None, from_dir: Path | None) -> list[SampleSource]:
-    """Sources of the sheet and of the searched folder (patients defaulting to the sample, with a warning)."""
-    sources: list[SampleSource] = []
+def sheet_sources(samplesheet: Path | None, from_dir: Path | None) -> list[SourceOptions]:
+    """Sources of the sheet and of the searched folder (patients defaulting to the sample, with a warning);
+    a column a row leaves empty is not given to its reader."""
+    sources: list[SourceOptions] = []
+    adapter = TypeAdapter(SampleSource)
     for where, found in ((samplesheet, read_samplesheet), (from_dir, discover_sources)):
         if where is None:
             continue
         for raw in with_default_patients(found(where), where):
             try:
-                sources.append(SampleSource(**raw))
+                reader_options(str(raw.get("reader", "")))
+            except He2stError as exc:
+                raise He2stError(f"sample {raw.get('sample_id')!r}: {exc.problem}", where) from exc
+            try:
+                sources.append(adapter.validate_python({k: v for k, v in raw.items() if v not in (None, "")}))
             except ValidationError as exc:
-                first = exc.errors()[0]
-                field = ".".join(str(p) for p in first["loc"]) or "row"
-                raise He2stError(f"sample {raw.get('sample_id')!r}: {field}: {' '.join(str(first['msg']).split())}",
-                                 where) from exc
+                raise one_line(exc, f"sample {raw.get('sample_id')!r}", where) from exc
     return sources
 
 
-def save_sheet(work_dir: Path, sources: list[SampleSource]) -> Path:
+def save_sheet(work_dir: Path, sources: list[SourceOptions]) -> Path:
     """The sheet these sources make, as ``<work_dir>/samplesheet.csv``."""
     return write_samplesheet(Path(work_dir) / SHEET_NAME,
-                             [s.model_dump(mode="json", exclude_defaults=True) for s in sources])
+                             [{"reader": s.reader} | s.model_dump(mode="json", exclude_defaults=True) for s in sources])
