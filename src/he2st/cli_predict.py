@@ -38,6 +38,8 @@ def predict(
     mask: Annotated[Path | None, typer.Option(
         help="tissue mask PNG (same aspect as the slide) instead of detection")] = None,
     genes: GenesOpt = None,
+    coverage: Annotated[float | None, typer.Option(
+        help="level of the per-spot prediction intervals of a calibrated model [0.9]")] = None,
     chunk: Annotated[int | None, typer.Option(help="spots per chunk (memory ~ chunk x patch size) [512]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="encoder batch size [64]")] = None,
     weights: Annotated[Path | None, typer.Option(
@@ -76,7 +78,8 @@ def predict(
                       out=_path(out), mpp=mpp,
                       pitch_um=pitch_um, spots_from=_path(spots_from), mask=_path(mask), genes=genes,
                       chunk=chunk, batch_size=batch_size, weights=_path(weights), device=device, stain=stain,
-                      tta=tta, library_id=library_id, format=format, overwrite=overwrite or None)
+                      tta=tta, library_id=library_id, format=format, overwrite=overwrite or None,
+                      coverage=coverage)
     if manifest is not None or len(slides) > 1:
         _predict_many(model, cfg, slides, manifest, engine, workers, address)
         return

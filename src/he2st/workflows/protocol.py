@@ -189,7 +189,8 @@ def _calibrate(method: Method, train: SpotSet, val: SpotSet, config: BenchmarkCo
     """Estimate the fitted method's reliability on inner folds of the fold's training spots (train and
     validation, in the order the fit saw them); returns why it was not, or ''."""
     if not config.wants_reliability(patients):
-        return ""
+        return ("not estimated: fewer than 3 training patients or samples" if config.reliability is None
+                else "")
     try:
         method.reliability = estimate_reliability(
             method, SpotSet.concat([train, val]) if len(val) else train,
