@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # annotations only: a PatchSpec (a model card's) needs neithe
     from he2st.data.slide import Slide
 
 CACHE_FORMAT = 1
-MAX_UPSAMPLE = 2.0  # beyond this much more than the training slides, patches are blurrier than anything the model saw
+MAX_UPSAMPLE = 2.0  # upsampling beyond the coarsest training slide patches may apply (prepare warns past it)
 BLOCK_PX = 2048  # side (level px) of the blocks patches are read in
 CONTEXT_FIELD_SCALE = 3.0  # the context field's side as a multiple of the spot field (TRIPLEX's global view)
 
@@ -62,7 +62,8 @@ def upsampling(mpp: float, patch: PatchSpec) -> float:
     return mpp / patch.pixel_size_um
 
 
-def allowed_upsampling(patch: PatchSpec, training_mpp: Iterable[float] = (), tolerance: float = MAX_UPSAMPLE) -> float:
+def allowed_upsampling(patch: PatchSpec, training_mpp: Iterable[float] = (),
+                       tolerance: float = MAX_UPSAMPLE) -> float:
     """How far ``patch`` may upsample a slide for a model trained on slides of ``training_mpp`` µm/px:
     ``tolerance`` times the coarsest training slide's upsampling (1 when every training slide was at least
     as fine as the patches), so a slide no coarser than the training slides is never refused; ``tolerance``

@@ -104,7 +104,8 @@ class ModelCard(BaseModel):
         mpp = sorted(self.training_mpp)
         if not mpp:
             return f"not recorded: predict allows {MAX_UPSAMPLE:g}x upsampling"
-        seen = f"{mpp[0]:g}" if mpp[0] == mpp[-1] else f"{mpp[0]:g}-{mpp[-1]:g} (median {float(np.median(mpp)):g})"
+        seen = (f"{mpp[0]:g}" if mpp[0] == mpp[-1]
+                else f"{mpp[0]:g}-{mpp[-1]:g} (median {float(np.median(mpp)):g})")
         if self.patch is None:
             return seen
         return f"{seen}: predict allows {allowed_upsampling(self.patch, mpp):.3g}x upsampling"

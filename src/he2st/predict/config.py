@@ -48,7 +48,8 @@ class PredictConfig(BaseModel):
                                                      "with spots_from)")
     thumbnail_px: int = Field(2000, gt=0, description="long side of the thumbnail (tissue detection, hires image)")
     max_upsample: float | None = Field(
-        None, gt=0, description="largest upsampling of the slide (default: 2x that of the model's coarsest training slide, at least 2x)")
+        None, gt=0,
+        description="largest upsampling of the slide (default: 2x that of the model's coarsest training slide, at least 2x)")
     overwrite: bool = Field(False, description="replace outputs he2st did not write (default: refuse them)")
 
     @field_validator("library_id")
