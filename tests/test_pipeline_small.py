@@ -147,6 +147,7 @@ def test_train_then_evaluate_held_out_patient(small, tmp_path):
                             method_options=TINY, train_samples=["S2", "S3"], out=tmp_path / "bleep.pt")
     model, log, path = train_model(config)
     assert path.exists() and model.card.training_samples == {"S2": "P2", "S3": "P3"} and log.curves["train_loss"]
+    assert load_method(path).card.training_pixel_size_um == {"S2": pytest.approx(1.0), "S3": pytest.approx(1.0)}
     assert set(model.card.gene_sets) == {"all", "heg5", "hvg5"}
     assert load_method(path).card.curves == log.curves  # the curves travel with the checkpoint
     result, table, paths = evaluate_model(path, work, ["S1"], tmp_path / "eval")
@@ -207,6 +208,17 @@ def test_benchmark_never_fits_on_a_test_patient(small):
     bleep = next(r for r in outcome.results if r.method == "bleep")
     assert bleep.extra and all(np.isfinite(v) for v in bleep.extra.values())
     assert (work / "runs" / "audit" / "config.yaml").exists()
+
+
+def test_fold_card_records_the_training_slides_pixel_size(small):
+    """Benchmark models carry the µm/px of their fold's training slides (predict's resolution limit)."""
+    work, embed = small
+    cfg = BenchmarkConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, transcriptome_threshold=None)
+    folds, patients = Workspace(work).load_folds("lopo")
+    fold = next(f for f in folds if f.test == ["S1"])
+    card = build_fold_data(Workspace(work), fold, cfg, patients).card
+    assert card.training_pixel_size_um == {s: pytest.approx(Workspace(work).load_sample(s).pixel_size_um)
+                                           for s in fold.train}
 
 
 def test_benchmark_seeds_start_at_the_methods_own_seed(small):

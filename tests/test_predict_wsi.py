@@ -332,6 +332,36 @@ def test_too_coarse_or_unknown_pixel_size_is_refused(model_path, slide_path, enc
         predict_slide(model_path, png, tmp_path, encoder=encoder)
 
 
+@pytest.fixture(scope="module")
+def hires_model_path(model_path, tmp_path_factory) -> Path:
+    """The kNN model of ``model_path`` with a card saying it trained on 3.5 µm/px slides (hires-only Visium)."""
+    method = load_method(model_path)
+    method.card = method.card.model_copy(update={"training_pixel_size_um": {"T1": 3.5, "T2": 3.2}})
+    return method.save(tmp_path_factory.mktemp("hires") / "knn.pt")
+
+
+def test_resolution_limit_follows_the_training_slides(model_path, hires_model_path, slide_path, encoder, tmp_path):
+    """A model trained at 3.5 µm/px predicts a 3.5 µm/px slide (7x upsampling) and refuses a 30 µm/px one;
+    ``max_upsample`` sets the limit for either model; a card without training µm/px keeps the 2x rule."""
+    assert load_method(model_path).card.training_pixel_size_um == {}  # a card written without the field
+    quick = {"pitch_um": 500, "genes": "G0", "encoder": encoder}  # a coarse grid keeps this quick
+    path = predict_slide(hires_model_path, slide_path, tmp_path / "hires", mpp=3.5, **quick)
+    assert ad.read_h5ad(path).n_obs > 0
+    with pytest.raises(He2stError, match=r"30 µm/px is too coarse.*60\.0x, more than 14x.*training slides "
+                                         r"\(3\.2-3\.5 µm/px\).*--max-upsample") as err:
+        predict_slide(hires_model_path, slide_path, tmp_path / "x", mpp=30.0, **quick)
+    assert str(slide_path) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(He2stError, match=r"records no training µm/px.*--max-upsample to at least 7"):
+        predict_slide(model_path, slide_path, tmp_path / "x", mpp=3.5, **quick)
+    predict_slide(model_path, slide_path, tmp_path / "explicit", mpp=3.5, max_upsample=8, **quick)
+    with pytest.raises(He2stError, match=r"more than 2x.*training slides"):
+        predict_slide(hires_model_path, slide_path, tmp_path / "x", mpp=3.5, max_upsample=2, **quick)
+    with pytest.raises(He2stError, match="max_upsample"):
+        predict_slide(model_path, slide_path, tmp_path / "x", mpp=3.5, max_upsample=0, **quick)
+    card = dict(load_method(hires_model_path).card.describe())
+    assert card["training µm/px"] == "3.2-3.5 (median 3.35): predict allows 14x upsampling"
+
+
 def test_cli_predict_plot_report(model_path, slide_path, encoder, tmp_path):
     import typer
     from typer.testing import CliRunner

@@ -32,6 +32,9 @@ def predict(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML with PredictConfig fields")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a setting: key=value (repeatable)")] = None,
     mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel (default: from the file)")] = None,
+    max_upsample: Annotated[float | None, typer.Option(
+        "--max-upsample", help="largest upsampling of the slide [2x that of the model's coarsest training slide, "
+        "at least 2x]")] = None,
     pitch_um: Annotated[float | None, typer.Option("--pitch-um", help="hexagonal grid pitch, µm [100]")] = None,
     spots_from: Annotated[Path | None, typer.Option("--spots-from",
                                                     help="predict at this he2st sample's spots (.h5ad)")] = None,
@@ -75,7 +78,7 @@ def predict(
 
     slides = list(slide or [])
     cfg = load_config(PredictConfig, config, set_, model=str(model), slide=_path(slides[0]) if len(slides) == 1 else None,
-                      out=_path(out), mpp=mpp,
+                      out=_path(out), mpp=mpp, max_upsample=max_upsample,
                       pitch_um=pitch_um, spots_from=_path(spots_from), mask=_path(mask), genes=genes,
                       chunk=chunk, batch_size=batch_size, weights=_path(weights), device=device, stain=stain,
                       tta=tta, library_id=library_id, format=format, overwrite=overwrite or None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # annotations only: a PatchSpec (a model card's) needs neithe
     from he2st.data.slide import Slide
 
 CACHE_FORMAT = 1
-MAX_UPSAMPLE = 2.0  # beyond this, patches would be blurrier than anything the encoder saw in training
+MAX_UPSAMPLE = 2.0  # upsampling beyond the coarsest training slide patches may apply (prepare warns past it)
 BLOCK_PX = 2048  # side (level px) of the blocks patches are read in
 CONTEXT_FIELD_SCALE = 3.0  # the context field's side as a multiple of the spot field (TRIPLEX's global view)
 
@@ -62,22 +62,52 @@ def upsampling(mpp: float, patch: PatchSpec) -> float:
     return mpp / patch.pixel_size_um
 
 
-def too_coarse(mpp: float, patch: PatchSpec, max_upsample: float = MAX_UPSAMPLE) -> str | None:
+def allowed_upsampling(patch: PatchSpec, training_mpp: Iterable[float] = (),
+                       tolerance: float = MAX_UPSAMPLE) -> float:
+    """How far ``patch`` may upsample a slide for a model trained on slides of ``training_mpp`` µm/px:
+    ``tolerance`` times the coarsest training slide's upsampling (1 when every training slide was at least
+    as fine as the patches), so a slide no coarser than the training slides is never refused; ``tolerance``
+    alone when the training resolution is not known."""
+    seen = max((upsampling(m, patch) for m in training_mpp), default=1.0)
+    return max(seen, 1.0) * tolerance
+
+
+def _um_range(values: Iterable[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:g} µm/px" if abs(hi - lo) <= 1e-9 * hi else f"{lo:g}-{hi:g} µm/px"
+
+
+def too_coarse(mpp: float, patch: PatchSpec, max_upsample: float = MAX_UPSAMPLE,
+               training_mpp: Iterable[float] | None = None, option: str | None = None) -> str | None:
     """The one resolution rule of prepare, evaluate, benchmark and predict: None when a slide of ``mpp``
-    µm/px suits ``patch``, else why not (predict refuses such a slide; the others warn)."""
+    µm/px suits ``patch``, else why not (predict refuses such a slide; the others warn). ``training_mpp``
+    (the model's training slides, predict only) is named in the reason: an empty list says it is unknown;
+    ``option`` is the setting that would accept the slide."""
     need = patch.pixel_size_um
     if upsampling(mpp, patch) <= max_upsample * 1.001:
         return None
+    if training_mpp is None:
+        seen = "anything the encoder saw"
+    else:
+        trained = list(training_mpp)
+        seen = (f"the model's training slides ({_um_range(trained)})" if trained
+                else "anything the model saw (its card records no training µm/px)")
     return (f"slide pixel size {mpp:g} µm/px is too coarse for {patch.field_um:g} µm patches at {patch.size_px} px "
             f"({need:g} µm/px): they are upsampled {upsampling(mpp, patch):.1f}x, more than {max_upsample:g}x, so "
-            f"they are blurrier than anything the encoder saw (the slide should be {need * max_upsample:g} µm/px "
-            "or finer; check the pixel size, or scan at higher magnification)")
+            f"they are blurrier than {seen} (the slide should be {need * max_upsample:g} µm/px or finer; check "
+            + ("the pixel size, or scan at higher magnification)" if option is None else
+               f"the pixel size, scan at higher magnification, or set {option} to at least "
+               f"{upsampling(mpp, patch):.3g})"))
 
 
 def check_resolution(mpp: float, patch: PatchSpec, where: str | Path | None = None,
-                     max_upsample: float = MAX_UPSAMPLE) -> None:
-    """Refuse slides too coarse for the model's patches (:func:`too_coarse`)."""
-    problem = too_coarse(mpp, patch, max_upsample)
+                     max_upsample: float | None = None, training_mpp: Iterable[float] = (),
+                     option: str = "max_upsample") -> None:
+    """Refuse a slide too coarse for a model (:func:`too_coarse`): one trained on slides of ``training_mpp``
+    µm/px accepts up to :func:`allowed_upsampling`, unless ``max_upsample`` (the ``option``) sets the limit."""
+    trained = list(training_mpp)
+    limit = max_upsample if max_upsample is not None else allowed_upsampling(patch, trained)
+    problem = too_coarse(mpp, patch, limit, trained, option)
     if problem is not None:
         raise He2stError(problem, where)
 

@@ -12,11 +12,12 @@ import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from he2st.data.embeddings import EmbedConfig
 from he2st.data.genes import GenePanel
-from he2st.data.patches import PatchSpec
+from he2st.data.patches import MAX_UPSAMPLE, PatchSpec, allowed_upsampling
 from he2st.encoders.spec import EncoderSpec
 from he2st.errors import He2stError
 from he2st.version import __version__
@@ -41,6 +42,8 @@ class ModelCard(BaseModel):
     embedding: EmbedConfig | None = Field(None, description="stain, TTA, precision and weights of the features")
     gene_sets: dict[str, list[str]] = Field(default_factory=dict, description="HEG/HVG sets chosen on training spots")
     training_samples: dict[str, str] = Field(default_factory=dict, description="sample id -> patient id")
+    training_pixel_size_um: dict[str, float] = Field(
+        default_factory=dict, description="sample id -> µm/px of its slide (empty: not recorded)")
     curves: dict[str, list[float]] = Field(default_factory=dict, description="per-epoch training/validation curves")
     best_epoch: int | None = None
     train_seconds: float | None = None
@@ -59,6 +62,11 @@ class ModelCard(BaseModel):
     @property
     def training_patients(self) -> list[str]:
         return sorted(set(self.training_samples.values()))
+
+    @property
+    def training_mpp(self) -> list[float]:
+        """The training slides' µm/px (empty when not recorded): how coarse a slide ``he2st predict`` accepts."""
+        return list(self.training_pixel_size_um.values())
 
     def features(self, where: str | Path | None = None) -> tuple[EncoderSpec, PatchSpec, EmbedConfig]:
         """Encoder spec, patch spec and embedding recipe, or one error line when the card lacks them
@@ -82,6 +90,7 @@ class ModelCard(BaseModel):
             lines.append(("inputs", f"{self.patch.field_um:g} µm patches at {self.patch.size_px} px "
                                     f"({self.patch.pixel_size_um:g} µm/px), stain {self.embedding.stain}, "
                                     f"TTA {self.embedding.tta}"))
+        lines.append(("training µm/px", self._resolution_line()))
         genes = list(self.panel.genes)
         lines.append(("panel", f"{len(genes)} genes on the {self.panel.transform} scale: {', '.join(genes[:8])}"
                                f"{', ...' if len(genes) > 8 else ''}"))
@@ -89,6 +98,17 @@ class ModelCard(BaseModel):
         lines.append(("reliability", self._reliability_line()))
         lines.append(("command", self.command or "not recorded"))
         return lines
+
+    def _resolution_line(self) -> str:
+        """The training slides' pixel sizes and the upsampling ``he2st predict`` allows by default."""
+        mpp = sorted(self.training_mpp)
+        if not mpp:
+            return f"not recorded: predict allows {MAX_UPSAMPLE:g}x upsampling"
+        seen = (f"{mpp[0]:g}" if mpp[0] == mpp[-1]
+                else f"{mpp[0]:g}-{mpp[-1]:g} (median {float(np.median(mpp)):g})")
+        if self.patch is None:
+            return seen
+        return f"{seen}: predict allows {allowed_upsampling(self.patch, mpp):.3g}x upsampling"
 
     def _scores_line(self) -> str:
         """What training measured on held-out spots of its own patients (no test data is ever seen)."""

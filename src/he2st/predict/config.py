@@ -8,7 +8,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from he2st.data.patches import MAX_UPSAMPLE
 from he2st.io import inside, safe_name
 from he2st.predict.grid import VISIUM_PITCH_UM
 
@@ -48,7 +47,9 @@ class PredictConfig(BaseModel):
     library_id: str | None = Field(None, description="output name (default: slide file stem; sample id "
                                                      "with spots_from)")
     thumbnail_px: int = Field(2000, gt=0, description="long side of the thumbnail (tissue detection, hires image)")
-    max_upsample: float = Field(MAX_UPSAMPLE, gt=0, description="refuse slides that need more upsampling")
+    max_upsample: float | None = Field(
+        None, gt=0,
+        description="largest upsampling of the slide (default: 2x that of the model's coarsest training slide, at least 2x)")
     overwrite: bool = Field(False, description="replace outputs he2st did not write (default: refuse them)")
 
     @field_validator("library_id")

@@ -139,7 +139,8 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
 
     with open_slide(slide_path) as slide:
         mpp = resolve_mpp(config.mpp, slide, sample)
-        check_resolution(mpp, patch, slide_path, config.max_upsample)
+        check_resolution(mpp, patch, slide_path, config.max_upsample, method.card.training_mpp,
+                         option="--max-upsample")
         thumb, scale = slide.thumbnail(config.thumbnail_px)
         grid, tissue_source = _spots(slide, thumb, scale, mpp, config.pitch_um, sample, config.mask)
         library_id = config.library_id or (sample.sample_id if sample is not None else name_from_stem(slide_path.stem))

@@ -21,11 +21,14 @@ def _checksum(spec_json: str) -> str | None:
 def model_card(
     method: str, panel: GenePanel, embeddings: EmbeddingFile, patch: PatchSpec, embed: EmbedConfig,
     gene_sets: dict[str, list[str]], training_samples: dict[str, str],
+    training_pixel_size_um: dict[str, float] | None = None,
 ) -> ModelCard:
-    """The card of a model about to be fitted on features from ``embeddings`` (curves come after fitting)."""
+    """The card of a model about to be fitted on features from ``embeddings`` (curves come after fitting);
+    ``training_pixel_size_um`` (sample id -> µm/px) sets how coarse a slide the model predicts."""
     spec_json = embeddings.attrs["encoder_spec"]
     return ModelCard(
         method=method, panel=panel, encoder=EncoderSpec.model_validate_json(spec_json),
         weights_sha256=_checksum(spec_json), patch=patch, embedding=embed,
         gene_sets=gene_sets, training_samples=training_samples,
+        training_pixel_size_um={sid: float(mpp) for sid, mpp in (training_pixel_size_um or {}).items()},
     )

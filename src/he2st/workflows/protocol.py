@@ -107,7 +107,8 @@ def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients
     per_sample = {sid: test_sample_gene_sets(y, panel.genes, n=config.n_top) for sid, y in test_truth.items()}
     reference = _reference_spots(fold, config, panel, patients)
     embeddings = EmbeddingFile(ws.embedding_path(config.embed, fold.train[0], config.patch))
-    card = model_card("", panel, embeddings, config.patch, config.embed, sets, {s: patients[s] for s in fold.train})
+    card = model_card("", panel, embeddings, config.patch, config.embed, sets,
+                      {s: patients[s] for s in fold.train}, {sid: s.pixel_size_um for sid, s in samples.items()})
     data = FoldData(fold, panel, train, val_mask, test_inputs, test_truth, sets, per_sample, reference, card)
     # test expression and proportions below are read for scoring only (predictions never see them)
     test_samples = {sid: ws.load_sample(sid) for sid in fold.test}

@@ -65,7 +65,8 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
     method.card = model_card(
         config.method, panel, EmbeddingFile(paths[train_ids[0]]), config.patch, config.embed,
         build_gene_sets(spots.targets, panel.genes, n=config.n_top),
-        {sid: s.patient_id for sid, s in samples.items()})
+        {sid: s.patient_id for sid, s in samples.items()},
+        {sid: s.pixel_size_um for sid, s in samples.items()})
     log = method.fit(spots.subset(~val), spots.subset(val))
     if config.wants_reliability(method.card.training_samples):
         method.reliability = estimate_reliability(
