@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from he2st.data.patches import MAX_UPSAMPLE
 from he2st.io import inside, safe_name
@@ -26,7 +26,9 @@ class PredictConfig(BaseModel):
     pitch_um: float = Field(VISIUM_PITCH_UM, gt=0, description="hexagonal grid pitch, µm (Visium: 100)")
     spots_from: Path | None = Field(None, description="predict at this he2st sample's spots (.h5ad)")
     mask: Path | None = Field(None, description="tissue mask PNG (the slide's aspect) instead of detection")
-    genes: list[str] | None = Field(None, description="genes to write (default: the whole panel)")
+    genes: list[str] | None = Field(None, description="genes to write (default: the whole panel); beyond the panel "
+                                    "from a transcriptome bank")
+    transcriptome: bool = Field(False, description="write the panel and every gene of the model's transcriptome bank")
     coverage: float = Field(0.9, gt=0, lt=1, description="level of the per-spot prediction intervals (calibrated models)")
     chunk: int = Field(512, gt=0, description="spots per chunk (memory ~ chunk x patch size)")
     batch_size: int = Field(64, gt=0, description="encoder batch size")
@@ -61,6 +63,12 @@ class PredictConfig(BaseModel):
         """``<out>/<library_id>.h5ad``, refused in one line when it would leave ``out`` (the id may come from a
         sample file's own metadata, not only from this config)."""
         return inside(self.out, self.out / f"{safe_name(library_id, 'library id')}.h5ad")
+
+    @model_validator(mode="after")
+    def _genes_or_transcriptome(self) -> PredictConfig:
+        if self.transcriptome and self.genes is not None:
+            raise ValueError("genes and transcriptome: choose the genes or the whole transcriptome bank, not both")
+        return self
 
     @field_validator("genes", mode="before")
     @classmethod
