@@ -116,3 +116,22 @@ def test_save_never_pairs_a_model_with_a_stale_transcriptome_bank(knn_model, tmp
     copy.transcriptome_bank = None
     copy.save(target)
     assert not Method.transcriptome_path(target).exists() and load_method(target).transcriptome_bank is None
+
+
+def test_cli_predict_transcriptome_flag(small, knn_model, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from he2st.cli_predict import register
+
+    work, embed = small
+    _, path = knn_model
+    app = typer.Typer()
+    register(app)
+    args = ["predict", "--model", str(path), "--spots-from", str(Workspace(work).sample_path("S1")), "--weights",
+            str(embed.weights), "--no-maps", "--out"]
+    res = CliRunner().invoke(app, [*args, str(tmp_path / "a"), "--transcriptome"])
+    assert res.exit_code == 0, res.output
+    assert sorted(ad.read_h5ad(tmp_path / "a" / "S1.h5ad").var_names) == sorted(GENE_NAMES)
+    res = CliRunner().invoke(app, [*args, str(tmp_path / "b"), "--transcriptome", "--genes", "G0"])
+    assert res.exit_code != 0 and "not both" in str(res.exception) and "\n" not in str(res.exception)

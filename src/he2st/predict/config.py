@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from he2st.data.patches import MAX_UPSAMPLE
 from he2st.io import inside, safe_name
@@ -63,12 +63,6 @@ class PredictConfig(BaseModel):
         """``<out>/<library_id>.h5ad``, refused in one line when it would leave ``out`` (the id may come from a
         sample file's own metadata, not only from this config)."""
         return inside(self.out, self.out / f"{safe_name(library_id, 'library id')}.h5ad")
-
-    @model_validator(mode="after")
-    def _genes_or_transcriptome(self) -> PredictConfig:
-        if self.transcriptome and self.genes is not None:
-            raise ValueError("genes and transcriptome: choose the genes or the whole transcriptome bank, not both")
-        return self
 
     @field_validator("genes", mode="before")
     @classmethod

@@ -99,6 +99,9 @@ def _select_genes(method: Method, genes: list[str] | None, transcriptome: bool =
     bank = method.transcriptome_bank
     bank_genes = list(bank.genes) if bank is not None else []
     if transcriptome:
+        if genes is not None:
+            raise He2stError("genes and transcriptome: name the genes or ask for the whole transcriptome bank, "
+                             "not both")
         if bank is None:
             raise He2stError(f"--transcriptome: {TRANSCRIPTOME_HINT}")
         in_panel = set(panel_genes)
