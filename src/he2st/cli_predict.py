@@ -40,7 +40,10 @@ def predict(
                                                     help="predict at this he2st sample's spots (.h5ad)")] = None,
     mask: Annotated[Path | None, typer.Option(
         help="tissue mask PNG (same aspect as the slide) instead of detection")] = None,
-    genes: GenesOpt = None,
+    genes: Annotated[str | None, typer.Option(
+        help="comma-separated genes (default: the panel); genes beyond it come from the model's transcriptome bank")] = None,
+    transcriptome: Annotated[bool, typer.Option(
+        "--transcriptome", help="write the panel and every gene of the model's transcriptome bank")] = False,
     coverage: Annotated[float | None, typer.Option(
         help="level of the per-spot prediction intervals of a calibrated model [0.9]")] = None,
     chunk: Annotated[int | None, typer.Option(help="spots per chunk (memory ~ chunk x patch size) [512]")] = None,
@@ -80,7 +83,8 @@ def predict(
     cfg = load_config(PredictConfig, config, set_, model=str(model), slide=_path(slides[0]) if len(slides) == 1 else None,
                       out=_path(out), mpp=mpp, max_upsample=max_upsample,
                       pitch_um=pitch_um, spots_from=_path(spots_from), mask=_path(mask), genes=genes,
-                      chunk=chunk, batch_size=batch_size, weights=_path(weights), device=device, stain=stain,
+                      transcriptome=transcriptome or None, chunk=chunk, batch_size=batch_size,
+                      weights=_path(weights), device=device, stain=stain,
                       tta=tta, library_id=library_id, format=format, overwrite=overwrite or None,
                       coverage=coverage)
     if manifest is not None or len(slides) > 1:

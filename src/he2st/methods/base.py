@@ -73,6 +73,10 @@ class Method(ABC):
     #: values, as the ensemble's selection does; training reads them only through its validation score)
     query_options: ClassVar[tuple[str, ...]] = ()
     bank: ReferenceBank | None = None  # set by methods with uses_bank
+    #: predictions can come from any reference bank (:meth:`retrieve`), so genes beyond the panel too
+    retrieves: ClassVar[bool] = False
+    #: a second bank of the training spots returning genes beyond the panel (``<stem>.transcriptome.h5``)
+    transcriptome_bank: ReferenceBank | None = None
     #: measured on inner patient folds (``he2st.methods.calibration``); adds intervals and OOD flags
     reliability: Reliability | None = None
     coverage: float = 0.9  # level of the intervals added to predictions when ``reliability`` is set
@@ -168,6 +172,16 @@ class Method(ABC):
             oof[test] = copy_.predict(spots.subset(test)).expression
         return oof
 
+    def transcriptome_reference(self, spots: SpotSet, expression: np.ndarray, genes: list[str]) -> ReferenceBank:
+        """A bank of the fitted model's reference ``spots`` (with targets) that returns ``expression`` (their
+        values of ``genes``, beyond the panel) -- for methods that predict by retrieval (``retrieves``)."""
+        raise He2stError(f"method {self.name} does not predict by retrieval, so it cannot return genes beyond its "
+                         "panel; use a retrieval method (knn, bleep, cmrcnet, carhe)")
+
+    def retrieve(self, spots: SpotSet, bank: ReferenceBank) -> Prediction:
+        """The profiles of ``bank`` retrieved for the images of ``spots`` (methods that ``retrieves``)."""
+        raise He2stError(f"method {self.name} does not predict by retrieval")
+
     @abstractmethod
     def _predict(self, spots: SpotSet) -> Prediction:
         """Method-specific prediction (``spots`` carries no targets, its features carry the context)."""
@@ -222,8 +236,13 @@ class Method(ABC):
         path = Path(path)
         return path.with_name(path.stem + ".bank.h5")
 
+    @staticmethod
+    def transcriptome_path(path: str | Path) -> Path:
+        path = Path(path)
+        return path.with_name(path.stem + ".transcriptome.h5")
+
     def save(self, path: str | Path) -> Path:
-        """One file: format, method, config, model card, layout (JSON), tensors; the bank beside it."""
+        """One file: format, method, config, model card, layout (JSON), tensors; the banks beside it."""
         if self.card is None:
             raise He2stError(f"method {self.name} has not been fitted")
         payload = {
@@ -240,10 +259,13 @@ class Method(ABC):
         path = Path(path)
         check_output(path)  # before the bank is written or removed: both are refused unless he2st's own
         check_output(self.bank_path(path))
-        if self.bank is not None:
-            self.bank.save(self.bank_path(path))
-        elif self.bank_path(path).exists():
-            self.bank_path(path).unlink()  # never pair this model with another model's bank
+        check_output(self.transcriptome_path(path))
+        for bank, bank_path in ((self.bank, self.bank_path(path)),
+                                (self.transcriptome_bank, self.transcriptome_path(path))):
+            if bank is not None:
+                bank.save(bank_path)
+            elif bank_path.exists():
+                bank_path.unlink()  # never pair this model with another model's bank
         with atomic_path(path, suffix=".pt") as tmp:
             torch.save(payload, tmp)
         return path

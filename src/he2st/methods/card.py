@@ -51,6 +51,8 @@ class ModelCard(BaseModel):
         default_factory=dict, description="choices made on training patients (ensemble: inner scores, weights)")
     reliability: dict[str, Any] = Field(
         default_factory=dict, description="predictability measured on inner patient folds of the training data")
+    transcriptome: dict[str, Any] = Field(
+        default_factory=dict, description="genes beyond the panel its transcriptome bank returns: threshold, count")
     tissue: str = Field("", description="tissue, disease and platform of the training samples: the intended use")
     command: str = Field("", description="the command that trained the model")
 
@@ -94,6 +96,11 @@ class ModelCard(BaseModel):
         genes = list(self.panel.genes)
         lines.append(("panel", f"{len(genes)} genes on the {self.panel.transform} scale: {', '.join(genes[:8])}"
                                f"{', ...' if len(genes) > 8 else ''}"))
+        if self.transcriptome:
+            tx = self.transcriptome
+            lines.append(("transcriptome", f"{tx['n_genes']} genes retrievable beyond the panel (mean training "
+                                           f"{self.panel.transform} >= {tx['threshold']:g}): `he2st predict --genes` "
+                                           "or `--transcriptome`"))
         lines.append(("known scores", self._scores_line()))
         lines.append(("reliability", self._reliability_line()))
         lines.append(("command", self.command or "not recorded"))

@@ -179,6 +179,8 @@ def load_method(path: str | Path) -> Method:
         method.reliability = Reliability.from_state(saved["state"], json.loads(saved["layout"]))
     if Method.bank_path(path).exists():
         method.bank = ReferenceBank.load(Method.bank_path(path))
+    if Method.transcriptome_path(path).exists():
+        method.transcriptome_bank = ReferenceBank.load(Method.transcriptome_path(path))
     return method
 
 

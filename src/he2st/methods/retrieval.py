@@ -35,6 +35,7 @@ class RetrievalMethod(NeuralMethod):
 
     Config = RetrievalConfig
     uses_bank = True
+    retrieves = True
 
     @property
     def context_k(self) -> int:
@@ -101,6 +102,10 @@ class RetrievalMethod(NeuralMethod):
             genes if output_genes is None else output_genes,
             sample_ids,
         )
+
+    def transcriptome_reference(self, spots: SpotSet, expression: np.ndarray, genes: list[str]) -> ReferenceBank:
+        return self.reference_bank(spots.targets, spots.genes, list(spots.sample_ids),
+                                   output_expression=expression, output_genes=genes)
 
     def _predict(self, spots: SpotSet) -> Prediction:
         return self._retrieve(spots, self.bank)

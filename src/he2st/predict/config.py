@@ -25,7 +25,9 @@ class PredictConfig(BaseModel):
     pitch_um: float = Field(VISIUM_PITCH_UM, gt=0, description="hexagonal grid pitch, µm (Visium: 100)")
     spots_from: Path | None = Field(None, description="predict at this he2st sample's spots (.h5ad)")
     mask: Path | None = Field(None, description="tissue mask PNG (the slide's aspect) instead of detection")
-    genes: list[str] | None = Field(None, description="genes to write (default: the whole panel)")
+    genes: list[str] | None = Field(None, description="genes to write (default: the whole panel); beyond the panel "
+                                    "from a transcriptome bank")
+    transcriptome: bool = Field(False, description="write the panel and every gene of the model's transcriptome bank")
     coverage: float = Field(0.9, gt=0, lt=1, description="level of the per-spot prediction intervals (calibrated models)")
     chunk: int = Field(512, gt=0, description="spots per chunk (memory ~ chunk x patch size)")
     batch_size: int = Field(64, gt=0, description="encoder batch size")

@@ -74,18 +74,59 @@ def resolve_mpp(mpp: float | None, slide: Slide, sample: Sample | None = None) -
     return float(value)
 
 
-def _select_genes(panel_genes: list[str], genes: list[str] | None) -> list[int]:
-    """Panel columns of the requested genes (None: all of them)."""
-    if genes is None:
-        return list(range(len(panel_genes)))
-    index = {g: i for i, g in enumerate(panel_genes)}
-    missing = [g for g in genes if g not in index]
-    if missing:
-        raise He2stError(f"gene(s) {', '.join(missing[:5])} are not in the model's panel "
-                         f"({len(panel_genes)} genes, e.g. {', '.join(panel_genes[:5])})")
+@dataclass
+class GeneColumns:
+    """The prediction's columns: their genes, in order, and where each comes from -- the model's panel
+    prediction (``panel``: column, panel index) or its transcriptome bank (``bank``: column, bank index)."""
+
+    genes: list[str]
+    panel: tuple[np.ndarray, np.ndarray]
+    bank: tuple[np.ndarray, np.ndarray]
+
+    @property
+    def beyond_panel(self) -> bool:
+        return len(self.bank[0]) > 0
+
+
+TRANSCRIPTOME_HINT = ("the model has no transcriptome bank: train a retrieval method with one, e.g. `he2st train "
+                      "--method knn --set transcriptome_threshold=0.1`")
+
+
+def _select_genes(method: Method, genes: list[str] | None, transcriptome: bool = False) -> GeneColumns:
+    """The requested genes (None: the panel; ``transcriptome``: the panel, then every other gene of the
+    model's transcriptome bank), each from the panel when it is there, else from the transcriptome bank."""
+    panel_genes = list(method.panel.genes)
+    bank = method.transcriptome_bank
+    bank_genes = list(bank.genes) if bank is not None else []
+    if transcriptome:
+        if genes is not None:
+            raise He2stError("genes and transcriptome: name the genes or ask for the whole transcriptome bank, "
+                             "not both")
+        if bank is None:
+            raise He2stError(f"--transcriptome: {TRANSCRIPTOME_HINT}")
+        in_panel = set(panel_genes)
+        genes = panel_genes + [g for g in bank_genes if g not in in_panel]
+    elif genes is None:
+        genes = panel_genes
     if not genes:
         raise He2stError("no genes selected")
-    return [index[g] for g in genes]
+    panel_index = {g: i for i, g in enumerate(panel_genes)}
+    bank_index = {g: i for i, g in enumerate(bank_genes)}
+    missing = [g for g in genes if g not in panel_index and g not in bank_index]
+    if missing:
+        where = (f"the model's panel ({len(panel_genes)} genes, e.g. {', '.join(panel_genes[:5])})" if bank is None
+                 else f"the model's panel ({len(panel_genes)} genes) nor its transcriptome bank ({len(bank_genes)} "
+                      "genes)")
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        hint = f"; {TRANSCRIPTOME_HINT}" if bank is None else ""
+        raise He2stError(f"gene(s) {', '.join(missing[:5])}{more} are not in {where}{hint}")
+    from_panel = [(c, panel_index[g]) for c, g in enumerate(genes) if g in panel_index]
+    from_bank = [(c, bank_index[g]) for c, g in enumerate(genes) if g not in panel_index]
+
+    def pairs(items: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        return (np.array([c for c, _ in items], dtype=np.int64), np.array([i for _, i in items], dtype=np.int64))
+
+    return GeneColumns(list(genes), pairs(from_panel), pairs(from_bank))
 
 
 def _halo_rows(tree: cKDTree, xy: np.ndarray, rows: np.ndarray, hops: tuple[int, ...]) -> np.ndarray:
@@ -131,7 +172,7 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
     stain = config.stain if config.stain is not None else trained.stain
     tta = config.tta if config.tta is not None else trained.tta
     weights = config.weights if config.weights is not None else trained.weights
-    gene_index = _select_genes(list(method.panel.genes), config.genes)
+    columns = _select_genes(method, config.genes, config.transcriptome)
     method.coverage = config.coverage
     enc_cfg = EmbedConfig(encoder=trained_encoder.name, weights=weights, batch_size=config.batch_size,
                           device=config.device, precision=config.precision, runtime=config.runtime, stain=stain,
@@ -157,7 +198,7 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
         stamp = fingerprint({
             "model": model_id, "slide": file_id(slide_path), "mpp": round(mpp, 9),
             "patch": patch.model_dump(), "encoder": encoder.spec.model_dump_json(), "stain": stain, "tta": tta,
-            "genes": [method.panel.genes[i] for i in gene_index], "chunk": config.chunk,
+            "genes": columns.genes, "chunk": config.chunk,
             "xy": hashlib.sha1(np.ascontiguousarray(grid.xy).tobytes()).hexdigest(), "names": grid.names,
             "field": method.reads_field, "coverage": config.coverage if method.reliability is not None else None,
         })
@@ -168,11 +209,11 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
             embedder = PatchEmbedder(encoder, enc_cfg, patch.size_px)
             try:
                 with writing(partial):
-                    open_partial(partial, stamp, grid, len(gene_index), width, config.chunk)
+                    open_partial(partial, stamp, grid, len(columns.genes), width, config.chunk)
                     _run_chunks(slide, method, embedder, config.batch_size, grid, patch, mpp, library_id,
-                                gene_index, partial, config.chunk, on_chunk)
+                                columns, partial, config.chunk, on_chunk)
                 _finish(partial, final, stamp, method, config, encoder, embedder, patch, mpp, slide_path, sample,
-                        tissue_source, grid, gene_index, thumb, scale, library_id, stain, tta)
+                        tissue_source, grid, columns.genes, thumb, scale, library_id, stain, tta)
             except He2stError:  # bad input (or a full disk) found part-way: nothing to resume, space to free
                 partial.unlink(missing_ok=True)
                 raise
@@ -181,7 +222,7 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
 
 def _finish(partial: Path, final: Path, stamp: str, method: Method, config: PredictConfig, encoder: Encoder,
             embedder: PatchEmbedder, patch: PatchSpec, mpp: float, slide_path: Path, sample: Sample | None,
-            tissue_source: str, grid: SpotGrid, gene_index: list[int], thumb: np.ndarray, scale: float,
+            tissue_source: str, grid: SpotGrid, genes: list[str], thumb: np.ndarray, scale: float,
             library_id: str, stain: str, tta: str) -> None:
     """The finished ``.h5ad`` from the partial file (which is then removed)."""
     meta = {
@@ -195,7 +236,6 @@ def _finish(partial: Path, final: Path, stamp: str, method: Method, config: Pred
         "trained_on": dict(method.card.training_samples), "stain": stain, "tta": tta,
         "runtime": embedder.runtime,
     }
-    genes = [method.panel.genes[i] for i in gene_index]
     var = method.reliability.gene_columns(genes) if method.reliability is not None else {}
     write_h5ad(partial, final, grid, genes, thumb, scale, mpp, library_id, meta | {"coverage": config.coverage}, var)
     partial.unlink()
@@ -248,13 +288,20 @@ def _check_encoder(encoder: Encoder, trained: EncoderSpec, where: Path | None) -
 
 
 def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_size: int, grid: SpotGrid, patch: PatchSpec,
-                mpp: float, library_id: str, gene_index: list[int], partial: Path, chunk: int,
+                mpp: float, library_id: str, columns: GeneColumns, partial: Path, chunk: int,
                 on_chunk: Callable[[ChunkInfo], None] | None) -> None:
     """Read (one chunk ahead, in a thread), embed and commit chunks; predict each chunk once the
     features of its neighbourhood halo (methods that read neighbouring spots) are committed. A method
     that predicts whole samples predicts every spot together once all are embedded (its memory then
-    grows with the slide's spots)."""
+    grows with the slide's spots). Genes beyond the panel are retrieved, for the same spots, from the
+    model's transcriptome bank; their per-gene layers (intervals, for panel genes only) are NaN."""
     n = len(grid)
+    n_genes = len(columns.genes)
+    (panel_out, panel_in), (bank_out, bank_in) = columns.panel, columns.bank
+
+    def place(values: np.ndarray, keep: np.ndarray, out: np.ndarray, index: np.ndarray, into: np.ndarray) -> None:
+        into[:, out] = np.asarray(values, dtype=np.float32)[keep][:, index]
+
     n_chunks = (n + chunk - 1) // chunk
     hops = method.halo_hops
     whole = method.predicts_whole_samples
@@ -287,12 +334,18 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_siz
                         field_features=features[:, dim:] if method.reads_field else None)
         pred = method.predict(spots)
         keep = np.searchsorted(rows, np.arange(a, b))  # the chunk's own rows within chunk + halo
-        fh["expression"][a:b] = np.asarray(pred.expression, dtype=np.float32)[keep][:, gene_index]
-        for key, values in pred.layers.items():  # per spot and gene: the intervals
+        expression = np.full((b - a, n_genes), np.nan, np.float32)
+        place(pred.expression, keep, panel_out, panel_in, expression)
+        if columns.beyond_panel:
+            place(method.retrieve(spots, method.transcriptome_bank).expression, keep, bank_out, bank_in, expression)
+        fh["expression"][a:b] = expression
+        for key, values in pred.layers.items():  # per spot and gene: the intervals (panel genes)
             if key not in fh:
-                fh.create_dataset(key, shape=(n, len(gene_index)), dtype=np.float32, fillvalue=np.nan)
+                fh.create_dataset(key, shape=(n, n_genes), dtype=np.float32, fillvalue=np.nan)
                 fh[key].attrs["kind"] = "layer"
-            fh[key][a:b] = np.asarray(values, dtype=np.float32)[keep][:, gene_index]
+            layer = np.full((b - a, n_genes), np.nan, np.float32)
+            place(values, keep, panel_out, panel_in, layer)
+            fh[key][a:b] = layer
         outputs = [(k_, v, "uncertainty") for k_, v in pred.uncertainty.items()]
         outputs += [(k_, v, "extra") for k_, v in pred.extras.items()]
         for key, values, kind in outputs:

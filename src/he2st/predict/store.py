@@ -46,9 +46,11 @@ def method_fingerprint(method: Method) -> str:
     for key, tensor in sorted(method.state().items()):
         h.update(key.encode())
         h.update(np.ascontiguousarray(tensor.detach().cpu().numpy()).tobytes())
-    if method.bank is not None:
-        h.update(np.ascontiguousarray(method.bank.embeddings).tobytes())
-        h.update(np.ascontiguousarray(method.bank.expression).tobytes())
+    for bank in (method.bank, method.transcriptome_bank):
+        if bank is not None:
+            h.update(np.ascontiguousarray(bank.embeddings).tobytes())
+            h.update(np.ascontiguousarray(bank.expression).tobytes())
+            h.update("\0".join(bank.genes).encode())
     return h.hexdigest()
 
 

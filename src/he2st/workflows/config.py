@@ -243,6 +243,9 @@ class TrainRunConfig(FitConfig):
                                "default: from the dataset)")
     devices: int = Field(1, ge=1, description="training processes sharing each batch: CPU processes (gloo) or one "
                          "per GPU (NCCL)")
+    transcriptome_threshold: float | None = Field(
+        None, ge=0, description="retrieval methods: also keep every gene at least this expressed in training, for "
+        "predict --genes")
 
     def fitted_methods(self) -> list[str]:
         return [self.method]

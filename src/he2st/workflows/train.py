@@ -17,6 +17,7 @@ from he2st.data.splits import validation_mask
 from he2st.data.spots import SpotSet, load_spots, shared_extras
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
+from he2st.evaluate.beyond_panel import build_transcriptome
 from he2st.evaluate.gene_sets import build_gene_sets
 from he2st.io import check_output
 from he2st.methods import Method, TrainLog, create_method, distributed, load_method
@@ -49,14 +50,18 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
     train_ids = config.train_samples or ws.sample_ids()
     if not train_ids:
         raise He2stError(f"no training samples: none prepared in {ws.root}")
+    method = create_method(config.method, **config.options_for(config.method))
+    if config.transcriptome_threshold is not None and not method.retrieves:
+        raise He2stError(f"transcriptome_threshold: method {config.method!r} does not predict by retrieval, so it "
+                         "cannot return genes beyond its panel; use knn, bleep, cmrcnet or carhe")
     out = Path(config.out or ws.root / "models" / f"{config.method}.pt")
-    check_output(out)  # before any work: a file he2st did not write is refused (the bank beside it too)
+    check_output(out)  # before any work: a file he2st did not write is refused (the banks beside it too)
     check_output(Method.bank_path(out))
+    check_output(Method.transcriptome_path(out))
     samples = {sid: ws.load_sample(sid) for sid in train_ids}
     panel = GenePanel.from_config({sid: s.adata for sid, s in samples.items()}, config.genes)
     with distributed.main_first():
         paths = embed_workspace(ws, train_ids, config.patch, config.embed).paths
-    method = create_method(config.method, **config.options_for(config.method))
     spots = load_spots(ws, train_ids, config.patch, config.embed, panel, with_targets=True,
                        extras=shared_extras(samples.values()), with_patches=config.needs_patches(),
                        with_tokens=config.needs_tokens())
@@ -77,8 +82,22 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
         "selection": log.selection, "command": command, "tissue": config.tissue or _tissue(samples.values()),
         "reliability": method.reliability.summary() if method.reliability is not None else {}})
     if distributed.is_main():
+        if config.transcriptome_threshold is not None:
+            _add_transcriptome(method, samples, train_ids, spots, config.transcriptome_threshold)
         method.save(out)
     return method, log, Path(out)
+
+
+def _add_transcriptome(method: Method, samples: dict, train_ids: list[str], spots: SpotSet, threshold: float) -> None:
+    """Give ``method`` a second bank of every training spot returning each gene measured in all training samples
+    whose mean training expression (on the panel's scale) is at least ``threshold``, and record it in its card."""
+    tx = build_transcriptome(samples, train_ids, [], spots, method.panel.transform, threshold)
+    position = {g: i for i, g in enumerate(tx.genes)}
+    columns = [position[g] for g in tx.scored]
+    method.transcriptome_bank = method.transcriptome_reference(spots, tx.train[:, columns], tx.scored)
+    method.card = method.card.model_copy(update={"transcriptome": {
+        "threshold": threshold, "n_genes": len(tx.scored),
+        "beyond_panel": len(set(tx.scored) - set(method.panel.genes)), "measured_in_all": len(tx.genes)}})
 
 
 def _tissue(samples) -> str:

@@ -247,6 +247,7 @@ class ImageKNN(Method):
     Config = KNNConfig
     stochastic = False
     uses_bank = True
+    retrieves = True
     query_options = ("per_sample",)
     ablations = {"pooled_retrieval": {"per_sample": False}}
 
@@ -264,9 +265,20 @@ class ImageKNN(Method):
         self.bank = ReferenceBank(self.scaler(data.features), data.targets, data.genes, list(data.sample_ids))
         return TrainLog()
 
+    def transcriptome_reference(self, spots: SpotSet, expression: np.ndarray, genes: list[str]) -> ReferenceBank:
+        return ReferenceBank(self.scaler(self.contextual(spots).features), expression, genes, list(spots.sample_ids))
+
+    def retrieve(self, spots: SpotSet, bank: ReferenceBank) -> Prediction:
+        self.check_spots(spots)
+        return self._retrieve(self.contextual(spots.without_expression()), bank)
+
     def _predict(self, spots: SpotSet) -> Prediction:
-        result = self.bank.predict(self.scaler(spots.features), k=min(self.config.top_k, len(self.bank)),
-                                   weighting=self.config.weighting, per_sample=self.config.per_sample)
+        return self._retrieve(spots, self.bank)
+
+    def _retrieve(self, spots: SpotSet, bank: ReferenceBank) -> Prediction:
+        """Retrieval for spots whose features carry the context."""
+        result = bank.predict(self.scaler(spots.features), k=min(self.config.top_k, len(bank)),
+                              weighting=self.config.weighting, per_sample=self.config.per_sample)
         return Prediction(result.expression, result.genes,
                           {"best_similarity": result.best_similarity, "dispersion": result.dispersion})
 
