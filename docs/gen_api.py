@@ -15,7 +15,7 @@ import mkdocs_gen_files
 SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT = Path("reference/api")
 
-#: (module, why a user opens it) for the entry page; modules that no longer exist are left out.
+#: (module, why a user opens it) for the entry page; entries whose module is absent are skipped.
 ENTRY_POINTS = [
     ("he2st.api", "the flat Python API: `prepare`, `embed`, `train`, `benchmark`, `read_sample`"),
     ("he2st.methods", "the method registry (`register_method`, `create_method`, `load_method`, `list_methods`) "

@@ -83,9 +83,10 @@ def test_tls_calls_say_no_when_the_prediction_cannot_support_them(tmp_path):
     """A panel that lacks most of the signature, or a model that cannot predict its genes on a new patient,
     gets one line naming what is missing and what to do; --force calls anyway and keeps the reason."""
     from he2st.errors import He2stError
-    from he2st.workflows.tls import detect_tls, list_signatures
+    from he2st.evaluate.tls import SIGNATURE_SOURCES
+    from he2st.workflows.tls import detect_tls
 
-    assert {"chemokine-12", "melanoma-cabrita", "her2st"} <= set(list_signatures())
+    assert {"chemokine-12", "melanoma-cabrita", "her2st"} <= set(SIGNATURE_SOURCES)
     few = _prediction(tmp_path / "few.h5ad", ["CCL19", "CXCL13", "ERBB2", "ACTB"])
     with pytest.raises(He2stError, match=r"holds 17% of signature chemokine-12's weight \(2 of 12 genes"):
         detect_tls(few, tmp_path, "chemokine-12")

@@ -268,8 +268,7 @@ def tls(
     threshold: Annotated[float | None, typer.Option(help="call spots with a score at least this")] = None,
     quantile: Annotated[float, typer.Option(help="threshold as this quantile of the reference scores")] = 0.9,
     threshold_from: Annotated[str | None, typer.Option(
-        help="comma-separated measured sample .h5ad files of training patients: the threshold is the quantile "
-             "of their scores (default: of this section's)")] = None,
+        help="measured training sample .h5ad files (comma-separated): threshold = the quantile of their scores")] = None,
     sample: Annotated[Path | None, typer.Option(help="measured sample .h5ad: compare TLS scores (r, AUROC)")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: beside the input)")] = None,
     force: Annotated[bool, typer.Option(help="call spots even where the prediction cannot support it (noted)")] = False,

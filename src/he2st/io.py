@@ -66,11 +66,6 @@ def allow_overwrite(allowed: bool) -> None:
     _overwrite = bool(allowed)
 
 
-def overwrite_allowed() -> bool:
-    """Whether the current command allows replacing outputs he2st did not write."""
-    return _overwrite
-
-
 # ---------------------------------------------------------------------------------------------- what a path is
 def path_kind(path: str | Path) -> str:
     """``missing``, ``file``, ``folder``, ``symbolic link loop``, ``broken symbolic link`` or ``special file``."""

@@ -157,7 +157,8 @@ class Method(ABC):
         prediction.layers |= {"lower": out.pop("lower"), "upper": out.pop("upper")}
         prediction.uncertainty |= out
 
-    def out_of_fold(self, spots: SpotSet, groups: np.ndarray, folds: list[np.ndarray]) -> np.ndarray:
+    def out_of_fold(self, spots: SpotSet, groups: np.ndarray, folds: list[np.ndarray],
+                    validation_fraction: float = 0.15) -> np.ndarray:
         """Predictions (N, G) of ``spots`` (with targets), each made by a copy of this method fitted without
         its fold's groups -- with its own validation draw, as a fit on all spots draws one."""
         oof = np.full(spots.targets.shape, np.nan, np.float32)
@@ -165,7 +166,8 @@ class Method(ABC):
         for fold in folds:
             test = np.isin(labels, fold)
             inner = spots.subset(~test)
-            val = validation_mask(inner.sample_ids, 0.15, seed=self.config.seed, patients=labels[~test])
+            val = validation_mask(inner.sample_ids, validation_fraction, seed=self.config.seed,
+                                  patients=labels[~test])
             copy_ = type(self)(self.config)
             copy_.card = self.card
             copy_.fit(inner.subset(~val), inner.subset(val))

@@ -24,40 +24,35 @@ LOWER_BOUND_LEVEL = 0.9  # one-sided confidence of expected_r_low
 OOD_LEVEL = 0.99  # quantile of held-out patients' difficulty above which a spot is flagged
 
 
-def estimate_reliability(method: Method, spots: SpotSet, max_folds: int = 3, seed: int = 0) -> Reliability:
-    """Reliability of ``method`` (already fitted on ``spots``, which carry targets) from inner folds.
-
-    Refused in one line when the spots hold a single group to hold out."""
-    groups = method.training_groups(spots)
+def estimate_reliability(method: Method, spots: SpotSet, max_folds: int = 3, seed: int = 0,
+                         validation_fraction: float = 0.15) -> Reliability:
+    """Reliability of ``method`` (already fitted on ``spots``, which carry targets) from inner folds; every
+    spot is held out by exactly one fold. Refused in one line when the spots hold a single group."""
+    groups = np.asarray(method.training_groups(spots)).astype(str)
     folds = held_out_groups(groups, max_folds)
     if not folds:
         raise He2stError("reliability needs at least 2 training patients or samples to hold out")
-    oof = method.out_of_fold(spots, groups, folds)
-    y = spots.targets
-    held = np.zeros(len(spots), bool)
-    difficulty = np.full(len(spots), np.nan)
+    oof = method.out_of_fold(spots, groups, folds, validation_fraction)
+    difficulty = np.empty(len(spots))
     for fold in folds:
-        test = np.isin(groups.astype(str), fold)
-        distance = FeatureDistance.fit(spots.features[~test], seed=seed)
-        difficulty[test] = distance.distances(spots.features[test])
-        held |= test
-    normalised = _difficulty_pays(residuals_all := np.abs(y - oof), difficulty, groups, held, folds)
-    expected, low, n_sections = _gene_predictability(oof[held], y[held], np.asarray(spots.sample_ids)[held],
-                                                     groups[held])
-    residuals = residuals_all[held].astype(np.float32)
-    rows = np.sort(np.random.default_rng(seed).permutation(len(residuals))[:MAX_SCORES])
-    held_difficulty = difficulty[held]
+        test = np.isin(groups, fold)
+        difficulty[test] = FeatureDistance.fit(spots.features[~test], seed=seed).distances(spots.features[test])
+    residuals = np.abs(spots.targets - oof)
+    samples = np.asarray(spots.sample_ids).astype(str)
+    expected, low, n_sections = _gene_predictability(oof, spots.targets, samples, groups)
+    rows = np.sort(np.random.default_rng(seed).permutation(len(spots))[:MAX_SCORES])
     return Reliability(
-        genes=list(spots.genes), expected_r=expected, expected_r_low=low, residuals=residuals[rows],
-        difficulty=held_difficulty[rows].astype(np.float32), distance=FeatureDistance.fit(spots.features, seed=seed),
-        ood_threshold=float(np.quantile(held_difficulty, OOD_LEVEL)), ood_level=OOD_LEVEL,
+        genes=list(spots.genes), expected_r=expected, expected_r_low=low,
+        residuals=residuals[rows].astype(np.float32), difficulty=difficulty[rows].astype(np.float32),
+        distance=FeatureDistance.fit(spots.features, seed=seed),
+        ood_threshold=float(np.quantile(difficulty, OOD_LEVEL)), ood_level=OOD_LEVEL,
+        normalised=_difficulty_pays(residuals, difficulty, groups, folds),
         held_out=[[str(g) for g in fold] for fold in folds],
-        normalised=normalised, units="samples" if np.array_equal(groups.astype(str), np.asarray(spots.sample_ids).astype(str))
-        else "patients", n_sections=n_sections)
+        units="samples" if np.array_equal(groups, samples) else "patients", n_sections=n_sections)
 
 
-def _difficulty_pays(residuals: np.ndarray, difficulty: np.ndarray, groups: np.ndarray, held: np.ndarray,
-                     folds: list[np.ndarray], coverage: float = 0.9) -> bool:
+def _difficulty_pays(residuals: np.ndarray, difficulty: np.ndarray, groups: np.ndarray, folds: list[np.ndarray],
+                     coverage: float = 0.9) -> bool:
     """Whether intervals scaled by each spot's difficulty beat constant-width ones on the training patients.
 
     Each held-out group in turn is scored with intervals calibrated on the other groups' held-out spots; the
@@ -71,8 +66,8 @@ def _difficulty_pays(residuals: np.ndarray, difficulty: np.ndarray, groups: np.n
     alpha = 1.0 - coverage
     scores = {False: [], True: []}
     for fold in folds:
-        test = np.isin(labels, fold) & held
-        calib = held & ~test
+        test = np.isin(labels, fold)
+        calib = ~test
         for normalised in (False, True):
             s_cal = np.ones(calib.sum()) if not normalised else np.maximum(difficulty[calib], 1e-12)
             s_test = np.ones(test.sum()) if not normalised else np.maximum(difficulty[test], 1e-12)

@@ -138,11 +138,6 @@ class Reliability:
         return {key: np.where(rows >= 0, values[np.maximum(rows, 0)], np.nan).astype(np.float32)
                 for key, values in (("expected_r", self.expected_r), ("expected_r_low", self.expected_r_low))}
 
-    def predictable(self, min_r: float) -> list[str]:
-        """Genes whose lower bound of expected r reaches ``min_r``, most predictable first."""
-        order = np.argsort(-self.expected_r)
-        return [self.genes[g] for g in order if self.expected_r_low[g] >= min_r]
-
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, torch.Tensor]:
         arrays = {"expected_r": self.expected_r, "expected_r_low": self.expected_r_low,
@@ -165,10 +160,9 @@ class Reliability:
 
     def summary(self) -> dict[str, Any]:
         """A few numbers for the model card."""
-        finite = np.isfinite(self.expected_r)
-        top = [self.genes[g] for g in np.argsort(-np.where(finite, self.expected_r, -np.inf))[:5] if finite[g]]
+        top = [self.genes[g] for g in np.argsort(-self.expected_r)[:5]]
         return {"held_out": ["+".join(g) for g in self.held_out], "units": self.units,
-                "sections": self.n_sections, "mean_expected_r": round(float(np.nanmean(self.expected_r)), 4),
+                "sections": self.n_sections, "mean_expected_r": round(float(np.mean(self.expected_r)), 4),
                 "genes_expected_r_above_0.3": int((self.expected_r > 0.3).sum()),
                 "genes_lower_bound_above_0.1": int((self.expected_r_low > 0.1).sum()),
                 "most_predictable": top, "ood_level": self.ood_level,

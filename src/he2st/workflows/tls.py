@@ -47,13 +47,8 @@ MIN_WEIGHT_COVERAGE = 0.5  # share of a signature's |weight| a prediction must h
 MIN_EXPECTED_R = 0.1  # lower bound of the signature genes' expected r (weighted) below which calls are refused
 
 
-def list_signatures() -> dict[str, str]:
-    """Every named TLS model: name -> its source (the her2st ones need the dataset: `he2st data fetch her2st`)."""
-    return {name: citation for name, citation in SIGNATURE_SOURCES.items()}
-
-
 def read_model(model: str | Path) -> TlsModel:
-    """A named TLS model (:func:`list_signatures`) or a weighted gene list file."""
+    """A named TLS model (``SIGNATURE_SOURCES``; the her2st ones need its dataset) or a weighted gene list file."""
     shipped = SHIPPED_MODELS.get(str(model))
     if shipped is not None:
         return TlsModel.read(dataset_dir("her2st") / shipped)
@@ -72,15 +67,15 @@ def refusal(adata: ad.AnnData, scored: TlsScore, model: TlsModel, name: str) -> 
         missing = [g for g in model.weights.abs().sort_values(ascending=False).index if g not in scored.genes][:8]
         return (f"the prediction holds {scored.weight_coverage:.0%} of signature {name}'s weight "
                 f"({scored.genes_used} of {len(model.weights)} genes; missing e.g. {', '.join(missing)}); predict "
-                "its genes with a retrieval model trained with a transcriptome bank (`he2st train --set "
-                "transcriptome_threshold=0.1`, then `he2st predict --genes ...`), or pass --force")
+                "its genes with a retrieval model trained with a transcriptome bank (`he2st train --method knn --set "
+                "transcriptome_threshold=0`, then `he2st predict --transcriptome`), or pass --force")
     if "expected_r_low" in adata.var:
         symbols = gene_symbols(adata.var_names)
         low = pd.Series(np.asarray(adata.var["expected_r_low"], float), index=symbols)
         low = low[~low.index.duplicated()].reindex(scored.genes)
         if low.notna().any():
             weights = model.weights[scored.genes].abs()
-            bound = float((weights * low.fillna(0.0).clip(lower=0.0)).sum() / model.weights.abs().sum())
+            bound = float((weights * low.fillna(0.0).clip(lower=0.0)).sum() / weights.sum())
             if bound < MIN_EXPECTED_R:
                 return (f"the model's genes of signature {name} are not predictable enough on a new patient "
                         f"(weighted 90% lower bound of their expected r {bound:.2f} < {MIN_EXPECTED_R}); "

@@ -13,7 +13,7 @@ import numpy as np
 from he2st.data.datasets import DATASETS, get_dataset
 from he2st.data.embeddings import EmbeddingFile
 from he2st.data.genes import GenePanel
-from he2st.data.splits import validation_mask
+from he2st.data.splits import held_out_groups, validation_mask
 from he2st.data.spots import SpotSet, load_spots, shared_extras
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
@@ -72,11 +72,15 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
         build_gene_sets(spots.targets, panel.genes, n=config.n_top),
         {sid: s.patient_id for sid, s in samples.items()},
         {sid: s.pixel_size_um for sid, s in samples.items()})
+    if config.reliability and not held_out_groups(method.training_groups(spots), 2):
+        raise He2stError("reliability=true needs at least 2 training patients or samples to hold out; "
+                         f"the training samples ({', '.join(train_ids)}) form one group")
     log = method.fit(spots.subset(~val), spots.subset(val))
     if config.wants_reliability(method.card.training_samples):
         method.reliability = estimate_reliability(
             method, SpotSet.concat([spots.subset(~val), spots.subset(val)]),
-            max_folds=getattr(method.config, "inner_folds", 3), seed=config.seed)
+            max_folds=getattr(method.config, "inner_folds", 3), seed=config.seed,
+            validation_fraction=config.validation_fraction)
     method.card = method.card.model_copy(update={
         "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds,
         "selection": log.selection, "command": command, "tissue": config.tissue or _tissue(samples.values()),

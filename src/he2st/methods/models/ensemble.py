@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,22 @@ def _sample_codes(sample_ids: list[str]) -> tuple[list[str], list[int]]:
     names = list(dict.fromkeys(sample_ids))
     index = {sid: i for i, sid in enumerate(names)}
     return names, [index[sid] for sid in sample_ids]
+
+
+@dataclass
+class InnerPredictions:
+    """The inner folds of a fit and the ensemble's held-out predictions on them, row by row."""
+
+    folds: list[list[str]]
+    sample_ids: np.ndarray
+    barcodes: np.ndarray
+    predictions: np.ndarray
+
+    def matches(self, spots: SpotSet, folds: list[np.ndarray]) -> bool:
+        """Whether ``spots`` are these rows, in this order, and ``folds`` these folds."""
+        return (self.folds == [[str(g) for g in fold] for fold in folds]
+                and np.array_equal(np.asarray(spots.sample_ids), self.sample_ids)
+                and np.array_equal(np.asarray(spots.barcodes), self.barcodes))
 
 
 def _shares(weights: np.ndarray) -> np.ndarray:
@@ -91,7 +108,7 @@ class Ensemble(Method):
         self.level_shares: np.ndarray | None = None
         #: the inner folds' held-out groups and the combination of the members' held-out predictions, kept
         #: after a fit so that the ensemble's own out-of-fold predictions cost no further fit
-        self._inner: tuple[list[list[str]], np.ndarray] | None = None
+        self._inner: InnerPredictions | None = None
 
     @property
     def halo_hops(self) -> tuple[int, ...]:
@@ -219,7 +236,8 @@ class Ensemble(Method):
         self._inner = None
         if held_out:
             members = np.stack([oof[(lb, *chosen[lb])] for lb in self.fitted], axis=-1)
-            self._inner = ([[str(g) for g in fold] for fold in held_out], self._combine(members, spots.sample_ids))
+            self._inner = InnerPredictions([[str(g) for g in fold] for fold in held_out], spots.sample_ids,
+                                           spots.barcodes, self._combine(members, spots.sample_ids))
         log = TrainLog()
         log.selection = {
             "inner_folds": ["+".join(fold) for fold in held_out],
@@ -305,13 +323,14 @@ class Ensemble(Method):
         preds = np.stack([m.predict(spots).expression for m in self.fitted.values()], axis=-1)  # (n, G, M)
         return Prediction(self._combine(preds, spots.sample_ids), list(self.panel.genes))
 
-    def out_of_fold(self, spots: SpotSet, groups: np.ndarray, folds: list[np.ndarray]) -> np.ndarray:
-        """The members' inner-fold predictions combined as the ensemble combines them, when ``folds`` are the
-        ones its fit held out (weights chosen on those predictions make this a little optimistic); else refits."""
-        if self._inner is not None and len(self._inner[1]) == len(spots) and \
-                self._inner[0] == [[str(g) for g in fold] for fold in folds]:
-            return self._inner[1]
-        return super().out_of_fold(spots, groups, folds)
+    def out_of_fold(self, spots: SpotSet, groups: np.ndarray, folds: list[np.ndarray],
+                    validation_fraction: float = 0.15) -> np.ndarray:
+        """The members' inner-fold predictions combined as the ensemble combines them, when ``spots`` are the
+        rows its fit saw and ``folds`` the ones it held out (weights chosen on those predictions make this a
+        little optimistic); else refits."""
+        if self._inner is not None and self._inner.matches(spots, folds):
+            return self._inner.predictions
+        return super().out_of_fold(spots, groups, folds, validation_fraction)
 
     def _combine(self, preds: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
         """The members' predictions (n, G, M) combined into the ensemble's (n, G)."""
@@ -328,7 +347,7 @@ class Ensemble(Method):
                 block = preds[rows, genes].astype(np.float64)
                 if self.level_shares is not None:
                     level = (block.mean(0) * self.level_shares[genes]).sum(-1)
-                else:  # a checkpoint written before the level became the members' weighted mean
+                else:  # checkpoints without level_shares: the linear combination's level
                     level = (block.mean(0) * self.weights[genes]).sum(-1) + self.intercepts[genes]
                 expression[rows, genes] = level + (_standardised(block) * self.deviations[None, genes]).sum(-1)
         return expression
