@@ -203,3 +203,22 @@ def embedded_sections(root: Path, patients: dict[str, str], genes: list[str]):
     embed = EmbedConfig(encoder="test_vit", weights=weights, num_workers=0)
     embed_workspace(Workspace(work), sorted(patients), PatchSpec(), embed)
     return work, embed
+
+
+def random_knn_model(encoder, genes: list[str], n: int = 40, weights: Path | None = None, seed: int = 0):
+    """A fitted ``knn`` over ``n`` random training spots whose features have ``encoder``'s width, with a card
+    that says how to make its inputs (``weights``: the encoder weights file the card records)."""
+    from he2st.data.embeddings import EmbedConfig
+    from he2st.data.genes import GenePanel
+    from he2st.data.patches import PatchSpec
+    from he2st.data.spots import SpotSet
+    from he2st.methods import ModelCard, create_method
+
+    rng = np.random.default_rng(seed)
+    knn = create_method("knn", top_k=5)
+    knn.card = ModelCard(method="knn", panel=GenePanel(genes=genes), encoder=encoder.spec, patch=PatchSpec(),
+                         embedding=EmbedConfig(encoder=encoder.spec.name, weights=weights))
+    knn.fit(SpotSet(np.array(["T"] * n, dtype=object), np.array([f"b{i}" for i in range(n)], dtype=object),
+                    rng.normal(size=(n, encoder.embed_dim)).astype(np.float32), np.zeros((n, 2)), genes,
+                    rng.gamma(2, 1, (n, len(genes))).astype(np.float32)))
+    return knn

@@ -15,16 +15,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from synthetic import tissue_image, write_pyramid
+from synthetic import random_knn_model, tissue_image, write_pyramid
 from test_methods import OPTIONS, fitted
 from test_stack import MOVES, _moved, _tissue, _truth
 
-from he2st.data.embeddings import EmbedConfig
-from he2st.data.genes import GenePanel
-from he2st.data.patches import PatchSpec
-from he2st.data.spots import SpotSet
 from he2st.encoders import create
-from he2st.methods import ModelCard, create_method, load_method
+from he2st.methods import load_method
 from he2st.predict.registration import register_sections
 from he2st.workflows.predict_slide import predict_slide
 from he2st.workflows.stack import load_section, place_sections
@@ -77,26 +73,8 @@ def test_whole_slide_prediction_is_the_same_every_run(tmp_path):
     torch.manual_seed(0)
     encoder = create("test_vit", pretrained=False)
     slide = write_pyramid(tmp_path / "slide.tif", tissue_image(1200, 1200, seed=3), 0.5)
-    rng = np.random.default_rng(0)
     genes = [f"G{i}" for i in range(6)]
-    knn = create_method("knn", top_k=5)
-    knn.card = ModelCard(
-        method="knn",
-        panel=GenePanel(genes=genes),
-        encoder=encoder.spec,
-        patch=PatchSpec(),
-        embedding=EmbedConfig(encoder=encoder.spec.name),
-    )
-    knn.fit(
-        SpotSet(
-            np.array(["T"] * 40, dtype=object),
-            np.array([f"b{i}" for i in range(40)], dtype=object),
-            rng.normal(size=(40, encoder.embed_dim)).astype(np.float32),
-            np.zeros((40, 2)),
-            genes,
-            rng.gamma(2, 1, (40, len(genes))).astype(np.float32),
-        )
-    )
+    knn = random_knn_model(encoder, genes)
     model = knn.save(tmp_path / "knn.pt")
     runs = [
         ad.read_h5ad(predict_slide(load_method(model), slide, tmp_path / f"run{i}", encoder=encoder, chunk=8))

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from synthetic import tissue_image, write_pyramid, write_st_section
+from synthetic import random_knn_model, tissue_image, write_pyramid, write_st_section
 
 from he2st.encoders import create
 
@@ -245,33 +245,10 @@ def test_killed_at_a_random_moment_and_rerun_equals_an_uninterrupted_run(step, i
 
 def _tiny_model(path: Path, weights: Path) -> Path:
     """A kNN over random features of the tiny encoder's width (its weights recorded in the card)."""
-    from he2st.data.embeddings import EmbedConfig
-    from he2st.data.genes import GenePanel
-    from he2st.data.patches import PatchSpec
-    from he2st.data.spots import SpotSet
-    from he2st.methods import ModelCard, create_method
 
     torch.manual_seed(0)
     encoder = create("test_vit", pretrained=False)
-    rng = np.random.default_rng(0)
-    knn = create_method("knn", top_k=5)
-    knn.card = ModelCard(
-        method="knn",
-        panel=GenePanel(genes=GENES),
-        encoder=encoder.spec,
-        patch=PatchSpec(),
-        embedding=EmbedConfig(encoder=encoder.spec.name, weights=weights),
-    )
-    knn.fit(
-        SpotSet(
-            np.array(["T"] * 40, dtype=object),
-            np.array([f"b{i}" for i in range(40)], dtype=object),
-            rng.normal(size=(40, encoder.embed_dim)).astype(np.float32),
-            np.zeros((40, 2)),
-            GENES,
-            rng.gamma(2, 1, (40, len(GENES))).astype(np.float32),
-        )
-    )
+    knn = random_knn_model(encoder, GENES, weights=weights)
     return knn.save(path)
 
 

@@ -25,14 +25,9 @@ import pytest
 import torch
 from in_process import run_cli
 from PIL import Image
-from synthetic import tissue_image, write_pyramid, write_st_section
+from synthetic import random_knn_model, tissue_image, write_pyramid, write_st_section
 
-from he2st.data.embeddings import EmbedConfig
-from he2st.data.genes import GenePanel
-from he2st.data.patches import PatchSpec
-from he2st.data.spots import SpotSet
 from he2st.encoders import create
-from he2st.methods import ModelCard, create_method
 
 GENES = [f"G{i}" for i in range(8)]
 
@@ -64,26 +59,7 @@ def kit(tmp_path_factory, one_torch_thread) -> Kit:
     encoder = create("test_vit", pretrained=False)
     weights = root / "test_vit.pth"
     torch.save(encoder.backbone.state_dict(), weights)
-    rng = np.random.default_rng(0)
-    n = 60
-    method = create_method("knn", top_k=5)
-    method.card = ModelCard(
-        method="knn",
-        panel=GenePanel(genes=GENES),
-        encoder=encoder.spec,
-        patch=PatchSpec(),
-        embedding=EmbedConfig(encoder=encoder.spec.name, weights=weights),
-    )
-    method.fit(
-        SpotSet(
-            np.array(["T"] * n, dtype=object),
-            np.array([f"b{i}" for i in range(n)], dtype=object),
-            rng.normal(size=(n, encoder.embed_dim)).astype(np.float32),
-            np.zeros((n, 2)),
-            GENES,
-            rng.gamma(2, 1, (n, len(GENES))).astype(np.float32),
-        )
-    )
+    method = random_knn_model(encoder, GENES, n=60, weights=weights)
     model = method.save(root / "model" / "knn.pt")
     (root / "slide").mkdir()
     slide = write_pyramid(root / "slide" / "slide.tif", tissue_image(1200, 1200, seed=3), 0.5)
