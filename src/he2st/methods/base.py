@@ -158,10 +158,14 @@ class Method(ABC):
         prediction.uncertainty |= out
 
     def out_of_fold(self, spots: SpotSet, groups: np.ndarray, folds: list[np.ndarray],
-                    validation_fraction: float = 0.15) -> np.ndarray:
+                    validation_fraction: float = 0.15, beyond: np.ndarray | None = None,
+                    beyond_genes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Predictions (N, G) of ``spots`` (with targets), each made by a copy of this method fitted without
-        its fold's groups -- with its own validation draw, as a fit on all spots draws one."""
+        its fold's groups -- with its own validation draw, as a fit on all spots draws one. With ``beyond``
+        (N, B: the spots' values of ``beyond_genes``, outside the panel) a retrieval method's copies also
+        retrieve those genes from banks of their own training spots: the second array (else None)."""
         oof = np.full(spots.targets.shape, np.nan, np.float32)
+        extra = None if beyond is None or not self.retrieves else np.full(beyond.shape, np.nan, np.float32)
         labels = np.asarray(groups).astype(str)
         for fold in folds:
             test = np.isin(labels, fold)
@@ -172,7 +176,10 @@ class Method(ABC):
             copy_.card = self.card
             copy_.fit(inner.subset(~val), inner.subset(val))
             oof[test] = copy_.predict(spots.subset(test)).expression
-        return oof
+            if extra is not None:
+                bank = copy_.transcriptome_reference(inner, beyond[~test], list(beyond_genes))
+                extra[test] = copy_.retrieve(spots.subset(test), bank).expression
+        return oof, extra
 
     def transcriptome_reference(self, spots: SpotSet, expression: np.ndarray, genes: list[str]) -> ReferenceBank:
         """A bank of the fitted model's reference ``spots`` (with targets) that returns ``expression`` (their

@@ -25,14 +25,17 @@ OOD_LEVEL = 0.99  # quantile of held-out patients' difficulty above which a spot
 
 
 def estimate_reliability(method: Method, spots: SpotSet, max_folds: int = 3, seed: int = 0,
-                         validation_fraction: float = 0.15) -> Reliability:
+                         validation_fraction: float = 0.15, beyond: np.ndarray | None = None,
+                         beyond_genes: list[str] | None = None) -> Reliability:
     """Reliability of ``method`` (already fitted on ``spots``, which carry targets) from inner folds; every
-    spot is held out by exactly one fold. Refused in one line when the spots hold a single group."""
+    spot is held out by exactly one fold. ``beyond`` (N, B): the spots' values of ``beyond_genes`` outside
+    the panel, which a retrieval method's transcriptome bank returns: their expected r is measured too.
+    Refused in one line when the spots hold a single group."""
     groups = np.asarray(method.training_groups(spots)).astype(str)
     folds = held_out_groups(groups, max_folds)
     if not folds:
         raise He2stError("reliability needs at least 2 training patients or samples to hold out")
-    oof = method.out_of_fold(spots, groups, folds, validation_fraction)
+    oof, oof_beyond = method.out_of_fold(spots, groups, folds, validation_fraction, beyond, beyond_genes)
     difficulty = np.empty(len(spots))
     for fold in folds:
         test = np.isin(groups, fold)
@@ -40,9 +43,14 @@ def estimate_reliability(method: Method, spots: SpotSet, max_folds: int = 3, see
     residuals = np.abs(spots.targets - oof)
     samples = np.asarray(spots.sample_ids).astype(str)
     expected, low, n_sections = _gene_predictability(oof, spots.targets, samples, groups)
+    genes = list(spots.genes)
+    if oof_beyond is not None:
+        more, more_low, _ = _gene_predictability(oof_beyond, beyond, samples, groups)
+        expected, low = np.concatenate([expected, more]), np.concatenate([low, more_low])
+        genes += list(beyond_genes)
     rows = np.sort(np.random.default_rng(seed).permutation(len(spots))[:MAX_SCORES])
     return Reliability(
-        genes=list(spots.genes), expected_r=expected, expected_r_low=low,
+        genes=genes, expected_r=expected, expected_r_low=low,
         residuals=residuals[rows].astype(np.float32), difficulty=difficulty[rows].astype(np.float32),
         distance=FeatureDistance.fit(spots.features, seed=seed),
         ood_threshold=float(np.quantile(difficulty, OOD_LEVEL)), ood_level=OOD_LEVEL,

@@ -84,7 +84,7 @@ class FeatureDistance:
 class Reliability:
     """What inner patient-level folds measured of a model; applied to every prediction it makes."""
 
-    genes: list[str]
+    genes: list[str]  # the panel's, then any beyond it that the model retrieves (expected r only)
     expected_r: np.ndarray  # (G,) mean held-out Pearson per gene
     expected_r_low: np.ndarray  # (G,) one-sided 90% lower bound of that mean
     residuals: np.ndarray  # (R, G) absolute errors of held-out spots

@@ -76,25 +76,29 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
         raise He2stError("reliability=true needs at least 2 training patients or samples to hold out; "
                          f"the training samples ({', '.join(train_ids)}) form one group")
     log = method.fit(spots.subset(~val), spots.subset(val))
+    beyond, beyond_genes = None, None
+    if config.transcriptome_threshold is not None:
+        beyond, beyond_genes = _add_transcriptome(method, samples, train_ids, spots, config.transcriptome_threshold)
     if config.wants_reliability(method.card.training_samples):
-        method.reliability = estimate_reliability(
+        method.reliability = estimate_reliability(  # the spots in the order the fit saw them
             method, SpotSet.concat([spots.subset(~val), spots.subset(val)]),
             max_folds=getattr(method.config, "inner_folds", 3), seed=config.seed,
-            validation_fraction=config.validation_fraction)
+            validation_fraction=config.validation_fraction,
+            beyond=None if beyond is None else np.concatenate([beyond[~val], beyond[val]]), beyond_genes=beyond_genes)
     method.card = method.card.model_copy(update={
         "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds,
         "selection": log.selection, "command": command, "tissue": config.tissue or _tissue(samples.values()),
         "reliability": method.reliability.summary() if method.reliability is not None else {}})
     if distributed.is_main():
-        if config.transcriptome_threshold is not None:
-            _add_transcriptome(method, samples, train_ids, spots, config.transcriptome_threshold)
         method.save(out)
     return method, log, Path(out)
 
 
-def _add_transcriptome(method: Method, samples: dict, train_ids: list[str], spots: SpotSet, threshold: float) -> None:
+def _add_transcriptome(method: Method, samples: dict, train_ids: list[str], spots: SpotSet,
+                       threshold: float) -> tuple[np.ndarray, list[str]]:
     """Give ``method`` a second bank of every training spot returning each gene measured in all training samples
-    whose mean training expression (on the panel's scale) is at least ``threshold``, and record it in its card."""
+    whose mean training expression (on the panel's scale) is at least ``threshold``, and record it in its card;
+    returns the training spots' values of the genes beyond the panel, and those genes."""
     tx = build_transcriptome(samples, train_ids, [], spots, method.panel.transform, threshold)
     position = {g: i for i, g in enumerate(tx.genes)}
     columns = [position[g] for g in tx.scored]
@@ -102,6 +106,9 @@ def _add_transcriptome(method: Method, samples: dict, train_ids: list[str], spot
     method.card = method.card.model_copy(update={"transcriptome": {
         "threshold": threshold, "n_genes": len(tx.scored),
         "beyond_panel": len(set(tx.scored) - set(method.panel.genes)), "measured_in_all": len(tx.genes)}})
+    panel = set(method.panel.genes)
+    outside = [i for i, g in enumerate(tx.scored) if g not in panel]
+    return tx.train[:, [columns[i] for i in outside]], [tx.scored[i] for i in outside]
 
 
 def _tissue(samples) -> str:

@@ -324,12 +324,13 @@ class Ensemble(Method):
         return Prediction(self._combine(preds, spots.sample_ids), list(self.panel.genes))
 
     def out_of_fold(self, spots: SpotSet, groups: np.ndarray, folds: list[np.ndarray],
-                    validation_fraction: float = 0.15) -> np.ndarray:
+                    validation_fraction: float = 0.15, beyond: np.ndarray | None = None,
+                    beyond_genes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """The members' inner-fold predictions combined as the ensemble combines them, when ``spots`` are the
         rows its fit saw and ``folds`` the ones it held out (weights chosen on those predictions make this a
         little optimistic); else refits."""
         if self._inner is not None and self._inner.matches(spots, folds):
-            return self._inner.predictions
+            return self._inner.predictions, None  # the ensemble returns its panel only
         return super().out_of_fold(spots, groups, folds, validation_fraction)
 
     def _combine(self, preds: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
