@@ -84,7 +84,7 @@ def test_space_ranger_reader(tmp_path, pyramid, positions, header, mtx):
                                   positions=positions, header=header, mtx=mtx, in_tissue=in_tissue)
     sample = read_visium(tmp_path / "outs", path, sample_id="V1", patient_id="P9")
     assert sample.n_spots == 17 and list(sample.adata.obs_names) == barcodes[3:]
-    assert sample.pixel_size_um == pytest.approx(55 / 110)
+    assert sample.pixel_size_um == pytest.approx(65 / 110)
     np.testing.assert_allclose(sample.spatial, xy[3:])
     np.testing.assert_array_equal(sample.adata.X.toarray(), counts[3:])
     assert sample.patient_id == "P9" and sample.technology == "visium"
@@ -96,7 +96,7 @@ def test_space_ranger_reader(tmp_path, pyramid, positions, header, mtx):
 @pytest.mark.parametrize("geo", [False, True], ids=["outs", "geo"])
 def test_visium_as_published_lands_on_its_hires_image(tmp_path, geo, positions, header, mtx):
     """No full-resolution image: spots land on Space Ranger's hires image (full-resolution px x
-    tissue_hires_scalef) and µm/px is 55 / spot_diameter_fullres / tissue_hires_scalef -- alike from an outs/
+    tissue_hires_scalef) and µm/px is 65 / spot_diameter_fullres / tissue_hires_scalef (the theoretical 65 µm spot) -- alike from an outs/
     folder and from GEO's loose files (sample prefix, gzipped), with either positions format and either matrix."""
     xy = spot_grid(4, 5, 180.0, (311.4, 257.8))  # full-resolution px of a 2400 x 2000 px section
     counts = counts_for(xy, GENES)
@@ -110,7 +110,7 @@ def test_visium_as_published_lands_on_its_hires_image(tmp_path, geo, positions, 
     assert sample.image_path.name == ("GSM1234_S1_tissue_hires_image.png.gz" if geo else "tissue_hires_image.png")
     assert sample.slide.dimensions == (200, 240) and list(sample.adata.obs_names) == barcodes[2:]
     np.testing.assert_allclose(sample.spatial, xy[2:] * HIRES_SCALEF, atol=1.0)
-    assert sample.pixel_size_um == pytest.approx(55 / 137.5 / HIRES_SCALEF, rel=0.01)
+    assert sample.pixel_size_um == pytest.approx(65 / 137.5 / HIRES_SCALEF, rel=0.01)
     np.testing.assert_array_equal(sample.adata.X.toarray(), counts[2:])
     assert read_patch(sample.slide, tuple(sample.spatial[0]), 16, 16).shape == (16, 16, 3)
 
@@ -122,7 +122,7 @@ def test_visium_falls_back_to_the_lowres_image_and_refuses_two_samples_in_one_fo
                        loose=True)
     Image.fromarray(tissue_image(60, 60)).save(folder / "GSM1_tissue_lowres_image.png")  # 0.03 x 2000 px
     sample = read_source({"reader": "visium", "sample_id": "S1", "path": folder})
-    assert sample.slide.dimensions == (60, 60) and sample.pixel_size_um == pytest.approx(55 / 100 / 0.03)
+    assert sample.slide.dimensions == (60, 60) and sample.pixel_size_um == pytest.approx(65 / 100 / 0.03)
     np.testing.assert_allclose(sample.spatial, xy * 0.03)
     write_space_ranger(folder, xy, counts_for(xy, GENES), GENES, spot_diameter_px=100.0, prefix="GSM2_", gz=True,
                        loose=True)

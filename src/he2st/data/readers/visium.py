@@ -10,8 +10,9 @@ tissue are kept.
 The full-resolution H&E given to Space Ranger is not part of its output. When the source names it
 (``image``), spots are placed in its pixels. Without it, the reader uses the ``tissue_hires_image.png``
 (else ``tissue_lowres_image.png``) Space Ranger does write, mapping full-resolution pixels onto it by the
-image's scale factor; the pixel size follows from the spot diameter (a Visium spot is 55 µm across), so
-a published sample with no full-resolution image still trains and predicts at its true scale.
+image's scale factor; the pixel size follows from ``spot_diameter_fullres`` (the pixels a theoretical
+65 µm spot spans), so a published sample with no full-resolution image still trains and predicts at its
+true scale.
 """
 
 from __future__ import annotations
@@ -121,13 +122,18 @@ def bundled_image(folders: list[Path], factors: dict[str, float], factors_path: 
     return None, 1.0
 
 
+#: what ``spot_diameter_fullres`` spans: Space Ranger's scale factors measure a theoretical 65 µm spot (the
+#: physical spot is 55 µm across), as CellChat and other readers of ``scalefactors_json.json`` take it
+SCALEFACTOR_SPOT_UM = 65.0
+
+
 def full_resolution_pixel_um(factors: dict[str, float], factors_path: Path) -> float:
     """µm per full-resolution pixel: ``microns_per_pixel`` when Space Ranger wrote it (Visium HD), else
-    the 55 µm spot's diameter against ``spot_diameter_fullres``."""
+    the theoretical 65 µm spot that ``spot_diameter_fullres`` spans."""
     if factors.get("microns_per_pixel"):
         return float(factors["microns_per_pixel"])
     if factors.get("spot_diameter_fullres"):
-        return VISIUM_SPOT_UM / float(factors["spot_diameter_fullres"])
+        return SCALEFACTOR_SPOT_UM / float(factors["spot_diameter_fullres"])
     raise He2stError("neither microns_per_pixel nor spot_diameter_fullres present", factors_path)
 
 
