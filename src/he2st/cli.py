@@ -380,12 +380,19 @@ def _run_benchmark(cfg, dataset: str | None = None) -> None:
     _echo(f"results: {outcome.paths['json'].parent}")
 
 
+DEMO_METHODS = ["ensemble", "bleep", "knn", "ridge_cv"]  # the default and the methods it is built from
+
+
 @app.command()
 def demo(work_dir: WorkOpt = None, set_: SetOpt = None) -> None:
-    """The main job: fetch her2st -> prepare -> embed -> benchmark BLEEP and baselines leave-one-patient-out."""
+    """The main job: fetch her2st -> prepare -> embed -> benchmark the default ensemble beside the methods it is
+    built from, leave-one-patient-out, with each model's reliability (--set methods=[...] for others)."""
     from he2st.workflows.config import BenchmarkConfig, load_config
 
-    cfg = load_config(BenchmarkConfig, None, set_, work_dir=str(work_dir) if work_dir else None, name="demo")
+    overrides = list(set_ or [])
+    if not any(item.split("=", 1)[0].strip() == "methods" for item in overrides):
+        overrides.insert(0, f"methods=[{','.join(DEMO_METHODS)}]")
+    cfg = load_config(BenchmarkConfig, None, overrides, work_dir=str(work_dir) if work_dir else None, name="demo")
     _run_benchmark(cfg, dataset="her2st")
 
 
