@@ -17,6 +17,7 @@ from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.patches import PatchCache, PatchSpec
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
+from he2st.io import record_output
 from he2st.methods import list_methods
 from he2st.workflows.benchmark import run_benchmark
 from he2st.workflows.config import BenchmarkConfig
@@ -72,6 +73,7 @@ def test_interrupted_embedding_resumes(embedded, tmp_path):
     with h5py.File(partial, "a") as fh:  # pretend the run died after 64 rows
         fh.attrs["n_done"] = 64
         fh["embeddings"][64:] = 0
+    record_output(partial)  # as he2st lists the partial files it makes
     target = tmp_path / "C2.h5"
     from he2st.encoders.inference import load_encoder
 
