@@ -211,7 +211,9 @@ def _score_reliability(method: Method, result: FoldResult, predictions: dict[str
     rel = method.reliability
     # expected vs realised per-gene r: the realised r of the fold's held-out patients, averaged over their
     # samples (one section's r is noisy), so every sample of the fold carries the fold's value
-    realised = np.nanmean([pearson_per_gene(p.expression, truth[s]) for s, p in predictions.items()], axis=0)
+    per_sample = np.stack([pearson_per_gene(p.expression, truth[s]) for s, p in predictions.items()])
+    scored = np.isfinite(per_sample).sum(0)  # a gene constant in every held-out sample has no realised r
+    realised = np.where(scored > 0, np.nansum(per_sample, 0) / np.maximum(scored, 1), np.nan)
     ranking = predictability_spearman(rel.expected_r, realised)
     for sid, pred in predictions.items():
         constant = rel.intervals(pred.expression, np.ones(len(pred.expression)), 0.9, normalised=False)
