@@ -34,6 +34,7 @@ def test_c2_pixel_size_from_spot_grid(her2st):
     assert "region" in a1.adata.obs and a1.adata.obsm["celltype_major"].shape == (346, 8)
 
 
+@pytest.mark.slow  # prepares the real her2st sections
 def test_tissue_patches_darker_than_background_corner(prepared):
     ws = Workspace(prepared)
     for section in ("B4", "C2"):
@@ -46,6 +47,7 @@ def test_tissue_patches_darker_than_background_corner(prepared):
         assert tissue_mean < corner.mean() - 20, (tissue_mean, corner.mean())
 
 
+@pytest.mark.slow  # prepares the real her2st sections
 def test_lopo_folds_hold_out_whole_patients(prepared):
     folds, patients = Workspace(prepared).load_folds("lopo")
     assert sorted(f.name for f in folds) == ["patient_A", "patient_B", "patient_C"]
@@ -54,6 +56,7 @@ def test_lopo_folds_hold_out_whole_patients(prepared):
         assert sorted(fold.train + fold.test) == sorted(IMAGED_SECTIONS)
 
 
+@pytest.mark.slow  # prepares the real her2st sections
 def test_panels_fitted_on_training_samples_only(prepared):
     from he2st.data.genes import GeneConfig, GenePanel
 
@@ -65,6 +68,7 @@ def test_panels_fitted_on_training_samples_only(prepared):
         assert panel.fitted_on == sorted(fold.train) and panel.n_genes == 250
 
 
+@pytest.mark.slow  # prepares the real her2st sections
 def test_second_patch_run_with_same_settings_reuses_cache(prepared):
     from he2st.data.patches import extract_patches
 

@@ -334,6 +334,7 @@ def _internal_links(driver, origin: str) -> list[str]:
     return sorted(pages)
 
 
+@pytest.mark.slow  # builds and serves the whole site
 def test_docs_site_pages_load_with_images_and_working_links(browser, docs_site):
     _open(browser, docs_site)
     assert browser.title, "the index has no title"

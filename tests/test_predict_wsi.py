@@ -400,6 +400,7 @@ def test_cli_predict_plot_report(model_path, slide_path, encoder, tmp_path):
 
 
 # ---------------------------------------------------------------------------- real her2st data
+@pytest.mark.slow  # reads every real her2st image
 def test_tissue_detection_on_her2st_covers_annotated_spots(her2st):
     from scipy import ndimage as ndi
 
@@ -485,7 +486,8 @@ def _three_slides(slide_path: Path, folder: Path) -> list[Path]:
     return slides
 
 
-@pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+@pytest.mark.slow  # two slides through a process pool and Ray
+@pytest.mark.parametrize("engine", ["local", "ray"])
 def test_many_slides_one_command_equal_one_by_one(model_path, slide_path, encoder, tmp_path, engine):
     """`he2st predict --manifest` on an engine with two workers: every slide's output equals predicting it
     alone, a broken slide is recorded with its error while the others finish, and index.csv lists all."""

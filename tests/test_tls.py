@@ -41,6 +41,7 @@ def test_agreement_is_perfect_for_the_same_score_and_chance_for_noise():
     assert abs(tls_agreement(rng.normal(size=500), truth)["auroc_top_decile"] - 0.5) < 0.1
 
 
+@pytest.mark.slow  # prepares the real her2st sections
 def test_her2st_tls_cli_on_a_measured_section(prepared, tmp_path):
     """The published model on B4's measured counts: lymphoid genes drive the score (it follows the deconvolved
     B- and T-cell proportions), calls and regions are written, and a section compared with itself agrees."""

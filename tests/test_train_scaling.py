@@ -7,11 +7,13 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 from he2st.methods import create_method
 
 
+@pytest.mark.slow  # runs the benchmark script's fits
 def test_prints_one_line_per_method_and_size() -> None:
     out = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "train_scaling.py"), "--n", "120,240", "--methods", "mlp,knn",
