@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-#: Change-log phrasing ("stop 24") belongs in CHANGELOG.md's versions, never in the code or documentation.
+#: Change-log phrasing (a numbered account of how the work went) belongs in CHANGELOG.md, never in code or docs.
 CHANGE_LOG_PHRASE = re.compile(r"stop [0-9]+")
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from he2st.data.spots import SpotSet
 from he2st.data.splits import held_out_groups
+from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import Method
 from he2st.methods.reliability import MAX_SCORES, FeatureDistance, Reliability
@@ -24,15 +24,15 @@ LOWER_BOUND_LEVEL = 0.9  # one-sided confidence of expected_r_low
 OOD_LEVEL = 0.99  # quantile of held-out patients' difficulty above which a spot is flagged
 
 
-def estimate_reliability(method: Method, spots: SpotSet, max_folds: int = 3, seed: int = 0,
+def estimate_reliability(method: Method, spots: SpotSet, seed: int = 0,
                          validation_fraction: float = 0.15, beyond: np.ndarray | None = None,
                          beyond_genes: list[str] | None = None) -> Reliability:
     """Reliability of ``method`` (already fitted on ``spots``, which carry targets) from inner folds; every
-    spot is held out by exactly one fold. ``beyond`` (N, B): the spots' values of ``beyond_genes`` outside
+    spot is held out by exactly one fold, in as many folds as the method's own inner folds (3 by default). ``beyond`` (N, B): the spots' values of ``beyond_genes`` outside
     the panel, which a retrieval method's transcriptome bank returns: their expected r is measured too.
     Refused in one line when the spots hold a single group."""
     groups = np.asarray(method.training_groups(spots)).astype(str)
-    folds = held_out_groups(groups, max_folds)
+    folds = held_out_groups(groups, getattr(method.config, "inner_folds", 3))
     if not folds:
         raise He2stError("reliability needs at least 2 training patients or samples to hold out")
     oof, oof_beyond = method.out_of_fold(spots, groups, folds, validation_fraction, beyond, beyond_genes)

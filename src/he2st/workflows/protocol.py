@@ -29,7 +29,6 @@ from he2st.evaluate.beyond_panel import (
 )
 from he2st.evaluate.gene_sets import build_gene_sets, test_sample_gene_sets
 from he2st.evaluate.reliability import predictability_spearman, reliability_metrics
-from he2st.stats import pearson_per_gene
 from he2st.evaluate.scoring import FoldResult, evaluate_fold
 from he2st.methods import Method, ModelCard, Prediction, create_method
 from he2st.methods.calibration import estimate_reliability
@@ -197,8 +196,7 @@ def _calibrate(method: Method, train: SpotSet, val: SpotSet, config: BenchmarkCo
                 else "")
     try:
         method.reliability = estimate_reliability(
-            method, SpotSet.concat([train, val]) if len(val) else train,
-            max_folds=getattr(method.config, "inner_folds", 3), seed=config.seed,
+            method, SpotSet.concat([train, val]) if len(val) else train, seed=config.seed,
             validation_fraction=config.validation_fraction)
     except He2stError as exc:
         return f"not estimated: {exc}"
@@ -209,12 +207,12 @@ def _score_reliability(method: Method, result: FoldResult, predictions: dict[str
                        truth: dict[str, np.ndarray]) -> None:
     """Add each held-out sample's reliability scores to its ``all`` gene set (summary rows)."""
     rel = method.reliability
-    # expected vs realised per-gene r: the realised r of the fold's held-out patients, averaged over their
-    # samples (one section's r is noisy), so every sample of the fold carries the fold's value
-    per_sample = np.stack([pearson_per_gene(p.expression, truth[s]) for s, p in predictions.items()])
-    scored = np.isfinite(per_sample).sum(0)  # a gene constant in every held-out sample has no realised r
-    realised = np.where(scored > 0, np.nansum(per_sample, 0) / np.maximum(scored, 1), np.nan)
-    ranking = predictability_spearman(rel.expected_r, realised)
+    # expected vs realised per-gene r: the realised r of the fold's held-out patients (scored per sample by
+    # evaluate_fold), averaged over their samples (one section's r is noisy), so every sample of the fold
+    # carries the fold's value; a gene constant in every held-out sample has no realised r
+    genes = next(iter(predictions.values())).genes
+    realised = result.per_gene.groupby("gene", sort=False)["pearson"].mean().reindex(genes)
+    ranking = predictability_spearman(rel.gene_columns(genes)["expected_r"], realised.to_numpy(dtype=np.float64))
     for sid, pred in predictions.items():
         constant = rel.intervals(pred.expression, np.ones(len(pred.expression)), 0.9, normalised=False)
         scores = reliability_metrics(

@@ -81,8 +81,7 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
         beyond, beyond_genes = _add_transcriptome(method, samples, train_ids, spots, config.transcriptome_threshold)
     if config.wants_reliability(method.card.training_samples):
         method.reliability = estimate_reliability(  # the spots in the order the fit saw them
-            method, SpotSet.concat([spots.subset(~val), spots.subset(val)]),
-            max_folds=getattr(method.config, "inner_folds", 3), seed=config.seed,
+            method, SpotSet.concat([spots.subset(~val), spots.subset(val)]), seed=config.seed,
             validation_fraction=config.validation_fraction,
             beyond=None if beyond is None else np.concatenate([beyond[~val], beyond[val]]), beyond_genes=beyond_genes)
     method.card = method.card.model_copy(update={
