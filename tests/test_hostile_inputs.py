@@ -390,41 +390,15 @@ CASES |= {
         )
         for kind in ("missing", "text", "folder")
     },
-    "predict-mask-missing": _file_case(
-        lambda k, bad, out: [
-            "predict",
-            "-m",
-            k.model,
-            "-s",
-            k.slide,
-            "--mask",
-            bad,
-            "--out",
-            out,
-            "--device",
-            "cpu",
-        ],
-        "missing",
-        "mask.png",
-    ),
-    "predict-mask-text": _file_case(
-        lambda k, bad, out: [
-            "predict",
-            "-m",
-            k.model,
-            "-s",
-            k.slide,
-            "--mask",
-            bad,
-            "--out",
-            out,
-            "--device",
-            "cpu",
-        ],
-        "text",
-        "mask.png",
-        "not a readable mask",
-    ),
+    **{
+        f"predict-mask-{kind}": _file_case(
+            lambda k, bad, out: ["predict", "-m", k.model, "-s", k.slide, "--mask", bad, "--out", out, "--device", "cpu"],
+            kind,
+            "mask.png",
+            "not a readable mask" if kind == "text" else None,
+        )
+        for kind in ("missing", "text")
+    },
     # tables
     **{
         f"predict-manifest-{kind}": _file_case(
