@@ -149,15 +149,13 @@ def _embed(work: Path, weights: Path) -> list:
     ]
 
 
+def _embed_settings(weights: Path) -> list:
+    """The embedding settings every fitting command of these tests repeats: the seeded test encoder."""
+    return ["--set", "embed.encoder=test_vit", "--set", f"embed.weights={weights}", "--set", "embed.num_workers=0"]
+
+
 def _steps(inputs: dict[str, Path], work: Path, model: Path, out: Path) -> dict[str, list]:
-    sets = [
-        "--set",
-        "embed.encoder=test_vit",
-        "--set",
-        f"embed.weights={inputs['weights']}",
-        "--set",
-        "embed.num_workers=0",
-    ]
+    sets = _embed_settings(inputs["weights"])
     return {
         "prepare": ["prepare", "-c", inputs["config"], "-w", work],
         "embed": _embed(work, inputs["weights"]),
@@ -208,12 +206,7 @@ def _model(inputs: dict[str, Path], work: Path) -> Path:
             "S1,S2",
             "--out",
             model,
-            "--set",
-            "embed.encoder=test_vit",
-            "--set",
-            f"embed.weights={inputs['weights']}",
-            "--set",
-            "embed.num_workers=0",
+            *_embed_settings(inputs["weights"]),
             *FIT,
             cwd=inputs["root"],
         )
