@@ -14,6 +14,7 @@ from he2st.errors import He2stError
 from he2st.evaluate.reliability import ood_auroc, predictability_spearman, reliability_metrics
 from he2st.methods import Method, ModelCard, create_method, load_method
 from he2st.methods.calibration import estimate_reliability
+from he2st.methods.reliability import Reliability
 
 N_PATIENTS, PER_SAMPLE, GENES = 8, 120, 20
 
@@ -135,6 +136,24 @@ def test_ensemble_reuses_its_inner_folds(split, monkeypatch):
     pred = method.predict(test)
     inside = (test.targets >= pred.layers["lower"]) & (test.targets <= pred.layers["upper"])
     assert 0.82 <= inside.mean() <= 0.97
+
+
+def test_a_score_of_many_genes_is_judged_on_itself(split):
+    """A sum of genes averages their errors out: its expected r on new patients exceeds that of its genes, and
+    the call threshold set on held-out training patients finds their top tenth better than chance."""
+    train, _ = split
+    method = create_method("ridge_cv")
+    method.card = ModelCard(method="ridge_cv", panel=GenePanel(genes=train.genes),
+                            training_samples={s: f"p{s[1:]}" for s in np.unique(train.sample_ids.astype(str))})
+    method.fit(train, train.subset(np.zeros(len(train), bool)))
+    rel = estimate_reliability(method, train, scores={
+        "sum": lambda values, genes: (values.sum(1), len(genes)),
+        "absent": lambda values, genes: None})
+    assert set(rel.scores) == {"sum"}
+    entry = rel.scores["sum"]
+    assert entry["expected_r"] > np.median(rel.expected_r) and entry["expected_r_low"] <= entry["expected_r"]
+    assert entry["precision"] > 0.3 and 0 < entry["recall"] <= 1 and entry["genes_used"] == len(train.genes)
+    assert Reliability.from_state(rel.state(), rel.layout()).scores == rel.scores
 
 
 def test_one_group_is_refused_in_one_line(split):

@@ -61,8 +61,11 @@ def test_her2st_tls_cli_on_a_measured_section(prepared, tmp_path):
     assert np.corrcoef(out.obs["tls_score"], lymphoid)[0, 1] > 0.3
 
 
-def _prediction(path, genes, expected_r_low=None):
-    """A prediction file as `he2st predict` writes one (log1p CP10k values, spots on a grid)."""
+def _prediction(path, genes, expected_r_low=None, scores=None):
+    """A prediction file as `he2st predict` writes one (log1p CP10k values, spots on a grid); ``scores``: what
+    its model's card says it measured of named signatures on held-out training patients."""
+    import json
+
     import anndata as ad
     import pandas as pd
 
@@ -73,6 +76,8 @@ def _prediction(path, genes, expected_r_low=None):
     adata = ad.AnnData(X=rng.gamma(2.0, 0.5, size=(100, len(genes))).astype(np.float32), var=var)
     adata.obsm["spatial"] = np.stack(np.meshgrid(np.arange(10), np.arange(10)), -1).reshape(-1, 2) * 100.0
     adata.uns["he2st"] = {"target_transform": "log1p_cp10k"}
+    if scores is not None:
+        adata.uns["he2st"]["card"] = json.dumps({"reliability": {"scores": scores}})
     adata.write_h5ad(path)
     return path
 
@@ -100,3 +105,29 @@ def test_tls_calls_say_no_when_the_prediction_cannot_support_them(tmp_path):
     assert good.adata.uns["he2st_tls"]["refused_without_force"] == "" and good.adata.obs["tls_call"].sum() >= 10
     with pytest.raises(He2stError, match="unknown TLS signature 'chemokines'"):
         detect_tls(good.path, tmp_path, "chemokines")
+
+
+def test_tls_calls_follow_what_the_model_measured_of_the_score_itself(tmp_path):
+    """Where the model measured the signature's score on held-out training patients (same genes), that score's
+    bound decides -- not its genes one by one -- and calls use the threshold set there, with its precision."""
+    from he2st.errors import He2stError
+    from he2st.workflows.tls import detect_tls
+
+    measured = {"expected_r": 0.5, "expected_r_low": 0.3, "threshold": 20.0, "precision": 0.6, "recall": 0.5,
+                "genes_used": 12}
+    # weak genes one by one, a predictable score: calls, at the training threshold
+    path = _prediction(tmp_path / "p.h5ad", CHEMOKINES, expected_r_low=0.02, scores={"chemokine-12": measured})
+    result = detect_tls(path, tmp_path, "chemokine-12")
+    info = result.adata.uns["he2st_tls"]
+    assert info["refused_without_force"] == "" and info["threshold"] == 20.0
+    assert "held-out training patients" in result.threshold_source and "precision 0.60" in result.threshold_source
+    assert (result.adata.obs["tls_call"] == (result.adata.obs["tls_score"] >= 20.0)).all()
+    # an unpredictable score is refused however good its genes look
+    bad = _prediction(tmp_path / "b.h5ad", CHEMOKINES, expected_r_low=0.4,
+                      scores={"chemokine-12": measured | {"expected_r_low": 0.05}})
+    with pytest.raises(He2stError, match="chemokine-12's score is not predictable enough"):
+        detect_tls(bad, tmp_path, "chemokine-12")
+    # measured on other genes than the prediction holds: the genes' own bounds decide, the section's quantile calls
+    other = _prediction(tmp_path / "o.h5ad", CHEMOKINES[:10], expected_r_low=0.4,
+                        scores={"chemokine-12": measured | {"expected_r_low": 0.05}})
+    assert "this section" in detect_tls(other, tmp_path, "chemokine-12").threshold_source

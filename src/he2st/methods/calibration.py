@@ -10,6 +10,8 @@ training spots only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy import stats
 
@@ -22,14 +24,22 @@ from he2st.stats import pearson_per_gene
 
 LOWER_BOUND_LEVEL = 0.9  # one-sided confidence of expected_r_low
 OOD_LEVEL = 0.99  # quantile of held-out patients' difficulty above which a spot is flagged
+CALL_FRACTION = 0.1  # a score's calls are judged against each held-out section's top tenth of measured scores
+
+#: a per-spot score of one section's expression (values, gene names) and how many genes it used, or None
+#: when too few of its genes are there
+SectionScore = Callable[[np.ndarray, list[str]], "tuple[np.ndarray, int] | None"]
 
 
 def estimate_reliability(method: Method, spots: SpotSet, seed: int = 0,
                          validation_fraction: float = 0.15, beyond: np.ndarray | None = None,
-                         beyond_genes: list[str] | None = None) -> Reliability:
+                         beyond_genes: list[str] | None = None,
+                         scores: dict[str, SectionScore] | None = None) -> Reliability:
     """Reliability of ``method`` (already fitted on ``spots``, which carry targets) from inner folds; every
     spot is held out by exactly one fold, in as many folds as the method's own inner folds (3 by default). ``beyond`` (N, B): the spots' values of ``beyond_genes`` outside
     the panel, which a retrieval method's transcriptome bank returns: their expected r is measured too.
+    ``scores``: named per-spot scores of a section's expression (e.g. TLS signatures), whose own predictability
+    and call threshold are measured on the same held-out sections (:func:`_score_predictability`).
     Refused in one line when the spots hold a single group."""
     groups = np.asarray(method.training_groups(spots)).astype(str)
     folds = held_out_groups(groups, getattr(method.config, "inner_folds", 3))
@@ -44,7 +54,9 @@ def estimate_reliability(method: Method, spots: SpotSet, seed: int = 0,
     samples = np.asarray(spots.sample_ids).astype(str)
     expected, low, n_sections = _gene_predictability(oof, spots.targets, samples, groups)
     genes = list(spots.genes)
+    predicted, measured = oof, spots.targets
     if oof_beyond is not None:
+        predicted, measured = np.concatenate([oof, oof_beyond], 1), np.concatenate([spots.targets, beyond], 1)
         more, more_low, _ = _gene_predictability(oof_beyond, beyond, samples, groups)
         expected, low = np.concatenate([expected, more]), np.concatenate([low, more_low])
         genes += list(beyond_genes)
@@ -56,7 +68,43 @@ def estimate_reliability(method: Method, spots: SpotSet, seed: int = 0,
         ood_threshold=float(np.quantile(difficulty, OOD_LEVEL)), ood_level=OOD_LEVEL,
         normalised=_difficulty_pays(residuals, difficulty, groups, folds),
         held_out=[[str(g) for g in fold] for fold in folds],
-        units="samples" if np.array_equal(groups, samples) else "patients", n_sections=n_sections)
+        units="samples" if np.array_equal(groups, samples) else "patients", n_sections=n_sections,
+        scores=_score_predictability(scores or {}, predicted, measured, genes, samples, groups))
+
+
+def _score_predictability(scores: dict[str, SectionScore], predicted: np.ndarray, measured: np.ndarray,
+                          genes: list[str], samples: np.ndarray, groups: np.ndarray) -> dict[str, dict[str, float]]:
+    """Each score's expected Pearson on a new patient (and its lower bound), and a call threshold with its error.
+
+    A score summing many genes can follow its measured counterpart far better than its genes do one by one
+    (their errors average out), so whether calls may be made from it is judged on the score itself, computed
+    section by section from held-out predictions and from measured values alike. The threshold is the
+    ``1 - CALL_FRACTION`` quantile of the held-out predicted scores pooled over sections, so a section calls
+    more or fewer spots as its predicted scores are higher or lower; its precision is the share of those calls
+    that lie above their section's ``1 - CALL_FRACTION`` quantile of measured scores (the base rate is about
+    ``CALL_FRACTION``; fewer where many spots tie, as zero counts do)."""
+    out: dict[str, dict[str, float]] = {}
+    sections = np.unique(samples)
+    for name, score in scores.items():
+        pred, true = np.empty(len(samples)), np.empty(len(samples))
+        for s in sections:
+            rows = samples == s
+            p, t = score(predicted[rows], genes), score(measured[rows], genes)
+            if p is None or t is None:
+                break
+            (pred[rows], used), true[rows] = p, t[0]
+        else:
+            expected, low, _ = _gene_predictability(pred[:, None], true[:, None], samples, groups)
+            threshold = float(np.quantile(pred, 1 - CALL_FRACTION))
+            top = np.zeros(len(samples), bool)
+            for s in sections:
+                rows = np.flatnonzero(samples == s)
+                top[rows] = true[rows] > np.quantile(true[rows], 1 - CALL_FRACTION)  # ties at it (zeros) are not top
+            called = pred >= threshold
+            out[name] = {"expected_r": round(float(expected[0]), 4), "expected_r_low": round(float(low[0]), 4),
+                         "threshold": threshold, "precision": round(float(top[called].mean()), 4),
+                         "recall": round(float(called[top].mean()), 4), "genes_used": used}
+    return out
 
 
 def _difficulty_pays(residuals: np.ndarray, difficulty: np.ndarray, groups: np.ndarray, folds: list[np.ndarray],

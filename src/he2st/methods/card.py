@@ -139,7 +139,10 @@ class ModelCard(BaseModel):
         return (f"on held-out {r['units']} ({', '.join(r['held_out'])}; {r['sections']} sections) mean expected "
                 f"r {r['mean_expected_r']:.3f}; {r['genes_expected_r_above_0.3']} genes above 0.3, "
                 f"{r['genes_lower_bound_above_0.1']} with a 90% lower bound above 0.1; most predictable: "
-                f"{', '.join(r['most_predictable'])}")
+                f"{', '.join(r['most_predictable'])}"
+                + "".join(f"; signature {name} score expected r {v['expected_r']:.2f} (90% lower bound "
+                          f"{v['expected_r_low']:.2f}), calls at {v['threshold']:.3g} precision {v['precision']:.2f}"
+                          for name, v in r.get("scores", {}).items()))
 
     def training_line(self) -> str:
         """One human-readable line: 'B4, C2 (patients B, C)'."""

@@ -22,7 +22,7 @@ see the documentation page on reliability for its limits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -96,6 +96,8 @@ class Reliability:
     held_out: list[list[str]]  # the groups (patients, else samples) each inner fold held out
     units: str  # "patients" or "samples"
     n_sections: int  # held-out sections behind expected_r
+    #: per named score (e.g. a TLS signature): expected_r, expected_r_low, call threshold, precision, recall
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._estimator: LocalOutlierFactor | None = None
@@ -148,7 +150,8 @@ class Reliability:
 
     def layout(self) -> dict[str, Any]:
         return {"genes": self.genes, "ood_threshold": self.ood_threshold, "ood_level": self.ood_level,
-                "normalised": self.normalised, "held_out": self.held_out, "units": self.units, "n_sections": self.n_sections}
+                "normalised": self.normalised, "held_out": self.held_out, "units": self.units, "n_sections": self.n_sections,
+                "scores": self.scores}
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], layout: dict[str, Any]) -> Reliability:
@@ -156,7 +159,8 @@ class Reliability:
         distance = FeatureDistance(a["mean"], a["scale"], a["components"], a["reference"])
         return cls(list(layout["genes"]), a["expected_r"], a["expected_r_low"], a["residuals"], a["difficulty"],
                    distance, float(layout["ood_threshold"]), float(layout["ood_level"]), bool(layout["normalised"]),
-                   [list(g) for g in layout["held_out"]], str(layout["units"]), int(layout["n_sections"]))
+                   [list(g) for g in layout["held_out"]], str(layout["units"]), int(layout["n_sections"]),
+                   dict(layout.get("scores", {})))
 
     def summary(self) -> dict[str, Any]:
         """A few numbers for the model card."""
@@ -166,4 +170,5 @@ class Reliability:
                 "genes_expected_r_above_0.3": int((self.expected_r > 0.3).sum()),
                 "genes_lower_bound_above_0.1": int((self.expected_r_low > 0.1).sum()),
                 "most_predictable": top, "ood_level": self.ood_level,
-                "intervals": "scaled by difficulty" if self.normalised else "constant width"}
+                "intervals": "scaled by difficulty" if self.normalised else "constant width",
+                "scores": self.scores}

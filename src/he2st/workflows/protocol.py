@@ -36,6 +36,7 @@ from he2st.methods.reliability import Reliability
 from he2st.methods.retrieval import RetrievalMethod
 from he2st.workflows.cards import model_card
 from he2st.workflows.config import BenchmarkConfig
+from he2st.workflows.tls import signature_scores
 
 
 @dataclass
@@ -197,7 +198,7 @@ def _calibrate(method: Method, train: SpotSet, val: SpotSet, config: BenchmarkCo
     try:
         method.reliability = estimate_reliability(
             method, SpotSet.concat([train, val]) if len(val) else train, seed=config.seed,
-            validation_fraction=config.validation_fraction)
+            validation_fraction=config.validation_fraction, scores=signature_scores(method.card.target_scale))
     except He2stError as exc:
         return f"not estimated: {exc}"
     return ""

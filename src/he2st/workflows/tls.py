@@ -1,13 +1,16 @@
 """``he2st tls``: TLS scores, calls and regions for a prediction (or a measured sample) file.
 
-The threshold that turns scores into calls is chosen on training data when given (``threshold_from``:
-measured sections of training patients, the ``quantile`` of their pooled scores), else on the section
-itself (its own ``quantile``, said so in the output), or set as a number.
+The threshold that turns scores into calls is set as a number, or chosen on training data: for a
+prediction whose model measured the signature on its held-out training patients, the threshold it set there
+(with the precision those calls had); else, with ``threshold_from``, the ``quantile`` of measured training
+sections' pooled scores; else the section's own ``quantile``, said so in the output.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -60,15 +63,54 @@ def read_model(model: str | Path) -> TlsModel:
     return TlsModel.read(model)
 
 
+def signature_scores(scale: str) -> dict[str, partial]:
+    """Every named signature readable here (her2st's need its dataset) as a per-spot score of a section's values
+    on ``scale``: the scores whose predictability and call threshold a model measures on its inner folds."""
+    scores = {}
+    for name in SIGNATURE_SOURCES:
+        try:
+            scores[name] = partial(_covered_score, model=read_model(name), scale=scale)
+        except He2stError:
+            continue
+    return scores
+
+
+def _covered_score(values: np.ndarray, genes: list[str], model: TlsModel, scale: str) -> tuple[np.ndarray, int] | None:
+    """The signature's score and the genes it used, or None when the genes hold too little of its weight."""
+    try:
+        scored = tls_score(values, genes, model, scale)
+    except He2stError:
+        return None
+    return (scored.score, scored.genes_used) if scored.weight_coverage >= MIN_WEIGHT_COVERAGE else None
+
+
+def measured_score(adata: ad.AnnData, scored: TlsScore, name: str) -> dict[str, float]:
+    """What the prediction's model measured of this signature's score on held-out training patients (expected
+    r, its bound, call threshold and precision), when it scored the same genes; else {}."""
+    card = dict(adata.uns.get("he2st", {})).get("card")
+    if not card:
+        return {}
+    entry = json.loads(str(card)).get("reliability", {}).get("scores", {}).get(name, {})
+    return entry if entry.get("genes_used") == scored.genes_used else {}
+
+
 def refusal(adata: ad.AnnData, scored: TlsScore, model: TlsModel, name: str) -> str:
     """Why spots of this prediction should not be called with this signature ('' when they may be): too little
-    of the signature's weight predicted, or its genes not predictable by the model on a new patient."""
+    of the signature's weight predicted, or the signature not predictable by the model on a new patient --
+    judged on the score itself where the model measured it, else on its genes one by one."""
     if scored.weight_coverage < MIN_WEIGHT_COVERAGE:
         missing = [g for g in model.weights.abs().sort_values(ascending=False).index if g not in scored.genes][:8]
         return (f"the prediction holds {scored.weight_coverage:.0%} of signature {name}'s weight "
                 f"({scored.genes_used} of {len(model.weights)} genes; missing e.g. {', '.join(missing)}); predict "
                 "its genes with a retrieval model trained with a transcriptome bank (`he2st train --method knn --set "
                 "transcriptome_threshold=0`, then `he2st predict --transcriptome`), or pass --force")
+    measured = measured_score(adata, scored, name)
+    if measured:
+        if measured["expected_r_low"] < MIN_EXPECTED_R:
+            return (f"signature {name}'s score is not predictable enough by this model on a new patient (90% lower "
+                    f"bound of its expected r {measured['expected_r_low']:.2f} < {MIN_EXPECTED_R}, measured on "
+                    "held-out training patients); see `he2st card`, or pass --force")
+        return ""
     if "expected_r_low" in adata.var:
         symbols = gene_symbols(adata.var_names)
         low = pd.Series(np.asarray(adata.var["expected_r_low"], float), index=symbols)
@@ -114,8 +156,14 @@ def detect_tls(path: Path, out: Path, model: str | Path = "her2st", threshold: f
     reason = refusal(adata, scored, tls, str(model)) if is_prediction else ""
     if reason and not force:
         raise He2stError(f"no TLS calls: {reason}", path)
+    measured = measured_score(adata, scored, str(model)) if is_prediction else {}
     if threshold is not None:
         source = "given"
+    elif measured and not threshold_from:
+        threshold = measured["threshold"]
+        source = (f"held-out training patients (there {1 - measured['precision']:.0%} of calls fell outside a "
+                  f"section's top tenth of measured scores: precision {measured['precision']:.2f}, "
+                  f"recall {measured['recall']:.2f})")
     elif threshold_from:  # scored on the genes this input has, so the two score scales agree
         same_genes = tls.restricted(scored.genes)
         pooled = np.concatenate([section_score(Sample.load(p).adata, same_genes, p).score for p in threshold_from])

@@ -25,6 +25,7 @@ from he2st.methods.calibration import estimate_reliability
 from he2st.workflows.cards import model_card
 from he2st.workflows.config import TrainRunConfig
 from he2st.workflows.embed import embed_workspace
+from he2st.workflows.tls import signature_scores
 
 
 def train_model(config: TrainRunConfig, command: str = "") -> tuple[Method, TrainLog, Path]:
@@ -83,7 +84,8 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
         method.reliability = estimate_reliability(  # the spots in the order the fit saw them
             method, SpotSet.concat([spots.subset(~val), spots.subset(val)]), seed=config.seed,
             validation_fraction=config.validation_fraction,
-            beyond=None if beyond is None else np.concatenate([beyond[~val], beyond[val]]), beyond_genes=beyond_genes)
+            beyond=None if beyond is None else np.concatenate([beyond[~val], beyond[val]]), beyond_genes=beyond_genes,
+            scores=signature_scores(method.card.target_scale))
     method.card = method.card.model_copy(update={
         "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds,
         "selection": log.selection, "command": command, "tissue": config.tissue or _tissue(samples.values()),
