@@ -210,6 +210,78 @@ def test_benchmark_never_fits_on_a_test_patient(small):
     assert (work / "runs" / "audit" / "config.yaml").exists()
 
 
+def test_unlabelled_images_join_carhe_and_never_their_counts(small, tmp_path, monkeypatch):
+    """``unlabelled=test`` gives CarHE the held-out slide's image features (no expression) and the audit says
+    so apart from what was fitted on; other methods ignore it; ``he2st train --unlabelled`` names samples."""
+    from he2st.methods.models.carhe import CarHE
+
+    work, embed = small
+    seen = []
+    real_fit = CarHE.train_modules
+
+    def spy(self, train, val, unlabelled):
+        seen.append(None if unlabelled is None else (sorted(set(unlabelled.sample_ids)), unlabelled.targets))
+        return real_fit(self, train, val, unlabelled)
+
+    monkeypatch.setattr(CarHE, "train_modules", spy)
+    cfg = BenchmarkConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, name="unlabelled",
+                          methods=["carhe", "knn"], method_options=TINY, transcriptome_threshold=None, tls=False,
+                          reliability=False, unlabelled="test")
+    outcome = run_benchmark(cfg)
+    for (method, _), audit in outcome.audits.items():
+        assert audit.images_only == (audit.test if method == "carhe" else [])
+        assert not audit.used_for_fitting() & set(audit.test)
+    assert [ids for ids, _ in seen] == [f.test for f in Workspace(work).load_folds("lopo")[0]]
+    assert all(targets is None for _, targets in seen)
+    with pytest.raises(He2stError, match="unlabelled names samples that are not prepared here: S9"):
+        train_model(TrainRunConfig(work_dir=work, embed=embed, genes=GENES, method="carhe", method_options=TINY,
+                                   train_samples=["S1", "S2"], unlabelled=["S9"], out=tmp_path / "c.pt"))
+    with pytest.raises(He2stError, match="method 'knn' does not learn from image-only spots"):
+        train_model(TrainRunConfig(work_dir=work, embed=embed, genes=GENES, method="knn", train_samples=["S1", "S2"],
+                                   unlabelled=["S3"], out=tmp_path / "k.pt"))
+    model, _, _ = train_model(TrainRunConfig(work_dir=work, embed=embed, genes=GENES, method="carhe",
+                                             method_options=TINY, train_samples=["S1", "S2"], unlabelled="S3",
+                                             reliability=False, out=tmp_path / "c.pt"))
+    assert model.card.selection["unlabelled_images"] == ["S3"] and seen[-1][0] == ["S3"]
+
+
+def test_learning_curve_refits_on_nested_subsets_of_training_data(small, tmp_path):
+    """``learning_curve`` refits every method on the first k training patients (one seeded order) and on
+    shares of the training spots; the full amount reproduces the fold's own score; the CLI draws the plot."""
+    from he2st.cli import app
+    from he2st.workflows.learning_curve import patient_order
+
+    work, embed = small
+    cfg = BenchmarkConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, name="curve",
+                          methods=["knn", "ridge_cv"], method_options=TINY, transcriptome_threshold=None, tls=False,
+                          reliability=False, learning_curve=[1, 2, 0.5])
+    outcome = run_benchmark(cfg)
+    curve = outcome.curve
+    folds, patients = Workspace(work).load_folds("lopo")
+    assert set(curve["amount"]) == {"1 patient", "2 patients", "50% of spots"}
+    heg = curve[curve["gene_set"] == f"heg{N_TOP}"]
+    assert len(heg) == len(folds) * 2 * 3
+    one = heg[heg["amount"] == "1 patient"]
+    assert (one["n_train_patients"] == 1).all() and (one["n_train_spots"] == 25).all()
+    assert (heg[heg["amount"] == "50% of spots"]["n_train_spots"] == 25).all()
+    full = {(r.method, r.fold): r.set_scores()[f"heg{N_TOP}"]["pearson_mean"] for r in outcome.results}
+    for row in heg[heg["amount"] == "2 patients"].itertuples():
+        assert row.pearson_mean == pytest.approx(full[(row.method, row.fold)])
+    fold = folds[0]
+    assert patient_order(fold, patients, 0) == patient_order(fold, patients, 0)
+    assert (work / "runs" / "curve" / "learning_curve.csv").exists() and "Learning curve" in outcome.table
+    with pytest.raises(Exception, match="whole numbers of patients or shares"):
+        BenchmarkConfig(work_dir=work, learning_curve=[1.5])
+    result = CliRunner().invoke(app, ["benchmark", "-w", str(work), "--methods", "knn", "--name", "curve_cli",
+                                      "--set", f"embed.encoder={embed.encoder}", "--set", f"embed.weights={embed.weights}",
+                                      "--set", "embed.num_workers=0", "--set", "genes.n_genes=50",
+                                      "--set", "genes.min_spot_fraction=0", "--set", f"n_top={N_TOP}",
+                                      "--set", "transcriptome_threshold=null", "--set", "tls=false",
+                                      "--set", "learning_curve=[1]"])
+    assert result.exit_code == 0, result.output
+    assert (work / "runs" / "curve_cli" / "learning_curve.png").stat().st_size > 1000
+
+
 def test_fold_card_records_the_training_slides_pixel_size(small):
     """Benchmark models carry the µm/px of their fold's training slides (predict's resolution limit)."""
     work, embed = small

@@ -242,6 +242,9 @@ def train(
         "--out", "-o", help="checkpoint file, not a folder (default <work>/models/<method>.pt)")] = None,
     devices: Annotated[int | None, typer.Option(
         help="training processes sharing each batch: N CPU processes (gloo), or one per GPU (NCCL) with CUDA")] = None,
+    unlabelled: Annotated[str | None, typer.Option(
+        help="comma-separated prepared samples whose images only (never counts) join histology-only learning (carhe)")
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train one method on training samples; validation comes from those samples only. With --devices N
@@ -252,7 +255,8 @@ def train(
     from he2st.workflows.train import train_model
 
     cfg = load_config(TrainRunConfig, config, set_, work_dir=str(work_dir) if work_dir else None,
-                      method=method, train_samples=_ids(samples), out=str(out) if out else None, devices=devices)
+                      method=method, train_samples=_ids(samples), out=str(out) if out else None, devices=devices,
+                      unlabelled=_ids(unlabelled))
     fitted, log, path = train_model(cfg, command=" ".join(["he2st", *sys.argv[1:]]))
     if is_main():
         epoch = "" if log.best_epoch is None else f", best epoch {log.best_epoch}"
@@ -377,6 +381,12 @@ def _run_benchmark(cfg, dataset: str | None = None) -> None:
     _echo(f"mean per-gene Pearson over {cfg.folds.scheme} folds (gene sets chosen on training data; "
           f"*_testselected = chosen on the test sample, as BLEEP reports):")
     _echo(outcome.table)
+    if outcome.curve is not None and not outcome.curve.empty:
+        from he2st.report.plots import learning_curve_figure, save_figure
+
+        figure = save_figure(learning_curve_figure(outcome.curve, f"heg{cfg.n_top}"),
+                             outcome.paths["json"].parent / "learning_curve.png")
+        _echo(f"learning curve: {figure}")
     _echo(f"results: {outcome.paths['json'].parent}")
 
 

@@ -121,10 +121,16 @@ class Method(ABC):
         self.card = (ModelCard(method=self.name, panel=panel) if self.card is None
                      else self.card.model_copy(update={"panel": panel}))
 
+    @property
+    def learns_from_unlabelled(self) -> bool:
+        """Whether :meth:`fit` uses image-only spots (``unlabelled``); others ignore them."""
+        return False
+
     # -------------------------------------------------------------- the interface
     def fit(self, train: SpotSet, val: SpotSet | None = None, unlabelled: SpotSet | None = None) -> TrainLog:
         """Learn from training spots (``targets`` present). ``val`` only steers early stopping;
-        ``unlabelled``: image-only spots (never test spots) for methods that learn from histology alone.
+        ``unlabelled``: image-only spots (no expression; a held-out slide's own may be among them) for methods
+        that learn from histology alone.
         Spatial context is added to the features here, the same way for every method (training and
         validation spots together, so a spot's neighbours are found whichever set they fell in)."""
         if self.context_width == 1:

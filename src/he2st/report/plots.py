@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from matplotlib.collections import EllipseCollection
 from matplotlib.figure import Figure
@@ -381,6 +382,26 @@ def training_curves(curves: dict[str, list[float]]) -> Figure:
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
+    return fig
+
+
+def learning_curve_figure(curve: pd.DataFrame, gene_set: str) -> Figure:
+    """A benchmark's learning curve: each method's fold scores (points) and their mean (line) against the
+    training data used, one panel per kind of amount (patients, shares of spots)."""
+    part = curve[curve["gene_set"] == gene_set]
+    kinds = [k for k in ("patients", "spots") if ((part["amount_value"] >= 1) == (k == "patients")).any()]
+    fig, axes = _grid_figure(len(kinds), len(kinds), 3.6)
+    for ax, kind in zip(axes, kinds, strict=True):
+        rows = part[(part["amount_value"] >= 1) == (kind == "patients")]
+        x = "n_train_patients" if kind == "patients" else "n_train_spots"
+        for method, group in rows.groupby("method", sort=False):
+            mean = group.groupby(x)["pearson_mean"].mean()
+            line = ax.plot(mean.index, mean.to_numpy(), marker="o", label=method)[0]
+            ax.scatter(group[x], group["pearson_mean"], s=10, alpha=0.4, color=line.get_color())
+        ax.set_xlabel("training patients" if kind == "patients" else "training spots", fontsize=8)
+        ax.set_ylabel(f"mean per-gene Pearson ({gene_set})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
     return fig
 
 

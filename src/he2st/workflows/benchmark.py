@@ -30,6 +30,7 @@ from he2st.io import atomic_path, check_output, sha256_file, write_text_atomic
 from he2st.methods import method_class
 from he2st.version import __version__
 from he2st.workflows.config import BenchmarkConfig, dump_config
+from he2st.workflows.learning_curve import CURVE_FILE, curve_markdown, run_learning_curve
 from he2st.workflows.protocol import FoldAudit, FoldRun, build_fold_data, run_fold
 from he2st.workflows.tls import read_model
 
@@ -54,6 +55,7 @@ class BenchmarkOutcome:
     paths: dict[str, Path]
     table: str
     tls: TlsReport | None = None
+    curve: pd.DataFrame | None = None  # the learning curve's rows, when one was asked for
 
 
 def write_predictions(ws: Workspace, folder: Path, run: FoldRun, fold: str) -> None:
@@ -149,7 +151,7 @@ def check_outputs(config: BenchmarkConfig) -> Path:
     absent or he2st's own (or ``--overwrite``); else one line naming the file."""
     ws = Workspace(config.work_dir)
     out_dir = ws.run_dir(config.name)
-    check_results_folder(out_dir, ("config.yaml",))
+    check_results_folder(out_dir, ("config.yaml", CURVE_FILE, "learning_curve.png"))
     tested = sorted({s for fold in benchmark_folds(config, ws)[0] for s in fold.test})
     for label, _, _ in benchmark_variants(config):
         for sid in tested:
@@ -214,7 +216,11 @@ def run_benchmark(
     prov["failures"] = failures
     if not results:
         raise He2stError(f"no method could run on any fold: {failures}")
+    curve = run_learning_curve(config, ws, folds, patients, log)
     paths = write_results(out_dir, results, prov, tls)
+    if not curve.empty:
+        paths["learning_curve"] = out_dir / CURVE_FILE
+        write_text_atomic(paths["learning_curve"], curve.to_csv(index=False))
     write_text_atomic(out_dir / "config.yaml", dump_config(config))
     n = config.n_top
     table = to_markdown(summarise(results), sets=("all", f"heg{n}", f"hvg{n}", f"heg{n}_testselected"))
@@ -224,7 +230,10 @@ def run_benchmark(
     extra = summarise_extra(results)
     if not extra.empty:
         table += "\n" + extra_markdown(extra)
+    if not curve.empty:
+        table += (f"\nLearning curve (heg{n}, mean over folds; {CURVE_FILE}):\n"
+                  + curve_markdown(curve, f"heg{n}"))
     if tls is not None:
         table += (f"\nTLS detection (model {tls.source}): per held-out sample, Pearson r and AUROC for its "
                   "top-decile spots of the TLS score from predicted vs measured expression:\n" + tls.markdown())
-    return BenchmarkOutcome(results, audits, runs, paths, table, tls)
+    return BenchmarkOutcome(results, audits, runs, paths, table, tls, curve)

@@ -147,6 +147,15 @@ class FitConfig(WorkConfig):
     seed: int = Field(0, description="seed of every method (unless its method_options set one) and of the validation split")
     reliability: bool | None = Field(
         None, description="estimate per-gene predictability, intervals, OOD flags on inner folds (None: >= 3 patients/samples)")
+    unlabelled: list[str] = Field(
+        default_factory=list, description="prepared samples whose images only join histology-only learning (carhe); "
+        "'test': the held-out slides")
+
+    @field_validator("unlabelled", mode="before")
+    @classmethod
+    def _sample_list(cls, value: Any) -> Any:
+        """A comma-separated string (``--set unlabelled=test``) is a list of one or more ids."""
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
     def wants_reliability(self, patients: dict[str, str]) -> bool:
         """Whether fits estimate their reliability: as set, else with at least 3 patients or samples."""
@@ -215,12 +224,24 @@ class BenchmarkConfig(FitConfig):
         "her2st-signature", description="TLS model: 'her2st-signature' (172 genes), 'her2st' (the full published "
         "model) or a gene,weight file")
     seeds: int = Field(1, gt=0, description="train each method with this many seeds and average the fold scores")
+    learning_curve: list[float] = Field(
+        default_factory=list, description="also refit on nested subsets of each fold's training data: whole numbers = "
+        "patients, fractions = spot shares")
     inner_of: str | None = Field(
         None, description="run the folds over this fold's training samples only (nested cross-validation), e.g. "
         "patient_A")
 
     def fitted_methods(self) -> list[str]:
         return list(self.methods)
+
+    @field_validator("learning_curve")
+    @classmethod
+    def _amounts(cls, value: list[float]) -> list[float]:
+        """Whole numbers of patients (>= 1) or shares of spots (between 0 and 1), nothing else."""
+        for amount in value:
+            if not (0 < amount < 1 or (amount >= 1 and float(amount).is_integer())):
+                raise ValueError(f"learning_curve amounts are whole numbers of patients or shares in (0, 1), got {amount}")
+        return value
 
     @field_validator("name")
     @classmethod

@@ -37,6 +37,7 @@ from he2st.methods.retrieval import RetrievalMethod
 from he2st.workflows.cards import model_card
 from he2st.workflows.config import BenchmarkConfig
 from he2st.workflows.tls import signature_scores
+from he2st.workflows.unlabelled import unlabelled_ids, unlabelled_spots
 
 
 @dataclass
@@ -49,6 +50,7 @@ class FoldAudit:
     validation: list[str]
     gene_sets_from: list[str]
     reference_bank: list[str] = field(default_factory=list)
+    images_only: list[str] = field(default_factory=list)  # image features joined the fit; counts never read
 
     def used_for_fitting(self) -> set[str]:
         return set(self.panel_fitted_on) | set(self.method_fit) | set(self.validation) | set(
@@ -85,6 +87,7 @@ class FoldData:
     transcriptome: TranscriptomeTargets | None = None  # whole-transcriptome bank output and truth
     celltype_truth: dict[str, np.ndarray] = field(default_factory=dict)  # test sample -> proportions
     celltype_names: list[str] = field(default_factory=list)
+    unlabelled: SpotSet | None = None  # image-only spots (no expression), for histology-only learning
 
 
 CELLTYPE_KEY = "celltype_major"
@@ -110,6 +113,8 @@ def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients
     card = model_card("", panel, embeddings, config.patch, config.embed, sets,
                       {s: patients[s] for s in fold.train}, {sid: s.pixel_size_um for sid, s in samples.items()})
     data = FoldData(fold, panel, train, val_mask, test_inputs, test_truth, sets, per_sample, reference, card)
+    data.unlabelled = unlabelled_spots(ws, unlabelled_ids(config.unlabelled, ws, fold.test), config.patch,
+                                       config.embed, panel)
     # test expression and proportions below are read for scoring only (predictions never see them)
     test_samples = {sid: ws.load_sample(sid) for sid in fold.test}
     if config.transcriptome_threshold is not None:
@@ -148,7 +153,8 @@ def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict |
     method.card = data.card.model_copy(update={"method": name})
     train, val = data.train.subset(~data.val_mask), data.train.subset(data.val_mask)
     start = time.perf_counter()
-    log = method.fit(train, val)
+    unlabelled = data.unlabelled if method.learns_from_unlabelled else None
+    log = method.fit(train, val, unlabelled)
     method.card = method.card.model_copy(update={
         "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds,
         "selection": log.selection})
@@ -181,6 +187,7 @@ def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict |
         test=list(data.fold.test), panel_fitted_on=list(data.panel.fitted_on),
         method_fit=sorted(set(train.sample_ids)), validation=sorted(set(val.sample_ids)),
         gene_sets_from=sorted(set(data.train.sample_ids)), reference_bank=bank_ids,
+        images_only=[] if unlabelled is None else sorted(set(unlabelled.sample_ids)),
     )
     leaked = audit.used_for_fitting() & set(audit.test)
     if leaked:  # a guard, not a check for tests only: no number is reported from a leaky fit

@@ -26,6 +26,7 @@ from he2st.workflows.cards import model_card
 from he2st.workflows.config import TrainRunConfig
 from he2st.workflows.embed import embed_workspace
 from he2st.workflows.tls import signature_scores
+from he2st.workflows.unlabelled import unlabelled_ids, unlabelled_spots
 
 
 def train_model(config: TrainRunConfig, command: str = "") -> tuple[Method, TrainLog, Path]:
@@ -60,9 +61,13 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
     check_output(Method.bank_path(out))
     check_output(Method.transcriptome_path(out))
     samples = {sid: ws.load_sample(sid) for sid in train_ids}
+    unlabelled = unlabelled_ids(config.unlabelled, ws)  # before any work: a name not prepared is refused
+    if unlabelled and not method.learns_from_unlabelled:
+        raise He2stError(f"unlabelled: method {config.method!r} does not learn from image-only spots; use carhe "
+                         "(with histology_transfer on)")
     panel = GenePanel.from_config({sid: s.adata for sid, s in samples.items()}, config.genes)
     with distributed.main_first():
-        paths = embed_workspace(ws, train_ids, config.patch, config.embed).paths
+        paths = embed_workspace(ws, list(dict.fromkeys(train_ids + unlabelled)), config.patch, config.embed).paths
     spots = load_spots(ws, train_ids, config.patch, config.embed, panel, with_targets=True,
                        extras=shared_extras(samples.values()), with_patches=config.needs_patches(),
                        with_tokens=config.needs_tokens())
@@ -76,7 +81,8 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
     if config.reliability and not held_out_groups(method.training_groups(spots), 2):
         raise He2stError("reliability=true needs at least 2 training patients or samples to hold out; "
                          f"the training samples ({', '.join(train_ids)}) form one group")
-    log = method.fit(spots.subset(~val), spots.subset(val))
+    log = method.fit(spots.subset(~val), spots.subset(val),
+                     unlabelled_spots(ws, unlabelled, config.patch, config.embed, panel))
     beyond, beyond_genes = None, None
     if config.transcriptome_threshold is not None:
         beyond, beyond_genes = _add_transcriptome(method, samples, train_ids, spots, config.transcriptome_threshold)
@@ -88,7 +94,8 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
             scores=signature_scores(method.card.target_scale))
     method.card = method.card.model_copy(update={
         "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds,
-        "selection": log.selection, "command": command, "tissue": config.tissue or _tissue(samples.values()),
+        "selection": log.selection | ({"unlabelled_images": unlabelled} if unlabelled else {}),
+        "command": command, "tissue": config.tissue or _tissue(samples.values()),
         "reliability": method.reliability.summary() if method.reliability is not None else {}})
     if distributed.is_main():
         method.save(out)

@@ -85,6 +85,11 @@ class CarHE(RetrievalMethod):
         self.net: CarHEModule | None = None
         self.aligns = nn.ModuleDict()
 
+    @property
+    def learns_from_unlabelled(self) -> bool:
+        """Unlabelled images join the histology-only warm-up and term, when histology transfer is on."""
+        return self.config.histology_transfer
+
     def _celltype_source(self, spots: SpotSet) -> str:
         """'extras', 'programmes', 'reference' or 'none': what the third modality is made of for these
         training spots."""
@@ -222,7 +227,7 @@ class CarHE(RetrievalMethod):
 
     # ------------------------------------------------------------------ training
     def train_modules(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
-        """``unlabelled``: image-only spots (never test spots) that join the histology term only."""
+        """``unlabelled``: image-only spots (no expression) that join the histology term only."""
         cfg = self.config
         props, ok = self._proportions(train) or (None, None)
         X = torch.from_numpy(self.scaler(train.features))
