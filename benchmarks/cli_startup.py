@@ -75,7 +75,7 @@ def main() -> None:
         completion = dict(env, _HE2ST_COMPLETE="complete_bash", COMP_WORDS="he2st me", COMP_CWORD="1")
         commands = [(["--help"], env), (["methods"], env), (["methods", "bleep"], env),
                     (["card", str(model)], env), (["info", str(sample)], env), (["data", "list"], env),
-                    ([], completion)]
+                    (["models", "list"], env), ([], completion)]
         for args, command_env in commands:
             median, torch_loaded = time_command(args, opts.runs, command_env)
             label = " ".join(args) if args else "<TAB> (bash completion of 'he2st me')"

@@ -1,5 +1,5 @@
 """The commands that should answer at once never import torch: ``--help``, ``methods``, ``card``, ``info``,
-``data list`` and shell completion (benchmarks/cli_startup.py times them)."""
+``data list``, ``models list``/``show`` and shell completion (benchmarks/cli_startup.py times them)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def test_quick_commands_do_not_import_torch(checkpoint, tmp_path):
     adata.obsm["spatial"] = np.arange(8, dtype=float).reshape(4, 2)
     sample = Sample("S1", "P1", adata, pixel_size_um=1.0, spot_diameter_um=55.0).save(tmp_path / "S1.h5ad")
     commands = [["--help"], ["methods"], ["methods", "bleep"], ["methods", "ensemble"], ["card", str(checkpoint)],
-                ["info", str(sample)], ["data", "list"], ["predict", "--help"], ["tls", "--help"]]
+                ["info", str(sample)], ["data", "list"], ["predict", "--help"], ["tls", "--help"],
+                ["models", "list"], ["models", "show", "her2st-breast"]]
     probe = run_probe(commands, {"HE2ST_WORK_DIR": str(tmp_path)})
     for args, code, output in probe["results"]:
         assert code == 0, (args, output)

@@ -415,6 +415,9 @@ _register_analysis_commands(app)
 from he2st.cli_hest import register as _register_hest_commands  # noqa: E402
 
 _register_hest_commands(app, data_app)
+from he2st.cli_models import register as _register_model_commands  # noqa: E402
+
+_register_model_commands(app)
 
 
 def _run_app() -> None:

@@ -12,7 +12,10 @@ from typing import Annotated
 
 import typer
 
-ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="checkpoint from `he2st train`")]
+from he2st.cli_models import ModelsDirOpt
+
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", help="checkpoint from `he2st train`, or a ready-made model's name (he2st models list)")]
 GenesOpt = Annotated[str | None, typer.Option(help="comma-separated genes (default: predict all panel genes; "
                                                     "plot the most variable)")]
 SampleOpt = Annotated[Path | None, typer.Option("--sample", help="measured he2st sample .h5ad to compare with")]
@@ -64,33 +67,37 @@ def predict(
     engine: Annotated[str, typer.Option(help="for several slides: local (a process pool) or ray")] = "local",
     workers: Annotated[int, typer.Option(help="slides predicted at once")] = 2,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray instance)")] = None,
+    models_dir: ModelsDirOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Predict expression over a new slide: hexagonal spots on detected tissue -> one .h5ad (resumable).
 
     Settings (PredictConfig) come from defaults < --config YAML < --set key=value < the flags above.
     Exit status: 0 every slide predicted; 1 some slides failed (each named in an `error:` line on stderr,
-    the others written, all listed in <out>/index.csv); 2 bad input before any work (one `error:` line)."""
+    the others written, all listed in <out>/index.csv); 2 bad input before any work (one `error:` line).
+    A ready-made model (--model NAME) is downloaded or built into the models cache on first use."""
     from he2st.io import allow_overwrite
     from he2st.methods import load_method
     from he2st.predict import PredictConfig, run_prediction
     from he2st.progress import progress_bar
     from he2st.workflows.config import load_config
-
-    allow_overwrite(overwrite)  # the maps too
+    from he2st.workflows.model_cache import checkpoint_for
 
     slides = list(slide or [])
-    cfg = load_config(PredictConfig, config, set_, model=str(model), slide=_path(slides[0]) if len(slides) == 1 else None,
+    cfg = load_config(PredictConfig, config, set_, model=model, slide=_path(slides[0]) if len(slides) == 1 else None,
                       out=_path(out), mpp=mpp, max_upsample=max_upsample,
                       pitch_um=pitch_um, spots_from=_path(spots_from), mask=_path(mask), genes=genes,
                       transcriptome=transcriptome or None, chunk=chunk, batch_size=batch_size,
                       weights=_path(weights), device=device, stain=stain,
                       tta=tta, library_id=library_id, format=format, overwrite=overwrite or None,
                       coverage=coverage)
+    checkpoint = checkpoint_for(model, models_dir, log=typer.echo)  # before --overwrite: it is for the outputs
+    allow_overwrite(overwrite)  # the maps too
+    cfg = cfg.model_copy(update={"model": checkpoint})
     if manifest is not None or len(slides) > 1:
-        _predict_many(model, cfg, slides, manifest, engine, workers, address)
+        _predict_many(checkpoint, cfg, slides, manifest, engine, workers, address)
         return
-    method = load_method(model)
+    method = load_method(checkpoint)
     with progress_bar(None, "predict") as advance:
         path = run_prediction(cfg, method, on_chunk=lambda info: advance(info.n_spots, total=info.total_spots))
     typer.echo(f"predictions: {path}")
