@@ -216,7 +216,7 @@ def run_benchmark(
     prov["failures"] = failures
     if not results:
         raise He2stError(f"no method could run on any fold: {failures}")
-    curve = run_learning_curve(config, ws, folds, patients, log)
+    curve = run_learning_curve(config, ws, folds, patients, log, {(r.method, str(r.fold)): r for r in results})
     paths = write_results(out_dir, results, prov, tls)
     if not curve.empty:
         paths["learning_curve"] = out_dir / CURVE_FILE

@@ -19,6 +19,7 @@ import pandas as pd
 from he2st.data.splits import Fold
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
+from he2st.evaluate.scoring import FoldResult
 from he2st.workflows.config import BenchmarkConfig
 from he2st.workflows.protocol import FoldData, build_fold_data, run_fold
 
@@ -57,11 +58,13 @@ def subset_data(ws: Workspace, fold: Fold, amount: float, config: BenchmarkConfi
 
 
 def run_learning_curve(config: BenchmarkConfig, ws: Workspace, folds: list[Fold], patients: dict[str, str],
-                       log: Callable[[str], None] | None = None) -> pd.DataFrame:
+                       log: Callable[[str], None] | None = None,
+                       done: dict[tuple[str, str], FoldResult] | None = None) -> pd.DataFrame:
     """One row per (fold, method, amount, gene set): the training data used and the fold's mean Pearson.
 
     The curve's fits skip what does not change the score (reliability estimation, whole-transcriptome and
-    TLS scoring) and run one seed."""
+    TLS scoring) and run one seed; at a fold's whole training data the benchmark's own fit (``done``, by
+    method and fold) is the point, when it ran one seed."""
     if not config.learning_curve:
         return pd.DataFrame()
     lean = config.model_copy(update={"reliability": False, "transcriptome_threshold": None, "tls": False})
@@ -73,20 +76,21 @@ def run_learning_curve(config: BenchmarkConfig, ws: Workspace, folds: list[Fold]
             if data is None:
                 continue
             for method in config.methods:
+                result = (done or {}).get((method, fold.name)) if data is full and config.seeds == 1 else None
                 try:
-                    run = run_fold(method, data, lean)
+                    result = result or run_fold(method, data, lean).result
                 except He2stError as exc:
                     if log is not None:
                         log(f"{fold.name:<12} {method:<24} {amount_label(amount)}: skipped: {exc}")
                     continue
                 n_patients = len({patients[s] for s in set(data.train.sample_ids.astype(str))})
-                for gene_set, scores in run.result.set_scores().items():
+                for gene_set, scores in result.set_scores().items():
                     rows.append({"fold": fold.name, "method": method, "amount": amount_label(amount),
                                  "amount_value": amount, "n_train_patients": n_patients,
                                  "n_train_spots": len(data.train), "gene_set": gene_set,
                                  "pearson_mean": scores.get("pearson_mean", np.nan)})
                 if log is not None:
-                    heg = run.result.set_scores().get(f"heg{config.n_top}", {}).get("pearson_mean", np.nan)
+                    heg = result.set_scores().get(f"heg{config.n_top}", {}).get("pearson_mean", np.nan)
                     log(f"{fold.name:<12} {method:<24} {amount_label(amount)} ({len(data.train)} spots): "
                         f"heg{config.n_top} {heg:.3f}")
     return pd.DataFrame(rows)
