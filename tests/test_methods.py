@@ -269,7 +269,8 @@ def test_ensemble_chooses_each_members_context_on_inner_folds():
     train = with_field(train.subset(np.isin(train.sample_ids, ["s1", "s2"])))
     members = {"knn": {"method": "knn", "top_k": 5}, "plain_knn": {"method": "knn", "top_k": 5, "context_neighbours": 0},
                "bleep": {"method": "bleep", "ensemble": 1, "context_neighbours": 0} | FAST}
-    method = create_method("ensemble", members=members, min_selection_folds=2)  # let two inner folds choose
+    # let two inner folds choose; smoothing is left out here (its own test below)
+    method = create_method("ensemble", members=members, min_selection_folds=2, smoothing=[])
     method.panel = GenePanel(genes=train.genes)
     method.card = method.card.model_copy(update={"training_samples": {"s1": "P1", "s2": "P2"}})
     sel = method.fit(train).selection
@@ -292,6 +293,33 @@ def test_ensemble_chooses_each_members_context_on_inner_folds():
         create_method("ensemble", context_neighbours=6)
 
 
+def test_spatial_smoothing_averages_neighbouring_predictions_and_the_ensemble_tries_it():
+    """``smooth_neighbours`` averages each prediction with its k nearest spots' of the same slide (widening the
+    chunk halo by one hop); the ensemble tries it on every member that does not pin it, with no refit."""
+    spots = linear_spots()
+    train, test = spots.subset(np.arange(0, 200)), spots.subset(np.arange(200, 240))
+    plain = create_method("ridge_cv", **OPTIONS["ridge_cv"])
+    plain.panel = GenePanel(genes=spots.genes)
+    plain.fit(train)
+    raw = plain.predict(test.without_expression()).expression
+    plain.config = plain.config.model_copy(update={"smooth_neighbours": 3})
+    smooth = plain.predict(test.without_expression()).expression
+    assert plain.halo_hops == (3,) and "smooth_neighbours" in type(plain).query_options
+    i, same = 0, np.flatnonzero(test.sample_ids == test.sample_ids[0])
+    nearest = same[np.argsort(np.linalg.norm(test.coords_um[same] - test.coords_um[i], axis=1))[:4]]
+    np.testing.assert_allclose(smooth[i], raw[nearest].mean(0), rtol=1e-5, atol=1e-5)
+    train2, _, _ = two_patient_spots()
+    members = {"ridge": {"method": "ridge_cv", **OPTIONS["ridge_cv"]},
+               "pinned": {"method": "ridge_cv", **OPTIONS["ridge_cv"], "smooth_neighbours": 0}}
+    method = create_method("ensemble", members=members, min_selection_folds=2, context=[], smoothing=[0, 4])
+    method.panel = GenePanel(genes=train2.genes)
+    method.card = method.card.model_copy(update={"training_samples": {s: f"P{s[1:]}" for s in set(train2.sample_ids)}})
+    sel = method.fit(train2).selection
+    assert sorted(sel["context_inner_pearson"]["ridge"]) == ['{"smooth_neighbours": 0}', '{"smooth_neighbours": 4}']
+    assert len(sel["context_inner_pearson"]["pinned"]) == 1
+    assert method.fitted["ridge"].config.smooth_neighbours == sel["context"]["ridge"].get("smooth_neighbours", 0)
+
+
 def test_ensemble_members_keep_their_configuration_on_too_few_inner_folds():
     """Two inner folds choose nothing (min_selection_folds=3): each member is fitted on them as configured
     only, runs as configured, and the members have an equal say; the old option name still loads."""
@@ -305,8 +333,9 @@ def test_ensemble_members_keep_their_configuration_on_too_few_inner_folds():
     sel = method.fit(train).selection
     assert len(sel["inner_folds"]) == 2 and sel["combination"] == "equal"
     assert {lb: list(v) for lb, v in sel["context_inner_pearson"].items()} == {
-        "knn": ["{}"], "bleep": ['{"query_neighbours": 6}']}  # only the members as configured were fitted
-    assert sel["context"] == {"knn": {}, "bleep": {"query_neighbours": 6}}
+        "knn": ['{"smooth_neighbours": 0}'], "bleep": ['{"query_neighbours": 6, "smooth_neighbours": 0}']
+    }  # only the members as configured were fitted
+    assert sel["context"] == {"knn": {"smooth_neighbours": 0}, "bleep": {"query_neighbours": 6, "smooth_neighbours": 0}}
     assert method.fitted["knn"].config.context_neighbours == 0 and method.fitted["bleep"].config.query_neighbours == 6
     assert create_method("ensemble", min_stacking_folds=4).config.min_selection_folds == 4
 

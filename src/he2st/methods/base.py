@@ -29,6 +29,7 @@ from he2st.methods.card import ModelCard
 from he2st.methods.checkpoint import CHECKPOINT_FORMAT
 from he2st.methods.configs.common import MethodConfig
 from he2st.methods.layers.context import context_width, with_context
+from he2st.methods.layers.neighbourhood import neighbour_sum
 from he2st.methods.reliability import Reliability
 
 
@@ -71,7 +72,7 @@ class Method(ABC):
     uses_tokens: ClassVar[bool] = False  # training reads spots.tokens (cached token grids) when available
     #: options that change only how a fitted model predicts (a fitted model can be re-queried with other
     #: values, as the ensemble's selection does; training reads them only through its validation score)
-    query_options: ClassVar[tuple[str, ...]] = ()
+    query_options: ClassVar[tuple[str, ...]] = ("smooth_neighbours",)
     bank: ReferenceBank | None = None  # set by methods with uses_bank
     #: predictions can come from any reference bank (:meth:`retrieve`), so genes beyond the panel too
     retrieves: ClassVar[bool] = False
@@ -103,10 +104,10 @@ class Method(ABC):
 
     @property
     def halo_hops(self) -> tuple[int, ...]:
-        """Neighbour reads of one prediction, hop by hop: the method's own (``context_k``), then the
+        """Neighbour reads of one prediction, hop by hop: the smoothing of its output, the method's own (``context_k``), then the
         context features' (each neighbour's features carry the mean of its own neighbours). Chunked
         whole-slide prediction widens every chunk by these hops, so chunks predict as the whole slide."""
-        return tuple(k for k in (self.context_k, self.config.context_neighbours) if k)
+        return tuple(k for k in (self.config.smooth_neighbours, self.context_k, self.config.context_neighbours) if k)
 
     # -------------------------------------------------------------- the card
     @property
@@ -152,9 +153,20 @@ class Method(ABC):
         if self.card is None or (self.uses_bank and self.bank is None):
             raise He2stError(f"method {self.name} has not been fitted (or its reference bank file is missing)")
         self.check_spots(spots)
-        prediction = self._predict(self.contextual(spots.without_expression()))
+        prediction = self.smoothed(self._predict(self.contextual(spots.without_expression())), spots)
         if self.reliability is not None and len(spots):
             self._annotate(prediction, spots.features)
+        return prediction
+
+    def smoothed(self, prediction: Prediction, spots: SpotSet) -> Prediction:
+        """``prediction`` with each spot's expression averaged with its ``smooth_neighbours`` physically nearest
+        spots' (same slide): expression varies smoothly across tissue while an image-based prediction carries
+        per-spot noise, so averaging neighbours trades a little spatial detail for less noise."""
+        k = self.config.smooth_neighbours
+        if not k or not len(spots):
+            return prediction
+        total, count = neighbour_sum(prediction.expression, spots.coords_um, spots.sample_ids, k)
+        prediction.expression = ((prediction.expression + total) / (1 + count)).astype(np.float32)
         return prediction
 
     def _annotate(self, prediction: Prediction, features: np.ndarray) -> None:

@@ -31,7 +31,7 @@ class RetrievalMethod(NeuralMethod):
     (the whole transcriptome) -- and :meth:`retrieve` queries any bank.
     """
 
-    query_options = ("query_neighbours", "per_sample")
+    query_options = ("query_neighbours", "per_sample", "smooth_neighbours")
 
     Config = RetrievalConfig
     uses_bank = True
@@ -114,7 +114,7 @@ class RetrievalMethod(NeuralMethod):
         """Profiles of another ``bank`` (say, whole-transcriptome profiles) retrieved for the images of
         ``spots``, as :meth:`predict` retrieves from the model's own."""
         self.check_spots(spots)
-        return self._retrieve(self.contextual(spots.without_expression()), bank)
+        return self.smoothed(self._retrieve(self.contextual(spots.without_expression()), bank), spots)
 
     def _retrieve(self, spots: SpotSet, bank: ReferenceBank) -> Prediction:
         """Retrieval for spots whose features carry the context (with query-time neighbour averaging)."""

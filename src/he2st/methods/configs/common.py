@@ -20,6 +20,9 @@ class MethodConfig(BaseModel):
         "slide); 0: none")
     context_field: bool = Field(
         False, description="append the features of the field 3x the spot's size around it (cut by `he2st prepare`)")
+    smooth_neighbours: int = Field(
+        0, ge=0, le=64, description="average each predicted spot with its k nearest spots' predictions (same slide); "
+        "0: off")
 
 
 C = TypeVar("C", bound=MethodConfig)

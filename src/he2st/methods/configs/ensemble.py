@@ -26,6 +26,9 @@ class EnsembleConfig(MethodConfig):
     query_neighbours: list[int] = Field(
         default_factory=lambda: [0, 6],
         description="query-time neighbour counts tried on each fitted retrieval member whose spec does not set them")
+    smoothing: list[int] = Field(
+        default_factory=lambda: [0, 6],
+        description="spatial smoothing (k nearest spots' predictions) tried on inner folds for each member not setting it")
     weights: Literal["auto", "global", "per_gene", "equal"] = Field(
         "auto", description="members' combination: 'global' or 'per_gene' stacking, 'equal'; 'auto': 'global' given "
         "min_selection_folds")

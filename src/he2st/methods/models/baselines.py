@@ -248,7 +248,7 @@ class ImageKNN(Method):
     stochastic = False
     uses_bank = True
     retrieves = True
-    query_options = ("per_sample",)
+    query_options = ("per_sample", "smooth_neighbours")
     ablations = {"pooled_retrieval": {"per_sample": False}}
 
     def __init__(self, config: KNNConfig | None = None, **overrides) -> None:
@@ -270,7 +270,7 @@ class ImageKNN(Method):
 
     def retrieve(self, spots: SpotSet, bank: ReferenceBank) -> Prediction:
         self.check_spots(spots)
-        return self._retrieve(self.contextual(spots.without_expression()), bank)
+        return self.smoothed(self._retrieve(self.contextual(spots.without_expression()), bank), spots)
 
     def _predict(self, spots: SpotSet) -> Prediction:
         return self._retrieve(spots, self.bank)

@@ -11,6 +11,7 @@ What was chosen is recorded in ``TrainLog.selection``; docs/methods/ensemble.md 
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections import defaultdict
@@ -144,12 +145,16 @@ class Ensemble(Method):
         return [dict(c) for c in self.config.context] or [{}]
 
     def _queries(self, label: str) -> list[dict[str, Any]]:
-        """The query-time context tried on each fitted member (no refit): ``query_neighbours`` for
-        methods that average each query with its neighbours at prediction, unless the spec pins it."""
+        """The query-time options tried on each fitted member (no refit), each unless the spec pins it:
+        ``query_neighbours`` for methods that average each query with its neighbours at prediction, and
+        ``smooth_neighbours`` (spatial smoothing of the member's predictions) for every method."""
         spec = self.config.members[label]
-        if "query_neighbours" not in method_class(spec["method"]).query_options or "query_neighbours" in spec:
-            return [{}]
-        return [{"query_neighbours": k} for k in self.config.query_neighbours] or [{}]
+        options = method_class(spec["method"]).query_options
+        tried = [(key, values) for key, values in (("query_neighbours", self.config.query_neighbours),
+                                                   ("smooth_neighbours", self.config.smoothing))
+                 if key in options and key not in spec and values]
+        return [dict(zip([k for k, _ in tried], combo, strict=True))
+                for combo in itertools.product(*[v for _, v in tried])] or [{}]
 
     def _fit_member(self, label: str, context: dict[str, Any], spots: SpotSet, groups: np.ndarray,
                     seconds: defaultdict[str, float], val: np.ndarray | None = None) -> Method:
