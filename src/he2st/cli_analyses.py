@@ -1,4 +1,5 @@
-"""``he2st stack`` / ``survival``: analyses built on predicted expression (3D from serial sections, outcome).
+"""``he2st stack`` / ``survival`` / ``localize``: analyses built on predicted expression (3D from serial
+sections, outcome, cancer spots).
 
 Kept out of ``cli.py`` like :mod:`he2st.cli_predict`; ``register(app)`` adds the commands to the main
 ``he2st`` app. Errors are :class:`He2stError`, printed by the entry point as one ``error: ...`` line.
@@ -112,7 +113,47 @@ def survival(
     typer.echo(f"written: {result.paths['results']}, {result.paths['risk']}, {km}")
 
 
+def localize(
+    prediction: Annotated[Path, typer.Argument(help="prediction .h5ad (he2st predict) or a prepared sample .h5ad")],
+    signature: Annotated[str, typer.Option(
+        "--signature", help="biomarker gene set: breast-her2, or a gene,weight table")] = "breast-her2",
+    threshold: Annotated[float | None, typer.Option(help="call spots with a score at least this")] = None,
+    quantile: Annotated[float, typer.Option(help="without labelled references: threshold as this quantile of the "
+                                                 "reference scores")] = 0.5,
+    threshold_from: Annotated[str | None, typer.Option(
+        help="measured training sample .h5ad files (comma-separated): threshold from their region labels, else "
+             "their scores' quantile")] = None,
+    sample: Annotated[Path | None, typer.Option(help="measured sample .h5ad: compare scores (r; AUROC, AP against "
+                                                     "its region labels)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: beside the input)")] = None,
+    force: Annotated[bool, typer.Option(help="call spots even where the prediction cannot support it (noted)")] = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Cancer spots from a biomarker signature: per-spot score (mean of the genes' within-section z-scores),
+    calls, and a table <out>/<name>.localize.csv with a map over the H&E (<name>.localize.png)."""
+    from he2st.io import allow_overwrite
+    from he2st.report.plots import draw_cancer_map
+    from he2st.workflows.localize import localize as run_localize
+
+    allow_overwrite(overwrite)
+    result = run_localize(prediction, out or prediction.parent, signature, threshold, quantile,
+                          [Path(p) for p in _list(threshold_from) or []] or None, sample, force)
+    info = result.info
+    typer.echo(f"cancer score from {len(info['genes'])} genes ({', '.join(info['genes'])}; "
+               f"{info['weight_coverage']:.0%} of the signature's weight); threshold {info['threshold']:.4g} from "
+               f"{info['threshold_source']}: {info['n_called']} of {result.adata.n_obs} spots called")
+    if info["refused_without_force"]:
+        typer.echo(f"caution (--force): {info['refused_without_force']}")
+    if result.agreement is not None:
+        labelled = (f", AUROC {result.agreement['auroc']:.3f} and AP {result.agreement['ap']:.3f} for its "
+                    f"cancer-labelled spots ({result.agreement['cancer_share']:.0%} of its labelled spots)"
+                    if "auroc" in result.agreement else "")
+        typer.echo(f"against the measured sample: r {result.agreement['pearson']:.3f}{labelled}")
+    typer.echo(f"written: {result.path} and {draw_cancer_map(result.adata, result.path.with_suffix('.png'))}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``stack`` and ``survival`` to the ``he2st`` command line."""
+    """Add ``stack``, ``survival`` and ``localize`` to the ``he2st`` command line."""
     app.command("stack")(stack)
     app.command("survival")(survival)
+    app.command("localize")(localize)

@@ -83,7 +83,7 @@ def _add_labels(sample: Sample, path: Path) -> None:
     """Pathologist region labels; their (x, y) are the refined array coordinates of the spot file."""
     if not path.exists():
         return
-    labels = pd.read_csv(path, sep="\t")
+    labels = pd.read_csv(path, sep="\t").dropna(subset=["x", "y"])  # F1 has a labelled row without coordinates
     ids = np.round(labels["x"]).astype(int).astype(str) + "x" + np.round(labels["y"]).astype(int).astype(str)
     region = pd.Series(labels["label"].to_numpy(), index=ids)
     region = region[~region.index.duplicated()]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from he2st.evaluate.scoring import FoldResult, summarise, summarise_extra
-from he2st.evaluate.tables import markdown_report
+from he2st.evaluate.tables import localisation_markdown, markdown_report
 from he2st.io import check_folder, check_output, jsonable, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
@@ -46,6 +46,8 @@ def _fold_record(r: FoldResult) -> dict[str, Any]:
         "per_sample": r.per_sample,
         "pooled": r.pooled,
         "extra": r.extra,
+        "localisation": r.localisation,
+        "notes": r.notes,
         "curves": r.curves,
         "selection": r.selection,
         "per_gene": {c: r.per_gene[c].tolist() for c in r.per_gene.columns},
@@ -95,5 +97,22 @@ def write_results(
         f"TLS score of each held-out sample (model {tls.source}) from predicted vs measured expression: Pearson r "
         "across its spots and AUROC for its spots in the measured top decile, mean ± sd over folds; the ridge probe "
         "predicts the score from image features, fitted on training patients only.\n\n" + tls.markdown())
-    write_text_atomic(paths["markdown"], markdown_report(summary, provenance, extra, tls_section))
+    write_text_atomic(paths["markdown"], markdown_report(summary, provenance, extra, tls_section,
+                                                         localisation_section(summary, results)))
     return paths
+
+
+def localisation_section(summary: pd.DataFrame, results: list[FoldResult]) -> str | None:
+    """results.md's cancer-localisation section: what the rows mean, the tables and each fold's notes."""
+    tables = localisation_markdown(summary)
+    if not tables:
+        return None
+    notes = {str(r.fold): r.notes["localisation"] for r in results if r.notes.get("localisation")}
+    return ("How well a biomarker score separates cancer spots (invasive cancer, cancer in situ) from other "
+            "labelled tissue in each held-out sample with pathologist region labels: AUROC and average precision "
+            "(AP) of the score from predicted expression (`localisation_auroc`, `localisation_ap`), from measured "
+            "expression on the same genes (`*_measured`, the reference; smoother predictions can exceed it) and "
+            "of a logistic-regression probe on the image features fitted on training patients' labelled spots "
+            "(`*_image`, the floor); `localisation_cancer_share` is the AP of a random score. Mean ± sd over the "
+            "folds with labelled test samples (see `n_folds` in summary.csv).\n\n" + tables
+            + "".join(f"- {fold}: {note}\n" for fold, note in notes.items()))

@@ -21,6 +21,8 @@ from he2st.errors import He2stError
 from he2st.evaluate.metrics import SET_METRICS, evaluate_sample
 from he2st.evaluate.reliability import RELIABILITY_METRICS
 
+LOCALISATION = "localisation_"  # metric prefix of cancer localisation rows in the summary
+
 __all__ = ["FoldResult", "Level", "average_results", "evaluate_fold", "summarise", "summarise_extra"]
 
 Level = Literal["per_sample", "pooled"]
@@ -34,6 +36,9 @@ class FoldResult:
     ``pooled`` maps gene set -> metric computed once on all the fold's test spots stacked;
     ``per_gene`` has one row per (sample, gene) with pearson, spearman, mse, mae;
     ``extra`` holds fold-level scores beyond the panel (whole transcriptome, cell-type proportions);
+    ``localisation`` maps signature -> metric -> fold value of cancer localisation
+    (:mod:`~he2st.evaluate.localisation`), empty when no test sample carries region labels; ``notes`` says
+    in words how the fold's choices were made and what was left out;
     ``curves`` the training curves of each run behind it (seed label -> curve name -> values per epoch).
     """
 
@@ -46,6 +51,8 @@ class FoldResult:
     extra: dict[str, float] = field(default_factory=dict)
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     selection: dict[str, dict[str, Any]] = field(default_factory=dict)  # seed label -> choices on training data
+    localisation: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
 
     def set_scores(self, level: Level = "per_sample") -> dict[str, dict[str, float]]:
         """Fold score per gene set and metric.
@@ -129,11 +136,18 @@ def average_results(results: Sequence[FoldResult]) -> FoldResult:
     curves = {label: c for r in results for label, c in r.curves.items()}
     selection = {label: c for r in results for label, c in r.selection.items()}
     return FoldResult(first.method, first.fold, list(first.test_samples), per_sample, pooled, per_gene, extra, curves,
-                      selection)
+                      selection, mean_of([r.localisation for r in results]), dict(first.notes))
 
 
 def _fold_column(fold: int | str) -> str:
     return f"fold_{fold}"
+
+
+def _row(keys: dict[str, Any], values: dict[int | str, float], fold_ids: list) -> dict[str, Any]:
+    """``keys`` and the mean, sd (ddof=1; NaN with one fold), n_folds and fold columns of fold ``values``."""
+    v = np.array(list(values.values()), dtype=np.float64)
+    return keys | {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
+                   "n_folds": int(v.size)} | {_fold_column(f): values.get(f, float("nan")) for f in fold_ids}
 
 
 def summarise(fold_results: Iterable[FoldResult], level: Level = "per_sample") -> pd.DataFrame:
@@ -142,6 +156,8 @@ def summarise(fold_results: Iterable[FoldResult], level: Level = "per_sample") -
 
     sd uses ddof=1 (folds are a sample of possible splits) and is NaN with a single fold;
     a NaN fold score propagates to the mean so a failed fold cannot disappear from view.
+    At the ``per_sample`` level, cancer localisation adds rows whose gene set is the signature and whose
+    metrics start with ``localisation_``, over the folds that had labelled test samples.
     """
     results = list(fold_results)
     if not results:
@@ -156,24 +172,26 @@ def summarise(fold_results: Iterable[FoldResult], level: Level = "per_sample") -
     rows = []
     for method in dict.fromkeys(r.method for r in results):
         scores = {r.fold: r.set_scores(level) for r in results if r.method == method}
+        if level == "per_sample":
+            scores = _with_localisation(scores, [r for r in results if r.method == method])
         set_names = list(dict.fromkeys(name for s in scores.values() for name in s))
         for name in set_names:
-            for metric in SET_METRICS + RELIABILITY_METRICS:
+            located = dict.fromkeys(m for s in scores.values() for m in s.get(name, {}) if m.startswith(LOCALISATION))
+            for metric in [*SET_METRICS, *RELIABILITY_METRICS, *located]:
                 values = {f: s[name][metric] for f, s in scores.items() if metric in s.get(name, {})}
-                if not values:
-                    continue
-                v = np.array(list(values.values()), dtype=np.float64)
-                row: dict[str, Any] = {
-                    "method": method,
-                    "gene_set": name,
-                    "metric": metric,
-                    "mean": float(v.mean()),
-                    "sd": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
-                    "n_folds": int(v.size),
-                }
-                row.update({_fold_column(f): values.get(f, float("nan")) for f in fold_ids})
-                rows.append(row)
+                if values:
+                    rows.append(_row({"method": method, "gene_set": name, "metric": metric}, values, fold_ids))
     return pd.DataFrame(rows)
+
+
+def _with_localisation(scores: dict, results: list[FoldResult]) -> dict:
+    """Set scores per fold with each fold's localisation metrics added under their signature's name (merged
+    with a gene set of that name, if any: their metric names differ)."""
+    merged = {fold: {name: dict(m) for name, m in sets.items()} for fold, sets in scores.items()}
+    for r in results:
+        for name, metrics in r.localisation.items():
+            merged[r.fold].setdefault(name, {}).update(metrics)
+    return merged
 
 
 def summarise_extra(fold_results: Iterable[FoldResult]) -> pd.DataFrame:
@@ -185,10 +203,5 @@ def summarise_extra(fold_results: Iterable[FoldResult]) -> pd.DataFrame:
         mine = [r for r in results if r.method == method]
         for score in dict.fromkeys(k for r in mine for k in r.extra):
             values = {r.fold: r.extra[score] for r in mine if score in r.extra}
-            v = np.array(list(values.values()), dtype=np.float64)
-            row: dict[str, Any] = {"method": method, "score": score, "mean": float(v.mean()),
-                                   "sd": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
-                                   "n_folds": int(v.size)}
-            row.update({_fold_column(f): values.get(f, float("nan")) for f in fold_ids})
-            rows.append(row)
+            rows.append(_row({"method": method, "score": score}, values, fold_ids))
     return pd.DataFrame(rows, columns=["method", "score", "mean", "sd", "n_folds", *map(_fold_column, fold_ids)])

@@ -11,8 +11,9 @@ import pandas as pd
 
 from he2st.errors import He2stError
 from he2st.evaluate.reliability import RELIABILITY_METRICS
+from he2st.evaluate.scoring import LOCALISATION
 
-__all__ = ["extra_markdown", "markdown_report", "reliability_markdown", "to_markdown"]
+__all__ = ["extra_markdown", "localisation_markdown", "markdown_report", "reliability_markdown", "to_markdown"]
 
 #: Metrics shown as tables in results.md (counts stay in the CSV and JSON).
 _MARKDOWN_METRICS = ("pearson_mean", "pearson_median", "spearman_mean", "gene_gene_corr", "mse", "mae")
@@ -86,10 +87,18 @@ def reliability_markdown(summary: pd.DataFrame) -> str:
     return _markdown_table(["method", *metrics], body)
 
 
+def localisation_markdown(summary: pd.DataFrame) -> str:
+    """Per signature, methods x localisation metrics (``mean ± sd`` over the folds that scored it); '' if none."""
+    rows = summary[summary["metric"].astype(str).str.startswith(LOCALISATION)]
+    return "".join(f"Signature `{name}`:\n\n" + extra_markdown(group.rename(columns={"metric": "score"})) + "\n"
+                   for name, group in rows.groupby("gene_set", sort=False))
+
+
 def markdown_report(summary: pd.DataFrame, provenance: Mapping[str, Any], extra: pd.DataFrame,
-                    tls: str | None = None) -> str:
-    """results.md: the gene-set tables, scores beyond the panel and, when given, the TLS section."""
-    sets = list(dict.fromkeys(summary["gene_set"]))
+                    tls: str | None = None, localisation: str | None = None) -> str:
+    """results.md: the gene-set tables, scores beyond the panel and, when given, the localisation and TLS
+    sections."""
+    sets = list(dict.fromkeys(summary.loc[~summary["metric"].astype(str).str.startswith(LOCALISATION), "gene_set"]))
     parts = [
         "# he2st evaluation results\n",
         "Each cell: mean ± sd (ddof=1) over folds. A fold's score for a gene set is the mean over "
@@ -122,6 +131,8 @@ def markdown_report(summary: pd.DataFrame, provenance: Mapping[str, Any], extra:
             "image (Pearson per type across a test sample's spots). Mean ± sd over folds.\n\n"
             + extra_markdown(extra)
         )
+    if localisation:
+        parts.append("## cancer localisation\n\n" + localisation)
     if tls:
         parts.append("## TLS detection\n\n" + tls)
     return "\n".join(parts)

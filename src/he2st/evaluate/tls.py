@@ -60,16 +60,16 @@ class TlsModel:
         return TlsModel(self.weights[self.weights.index.intersection(genes)], self.intercept)
 
     @classmethod
-    def read(cls, path: str | Path) -> TlsModel:
+    def read(cls, path: str | Path, what: str = "TLS model") -> TlsModel:
         """A two-column table (gene, weight; tab- or comma-separated, one header row); a row named
-        ``intercept`` is the intercept."""
-        path = table_path(path, "TLS model/signature file")
+        ``intercept`` is the intercept. ``what`` names the file in error lines."""
+        path = table_path(path, f"{what} file")
         try:
             table = pd.read_csv(path, sep=None, engine="python", index_col=0)
         except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise He2stError(f"cannot parse the TLS model ({exc})", path) from exc
+            raise He2stError(f"cannot parse the {what} ({exc})", path) from exc
         if table.shape[1] < 1 or not pd.api.types.is_numeric_dtype(table.iloc[:, 0]):
-            raise He2stError("a TLS model needs a numeric weight column after the gene column", path)
+            raise He2stError(f"a {what} needs a numeric weight column after the gene column", path)
         weights = table.iloc[:, 0].astype(float)
         weights.index = gene_symbols(weights.index)
         intercept = float(weights.pop("INTERCEPT")) if "INTERCEPT" in weights.index else 0.0
@@ -102,15 +102,21 @@ def relative_abundance(values: np.ndarray | sp.spmatrix, scale: str) -> np.ndarr
     raise He2stError(f"TLS scores need counts or log1p_cp10k values, got {scale!r}")
 
 
-def tls_score(values: np.ndarray | sp.spmatrix, genes: list[str], model: TlsModel, scale: str) -> TlsScore:
-    """The section's per-spot TLS score (see the module docstring)."""
-    abundance = relative_abundance(values, scale)
+def model_columns(genes: list[str], model: TlsModel, what: str = "TLS model") -> tuple[pd.Index, np.ndarray]:
+    """The model's genes (upper case) measured exactly once among ``genes``, and their columns; a gene
+    measured twice is left out rather than guessed."""
     names = gene_symbols(genes)
     unique = ~names.duplicated(keep=False)
     present = model.weights.index.intersection(names[unique])
     if len(present) == 0:
-        raise He2stError("none of the TLS model's genes is in the data")
-    columns = pd.Series(np.flatnonzero(unique), index=names[unique])[present].to_numpy()
+        raise He2stError(f"none of the {what}'s genes is in the data")
+    return present, pd.Series(np.flatnonzero(unique), index=names[unique])[present].to_numpy()
+
+
+def tls_score(values: np.ndarray | sp.spmatrix, genes: list[str], model: TlsModel, scale: str) -> TlsScore:
+    """The section's per-spot TLS score (see the module docstring)."""
+    abundance = relative_abundance(values, scale)
+    present, columns = model_columns(genes, model)
     block = abundance[:, columns]
     std = block.std(axis=0)
     scaled = np.divide(block, std, out=np.zeros_like(block), where=std > 0)

@@ -442,16 +442,26 @@ def plot_prediction(prediction: str | Path | ad.AnnData, out_dir: str | Path, ge
     return paths
 
 
-def draw_tls_map(adata: ad.AnnData, path: str | Path) -> Path:
-    """The TLS score over the H&E, called spots outlined (``he2st tls``)."""
+def called_map(adata: ad.AnnData, path: str | Path, score: np.ndarray, called: np.ndarray, title: str,
+               cmap: str, label: str) -> Path:
+    """A per-spot score over the H&E with the called spots outlined, saved as ``path``."""
     view = spatial_view(adata)
     fig = Figure(figsize=(6, 6), layout="constrained")
     ax = fig.subplots()
-    draw_map(ax, view, adata.obs["tls_score"].to_numpy(float), title="TLS score (called spots outlined)",
-             cmap="PuRd", label="TLS score")
-    called = adata.obs["tls_call"].to_numpy(bool)
+    draw_map(ax, view, np.asarray(score, dtype=float), title=title, cmap=cmap, label=label)
     ax.add_collection(EllipseCollection(widths=view.diameter, heights=view.diameter, angles=0, units="xy",
-                                        offsets=view.xy[called], offset_transform=ax.transData,
+                                        offsets=view.xy[np.asarray(called, dtype=bool)], offset_transform=ax.transData,
                                         facecolors="none", edgecolors="black", linewidths=1.0))
     return save_figure(fig, path)
 
+
+def draw_tls_map(adata: ad.AnnData, path: str | Path) -> Path:
+    """The TLS score over the H&E, called spots outlined (``he2st tls``)."""
+    return called_map(adata, path, adata.obs["tls_score"].to_numpy(float), adata.obs["tls_call"].to_numpy(bool),
+                      "TLS score (called spots outlined)", "PuRd", "TLS score")
+
+
+def draw_cancer_map(adata: ad.AnnData, path: str | Path) -> Path:
+    """The cancer biomarker score over the H&E, called spots outlined (``he2st localize``)."""
+    return called_map(adata, path, adata.obs["cancer_score"].to_numpy(float), adata.obs["cancer_call"].to_numpy(bool),
+                      "cancer score (called spots outlined)", "YlOrRd", "cancer score (mean z)")

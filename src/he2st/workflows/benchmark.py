@@ -24,7 +24,7 @@ from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
 from he2st.evaluate.results import check_results_folder, write_results
 from he2st.evaluate.scoring import FoldResult, average_results, summarise, summarise_extra
-from he2st.evaluate.tables import extra_markdown, reliability_markdown, to_markdown
+from he2st.evaluate.tables import extra_markdown, localisation_markdown, reliability_markdown, to_markdown
 from he2st.evaluate.tls_benchmark import TlsReport
 from he2st.io import atomic_path, check_output, sha256_file, write_text_atomic
 from he2st.methods import method_class
@@ -230,6 +230,9 @@ def run_benchmark(
     extra = summarise_extra(results)
     if not extra.empty:
         table += "\n" + extra_markdown(extra)
+    localisation = localisation_markdown(summarise(results))
+    if localisation:
+        table += "\nCancer localisation on held-out samples with region labels (see results.md):\n" + localisation
     if not curve.empty:
         table += (f"\nLearning curve (heg{n}, mean over folds; {CURVE_FILE}):\n"
                   + curve_markdown(curve, f"heg{n}"))

@@ -198,14 +198,19 @@ class BenchmarkConfig(FitConfig):
     published model (``'her2st'``, 11,315 genes) divides each gene by its spread across the section, which
     inflates the many weakly weighted genes of a smooth predicted map, and on her2st leave-one-patient-out
     it scores predictions below zero. A gene list file holds gene,weight rows (an 'intercept' row is the
-    intercept)."""
+    intercept).
+
+    Cancer localisation (``localisation``) scores, on held-out samples with pathologist region labels, how
+    well a biomarker score from predicted expression separates cancer from other tissue, beside the same
+    from measured expression and an image-only probe (:mod:`he2st.evaluate.localisation`)."""
 
     name: str = Field("benchmark", description="results folder name under <work_dir>/runs/")
     folds: FoldConfig = Field(default_factory=FoldConfig, description="the fold scheme (prepared by `he2st prepare`)")
     methods: list[str] = Field(
         default_factory=lambda: ["ensemble", "bleep_faithful", "bleep", "ridge", "ridge_cv", "mlp", "knn"],
         description="methods to run over the folds (`he2st methods` lists them)")
-    markers: list[str] | None = Field(None, description="marker genes scored as their own set")
+    markers: list[str] | None = Field(
+        None, description="marker genes scored as their own set (null: the dataset's default list, if any; []: none)")
     reference_sections: list[str] = Field(
         default_factory=list,
         description="expression-only her2st sections added to retrieval banks (only when their patient is not tested)",
@@ -223,6 +228,10 @@ class BenchmarkConfig(FitConfig):
     tls_model: str = Field(
         "her2st-signature", description="TLS model: 'her2st-signature' (172 genes), 'her2st' (the full published "
         "model) or a gene,weight file")
+    localisation: bool = Field(
+        True, description="score cancer localisation on held-out samples with region labels (AUROC, AP; see docs)")
+    localisation_signature: str | None = Field(
+        None, description="biomarker signature for localisation: a name, a gene,weight file, or null for the dataset's")
     seeds: int = Field(1, gt=0, description="train each method with this many seeds and average the fold scores")
     learning_curve: list[float] = Field(
         default_factory=list, description="also refit on nested subsets of each fold's training data: whole numbers = "
@@ -241,6 +250,19 @@ class BenchmarkConfig(FitConfig):
         for amount in value:
             if not (0 < amount < 1 or (amount >= 1 and float(amount).is_integer())):
                 raise ValueError(f"learning_curve amounts are whole numbers of patients or shares in (0, 1), got {amount}")
+        return value
+
+    @field_validator("localisation_signature")
+    @classmethod
+    def _readable_signature(cls, value: str | None) -> str | None:
+        """A localisation signature that cannot be read is refused before any data is read."""
+        if value is not None:
+            from he2st.evaluate.localisation import read_signature  # sklearn: only when a signature is set
+
+            try:
+                read_signature(value)
+            except He2stError as exc:
+                raise ValueError(str(exc)) from exc
         return value
 
     @field_validator("name")

@@ -28,6 +28,13 @@ from he2st.evaluate.beyond_panel import (
     transcriptome_scores,
 )
 from he2st.evaluate.gene_sets import build_gene_sets, test_sample_gene_sets
+from he2st.evaluate.localisation import (
+    LocalisationFold,
+    build_localisation_fold,
+    fold_signature,
+    read_signature,
+)
+from he2st.evaluate.markers import fold_markers
 from he2st.evaluate.reliability import predictability_spearman, reliability_metrics
 from he2st.evaluate.scoring import FoldResult, evaluate_fold
 from he2st.methods import Method, ModelCard, Prediction, create_method
@@ -88,6 +95,8 @@ class FoldData:
     celltype_truth: dict[str, np.ndarray] = field(default_factory=dict)  # test sample -> proportions
     celltype_names: list[str] = field(default_factory=list)
     unlabelled: SpotSet | None = None  # image-only spots (no expression), for histology-only learning
+    localisation: LocalisationFold | None = None  # labels and baselines of held-out samples with region labels
+    notes: dict[str, str] = field(default_factory=dict)  # how the fold's choices were made, in words
 
 
 CELLTYPE_KEY = "celltype_major"
@@ -106,7 +115,9 @@ def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients
     test_inputs = load_spots(ws, fold.test, config.patch, config.embed, panel, with_targets=False, with_patches=patches)
     truth = load_spots(ws, fold.test, config.patch, config.embed, panel, with_targets=True)
     test_truth = {sid: truth.targets[truth.sample_ids == sid] for sid in fold.test}
-    sets = build_gene_sets(train.targets, panel.genes, markers=config.markers, n=config.n_top)
+    datasets = [s.dataset for s in samples.values()]
+    markers, markers_note = fold_markers(config.markers, datasets, panel.genes)
+    sets = build_gene_sets(train.targets, panel.genes, markers=markers, n=config.n_top)
     per_sample = {sid: test_sample_gene_sets(y, panel.genes, n=config.n_top) for sid, y in test_truth.items()}
     reference = _reference_spots(fold, config, panel, patients)
     embeddings = EmbeddingFile(ws.embedding_path(config.embed, fold.train[0], config.patch))
@@ -115,6 +126,7 @@ def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients
     data = FoldData(fold, panel, train, val_mask, test_inputs, test_truth, sets, per_sample, reference, card)
     data.unlabelled = unlabelled_spots(ws, unlabelled_ids(config.unlabelled, ws, fold.test), config.patch,
                                        config.embed, panel)
+    data.notes = {"markers": markers_note} if markers_note else {}
     # test expression and proportions below are read for scoring only (predictions never see them)
     test_samples = {sid: ws.load_sample(sid) for sid in fold.test}
     if config.transcriptome_threshold is not None:
@@ -125,6 +137,10 @@ def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients
         data.celltype_names = [str(c) for c in getattr(table, "columns", range(np.shape(table)[1]))]
         data.celltype_truth = {sid: np.asarray(s.adata.obsm[CELLTYPE_KEY], np.float32)
                                for sid, s in test_samples.items()}
+    signature = fold_signature(config.localisation_signature, datasets) if config.localisation else None
+    if signature is not None:  # test labels are read for scoring only
+        data.localisation = build_localisation_fold(signature, read_signature(signature), samples | test_samples,
+                                                    train, test_inputs, test_truth, panel.genes)
     return data
 
 
@@ -178,6 +194,11 @@ def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict |
     if method.reliability is not None:
         _score_reliability(method, result, predictions, data.test_truth)
     result.extra = _beyond_panel(method, data, predictions)
+    result.notes = dict(data.notes)
+    if data.localisation is not None:
+        result.localisation = data.localisation.score({s: p.expression for s, p in predictions.items()},
+                                                      data.panel.genes)
+        result.notes["localisation"] = data.localisation.note
     result.curves = {f"seed{method.config.seed}": log.curves}
     result.selection = {f"seed{method.config.seed}": log.selection} if log.selection else {}
     if reliability_note or method.reliability is not None:

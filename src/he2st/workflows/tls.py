@@ -125,6 +125,28 @@ def refusal(adata: ad.AnnData, scored: TlsScore, model: TlsModel, name: str) -> 
     return ""
 
 
+def choose_threshold(score: np.ndarray, threshold: float | None, quantile: float,
+                     reference: np.ndarray | None = None) -> tuple[float, str]:
+    """The call threshold and where it came from: as given, else the ``quantile`` of the reference scores
+    (measured training sections), else of this section's own scores."""
+    if threshold is not None:
+        return float(threshold), "given"
+    if reference is not None:
+        return float(np.quantile(reference, quantile)), f"training sections ({quantile:g} quantile)"
+    return float(np.quantile(score, quantile)), f"this section ({quantile:g} quantile)"
+
+
+def measured_spots(adata: ad.AnnData, path: Path, sample: Path) -> tuple[Sample, pd.Index]:
+    """The measured sample to compare ``adata`` (read from ``path``) with, and the spots they share;
+    refused in one line when they share fewer than 10."""
+    measured = Sample.load(sample)
+    shared = adata.obs_names.intersection(measured.adata.obs_names)
+    if len(shared) < 10:
+        raise He2stError(f"fewer than 10 spots of {path.name} are spots of sample {measured.sample_id}; "
+                         "predict at its spots (--spots-from) to compare", sample)
+    return measured, shared
+
+
 def section_score(adata: ad.AnnData, model: TlsModel, where: Path) -> TlsScore:
     """Score a prediction (its target scale) or a he2st sample (raw counts)."""
     check_finite(adata.X, "its expression matrix (X)", where)
@@ -156,20 +178,18 @@ def detect_tls(path: Path, out: Path, model: str | Path = "her2st", threshold: f
     reason = refusal(adata, scored, tls, str(model)) if is_prediction else ""
     if reason and not force:
         raise He2stError(f"no TLS calls: {reason}", path)
-    measured = measured_score(adata, scored, str(model)) if is_prediction else {}
-    if threshold is not None:
-        source = "given"
-    elif measured and not threshold_from:
-        threshold = measured["threshold"]
-        source = (f"held-out training patients (there {1 - measured['precision']:.0%} of calls fell outside a "
-                  f"section's top tenth of measured scores: precision {measured['precision']:.2f}, "
-                  f"recall {measured['recall']:.2f})")
-    elif threshold_from:  # scored on the genes this input has, so the two score scales agree
+    trained = measured_score(adata, scored, str(model)) if is_prediction else {}
+    pooled = None
+    if threshold is None and threshold_from:  # scored on the genes this input has, so the two score scales agree
         same_genes = tls.restricted(scored.genes)
         pooled = np.concatenate([section_score(Sample.load(p).adata, same_genes, p).score for p in threshold_from])
-        threshold, source = float(np.quantile(pooled, quantile)), f"training sections ({quantile:g} quantile)"
+    if threshold is None and trained and not threshold_from:
+        threshold = trained["threshold"]
+        source = (f"held-out training patients (there {1 - trained['precision']:.0%} of calls fell outside a "
+                  f"section's top tenth of measured scores: precision {trained['precision']:.2f}, "
+                  f"recall {trained['recall']:.2f})")
     else:
-        threshold, source = float(np.quantile(scored.score, quantile)), f"this section ({quantile:g} quantile)"
+        threshold, source = choose_threshold(scored.score, threshold, quantile, pooled)
     xy = np.asarray(adata.obsm["spatial"], dtype=float)
     spacing = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1])) if len(xy) > 1 else 1.0
     regions = tls_regions(scored.score, xy, threshold, 1.5 * spacing)  # spot neighbours join, gaps do not
@@ -184,11 +204,7 @@ def detect_tls(path: Path, out: Path, model: str | Path = "her2st", threshold: f
     }
     agreement = None
     if sample is not None:
-        measured = Sample.load(sample)
-        shared = adata.obs_names.intersection(measured.adata.obs_names)
-        if len(shared) < 10:
-            raise He2stError(f"fewer than 10 spots of {path.name} are spots of sample {measured.sample_id}; "
-                             "predict at its spots (--spots-from) to compare", sample)
+        measured, shared = measured_spots(adata, path, sample)
         truth = section_score(measured.adata[shared], tls, sample).score
         agreement = tls_agreement(scored.score[adata.obs_names.get_indexer(shared)], truth, threshold=threshold)
         adata.uns["he2st_tls"] |= {f"measured_{k}": v for k, v in agreement.items()}
