@@ -202,7 +202,8 @@ def test_benchmark_never_fits_on_a_test_patient(small):
         used = audit.used_for_fitting()
         assert used and not {patients[s] for s in used} & {patients[s] for s in audit.test}, (method, fold_name)
     results = json.loads(outcome.paths["json"].read_text())
-    assert results["provenance"]["command"] and len(results["provenance"]["data_checksums_sha256"]) == 6
+    # each sample's file, its spot embeddings and its context-field embeddings: every file the folds read
+    assert results["provenance"]["command"] and len(results["provenance"]["data_checksums_sha256"]) == 9
     assert "heg5" in outcome.table and "heg5_testselected" in outcome.table
     # retrieval methods also score every gene measured in all training samples (60, beyond the panel's 50)
     bleep = next(r for r in outcome.results if r.method == "bleep")

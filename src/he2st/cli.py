@@ -341,14 +341,23 @@ def benchmark(
     folds: Annotated[str | None, typer.Option(help="lopo (leave one patient out) or loso")] = None,
     ablation: Annotated[bool | None, typer.Option("--ablation/--no-ablation", help="also run each method with one component switched off at a time")] = None,
     name: Annotated[str | None, typer.Option(help="results folder name under <work>/runs/")] = None,
+    engine: Annotated[str | None, typer.Option(
+        help="run the (fold, method) tasks: serial (one by one, the default), local (a process pool) or ray")] = None,
+    workers: Annotated[int | None, typer.Option(help="tasks run at once with --engine local or ray (default 2)")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray instance)")] = None,
+    resume: Annotated[bool | None, typer.Option(
+        "--resume/--no-resume", help="reuse tasks stored by an earlier run of this folder with unchanged inputs "
+                                     "(default)")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Run methods over patient-level folds and write results (JSON, CSV, markdown)."""
+    """Run methods over patient-level folds and write results (JSON, CSV, markdown). Each finished (fold,
+    method) is stored in the run folder, so the same command run again reuses it and runs only the rest."""
     _overwrite(overwrite)
     from he2st.workflows.config import BenchmarkConfig, load_config
 
     cfg = load_config(BenchmarkConfig, config, set_, work_dir=str(work_dir) if work_dir else None, name=name,
-                      methods=_ids(methods), ablation=ablation, **{"folds.scheme": folds})
+                      methods=_ids(methods), ablation=ablation, engine=engine, workers=workers, address=address,
+                      resume=resume, **{"folds.scheme": folds})
     _run_benchmark(cfg, dataset)
 
 

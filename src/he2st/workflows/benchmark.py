@@ -1,8 +1,11 @@
 """``he2st benchmark``: several methods over the same patient-level folds, one results folder.
 
-Fold data (panel, spots, gene sets) are built once per fold and shared, so every method sees
-identical inputs. Results carry their provenance: the command, the resolved config, package
-versions and checksums of the prepared samples and embeddings they were computed from.
+Each (fold, row) is one task (:mod:`he2st.workflows.benchmark_tasks`), run one by one or in a pool of
+processes; fold data (panel, spots, gene sets) are built from the same files by the same code for every
+row, so every method sees identical inputs. Finished tasks are stored in the run folder and reused by a
+later run whose settings, data and code match (:mod:`he2st.workflows.task_store`). Results carry their
+provenance: the command, the resolved config, package versions, checksums of the prepared samples and
+embeddings they were computed from, and the process that ran each task.
 """
 
 from __future__ import annotations
@@ -23,15 +26,18 @@ from he2st.data.splits import Fold, check_fold, inner_folds
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
 from he2st.evaluate.results import check_results_folder, write_results
-from he2st.evaluate.scoring import FoldResult, average_results, summarise, summarise_extra
+from he2st.evaluate.scoring import FoldResult, summarise, summarise_extra
 from he2st.evaluate.tables import extra_markdown, localisation_markdown, reliability_markdown, to_markdown
 from he2st.evaluate.tls_benchmark import TlsReport
 from he2st.io import atomic_path, check_output, sha256_file, write_text_atomic
 from he2st.methods import method_class
 from he2st.version import __version__
+from he2st.workflows.benchmark_tasks import BenchmarkTask, TaskOutcome, forget_folds, run_task
 from he2st.workflows.config import BenchmarkConfig, dump_config
+from he2st.workflows.engines import run_tasks
 from he2st.workflows.learning_curve import CURVE_FILE, curve_markdown, run_learning_curve
-from he2st.workflows.protocol import FoldAudit, FoldRun, build_fold_data, run_fold
+from he2st.workflows.protocol import FoldAudit, FoldRun
+from he2st.workflows.task_store import TaskStore, model_digest, task_key, task_settings
 from he2st.workflows.tls import read_model
 
 
@@ -111,20 +117,36 @@ def benchmark_folds(config: BenchmarkConfig, ws: Workspace) -> tuple[list[Fold],
     return folds, patients
 
 
-def provenance(config: BenchmarkConfig, ws: Workspace, command: str | None) -> dict:
+def input_checksums(config: BenchmarkConfig, ws: Workspace, sample_ids: list[str],
+                    known: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of every file the benchmark reads for ``sample_ids``, by path in the work folder: each prepared
+    sample, its embeddings and context-field embeddings (when made), and its patches when a method trains
+    on them. ``known`` (path -> sha256) is filled and reused, so each file is read once per run."""
+    known = {} if known is None else known
+    found = {}
+    for sid in sample_ids:
+        paths = [ws.sample_path(sid), ws.embedding_path(config.embed, sid, config.patch)]
+        field = ws.embedding_path(config.embed, sid, config.patch.context_field())
+        paths += [field] if field.exists() else []
+        paths += [ws.patch_path(sid, config.patch)] if config.needs_patches() else []
+        for path in paths:
+            name = str(path.relative_to(ws.root))
+            if name not in known:
+                known[name] = sha256_file(path)
+            found[name] = known[name]
+    return found
+
+
+def provenance(config: BenchmarkConfig, ws: Workspace, command: str | None,
+               known: dict[str, str] | None = None) -> dict:
     sample_ids = sorted({s for f in benchmark_folds(config, ws)[0] for s in f.train + f.test})
-    checksums = {f"samples/{s}.h5ad": sha256_file(ws.sample_path(s)) for s in sample_ids}
-    checksums |= {
-        str(ws.embedding_path(config.embed, s, config.patch).relative_to(ws.root)):
-        sha256_file(ws.embedding_path(config.embed, s, config.patch)) for s in sample_ids
-    }
     return {
         "command": command or " ".join(["he2st", *sys.argv[1:]]),
         "config": config.model_dump(mode="json"),
         "he2st_version": __version__,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
-        "data_checksums_sha256": checksums,
+        "data_checksums_sha256": input_checksums(config, ws, sample_ids, known),
     }
 
 
@@ -147,30 +169,25 @@ def benchmark_variants(config: BenchmarkConfig) -> list[tuple[str, str, dict]]:
 
 
 def check_outputs(config: BenchmarkConfig) -> Path:
-    """The run's folder ``<work>/runs/<name>``, once every file the run writes there is known to be writable:
-    absent or he2st's own (or ``--overwrite``); else one line naming the file."""
+    """The run's folder ``<work>/runs/<name>``, once every file the run writes there (results, predictions,
+    stored tasks) is known to be writable: absent or he2st's own (or ``--overwrite``); else one line naming
+    the file."""
     ws = Workspace(config.work_dir)
     out_dir = ws.run_dir(config.name)
     check_results_folder(out_dir, ("config.yaml", CURVE_FILE, "learning_curve.png"))
-    tested = sorted({s for fold in benchmark_folds(config, ws)[0] for s in fold.test})
+    folds = benchmark_folds(config, ws)[0]
+    tested = sorted({s for fold in folds for s in fold.test})
+    store = TaskStore(out_dir)
     for label, _, _ in benchmark_variants(config):
         for sid in tested:
             check_output(out_dir / "predictions" / label / f"{sid}.h5ad")
+        for fold in folds:
+            store.check(fold.name, label)
     return out_dir
 
 
-def run_benchmark(
-    config: BenchmarkConfig, command: str | None = None, log: Callable[[str], None] | None = None
-) -> BenchmarkOutcome:
-    ws = Workspace(config.work_dir)
-    folds, patients = benchmark_folds(config, ws)
-    for sid in sorted({s for fold in folds for s in [*fold.train, *fold.test]}):
-        warn_if_too_coarse(ws.load_sample(sid), config.patch)
-    variants = benchmark_variants(config)
-    out_dir = check_outputs(config)  # before any work: files he2st did not write are refused
-    results, audits, runs = [], {}, {}
-    failures: dict[str, str] = {}
-    tls = tls_report(config)
+def _check_folds(config: BenchmarkConfig, ws: Workspace, folds: list[Fold], patients: dict[str, str]) -> None:
+    """Every fold holds out whole patients, unless shared patients were allowed (then labelled LEAKY)."""
     for fold in folds:
         check_fold(fold, patients)
         if fold.leaky and not config.folds.allow_shared_patients:
@@ -178,40 +195,117 @@ def run_benchmark(
                 f"fold {fold.name} shares patient(s) {fold.shared_patients} between training and test; set "
                 "folds.allow_shared_patients: true to run it anyway (results are labelled LEAKY)",
                 ws.folds_path(config.folds.scheme))
-        data = build_fold_data(ws, fold, config, patients)
-        tls_fold = None if tls is None or tls.model is None else tls.fold(
-            fold.name, {s: ws.load_sample(s) for s in [*fold.train, *fold.test]}, data.train, data.test_inputs,
-            patients)
-        for label, method, opts in variants:
-            n_seeds = config.seeds if method_class(method).stochastic else 1
-            first_seed = (config.options_for(method) | opts)["seed"]  # method_options.<method>.seed, else seed
-            try:
-                seed_runs = [run_fold(method, data, config, opts | {"seed": first_seed + s}) for s in range(n_seeds)]
-            except He2stError as exc:  # one method that cannot run here does not stop the others
-                failures[f"{label}/{fold.name}"] = str(exc)
-                if log is not None:
-                    log(f"{fold.name:<12} {label:<24} skipped: {exc}")
+
+
+def _score_line(config: BenchmarkConfig, run: FoldRun) -> str:
+    scores = run.result.set_scores()
+    n = config.n_top
+    return (f"all {scores['all']['pearson_mean']:.3f}  heg{n} {scores[f'heg{n}']['pearson_mean']:.3f}  "
+            f"hvg{n} {scores[f'hvg{n}']['pearson_mean']:.3f}"
+            + (f"  coverage90 {scores['all']['coverage90']:.2f}" if "coverage90" in scores["all"] else ""))
+
+
+def _run_tasks(config: BenchmarkConfig, tasks: list[BenchmarkTask], on_done: Callable[[TaskOutcome], None]) -> None:
+    """Run ``tasks`` on the configured engine, ``on_done`` in this process as each ends."""
+    if not tasks:
+        return
+    if config.engine == "serial":
+        try:
+            for task in tasks:
+                on_done(run_task(task))
+        finally:
+            forget_folds()
+        return
+    run_tasks(run_task, [(task,) for task in tasks], config.engine, config.workers, config.address, on_done)
+
+
+def _gather_tls(tls: TlsReport | None, outcomes: dict[tuple[str, str], TaskOutcome], folds: list[Fold],
+                labels: list[str]) -> None:
+    """The tasks' TLS scores into the run's report, fold by fold and row by row (the order of a serial run).
+    Every task of a fold carries the fold's TLS part; the first one's is taken."""
+    if tls is None or tls.model is None:
+        return
+    for fold in folds:
+        mine = [(label, outcomes[(fold.name, label)]) for label in labels]
+        part = mine[0][1].tls_fold
+        if part.failure:
+            tls.failures[fold.name] = part.failure
+            continue
+        tls.probe[fold.name], tls.folds[fold.name] = part.probe, part.info
+        for label, outcome in mine:
+            if outcome.run is None:
                 continue
-            if tls_fold is not None:
-                tls.score(label, fold.name, [r.method for r in seed_runs], tls_fold, data.train, data.test_inputs)
-            for r in seed_runs:
-                r.method = None  # fitted models are not kept across folds
-            run = seed_runs[0]
-            run.result = average_results([r.result for r in seed_runs])
-            run.seconds = sum(r.seconds for r in seed_runs)
-            run.result.method = label
-            results.append(run.result)
-            audits[(label, fold.name)] = run.audit
-            runs[(label, fold.name)] = run
-            write_predictions(ws, ws.run_dir(config.name) / "predictions" / label, run, fold.name)
-            if log is not None:
-                scores = run.result.set_scores()
-                log(f"{fold.name:<12} {label:<24} all {scores['all']['pearson_mean']:.3f}  "
-                    f"heg{config.n_top} {scores[f'heg{config.n_top}']['pearson_mean']:.3f}  "
-                    f"hvg{config.n_top} {scores[f'hvg{config.n_top}']['pearson_mean']:.3f}"
-                    + (f"  coverage90 {scores['all']['coverage90']:.2f}" if "coverage90" in scores["all"] else "")
-                    + f"  ({run.seconds:.1f} s)")
-    prov = provenance(config, ws, command)
+            if outcome.tls_scores is not None:
+                tls.scores[(label, fold.name)] = outcome.tls_scores
+            if outcome.tls_failure:
+                tls.failures[f"{label}/{fold.name}"] = outcome.tls_failure
+
+
+def run_benchmark(
+    config: BenchmarkConfig, command: str | None = None, log: Callable[[str], None] | None = None
+) -> BenchmarkOutcome:
+    """Every row (method, ablation) on every fold, each (fold, row) one task on ``config.engine``; tasks stored
+    in the run folder under an unchanged key (:mod:`he2st.workflows.task_store`) are reused, the others run
+    and are stored as each ends, so a run stopped part way resumes where it stopped."""
+    ws = Workspace(config.work_dir)
+    folds, patients = benchmark_folds(config, ws)
+    for sid in sorted({s for fold in folds for s in [*fold.train, *fold.test]}):
+        warn_if_too_coarse(ws.load_sample(sid), config.patch)
+    variants = benchmark_variants(config)
+    out_dir = check_outputs(config)  # before any work: files he2st did not write are refused
+    _check_folds(config, ws, folds, patients)
+    tls = tls_report(config)
+    tls_model = None if tls is None else tls.model
+    store, known = TaskStore(out_dir), {}
+    keys, pending, outcomes, reused = {}, [], {}, set()
+    for fold in folds:
+        checksums = input_checksums(config, ws, [*fold.train, *fold.test], known)
+        for label, method, opts in variants:
+            keys[(fold.name, label)] = task_key(task_settings(config, label, method, opts), fold, patients,
+                                                checksums, model_digest(tls_model))
+            stored = store.load(fold.name, label, keys[(fold.name, label)]) if config.resume else None
+            if isinstance(stored, TaskOutcome) and stored.run is not None:
+                outcomes[(fold.name, label)] = stored
+                reused.add((fold.name, label))
+            else:
+                pending.append(BenchmarkTask(config, fold, patients, label, method, opts, tls_model))
+
+    def finish(outcome: TaskOutcome) -> None:
+        """Write a task's predictions, then store it (a stored task's predictions are on disk), and log it."""
+        where = (outcome.fold, outcome.label)
+        outcomes[where] = outcome
+        if outcome.run is not None:
+            write_predictions(ws, out_dir / "predictions" / outcome.label, outcome.run, outcome.fold)
+            if where not in reused:
+                store.save(outcome.fold, outcome.label, keys[where], outcome)
+        if log is None:
+            return
+        head = f"{outcome.fold:<12} {outcome.label:<24} "
+        if outcome.run is None:
+            log(head + f"skipped: {outcome.failure}")
+        elif where in reused:
+            log(head + _score_line(config, outcome.run) + "  (reused)")
+        else:
+            log(head + _score_line(config, outcome.run) + f"  ({outcome.run.seconds:.1f} s)")
+
+    for where in [w for w in keys if w in reused]:
+        finish(outcomes[where])
+    _run_tasks(config, pending, finish)
+    results, audits, runs, failures, tasks = [], {}, {}, {}, {}
+    for fold in folds:
+        for label, _, _ in variants:
+            outcome = outcomes[(fold.name, label)]
+            tasks[f"{label}/{fold.name}"] = {"pid": outcome.pid, "seconds": outcome.seconds,
+                                             "reused": (fold.name, label) in reused, "key": keys[(fold.name, label)]}
+            if outcome.run is None:
+                failures[f"{label}/{fold.name}"] = outcome.failure
+                continue
+            results.append(outcome.run.result)
+            audits[(label, fold.name)] = outcome.run.audit
+            runs[(label, fold.name)] = outcome.run
+    _gather_tls(tls, outcomes, folds, [label for label, _, _ in variants])
+    prov = provenance(config, ws, command, known)
+    prov["tasks"] = tasks
     prov["audit"] = {f"{m}/{f}": a.__dict__ for (m, f), a in audits.items()}
     prov["failures"] = failures
     if not results:

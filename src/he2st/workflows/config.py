@@ -239,6 +239,12 @@ class BenchmarkConfig(FitConfig):
     inner_of: str | None = Field(
         None, description="run the folds over this fold's training samples only (nested cross-validation), e.g. "
         "patient_A")
+    engine: Literal["serial", "local", "ray"] = Field(
+        "serial", description="run the (fold, method) tasks one by one, in a local process pool, or on Ray")
+    workers: int = Field(2, ge=1, description="tasks run at once with engine local or ray")
+    address: str | None = Field(None, description="Ray cluster address with engine ray (default: a local Ray instance)")
+    resume: bool = Field(
+        True, description="reuse the tasks stored in the run folder whose settings, data and he2st code are unchanged")
 
     def fitted_methods(self) -> list[str]:
         return list(self.methods)

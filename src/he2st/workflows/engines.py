@@ -1,5 +1,6 @@
-"""Existing engines for many independent tasks (slides to predict, samples to embed): a local process
-pool or Ray. Tasks return their outcome instead of raising, so one failure never stops the others."""
+"""Engines for many independent tasks (slides to predict, samples to embed, benchmark folds x methods): a
+local process pool or Ray. Tasks return their outcome instead of raising, so one failure never stops the
+others; an exception that does escape a task stops the pool (pending tasks are cancelled) and is raised."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from he2st.errors import He2stError
 
 ENGINES = ("local", "ray")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def threads_per_worker(workers: int) -> int:
@@ -19,6 +21,18 @@ def threads_per_worker(workers: int) -> int:
     if workers < 1:
         raise He2stError(f"--workers must be at least 1, got {workers}")
     return max(1, (os.cpu_count() or 1) // workers)
+
+
+def limit_threads(threads: int) -> None:
+    """Hold this process (a worker) to ``threads`` CPU threads: torch's pool, the BLAS and OpenMP pools already
+    loaded (threadpoolctl) and, through the environment, any loaded later."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
 
 
 def run_tasks(task: Callable[..., Any], arguments: list[tuple], engine: str, workers: int,
@@ -37,8 +51,12 @@ def run_tasks(task: Callable[..., Any], arguments: list[tuple], engine: str, wor
     if engine == "local":
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(task, *args, threads): i for i, args in enumerate(arguments)}
-            for future in as_completed(futures):
-                record(futures[future], future.result())
+            try:
+                for future in as_completed(futures):
+                    record(futures[future], future.result())
+            except BaseException:  # a task's exception or an interrupt: tasks not started are dropped
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         return [results[i] for i in range(len(arguments))]
     if engine != "ray":
         raise He2stError(f"unknown engine {engine!r}: choose {' or '.join(ENGINES)}")
