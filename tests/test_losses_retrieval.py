@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -24,8 +23,6 @@ from he2st.methods.layers.losses import (
 )
 from he2st.methods.layers.nn import BidirectionalFusion, CrossAttentionBlock, MLPEncoder, ProjectionHead
 from he2st.methods.layers.bank import ReferenceBank
-
-HAS_FAISS = importlib.util.find_spec("faiss") is not None
 
 IMG = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
 SPOT = [[0.5, 0.2], [0.1, 0.9], [0.7, 0.6]]
@@ -254,26 +251,6 @@ def test_search_is_chunked_without_changing_results(monkeypatch: pytest.MonkeyPa
     chunked = bank.search(queries, 5, backend="exact")
     np.testing.assert_array_equal(full[1], chunked[1])
     np.testing.assert_allclose(full[0], chunked[0], atol=1e-6)  # BLAS blocking may change the last bit
-
-
-@pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
-def test_faiss_and_exact_backends_agree() -> None:
-    bank = _bank(n=500)
-    queries = torch.randn(40, 16, generator=torch.Generator().manual_seed(5))
-    s_exact, i_exact = bank.search(queries, 10, backend="exact")
-    s_faiss, i_faiss = bank.search(queries, 10, backend="faiss")
-    np.testing.assert_array_equal(i_exact, i_faiss)
-    np.testing.assert_allclose(s_exact, s_faiss, atol=1e-5)
-
-
-def test_without_faiss_auto_falls_back_and_faiss_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("he2st.methods.layers.bank._faiss", lambda: None)
-    monkeypatch.setattr("he2st.methods.layers.bank.FAISS_AUTO_MIN_ROWS", 10)
-    bank = _bank()
-    queries = np.random.default_rng(7).normal(size=(3, 16))
-    np.testing.assert_array_equal(bank.search(queries, 4)[1], bank.search(queries, 4, backend="exact")[1])
-    with pytest.raises(He2stError, match="faiss"):
-        bank.search(queries, 4, backend="faiss")
 
 
 @pytest.mark.parametrize("weighting", ["softmax", "similarity"])

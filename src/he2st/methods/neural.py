@@ -29,6 +29,14 @@ def has_validation(val: SpotSet | None) -> bool:
     return val is not None and len(val) > 1
 
 
+def validation_sample(n: int, cap: int | None, seed: int) -> np.ndarray | None:
+    """Rows of a seeded sample of ``cap`` of ``n`` validation spots, ascending; None (all of them) when ``n <= cap``.
+    Drawn once per fit, so every epoch scores the same spots and early stopping compares like with like."""
+    if cap is None or n <= cap:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
+
+
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of ``state`` under ``prefix.``, with that prefix removed."""
     return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
@@ -86,19 +94,33 @@ class NeuralMethod(Method):
     def prepare_validation(self, train: SpotSet) -> None:
         """Make :meth:`_predict` usable mid-training from training spots alone (retrieval: a bank)."""
 
-    def validation_pearson(self, train: SpotSet, val: SpotSet) -> float:
-        """Mean per-gene Pearson of the method's own prediction for the validation spots -- what the
-        benchmark scores, so early stopping and checkpoint choice follow it, whatever the objective."""
+    def validation_rows(self, n: int) -> np.ndarray | None:
+        """The rows of ``n`` validation spots that each epoch scores (None: all of them)."""
+        return None
+
+    def validation_pearson(self, train: SpotSet, val: SpotSet, rows: np.ndarray | None = None) -> float:
+        """Mean per-gene Pearson of the method's own prediction for the validation spots (``rows`` of them:
+        all when None) -- what the benchmark scores, so early stopping and checkpoint choice follow it,
+        whatever the objective."""
         self.prepare_validation(train)
         try:
-            r = pearson_per_gene(self._predict(val.without_expression()).expression, val.targets)
+            truth = val.targets if rows is None else val.targets[rows]
+            r = pearson_per_gene(self.validation_prediction(val.without_expression(), rows), truth)
         except He2stError:  # non-finite predictions: the worst score, so this epoch is never chosen
             return -1.0
         return float(np.nanmean(r)) if np.isfinite(r).any() else -1.0
 
+    def validation_prediction(self, spots: SpotSet, rows: np.ndarray | None) -> np.ndarray:
+        """Predicted expression of ``rows`` of the validation ``spots`` (all when None)."""
+        return self._predict(spots if rows is None else spots.subset(rows)).expression
+
     def validation(self, train: SpotSet, val: SpotSet | None) -> Callable[[], float] | None:
-        """The validation score callable for :func:`~he2st.methods.training.fit_minibatches` (None: no val)."""
-        return None if val is None else (lambda: self.validation_pearson(train, val))
+        """The validation score callable for :func:`~he2st.methods.training.fit_minibatches` (None: no val);
+        the rows it scores (:meth:`validation_rows`) are chosen here, once."""
+        if val is None:
+            return None
+        rows = self.validation_rows(len(val))
+        return lambda: self.validation_pearson(train, val, rows)
 
     # ------------------------------------------------------------------ the shared sequence
     def _fit(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:

@@ -17,7 +17,7 @@ from he2st.methods.configs.common import RetrievalConfig
 from he2st.methods.layers.features import standardize_columns
 from he2st.methods.layers.losses import NegativeBank
 from he2st.methods.layers.neighbourhood import neighbour_context
-from he2st.methods.neural import NeuralMethod
+from he2st.methods.neural import NeuralMethod, validation_sample
 
 
 class RetrievalMethod(NeuralMethod):
@@ -69,8 +69,19 @@ class RetrievalMethod(NeuralMethod):
         return NegativeBank(z, self.config.bank_negatives, self.config.target_temperature, generator)
 
     def prepare_validation(self, train: SpotSet) -> None:
-        """Retrieval from the training spots only (a bank holding validation spots would retrieve them)."""
-        self.bank = self.reference_bank(train.targets, train.genes, list(train.sample_ids))
+        """Retrieval from the training spots only (a bank holding validation spots would retrieve them),
+        searched exactly: the bank changes every epoch, so an approximate index would be rebuilt each time
+        and cost more than exact search of the few validation spots scored."""
+        self.bank = self.reference_bank(train.targets, train.genes, list(train.sample_ids), search="exact")
+
+    def validation_rows(self, n: int) -> np.ndarray | None:
+        """A fixed seeded sample of ``max_validation_spots`` of them: the cost of an epoch's validation is
+        spots scored x training spots. The bank stays whole: retrieving the same k from a sample of it
+        would average a wider neighbourhood -- another, smoother predictor -- not the model's."""
+        return validation_sample(n, self.config.max_validation_spots, self.config.seed)
+
+    def validation_prediction(self, spots: SpotSet, rows: np.ndarray | None) -> np.ndarray:
+        return self._retrieve(spots, self.bank, rows).expression
 
     @torch.no_grad()
     def embed_frozen(self, head: nn.Module, spots: SpotSet, batch: int = 1024) -> torch.Tensor:
@@ -92,6 +103,7 @@ class RetrievalMethod(NeuralMethod):
         sample_ids: list[str],
         output_expression: np.ndarray | None = None,
         output_genes: list[str] | None = None,
+        search: str = "auto",
     ) -> ReferenceBank:
         """A bank of the expression embeddings of reference spots (training spots, and any
         expression-only sections whose patient is not under test); ``output_expression`` optionally
@@ -101,6 +113,7 @@ class RetrievalMethod(NeuralMethod):
             panel_expression if output_expression is None else output_expression,
             genes if output_genes is None else output_genes,
             sample_ids,
+            search=search,
         )
 
     def transcriptome_reference(self, spots: SpotSet, expression: np.ndarray, genes: list[str]) -> ReferenceBank:
@@ -116,12 +129,16 @@ class RetrievalMethod(NeuralMethod):
         self.check_spots(spots)
         return self.smoothed(self._retrieve(self.contextual(spots.without_expression()), bank), spots)
 
-    def _retrieve(self, spots: SpotSet, bank: ReferenceBank) -> Prediction:
-        """Retrieval for spots whose features carry the context (with query-time neighbour averaging)."""
+    def _retrieve(self, spots: SpotSet, bank: ReferenceBank, rows: np.ndarray | None = None) -> Prediction:
+        """Retrieval for spots whose features carry the context (with query-time neighbour averaging), for
+        ``rows`` of them (all when None; the neighbour averaging still reads every spot)."""
         cfg = self.config
-        queries = self.embed_images(spots)
         if cfg.query_neighbours:
-            queries = neighbour_context(queries, spots.coords_um, spots.sample_ids, cfg.query_neighbours)
+            queries = neighbour_context(self.embed_images(spots), spots.coords_um, spots.sample_ids,
+                                        cfg.query_neighbours)
+            queries = queries if rows is None else queries[rows]
+        else:
+            queries = self.embed_images(spots if rows is None else spots.subset(rows))
         result = bank.predict(
             queries, k=min(cfg.top_k, len(bank)), weighting=cfg.weighting,
             temperature=cfg.weighting_temperature, per_sample=cfg.per_sample,

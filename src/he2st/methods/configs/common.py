@@ -105,3 +105,6 @@ class RetrievalConfig(MethodConfig):
     per_sample: bool = Field(
         True, description="retrieve top_k within each reference sample and average the samples; False: one pooled "
         "top_k")
+    max_validation_spots: int | None = Field(
+        2000, gt=1, description="validation spots each epoch scores: a fixed seeded sample when there are more; "
+        "None: all")

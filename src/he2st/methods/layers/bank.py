@@ -5,29 +5,36 @@ measured expression. Because prediction only *looks up* profiles, the bank may c
 genes than the model was trained on (e.g. the whole transcriptome), and the prediction is
 always a combination of real spot profiles — BLEEP's argument for why it avoids the
 over-smoothed, mean-reverting outputs of regression heads.
+
+Big banks (a model trained on millions of spots) search approximately (:mod:`he2st.methods.layers.ann`)
+and, loaded from a file, stay on disk: their matrices are memory-mapped and the rows a query batch
+needs are read when it needs them.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import h5py
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from he2st.errors import He2stError
 from he2st.io import atomic_path
+from he2st.methods.layers import ann
 
 __all__ = ["ReferenceBank", "RetrievalResult"]
 
-#: Above this many reference rows, ``backend="auto"`` uses faiss when it is installed.
-FAISS_AUTO_MIN_ROWS = 50_000
+#: Above this many reference rows, ``search="auto"`` uses the approximate index (when faiss is installed).
+APPROXIMATE_MIN_ROWS = 100_000
+#: Arrays of a saved ``.h5`` bank at least this large are memory-mapped when it is loaded, not read:
+#: rows are read when a query needs them, and workers on one machine share the pages.
+MMAP_MIN_BYTES = 1 << 26
 #: Upper bound on the elements of one query-chunk × bank-rows score block (64 MiB of float32),
 #: so search memory does not grow with the number of queries.
 MAX_BLOCK_ELEMENTS = 1 << 24
@@ -36,17 +43,10 @@ MAX_BLOCK_ELEMENTS = 1 << 24
 GATHER_BLOCK_ELEMENTS = 1 << 20
 _FORMAT_VERSION = 1
 _WEIGHTINGS = ("average", "softmax", "similarity")
+_SEARCHES = ("auto", "exact", "approximate")
+_INDEX = "ivf_index"  # optional dataset of a .h5 bank: the serialised approximate index
 
 ArrayLike = np.ndarray | torch.Tensor
-
-
-@functools.cache
-def _faiss() -> ModuleType | None:
-    """The faiss module, or None: faiss is an optional extra (``he2st[ann]``)."""
-    try:
-        return importlib.import_module("faiss")
-    except ImportError:
-        return None
 
 
 def _as_2d_float32(x: ArrayLike, name: str) -> np.ndarray:
@@ -99,6 +99,10 @@ class ReferenceBank:
     ``normalize=False`` is only for embeddings already normalised (used by :meth:`load`, so a
     round trip is bit-exact). A float32 C-contiguous ``expression`` array is used without a
     copy, so the bank shares its memory.
+
+    ``search`` is how :meth:`search` and :meth:`predict` find neighbours unless told otherwise:
+    ``exact``, ``approximate`` (a faiss IVF-Flat index, :mod:`he2st.methods.layers.ann`) or ``auto``
+    (approximate above :data:`APPROXIMATE_MIN_ROWS` rows when faiss is installed, else exact).
     """
 
     def __init__(
@@ -109,32 +113,38 @@ class ReferenceBank:
         sample_ids: Sequence[str] | None = None,
         *,
         normalize: bool = True,
+        search: str = "auto",
     ) -> None:
         emb = _as_2d_float32(embeddings, "reference embeddings")
         expr = _as_2d_float32(expression, "reference expression")
         genes = [str(g) for g in genes]
-        if emb.shape[0] != expr.shape[0]:
-            raise He2stError(f"{emb.shape[0]} reference embeddings but {expr.shape[0]} expression rows")
-        if emb.shape[0] == 0:
-            raise He2stError("reference bank is empty")
-        if expr.shape[1] == 0:
-            raise He2stError("reference expression has no genes")
-        if len(genes) != expr.shape[1]:
-            raise He2stError(f"{len(genes)} gene names but {expr.shape[1]} expression columns")
-        if len(set(genes)) != len(genes):
-            dupes = sorted({g for g in genes if genes.count(g) > 1})
-            raise He2stError(f"duplicate gene names in reference: {', '.join(dupes[:10])}")
-        if sample_ids is not None and len(sample_ids) != emb.shape[0]:
-            raise He2stError(f"{len(sample_ids)} sample ids for {emb.shape[0]} reference rows")
+        _check_shapes(emb, expr, genes, sample_ids)
         if not (np.isfinite(emb).all() and np.isfinite(expr).all()):
             raise He2stError("reference embeddings or expression contain NaN or infinite values")
-        self.embeddings = _l2_normalize(emb) if normalize else emb
-        self.expression = expr
+        self._set(_l2_normalize(emb) if normalize else emb, expr, genes, sample_ids, search)
+
+    def _set(self, embeddings: np.ndarray, expression: np.ndarray, genes: list[str],
+             sample_ids: Sequence[str] | None, search: str) -> None:
+        if search not in _SEARCHES:
+            raise He2stError(f"unknown search {search!r}; use one of {', '.join(_SEARCHES)}")
+        self.embeddings = embeddings
+        self.expression = expression
         self.genes = genes
         self.sample_ids = None if sample_ids is None else [str(s) for s in sample_ids]
+        self.default_search = search
         self._gene_index = {g: i for i, g in enumerate(genes)}
-        self._faiss_index = None
+        self._index: Any = None  # the approximate index, built or read on first use
+        self._stored_index: Path | None = None  # the .h5 file holding a serialised one
         self._per_sample: list[tuple[np.ndarray, ReferenceBank]] | None = None
+
+    @classmethod
+    def _trusted(cls, embeddings: np.ndarray, expression: np.ndarray, genes: list[str],
+                 sample_ids: Sequence[str] | None, search: str) -> ReferenceBank:
+        """A bank of arrays that already passed the checks (rows of a checked bank, or a bank file
+        he2st wrote): no copy and no pass over the values, which may be gigabytes on disk."""
+        bank = cls.__new__(cls)
+        bank._set(embeddings, expression, genes, sample_ids, search)
+        return bank
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
@@ -145,24 +155,27 @@ class ReferenceBank:
         return self.embeddings.shape[1]
 
     # ----------------------------------------------------------------- search
-    def search(self, queries: ArrayLike, k: int, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: ArrayLike, k: int, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k cosine neighbours of each query: ``(scores, indices)``, both ``(n, k)``, best first.
 
-        ``exact`` multiplies chunks of queries with the bank in torch (memory bounded by
-        :data:`MAX_BLOCK_ELEMENTS`); ``faiss`` uses an exact ``IndexFlatIP`` (faster on big
-        banks, same results up to float rounding); ``auto`` picks faiss only when it is
-        installed and the bank has more than :data:`FAISS_AUTO_MIN_ROWS` rows.
+        ``backend`` (default: the bank's ``search``): ``exact`` multiplies chunks of queries with the
+        bank in torch (memory bounded by :data:`MAX_BLOCK_ELEMENTS`); ``approximate`` scans the
+        nearest lists of an IVF-Flat index (the scores are exact cosines; a neighbour in an unprobed
+        list can be missed; queries whose probed lists hold fewer than k rows are searched exactly);
+        ``auto`` is approximate only when faiss is installed and the bank has more than
+        :data:`APPROXIMATE_MIN_ROWS` rows.
         """
         q = self._prepare_queries(queries)
         if not 1 <= k <= len(self):
             raise He2stError(f"k={k} must be between 1 and the bank size {len(self)}")
+        backend = backend or self.default_search
         if backend == "auto":
-            backend = "faiss" if _faiss() is not None and len(self) > FAISS_AUTO_MIN_ROWS else "exact"
+            backend = "approximate" if ann.faiss_module() is not None and len(self) > APPROXIMATE_MIN_ROWS else "exact"
         if backend == "exact":
             return self._search_exact(q, k)
-        if backend == "faiss":
-            return self._search_faiss(q, k)
-        raise He2stError(f"unknown search backend {backend!r}; use 'auto', 'exact' or 'faiss'")
+        if backend == "approximate":
+            return self._search_approximate(q, k)
+        raise He2stError(f"unknown search backend {backend!r}; use one of {', '.join(_SEARCHES)}")
 
     def _prepare_queries(self, queries: ArrayLike) -> np.ndarray:
         q = _as_2d_float32(queries, "query embeddings")
@@ -182,16 +195,22 @@ class ReferenceBank:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         return np.concatenate(scores), np.concatenate(indices)
 
-    def _search_faiss(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        faiss = _faiss()
-        if faiss is None:
-            raise He2stError("backend='faiss' needs faiss: pip install 'he2st[ann]', or use backend='exact'")
-        if self._faiss_index is None:
-            index = faiss.IndexFlatIP(self.dim)
-            index.add(self.embeddings)
-            self._faiss_index = index
-        scores, indices = self._faiss_index.search(q, k)
-        return scores, indices.astype(np.int64)
+    def _search_approximate(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, indices = self.approximate_index().search(q, k)
+        indices = indices.astype(np.int64)
+        short = (indices < 0).any(axis=1)  # fewer than k rows in the probed lists
+        if short.any():
+            scores[short], indices[short] = self._search_exact(q[short], k)
+        return scores, indices
+
+    def approximate_index(self) -> Any:
+        """The faiss IVF-Flat index of the embeddings: read from the bank file when it stores one, else built."""
+        if self._index is None:
+            self._index = _read_index(self._stored_index) if self._stored_index else ann.build(self.embeddings)
+            if (self._index.ntotal, self._index.d) != self.embeddings.shape:
+                raise He2stError(f"the approximate index holds {self._index.ntotal} x {self._index.d} vectors, the "
+                                 f"bank {len(self)} x {self.dim}", self._stored_index)
+        return self._index
 
     # ---------------------------------------------------------------- predict
     def predict(
@@ -201,7 +220,7 @@ class ReferenceBank:
         weighting: str = "average",
         temperature: float = 0.1,
         genes: Sequence[str] | None = None,
-        backend: str = "auto",
+        backend: str | None = None,
         per_sample: bool = False,
     ) -> RetrievalResult:
         """Predict expression for image-side query embeddings from their k nearest reference spots.
@@ -210,7 +229,7 @@ class ReferenceBank:
         weights by ``softmax(similarity / temperature)`` so closer matches count more;
         ``"similarity"`` weights proportionally to ``max(similarity, 0)`` (uniform if all
         k similarities are ≤ 0). ``genes`` restricts/reorders the output columns; names
-        missing from the bank raise :class:`He2stError` listing them.
+        missing from the bank raise :class:`He2stError` listing them. ``backend``: see :meth:`search`.
 
         ``per_sample``: each reference sample predicts from its own k nearest spots (all of them when
         it has fewer) and the samples' predictions are averaged with an equal say -- batch-balanced
@@ -219,7 +238,8 @@ class ReferenceBank:
         that share its tissue, and carries that slide's expression level. Neighbours of all samples
         are returned, best first; a bank of one sample, or without ``sample_ids``, is searched pooled.
         The per-sample banks are built once; they share this bank's memory where each sample's rows
-        are contiguous (as in banks built from training spots), else copy them.
+        are contiguous (as in banks built from training spots), else copy them. Each is searched on its
+        own, so the approximate index serves only a sample above :data:`APPROXIMATE_MIN_ROWS` rows.
         """
         parts = self._sample_banks() if per_sample else []
         if len(parts) > 1:
@@ -259,14 +279,15 @@ class ReferenceBank:
     def _sample_banks(self) -> list[tuple[np.ndarray, ReferenceBank]]:
         """One bank per reference sample with its rows in this bank (none without ``sample_ids``)."""
         if self._per_sample is None:
-            ids = np.asarray(self.sample_ids if self.sample_ids is not None else [], dtype=str)
+            codes, names = pd.factorize(np.asarray(self.sample_ids if self.sample_ids is not None else [], dtype=object))
+            order = np.argsort(codes, kind="stable")  # each sample's rows, ascending, in one pass over the bank
+            groups = np.split(order, np.cumsum(np.bincount(codes, minlength=len(names)))[:-1]) if len(names) else []
             self._per_sample = []
-            for sid in dict.fromkeys(ids.tolist()):
-                rows = np.flatnonzero(ids == sid)
+            for rows in groups:
                 # a sample's rows are contiguous in banks built from SpotSets: slices share the bank's memory
                 take = slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else rows
-                self._per_sample.append((rows, ReferenceBank(self.embeddings[take], self.expression[take], self.genes,
-                                                              normalize=False)))
+                self._per_sample.append((rows, ReferenceBank._trusted(
+                    self.embeddings[take], self.expression[take], self.genes, None, self.default_search)))
         return self._per_sample
 
     def _gene_columns(self, genes: Sequence[str] | None) -> torch.Tensor:
@@ -283,7 +304,12 @@ class ReferenceBank:
 
     # ------------------------------------------------------------------- I/O
     def save(self, path: str | Path) -> None:
-        """Write the bank atomically as HDF5 (``.h5``/``.hdf5``) or ``.npz``; no pickled objects."""
+        """Write the bank atomically as HDF5 (``.h5``/``.hdf5``) or ``.npz``; no pickled objects.
+
+        Arrays are stored contiguous and uncompressed, so a big bank can be memory-mapped when loaded.
+        An ``.h5`` bank that searches approximately stores its index too (dataset ``ivf_index``: an
+        optional addition to format version 1 that readers without it ignore).
+        """
         path = Path(path)
         kind = _file_kind(path)
         arrays = {
@@ -306,14 +332,25 @@ class ReferenceBank:
                             f.create_dataset(name, data=value, dtype=h5py.string_dtype())
                         else:
                             f.create_dataset(name, data=value)
+                    if self._searches_approximately():
+                        f.create_dataset(_INDEX, data=ann.to_bytes(self.approximate_index()))
+
+    def _searches_approximately(self) -> bool:
+        """Whether the bank's own search (``auto`` or ``approximate``) uses the index."""
+        if self.default_search == "auto":
+            return ann.faiss_module() is not None and len(self) > APPROXIMATE_MIN_ROWS
+        return self.default_search == "approximate"
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceBank:
-        """Read a bank written by :meth:`save`."""
+        """Read a bank written by :meth:`save`. In an ``.h5`` bank, arrays of at least
+        :data:`MMAP_MIN_BYTES` are memory-mapped rather than read (their values are not re-checked:
+        he2st checked them before writing), and a stored index is read on first approximate search."""
         path = Path(path)
         kind = _file_kind(path)
         if not path.is_file():
             raise He2stError("reference bank file not found", path)
+        mapped = stored_index = False
         try:
             if kind == "npz":
                 with np.load(path, allow_pickle=False) as f:
@@ -321,8 +358,14 @@ class ReferenceBank:
                     version = int(data.pop("format_version", -1))
             else:
                 with h5py.File(path, "r") as f:
-                    data = {name: f[name][()] for name in f}
+                    data = {}
+                    for name in f:
+                        if name != _INDEX:
+                            memmap = _mapped(path, f[name])
+                            mapped |= memmap is not None
+                            data[name] = f[name][()] if memmap is None else memmap
                     version = int(f.attrs.get("format_version", -1))
+                    stored_index = _INDEX in f
         except (OSError, ValueError) as exc:
             raise He2stError(f"cannot read reference bank ({exc})", path) from exc
         if version != _FORMAT_VERSION:
@@ -331,13 +374,58 @@ class ReferenceBank:
         if missing:
             raise He2stError(f"reference bank lacks {', '.join(sorted(missing))}", path)
         sample_ids = data.get("sample_ids")
-        return cls(
-            data["embeddings"],
-            data["expression"],
-            _strings(data["genes"]),
-            None if sample_ids is None else _strings(sample_ids),
-            normalize=False,
-        )
+        genes, samples = _strings(data["genes"]), None if sample_ids is None else _strings(sample_ids)
+        if mapped:
+            _check_shapes(data["embeddings"], data["expression"], genes, samples)
+            bank = cls._trusted(data["embeddings"], data["expression"], genes, samples, "auto")
+        else:
+            bank = cls(data["embeddings"], data["expression"], genes, samples, normalize=False)
+        bank._stored_index = path if stored_index else None
+        return bank
+
+
+def _mapped(path: Path, dataset: h5py.Dataset) -> np.ndarray | None:
+    """``dataset`` as a copy-on-write memory map (never written back) when it is a big 2-D float32 matrix
+    stored contiguous and uncompressed, else None."""
+    if (dataset.ndim != 2 or dataset.dtype != np.dtype("<f4") or dataset.chunks is not None
+            or dataset.nbytes < MMAP_MIN_BYTES):
+        return None
+    offset = dataset.id.get_offset()
+    return None if offset is None else np.memmap(path, dtype="<f4", mode="c", offset=offset, shape=dataset.shape)
+
+
+def _read_index(path: Path) -> Any:
+    """The approximate index stored in the bank file ``path``, read in pieces."""
+    try:
+        with h5py.File(path, "r") as f:
+            stored, position = f[_INDEX], 0
+
+            def read(size: int) -> bytes:
+                nonlocal position
+                piece = stored[position : position + size].tobytes()
+                position += len(piece)
+                return piece
+
+            return ann.from_reader(read)
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise He2stError(f"cannot read the approximate index of the reference bank ({exc})", path) from exc
+
+
+def _check_shapes(emb: np.ndarray, expr: np.ndarray, genes: list[str], sample_ids: Sequence[str] | None) -> None:
+    """Refuse a bank whose parts do not fit together (cheap: no pass over the values)."""
+    if emb.shape[0] != expr.shape[0]:
+        raise He2stError(f"{emb.shape[0]} reference embeddings but {expr.shape[0]} expression rows")
+    if emb.shape[0] == 0:
+        raise He2stError("reference bank is empty")
+    if expr.shape[1] == 0:
+        raise He2stError("reference expression has no genes")
+    if len(genes) != expr.shape[1]:
+        raise He2stError(f"{len(genes)} gene names but {expr.shape[1]} expression columns")
+    if len(set(genes)) != len(genes):
+        dupes = sorted({g for g in genes if genes.count(g) > 1})
+        raise He2stError(f"duplicate gene names in reference: {', '.join(dupes[:10])}")
+    if sample_ids is not None and len(sample_ids) != emb.shape[0]:
+        raise He2stError(f"{len(sample_ids)} sample ids for {emb.shape[0]} reference rows")
 
 
 def _balanced(results: list[tuple[np.ndarray, RetrievalResult]]) -> RetrievalResult:

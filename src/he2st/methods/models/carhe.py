@@ -290,10 +290,11 @@ class CarHE(RetrievalMethod):
         log.best_epoch, log.seconds, log.epoch_seconds = joint.best_epoch, log.seconds + joint.seconds, joint.epoch_seconds
         return log
 
-    def validation_pearson(self, train: SpotSet, val: SpotSet) -> float:
+    def validation_pearson(self, train: SpotSet, val: SpotSet, rows: np.ndarray | None = None) -> float:
         """Both of CarHE's outputs count: the expression Pearson, averaged with the mean per-type Pearson
         of the predicted cell-type proportions when the validation spots carry proportions."""
-        expression = super().validation_pearson(train, val)
+        expression = super().validation_pearson(train, val, rows)
+        val = val if rows is None else val.subset(rows)
         key = self.proportion_key
         if not self.dims.get("n_types") or key not in val.extras:
             return expression
