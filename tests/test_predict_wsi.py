@@ -176,12 +176,13 @@ def test_interrupted_prediction_resumes_and_finished_run_is_reused(reference, mo
     assert not seen and out.stat().st_mtime_ns == mtime
 
 
-@pytest.mark.parametrize("context_neighbours", [0, 6])
+@pytest.mark.parametrize(("context_neighbours", "smooth_neighbours"), [(0, 0), (6, 0), (0, 6)])
 def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path, slide_path, encoder, tmp_path,
-                                                                      context_neighbours):
+                                                                      context_neighbours, smooth_neighbours):
     """A method that reads each spot's 6 nearest neighbours (as NH2ST does) predicts the same in
     small chunks as in one: chunks are extended by a halo of neighbours -- two hops deep when its
-    features also carry the mean of each spot's own neighbours (``context_neighbours``)."""
+    features also carry the mean of each spot's own neighbours (``context_neighbours``) or its predictions
+    are averaged over each spot's neighbours (``smooth_neighbours``)."""
     from he2st.methods import Method, Prediction
     from he2st.methods.layers.neighbourhood import spatial_neighbours
 
@@ -206,8 +207,9 @@ def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path
         def load_state(self, state, layout):
             pass
 
-    method = Smooth(context_neighbours=context_neighbours)
-    assert method.halo_hops == ((6, 6) if context_neighbours else (6,))
+    method = Smooth(context_neighbours=context_neighbours, smooth_neighbours=smooth_neighbours)
+    two_hops = bool(context_neighbours or smooth_neighbours)
+    assert method.halo_hops == ((6, 6) if two_hops else (6,))
     method.card = load_method(model_path).card
     whole = ad.read_h5ad(predict_slide(method, slide_path, tmp_path / "a", chunk=10_000, encoder=encoder)).X
     seen = []
@@ -221,7 +223,7 @@ def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path
     dist = cKDTree(result.obsm["spatial"]).query(result.obsm["spatial"], k=8)[0]
     clear = dist[:, 7] - dist[:, 6] > 1e-6
     assert clear.mean() > 0.6
-    if context_neighbours:  # two hops: a spot is clear when its neighbours are clear too
+    if two_hops:  # a spot is clear when its neighbours are clear too
         index, _ = spatial_neighbours(result.obsm["spatial"], np.zeros(len(clear)), 6)
         clear &= clear[index].all(axis=1)
         assert clear.mean() > 0.3
