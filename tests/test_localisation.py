@@ -212,6 +212,32 @@ def test_localize_calls_cancer_spots_and_refuses_what_the_prediction_cannot_supp
     forced = run_cli("localize", str(weak), "--out", str(tmp_path / "out"), "--force")
     assert forced.returncode == 0 and "caution (--force)" in forced.stdout
     assert "this section (0.5 quantile)" in forced.stdout
+    # the model measured the signature's score on its held-out training patients: that decides, not its genes
+    import json
+
+    scored = ad.read_h5ad(weak)
+    entry = {"expected_r": 0.6, "expected_r_low": 0.4, "threshold": 0.0, "precision": 0.5, "recall": 0.5,
+             "genes_used": len(SIGNATURE)}
+    scored.uns["he2st"] = {"target_transform": "log1p_cp10k",
+                           "card": json.dumps({"reliability": {"scores": {"breast-her2": entry}}})}
+    scored.write_h5ad(tmp_path / "measured_score.h5ad")
+    assert run_cli("localize", str(tmp_path / "measured_score.h5ad"), "--out", str(tmp_path / "out")).returncode == 0
+
+
+def test_named_scores_cover_tls_and_localisation_signatures():
+    """What a fitted model measures on its inner folds: each named signature's per-spot score and the genes it
+    used, None when the genes hold under half of its weight."""
+    from he2st.workflows.named_scores import signature_scores
+
+    scores = signature_scores("log1p_cp10k")
+    assert {"chemokine-12", "melanoma-cabrita", "breast-her2"} <= set(scores)
+    rng = np.random.default_rng(0)
+    genes = SIGNATURE + ["ACTB"]
+    values = rng.gamma(2.0, 0.5, size=(50, len(genes)))
+    score, used = scores["breast-her2"](values, genes)
+    assert score.shape == (50,) and used == len(SIGNATURE)
+    assert scores["breast-her2"](values[:, :2], genes[:2]) is None
+    assert scores["chemokine-12"](values, genes) is None
 
 
 @pytest.mark.slow  # prepares the real her2st sections

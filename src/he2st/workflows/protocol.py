@@ -43,7 +43,7 @@ from he2st.methods.reliability import Reliability
 from he2st.methods.retrieval import RetrievalMethod
 from he2st.workflows.cards import model_card
 from he2st.workflows.config import BenchmarkConfig
-from he2st.workflows.tls import signature_scores
+from he2st.workflows.named_scores import signature_scores
 from he2st.workflows.unlabelled import unlabelled_ids, unlabelled_spots
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -61,27 +60,6 @@ def read_model(model: str | Path) -> TlsModel:
         raise He2stError(f"unknown TLS signature {str(model)!r}; named ones: {', '.join(SIGNATURE_SOURCES)}, "
                          "or give a gene,weight table file")
     return TlsModel.read(model)
-
-
-def signature_scores(scale: str) -> dict[str, partial]:
-    """Every named signature readable here (her2st's need its dataset) as a per-spot score of a section's values
-    on ``scale``: the scores whose predictability and call threshold a model measures on its inner folds."""
-    scores = {}
-    for name in SIGNATURE_SOURCES:
-        try:
-            scores[name] = partial(_covered_score, model=read_model(name), scale=scale)
-        except He2stError:
-            continue
-    return scores
-
-
-def _covered_score(values: np.ndarray, genes: list[str], model: TlsModel, scale: str) -> tuple[np.ndarray, int] | None:
-    """The signature's score and the genes it used, or None when the genes hold too little of its weight."""
-    try:
-        scored = tls_score(values, genes, model, scale)
-    except He2stError:
-        return None
-    return (scored.score, scored.genes_used) if scored.weight_coverage >= MIN_WEIGHT_COVERAGE else None
 
 
 def measured_score(adata: ad.AnnData, scored: TlsScore, name: str) -> dict[str, float]:

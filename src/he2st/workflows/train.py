@@ -25,7 +25,7 @@ from he2st.methods.calibration import estimate_reliability
 from he2st.workflows.cards import model_card
 from he2st.workflows.config import TrainRunConfig
 from he2st.workflows.embed import embed_workspace
-from he2st.workflows.tls import signature_scores
+from he2st.workflows.named_scores import signature_scores
 from he2st.workflows.unlabelled import unlabelled_ids, unlabelled_spots
 
 
