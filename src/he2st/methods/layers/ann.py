@@ -72,8 +72,18 @@ def build(embeddings: np.ndarray, seed: int = 0) -> Any:
 
 
 def to_bytes(index: Any) -> np.ndarray:
-    """The index serialised (uint8), as the bank file stores it."""
-    return _faiss().serialize_index(index)
+    """The index serialised (uint8), as the bank file stores it. Written through a Python callback rather
+    than ``faiss.serialize_index``, whose conversion of faiss's byte vector to numpy fails intermittently
+    (an assertion on the vector's class name) once other extension modules are loaded."""
+    faiss = _faiss()
+    parts: list[bytes] = []
+
+    def write(chunk: bytes) -> int:
+        parts.append(bytes(chunk))
+        return len(chunk)
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+    return np.frombuffer(b"".join(parts), dtype=np.uint8)
 
 
 def from_reader(read: Callable[[int], bytes]) -> Any:
