@@ -175,6 +175,23 @@ def linear_spots(n: int = 240, d: int = 16, g: int = 12, seed: int = 0, n_sample
     )
 
 
+def prepared_sections(root: Path, patients: dict[str, str], genes: list[str], side: int = 5) -> Path:
+    """The work folder of one synthetic ST section per ``{sample: patient}`` (``side`` x ``side`` spots each),
+    prepared (patches cut) but not embedded."""
+    from he2st.workflows.config import PrepareConfig
+    from he2st.workflows.prepare import prepare
+
+    sources = []
+    for i, (sid, pid) in enumerate(patients.items()):
+        files = write_st_section(root / "raw" / sid, n_rows=side, n_cols=side, pitch_px=200, genes=genes,
+                                 seed=i)  # 1 µm/px
+        sources.append({"reader": "st", "sample_id": sid, "patient_id": pid, "path": files["counts"],
+                        "spots_file": files["spots"], "image": files["image"]})
+    work = root / "work"
+    prepare(PrepareConfig(work_dir=work, data={"dataset": None, "samples": sources}))
+    return work
+
+
 def embedded_sections(root: Path, patients: dict[str, str], genes: list[str]):
     """``(work dir, embed config)``: one synthetic ST section per ``{sample: patient}`` (25 spots each),
     prepared and embedded with a seeded ``test_vit`` whose weights are saved under ``root``, so that a
@@ -186,17 +203,9 @@ def embedded_sections(root: Path, patients: dict[str, str], genes: list[str]):
     from he2st.data.patches import PatchSpec
     from he2st.data.workspace import Workspace
     from he2st.encoders import create
-    from he2st.workflows.config import PrepareConfig
     from he2st.workflows.embed import embed_workspace
-    from he2st.workflows.prepare import prepare
 
-    sources = []
-    for i, (sid, pid) in enumerate(patients.items()):
-        files = write_st_section(root / "raw" / sid, pitch_px=200, genes=genes, seed=i)  # 1 µm/px
-        sources.append({"reader": "st", "sample_id": sid, "patient_id": pid, "path": files["counts"],
-                        "spots_file": files["spots"], "image": files["image"]})
-    work = root / "work"
-    prepare(PrepareConfig(work_dir=work, data={"dataset": None, "samples": sources}))
+    work = prepared_sections(root, patients, genes)
     torch.manual_seed(0)
     weights = root / "test_vit.pth"
     torch.save(create("test_vit", pretrained=False).backbone.state_dict(), weights)

@@ -1,7 +1,7 @@
 """Tests for he2st.encoders: creation, weights, pooling, preprocessing, stain normalisation, TTA.
 
 Everything runs offline on CPU with tiny timm models (``test_vit``, ``resnet18``); the
-foundation-model presets are only exercised up to the point where their weights are needed.
+foundation-model presets with weights files are in ``test_foundation.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import skimage.data
 import timm
 import torch
+from release_formats import hf_dinov2_layout, timm05_swin_layout
 from skimage.color import rgb2lab
 
 from he2st.encoders import (
@@ -327,11 +328,7 @@ def test_ctranspath_loads_timm05_layout_checkpoint(tmp_path) -> None:
     source = create("ctranspath", pretrained=False)
     assert type(source.backbone.patch_embed).__name__ == "ConvStem"
     # Old timm stored each stage's patch merging at its end and persisted two buffers.
-    old_layout = {
-        re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", key): value
-        for key, value in source.backbone.state_dict().items()
-    }
-    old_layout["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(49, 49, dtype=torch.long)
+    old_layout = timm05_swin_layout(source.backbone.state_dict())
     assert "layers.0.downsample.reduction.weight" in old_layout
     torch.save({"model": old_layout}, tmp_path / "ctranspath.pth")
     loaded = create("ctranspath", weights=tmp_path / "ctranspath.pth")
@@ -348,26 +345,7 @@ def test_ctranspath_loads_timm05_layout_checkpoint(tmp_path) -> None:
 def test_hf_dinov2_checkpoint_converts_to_timm_vit() -> None:
     model = timm.create_model("test_vit", pretrained=False, num_classes=0, init_values=0.5)
     state = model.state_dict()
-    hf: dict[str, torch.Tensor] = {
-        "embeddings.cls_token": state["cls_token"],
-        "embeddings.mask_token": torch.zeros(1, 64),
-        "embeddings.position_embeddings": state["pos_embed"],
-        "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
-        "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
-        "layernorm.weight": state["norm.weight"],
-        "layernorm.bias": state["norm.bias"],
-    }
-    for i in range(len(model.blocks)):
-        block, layer = f"blocks.{i}.", f"encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            qkv = state[f"{block}attn.qkv.{kind}"].chunk(3)
-            for name, part in zip(("query", "key", "value"), qkv, strict=True):
-                hf[f"{layer}attention.attention.{name}.{kind}"] = part
-            hf[f"{layer}attention.output.dense.{kind}"] = state[f"{block}attn.proj.{kind}"]
-            for sub in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
-                hf[f"{layer}{sub}.{kind}"] = state[f"{block}{sub}.{kind}"]
-        hf[f"{layer}layer_scale1.lambda1"] = state[f"{block}ls1.gamma"]
-        hf[f"{layer}layer_scale2.lambda1"] = state[f"{block}ls2.gamma"]
+    hf = hf_dinov2_layout(state, len(model.blocks))
     converted = convert_hf_dinov2(hf, model)
     assert converted.keys() == state.keys()
     for key, value in state.items():

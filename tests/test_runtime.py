@@ -17,6 +17,7 @@ from he2st.data.embeddings import EmbedConfig
 from he2st.encoders import create
 from he2st.encoders import export as export_module
 from he2st.encoders import runtime as runtime_module
+from he2st.encoders.export import external_data_path, onnx_graph, parameter_bytes
 from he2st.encoders.inference import PatchEmbedder
 from he2st.encoders.runtime import FP32_TOLERANCE, GRAPH_RUNTIMES, installed, resolve_runtime
 from he2st.errors import He2stError, He2stWarning
@@ -77,6 +78,51 @@ def test_graph_is_exported_once_per_weights(tiny_vit, tmp_path, monkeypatch) -> 
     PatchEmbedder(other, EmbedConfig(runtime=RUNTIMES[0]), size)
     assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 2
     assert not list((tmp_path / "onnx").glob("*partial*"))
+    assert not list((tmp_path / "onnx").glob("*.data"))  # a small encoder's graph is one file
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_large_encoder_graph_keeps_its_tensors_in_one_external_file(tiny_vit, runtime, tmp_path, monkeypatch) -> None:
+    """Above the size threshold (0 bytes here, standing in for a 2.5-4.5 GB ViT-H or ViT-g) every tensor goes to
+    ``<graph>.onnx.data``; the runtime reads it from beside the graph and matches torch."""
+    import onnx
+
+    monkeypatch.setenv("HE2ST_CACHE_DIR", str(tmp_path))
+    size = tiny_vit.spec.input_size
+    path = onnx_graph(tiny_vit, raw_input=True, tokens=False, external_data_above=0)
+    data = external_data_path(path)
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == sorted([path.name, data.name])
+    assert path.stat().st_size < data.stat().st_size / 10  # the graph holds structure, the side file tensors
+    proto = onnx.load(str(path), load_external_data=False)
+    assert {entry.value for tensor in proto.graph.initializer for entry in tensor.external_data
+            if entry.key == "location"} == {data.name}
+    stamp = path.stat().st_mtime_ns
+    embedder = PatchEmbedder(tiny_vit, EmbedConfig(runtime=runtime), size)  # the cached graph, not a new one
+    assert embedder.runtime == runtime and path.stat().st_mtime_ns == stamp
+    patches = _patches(size=size)
+    expected = PatchEmbedder(tiny_vit, EmbedConfig(runtime="torch"), size)(patches)[0]
+    assert np.abs(embedder(patches)[0] - expected).max() <= FP32_TOLERANCE
+    data.unlink()  # a graph without its tensors is not a cached graph: exported again
+    assert onnx_graph(tiny_vit, raw_input=True, tokens=False, external_data_above=0) == path and data.exists()
+
+
+@pytest.mark.slow
+def test_encoder_over_2_gb_runs_in_a_graph(tmp_path, monkeypatch) -> None:
+    """Virchow2's ViT-H (631 M parameters, 2.5 GB): its graph is saved with external data instead of falling back."""
+    monkeypatch.setenv("HE2ST_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    encoder = create("virchow2", pretrained=False)
+    assert parameter_bytes(encoder) > 2**31  # over protobuf's limit for one message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", He2stWarning)  # a fallback to torch warns
+        embedder = PatchEmbedder(encoder, EmbedConfig(runtime=RUNTIMES[0]), 224)
+    assert embedder.runtime == RUNTIMES[0]
+    graph = next((tmp_path / "onnx").glob("*.onnx"))
+    assert external_data_path(graph).stat().st_size > 2**31
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == sorted([graph.name, f"{graph.name}.data"])
+    patches = _patches(2)
+    expected = PatchEmbedder(encoder, EmbedConfig(runtime="torch"), 224)(patches)[0]
+    assert np.abs(embedder(patches)[0] - expected).max() <= FP32_TOLERANCE
 
 
 def test_disagreeing_graph_falls_back_to_torch_with_a_warning(tiny_vit, monkeypatch) -> None:

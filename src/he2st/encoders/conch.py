@@ -8,15 +8,18 @@ dependency of he2st (it is installed from GitHub), so it is imported on demand.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from he2st.encoders.spec import EncoderSpec
+from he2st.encoders.weights import load_strict, read_state_dict
 from he2st.errors import He2stError
 
 INSTALL_HINT = "pip install git+https://github.com/mahmoodlab/CONCH"
+_POS_EMBED = "visual.trunk.pos_embed"
 
 
 class ConchVisual(nn.Module):
@@ -48,11 +51,23 @@ def require_conch(spec: EncoderSpec) -> None:
 
 
 def build_conch(spec: EncoderSpec, checkpoint: Path) -> ConchVisual:
-    """Build CONCH from its package and load ``checkpoint`` (CONCH's own loader)."""
-    require_conch(spec)
-    from conch.open_clip_custom import create_model_from_pretrained
+    """Build CONCH's model from its package's config and load the visual tower of ``checkpoint`` strictly.
 
-    model = create_model_from_pretrained(
-        spec.architecture, checkpoint_path=str(checkpoint), return_transform=False
-    )
+    CONCH's own loader (``create_model_from_pretrained``) loads with ``strict=False`` and ignores what
+    did not fit, so a wrong or partial file would give random embeddings without a word; here every
+    tensor of the visual tower must come from the file. The text towers are not used and not checked.
+    """
+    require_conch(spec)
+    from conch.open_clip_custom import CoCa
+    from conch.open_clip_custom.coca_model import resize_pos_embed
+    from conch.open_clip_custom.factory import CFG_DIR
+
+    config = json.loads((CFG_DIR / f"{spec.architecture}.json").read_text())
+    config.pop("custom_text", None)  # a flag of CONCH's factory, not a CoCa argument
+    model = CoCa(**config)
+    state_dict = read_state_dict(checkpoint)
+    if _POS_EMBED in state_dict:
+        resize_pos_embed(state_dict, model)  # what CONCH's loader does for another input size
+    visual = {key.removeprefix("visual."): value for key, value in state_dict.items() if key.startswith("visual.")}
+    load_strict(model.visual, visual, checkpoint)
     return ConchVisual(model.visual)

@@ -4,8 +4,9 @@ Each preset pins the architecture, the preprocessing the weights were trained wi
 pooling the authors recommend, so embeddings match the published models. The values follow
 each model's own release (model card / config.json). Each architecture builds with
 ``timm.create_model(..., pretrained=False)`` and its parameter count matches the published
-one (UNI 303M, UNI2-h 681M, Virchow2 631M, H-optimus / GigaPath 1.13B, CTransPath 27.5M);
-the gated checkpoints themselves could not be loaded while writing this (no network).
+one (UNI 303M, UNI2-h 681M, Virchow2 631M, H-optimus / GigaPath 1.13B, CTransPath 27.5M).
+The gated checkpoints are not in the tests; ``tests/test_foundation.py`` loads random weights saved in
+each preset's published file layout.
 
 Only ``efficientnet_lite0`` ships its weights (through a pip package); the foundation models
 are gated on the Hugging Face hub, so offline use needs ``weights=`` or ``HE2ST_WEIGHTS``.

@@ -58,7 +58,11 @@ def graph_runner(encoder: Encoder, runtime: str, raw_input: bool, tokens: bool, 
     float32 ``(B, 3, S, S)``; outputs: pooled embeddings and, with ``tokens``, spatial tokens."""
     try:
         path = onnx_graph(encoder, raw_input, tokens)
-        run = _load(runtime, path, threads)
+        try:
+            run = _load(runtime, path, threads)
+        except Exception as exc:  # a runtime that cannot read or compile the graph: torch runs it
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise He2stError(f"{runtime} could not load the graph of encoder '{encoder.spec.name}' ({reason})") from exc
         difference = _difference_to_torch(encoder, run, raw_input, tokens)
     except He2stError as exc:
         warnings.warn(f"{exc}; embedding with torch instead", He2stWarning, stacklevel=2)
