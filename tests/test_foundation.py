@@ -5,7 +5,8 @@ its weights are published (file name, container, key layout: :mod:`release_forma
 user does, ``embed.encoder=<preset>`` with ``embed.weights=<file>``; every tensor must be the saved one (loading is
 strict, and a fingerprint of each tensor is compared) and the embedding must have the preset's width. CTransPath
 (27.5 M parameters, 3 s) runs in the fast loop; the others are slow: 2 s (Lite0) to 2.5 minutes and 11 GB of memory
-(ViT-g, 1.1 B parameters) each on a 2-core machine, one after the other. The last test takes CTransPath through
+(ViT-g, 1.1 B parameters) each on a 2-core machine, one after the other; those of 600 M parameters and more are
+also marked ``large`` and run with ``HE2ST_LARGE_TESTS=1``. The last test takes CTransPath through
 ``he2st embed``, ``train`` and ``predict`` on a small work folder.
 """
 
@@ -35,6 +36,7 @@ from he2st.errors import He2stError
 from he2st.methods import load_method
 
 FAST = {"ctranspath"}
+LARGE = {"uni2_h", "virchow2", "hoptimus0", "hoptimus1", "gigapath"}  # 600 M parameters and more
 # Millions of parameters of the published models (model cards), which the preset's architecture must have.
 PUBLISHED_MILLIONS = {"uni": 303, "phikon_v2": 303, "uni2_h": 681, "virchow2": 631, "hoptimus0": 1134,
                       "hoptimus1": 1134, "gigapath": 1134, "ctranspath": 27.5}
@@ -48,7 +50,8 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _preset(name: str):
-    return pytest.param(name, id=name, marks=() if name in FAST else pytest.mark.slow)
+    marks = () if name in FAST else (pytest.mark.slow, pytest.mark.large) if name in LARGE else pytest.mark.slow
+    return pytest.param(name, id=name, marks=marks)
 
 
 def _require_architecture(name: str) -> None:

@@ -107,6 +107,7 @@ def test_large_encoder_graph_keeps_its_tensors_in_one_external_file(tiny_vit, ru
 
 
 @pytest.mark.slow
+@pytest.mark.large
 def test_encoder_over_2_gb_runs_in_a_graph(tmp_path, monkeypatch) -> None:
     """Virchow2's ViT-H (631 M parameters, 2.5 GB): its graph is saved with external data instead of falling back."""
     monkeypatch.setenv("HE2ST_CACHE_DIR", str(tmp_path))
