@@ -179,6 +179,23 @@ def test_ensemble_weights_come_from_inner_folds_over_training_patients_and_round
                                atol=1e-5)
 
 
+def test_ensemble_does_not_refit_a_member_without_weight(monkeypatch):
+    """A member the stacking gives no weight in any gene changes no prediction: it is not refitted, and the
+    selection says why."""
+    import he2st.methods.models.ensemble as ensemble_module
+
+    train, test, _ = two_patient_spots()
+    members = {"knn": {"method": "knn", "top_k": 5}, "ridge": {"method": "ridge_cv", "pca_components": 8}}
+    monkeypatch.setattr(ensemble_module, "_nnls", lambda X, y: np.array([1.0, 0.0]))
+    method = create_method("ensemble", members=members, min_selection_folds=2, context=[], smoothing=[])
+    method.panel = GenePanel(genes=train.genes)
+    method.card = method.card.model_copy(update={"training_samples": {s: f"P{s[1:]}" for s in set(train.sample_ids)}})
+    sel = method.fit(train).selection
+    assert sel["combination"] == "global" and list(method.fitted) == ["knn"]
+    assert "not refitted" in sel["dropped"]["ridge"] and list(sel["weights"]) == ["knn"]
+    assert method.predict(test.without_expression()).expression.shape == (len(test), len(train.genes))
+
+
 def test_ensemble_gives_each_member_its_say_within_the_predicted_sample():
     """A refitted member shown a new slide may spread its predictions far wider than on the inner folds.
     Standardised within the predicted sample ('sample'), it keeps its say: the combination's pattern does

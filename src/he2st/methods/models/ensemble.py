@@ -224,6 +224,9 @@ class Ensemble(Method):
         kept = list(chosen)
         self.fitted = {}
         for label, (i, q) in chosen.items():
+            if not (self.weights[:, kept.index(label)] > 0).any():  # no say in any gene: its refit would change nothing
+                dropped[label] = "weight 0 for every gene on the inner folds (not refitted)"
+                continue
             try:
                 member = self._fit_member(label, self._candidates(label)[i], spots, groups, seconds, given_val)
             except He2stError as exc:
@@ -246,12 +249,12 @@ class Ensemble(Method):
         log = TrainLog()
         log.selection = {
             "inner_folds": ["+".join(fold) for fold in held_out],
-            "inner_pearson": {lb: inner[(lb, *chosen[lb])] for lb in self.fitted},
-            "context": {lb: self._variant(lb, *chosen[lb]) for lb in self.fitted},
+            "inner_pearson": {lb: inner[(lb, *chosen[lb])] for lb in chosen},
+            "context": {lb: self._variant(lb, *chosen[lb]) for lb in chosen},
             "context_inner_pearson": {
                 lb: {json.dumps(self._variant(lb, i, q), sort_keys=True): [round(float(r), 4) for r in inner[(lb, i, q)]]
                      for lb_, i, q in variants if lb_ == lb and inner[(lb, i, q)]}
-                for lb in self.fitted},
+                for lb in chosen},
             "combination": combination,
             "scale_within": "inner" if self.deviations is None else "sample",
             "weights": {lb: self.weights[:, i].round(4).tolist() for i, lb in enumerate(self.fitted)},
