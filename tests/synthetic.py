@@ -214,6 +214,15 @@ def embedded_sections(root: Path, patients: dict[str, str], genes: list[str]):
     return work, embed
 
 
+def embedded_with_signature(root: Path, patients: dict[str, str], genes: list[str], signature: str):
+    """``(work dir, embed config, signature file)``: :func:`embedded_sections` and a gene,weight TLS signature
+    (``signature``: its rows after the header, tab-separated)."""
+    work, embed = embedded_sections(root, patients, genes)
+    path = root / "signature.tsv"
+    path.write_text("gene\tweight\n" + signature)
+    return work, embed, path
+
+
 def random_knn_model(encoder, genes: list[str], n: int = 40, weights: Path | None = None, seed: int = 0):
     """A fitted ``knn`` over ``n`` random training spots whose features have ``encoder``'s width, with a card
     that says how to make its inputs (``weights``: the encoder weights file the card records)."""

@@ -14,7 +14,7 @@ import anndata as ad
 import numpy as np
 import pytest
 from in_process import run_cli
-from synthetic import embedded_sections
+from synthetic import embedded_with_signature
 
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
@@ -32,11 +32,8 @@ RUN_FOLD = benchmark_tasks.run_fold
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """``(work dir, embed config, TLS signature)``: three prepared, embedded sections of three patients."""
-    root = tmp_path_factory.mktemp("resume")
-    work, embed = embedded_sections(root, {"S1": "P1", "S2": "P2", "S3": "P3"}, GENES)
-    signature = root / "signature.tsv"
-    signature.write_text("gene\tweight\nG0\t1.0\nG1\t0.5\nG7\t-0.2\nintercept\t0.1\n")
-    return work, embed, signature
+    return embedded_with_signature(tmp_path_factory.mktemp("resume"), {"S1": "P1", "S2": "P2", "S3": "P3"}, GENES,
+                                   "G0\t1.0\nG1\t0.5\nG7\t-0.2\nintercept\t0.1\n")
 
 
 def config(work, name: str, **changes) -> BenchmarkConfig:

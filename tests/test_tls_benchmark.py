@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from synthetic import embedded_sections
+from synthetic import embedded_with_signature
 
 from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
@@ -76,11 +76,8 @@ def test_a_test_sample_identical_to_a_training_one_is_retrieved_exactly_and_the_
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """Three prepared and embedded synthetic sections of three patients, and a TLS signature on their genes."""
-    root = tmp_path_factory.mktemp("tls_bench")
-    work, embed = embedded_sections(root, {"S1": "P0", "S2": "P1", "S3": "P2"}, GENES)
-    signature = root / "signature.tsv"
-    signature.write_text("gene\tweight\nG0\t1.0\nG1\t0.5\nG7\t-0.2\nNOTMEASURED\t2.0\nintercept\t0.1\n")
-    return work, embed, signature
+    return embedded_with_signature(tmp_path_factory.mktemp("tls_bench"), {"S1": "P0", "S2": "P1", "S3": "P2"}, GENES,
+                                   "G0\t1.0\nG1\t0.5\nG7\t-0.2\nNOTMEASURED\t2.0\nintercept\t0.1\n")
 
 
 def test_benchmark_writes_a_tls_table_for_retrieval_methods_and_the_probe(work):

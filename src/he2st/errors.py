@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -36,3 +38,15 @@ def one_line(exc: ValidationError, what: str, path: str | Path | None = None) ->
         where += f"={value!r}"
     message = " ".join(str(first["msg"]).split())  # one line, whatever a validator wrote
     return He2stError(f"{what} {where}: {message}", path)
+
+
+T = TypeVar("T")
+
+
+def for_validator(check: Callable[..., T], *args: Any) -> T:
+    """``check(*args)`` inside a pydantic validator: its He2stError raised as the ValueError pydantic turns into
+    the model's validation error, so the one line (:func:`one_line`) names the field as well as the problem."""
+    try:
+        return check(*args)
+    except He2stError as exc:
+        raise ValueError(str(exc)) from exc

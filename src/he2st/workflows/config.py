@@ -17,7 +17,7 @@ from he2st.data.embeddings import EmbedConfig
 from he2st.data.genes import GeneConfig
 from he2st.data.patches import PatchSpec
 from he2st.data.readers import SampleSource
-from he2st.errors import He2stError, one_line
+from he2st.errors import He2stError, for_validator, one_line
 from he2st.io import safe_name, table_path
 from he2st.methods import method_class
 
@@ -265,20 +265,14 @@ class BenchmarkConfig(FitConfig):
         if value is not None:
             from he2st.evaluate.localisation import read_signature  # sklearn: only when a signature is set
 
-            try:
-                read_signature(value)
-            except He2stError as exc:
-                raise ValueError(str(exc)) from exc
+            for_validator(read_signature, value)
         return value
 
     @field_validator("name")
     @classmethod
     def _safe_run_name(cls, value: str) -> str:
         """The run folder's name: refused before anything runs if it could leave ``<work>/runs``."""
-        try:
-            return safe_name(value, "run name")
-        except He2stError as exc:
-            raise ValueError(str(exc)) from exc
+        return for_validator(safe_name, value, "run name")
 
 
 class TrainRunConfig(FitConfig):

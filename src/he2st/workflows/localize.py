@@ -31,8 +31,8 @@ from he2st.evaluate.localisation import (
     youden_threshold,
 )
 from he2st.evaluate.tls import TlsModel, TlsScore
-from he2st.io import check_finite, check_output, read_h5ad_checked, write_text_atomic
-from he2st.workflows.tls import choose_threshold, measured_spots, refusal
+from he2st.io import check_finite, write_text_atomic
+from he2st.workflows.tls import choose_threshold, measured_spots, scored_for_calls
 
 DEFAULT_SIGNATURE = "breast-her2"
 
@@ -83,18 +83,10 @@ def localize(path: Path, out: Path, signature: str | Path = DEFAULT_SIGNATURE, t
 
     A prediction is refused (one line, naming what is missing) when it holds too little of the signature or
     its model cannot predict the signature's genes on a new patient; ``force`` calls it anyway, so noted."""
-    if not 0 < quantile < 1:
-        raise He2stError(f"quantile must lie between 0 and 1, got {quantile}")
-    adata = read_h5ad_checked(path, "input")
-    target = out / f"{path.stem}.localize.csv"
-    check_output(target)  # before any work; the map (.localize.png) beside it too
-    check_output(target.with_suffix(".png"))
     model = read_signature(signature)
-    scored = section_score(adata, model, path)
-    is_prediction = "target_transform" in dict(adata.uns.get("he2st", {}))
-    reason = refusal(adata, scored, model, str(signature)) if is_prediction else ""
-    if reason and not force:
-        raise He2stError(f"no cancer calls: {reason}", path)
+    calls = scored_for_calls(path, out / f"{path.stem}.localize.csv", model, str(signature), section_score,
+                             "cancer", quantile, force)
+    adata, target, scored, reason = calls.adata, calls.target, calls.scored, calls.reason
     threshold, source = _threshold(scored, model, threshold, quantile, threshold_from)
     adata.obs["cancer_score"] = scored.score.astype(np.float32)
     adata.obs["cancer_call"] = scored.score >= threshold

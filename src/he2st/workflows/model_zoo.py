@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from he2st.errors import He2stError
+from he2st.errors import He2stError, for_validator
 from he2st.io import safe_name
 from he2st.version import __version__
 
@@ -42,10 +42,7 @@ class HostedFile(BaseModel):
     @classmethod
     def _safe(cls, value: str) -> str:
         """The name becomes a file in the cache folder: nothing that could leave it."""
-        try:
-            return safe_name(value, "hosted file name")
-        except He2stError as exc:
-            raise ValueError(str(exc)) from exc
+        return for_validator(safe_name, value, "hosted file name")
 
 
 class Recipe(BaseModel):
@@ -128,10 +125,7 @@ class ModelEntry(BaseModel):
     @classmethod
     def _safe_name(cls, value: str) -> str:
         """The name is the model's cache folder."""
-        try:
-            return safe_name(value, "model name")
-        except He2stError as exc:
-            raise ValueError(str(exc)) from exc
+        return for_validator(safe_name, value, "model name")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelEntry:

@@ -9,6 +9,7 @@ sections' pooled scores; else the section's own ``quantile``, said so in the out
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +137,35 @@ def section_score(adata: ad.AnnData, model: TlsModel, where: Path) -> TlsScore:
         raise He2stError(exc.problem, where) from exc
 
 
+@dataclass
+class CallInput:
+    """A prediction (or measured sample) read and scored for calls, before any threshold."""
+
+    adata: ad.AnnData
+    target: Path  # the output file (checked writable, with its .png map beside it)
+    scored: TlsScore
+    is_prediction: bool
+    reason: str  # why a prediction should not be called ('' when it may be)
+
+
+def scored_for_calls(path: Path, target: Path, signature: TlsModel, name: str,
+                     score: Callable[[ad.AnnData, TlsModel, Path], TlsScore], calls: str, quantile: float,
+                     force: bool) -> CallInput:
+    """Read and score ``path`` for ``he2st tls`` or ``he2st localize``, once its outputs are known to be
+    writable; a prediction that cannot support the calls is refused in one line unless ``force``."""
+    if not 0 < quantile < 1:
+        raise He2stError(f"quantile must lie between 0 and 1, got {quantile}")
+    adata = read_h5ad_checked(path, "input")
+    check_output(target)  # before any work; the map (.png) beside it too
+    check_output(target.with_suffix(".png"))
+    scored = score(adata, signature, path)
+    is_prediction = "target_transform" in dict(adata.uns.get("he2st", {}))
+    reason = refusal(adata, scored, signature, name) if is_prediction else ""
+    if reason and not force:
+        raise He2stError(f"no {calls} calls: {reason}", path)
+    return CallInput(adata, target, scored, is_prediction, reason)
+
+
 def detect_tls(path: Path, out: Path, model: str | Path = "her2st", threshold: float | None = None,
                quantile: float = 0.9, threshold_from: list[Path] | None = None,
                sample: Path | None = None, force: bool = False) -> TlsResult:
@@ -144,18 +174,11 @@ def detect_tls(path: Path, out: Path, model: str | Path = "her2st", threshold: f
 
     A prediction is refused (one line, naming what is missing) when it holds too little of the signature or
     its model cannot predict the signature's genes on a new patient; ``force`` calls it anyway, so noted."""
-    if not 0 < quantile < 1:
-        raise He2stError(f"quantile must lie between 0 and 1, got {quantile}")
-    adata = read_h5ad_checked(path, "input")
-    target = out / f"{path.stem}.tls.h5ad"
-    check_output(target)  # before any work; the map (.tls.png) beside it too
-    check_output(target.with_suffix(".png"))
     tls = read_model(model)
-    scored = section_score(adata, tls, path)
-    is_prediction = "target_transform" in dict(adata.uns.get("he2st", {}))
-    reason = refusal(adata, scored, tls, str(model)) if is_prediction else ""
-    if reason and not force:
-        raise He2stError(f"no TLS calls: {reason}", path)
+    calls = scored_for_calls(path, out / f"{path.stem}.tls.h5ad", tls, str(model), section_score, "TLS", quantile,
+                             force)
+    adata, target, scored, is_prediction, reason = (calls.adata, calls.target, calls.scored, calls.is_prediction,
+                                                    calls.reason)
     trained = measured_score(adata, scored, str(model)) if is_prediction else {}
     pooled = None
     if threshold is None and threshold_from:  # scored on the genes this input has, so the two score scales agree

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from he2st.data.sample import Sample, build_adata
-from he2st.errors import He2stError
+from he2st.errors import He2stError, for_validator
 from he2st.io import safe_name
 
 VISIUM_SPOT_UM = 55.0
@@ -47,10 +47,7 @@ class SourceOptions(BaseModel):
     def _safe(cls, value: str | None) -> str | None:
         """Ids become file names: refused here, before anything is read, if they could escape the folder."""
         if value is not None:
-            try:
-                safe_name(value, "id")
-            except He2stError as exc:
-                raise ValueError(str(exc)) from exc
+            for_validator(safe_name, value, "id")
         return value
 
     @abstractmethod
