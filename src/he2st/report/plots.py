@@ -387,12 +387,14 @@ def training_curves(curves: dict[str, list[float]]) -> Figure:
 
 def learning_curve_figure(curve: pd.DataFrame, gene_set: str) -> Figure:
     """A benchmark's learning curve: each method's fold scores (points) and their mean (line) against the
-    training data used, one panel per kind of amount (patients, shares of spots)."""
+    training data used, one panel per kind of amount (patients, shares of spots), each ending at all of it."""
     part = curve[curve["gene_set"] == gene_set]
-    kinds = [k for k in ("patients", "spots") if ((part["amount_value"] >= 1) == (k == "patients")).any()]
+    whole = np.isinf(part["amount_value"])  # the whole training data ends both kinds of curve
+    masks = {"patients": part["amount_value"] >= 1, "spots": (part["amount_value"] < 1) | whole}
+    kinds = [k for k, mask in masks.items() if (mask & ~whole).any()] or ["patients"]
     fig, axes = _grid_figure(len(kinds), len(kinds), 3.6)
     for ax, kind in zip(axes, kinds, strict=True):
-        rows = part[(part["amount_value"] >= 1) == (kind == "patients")]
+        rows = part[masks[kind]]
         x = "n_train_patients" if kind == "patients" else "n_train_spots"
         for method, group in rows.groupby("method", sort=False):
             mean = group.groupby(x)["pearson_mean"].mean()

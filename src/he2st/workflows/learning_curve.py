@@ -11,6 +11,7 @@ scored on the same slides.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -26,8 +27,13 @@ from he2st.workflows.protocol import FoldData, build_fold_data, run_fold
 CURVE_FILE = "learning_curve.csv"
 
 
+ALL = math.inf  # the fold's whole training data, the last point of every curve
+
+
 def amount_label(amount: float) -> str:
-    """``2 patients`` for a whole number, ``25% of spots`` for a fraction."""
+    """``2 patients`` for a whole number, ``25% of spots`` for a fraction, ``all`` for the whole."""
+    if amount == ALL:
+        return "all"
     if amount >= 1:
         return f"{int(amount)} patient{'s' if int(amount) != 1 else ''}"
     return f"{amount:.0%} of spots"
@@ -41,14 +47,17 @@ def patient_order(fold: Fold, patients: dict[str, str], seed: int) -> list[str]:
 
 def subset_data(ws: Workspace, fold: Fold, amount: float, config: BenchmarkConfig, patients: dict[str, str],
                 full: FoldData) -> FoldData | None:
-    """The fold's data refitted on ``amount`` of its training data (None: more patients than the fold has)."""
+    """The fold's data refitted on ``amount`` of its training data (None: as many patients as the fold has, or
+    more, which is the ``all`` point)."""
+    if amount == ALL:
+        return full
     if amount >= 1:
         order = patient_order(fold, patients, config.seed)
-        if int(amount) > len(order):
+        if int(amount) >= len(order):
             return None
         keep = set(order[: int(amount)])
         sub = Fold(name=fold.name, train=[s for s in fold.train if patients[s] in keep], test=fold.test)
-        return full if len(keep) == len(order) else build_fold_data(ws, sub, config, patients)
+        return build_fold_data(ws, sub, config, patients)
     rows = np.random.default_rng(config.seed).permutation(len(full.train))
     mask = np.zeros(len(full.train), bool)
     mask[rows[: max(2, int(np.ceil(amount * len(full.train))))]] = True
@@ -63,15 +72,15 @@ def run_learning_curve(config: BenchmarkConfig, ws: Workspace, folds: list[Fold]
     """One row per (fold, method, amount, gene set): the training data used and the fold's mean Pearson.
 
     The curve's fits skip what does not change the score (reliability estimation, whole-transcriptome and
-    TLS scoring) and run one seed; at a fold's whole training data the benchmark's own fit (``done``, by
-    method and fold) is the point, when it ran one seed."""
+    TLS scoring) and run one seed; every curve ends at the fold's whole training data (``all``), where the
+    benchmark's own fit (``done``, by method and fold) is the point when it ran one seed."""
     if not config.learning_curve:
         return pd.DataFrame()
     lean = config.model_copy(update={"reliability": False, "transcriptome_threshold": None, "tls": False})
     rows = []
     for fold in folds:
         full = build_fold_data(ws, fold, lean, patients)
-        for amount in sorted(set(config.learning_curve)):
+        for amount in [*sorted(set(config.learning_curve)), ALL]:
             data = subset_data(ws, fold, amount, lean, patients, full)
             if data is None:
                 continue
@@ -101,7 +110,7 @@ def curve_markdown(curve: pd.DataFrame, gene_set: str) -> str:
     if curve.empty:
         return ""
     part = curve[curve["gene_set"] == gene_set]
-    order = part.drop_duplicates("amount").sort_values("amount_value")["amount"].tolist()
+    order = part.drop_duplicates("amount").sort_values("amount_value")["amount"].tolist()  # "all" (inf) last
     table = part.pivot_table(index="method", columns="amount", values="pearson_mean", aggfunc="mean")[order]
     lines = ["| method | " + " | ".join(order) + " |", "|---" * (len(order) + 1) + "|"]
     for method, values in table.iterrows():
