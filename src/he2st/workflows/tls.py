@@ -87,7 +87,7 @@ def refusal(adata: ad.AnnData, scored: TlsScore, model: TlsModel, name: str) -> 
     if measured:
         if measured["expected_r_low"] < MIN_EXPECTED_R:
             return (f"signature {name}'s score is not predictable enough by this model on a new patient (90% lower "
-                    f"bound of its expected r {measured['expected_r_low']:.2f} < {MIN_EXPECTED_R}, measured on "
+                    f"bound of its expected r {measured['expected_r_low']:.3f} < {MIN_EXPECTED_R}, measured on "
                     "held-out training patients); see `he2st card`, or pass --force")
         return ""
     if "expected_r_low" in adata.var:
@@ -99,7 +99,7 @@ def refusal(adata: ad.AnnData, scored: TlsScore, model: TlsModel, name: str) -> 
             bound = float((weights * low.fillna(0.0).clip(lower=0.0)).sum() / weights.sum())
             if bound < MIN_EXPECTED_R:
                 return (f"the model's genes of signature {name} are not predictable enough on a new patient "
-                        f"(weighted 90% lower bound of their expected r {bound:.2f} < {MIN_EXPECTED_R}); "
+                        f"(weighted 90% lower bound of their expected r {bound:.3f} < {MIN_EXPECTED_R}); "
                         "see `he2st card` for what this model predicts, or pass --force")
     return ""
 
