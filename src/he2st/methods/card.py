@@ -127,8 +127,19 @@ class ModelCard(BaseModel):
                          f"patients, epoch {best})")
         if "combination" in self.selection:
             parts.append(f"ensemble chosen on inner folds of the training patients: {self.selection['combination']}"
-                         + (f", weights {self.selection['weights']}" if self.selection.get("weights") else ""))
+                         + self._member_shares())
         return "; ".join(parts) or "none recorded (score it with `he2st evaluate` on held-out patients)"
+
+    def _member_shares(self) -> str:
+        """Each ensemble member's median share of the per-gene weights, e.g. ', shares knn 0.52, bleep 0.13'
+        (the weights themselves, one per gene and member, are in ``selection``)."""
+        weights = self.selection.get("weights")
+        if not weights:
+            return ""
+        table = np.array([np.broadcast_to(np.asarray(w, float), (max(map(np.size, weights.values())),))
+                          for w in weights.values()])  # (members, genes)
+        shares = np.median(table / np.maximum(table.sum(0, keepdims=True), 1e-12), axis=1)
+        return ", median shares " + ", ".join(f"{m} {s:.2f}" for m, s in zip(weights, shares, strict=True))
 
     def _reliability_line(self) -> str:
         """Expected accuracy on a new patient, as the inner patient folds measured it."""
