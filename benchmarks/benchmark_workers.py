@@ -2,12 +2,12 @@
 
 Builds (once, under ``--root``) a prepared and embedded work folder of ``--patients`` patients with two
 legacy-ST sections each (``--side`` x ``--side`` spots per section, 100 genes, embedded by the tiny
-``test_vit``), then benchmarks knn and ridge_cv leave one patient out (one fold per patient, reliability
+``test_vit``), then benchmarks ``--methods`` (knn and ridge_cv) leave one patient out (one fold per patient, reliability
 estimated on inner folds) twice with every task recomputed (``resume=false``): ``engine=serial``, then
 ``engine=local`` with ``--workers`` processes. Prints both wall times, their ratio, whether the two
 summary.csv files are identical and the machine's load (other jobs slow both runs), e.g.
 
-    python benchmarks/benchmark_workers.py --root /tmp/bw --patients 4 --workers 2
+    python benchmarks/benchmark_workers.py --root /tmp/bw --patients 4 --workers 2 [--methods bleep,mlp --side 20]
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=4, help="patients (folds), two sections each")
     ap.add_argument("--side", type=int, default=10, help="spots per section side")
     ap.add_argument("--workers", type=int, default=2, help="processes of the local engine")
+    ap.add_argument("--methods", default="knn,ridge_cv", help="comma-separated methods benchmarked")
     args = ap.parse_args()
 
     from he2st.workflows.benchmark import run_benchmark
@@ -68,7 +69,7 @@ def main() -> None:
 
     work, embed = workspace(args.root, args.patients, args.side)
     common = {"work_dir": work, "embed": embed, "genes": {"n_genes": 50, "min_spot_fraction": 0.0}, "n_top": 10,
-              "methods": ["knn", "ridge_cv"], "transcriptome_threshold": None, "tls": False, "resume": False}
+              "methods": args.methods.split(","), "transcriptome_threshold": None, "tls": False, "resume": False}
     seconds = {}
     for engine in ("serial", "local"):
         config = BenchmarkConfig(**common, name=f"workers_{engine}", engine=engine, workers=args.workers)

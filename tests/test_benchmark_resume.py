@@ -148,6 +148,7 @@ def test_the_key_holds_what_changes_a_tasks_numbers_and_nothing_else(work):
 
     base = config(work, "a")
     same = [config(work, "b"), config(work, "a", engine="local", workers=4), config(work, "a", resume=False),
+            config(work, "a", task_threads=1),
             config(work, "a", methods=["ridge_cv", "mlp"]),  # another row: not this one's business
             config(work, "a", method_options=OPTIONS | {"knn": {"top_k": 9}}),
             config(work, "a", work_dir=work[0].parent / "elsewhere")]

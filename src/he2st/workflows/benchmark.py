@@ -212,11 +212,12 @@ def _run_tasks(config: BenchmarkConfig, tasks: list[BenchmarkTask], on_done: Cal
     if config.engine == "serial":
         try:
             for task in tasks:
-                on_done(run_task(task))
+                on_done(run_task(task, config.task_threads))
         finally:
             forget_folds()
         return
-    run_tasks(run_task, [(task,) for task in tasks], config.engine, config.workers, config.address, on_done)
+    run_tasks(run_task, [(task,) for task in tasks], config.engine, config.workers, config.address, on_done,
+              config.task_threads)
 
 
 def _gather_tls(tls: TlsReport | None, outcomes: dict[tuple[str, str], TaskOutcome], folds: list[Fold],

@@ -243,6 +243,8 @@ class BenchmarkConfig(FitConfig):
         "serial", description="run the (fold, method) tasks one by one, in a local process pool, or on Ray")
     workers: int = Field(2, ge=1, description="tasks run at once with engine local or ray")
     address: str | None = Field(None, description="Ray cluster address with engine ray (default: a local Ray instance)")
+    task_threads: int | None = Field(
+        None, ge=1, description="CPU threads per task (None: serial uses all, a pool shares the cores among its workers)")
     resume: bool = Field(
         True, description="reuse the tasks stored in the run folder whose settings, data and he2st code are unchanged")
 

@@ -36,11 +36,12 @@ def limit_threads(threads: int) -> None:
 
 
 def run_tasks(task: Callable[..., Any], arguments: list[tuple], engine: str, workers: int,
-              address: str | None, on_done: Callable[[Any], None] | None = None) -> list[Any]:
+              address: str | None, on_done: Callable[[Any], None] | None = None,
+              threads: int | None = None) -> list[Any]:
     """Run ``task(*args, threads)`` for every entry of ``arguments`` on ``engine`` with ``workers`` at once
-    (``threads``: the CPU threads each may use); ``on_done(result)`` as each finishes. Returns the results in
-    input order. ``task`` must be importable (top level)."""
-    threads = threads_per_worker(workers)
+    (``threads``: the CPU threads each may use, by default the cores shared among the workers);
+    ``on_done(result)`` as each finishes. Returns the results in input order. ``task`` must be importable."""
+    threads = threads or threads_per_worker(workers)
     results: dict[int, Any] = {}
 
     def record(i: int, result: Any) -> None:

@@ -37,7 +37,7 @@ from he2st.workflows.config import BenchmarkConfig
 
 # settings that never change a task's numbers: where the run is written, how its tasks are scheduled, and the
 # learning curve (its refits on less data are run after the tasks, apart from them)
-NOT_RESULTS = ("name", "work_dir", "engine", "workers", "address", "resume", "learning_curve")
+NOT_RESULTS = ("name", "work_dir", "engine", "workers", "address", "resume", "learning_curve", "task_threads")
 # settings that choose the rows: each task's key holds its own row's part of them instead
 PER_ROW = ("methods", "ablation", "ablation_only", "method_options", "seeds")
 
