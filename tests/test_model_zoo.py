@@ -155,6 +155,13 @@ def test_predict_builds_a_recipe_on_first_use_and_refuses_a_changed_one(models_d
         return run_cli("predict", "--model", "tiny-knn", "--slide", slide, "--out", tmp_path / out, "--device", "cpu",
                        "--no-maps", "--set", "runtime=torch")
 
+    from PIL import Image
+
+    jpeg = tmp_path / "no_scale.jpg"  # a JPEG records no pixel size: refused before the model is built
+    Image.fromarray(tissue_image(300, 300, seed=4)).save(jpeg)
+    unscaled = run_cli("predict", "--model", "tiny-knn", "--slide", jpeg, "--out", tmp_path / "none")
+    assert unscaled.returncode == 2 and "pass --mpp" in unscaled.stderr and "building" not in unscaled.stdout
+    assert not (models_dir / "tiny-knn").exists()
     first = predict("first")
     assert first.returncode == 0, first.stderr
     assert f"building tiny-knn: {synthetic_recipe.summary()}" in first.stdout

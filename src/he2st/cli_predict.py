@@ -91,6 +91,10 @@ def predict(
                       weights=_path(weights), device=device, stain=stain,
                       tta=tta, library_id=library_id, format=format, overwrite=overwrite or None,
                       coverage=coverage)
+    if manifest is None and len(slides) == 1:
+        from he2st.predict.slide import check_slide_scale
+
+        check_slide_scale(cfg)  # before a ready-made model is fetched or built for it
     checkpoint = checkpoint_for(model, models_dir, log=typer.echo)  # before --overwrite: it is for the outputs
     allow_overwrite(overwrite)  # the maps too
     cfg = cfg.model_copy(update={"model": checkpoint})

@@ -74,6 +74,15 @@ def resolve_mpp(mpp: float | None, slide: Slide, sample: Sample | None = None) -
     return float(value)
 
 
+def check_slide_scale(config: PredictConfig) -> None:
+    """Refuse a slide whose pixel size is unknown (no ``mpp``, none in the file, no ``spots_from``) before any
+    work -- a ready-made model is not fetched or built for a slide that cannot be predicted."""
+    if config.slide is None or config.mpp is not None or config.spots_from is not None:
+        return
+    with open_slide(Path(config.slide)) as slide:
+        resolve_mpp(None, slide)
+
+
 @dataclass
 class GeneColumns:
     """The prediction's columns: their genes, in order, and where each comes from -- the model's panel
