@@ -4,15 +4,17 @@ Which method to use when a lab has two sections and which when it has thirty is 
 method's score grows with training data. For every outer fold the training patients are put in one seeded
 order and the first ``k`` of them are taken (whole numbers in ``learning_curve``), or the first share of the
 training spots in one seeded order (fractions): each subset holds the smaller ones, so a curve moves by data
-added, not by a new draw. Everything fitted -- the gene panel, validation, gene sets -- is fitted on the
-subset, as if the lab had only that; the held-out samples are the fold's own, so every point of a curve is
-scored on the same slides.
+added, not by a new draw. On a subset of patients everything fitted -- the gene panel, validation, gene sets --
+is fitted on those patients, as if the lab had only them; a share of spots keeps the fold's panel and gene
+sets (the same patients' genes) and its validation spots among those kept. The held-out samples are the
+fold's own, so every point of a curve is scored on the same slides.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -25,8 +27,6 @@ from he2st.workflows.config import BenchmarkConfig
 from he2st.workflows.protocol import FoldData, build_fold_data, run_fold
 
 CURVE_FILE = "learning_curve.csv"
-
-
 ALL = math.inf  # the fold's whole training data, the last point of every curve
 
 
@@ -61,9 +61,7 @@ def subset_data(ws: Workspace, fold: Fold, amount: float, config: BenchmarkConfi
     rows = np.random.default_rng(config.seed).permutation(len(full.train))
     mask = np.zeros(len(full.train), bool)
     mask[rows[: max(2, int(np.ceil(amount * len(full.train))))]] = True
-    data = build_fold_data(ws, fold, config, patients)
-    data.train, data.val_mask = data.train.subset(mask), data.val_mask[mask]
-    return data
+    return replace(full, train=full.train.subset(mask), val_mask=full.val_mask[mask])
 
 
 def run_learning_curve(config: BenchmarkConfig, ws: Workspace, folds: list[Fold], patients: dict[str, str],
