@@ -104,9 +104,10 @@ class Method(ABC):
 
     @property
     def halo_hops(self) -> tuple[int, ...]:
-        """Neighbour reads of one prediction, hop by hop: the smoothing of its output, the method's own (``context_k``), then the
-        context features' (each neighbour's features carry the mean of its own neighbours). Chunked
-        whole-slide prediction widens every chunk by these hops, so chunks predict as the whole slide."""
+        """Neighbour reads of one prediction, hop by hop: the smoothing of its output, the method's own
+        (``context_k``), then the context features' (each neighbour's features carry the mean of its own
+        neighbours). Chunked whole-slide prediction widens every chunk by these hops, so chunks predict as
+        the whole slide."""
         return tuple(k for k in (self.config.smooth_neighbours, self.context_k, self.config.context_neighbours) if k)
 
     # -------------------------------------------------------------- the card

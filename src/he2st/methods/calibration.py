@@ -36,8 +36,9 @@ def estimate_reliability(method: Method, spots: SpotSet, seed: int = 0,
                          beyond_genes: list[str] | None = None,
                          scores: dict[str, SectionScore] | None = None) -> Reliability:
     """Reliability of ``method`` (already fitted on ``spots``, which carry targets) from inner folds; every
-    spot is held out by exactly one fold, in as many folds as the method's own inner folds (3 by default). ``beyond`` (N, B): the spots' values of ``beyond_genes`` outside
-    the panel, which a retrieval method's transcriptome bank returns: their expected r is measured too.
+    spot is held out by exactly one fold, in as many folds as the method's own inner folds (3 by default).
+    ``beyond`` (N, B): the spots' values of ``beyond_genes`` outside the panel, which a retrieval method's
+    transcriptome bank returns: their expected r is measured too.
     ``scores``: named per-spot scores of a section's expression (e.g. TLS signatures), whose own predictability
     and call threshold are measured on the same held-out sections (:func:`_score_predictability`).
     Refused in one line when the spots hold a single group."""
