@@ -131,7 +131,7 @@ class ModelCard(BaseModel):
         return "; ".join(parts) or "none recorded (score it with `he2st evaluate` on held-out patients)"
 
     def _member_shares(self) -> str:
-        """Each ensemble member's median share of the per-gene weights, e.g. ', shares knn 0.52, bleep 0.13'
+        """Each ensemble member's median share of the per-gene weights, e.g. ', median shares knn 0.52, bleep 0.13'
         (the weights themselves, one per gene and member, are in ``selection``)."""
         weights = self.selection.get("weights")
         if not weights:
