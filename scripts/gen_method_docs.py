@@ -22,7 +22,7 @@ from pydantic import BaseModel
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from he2st.methods.registry import list_methods, method_config, method_summary  # noqa: E402
+from he2st.methods.registry import METHODS, list_methods, method_config, method_summary  # noqa: E402
 
 FOLDER = REPO / "docs" / "methods"
 OPTIONS = ("<!-- options:start -->", "<!-- options:end -->")
@@ -63,9 +63,15 @@ def options_table(name: str) -> str:
 
 
 def index_table() -> str:
-    lines = ["| method | what it is |", "| --- | --- |"]
-    lines += [f"| [`{name}`]({name}.md) | {_cell(method_summary(name))} |" for name in list_methods()]
+    lines = ["| method | what it is | fit s / 1,000 spots |", "| --- | --- | --- |"]
+    lines += [f"| [`{name}`]({name}.md) | {_cell(method_summary(name))} | {_cost(name)} |" for name in list_methods()]
     return "\n".join(lines)
+
+
+def _cost(name: str) -> str:
+    """A method's listed fitting cost (the registry's, measured by benchmarks/method_costs.py); the ensemble's
+    is the sum of what it fits, so it is not listed."""
+    return "" if name == "ensemble" else f"{METHODS[name].cost:g}"
 
 
 def _replace(text: str, markers: tuple[str, str], body: str, page: Path) -> str:

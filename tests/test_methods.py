@@ -187,7 +187,7 @@ def test_ensemble_does_not_refit_a_member_without_weight(monkeypatch):
     train, test, _ = two_patient_spots()
     members = {"knn": {"method": "knn", "top_k": 5}, "ridge": {"method": "ridge_cv", "pca_components": 8}}
     monkeypatch.setattr(ensemble_module, "_nnls", lambda X, y: np.array([1.0, 0.0]))
-    method = create_method("ensemble", members=members, min_selection_folds=2, context=[], smoothing=[])
+    method = create_method("ensemble", members=members, min_selection_folds=2, context=[], smoothing=[], candidates=[])
     method.panel = GenePanel(genes=train.genes)
     method.card = method.card.model_copy(update={"training_samples": {s: f"P{s[1:]}" for s in set(train.sample_ids)}})
     sel = method.fit(train).selection
@@ -287,7 +287,7 @@ def test_ensemble_chooses_each_members_context_on_inner_folds():
     members = {"knn": {"method": "knn", "top_k": 5}, "plain_knn": {"method": "knn", "top_k": 5, "context_neighbours": 0},
                "bleep": {"method": "bleep", "ensemble": 1, "context_neighbours": 0} | FAST}
     # let two inner folds choose; smoothing is left out here (its own test below)
-    method = create_method("ensemble", members=members, min_selection_folds=2, smoothing=[])
+    method = create_method("ensemble", members=members, min_selection_folds=2, smoothing=[], candidates=[])
     method.panel = GenePanel(genes=train.genes)
     method.card = method.card.model_copy(update={"training_samples": {"s1": "P1", "s2": "P2"}})
     sel = method.fit(train).selection
@@ -328,7 +328,7 @@ def test_spatial_smoothing_averages_neighbouring_predictions_and_the_ensemble_tr
     train2, _, _ = two_patient_spots()
     members = {"ridge": {"method": "ridge_cv", **OPTIONS["ridge_cv"]},
                "pinned": {"method": "ridge_cv", **OPTIONS["ridge_cv"], "smooth_neighbours": 0}}
-    method = create_method("ensemble", members=members, min_selection_folds=2, context=[], smoothing=[0, 4])
+    method = create_method("ensemble", members=members, min_selection_folds=2, context=[], smoothing=[0, 4], candidates=[])
     method.panel = GenePanel(genes=train2.genes)
     method.card = method.card.model_copy(update={"training_samples": {s: f"P{s[1:]}" for s in set(train2.sample_ids)}})
     sel = method.fit(train2).selection
@@ -383,8 +383,33 @@ def test_ensemble_fits_weights_once_enough_patients_are_held_out():
     gets less say than the regression."""
     spots = replace(linear_spots(300), sample_ids=np.repeat(np.array(["s1", "s2", "s3", "s4", "s5"], dtype=object), 60))
     members = {"ridge": {"method": "ridge_cv", "pca_components": 8}, "knn1": {"method": "knn", "top_k": 1}}
-    method = create_method("ensemble", members=members, context=[{}])
+    method = create_method("ensemble", members=members, context=[{}], candidates=[])
     method.panel = GenePanel(genes=spots.genes)
     sel = method.fit(spots).selection
     assert sel["combination"] == "global" and len(sel["inner_folds"]) == 3
     assert np.mean(sel["weights"]["ridge"]) > np.mean(sel["weights"]["knn1"]) >= 0
+
+
+def test_ensemble_tries_other_methods_within_its_budget_when_the_inner_folds_select(tmp_path):
+    """With enough inner folds, methods beside the members (``candidates``) are fitted on the inner folds and
+    stacked with them; a candidate with weight is refitted and saved like a member. With too few inner folds
+    only the members run. ``registered`` means every method within ``cost_budget`` that no member runs."""
+    spots = replace(linear_spots(300), sample_ids=np.repeat(np.array(["s1", "s2", "s3", "s4", "s5"], dtype=object), 60))
+    train, test = spots.subset(np.arange(240)), spots.subset(np.arange(240, 300))
+    members = {"ridge": {"method": "ridge_cv", "pca_components": 8}}
+    method = create_method("ensemble", members=members, candidates=["knn"], context=[{}], smoothing=[])
+    method.panel = GenePanel(genes=spots.genes)
+    sel = method.fit(train).selection
+    assert sel["candidates"] == ["knn"] and len(sel["inner_pearson"]["knn"]) == 3
+    assert sel["combination"] == "global" and set(sel["weights"]) | set(sel["dropped"]) == {"ridge", "knn"}
+    pred = method.predict(test.without_expression()).expression
+    back = load_method(method.save(tmp_path / "ens.pt"))
+    np.testing.assert_allclose(back.predict(test.without_expression()).expression, pred, rtol=1e-5, atol=1e-5)
+    two = create_method("ensemble", members=members, candidates=["knn"], context=[{}], smoothing=[])
+    two.panel = GenePanel(genes=spots.genes)
+    assert two.fit(train.subset(np.isin(train.sample_ids, ["s1", "s2"]))).selection["candidates"] == []
+    cheap = create_method("ensemble", cost_budget=10.0)._candidate_labels()
+    assert "nh2st" not in cheap and "mlp" not in cheap and "ridge" in cheap and "knn" not in cheap  # knn: a member
+    assert "nh2st" in create_method("ensemble", cost_budget=None)._candidate_labels()
+    with pytest.raises(He2stError, match="itself"):
+        create_method("ensemble", candidates=["ensemble"])

@@ -2,7 +2,9 @@
 
 Diverse members (``knn``, ``bleep``, ``ridge_cv``, ``carhe``) are combined with non-negative weights
 chosen by cross-validation over the training patients only -- the inner loop of nested cross-validation,
-run inside ``fit`` -- and then refitted on all training spots. Each member's spatial context is chosen on
+run inside ``fit`` -- and then refitted on all training spots. When the inner folds select, every other
+registered method within ``cost_budget`` (``candidates``) is tried beside them and stacked with them, so
+the best single method of a dataset can take part; a method the stacking gives no weight is not refitted. Each member's spatial context is chosen on
 the same inner folds by the one-standard-error rule. Members' predictions are standardised per gene
 within each predicted sample before they are weighted (``scale_within``). With fewer than
 ``min_selection_folds`` inner folds nothing is chosen: each member runs as configured, with an equal say.
@@ -25,11 +27,11 @@ from sklearn.linear_model import LinearRegression
 from he2st.data.splits import held_out_groups, validation_mask
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
-from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.base import Method, Prediction, TrainLog
 from he2st.methods.configs.ensemble import EnsembleConfig
+from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.neural import strip_prefix
-from he2st.methods.registry import create_method, method_class, register_method
+from he2st.methods.registry import METHODS, create_method, list_methods, method_class, register_method
 from he2st.stats import mean_sample_pearson, one_standard_error_choice
 
 CONTEXT_OPTIONS = ("context_neighbours", "context_field")
@@ -84,7 +86,7 @@ def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 @register_method
 class Ensemble(Method):
-    """he2st's default: knn, bleep, ridge_cv and carhe, weighted by nested cross-validation over training patients.
+    """he2st's default: knn, bleep, ridge_cv, carhe and other methods within a budget, stacked by nested cross-validation.
 
     The members are refitted on all training spots after the selection."""
 
@@ -99,6 +101,11 @@ class Ensemble(Method):
             if "method" not in spec:
                 raise He2stError(f"ensemble member {label!r} names no method")
             method_class(spec["method"])
+        if self.config.candidates != "registered":
+            for name in self.config.candidates:
+                if name == self.name:
+                    raise He2stError("ensemble: candidates cannot name the ensemble itself")
+                method_class(name)
         self.fitted: dict[str, Method] = {}
         self.weights = np.zeros((0, 0), np.float32)  # (genes or 1, members)
         self.intercepts = np.zeros(0, np.float32)
@@ -131,16 +138,33 @@ class Ensemble(Method):
             return self.fitted
         return {label: self._create(label) for label in self.config.members}
 
+    def _spec(self, label: str) -> dict[str, Any]:
+        """A member's spec; a candidate (labelled by its method's name) runs with that method's own options."""
+        return self.config.members.get(label) or {"method": label}
+
+    def _candidate_labels(self) -> list[str]:
+        """The methods tried beside the members when the inner folds select: those named in ``candidates``, or
+        every registered method (but the ensemble) whose listed cost is within ``cost_budget``; a method some
+        member already runs, or whose name is a member's label, is not tried twice."""
+        taken = set(self.config.members) | {spec["method"] for spec in self.config.members.values()}
+        names = self.config.candidates
+        if names == "registered":
+            budget = self.config.cost_budget
+            names = [name for name in list_methods() if name != self.name
+                     and (budget is None or METHODS[name].cost <= budget)]
+        return [name for name in dict.fromkeys(names) if name not in taken]
+
     def _create(self, label: str, context: dict[str, Any] | None = None) -> Method:
-        spec = dict(self.config.members[label]) | (context or {})
+        spec = dict(self._spec(label)) | (context or {})
         method = create_method(spec.pop("method"), **({"seed": self.config.seed} | spec))
         method.card = self.card
         return method
 
     def _candidates(self, label: str) -> list[dict[str, Any]]:
-        """The context options tried for a member (each a refit): its own when its spec pins them, else ``context``."""
-        spec = self.config.members[label]
-        if any(key in spec for key in CONTEXT_OPTIONS):
+        """The context options tried for a member (each a refit): its own when its spec pins them or it is a
+        candidate (whose every inner fit is a cost the members' own choice does not need), else ``context``."""
+        spec = self._spec(label)
+        if label not in self.config.members or any(key in spec for key in CONTEXT_OPTIONS):
             return [{}]
         return [dict(c) for c in self.config.context] or [{}]
 
@@ -148,7 +172,7 @@ class Ensemble(Method):
         """The query-time options tried on each fitted member (no refit), each unless the spec pins it:
         ``query_neighbours`` for methods that average each query with its neighbours at prediction, and
         ``smooth_neighbours`` (spatial smoothing of the member's predictions) for every method."""
-        spec = self.config.members[label]
+        spec = self._spec(label)
         options = method_class(spec["method"]).query_options
         tried = [(key, values) for key, values in (("query_neighbours", self.config.query_neighbours),
                                                    ("smooth_neighbours", self.config.smoothing))
@@ -179,7 +203,9 @@ class Ensemble(Method):
         seconds: defaultdict[str, float] = defaultdict(float)  # each member's fits, inner and final
         held_out = held_out_groups(groups, self.config.inner_folds)
         selecting = len(held_out) >= self.config.min_selection_folds
-        defaults = {label: self._default_variant(label) for label in self.config.members}
+        candidates = self._candidate_labels() if selecting else []
+        labels = list(self.config.members) + candidates
+        defaults = {label: self._default_variant(label) for label in labels}
 
         def tried(label: str) -> tuple[list[int], list[int]]:
             """The member's context options and query options fitted on the inner folds: all when they
@@ -188,7 +214,7 @@ class Ensemble(Method):
                 return list(range(len(self._candidates(label)))), list(range(len(self._queries(label))))
             return [defaults[label][0]], [defaults[label][1]]
 
-        fits = [(label, i) for label in self.config.members for i in tried(label)[0]]
+        fits = [(label, i) for label in labels for i in tried(label)[0]]
         variants = [(lb, i, q) for lb, i in fits for q in tried(lb)[1]]
         failed: dict[tuple[str, int], str] = {}
         inner: dict[tuple[str, int, int], list[float]] = {v: [] for v in variants}
@@ -210,7 +236,7 @@ class Ensemble(Method):
         # each member keeps its own configuration unless another variant is clearly better on the inner folds
         chosen: dict[str, tuple[int, int]] = {}
         dropped: dict[str, str] = {}
-        for label in self.config.members:
+        for label in labels:
             ok = [(i, q) for lb, i, q in variants if lb == label and (lb, i) not in failed]
             if not ok:
                 dropped[label] = "; ".join(dict.fromkeys(failed[(lb, i)] for lb, i in fits if lb == label))
@@ -249,6 +275,7 @@ class Ensemble(Method):
         log = TrainLog()
         log.selection = {
             "inner_folds": ["+".join(fold) for fold in held_out],
+            "candidates": candidates,
             "inner_pearson": {lb: inner[(lb, *chosen[lb])] for lb in chosen},
             "context": {lb: self._variant(lb, *chosen[lb]) for lb in chosen},
             "context_inner_pearson": {
