@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from he2st.methods.registry import METHODS, list_methods, method_class, method_config, summary_of
 from he2st.predict.config import PredictConfig
-from he2st.workflows.config import BenchmarkConfig, EmbedRunConfig, PrepareConfig, TrainRunConfig
+from he2st.workflows.config import AdaptRunConfig, BenchmarkConfig, EmbedRunConfig, PrepareConfig, TrainRunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_CHARS = 120
@@ -45,7 +45,7 @@ def options(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str | N
 
 
 CONFIGS = [method_config(name) for name in list_methods()] + [
-    PrepareConfig, EmbedRunConfig, BenchmarkConfig, TrainRunConfig, PredictConfig]
+    PrepareConfig, EmbedRunConfig, AdaptRunConfig, BenchmarkConfig, TrainRunConfig, PredictConfig]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.__name__)

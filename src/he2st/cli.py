@@ -193,6 +193,46 @@ def embed(
         _echo("all embeddings already present: nothing to do")
 
 
+@app.command()
+def adapt(
+    config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = None,
+    encoder: Annotated[str | None, typer.Option(
+        help="preset or timm name to adapt (default efficientnet_lite0)")] = None,
+    weights: Annotated[Path | None, typer.Option(help="its local weights file/folder")] = None,
+    samples: Annotated[str | None, typer.Option(
+        help="comma-separated sample ids whose patches are used (default: every sample with a patch cache)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="passes over the patches drawn for each epoch (default 2)")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Adapt an encoder to the study's own H&E patches, self-supervised (images only: no expression is read).
+
+    Writes encoders/<encoder>__adapted-<recipe>.pt in the work folder and its record beside it; embed with
+    it by `he2st embed --weights <that file>`. Options: --set adapt.train_blocks=2, adapt.max_patches, ..."""
+    _overwrite(overwrite)
+    from he2st.data.workspace import Workspace
+    from he2st.progress import progress_bar
+    from he2st.workflows.adapt import adapt_workspace
+    from he2st.workflows.config import AdaptRunConfig, load_config
+
+    cfg = load_config(AdaptRunConfig, config, set_, work_dir=str(work_dir) if work_dir else None, **{
+        "encoder": encoder, "weights": str(weights) if weights else None,
+        "samples": samples.split(",") if samples else None, "adapt.epochs": epochs})
+    ws = Workspace(cfg.work_dir)
+    with progress_bar(None, f"adapt {cfg.encoder}") as advance:
+        done = adapt_workspace(ws, cfg.samples, cfg.patch, cfg.encoder, cfg.weights, cfg.adapt, on_step=advance,
+                               on_start=lambda total: advance(0, total=total))
+    record = done.record
+    if done.reused:
+        _echo(f"already adapted with this recipe: {done.weights}")
+    else:
+        losses = record["epoch_loss"]
+        _echo(f"adapted {cfg.encoder} on {len(record['samples'])} samples, {len(losses)} epoch(s) of "
+              f"{record['patches_per_epoch']} patches in {record['seconds']:.0f} s: loss {losses[0]:.3f} -> "
+              f"{losses[-1]:.3f} (-1 is perfect agreement of the views)")
+        _echo(f"weights: {done.weights}")
+    _echo(f"embed with them: he2st embed -w {ws.root} --encoder {cfg.encoder} --weights {done.weights}")
+
+
 @app.command("methods")
 def methods_cmd(name: Annotated[str | None, typer.Argument(help="show one method's options")] = None) -> None:
     """List methods, or one method's options with defaults and what they do."""

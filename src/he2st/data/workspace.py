@@ -2,6 +2,7 @@
 
 ``samples/<id>.h5ad`` prepared samples; ``patches/<id>__<spec>.h5`` patch caches;
 ``folds/<scheme>.json`` fold definitions; ``embeddings/<encoder>/<id>__<spec>.h5``;
+``encoders/<encoder>__adapted-<recipe>.pt`` encoder weights adapted on the patches (``he2st adapt``);
 ``models/<method>.pt`` checkpoints; ``runs/<name>/`` results. Every path is checked to stay inside the
 work folder (:func:`he2st.io.inside`), whatever the ids it is built from.
 """
@@ -39,6 +40,18 @@ class Workspace:
 
     def patch_path(self, sample_id: str, spec: PatchSpec) -> Path:
         return self._inside(patch_cache_path(self.root, sample_id, spec))
+
+    def patched_sample_ids(self, spec: PatchSpec) -> list[str]:
+        """Samples with a patch cache cut with ``spec`` (whether or not their prepared sample is still here)."""
+        suffix = f"__{spec.key}.h5"
+        return sorted(p.name[: -len(suffix)] for p in (self.root / "patches").glob(f"*{suffix}")
+                      if not p.name.startswith("."))
+
+    def adapted_weights_path(self, encoder: str, recipe: str) -> Path:
+        """Weights of ``encoder`` adapted by the recipe whose checksum starts with ``recipe``: one file per recipe,
+        so embeddings made with one are never mistaken for another's."""
+        safe = safe_name(encoder.replace("/", "_").replace(":", "_"), "encoder name")
+        return self._inside(self.root / "encoders" / f"{safe}__adapted-{safe_name(recipe, 'recipe')}.pt")
 
     def folds_path(self, scheme: str) -> Path:
         return self._inside(self.root / "folds" / f"{safe_name(scheme, 'fold scheme')}.json")

@@ -38,6 +38,8 @@ class ModelCard(BaseModel):
     panel: GenePanel = Field(description="genes predicted and the transform of their targets")
     encoder: EncoderSpec | None = Field(None, description="the encoder whose features the model reads")
     weights_sha256: str | None = Field(None, description="checksum of the encoder weights file, when local")
+    encoder_adaptation: dict[str, Any] = Field(
+        default_factory=dict, description="how `he2st adapt` made the encoder weights from images (empty: not adapted)")
     patch: PatchSpec | None = Field(None, description="how the patches behind those features were cut")
     embedding: EmbedConfig | None = Field(None, description="stain, TTA, precision and weights of the features")
     gene_sets: dict[str, list[str]] = Field(default_factory=dict, description="HEG/HVG sets chosen on training spots")
@@ -88,6 +90,8 @@ class ModelCard(BaseModel):
         if self.encoder is not None:
             lines.append(("encoder", f"{self.encoder.name} ({self.encoder.embed_dim}-d), weights {self.encoder.weights}, "
                                      f"sha256 {self.weights_sha256 or 'not computed'}"))
+        if self.encoder_adaptation:
+            lines.append(("encoder adaptation", self._adaptation_line()))
         if self.patch is not None and self.embedding is not None:
             lines.append(("inputs", f"{self.patch.field_um:g} µm patches at {self.patch.size_px} px "
                                     f"({self.patch.pixel_size_um:g} µm/px), stain {self.embedding.stain}, "
@@ -105,6 +109,16 @@ class ModelCard(BaseModel):
         lines.append(("reliability", self._reliability_line()))
         lines.append(("command", self.command or "not recorded"))
         return lines
+
+    def _adaptation_line(self) -> str:
+        """How the encoder weights were adapted to the study's patches (self-supervised, no expression read)."""
+        a, options = self.encoder_adaptation, self.encoder_adaptation.get("options", {})
+        samples = sorted(a.get("samples", {}))
+        blocks = options.get("train_blocks")
+        return (f"{a.get('objective')} on the patches of {len(samples)} samples ({', '.join(samples)}), images only; "
+                f"{options.get('epochs')} epochs of {a.get('patches_per_epoch')} patches, "
+                f"{'all blocks' if blocks is None else f'last {blocks} blocks'}, seed {options.get('seed')}, "
+                f"from {a.get('base_encoder', {}).get('weights')}")
 
     def _resolution_line(self) -> str:
         """The training slides' pixel sizes and the upsampling ``he2st predict`` allows by default."""

