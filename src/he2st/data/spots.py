@@ -13,7 +13,8 @@ import numpy as np
 
 from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.genes import GenePanel
-from he2st.data.patches import PatchCache, PatchSpec
+from he2st.data.patch_rows import PatchRows
+from he2st.data.patches import PatchSpec
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
 
@@ -41,7 +42,7 @@ class SpotSet:
     genes: list[str]
     targets: np.ndarray | None = None  # (N, G) panel targets; None when predicting
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. cell-type proportions
-    patches: np.ndarray | None = None  # (N, H, W, 3) uint8, for end-to-end training
+    patches: np.ndarray | PatchRows | None = None  # (N, H, W, 3) uint8 for end-to-end training (PatchRows: on disk)
     tokens: np.ndarray | None = None  # (N, T, C) spatial tokens, for token-level methods
     field_features: np.ndarray | None = None  # (N, D) embeddings of the larger context field around each spot
 
@@ -62,10 +63,15 @@ class SpotSet:
 
     @staticmethod
     def concat(sets: Sequence[SpotSet]) -> SpotSet:
-        """Stack spot sets with the same genes (optional arrays kept only if every set has them)."""
-        def cat(name: str) -> np.ndarray | None:
+        """Stack spot sets with the same genes (optional arrays kept only if every set has them; patches stay
+        unread when every set's are :class:`PatchRows`, else all are read)."""
+        def cat(name: str) -> np.ndarray | PatchRows | None:
             arrays = [getattr(s, name) for s in sets]
-            return None if any(a is None for a in arrays) else np.concatenate(arrays)
+            if any(a is None for a in arrays):
+                return None
+            if all(isinstance(a, PatchRows) for a in arrays):
+                return PatchRows.concat(arrays)  # still unread
+            return np.concatenate([np.asarray(a) for a in arrays])
 
         keys = set.intersection(*(set(s.extras) for s in sets)) if sets else set()
         return SpotSet(
@@ -93,7 +99,8 @@ def load_spots(
 ) -> SpotSet:
     """Assemble a :class:`SpotSet` from a prepared work folder and its embedding files
     (``with_tokens``: also the cached token grids, for token-level methods). The context-field
-    embeddings come along when every sample has them (``he2st prepare`` cuts the field by default)."""
+    embeddings come along when every sample has them (``he2st prepare`` cuts the field by default).
+    ``with_patches``: the patches as :class:`PatchRows`, read from the caches a batch at a time."""
     parts: dict[str, list] = {k: [] for k in ("sid", "bc", "feat", "xy", "y", "patch", "tok", "field")}
     extra_parts: dict[str, list] = {k: [] for k in extras}
     for sid in sample_ids:
@@ -114,7 +121,10 @@ def load_spots(
                 raise He2stError(f"sample {sid} has no obsm[{key!r}]", workspace.sample_path(sid))
             extra_parts[key].append(np.asarray(sample.adata.obsm[key], dtype=np.float32))
         if with_patches:
-            parts["patch"].append(PatchCache(workspace.patch_path(sid, patch)).read())
+            rows = PatchRows.from_cache(workspace.patch_path(sid, patch))
+            if len(rows) != sample.n_spots:
+                raise He2stError(f"patches of {sid} do not match its spots; re-run `he2st prepare`", rows.files[0])
+            parts["patch"].append(rows)
         if with_tokens:
             parts["tok"].append(emb.tokens())
         field_path = workspace.embedding_path(embed, sid, patch.context_field())
@@ -132,7 +142,7 @@ def load_spots(
         genes=list(panel.genes),
         targets=np.concatenate(parts["y"]) if with_targets else None,
         extras={k: np.concatenate(v) for k, v in extra_parts.items() if v},
-        patches=np.concatenate(parts["patch"]) if with_patches else None,
+        patches=PatchRows.concat(parts["patch"]) if with_patches else None,
         tokens=np.concatenate(parts["tok"]) if with_tokens else None,
         field_features=np.concatenate(parts["field"]) if len(parts["field"]) == len(sample_ids) else None,
     )

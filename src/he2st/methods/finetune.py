@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from he2st.data.patch_rows import take_patches
 from he2st.data.spots import SpotSet
 from he2st.encoders import Encoder, create
 from he2st.encoders.augment import augment_batch
@@ -31,10 +32,11 @@ def trainable_encoder(config: FinetuneConfig, card: ModelCard | None, pretrained
 def patch_batch(
     encoder: Encoder, spots: SpotSet, idx: torch.Tensor, augment: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """The patches of ``spots`` at ``idx``, augmented when ``augment``, preprocessed for ``encoder``."""
+    """The patches of ``spots`` at ``idx``, augmented when ``augment``, preprocessed for ``encoder``; patches
+    loaded from the caches are read here, one batch at a time, so training memory does not grow with the spots."""
     if spots.patches is None:
         raise He2stError("finetune_encoder needs patches (load spots with with_patches=True)")
-    patches = torch.from_numpy(spots.patches[idx.numpy()])
+    patches = torch.from_numpy(take_patches(spots.patches, idx.numpy()))
     if augment:
         patches = augment_batch(patches, generator)
     return encoder.preprocess(patches)
