@@ -22,7 +22,7 @@ class EnsembleConfig(MethodConfig):
         description="member label -> {method: registered name, other keys: that method's options}")
     context: list[dict[str, Any]] = Field(
         default_factory=lambda: [{}, {"context_neighbours": 6}, {"context_neighbours": 6, "context_field": True}],
-        description="spatial context options tried on inner folds for each member whose spec does not set them")
+        description="context options (neighbours, field, views) tried on inner folds for each member not setting them")
     query_neighbours: list[int] = Field(
         default_factory=lambda: [0, 6],
         description="query-time neighbour counts tried on each fitted retrieval member whose spec does not set them")
