@@ -30,6 +30,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from he2st.data.embeddings import EmbedConfig
 from he2st.data.patches import PatchCache, PatchSpec
+from he2st.data.views import view_patch
 from he2st.data.workspace import Workspace
 from he2st.encoders import runtime as runtimes
 from he2st.encoders.export import onnx_graph
@@ -37,7 +38,7 @@ from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.encoders.runtime import GRAPH_RUNTIMES, installed
 from he2st.workflows.benchmark import benchmark_folds
 from he2st.workflows.config import BenchmarkConfig
-from he2st.workflows.embed import embed_cache, patch_specs
+from he2st.workflows.embed import embed_cache, own_views
 from he2st.workflows.protocol import build_fold_data, run_fold
 
 
@@ -81,8 +82,10 @@ def embed_with(ws: Workspace, encoder, config: EmbedConfig, graph: Path | None, 
     if graph is not None:
         embedder._graph = runtimes._load(runtime, graph, torch.get_num_threads())
     for sid in ws.sample_ids():
-        for spec in patch_specs(ws, sid, PatchSpec()):
-            embed_cache(embedder, PatchCache(ws.patch_path(sid, spec)), ws.embedding_path(config, sid, spec), config)
+        patch = PatchSpec()
+        views = [(view_patch(patch, v), ws.view_path(config, sid, patch, v)) for v in own_views(ws, sid, patch, config)]
+        for spec, out in [(patch, ws.embedding_path(config, sid, patch)), *views]:
+            embed_cache(embedder, PatchCache(ws.patch_path(sid, spec)), out, config)
 
 
 def scores(ws: Workspace, methods: list[str], fold_index: list[int] | None = None) -> dict[str, list[float]]:

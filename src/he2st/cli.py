@@ -182,7 +182,7 @@ def embed(
         if any(o.status == "failed" for o in outcomes):
             raise typer.Exit(1)
         return
-    with progress_bar(patches_to_embed(ws, ids, cfg.patch), f"embed {cfg.embed.encoder}") as advance:
+    with progress_bar(patches_to_embed(ws, ids, cfg.patch, cfg.embed), f"embed {cfg.embed.encoder}") as advance:
         summary = embed_workspace(ws, ids, cfg.patch, cfg.embed, on_progress=advance)
     for sid, path in summary.paths.items():
         _echo(f"{sid}\t{path}")
@@ -421,7 +421,7 @@ def _run_benchmark(cfg, dataset: str | None = None) -> None:
 
     check_outputs(cfg)  # before embedding: results he2st did not write are refused here, not at the end
     ids = ws.sample_ids()
-    with progress_bar(patches_to_embed(ws, ids, cfg.patch), f"embed {cfg.embed.encoder}") as advance:
+    with progress_bar(patches_to_embed(ws, ids, cfg.patch, cfg.embed), f"embed {cfg.embed.encoder}") as advance:
         summary = embed_workspace(ws, ids, cfg.patch, cfg.embed, on_progress=advance)
     if summary.n_embedded:
         _echo(f"embedded {summary.n_embedded} patches ({summary.throughput:.1f} patches/s)")

@@ -15,7 +15,7 @@ from typing import Literal
 
 import h5py
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from he2st.errors import He2stError
 
@@ -44,6 +44,25 @@ class EmbedConfig(BaseModel):
     token_grid: int = Field(
         0, ge=0, le=16, description="also cache the encoder's spatial tokens pooled to a g x g grid (for cmrcnet); 0: "
         "none")
+    views: list[str] = Field(
+        default_factory=list, description="also embed these views of each spot: 'tiles' (2 x 2 sub-spot tiles) or "
+        "another encoder's name")
+
+    @field_validator("views", mode="before")
+    @classmethod
+    def _view_list(cls, value: object) -> object:
+        """A comma-separated string (``--set embed.views=tiles``) is a list of one or more names."""
+        return [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+
+    @field_validator("views")
+    @classmethod
+    def _views(cls, value: list[str]) -> list[str]:
+        """The context field is embedded whenever prepare cut it; names are kept once, in order."""
+        if "field" in value:
+            raise ValueError("the field view is embedded whenever `he2st prepare` cut it; list 'tiles' or encoders")
+        if any(not v.strip() for v in value):
+            raise ValueError("a view name is empty")
+        return list(dict.fromkeys(value))
 
 
 class EmbeddingFile:

@@ -15,6 +15,7 @@ from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.genes import GenePanel
 from he2st.data.patch_rows import PatchRows
 from he2st.data.patches import PatchSpec
+from he2st.data.views import FIELD
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
 
@@ -44,7 +45,7 @@ class SpotSet:
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. cell-type proportions
     patches: np.ndarray | PatchRows | None = None  # (N, H, W, 3) uint8 for end-to-end training (PatchRows: on disk)
     tokens: np.ndarray | None = None  # (N, T, C) spatial tokens, for token-level methods
-    field_features: np.ndarray | None = None  # (N, D) embeddings of the larger context field around each spot
+    views: dict[str, np.ndarray] = field(default_factory=dict)  # view name -> (N, D_view) (he2st.data.views)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -58,13 +59,13 @@ class SpotSet:
             self, sample_ids=self.sample_ids[mask], barcodes=self.barcodes[mask], features=self.features[mask],
             coords_um=self.coords_um[mask], targets=pick(self.targets),
             extras={k: v[mask] for k, v in self.extras.items()}, patches=pick(self.patches), tokens=pick(self.tokens),
-            field_features=pick(self.field_features),
+            views={k: v[mask] for k, v in self.views.items()},
         )
 
     @staticmethod
     def concat(sets: Sequence[SpotSet]) -> SpotSet:
-        """Stack spot sets with the same genes (optional arrays kept only if every set has them; patches stay
-        unread when every set's are :class:`PatchRows`, else all are read)."""
+        """Stack spot sets with the same genes (optional arrays, extras and views kept only if every set has them;
+        patches stay unread when every set's are :class:`PatchRows`, else all are read)."""
         def cat(name: str) -> np.ndarray | PatchRows | None:
             arrays = [getattr(s, name) for s in sets]
             if any(a is None for a in arrays):
@@ -74,11 +75,13 @@ class SpotSet:
             return np.concatenate([np.asarray(a) for a in arrays])
 
         keys = set.intersection(*(set(s.extras) for s in sets)) if sets else set()
+        views = set.intersection(*(set(s.views) for s in sets)) if sets else set()
         return SpotSet(
             sample_ids=cat("sample_ids"), barcodes=cat("barcodes"), features=cat("features"),
             coords_um=cat("coords_um"), genes=list(sets[0].genes), targets=cat("targets"),
             extras={k: np.concatenate([s.extras[k] for s in sets]) for k in sorted(keys)},
-            patches=cat("patches"), tokens=cat("tokens"), field_features=cat("field_features"),
+            patches=cat("patches"), tokens=cat("tokens"),
+            views={k: np.concatenate([s.views[k] for s in sets]) for k in sorted(views)},
         )
 
     def without_expression(self) -> SpotSet:
@@ -96,13 +99,16 @@ def load_spots(
     extras: Sequence[str] = (),
     with_patches: bool = False,
     with_tokens: bool = False,
+    views: Sequence[str] = (FIELD,),
 ) -> SpotSet:
     """Assemble a :class:`SpotSet` from a prepared work folder and its embedding files
-    (``with_tokens``: also the cached token grids, for token-level methods). The context-field
-    embeddings come along when every sample has them (``he2st prepare`` cuts the field by default).
-    ``with_patches``: the patches as :class:`PatchRows`, read from the caches a batch at a time."""
-    parts: dict[str, list] = {k: [] for k in ("sid", "bc", "feat", "xy", "y", "patch", "tok", "field")}
+    (``with_tokens``: also the cached token grids, for token-level methods). Each of ``views``
+    (:mod:`he2st.data.views`) comes along when every sample has it; a method reading one that is
+    missing names the command that makes it. ``with_patches``: the patches as :class:`PatchRows`, read
+    from the caches a batch at a time."""
+    parts: dict[str, list] = {k: [] for k in ("sid", "bc", "feat", "xy", "y", "patch", "tok")}
     extra_parts: dict[str, list] = {k: [] for k in extras}
+    view_parts: dict[str, list] = {k: [] for k in dict.fromkeys(views)}
     for sid in sample_ids:
         sample = workspace.load_sample(sid)
         emb = EmbeddingFile(workspace.embedding_path(embed, sid, patch))
@@ -127,13 +133,15 @@ def load_spots(
             parts["patch"].append(rows)
         if with_tokens:
             parts["tok"].append(emb.tokens())
-        field_path = workspace.embedding_path(embed, sid, patch.context_field())
-        if field_path.exists():
-            field = EmbeddingFile(field_path)
-            if field.barcodes != emb.barcodes:
-                raise He2stError(f"context-field embeddings of {sid} do not match its spots; re-run `he2st embed`",
-                                 field.path)
-            parts["field"].append(field.embeddings.astype(np.float32))
+        for view, found in view_parts.items():
+            path = workspace.view_path(embed, sid, patch, view)
+            if len(found) < len(parts["sid"]) - 1 or not path.exists():
+                continue  # an earlier sample lacks the view, or this one does
+            other = EmbeddingFile(path)
+            if other.barcodes != emb.barcodes:
+                raise He2stError(f"{view}-view embeddings of {sid} do not match its spots; re-run `he2st embed`",
+                                 other.path)
+            found.append(other.embeddings.astype(np.float32))
     return SpotSet(
         sample_ids=np.concatenate(parts["sid"]),
         barcodes=np.concatenate(parts["bc"]),
@@ -144,5 +152,5 @@ def load_spots(
         extras={k: np.concatenate(v) for k, v in extra_parts.items() if v},
         patches=PatchRows.concat(parts["patch"]) if with_patches else None,
         tokens=np.concatenate(parts["tok"]) if with_tokens else None,
-        field_features=np.concatenate(parts["field"]) if len(parts["field"]) == len(sample_ids) else None,
+        views={k: np.concatenate(v) for k, v in view_parts.items() if v and len(v) == len(sample_ids)},
     )

@@ -1,7 +1,8 @@
 """The layout of a he2st work folder, in one place.
 
 ``samples/<id>.h5ad`` prepared samples; ``patches/<id>__<spec>.h5`` patch caches;
-``folds/<scheme>.json`` fold definitions; ``embeddings/<encoder>/<id>__<spec>.h5``;
+``folds/<scheme>.json`` fold definitions; ``embeddings/<encoder>/<id>__<spec>.h5`` (and the spot's
+other views, :mod:`he2st.data.views`, beside them);
 ``encoders/<encoder>__adapted-<recipe>.pt`` encoder weights adapted on the patches (``he2st adapt``);
 ``models/<method>.pt`` checkpoints; ``runs/<name>/`` results. Every path is checked to stay inside the
 work folder (:func:`he2st.io.inside`), whatever the ids it is built from.
@@ -17,6 +18,7 @@ from he2st.data.embeddings import EmbedConfig
 from he2st.data.patches import PatchSpec, patch_cache_path
 from he2st.data.sample import Sample
 from he2st.data.splits import Fold
+from he2st.data.views import view_embed, view_patch, view_tiles
 from he2st.errors import He2stError
 from he2st.io import inside, path_kind, safe_name, write_text_atomic
 
@@ -73,17 +75,25 @@ class Workspace:
         except (ValueError, KeyError, TypeError) as exc:
             raise He2stError(f"not a valid folds file ({type(exc).__name__}); re-run `he2st prepare`", path) from exc
 
-    def embedding_path(self, embed: EmbedConfig, sample_id: str, spec: PatchSpec) -> Path:
-        """One file per (encoder, weights, stain, TTA, precision, token grid) recipe, so recipes never overwrite each other."""
+    def embedding_path(self, embed: EmbedConfig, sample_id: str, spec: PatchSpec, tiles: int = 1) -> Path:
+        """One file per (encoder, weights, stain, TTA, precision, token grid, tiles) recipe, so recipes never
+        overwrite each other."""
         safe = embed.encoder.replace("/", "_").replace(":", "_")
         tags = [f"{k}-{v}" for k, v in (("stain", embed.stain), ("tta", embed.tta), ("precision", embed.precision))
                 if v not in ("none", "auto")]
         if embed.token_grid:
             tags.append(f"tokens-{embed.token_grid}")
+        if tiles > 1:
+            tags.append(f"tiles-{tiles}")
         if embed.weights is not None:
             tags.append("w-" + hashlib.sha1(str(Path(embed.weights).resolve()).encode()).hexdigest()[:8])
         name = "__".join([safe_name(sample_id, "sample id"), spec.key, *tags]) + ".h5"
         return self._inside(self.root / "embeddings" / safe / name)
+
+    def view_path(self, embed: EmbedConfig, sample_id: str, spec: PatchSpec, view: str) -> Path:
+        """The embedding file of one view (:mod:`he2st.data.views`) of a sample's spots embedded with ``embed``
+        from ``spec`` patches."""
+        return self.embedding_path(view_embed(embed, view), sample_id, view_patch(spec, view), view_tiles(view))
 
     def run_dir(self, name: str) -> Path:
         return self._inside(self.root / "runs" / safe_name(name, "run name"))

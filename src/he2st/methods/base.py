@@ -22,13 +22,14 @@ from pydantic import ValidationError
 from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.data.splits import validation_mask
+from he2st.data.views import is_encoder_view
 from he2st.errors import He2stError, one_line
 from he2st.io import atomic_path, check_output
 from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.card import ModelCard
 from he2st.methods.checkpoint import CHECKPOINT_FORMAT
 from he2st.methods.configs.common import MethodConfig
-from he2st.methods.layers.context import context_width, with_context
+from he2st.methods.layers.context import context_width, feature_views, views_width, with_context
 from he2st.methods.layers.neighbourhood import neighbour_sum
 from he2st.methods.reliability import Reliability
 
@@ -228,13 +229,19 @@ class Method(ABC):
     # -------------------------------------------------------------- spatial context
     @property
     def context_width(self) -> int:
-        """How many embedding widths the method's input features span (1: the spot alone)."""
-        return context_width(self.config.context_neighbours, self.config.context_field)
+        """How many embedding blocks the method's input features span (1: the spot alone)."""
+        return context_width(self.config.context_neighbours, self.views)
 
     @property
-    def reads_field(self) -> bool:
-        """Whether prediction needs the context-field embeddings (whole-slide prediction then cuts them)."""
-        return self.config.context_field
+    def views(self) -> list[str]:
+        """The spot's other views (:mod:`he2st.data.views`) appended to its features, in order."""
+        return feature_views(self.config.context_field, self.config.views)
+
+    @property
+    def reads_views(self) -> list[str]:
+        """Every view a fit or a prediction of this method may read (whole-slide prediction embeds them,
+        workflows load them)."""
+        return self.views
 
     @property
     def predicts_whole_samples(self) -> bool:
@@ -244,7 +251,7 @@ class Method(ABC):
 
     def contextual(self, spots: SpotSet) -> SpotSet:
         """``spots`` with the configured context appended to their features."""
-        return with_context(spots, self.config.context_neighbours, self.config.context_field, self.name)
+        return with_context(spots, self.config.context_neighbours, self.views, self.name)
 
     @abstractmethod
     def state(self) -> dict[str, torch.Tensor]:
@@ -304,11 +311,19 @@ class Method(ABC):
         return None
 
     def check_spots(self, spots: SpotSet) -> None:
-        """Refuse spots whose features cannot be what the model was trained on."""
-        if self.uses_patches:
-            return  # the encoder is part of the model; features are not its input
-        expected = None if self.feature_dim is None else self.feature_dim // self.context_width
-        if expected is not None and spots.features.shape[1] != expected:
+        """Refuse spots whose features cannot be what the model was trained on (spots lacking a view the
+        model reads are refused, naming the view, when it is appended). The field and tiles views come
+        from the spot's own encoder, so they are as wide as its features; an encoder view has its width."""
+        if self.uses_patches or self.feature_dim is None or any(v not in spots.views for v in self.views):
+            return  # the encoder is part of the model (features are not its input), or a view is missing
+        others = [v for v in self.views if is_encoder_view(v)]
+        blocks = self.context_width - len(others)  # spot, neighbour mean, field and tiles: the spot's width
+        expected = (self.feature_dim - views_width(spots, others)) // blocks
+        got = spots.features.shape[1] * blocks + views_width(spots, others)
+        if spots.features.shape[1] == expected and got != self.feature_dim:
+            raise He2stError(f"model expects {self.feature_dim}-d features with its views ({', '.join(self.views)}), "
+                             f"got {got}-d")
+        if spots.features.shape[1] != expected:
             encoder = self.card.encoder if self.card is not None else None
             source = f" from encoder {encoder.name!r}" if encoder is not None else ""
             raise He2stError(f"model expects {expected}-d image features{source}, got {spots.features.shape[1]}-d")

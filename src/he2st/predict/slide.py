@@ -6,8 +6,9 @@ training features were embedded, predict -- so memory depends on the chunk size,
 size. Each finished chunk is committed to the partial file (:mod:`he2st.predict.store`), so an
 interrupted run resumes where it stopped. Methods that read neighbouring spots (``halo_hops``: NH2ST,
 query-time context, neighbour context features) get each chunk plus a halo of its spots' neighbours,
-taken from the committed features, so chunk borders do not cut neighbourhoods; methods that read the
-context field (``reads_field``) get it cut and embedded beside each spot's patch.
+taken from the committed features, so chunk borders do not cut neighbourhoods; methods that read other
+views of a spot (``reads_views``: the context field, sub-spot tiles, another encoder) get them cut and
+embedded beside each spot's patch, as ``he2st embed`` makes them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from he2st.data.patches import PatchSpec, check_resolution, read_patches
 from he2st.data.sample import Sample
 from he2st.data.slide import Slide, open_slide
 from he2st.data.spots import SpotSet
-from he2st.encoders import Encoder
+from he2st.data.views import FIELD, is_encoder_view, view_embed, view_tiles
+from he2st.encoders import Encoder, create
 from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.encoders.spec import EncoderSpec
 from he2st.errors import He2stError
@@ -49,6 +51,36 @@ from he2st.predict.store import (
     write_h5ad,
 )
 from he2st.predict.tissue import detect_tissue, load_mask
+
+
+@dataclass
+class ViewEmbedder:
+    """How one view of each spot is made on a slide: its embedder, fed the spot patches or (``field``)
+    the context-field patches."""
+
+    name: str
+    embedder: PatchEmbedder
+    field: bool
+
+    @property
+    def width(self) -> int:
+        return self.embedder.encoder.embed_dim
+
+
+def view_embedders(views: list[str], encoder: Encoder, config: EmbedConfig, patch_px: int,
+                   spot: PatchEmbedder) -> list[ViewEmbedder]:
+    """The embedders of ``views`` (a method's ``reads_views``), each the way ``he2st embed`` makes the view:
+    the spot's own embedder on the field, tiled for the tiles, an encoder view's own preset."""
+    out = []
+    for view in views:
+        if view == FIELD:
+            embedder = spot
+        elif is_encoder_view(view):
+            embedder = PatchEmbedder(create(view), view_embed(config, view), patch_px)
+        else:
+            embedder = PatchEmbedder(encoder, view_embed(config, view), patch_px, tiles=view_tiles(view))
+        out.append(ViewEmbedder(view, embedder, view == FIELD))
+    return out
 
 
 @dataclass
@@ -204,22 +236,24 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
         _check_encoder(encoder, trained_encoder, config.model)
         # a checkpoint file is identified by path, size and mtime; a method in memory by its tensors
         model_id = file_id(config.model) if config.model is not None else method_fingerprint(method)
+        views = method.reads_views
         stamp = fingerprint({
             "model": model_id, "slide": file_id(slide_path), "mpp": round(mpp, 9),
             "patch": patch.model_dump(), "encoder": encoder.spec.model_dump_json(), "stain": stain, "tta": tta,
             "genes": columns.genes, "chunk": config.chunk,
             "xy": hashlib.sha1(np.ascontiguousarray(grid.xy).tobytes()).hexdigest(), "names": grid.names,
-            "field": method.reads_field, "coverage": config.coverage if method.reliability is not None else None,
-        })
+            "field": FIELD in views, "coverage": config.coverage if method.reliability is not None else None,
+        } | ({"views": views} if set(views) - {FIELD} else {}))
         if final.exists() and stored_fingerprint(final) == stamp:
             return _with_store(final, config)
         with output_lock(final):
-            width = encoder.embed_dim * (2 if method.reads_field else 1)  # spot features, then the field's
             embedder = PatchEmbedder(encoder, enc_cfg, patch.size_px)
+            others = view_embedders(views, encoder, enc_cfg, patch.size_px, embedder)
+            width = encoder.embed_dim + sum(v.width for v in others)  # spot features, then each view's
             try:
                 with writing(partial):
                     open_partial(partial, stamp, grid, len(columns.genes), width, config.chunk)
-                    _run_chunks(slide, method, embedder, config.batch_size, grid, patch, mpp, library_id,
+                    _run_chunks(slide, method, embedder, others, config.batch_size, grid, patch, mpp, library_id,
                                 columns, partial, config.chunk, on_chunk)
                 _finish(partial, final, stamp, method, config, encoder, embedder, patch, mpp, slide_path, sample,
                         tissue_source, grid, columns.genes, thumb, scale, library_id, stain, tta)
@@ -296,9 +330,9 @@ def _check_encoder(encoder: Encoder, trained: EncoderSpec, where: Path | None) -
             f"got encoder {encoder.spec.name!r} ({encoder.embed_dim}-d)", where)
 
 
-def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_size: int, grid: SpotGrid, patch: PatchSpec,
-                mpp: float, library_id: str, columns: GeneColumns, partial: Path, chunk: int,
-                on_chunk: Callable[[ChunkInfo], None] | None) -> None:
+def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, views: list[ViewEmbedder], batch_size: int,
+                grid: SpotGrid, patch: PatchSpec, mpp: float, library_id: str, columns: GeneColumns, partial: Path,
+                chunk: int, on_chunk: Callable[[ChunkInfo], None] | None) -> None:
     """Read (one chunk ahead, in a thread), embed and commit chunks; predict each chunk once the
     features of its neighbourhood halo (methods that read neighbouring spots) are committed. A method
     that predicts whole samples predicts every spot together once all are embedded (its memory then
@@ -315,8 +349,10 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_siz
     hops = method.halo_hops
     whole = method.predicts_whole_samples
     tree = cKDTree(grid.xy) if hops and not whole else None  # halos: chunk by chunk only
-    sides = [patch.field_um / mpp] + ([patch.context_field().field_um / mpp] if method.reads_field else [])
-    dim = embedder.encoder.embed_dim
+    reads_field = any(v.field for v in views)
+    sides = [patch.field_um / mpp] + ([patch.context_field().field_um / mpp] if reads_field else [])
+    # columns of the stored features: the spot's, then each view's
+    bounds = np.cumsum([embedder.encoder.embed_dim] + [v.width for v in views])
 
     def read(i: int) -> tuple[list[np.ndarray], float]:
         """The chunk's spot patches (and context-field patches when the method reads them)."""
@@ -325,9 +361,8 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_siz
         patches = [read_patches(slide, xy, side, patch.size_px) for side in sides]
         return patches, time.perf_counter() - start
 
-    def embed(patches: np.ndarray) -> np.ndarray:
-        return np.concatenate([
-            embedder(patches[j : j + batch_size])[0] for j in range(0, len(patches), batch_size)])
+    def embed(run: PatchEmbedder, patches: np.ndarray) -> np.ndarray:
+        return np.concatenate([run(patches[j : j + batch_size])[0] for j in range(0, len(patches), batch_size)])
 
     def predict(fh: h5py.File, i: int, features: np.ndarray | None, patches: np.ndarray | None) -> None:
         """Chunk ``i`` with its halo, or (``whole``) every spot, which then counts as all chunks."""
@@ -337,10 +372,12 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_siz
             features, patches = fh["features"][:], None
         elif features is None or len(rows) != b - a:
             features, patches = fh["features"][rows], None
+        blocks = zip(views, bounds[:-1], bounds[1:], strict=True)
         spots = SpotSet(sample_ids=np.full(len(rows), library_id, dtype=object),
-                        barcodes=np.asarray([grid.names[r] for r in rows], dtype=object), features=features[:, :dim],
-                        coords_um=grid.xy[rows] * mpp, genes=list(method.panel.genes), patches=patches,
-                        field_features=features[:, dim:] if method.reads_field else None)
+                        barcodes=np.asarray([grid.names[r] for r in rows], dtype=object),
+                        features=features[:, : bounds[0]], coords_um=grid.xy[rows] * mpp,
+                        genes=list(method.panel.genes), patches=patches,
+                        views={v.name: features[:, a:b] for v, a, b in blocks})
         pred = method.predict(spots)
         keep = np.searchsorted(rows, np.arange(a, b))  # the chunk's own rows within chunk + halo
         expression = np.full((b - a, n_genes), np.nan, np.float32)
@@ -385,7 +422,8 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, batch_siz
                 pending = pool.submit(read, i + 1)
             a, b = i * chunk, min((i + 1) * chunk, n)
             t0 = time.perf_counter()
-            features = np.concatenate([embed(p) for p in patches], axis=1)
+            features = np.concatenate([embed(embedder, patches[0])] + [
+                embed(v.embedder, patches[1 if v.field else 0]) for v in views], axis=1)
             patches = patches[0]  # end-to-end methods read the spot patches only
             fh["features"][a:b] = features
             fh.attrs["embedded_chunks"] = i + 1  # committed: the resume point for embedding

@@ -120,14 +120,14 @@ def benchmark_folds(config: BenchmarkConfig, ws: Workspace) -> tuple[list[Fold],
 def input_checksums(config: BenchmarkConfig, ws: Workspace, sample_ids: list[str],
                     known: dict[str, str] | None = None) -> dict[str, str]:
     """sha256 of every file the benchmark reads for ``sample_ids``, by path in the work folder: each prepared
-    sample, its embeddings and context-field embeddings (when made), and its patches when a method trains
-    on them. ``known`` (path -> sha256) is filled and reused, so each file is read once per run."""
+    sample, its embeddings and those of the views a method may read (when made), and its patches when a
+    method trains on them. ``known`` (path -> sha256) is filled and reused, so each file is read once per run."""
     known = {} if known is None else known
     found = {}
+    views = config.needs_views()
     for sid in sample_ids:
         paths = [ws.sample_path(sid), ws.embedding_path(config.embed, sid, config.patch)]
-        field = ws.embedding_path(config.embed, sid, config.patch.context_field())
-        paths += [field] if field.exists() else []
+        paths += [p for p in (ws.view_path(config.embed, sid, config.patch, v) for v in views) if p.exists()]
         paths += [ws.patch_path(sid, config.patch)] if config.needs_patches() else []
         for path in paths:
             name = str(path.relative_to(ws.root))

@@ -198,6 +198,11 @@ class FitConfig(WorkConfig):
         """Whether token grids are loaded: they are cached (``embed.token_grid``) and a method uses them."""
         return bool(self.embed.token_grid) and any(method_class(m).uses_tokens for m in self.fitted_methods())
 
+    def needs_views(self) -> list[str]:
+        """The spot views (:mod:`he2st.data.views`) a method of this run may read, loaded beside the spots."""
+        return list(dict.fromkeys(v for m in self.fitted_methods()
+                                  for v in method_class(m)(**self.options_for(m)).reads_views))
+
 
 class BenchmarkConfig(FitConfig):
     """``he2st benchmark``: methods x patient-level folds on a prepared, embedded work folder.

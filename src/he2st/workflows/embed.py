@@ -1,7 +1,9 @@
 """``he2st embed``: frozen-encoder embeddings for every spot, computed once and reused.
 
 The file layout is :mod:`he2st.data.embeddings` (token grids come from the un-augmented view when TTA
-is on). Work in progress lives in a
+is on). Besides each spot's own embedding, the spot's other views (:mod:`he2st.data.views`) are
+embedded: the context field whenever ``he2st prepare`` cut it, and the views ``embed.views`` lists
+(sub-spot tiles, other encoders). Work in progress lives in a
 ``.partial.h5`` file that records how many rows are done: an interrupted run continues from there,
 and the final file appears (atomically renamed) only when every spot is embedded.
 """
@@ -22,6 +24,7 @@ import torch
 
 from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.patches import PatchCache, PatchSpec
+from he2st.data.views import FIELD, TILES, is_encoder_view, view_embed, view_patch, view_tiles
 from he2st.encoders import Encoder
 from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.errors import He2stError
@@ -31,9 +34,10 @@ from he2st.workflows.engines import run_tasks
 FORMAT = 1
 
 
-def recipe(config: EmbedConfig, encoder: Encoder, cache: PatchCache) -> dict[str, str]:
+def recipe(config: EmbedConfig, encoder: Encoder, cache: PatchCache, tiles: int = 1) -> dict[str, str]:
     """The attrs that must match for an existing embedding file to be reused: how the vectors were
-    computed, and from which patches (the cache's sample fingerprint changes with the sample)."""
+    computed (``tiles``: sub-spot tiles per side), and from which patches (the cache's sample fingerprint
+    changes with the sample)."""
     wanted = {
         "encoder_spec": encoder.spec.model_dump_json(),
         "patch_spec": cache.spec.model_dump_json(),
@@ -44,6 +48,8 @@ def recipe(config: EmbedConfig, encoder: Encoder, cache: PatchCache) -> dict[str
     }
     if config.token_grid:  # only then, so files made before token grids existed stay valid
         wanted["token_grid"] = str(config.token_grid)
+    if tiles > 1:
+        wanted["tiles"] = str(tiles)
     return wanted
 
 
@@ -98,7 +104,7 @@ def embed_cache(
     runtime gives the same numbers within :data:`he2st.encoders.runtime.FP32_TOLERANCE`."""
     embedder = encoder if isinstance(encoder, PatchEmbedder) else None
     encoder = embedder.encoder if embedder is not None else encoder
-    wanted = recipe(config, encoder, cache)
+    wanted = recipe(config, encoder, cache, embedder.tiles if embedder is not None else 1)
     if finished(out, wanted, cache):
         return EmbedResult(out, len(cache), 0.0, reused=True)
     with output_lock(out, wait=True):  # another process embedding this sample: wait, then reuse its file
@@ -174,38 +180,59 @@ def embed_workspace(
     workspace, sample_ids: list[str], patch: PatchSpec, config: EmbedConfig,
     on_progress: Callable[[int], None] | None = None, encoder: Encoder | None = None,
 ) -> EmbedSummary:
-    """Embed the patch caches of ``sample_ids`` in a work folder (spot patches and their context field);
-    finished files are reused. ``paths`` names each sample's spot-embedding file."""
-    encoder = encoder or load_encoder(config)
-    embedders: dict[int, PatchEmbedder] = {}  # by patch size, made only when there is work: one export per run
+    """Embed the patch caches of ``sample_ids`` in a work folder (spot patches, the context field around
+    them, the views ``config.views`` lists); finished files are reused. ``paths`` names each sample's
+    spot-embedding file."""
+    summary = _embed_with(workspace, sample_ids, patch, config, True, on_progress, encoder)
+    for view in filter(is_encoder_view, config.views):  # another encoder on the same spot patches
+        other = _embed_with(workspace, sample_ids, patch, view_embed(config, view), False, on_progress)
+        summary.n_embedded += other.n_embedded
+        summary.seconds += other.seconds
+        summary.runtimes |= other.runtimes
+    return summary
+
+
+def _embed_with(workspace, sample_ids: list[str], patch: PatchSpec, config: EmbedConfig, with_views: bool,
+                on_progress: Callable[[int], None] | None, encoder: Encoder | None = None) -> EmbedSummary:
+    """The spot embeddings of ``config``'s encoder and, ``with_views``, the views it makes of the same
+    spots (:func:`own_views`)."""
+    embedders: dict[tuple[int, int], PatchEmbedder] = {}  # by patch size and tiles: one export per run
     paths: dict[str, Path] = {}
     n_done, seconds = 0, 0.0
     for sid in sample_ids:
-        for spec in patch_specs(workspace, sid, patch):
+        paths[sid] = workspace.embedding_path(config, sid, patch)
+        for view in [None, *(own_views(workspace, sid, patch, config) if with_views else [])]:
+            spec = patch if view is None else view_patch(patch, view)
+            cfg = config if view is None else view_embed(config, view)
+            tiles = 1 if view is None else view_tiles(view)
+            out = paths[sid] if view is None else workspace.view_path(config, sid, patch, view)
             cache = PatchCache(workspace.patch_path(sid, spec))
             cache.check(spec)
-            out = workspace.embedding_path(config, sid, spec)
-            paths.setdefault(sid, out)
-            if finished(out, recipe(config, encoder, cache), cache):
+            encoder = encoder or load_encoder(config)
+            if finished(out, recipe(cfg, encoder, cache, tiles), cache):
                 continue
-            if spec.size_px not in embedders:
-                embedders[spec.size_px] = PatchEmbedder(encoder, config, spec.size_px, config.token_grid)
-            result = embed_cache(embedders[spec.size_px], cache, out, config, on_progress)
+            key = (spec.size_px, tiles)
+            if key not in embedders:
+                embedders[key] = PatchEmbedder(encoder, cfg, spec.size_px, cfg.token_grid, tiles)
+            result = embed_cache(embedders[key], cache, out, cfg, on_progress)
             n_done += result.n
             seconds += result.seconds
     return EmbedSummary(paths, n_done, seconds, {e.runtime for e in embedders.values()})
 
 
-def patch_specs(workspace, sample_id: str, patch: PatchSpec) -> list[PatchSpec]:
-    """The patch caches of a sample that are embedded: the spot patches, and the context field
-    around them when ``he2st prepare`` cut it."""
-    field = patch.context_field()
-    return [patch] + ([field] if workspace.patch_path(sample_id, field).exists() else [])
+def own_views(workspace, sample_id: str, patch: PatchSpec, config: EmbedConfig) -> list[str]:
+    """The views of a sample's spots :func:`embed_workspace` makes with their own encoder: the context
+    field when ``he2st prepare`` cut it, and the sub-spot tiles when ``config.views`` lists them."""
+    field = workspace.patch_path(sample_id, patch.context_field()).exists()
+    return ([FIELD] if field else []) + ([TILES] if TILES in config.views else [])
 
 
-def patches_to_embed(workspace, sample_ids: list[str], patch: PatchSpec) -> int:
-    """How many patches :func:`embed_workspace` goes through (a progress bar's total)."""
-    return sum(workspace.load_sample(s).n_spots * len(patch_specs(workspace, s, patch)) for s in sample_ids)
+def patches_to_embed(workspace, sample_ids: list[str], patch: PatchSpec, config: EmbedConfig) -> int:
+    """How many patches :func:`embed_workspace` goes through (a progress bar's total; a spot's tiles count
+    as one patch)."""
+    encoders = 1 + sum(map(is_encoder_view, config.views))
+    return sum(workspace.load_sample(s).n_spots * (encoders + len(own_views(workspace, s, patch, config)))
+               for s in sample_ids)
 
 
 @dataclass

@@ -107,13 +107,14 @@ def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients
     panel = GenePanel.from_config({sid: s.adata for sid, s in samples.items()}, config.genes)
     # count-derived annotations (e.g. cell-type proportions) for training spots, when every sample has them
     extras = shared_extras(samples.values())
-    patches = config.needs_patches()
+    patches, views = config.needs_patches(), config.needs_views()
     train = load_spots(ws, fold.train, config.patch, config.embed, panel, with_targets=True, extras=extras,
-                       with_patches=patches, with_tokens=config.needs_tokens())
+                       with_patches=patches, with_tokens=config.needs_tokens(), views=views)
     train_patients = np.array([patients[s] for s in train.sample_ids])
     val_mask = validation_mask(train.sample_ids, config.validation_fraction, seed=config.seed, patients=train_patients)
-    test_inputs = load_spots(ws, fold.test, config.patch, config.embed, panel, with_targets=False, with_patches=patches)
-    truth = load_spots(ws, fold.test, config.patch, config.embed, panel, with_targets=True)
+    test_inputs = load_spots(ws, fold.test, config.patch, config.embed, panel, with_targets=False, with_patches=patches,
+                             views=views)
+    truth = load_spots(ws, fold.test, config.patch, config.embed, panel, with_targets=True, views=())
     test_truth = {sid: truth.targets[truth.sample_ids == sid] for sid in fold.test}
     datasets = [s.dataset for s in samples.values()]
     markers, markers_note = fold_markers(config.markers, datasets, panel.genes)
@@ -125,7 +126,7 @@ def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients
                       {s: patients[s] for s in fold.train}, {sid: s.pixel_size_um for sid, s in samples.items()})
     data = FoldData(fold, panel, train, val_mask, test_inputs, test_truth, sets, per_sample, reference, card)
     data.unlabelled = unlabelled_spots(ws, unlabelled_ids(config.unlabelled, ws, fold.test), config.patch,
-                                       config.embed, panel)
+                                       config.embed, panel, views)
     data.notes = {"markers": markers_note} if markers_note else {}
     # test expression and proportions below are read for scoring only (predictions never see them)
     test_samples = {sid: ws.load_sample(sid) for sid in fold.test}

@@ -68,9 +68,10 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
     panel = GenePanel.from_config({sid: s.adata for sid, s in samples.items()}, config.genes)
     with distributed.main_first():
         paths = embed_workspace(ws, list(dict.fromkeys(train_ids + unlabelled)), config.patch, config.embed).paths
+    views = method.reads_views
     spots = load_spots(ws, train_ids, config.patch, config.embed, panel, with_targets=True,
                        extras=shared_extras(samples.values()), with_patches=config.needs_patches(),
-                       with_tokens=config.needs_tokens())
+                       with_tokens=config.needs_tokens(), views=views)
     patients = np.array([samples[s].patient_id for s in spots.sample_ids])
     val = validation_mask(spots.sample_ids, config.validation_fraction, seed=config.seed, patients=patients)
     method.card = model_card(
@@ -82,7 +83,7 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
         raise He2stError("reliability=true needs at least 2 training patients or samples to hold out; "
                          f"the training samples ({', '.join(train_ids)}) form one group")
     log = method.fit(spots.subset(~val), spots.subset(val),
-                     unlabelled_spots(ws, unlabelled, config.patch, config.embed, panel))
+                     unlabelled_spots(ws, unlabelled, config.patch, config.embed, panel, views))
     beyond, beyond_genes = None, None
     if config.transcriptome_threshold is not None:
         beyond, beyond_genes = _add_transcriptome(method, samples, train_ids, spots, config.transcriptome_threshold)

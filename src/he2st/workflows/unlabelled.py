@@ -32,8 +32,9 @@ def unlabelled_ids(names: Sequence[str], ws: Workspace, held_out: Sequence[str] 
 
 
 def unlabelled_spots(ws: Workspace, ids: Sequence[str], patch: PatchSpec, embed: EmbedConfig,
-                     panel: GenePanel) -> SpotSet | None:
-    """The samples' spots with image features and positions only (no expression), or None for none."""
+                     panel: GenePanel, views: Sequence[str]) -> SpotSet | None:
+    """The samples' spots with image features, the ``views`` a method reads, and positions only (no
+    expression), or None for none."""
     if not ids:
         return None
-    return load_spots(ws, list(ids), patch, embed, panel, with_targets=False)
+    return load_spots(ws, list(ids), patch, embed, panel, with_targets=False, views=views)

@@ -28,7 +28,7 @@ class EnsembleConfig(MethodConfig):
         "'registered' candidate; null: any")
     context: list[dict[str, Any]] = Field(
         default_factory=lambda: [{}, {"context_neighbours": 6}, {"context_neighbours": 6, "context_field": True}],
-        description="spatial context options tried on inner folds for each member whose spec does not set them")
+        description="context options (neighbours, field, views) tried on inner folds for each member not setting them")
     query_neighbours: list[int] = Field(
         default_factory=lambda: [0, 6],
         description="query-time neighbour counts tried on each fitted retrieval member whose spec does not set them")

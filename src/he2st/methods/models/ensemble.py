@@ -34,7 +34,7 @@ from he2st.methods.neural import strip_prefix
 from he2st.methods.registry import METHODS, create_method, list_methods, method_class, register_method
 from he2st.stats import mean_sample_pearson, one_standard_error_choice
 
-CONTEXT_OPTIONS = ("context_neighbours", "context_field")
+CONTEXT_OPTIONS = ("context_neighbours", "context_field", "views")
 GENE_BLOCK = 64  # genes standardised at a time at prediction
 
 
@@ -96,7 +96,7 @@ class Ensemble(Method):
     def __init__(self, config: EnsembleConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         if self.context_width > 1:
-            raise He2stError("ensemble: set context_neighbours/context_field on its members, not on the ensemble")
+            raise He2stError("ensemble: set context_neighbours/context_field/views on its members, not on the ensemble")
         for label, spec in self.config.members.items():
             if "method" not in spec:
                 raise He2stError(f"ensemble member {label!r} names no method")
@@ -126,8 +126,13 @@ class Ensemble(Method):
         return (width,) * depth
 
     @property
-    def reads_field(self) -> bool:
-        return any(m.reads_field for m in self._members().values())
+    def reads_views(self) -> list[str]:
+        """The fitted members' views; before a fit, every view a member's context candidates may choose."""
+        if self.fitted:
+            members = list(self.fitted.values())
+        else:
+            members = [self._create(label, c) for label in self.config.members for c in self._candidates(label)]
+        return list(dict.fromkeys(v for m in members for v in m.reads_views))
 
     @property
     def predicts_whole_samples(self) -> bool:

@@ -1,0 +1,78 @@
+"""Extra views of each spot: more than one look at the same tissue, each embedded once and cached.
+
+A spot's own embedding sees its patch (112 µm at 224 px by default) through one encoder. Other views
+see the same spot another way, and a method's ``views`` option appends their features to the spot's:
+
+* ``field``: the field 3x the spot's side around it (the tissue context; cut by ``he2st prepare``);
+* ``tiles``: the spot patch cut into :data:`SUBSPOT_TILES` x :data:`SUBSPOT_TILES` sub-spot tiles, each
+  enlarged to the encoder's input (cell scale: 0.25 µm/px for the default patch) and their embeddings
+  averaged, so the view does not depend on the tissue's orientation;
+* any other name: an encoder (``efficientnet_lite1``, a foundation model) run on the same spot patches.
+
+Each view lives in an embedding file beside the spot's (:meth:`he2st.data.workspace.Workspace.view_path`),
+made by ``he2st embed`` (``embed.views``; the field whenever it was cut).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from he2st.data.embeddings import EmbedConfig
+from he2st.data.patches import PatchSpec
+
+FIELD = "field"
+TILES = "tiles"
+SUBSPOT_TILES = 2  # tiles per side of the tiles view
+
+
+def is_encoder_view(view: str) -> bool:
+    """Whether ``view`` names an encoder (anything but the field and the tiles)."""
+    return view not in (FIELD, TILES)
+
+
+def view_patch(patch: PatchSpec, view: str) -> PatchSpec:
+    """The patch cache a view is embedded from: the context field for ``field``, else the spot patches."""
+    return patch.context_field() if view == FIELD else patch
+
+
+def view_embed(embed: EmbedConfig, view: str) -> EmbedConfig:
+    """The embedding recipe of a view: the spot's (the field's keeps its token grid, as it always had), with
+    an encoder view's own encoder and preset weights; no view has views of its own."""
+    if view == FIELD:
+        return embed
+    update = {"token_grid": 0, "views": []}
+    if is_encoder_view(view):
+        update |= {"encoder": view, "weights": None}
+    return embed.model_copy(update=update)
+
+
+def view_tiles(view: str) -> int:
+    """Tiles per side a view cuts each patch into (1: the whole patch)."""
+    return SUBSPOT_TILES if view == TILES else 1
+
+
+def describe(view: str) -> str:
+    """A view in words, for messages."""
+    if view == FIELD:
+        return "the context field around each spot"
+    if view == TILES:
+        return "the sub-spot tiles of each spot"
+    return f"each spot's {view} embedding"
+
+
+def how_to_make(view: str) -> str:
+    """The command that makes a view's embeddings (for the error line of a method missing it)."""
+    if view == FIELD:
+        return "prepare with context_field on (the default) and re-run `he2st embed`"
+    return f"run `he2st embed --set 'embed.views=[{view}]'`"
+
+
+def tile_patches(patches: np.ndarray, tiles: int) -> np.ndarray:
+    """uint8 patches ``(B, H, W, 3)`` -> their ``tiles`` x ``tiles`` sub-patches ``(B * tiles², H // tiles,
+    W // tiles, 3)``, patch by patch in row-major order (a remainder row/column of pixels is left out)."""
+    patches = np.asarray(patches)
+    b, h, w, c = patches.shape
+    th, tw = h // tiles, w // tiles
+    cut = patches[:, : th * tiles, : tw * tiles]
+    return np.ascontiguousarray(
+        cut.reshape(b, tiles, th, tiles, tw, c).transpose(0, 1, 3, 2, 4, 5).reshape(b * tiles * tiles, th, tw, c))

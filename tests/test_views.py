@@ -1,0 +1,140 @@
+"""Views of a spot beyond its own patch: sub-spot tiles, another encoder's embedding, the context field.
+
+``he2st embed`` makes the views ``embed.views`` lists beside the spot embeddings, spot sets carry the
+views a method reads, and a method's ``views`` option appends them to its features (tiny synthetic
+sections, a seeded tiny ViT and the offline Lite0 as the second encoder).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from synthetic import embedded_sections
+
+from he2st.data.embeddings import EmbedConfig, EmbeddingFile
+from he2st.data.genes import GeneConfig, GenePanel
+from he2st.data.patches import PatchSpec
+from he2st.data.spots import load_spots
+from he2st.data.views import tile_patches
+from he2st.data.workspace import Workspace
+from he2st.encoders import create
+from he2st.encoders.inference import PatchEmbedder
+from he2st.errors import He2stError
+from he2st.methods import create_method, load_method
+from he2st.workflows.config import BenchmarkConfig
+from he2st.workflows.embed import embed_workspace, patches_to_embed
+
+PATIENTS = {"S1": "P1", "S2": "P2", "S3": "P3"}
+GENE_NAMES = [f"G{i}" for i in range(30)]
+VIEWS = ["tiles", "efficientnet_lite0"]
+
+
+def test_tiles_are_cut_patch_by_patch_in_row_major_order():
+    patches = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    tiles = tile_patches(patches, 2)
+    assert tiles.shape == (8, 2, 2, 3)
+    np.testing.assert_array_equal(tiles[0], patches[0, :2, :2])
+    np.testing.assert_array_equal(tiles[1], patches[0, :2, 2:])
+    np.testing.assert_array_equal(tiles[2], patches[0, 2:, :2])
+    np.testing.assert_array_equal(tiles[7], patches[1, 2:, 2:])
+
+
+def test_tiles_view_is_the_mean_embedding_of_the_enlarged_tiles():
+    """Each tile is enlarged to the encoder's input like any patch, so the view sees cells at twice the scale."""
+    torch.manual_seed(0)
+    encoder = create("test_vit", pretrained=False)
+    config = EmbedConfig(encoder="test_vit", runtime="torch", device="cpu")
+    patches = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    tiled, tokens = PatchEmbedder(encoder, config, 64, tiles=2)(patches)
+    one_by_one, _ = PatchEmbedder(encoder, config, 32)(tile_patches(patches, 2))
+    assert tokens is None and tiled.shape == (3, encoder.embed_dim)
+    np.testing.assert_allclose(tiled, one_by_one.reshape(3, 4, -1).mean(1), rtol=1e-5, atol=1e-6)
+    whole, _ = PatchEmbedder(encoder, config, 64)(patches)
+    assert not np.allclose(tiled, whole, atol=1e-3)
+
+
+def test_view_names_are_checked_where_they_are_set():
+    assert EmbedConfig(views="tiles, efficientnet_lite1").views == ["tiles", "efficientnet_lite1"]
+    with pytest.raises(ValueError, match="embedded whenever `he2st prepare` cut it"):
+        EmbedConfig(views=["field"])
+
+
+@pytest.fixture(scope="module")
+def viewed(tmp_path_factory):
+    """Three synthetic sections embedded with their sub-spot tiles and Lite0 as a second encoder."""
+    work, embed = embedded_sections(tmp_path_factory.mktemp("views"), PATIENTS, GENE_NAMES)
+    embed = embed.model_copy(update={"views": VIEWS, "runtime": "torch"})
+    ws = Workspace(work)
+    assert patches_to_embed(ws, sorted(PATIENTS), PatchSpec(), embed) == 75 * 4  # spot, field, tiles, Lite0
+    summary = embed_workspace(ws, sorted(PATIENTS), PatchSpec(), embed)
+    assert summary.n_embedded == 75 * 2  # the spot and field embeddings were there: the two views are made
+    return work, embed
+
+
+@pytest.mark.slow
+def test_embed_makes_each_listed_view_once_and_spot_sets_carry_them(viewed):
+    work, embed = viewed
+    ws = Workspace(work)
+    assert embed_workspace(ws, sorted(PATIENTS), PatchSpec(), embed).n_embedded == 0  # reused
+    tiles = EmbeddingFile(ws.view_path(embed, "S1", PatchSpec(), "tiles"))
+    lite0 = EmbeddingFile(ws.view_path(embed, "S1", PatchSpec(), "efficientnet_lite0"))
+    assert tiles.attrs["tiles"] == "2" and tiles.path.name.startswith("S1__112um_224px__tiles-2")
+    assert lite0.encoder_spec["name"] == "efficientnet_lite0" and lite0.path.parent.name == "efficientnet_lite0"
+    panel = GenePanel.from_config({"S1": ws.load_sample("S1").adata}, GeneConfig(n_genes=20, min_spot_fraction=0.0))
+    spots = load_spots(ws, ["S1", "S2"], PatchSpec(), embed, panel, with_targets=True,
+                       views=["field", *VIEWS, "uni"])  # no uni embeddings: left out
+    assert sorted(spots.views) == ["efficientnet_lite0", "field", "tiles"]
+    d = spots.features.shape[1]
+    assert spots.views["tiles"].shape == (50, d) and spots.views["efficientnet_lite0"].shape == (50, 1280)
+    assert not np.allclose(spots.views["tiles"], spots.features)
+    plain = load_spots(ws, ["S1"], PatchSpec(), embed, panel, with_targets=False)
+    assert sorted(plain.views) == ["field"]  # by default the field only
+
+
+@pytest.mark.slow
+def test_methods_append_the_views_they_name_and_refuse_missing_ones(viewed, tmp_path):
+    work, embed = viewed
+    ws = Workspace(work)
+    panel = GenePanel.from_config({"S1": ws.load_sample("S1").adata}, GeneConfig(n_genes=20, min_spot_fraction=0.0))
+    method = create_method("ridge_cv", pca_components=8, context_field=True, views=["tiles", "efficientnet_lite0"])
+    assert method.views == ["field", *VIEWS] and method.context_width == 4
+    method.panel = panel
+    train = load_spots(ws, ["S1", "S2"], PatchSpec(), embed, panel, with_targets=True, views=method.reads_views)
+    test = load_spots(ws, ["S3"], PatchSpec(), embed, panel, with_targets=False, views=method.reads_views)
+    method.fit(train)
+    d = train.features.shape[1]
+    assert method.feature_dim == 3 * d + 1280
+    pred = method.predict(test).expression
+    back = load_method(method.save(tmp_path / "m.pt"))
+    np.testing.assert_allclose(back.predict(test).expression, pred, rtol=1e-5, atol=1e-6)
+    lacking = load_spots(ws, ["S3"], PatchSpec(), embed, panel, with_targets=False, views=["field", "tiles"])
+    with pytest.raises(He2stError, match=r"each spot's efficientnet_lite0 embedding .*he2st embed --set "
+                                         r"'embed.views=\[efficientnet_lite0\]'"):
+        method.predict(lacking)
+
+
+@pytest.mark.slow
+def test_ensemble_tries_a_view_candidate_and_leaves_out_one_not_embedded(viewed):
+    work, embed = viewed
+    ws = Workspace(work)
+    panel = GenePanel.from_config({"S1": ws.load_sample("S1").adata}, GeneConfig(n_genes=20, min_spot_fraction=0.0))
+    method = create_method("ensemble", members={"knn": {"method": "knn", "top_k": 5}}, min_selection_folds=2,
+                           context=[{}, {"views": ["tiles"]}, {"views": ["uni"]}], smoothing=[])
+    assert method.reads_views == ["tiles", "uni"]
+    spots = load_spots(ws, sorted(PATIENTS), PatchSpec(), embed, panel, with_targets=True, views=method.reads_views)
+    method.panel = panel
+    method.card = method.card.model_copy(update={"training_samples": PATIENTS})
+    tried = method.fit(spots).selection["context_inner_pearson"]["knn"]
+    assert sorted(tried) == ['{"views": ["tiles"]}', "{}"] and all(len(v) == 3 for v in tried.values())
+
+
+def test_a_run_loads_the_views_its_methods_and_ensemble_candidates_may_read(tmp_path):
+    candidates = [{}, {"views": ["tiles"]}, {"context_field": True, "views": ["efficientnet_lite1"]}]
+    cfg = BenchmarkConfig(work_dir=tmp_path, methods=["knn", "ensemble"],
+                          method_options={"knn": {"views": ["efficientnet_lite2"]},
+                                          "ensemble": {"members": {"ridge": {"method": "ridge"}},
+                                                       "context": candidates}})
+    assert cfg.needs_views() == ["efficientnet_lite2", "tiles", "field", "efficientnet_lite1"]
+    with pytest.raises(He2stError, match="context_neighbours/context_field/views on its members"):
+        create_method("ensemble", views=["tiles"])
