@@ -1,4 +1,5 @@
-"""`he2st adapt`: an encoder adapted on a work folder's patches, images only, then embedded with and recorded.
+"""`he2st adapt`: an encoder adapted on a work folder's patches, images only, then embedded with and recorded,
+and the ``adapted`` view of each spot that the adapted weights make.
 
 The fast tests use the tiny ``test_vit`` on two synthetic sections of 25 spots; the slow one the real
 default encoder on a few patches."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -15,16 +17,20 @@ from in_process import run_cli
 from synthetic import prepared_sections, write_st_section
 
 from he2st.data.embeddings import EmbedConfig, EmbeddingFile
-from he2st.data.genes import GenePanel
+from he2st.data.genes import GeneConfig, GenePanel
 from he2st.data.patches import PatchSpec
+from he2st.data.spots import load_spots
 from he2st.data.workspace import Workspace
 from he2st.encoders import create
 from he2st.encoders.adaptation import AdaptConfig, adaptation_record, sidecar_path
 from he2st.encoders.augment import hed_jitter, random_crop
 from he2st.encoders.weights import read_state_dict
+from he2st.errors import He2stError
+from he2st.methods import create_method
 from he2st.workflows.adapt import adapt_workspace, adjacent_spots
-from he2st.workflows.cards import model_card
+from he2st.workflows.cards import adapted_view_file, model_card
 from he2st.workflows.embed import embed_workspace
+from he2st.workflows.predict_slide import predict_slide
 
 GENES = [f"G{i}" for i in range(6)]
 FAST = AdaptConfig(epochs=3, batch_size=16, lr=1e-3, max_patches=None)
@@ -175,3 +181,76 @@ def test_the_default_encoder_adapts_on_a_few_patches(tmp_path):
     patches = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     with torch.inference_mode():
         assert not torch.allclose(base(base.preprocess(patches)), tuned(tuned.preprocess(patches)))
+
+
+def test_the_adapted_view_is_embedded_read_recorded_and_predicted_with(study, tmp_path):
+    """``embed.views=[adapted]`` embeds the spots with the work folder's adapted weights into the files
+    ``--weights`` would make; a method with ``views=[adapted]`` appends them, and its card records the weights
+    that slide prediction embeds the view with (and checks by their sha256)."""
+    work, base, adapted = study
+    ws = Workspace(work)
+    embed = EmbedConfig(encoder="test_vit", weights=base, num_workers=0, runtime="torch", views=["adapted"])
+    embed_workspace(ws, ["S1", "S2"], SMALL, embed)
+    view = ws.view_path(embed, "S1", SMALL, "adapted")
+    own = embed.model_copy(update={"weights": adapted.weights, "views": []})
+    assert view == ws.embedding_path(own, "S1", SMALL) != ws.embedding_path(embed, "S1", SMALL)
+    view_file, spot_file = EmbeddingFile(view), EmbeddingFile(ws.embedding_path(embed, "S1", SMALL))
+    assert view_file.encoder_spec["weights"] == str(adapted.weights.resolve())
+    assert not np.allclose(view_file.embeddings, spot_file.embeddings)
+
+    panel = GenePanel.from_config({"S1": ws.load_sample("S1").adata}, GeneConfig(n_genes=4, min_spot_fraction=0.0))
+    method = create_method("ridge", views=["adapted"])
+    train = load_spots(ws, ["S1"], SMALL, embed, panel, with_targets=True, views=method.reads_views)
+    test = load_spots(ws, ["S2"], SMALL, embed, panel, with_targets=False, views=method.reads_views)
+    np.testing.assert_array_equal(train.views["adapted"], view_file.embeddings)
+    method.card = model_card("ridge", panel, spot_file, SMALL, embed, {}, {"S1": "P1"},
+                             adapted=adapted_view_file(ws, embed, "S1", SMALL, method.reads_views))
+    assert method.card.adapted_view["weights_sha256"] == adapted.record["weights_sha256"]
+    assert method.card.adapted_view["adaptation"]["recipe_sha256"] == adapted.record["recipe_sha256"]
+    assert dict(method.card.describe())["adapted view"].startswith(f"weights {adapted.weights.resolve()}")
+    method.fit(train)
+    assert method.feature_dim == 2 * spot_file.embeddings.shape[1]
+    expected = method.predict(test).expression
+
+    out = predict_slide(method, None, tmp_path / "pred", spots_from=ws.sample_path("S2"), runtime="torch")
+    np.testing.assert_allclose(ad.read_h5ad(out).X, expected, rtol=1e-3, atol=1e-3)
+    method.card = method.card.model_copy(update={"adapted_view": {**method.card.adapted_view,
+                                                                  "weights_sha256": "0" * 64}})
+    with pytest.raises(He2stError, match="not those the ridge model was trained with"):
+        predict_slide(method, None, tmp_path / "other", spots_from=ws.sample_path("S2"), runtime="torch")
+    method.card = method.card.model_copy(update={"adapted_view": {}})
+    with pytest.raises(He2stError, match="reads the 'adapted' view, but its card records no adapted weights"):
+        predict_slide(method, None, tmp_path / "other", spots_from=ws.sample_path("S2"), runtime="torch")
+
+
+def test_the_adapted_view_without_one_adaptation_is_refused_in_one_line(study, tmp_path):
+    work, base, adapted = study
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("encoders", "embeddings"))
+    res = run_cli("embed", "-w", copy, "--encoder", "test_vit", "--weights", base, *PATCH,
+                  "--set", "embed.views=[adapted]")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert f"view 'adapted': no adapted weights of test_vit here; run `he2st adapt -w {copy}" in res.stderr
+    assert not (copy / "embeddings").exists()  # refused before any work
+    (copy / "encoders").mkdir()
+    for name in ("test_vit__adapted-aaa.pt", "test_vit__adapted-bbb.pt"):
+        shutil.copy(adapted.weights, copy / "encoders" / name)
+    with pytest.raises(He2stError, match=r"2 adapted weights of test_vit here \(test_vit__adapted-aaa.pt, "
+                                         r"test_vit__adapted-bbb.pt\); remove the ones not wanted"):
+        Workspace(copy).view_path(EmbedConfig(encoder="test_vit"), "S1", SMALL, "adapted")
+
+
+def test_the_ensembles_nested_selection_tries_the_adapted_view(study):
+    work, base, _ = study
+    ws = Workspace(work)
+    embed = EmbedConfig(encoder="test_vit", weights=base, num_workers=0, runtime="torch", views=["adapted"])
+    embed_workspace(ws, ["S1", "S2"], SMALL, embed)
+    panel = GenePanel.from_config({"S1": ws.load_sample("S1").adata}, GeneConfig(n_genes=4, min_spot_fraction=0.0))
+    method = create_method("ensemble", members={"ridge": {"method": "ridge"}}, min_selection_folds=2,
+                           context=[{}, {"views": ["adapted"]}], smoothing=[])
+    assert method.reads_views == ["adapted"]
+    spots = load_spots(ws, ["S1", "S2"], SMALL, embed, panel, with_targets=True, views=method.reads_views)
+    method.panel = panel
+    method.card = method.card.model_copy(update={"training_samples": {"S1": "P1", "S2": "P2"}})
+    tried = method.fit(spots).selection["context_inner_pearson"]["ridge"]
+    assert sorted(tried) == ['{"views": ["adapted"]}', "{}"]

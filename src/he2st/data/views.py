@@ -7,6 +7,9 @@ see the same spot another way, and a method's ``views`` option appends their fea
 * ``tiles``: the spot patch cut into :data:`SUBSPOT_TILES` x :data:`SUBSPOT_TILES` sub-spot tiles, each
   enlarged to the encoder's input (cell scale: 0.25 µm/px for the default patch) and their embeddings
   averaged, so the view does not depend on the tissue's orientation;
+* ``adapted``: the spot patches through the run's own encoder with the weights ``he2st adapt`` adapted to
+  the work folder's H&E (:meth:`he2st.data.workspace.Workspace.adapted_weights` finds them), so the
+  ensemble's nested selection can choose adapted features per dataset;
 * any other name: an encoder (``efficientnet_lite1``, a foundation model) run on the same spot patches.
 
 Each view lives in an embedding file beside the spot's (:meth:`he2st.data.workspace.Workspace.view_path`),
@@ -15,6 +18,8 @@ made by ``he2st embed`` (``embed.views``; the field whenever it was cut).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from he2st.data.embeddings import EmbedConfig
@@ -22,11 +27,13 @@ from he2st.data.patches import PatchSpec
 
 FIELD = "field"
 TILES = "tiles"
+ADAPTED = "adapted"
 SUBSPOT_TILES = 2  # tiles per side of the tiles view
 
 
 def is_encoder_view(view: str) -> bool:
-    """Whether ``view`` names an encoder (anything but the field and the tiles)."""
+    """Whether ``view`` is embedded by an encoder of its own, not the spot's (an encoder's name, or the spot's
+    encoder with adapted weights): anything but the field and the tiles."""
     return view not in (FIELD, TILES)
 
 
@@ -35,13 +42,19 @@ def view_patch(patch: PatchSpec, view: str) -> PatchSpec:
     return patch.context_field() if view == FIELD else patch
 
 
-def view_embed(embed: EmbedConfig, view: str) -> EmbedConfig:
+def view_embed(embed: EmbedConfig, view: str, adapted: Path | None = None) -> EmbedConfig:
     """The embedding recipe of a view: the spot's (the field's keeps its token grid, as it always had), with
-    an encoder view's own encoder and preset weights; no view has views of its own."""
+    an encoder view's own encoder and preset weights, or for ``adapted`` the spot's encoder with the
+    ``adapted`` weights file (its path names the view's embedding files, so one adaptation's embeddings are
+    never read as another's); no view has views of its own."""
     if view == FIELD:
         return embed
-    update = {"token_grid": 0, "views": []}
-    if is_encoder_view(view):
+    update: dict = {"token_grid": 0, "views": []}
+    if view == ADAPTED:
+        if adapted is None:
+            raise ValueError("the adapted view needs the adapted weights file")
+        update["weights"] = adapted
+    elif is_encoder_view(view):
         update |= {"encoder": view, "weights": None}
     return embed.model_copy(update=update)
 
@@ -57,6 +70,8 @@ def describe(view: str) -> str:
         return "the context field around each spot"
     if view == TILES:
         return "the sub-spot tiles of each spot"
+    if view == ADAPTED:
+        return "each spot's embedding by the encoder adapted with `he2st adapt`"
     return f"each spot's {view} embedding"
 
 
@@ -64,6 +79,8 @@ def how_to_make(view: str) -> str:
     """The command that makes a view's embeddings (for the error line of a method missing it)."""
     if view == FIELD:
         return "prepare with context_field on (the default) and re-run `he2st embed`"
+    if view == ADAPTED:
+        return f"run `he2st adapt`, then `he2st embed --set 'embed.views=[{view}]'`"
     return f"run `he2st embed --set 'embed.views=[{view}]'`"
 
 

@@ -18,7 +18,7 @@ from he2st.data.embeddings import EmbedConfig
 from he2st.data.patches import PatchSpec, patch_cache_path
 from he2st.data.sample import Sample
 from he2st.data.splits import Fold
-from he2st.data.views import view_embed, view_patch, view_tiles
+from he2st.data.views import ADAPTED, view_embed, view_patch, view_tiles
 from he2st.errors import He2stError
 from he2st.io import inside, path_kind, safe_name, write_text_atomic
 
@@ -52,8 +52,21 @@ class Workspace:
     def adapted_weights_path(self, encoder: str, recipe: str) -> Path:
         """Weights of ``encoder`` adapted by the recipe whose checksum starts with ``recipe``: one file per recipe,
         so embeddings made with one are never mistaken for another's."""
-        safe = safe_name(encoder.replace("/", "_").replace(":", "_"), "encoder name")
-        return self._inside(self.root / "encoders" / f"{safe}__adapted-{safe_name(recipe, 'recipe')}.pt")
+        name = f"{_safe_encoder(encoder)}__adapted-{safe_name(recipe, 'recipe')}.pt"
+        return self._inside(self.root / "encoders" / name)
+
+    def adapted_weights(self, encoder: str) -> Path:
+        """The one file of ``encoder``'s adapted weights here (what the ``adapted`` view embeds with), or one error
+        line: none (adapt first) or several (which one is meant cannot be guessed)."""
+        folder = self.root / "encoders"
+        found = sorted(p for p in folder.glob(f"{_safe_encoder(encoder)}__adapted-*.pt") if not p.name.startswith("."))
+        if not found:
+            raise He2stError(f"view '{ADAPTED}': no adapted weights of {encoder} here; run `he2st adapt -w {self.root} "
+                             f"--encoder {encoder}` first", folder)
+        if len(found) > 1:
+            raise He2stError(f"view '{ADAPTED}': {len(found)} adapted weights of {encoder} here "
+                             f"({', '.join(p.name for p in found)}); remove the ones not wanted", folder)
+        return self._inside(found[0])
 
     def folds_path(self, scheme: str) -> Path:
         return self._inside(self.root / "folds" / f"{safe_name(scheme, 'fold scheme')}.json")
@@ -90,13 +103,23 @@ class Workspace:
         name = "__".join([safe_name(sample_id, "sample id"), spec.key, *tags]) + ".h5"
         return self._inside(self.root / "embeddings" / safe / name)
 
+    def view_config(self, embed: EmbedConfig, view: str) -> EmbedConfig:
+        """The embedding recipe of one view of the spots embedded with ``embed`` (the ``adapted`` view's weights
+        are those :meth:`adapted_weights` finds)."""
+        return view_embed(embed, view, self.adapted_weights(embed.encoder) if view == ADAPTED else None)
+
     def view_path(self, embed: EmbedConfig, sample_id: str, spec: PatchSpec, view: str) -> Path:
         """The embedding file of one view (:mod:`he2st.data.views`) of a sample's spots embedded with ``embed``
         from ``spec`` patches."""
-        return self.embedding_path(view_embed(embed, view), sample_id, view_patch(spec, view), view_tiles(view))
+        return self.embedding_path(self.view_config(embed, view), sample_id, view_patch(spec, view), view_tiles(view))
 
     def run_dir(self, name: str) -> Path:
         return self._inside(self.root / "runs" / safe_name(name, "run name"))
 
     def _inside(self, path: Path) -> Path:
         return inside(self.root, path, "work-folder path")
+
+
+def _safe_encoder(encoder: str) -> str:
+    """An encoder name as a file-name part (a timm or hub name may hold ``/`` and ``:``)."""
+    return safe_name(encoder.replace("/", "_").replace(":", "_"), "encoder name")

@@ -40,6 +40,9 @@ class ModelCard(BaseModel):
     weights_sha256: str | None = Field(None, description="checksum of the encoder weights file, when local")
     encoder_adaptation: dict[str, Any] = Field(
         default_factory=dict, description="how `he2st adapt` made the encoder weights from images (empty: not adapted)")
+    adapted_view: dict[str, Any] = Field(
+        default_factory=dict, description="weights of the 'adapted' view: file, sha256, how `he2st adapt` made them "
+        "(empty: not read)")
     patch: PatchSpec | None = Field(None, description="how the patches behind those features were cut")
     embedding: EmbedConfig | None = Field(None, description="stain, TTA, precision and weights of the features")
     gene_sets: dict[str, list[str]] = Field(default_factory=dict, description="HEG/HVG sets chosen on training spots")
@@ -92,6 +95,9 @@ class ModelCard(BaseModel):
                                      f"sha256 {self.weights_sha256 or 'not computed'}"))
         if self.encoder_adaptation:
             lines.append(("encoder adaptation", self._adaptation_line()))
+        if self.adapted_view:
+            sha = self.adapted_view.get("weights_sha256") or "not computed"
+            lines.append(("adapted view", f"weights {self.adapted_view.get('weights')}, sha256 {sha}"))
         if self.patch is not None and self.embedding is not None:
             lines.append(("inputs", f"{self.patch.field_um:g} µm patches at {self.patch.size_px} px "
                                     f"({self.patch.pixel_size_um:g} µm/px), stain {self.embedding.stain}, "

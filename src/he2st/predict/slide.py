@@ -7,8 +7,9 @@ size. Each finished chunk is committed to the partial file (:mod:`he2st.predict.
 interrupted run resumes where it stopped. Methods that read neighbouring spots (``halo_hops``: NH2ST,
 query-time context, neighbour context features) get each chunk plus a halo of its spots' neighbours,
 taken from the committed features, so chunk borders do not cut neighbourhoods; methods that read other
-views of a spot (``reads_views``: the context field, sub-spot tiles, another encoder) get them cut and
-embedded beside each spot's patch, as ``he2st embed`` makes them.
+views of a spot (``reads_views``: the context field, sub-spot tiles, another encoder, the adapted encoder)
+get them cut and embedded beside each spot's patch, as ``he2st embed`` makes them (the adapted weights are
+the file the model card records, checked by its sha256).
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from he2st.data.patches import PatchSpec, check_resolution, read_patches
 from he2st.data.sample import Sample
 from he2st.data.slide import Slide, open_slide
 from he2st.data.spots import SpotSet
-from he2st.data.views import FIELD, is_encoder_view, view_embed, view_tiles
+from he2st.data.views import ADAPTED, FIELD, is_encoder_view, view_embed, view_tiles
 from he2st.encoders import Encoder, create
 from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.encoders.spec import EncoderSpec
 from he2st.errors import He2stError
-from he2st.io import check_output, name_from_stem, output_lock, overwriting, writing
-from he2st.methods import Method
+from he2st.io import check_output, name_from_stem, output_lock, overwriting, sha256_file, writing
+from he2st.methods import Method, ModelCard
 from he2st.predict.config import PredictConfig
 from he2st.predict.grid import SpotGrid, grid_from_sample, hex_grid
 from he2st.predict.sdata import store_is_current, write_spatialdata
@@ -68,19 +69,41 @@ class ViewEmbedder:
 
 
 def view_embedders(views: list[str], encoder: Encoder, config: EmbedConfig, patch_px: int,
-                   spot: PatchEmbedder) -> list[ViewEmbedder]:
+                   spot: PatchEmbedder, adapted: Encoder | None = None) -> list[ViewEmbedder]:
     """The embedders of ``views`` (a method's ``reads_views``), each the way ``he2st embed`` makes the view:
-    the spot's own embedder on the field, tiled for the tiles, an encoder view's own preset."""
+    the spot's own embedder on the field, tiled for the tiles, ``adapted`` (:func:`adapted_encoder`) for the
+    adapted view, an encoder view's own preset."""
     out = []
     for view in views:
         if view == FIELD:
             embedder = spot
+        elif view == ADAPTED:
+            if adapted is None:
+                raise ValueError("the adapted view needs the adapted encoder")
+            embedder = PatchEmbedder(adapted, view_embed(config, view, Path(adapted.spec.weights)), patch_px)
         elif is_encoder_view(view):
             embedder = PatchEmbedder(create(view), view_embed(config, view), patch_px)
         else:
             embedder = PatchEmbedder(encoder, view_embed(config, view), patch_px, tiles=view_tiles(view))
         out.append(ViewEmbedder(view, embedder, view == FIELD))
     return out
+
+
+def adapted_encoder(card: ModelCard, where: Path | None) -> Encoder:
+    """The encoder of the ``adapted`` view a model reads: its encoder with the adapted weights file its card
+    records, refused in one line when the card records none, or the file is gone or is not the same."""
+    record = card.adapted_view
+    if card.encoder is None or not record.get("weights") or not record.get("weights_sha256"):
+        raise He2stError(f"the {card.method} model reads the 'adapted' view, but its card records no adapted "
+                         "weights to embed it with; train it with `he2st train`", where)
+    path = Path(record["weights"])
+    if not path.is_file():
+        raise He2stError(f"the adapted weights the {card.method} model's 'adapted' view needs are missing "
+                         "(they stay in the encoders/ folder of the work folder it was trained in)", path)
+    if sha256_file(path) != record["weights_sha256"]:
+        raise He2stError(f"these adapted weights are not those the {card.method} model was trained with "
+                         f"(sha256 {record['weights_sha256'][:12]}...); re-run `he2st adapt` or retrain", path)
+    return create(card.encoder.name, weights=path)
 
 
 @dataclass
@@ -237,18 +260,20 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
         # a checkpoint file is identified by path, size and mtime; a method in memory by its tensors
         model_id = file_id(config.model) if config.model is not None else method_fingerprint(method)
         views = method.reads_views
+        adapted = adapted_encoder(method.card, config.model) if ADAPTED in views else None
         stamp = fingerprint({
             "model": model_id, "slide": file_id(slide_path), "mpp": round(mpp, 9),
             "patch": patch.model_dump(), "encoder": encoder.spec.model_dump_json(), "stain": stain, "tta": tta,
             "genes": columns.genes, "chunk": config.chunk,
             "xy": hashlib.sha1(np.ascontiguousarray(grid.xy).tobytes()).hexdigest(), "names": grid.names,
             "field": FIELD in views, "coverage": config.coverage if method.reliability is not None else None,
-        } | ({"views": views} if set(views) - {FIELD} else {}))
+        } | ({"views": views} if set(views) - {FIELD} else {})
+          | ({"adapted": method.card.adapted_view["weights_sha256"]} if adapted is not None else {}))
         if final.exists() and stored_fingerprint(final) == stamp:
             return _with_store(final, config)
         with output_lock(final):
             embedder = PatchEmbedder(encoder, enc_cfg, patch.size_px)
-            others = view_embedders(views, encoder, enc_cfg, patch.size_px, embedder)
+            others = view_embedders(views, encoder, enc_cfg, patch.size_px, embedder, adapted)
             width = encoder.embed_dim + sum(v.width for v in others)  # spot features, then each view's
             try:
                 with writing(partial):

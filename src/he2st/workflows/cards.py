@@ -1,14 +1,18 @@
 """Model cards filled from what a workflow knows: the panel, the embedding file's recorded encoder (and,
-for adapted weights, the record beside them), the patch spec and embedding recipe, the gene sets and the
-training samples and patients."""
+for adapted weights, the record beside them), the weights of the ``adapted`` view when a method may read
+it, the patch spec and embedding recipe, the gene sets and the training samples and patients."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import Any
 
 from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.genes import GenePanel
 from he2st.data.patches import PatchSpec
+from he2st.data.views import ADAPTED
+from he2st.data.workspace import Workspace
 from he2st.encoders.adaptation import adaptation_record
 from he2st.encoders.spec import EncoderSpec
 from he2st.encoders.weights import weights_sha256
@@ -23,15 +27,36 @@ def _checksum(spec_json: str) -> str | None:
 def model_card(
     method: str, panel: GenePanel, embeddings: EmbeddingFile, patch: PatchSpec, embed: EmbedConfig,
     gene_sets: dict[str, list[str]], training_samples: dict[str, str],
-    training_pixel_size_um: dict[str, float] | None = None,
+    training_pixel_size_um: dict[str, float] | None = None, adapted: EmbeddingFile | None = None,
 ) -> ModelCard:
     """The card of a model about to be fitted on features from ``embeddings`` (curves come after fitting);
-    ``training_pixel_size_um`` (sample id -> µm/px) sets how coarse a slide the model predicts."""
+    ``training_pixel_size_um`` (sample id -> µm/px) sets how coarse a slide the model predicts; ``adapted``,
+    an embedding file of the ``adapted`` view, records that view's weights so prediction embeds with them."""
     spec_json = embeddings.attrs["encoder_spec"]
     spec, checksum = EncoderSpec.model_validate_json(spec_json), _checksum(spec_json)
     return ModelCard(
         method=method, panel=panel, encoder=spec, weights_sha256=checksum,
-        encoder_adaptation=adaptation_record(spec.weights, checksum), patch=patch, embedding=embed,
+        encoder_adaptation=adaptation_record(spec.weights, checksum), adapted_view=_adapted_view(adapted),
+        patch=patch, embedding=embed,
         gene_sets=gene_sets, training_samples=training_samples,
         training_pixel_size_um={sid: float(mpp) for sid, mpp in (training_pixel_size_um or {}).items()},
     )
+
+
+def adapted_view_file(ws: Workspace, embed: EmbedConfig, sample_id: str, patch: PatchSpec,
+                      views: Sequence[str]) -> EmbeddingFile | None:
+    """A training sample's embedding file of the ``adapted`` view, when ``views`` (what a method may read)
+    name it and it was made (a method reading a missing view is refused when it is fitted)."""
+    if ADAPTED not in views:
+        return None
+    path = ws.view_path(embed, sample_id, patch, ADAPTED)
+    return EmbeddingFile(path) if path.exists() else None
+
+
+def _adapted_view(embeddings: EmbeddingFile | None) -> dict[str, Any]:
+    """The weights file an ``adapted``-view embedding file was made with, its sha256 and its adaptation record."""
+    if embeddings is None:
+        return {}
+    spec_json = embeddings.attrs["encoder_spec"]
+    weights, checksum = EncoderSpec.model_validate_json(spec_json).weights, _checksum(spec_json)
+    return {"weights": weights, "weights_sha256": checksum, "adaptation": adaptation_record(weights, checksum)}

@@ -3,7 +3,7 @@
 The file layout is :mod:`he2st.data.embeddings` (token grids come from the un-augmented view when TTA
 is on). Besides each spot's own embedding, the spot's other views (:mod:`he2st.data.views`) are
 embedded: the context field whenever ``he2st prepare`` cut it, and the views ``embed.views`` lists
-(sub-spot tiles, other encoders). Work in progress lives in a
+(sub-spot tiles, other encoders, the encoder adapted by ``he2st adapt``). Work in progress lives in a
 ``.partial.h5`` file that records how many rows are done: an interrupted run continues from there,
 and the final file appears (atomically renamed) only when every spot is embedded.
 """
@@ -183,9 +183,11 @@ def embed_workspace(
     """Embed the patch caches of ``sample_ids`` in a work folder (spot patches, the context field around
     them, the views ``config.views`` lists); finished files are reused. ``paths`` names each sample's
     spot-embedding file."""
+    # another encoder on the same spot patches; found before any work (the adapted weights may be missing)
+    others = [workspace.view_config(config, view) for view in filter(is_encoder_view, config.views)]
     summary = _embed_with(workspace, sample_ids, patch, config, True, on_progress, encoder)
-    for view in filter(is_encoder_view, config.views):  # another encoder on the same spot patches
-        other = _embed_with(workspace, sample_ids, patch, view_embed(config, view), False, on_progress)
+    for other_config in others:
+        other = _embed_with(workspace, sample_ids, patch, other_config, False, on_progress)
         summary.n_embedded += other.n_embedded
         summary.seconds += other.seconds
         summary.runtimes |= other.runtimes
