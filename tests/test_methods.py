@@ -408,8 +408,9 @@ def test_ensemble_tries_other_methods_within_its_budget_when_the_inner_folds_sel
     two = create_method("ensemble", members=members, candidates=["knn"], context=[{}], smoothing=[])
     two.panel = GenePanel(genes=spots.genes)
     assert two.fit(train.subset(np.isin(train.sample_ids, ["s1", "s2"]))).selection["candidates"] == []
-    cheap = create_method("ensemble", cost_budget=10.0)._candidate_labels()
-    assert "nh2st" not in cheap and "mlp" not in cheap and "ridge" in cheap and "knn" not in cheap  # knn: a member
-    assert "nh2st" in create_method("ensemble", cost_budget=None)._candidate_labels()
+    cheap = create_method("ensemble", cost_budget=5.0)._candidate_labels()
+    assert "nh2st" not in cheap and "cmrcnet" not in cheap and "ridge" in cheap and "knn" not in cheap  # knn: a member
+    assert "nh2st" in create_method("ensemble")._candidate_labels()
+    assert "nh2st_faithful" in create_method("ensemble", cost_budget=None)._candidate_labels()
     with pytest.raises(He2stError, match="itself"):
         create_method("ensemble", candidates=["ensemble"])

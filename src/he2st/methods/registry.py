@@ -46,50 +46,50 @@ METHODS: dict[str, MethodEntry] = {
     "bleep": MethodEntry(
         "he2st.methods.models.bleep", f"{_C}.bleep:BLEEPConfig",
         "BLEEP, improved: normalised embeddings, learned temperature, whole-set negatives, 5 heads, neighbour context.",
-        cost=6.3),
+        cost=4.3),
     "bleep_faithful": MethodEntry(
         "he2st.methods.models.bleep", f"{_C}.bleep:BLEEPFaithfulConfig",
         "BLEEP as published: soft-target CLIP loss at τ=1, projection heads, top-50 average.",
-        cost=7.7),
+        cost=3.3),
     "carhe": MethodEntry(
         "he2st.methods.models.carhe", f"{_C}.carhe:CarHEConfig",
         "CarHE: image-expression-proportion alignment, histology transfer, retrieval from a whole-transcriptome bank.",
-        cost=6.3),
+        cost=4.0),
     "cmrcnet": MethodEntry(
         "he2st.methods.models.cmrc", f"{_C}.cmrc:CMRCNetConfig",
         "CMRCNet: BLEEP's contrastive alignment plus cross-modal masked reconstruction; retrieval at inference.",
-        cost=8.1),
+        cost=5.4),
     "cmrcnet_faithful": MethodEntry(
         "he2st.methods.models.cmrc", f"{_C}.cmrc:CMRCNetFaithfulConfig",
         "CMRCNet as published: BLEEP's loss at τ=1, CMRCNet's one-way shared fusion, AdamW 1e-4 cosine, batch 64.",
-        cost=119),
+        cost=53),
     "ensemble": MethodEntry(
         "he2st.methods.models.ensemble", f"{_C}.ensemble:EnsembleConfig",
         "he2st's default: knn, bleep, ridge_cv, carhe and other methods within a budget, stacked by nested cross-validation."),
     "knn": MethodEntry(
         "he2st.methods.models.baselines", f"{_C}.baselines:KNNConfig",
         "Image-to-image retrieval: the expression of the training spots that look most alike.",
-        cost=0.01),
+        cost=0.03),
     "mlp": MethodEntry(
         "he2st.methods.models.baselines", f"{_C}.baselines:MLPConfig",
         "ST-Net-style regression: an MLP from frozen image features to every panel gene; the mean of several seeds.",
-        cost=29),
+        cost=4.3),
     "nh2st": MethodEntry(
         "he2st.methods.models.nh2st", f"{_C}.nh2st:NH2STConfig",
         "NH2ST: neighbourhood hypergraphs, cross-attention, InfoNCE and a regression head that reads images only.",
-        cost=480),
+        cost=10),
     "nh2st_faithful": MethodEntry(
         "he2st.methods.models.nh2st", f"{_C}.nh2st:NH2STFaithfulConfig",
         "NH2ST as published, on frozen features: its layers, image-built hyperedges, one-way InfoNCE, Adam + StepLR.",
-        cost=730),
+        cost=71),
     "ridge": MethodEntry(
         "he2st.methods.models.baselines", f"{_C}.baselines:RidgeConfig",
         "HEST-Benchmark's linear probe: StandardScaler, PCA to 256 components, Ridge.",
-        cost=7.4),
+        cost=0.6),
     "ridge_cv": MethodEntry(
         "he2st.methods.models.baselines", f"{_C}.baselines:RidgeCVConfig",
         "The ridge probe with alpha chosen by inner cross-validation on training samples, and an intercept.",
-        cost=23),
+        cost=0.6),
 }
 
 _REGISTRY: dict[str, type[Method]] = {}
