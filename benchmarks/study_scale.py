@@ -12,7 +12,8 @@ pyramidal image (``he2st prepare`` and ``he2st embed`` with the default encoder)
 present (``HE2ST_DATA_DIR``) the genes start with the her2st TLS signature's, so the benchmark's TLS probe
 runs as on real data.
 
-Then ``he2st benchmark`` of the default (every option at its default, ``methods: [ensemble]``) over
+Then ``he2st benchmark`` of the default (every option at its default, ``methods: [ensemble]``; with
+``--members-only`` the ensemble tries no candidate beside its members) over
 ``--folds`` of the leave-one-patient-out folds, serially and with ``engine=local`` and 2 workers (every
 task recomputed), and serially once more at ``--low-scale`` to fit how each part's time grows with the
 spots. Each task runs ``--threads`` torch/BLAS threads (default 1: on a 2-core machine shared with other
@@ -310,16 +311,18 @@ class Run:
 SUMMARY = "summary (checksums, predictions, results)"
 
 
-def benchmark_default(work: Path, name: str, engine: str, workers: int, threads: int) -> Run:
+def benchmark_default(work: Path, name: str, engine: str, workers: int, threads: int,
+                      members_only: bool = False) -> Run:
     """``he2st benchmark`` of the default method, every task recomputed, parts read from what it records:
     each task's seconds (provenance), the ensemble's fit and prediction time, its members' fitting time
     (``selection.member_seconds``) and the reliability estimate's time; serially, the rest of the wall time
-    is the summary."""
+    is the summary. ``members_only``: the ensemble tries no method beside its members (``candidates=[]``)."""
     from he2st.workflows.benchmark import run_benchmark
     from he2st.workflows.config import BenchmarkConfig
 
     config = BenchmarkConfig(work_dir=work, name=name, methods=["ensemble"], engine=engine, workers=workers,
-                             task_threads=threads, resume=False)
+                             task_threads=threads, resume=False,
+                             method_options={"ensemble": {"candidates": []}} if members_only else {})
     start = time.perf_counter()
     outcome = run_benchmark(config)
     wall = time.perf_counter() - start
@@ -502,6 +505,8 @@ def main() -> None:
     ap.add_argument("--gpu-step-ms", type=float, default=DEFAULT_GPU_STEP_MS,
                     help="GPU milliseconds per training step assumed when no GPU is available")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic study")
+    ap.add_argument("--members-only", action="store_true",
+                    help="the ensemble tries no method beside its four members (candidates=[])")
     args = ap.parse_args()
     args.low_scale = args.low_scale or args.scale / 2
 
@@ -537,7 +542,7 @@ def main() -> None:
     runs = {}
     for key, work, engine, workers in (("serial", "high", "serial", 1), ("pool", "high", "local", args.workers),
                                        ("low", "low", "serial", 1)):
-        runs[key] = benchmark_default(args.root / work, key, engine, workers, args.threads)
+        runs[key] = benchmark_default(args.root / work, key, engine, workers, args.threads, args.members_only)
         print(f"{key}: {runs[key].wall:.1f} s, {runs[key].folds} folds", flush=True)
     report(args, probe, steps, gpu_step, sizes, runs, (start_load, os.getloadavg()[0]))
 
