@@ -129,6 +129,27 @@ def test_ensemble_tries_a_view_candidate_and_leaves_out_one_not_embedded(viewed)
     assert sorted(tried) == ['{"views": ["tiles"]}', "{}"] and all(len(v) == 3 for v in tried.values())
 
 
+@pytest.mark.slow
+def test_ensemble_tries_every_embedded_view_only_where_its_inner_folds_select(viewed):
+    work, embed = viewed
+    ws = Workspace(work)
+    panel = GenePanel.from_config({"S1": ws.load_sample("S1").adata}, GeneConfig(n_genes=20, min_spot_fraction=0.0))
+    spots = load_spots(ws, sorted(PATIENTS), PatchSpec(), embed, panel, with_targets=True, views=["field", *VIEWS])
+    members = {"knn": {"method": "knn", "top_k": 5}, "ridge": {"method": "ridge", "views": []}}
+    tried = {}
+    for folds in (3, 4):  # three patients, three inner folds: they select when three are needed, not when four are
+        method = create_method("ensemble", members=members, min_selection_folds=folds, context=[{}], smoothing=[],
+                               query_neighbours=[], candidates=[])
+        assert method.tries_embedded_views and method.reads_views == []
+        method.panel = panel
+        method.card = method.card.model_copy(update={"training_samples": PATIENTS})
+        tried[folds] = method.fit(spots).selection["context_inner_pearson"]
+    # each embedded view but the field is one more variant of a member whose spec leaves its views open
+    assert sorted(tried[3]["knn"]) == ['{"views": ["efficientnet_lite0"]}', '{"views": ["tiles"]}', "{}"]
+    assert list(tried[3]["ridge"]) == ["{}"]  # its spec sets views: pinned
+    assert list(tried[4]["knn"]) == ["{}"]  # too few inner folds to choose: the member as configured
+
+
 def test_a_run_loads_the_views_its_methods_and_ensemble_candidates_may_read(tmp_path):
     candidates = [{}, {"views": ["tiles"]}, {"context_field": True, "views": ["efficientnet_lite1"]}]
     cfg = BenchmarkConfig(work_dir=tmp_path, methods=["knn", "ensemble"],
@@ -136,5 +157,12 @@ def test_a_run_loads_the_views_its_methods_and_ensemble_candidates_may_read(tmp_
                                           "ensemble": {"members": {"ridge": {"method": "ridge"}},
                                                        "context": candidates}})
     assert cfg.needs_views() == ["efficientnet_lite2", "tiles", "field", "efficientnet_lite1"]
+    # the views the run embedded come along for the ensemble, which tries each; not for a method that names its own
+    embedded = cfg.model_copy(update={"embed": EmbedConfig(views=["adapted", "tiles"])})
+    assert embedded.views_for("knn") == ["efficientnet_lite2"]
+    assert embedded.needs_views() == ["efficientnet_lite2", "tiles", "field", "efficientnet_lite1", "adapted"]
+    pinned = {"ensemble": cfg.method_options["ensemble"] | {"view_variants": ["tiles"]}}
+    assert embedded.model_copy(update={"method_options": pinned}).views_for("ensemble") == \
+        ["tiles", "field", "efficientnet_lite1"]
     with pytest.raises(He2stError, match="context_neighbours/context_field/views on its members"):
         create_method("ensemble", views=["tiles"])

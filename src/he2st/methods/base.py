@@ -244,6 +244,12 @@ class Method(ABC):
         return self.views
 
     @property
+    def tries_embedded_views(self) -> bool:
+        """Whether a fit may try every view the run embedded (then workflows load them all, not only
+        ``reads_views``): a method that chooses among views on its own training data."""
+        return False
+
+    @property
     def predicts_whole_samples(self) -> bool:
         """Whether a spot's prediction depends on the other spots of its sample (say, each slide's own
         per-gene scale): whole-slide prediction then predicts every spot of the slide together."""

@@ -199,9 +199,14 @@ class FitConfig(WorkConfig):
         return bool(self.embed.token_grid) and any(method_class(m).uses_tokens for m in self.fitted_methods())
 
     def needs_views(self) -> list[str]:
-        """The spot views (:mod:`he2st.data.views`) a method of this run may read, loaded beside the spots."""
-        return list(dict.fromkeys(v for m in self.fitted_methods()
-                                  for v in method_class(m)(**self.options_for(m)).reads_views))
+        """The spot views (:mod:`he2st.data.views`) a method of this run may read, loaded beside the spots:
+        what each names, and every view the run embedded where a method chooses among them."""
+        return list(dict.fromkeys(v for m in self.fitted_methods() for v in self.views_for(m)))
+
+    def views_for(self, name: str) -> list[str]:
+        """The views method ``name`` (with this run's options) may read."""
+        method = method_class(name)(**self.options_for(name))
+        return method.reads_views + (self.embed.views if method.tries_embedded_views else [])
 
 
 class BenchmarkConfig(FitConfig):

@@ -68,7 +68,7 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
     panel = GenePanel.from_config({sid: s.adata for sid, s in samples.items()}, config.genes)
     with distributed.main_first():
         paths = embed_workspace(ws, list(dict.fromkeys(train_ids + unlabelled)), config.patch, config.embed).paths
-    views = method.reads_views
+    views = config.views_for(config.method)
     spots = load_spots(ws, train_ids, config.patch, config.embed, panel, with_targets=True,
                        extras=shared_extras(samples.values()), with_patches=config.needs_patches(),
                        with_tokens=config.needs_tokens(), views=views)

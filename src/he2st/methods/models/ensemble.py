@@ -4,8 +4,8 @@ Diverse members (``knn``, ``bleep``, ``ridge_cv``, ``carhe``) are combined with 
 chosen by cross-validation over the training patients only -- the inner loop of nested cross-validation,
 run inside ``fit`` -- and then refitted on all training spots. When the inner folds select, every other
 registered method within ``cost_budget`` (``candidates``) is tried beside them and stacked with them, so
-the best single method of a dataset can take part; a method the stacking gives no weight is not refitted. Each member's spatial context is chosen on
-the same inner folds by the one-standard-error rule. Members' predictions are standardised per gene
+the best single method of a dataset can take part; a method the stacking gives no weight is not refitted. Each member's spatial context (neighbours, the
+field, each other view the run embedded) is chosen on the same inner folds by the one-standard-error rule. Members' predictions are standardised per gene
 within each predicted sample before they are weighted (``scale_within``). With fewer than
 ``min_selection_folds`` inner folds nothing is chosen: each member runs as configured, with an equal say.
 What was chosen is recorded in ``TrainLog.selection``; docs/methods/ensemble.md tells the whole procedure.
@@ -26,6 +26,7 @@ from sklearn.linear_model import LinearRegression
 
 from he2st.data.splits import held_out_groups, validation_mask
 from he2st.data.spots import SpotSet
+from he2st.data.views import FIELD
 from he2st.errors import He2stError
 from he2st.methods.base import Method, Prediction, TrainLog
 from he2st.methods.configs.ensemble import EnsembleConfig
@@ -117,6 +118,9 @@ class Ensemble(Method):
         #: the inner folds' held-out groups and the combination of the members' held-out predictions, kept
         #: after a fit so that the ensemble's own out-of-fold predictions cost no further fit
         self._inner: InnerPredictions | None = None
+        #: the views tried as context variants (``view_variants``; the embedded ones are known once a fit
+        #: sees the training spots)
+        self._views: list[str] = [] if self.config.view_variants == "embedded" else list(self.config.view_variants)
 
     @property
     def halo_hops(self) -> tuple[int, ...]:
@@ -133,6 +137,10 @@ class Ensemble(Method):
         else:
             members = [self._create(label, c) for label in self.config.members for c in self._candidates(label)]
         return list(dict.fromkeys(v for m in members for v in m.reads_views))
+
+    @property
+    def tries_embedded_views(self) -> bool:
+        return self.config.view_variants == "embedded"
 
     @property
     def predicts_whole_samples(self) -> bool:
@@ -167,11 +175,13 @@ class Ensemble(Method):
 
     def _candidates(self, label: str) -> list[dict[str, Any]]:
         """The context options tried for a member (each a refit): its own when its spec pins them or it is a
-        candidate (whose every inner fit is a cost the members' own choice does not need), else ``context``."""
+        candidate (whose every inner fit is a cost the members' own choice does not need), else ``context``
+        and one variant for each view of ``view_variants`` (the spot's features with that view's appended)."""
         spec = self._spec(label)
         if label not in self.config.members or any(key in spec for key in CONTEXT_OPTIONS):
             return [{}]
-        return [dict(c) for c in self.config.context] or [{}]
+        variants = [dict(c) for c in self.config.context] or [{}]
+        return variants + [{"views": [v]} for v in self._views if {"views": [v]} not in variants]
 
     def _queries(self, label: str) -> list[dict[str, Any]]:
         """The query-time options tried on each fitted member (no refit), each unless the spec pins it:
@@ -208,6 +218,8 @@ class Ensemble(Method):
         seconds: defaultdict[str, float] = defaultdict(float)  # each member's fits, inner and final
         held_out = held_out_groups(groups, self.config.inner_folds)
         selecting = len(held_out) >= self.config.min_selection_folds
+        if self.tries_embedded_views:  # views are chosen, like the rest of the context, only where folds select
+            self._views = sorted(set(spots.views) - {FIELD}) if selecting else []
         candidates = self._candidate_labels() if selecting else []
         labels = list(self.config.members) + candidates
         defaults = {label: self._default_variant(label) for label in labels}
