@@ -19,9 +19,12 @@ from he2st.data.spots import load_spots
 from he2st.data.views import tile_patches
 from he2st.data.workspace import Workspace
 from he2st.encoders import create
+from he2st.encoders.weights import weights_sha256
 from he2st.encoders.inference import PatchEmbedder
 from he2st.errors import He2stError
 from he2st.methods import create_method, load_method
+from he2st.workflows.predict_slide import predict_slide
+from he2st.workflows.cards import encoder_view_files, model_card
 from he2st.workflows.config import BenchmarkConfig
 from he2st.workflows.embed import embed_workspace, patches_to_embed
 
@@ -112,6 +115,29 @@ def test_methods_append_the_views_they_name_and_refuse_missing_ones(viewed, tmp_
     with pytest.raises(He2stError, match=r"each spot's efficientnet_lite0 embedding .*he2st embed --set "
                                          r"'embed.views=\[efficientnet_lite0\]'"):
         method.predict(lacking)
+
+
+@pytest.mark.slow
+def test_an_encoder_views_weights_are_recorded_and_checked_when_a_slide_is_predicted(viewed, tmp_path):
+    work, embed = viewed
+    ws = Workspace(work)
+    panel = GenePanel.from_config({"S1": ws.load_sample("S1").adata}, GeneConfig(n_genes=20, min_spot_fraction=0.0))
+    method = create_method("ridge", pca_components=8, views=["tiles", "efficientnet_lite0"])
+    views = encoder_view_files(ws, embed, "S1", PatchSpec(), method.reads_views)
+    assert list(views) == ["efficientnet_lite0"]  # the tiles are the spot encoder's
+    spot_file = EmbeddingFile(ws.embedding_path(embed, "S1", PatchSpec()))
+    method.card = model_card("ridge", panel, spot_file, PatchSpec(), embed, {}, {"S1": "P1"}, encoder_views=views)
+    record = method.card.view_encoders["efficientnet_lite0"]
+    assert record["weights_sha256"] == weights_sha256(create("efficientnet_lite0").spec) is not None
+    assert "efficientnet_lite0: weights" in dict(method.card.describe())["view encoders"]
+    method.panel = panel
+    method.fit(load_spots(ws, ["S1", "S2"], PatchSpec(), embed, panel, with_targets=True, views=method.reads_views))
+    predict_slide(method, None, tmp_path / "pred", spots_from=ws.sample_path("S3"), runtime="torch")
+    method.card.view_encoders["efficientnet_lite0"]["weights_sha256"] = "0" * 64
+    with pytest.raises(He2stError, match=r"the efficientnet_lite0 weights here \(sha256 .*\) are not those the ridge "
+                                         r"model's 'efficientnet_lite0' view was trained with"):
+        predict_slide(method, None, tmp_path / "other", spots_from=ws.sample_path("S3"), runtime="torch")
+    assert not list((tmp_path / "other").glob("*.h5*"))  # refused before a prediction was written
 
 
 @pytest.mark.slow

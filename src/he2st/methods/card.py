@@ -43,6 +43,8 @@ class ModelCard(BaseModel):
     adapted_view: dict[str, Any] = Field(
         default_factory=dict, description="weights of the 'adapted' view: file, sha256, how `he2st adapt` made them "
         "(empty: not read)")
+    view_encoders: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="encoder views read: view -> encoder name, weights and their sha256 (empty: none)")
     patch: PatchSpec | None = Field(None, description="how the patches behind those features were cut")
     embedding: EmbedConfig | None = Field(None, description="stain, TTA, precision and weights of the features")
     gene_sets: dict[str, list[str]] = Field(default_factory=dict, description="HEG/HVG sets chosen on training spots")
@@ -98,6 +100,10 @@ class ModelCard(BaseModel):
         if self.adapted_view:
             sha = self.adapted_view.get("weights_sha256") or "not computed"
             lines.append(("adapted view", f"weights {self.adapted_view.get('weights')}, sha256 {sha}"))
+        if self.view_encoders:
+            lines.append(("view encoders", "; ".join(
+                f"{view}: weights {rec.get('weights')}, sha256 {rec.get('weights_sha256') or 'not computed'}"
+                for view, rec in self.view_encoders.items())))
         if self.patch is not None and self.embedding is not None:
             lines.append(("inputs", f"{self.patch.field_um:g} µm patches at {self.patch.size_px} px "
                                     f"({self.patch.pixel_size_um:g} µm/px), stain {self.embedding.stain}, "

@@ -36,6 +36,7 @@ from he2st.data.views import ADAPTED, FIELD, is_encoder_view, view_embed, view_t
 from he2st.encoders import Encoder, create
 from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.encoders.spec import EncoderSpec
+from he2st.encoders.weights import weights_sha256
 from he2st.errors import He2stError
 from he2st.io import check_output, name_from_stem, output_lock, overwriting, sha256_file, writing
 from he2st.methods import Method, ModelCard
@@ -87,6 +88,20 @@ def view_embedders(views: list[str], encoder: Encoder, config: EmbedConfig, patc
             embedder = PatchEmbedder(encoder, view_embed(config, view), patch_px, tiles=view_tiles(view))
         out.append(ViewEmbedder(view, embedder, view == FIELD))
     return out
+
+
+def check_view_encoders(card: ModelCard, views: list[ViewEmbedder], where: Path | None) -> None:
+    """Refuse, in one line, an encoder view whose weights here are not those its card records the model was
+    trained with (a preset's weights file replaced, or another file named by ``$HE2ST_WEIGHTS``)."""
+    for view in views:
+        recorded = card.view_encoders.get(view.name, {}).get("weights_sha256")
+        if recorded is None:
+            continue
+        found = weights_sha256(view.embedder.encoder.spec)
+        if found != recorded:
+            raise He2stError(f"the {view.name} weights here (sha256 {(found or 'not computed')[:12]}...) are not those "
+                             f"the {card.method} model's '{view.name}' view was trained with (sha256 {recorded[:12]}...); "
+                             "install the same weights or retrain", where)
 
 
 def adapted_encoder(card: ModelCard, where: Path | None) -> Encoder:
@@ -274,6 +289,7 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
         with output_lock(final):
             embedder = PatchEmbedder(encoder, enc_cfg, patch.size_px)
             others = view_embedders(views, encoder, enc_cfg, patch.size_px, embedder, adapted)
+            check_view_encoders(method.card, others, config.model)
             width = encoder.embed_dim + sum(v.width for v in others)  # spot features, then each view's
             try:
                 with writing(partial):
