@@ -16,11 +16,13 @@ import pytest
 from in_process import run_cli
 from synthetic import embedded_with_signature
 
+from he2st.data.splits import Fold
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
 from he2st.io import overwriting
 from he2st.workflows import benchmark_tasks
-from he2st.workflows.benchmark import run_benchmark
+from he2st.workflows.benchmark import longest_first, run_benchmark
+from he2st.workflows.benchmark_tasks import BenchmarkTask
 from he2st.workflows.config import BenchmarkConfig
 from he2st.workflows.task_store import NOT_RESULTS, TaskStore, task_key, task_settings
 
@@ -161,6 +163,16 @@ def test_the_key_holds_what_changes_a_tasks_numbers_and_nothing_else(work):
                key(base, checksums={"samples/S1.h5ad": "b"}), key(base, tls="model digest")]
     assert len(set(changed) | {key(base)}) == len(changed) + 1
     assert set(NOT_RESULTS) <= set(BenchmarkConfig.model_fields)
+
+
+def test_a_pool_starts_the_longest_tasks_first(tmp_path):
+    """Longest processing time first: listed cost x training spots x seeds; the ensemble (no listed cost) first."""
+    cfg = BenchmarkConfig(work_dir=tmp_path, methods=["knn", "mlp", "ridge_cv", "ensemble"], seeds=3)
+    big, small = Fold(name="big", train=["A", "B"], test=["C"]), Fold(name="small", train=["C"], test=["A"])
+    tasks = [BenchmarkTask(cfg, fold, {}, m, m, {}) for fold in (small, big) for m in cfg.methods]
+    order = [(t.method, t.fold.name) for t in longest_first(tasks, {"A": 300, "B": 300, "C": 100})]
+    assert order == [("ensemble", "small"), ("ensemble", "big"), ("mlp", "big"), ("mlp", "small"),
+                     ("ridge_cv", "big"), ("ridge_cv", "small"), ("knn", "big"), ("knn", "small")]
 
 
 @pytest.mark.slow  # two worker processes start (torch imported in each): ~20 s on a 2-core machine

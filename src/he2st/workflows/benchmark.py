@@ -10,6 +10,7 @@ embeddings they were computed from, and the process that ran each task.
 
 from __future__ import annotations
 
+import math
 import platform
 import sys
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from he2st.evaluate.tables import extra_markdown, localisation_markdown, reliabi
 from he2st.evaluate.tls_benchmark import TlsReport
 from he2st.io import atomic_path, check_output, sha256_file, write_text_atomic
 from he2st.methods import method_class
+from he2st.methods.registry import METHODS
 from he2st.version import __version__
 from he2st.workflows.benchmark_tasks import BenchmarkTask, TaskOutcome, forget_folds, run_task
 from he2st.workflows.config import BenchmarkConfig, dump_config
@@ -205,8 +207,21 @@ def _score_line(config: BenchmarkConfig, run: FoldRun) -> str:
             + (f"  coverage90 {scores['all']['coverage90']:.2f}" if "coverage90" in scores["all"] else ""))
 
 
-def _run_tasks(config: BenchmarkConfig, tasks: list[BenchmarkTask], on_done: Callable[[TaskOutcome], None]) -> None:
-    """Run ``tasks`` on the configured engine, ``on_done`` in this process as each ends."""
+def longest_first(tasks: list[BenchmarkTask], n_spots: dict[str, int]) -> list[BenchmarkTask]:
+    """``tasks`` in decreasing expected fitting time (the longest-processing-time-first rule), so a pool's
+    workers run out of work together rather than one finishing a long task alone: the method's listed cost
+    per 1,000 spots times the fold's training spots (``n_spots``: sample id -> spots) and its seeds. A method
+    without a listed cost (the ensemble, which fits several) comes first; ties keep their order."""
+    def expected(task: BenchmarkTask) -> float:
+        seeds = task.config.seeds if method_class(task.method).stochastic else 1
+        return (METHODS[task.method].cost or math.inf) * sum(n_spots[s] for s in task.fold.train) * seeds
+
+    return sorted(tasks, key=expected, reverse=True)
+
+
+def _run_tasks(config: BenchmarkConfig, tasks: list[BenchmarkTask], on_done: Callable[[TaskOutcome], None],
+               n_spots: dict[str, int]) -> None:
+    """Run ``tasks`` on the configured engine (a pool's longest first), ``on_done`` in this process as each ends."""
     if not tasks:
         return
     if config.engine == "serial":
@@ -216,8 +231,8 @@ def _run_tasks(config: BenchmarkConfig, tasks: list[BenchmarkTask], on_done: Cal
         finally:
             forget_folds()
         return
-    run_tasks(run_task, [(task,) for task in tasks], config.engine, config.workers, config.address, on_done,
-              config.task_threads)
+    run_tasks(run_task, [(task,) for task in longest_first(tasks, n_spots)], config.engine, config.workers,
+              config.address, on_done, config.task_threads)
 
 
 def _gather_tls(tls: TlsReport | None, outcomes: dict[tuple[str, str], TaskOutcome], folds: list[Fold],
@@ -250,8 +265,11 @@ def run_benchmark(
     and are stored as each ends, so a run stopped part way resumes where it stopped."""
     ws = Workspace(config.work_dir)
     folds, patients = benchmark_folds(config, ws)
+    n_spots = {}
     for sid in sorted({s for fold in folds for s in [*fold.train, *fold.test]}):
-        warn_if_too_coarse(ws.load_sample(sid), config.patch)
+        sample = ws.load_sample(sid)
+        warn_if_too_coarse(sample, config.patch)
+        n_spots[sid] = sample.n_spots
     variants = benchmark_variants(config)
     out_dir = check_outputs(config)  # before any work: files he2st did not write are refused
     _check_folds(config, ws, folds, patients)
@@ -291,7 +309,7 @@ def run_benchmark(
 
     for where in [w for w in keys if w in reused]:
         finish(outcomes[where])
-    _run_tasks(config, pending, finish)
+    _run_tasks(config, pending, finish, n_spots)
     results, audits, runs, failures, tasks = [], {}, {}, {}, {}
     for fold in folds:
         for label, _, _ in variants:
