@@ -4,8 +4,9 @@ Builds (once, under ``--root``) a prepared and embedded work folder of ``--patie
 legacy-ST sections each (``--side`` x ``--side`` spots per section, 100 genes, embedded by the tiny
 ``test_vit``), then benchmarks ``--methods`` (knn and ridge_cv) leave one patient out (one fold per patient, reliability
 estimated on inner folds) twice with every task recomputed (``resume=false``): ``engine=serial``, then
-``engine=local`` with ``--workers`` processes. Prints both wall times, their ratio, whether the two
-summary.csv files are identical and the machine's load (other jobs slow both runs), e.g.
+``engine=local`` with ``--workers`` processes (longest tasks first; ``--fold-order`` also runs the pool with
+the tasks in fold order, to measure what that ordering gains). Prints the wall times, the ratios, whether the
+summary.csv files are identical and the machine's load (other jobs slow every run), e.g.
 
     python benchmarks/benchmark_workers.py --root /tmp/bw --patients 4 --workers 2 [--methods bleep,mlp --side 20]
 """
@@ -62,8 +63,10 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=10, help="spots per section side")
     ap.add_argument("--workers", type=int, default=2, help="processes of the local engine")
     ap.add_argument("--methods", default="knn,ridge_cv", help="comma-separated methods benchmarked")
+    ap.add_argument("--fold-order", action="store_true", help="also run the pool with the tasks in fold order")
     args = ap.parse_args()
 
+    from he2st.workflows import benchmark
     from he2st.workflows.benchmark import run_benchmark
     from he2st.workflows.config import BenchmarkConfig
 
@@ -71,17 +74,21 @@ def main() -> None:
     common = {"work_dir": work, "embed": embed, "genes": {"n_genes": 50, "min_spot_fraction": 0.0}, "n_top": 10,
               "methods": args.methods.split(","), "transcriptome_threshold": None, "tls": False, "resume": False}
     seconds = {}
-    for engine in ("serial", "local"):
-        config = BenchmarkConfig(**common, name=f"workers_{engine}", engine=engine, workers=args.workers)
+    runs = ["serial", "local"] + (["local_fold_order"] if args.fold_order else [])
+    longest_first = benchmark.longest_first
+    for run in runs:
+        engine = run.removesuffix("_fold_order")
+        benchmark.longest_first = (lambda tasks, _: tasks) if run.endswith("fold_order") else longest_first
+        config = BenchmarkConfig(**common, name=f"workers_{run}", engine=engine, workers=args.workers)
         start = time.perf_counter()
         outcome = run_benchmark(config)
-        seconds[engine] = time.perf_counter() - start
-        print(f"engine={engine} workers={args.workers if engine == 'local' else 1} tasks={len(outcome.runs)} "
-              f"seconds={seconds[engine]:.1f}", flush=True)
-    same = (work / "runs" / "workers_serial" / "summary.csv").read_bytes() == (
-        work / "runs" / "workers_local" / "summary.csv").read_bytes()
+        seconds[run] = time.perf_counter() - start
+        print(f"run={run} workers={args.workers if engine == 'local' else 1} tasks={len(outcome.runs)} "
+              f"seconds={seconds[run]:.1f}", flush=True)
+    summary = {run: (work / "runs" / f"workers_{run}" / "summary.csv").read_bytes() for run in runs}
     print(f"cores={os.cpu_count()} load_average_1min={os.getloadavg()[0]:.1f} "
-          f"ratio_serial_over_local={seconds['serial'] / seconds['local']:.2f} summary_identical={same}")
+          + " ".join(f"ratio_serial_over_{run}={seconds['serial'] / seconds[run]:.2f}" for run in runs[1:])
+          + f" summary_identical={len(set(summary.values())) == 1}")
 
 
 if __name__ == "__main__":
