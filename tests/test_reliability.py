@@ -131,7 +131,7 @@ def test_ensemble_reuses_its_inner_folds(split, monkeypatch):
     calls = []
     original = Method.out_of_fold
     monkeypatch.setattr(Method, "out_of_fold", lambda self, *a: calls.append(self.name) or original(self, *a))
-    method = fitted("ensemble", train, members=members)
+    method = fitted("ensemble", train, members=members, candidates=[])
     assert calls == []  # the ensemble answered from its own inner folds: no refit through the base class
     pred = method.predict(test)
     inside = (test.targets >= pred.layers["lower"]) & (test.targets <= pred.layers["upper"])
