@@ -7,6 +7,7 @@ sections, a seeded tiny ViT and the offline Lite0 as the second encoder).
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -25,8 +26,9 @@ from he2st.errors import He2stError
 from he2st.methods import create_method, load_method
 from he2st.workflows.predict_slide import predict_slide
 from he2st.workflows.cards import encoder_view_files, model_card
-from he2st.workflows.config import BenchmarkConfig
+from he2st.workflows.config import BenchmarkConfig, TrainRunConfig
 from he2st.workflows.embed import embed_workspace, patches_to_embed
+from he2st.workflows.train import train_model
 
 PATIENTS = {"S1": "P1", "S2": "P2", "S3": "P3"}
 GENE_NAMES = [f"G{i}" for i in range(30)]
@@ -174,6 +176,29 @@ def test_ensemble_tries_every_embedded_view_only_where_its_inner_folds_select(vi
     assert sorted(tried[3]["knn"]) == ['{"views": ["efficientnet_lite0"]}', '{"views": ["tiles"]}', "{}"]
     assert list(tried[3]["ridge"]) == ["{}"]  # its spec sets views: pinned
     assert list(tried[4]["knn"]) == ["{}"]  # too few inner folds to choose: the member as configured
+
+
+@pytest.mark.slow
+def test_a_trained_ensemble_records_and_predicts_with_the_embedded_view_it_chose(viewed, tmp_path):
+    """``he2st train`` loads every embedded view for the ensemble; a member that takes a view is saved with it,
+    the card records the view's encoder, and the checkpoint predicts a slide as the fitted model did."""
+    work, embed = viewed
+    ws = Workspace(work)
+    members = {"knn": {"method": "knn", "top_k": 5}}
+    options = {"members": members, "context": [{"views": ["efficientnet_lite0"]}], "smoothing": [],
+               "query_neighbours": [], "candidates": []}  # every variant reads a view
+    method, log, path = train_model(TrainRunConfig(
+        work_dir=work, embed=embed, genes=GeneConfig(n_genes=20, min_spot_fraction=0.0), method="ensemble",
+        method_options={"ensemble": options}, train_samples=["S1", "S2", "S3"], out=tmp_path / "ens.pt", n_top=5,
+        reliability=False, transcriptome_threshold=None))
+    tried = sorted(log.selection["context_inner_pearson"]["knn"])  # the context's, and the other embedded view
+    assert tried == ['{"views": ["efficientnet_lite0"]}', '{"views": ["tiles"]}']
+    back = load_method(path)
+    assert back.reads_views == log.selection["context"]["knn"]["views"]
+    assert back.card.view_encoders["efficientnet_lite0"]["encoder"] == "efficientnet_lite0"
+    spots = load_spots(ws, ["S3"], PatchSpec(), embed, back.panel, with_targets=False, views=back.reads_views)
+    out = predict_slide(back, None, tmp_path / "pred", spots_from=ws.sample_path("S3"), runtime="torch")
+    np.testing.assert_allclose(ad.read_h5ad(out).X, method.predict(spots).expression, rtol=1e-3, atol=1e-3)
 
 
 def test_a_run_loads_the_views_its_methods_and_ensemble_candidates_may_read(tmp_path):
