@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from he2st.errors import He2stError, He2stWarning
+from he2st.io import comma_list
 
 app = typer.Typer(no_args_is_help=True, add_completion=True, help="Predict spatial gene expression from H&E.")
 data_app = typer.Typer(no_args_is_help=True, help="Public datasets: list and fetch.")
@@ -269,10 +270,6 @@ def method_lines(name: str | None = None, width: int | None = None) -> list[str]
     return lines
 
 
-def _ids(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
 @app.command()
 def train(
     config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = None,
@@ -295,8 +292,8 @@ def train(
     from he2st.workflows.train import train_model
 
     cfg = load_config(TrainRunConfig, config, set_, work_dir=str(work_dir) if work_dir else None,
-                      method=method, train_samples=_ids(samples), out=str(out) if out else None, devices=devices,
-                      unlabelled=_ids(unlabelled))
+                      method=method, train_samples=comma_list(samples), out=str(out) if out else None, devices=devices,
+                      unlabelled=comma_list(unlabelled))
     fitted, log, path = train_model(cfg, command=" ".join(["he2st", *sys.argv[1:]]))
     if is_main():
         epoch = "" if log.best_epoch is None else f", best epoch {log.best_epoch}"
@@ -366,7 +363,7 @@ def evaluate(
 
     wd = work_dir or default_work_dir()
     out_dir = out or Path(wd) / "runs" / f"evaluate_{model.stem}"
-    _, table, paths = evaluate_model(model, wd, _ids(samples) or [], out_dir,
+    _, table, paths = evaluate_model(model, wd, comma_list(samples) or [], out_dir,
                                      allow_training_patients=allow_training_patients,
                                      command=" ".join(["he2st", *sys.argv[1:]]))
     _echo(table)
@@ -396,7 +393,7 @@ def benchmark(
     from he2st.workflows.config import BenchmarkConfig, load_config
 
     cfg = load_config(BenchmarkConfig, config, set_, work_dir=str(work_dir) if work_dir else None, name=name,
-                      methods=_ids(methods), ablation=ablation, engine=engine, workers=workers, address=address,
+                      methods=comma_list(methods), ablation=ablation, engine=engine, workers=workers, address=address,
                       resume=resume, **{"folds.scheme": folds})
     _run_benchmark(cfg, dataset)
 

@@ -12,12 +12,10 @@ from typing import Annotated
 
 import typer
 
+from he2st.io import comma_list
+
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace existing outputs that he2st did not write "
                                                              "(default: refuse them)")]
-
-
-def _list(text: str | None) -> list[str] | None:
-    return [g.strip() for g in text.split(",") if g.strip()] if text else None
 
 
 def stack(
@@ -49,7 +47,7 @@ def stack(
 
     allow_overwrite(overwrite)
     result = build_stack(sections, spacing_um, load_method(model), model, out, pitch_um, interpolate, mpp,
-                         _list(genes), register, device, weights)
+                         comma_list(genes), register, device, weights)
     info = result.adata.uns["he2st_stack"]["transforms"]
     for k, name in enumerate(result.adata.uns["he2st_stack"]["sections"]):
         entry, n = info[name], int((result.adata.obs["section"] == name).sum())
@@ -57,7 +55,7 @@ def stack(
                f"{entry['dice_after']:.2f} registered{'' if entry['affine_kept'] else ' (rigid; affine refused)'}"
                if "dice_after" in entry else "as mounted (not registered)" if k else "reference frame")
         typer.echo(f"{name}: {n} grid points; {fit}")
-    shown = stack_genes(result.adata, _list(show))
+    shown = stack_genes(result.adata, comma_list(show))
     png = draw_stack_png(result.adata, out / "stack.png", shown[0])
     html = write_stack_html(result.adata, out / "stack.html", shown)
     if any(s.sample is not None for s in result.sections):
@@ -99,7 +97,7 @@ def survival(
     allow_overwrite(overwrite)
     from he2st.workflows.survival import run_survival
 
-    result = run_survival(slides, out, horizon, signature, _list(genes), tls, tls_threshold, folds, penalizer,
+    result = run_survival(slides, out, horizon, signature, comma_list(genes), tls, tls_threshold, folds, penalizer,
                           bootstrap, seed)
     s = result.cv.scores
     typer.echo(f"{len(result.features)} slides, {int(result.cohort.event.sum())} events; features: "
@@ -137,7 +135,7 @@ def localize(
 
     allow_overwrite(overwrite)
     result = run_localize(prediction, out or prediction.parent, signature, threshold, quantile,
-                          [Path(p) for p in _list(threshold_from) or []] or None, sample, force)
+                          [Path(p) for p in comma_list(threshold_from) or []] or None, sample, force)
     info = result.info
     typer.echo(f"cancer score from {len(info['genes'])} genes ({', '.join(info['genes'])}; "
                f"{info['weight_coverage']:.0%} of the signature's weight); threshold {info['threshold']:.4g} from "

@@ -12,9 +12,7 @@ from typing import Annotated
 
 import typer
 
-
-def _list(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+from he2st.io import comma_list
 
 
 def hest_bench(
@@ -38,8 +36,8 @@ def hest_bench(
     from he2st.workflows.config import load_config
     from he2st.workflows.hest_bench import HestBenchConfig, run_hest_bench
 
-    cfg = load_config(HestBenchConfig, config, set_, bench_dir=str(bench_dir), tasks=_list(tasks),
-                      methods=_list(methods), out=str(out) if out else None, **{
+    cfg = load_config(HestBenchConfig, config, set_, bench_dir=str(bench_dir), tasks=comma_list(tasks),
+                      methods=comma_list(methods), out=str(out) if out else None, **{
                           "embed.encoder": encoder, "embed.weights": str(weights) if weights else None})
     outcome = run_hest_bench(cfg, log=typer.echo, command=" ".join(["he2st", *sys.argv[1:]]))
     typer.echo("")
@@ -65,7 +63,7 @@ def export_hest(
     from he2st.workflows.export_hest import export_hest as run_export
 
     cfg = load_config(WorkConfig, config, set_, work_dir=str(work_dir) if work_dir else None)
-    result = run_export(cfg.work_dir, out, task, cfg.patch, _list(samples), n_genes, selection)
+    result = run_export(cfg.work_dir, out, task, cfg.patch, comma_list(samples), n_genes, selection)
     typer.echo(f"exported {len(result.samples)} samples, {result.n_splits} leave-one-patient-out splits and "
                f"{len(result.genes)} genes ({selection}) -> {result.root}")
 

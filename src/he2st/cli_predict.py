@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from he2st.cli_models import ModelsDirOpt
+from he2st.io import comma_list
 
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", help="checkpoint from `he2st train`, or a ready-made model's name (he2st models list)")]
@@ -21,10 +22,6 @@ GenesOpt = Annotated[str | None, typer.Option(help="comma-separated genes (defau
 SampleOpt = Annotated[Path | None, typer.Option("--sample", help="measured he2st sample .h5ad to compare with")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace existing outputs that he2st did not write "
                                                              "(default: refuse them)")]
-
-
-def _genes(text: str | None) -> list[str] | None:
-    return [g.strip() for g in text.split(",") if g.strip()] if text else None
 
 
 def predict(
@@ -154,7 +151,7 @@ def plot(
     from he2st.report.plots import pair_with_measured, plot_prediction
 
     folder = out or prediction.with_suffix("")
-    paths = plot_prediction(prediction, folder, _genes(genes), sample, n)
+    paths = plot_prediction(prediction, folder, comma_list(genes), sample, n)
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
     if sample is not None:
@@ -186,7 +183,7 @@ def report(
         raise He2stError(f"--out is a folder (the report is written as <out>/{prediction.stem}.html)", out)
     folder = out if out is not None else prediction.parent
     path = build_report(prediction, folder / f"{prediction.stem}.html", sample=sample, results=results,
-                        genes=_genes(genes), title=title)
+                        genes=comma_list(genes), title=title)
     typer.echo(f"report: {path}")
 
 

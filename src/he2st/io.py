@@ -510,6 +510,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def comma_list(text: str | None) -> list[str] | None:
+    """``"a, b,,c"`` as ``["a", "b", "c"]``: names given in one command-line option or setting; None for none."""
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
 def safe_name(value: str, what: str = "name") -> str:
     """``value`` when it can be one component of a file name he2st writes: letters, digits, ``.``, ``_``,
     ``-``, no leading dot, no separator, at most 128 characters. Sample, patient and run ids come from

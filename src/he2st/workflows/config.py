@@ -19,7 +19,7 @@ from he2st.data.patches import PatchSpec
 from he2st.data.readers import SampleSource
 from he2st.encoders.adaptation import AdaptConfig
 from he2st.errors import He2stError, for_validator, one_line
-from he2st.io import safe_name, table_path
+from he2st.io import comma_list, safe_name, table_path
 from he2st.methods import method_class
 
 WORK_DIR_ENV = "HE2ST_WORK_DIR"
@@ -166,7 +166,7 @@ class FitConfig(WorkConfig):
     @classmethod
     def _sample_list(cls, value: Any) -> Any:
         """A comma-separated string (``--set unlabelled=test``) is a list of one or more ids."""
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        return (comma_list(value) or []) if isinstance(value, str) else value
 
     def wants_reliability(self, patients: dict[str, str]) -> bool:
         """Whether fits estimate their reliability: as set, else with at least 3 patients or samples."""
