@@ -240,6 +240,7 @@ def test_the_adapted_view_without_one_adaptation_is_refused_in_one_line(study, t
         Workspace(copy).view_path(EmbedConfig(encoder="test_vit"), "S1", SMALL, "adapted")
 
 
+@pytest.mark.slow
 def test_the_ensembles_nested_selection_tries_the_adapted_view(study):
     work, base, _ = study
     ws = Workspace(work)

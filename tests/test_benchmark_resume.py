@@ -166,13 +166,14 @@ def test_the_key_holds_what_changes_a_tasks_numbers_and_nothing_else(work):
 
 
 def test_a_pool_starts_the_longest_tasks_first(tmp_path):
-    """Longest processing time first: listed cost x training spots x seeds; the ensemble (no listed cost) first."""
+    """Longest processing time first, a fold's tasks together: listed cost x training spots x seeds; the ensemble
+    (no listed cost) first."""
     cfg = BenchmarkConfig(work_dir=tmp_path, methods=["knn", "mlp", "ridge_cv", "ensemble"], seeds=3)
     big, small = Fold(name="big", train=["A", "B"], test=["C"]), Fold(name="small", train=["C"], test=["A"])
     tasks = [BenchmarkTask(cfg, fold, {}, m, m, {}) for fold in (small, big) for m in cfg.methods]
     order = [(t.method, t.fold.name) for t in longest_first(tasks, {"A": 300, "B": 300, "C": 100})]
-    assert order == [("ensemble", "small"), ("ensemble", "big"), ("mlp", "big"), ("mlp", "small"),
-                     ("ridge_cv", "big"), ("ridge_cv", "small"), ("knn", "big"), ("knn", "small")]
+    assert order == [("ensemble", "big"), ("mlp", "big"), ("ridge_cv", "big"), ("knn", "big"),
+                     ("ensemble", "small"), ("mlp", "small"), ("ridge_cv", "small"), ("knn", "small")]
 
 
 @pytest.mark.slow  # two worker processes start (torch imported in each): ~20 s on a 2-core machine

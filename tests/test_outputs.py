@@ -196,6 +196,7 @@ def test_a_prediction_being_written_by_another_process_is_one_line(kit, tmp_path
     assert not (out / "slide.h5ad").exists() and not (out / "slide.partial.h5").exists()
 
 
+@pytest.mark.slow
 def test_a_manifest_row_repeated_is_predicted_once_and_a_missing_slide_is_an_error_line(kit, tmp_path):  # noqa: F811
     manifest = tmp_path / "slides.csv"
     manifest.write_text(f"slide\n{kit.slide}\n{kit.slide}\n{tmp_path / 'nope.tif'}\n")

@@ -318,6 +318,7 @@ def test_nested_folds_never_touch_the_outer_test_patient(small):
         assert "S2" not in audit.used_for_fitting() | set(audit.test)
 
 
+@pytest.mark.slow
 def test_model_predicted_at_a_samples_own_spots_with_plots_and_report(small, tmp_path):
     """Whole-slide prediction at the spots of a prepared sample, compared with its measurements."""
     from he2st.data.sample import Sample
@@ -430,6 +431,7 @@ def test_every_runtime_gives_the_same_embeddings_and_is_recorded(small, tmp_path
 
 
 
+@pytest.mark.slow
 def test_embed_on_an_engine_equals_embedding_one_by_one(small, tmp_path):
     """`he2st embed --engine local --workers 2`: one task per sample, the same files as a sequential run."""
     from in_process import run_cli

@@ -383,6 +383,7 @@ def hires_model_path(model_path, tmp_path_factory) -> Path:
     return method.save(tmp_path_factory.mktemp("hires") / "knn.pt")
 
 
+@pytest.mark.slow
 def test_resolution_limit_follows_the_training_slides(model_path, hires_model_path, slide_path, encoder, tmp_path):
     """A model trained at 3.5 µm/px predicts a 3.5 µm/px slide (7x upsampling) and refuses a 30 µm/px one;
     ``max_upsample`` sets the limit for either model; a card without training µm/px keeps the 2x rule."""

@@ -20,14 +20,14 @@ from he2st.data.spots import load_spots
 from he2st.data.views import tile_patches
 from he2st.data.workspace import Workspace
 from he2st.encoders import create
-from he2st.encoders.weights import weights_sha256
 from he2st.encoders.inference import PatchEmbedder
+from he2st.encoders.weights import weights_sha256
 from he2st.errors import He2stError
 from he2st.methods import create_method, load_method
-from he2st.workflows.predict_slide import predict_slide
 from he2st.workflows.cards import encoder_view_files, model_card
 from he2st.workflows.config import BenchmarkConfig, TrainRunConfig
 from he2st.workflows.embed import embed_workspace, patches_to_embed
+from he2st.workflows.predict_slide import predict_slide
 from he2st.workflows.train import train_model
 
 PATIENTS = {"S1": "P1", "S2": "P2", "S3": "P3"}
@@ -168,7 +168,7 @@ def test_ensemble_tries_every_embedded_view_only_where_its_inner_folds_select(vi
     for folds in (3, 4):  # three patients, three inner folds: they select when three are needed, not when four are
         method = create_method("ensemble", members=members, min_selection_folds=folds, context=[{}], smoothing=[],
                                query_neighbours=[], candidates=[])
-        assert method.tries_embedded_views and method.reads_views == []
+        assert method.chooses_views and method.reads_views == []
         method.panel = panel
         method.card = method.card.model_copy(update={"training_samples": PATIENTS})
         tried[folds] = method.fit(spots).selection["context_inner_pearson"]
@@ -195,7 +195,8 @@ def test_a_trained_ensemble_records_and_predicts_with_the_embedded_view_it_chose
     assert tried == ['{"views": ["efficientnet_lite0"]}', '{"views": ["tiles"]}']
     back = load_method(path)
     assert back.reads_views == log.selection["context"]["knn"]["views"]
-    assert back.card.view_encoders["efficientnet_lite0"]["encoder"] == "efficientnet_lite0"
+    # the card keeps the encoder views the saved model reads, not every one it was given to choose from
+    assert set(back.card.view_encoders) == set(back.reads_views) - {"tiles"}
     spots = load_spots(ws, ["S3"], PatchSpec(), embed, back.panel, with_targets=False, views=back.reads_views)
     out = predict_slide(back, None, tmp_path / "pred", spots_from=ws.sample_path("S3"), runtime="torch")
     np.testing.assert_allclose(ad.read_h5ad(out).X, method.predict(spots).expression, rtol=1e-3, atol=1e-3)
@@ -208,12 +209,13 @@ def test_a_run_loads_the_views_its_methods_and_ensemble_candidates_may_read(tmp_
                                           "ensemble": {"members": {"ridge": {"method": "ridge"}},
                                                        "context": candidates}})
     assert cfg.needs_views() == ["efficientnet_lite2", "tiles", "field", "efficientnet_lite1"]
-    # the views the run embedded come along for the ensemble, which tries each; not for a method that names its own
+    # the ensemble is given the views the run embeds, and tries each; a method naming its own views is not
     embedded = cfg.model_copy(update={"embed": EmbedConfig(views=["adapted", "tiles"])})
-    assert embedded.views_for("knn") == ["efficientnet_lite2"]
+    assert embedded.options_for("ensemble")["view_variants"] == ["adapted", "tiles"]
+    assert "view_variants" not in embedded.options_for("knn")
     assert embedded.needs_views() == ["efficientnet_lite2", "tiles", "field", "efficientnet_lite1", "adapted"]
-    pinned = {"ensemble": cfg.method_options["ensemble"] | {"view_variants": ["tiles"]}}
-    assert embedded.model_copy(update={"method_options": pinned}).views_for("ensemble") == \
-        ["tiles", "field", "efficientnet_lite1"]
+    pinned = {"knn": cfg.method_options["knn"], "ensemble": cfg.method_options["ensemble"] | {"view_variants": []}}
+    assert embedded.model_copy(update={"method_options": pinned}).needs_views() == \
+        ["efficientnet_lite2", "tiles", "field", "efficientnet_lite1"]
     with pytest.raises(He2stError, match="context_neighbours/context_field/views on its members"):
         create_method("ensemble", views=["tiles"])

@@ -77,6 +77,8 @@ class Method(ABC):
     bank: ReferenceBank | None = None  # set by methods with uses_bank
     #: predictions can come from any reference bank (:meth:`retrieve`), so genes beyond the panel too
     retrieves: ClassVar[bool] = False
+    #: chooses among the views a run embeds (the ensemble's ``view_variants``): workflows pass it ``embed.views``
+    chooses_views: ClassVar[bool] = False
     #: a second bank of the training spots returning genes beyond the panel (``<stem>.transcriptome.h5``)
     transcriptome_bank: ReferenceBank | None = None
     #: measured on inner patient folds (``he2st.methods.calibration``); adds intervals and OOD flags
@@ -242,12 +244,6 @@ class Method(ABC):
         """Every view a fit or a prediction of this method may read (whole-slide prediction embeds them,
         workflows load them)."""
         return self.views
-
-    @property
-    def tries_embedded_views(self) -> bool:
-        """Whether a fit may try every view the run embedded (then workflows load them all, not only
-        ``reads_views``): a method that chooses among views on its own training data."""
-        return False
 
     @property
     def predicts_whole_samples(self) -> bool:

@@ -10,7 +10,6 @@ embeddings they were computed from, and the process that ran each task.
 
 from __future__ import annotations
 
-import math
 import platform
 import sys
 from collections.abc import Callable
@@ -208,15 +207,27 @@ def _score_line(config: BenchmarkConfig, run: FoldRun) -> str:
 
 
 def longest_first(tasks: list[BenchmarkTask], n_spots: dict[str, int]) -> list[BenchmarkTask]:
-    """``tasks`` in decreasing expected fitting time (the longest-processing-time-first rule), so a pool's
-    workers run out of work together rather than one finishing a long task alone: the method's listed cost
-    per 1,000 spots times the fold's training spots (``n_spots``: sample id -> spots) and its seeds. A method
-    without a listed cost (the ensemble, which fits several) comes first; ties keep their order."""
-    def expected(task: BenchmarkTask) -> float:
+    """``tasks`` ordered so that a pool's workers run out of work together (the longest-processing-time-first
+    rule) while a fold's tasks stay together (each worker keeps the data of the last fold it built): folds
+    by decreasing expected fitting time, each fold's tasks longest first. A task's expected time is its
+    method's listed cost per 1,000 spots times the fold's training spots (``n_spots``: sample id -> spots)
+    and its seeds; a method without a listed cost (the ensemble, which fits several) counts as longer than
+    any listed one. Ties keep their order."""
+    def expected(task: BenchmarkTask) -> tuple[int, float]:
+        cost = METHODS[task.method].cost
         seeds = task.config.seeds if method_class(task.method).stochastic else 1
-        return (METHODS[task.method].cost or math.inf) * sum(n_spots[s] for s in task.fold.train) * seeds
+        return int(cost == 0), (cost or 1.0) * sum(n_spots[s] for s in task.fold.train) * seeds
 
-    return sorted(tasks, key=expected, reverse=True)
+    folds: dict[str, list[BenchmarkTask]] = {}
+    for task in tasks:
+        folds.setdefault(task.fold.name, []).append(task)
+
+    def total(fold: list[BenchmarkTask]) -> tuple[int, float]:
+        keys = [expected(task) for task in fold]
+        return sum(k[0] for k in keys), sum(k[1] for k in keys)
+
+    return [task for fold in sorted(folds.values(), key=total, reverse=True)
+            for task in sorted(fold, key=expected, reverse=True)]
 
 
 def _run_tasks(config: BenchmarkConfig, tasks: list[BenchmarkTask], on_done: Callable[[TaskOutcome], None],

@@ -188,7 +188,12 @@ class FitConfig(WorkConfig):
         return []
 
     def options_for(self, name: str) -> dict[str, Any]:
-        return {"seed": self.seed} | self.method_options.get(name, {})
+        """Method ``name``'s options in this run: the seed, those set, and for a method that chooses among views
+        (the ensemble's ``view_variants: embedded``) the views this run embeds (``embed.views``)."""
+        options = {"seed": self.seed} | self.method_options.get(name, {})
+        if method_class(name).chooses_views and options.get("view_variants", "embedded") == "embedded":
+            options["view_variants"] = list(self.embed.views)
+        return options
 
     def needs_patches(self) -> bool:
         """Whether a method trains its image encoder end to end (then raw patches are loaded)."""
@@ -199,14 +204,9 @@ class FitConfig(WorkConfig):
         return bool(self.embed.token_grid) and any(method_class(m).uses_tokens for m in self.fitted_methods())
 
     def needs_views(self) -> list[str]:
-        """The spot views (:mod:`he2st.data.views`) a method of this run may read, loaded beside the spots:
-        what each names, and every view the run embedded where a method chooses among them."""
-        return list(dict.fromkeys(v for m in self.fitted_methods() for v in self.views_for(m)))
-
-    def views_for(self, name: str) -> list[str]:
-        """The views method ``name`` (with this run's options) may read."""
-        method = method_class(name)(**self.options_for(name))
-        return method.reads_views + (self.embed.views if method.tries_embedded_views else [])
+        """The spot views (:mod:`he2st.data.views`) a method of this run may read, loaded beside the spots."""
+        return list(dict.fromkeys(v for m in self.fitted_methods()
+                                  for v in method_class(m)(**self.options_for(m)).reads_views))
 
 
 class BenchmarkConfig(FitConfig):

@@ -15,6 +15,7 @@ from he2st.data.embeddings import EmbeddingFile
 from he2st.data.genes import GenePanel
 from he2st.data.splits import held_out_groups, validation_mask
 from he2st.data.spots import SpotSet, load_spots, shared_extras
+from he2st.data.views import ADAPTED
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
 from he2st.evaluate.beyond_panel import build_transcriptome
@@ -68,7 +69,7 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
     panel = GenePanel.from_config({sid: s.adata for sid, s in samples.items()}, config.genes)
     with distributed.main_first():
         paths = embed_workspace(ws, list(dict.fromkeys(train_ids + unlabelled)), config.patch, config.embed).paths
-    views = config.views_for(config.method)
+    views = method.reads_views
     spots = load_spots(ws, train_ids, config.patch, config.embed, panel, with_targets=True,
                        extras=shared_extras(samples.values()), with_patches=config.needs_patches(),
                        with_tokens=config.needs_tokens(), views=views)
@@ -95,7 +96,10 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
             validation_fraction=config.validation_fraction,
             beyond=None if beyond is None else np.concatenate([beyond[~val], beyond[val]]), beyond_genes=beyond_genes,
             scores=signature_scores(method.card.target_scale))
+    read = method.reads_views  # a method choosing among views was given more than it kept
     method.card = method.card.model_copy(update={
+        "view_encoders": {v: r for v, r in method.card.view_encoders.items() if v in read},
+        "adapted_view": method.card.adapted_view if ADAPTED in read else {},
         "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds,
         "selection": log.selection | ({"unlabelled_images": unlabelled} if unlabelled else {}),
         "command": command, "tissue": config.tissue or _tissue(samples.values()),

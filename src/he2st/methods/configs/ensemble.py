@@ -30,8 +30,8 @@ class EnsembleConfig(MethodConfig):
         default_factory=lambda: [{}, {"context_neighbours": 6}, {"context_neighbours": 6, "context_field": True}],
         description="context options (neighbours, field, views) tried on inner folds for each member not setting them")
     view_variants: list[str] | Literal["embedded"] = Field(
-        "embedded", description="views tried, each as one more context variant of every member: these, or every view "
-        "the run embedded but the field")
+        "embedded", description="views tried, each as one more context variant of each member whose context is open: "
+        "these, or every view embedded")
     query_neighbours: list[int] = Field(
         default_factory=lambda: [0, 6],
         description="query-time neighbour counts tried on each fitted retrieval member whose spec does not set them")

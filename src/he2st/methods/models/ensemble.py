@@ -4,10 +4,12 @@ Diverse members (``knn``, ``bleep``, ``ridge_cv``, ``carhe``) are combined with 
 chosen by cross-validation over the training patients only -- the inner loop of nested cross-validation,
 run inside ``fit`` -- and then refitted on all training spots. When the inner folds select, every other
 registered method within ``cost_budget`` (``candidates``) is tried beside them and stacked with them, so
-the best single method of a dataset can take part; a method the stacking gives no weight is not refitted. Each member's spatial context (neighbours, the
-field, each other view the run embedded) is chosen on the same inner folds by the one-standard-error rule. Members' predictions are standardised per gene
-within each predicted sample before they are weighted (``scale_within``). With fewer than
-``min_selection_folds`` inner folds nothing is chosen: each member runs as configured, with an equal say.
+the best single method of a dataset can take part; a method the stacking gives no weight is not refitted.
+Each member's spatial context (neighbours, the field, and each view of ``view_variants``: by default every
+view the training spots carry; workflows pass the run's ``embed.views``) is chosen on the same inner folds
+by the one-standard-error rule. Members' predictions are standardised per gene within each predicted sample
+before they are weighted (``scale_within``). With fewer than ``min_selection_folds`` inner folds nothing is
+chosen: each member runs as configured, with an equal say.
 What was chosen is recorded in ``TrainLog.selection``; docs/methods/ensemble.md tells the whole procedure.
 """
 
@@ -93,6 +95,7 @@ class Ensemble(Method):
 
     name = "ensemble"
     Config = EnsembleConfig
+    chooses_views = True
 
     def __init__(self, config: EnsembleConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -139,10 +142,6 @@ class Ensemble(Method):
         return list(dict.fromkeys(v for m in members for v in m.reads_views))
 
     @property
-    def tries_embedded_views(self) -> bool:
-        return self.config.view_variants == "embedded"
-
-    @property
     def predicts_whole_samples(self) -> bool:
         return self.config.scale_within == "sample"
 
@@ -176,7 +175,7 @@ class Ensemble(Method):
     def _candidates(self, label: str) -> list[dict[str, Any]]:
         """The context options tried for a member (each a refit): its own when its spec pins them or it is a
         candidate (whose every inner fit is a cost the members' own choice does not need), else ``context``
-        and one variant for each view of ``view_variants`` (the spot's features with that view's appended)."""
+        and one variant for each view of ``view_variants`` (the spot's features with that view appended)."""
         spec = self._spec(label)
         if label not in self.config.members or any(key in spec for key in CONTEXT_OPTIONS):
             return [{}]
@@ -218,7 +217,7 @@ class Ensemble(Method):
         seconds: defaultdict[str, float] = defaultdict(float)  # each member's fits, inner and final
         held_out = held_out_groups(groups, self.config.inner_folds)
         selecting = len(held_out) >= self.config.min_selection_folds
-        if self.tries_embedded_views:  # views are chosen, like the rest of the context, only where folds select
+        if self.config.view_variants == "embedded":  # chosen, like the rest of the context, only where folds select
             self._views = sorted(set(spots.views) - {FIELD}) if selecting else []
         candidates = self._candidate_labels() if selecting else []
         labels = list(self.config.members) + candidates
