@@ -5,7 +5,8 @@ over the epochs of each method's own training loop of one epoch's training pass,
 (no validation set, so every epoch runs; CarHE's histology pre-training is off so an epoch means the same
 thing for every method). One-off set-up of a fit (scalers, principal axes, neighbour search) is not an
 epoch; non-neural baselines report their whole fit as one epoch. Sizes and methods are chosen with
-``--n`` and ``--methods``; all sizes of one method run in this process, side by side.
+``--n`` and ``--methods``; all sizes of one method run in this process, side by side. ``--options`` (JSON)
+sets options of every method run, e.g. ``'{"candidates": []}'`` for the ensemble's members only.
 
     python benchmarks/train_scaling.py --n 2000,10000,40000,100000 --methods bleep,cmrcnet,nh2st,carhe,mlp
 """
@@ -13,6 +14,7 @@ epoch; non-neural baselines report their whole fit as one epoch. Sizes and metho
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -42,8 +44,9 @@ def synthetic(n: int, seed: int = 0) -> SpotSet:
                    targets=targets.astype(np.float32), extras={"celltype_major": props})
 
 
-def seconds_per_epoch(name: str, spots: SpotSet, epochs: int) -> float:
+def seconds_per_epoch(name: str, spots: SpotSet, epochs: int, extra: dict | None = None) -> float:
     options = {"train": {"epochs": epochs}} if issubclass(method_class(name), NeuralMethod) else {}
+    options |= extra or {}
     if name == "carhe":
         options["histology_pretrain_epochs"] = 0
     method = create_method(name, **options)
@@ -59,6 +62,7 @@ def main() -> None:
     ap.add_argument("--n", default="2000,10000,40000,100000", help="comma-separated numbers of spots")
     ap.add_argument("--methods", default="bleep,bleep_faithful,cmrcnet,nh2st,carhe,mlp,ridge,knn")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per fit (the figure is their median)")
+    ap.add_argument("--options", default="{}", help="JSON options given to every method run")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     sizes = [int(v) for v in args.n.split(",")]
@@ -66,8 +70,8 @@ def main() -> None:
         if name not in list_methods():
             raise SystemExit(f"unknown method {name!r}; available: {', '.join(list_methods())}")
         for n in sizes:
-            print(f"method={name} n={n} seconds_per_epoch={seconds_per_epoch(name, synthetic(n), args.epochs):.2f}",
-                  flush=True)
+            seconds = seconds_per_epoch(name, synthetic(n), args.epochs, json.loads(args.options))
+            print(f"method={name} n={n} seconds_per_epoch={seconds:.2f}", flush=True)
 
 
 if __name__ == "__main__":
