@@ -28,7 +28,7 @@ from he2st.encoders.weights import read_state_dict
 from he2st.errors import He2stError
 from he2st.methods import create_method
 from he2st.workflows.adapt import adapt_workspace, adjacent_spots
-from he2st.workflows.cards import adapted_view_file, model_card
+from he2st.workflows.cards import model_card, view_files
 from he2st.workflows.embed import embed_workspace
 from he2st.workflows.predict_slide import predict_slide
 
@@ -204,7 +204,7 @@ def test_the_adapted_view_is_embedded_read_recorded_and_predicted_with(study, tm
     test = load_spots(ws, ["S2"], SMALL, embed, panel, with_targets=False, views=method.reads_views)
     np.testing.assert_array_equal(train.views["adapted"], view_file.embeddings)
     method.card = model_card("ridge", panel, spot_file, SMALL, embed, {}, {"S1": "P1"},
-                             adapted=adapted_view_file(ws, embed, "S1", SMALL, method.reads_views))
+                             views=view_files(ws, embed, "S1", SMALL, method.reads_views))
     assert method.card.adapted_view["weights_sha256"] == adapted.record["weights_sha256"]
     assert method.card.adapted_view["adaptation"]["recipe_sha256"] == adapted.record["recipe_sha256"]
     assert dict(method.card.describe())["adapted view"].startswith(f"weights {adapted.weights.resolve()}")

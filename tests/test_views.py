@@ -24,7 +24,7 @@ from he2st.encoders.inference import PatchEmbedder
 from he2st.encoders.weights import weights_sha256
 from he2st.errors import He2stError
 from he2st.methods import create_method, load_method
-from he2st.workflows.cards import encoder_view_files, model_card
+from he2st.workflows.cards import model_card, view_files
 from he2st.workflows.config import BenchmarkConfig, TrainRunConfig
 from he2st.workflows.embed import embed_workspace, patches_to_embed
 from he2st.workflows.predict_slide import predict_slide
@@ -125,10 +125,10 @@ def test_an_encoder_views_weights_are_recorded_and_checked_when_a_slide_is_predi
     ws = Workspace(work)
     panel = GenePanel.from_config({"S1": ws.load_sample("S1").adata}, GeneConfig(n_genes=20, min_spot_fraction=0.0))
     method = create_method("ridge", pca_components=8, views=["tiles", "efficientnet_lite0"])
-    views = encoder_view_files(ws, embed, "S1", PatchSpec(), method.reads_views)
+    views = view_files(ws, embed, "S1", PatchSpec(), method.reads_views)
     assert list(views) == ["efficientnet_lite0"]  # the tiles are the spot encoder's
     spot_file = EmbeddingFile(ws.embedding_path(embed, "S1", PatchSpec()))
-    method.card = model_card("ridge", panel, spot_file, PatchSpec(), embed, {}, {"S1": "P1"}, encoder_views=views)
+    method.card = model_card("ridge", panel, spot_file, PatchSpec(), embed, {}, {"S1": "P1"}, views=views)
     record = method.card.view_encoders["efficientnet_lite0"]
     assert record["weights_sha256"] == weights_sha256(create("efficientnet_lite0").spec) is not None
     assert "efficientnet_lite0: weights" in dict(method.card.describe())["view encoders"]

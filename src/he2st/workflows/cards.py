@@ -24,58 +24,49 @@ def _checksum(spec_json: str) -> str | None:
     return weights_sha256(EncoderSpec.model_validate_json(spec_json))
 
 
+def _recorded(embeddings: EmbeddingFile) -> tuple[EncoderSpec, str | None]:
+    """The encoder an embedding file records it was made with, and the sha256 of its weights file."""
+    spec_json = embeddings.attrs["encoder_spec"]
+    return EncoderSpec.model_validate_json(spec_json), _checksum(spec_json)
+
+
 def model_card(
     method: str, panel: GenePanel, embeddings: EmbeddingFile, patch: PatchSpec, embed: EmbedConfig,
     gene_sets: dict[str, list[str]], training_samples: dict[str, str],
-    training_pixel_size_um: dict[str, float] | None = None, adapted: EmbeddingFile | None = None,
-    encoder_views: dict[str, EmbeddingFile] | None = None,
+    training_pixel_size_um: dict[str, float] | None = None, views: dict[str, EmbeddingFile] | None = None,
 ) -> ModelCard:
     """The card of a model about to be fitted on features from ``embeddings`` (curves come after fitting);
-    ``training_pixel_size_um`` (sample id -> µm/px) sets how coarse a slide the model predicts; ``adapted``,
-    an embedding file of the ``adapted`` view, records that view's weights so prediction embeds with them;
-    ``encoder_views`` (view -> an embedding file of it) record each encoder view's weights, so prediction
-    can check it embeds with the same ones."""
-    spec_json = embeddings.attrs["encoder_spec"]
-    spec, checksum = EncoderSpec.model_validate_json(spec_json), _checksum(spec_json)
+    ``training_pixel_size_um`` (sample id -> µm/px) sets how coarse a slide the model predicts; ``views``
+    (encoder view -> an embedding file of it, :func:`view_files`) record each view's weights, so prediction
+    embeds the ``adapted`` view with the same file and checks the other encoder views' weights."""
+    spec, checksum = _recorded(embeddings)
+    views = views or {}
     return ModelCard(
         method=method, panel=panel, encoder=spec, weights_sha256=checksum,
-        encoder_adaptation=adaptation_record(spec.weights, checksum), adapted_view=_adapted_view(adapted),
-        view_encoders={view: _view_encoder(file) for view, file in (encoder_views or {}).items()},
+        encoder_adaptation=adaptation_record(spec.weights, checksum),
+        adapted_view=_adapted_view(views[ADAPTED]) if ADAPTED in views else {},
+        view_encoders={view: _view_encoder(file) for view, file in views.items() if view != ADAPTED},
         patch=patch, embedding=embed,
         gene_sets=gene_sets, training_samples=training_samples,
         training_pixel_size_um={sid: float(mpp) for sid, mpp in (training_pixel_size_um or {}).items()},
     )
 
 
-def adapted_view_file(ws: Workspace, embed: EmbedConfig, sample_id: str, patch: PatchSpec,
-                      views: Sequence[str]) -> EmbeddingFile | None:
-    """A training sample's embedding file of the ``adapted`` view, when ``views`` (what a method may read)
-    name it and it was made (a method reading a missing view is refused when it is fitted)."""
-    if ADAPTED not in views:
-        return None
-    path = ws.view_path(embed, sample_id, patch, ADAPTED)
-    return EmbeddingFile(path) if path.exists() else None
-
-
-def encoder_view_files(ws: Workspace, embed: EmbedConfig, sample_id: str, patch: PatchSpec,
-                       views: Sequence[str]) -> dict[str, EmbeddingFile]:
-    """A training sample's embedding file of each encoder view ``views`` name (another encoder's, not the
-    adapted one's, which :func:`adapted_view_file` reads) that was made."""
-    paths = {v: ws.view_path(embed, sample_id, patch, v) for v in views if is_encoder_view(v) and v != ADAPTED}
+def view_files(ws: Workspace, embed: EmbedConfig, sample_id: str, patch: PatchSpec,
+               views: Sequence[str]) -> dict[str, EmbeddingFile]:
+    """A training sample's embedding file of each encoder view ``views`` (what a method may read) name that
+    was made (a method reading a missing view is refused when it is fitted)."""
+    paths = {v: ws.view_path(embed, sample_id, patch, v) for v in views if is_encoder_view(v)}
     return {view: EmbeddingFile(path) for view, path in paths.items() if path.exists()}
 
 
 def _view_encoder(embeddings: EmbeddingFile) -> dict[str, Any]:
     """The encoder an encoder view's embedding file was made with: its name, weights and their sha256."""
-    spec_json = embeddings.attrs["encoder_spec"]
-    spec = EncoderSpec.model_validate_json(spec_json)
-    return {"encoder": spec.name, "weights": spec.weights, "weights_sha256": _checksum(spec_json)}
+    spec, checksum = _recorded(embeddings)
+    return {"encoder": spec.name, "weights": spec.weights, "weights_sha256": checksum}
 
 
-def _adapted_view(embeddings: EmbeddingFile | None) -> dict[str, Any]:
+def _adapted_view(embeddings: EmbeddingFile) -> dict[str, Any]:
     """The weights file an ``adapted``-view embedding file was made with, its sha256 and its adaptation record."""
-    if embeddings is None:
-        return {}
-    spec_json = embeddings.attrs["encoder_spec"]
-    weights, checksum = EncoderSpec.model_validate_json(spec_json).weights, _checksum(spec_json)
-    return {"weights": weights, "weights_sha256": checksum, "adaptation": adaptation_record(weights, checksum)}
+    spec, checksum = _recorded(embeddings)
+    return {"weights": spec.weights, "weights_sha256": checksum, "adaptation": adaptation_record(spec.weights, checksum)}

@@ -41,7 +41,7 @@ from he2st.methods import Method, ModelCard, Prediction, create_method
 from he2st.methods.calibration import estimate_reliability
 from he2st.methods.reliability import Reliability
 from he2st.methods.retrieval import RetrievalMethod
-from he2st.workflows.cards import adapted_view_file, encoder_view_files, model_card
+from he2st.workflows.cards import model_card, view_files
 from he2st.workflows.config import BenchmarkConfig
 from he2st.workflows.named_scores import signature_scores
 from he2st.workflows.unlabelled import unlabelled_ids, unlabelled_spots
@@ -124,8 +124,7 @@ def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients
     embeddings = EmbeddingFile(ws.embedding_path(config.embed, fold.train[0], config.patch))
     card = model_card("", panel, embeddings, config.patch, config.embed, sets,
                       {s: patients[s] for s in fold.train}, {sid: s.pixel_size_um for sid, s in samples.items()},
-                      adapted_view_file(ws, config.embed, fold.train[0], config.patch, views),
-                      encoder_view_files(ws, config.embed, fold.train[0], config.patch, views))
+                      view_files(ws, config.embed, fold.train[0], config.patch, views))
     data = FoldData(fold, panel, train, val_mask, test_inputs, test_truth, sets, per_sample, reference, card)
     data.unlabelled = unlabelled_spots(ws, unlabelled_ids(config.unlabelled, ws, fold.test), config.patch,
                                        config.embed, panel, views)

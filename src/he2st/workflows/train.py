@@ -23,7 +23,7 @@ from he2st.evaluate.gene_sets import build_gene_sets
 from he2st.io import check_output
 from he2st.methods import Method, TrainLog, create_method, distributed, load_method
 from he2st.methods.calibration import estimate_reliability
-from he2st.workflows.cards import adapted_view_file, encoder_view_files, model_card
+from he2st.workflows.cards import model_card, view_files
 from he2st.workflows.config import TrainRunConfig
 from he2st.workflows.embed import embed_workspace
 from he2st.workflows.named_scores import signature_scores
@@ -80,8 +80,7 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
         build_gene_sets(spots.targets, panel.genes, n=config.n_top),
         {sid: s.patient_id for sid, s in samples.items()},
         {sid: s.pixel_size_um for sid, s in samples.items()},
-        adapted_view_file(ws, config.embed, train_ids[0], config.patch, views),
-        encoder_view_files(ws, config.embed, train_ids[0], config.patch, views))
+        view_files(ws, config.embed, train_ids[0], config.patch, views))
     if config.reliability and not held_out_groups(method.training_groups(spots), 2):
         raise He2stError("reliability=true needs at least 2 training patients or samples to hold out; "
                          f"the training samples ({', '.join(train_ids)}) form one group")
