@@ -13,8 +13,8 @@ from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.evaluate.reliability import ood_auroc, predictability_spearman, reliability_metrics
 from he2st.methods import Method, ModelCard, create_method, load_method
-from he2st.methods.calibration import estimate_reliability
-from he2st.methods.reliability import Reliability
+from he2st.methods.calibration import estimate_reliability, group_weights
+from he2st.methods.reliability import Reliability, conformal_quantile
 
 N_PATIENTS, PER_SAMPLE, GENES = 8, 120, 20
 
@@ -112,6 +112,26 @@ def test_coverage_level_is_honoured(split):
     assert widths[0.5] < widths[0.9]
 
 
+def test_every_patient_weighs_the_same_in_the_conformal_quantile():
+    """Patients differ in how large their errors are, and one of them brings most of the held-out spots:
+    the quantile of the pooled spots is that patient's and misses on new patients, while giving each
+    patient an equal say covers a new patient's spots at the level asked."""
+    rng = np.random.default_rng(0)
+
+    def patient(n: int, calm: bool = False) -> np.ndarray:
+        return np.abs(rng.normal(scale=rng.lognormal(0, 0.5) * (0.3 if calm else 1.0), size=(n, 1)))
+
+    sizes = [3000] + [60] * 11
+    scores = np.concatenate([patient(n, calm=i == 0) for i, n in enumerate(sizes)])
+    weights = group_weights(np.repeat(np.arange(len(sizes)), sizes))
+    assert np.allclose([weights[:3000].sum(), weights[3000:3060].sum()], 1 / 12)
+    pooled = conformal_quantile(scores, None, 0.9)[0]
+    per_patient = conformal_quantile(scores, weights, 0.9)[0]
+    new = [patient(500) for _ in range(400)]
+    assert np.mean([(r <= pooled).mean() for r in new]) < 0.7
+    assert 0.85 <= np.mean([(r <= per_patient).mean() for r in new]) <= 0.95
+
+
 def test_reliability_survives_the_checkpoint(split, tmp_path):
     train, test = split
     method = fitted("knn", train)
@@ -122,6 +142,7 @@ def test_reliability_survives_the_checkpoint(split, tmp_path):
     np.testing.assert_allclose(after.layers["upper"], before.layers["upper"], rtol=1e-6)
     np.testing.assert_allclose(after.uncertainty["ood_score"], before.uncertainty["ood_score"], rtol=1e-5)
     np.testing.assert_array_equal(loaded.reliability.expected_r, method.reliability.expected_r)
+    np.testing.assert_array_equal(loaded.reliability.weights, method.reliability.weights)
 
 
 def test_ensemble_reuses_its_inner_folds(split, monkeypatch):

@@ -19,7 +19,7 @@ from he2st.data.splits import held_out_groups
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import Method
-from he2st.methods.reliability import MAX_SCORES, FeatureDistance, Reliability
+from he2st.methods.reliability import MAX_SCORES, FeatureDistance, Reliability, conformal_quantile
 from he2st.stats import pearson_per_gene
 
 LOWER_BOUND_LEVEL = 0.9  # one-sided confidence of expected_r_low
@@ -65,6 +65,7 @@ def estimate_reliability(method: Method, spots: SpotSet, seed: int = 0,
     return Reliability(
         genes=genes, expected_r=expected, expected_r_low=low,
         residuals=residuals[rows].astype(np.float32), difficulty=difficulty[rows].astype(np.float32),
+        weights=group_weights(groups[rows]).astype(np.float32),
         distance=FeatureDistance.fit(spots.features, seed=seed),
         ood_threshold=float(np.quantile(difficulty, OOD_LEVEL)), ood_level=OOD_LEVEL,
         normalised=_difficulty_pays(residuals, difficulty, groups, folds),
@@ -128,12 +129,20 @@ def _difficulty_pays(residuals: np.ndarray, difficulty: np.ndarray, groups: np.n
         for normalised in (False, True):
             s_cal = np.ones(calib.sum()) if not normalised else np.maximum(difficulty[calib], 1e-12)
             s_test = np.ones(test.sum()) if not normalised else np.maximum(difficulty[test], 1e-12)
-            alphas = residuals[calib] / s_cal[:, None]
-            level = min(1.0, np.ceil((1 - alpha) * (len(alphas) + 1)) / len(alphas))
-            half = np.quantile(alphas, level, axis=0)[None, :] * s_test[:, None]
+            weights = group_weights(labels[calib])
+            quantile = conformal_quantile(residuals[calib] / s_cal[:, None], weights, coverage)
+            half = quantile[None, :] * s_test[:, None]
             miss = np.maximum(residuals[test] - half, 0.0)
             scores[normalised].append(float(np.mean(2 * half + (2 / alpha) * miss)))
     return float(np.mean(scores[True])) < float(np.mean(scores[False]))
+
+
+def group_weights(groups: np.ndarray) -> np.ndarray:
+    """Weights of rows summing to 1 in which every group (patient, or sample) weighs the same, however many
+    rows it has: conformal quantiles under them are those of a spot of a new patient, not of a spot drawn
+    from the pooled rows, where the patient with most spots would set the interval."""
+    _, index, counts = np.unique(np.asarray(groups).astype(str), return_inverse=True, return_counts=True)
+    return 1.0 / (len(counts) * counts[index])
 
 
 def _gene_predictability(pred: np.ndarray, true: np.ndarray, samples: np.ndarray, groups: np.ndarray

@@ -6,18 +6,22 @@ of what happens on a patient the model has not seen:
 
 * ``expected_r``: each gene's mean Pearson on the held-out sections, ``expected_r_low`` a one-sided 90%
   lower bound of that mean (Fisher z, t quantile over the held-out sections);
-* per-spot intervals by normalised split-conformal prediction (``crepes``): the nonconformity of a held-out
-  spot is its absolute error divided by its *difficulty*, the local outlier factor of its image features
-  among the training spots (scikit-learn); a new spot's interval is its prediction plus/minus the score's
-  conformal quantile times its own difficulty, so intervals widen where the model has seen nothing alike.
+* per-spot intervals by normalised split-conformal prediction with patients as the units: the
+  nonconformity of a held-out spot is its absolute error divided by its *difficulty*, the local outlier
+  factor of its image features among the training spots (scikit-learn); a new spot's interval is its
+  prediction plus/minus the score's conformal quantile times its own difficulty, so intervals widen where
+  the model has seen nothing alike.
   The outlier factor compares a spot's distance to its neighbours with theirs to their own, so it does not
   shrink as the reference grows: inner folds, whose references are smaller, measure it on the scale the
   final model's reference gives new spots, where plain neighbour distances would be larger inside;
 * the same difficulty is the out-of-distribution score: spots scoring above what held-out training patients
   reach (their ``ood_level`` quantile) are flagged.
 
-The guarantee is the split-conformal one, marginal over spots and per gene, under exchangeable patients:
-see the documentation page on reliability for its limits.
+Each held-out patient has an equal say in the conformal quantile (the pooled per-patient distributions of
+Dunn, Wasserman & Ramdas, JASA 2023), whatever its number of spots: the interval is meant for a spot of a
+*new patient*, and pooling spots would let the patient with most spots set it. The guarantee is marginal
+over spots and per gene, under exchangeable patients: see the documentation page on reliability for its
+limits.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from crepes import ConformalRegressor
 from sklearn.neighbors import LocalOutlierFactor
 
 PROJECTION_DIMS = 32  # principal components kept of the image features (plus their residual norm)
@@ -98,6 +101,9 @@ class Reliability:
     n_sections: int  # held-out sections behind expected_r
     #: per named score (e.g. a TLS signature): expected_r, expected_r_low, call threshold, precision, recall
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: (R,) each residual row's weight in the conformal quantile, summing to 1: every held-out patient (or
+    #: sample) weighs the same; None: equal rows
+    weights: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self._estimator: LocalOutlierFactor | None = None
@@ -113,15 +119,11 @@ class Reliability:
         """Lower and upper bounds (N, G) at ``coverage``, scaled by difficulty as the inner folds chose
         (``normalised`` forces one kind: the benchmark reports constant width beside the chosen kind)."""
         normalised = self.normalised if normalised is None else normalised
-        lower = np.empty(expression.shape, np.float32)
-        upper = np.empty(expression.shape, np.float32)
         calib = np.maximum(self.difficulty, 1e-12) if normalised else np.ones(len(self.difficulty))
         sigmas = np.maximum(difficulty, 1e-12) if normalised else np.ones(len(expression))
-        for g in range(expression.shape[1]):
-            regressor = ConformalRegressor().fit(self.residuals[:, g], sigmas=calib)
-            bounds = regressor.predict_int(expression[:, g].astype(np.float64), sigmas=sigmas, confidence=coverage)
-            lower[:, g], upper[:, g] = bounds[:, 0], bounds[:, 1]
-        return lower, upper
+        quantile = conformal_quantile(self.residuals / calib[:, None], self.weights, coverage)
+        half = (sigmas[:, None] * quantile[None, :]).astype(np.float32)
+        return (expression - half).astype(np.float32), (expression + half).astype(np.float32)
 
     def annotate(self, expression: np.ndarray, features: np.ndarray, coverage: float) -> dict[str, np.ndarray]:
         """Per-spot outputs for a prediction: intervals (``lower``, ``upper``), ``ood_score`` (difficulty as a
@@ -146,6 +148,8 @@ class Reliability:
                   "residuals": self.residuals, "difficulty": self.difficulty, "mean": self.distance.mean,
                   "scale": self.distance.scale, "components": self.distance.components,
                   "reference": self.distance.reference}
+        if self.weights is not None:
+            arrays["weights"] = self.weights
         return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in arrays.items()}
 
     def layout(self) -> dict[str, Any]:
@@ -160,7 +164,7 @@ class Reliability:
         return cls(list(layout["genes"]), a["expected_r"], a["expected_r_low"], a["residuals"], a["difficulty"],
                    distance, float(layout["ood_threshold"]), float(layout["ood_level"]), bool(layout["normalised"]),
                    [list(g) for g in layout["held_out"]], str(layout["units"]), int(layout["n_sections"]),
-                   dict(layout.get("scores", {})))
+                   dict(layout.get("scores", {})), a.get("weights"))
 
     def summary(self) -> dict[str, Any]:
         """A few numbers for the model card."""
@@ -172,3 +176,10 @@ class Reliability:
                 "most_predictable": top, "ood_level": self.ood_level,
                 "intervals": "scaled by difficulty" if self.normalised else "constant width",
                 "scores": self.scores}
+
+
+def conformal_quantile(scores: np.ndarray, weights: np.ndarray | None, coverage: float) -> np.ndarray:
+    """Per column of ``scores`` (R, G), the ``coverage`` quantile of its rows under ``weights`` (R,; None:
+    equal), the inverse of the weighted empirical distribution function: a new spot drawn like the weighted
+    held-out population has its score at most this with probability ``coverage``."""
+    return np.quantile(scores, coverage, axis=0, weights=weights, method="inverted_cdf")
