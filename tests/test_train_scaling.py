@@ -34,3 +34,14 @@ def test_training_loop_records_each_epochs_seconds() -> None:
     log = create_method("nh2st", dim=32, fusion_heads=4, head_hidden=32, train={"epochs": 3}).fit(spots)
     assert len(log.epoch_seconds) == len(log.curves["train_loss"]) == 3
     assert all(s > 0 for s in log.epoch_seconds) and sum(log.epoch_seconds) <= log.seconds
+
+
+def test_the_fused_optimiser_trains_as_the_per_tensor_one() -> None:
+    """``benchmarks/optimiser_step.py``: the training loop's fused AdamW makes torch's per-tensor update."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from optimiser_step import FUSED, PER_TENSOR, epoch_seconds
+    from train_scaling import synthetic
+
+    spots = synthetic(300)
+    losses = [epoch_seconds("mlp", spots, 3, kind)[1] for kind in (PER_TENSOR, FUSED)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
