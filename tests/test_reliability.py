@@ -13,7 +13,7 @@ from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.evaluate.reliability import ood_auroc, predictability_spearman, reliability_metrics
 from he2st.methods import Method, ModelCard, create_method, load_method
-from he2st.methods.calibration import estimate_reliability, group_weights
+from he2st.methods.calibration import balanced_rows, estimate_reliability, group_weights
 from he2st.methods.reliability import Reliability, conformal_quantile
 
 N_PATIENTS, PER_SAMPLE, GENES = 8, 120, 20
@@ -130,6 +130,15 @@ def test_every_patient_weighs_the_same_in_the_conformal_quantile():
     new = [patient(500) for _ in range(400)]
     assert np.mean([(r <= pooled).mean() for r in new]) < 0.7
     assert 0.85 <= np.mean([(r <= per_patient).mean() for r in new]) <= 0.95
+
+
+def test_kept_scores_are_drawn_evenly_over_patients():
+    groups = np.repeat(np.array(["small", "mid", "big"]), [3, 50, 10_000])
+    rows = balanced_rows(groups, 100, seed=1)
+    assert len(rows) == 100 and (np.diff(rows) > 0).all()
+    kept = {g: int((groups[rows] == g).sum()) for g in ("small", "mid", "big")}
+    assert kept == {"small": 3, "mid": 48, "big": 49}
+    np.testing.assert_array_equal(balanced_rows(groups[:60], 100), np.arange(60))  # all rows when no more
 
 
 def test_reliability_survives_the_checkpoint(split, tmp_path):

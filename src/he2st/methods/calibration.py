@@ -61,7 +61,7 @@ def estimate_reliability(method: Method, spots: SpotSet, seed: int = 0,
         more, more_low, _ = _gene_predictability(oof_beyond, beyond, samples, groups)
         expected, low = np.concatenate([expected, more]), np.concatenate([low, more_low])
         genes += list(beyond_genes)
-    rows = np.sort(np.random.default_rng(seed).permutation(len(spots))[:MAX_SCORES])
+    rows = balanced_rows(groups, MAX_SCORES, seed)
     return Reliability(
         genes=genes, expected_r=expected, expected_r_low=low,
         residuals=residuals[rows].astype(np.float32), difficulty=difficulty[rows].astype(np.float32),
@@ -135,6 +135,22 @@ def _difficulty_pays(residuals: np.ndarray, difficulty: np.ndarray, groups: np.n
             miss = np.maximum(residuals[test] - half, 0.0)
             scores[normalised].append(float(np.mean(2 * half + (2 / alpha) * miss)))
     return float(np.mean(scores[True])) < float(np.mean(scores[False]))
+
+
+def balanced_rows(groups: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
+    """At most ``limit`` rows, sorted, drawn (seeded) as evenly over the groups as their sizes allow: every row
+    when there are no more, else each group as many as the smaller groups leave. Groups weigh the same in
+    the conformal quantile, so a small patient must keep enough rows to carry its weight."""
+    rng = np.random.default_rng(seed)
+    _, index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    members = [rng.permutation(np.flatnonzero(index == g)) for g in range(index.max() + 1)]
+    order = sorted(range(len(members)), key=lambda g: len(members[g]))
+    left, chosen = limit, []
+    for i, g in enumerate(order):
+        take = min(len(members[g]), left // (len(order) - i))
+        chosen.append(members[g][:take])
+        left -= take
+    return np.sort(np.concatenate(chosen))
 
 
 def group_weights(groups: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ from sklearn.neighbors import LocalOutlierFactor
 PROJECTION_DIMS = 32  # principal components kept of the image features (plus their residual norm)
 NEIGHBOURS = 20  # training spots whose distances make a spot's difficulty (scikit-learn's default for LOF)
 MAX_REFERENCE = 20_000  # training spots kept for the distances (a seeded subsample beyond)
-MAX_SCORES = 5_000  # held-out spots kept per gene for the conformal quantiles (a seeded subsample beyond)
+MAX_SCORES = 5_000  # held-out spots kept for the conformal quantiles (beyond, a seeded draw even over patients)
 
 
 @dataclass
