@@ -205,20 +205,20 @@ def test_the_adapted_view_is_embedded_read_recorded_and_predicted_with(study, tm
     np.testing.assert_array_equal(train.views["adapted"], view_file.embeddings)
     method.card = model_card("ridge", panel, spot_file, SMALL, embed, {}, {"S1": "P1"},
                              views=view_files(ws, embed, "S1", SMALL, method.reads_views))
-    assert method.card.adapted_view["weights_sha256"] == adapted.record["weights_sha256"]
-    assert method.card.adapted_view["adaptation"]["recipe_sha256"] == adapted.record["recipe_sha256"]
-    assert dict(method.card.describe())["adapted view"].startswith(f"weights {adapted.weights.resolve()}")
+    assert method.card.adapted_views["adapted"]["weights_sha256"] == adapted.record["weights_sha256"]
+    assert method.card.adapted_views["adapted"]["adaptation"]["recipe_sha256"] == adapted.record["recipe_sha256"]
+    assert dict(method.card.describe())["adapted views"].startswith(f"adapted: weights {adapted.weights.resolve()}")
     method.fit(train)
     assert method.feature_dim == 2 * spot_file.embeddings.shape[1]
     expected = method.predict(test).expression
 
     out = predict_slide(method, None, tmp_path / "pred", spots_from=ws.sample_path("S2"), runtime="torch")
     np.testing.assert_allclose(ad.read_h5ad(out).X, expected, rtol=1e-3, atol=1e-3)
-    method.card = method.card.model_copy(update={"adapted_view": {**method.card.adapted_view,
-                                                                  "weights_sha256": "0" * 64}})
+    record = method.card.adapted_views["adapted"]
+    method.card = method.card.model_copy(update={"adapted_views": {"adapted": {**record, "weights_sha256": "0" * 64}}})
     with pytest.raises(He2stError, match="not those the ridge model was trained with"):
         predict_slide(method, None, tmp_path / "other", spots_from=ws.sample_path("S2"), runtime="torch")
-    method.card = method.card.model_copy(update={"adapted_view": {}})
+    method.card = method.card.model_copy(update={"adapted_views": {}})
     with pytest.raises(He2stError, match="reads the 'adapted' view, but its card records no adapted weights"):
         predict_slide(method, None, tmp_path / "other", spots_from=ws.sample_path("S2"), runtime="torch")
 
@@ -236,8 +236,42 @@ def test_the_adapted_view_without_one_adaptation_is_refused_in_one_line(study, t
     for name in ("test_vit__adapted-aaa.pt", "test_vit__adapted-bbb.pt"):
         shutil.copy(adapted.weights, copy / "encoders" / name)
     with pytest.raises(He2stError, match=r"2 adapted weights of test_vit here \(test_vit__adapted-aaa.pt, "
-                                         r"test_vit__adapted-bbb.pt\); remove the ones not wanted"):
+                                         r"test_vit__adapted-bbb.pt\); name one as 'adapted-<recipe>'"):
         Workspace(copy).view_path(EmbedConfig(encoder="test_vit"), "S1", SMALL, "adapted")
+    with pytest.raises(He2stError, match="view 'adapted-ccc': no adapted weights of test_vit here with recipe ccc"):
+        Workspace(copy).view_path(EmbedConfig(encoder="test_vit"), "S1", SMALL, "adapted-ccc")
+
+
+def test_each_of_several_adaptations_is_a_view_of_its_own(study, tmp_path):
+    """Two recipes in one work folder: ``adapted-<recipe>`` names each, embeds it with its own file, and a model
+    reading one records and predicts with that file."""
+    work, base, adapted = study
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("embeddings"))
+    other = copy / "encoders" / "test_vit__adapted-bbb.pt"
+    state = read_state_dict(adapted.weights)
+    torch.save({k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}, other)
+    ws = Workspace(copy)
+    recipe = adapted.weights.name.removeprefix("test_vit__adapted-").removesuffix(".pt")
+    views = [f"adapted-{recipe}", "adapted-bbb"]
+    embed = EmbedConfig(encoder="test_vit", weights=base, num_workers=0, runtime="torch", views=views)
+    embed_workspace(ws, ["S1", "S2"], SMALL, embed)
+    files = view_files(ws, embed, "S1", SMALL, views)
+    assert [Path(f.encoder_spec["weights"]).name for f in files.values()] == [adapted.weights.name, other.name]
+    assert not np.allclose(files[views[0]].embeddings, files[views[1]].embeddings)
+
+    panel = GenePanel.from_config({"S1": ws.load_sample("S1").adata}, GeneConfig(n_genes=4, min_spot_fraction=0.0))
+    method = create_method("ridge", views=["adapted-bbb"])
+    train = load_spots(ws, ["S1"], SMALL, embed, panel, with_targets=True, views=method.reads_views)
+    test = load_spots(ws, ["S2"], SMALL, embed, panel, with_targets=False, views=method.reads_views)
+    spot_file = EmbeddingFile(ws.embedding_path(embed, "S1", SMALL))
+    method.card = model_card("ridge", panel, spot_file, SMALL, embed, {}, {"S1": "P1"},
+                             views=view_files(ws, embed, "S1", SMALL, method.reads_views))
+    assert list(method.card.adapted_views) == ["adapted-bbb"]
+    assert Path(method.card.adapted_views["adapted-bbb"]["weights"]).name == other.name
+    method.fit(train)
+    out = predict_slide(method, None, tmp_path / "pred", spots_from=ws.sample_path("S2"), runtime="torch")
+    np.testing.assert_allclose(ad.read_h5ad(out).X, method.predict(test).expression, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.slow

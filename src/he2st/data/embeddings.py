@@ -47,7 +47,7 @@ class EmbedConfig(BaseModel):
         "none")
     views: list[str] = Field(
         default_factory=list, description="also embed these views of each spot: 'tiles' (2 x 2 sub-spot tiles), 'adapted' "
-        "(he2st adapt's weights), an encoder")
+        "or 'adapted-<recipe>' (he2st adapt's weights), an encoder")
 
     @field_validator("views", mode="before")
     @classmethod

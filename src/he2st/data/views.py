@@ -9,7 +9,8 @@ see the same spot another way, and a method's ``views`` option appends their fea
   averaged, so the view does not depend on the tissue's orientation;
 * ``adapted``: the spot patches through the run's own encoder with the weights ``he2st adapt`` adapted to
   the work folder's H&E (:meth:`he2st.data.workspace.Workspace.adapted_weights` finds them), so the
-  ensemble's nested selection can choose adapted features per dataset;
+  ensemble's nested selection can choose adapted features per dataset; ``adapted-<recipe>`` names one of
+  several adaptations (the recipe checksum in its file name), so the selection can choose among recipes;
 * any other name: an encoder (``efficientnet_lite1``, a foundation model) run on the same spot patches.
 
 Each view lives in an embedding file beside the spot's (:meth:`he2st.data.workspace.Workspace.view_path`),
@@ -31,6 +32,16 @@ ADAPTED = "adapted"
 SUBSPOT_TILES = 2  # tiles per side of the tiles view
 
 
+def adapted_recipe(view: str) -> str | None:
+    """The recipe an adapted view names: '' for ``adapted`` (the one adaptation of the work folder), the
+    checksum prefix for ``adapted-<recipe>``, None for a view that is not adapted."""
+    if view == ADAPTED:
+        return ""
+    if view.startswith(ADAPTED + "-"):
+        return view[len(ADAPTED) + 1 :]
+    return None
+
+
 def is_encoder_view(view: str) -> bool:
     """Whether ``view`` is embedded by an encoder of its own, not the spot's (an encoder's name, or the spot's
     encoder with adapted weights): anything but the field and the tiles."""
@@ -50,7 +61,7 @@ def view_embed(embed: EmbedConfig, view: str, adapted: Path | None = None) -> Em
     if view == FIELD:
         return embed
     update: dict = {"token_grid": 0, "views": []}
-    if view == ADAPTED:
+    if adapted_recipe(view) is not None:
         if adapted is None:
             raise ValueError("the adapted view needs the adapted weights file")
         update["weights"] = adapted
@@ -70,6 +81,8 @@ def describe(view: str) -> str:
         return "the context field around each spot"
     if view == TILES:
         return "the sub-spot tiles of each spot"
+    if adapted_recipe(view):
+        return f"each spot's embedding by the encoder adapted with `he2st adapt` (recipe {adapted_recipe(view)})"
     if view == ADAPTED:
         return "each spot's embedding by the encoder adapted with `he2st adapt`"
     return f"each spot's {view} embedding"
@@ -79,7 +92,7 @@ def how_to_make(view: str) -> str:
     """The command that makes a view's embeddings (for the error line of a method missing it)."""
     if view == FIELD:
         return "prepare with context_field on (the default) and re-run `he2st embed`"
-    if view == ADAPTED:
+    if adapted_recipe(view) is not None:
         return f"run `he2st adapt`, then `he2st embed --set 'embed.views=[{view}]'`"
     return f"run `he2st embed --set 'embed.views=[{view}]'`"
 

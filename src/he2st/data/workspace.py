@@ -18,7 +18,7 @@ from he2st.data.embeddings import EmbedConfig
 from he2st.data.patches import PatchSpec, patch_cache_path
 from he2st.data.sample import Sample
 from he2st.data.splits import Fold
-from he2st.data.views import ADAPTED, view_embed, view_patch, view_tiles
+from he2st.data.views import ADAPTED, adapted_recipe, view_embed, view_patch, view_tiles
 from he2st.errors import He2stError
 from he2st.io import inside, path_kind, safe_name, write_text_atomic
 
@@ -55,17 +55,23 @@ class Workspace:
         name = f"{_safe_encoder(encoder)}__adapted-{safe_name(recipe, 'recipe')}.pt"
         return self._inside(self.root / "encoders" / name)
 
-    def adapted_weights(self, encoder: str) -> Path:
-        """The one file of ``encoder``'s adapted weights here (what the ``adapted`` view embeds with), or one error
-        line: none (adapt first) or several (which one is meant cannot be guessed)."""
+    def adapted_weights(self, encoder: str, recipe: str = "") -> Path:
+        """The file of ``encoder``'s adapted weights an adapted view embeds with: for ``adapted`` (``recipe``
+        '') the one file here, for ``adapted-<recipe>`` the one whose recipe checksum starts with ``recipe``;
+        else one error line: none (adapt first) or several (which one is meant cannot be guessed)."""
         folder = self.root / "encoders"
-        found = sorted(p for p in folder.glob(f"{_safe_encoder(encoder)}__adapted-*.pt") if not p.name.startswith("."))
+        view = f"{ADAPTED}-{recipe}" if recipe else ADAPTED
+        pattern = f"{_safe_encoder(encoder)}__adapted-{safe_name(recipe, 'recipe') if recipe else ''}*.pt"
+        found = sorted(p for p in folder.glob(pattern) if not p.name.startswith("."))
         if not found:
-            raise He2stError(f"view '{ADAPTED}': no adapted weights of {encoder} here; run `he2st adapt -w {self.root} "
+            raise He2stError(f"view '{view}': no adapted weights of {encoder} here"
+                             f"{f' with recipe {recipe}' if recipe else ''}; run `he2st adapt -w {self.root} "
                              f"--encoder {encoder}` first", folder)
         if len(found) > 1:
-            raise He2stError(f"view '{ADAPTED}': {len(found)} adapted weights of {encoder} here "
-                             f"({', '.join(p.name for p in found)}); remove the ones not wanted", folder)
+            names = ", ".join(p.name for p in found)
+            raise He2stError(f"view '{view}': {len(found)} adapted weights of {encoder} here ({names}); name one "
+                             f"as 'adapted-<recipe>' (each file's name ends with its recipe) or remove the others",
+                             folder)
         return self._inside(found[0])
 
     def folds_path(self, scheme: str) -> Path:
@@ -104,9 +110,10 @@ class Workspace:
         return self._inside(self.root / "embeddings" / safe / name)
 
     def view_config(self, embed: EmbedConfig, view: str) -> EmbedConfig:
-        """The embedding recipe of one view of the spots embedded with ``embed`` (the ``adapted`` view's weights
-        are those :meth:`adapted_weights` finds)."""
-        return view_embed(embed, view, self.adapted_weights(embed.encoder) if view == ADAPTED else None)
+        """The embedding recipe of one view of the spots embedded with ``embed`` (an adapted view's weights are
+        those :meth:`adapted_weights` finds)."""
+        recipe = adapted_recipe(view)
+        return view_embed(embed, view, self.adapted_weights(embed.encoder, recipe) if recipe is not None else None)
 
     def view_path(self, embed: EmbedConfig, sample_id: str, spec: PatchSpec, view: str) -> Path:
         """The embedding file of one view (:mod:`he2st.data.views`) of a sample's spots embedded with ``embed``

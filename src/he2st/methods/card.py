@@ -40,9 +40,9 @@ class ModelCard(BaseModel):
     weights_sha256: str | None = Field(None, description="checksum of the encoder weights file, when local")
     encoder_adaptation: dict[str, Any] = Field(
         default_factory=dict, description="how `he2st adapt` made the encoder weights from images (empty: not adapted)")
-    adapted_view: dict[str, Any] = Field(
-        default_factory=dict, description="weights of the 'adapted' view: file, sha256, how `he2st adapt` made them "
-        "(empty: not read)")
+    adapted_views: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="adapted views read ('adapted', 'adapted-<recipe>') -> weights file, sha256, "
+        "how `he2st adapt` made them (empty: none)")
     view_encoders: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="encoder views read: view -> encoder name, weights and their sha256 (empty: none)")
     patch: PatchSpec | None = Field(None, description="how the patches behind those features were cut")
@@ -97,9 +97,10 @@ class ModelCard(BaseModel):
                                      f"sha256 {self.weights_sha256 or 'not computed'}"))
         if self.encoder_adaptation:
             lines.append(("encoder adaptation", self._adaptation_line()))
-        if self.adapted_view:
-            sha = self.adapted_view.get("weights_sha256") or "not computed"
-            lines.append(("adapted view", f"weights {self.adapted_view.get('weights')}, sha256 {sha}"))
+        if self.adapted_views:
+            lines.append(("adapted views", "; ".join(
+                f"{view}: weights {rec.get('weights')}, sha256 {rec.get('weights_sha256') or 'not computed'}"
+                for view, rec in self.adapted_views.items())))
         if self.view_encoders:
             lines.append(("view encoders", "; ".join(
                 f"{view}: weights {rec.get('weights')}, sha256 {rec.get('weights_sha256') or 'not computed'}"

@@ -32,7 +32,7 @@ from he2st.data.patches import PatchSpec, check_resolution, read_patches
 from he2st.data.sample import Sample
 from he2st.data.slide import Slide, open_slide
 from he2st.data.spots import SpotSet
-from he2st.data.views import ADAPTED, FIELD, is_encoder_view, view_embed, view_tiles
+from he2st.data.views import FIELD, adapted_recipe, is_encoder_view, view_embed, view_tiles
 from he2st.encoders import Encoder, create
 from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.encoders.spec import EncoderSpec
@@ -70,18 +70,19 @@ class ViewEmbedder:
 
 
 def view_embedders(views: list[str], encoder: Encoder, config: EmbedConfig, patch_px: int,
-                   spot: PatchEmbedder, adapted: Encoder | None = None) -> list[ViewEmbedder]:
+                   spot: PatchEmbedder, adapted: dict[str, Encoder] | None = None) -> list[ViewEmbedder]:
     """The embedders of ``views`` (a method's ``reads_views``), each the way ``he2st embed`` makes the view:
-    the spot's own embedder on the field, tiled for the tiles, ``adapted`` (:func:`adapted_encoder`) for the
-    adapted view, an encoder view's own preset."""
+    the spot's own embedder on the field, tiled for the tiles, ``adapted[view]`` (:func:`adapted_encoder`)
+    for an adapted view, an encoder view's own preset."""
     out = []
     for view in views:
         if view == FIELD:
             embedder = spot
-        elif view == ADAPTED:
-            if adapted is None:
-                raise ValueError("the adapted view needs the adapted encoder")
-            embedder = PatchEmbedder(adapted, view_embed(config, view, Path(adapted.spec.weights)), patch_px)
+        elif adapted_recipe(view) is not None:
+            if view not in (adapted or {}):
+                raise ValueError(f"the {view} view needs its adapted encoder")
+            found = adapted[view]
+            embedder = PatchEmbedder(found, view_embed(config, view, Path(found.spec.weights)), patch_px)
         elif is_encoder_view(view):
             embedder = PatchEmbedder(create(view), view_embed(config, view), patch_px)
         else:
@@ -104,16 +105,16 @@ def check_view_encoders(card: ModelCard, views: list[ViewEmbedder], where: Path 
                              "install the same weights or retrain", where)
 
 
-def adapted_encoder(card: ModelCard, where: Path | None) -> Encoder:
-    """The encoder of the ``adapted`` view a model reads: its encoder with the adapted weights file its card
-    records, refused in one line when the card records none, or the file is gone or is not the same."""
-    record = card.adapted_view
+def adapted_encoder(card: ModelCard, view: str, where: Path | None) -> Encoder:
+    """The encoder of an adapted view a model reads: its encoder with the adapted weights file its card
+    records for the view, refused in one line when the card records none, or the file is gone or is not the same."""
+    record = card.adapted_views.get(view, {})
     if card.encoder is None or not record.get("weights") or not record.get("weights_sha256"):
-        raise He2stError(f"the {card.method} model reads the 'adapted' view, but its card records no adapted "
+        raise He2stError(f"the {card.method} model reads the '{view}' view, but its card records no adapted "
                          "weights to embed it with; train it with `he2st train`", where)
     path = Path(record["weights"])
     if not path.is_file():
-        raise He2stError(f"the adapted weights the {card.method} model's 'adapted' view needs are missing "
+        raise He2stError(f"the adapted weights the {card.method} model's '{view}' view needs are missing "
                          "(they stay in the encoders/ folder of the work folder it was trained in)", path)
     if sha256_file(path) != record["weights_sha256"]:
         raise He2stError(f"these adapted weights are not those the {card.method} model was trained with "
@@ -275,7 +276,7 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
         # a checkpoint file is identified by path, size and mtime; a method in memory by its tensors
         model_id = file_id(config.model) if config.model is not None else method_fingerprint(method)
         views = method.reads_views
-        adapted = adapted_encoder(method.card, config.model) if ADAPTED in views else None
+        adapted = {v: adapted_encoder(method.card, v, config.model) for v in views if adapted_recipe(v) is not None}
         stamp = fingerprint({
             "model": model_id, "slide": file_id(slide_path), "mpp": round(mpp, 9),
             "patch": patch.model_dump(), "encoder": encoder.spec.model_dump_json(), "stain": stain, "tta": tta,
@@ -283,7 +284,7 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
             "xy": hashlib.sha1(np.ascontiguousarray(grid.xy).tobytes()).hexdigest(), "names": grid.names,
             "field": FIELD in views, "coverage": config.coverage if method.reliability is not None else None,
         } | ({"views": views} if set(views) - {FIELD} else {})
-          | ({"adapted": method.card.adapted_view["weights_sha256"]} if adapted is not None else {}))
+          | ({"adapted": {v: method.card.adapted_views[v]["weights_sha256"] for v in adapted}} if adapted else {}))
         if final.exists() and stored_fingerprint(final) == stamp:
             return _with_store(final, config)
         with output_lock(final):

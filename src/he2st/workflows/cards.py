@@ -1,5 +1,5 @@
 """Model cards filled from what a workflow knows: the panel, the embedding file's recorded encoder (and,
-for adapted weights, the record beside them), the weights of the ``adapted`` view and of every encoder view
+for adapted weights, the record beside them), the weights of the adapted views and of every encoder view
 a method may read, the patch spec and embedding recipe, the gene sets and the training samples and patients."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.genes import GenePanel
 from he2st.data.patches import PatchSpec
-from he2st.data.views import ADAPTED, is_encoder_view
+from he2st.data.views import adapted_recipe, is_encoder_view
 from he2st.data.workspace import Workspace
 from he2st.encoders.adaptation import adaptation_record
 from he2st.encoders.spec import EncoderSpec
@@ -38,14 +38,14 @@ def model_card(
     """The card of a model about to be fitted on features from ``embeddings`` (curves come after fitting);
     ``training_pixel_size_um`` (sample id -> µm/px) sets how coarse a slide the model predicts; ``views``
     (encoder view -> an embedding file of it, :func:`view_files`) record each view's weights, so prediction
-    embeds the ``adapted`` view with the same file and checks the other encoder views' weights."""
+    embeds each adapted view with the same file and checks the other encoder views' weights."""
     spec, checksum = _recorded(embeddings)
     views = views or {}
     return ModelCard(
         method=method, panel=panel, encoder=spec, weights_sha256=checksum,
         encoder_adaptation=adaptation_record(spec.weights, checksum),
-        adapted_view=_adapted_view(views[ADAPTED]) if ADAPTED in views else {},
-        view_encoders={view: _view_encoder(file) for view, file in views.items() if view != ADAPTED},
+        adapted_views={view: _adapted_view(file) for view, file in views.items() if adapted_recipe(view) is not None},
+        view_encoders={view: _view_encoder(file) for view, file in views.items() if adapted_recipe(view) is None},
         patch=patch, embedding=embed,
         gene_sets=gene_sets, training_samples=training_samples,
         training_pixel_size_um={sid: float(mpp) for sid, mpp in (training_pixel_size_um or {}).items()},
@@ -67,6 +67,6 @@ def _view_encoder(embeddings: EmbeddingFile) -> dict[str, Any]:
 
 
 def _adapted_view(embeddings: EmbeddingFile) -> dict[str, Any]:
-    """The weights file an ``adapted``-view embedding file was made with, its sha256 and its adaptation record."""
+    """The weights file an adapted view's embedding file was made with, its sha256 and its adaptation record."""
     spec, checksum = _recorded(embeddings)
     return {"weights": spec.weights, "weights_sha256": checksum, "adaptation": adaptation_record(spec.weights, checksum)}

@@ -15,7 +15,6 @@ from he2st.data.embeddings import EmbeddingFile
 from he2st.data.genes import GenePanel
 from he2st.data.splits import held_out_groups, validation_mask
 from he2st.data.spots import SpotSet, load_spots, shared_extras
-from he2st.data.views import ADAPTED
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
 from he2st.evaluate.beyond_panel import build_transcriptome
@@ -98,7 +97,7 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
     read = method.reads_views  # a method choosing among views was given more than it kept
     method.card = method.card.model_copy(update={
         "view_encoders": {v: r for v, r in method.card.view_encoders.items() if v in read},
-        "adapted_view": method.card.adapted_view if ADAPTED in read else {},
+        "adapted_views": {v: r for v, r in method.card.adapted_views.items() if v in read},
         "curves": log.curves, "best_epoch": log.best_epoch, "train_seconds": log.seconds,
         "selection": log.selection | ({"unlabelled_images": unlabelled} if unlabelled else {}),
         "command": command, "tissue": config.tissue or _tissue(samples.values()),
