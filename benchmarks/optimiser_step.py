@@ -1,8 +1,9 @@
 """Training epoch with torch's per-tensor AdamW (its CPU default) against the fused AdamW the training loop uses.
 
 Side by side in one process, alternating, ``--repeats`` times: each neural method trains ``--epochs``
-epochs on synthetic spots (``train_scaling.synthetic``) with either optimiser, and one line per method prints the median epoch seconds of each, their ratio, and the
-last training loss of each (the two optimisers make the same update, so the losses agree to rounding).
+epochs on synthetic spots (``train_scaling.synthetic``) with either optimiser, and one line per method
+prints the median epoch seconds of each, their ratio, and the last training loss of each (the two
+optimisers make the same update, so the losses agree to rounding).
 
     python benchmarks/optimiser_step.py --n 10000 --methods bleep,carhe,cmrcnet,nh2st,mlp
 """
@@ -10,6 +11,7 @@ last training loss of each (the two optimisers make the same update, so the loss
 from __future__ import annotations
 
 import argparse
+
 import numpy as np
 
 from he2st.data.genes import GenePanel

@@ -46,8 +46,8 @@ class EmbedConfig(BaseModel):
         0, ge=0, le=16, description="also cache the encoder's spatial tokens pooled to a g x g grid (for cmrcnet); 0: "
         "none")
     views: list[str] = Field(
-        default_factory=list, description="also embed these views of each spot: 'tiles' (2 x 2 sub-spot tiles), 'adapted[-<recipe>]' "
-        "(he2st adapt), an encoder")
+        default_factory=list, description="also embed these views of each spot: 'tiles' (2 x 2 sub-spot tiles), "
+        "'adapted[-<recipe>]' (he2st adapt), an encoder")
 
     @field_validator("views", mode="before")
     @classmethod

@@ -81,10 +81,10 @@ def describe(view: str) -> str:
         return "the context field around each spot"
     if view == TILES:
         return "the sub-spot tiles of each spot"
-    if adapted_recipe(view):
-        return f"each spot's embedding by the encoder adapted with `he2st adapt` (recipe {adapted_recipe(view)})"
-    if view == ADAPTED:
-        return "each spot's embedding by the encoder adapted with `he2st adapt`"
+    recipe = adapted_recipe(view)
+    if recipe is not None:
+        named = f" (recipe {recipe})" if recipe else ""
+        return f"each spot's embedding by the encoder adapted with `he2st adapt`{named}"
     return f"each spot's {view} embedding"
 
 

@@ -123,7 +123,8 @@ class Reliability:
         sigmas = np.maximum(difficulty, 1e-12) if normalised else np.ones(len(expression))
         quantile = conformal_quantile(self.residuals / calib[:, None], self.weights, coverage)
         half = (sigmas[:, None] * quantile[None, :]).astype(np.float32)
-        return (expression - half).astype(np.float32), (expression + half).astype(np.float32)
+        expression = np.asarray(expression, np.float32)
+        return expression - half, expression + half
 
     def annotate(self, expression: np.ndarray, features: np.ndarray, coverage: float) -> dict[str, np.ndarray]:
         """Per-spot outputs for a prediction: intervals (``lower``, ``upper``), ``ood_score`` (difficulty as a

@@ -21,8 +21,8 @@ class MethodConfig(BaseModel):
     context_field: bool = Field(
         False, description="append the features of the field 3x the spot's size around it (cut by `he2st prepare`)")
     views: list[str] = Field(
-        default_factory=list, description="append these views' features: 'field', 'tiles' (2 x 2 sub-spot tiles), 'adapted[-<recipe>]', "
-        "an encoder")
+        default_factory=list, description="append these views' features: 'field', 'tiles' (2 x 2 sub-spot tiles), "
+        "'adapted[-<recipe>]', an encoder")
     smooth_neighbours: int = Field(
         0, ge=0, le=64, description="average each predicted spot with its k nearest spots' predictions (same slide); "
         "0: off")
