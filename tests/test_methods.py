@@ -390,6 +390,42 @@ def test_ensemble_fits_weights_once_enough_patients_are_held_out():
     assert np.mean(sel["weights"]["ridge"]) > np.mean(sel["weights"]["knn1"]) >= 0
 
 
+def test_inner_fits_and_refits_go_to_the_runner_a_workflow_hands_and_give_the_same_model():
+    """A workflow's runner (a process pool, Ray) receives every independent fit of a fit: the ensemble's
+    inner-fold fits in one map and its refits in another, and each inner fold of a reliability estimate of a
+    method without stored inner predictions; a failing member is a failure, as in a serial fit."""
+    from he2st.methods.calibration import estimate_reliability
+    from he2st.methods.inner_tasks import inner_tasks
+
+    spots = replace(linear_spots(300), sample_ids=np.repeat(np.array(["s1", "s2", "s3", "s4", "s5"], dtype=object), 60))
+    members = {"ridge": {"method": "ridge_cv", "pca_components": 8}, "knn": {"method": "knn", "top_k": 5},
+               "carhe": {"method": "carhe", "celltypes_from": "extras"}}
+    maps: list[tuple[str, int]] = []
+
+    def runner(task, arguments):
+        maps.append((task.__name__, len(arguments)))
+        return [pickle.loads(pickle.dumps(task(*pickle.loads(pickle.dumps(a))))) for a in arguments]  # as a pool would
+
+    def fitted(run):
+        ensemble = create_method("ensemble", members=members, candidates=[], context=[{}], smoothing=[])
+        ensemble.panel = GenePanel(genes=spots.genes)
+        ridge = create_method("ridge_cv", pca_components=8)
+        ridge.panel = GenePanel(genes=spots.genes)
+        with inner_tasks(run):
+            selection = ensemble.fit(spots).selection
+            ridge.fit(spots)
+            return ensemble, selection, estimate_reliability(ridge, spots)
+
+    serial, sel, rel = fitted(None)
+    pooled, sel_p, rel_p = fitted(runner)
+    assert maps == [("fit_member", 3 * 3), ("fit_member", len(pooled.fitted)), ("fit_and_predict", 3)]
+    assert "carhe" in sel_p["dropped"] and sel_p["inner_pearson"] == sel["inner_pearson"]
+    query = spots.without_expression()
+    np.testing.assert_array_equal(pooled.predict(query).expression, serial.predict(query).expression)
+    np.testing.assert_array_equal(rel_p.expected_r, rel.expected_r)
+    np.testing.assert_array_equal(rel_p.residuals, rel.residuals)
+
+
 def test_ensemble_tries_other_methods_within_its_budget_when_the_inner_folds_select(tmp_path):
     """With enough inner folds, methods beside the members (``candidates``) are fitted on the inner folds and
     stacked with them; a candidate with weight is refitted and saved like a member. With too few inner folds

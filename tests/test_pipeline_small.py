@@ -431,6 +431,29 @@ def test_every_runtime_gives_the_same_embeddings_and_is_recorded(small, tmp_path
 
 
 
+@pytest.mark.slow  # two worker processes start (torch imported in each)
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_train_on_an_engine_gives_the_model_of_a_serial_fit(small, tmp_path, engine):
+    """`he2st train --engine local|ray --workers 2`: the ensemble's inner-fold fits and refits run as tasks of
+    two workers; the checkpoint scores the held-out patient as the serial one does and carries the same
+    selection and reliability (knn and ridge_cv members: their fits do not depend on the number of threads)."""
+    if engine == "ray":
+        pytest.importorskip("ray")
+    work, embed = small
+    options = {"ensemble": {"members": {"knn": {"method": "knn", "top_k": 5},
+                                        "ridge": {"method": "ridge_cv", "pca_components": 8}}}}
+    common = {"work_dir": work, "embed": embed, "genes": GENES, "n_top": N_TOP, "method": "ensemble",
+              "method_options": options, "train_samples": ["S2", "S3"], "reliability": True}
+    runs = {name: train_model(TrainRunConfig(**common, engine=name, workers=2, out=tmp_path / f"{name}.pt"))
+            for name in ("serial", engine)}
+    (serial, log, path), (pooled, log_p, path_p) = runs["serial"], runs[engine]
+    assert log_p.selection["inner_pearson"] == log.selection["inner_pearson"]
+    np.testing.assert_array_equal(pooled.reliability.expected_r, serial.reliability.expected_r)
+    scores = [evaluate_model(p, work, ["S1"], tmp_path / name)[0].set_scores()["all"]["pearson_mean"]
+              for name, p in (("serial", path), ("pooled", path_p))]
+    assert scores[0] == scores[1] and np.isfinite(scores[0])
+
+
 @pytest.mark.slow
 def test_embed_on_an_engine_equals_embedding_one_by_one(small, tmp_path):
     """`he2st embed --engine local --workers 2`: one task per sample, the same files as a sequential run."""

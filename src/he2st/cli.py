@@ -282,10 +282,16 @@ def train(
     unlabelled: Annotated[str | None, typer.Option(
         help="comma-separated prepared samples whose images only (never counts) join histology-only learning (carhe)")
     ] = None,
+    engine: Annotated[str | None, typer.Option(
+        help="run the inner-fold fits and refits: serial (one by one, the default), local (a process pool) or ray")] = None,
+    workers: Annotated[int | None, typer.Option(help="fits run at once with --engine local or ray (default 2)")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray instance)")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train one method on training samples; validation comes from those samples only. With --devices N
-    (or under torchrun) N processes train data-parallel: the same steps as one process, split."""
+    (or under torchrun) N processes train data-parallel: the same steps as one process, split. With --engine,
+    the fits inside the fit (the ensemble's inner folds and refits, the reliability's inner folds) run
+    --workers at a time."""
     _overwrite(overwrite)
     from he2st.methods.distributed import is_main
     from he2st.workflows.config import TrainRunConfig, load_config
@@ -293,7 +299,7 @@ def train(
 
     cfg = load_config(TrainRunConfig, config, set_, work_dir=str(work_dir) if work_dir else None,
                       method=method, train_samples=comma_list(samples), out=str(out) if out else None, devices=devices,
-                      unlabelled=comma_list(unlabelled))
+                      unlabelled=comma_list(unlabelled), engine=engine, workers=workers, address=address)
     fitted, log, path = train_model(cfg, command=" ".join(["he2st", *sys.argv[1:]]))
     if is_main():
         epoch = "" if log.best_epoch is None else f", best epoch {log.best_epoch}"

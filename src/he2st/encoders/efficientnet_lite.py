@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
@@ -107,6 +106,8 @@ def load_efficientnet_lite_classifier(variant: int = 0) -> nn.Module:
     Used to verify the weight mapping (a correct mapping classifies ImageNet-like photos);
     feed it inputs normalised like ``create(f"efficientnet_lite{variant}").preprocess`` does.
     """
+    import timm  # only here: importing timm (and torchvision) costs seconds that most importers never need
+
     model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
     state_dict = torch.load(package_weights_path(variant), map_location="cpu", weights_only=True)
     model.load_state_dict(convert_efficientnet_lite_pytorch(state_dict, model), strict=True)

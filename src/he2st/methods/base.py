@@ -29,6 +29,7 @@ from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.card import ModelCard
 from he2st.methods.checkpoint import CHECKPOINT_FORMAT
 from he2st.methods.configs.common import MethodConfig
+from he2st.methods.inner_tasks import map_fits
 from he2st.methods.layers.context import context_width, feature_views, views_width, with_context
 from he2st.methods.layers.neighbourhood import neighbour_sum
 from he2st.methods.reliability import Reliability
@@ -189,18 +190,18 @@ class Method(ABC):
         oof = np.full(spots.targets.shape, np.nan, np.float32)
         extra = None if beyond is None or not self.retrieves else np.full(beyond.shape, np.nan, np.float32)
         labels = np.asarray(groups).astype(str)
-        for fold in folds:
-            test = np.isin(labels, fold)
-            inner = spots.subset(~test)
-            val = validation_mask(inner.sample_ids, validation_fraction, seed=self.config.seed,
-                                  patients=labels[~test])
+        tests = [np.isin(labels, fold) for fold in folds]
+        arguments = []
+        for test in tests:
             copy_ = type(self)(self.config)
             copy_.card = self.card
-            copy_.fit(inner.subset(~val), inner.subset(val))
-            oof[test] = copy_.predict(spots.subset(test)).expression
+            val = validation_mask(spots.sample_ids[~test], validation_fraction, seed=self.config.seed,
+                                  patients=labels[~test])
+            arguments.append((copy_, spots, test, val, None if extra is None else (beyond, list(beyond_genes))))
+        for test, (predicted, retrieved) in zip(tests, map_fits(fit_and_predict, arguments), strict=True):
+            oof[test] = predicted
             if extra is not None:
-                bank = copy_.transcriptome_reference(inner, beyond[~test], list(beyond_genes))
-                extra[test] = copy_.retrieve(spots.subset(test), bank).expression
+                extra[test] = retrieved
         return oof, extra
 
     def transcriptome_reference(self, spots: SpotSet, expression: np.ndarray, genes: list[str]) -> ReferenceBank:
@@ -329,3 +330,20 @@ class Method(ABC):
             encoder = self.card.encoder if self.card is not None else None
             source = f" from encoder {encoder.name!r}" if encoder is not None else ""
             raise He2stError(f"model expects {expected}-d image features{source}, got {spots.features.shape[1]}-d")
+
+
+def fit_and_predict(method: Method, spots: SpotSet, test: np.ndarray, val: np.ndarray,
+                    beyond: tuple[np.ndarray, list[str]] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """One inner fold of :meth:`Method.out_of_fold`: ``method`` fitted on the spots outside ``test``
+    (early-stopped on the rows ``val`` of those), its predictions of the ``test`` rows, and with ``beyond``
+    (every spot's values of genes outside the panel, and those genes) the same genes retrieved for them
+    from a bank of the fitted spots (else None). The spots are cut here, so a fold's copies live only while
+    it runs."""
+    inner = spots.subset(~test)
+    method.fit(inner.subset(~val), inner.subset(val))
+    held_out = spots.subset(test)
+    predicted = method.predict(held_out).expression
+    if beyond is None:
+        return predicted, None
+    values, genes = beyond
+    return predicted, method.retrieve(held_out, method.transcriptome_reference(inner, values[~test], genes)).expression

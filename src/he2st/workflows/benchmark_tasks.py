@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +23,9 @@ from he2st.evaluate.scoring import average_results
 from he2st.evaluate.tls import TlsModel
 from he2st.evaluate.tls_benchmark import TlsFold, TlsReport
 from he2st.methods import method_class
+from he2st.methods.inner_tasks import inner_tasks
 from he2st.workflows.config import BenchmarkConfig
-from he2st.workflows.engines import limit_threads
+from he2st.workflows.engines import limit_threads, task_runner
 from he2st.workflows.protocol import FoldData, FoldRun, build_fold_data, run_fold
 from he2st.workflows.task_store import model_digest
 
@@ -106,9 +108,13 @@ def run_task(task: BenchmarkTask, threads: int | None = None) -> TaskOutcome:
     n_seeds = config.seeds if method_class(task.method).stochastic else 1
     first_seed = (config.options_for(task.method) | task.options)["seed"]  # method_options.<m>.seed, else seed
     outcome = TaskOutcome(fold, label, None, tls_fold=tls_summary, pid=os.getpid())
+    # on Ray, a task's own independent fits (the ensemble's inner folds) are tasks of the cluster too; a
+    # local pool's workers run theirs themselves (a pool inside a pool would oversubscribe the cores)
+    nested = task_runner("ray", config.workers, config.address, threads) if config.engine == "ray" else nullcontext()
     try:
-        seed_runs = [run_fold(task.method, data, config, task.options | {"seed": first_seed + s})
-                     for s in range(n_seeds)]
+        with nested as runner, inner_tasks(runner):
+            seed_runs = [run_fold(task.method, data, config, task.options | {"seed": first_seed + s})
+                         for s in range(n_seeds)]
     except He2stError as exc:  # one method that cannot run here does not stop the others
         outcome.failure = str(exc)
         outcome.seconds = time.perf_counter() - start

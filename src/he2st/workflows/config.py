@@ -161,6 +161,13 @@ class FitConfig(WorkConfig):
     unlabelled: list[str] = Field(
         default_factory=list, description="prepared samples whose images only join histology-only learning (carhe); "
         "'test': the held-out slides")
+    engine: Literal["serial", "local", "ray"] = Field(
+        "serial", description="run independent fits (benchmark tasks, inner folds) one by one, in a process pool, "
+        "or on Ray")
+    workers: int = Field(2, ge=1, description="tasks run at once with engine local or ray")
+    address: str | None = Field(None, description="Ray cluster address with engine ray (default: a local Ray instance)")
+    task_threads: int | None = Field(
+        None, ge=1, description="CPU threads per task (None: serial uses all, a pool shares the cores among its workers)")
 
     @field_validator("unlabelled", mode="before")
     @classmethod
@@ -260,12 +267,6 @@ class BenchmarkConfig(FitConfig):
     inner_of: str | None = Field(
         None, description="run the folds over this fold's training samples only (nested cross-validation), e.g. "
         "patient_A")
-    engine: Literal["serial", "local", "ray"] = Field(
-        "serial", description="run the (fold, method) tasks one by one, in a local process pool, or on Ray")
-    workers: int = Field(2, ge=1, description="tasks run at once with engine local or ray")
-    address: str | None = Field(None, description="Ray cluster address with engine ray (default: a local Ray instance)")
-    task_threads: int | None = Field(
-        None, ge=1, description="CPU threads per task (None: serial uses all, a pool shares the cores among its workers)")
     resume: bool = Field(
         True, description="reuse the tasks stored in the run folder whose settings, data and he2st code are unchanged")
 

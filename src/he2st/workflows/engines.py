@@ -4,13 +4,18 @@ others; an exception that does escape a task stops the pool (pending tasks are c
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from multiprocessing import get_context
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from he2st.errors import He2stError
+
+if TYPE_CHECKING:
+    from he2st.methods.inner_tasks import TaskRunner
 
 ENGINES = ("local", "ray")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -37,10 +42,11 @@ def limit_threads(threads: int) -> None:
 
 def run_tasks(task: Callable[..., Any], arguments: list[tuple], engine: str, workers: int,
               address: str | None, on_done: Callable[[Any], None] | None = None,
-              threads: int | None = None) -> list[Any]:
+              threads: int | None = None, pool: ProcessPoolExecutor | None = None) -> list[Any]:
     """Run ``task(*args, threads)`` for every entry of ``arguments`` on ``engine`` with ``workers`` at once
     (``threads``: the CPU threads each may use, by default the cores shared among the workers);
-    ``on_done(result)`` as each finishes. Returns the results in input order. ``task`` must be importable."""
+    ``on_done(result)`` as each finishes. Returns the results in input order. ``task`` must be importable.
+    ``pool``: a running local pool to use (else one is started and stopped here)."""
     threads = threads or threads_per_worker(workers)
     results: dict[int, Any] = {}
 
@@ -50,25 +56,25 @@ def run_tasks(task: Callable[..., Any], arguments: list[tuple], engine: str, wor
             on_done(result)
 
     if engine == "local":
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(task, *args, threads): i for i, args in enumerate(arguments)}
-            try:
-                for future in as_completed(futures):
-                    record(futures[future], future.result())
-            except BaseException:  # a task's exception or an interrupt: tasks not started are dropped
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        own = pool is None
+        pool = pool or local_pool(workers)
+        futures = {pool.submit(task, *args, threads): i for i, args in enumerate(arguments)}
+        try:
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+        except BaseException:  # a task's exception or an interrupt: tasks not started are dropped
+            for future in futures:
+                future.cancel()
+            if own:
+                pool.shutdown(cancel_futures=True)
+            raise
+        if own:
+            pool.shutdown()
         return [results[i] for i in range(len(arguments))]
     if engine != "ray":
         raise He2stError(f"unknown engine {engine!r}: choose {' or '.join(ENGINES)}")
-    try:
-        import ray
-    except ImportError as exc:
-        raise He2stError("--engine ray needs ray: pip install 'he2st[ray]'") from exc
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, num_cpus=None if address else workers * threads, include_dashboard=False,
-                 log_to_driver=False, ignore_reinit_error=True)
+    ray = _ray()
+    started = _ray_init(address, workers, threads)
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0  # a GPU per task where the cluster has them
         remote = ray.remote(num_cpus=threads, num_gpus=gpus)(task)
@@ -80,3 +86,64 @@ def run_tasks(task: Callable[..., Any], arguments: list[tuple], engine: str, wor
         if started:
             ray.shutdown()
     return [results[i] for i in range(len(arguments))]
+
+
+def local_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` fresh processes (spawned: a forked copy of a process whose torch and OpenMP
+    threads have run can hang)."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise He2stError("--engine ray needs ray: pip install 'he2st[ray]'") from exc
+    return ray
+
+
+def _ray_init(address: str | None, workers: int, threads: int) -> bool:
+    """Connect to Ray (the cluster at ``address``, else a local instance of ``workers`` x ``threads`` CPUs) unless
+    this process already is (a task on the cluster, or a caller's connection); whether it connected here."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, num_cpus=None if address else workers * threads, include_dashboard=False,
+             log_to_driver=False, ignore_reinit_error=True)
+    return True
+
+
+def with_threads(task: Callable[..., Any], *arguments: Any) -> Any:
+    """``task(*args)`` in a process held to ``threads`` CPU threads (the last of ``arguments``)."""
+    *args, threads = arguments
+    limit_threads(threads)
+    return task(*args)
+
+
+@contextmanager
+def task_runner(engine: str, workers: int, address: str | None = None,
+                threads: int | None = None) -> Iterator[TaskRunner | None]:
+    """A runner for :func:`he2st.methods.inner_tasks.inner_tasks` on ``engine`` ('serial': None, the fits
+    run in this process). A local engine keeps one pool of ``workers`` processes for every map made within
+    the block, so its processes start (and import torch) once; Ray is connected to once."""
+    if engine == "serial":
+        yield None
+        return
+    if engine not in ENGINES:
+        raise He2stError(f"unknown engine {engine!r}: choose serial, {' or '.join(ENGINES)}")
+    pool = local_pool(workers) if engine == "local" else None
+    connected = engine == "ray" and _ray_init(address, workers, threads or threads_per_worker(workers))
+
+    def runner(task: Callable[..., Any], arguments: list[tuple]) -> list[Any]:
+        results = run_tasks(with_threads, [(task, *args) for args in arguments], engine, workers, address,
+                            threads=threads, pool=pool)
+        # Ray hands back arrays read-only (views of its shared memory); a fitted model must own its arrays
+        return results if pool is not None else copy.deepcopy(results)
+
+    try:
+        yield runner
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        if connected:
+            _ray().shutdown()

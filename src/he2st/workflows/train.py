@@ -2,7 +2,8 @@
 
 With ``devices`` > 1 (or under ``torchrun``) every process loads the same spots and trains on its share
 of each batch (:mod:`he2st.methods.distributed`); rank 0 writes the embedding cache first and saves the
-checkpoint, which the calling process then loads."""
+checkpoint, which the calling process then loads. With ``engine`` local or ray, the independent fits inside
+the fit (the ensemble's inner folds and refits, the reliability's inner folds) run ``workers`` at a time."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from he2st.evaluate.gene_sets import build_gene_sets
 from he2st.io import check_output
 from he2st.methods import Method, TrainLog, create_method, distributed, load_method
 from he2st.methods.calibration import estimate_reliability
+from he2st.methods.inner_tasks import inner_tasks
 from he2st.workflows.cards import model_card, view_files
 from he2st.workflows.config import TrainRunConfig
 from he2st.workflows.embed import embed_workspace
+from he2st.workflows.engines import task_runner
 from he2st.workflows.named_scores import signature_scores
 from he2st.workflows.unlabelled import unlabelled_ids, unlabelled_spots
 
@@ -83,17 +86,19 @@ def _train(config: TrainRunConfig, command: str) -> tuple[Method, TrainLog, Path
     if config.reliability and not held_out_groups(method.training_groups(spots), 2):
         raise He2stError("reliability=true needs at least 2 training patients or samples to hold out; "
                          f"the training samples ({', '.join(train_ids)}) form one group")
-    log = method.fit(spots.subset(~val), spots.subset(val),
-                     unlabelled_spots(ws, unlabelled, config.patch, config.embed, panel, views))
-    beyond, beyond_genes = None, None
-    if config.transcriptome_threshold is not None:
-        beyond, beyond_genes = _add_transcriptome(method, samples, train_ids, spots, config.transcriptome_threshold)
-    if config.wants_reliability(method.card.training_samples):
-        method.reliability = estimate_reliability(  # the spots in the order the fit saw them
-            method, SpotSet.concat([spots.subset(~val), spots.subset(val)]), seed=config.seed,
-            validation_fraction=config.validation_fraction,
-            beyond=None if beyond is None else np.concatenate([beyond[~val], beyond[val]]), beyond_genes=beyond_genes,
-            scores=signature_scores(method.card.target_scale))
+    with task_runner(config.engine, config.workers, config.address, config.task_threads) as runner, \
+            inner_tasks(runner):  # the ensemble's inner fits and refits, and the reliability's inner folds
+        log = method.fit(spots.subset(~val), spots.subset(val),
+                         unlabelled_spots(ws, unlabelled, config.patch, config.embed, panel, views))
+        beyond, beyond_genes = None, None
+        if config.transcriptome_threshold is not None:
+            beyond, beyond_genes = _add_transcriptome(method, samples, train_ids, spots, config.transcriptome_threshold)
+        if config.wants_reliability(method.card.training_samples):
+            method.reliability = estimate_reliability(  # the spots in the order the fit saw them
+                method, SpotSet.concat([spots.subset(~val), spots.subset(val)]), seed=config.seed,
+                validation_fraction=config.validation_fraction,
+                beyond=None if beyond is None else np.concatenate([beyond[~val], beyond[val]]),
+                beyond_genes=beyond_genes, scores=signature_scores(method.card.target_scale))
     read = method.reads_views  # a method choosing among views was given more than it kept
     method.card = method.card.model_copy(update={
         "view_encoders": {v: r for v, r in method.card.view_encoders.items() if v in read},

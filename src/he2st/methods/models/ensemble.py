@@ -19,7 +19,7 @@ import itertools
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from he2st.data.views import FIELD
 from he2st.errors import He2stError
 from he2st.methods.base import Method, Prediction, TrainLog
 from he2st.methods.configs.ensemble import EnsembleConfig
+from he2st.methods.inner_tasks import map_fits
 from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.neural import strip_prefix
 from he2st.methods.registry import METHODS, create_method, list_methods, method_class, register_method
@@ -85,6 +86,43 @@ def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Non-negative weights of ``y ~ X`` (both centred); equal weights if all come out zero."""
     w = np.clip(LinearRegression(positive=True, fit_intercept=False).fit(X, y).coef_, 0, None)
     return w if w.sum() > 0 else np.full(X.shape[1], 1.0 / X.shape[1])
+
+
+@dataclass
+class MemberFit:
+    """A member's fit run as a task (:func:`fit_member`): its predictions of held-out spots under each query
+    option (an inner fold), or the fitted member (a refit); its fitting time; why it failed ('' if it did not)."""
+
+    predictions: list[np.ndarray] = field(default_factory=list)
+    member: Method | None = None
+    seconds: float = 0.0
+    failure: str = ""
+
+
+def fit_member(method: Method, spots: SpotSet, test: np.ndarray | None, val: np.ndarray,
+               queries: list[dict[str, Any]]) -> MemberFit:
+    """Fit ``method`` on the ``spots`` outside ``test`` (None: all of them), early-stopped on the rows ``val``
+    of those. With ``test`` (an inner fold), return its predictions of the ``test`` rows under each of
+    ``queries`` (query-time options, no refit) and let the fit go; else (a refit) return the fitted method.
+    A method that cannot run here is a failure, not an exception. The spots are cut here, so a fold's copies
+    live only while it runs."""
+    train = spots if test is None else spots.subset(~test)
+    start = time.perf_counter()
+    try:
+        method.fit(train.subset(~val), train.subset(val))
+    except He2stError as exc:
+        return MemberFit(seconds=time.perf_counter() - start, failure=str(exc))
+    seconds = time.perf_counter() - start
+    if test is None:
+        return MemberFit(member=method, seconds=seconds)
+    held_out, predictions = spots.subset(test), []
+    try:
+        for options in queries:
+            method.config = method.config.model_copy(update=options)
+            predictions.append(method.predict(held_out).expression)
+    except He2stError as exc:
+        return MemberFit(seconds=seconds, failure=str(exc))
+    return MemberFit(predictions=predictions, seconds=seconds)
 
 
 @register_method
@@ -194,20 +232,16 @@ class Ensemble(Method):
         return [dict(zip([k for k, _ in tried], combo, strict=True))
                 for combo in itertools.product(*[v for _, v in tried])] or [{}]
 
-    def _fit_member(self, label: str, context: dict[str, Any], spots: SpotSet, groups: np.ndarray,
-                    seconds: defaultdict[str, float], val: np.ndarray | None = None) -> Method:
-        """Member ``label`` with ``context`` fitted on ``spots``, early-stopped on the rows ``val`` (drawn
-        from ``spots`` as every he2st fit draws them when not given); its fitting time is added to ``seconds``."""
+    def _member_task(self, label: str, i: int, spots: SpotSet, groups: np.ndarray, test: np.ndarray | None,
+                     queries: list[dict[str, Any]], val: np.ndarray | None = None) -> tuple:
+        """The arguments of :func:`fit_member` for member ``label`` with context variant ``i`` fitted on the
+        ``spots`` outside ``test`` (None: all), early-stopped on the rows ``val`` of those (drawn as every he2st
+        fit draws them when not given)."""
+        train = slice(None) if test is None else ~test
         if val is None:
-            val = validation_mask(spots.sample_ids, self.config.validation_fraction, seed=self.config.seed,
-                                  patients=groups)
-        method = self._create(label, context)
-        start = time.perf_counter()
-        try:
-            method.fit(spots.subset(~val), spots.subset(val))
-        finally:
-            seconds[label] += time.perf_counter() - start
-        return method
+            val = validation_mask(spots.sample_ids[train], self.config.validation_fraction, seed=self.config.seed,
+                                  patients=groups[train])
+        return self._create(label, self._candidates(label)[i]), spots, test, val, queries
 
     def _fit(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:
         spots = train if val is None else SpotSet.concat([train, val])
@@ -235,20 +269,22 @@ class Ensemble(Method):
         failed: dict[tuple[str, int], str] = {}
         inner: dict[tuple[str, int, int], list[float]] = {v: [] for v in variants}
         oof = {v: np.full(spots.targets.shape, np.nan, np.float32) for v in variants}
-        for fold in held_out:
-            test = np.isin(groups.astype(str), fold)
-            for label, i in [f for f in fits if f not in failed]:
-                try:
-                    member = self._fit_member(label, self._candidates(label)[i], spots.subset(~test), groups[~test],
-                                               seconds)
-                    for q in tried(label)[1]:
-                        member.config = member.config.model_copy(update=self._queries(label)[q])
-                        pred = member.predict(spots.subset(test)).expression
-                        oof[(label, i, q)][test] = pred
-                        inner[(label, i, q)].append(
-                            mean_sample_pearson(pred, spots.targets[test], spots.sample_ids[test]))
-                except He2stError as exc:
-                    failed[(label, i)] = str(exc)
+        tests = [np.isin(groups.astype(str), fold) for fold in held_out]
+        tasks = [(f, label, i) for f in range(len(tests)) for label, i in fits]
+        runs = map_fits(fit_member, [self._member_task(label, i, spots, groups, tests[f],
+                                                       [self._queries(label)[q] for q in tried(label)[1]])
+                                     for f, label, i in tasks])
+        for (f, label, i), run in zip(tasks, runs, strict=True):
+            if (label, i) in failed:  # as if its later folds were never fitted
+                continue
+            seconds[label] += run.seconds
+            if run.failure:
+                failed[(label, i)] = run.failure
+                continue
+            test = tests[f]
+            for q, pred in zip(tried(label)[1], run.predictions, strict=True):
+                oof[(label, i, q)][test] = pred
+                inner[(label, i, q)].append(mean_sample_pearson(pred, spots.targets[test], spots.sample_ids[test]))
         # each member keeps its own configuration unless another variant is clearly better on the inner folds
         chosen: dict[str, tuple[int, int]] = {}
         dropped: dict[str, str] = {}
@@ -265,17 +301,21 @@ class Ensemble(Method):
         combination = self._stack(spots, [oof[(lb, *v)] for lb, v in chosen.items()], len(held_out))
         kept = list(chosen)
         self.fitted = {}
-        for label, (i, q) in chosen.items():
+        refits = []
+        for label in chosen:
             if not (self.weights[:, kept.index(label)] > 0).any():  # no say in any gene: its refit would change nothing
                 dropped[label] = "weight 0 for every gene on the inner folds (not refitted)"
+            else:
+                refits.append(label)
+        runs = map_fits(fit_member, [self._member_task(label, chosen[label][0], spots, groups, None, [], given_val)
+                                     for label in refits])
+        for label, run in zip(refits, runs, strict=True):
+            seconds[label] += run.seconds
+            if run.failure:
+                dropped[label] = run.failure
                 continue
-            try:
-                member = self._fit_member(label, self._candidates(label)[i], spots, groups, seconds, given_val)
-            except He2stError as exc:
-                dropped[label] = str(exc)
-                continue
-            member.config = member.config.model_copy(update=self._queries(label)[q])
-            self.fitted[label] = member
+            run.member.config = run.member.config.model_copy(update=self._queries(label)[chosen[label][1]])
+            self.fitted[label] = run.member
         if not self.fitted:
             raise He2stError(f"ensemble: no member could be fitted ({'; '.join(f'{k}: {v}' for k, v in dropped.items())})")
         columns = [kept.index(lb) for lb in self.fitted]
