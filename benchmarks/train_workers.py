@@ -2,9 +2,10 @@
 
 Trains ``--method`` (default the ensemble) on ``--samples`` of a prepared, embedded work folder, alternating
 ``engine=serial`` and ``engine=local`` with ``--workers`` processes ``--repeats`` times (fresh checkpoints
-in a temporary folder), and prints each wall time, the medians, their ratio, and whether the two fits
-chose the same members, weights and inner-fold scores (neural members differ at the level of their
-threads' summation order), with the machine's load (other jobs slow every run), e.g.
+in a temporary folder), and prints each wall time (with the ensemble's fitting seconds per member), the
+medians, their ratio, and whether the two fits chose the same members, weights and inner-fold scores
+(neural members differ at the level of their threads' summation order), with the machine's load (other
+jobs slow every run), e.g.
 
     python benchmarks/train_workers.py --work-dir W --samples B4,C2,C3,C4,C5,C6 --workers 2 --repeats 2
 """
@@ -43,7 +44,8 @@ def main() -> None:
                 _, log, _ = train_model(config)
                 seconds[engine].append(time.perf_counter() - start)
                 selections[engine] = {k: log.selection.get(k) for k in ("weights", "inner_pearson", "dropped")}
-                print(f"engine={engine} repeat={repeat} seconds={seconds[engine][-1]:.1f}", flush=True)
+                print(f"engine={engine} repeat={repeat} seconds={seconds[engine][-1]:.1f} "
+                      f"member_seconds={log.selection.get('member_seconds')}", flush=True)
     median = {engine: statistics.median(times) for engine, times in seconds.items()}
     same = selections["serial"] == selections["local"]
     print(f"cores={os.cpu_count()} load_average_1min={os.getloadavg()[0]:.1f} median_serial={median['serial']:.1f} "
