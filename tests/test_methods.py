@@ -391,9 +391,10 @@ def test_ensemble_fits_weights_once_enough_patients_are_held_out():
 
 
 def test_inner_fits_and_refits_go_to_the_runner_a_workflow_hands_and_give_the_same_model():
-    """A workflow's runner (a process pool, Ray) receives every independent fit of a fit: the ensemble's
-    inner-fold fits in one map and its refits in another, and each inner fold of a reliability estimate of a
-    method without stored inner predictions; a failing member is a failure, as in a serial fit."""
+    """A workflow's runner (a process pool, Ray) receives every independent fit of a fit: each inner fold's
+    fits of the ensemble in one map (a member that failed on a fold is not tried on the next, as in a serial
+    fit), its refits in another, and the inner folds of a reliability estimate of a method without stored
+    inner predictions."""
     from he2st.methods.calibration import estimate_reliability
     from he2st.methods.inner_tasks import inner_tasks
 
@@ -418,7 +419,8 @@ def test_inner_fits_and_refits_go_to_the_runner_a_workflow_hands_and_give_the_sa
 
     serial, sel, rel = fitted(None)
     pooled, sel_p, rel_p = fitted(runner)
-    assert maps == [("fit_member", 3 * 3), ("fit_member", len(pooled.fitted)), ("fit_and_predict", 3)]
+    refits = [("fit_member", len(pooled.fitted))] if len(pooled.fitted) > 1 else []  # one fit runs here
+    assert maps == [("fit_member", 3), ("fit_member", 2), ("fit_member", 2), *refits, ("fit_and_predict", 3)]
     assert "carhe" in sel_p["dropped"] and sel_p["inner_pearson"] == sel["inner_pearson"]
     query = spots.without_expression()
     np.testing.assert_array_equal(pooled.predict(query).expression, serial.predict(query).expression)

@@ -431,6 +431,15 @@ def test_every_runtime_gives_the_same_embeddings_and_is_recorded(small, tmp_path
 
 
 
+def test_train_refuses_an_engine_beside_data_parallel_training(small, tmp_path):
+    work, embed = small
+    config = TrainRunConfig(work_dir=work, embed=embed, method="knn", devices=2, engine="local",
+                            out=tmp_path / "knn.pt")
+    with pytest.raises(He2stError, match="cannot be combined with data-parallel"):
+        train_model(config)
+    assert not (tmp_path / "knn.pt").exists()
+
+
 @pytest.mark.slow  # two worker processes start (torch imported in each)
 @pytest.mark.parametrize("engine", ["local", "ray"])
 def test_train_on_an_engine_gives_the_model_of_a_serial_fit(small, tmp_path, engine):

@@ -34,9 +34,17 @@ def inner_tasks(runner: TaskRunner | None) -> Iterator[None]:
 def map_fits(task: Callable[..., Any], arguments: list[tuple]) -> list[Any]:
     """``task(*args)`` for every entry of ``arguments``, in input order: on the runner of :func:`inner_tasks`
     when one is set and there is more than one, else here one after another. ``task`` must be importable
-    (a module-level function) and its arguments picklable. The tasks' own inner fits run where they run."""
+    (a module-level function) and its arguments picklable. The tasks' own inner fits run where they run.
+
+    Here, each entry is let go of as soon as its task has run (the list is emptied as it goes), so a
+    model fitted by one task does not live on beside the next task's fit."""
     runner = _RUNNER.get()
     if runner is None or len(arguments) < 2:
-        return [task(*args) for args in arguments]
+        results = []
+        for k in range(len(arguments)):
+            args, arguments[k] = arguments[k], None
+            results.append(task(*args))
+            del args
+        return results
     with inner_tasks(None):
         return runner(task, arguments)

@@ -110,7 +110,8 @@ def run_task(task: BenchmarkTask, threads: int | None = None) -> TaskOutcome:
     outcome = TaskOutcome(fold, label, None, tls_fold=tls_summary, pid=os.getpid())
     # on Ray, a task's own independent fits (the ensemble's inner folds) are tasks of the cluster too; a
     # local pool's workers run theirs themselves (a pool inside a pool would oversubscribe the cores)
-    nested = task_runner("ray", config.workers, config.address, threads) if config.engine == "ray" else nullcontext()
+    nested = (task_runner("ray", config.workers, config.address, threads, gpus=False) if config.engine == "ray"
+              else nullcontext())
     try:
         with nested as runner, inner_tasks(runner):
             seed_runs = [run_fold(task.method, data, config, task.options | {"seed": first_seed + s})

@@ -162,8 +162,8 @@ class FitConfig(WorkConfig):
         default_factory=list, description="prepared samples whose images only join histology-only learning (carhe); "
         "'test': the held-out slides")
     engine: Literal["serial", "local", "ray"] = Field(
-        "serial", description="run independent fits (benchmark tasks, inner folds) one by one, in a process pool, "
-        "or on Ray")
+        "serial", description="run independent fits (benchmark tasks; a train's inner folds) one by one, in a "
+        "process pool, or on Ray")
     workers: int = Field(2, ge=1, description="tasks run at once with engine local or ray")
     address: str | None = Field(None, description="Ray cluster address with engine ray (default: a local Ray instance)")
     task_threads: int | None = Field(

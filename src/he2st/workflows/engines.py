@@ -1,11 +1,12 @@
 """Engines for many independent tasks (slides to predict, samples to embed, benchmark folds x methods): a
 local process pool or Ray. Tasks return their outcome instead of raising, so one failure never stops the
-others; an exception that does escape a task stops the pool (pending tasks are cancelled) and is raised."""
+others; an exception that does escape a task stops the map (its pending tasks are cancelled) and is raised."""
 
 from __future__ import annotations
 
 import copy
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 ENGINES = ("local", "ray")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+SMALL = (type(None), bool, int, float, str)  # arguments sent with each Ray task even when shared
 
 
 def threads_per_worker(workers: int) -> int:
@@ -42,11 +44,14 @@ def limit_threads(threads: int) -> None:
 
 def run_tasks(task: Callable[..., Any], arguments: list[tuple], engine: str, workers: int,
               address: str | None, on_done: Callable[[Any], None] | None = None,
-              threads: int | None = None, pool: ProcessPoolExecutor | None = None) -> list[Any]:
+              threads: int | None = None, pool: ProcessPoolExecutor | None = None,
+              gpus: bool = True) -> list[Any]:
     """Run ``task(*args, threads)`` for every entry of ``arguments`` on ``engine`` with ``workers`` at once
     (``threads``: the CPU threads each may use, by default the cores shared among the workers);
     ``on_done(result)`` as each finishes. Returns the results in input order. ``task`` must be importable.
-    ``pool``: a running local pool to use (else one is started and stopped here)."""
+    ``pool``: a running local pool to use (else one is started and stopped here). ``gpus``: on Ray, each
+    task asks for a GPU where the cluster has them. An argument object shared by several tasks (the spots
+    of a fit's inner folds) is put in Ray's object store once."""
     threads = threads or threads_per_worker(workers)
     results: dict[int, Any] = {}
 
@@ -75,14 +80,26 @@ def run_tasks(task: Callable[..., Any], arguments: list[tuple], engine: str, wor
         raise He2stError(f"unknown engine {engine!r}: choose {' or '.join(ENGINES)}")
     ray = _ray()
     started = _ray_init(address, workers, threads)
+    pending: dict[Any, int] = {}
     try:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0  # a GPU per task where the cluster has them
-        remote = ray.remote(num_cpus=threads, num_gpus=gpus)(task)
-        pending = {remote.remote(*args, threads): i for i, args in enumerate(arguments)}
+        gpu = 1 if gpus and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        remote = ray.remote(num_cpus=threads, num_gpus=gpu)(task)
+        uses = Counter(id(a) for args in arguments for a in args)
+        stored: dict[int, Any] = {}
+
+        def stored_once(a: Any) -> Any:
+            if uses[id(a)] > 1 and id(a) not in stored and not isinstance(a, SMALL):
+                stored[id(a)] = ray.put(a)
+            return stored.get(id(a), a)
+
+        for i, args in enumerate(arguments):
+            pending[remote.remote(*map(stored_once, args), threads)] = i
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             record(pending.pop(done[0]), ray.get(done[0]))
     finally:
+        for ref in pending:  # an error or an interrupt: the tasks not finished are cancelled
+            ray.cancel(ref)
         if started:
             ray.shutdown()
     return [results[i] for i in range(len(arguments))]
@@ -121,11 +138,12 @@ def with_threads(task: Callable[..., Any], *arguments: Any) -> Any:
 
 
 @contextmanager
-def task_runner(engine: str, workers: int, address: str | None = None,
-                threads: int | None = None) -> Iterator[TaskRunner | None]:
+def task_runner(engine: str, workers: int, address: str | None = None, threads: int | None = None,
+                gpus: bool = True) -> Iterator[TaskRunner | None]:
     """A runner for :func:`he2st.methods.inner_tasks.inner_tasks` on ``engine`` ('serial': None, the fits
     run in this process). A local engine keeps one pool of ``workers`` processes for every map made within
-    the block, so its processes start (and import torch) once; Ray is connected to once."""
+    the block, so its processes start (and import torch) once; Ray is connected to once. ``gpus`` False:
+    Ray tasks ask for no GPU (tasks nested in a task that holds one would otherwise wait for it forever)."""
     if engine == "serial":
         yield None
         return
@@ -136,14 +154,19 @@ def task_runner(engine: str, workers: int, address: str | None = None,
 
     def runner(task: Callable[..., Any], arguments: list[tuple]) -> list[Any]:
         results = run_tasks(with_threads, [(task, *args) for args in arguments], engine, workers, address,
-                            threads=threads, pool=pool)
+                            threads=threads, pool=pool, gpus=gpus)
         # Ray hands back arrays read-only (views of its shared memory); a fitted model must own its arrays
         return results if pool is not None else copy.deepcopy(results)
 
     try:
         yield runner
-    finally:
+    except BaseException:  # an error or an interrupt: fits not started are dropped, running ones not awaited
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    else:
+        if pool is not None:
+            pool.shutdown()
+    finally:
         if connected:
             _ray().shutdown()

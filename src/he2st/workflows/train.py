@@ -35,6 +35,9 @@ from he2st.workflows.unlabelled import unlabelled_ids, unlabelled_spots
 def train_model(config: TrainRunConfig, command: str = "") -> tuple[Method, TrainLog, Path]:
     """Fit ``config.method`` on the training samples (validation from their patients) and save it with
     its model card (which records ``command``)."""
+    if config.engine != "serial" and (config.devices > 1 or distributed.launched()):
+        raise He2stError("--engine runs a fit's inner fits as tasks of their own and cannot be combined with "
+                         "data-parallel training (--devices > 1 or torchrun): choose one")
     if config.devices == 1 and not distributed.launched():
         return _train(config, command)
     path = distributed.launch(_train_ranks, config.devices, config, command)

@@ -91,7 +91,8 @@ def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 @dataclass
 class MemberFit:
     """A member's fit run as a task (:func:`fit_member`): its predictions of held-out spots under each query
-    option (an inner fold), or the fitted member (a refit); its fitting time; why it failed ('' if it did not)."""
+    option (an inner fold; those made before a failure), or the fitted member (a refit); its fitting time;
+    why it failed ('' if it did not)."""
 
     predictions: list[np.ndarray] = field(default_factory=list)
     member: Method | None = None
@@ -103,9 +104,9 @@ def fit_member(method: Method, spots: SpotSet, test: np.ndarray | None, val: np.
                queries: list[dict[str, Any]]) -> MemberFit:
     """Fit ``method`` on the ``spots`` outside ``test`` (None: all of them), early-stopped on the rows ``val``
     of those. With ``test`` (an inner fold), return its predictions of the ``test`` rows under each of
-    ``queries`` (query-time options, no refit) and let the fit go; else (a refit) return the fitted method.
-    A method that cannot run here is a failure, not an exception. The spots are cut here, so a fold's copies
-    live only while it runs."""
+    ``queries`` (query-time options, no refit); else (a refit) return the fitted method. A method that cannot
+    run here is a failure, not an exception. The spots are cut here, so a fold's copies live only while it
+    runs."""
     train = spots if test is None else spots.subset(~test)
     start = time.perf_counter()
     try:
@@ -121,8 +122,8 @@ def fit_member(method: Method, spots: SpotSet, test: np.ndarray | None, val: np.
             method.config = method.config.model_copy(update=options)
             predictions.append(method.predict(held_out).expression)
     except He2stError as exc:
-        return MemberFit(seconds=seconds, failure=str(exc))
-    return MemberFit(predictions=predictions, seconds=seconds)
+        return MemberFit(predictions, seconds=seconds, failure=str(exc))
+    return MemberFit(predictions, seconds=seconds)
 
 
 @register_method
@@ -269,22 +270,20 @@ class Ensemble(Method):
         failed: dict[tuple[str, int], str] = {}
         inner: dict[tuple[str, int, int], list[float]] = {v: [] for v in variants}
         oof = {v: np.full(spots.targets.shape, np.nan, np.float32) for v in variants}
-        tests = [np.isin(groups.astype(str), fold) for fold in held_out]
-        tasks = [(f, label, i) for f in range(len(tests)) for label, i in fits]
-        runs = map_fits(fit_member, [self._member_task(label, i, spots, groups, tests[f],
-                                                       [self._queries(label)[q] for q in tried(label)[1]])
-                                     for f, label, i in tasks])
-        for (f, label, i), run in zip(tasks, runs, strict=True):
-            if (label, i) in failed:  # as if its later folds were never fitted
-                continue
-            seconds[label] += run.seconds
-            if run.failure:
-                failed[(label, i)] = run.failure
-                continue
-            test = tests[f]
-            for q, pred in zip(tried(label)[1], run.predictions, strict=True):
-                oof[(label, i, q)][test] = pred
-                inner[(label, i, q)].append(mean_sample_pearson(pred, spots.targets[test], spots.sample_ids[test]))
+        for fold in held_out:  # each fold's fits in one map; a fit that failed is not tried on later folds
+            test = np.isin(groups.astype(str), fold)
+            todo = [f for f in fits if f not in failed]
+            runs = map_fits(fit_member, [self._member_task(label, i, spots, groups, test,
+                                                           [self._queries(label)[q] for q in tried(label)[1]])
+                                         for label, i in todo])
+            for (label, i), run in zip(todo, runs, strict=True):
+                seconds[label] += run.seconds
+                for q, pred in zip(tried(label)[1], run.predictions):  # those made before any failure
+                    oof[(label, i, q)][test] = pred
+                    inner[(label, i, q)].append(
+                        mean_sample_pearson(pred, spots.targets[test], spots.sample_ids[test]))
+                if run.failure:
+                    failed[(label, i)] = run.failure
         # each member keeps its own configuration unless another variant is clearly better on the inner folds
         chosen: dict[str, tuple[int, int]] = {}
         dropped: dict[str, str] = {}
@@ -301,15 +300,17 @@ class Ensemble(Method):
         combination = self._stack(spots, [oof[(lb, *v)] for lb, v in chosen.items()], len(held_out))
         kept = list(chosen)
         self.fitted = {}
-        refits = []
+        # a member with no say in any gene is not refitted: its refit would change no prediction
+        weightless = [lb for lb in chosen if not (self.weights[:, kept.index(lb)] > 0).any()]
+        refits = [lb for lb in chosen if lb not in weightless]
+        runs = dict(zip(refits, map_fits(fit_member, [self._member_task(label, chosen[label][0], spots, groups,
+                                                                         None, [], given_val) for label in refits]),
+                        strict=True))
         for label in chosen:
-            if not (self.weights[:, kept.index(label)] > 0).any():  # no say in any gene: its refit would change nothing
+            if label in weightless:
                 dropped[label] = "weight 0 for every gene on the inner folds (not refitted)"
-            else:
-                refits.append(label)
-        runs = map_fits(fit_member, [self._member_task(label, chosen[label][0], spots, groups, None, [], given_val)
-                                     for label in refits])
-        for label, run in zip(refits, runs, strict=True):
+                continue
+            run = runs[label]
             seconds[label] += run.seconds
             if run.failure:
                 dropped[label] = run.failure
