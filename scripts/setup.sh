@@ -12,8 +12,15 @@ stamp=.venv/.he2st-install-stamp
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing he2st and its dependencies into .venv (first run takes a few minutes)..." >&2
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]" 2>&1 \
-    | grep -v -E "^WARNING: Location .* is ignored" >&2 || true
+  log=.venv/pip-install.log
+  status=0
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]" >"$log" 2>&1 \
+    || status=$?
+  grep -v -E "^WARNING: Location .* is ignored" "$log" >&2 || true
+  if [ "$status" -ne 0 ]; then
+    echo "error: installing he2st and its dependencies into .venv failed (pip exit $status; log: $log)" >&2
+    exit 1
+  fi
   .venv/bin/python -c "import he2st, torch, torchvision, timm" # fail loudly if the install is broken
   echo "$want" > "$stamp"
 fi
