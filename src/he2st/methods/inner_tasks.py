@@ -42,9 +42,8 @@ def map_fits(task: Callable[..., Any], arguments: list[tuple]) -> list[Any]:
     if runner is None or len(arguments) < 2:
         results = []
         for k in range(len(arguments)):
-            args, arguments[k] = arguments[k], None
+            args, arguments[k] = arguments[k], None  # rebinding lets the previous entry go
             results.append(task(*args))
-            del args
         return results
     with inner_tasks(None):
         return runner(task, arguments)
