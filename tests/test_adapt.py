@@ -6,6 +6,7 @@ default encoder on a few patches."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -149,6 +150,51 @@ def test_the_command_reports_the_weights_and_how_to_embed_with_them(study):
     assert res.returncode == 0, res.stderr
     assert f"already adapted with this recipe: {adapted.weights}" in res.stdout
     assert f"he2st embed -w {work} --encoder test_vit --weights {adapted.weights}" in res.stdout
+
+
+def test_a_sweep_adapts_each_recipe_once_and_names_the_views_that_embed_them(study, tmp_path):
+    """``sweep`` runs several recipes in one command (a recipe named twice runs once, one done before is
+    reused), and the command it prints embeds each as a view of its own."""
+    work, base, adapted = study
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("embeddings"))
+    fast = (*PATCH, "--epochs", "3", "--set", "adapt.batch_size=16", "--set", "adapt.lr=0.001",
+            "--set", "adapt.max_patches=null")
+    sweep = "sweep=[{train_blocks: 2}, {train_blocks: 1, epochs: 1}, {train_blocks: 2}]"
+    res = run_cli("adapt", "-w", copy, "--encoder", "test_vit", "--weights", base, *fast, "--set", sweep)
+    assert res.returncode == 0, res.stderr
+    first = copy / "encoders" / adapted.weights.name
+    assert f"already adapted with this recipe: {first}" in res.stdout
+    made = sorted(set((copy / "encoders").glob("test_vit__adapted-*.pt")) - {first})
+    assert len(made) == 1 and res.stdout.count("adapted test_vit on 2 samples, 1 epoch(s) of 32 patches") == 1
+    record = json.loads(sidecar_path(made[0]).read_text())
+    assert record["options"]["train_blocks"] == 1 and record["options"]["lr"] == 0.001
+    views = [f"adapted-{adapted.record['recipe_sha256'][:12]}", f"adapted-{record['recipe_sha256'][:12]}"]
+    command = f"he2st embed -w {copy} --encoder test_vit --weights {base} --set 'embed.views=[{','.join(views)}]'"
+    assert command in res.stdout
+
+    again = run_cli("adapt", "-w", copy, "--encoder", "test_vit", "--weights", base, *fast, "--set", sweep)
+    assert again.stdout.count("already adapted with this recipe") == 2
+    embedded = run_cli("embed", "-w", copy, "--encoder", "test_vit", "--weights", base, *PATCH,
+                       "--set", f"embed.views=[{','.join(views)}]")
+    assert embedded.returncode == 0, embedded.stderr
+    embed = EmbedConfig(encoder="test_vit", weights=base, views=views)
+    files = view_files(Workspace(copy), embed, "S1", SMALL, views)
+    assert [Path(f.encoder_spec["weights"]).name for f in files.values()] == [first.name, made[0].name]
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    ("{train_blocks: 0}", "entry 1, train_blocks: Input should be greater than or equal to 1"),
+    ("{}, {trian_blocks: 2}", "entry 2, trian_blocks: Extra inputs are not permitted"),
+])
+def test_a_bad_sweep_entry_is_refused_before_any_adaptation(study, tmp_path, entry, problem):
+    work, base, _ = study
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("embeddings", "encoders"))
+    res = run_cli("adapt", "-w", copy, "--encoder", "test_vit", "--weights", base, *PATCH, "--set", f"sweep=[{entry}]")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "invalid setting sweep" in res.stderr and problem in res.stderr
+    assert not (copy / "encoders").exists()
 
 
 def test_adjacent_spots_are_the_ring_around_each_spot():

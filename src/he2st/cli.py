@@ -5,12 +5,15 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from he2st.errors import He2stError, He2stWarning
 from he2st.io import comma_list
+
+if TYPE_CHECKING:
+    from he2st.workflows.adapt import Adapted
 
 app = typer.Typer(no_args_is_help=True, add_completion=True, help="Predict spatial gene expression from H&E.")
 data_app = typer.Typer(no_args_is_help=True, help="Public datasets: list and fetch.")
@@ -208,7 +211,9 @@ def adapt(
     """Adapt an encoder to the study's own H&E patches, self-supervised (images only: no expression is read).
 
     Writes encoders/<encoder>__adapted-<recipe>.pt in the work folder and its record beside it; embed with
-    it by `he2st embed --weights <that file>`. Options: --set adapt.train_blocks=2, adapt.max_patches, ..."""
+    it by `he2st embed --weights <that file>`. Options: --set adapt.train_blocks=2, adapt.max_patches, ...
+    Several recipes in one run: --set 'sweep=[{train_blocks: 2}, {train_blocks: 4}]', each a view
+    (adapted-<recipe>) that the ensemble chooses among on inner folds."""
     _overwrite(overwrite)
     from he2st.data.workspace import Workspace
     from he2st.progress import progress_bar
@@ -219,19 +224,35 @@ def adapt(
         "encoder": encoder, "weights": str(weights) if weights else None,
         "samples": samples.split(",") if samples else None, "adapt.epochs": epochs})
     ws = Workspace(cfg.work_dir)
-    with progress_bar(None, f"adapt {cfg.encoder}") as advance:
-        done = adapt_workspace(ws, cfg.samples, cfg.patch, cfg.encoder, cfg.weights, cfg.adapt, on_step=advance,
-                               on_start=lambda total: advance(0, total=total))
+    recipes = cfg.recipes()
+    done = []
+    for i, options in enumerate(recipes, 1):
+        label = f"adapt {cfg.encoder}" + (f" (recipe {i} of {len(recipes)})" if len(recipes) > 1 else "")
+        with progress_bar(None, label) as advance:
+            done.append(adapt_workspace(ws, cfg.samples, cfg.patch, cfg.encoder, cfg.weights, options,
+                                        on_step=advance, on_start=lambda total, advance=advance: advance(0, total=total)))
+        _echo_adapted(done[-1], cfg.encoder)
+    base = f"he2st embed -w {ws.root} --encoder {cfg.encoder}"
+    if len(done) == 1:
+        _echo(f"embed with them: {base} --weights {done[0].weights}")
+        return
+    views = ",".join(d.view for d in done)
+    base += f" --weights {cfg.weights}" if cfg.weights else ""
+    _echo(f"embed each as a view: {base} --set 'embed.views=[{views}]'; with the same --set, train and benchmark "
+          "let the ensemble choose among them on inner folds")
+
+
+def _echo_adapted(done: Adapted, encoder: str) -> None:
+    """One recipe's outcome: reused, or its losses, time and weights file."""
     record = done.record
     if done.reused:
         _echo(f"already adapted with this recipe: {done.weights}")
-    else:
-        losses = record["epoch_loss"]
-        _echo(f"adapted {cfg.encoder} on {len(record['samples'])} samples, {len(losses)} epoch(s) of "
-              f"{record['patches_per_epoch']} patches in {record['seconds']:.0f} s: loss {losses[0]:.3f} -> "
-              f"{losses[-1]:.3f} (-1 is perfect agreement of the views)")
-        _echo(f"weights: {done.weights}")
-    _echo(f"embed with them: he2st embed -w {ws.root} --encoder {cfg.encoder} --weights {done.weights}")
+        return
+    losses = record["epoch_loss"]
+    _echo(f"adapted {encoder} on {len(record['samples'])} samples, {len(losses)} epoch(s) of "
+          f"{record['patches_per_epoch']} patches in {record['seconds']:.0f} s: loss {losses[0]:.3f} -> "
+          f"{losses[-1]:.3f} (-1 is perfect agreement of the views)")
+    _echo(f"weights: {done.weights}")
 
 
 @app.command("methods")

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 OBJECTIVE = "simsiam"
 
@@ -37,6 +37,24 @@ class AdaptConfig(BaseModel):
         "0: off")
     seed: int = Field(0, description="seed of the patch order, the views and the projector's initial values")
     device: str = Field("cpu", description="cpu, cuda, cuda:1, ... (results are reproducible on a CPU)")
+
+
+def sweep_recipes(base: AdaptConfig, changes: list[dict[str, Any]]) -> list[AdaptConfig]:
+    """The recipes of a sweep: ``base`` with each of ``changes`` applied (``base`` alone when there are none),
+    each recipe once. Each adaptation is a view of its own, so the ensemble's nested selection, not the user,
+    chooses among them per dataset. A change naming an unknown option or a bad value raises ValueError naming
+    its entry (pydantic reports it as the setting's one line)."""
+    out: list[AdaptConfig] = []
+    for i, change in enumerate(changes or [{}], 1):
+        try:
+            config = AdaptConfig.model_validate(base.model_dump() | change)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            option = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"entry {i}, {option}: {' '.join(str(first['msg']).split())}") from exc
+        if config not in out:
+            out.append(config)
+    return out
 
 
 def sidecar_path(weights: str | Path) -> Path:

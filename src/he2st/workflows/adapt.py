@@ -25,6 +25,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from he2st.data.patches import PatchCache, PatchSpec
+from he2st.data.views import ADAPTED
 from he2st.data.workspace import Workspace
 from he2st.encoders.adaptation import OBJECTIVE, AdaptConfig, sidecar_path
 from he2st.encoders.factory import create
@@ -45,6 +46,11 @@ class Adapted:
     weights: Path
     record: dict[str, Any]
     reused: bool
+
+    @property
+    def view(self) -> str:
+        """The name of the view these weights make (``adapted-<recipe>``, :mod:`he2st.data.views`)."""
+        return f"{ADAPTED}-{self.record['recipe_sha256'][:12]}"
 
 
 class CachedPatches:

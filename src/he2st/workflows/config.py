@@ -11,13 +11,21 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from he2st.data.embeddings import DEFAULT_ENCODER, EmbedConfig
 from he2st.data.genes import GeneConfig
 from he2st.data.patches import PatchSpec
 from he2st.data.readers import SampleSource
-from he2st.encoders.adaptation import AdaptConfig
+from he2st.encoders.adaptation import AdaptConfig, sweep_recipes
 from he2st.errors import He2stError, for_validator, one_line
 from he2st.io import comma_list, safe_name, table_path
 from he2st.methods import method_class
@@ -97,6 +105,21 @@ class AdaptRunConfig(WorkConfig):
     samples: list[str] | None = Field(
         None, description="samples whose patches are used, images only (default: every sample with a patch cache)")
     adapt: AdaptConfig = Field(default_factory=AdaptConfig, description="how the encoder is adapted")
+    sweep: list[dict[str, Any]] = Field(
+        default_factory=list, description="recipes adapted in turn, each `adapt` with these options changed, e.g. "
+        "[{train_blocks: 2}, {train_blocks: 4}]")
+
+    @field_validator("sweep")
+    @classmethod
+    def _valid_recipes(cls, value: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
+        """Every entry must make a valid recipe, so a sweep is refused before its first adaptation."""
+        if "adapt" in info.data:
+            sweep_recipes(info.data["adapt"], value)
+        return value
+
+    def recipes(self) -> list[AdaptConfig]:
+        """The adaptations to run: ``adapt``, or each entry of ``sweep`` applied to it."""
+        return sweep_recipes(self.adapt, self.sweep)
 
 
 C = TypeVar("C", bound=BaseModel)
