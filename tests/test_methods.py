@@ -137,6 +137,29 @@ def test_end_to_end_finetuning_path_with_tiny_encoder():
     assert method.predict(spots.subset(np.arange(32, 48))).expression.shape == (16, 12)
 
 
+def test_an_ensemble_member_trained_end_to_end_gets_the_patches_and_its_say_from_the_inner_folds():
+    """A member with ``finetune_encoder`` makes the ensemble load raw patches (as a run asks ``uses_patches``),
+    is fitted on every inner fold like the others, and keeps the weight the stacking gives it."""
+    from he2st.workflows.config import BenchmarkConfig
+
+    e2e = {"method": "bleep", "finetune_encoder": True, "encoder": "test_vit", "encoder_pretrained": False,
+           "ensemble": 1, "train": {"epochs": 1, "batch_size": 16}}
+    options = {"members": {"ridge": {"method": "ridge"}, "e2e": e2e}, "candidates": [], "context": [{}],
+               "smoothing": [], "query_neighbours": [0]}
+    assert not create_method("ensemble").uses_patches and create_method("ensemble", **options).uses_patches
+    assert BenchmarkConfig(methods=["ensemble"], method_options={"ensemble": options}).needs_patches()
+    assert not BenchmarkConfig(methods=["ensemble"]).needs_patches()
+
+    spots = linear_spots(n=60)
+    spots.patches = np.random.default_rng(0).integers(0, 255, size=(60, 32, 32, 3), dtype=np.uint8)
+    method = create_method("ensemble", **options)
+    method.panel = GenePanel(genes=spots.genes)
+    selection = method.fit(spots.subset(np.arange(48))).selection
+    assert len(selection["inner_pearson"]["e2e"]) == 3 and "e2e" not in selection["dropped"]
+    assert list(method.fitted) == ["ridge", "e2e"] and method.fitted["e2e"].nets[0].encoder is not None
+    assert method.predict(spots.subset(np.arange(48, 60))).expression.shape == (12, 12)
+
+
 def test_retrieval_can_return_more_genes_than_the_panel():
     method, test = fitted("bleep")
     train = linear_spots().subset(np.arange(0, 200))

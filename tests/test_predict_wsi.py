@@ -230,6 +230,56 @@ def test_neighbourhood_methods_see_whole_neighbourhoods_across_chunks(model_path
     np.testing.assert_allclose(result.X[clear], whole[clear], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("whole_samples", [False, True])
+def test_methods_trained_end_to_end_get_the_patches_of_every_spot_they_read(model_path, slide_path, encoder, tmp_path,
+                                                                            whole_samples):
+    """A method that reads raw patches (an encoder trained end to end, or an ensemble with such a member) gets
+    them for the halo of neighbours it reads and, when it predicts whole samples, for every spot of the slide:
+    small chunks predict as one."""
+    from he2st.methods import Method, Prediction
+    from he2st.methods.layers.neighbourhood import spatial_neighbours
+
+    class PatchMean(Method):
+        name = "patch_mean_test"
+        context_k = 6
+
+        @property
+        def uses_patches(self) -> bool:
+            return True
+
+        @property
+        def predicts_whole_samples(self) -> bool:
+            return whole_samples
+
+        def _fit(self, train, val, unlabelled):
+            raise NotImplementedError
+
+        def _predict(self, spots):
+            assert spots.patches is not None and len(spots.patches) == len(spots)
+            red = np.asarray(spots.patches, np.float64)[..., 0].mean(axis=(1, 2))
+            index, valid = spatial_neighbours(spots.coords_um, spots.sample_ids, self.context_k)
+            value = (red + (red[index] * valid).sum(axis=1)) / (1 + valid.sum(axis=1))
+            return Prediction(np.repeat(value[:, None], len(GENES), axis=1).astype(np.float32), GENES)
+
+        def state(self):
+            return {}
+
+        def load_state(self, state, layout):
+            pass
+
+    method = PatchMean()
+    method.card = load_method(model_path).card
+    whole = ad.read_h5ad(predict_slide(method, slide_path, tmp_path / "a", chunk=10_000, encoder=encoder))
+    chunked = ad.read_h5ad(predict_slide(method, slide_path, tmp_path / "b", chunk=16, encoder=encoder))
+    # a spot's 6th neighbour can tie with a 7th on the hexagonal lattice; either is a correct choice
+    from scipy.spatial import cKDTree
+
+    dist = cKDTree(whole.obsm["spatial"]).query(whole.obsm["spatial"], k=8)[0]
+    clear = dist[:, 7] - dist[:, 6] > 1e-6
+    assert clear.mean() > 0.6 and np.ptp(whole.X[:, 0]) > 0
+    np.testing.assert_allclose(chunked.X[clear], whole.X[clear], rtol=1e-5, atol=1e-5)
+
+
 def test_methods_reading_the_context_field_get_it_cut_and_embedded_around_each_spot(model_path, slide_path, encoder,
                                                                                  tmp_path):
     """A model with ``context_field`` is given, beside each spot's features, those of the field 3x its

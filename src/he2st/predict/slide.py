@@ -410,10 +410,9 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, views: li
         """Chunk ``i`` with its halo, or (``whole``) every spot, which then counts as all chunks."""
         a, b = (0, n) if whole else (i * chunk, min((i + 1) * chunk, n))
         rows = np.arange(n) if whole else _halo_rows(tree, grid.xy, np.arange(a, b), hops)
-        if whole:
-            features, patches = fh["features"][:], None
-        elif features is None or len(rows) != b - a:
-            features, patches = fh["features"][rows], None
+        if whole or features is None or len(rows) != b - a:
+            features = fh["features"][:] if whole else fh["features"][rows]
+            patches = fh["patches"][rows] if "patches" in fh else None
         blocks = zip(views, bounds[:-1], bounds[1:], strict=True)
         spots = SpotSet(sample_ids=np.full(len(rows), library_id, dtype=object),
                         barcodes=np.asarray([grid.names[r] for r in rows], dtype=object),
@@ -468,6 +467,9 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, views: li
                 embed(v.embedder, patches[1 if v.field else 0]) for v in views], axis=1)
             patches = patches[0]  # end-to-end methods read the spot patches only
             fh["features"][a:b] = features
+            if method.uses_patches:  # kept beside the features, for halos and whole-sample prediction
+                fh.require_dataset("patches", shape=(n, *patches.shape[1:]), dtype=np.uint8,
+                                   chunks=(min(chunk, n), *patches.shape[1:]))[a:b] = patches
             fh.attrs["embedded_chunks"] = i + 1  # committed: the resume point for embedding
             t1 = time.perf_counter()
             while int(fh.attrs["predicted_chunks"]) < n_chunks and ready(fh, int(fh.attrs["predicted_chunks"])):

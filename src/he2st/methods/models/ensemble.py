@@ -181,6 +181,13 @@ class Ensemble(Method):
         return list(dict.fromkeys(v for m in members for v in m.reads_views))
 
     @property
+    def uses_patches(self) -> bool:
+        """A member or candidate that trains its encoder end to end (``finetune_encoder``) needs the raw
+        patches loaded for the whole ensemble; the stacking on inner folds then decides its say."""
+        labels = list(self.config.members) + self._candidate_labels()
+        return any(self._create(label).uses_patches for label in labels)
+
+    @property
     def predicts_whole_samples(self) -> bool:
         return self.config.scale_within == "sample"
 
