@@ -74,6 +74,37 @@ def test_quick_commands_do_not_import_torch(checkpoint, tmp_path):
     assert probe["loaded"] == [], f"imported {probe['loaded']}"
 
 
+def test_info_answers_from_the_sample_header_as_the_loaded_sample_would(tmp_path):
+    """``he2st info`` reads a sample file's header with h5py: the same lines as the loaded sample's summary,
+    without importing anndata (which brings dask and xarray where they are installed)."""
+    import anndata as ad
+    from synthetic import prepared_sections
+
+    from he2st.data.sample import Sample
+    from he2st.data.sample_header import SampleHeader
+
+    work = prepared_sections(tmp_path, {"S1": "P1"}, [f"G{i}" for i in range(5)], side=3)
+    path = work / "samples" / "S1.h5ad"
+    loaded = Sample.load(path)
+    loaded.adata.obs["region"] = "tumour"
+    loaded.save(path)
+    summary = SampleHeader.read(path).summary()
+    assert summary == Sample.load(path).summary()
+    assert summary["spots"] == 9 and summary["annotations"] == "region" and "image_size" in summary
+    code = ("import sys; sys.argv[0] = 'he2st'; from he2st.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', [m for m in ('anndata', 'dask', 'torch') if m in sys.modules])")
+    for target in (str(path), "S1"):
+        done = subprocess.run([sys.executable, "-c", code, "info", target, "-w", str(work)], capture_output=True,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")), timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "    annotations: region" in done.stdout and done.stdout.strip().endswith("LOADED []"), done.stdout
+    not_a_sample = tmp_path / "plain.h5ad"
+    ad.AnnData(X=np.ones((2, 2), np.float32)).write_h5ad(not_a_sample)
+    with pytest.raises(He2stError, match=r"not a he2st sample file \(no uns\['he2st'\]\)"):
+        SampleHeader.read(not_a_sample)
+
+
 def test_shell_completion_does_not_import_torch():
     code = ("import sys; sys.argv[0] = 'he2st'; from he2st.cli import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"

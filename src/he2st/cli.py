@@ -118,21 +118,21 @@ def prepare(config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = N
 def info(sample: Annotated[str, typer.Argument(help="sample id (prepared, or a her2st section) or a .h5ad path")],
          work_dir: WorkOpt = None) -> None:
     """Spots, genes, µm/px, image size and patient of a sample."""
-    from he2st.data.her2st import SECTIONS, load_section
     from he2st.data.patches import PatchSpec, too_coarse, upsampling
-    from he2st.data.sample import Sample
-    from he2st.data.workspace import Workspace
-    from he2st.workflows.config import default_work_dir
+    from he2st.data.sample_header import SampleHeader
+    from he2st.data.workspace import Workspace, default_work_dir
 
     ws = Workspace(work_dir or default_work_dir())
-    if sample.endswith(".h5ad"):
-        obj = Sample.load(sample)
+    if sample.endswith(".h5ad"):  # sample files answer from their header, without loading the expression
+        obj = SampleHeader.read(sample)
     elif ws.sample_path(sample).is_symlink() or ws.sample_path(sample).exists():  # a broken link: said so
-        obj = ws.load_sample(sample)
-    elif sample in SECTIONS:
-        obj = load_section(sample)
+        obj = SampleHeader.read(ws.prepared_sample_path(sample))
     else:
-        raise He2stError(f"unknown sample {sample!r}: not prepared in {ws.root} and not a her2st section")
+        from he2st.data.her2st import SECTIONS, load_section
+
+        if sample not in SECTIONS:
+            raise He2stError(f"unknown sample {sample!r}: not prepared in {ws.root} and not a her2st section")
+        obj = load_section(sample)
     for key, value in obj.summary().items():
         _echo(f"{key:>16}: {value}")
     patch = PatchSpec()
@@ -384,7 +384,8 @@ def evaluate(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Score a trained model on held-out samples (per-gene Pearson/Spearman, MSE, MAE, gene sets)."""
-    from he2st.workflows.config import default_work_dir
+    from he2st.data.workspace import default_work_dir
+
     _overwrite(overwrite)
     from he2st.workflows.evaluate import evaluate_model
 

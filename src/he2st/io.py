@@ -160,6 +160,17 @@ def read_h5ad_checked(path: str | Path, what: str = ".h5ad file", backed: bool =
     """An AnnData read from ``path``, or one line naming the file and what it is instead: not found, empty,
     not HDF5 (a PNG, a text file, ...), truncated, HDF5 but not AnnData."""
     import anndata as ad
+
+    path = checked_h5ad(path, what)
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types for damaged files
+        raise He2stError(f"not a readable .h5ad file ({type(exc).__name__}: {_first_line(exc)})", path) from exc
+
+
+def checked_h5ad(path: str | Path, what: str = ".h5ad file") -> Path:
+    """``path`` when it is an HDF5 file with AnnData's obs and var, else one line naming the file and what it
+    is instead: not found, empty, not HDF5 (a PNG, a text file, ...), truncated, HDF5 but not AnnData."""
     import h5py
 
     path = input_path(path, what)
@@ -172,10 +183,7 @@ def read_h5ad_checked(path: str | Path, what: str = ".h5ad file", backed: bool =
                 raise He2stError("an HDF5 file but not an AnnData .h5ad (no obs/var)", path)
     except OSError as exc:
         raise He2stError(_hdf5_problem(exc), path) from exc
-    try:
-        return ad.read_h5ad(path, backed="r" if backed else None)
-    except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types for damaged files
-        raise He2stError(f"not a readable .h5ad file ({type(exc).__name__}: {_first_line(exc)})", path) from exc
+    return path
 
 
 def _hdf5_problem(exc: BaseException) -> str:

@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from he2st.data.sample_header import META_KEY, SampleHeader, id_from_file
 from he2st.data.slide import Slide, open_slide
 from he2st.errors import He2stError, He2stWarning
-from he2st.io import atomic_path, read_h5ad_checked, safe_name
+from he2st.io import atomic_path, read_h5ad_checked
 
-META_KEY = "he2st"
 HIRES_PX = 2000  # long side of the hires image in uns["spatial"] (Space Ranger's tissue_hires_image)
 
 
@@ -141,35 +141,13 @@ class Sample:
         )
 
     def summary(self) -> dict[str, object]:
-        """What ``he2st info`` prints."""
-        info: dict[str, object] = {
-            "sample": self.sample_id,
-            "patient": self.patient_id,
-            "dataset": self.dataset,
-            "technology": self.technology,
-            "spots": self.n_spots,
-            "genes": self.n_genes,
-            "pixel_size_um": round(self.pixel_size_um, 4),
-            "spot_diameter_um": self.spot_diameter_um,
-            "image": str(self.image_path) if self.image_path else None,
-        }
-        if self.image_path is not None:
-            info["image_size"] = "{}x{}".format(*self.slide.dimensions)
-        extra = [c for c in self.adata.obs.columns if c not in ("in_tissue", "array_row", "array_col")]
-        if extra:
-            info["annotations"] = ", ".join(extra)
-        if self.adata.obsm:
-            info["obsm"] = ", ".join(sorted(self.adata.obsm.keys()))
-        return info
-
-
-def id_from_file(value: object, what: str, path: str | Path) -> str:
-    """An id read from a file's own metadata (a sample's ``uns``, HEST JSON), refused in one line naming the
-    file when it is not a safe name: such ids name outputs, and ``../../x`` would write outside the folder."""
-    try:
-        return safe_name(str(value), what)
-    except He2stError as exc:
-        raise He2stError(exc.problem, path) from None
+        """What ``he2st info`` prints (as :class:`~he2st.data.sample_header.SampleHeader` reads it from a file)."""
+        header = SampleHeader(
+            sample_id=self.sample_id, patient_id=self.patient_id, dataset=self.dataset, technology=self.technology,
+            n_spots=self.n_spots, n_genes=self.n_genes, pixel_size_um=self.pixel_size_um,
+            spot_diameter_um=self.spot_diameter_um, image_path=self.image_path,
+            obs_columns=list(self.adata.obs.columns), obsm_keys=list(self.adata.obsm.keys()))
+        return header.summary(self.slide.dimensions if self.image_path is not None else None)
 
 
 def spatial_library(hires: np.ndarray, scale: float, spot_diameter_px: float, image: str, software: str) -> dict:

@@ -12,15 +12,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from he2st.data.embeddings import EmbedConfig
 from he2st.data.patches import PatchSpec, patch_cache_path
-from he2st.data.sample import Sample
 from he2st.data.splits import Fold
 from he2st.data.views import ADAPTED, adapted_recipe, view_embed, view_patch, view_tiles
 from he2st.errors import He2stError
 from he2st.io import inside, path_kind, safe_name, write_text_atomic
+
+if TYPE_CHECKING:
+    from he2st.data.sample import Sample
+
+WORK_DIR_ENV = "HE2ST_WORK_DIR"
+
+
+def default_work_dir() -> Path:
+    """Where prepared samples, patches, embeddings and runs go: ``$HE2ST_WORK_DIR`` or ``./he2st-work``."""
+    return Path(os.environ.get(WORK_DIR_ENV, "he2st-work"))
 
 
 class Workspace:
@@ -34,11 +45,17 @@ class Workspace:
         return sorted(p.stem for p in (self.root / "samples").glob("*.h5ad") if not p.name.startswith("."))
 
     def load_sample(self, sample_id: str) -> Sample:
+        from he2st.data.sample import Sample  # anndata is imported only where a sample is loaded
+
+        return Sample.load(self.prepared_sample_path(sample_id))
+
+    def prepared_sample_path(self, sample_id: str) -> Path:
+        """The file of a prepared sample; one line listing the prepared ones when it is not there."""
         path = self.sample_path(sample_id)
         if path_kind(path) == "missing":  # a link loop, a folder, ...: Sample.load names what it is
             known = ", ".join(self.sample_ids()) or "none"
             raise He2stError(f"sample {sample_id!r} is not prepared here (prepared: {known}); run `he2st prepare`", path)
-        return Sample.load(path)
+        return path
 
     def patch_path(self, sample_id: str, spec: PatchSpec) -> Path:
         return self._inside(patch_cache_path(self.root, sample_id, spec))

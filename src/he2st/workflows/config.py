@@ -6,7 +6,6 @@ The resolved configuration is written next to every result so a run can be repea
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -25,17 +24,11 @@ from he2st.data.embeddings import DEFAULT_ENCODER, EmbedConfig
 from he2st.data.genes import GeneConfig
 from he2st.data.patches import PatchSpec
 from he2st.data.readers import SampleSource
+from he2st.data.workspace import default_work_dir
 from he2st.encoders.adaptation import AdaptConfig, sweep_recipes
 from he2st.errors import He2stError, for_validator, one_line
 from he2st.io import comma_list, safe_name, table_path
 from he2st.methods import method_class
-
-WORK_DIR_ENV = "HE2ST_WORK_DIR"
-
-
-def default_work_dir() -> Path:
-    """Where prepared samples, patches, embeddings and runs go: ``$HE2ST_WORK_DIR`` or ``./he2st-work``."""
-    return Path(os.environ.get(WORK_DIR_ENV, "he2st-work"))
 
 
 class DataConfig(BaseModel):

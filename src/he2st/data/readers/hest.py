@@ -10,7 +10,8 @@ from pathlib import Path
 
 from he2st.data.readers.base import VISIUM_SPOT_UM, SourceOptions, register_reader, require
 from he2st.data.readers.h5ad import read_h5ad_sample
-from he2st.data.sample import Sample, id_from_file
+from he2st.data.sample import Sample
+from he2st.data.sample_header import id_from_file
 from he2st.errors import He2stError
 
 
