@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from he2st.errors import He2stError
 from he2st.io import checked_h5ad, safe_name
+
+if TYPE_CHECKING:
+    import h5py
 
 META_KEY = "he2st"
 PLAIN_COLUMNS = ("in_tissue", "array_row", "array_col")  # spot-grid columns, not annotations
@@ -107,7 +111,7 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _scalars(group) -> dict[str, object]:
+def _scalars(group: h5py.Group) -> dict[str, object]:
     """A dict group of scalars as anndata writes ``uns`` (strings, numbers; nested dicts are skipped)."""
     out: dict[str, object] = {}
     for key, item in group.items():

@@ -52,7 +52,7 @@ class Workspace:
     def prepared_sample_path(self, sample_id: str) -> Path:
         """The file of a prepared sample; one line listing the prepared ones when it is not there."""
         path = self.sample_path(sample_id)
-        if path_kind(path) == "missing":  # a link loop, a folder, ...: Sample.load names what it is
+        if path_kind(path) == "missing":  # a link loop, a folder, ...: the reader names what it is
             known = ", ".join(self.sample_ids()) or "none"
             raise He2stError(f"sample {sample_id!r} is not prepared here (prepared: {known}); run `he2st prepare`", path)
         return path
