@@ -390,6 +390,7 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, views: li
     n_chunks = (n + chunk - 1) // chunk
     hops = method.halo_hops
     whole = method.predicts_whole_samples
+    keep_patches = method.uses_patches  # an encoder trained end to end reads its neighbours' patches too
     tree = cKDTree(grid.xy) if hops and not whole else None  # halos: chunk by chunk only
     reads_field = any(v.field for v in views)
     sides = [patch.field_um / mpp] + ([patch.context_field().field_um / mpp] if reads_field else [])
@@ -467,7 +468,7 @@ def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, views: li
                 embed(v.embedder, patches[1 if v.field else 0]) for v in views], axis=1)
             patches = patches[0]  # end-to-end methods read the spot patches only
             fh["features"][a:b] = features
-            if method.uses_patches:  # kept beside the features, for halos and whole-sample prediction
+            if keep_patches:  # kept beside the features, for halos and whole-sample prediction
                 fh.require_dataset("patches", shape=(n, *patches.shape[1:]), dtype=np.uint8,
                                    chunks=(min(chunk, n), *patches.shape[1:]))[a:b] = patches
             fh.attrs["embedded_chunks"] = i + 1  # committed: the resume point for embedding
