@@ -147,6 +147,7 @@ def test_an_ensemble_member_trained_end_to_end_gets_the_patches_and_its_say_from
     options = {"members": {"ridge": {"method": "ridge"}, "e2e": e2e}, "candidates": [], "context": [{}],
                "smoothing": [], "query_neighbours": [0]}
     assert not create_method("ensemble").uses_patches and create_method("ensemble", **options).uses_patches
+    assert create_method("ensemble", candidates=[e2e]).uses_patches  # a candidate trained end to end, too
     assert BenchmarkConfig(methods=["ensemble"], method_options={"ensemble": options}).needs_patches()
     assert not BenchmarkConfig(methods=["ensemble"]).needs_patches()
 
@@ -475,3 +476,30 @@ def test_ensemble_tries_other_methods_within_its_budget_when_the_inner_folds_sel
     assert "nh2st_faithful" in create_method("ensemble", cost_budget=None)._candidate_labels()
     with pytest.raises(He2stError, match="itself"):
         create_method("ensemble", candidates=["ensemble"])
+
+
+def test_a_candidate_given_as_a_spec_runs_with_its_options_where_the_inner_folds_select(tmp_path):
+    """A candidate may be a spec (a method and options, as a member's): labelled by both, tried and stacked
+    on the inner folds like a named one, saved with its options, and not tried where a member has it."""
+    spots = replace(linear_spots(300), sample_ids=np.repeat(np.array(["s1", "s2", "s3", "s4", "s5"], dtype=object), 60))
+    train, test = spots.subset(np.arange(240)), spots.subset(np.arange(240, 300))
+    members = {"ridge": {"method": "ridge_cv", "pca_components": 8}}
+    spec = {"method": "knn", "top_k": 5}
+    method = create_method("ensemble", members=members, candidates=["knn", spec], context=[{}], smoothing=[])
+    assert method._candidate_labels() == ["knn", "knn(top_k=5)"]
+    assert method._create("knn(top_k=5)").config.top_k == 5 and method._create("knn").config.top_k != 5
+    method.panel = GenePanel(genes=spots.genes)
+    sel = method.fit(train).selection
+    assert sel["candidates"] == ["knn", "knn(top_k=5)"] and len(sel["inner_pearson"]["knn(top_k=5)"]) == 3
+    assert set(sel["weights"]) | set(sel["dropped"]) == {"ridge", "knn", "knn(top_k=5)"}
+    pred = method.predict(test.without_expression()).expression
+    back = load_method(method.save(tmp_path / "ens.pt"))
+    np.testing.assert_allclose(back.predict(test.without_expression()).expression, pred, rtol=1e-5, atol=1e-5)
+    two = create_method("ensemble", members=members, candidates=[spec], context=[{}], smoothing=[])
+    two.panel = GenePanel(genes=spots.genes)
+    assert two.fit(train.subset(np.isin(train.sample_ids, ["s1", "s2"]))).selection["candidates"] == []
+    assert create_method("ensemble", members={"k": spec}, candidates=[spec, "knn"])._candidate_labels() == []
+    named = create_method("ensemble", members=members, candidates=[spec | {"label": "knn5"}])
+    assert named._candidate_labels() == ["knn5"] and named._create("knn5").config.top_k == 5
+    with pytest.raises(He2stError, match="names no method"):
+        create_method("ensemble", candidates=[{"top_k": 5}])

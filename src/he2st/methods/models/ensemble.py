@@ -145,7 +145,10 @@ class Ensemble(Method):
                 raise He2stError(f"ensemble member {label!r} names no method")
             method_class(spec["method"])
         if self.config.candidates != "registered":
-            for name in self.config.candidates:
+            for candidate in self.config.candidates:
+                name = candidate.get("method") if isinstance(candidate, dict) else candidate
+                if name is None:
+                    raise He2stError(f"ensemble candidate {candidate!r} names no method")
                 if name == self.name:
                     raise He2stError("ensemble: candidates cannot name the ensemble itself")
                 method_class(name)
@@ -197,20 +200,39 @@ class Ensemble(Method):
         return {label: self._create(label) for label in self.config.members}
 
     def _spec(self, label: str) -> dict[str, Any]:
-        """A member's spec; a candidate (labelled by its method's name) runs with that method's own options."""
-        return self.config.members.get(label) or {"method": label}
+        """A member's spec, or a candidate's: a named candidate (labelled by its method's name) runs with that
+        method's own options, a candidate given as a spec with the options it sets."""
+        return self.config.members.get(label) or self._candidate_specs().get(label) or {"method": label}
 
     def _candidate_labels(self) -> list[str]:
-        """The methods tried beside the members when the inner folds select: those named in ``candidates``, or
-        every registered method (but the ensemble) whose listed cost is within ``cost_budget``; a method some
-        member already runs, or whose name is a member's label, is not tried twice."""
-        taken = set(self.config.members) | {spec["method"] for spec in self.config.members.values()}
-        names = self.config.candidates
-        if names == "registered":
+        """The methods tried beside the members when the inner folds select (see :meth:`_candidate_specs`)."""
+        return list(self._candidate_specs())
+
+    def _candidate_specs(self) -> dict[str, dict[str, Any]]:
+        """Label -> spec of each method tried beside the members when the inner folds select: those listed in
+        ``candidates`` (a name, labelled by itself; a spec, labelled by its ``label`` key or else by its
+        method and options, e.g. ``bleep(finetune_encoder=True)``), or every registered method (but the
+        ensemble) whose listed cost is within ``cost_budget``. A named method some member already runs, a
+        spec some member already has, or a label that is a member's, is not tried twice."""
+        members = self.config.members
+        listed = self.config.candidates
+        if listed == "registered":
             budget = self.config.cost_budget
-            names = [name for name in list_methods() if name != self.name
-                     and (budget is None or METHODS[name].cost <= budget)]
-        return [name for name in dict.fromkeys(names) if name not in taken]
+            listed = [name for name in list_methods() if name != self.name
+                      and (budget is None or METHODS[name].cost <= budget)]
+        specs: dict[str, dict[str, Any]] = {}
+        for candidate in listed:
+            if isinstance(candidate, dict):
+                spec = {k: v for k, v in candidate.items() if k != "label"}
+                options = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "method")
+                label = str(candidate.get("label") or spec["method"] + (f"({options})" if options else ""))
+                taken = spec in members.values()
+            else:
+                label, spec = candidate, {"method": candidate}
+                taken = any(member["method"] == label for member in members.values())
+            if label not in members and not taken:
+                specs.setdefault(label, spec)
+        return specs
 
     def _create(self, label: str, context: dict[str, Any] | None = None) -> Method:
         spec = dict(self._spec(label)) | (context or {})
