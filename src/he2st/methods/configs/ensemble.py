@@ -21,8 +21,8 @@ class EnsembleConfig(MethodConfig):
         },
         description="member label -> {method: registered name, other keys: that method's options}")
     candidates: list[str | dict[str, Any]] | Literal["registered"] = Field(
-        "registered", description="methods also tried as members on the inner folds when they select: names or specs, "
-        "or every registered one within cost_budget")
+        "registered", description="methods also tried on the inner folds when they select: names or specs, or every "
+        "registered one within cost_budget")
     cost_budget: float | None = Field(
         20.0, ge=0, description="most fitting seconds per 1,000 training spots (as docs/methods lists them) of a "
         "'registered' candidate; null: any")
