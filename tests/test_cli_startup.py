@@ -33,6 +33,16 @@ print(json.dumps({"results": results, "loaded": [m for m in %r if m in sys.modul
 """ % (HEAVY,)
 
 
+def run_console(args: list[str], modules: tuple[str, ...], **env: str) -> subprocess.CompletedProcess:
+    """``he2st <args>`` as the console script runs it, in a fresh interpreter that then prints which of
+    ``modules`` it loaded (``LOADED [...]``)."""
+    code = ("import sys; sys.argv[0] = 'he2st'; from he2st.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            f"print('LOADED', [m for m in {modules!r} if m in sys.modules])")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO / "src"), **env), timeout=300)
+
+
 def run_probe(commands: list[list[str]], env: dict[str, str] | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), **(env or {}))
     done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(commands)], capture_output=True, text=True,
@@ -91,12 +101,8 @@ def test_info_answers_from_the_sample_header_as_the_loaded_sample_would(tmp_path
     summary = SampleHeader.read(path).summary()
     assert summary == Sample.load(path).summary()
     assert summary["spots"] == 9 and summary["annotations"] == "region" and "image_size" in summary
-    code = ("import sys; sys.argv[0] = 'he2st'; from he2st.cli import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print('LOADED', [m for m in ('anndata', 'dask', 'torch') if m in sys.modules])")
     for target in (str(path), "S1"):
-        done = subprocess.run([sys.executable, "-c", code, "info", target, "-w", str(work)], capture_output=True,
-                              text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")), timeout=300)
+        done = run_console(["info", target, "-w", str(work)], ("anndata", "dask", "torch"))
         assert done.returncode == 0, done.stderr
         assert "    annotations: region" in done.stdout and done.stdout.strip().endswith("LOADED []"), done.stdout
     not_a_sample = tmp_path / "plain.h5ad"
@@ -106,12 +112,7 @@ def test_info_answers_from_the_sample_header_as_the_loaded_sample_would(tmp_path
 
 
 def test_shell_completion_does_not_import_torch():
-    code = ("import sys; sys.argv[0] = 'he2st'; from he2st.cli import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            f"print('LOADED', [m for m in {HEAVY!r} if m in sys.modules])")
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), _HE2ST_COMPLETE="complete_bash", COMP_WORDS="he2st me",
-               COMP_CWORD="1")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    done = run_console([], HEAVY, _HE2ST_COMPLETE="complete_bash", COMP_WORDS="he2st me", COMP_CWORD="1")
     assert "methods" in done.stdout
     assert "LOADED []" in done.stdout, done.stdout + done.stderr
 

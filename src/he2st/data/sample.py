@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from he2st.data.sample_header import META_KEY, SampleHeader, id_from_file
+from he2st.data.sample_header import META_KEY, SampleHeader, not_a_sample, sample_fields
 from he2st.data.slide import Slide, open_slide
 from he2st.errors import He2stError, He2stWarning
 from he2st.io import atomic_path, read_h5ad_checked
@@ -127,18 +127,9 @@ class Sample:
         adata = read_h5ad_checked(path, "sample file")
         meta = adata.uns.pop(META_KEY, None)
         if meta is None:
-            raise He2stError("not a he2st sample file (no uns['he2st']); use read_h5ad_sample for plain .h5ad", path)
-        return cls(
-            sample_id=id_from_file(meta["sample_id"], "sample id", path),
-            patient_id=id_from_file(meta["patient_id"], "patient id", path),
-            adata=adata,
-            pixel_size_um=float(meta["pixel_size_um"]),
-            spot_diameter_um=float(meta["spot_diameter_um"]),
-            image_path=Path(meta["image_path"]) if meta.get("image_path") else None,
-            technology=str(meta.get("technology", "unknown")),
-            dataset=str(meta.get("dataset") or "") or None,
-            source={str(k): str(v) for k, v in dict(meta.get("source", {})).items()},
-        )
+            raise not_a_sample(path)
+        return cls(**sample_fields(meta, path), adata=adata,
+                   source={str(k): str(v) for k, v in dict(meta.get("source", {})).items()})
 
     def summary(self) -> dict[str, object]:
         """What ``he2st info`` prints (as :class:`~he2st.data.sample_header.SampleHeader` reads it from a file)."""

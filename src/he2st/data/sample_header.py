@@ -10,9 +10,10 @@ say the same.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from he2st.errors import He2stError
 from he2st.io import checked_h5ad, safe_name
@@ -31,6 +32,25 @@ def id_from_file(value: object, what: str, path: str | Path) -> str:
         return safe_name(str(value), what)
     except He2stError as exc:
         raise He2stError(exc.problem, path) from None
+
+
+def not_a_sample(path: str | Path) -> He2stError:
+    """The one line for an .h5ad without he2st's sample metadata."""
+    return He2stError("not a he2st sample file (no uns['he2st']); use read_h5ad_sample for plain .h5ad", path)
+
+
+def sample_fields(meta: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    """What a sample file's ``uns['he2st']`` says of its sample, as every reader of the file takes it: the
+    ids (checked as output names), pixel and spot sizes, image, technology and dataset."""
+    return {
+        "sample_id": id_from_file(meta["sample_id"], "sample id", path),
+        "patient_id": id_from_file(meta["patient_id"], "patient id", path),
+        "pixel_size_um": float(meta["pixel_size_um"]),
+        "spot_diameter_um": float(meta["spot_diameter_um"]),
+        "image_path": Path(meta["image_path"]) if meta.get("image_path") else None,
+        "technology": str(meta.get("technology", "unknown")),
+        "dataset": str(meta.get("dataset") or "") or None,
+    }
 
 
 @dataclass
@@ -58,8 +78,7 @@ class SampleHeader:
         try:
             with h5py.File(path, "r") as fh:
                 if f"uns/{META_KEY}" not in fh:
-                    raise He2stError("not a he2st sample file (no uns['he2st']); use read_h5ad_sample for plain "
-                                     ".h5ad", path)
+                    raise not_a_sample(path)
                 meta = _scalars(fh[f"uns/{META_KEY}"])
                 obs, var = fh["obs"], fh["var"]
                 n_spots, n_genes = len(obs[obs.attrs["_index"]]), len(var[var.attrs["_index"]])
@@ -69,14 +88,8 @@ class SampleHeader:
             raise He2stError(f"not a readable .h5ad file ({' '.join(str(exc).split())})", path) from exc
         except KeyError as exc:
             raise He2stError(f"not a readable he2st sample file (missing {exc})", path) from exc
-        return cls(
-            sample_id=id_from_file(meta["sample_id"], "sample id", path),
-            patient_id=id_from_file(meta["patient_id"], "patient id", path),
-            dataset=str(meta.get("dataset") or "") or None, technology=str(meta.get("technology", "unknown")),
-            n_spots=n_spots, n_genes=n_genes, pixel_size_um=float(meta["pixel_size_um"]),
-            spot_diameter_um=float(meta["spot_diameter_um"]),
-            image_path=Path(meta["image_path"]) if meta.get("image_path") else None,
-            obs_columns=columns, obsm_keys=obsm)
+        return cls(**sample_fields(meta, path), n_spots=n_spots, n_genes=n_genes, obs_columns=columns,
+                   obsm_keys=obsm)
 
     def summary(self, image_size: tuple[int, int] | None = None) -> dict[str, object]:
         """What ``he2st info`` prints; ``image_size`` (width, height) when the slide was opened (else it is
