@@ -16,6 +16,7 @@ from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods import create_method, load_method
+from he2st.methods.layers.features import centred_within_samples
 from he2st.stats import one_standard_error_choice
 
 FAST = {"train": {"epochs": 8, "batch_size": 64, "patience": 3}}
@@ -316,7 +317,7 @@ def test_ensemble_chooses_each_members_context_on_inner_folds():
     method.card = method.card.model_copy(update={"training_samples": {"s1": "P1", "s2": "P2"}})
     sel = method.fit(train).selection
     tried = sel["context_inner_pearson"]["knn"]  # each variant's score on each inner fold
-    assert len(tried) == 3 and all(len(v) == 2 for v in tried.values())
+    assert len(tried) == 4 and all(len(v) == 2 for v in tried.values())
     assert len(sel["context_inner_pearson"]["plain_knn"]) == 1 and sel["context"]["plain_knn"] == {}  # pinned
     # the member as configured (no context) unless a variant is ahead on every inner fold
     rule = one_standard_error_choice(tried, "{}")
@@ -359,6 +360,52 @@ def test_spatial_smoothing_averages_neighbouring_predictions_and_the_ensemble_tr
     assert sorted(sel["context_inner_pearson"]["ridge"]) == ['{"smooth_neighbours": 0}', '{"smooth_neighbours": 4}']
     assert len(sel["context_inner_pearson"]["pinned"]) == 1
     assert method.fitted["ridge"].config.smooth_neighbours == sel["context"]["ridge"].get("smooth_neighbours", 0)
+
+
+def stained_samples(levels: list[float], stains: list[float], n: int = 60, seed: int = 0) -> SpotSet:
+    """One feature carries a spot's biology plus its sample's stain; each sample's expression sits at its own
+    level. Across samples the level falls as the stain rises, so a fit over pooled spots learns the opposite
+    of the within-sample slope (Simpson's paradox)."""
+    rng = np.random.default_rng(seed)
+    k = len(levels)
+    biology = rng.normal(size=(k * n, 1))
+    sample = np.repeat(np.arange(k), n)
+    features = np.hstack([biology + np.asarray(stains)[sample, None], 0.1 * rng.normal(size=(k * n, 3))])
+    targets = biology * np.array([[1.0, 0.5]]) + np.asarray(levels)[sample, None] + 0.05 * rng.normal(size=(k * n, 2))
+    return SpotSet(sample_ids=np.array([f"s{i}" for i in sample], dtype=object),
+                   barcodes=np.arange(k * n).astype(str).astype(object), features=features.astype(np.float32),
+                   coords_um=rng.uniform(0, 2000, size=(k * n, 2)), genes=["G0", "G1"],
+                   targets=targets.astype(np.float32))
+
+
+def test_within_sample_learns_the_within_sample_relation_not_the_levels_between_samples():
+    """``within_sample``: each training sample's targets are centred on the common mean before the fit, so a
+    sample's level (depth, capture, batch) is not learned from its stain; the held-out sample's own spots
+    are then ranked as their biology says."""
+    train = stained_samples(levels=[6.0, 2.0, -2.0, -6.0], stains=[-3.0, -1.0, 1.0, 3.0])
+    test = stained_samples(levels=[0.0], stains=[0.0], seed=1)
+    scores = {}
+    for within in (False, True):
+        method = create_method("ridge", within_sample=within)
+        method.panel = GenePanel(genes=train.genes)
+        method.fit(train.subset(np.arange(200)), train.subset(np.arange(200, 240)))
+        predicted = method.predict(test.without_expression()).expression
+        scores[within] = [np.corrcoef(predicted[:, j], test.targets[:, j])[0, 1] for j in range(2)]
+    assert max(scores[False]) < 0 and min(scores[True]) > 0.9
+    # the ensemble tries it on its inner folds, held-out patients, for each member that does not pin it
+    members = {"ridge": {"method": "ridge"}, "pinned": {"method": "ridge", "within_sample": False}}
+    method = create_method("ensemble", members=members, context=[{}, {"within_sample": True}], smoothing=[],
+                           candidates=[])
+    method.panel = GenePanel(genes=train.genes)
+    method.card = method.card.model_copy(update={"training_samples": {f"s{i}": f"P{i}" for i in range(4)}})
+    sel = method.fit(train).selection
+    assert len(sel["inner_folds"]) == 3 and list(sel["context_inner_pearson"]["pinned"]) == ["{}"]
+    assert sel["context"]["ridge"] == {"within_sample": True} and method.fitted["ridge"].config.within_sample
+    centred = centred_within_samples(train.targets, train.sample_ids)
+    np.testing.assert_allclose(centred[train.sample_ids == "s0"].mean(0), train.targets.mean(0), atol=1e-5)
+    np.testing.assert_allclose(centred[train.sample_ids == "s0"] - centred[train.sample_ids == "s0"].mean(0),
+                               train.targets[train.sample_ids == "s0"] - train.targets[train.sample_ids == "s0"].mean(0),
+                               atol=1e-5)
 
 
 def test_ensemble_members_keep_their_configuration_on_too_few_inner_folds():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,6 +31,7 @@ from he2st.methods.checkpoint import CHECKPOINT_FORMAT
 from he2st.methods.configs.common import MethodConfig
 from he2st.methods.inner_tasks import map_fits
 from he2st.methods.layers.context import context_width, feature_views, views_width, with_context
+from he2st.methods.layers.features import centred_within_samples
 from he2st.methods.layers.neighbourhood import neighbour_sum
 from he2st.methods.reliability import Reliability
 
@@ -139,6 +140,8 @@ class Method(ABC):
         that learn from histology alone.
         Spatial context is added to the features here, the same way for every method (training and
         validation spots together, so a spot's neighbours are found whichever set they fell in)."""
+        if self.config.within_sample:
+            train, val = _centred(train, val)
         if self.context_width == 1:
             return self._fit(train, val, unlabelled)
         if val is not None and len(val):
@@ -347,3 +350,12 @@ def fit_and_predict(method: Method, spots: SpotSet, test: np.ndarray, val: np.nd
         return predicted, None
     values, genes = beyond
     return predicted, method.retrieve(held_out, method.transcriptome_reference(inner, values[~test], genes)).expression
+
+
+def _centred(train: SpotSet, val: SpotSet | None) -> tuple[SpotSet, SpotSet | None]:
+    """Training and validation targets centred within their samples (``within_sample``), the two sets
+    together: validation spots are cut from the training samples, so a sample's mean is over both."""
+    both = train if val is None or not len(val) else SpotSet.concat([train, val])
+    targets = centred_within_samples(both.targets, np.asarray(both.sample_ids))
+    train = replace(train, targets=targets[: len(train)])
+    return train, None if val is None else replace(val, targets=targets[len(train):])

@@ -26,6 +26,8 @@ class MethodConfig(BaseModel):
     smooth_neighbours: int = Field(
         0, ge=0, le=64, description="average each predicted spot with its k nearest spots' predictions (same slide); "
         "0: off")
+    within_sample: bool = Field(
+        False, description="learn each training sample's deviations from its own mean expression, not its level")
 
 
 C = TypeVar("C", bound=MethodConfig)

@@ -27,8 +27,10 @@ class EnsembleConfig(MethodConfig):
         20.0, ge=0, description="most fitting seconds per 1,000 training spots (as docs/methods lists them) of a "
         "'registered' candidate; null: any")
     context: list[dict[str, Any]] = Field(
-        default_factory=lambda: [{}, {"context_neighbours": 6}, {"context_neighbours": 6, "context_field": True}],
-        description="context options (neighbours, field, views) tried on inner folds for each member not setting them")
+        default_factory=lambda: [{}, {"context_neighbours": 6}, {"context_neighbours": 6, "context_field": True},
+                                 {"within_sample": True}],
+        description="context options (neighbours, field, views, within_sample) tried on inner folds for each member not "
+        "setting them")
     view_variants: list[str] | Literal["embedded"] = Field(
         "embedded", description="views tried, each as one more context variant of each member whose context is open: "
         "these, or every view embedded")

@@ -49,6 +49,19 @@ class FeatureScaler:
                    None if axes is None else axes.numpy())
 
 
+def centred_within_samples(targets: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
+    """``targets`` with each sample's per-gene mean replaced by the mean over all rows: what is left is each
+    spot's deviation from its own sample, at the common level. A sample's level is set by sequencing depth,
+    capture and batch, which its image does not show; a model that fits it from the features learns stain and
+    scanner differences as if they were expression."""
+    out = targets.astype(np.float32, copy=True)
+    overall = out.mean(0)
+    for sid in np.unique(sample_ids):
+        rows = sample_ids == sid
+        out[rows] += overall - out[rows].mean(0)
+    return out
+
+
 def standardize_columns(x: np.ndarray) -> np.ndarray:
     """Per-column z-scores (as float32), used for expression-similarity soft targets."""
     return ((x - x.mean(0)) / np.maximum(x.std(0), 1e-6)).astype(np.float32)

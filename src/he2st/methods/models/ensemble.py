@@ -38,7 +38,7 @@ from he2st.methods.neural import strip_prefix
 from he2st.methods.registry import METHODS, create_method, list_methods, method_class, register_method
 from he2st.stats import mean_sample_pearson, one_standard_error_choice
 
-CONTEXT_OPTIONS = ("context_neighbours", "context_field", "views")
+CONTEXT_OPTIONS = ("context_neighbours", "context_field", "views", "within_sample")
 GENE_BLOCK = 64  # genes standardised at a time at prediction
 
 
