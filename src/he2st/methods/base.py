@@ -139,9 +139,10 @@ class Method(ABC):
         ``unlabelled``: image-only spots (no expression; a held-out slide's own may be among them) for methods
         that learn from histology alone.
         Spatial context is added to the features here, the same way for every method (training and
-        validation spots together, so a spot's neighbours are found whichever set they fell in)."""
+        validation spots together, so a spot's neighbours are found whichever set they fell in); so is the
+        centring of the targets within each sample (``within_sample``)."""
         if self.config.within_sample:
-            train, val = _centred(train, val)
+            train, val = self._level_free(train, val)
         if self.context_width == 1:
             return self._fit(train, val, unlabelled)
         if val is not None and len(val):
@@ -165,6 +166,23 @@ class Method(ABC):
         if self.reliability is not None and len(spots):
             self._annotate(prediction, spots.features)
         return prediction
+
+    def level_free(self, expression: np.ndarray, sample_ids: np.ndarray | list[str]) -> np.ndarray:
+        """``expression`` as this method learns it: centred within each sample under ``within_sample`` (then
+        every bank a retrieval method builds, of any genes, holds the same deviations), else as it is.
+        Centring twice changes nothing, so expression that already is stays as it is."""
+        if not self.config.within_sample:
+            return expression
+        return centred_within_samples(expression, np.asarray(sample_ids))
+
+    def _level_free(self, train: SpotSet, val: SpotSet | None) -> tuple[SpotSet, SpotSet | None]:
+        """Training and validation targets centred within their samples together: validation spots are cut
+        from the training samples, so a sample's mean is over both."""
+        n = len(train)
+        rows = [train] if val is None else [train, val]
+        targets = self.level_free(np.concatenate([s.targets for s in rows]),
+                                  np.concatenate([np.asarray(s.sample_ids) for s in rows]))
+        return replace(train, targets=targets[:n]), None if val is None else replace(val, targets=targets[n:])
 
     def smoothed(self, prediction: Prediction, spots: SpotSet) -> Prediction:
         """``prediction`` with each spot's expression averaged with its ``smooth_neighbours`` physically nearest
@@ -351,11 +369,3 @@ def fit_and_predict(method: Method, spots: SpotSet, test: np.ndarray, val: np.nd
     values, genes = beyond
     return predicted, method.retrieve(held_out, method.transcriptome_reference(inner, values[~test], genes)).expression
 
-
-def _centred(train: SpotSet, val: SpotSet | None) -> tuple[SpotSet, SpotSet | None]:
-    """Training and validation targets centred within their samples (``within_sample``), the two sets
-    together: validation spots are cut from the training samples, so a sample's mean is over both."""
-    both = train if val is None or not len(val) else SpotSet.concat([train, val])
-    targets = centred_within_samples(both.targets, np.asarray(both.sample_ids))
-    train = replace(train, targets=targets[: len(train)])
-    return train, None if val is None else replace(val, targets=targets[len(train):])

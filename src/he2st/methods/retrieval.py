@@ -108,6 +108,9 @@ class RetrievalMethod(NeuralMethod):
         """A bank of the expression embeddings of reference spots (training spots, and any
         expression-only sections whose patient is not under test); ``output_expression`` optionally
         returns more genes (e.g. the whole transcriptome) than the model was trained on."""
+        panel_expression = self.level_free(panel_expression, sample_ids)
+        if output_expression is not None:
+            output_expression = self.level_free(output_expression, sample_ids)
         return ReferenceBank(
             self.embed_expression(panel_expression),
             panel_expression if output_expression is None else output_expression,

@@ -131,8 +131,10 @@ class CarHE(RetrievalMethod):
 
     def _programme_loadings(self, spots: SpotSet) -> np.ndarray:
         """Each training spot's NMF expression-programme loadings, normalised to sum to 1 (fitted on these
-        training targets only)."""
-        targets = np.clip(np.asarray(spots.targets, dtype=np.float64), 0, None)
+        training targets only). NMF reads non-negative values: a gene that goes below zero (targets centred
+        within samples) is shifted up by its minimum, which keeps its pattern where clipping would flatten it."""
+        targets = np.asarray(spots.targets, dtype=np.float64)
+        targets = targets - np.minimum(targets.min(axis=0), 0.0)
         nmf = NMF(n_components=min(self.config.programmes, targets.shape[1]), init="nndsvda", max_iter=500,
                   random_state=self.config.seed)
         with warnings.catch_warnings():  # loadings short of full convergence still describe the programmes

@@ -6,9 +6,10 @@ run inside ``fit`` -- and then refitted on all training spots. When the inner fo
 registered method within ``cost_budget`` (``candidates``) is tried beside them and stacked with them, so
 the best single method of a dataset can take part; a method the stacking gives no weight is not refitted.
 Each member's spatial context (neighbours, the field, and each view of ``view_variants``: by default every
-view the training spots carry; workflows pass the run's ``embed.views``) is chosen on the same inner folds
-by the one-standard-error rule. Members' predictions are standardised per gene within each predicted sample
-before they are weighted (``scale_within``). With fewer than ``min_selection_folds`` inner folds nothing is
+view the training spots carry; workflows pass the run's ``embed.views``), and whether it trains within each
+sample (``within_sample``), is chosen on the same inner folds by the one-standard-error rule. Members'
+predictions are standardised per gene within each predicted sample before they are weighted
+(``scale_within``). With fewer than ``min_selection_folds`` inner folds nothing is
 chosen: each member runs as configured, with an equal say.
 What was chosen is recorded in ``TrainLog.selection``; docs/methods/ensemble.md tells the whole procedure.
 """
