@@ -84,7 +84,8 @@ def test_benchmark_writes_a_tls_table_for_retrieval_methods_and_the_probe(work):
     path, embed, signature = work
     cfg = BenchmarkConfig(work_dir=path, embed=embed, genes={"n_genes": 20, "min_spot_fraction": 0.0}, n_top=5,
                           name="tls", methods=["knn", "ridge"], method_options={"knn": {"top_k": 5}},
-                          transcriptome_threshold=None, tls_model=str(signature))
+                          transcriptome_threshold=None, tls_model=str(signature),
+                          reliability=True)  # knn's intervals are the panel's: its TLS genes are scored without them
     outcome = run_benchmark(cfg)
     assert "TLS detection" in outcome.table and PROBE in outcome.table
     tls = json.loads(outcome.paths["json"].read_text())["tls"]

@@ -137,6 +137,7 @@ def _tls_bank_copy(method: Method, train: SpotSet, fold: TlsFold) -> Method:
     swapped = copy.copy(method)
     swapped.bank = ReferenceBank(bank.embeddings, fold.train_expression[rows], fold.genes, bank.sample_ids,
                                  normalize=False)
+    swapped.reliability = None  # its intervals are the panel's genes, not the TLS genes this bank returns
     return swapped
 
 
