@@ -207,9 +207,12 @@ def test_benchmark_never_fits_on_a_test_patient(small):
     # the folds read
     assert results["provenance"]["command"] and len(results["provenance"]["data_checksums_sha256"]) == 9
     assert "heg5" in outcome.table and "heg5_testselected" in outcome.table
-    # retrieval methods also score every gene measured in all training samples (60, beyond the panel's 50)
-    bleep = next(r for r in outcome.results if r.method == "bleep")
-    assert bleep.extra and all(np.isfinite(v) for v in bleep.extra.values())
+    # retrieval methods (knn with its context too) also score every gene measured in all training samples
+    # (60, beyond the panel's 50); ridge predicts the panel only
+    for name in ("bleep", "knn"):
+        run = next(r for r in outcome.results if r.method == name)
+        assert "transcriptome_pearson_mean" in run.extra and all(np.isfinite(v) for v in run.extra.values())
+    assert not next(r for r in outcome.results if r.method == "ridge").extra
     assert (work / "runs" / "audit" / "config.yaml").exists()
 
 

@@ -16,7 +16,6 @@ cross-validation over the training patients), fitted on the fold's training spot
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +34,6 @@ from he2st.errors import He2stError
 from he2st.evaluate.tables import extra_markdown
 from he2st.evaluate.tls import TlsModel, gene_symbols, tls_agreement, tls_score
 from he2st.methods import Method
-from he2st.methods.layers.bank import ReferenceBank
-from he2st.methods.retrieval import RetrievalMethod
 
 __all__ = ["PROBE", "TlsFold", "TlsReport", "build_tls_fold", "method_tls_scores"]
 
@@ -124,36 +121,14 @@ def build_tls_fold(
     return TlsFold(restricted, spelled, np.concatenate(expression), truth, _agreement(predicted, truth), info)
 
 
-def _tls_bank_copy(method: Method, train: SpotSet, fold: TlsFold) -> Method:
-    """A shallow copy of a bank method whose bank returns the TLS genes of the same reference spots. Each
-    bank row is found among the training spots by its panel expression; a bank holding other spots
-    (e.g. expression-only sections) cannot be matched and is refused."""
-    index = {row.tobytes(): i for i, row in enumerate(np.ascontiguousarray(train.targets, np.float32))}
-    bank = method.bank
-    try:
-        rows = [index[row.tobytes()] for row in np.ascontiguousarray(bank.expression, np.float32)]
-    except KeyError:
-        raise He2stError(f"{method.name}: its reference bank holds spots that are not training spots") from None
-    swapped = copy.copy(method)
-    swapped.bank = ReferenceBank(bank.embeddings, fold.train_expression[rows], fold.genes, bank.sample_ids,
-                                 normalize=False)
-    swapped.reliability = None  # its intervals are the panel's genes, not the TLS genes this bank returns
-    return swapped
-
-
 def method_tls_scores(method: Method, fold: TlsFold, train: SpotSet, test: SpotSet) -> dict[str, float]:
-    """TLS agreement of a fitted bank method on the fold's test samples (its TLS genes retrieved by a
-    second bank of the training spots; the method itself is left as it was scored)."""
-    if not method.uses_bank or method.bank is None:
+    """TLS agreement of a fitted retrieval method on the fold's test samples (its TLS genes retrieved from a
+    second bank of the training spots, :meth:`Method.transcriptome_reference`; the method itself is left as
+    it was scored)."""
+    if not method.retrieves or method.bank is None:
         raise He2stError(f"{method.name} has no reference bank: it predicts the panel only")
-    by_sample = {s: test.subset(test.sample_ids == s) for s in fold.truth}
-    if isinstance(method, RetrievalMethod):
-        bank = method.reference_bank(train.targets, train.genes, list(train.sample_ids),
-                                     output_expression=fold.train_expression, output_genes=fold.genes)
-        whole = {s: method.retrieve(spots, bank) for s, spots in by_sample.items()}
-    else:
-        swapped = _tls_bank_copy(method, train, fold)
-        whole = {s: swapped.predict(spots) for s, spots in by_sample.items()}
+    bank = method.transcriptome_reference(train, fold.train_expression, fold.genes)
+    whole = {s: method.retrieve(test.subset(test.sample_ids == s), bank) for s in fold.truth}
     predicted = {s: tls_score(p.expression, p.genes, fold.model, BANK_SCALE).score for s, p in whole.items()}
     return _agreement(predicted, fold.truth)
 
@@ -189,7 +164,7 @@ class TlsReport:
               test: SpotSet) -> None:
         """One row label's fitted seeds on a fold: scored when they have a bank (retrieval methods), their
         mean over seeds kept, as the benchmark's other scores."""
-        if not methods or not all(m.uses_bank for m in methods):
+        if not methods or not all(m.retrieves for m in methods):
             return
         try:
             runs = [method_tls_scores(m, tls, train, test) for m in methods]

@@ -261,9 +261,8 @@ def _beyond_panel(method: Method, data: FoldData, predictions: dict[str, Predict
         predicted = {s: p.extras[CELLTYPE_KEY] for s, p in predictions.items()}
         extra |= celltype_scores(predicted, data.celltype_truth, data.celltype_names)
     tx = data.transcriptome
-    if tx is not None and isinstance(method, RetrievalMethod):
-        bank = method.reference_bank(data.train.targets, data.panel.genes, list(data.train.sample_ids),
-                                     output_expression=tx.train, output_genes=tx.genes)
+    if tx is not None and method.retrieves:
+        bank = method.transcriptome_reference(data.train, tx.train, tx.genes)
         whole = {sid: method.retrieve(data.test_inputs.subset(data.test_inputs.sample_ids == sid), bank).expression
                  for sid in data.fold.test}
         extra |= transcriptome_scores(whole, tx.genes, tx)
