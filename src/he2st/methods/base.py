@@ -368,4 +368,3 @@ def fit_and_predict(method: Method, spots: SpotSet, test: np.ndarray, val: np.nd
         return predicted, None
     values, genes = beyond
     return predicted, method.retrieve(held_out, method.transcriptome_reference(inner, values[~test], genes)).expression
-
