@@ -405,20 +405,21 @@ def test_within_sample_learns_the_within_sample_relation_not_the_levels_between_
     knn = create_method("knn", within_sample=True)
     knn.panel = GenePanel(genes=train.genes)
     knn.fit(train)
-    beyond = knn.transcriptome_reference(train, np.hstack([train.targets, 2 * train.targets]), ["G0", "G1", "H0", "H1"])
+    beyond = knn.transcriptome_reference(train, np.hstack([train.targets, 2 * train.targets]),
+                                         ["G0", "G1", "H0", "H1"])
     bank_means = [beyond.expression[train.sample_ids == s].mean(0) for s in ("s0", "s3")]
     np.testing.assert_allclose(bank_means[0], bank_means[1], atol=1e-4)
     centred = centred_within_samples(train.targets, train.sample_ids)
+    s0 = train.sample_ids == "s0"
+    np.testing.assert_allclose(centred[s0].mean(0), train.targets.mean(0), atol=1e-5)
+    np.testing.assert_allclose(centred[s0] - centred[s0].mean(0), train.targets[s0] - train.targets[s0].mean(0),
+                               atol=1e-5)
     # carhe's expression programmes (NMF) read centred targets, half of them below zero, shifted up to zero
     spots = linear_spots()
     below = centred_within_samples(spots.targets - spots.targets.mean(0), spots.sample_ids)
     loadings = create_method("carhe", programmes=3)._programme_loadings(replace(spots, targets=below))
     assert (below < 0).mean() > 0.4 and np.allclose(loadings.sum(1), 1.0, atol=1e-5)
     assert (np.abs(np.corrcoef(np.hstack([loadings, below]).T)[:3, 3:]).max(1) > 0.8).all()  # each follows genes
-    np.testing.assert_allclose(centred[train.sample_ids == "s0"].mean(0), train.targets.mean(0), atol=1e-5)
-    np.testing.assert_allclose(centred[train.sample_ids == "s0"] - centred[train.sample_ids == "s0"].mean(0),
-                               train.targets[train.sample_ids == "s0"] - train.targets[train.sample_ids == "s0"].mean(0),
-                               atol=1e-5)
 
 
 def test_ensemble_members_keep_their_configuration_on_too_few_inner_folds():

@@ -142,7 +142,7 @@ class Method(ABC):
         validation spots together, so a spot's neighbours are found whichever set they fell in); so is the
         centring of the targets within each sample (``within_sample``)."""
         if self.config.within_sample:
-            train, val = self._level_free(train, val)
+            train, val = self._level_free_sets(train, val)
         if self.context_width == 1:
             return self._fit(train, val, unlabelled)
         if val is not None and len(val):
@@ -170,12 +170,13 @@ class Method(ABC):
     def level_free(self, expression: np.ndarray, sample_ids: np.ndarray | list[str]) -> np.ndarray:
         """``expression`` as this method learns it: centred within each sample under ``within_sample`` (then
         every bank a retrieval method builds, of any genes, holds the same deviations), else as it is.
-        Centring twice changes nothing, so expression that already is stays as it is."""
+        Centring rows again moves only each sample's level, never a spot's deviation within its sample, so
+        expression the fit already centred can pass through here again."""
         if not self.config.within_sample:
             return expression
         return centred_within_samples(expression, np.asarray(sample_ids))
 
-    def _level_free(self, train: SpotSet, val: SpotSet | None) -> tuple[SpotSet, SpotSet | None]:
+    def _level_free_sets(self, train: SpotSet, val: SpotSet | None) -> tuple[SpotSet, SpotSet | None]:
         """Training and validation targets centred within their samples together: validation spots are cut
         from the training samples, so a sample's mean is over both."""
         n = len(train)

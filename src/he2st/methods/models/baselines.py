@@ -266,8 +266,8 @@ class ImageKNN(Method):
         return TrainLog()
 
     def transcriptome_reference(self, spots: SpotSet, expression: np.ndarray, genes: list[str]) -> ReferenceBank:
-        return ReferenceBank(self.scaler(self.contextual(spots).features), self.level_free(expression, spots.sample_ids),
-                             genes, list(spots.sample_ids))
+        features = self.scaler(self.contextual(spots).features)
+        return ReferenceBank(features, self.level_free(expression, spots.sample_ids), genes, list(spots.sample_ids))
 
     def retrieve(self, spots: SpotSet, bank: ReferenceBank) -> Prediction:
         self.check_spots(spots)
