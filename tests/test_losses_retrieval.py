@@ -343,11 +343,15 @@ def test_negative_bank_is_the_whole_set_loss_when_fresh_and_small() -> None:
     a, b = a_all[idx].clone().requires_grad_(), b_all[idx].clone().requires_grad_()
     got = bank.loss(idx, a, b, 0.2)
     rows = torch.cat([idx, torch.arange(20)])
-    expected = reference_contrastive_loss(a, b, a_all[rows], b_all[rows],
+    a_ref, b_ref = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    expected = reference_contrastive_loss(a_ref, b_ref, torch.cat([a_ref, a_all]), torch.cat([b_ref, b_all]),
                                           expression_similarity_targets(z[idx], z[rows], 0.1), 0.2)
     torch.testing.assert_close(got, expected)
     got.backward()
-    assert a.grad is not None and b.grad is not None  # the live batch learns; the bank is detached
+    expected.backward()
+    # the live batch learns, through its own columns too, as in the one-product form; the bank is detached
+    torch.testing.assert_close(a.grad, a_ref.grad)
+    torch.testing.assert_close(b.grad, b_ref.grad)
 
 
 def test_negative_bank_cost_does_not_grow_with_the_number_of_spots() -> None:
@@ -362,14 +366,14 @@ def test_negative_bank_cost_does_not_grow_with_the_number_of_spots() -> None:
 
         import he2st.methods.layers.losses as losses
 
-        def spy(a, b, a_all, b_all, targets, temperature, captured=captured, real=losses.unit_reference_loss):
-            captured["columns"] = a_all.shape[0]
-            return real(a, b, a_all, b_all, targets, temperature)
+        def spy(logits, targets, captured=captured, real=losses._soft_cross_entropy):
+            captured["columns"] = logits.shape[1]
+            return real(logits, targets)
 
-        original, losses.unit_reference_loss = losses.unit_reference_loss, spy
+        original, losses._soft_cross_entropy = losses._soft_cross_entropy, spy
         try:
             bank.loss(idx, torch.randn(32, 8), torch.randn(32, 8), 0.1)
         finally:
-            losses.unit_reference_loss = original
+            losses._soft_cross_entropy = original
         seen.append(captured["columns"])
     assert seen == [32 + 128, 32 + 128]

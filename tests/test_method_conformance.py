@@ -111,3 +111,36 @@ def test_prediction_never_reads_the_held_out_expression(name):
     np.testing.assert_array_equal(method.predict(test.without_expression()).expression, expression)
     np.testing.assert_array_equal(method.predict(nan).expression, expression)
     np.testing.assert_array_equal(method._predict(method.contextual(nan)).expression, expression)
+
+
+@pytest.mark.parametrize("name", [name for name, tiny in TINY.items() if "train" in tiny])
+def test_bf16_training_runs_products_in_bf16_and_keeps_fp32_weights(name):
+    """``train.precision="bf16"``: every neural method's training products run in bfloat16 (a hook on its
+    linear layers sees them), its weights stay fp32, and it predicts as the fp32 fit does, to bf16's
+    precision."""
+    import torch
+
+    train, test = split()
+    method = create_method(name, seed=SEED, **(TINY[name] | {"train": TRAIN | {"precision": "bf16"}}))
+    method.panel = GenePanel(genes=train.genes)
+    method.card = method.card.model_copy(update={"training_samples": {"s1": "P1", "s2": "P2"}})
+    seen: set[torch.dtype] = set()
+    original = torch.nn.Linear.forward
+
+    def spy(self, x):
+        out = original(self, x)
+        if self.training:
+            seen.add(out.dtype)
+        return out
+
+    torch.nn.Linear.forward = spy
+    try:
+        method.fit(train)
+    finally:
+        torch.nn.Linear.forward = original
+    assert seen == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for module in method.modules().values() for p in module.parameters())
+    expression = method.predict(test).expression
+    _, fp32 = fitted(name)
+    assert np.isfinite(expression).all()
+    assert np.corrcoef(expression.ravel(), fp32.ravel())[0, 1] > 0.9

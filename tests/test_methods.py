@@ -19,7 +19,7 @@ from he2st.methods import create_method, load_method
 from he2st.methods.layers.features import centred_within_samples
 from he2st.stats import one_standard_error_choice
 
-FAST = {"train": {"epochs": 8, "batch_size": 64, "patience": 3}}
+FAST = {"train": {"epochs": 8, "batch_size": 64, "patience": 3, "lr": 1e-3}}
 OPTIONS = {"bleep": FAST | {"ensemble": 2}, "bleep_faithful": FAST, "mlp": FAST, "ridge": {"pca_components": 8},
            "ridge_cv": {"pca_components": 8, "alphas": [1.0, 100.0]}, "knn": {"top_k": 5}}
 
@@ -144,7 +144,7 @@ def test_an_ensemble_member_trained_end_to_end_gets_the_patches_and_its_say_from
     from he2st.workflows.config import BenchmarkConfig
 
     e2e = {"method": "bleep", "finetune_encoder": True, "encoder": "test_vit", "encoder_pretrained": False,
-           "ensemble": 1, "train": {"epochs": 1, "batch_size": 16}}
+           "ensemble": 1, "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3}}
     options = {"members": {"ridge": {"method": "ridge"}, "e2e": e2e}, "candidates": [], "context": [{}],
                "smoothing": [], "query_neighbours": [0]}
     assert not create_method("ensemble").uses_patches and create_method("ensemble", **options).uses_patches

@@ -89,8 +89,11 @@ class Method(ABC):
 
     def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:
         base = config.model_dump() if config is not None else {}
+        # a group given in part (train: {...}) changes those options of ``config``'s group, not the whole group
+        options = base | {k: base[k] | v if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                          for k, v in overrides.items()}
         try:
-            self.config = self.Config(**(base | overrides))
+            self.config = self.Config(**options)
         except ValidationError as exc:
             raise one_line(exc, f"method {self.name!r}: invalid option") from exc
         self.card: ModelCard | None = None

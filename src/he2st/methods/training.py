@@ -44,6 +44,14 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     return config.lr
 
 
+def step_autocast(config: TrainConfig, params: list[torch.Tensor]) -> torch.autocast:
+    """The arithmetic of each training step on the parameters' device: under ``precision="bf16"`` matrix
+    products run in bfloat16 (about 1.4x the fp32 step on a CPU with bf16 instructions) while weights,
+    optimiser state and the reductions autocast keeps in fp32 stay fp32 -- mixed precision, as on a GPU."""
+    device = params[0].device.type if params else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Deterministic CPU runs: seeds torch and numpy, returns a generator for shuffling."""
     torch.manual_seed(seed)
@@ -79,6 +87,7 @@ def fit_minibatches(
             raise He2stError(f"batch size {min(config.batch_size, n_items)} is too small for {world} devices "
                              f"(at least two spots per device)")
     params = [p for p in module.parameters() if p.requires_grad]
+    autocast = step_autocast(config, params)
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **ADAMW_OPTIONS)
     log = TrainLog()
     best, best_state, stale = -float("inf"), None, 0
@@ -99,12 +108,13 @@ def fit_minibatches(
                 continue
             optimiser.zero_grad(set_to_none=True)
             if world == 1:
-                loss = step(idx)
+                with autocast:
+                    loss = step(idx)
                 loss.backward()
                 value = float(loss.detach())
             else:
                 part = distributed.shard(idx)
-                with distributed.sharded():
+                with distributed.sharded(), autocast:
                     loss = step(part) * (len(part) / len(idx))
                 loss.backward()
                 value = distributed.reduce_gradients(params, loss)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 
 class MethodConfig(BaseModel):
@@ -28,6 +28,22 @@ class MethodConfig(BaseModel):
         "0: off")
     within_sample: bool = Field(
         False, description="learn each training sample's deviations from its own mean expression, not its level")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _groups_within_own_defaults(cls, data: Any) -> Any:
+        """A group of options given in part (``train: {epochs: 40}``) keeps this method's defaults for the rest
+        of the group. Left to pydantic, the group would be built from its class's generic defaults, so setting
+        ``bleep``'s epochs would silently move its learning rate from its own 3e-4 to the generic 1e-3."""
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, value in data.items():
+            info = cls.model_fields.get(name)
+            default = None if info is None or not isinstance(value, dict) else info.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                merged[name] = default.model_dump() | value
+        return merged
 
 
 C = TypeVar("C", bound=MethodConfig)
@@ -62,6 +78,8 @@ class TrainConfig(BaseModel):
     min_lr: float = Field(0.0, ge=0, description="learning rate of the last epoch for schedule='cosine'")
     step_epochs: int = Field(50, gt=0, description="epochs between decays for schedule='step'")
     gamma: float = Field(0.9, gt=0, le=1, description="decay factor for schedule='step'")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="training steps' arithmetic: 'bf16' autocasts matrix products, weights stay fp32")
 
 
 class FinetuneConfig(MethodConfig):
