@@ -45,8 +45,9 @@ def synthetic(n: int, seed: int = 0) -> SpotSet:
 
 
 def seconds_per_epoch(name: str, spots: SpotSet, epochs: int, extra: dict | None = None) -> float:
-    options = {"train": {"epochs": epochs}} if issubclass(method_class(name), NeuralMethod) else {}
-    options |= extra or {}
+    extra = dict(extra or {})
+    options = {"train": {"epochs": epochs} | extra.pop("train", {})} if issubclass(method_class(name), NeuralMethod) else {}
+    options |= extra
     if name == "carhe":
         options["histology_pretrain_epochs"] = 0
     method = create_method(name, **options)

@@ -564,3 +564,20 @@ def test_a_candidate_given_as_a_spec_runs_with_its_options_where_the_inner_folds
     assert named._candidate_labels() == ["knn5"] and named._create("knn5").config.top_k == 5
     with pytest.raises(He2stError, match="names no method"):
         create_method("ensemble", candidates=[{"top_k": 5}])
+
+
+def test_a_group_of_options_given_in_part_keeps_the_methods_own_defaults():
+    """``train: {epochs: 40}`` changes the epochs only: the rest of the group stays the method's own (bleep's
+    lr 3e-4, nh2st's batch 64), not the generic TrainConfig defaults; on a given config, the rest stays that
+    config's. A full group replaces the group."""
+    from he2st.methods.configs.common import TrainConfig
+    from he2st.methods.models.bleep import BLEEP
+
+    bleep = create_method("bleep", train={"epochs": 40})
+    assert bleep.config.train == create_method("bleep").config.train.model_copy(update={"epochs": 40})
+    assert create_method("nh2st", train={"precision": "bf16"}).config.train.batch_size == 64
+    tuned = BLEEP(bleep.config, train={"lr": 5e-4}).config.train
+    assert (tuned.epochs, tuned.lr, tuned.batch_size) == (40, 5e-4, 128)
+    assert create_method("bleep", train=TrainConfig(epochs=3)).config.train == TrainConfig(epochs=3)
+    ensemble = create_method("ensemble", members={"b": {"method": "bleep", "train": {"epochs": 2}}})
+    assert ensemble._create("b").config.train.lr == 3e-4
