@@ -364,7 +364,7 @@ def test_negative_bank_cost_does_not_grow_with_the_number_of_spots() -> None:
         idx = torch.arange(32)
         captured = {}
 
-        import he2st.methods.layers.losses as losses
+        from he2st.methods.layers import losses
 
         def spy(logits, targets, captured=captured, real=losses._soft_cross_entropy):
             captured["columns"] = logits.shape[1]

