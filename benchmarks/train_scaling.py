@@ -23,6 +23,7 @@ import torch
 from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.methods import create_method, list_methods, method_class
+from he2st.methods.configs.common import merged_groups
 from he2st.methods.neural import NeuralMethod
 
 DIM, GENES, TYPES = 1280, 250, 8
@@ -45,9 +46,8 @@ def synthetic(n: int, seed: int = 0) -> SpotSet:
 
 
 def seconds_per_epoch(name: str, spots: SpotSet, epochs: int, extra: dict | None = None) -> float:
-    extra = dict(extra or {})
-    options = {"train": {"epochs": epochs} | extra.pop("train", {})} if issubclass(method_class(name), NeuralMethod) else {}
-    options |= extra
+    options = {"train": {"epochs": epochs}} if issubclass(method_class(name), NeuralMethod) else {}
+    options = merged_groups(options, extra or {})
     if name == "carhe":
         options["histology_pretrain_epochs"] = 0
     method = create_method(name, **options)

@@ -28,7 +28,7 @@ from he2st.io import atomic_path, check_output
 from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.card import ModelCard
 from he2st.methods.checkpoint import CHECKPOINT_FORMAT
-from he2st.methods.configs.common import MethodConfig
+from he2st.methods.configs.common import MethodConfig, merged_groups
 from he2st.methods.inner_tasks import map_fits
 from he2st.methods.layers.context import context_width, feature_views, views_width, with_context
 from he2st.methods.layers.features import centred_within_samples
@@ -88,10 +88,8 @@ class Method(ABC):
     coverage: float = 0.9  # level of the intervals added to predictions when ``reliability`` is set
 
     def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:
-        base = config.model_dump() if config is not None else {}
         # a group given in part (train: {...}) changes those options of ``config``'s group, not the whole group
-        options = base | {k: base[k] | v if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                          for k, v in overrides.items()}
+        options = merged_groups(config.model_dump() if config is not None else {}, overrides)
         try:
             self.config = self.Config(**options)
         except ValidationError as exc:

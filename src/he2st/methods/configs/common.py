@@ -37,13 +37,20 @@ class MethodConfig(BaseModel):
         ``bleep``'s epochs would silently move its learning rate from its own 3e-4 to the generic 1e-3."""
         if not isinstance(data, dict):
             return data
-        merged = dict(data)
+        defaults = {}
         for name, value in data.items():
             info = cls.model_fields.get(name)
             default = None if info is None or not isinstance(value, dict) else info.get_default(call_default_factory=True)
             if isinstance(default, BaseModel):
-                merged[name] = default.model_dump() | value
-        return merged
+                defaults[name] = default.model_dump()
+        return merged_groups(defaults, data)
+
+
+def merged_groups(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``given``, where a group of options (a dict) given in part updates that group of
+    ``base`` instead of replacing it."""
+    return base | {k: base[k] | v if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                   for k, v in given.items()}
 
 
 C = TypeVar("C", bound=MethodConfig)

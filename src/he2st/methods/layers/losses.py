@@ -257,11 +257,13 @@ def unit_reference_loss(
     img: torch.Tensor, spot: torch.Tensor, img_all: torch.Tensor, spot_all: torch.Tensor,
     targets: torch.Tensor, temperature: torch.Tensor | float,
 ) -> torch.Tensor:
-    """:func:`reference_contrastive_loss` on embeddings that are already L2-normalised (a bank normalises
-    its rows once per refresh instead of at every step)."""
-    images_loss = _soft_cross_entropy(img @ spot_all.T / temperature, targets)
-    spots_loss = _soft_cross_entropy(spot @ img_all.T / temperature, targets)
-    return ((images_loss + spots_loss) / 2).mean()
+    """:func:`reference_contrastive_loss` on embeddings that are already L2-normalised."""
+    return _symmetric_soft_loss(img @ spot_all.T / temperature, spot @ img_all.T / temperature, targets)
+
+
+def _symmetric_soft_loss(image_logits: torch.Tensor, spot_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean over the batch of both directions' soft cross-entropies against the same ``targets``."""
+    return ((_soft_cross_entropy(image_logits, targets) + _soft_cross_entropy(spot_logits, targets)) / 2).mean()
 
 
 class NegativeBank:
@@ -299,12 +301,11 @@ class NegativeBank:
         rows = torch.cat([idx, others])
         targets = unit_similarity_targets(self.z[idx], self.z[rows], self.target_temperature)
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-        # unit_reference_loss with the batch's logits against itself and against the drawn negatives as two
-        # products: the detached negatives then take no part in the backward pass, where one product over
-        # their concatenation computes their gradient and discards it (a bleep fit 1.06x faster)
-        images_loss = _soft_cross_entropy(torch.cat([a @ b.T, a @ self.b[others].T], 1) / temperature, targets)
-        spots_loss = _soft_cross_entropy(torch.cat([b @ a.T, b @ self.a[others].T], 1) / temperature, targets)
-        return ((images_loss + spots_loss) / 2).mean()
+        # unit_reference_loss against [batch, negatives], each side's logits as two products: the detached
+        # negatives then take no part in the backward pass, where one product over their concatenation
+        # computes their gradient and discards it (a bleep fit 1.06x faster)
+        return _symmetric_soft_loss(torch.cat([a @ b.T, a @ self.b[others].T], 1) / temperature,
+                                    torch.cat([b @ a.T, b @ self.a[others].T], 1) / temperature, targets)
 
 
 class AlignmentLoss(nn.Module):
