@@ -193,7 +193,8 @@ def test_faithful_presets_carry_the_published_choices():
         512, "nh2st", 4, "image", False, 0.05, 0.1, False, False, 8)
     train = nh.train
     assert (train.lr, train.weight_decay, train.schedule, train.step_epochs, train.gamma, train.batch_size,
-            train.epochs, train.patience, train.grad_clip) == (5e-4, 0.0, "step", 50, 0.9, 8, 200, 20, None)
+            train.epochs, train.patience, train.min_delta, train.grad_clip) == (
+        5e-4, 0.0, "step", 50, 0.9, 8, 200, 20, 0.0, None)
     # he2st's variants keep their defaults
     assert create_method("cmrcnet").config.reconstructor == "he2st"
     assert create_method("nh2st").config.structure == "he2st"

@@ -16,6 +16,8 @@ from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods import create_method, load_method
+from he2st.methods.base import TrainLog
+from he2st.methods.training import TrainConfig, fit_minibatches
 from he2st.methods.layers.features import centred_within_samples
 from he2st.stats import one_standard_error_choice
 
@@ -255,6 +257,31 @@ def test_validation_follows_the_prediction_pearson():
     log = method.fit(spots.subset(np.arange(0, 160)), spots.subset(np.arange(160, 200)))
     curve = log.curves["val_pearson"]
     assert log.best_epoch == int(np.argmax(curve)) and max(curve) > 0.3
+
+
+def test_gains_below_min_delta_keep_their_weights_but_do_not_restart_the_patience():
+    """A validation curve that creeps up by 1e-4 an epoch after its last real gain (as on a large training
+    set): with ``min_delta`` 1e-3 the patience runs out 3 epochs after that gain and the last, slightly better
+    epoch's weights are kept; with ``min_delta`` 0 every creep restarts the patience and training runs on."""
+    scores = [0.1, 0.2, 0.3] + [0.3 + 1e-4 * k for k in range(1, 20)]
+
+    def run(min_delta: float) -> tuple[TrainLog, list[float], float]:
+        module = torch.nn.Linear(1, 1, bias=False)
+        curve, weights = iter(scores), []
+
+        def validate() -> float:
+            weights.append(module.weight.item())
+            return next(curve)
+
+        config = TrainConfig(epochs=len(scores), batch_size=2, patience=3, min_delta=min_delta, grad_clip=None)
+        log = fit_minibatches(module, 2, lambda idx: module.weight.sum(), config, seed=0, validate=validate)
+        return log, weights, module.weight.item()
+
+    log, weights, kept = run(1e-3)
+    assert len(log.curves["val_pearson"]) == 6 and log.best_epoch == 5
+    assert kept == weights[5] != weights[2]
+    log, _, _ = run(0.0)
+    assert len(log.curves["val_pearson"]) == len(scores) and log.best_epoch == len(scores) - 1
 
 
 def test_mlp_chooses_its_epochs_on_held_out_training_patients():

@@ -75,7 +75,10 @@ def fit_minibatches(
 
     ``validate()`` scores the model's own predictions on validation spots (higher is better: the
     mean per-gene Pearson); the best epoch's weights are kept, and training stops after
-    ``patience`` epochs without improvement. Without it the last epoch is kept. ``before_epoch()``
+    ``patience`` epochs without a gain of ``min_delta`` over the score that last restarted it. A
+    smaller gain is kept but does not prolong training: on a large training set the curve creeps up by
+    amounts no validation set resolves, and each such step would otherwise buy ``patience`` more
+    epochs. Without it the last epoch is kept. ``before_epoch()``
     runs before each epoch (e.g. refreshing a bank of detached negatives). Batches smaller than half
     the batch size are dropped when possible, because contrastive losses degenerate on tiny batches.
     """
@@ -94,6 +97,7 @@ def fit_minibatches(
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **ADAMW_OPTIONS)
     log = TrainLog()
     best, best_state, stale = -float("inf"), None, 0
+    mark = -float("inf")  # the score that last restarted the patience
     start = time.perf_counter()
     batch = min(config.batch_size, n_items)
     for epoch in range(config.epochs):
@@ -138,8 +142,10 @@ def fit_minibatches(
         if distributed.is_main():
             say(f"epoch {epoch + 1}/{config.epochs}: training loss {np.mean(losses):.4f}, validation r {score:.3f}")
         if score > best + 1e-6:
-            best, best_state, stale = score, copy.deepcopy(module.state_dict()), 0
+            best, best_state = score, copy.deepcopy(module.state_dict())
             log.best_epoch = epoch
+        if score > mark + max(config.min_delta, 1e-6):
+            mark, stale = score, 0
         else:
             stale += 1
             if stale >= config.patience:

@@ -78,6 +78,8 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(
         1e-3, ge=0, description="AdamW's decoupled weight decay; 0 is plain Adam (NH2ST)")
     patience: int = Field(10, gt=0, description="epochs without validation improvement before stopping")
+    min_delta: float = Field(
+        1e-3, ge=0, description="validation gain that restarts the patience; smaller gains still keep their weights")
     grad_clip: float | None = Field(5.0, description="clip the gradient norm at this value; None: no clipping")
     schedule: Literal["constant", "cosine", "step"] = Field(
         "constant", description="learning rate per epoch: 'cosine' decays to min_lr by the last epoch (CMRCNet), "

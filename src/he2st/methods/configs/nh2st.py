@@ -86,6 +86,7 @@ NH2STFaithfulConfig = preset(
     NH2STConfig, "NH2STFaithfulConfig", "NH2ST as published (docs/methods/nh2st_faithful.md).",
     dim=512, input_components=None, structure="nh2st", hyperedge_k=4, hyperedges="image", symmetric_infonce=False,
     head_neighbour_context=False, standardize_targets=False,
-    train=TrainConfig(epochs=200, batch_size=8, lr=5e-4, weight_decay=0.0, patience=20, grad_clip=None,
-                      schedule="step", step_epochs=50, gamma=0.9),
+    # NH2ST's early stopping: any validation gain restarts its patience
+    train=TrainConfig(epochs=200, batch_size=8, lr=5e-4, weight_decay=0.0, patience=20, min_delta=0.0,
+                      grad_clip=None, schedule="step", step_epochs=50, gamma=0.9),
 )
