@@ -17,8 +17,8 @@ from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods import create_method, load_method
 from he2st.methods.base import TrainLog
-from he2st.methods.training import TrainConfig, fit_minibatches
 from he2st.methods.layers.features import centred_within_samples
+from he2st.methods.training import TrainConfig, fit_minibatches
 from he2st.stats import one_standard_error_choice
 
 FAST = {"train": {"epochs": 8, "batch_size": 64, "patience": 3, "lr": 1e-3}}

@@ -76,8 +76,8 @@ def fit_minibatches(
     ``validate()`` scores the model's own predictions on validation spots (higher is better: the
     mean per-gene Pearson); the best epoch's weights are kept, and training stops after
     ``patience`` epochs without a gain of ``min_delta`` over the score that last restarted it. A
-    smaller gain is kept but does not prolong training: on a large training set the curve creeps up by
-    amounts no validation set resolves, and each such step would otherwise buy ``patience`` more
+    smaller gain is kept but does not prolong training: on a large training set the curve can creep up
+    by less than that for dozens of epochs, and each such step would otherwise buy ``patience`` more
     epochs. Without it the last epoch is kept. ``before_epoch()``
     runs before each epoch (e.g. refreshing a bank of detached negatives). Batches smaller than half
     the batch size are dropped when possible, because contrastive losses degenerate on tiny batches.
