@@ -28,6 +28,8 @@ from he2st.progress import say
 #: AdamW's implementation: one fused kernel per step for all parameters, the same update as torch's
 #: per-tensor CPU default at less cost (``benchmarks/optimiser_step.py`` compares them)
 ADAMW_OPTIONS: dict[str, bool] = {"fused": True}
+#: a validation score within this of another is the same score (float noise), for the best epoch and the patience
+SAME_SCORE = 1e-6
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -141,10 +143,10 @@ def fit_minibatches(
         log.add(val_pearson=score)
         if distributed.is_main():
             say(f"epoch {epoch + 1}/{config.epochs}: training loss {np.mean(losses):.4f}, validation r {score:.3f}")
-        if score > best + 1e-6:
+        if score > best + SAME_SCORE:
             best, best_state = score, copy.deepcopy(module.state_dict())
             log.best_epoch = epoch
-        if score > mark + max(config.min_delta, 1e-6):
+        if score > mark + max(config.min_delta, SAME_SCORE):
             mark, stale = score, 0
         else:
             stale += 1
