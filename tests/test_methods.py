@@ -195,7 +195,7 @@ def test_ensemble_weights_come_from_inner_folds_over_training_patients_and_round
     assert sel["inner_folds"] == ["P1", "P2"]  # one inner fold per training patient, never the test one
     assert "carhe" in sel["dropped"] and "proportions" in sel["dropped"]["carhe"]  # reported, not fatal
     assert set(sel["weights"]) == {"knn", "ridge", "mlp"} and all(len(v) == 2 for v in sel["inner_pearson"].values())
-    assert (method.weights >= 0).all() and method.weights.sum() > 0
+    assert (method.combination.weights >= 0).all() and method.combination.weights.sum() > 0
     assert sel["combination"] == "equal"  # two held-out patients are too few to fit weights on ('auto')
     assert set(sel["member_seconds"]) == set(members) and min(sel["member_seconds"].values()) >= 0  # failed ones too
     pred = method.predict(test.without_expression())
@@ -209,11 +209,11 @@ def test_ensemble_weights_come_from_inner_folds_over_training_patients_and_round
 def test_ensemble_does_not_refit_a_member_without_weight(monkeypatch):
     """A member the stacking gives no weight in any gene changes no prediction: it is not refitted, and the
     selection says why."""
-    import he2st.methods.models.ensemble as ensemble_module
+    from he2st.methods import stacking
 
     train, test, _ = two_patient_spots()
     members = {"knn": {"method": "knn", "top_k": 5}, "ridge": {"method": "ridge_cv", "pca_components": 8}}
-    monkeypatch.setattr(ensemble_module, "_nnls", lambda X, y: np.array([1.0, 0.0]))
+    monkeypatch.setattr(stacking, "_nnls", lambda X, y: np.eye(X.shape[1])[0])  # all on the first
     method = create_method("ensemble", members=members, min_selection_folds=2, context=[], smoothing=[], candidates=[])
     method.panel = GenePanel(genes=train.genes)
     method.card = method.card.model_copy(update={"training_samples": {s: f"P{s[1:]}" for s in set(train.sample_ids)}})

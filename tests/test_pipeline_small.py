@@ -378,7 +378,7 @@ def test_ensemble_predicts_a_whole_slide_as_one_sample(small, tmp_path):
     train_model(TrainRunConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, method="ensemble",
                                method_options={"ensemble": {"members": members}}, train_samples=["S2", "S3"],
                                out=model))
-    assert load_method(model).deviations is not None  # two training patients: two inner folds
+    assert load_method(model).combination.deviations is not None  # two training patients: two inner folds
     out = predict_slide(model, None, tmp_path / "pred", spots_from=ws.sample_path("S1"), chunk=8,
                         weights=embed.weights)
     own = EmbeddingFile(ws.embedding_path(embed, "S1", PatchSpec())).embeddings

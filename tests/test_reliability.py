@@ -168,6 +168,35 @@ def test_ensemble_reuses_its_inner_folds(split, monkeypatch):
     assert 0.82 <= inside.mean() <= 0.97
 
 
+
+def test_the_ensembles_reused_inner_folds_are_combined_without_their_own_measured_values(split, monkeypatch):
+    """Each inner fold's reused predictions are combined by weights fitted on the other folds only (the final
+    model's weights saw every fold's measured values), and smoothed as the ensemble's predictions are."""
+    import he2st.methods.models.ensemble as ensemble_module
+
+    train, _ = split
+    fitted_on: list[set[str]] = []  # the patients of each combination's rows (sample sK is patient pK)
+    original = ensemble_module.fit_combination
+    monkeypatch.setattr(ensemble_module, "fit_combination", lambda preds, y, sids, *a: fitted_on.append(
+        {"p" + s[1:] for s in np.asarray(sids).astype(str)}) or original(preds, y, sids, *a))
+    members = {"knn": {"method": "knn"}, "ridge_cv": {"method": "ridge_cv"}}
+    method = fitted("ensemble", train, members=members, candidates=[], context=[], smoothing=[])
+    folds = [set(fold) for fold in method.reliability.held_out]
+    everything = set().union(*folds)
+    assert len(folds) == 3 and fitted_on[0] == everything  # the final weights: every inner fold
+    assert fitted_on[1:] == [everything - fold for fold in folds]  # each fold's: the others only
+
+    spots = SpotSet.concat([train.subset(train.sample_ids.astype(str) != "s5"),
+                            train.subset(train.sample_ids.astype(str) == "s5")])
+    groups = method.training_groups(spots)
+    held_out = [np.array(sorted(fold)) for fold in method.reliability.held_out]
+    plain, _ = method.out_of_fold(spots, groups, held_out)
+    method.config = method.config.model_copy(update={"smooth_neighbours": 6})
+    smooth, _ = method.out_of_fold(spots, groups, held_out)
+    expected = method.smoothed(ensemble_module.Prediction(plain.copy(), train.genes), spots).expression
+    np.testing.assert_allclose(smooth, expected, rtol=1e-6)
+    assert not np.allclose(smooth, plain)
+
 def test_a_score_of_many_genes_is_judged_on_itself(split):
     """A sum of genes averages their errors out: its expected r on new patients exceeds that of its genes, and
     the call threshold set on held-out training patients finds their top tenth better than chance."""
@@ -194,6 +223,29 @@ def test_one_group_is_refused_in_one_line(split):
     method.fit(one)
     with pytest.raises(He2stError, match="at least 2 training patients or samples"):
         estimate_reliability(method, one)
+
+def test_a_tiny_section_has_no_say_and_an_undefined_gene_is_nan():
+    """A held-out section of a few spots (an edge fragment) would carry a whole patient's say with a
+    correlation that is mostly chance: it does not count. A gene constant on every held-out section has no
+    expected r (NaN), not a measured zero."""
+    from he2st.methods.calibration import MIN_SECTION_SPOTS, _gene_predictability
+
+    rng = np.random.default_rng(0)
+    sizes = {"a": 300, "b": 300, "c": 300, "d": 300}
+    samples = np.concatenate([[s] * n for s, n in sizes.items()])
+    true = rng.normal(size=(len(samples), 3))
+    pred = true[:, :1] * 0.3 + rng.normal(size=(len(samples), 1))  # gene 0: r about 0.3
+    pred = np.concatenate([pred, rng.normal(size=(len(samples), 1)), np.ones((len(samples), 1))], 1)
+    true[:, 2] = 1.0  # gene 2: constant
+    expected, low, _ = _gene_predictability(pred, true, samples, samples)
+    tiny = MIN_SECTION_SPOTS - 1
+    with_tiny = _gene_predictability(np.concatenate([pred, -true[:tiny]]), np.concatenate([true, true[:tiny]]),
+                                     np.concatenate([samples, ["e"] * tiny]), np.concatenate([samples, ["e"] * tiny]))
+    np.testing.assert_allclose(with_tiny[0][:2], expected[:2])
+    np.testing.assert_allclose(with_tiny[1][:2], low[:2])
+    assert 0.2 < expected[0] < 0.4 and low[0] < expected[0]
+    assert np.isnan(expected[2]) and np.isnan(low[2]) and np.isnan(with_tiny[0][2])
+
 
 
 def test_metrics_on_known_values():

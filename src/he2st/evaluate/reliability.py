@@ -11,7 +11,6 @@ import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-
 RELIABILITY_METRICS: tuple[str, ...] = (
     "coverage90", "interval_width90", "coverage90_constant", "interval_width90_constant",
     "predictability_spearman", "ood_auroc", "ood_fraction",
@@ -25,7 +24,7 @@ def coverage(truth: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> float:
 
 
 def mean_width(lower: np.ndarray, upper: np.ndarray) -> float:
-    """Mean interval width; infinite widths (too few held-out spots for the level) give inf."""
+    """Mean interval width."""
     return float(np.mean(upper - lower))
 
 

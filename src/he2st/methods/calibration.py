@@ -25,6 +25,9 @@ from he2st.stats import pearson_per_gene
 LOWER_BOUND_LEVEL = 0.9  # one-sided confidence of expected_r_low
 OOD_LEVEL = 0.99  # quantile of held-out patients' difficulty above which a spot is flagged
 CALL_FRACTION = 0.1  # a score's calls are judged against each held-out section's top tenth of measured scores
+#: fewest spots of a held-out section whose per-gene Pearson counts: below it a correlation is mostly chance
+#: (its Fisher-z standard error, 1/sqrt(n - 3), exceeds 0.38) and would still carry a whole patient's say
+MIN_SECTION_SPOTS = 10
 
 #: a per-spot score of one section's expression (values, gene names) and how many genes it used, or None
 #: when too few of its genes are there
@@ -67,7 +70,8 @@ def estimate_reliability(method: Method, spots: SpotSet, seed: int = 0,
         residuals=residuals[rows].astype(np.float32), difficulty=difficulty[rows].astype(np.float32),
         weights=group_weights(groups[rows]).astype(np.float32),
         distance=FeatureDistance.fit(spots.features, seed=seed),
-        ood_threshold=float(np.quantile(difficulty, OOD_LEVEL)), ood_level=OOD_LEVEL,
+        ood_threshold=float(conformal_quantile(difficulty[:, None], group_weights(groups), OOD_LEVEL)[0]),
+        ood_level=OOD_LEVEL,
         normalised=_difficulty_pays(residuals, difficulty, groups, folds),
         held_out=[[str(g) for g in fold] for fold in folds],
         units="samples" if np.array_equal(groups, samples) else "patients", n_sections=n_sections,
@@ -163,18 +167,24 @@ def group_weights(groups: np.ndarray) -> np.ndarray:
 
 def _gene_predictability(pred: np.ndarray, true: np.ndarray, samples: np.ndarray, groups: np.ndarray
                          ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Each gene's expected Pearson on a new patient and a one-sided lower bound of it.
+    """Each gene's expected Pearson on a new patient and a one-sided lower bound of it (NaN for a gene with
+    no defined Pearson in any held-out section: constant there, or measured nowhere).
 
     Per-section correlations are averaged on Fisher's z scale (correlations are bounded and skewed near their
     limits), each held-out patient (or sample, when samples are the groups) with an equal say: sections of one
-    patient are alike, and a patient cut into many sections would otherwise outvote the rest. The bound uses
-    the t quantile with Kish's effective number of sections; with one section it is -1 (nothing is known of
-    the spread between sections)."""
+    patient are alike, and a patient cut into many sections would otherwise outvote the rest. Within a patient
+    each section weighs by its Fisher-z precision, n - 3 for n spots, and a section of fewer than
+    ``MIN_SECTION_SPOTS`` spots does not count (a patient left with none has no say). The bound uses the t
+    quantile with Kish's effective number of sections; with one section it is -1 (nothing is known of the
+    spread between sections)."""
     samples, groups = samples.astype(str), np.asarray(groups).astype(str)
     sections = np.unique(samples)
     per_section = np.stack([pearson_per_gene(pred[samples == s], true[samples == s]) for s in sections])
     group_of = np.array([groups[samples == s][0] for s in sections])
-    weight = np.array([1.0 / (group_of == g).sum() for g in group_of])[:, None]
+    spots = np.array([(samples == s).sum() for s in sections])
+    precision = np.where(spots >= MIN_SECTION_SPOTS, spots - 3.0, 0.0)
+    of_group = np.array([precision[group_of == g].sum() for g in group_of])
+    weight = np.divide(precision, of_group, out=np.zeros_like(precision), where=of_group > 0)[:, None]
     z = np.arctanh(np.clip(per_section, -0.999, 0.999))
     ok = np.isfinite(z)
     w = np.where(ok, weight, 0.0)
@@ -186,6 +196,6 @@ def _gene_predictability(pred: np.ndarray, true: np.ndarray, samples: np.ndarray
         spread = np.sqrt(var * n_eff / np.maximum(n_eff - 1, 1e-12))  # unbiased sd with n_eff sections
         t = stats.t.ppf(LOWER_BOUND_LEVEL, np.maximum(n_eff - 1, 1))
         low = np.where(n_eff > 1.5, mean - t * spread / np.sqrt(n_eff), -np.inf)
-    expected = np.tanh(np.nan_to_num(mean, nan=0.0))
-    lower = np.where(np.isfinite(low), np.tanh(np.nan_to_num(low, nan=-10.0)), -1.0)
+    expected = np.tanh(mean)  # NaN where no section defines the gene's Pearson
+    lower = np.where(np.isfinite(low), np.tanh(np.nan_to_num(low, nan=-10.0)), np.where(np.isnan(mean), np.nan, -1.0))
     return expected.astype(np.float32), np.minimum(lower, expected).astype(np.float32), len(sections)

@@ -171,7 +171,7 @@ class Reliability:
         """A few numbers for the model card."""
         top = [self.genes[g] for g in np.argsort(-self.expected_r)[:5]]
         return {"held_out": ["+".join(g) for g in self.held_out], "units": self.units,
-                "sections": self.n_sections, "mean_expected_r": round(float(np.mean(self.expected_r)), 4),
+                "sections": self.n_sections, "mean_expected_r": round(float(np.nanmean(self.expected_r)), 4),
                 "genes_expected_r_above_0.3": int((self.expected_r > 0.3).sum()),
                 "genes_lower_bound_above_0.1": int((self.expected_r_low > 0.1).sum()),
                 "most_predictable": top, "ood_level": self.ood_level,

@@ -85,7 +85,7 @@ def refusal(adata: ad.AnnData, scored: TlsScore, model: TlsModel, name: str) -> 
                 "transcriptome_threshold=0`, then `he2st predict --transcriptome`), or pass --force")
     measured = measured_score(adata, scored, name)
     if measured:
-        if measured["expected_r_low"] < MIN_EXPECTED_R:
+        if not measured["expected_r_low"] >= MIN_EXPECTED_R:  # NaN: not measurable on the held-out patients
             return (f"signature {name}'s score is not predictable enough by this model on a new patient (90% lower "
                     f"bound of its expected r {measured['expected_r_low']:.3f} < {MIN_EXPECTED_R}, measured on "
                     "held-out training patients); see `he2st card`, or pass --force")

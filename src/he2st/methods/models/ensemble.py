@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.linear_model import LinearRegression
 
 from he2st.data.splits import held_out_groups, validation_mask
 from he2st.data.spots import SpotSet
@@ -37,20 +36,10 @@ from he2st.methods.inner_tasks import map_fits
 from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.neural import strip_prefix
 from he2st.methods.registry import METHODS, create_method, list_methods, method_class, register_method
+from he2st.methods.stacking import Combination, Mode, fit_combination
 from he2st.stats import mean_sample_pearson, one_standard_error_choice
 
 CONTEXT_OPTIONS = ("context_neighbours", "context_field", "views", "within_sample")
-GENE_BLOCK = 64  # genes standardised at a time at prediction
-
-
-def _standardised(X: np.ndarray) -> np.ndarray:
-    """``X`` (spots, ...) centred and scaled to unit spread along the spots; zero where it is constant up to
-    float noise (not only exactly, as ``stats.constant_columns`` tests: noise must not be blown up to unit
-    spread and given a member's say)."""
-    centred = X - X.mean(0, keepdims=True)
-    spread = centred.std(0, keepdims=True)
-    constant = spread <= 1e-6 * (1.0 + np.abs(X).mean(0, keepdims=True))
-    return np.where(constant, 0.0, centred / np.where(constant, 1.0, spread))
 
 
 def _sample_codes(sample_ids: list[str]) -> tuple[list[str], list[int]]:
@@ -75,18 +64,6 @@ class InnerPredictions:
         return (self.folds == [[str(g) for g in fold] for fold in folds]
                 and np.array_equal(np.asarray(spots.sample_ids), self.sample_ids)
                 and np.array_equal(np.asarray(spots.barcodes), self.barcodes))
-
-
-def _shares(weights: np.ndarray) -> np.ndarray:
-    """Non-negative per-gene weights (genes, members) made to sum to one per gene (equal where all are zero)."""
-    total = weights.sum(1, keepdims=True)
-    return np.where(total > 0, weights / np.where(total > 0, total, 1.0), 1.0 / weights.shape[1]).astype(np.float32)
-
-
-def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Non-negative weights of ``y ~ X`` (both centred); equal weights if all come out zero."""
-    w = np.clip(LinearRegression(positive=True, fit_intercept=False).fit(X, y).coef_, 0, None)
-    return w if w.sum() > 0 else np.full(X.shape[1], 1.0 / X.shape[1])
 
 
 @dataclass
@@ -154,13 +131,8 @@ class Ensemble(Method):
                     raise He2stError("ensemble: candidates cannot name the ensemble itself")
                 method_class(name)
         self.fitted: dict[str, Method] = {}
-        self.weights = np.zeros((0, 0), np.float32)  # (genes or 1, members)
-        self.intercepts = np.zeros(0, np.float32)
-        self.deviations: np.ndarray | None = None  # (genes, members) on standardised predictions ('sample')
-        #: (genes, members) each member's share of a predicted sample's level ('sample'): the members' own
-        #: weights made to sum to one, so the level is a weighted mean of levels every member predicts on the
-        #: target scale (weights scaled for standardised deviations would multiply a member's level error)
-        self.level_shares: np.ndarray | None = None
+        #: how the fitted members' predictions become the ensemble's (:class:`Combination`)
+        self.combination = Combination(np.zeros((0, 0), np.float32), np.zeros(0, np.float32))
         #: the inner folds' held-out groups and the combination of the members' held-out predictions, kept
         #: after a fit so that the ensemble's own out-of-fold predictions cost no further fit
         self._inner: InnerPredictions | None = None
@@ -331,7 +303,7 @@ class Ensemble(Method):
         kept = list(chosen)
         self.fitted = {}
         # a member with no say in any gene is not refitted: its refit would change no prediction
-        weightless = [lb for lb in chosen if not (self.weights[:, kept.index(lb)] > 0).any()]
+        weightless = [lb for lb in chosen if not (self.combination.weights[:, kept.index(lb)] > 0).any()]
         refits = [lb for lb in chosen if lb not in weightless]
         runs = dict(zip(refits, map_fits(fit_member, [self._member_task(label, chosen[label][0], spots, groups,
                                                                          None, [], given_val) for label in refits]),
@@ -349,16 +321,13 @@ class Ensemble(Method):
             self.fitted[label] = run.member
         if not self.fitted:
             raise He2stError(f"ensemble: no member could be fitted ({'; '.join(f'{k}: {v}' for k, v in dropped.items())})")
-        columns = [kept.index(lb) for lb in self.fitted]
-        self.weights = self.weights[:, columns]
-        if self.deviations is not None:
-            self.deviations = self.deviations[:, columns]
-            self.level_shares = _shares(self.deviations)
+        self.combination = self.combination.columns([kept.index(lb) for lb in self.fitted])
         self._inner = None
         if held_out:
             members = np.stack([oof[(lb, *chosen[lb])] for lb in self.fitted], axis=-1)
             self._inner = InnerPredictions([[str(g) for g in fold] for fold in held_out], spots.sample_ids,
-                                           spots.barcodes, self._combine(members, spots.sample_ids))
+                                           spots.barcodes, self._cross_fitted(members, spots, groups, held_out,
+                                                                              combination))
         log = TrainLog()
         log.selection = {
             "inner_folds": ["+".join(fold) for fold in held_out],
@@ -370,8 +339,8 @@ class Ensemble(Method):
                      for lb_, i, q in variants if lb_ == lb and inner[(lb, i, q)]}
                 for lb in chosen},
             "combination": combination,
-            "scale_within": "inner" if self.deviations is None else "sample",
-            "weights": {lb: self.weights[:, i].round(4).tolist() for i, lb in enumerate(self.fitted)},
+            "scale_within": "inner" if self.combination.deviations is None else "sample",
+            "weights": {lb: self.combination.weights[:, i].round(4).tolist() for i, lb in enumerate(self.fitted)},
             "dropped": dropped,
             "member_seconds": {lb: round(t, 1) for lb, t in seconds.items()},
         }
@@ -390,90 +359,50 @@ class Ensemble(Method):
         """The options of one tried variant of a member (context features and query-time context)."""
         return self._candidates(label)[i] | self._queries(label)[q]
 
-    def _stack(self, spots: SpotSet, predictions: list[np.ndarray], n_folds: int) -> str:
-        """Per-gene weights of the members from their held-out predictions (equal without inner folds);
-        returns how they were set.
-
-        What is scored is each gene's pattern within a sample, so everything is fitted on within-sample
-        deviations (level shifts between samples and patients would otherwise dominate), and each
-        member's prediction is first put on a common scale (``scale_within``: standardised within each
-        held-out sample, as it will be within each predicted one; or its held-out per-gene spread), so
-        that "equal" means an equal say and stacked weights are comparable. The combination is finally
-        rescaled per gene to the spread of the measured expression. Its level is the members' weighted mean
-        level (under ``sample``; under ``inner`` the fitted linear combination).
-        """
-        y = spots.targets
-        self.deviations = self.level_shares = None
+    def _stack(self, spots: SpotSet, predictions: list[np.ndarray], n_folds: int) -> Mode:
+        """The members' combination fitted on their held-out predictions (:mod:`he2st.methods.stacking`; equal
+        without inner folds); returns how the weights were set (``weights``; 'auto': 'global' given
+        ``min_selection_folds`` inner folds, else 'equal')."""
         if not n_folds:
-            self.weights = np.full((1, len(predictions)), 1.0 / len(predictions), np.float32)
-            self.intercepts = np.zeros(y.shape[1], np.float32)
+            self.combination = Combination.equal(len(predictions), spots.targets.shape[1])
             return "equal"
-        X = np.stack(predictions, axis=-1).astype(np.float64)  # (spots, genes, members)
-        Xc, yc = X.copy(), y.astype(np.float64)
-        by_sample = self.config.scale_within == "sample"
-        Z = np.empty_like(X) if by_sample else None  # standardised within each held-out sample
-        sample_ids = np.asarray(spots.sample_ids).astype(str)
-        for sid in np.unique(sample_ids):
-            rows = sample_ids == sid
-            Xc[rows] -= X[rows].mean(0, keepdims=True)
-            yc[rows] -= y[rows].mean(0, keepdims=True)
-            if by_sample:
-                Z[rows] = _standardised(X[rows])
-        spread = np.maximum(Xc.std(0), 1e-8)  # (genes, members)
-        if not by_sample:
-            Z = Xc / spread
         mode = self.config.weights
         if mode == "auto":
             mode = "global" if n_folds >= self.config.min_selection_folds else "equal"
-        members = X.shape[-1]
-        if mode == "equal":
-            w = np.full((y.shape[1], members), 1.0 / members)
-        elif mode == "global":
-            w = np.broadcast_to(_nnls(Z.reshape(-1, members), yc.reshape(-1)), (y.shape[1], members))
-        else:
-            w = np.stack([_nnls(Z[:, g], yc[:, g]) for g in range(y.shape[1])])
-        combined = np.einsum("ngm,gm->ng", Z, w)
-        scale = yc.std(0) / np.maximum(combined.std(0), 1e-8)
-        self.weights = (w / spread * scale[:, None]).astype(np.float32)
-        self.intercepts = (y.mean(0) - np.einsum("gm,gm->g", self.weights, X.mean(0))).astype(np.float32)
-        if by_sample:
-            self.deviations = (w * scale[:, None]).astype(np.float32)
-            self.level_shares = _shares(self.deviations)
+        self.combination = fit_combination(np.stack(predictions, axis=-1), spots.targets, spots.sample_ids, mode,
+                                           self.config.scale_within == "sample")
         return mode
+
+    def _cross_fitted(self, members: np.ndarray, spots: SpotSet, groups: np.ndarray, held_out: list[np.ndarray],
+                      mode: Mode) -> np.ndarray:
+        """The members' held-out predictions (spots, genes, members) combined fold by fold, each by a combination
+        fitted (under ``mode``) on the other folds only, so that the ensemble's own out-of-fold predictions --
+        what its reliability estimate is made of -- owe their weights and scale nothing to the measured values
+        they are scored against. (Each member's variant, chosen on all folds, is kept as chosen.)"""
+        combined = np.empty(members.shape[:2], np.float32)
+        labels = groups.astype(str)
+        for fold in held_out:
+            test = np.isin(labels, fold)
+            fitted = fit_combination(members[~test], spots.targets[~test], spots.sample_ids[~test], mode,
+                                     self.config.scale_within == "sample")
+            combined[test] = fitted(members[test], spots.sample_ids[test])
+        return combined
 
     def _predict(self, spots: SpotSet) -> Prediction:
         preds = np.stack([m.predict(spots).expression for m in self.fitted.values()], axis=-1)  # (n, G, M)
-        return Prediction(self._combine(preds, spots.sample_ids), list(self.panel.genes))
+        return Prediction(self.combination(preds, spots.sample_ids), list(self.panel.genes))
 
     def out_of_fold(self, spots: SpotSet, groups: np.ndarray, folds: list[np.ndarray],
                     validation_fraction: float = 0.15, beyond: np.ndarray | None = None,
                     beyond_genes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """The members' inner-fold predictions combined as the ensemble combines them, when ``spots`` are the
-        rows its fit saw and ``folds`` the ones it held out (weights chosen on those predictions make this a
-        little optimistic); else refits."""
+        """The members' inner-fold predictions, each fold combined by weights fitted on the other folds and then
+        smoothed as the ensemble's predictions are (``smooth_neighbours``), when ``spots`` are the rows its fit
+        saw and ``folds`` the ones it held out; else refits. (The members' variants were chosen on all the
+        folds, which makes this a little optimistic.)"""
         if self._inner is not None and self._inner.matches(spots, folds):
-            return self._inner.predictions, None  # the ensemble returns its panel only
+            inner = Prediction(self._inner.predictions, list(self.panel.genes))
+            return self.smoothed(inner, spots).expression, None  # the ensemble returns its panel only
         return super().out_of_fold(spots, groups, folds, validation_fraction)
-
-    def _combine(self, preds: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
-        """The members' predictions (n, G, M) combined into the ensemble's (n, G)."""
-        if self.deviations is None:
-            return ((preds * self.weights[None]).sum(-1) + self.intercepts).astype(np.float32)
-        # each predicted sample: the weighted members' level, plus their standardised patterns' combination
-        # (in blocks of genes, so that a whole slide's float64 copies stay small)
-        expression = np.empty(preds.shape[:2], np.float32)
-        sample_ids = np.asarray(sample_ids).astype(str)
-        for sid in np.unique(sample_ids):
-            rows = np.flatnonzero(sample_ids == sid)
-            for a in range(0, preds.shape[1], GENE_BLOCK):
-                genes = slice(a, a + GENE_BLOCK)
-                block = preds[rows, genes].astype(np.float64)
-                if self.level_shares is not None:
-                    level = (block.mean(0) * self.level_shares[genes]).sum(-1)
-                else:  # checkpoints without level_shares: the linear combination's level
-                    level = (block.mean(0) * self.weights[genes]).sum(-1) + self.intercepts[genes]
-                expression[rows, genes] = level + (_standardised(block) * self.deviations[None, genes]).sum(-1)
-        return expression
 
     # ------------------------------------------------------------------ persistence
     def layout(self) -> dict[str, Any]:
@@ -483,11 +412,12 @@ class Ensemble(Method):
                             for lb, m in self.fitted.items()}}
 
     def state(self) -> dict[str, torch.Tensor]:
-        state = {"weights": torch.from_numpy(self.weights), "intercepts": torch.from_numpy(self.intercepts)}
-        if self.deviations is not None:
-            state["deviations"] = torch.from_numpy(self.deviations)
-        if self.level_shares is not None:
-            state["level_shares"] = torch.from_numpy(self.level_shares)
+        c = self.combination
+        state = {"weights": torch.from_numpy(c.weights), "intercepts": torch.from_numpy(c.intercepts)}
+        if c.deviations is not None:
+            state["deviations"] = torch.from_numpy(c.deviations)
+        if c.level_shares is not None:
+            state["level_shares"] = torch.from_numpy(c.level_shares)
         for label, member in self.fitted.items():
             state |= {f"{label}.{k}": v for k, v in member.state().items()}
             if member.bank is not None:
@@ -498,9 +428,9 @@ class Ensemble(Method):
         return state
 
     def load_state(self, state: dict[str, torch.Tensor], layout: dict[str, Any]) -> None:
-        self.weights, self.intercepts = state["weights"].numpy(), state["intercepts"].numpy()
-        self.deviations = state["deviations"].numpy() if "deviations" in state else None
-        self.level_shares = state["level_shares"].numpy() if "level_shares" in state else None
+        self.combination = Combination(state["weights"].numpy(), state["intercepts"].numpy(),
+                                       state["deviations"].numpy() if "deviations" in state else None,
+                                       state["level_shares"].numpy() if "level_shares" in state else None)
         self.fitted = {}
         for label, saved in layout["members"].items():
             method = self._create(label)
