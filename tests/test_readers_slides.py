@@ -181,6 +181,26 @@ def test_legacy_st_array_and_its_pixel_size_come_from_the_spot_lattice(tmp_path,
     assert given.pixel_size_um == 0.25
 
 
+@pytest.mark.parametrize("writer", ["pandas", "R write.table"])
+def test_legacy_st_counts_table_with_or_without_a_row_name_field_in_its_header(tmp_path, writer):
+    """pandas writes an empty field above the spot ids; R's write.table writes no field there, so its header
+    has one name per gene. Both read as the same genes and counts."""
+    grid = [(x, y) for y in range(2, 6) for x in range(2, 6)]
+    xs, ys = np.array(grid).T
+    pd.DataFrame({"x": xs, "y": ys, "pixel_x": 40 + xs * 100.0, "pixel_y": 40 + ys * 100.0, "selected": 1}).to_csv(
+        tmp_path / "sel.tsv", sep="\t", index=False)
+    ids = [f"{x}x{y}" for x, y in grid]
+    counts = pd.DataFrame(np.random.default_rng(0).poisson(3, (len(ids), 3)), index=ids, columns=GENES[:3])
+    if writer == "pandas":
+        counts.to_csv(tmp_path / "cnts.tsv", sep="\t")
+    else:
+        lines = ["\t".join(GENES[:3])] + ["\t".join([i, *map(str, row)]) for i, row in zip(ids, counts.to_numpy(),
+                                                                                          strict=True)]
+        (tmp_path / "cnts.tsv").write_text("\n".join(lines) + "\n")
+    sample = read_st(tmp_path / "cnts.tsv", tmp_path / "sel.tsv", None, "S1", "P1")
+    assert list(sample.adata.var_names) == GENES[:3] and list(sample.adata.obs_names) == ids
+    np.testing.assert_array_equal(sample.adata.X.toarray(), counts.to_numpy())
+
 
 def test_visium_hd_bins_are_summed_into_pseudo_spots(tmp_path):
     """8 µm bins on a 0.5 µm/px image (16 px per bin), summed into 56 µm pseudo-spots (7 x 7 bins): the
