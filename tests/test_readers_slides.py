@@ -158,6 +158,26 @@ def test_generic_h5ad_reader(tmp_path):
     assert sample.n_spots == 6 and sample.slide.dimensions == (300, 300)
 
 
+def test_h5ad_barcode_column_other_than_the_spot_ids_is_kept_as_barcode_original(tmp_path):
+    """The spot ids are the saved sample's index, named ``barcode``; a ``barcode`` column with other values
+    (10x barcodes beside other ids, as exported files often have) would clash with it when the sample is saved."""
+    import anndata as ad
+
+    from he2st.data.sample import Sample
+
+    xy = spot_grid(2, 3, 50, (60, 60))
+    adata = ad.AnnData(X=counts_for(xy, GENES).astype(np.float32),
+                       obs=pd.DataFrame({"barcode": [f"AAAC-{i}" for i in range(6)], "region": list("aabbcc")},
+                                        index=[f"spot{i}" for i in range(6)]))
+    adata.obsm["spatial"] = xy
+    adata.write_h5ad(tmp_path / "x.h5ad")
+    sample = read_h5ad_sample(tmp_path / "x.h5ad", None, pixel_size_um=1.0, sample_id="S")
+    back = Sample.load(sample.save(tmp_path / "S.h5ad"))
+    assert list(back.adata.obs_names) == [f"spot{i}" for i in range(6)]
+    assert list(back.adata.obs.columns) == ["barcode_original", "region"]
+    assert list(back.adata.obs["barcode_original"]) == [f"AAAC-{i}" for i in range(6)]
+
+
 @pytest.mark.parametrize(("array", "pitch_um"), [("1k", 200.0), ("2k", 100.0)])
 def test_legacy_st_array_and_its_pixel_size_come_from_the_spot_lattice(tmp_path, array, pitch_um):
     """The 2k array numbers positions in 100 µm steps and fills a checkerboard of them (141 µm diagonal
