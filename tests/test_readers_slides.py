@@ -146,6 +146,18 @@ def test_hest_reader_and_save_load_roundtrip(tmp_path):
     assert back.slide.dimensions == (800, 800)
 
 
+@pytest.mark.parametrize("patient", [float("nan"), None, ""])
+def test_hest_sample_of_unknown_patient_is_its_own_patient(tmp_path, patient):
+    """HEST's metadata say ``"patient": NaN`` where the patient is unknown: two such samples are two patients,
+    not one patient 'nan' (which would put unrelated sections on the same side of every fold)."""
+    img = tissue_image(400, 400, seed=2)
+    xy = spot_grid(3, 3, 80, (100, 100))
+    for sid in ("TENXA", "TENXB"):
+        write_hest(tmp_path, sid, img, 0.5, xy, counts_for(xy, GENES), GENES, patient=patient)
+    assert [read_hest(tmp_path, sid).patient_id for sid in ("TENXA", "TENXB")] == ["TENXA", "TENXB"]
+    assert read_hest(tmp_path, "TENXA", patient_id="P7").patient_id == "P7"
+
+
 def test_generic_h5ad_reader(tmp_path):
     import anndata as ad
 
