@@ -59,11 +59,17 @@ class Sample:
     @property
     def slide(self) -> Slide:
         """The H&E, opened on first use (reading a slide header is cheap, pixels are read on demand)."""
-        if self.image_path is None:
-            raise He2stError(f"sample {self.sample_id} has no image (expression-only section)")
+        self.require_image()
         if self._slide is None:
             self._slide = open_slide(self.image_path)
         return self._slide
+
+    def require_image(self) -> None:
+        """One line naming the sample's counts file (for Visium, inside its ``outs/``) when it has no H&E: an
+        expression-only section has nothing to cut patches from or predict on."""
+        if self.image_path is None:
+            raise He2stError(f"sample {self.sample_id} has no image (expression-only section); give the H&E it "
+                             "was measured on as its image", self.source.get("counts") or self.sample_id)
 
     def close(self) -> None:
         if self._slide is not None:

@@ -47,6 +47,7 @@ def load_samples(config: PrepareConfig) -> list[Sample]:
     for s in samples:  # ids from file names and metadata too, not only from the config
         safe_name(s.sample_id, "sample id")
         safe_name(s.patient_id, f"patient id of sample {s.sample_id}")
+        s.require_image()  # patches are cut from it: refused before any sample is saved
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         raise He2stError(f"duplicate sample ids: {sorted({i for i in ids if ids.count(i) > 1})}")
