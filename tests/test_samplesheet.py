@@ -37,6 +37,21 @@ def test_prepare_from_a_sheet_writes_the_sheet_it_used(tmp_path: Path) -> None:
     assert "folds (lopo)" in res.stdout  # two patients: P1 and B
 
 
+def test_a_sheet_whose_section_cannot_be_read_writes_nothing(tmp_path: Path) -> None:
+    """The sheet is written into the work folder only once every section it lists has been read."""
+    a = write_st_section(tmp_path / "raw" / "A")
+    sheet = tmp_path / "raw" / "samples.csv"
+    pd.DataFrame({
+        "sample": ["A", "B"], "patient": ["P1", "P2"], "reader": ["st", "st"], "path": [str(a["counts"])] * 2,
+        "image": [str(a["image"]), str(tmp_path / "raw" / "missing.jpg")], "spots_file": [str(a["spots"])] * 2,
+    }).to_csv(sheet, index=False)
+    work = tmp_path / "work"
+    res = run_cli("prepare", "--samplesheet", sheet, "-w", work)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and str(tmp_path / "raw" / "missing.jpg") in lines[0], res.stderr
+    assert not work.exists()
+
+
 def test_bad_sheet_is_one_line(tmp_path: Path) -> None:
     sheet = tmp_path / "s.csv"
     sheet.write_text("sample,path\nA,x.h5ad\n")
