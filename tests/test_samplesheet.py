@@ -88,3 +88,26 @@ def test_folder_search_finds_each_kind(tmp_path: Path) -> None:
         assert all(s["patient_id"] == s["sample_id"] for s in with_default_patients(list(found.values()), root))
     with pytest.raises(He2stError, match="no Space Ranger outs"):
         discover_sources(tmp_path / "study" / "V1" / "outs" / "spatial")
+
+
+def test_folder_search_skips_the_work_folder_and_other_he2st_outputs(tmp_path: Path) -> None:
+    """Preparing from a folder that holds the work folder finds the same sections when run again: the work
+    folder's samples/*.h5ad, and .h5ad files in any folder he2st wrote (its .he2st-output marker), are not
+    sections."""
+    root = tmp_path / "study"
+    write_st_section(root / "st_A")
+    (root / "preds").mkdir()
+    (root / "preds" / ".he2st-output").write_text("old.h5ad\n")
+    adata = ad.AnnData(X=np.ones((4, 2), np.float32))
+    adata.obsm["spatial"] = np.zeros((4, 2))
+    adata.write_h5ad(root / "preds" / "old.h5ad")
+    for run in (1, 2):
+        res = run_cli("prepare", "--from-dir", root, "-w", root / "he2st-work")
+        assert res.returncode == 0, f"run {run}: {res.stderr}"
+        assert "prepared 1 samples (st_A)" in res.stdout
+    assert sorted(p.name for p in (root / "he2st-work" / "samples").glob("*.h5ad")) == ["st_A.h5ad"]
+    (root / "fresh").mkdir()  # a work folder he2st has not written into yet is left out all the same
+    adata.write_h5ad(root / "fresh" / "new.h5ad")
+    assert [s["sample_id"] for s in discover_sources(root, work_dir=root / "x" / ".." / "fresh")] == ["st_A"]
+    with pytest.warns(He2stWarning, match="for sample new"):  # no image, no pixel size: it is a section here
+        assert sorted(s["sample_id"] for s in discover_sources(root)) == ["new", "st_A"]

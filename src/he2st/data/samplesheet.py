@@ -9,7 +9,9 @@ optionally ``pixel_size_um``, ``spots_file`` or any other field of a sample sour
 when ``binned_outputs/`` is there), with the one slide image beside ``outs/`` when there is exactly one;
 HEST-1k roots (``st/``, ``wsis/``, ``metadata/``: ``hest``); legacy ST triples in one folder (a counts
 table, a spot file, an image: ``st``); and any other ``.h5ad`` (``h5ad``, pixel size from its Visium
-scale factors when it has them).
+scale factors when it has them). Folders he2st wrote into (work folders, predictions, exports: they hold its
+``.he2st-output`` marker) are not searched, nor the work folder being prepared: their ``.h5ad`` files are
+he2st's outputs, not sections, and a re-run from the same folder must not find them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import anndata as ad
 import pandas as pd
 
 from he2st.errors import He2stError, He2stWarning
-from he2st.io import name_from_stem, write_text_atomic
+from he2st.io import MARKER, name_from_stem, write_text_atomic
 
 REQUIRED = ("sample", "reader", "path")
 RENAMED = {"sample": "sample_id", "patient": "patient_id"}
@@ -90,16 +92,18 @@ def write_samplesheet(path: str | Path, sources: Sequence[dict[str, object]]) ->
 
 
 # ----------------------------------------------------------------------------- discovery
-def discover_sources(folder: str | Path) -> list[dict[str, object]]:
-    """Every section found under ``folder`` (rules in the module docstring), sorted by path; a section
-    whose image or pixel size could not be found is kept, with a warning line, for the user to fill in."""
+def discover_sources(folder: str | Path, work_dir: str | Path | None = None) -> list[dict[str, object]]:
+    """Every section found under ``folder`` (rules in the module docstring), sorted by path, outside
+    ``work_dir`` and he2st's other output folders; a section whose image or pixel size could not be found is
+    kept, with a warning line, for the user to fill in."""
     root = Path(folder)
     if not root.is_dir():
         raise He2stError("folder to search for samples not found", root)
+    work = None if work_dir is None else Path(work_dir).resolve()
     sources: list[dict[str, object]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not _he2st_output(here / d, work))
         if (here.name == "outs" and (here / "spatial").is_dir()) or (here / "binned_outputs").is_dir():
             sources.append(_space_ranger(here))
             dirnames[:] = []  # nothing inside outs/ is a section of its own
@@ -125,6 +129,11 @@ def discover_sources(folder: str | Path) -> list[dict[str, object]]:
             warnings.warn(f"{s['path']}: no pixel size found for sample {s['sample_id']}; fill in pixel_size_um "
                           "of the written sample sheet", He2stWarning, stacklevel=2)
     return sources
+
+
+def _he2st_output(folder: Path, work_dir: Path | None) -> bool:
+    """Whether ``folder`` is ``work_dir`` or holds he2st's output marker (:data:`he2st.io.MARKER`)."""
+    return (folder / MARKER).exists() or (work_dir is not None and folder.resolve() == work_dir)
 
 
 def _images(folder: Path, stem: str | None = None) -> list[Path]:

@@ -41,7 +41,7 @@ def load_samples(config: PrepareConfig, sheet: list[SourceOptions] | None = None
         fetch(config.data.dataset)
         samples += load_her2st(config.data.sections, root=dataset_dir(config.data.dataset))
     if sheet is None:
-        sheet = sheet_sources(config.data.samplesheet, config.data.from_dir)
+        sheet = sheet_sources(config.data.samplesheet, config.data.from_dir, config.work_dir)
     samples += [read_source(src) for src in [*config.data.samples, *sheet]]
     if not samples:
         raise He2stError("no samples: set data.dataset, list data.samples, or give --samplesheet or --from-dir")
@@ -59,7 +59,7 @@ def prepare(config: PrepareConfig, on_patch: Callable[..., None] | None = None,
             on_sample: Callable[[Sample], None] | None = None) -> Prepared:
     """Save samples, cut patches and define folds; ``on_patch(n, total=...)`` follows the patches cut."""
     ws = Workspace(config.work_dir)
-    sheet = sheet_sources(config.data.samplesheet, config.data.from_dir)
+    sheet = sheet_sources(config.data.samplesheet, config.data.from_dir, config.work_dir)
     samples = load_samples(config, sheet)
     if on_patch is not None:
         on_patch(0, total=sum(s.n_spots for s in samples) * (2 if config.context_field else 1))
