@@ -24,6 +24,7 @@ from pathlib import Path
 import anndata as ad
 import pandas as pd
 
+from he2st.data.readers.visium import full_resolution_pixel_um
 from he2st.errors import He2stError, He2stWarning
 from he2st.io import MARKER, name_from_stem, write_text_atomic
 
@@ -32,7 +33,6 @@ RENAMED = {"sample": "sample_id", "patient": "patient_id"}
 PATH_FIELDS = ("path", "image", "spots_file", "alignment")
 SHEET_ORDER = ("sample", "patient", "reader", "path", "image", "pixel_size_um", "spots_file")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".jpg", ".jpeg", ".png", ".mrxs", ".scn")
-VISIUM_SPOT_UM = 55.0
 
 
 def read_samplesheet(path: str | Path) -> list[dict[str, object]]:
@@ -171,7 +171,9 @@ def _st_triples(folder: Path, files: list[str]) -> list[dict[str, object]]:
 
 
 def _h5ad(path: Path) -> dict[str, object]:
-    """A plain ``.h5ad``: the image sharing its stem beside it, µm/px from Visium scale factors if recorded."""
+    """A plain ``.h5ad``: the image sharing its stem beside it, µm/px from Visium scale factors if recorded,
+    read as the ``visium`` reader reads them (:func:`~he2st.data.readers.visium.full_resolution_pixel_um`:
+    ``microns_per_pixel``, else a theoretical 65 µm spot over ``spot_diameter_fullres``)."""
     source: dict[str, object] = {"sample_id": name_from_stem(path.stem), "reader": "h5ad", "path": str(path)}
     images = [p for p in _images(path.parent, path.stem) if p.stem == path.stem]
     if len(images) == 1:
@@ -179,8 +181,8 @@ def _h5ad(path: Path) -> dict[str, object]:
     try:
         libraries = ad.read_h5ad(path, backed="r").uns.get("spatial", {})
         factors = next(iter(libraries.values()))["scalefactors"] if len(libraries) == 1 else {}
-        if factors.get("spot_diameter_fullres"):
-            source["pixel_size_um"] = VISIUM_SPOT_UM / float(factors["spot_diameter_fullres"])
+        if factors.get("microns_per_pixel") or factors.get("spot_diameter_fullres"):
+            source["pixel_size_um"] = full_resolution_pixel_um(factors, path)
     except Exception:  # noqa: BLE001 - an unreadable file is reported by the reader when it is prepared
         pass
     return source

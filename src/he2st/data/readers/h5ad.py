@@ -13,8 +13,8 @@ import pandas as pd
 import scipy.sparse as sp
 from pydantic import Field
 
-from he2st.data.readers.base import VISIUM_SPOT_UM, SourceOptions, image_source, register_reader, require
-from he2st.data.sample import Sample, build_adata
+from he2st.data.readers.base import SourceOptions, image_source, register_reader, require
+from he2st.data.sample import VISIUM_SPOT_UM, Sample, build_adata
 from he2st.data.sample_header import id_from_file
 from he2st.errors import He2stError
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from he2st.data.readers.base import VISIUM_SPOT_UM, SourceOptions, register_reader, require
+from he2st.data.readers.base import SourceOptions, register_reader, require
 from he2st.data.readers.h5ad import read_h5ad_sample
-from he2st.data.sample import Sample
+from he2st.data.sample import VISIUM_SPOT_UM, Sample
 from he2st.data.sample_header import id_from_file, is_missing
 from he2st.errors import He2stError
 
