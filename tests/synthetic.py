@@ -124,7 +124,7 @@ def write_space_ranger(
 
 
 def write_hest(root: Path, sample_id: str, image: np.ndarray, mpp: float, xy: np.ndarray, counts: np.ndarray,
-               genes: list[str], patient: str = "P1") -> None:
+               genes: list[str], patient: str | float | None = "P1") -> None:
     """A HEST-1k style sample: st/<id>.h5ad, wsis/<id>.tif, metadata/<id>.json."""
     for sub in ("st", "wsis", "metadata"):
         (root / sub).mkdir(parents=True, exist_ok=True)

@@ -188,6 +188,28 @@ def test_hostile_patient_in_hest_metadata_writes_nothing(tmp_path):
     assert not (tmp_path / "deep").exists() and not list(tmp_path.rglob("*escaped*"))
 
 
+def test_a_section_without_an_image_is_refused_before_any_sample_is_written(tmp_path):
+    """A Space Ranger outs/ with no H&E given and none bundled (an expression-only section) is refused in one
+    line naming its counts file, before the valid section listed first is saved."""
+    from synthetic import spot_grid, write_space_ranger
+
+    files = write_st(tmp_path / "in")
+    xy = spot_grid(3, 3, 80, (100, 100))
+    outs = tmp_path / "V1" / "outs"
+    write_space_ranger(outs, xy, np.ones((9, 3), int), GENES, 60.0)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "data:\n  dataset: null\n  samples:\n"
+        f"  - {{reader: st, sample_id: S1, path: '{files['counts']}', spots_file: '{files['spots']}',"
+        f" image: '{files['image']}'}}\n"
+        f"  - {{reader: visium, sample_id: V1, path: '{outs}'}}\n")
+    result = run_cli("prepare", "-c", str(cfg), "-w", str(tmp_path / "work"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {outs / 'filtered_feature_bc_matrix.h5'}: sample V1 has no image"), lines[0]
+    assert not (tmp_path / "work").exists()
+
+
 def test_hostile_library_id_is_refused_before_anything_is_read(tmp_path):
     result = run_cli("predict", "--model", str(tmp_path / "missing.pt"), "--slide", str(tmp_path / "s.tif"),
                       "--library-id", "../../escaped", "--out", str(tmp_path / "out"))

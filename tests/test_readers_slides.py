@@ -146,6 +146,18 @@ def test_hest_reader_and_save_load_roundtrip(tmp_path):
     assert back.slide.dimensions == (800, 800)
 
 
+@pytest.mark.parametrize("patient", [float("nan"), None, ""])
+def test_hest_sample_of_unknown_patient_is_its_own_patient(tmp_path, patient):
+    """HEST's metadata say ``"patient": NaN`` where the patient is unknown: two such samples are two patients,
+    not one patient 'nan' (which would put unrelated sections on the same side of every fold)."""
+    img = tissue_image(400, 400, seed=2)
+    xy = spot_grid(3, 3, 80, (100, 100))
+    for sid in ("TENXA", "TENXB"):
+        write_hest(tmp_path, sid, img, 0.5, xy, counts_for(xy, GENES), GENES, patient=patient)
+    assert [read_hest(tmp_path, sid).patient_id for sid in ("TENXA", "TENXB")] == ["TENXA", "TENXB"]
+    assert read_hest(tmp_path, "TENXA", patient_id="P7").patient_id == "P7"
+
+
 def test_generic_h5ad_reader(tmp_path):
     import anndata as ad
 
@@ -156,6 +168,26 @@ def test_generic_h5ad_reader(tmp_path):
     Image.fromarray(tissue_image(300, 300)).save(tmp_path / "he.png")
     sample = read_h5ad_sample(tmp_path / "x.h5ad", tmp_path / "he.png", pixel_size_um=1.0, sample_id="S")
     assert sample.n_spots == 6 and sample.slide.dimensions == (300, 300)
+
+
+def test_h5ad_barcode_column_other_than_the_spot_ids_is_kept_as_barcode_original(tmp_path):
+    """The spot ids are the saved sample's index, named ``barcode``; a ``barcode`` column with other values
+    (10x barcodes beside other ids, as exported files often have) would clash with it when the sample is saved."""
+    import anndata as ad
+
+    from he2st.data.sample import Sample
+
+    xy = spot_grid(2, 3, 50, (60, 60))
+    adata = ad.AnnData(X=counts_for(xy, GENES).astype(np.float32),
+                       obs=pd.DataFrame({"barcode": [f"AAAC-{i}" for i in range(6)], "region": list("aabbcc")},
+                                        index=[f"spot{i}" for i in range(6)]))
+    adata.obsm["spatial"] = xy
+    adata.write_h5ad(tmp_path / "x.h5ad")
+    sample = read_h5ad_sample(tmp_path / "x.h5ad", None, pixel_size_um=1.0, sample_id="S")
+    back = Sample.load(sample.save(tmp_path / "S.h5ad"))
+    assert list(back.adata.obs_names) == [f"spot{i}" for i in range(6)]
+    assert list(back.adata.obs.columns) == ["barcode_original", "region"]
+    assert list(back.adata.obs["barcode_original"]) == [f"AAAC-{i}" for i in range(6)]
 
 
 @pytest.mark.parametrize(("array", "pitch_um"), [("1k", 200.0), ("2k", 100.0)])
@@ -180,6 +212,26 @@ def test_legacy_st_array_and_its_pixel_size_come_from_the_spot_lattice(tmp_path,
     given = read_st(tmp_path / "cnts.tsv", tmp_path / "sel.tsv", None, "S1", "P1", pixel_size_um=0.25)
     assert given.pixel_size_um == 0.25
 
+
+@pytest.mark.parametrize("writer", ["pandas", "R write.table"])
+def test_legacy_st_counts_table_with_or_without_a_row_name_field_in_its_header(tmp_path, writer):
+    """pandas writes an empty field above the spot ids; R's write.table writes no field there, so its header
+    has one name per gene. Both read as the same genes and counts."""
+    grid = [(x, y) for y in range(2, 6) for x in range(2, 6)]
+    xs, ys = np.array(grid).T
+    pd.DataFrame({"x": xs, "y": ys, "pixel_x": 40 + xs * 100.0, "pixel_y": 40 + ys * 100.0, "selected": 1}).to_csv(
+        tmp_path / "sel.tsv", sep="\t", index=False)
+    ids = [f"{x}x{y}" for x, y in grid]
+    counts = pd.DataFrame(np.random.default_rng(0).poisson(3, (len(ids), 3)), index=ids, columns=GENES[:3])
+    if writer == "pandas":
+        counts.to_csv(tmp_path / "cnts.tsv", sep="\t")
+    else:
+        lines = ["\t".join(GENES[:3])] + ["\t".join([i, *map(str, row)]) for i, row in zip(ids, counts.to_numpy(),
+                                                                                          strict=True)]
+        (tmp_path / "cnts.tsv").write_text("\n".join(lines) + "\n")
+    sample = read_st(tmp_path / "cnts.tsv", tmp_path / "sel.tsv", None, "S1", "P1")
+    assert list(sample.adata.var_names) == GENES[:3] and list(sample.adata.obs_names) == ids
+    np.testing.assert_array_equal(sample.adata.X.toarray(), counts.to_numpy())
 
 
 def test_visium_hd_bins_are_summed_into_pseudo_spots(tmp_path):

@@ -37,6 +37,21 @@ def test_prepare_from_a_sheet_writes_the_sheet_it_used(tmp_path: Path) -> None:
     assert "folds (lopo)" in res.stdout  # two patients: P1 and B
 
 
+def test_a_sheet_whose_section_cannot_be_read_writes_nothing(tmp_path: Path) -> None:
+    """The sheet is written into the work folder only once every section it lists has been read."""
+    a = write_st_section(tmp_path / "raw" / "A")
+    sheet = tmp_path / "raw" / "samples.csv"
+    pd.DataFrame({
+        "sample": ["A", "B"], "patient": ["P1", "P2"], "reader": ["st", "st"], "path": [str(a["counts"])] * 2,
+        "image": [str(a["image"]), str(tmp_path / "raw" / "missing.jpg")], "spots_file": [str(a["spots"])] * 2,
+    }).to_csv(sheet, index=False)
+    work = tmp_path / "work"
+    res = run_cli("prepare", "--samplesheet", sheet, "-w", work)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and str(tmp_path / "raw" / "missing.jpg") in lines[0], res.stderr
+    assert not work.exists()
+
+
 def test_bad_sheet_is_one_line(tmp_path: Path) -> None:
     sheet = tmp_path / "s.csv"
     sheet.write_text("sample,path\nA,x.h5ad\n")
@@ -56,7 +71,7 @@ def test_folder_search_finds_each_kind(tmp_path: Path) -> None:
     write_st_section(root / "st_A")
     adata = ad.AnnData(X=np.ones((4, 2), np.float32))
     adata.obsm["spatial"] = np.zeros((4, 2))
-    adata.uns["spatial"] = {"lib": {"scalefactors": {"spot_diameter_fullres": 110.0}}}
+    adata.uns["spatial"] = {"lib": {"scalefactors": {"spot_diameter_fullres": 130.0}}}  # 65 µm / 0.5 µm/px
     (root / "h5").mkdir()
     adata.write_h5ad(root / "h5" / "sec9.h5ad")
     with warnings.catch_warnings(record=True) as caught:
@@ -73,3 +88,50 @@ def test_folder_search_finds_each_kind(tmp_path: Path) -> None:
         assert all(s["patient_id"] == s["sample_id"] for s in with_default_patients(list(found.values()), root))
     with pytest.raises(He2stError, match="no Space Ranger outs"):
         discover_sources(tmp_path / "study" / "V1" / "outs" / "spatial")
+
+
+def test_folder_search_reads_he2st_sample_files_at_the_pixel_size_they_were_prepared_at(tmp_path: Path) -> None:
+    """A Visium sample file's spot_diameter_fullres follows Space Ranger's convention (the pixels a theoretical
+    65 µm spot spans), so readers of 10x scale factors take the right µm/px from it; every sample file also
+    records microns_per_pixel, which --from-dir reads first (a legacy ST spot is 100 µm, not Visium's)."""
+    from he2st.data.readers import read_source
+
+    xy = spot_grid(4, 4, 80, (200, 200))
+    write_space_ranger(tmp_path / "V1" / "outs", xy, np.ones((16, 3), int), ["a", "b", "c"], 60.0)
+    Image.fromarray(tissue_image(600, 600)).save(tmp_path / "V1" / "he.png")
+    st = write_st_section(tmp_path / "st_A")
+    visium = read_source({"reader": "visium", "sample_id": "V1", "path": tmp_path / "V1" / "outs",
+                          "image": tmp_path / "V1" / "he.png"})
+    legacy = read_source({"reader": "st", "sample_id": "st_A", "path": st["counts"], "spots_file": st["spots"],
+                          "image": st["image"]})
+    assert visium.pixel_size_um == pytest.approx(65.0 / 60.0) and legacy.pixel_size_um == pytest.approx(2.0)
+    for sample in (visium, legacy):
+        sample.save(tmp_path / "copies" / f"{sample.sample_id}.h5ad")
+    factors = ad.read_h5ad(tmp_path / "copies" / "V1.h5ad").uns["spatial"]["V1"]["scalefactors"]
+    assert 65.0 / factors["spot_diameter_fullres"] == pytest.approx(visium.pixel_size_um)
+    with pytest.warns(He2stWarning, match="no single slide image"):
+        found = {s["sample_id"]: s["pixel_size_um"] for s in discover_sources(tmp_path / "copies")}
+    assert found == pytest.approx({"V1": visium.pixel_size_um, "st_A": legacy.pixel_size_um})
+
+
+def test_folder_search_skips_the_work_folder_and_other_he2st_outputs(tmp_path: Path) -> None:
+    """Preparing from a folder that holds the work folder finds the same sections when run again: the work
+    folder's samples/*.h5ad, and .h5ad files in any folder he2st wrote (its .he2st-output marker), are not
+    sections."""
+    root = tmp_path / "study"
+    write_st_section(root / "st_A")
+    (root / "preds").mkdir()
+    (root / "preds" / ".he2st-output").write_text("old.h5ad\n")
+    adata = ad.AnnData(X=np.ones((4, 2), np.float32))
+    adata.obsm["spatial"] = np.zeros((4, 2))
+    adata.write_h5ad(root / "preds" / "old.h5ad")
+    for run in (1, 2):
+        res = run_cli("prepare", "--from-dir", root, "-w", root / "he2st-work")
+        assert res.returncode == 0, f"run {run}: {res.stderr}"
+        assert "prepared 1 samples (st_A)" in res.stdout
+    assert sorted(p.name for p in (root / "he2st-work" / "samples").glob("*.h5ad")) == ["st_A.h5ad"]
+    (root / "fresh").mkdir()  # a work folder he2st has not written into yet is left out all the same
+    adata.write_h5ad(root / "fresh" / "new.h5ad")
+    assert [s["sample_id"] for s in discover_sources(root, work_dir=root / "x" / ".." / "fresh")] == ["st_A"]
+    with pytest.warns(He2stWarning, match="for sample new"):  # no image, no pixel size: it is a section here
+        assert sorted(s["sample_id"] for s in discover_sources(root)) == ["new", "st_A"]

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from he2st.data.sample_header import is_missing
 from he2st.errors import He2stError
 from he2st.io import atomic_path, safe_name, write_text_atomic
 
@@ -125,7 +126,7 @@ def read_split_csv(path: Path, task_root: Path) -> list[BenchSample]:
         patient = getattr(row, "patient_id", None)
         samples.append(BenchSample(
             sample_id=sid, patches=task_root / str(row.patches_path), expression=task_root / str(row.expr_path),
-            patient_id=sid if patient is None or pd.isna(patient) else _id(patient, "patient id", path)))
+            patient_id=sid if is_missing(patient) else _id(patient, "patient id", path)))
     return samples
 
 

@@ -10,6 +10,7 @@ Conventions (as scanpy/squidpy/HEST): ``adata.obsm["spatial"]`` holds spot centr
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,10 @@ from he2st.errors import He2stError, He2stWarning
 from he2st.io import atomic_path, read_h5ad_checked
 
 HIRES_PX = 2000  # long side of the hires image in uns["spatial"] (Space Ranger's tissue_hires_image)
+VISIUM_SPOT_UM = 55.0  # a Visium spot's diameter
+#: what ``spot_diameter_fullres`` spans: Space Ranger's scale factors measure a theoretical 65 µm spot (the
+#: physical spot is 55 µm across), as CellChat and other readers of ``scalefactors_json.json`` take it
+SCALEFACTOR_SPOT_UM = 65.0
 
 
 @dataclass
@@ -59,11 +64,17 @@ class Sample:
     @property
     def slide(self) -> Slide:
         """The H&E, opened on first use (reading a slide header is cheap, pixels are read on demand)."""
-        if self.image_path is None:
-            raise He2stError(f"sample {self.sample_id} has no image (expression-only section)")
+        self.require_image()
         if self._slide is None:
             self._slide = open_slide(self.image_path)
         return self._slide
+
+    def require_image(self) -> None:
+        """One line naming the sample's counts file (for Visium, inside its ``outs/``) when it has no H&E: an
+        expression-only section has nothing to cut patches from or predict on."""
+        if self.image_path is None:
+            raise He2stError(f"sample {self.sample_id} has no image (expression-only section); give the H&E it "
+                             "was measured on as its image", self.source.get("counts") or self.sample_id)
 
     def close(self) -> None:
         if self._slide is not None:
@@ -114,9 +125,10 @@ class Sample:
         }
         if self.image_path is not None:  # the scverse layout, so squidpy/scanpy plot the measured counts on the H&E
             thumb, scale = self.slide.thumbnail(HIRES_PX)
-            adata.uns["spatial"] = {self.sample_id: spatial_library(
-                thumb, scale, self.spot_diameter_um / self.pixel_size_um, str(Path(self.image_path).resolve()),
-                "he2st prepare")}
+            library = spatial_library(thumb, scale, scalefactor_spot_px(self.spot_diameter_um, self.pixel_size_um),
+                                      str(Path(self.image_path).resolve()), "he2st prepare")
+            library["scalefactors"]["microns_per_pixel"] = float(self.pixel_size_um)
+            adata.uns["spatial"] = {self.sample_id: library}
         with atomic_path(path, suffix=".h5ad") as tmp:
             adata.write_h5ad(tmp)
         return path
@@ -139,6 +151,18 @@ class Sample:
             spot_diameter_um=self.spot_diameter_um, image_path=self.image_path,
             obs_columns=list(self.adata.obs.columns), obsm_keys=list(self.adata.obsm.keys()))
         return header.summary(self.slide.dimensions if self.image_path is not None else None)
+
+
+def scalefactor_spot_px(spot_diameter_um: float, pixel_size_um: float) -> float:
+    """``spot_diameter_fullres`` of a sample file as Space Ranger defines it, so that readers of the file take
+    the right µm/px from it. For a Visium spot (55 µm): the pixels a theoretical 65 µm spot spans, as readers
+    of Visium scale factors take µm/px as 65 / ``spot_diameter_fullres`` (he2st's own ``--from-dir`` too);
+    for any other spot (a Visium HD bin, a legacy ST spot, a pseudo-spot or cell): its own diameter, as
+    Space Ranger writes a Visium HD bin's, beside ``microns_per_pixel`` (which he2st writes for every
+    sample, and which ``--from-dir`` reads first). he2st's steps read a prepared sample's µm/px from
+    ``uns['he2st']``, not from these."""
+    visium = math.isclose(spot_diameter_um, VISIUM_SPOT_UM, rel_tol=1e-6)
+    return (SCALEFACTOR_SPOT_UM if visium else spot_diameter_um) / pixel_size_um
 
 
 def spatial_library(hires: np.ndarray, scale: float, spot_diameter_px: float, image: str, software: str) -> dict:

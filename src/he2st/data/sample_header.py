@@ -10,6 +10,7 @@ say the same.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,15 @@ def id_from_file(value: object, what: str, path: str | Path) -> str:
         return safe_name(str(value), what)
     except He2stError as exc:
         raise He2stError(exc.problem, path) from None
+
+
+def is_missing(value: object) -> bool:
+    """Whether a value read from a file's metadata gives nothing: None, NaN or blank text. JSON's ``NaN``
+    (HEST's ``"patient": NaN``) and a table's empty cell both mean unknown; as an id, ``str`` would make
+    them one patient ``'nan'`` shared by unrelated samples."""
+    if isinstance(value, float):
+        return math.isnan(value)
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def not_a_sample(path: str | Path) -> He2stError:

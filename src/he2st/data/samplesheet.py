@@ -9,7 +9,9 @@ optionally ``pixel_size_um``, ``spots_file`` or any other field of a sample sour
 when ``binned_outputs/`` is there), with the one slide image beside ``outs/`` when there is exactly one;
 HEST-1k roots (``st/``, ``wsis/``, ``metadata/``: ``hest``); legacy ST triples in one folder (a counts
 table, a spot file, an image: ``st``); and any other ``.h5ad`` (``h5ad``, pixel size from its Visium
-scale factors when it has them).
+scale factors when it has them). Folders he2st wrote into (work folders, predictions, exports: they hold its
+``.he2st-output`` marker) are not searched, nor the work folder being prepared: their ``.h5ad`` files are
+he2st's outputs, not sections, and a re-run from the same folder must not find them.
 """
 
 from __future__ import annotations
@@ -22,15 +24,15 @@ from pathlib import Path
 import anndata as ad
 import pandas as pd
 
+from he2st.data.readers.visium import full_resolution_pixel_um
 from he2st.errors import He2stError, He2stWarning
-from he2st.io import name_from_stem, write_text_atomic
+from he2st.io import MARKER, name_from_stem, write_text_atomic
 
 REQUIRED = ("sample", "reader", "path")
 RENAMED = {"sample": "sample_id", "patient": "patient_id"}
 PATH_FIELDS = ("path", "image", "spots_file", "alignment")
 SHEET_ORDER = ("sample", "patient", "reader", "path", "image", "pixel_size_um", "spots_file")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".jpg", ".jpeg", ".png", ".mrxs", ".scn")
-VISIUM_SPOT_UM = 55.0
 
 
 def read_samplesheet(path: str | Path) -> list[dict[str, object]]:
@@ -90,16 +92,18 @@ def write_samplesheet(path: str | Path, sources: Sequence[dict[str, object]]) ->
 
 
 # ----------------------------------------------------------------------------- discovery
-def discover_sources(folder: str | Path) -> list[dict[str, object]]:
-    """Every section found under ``folder`` (rules in the module docstring), sorted by path; a section
-    whose image or pixel size could not be found is kept, with a warning line, for the user to fill in."""
+def discover_sources(folder: str | Path, work_dir: str | Path | None = None) -> list[dict[str, object]]:
+    """Every section found under ``folder`` (rules in the module docstring), sorted by path, outside
+    ``work_dir`` and he2st's other output folders; a section whose image or pixel size could not be found is
+    kept, with a warning line, for the user to fill in."""
     root = Path(folder)
     if not root.is_dir():
         raise He2stError("folder to search for samples not found", root)
+    work = None if work_dir is None else Path(work_dir).resolve()
     sources: list[dict[str, object]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not _he2st_output(here / d, work))
         if (here.name == "outs" and (here / "spatial").is_dir()) or (here / "binned_outputs").is_dir():
             sources.append(_space_ranger(here))
             dirnames[:] = []  # nothing inside outs/ is a section of its own
@@ -125,6 +129,11 @@ def discover_sources(folder: str | Path) -> list[dict[str, object]]:
             warnings.warn(f"{s['path']}: no pixel size found for sample {s['sample_id']}; fill in pixel_size_um "
                           "of the written sample sheet", He2stWarning, stacklevel=2)
     return sources
+
+
+def _he2st_output(folder: Path, work_dir: Path | None) -> bool:
+    """Whether ``folder`` is ``work_dir`` or holds he2st's output marker (:data:`he2st.io.MARKER`)."""
+    return (folder / MARKER).exists() or (work_dir is not None and folder.resolve() == work_dir)
 
 
 def _images(folder: Path, stem: str | None = None) -> list[Path]:
@@ -162,7 +171,9 @@ def _st_triples(folder: Path, files: list[str]) -> list[dict[str, object]]:
 
 
 def _h5ad(path: Path) -> dict[str, object]:
-    """A plain ``.h5ad``: the image sharing its stem beside it, µm/px from Visium scale factors if recorded."""
+    """A plain ``.h5ad``: the image sharing its stem beside it, µm/px from Visium scale factors if recorded,
+    read as the ``visium`` reader reads them (:func:`~he2st.data.readers.visium.full_resolution_pixel_um`:
+    ``microns_per_pixel``, else a theoretical 65 µm spot over ``spot_diameter_fullres``)."""
     source: dict[str, object] = {"sample_id": name_from_stem(path.stem), "reader": "h5ad", "path": str(path)}
     images = [p for p in _images(path.parent, path.stem) if p.stem == path.stem]
     if len(images) == 1:
@@ -170,8 +181,8 @@ def _h5ad(path: Path) -> dict[str, object]:
     try:
         libraries = ad.read_h5ad(path, backed="r").uns.get("spatial", {})
         factors = next(iter(libraries.values()))["scalefactors"] if len(libraries) == 1 else {}
-        if factors.get("spot_diameter_fullres"):
-            source["pixel_size_um"] = VISIUM_SPOT_UM / float(factors["spot_diameter_fullres"])
+        if factors.get("microns_per_pixel") or factors.get("spot_diameter_fullres"):
+            source["pixel_size_um"] = full_resolution_pixel_um(factors, path)
     except Exception:  # noqa: BLE001 - an unreadable file is reported by the reader when it is prepared
         pass
     return source

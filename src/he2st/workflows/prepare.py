@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from he2st.data.datasets import dataset_dir, fetch
 from he2st.data.her2st import load_her2st
 from he2st.data.patches import extract_patches, warn_if_too_coarse
-from he2st.data.readers import read_source
+from he2st.data.readers import SourceOptions, read_source
 from he2st.data.sample import Sample
 from he2st.data.splits import check_fold, make_folds
 from he2st.data.workspace import Workspace
@@ -30,23 +30,25 @@ class Prepared:
     note: str = ""
 
 
-def load_samples(config: PrepareConfig) -> list[Sample]:
-    """All samples the config names: a registered dataset (fetched/verified first) and/or own samples."""
+def load_samples(config: PrepareConfig, sheet: list[SourceOptions] | None = None) -> list[Sample]:
+    """All samples the config names: a registered dataset (fetched/verified first) and/or own samples
+    (``sheet``: the sources of its sample sheet or searched folder, when already read). Each is checked to
+    be preparable -- a safe id, an H&E -- so that a refused run has written nothing."""
     samples: list[Sample] = []
     if config.data.dataset:
         if config.data.dataset != "her2st":
             raise He2stError(f"dataset {config.data.dataset!r} has no sample loader yet (available: her2st)")
         fetch(config.data.dataset)
         samples += load_her2st(config.data.sections, root=dataset_dir(config.data.dataset))
-    sheet = sheet_sources(config.data.samplesheet, config.data.from_dir)
-    if sheet:
-        save_sheet(config.work_dir, sheet)  # what this run read, to repeat it: --samplesheet <work>/samplesheet.csv
+    if sheet is None:
+        sheet = sheet_sources(config.data.samplesheet, config.data.from_dir, config.work_dir)
     samples += [read_source(src) for src in [*config.data.samples, *sheet]]
     if not samples:
         raise He2stError("no samples: set data.dataset, list data.samples, or give --samplesheet or --from-dir")
     for s in samples:  # ids from file names and metadata too, not only from the config
         safe_name(s.sample_id, "sample id")
         safe_name(s.patient_id, f"patient id of sample {s.sample_id}")
+        s.require_image()  # patches are cut from it: refused before any sample is saved
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         raise He2stError(f"duplicate sample ids: {sorted({i for i in ids if ids.count(i) > 1})}")
@@ -57,7 +59,8 @@ def prepare(config: PrepareConfig, on_patch: Callable[..., None] | None = None,
             on_sample: Callable[[Sample], None] | None = None) -> Prepared:
     """Save samples, cut patches and define folds; ``on_patch(n, total=...)`` follows the patches cut."""
     ws = Workspace(config.work_dir)
-    samples = load_samples(config)
+    sheet = sheet_sources(config.data.samplesheet, config.data.from_dir, config.work_dir)
+    samples = load_samples(config, sheet)
     if on_patch is not None:
         on_patch(0, total=sum(s.n_spots for s in samples) * (2 if config.context_field else 1))
     patients = {s.sample_id: s.patient_id for s in samples}
@@ -66,6 +69,8 @@ def prepare(config: PrepareConfig, on_patch: Callable[..., None] | None = None,
              if len(groups) >= 2 else None)
     for fold in folds or []:
         check_fold(fold, patients)
+    if sheet:  # what this run read, to repeat it; written only now, so that a refused run writes nothing
+        save_sheet(config.work_dir, sheet)
     for sample in samples:
         warn_if_too_coarse(sample, config.patch)
         sample.save(ws.sample_path(sample.sample_id))  # always: patient ids or counts may have changed

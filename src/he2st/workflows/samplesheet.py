@@ -4,6 +4,7 @@ be repeated from it (``he2st prepare --samplesheet <work>/samplesheet.csv``)."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
@@ -15,12 +16,15 @@ from he2st.errors import He2stError, one_line
 SHEET_NAME = "samplesheet.csv"
 
 
-def sheet_sources(samplesheet: Path | None, from_dir: Path | None) -> list[SourceOptions]:
+def sheet_sources(samplesheet: Path | None, from_dir: Path | None,
+                  work_dir: Path | None = None) -> list[SourceOptions]:
     """Sources of the sheet and of the searched folder (patients defaulting to the sample, with a warning);
-    a column a row leaves empty is not given to its reader."""
+    a column a row leaves empty is not given to its reader. The search leaves out ``work_dir``, the work
+    folder being prepared, which may lie inside ``from_dir``."""
     sources: list[SourceOptions] = []
     adapter = TypeAdapter(SampleSource)
-    for where, found in ((samplesheet, read_samplesheet), (from_dir, discover_sources)):
+    search = partial(discover_sources, work_dir=work_dir)
+    for where, found in ((samplesheet, read_samplesheet), (from_dir, search)):
         if where is None:
             continue
         for raw in with_default_patients(found(where), where):

@@ -26,8 +26,6 @@ from he2st.data.sample import Sample, build_adata
 from he2st.errors import He2stError, for_validator
 from he2st.io import safe_name
 
-VISIUM_SPOT_UM = 55.0
-
 
 class SourceOptions(BaseModel):
     """The keys every source has; each reader adds its own (see :func:`reader_options`)."""

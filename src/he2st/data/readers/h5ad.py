@@ -9,11 +9,12 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from pydantic import Field
 
-from he2st.data.readers.base import VISIUM_SPOT_UM, SourceOptions, image_source, register_reader, require
-from he2st.data.sample import Sample, build_adata
+from he2st.data.readers.base import SourceOptions, image_source, register_reader, require
+from he2st.data.sample import VISIUM_SPOT_UM, Sample, build_adata
 from he2st.data.sample_header import id_from_file
 from he2st.errors import He2stError
 
@@ -40,7 +41,8 @@ def read_h5ad_sample(
 ) -> Sample:
     """Any AnnData with raw counts in ``X`` and spot centres (x, y) in ``obsm['spatial']``. Without
     ``sample_id``, the sample is named by the file's own library id (the one key of ``uns['spatial']``, the
-    scverse convention), else by the file's stem."""
+    scverse convention), else by the file's stem. The file's spot annotations (``obs`` columns) are kept, a
+    ``barcode`` column that differs from the spot ids as ``barcode_original`` (:func:`_kept_annotations`)."""
     path = require(Path(path), "AnnData file")
     try:
         adata = ad.read_h5ad(path)
@@ -59,8 +61,8 @@ def read_h5ad_sample(
         raise He2stError("X must hold raw counts (numbers)", path)
     built = build_adata(X, list(adata.obs_names), list(adata.var_names), np.asarray(adata.obsm["spatial"])[:, :2],
                         where=path)
-    for col in adata.obs.columns:
-        built.obs[col] = adata.obs[col].to_numpy()
+    for col, values in _kept_annotations(adata.obs, str(built.obs.index.name)).items():
+        built.obs[col] = values
     sid = sample_id or _own_library_id(adata, path) or path.stem
     sample = Sample(
         sample_id=sid,
@@ -75,6 +77,21 @@ def read_h5ad_sample(
     )
     sample.validate()
     return sample
+
+
+def _kept_annotations(obs: pd.DataFrame, index_name: str) -> dict[str, np.ndarray]:
+    """The columns of ``obs`` by the names a sample keeps them under. The spot ids (``obs_names``) are the
+    sample's index, named ``index_name`` (``barcode``: :func:`~he2st.data.sample.build_adata`); a column of that
+    name holding other values (exported Visium files often keep the 10x barcodes there beside other spot
+    ids) cannot sit beside it in a saved ``.h5ad``, so it is kept, unchanged, as ``<name>_original``."""
+    kept: dict[str, np.ndarray] = {}
+    for col in obs.columns:
+        name = col
+        if col == index_name and not (obs[col].astype(str).to_numpy() == obs.index.astype(str)).all():
+            while name in obs.columns:
+                name = f"{name}_original"
+        kept[name] = obs[col].to_numpy()
+    return kept
 
 
 def _own_library_id(adata: ad.AnnData, path: Path) -> str | None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from he2st.data.readers.base import VISIUM_SPOT_UM, SourceOptions, register_reader, require
+from he2st.data.readers.base import SourceOptions, register_reader, require
 from he2st.data.readers.h5ad import read_h5ad_sample
-from he2st.data.sample import Sample
-from he2st.data.sample_header import id_from_file
+from he2st.data.sample import VISIUM_SPOT_UM, Sample
+from he2st.data.sample_header import id_from_file, is_missing
 from he2st.errors import He2stError
 
 
@@ -29,8 +29,9 @@ class HestSource(SourceOptions):
 def read_hest(root: str | Path, sample_id: str, patient_id: str | None = None) -> Sample:
     """A HEST-1k sample: ``st/<id>.h5ad``, ``wsis/<id>.tif``, ``metadata/<id>.json``.
 
-    The patient comes from ``patient_id``, else the metadata's ``patient``; without either, the
-    sample is its own patient -- then serial sections of one patient are not grouped, so pass it.
+    The patient comes from ``patient_id``, else the metadata's ``patient``; without either (a missing,
+    NaN or empty ``patient``), the sample is its own patient -- then serial sections of one patient are not
+    grouped, so pass it.
     """
     root = Path(root)
     meta_path = require(root / "metadata" / f"{sample_id}.json", "HEST metadata")
@@ -47,8 +48,8 @@ def read_hest(root: str | Path, sample_id: str, patient_id: str | None = None) -
         image,
         pixel_size_um=float(mpp),
         sample_id=sample_id,
-        patient_id=patient_id or id_from_file(meta.get("patient") or sample_id, f"patient id of sample {sample_id}",
-                                             meta_path),
+        patient_id=patient_id or id_from_file(sample_id if is_missing(meta.get("patient")) else meta["patient"],
+                                             f"patient id of sample {sample_id}", meta_path),
         spot_diameter_um=float(meta.get("spot_diameter") or VISIUM_SPOT_UM),
         technology=str(meta.get("st_technology", "hest")).lower(),
         dataset="hest",

@@ -51,12 +51,20 @@ def read_counts_table(path: str | Path) -> pd.DataFrame:
         col = bad[0]
         value = table[col][pd.to_numeric(table[col], errors="coerce").isna()].iloc[0]
         raise He2stError(f"non-numeric count {value!r} in gene column {col!r}", path)
-    # pandas renames a repeated column G to G.1; keep the file's names so duplicates are seen (build_adata)
-    table.columns = pd.read_csv(path, sep=sep, header=None, nrows=1).iloc[0, 1:].astype(str).to_list()
+    table.columns = _gene_names(path, sep, table.shape[1])
     table.index = table.index.astype(str)
     if table.index.has_duplicates:
         raise He2stError(f"duplicate spot barcode {table.index[table.index.duplicated()][0]!r}", path)
     return table
+
+
+def _gene_names(path: Path, sep: str, n_genes: int) -> list[str]:
+    """The gene names as the header line spells them: pandas renames a repeated column G to G.1, and the
+    names are kept so that duplicates are seen (:func:`~he2st.data.sample.build_adata`). A header with a
+    field above the row names (pandas, R's ``write.csv``) has one name more than there are genes; one
+    without (R's ``write.table``) has one per gene, and its first name is a gene's."""
+    names = pd.read_csv(path, sep=sep, header=None, nrows=1).iloc[0].astype(str).to_list()
+    return names[1:] if len(names) == n_genes + 1 else names
 
 
 def pixel_size_from_grid(array_xy: np.ndarray, pixel_xy: np.ndarray, pitch_um: float) -> float:

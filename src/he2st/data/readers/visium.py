@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 
 from he2st.data.readers.base import (
-    VISIUM_SPOT_UM,
     SourceOptions,
     find_file,
     image_source,
@@ -34,7 +33,7 @@ from he2st.data.readers.base import (
     require,
 )
 from he2st.data.readers.tenx import Matrix, read_10x_h5, read_10x_mtx
-from he2st.data.sample import Sample, build_adata
+from he2st.data.sample import SCALEFACTOR_SPOT_UM, VISIUM_SPOT_UM, Sample, build_adata
 from he2st.errors import He2stError
 
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
@@ -120,11 +119,6 @@ def bundled_image(folders: list[Path], factors: dict[str, float], factors_path: 
                 raise He2stError(f"{key} missing or not positive, needed to place spots on {path.name}", factors_path)
             return path, float(scale)
     return None, 1.0
-
-
-#: what ``spot_diameter_fullres`` spans: Space Ranger's scale factors measure a theoretical 65 µm spot (the
-#: physical spot is 55 µm across), as CellChat and other readers of ``scalefactors_json.json`` take it
-SCALEFACTOR_SPOT_UM = 65.0
 
 
 def full_resolution_pixel_um(factors: dict[str, float], factors_path: Path) -> float:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from pydantic import Field
 
-from he2st.data.readers.base import VISIUM_SPOT_UM, SourceOptions, register_reader, require, sum_into_squares
+from he2st.data.readers.base import SourceOptions, register_reader, require, sum_into_squares
 from he2st.data.readers.visium import read_visium
-from he2st.data.sample import Sample
+from he2st.data.sample import VISIUM_SPOT_UM, Sample
 from he2st.errors import He2stError
 
 VISIUM_HD_BINS_UM = (2, 8, 16)

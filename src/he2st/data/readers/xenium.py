@@ -14,7 +14,6 @@ import pandas as pd
 from pydantic import Field
 
 from he2st.data.readers.base import (
-    VISIUM_SPOT_UM,
     SourceOptions,
     image_source,
     join_barcodes,
@@ -23,7 +22,7 @@ from he2st.data.readers.base import (
     sum_into_squares,
 )
 from he2st.data.readers.tenx import read_10x_h5
-from he2st.data.sample import Sample, build_adata
+from he2st.data.sample import VISIUM_SPOT_UM, Sample, build_adata
 from he2st.errors import He2stError
 
 XENIUM_PIXEL_UM = 0.2125  # the morphology image's µm/px (experiment.xenium "pixel_size")
