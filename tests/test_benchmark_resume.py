@@ -165,6 +165,29 @@ def test_the_key_holds_what_changes_a_tasks_numbers_and_nothing_else(work):
     assert set(NOT_RESULTS) <= set(BenchmarkConfig.model_fields)
 
 
+def test_the_key_reads_a_localisation_signature_file_and_the_fold_inputs_name_unlabelled_samples(work, tmp_path):
+    """Rewriting a signature file in place changes the rows it scores, so the key sees its weights, not only
+    its path; a sample whose images join the fit (``unlabelled``) is among the files a fold reads."""
+    from he2st.workflows.benchmark import fold_inputs
+
+    fold = Workspace(work[0]).load_folds("lopo")[0][0]
+    signature = tmp_path / "sig.tsv"
+
+    def key() -> str:
+        cfg = config(work, "a", localisation=True, localisation_signature=str(signature))
+        return task_key(task_settings(cfg, "knn", "knn", {}), fold, {"S1": "P1", "S2": "P2", "S3": "P3"}, {}, None)
+
+    signature.write_text("G0\t1.0\nG1\t1.0\n")
+    first = key()
+    signature.write_text("G0\t-1.0\nG5\t3.0\n")
+    assert key() != first
+    assert fold_inputs(config(work, "a"), Workspace(work[0]), fold) == [*fold.train, *fold.test]
+    with_unlabelled = fold_inputs(config(work, "a", unlabelled=["test"]), Workspace(work[0]), fold)
+    assert with_unlabelled == [*fold.train, *fold.test]  # the held-out samples are read already
+    other = next(s for s in fold.train)
+    assert fold_inputs(config(work, "a", unlabelled=[other]), Workspace(work[0]), fold).count(other) == 1
+
+
 def test_a_pool_starts_the_longest_tasks_first(tmp_path):
     """Longest processing time first, a fold's tasks together: listed cost x training spots x seeds; the ensemble
     (no listed cost) first."""

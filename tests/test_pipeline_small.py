@@ -159,6 +159,22 @@ def test_train_then_evaluate_held_out_patient(small, tmp_path):
     assert not (tmp_path / "leaky").exists()
 
 
+def test_evaluate_refuses_a_trained_on_sample_whatever_its_patient_is_called(tmp_path):
+    """A work folder may name a trained-on section's patient differently (a sample sheet against a registered
+    dataset): the section is still refused, by its id."""
+    genes = [f"G{i}" for i in range(30)]
+    work, embed = embedded_sections(tmp_path / "a", {"S1": "P1", "S2": "P2"}, genes)
+    config = TrainRunConfig(work_dir=work, embed=embed, method="knn", method_options={"knn": {"top_k": 5}},
+                            genes={"n_genes": 20, "min_spot_fraction": 0.0}, n_top=5, reliability=False,
+                            out=tmp_path / "knn.pt")
+    _, _, path = train_model(config)
+    elsewhere, _ = embedded_sections(tmp_path / "b", {"S1": "patient-1"}, genes)
+    with pytest.raises(He2stError, match="were trained on"):
+        evaluate_model(path, elsewhere, ["S1"], tmp_path / "leaky")
+    result, _, _ = evaluate_model(path, elsewhere, ["S1"], tmp_path / "scored", allow_training_patients=True)
+    assert result.method == "knn_LEAKY"
+
+
 def test_cli_embed_train_evaluate(small, tmp_path):
     from he2st.cli import app
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -168,6 +170,29 @@ def test_generic_h5ad_reader(tmp_path):
     Image.fromarray(tissue_image(300, 300)).save(tmp_path / "he.png")
     sample = read_h5ad_sample(tmp_path / "x.h5ad", tmp_path / "he.png", pixel_size_um=1.0, sample_id="S")
     assert sample.n_spots == 6 and sample.slide.dimensions == (300, 300)
+
+
+def test_h5ad_counts_come_from_the_counts_layer_and_fractional_counts_are_named(tmp_path):
+    """A normalised ``X`` with the raw counts in ``layers['counts']`` (the scverse convention) gives the counts;
+    a file with only normalised values is read with one warning naming it, since he2st would normalise them
+    a second time."""
+    import anndata as ad
+
+    from he2st.errors import He2stWarning
+
+    xy = spot_grid(2, 3, 50, (60, 60))
+    counts = counts_for(xy, GENES).astype(np.float32)
+    adata = ad.AnnData(X=np.log1p(counts), layers={"counts": counts})
+    adata.obsm["spatial"] = xy
+    adata.write_h5ad(tmp_path / "layer.h5ad")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", He2stWarning)
+        sample = read_h5ad_sample(tmp_path / "layer.h5ad", None, pixel_size_um=1.0, sample_id="S")
+    np.testing.assert_array_equal(sample.adata.X.toarray(), counts)
+    del adata.layers["counts"]
+    adata.write_h5ad(tmp_path / "normalised.h5ad")
+    with pytest.warns(He2stWarning, match=r"normalised.h5ad: .* not whole numbers"):
+        read_h5ad_sample(tmp_path / "normalised.h5ad", None, pixel_size_um=1.0, sample_id="S")
 
 
 def test_h5ad_barcode_column_other_than_the_spot_ids_is_kept_as_barcode_original(tmp_path):

@@ -185,6 +185,7 @@ def build_adata(
     ``G-1``), with a warning naming the file."""
     matrix = sp.csr_matrix(counts, dtype=np.float32)
     _refuse_bad_counts(matrix, barcodes, genes, where)
+    _warn_if_not_whole(matrix, where)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Variable names are not unique")  # handled below, naming the file
         adata = ad.AnnData(
@@ -200,6 +201,17 @@ def build_adata(
                       He2stWarning, stacklevel=2)
         adata.var_names_make_unique()
     return adata
+
+
+def _warn_if_not_whole(matrix: sp.csr_matrix, where: str | Path | None) -> None:
+    """A warning naming the file when counts are not whole numbers: he2st normalises raw counts itself (to the
+    library size, then log1p), so values already normalised or log-transformed would be transformed twice.
+    Not refused: some corrected counts (ambient-RNA removal) are fractional and still counts."""
+    fractional = matrix.data != np.round(matrix.data)
+    if fractional.any():
+        warnings.warn(f"{where or 'counts'}: {fractional.mean():.0%} of the non-zero counts are not whole numbers "
+                      f"(e.g. {matrix.data[fractional][0]:.4g}); he2st expects raw counts and normalises them itself "
+                      "(an .h5ad may keep them in layers['counts'])", He2stWarning, stacklevel=3)
 
 
 def _refuse_bad_counts(matrix: sp.csr_matrix, barcodes: list[str], genes: list[str], where: str | Path | None) -> None:

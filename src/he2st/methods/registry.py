@@ -88,7 +88,7 @@ METHODS: dict[str, MethodEntry] = {
         cost=0.6),
     "ridge_cv": MethodEntry(
         "he2st.methods.models.baselines", f"{_C}.baselines:RidgeCVConfig",
-        "The ridge probe with alpha chosen by inner cross-validation on training samples, and an intercept.",
+        "The ridge probe with alpha chosen by inner cross-validation over training patients, and an intercept.",
         cost=0.6),
 }
 

@@ -40,6 +40,7 @@ from he2st.workflows.learning_curve import CURVE_FILE, curve_markdown, run_learn
 from he2st.workflows.protocol import FoldAudit, FoldRun
 from he2st.workflows.task_store import TaskStore, model_digest, task_key, task_settings
 from he2st.workflows.tls import read_model
+from he2st.workflows.unlabelled import unlabelled_ids
 
 
 def ablation_variants(methods: list[str], only: list[str] | None = None) -> list[tuple[str, str, dict]]:
@@ -118,6 +119,12 @@ def benchmark_folds(config: BenchmarkConfig, ws: Workspace) -> tuple[list[Fold],
     return folds, patients
 
 
+def fold_inputs(config: BenchmarkConfig, ws: Workspace, fold: Fold) -> list[str]:
+    """The samples whose files a fold's tasks read: its training and held-out samples, and the ``unlabelled``
+    ones whose images join the fit."""
+    return list(dict.fromkeys([*fold.train, *fold.test, *unlabelled_ids(config.unlabelled, ws, fold.test)]))
+
+
 def input_checksums(config: BenchmarkConfig, ws: Workspace, sample_ids: list[str],
                     known: dict[str, str] | None = None) -> dict[str, str]:
     """sha256 of every file the benchmark reads for ``sample_ids``, by path in the work folder: each prepared
@@ -140,7 +147,7 @@ def input_checksums(config: BenchmarkConfig, ws: Workspace, sample_ids: list[str
 
 def provenance(config: BenchmarkConfig, ws: Workspace, command: str | None,
                known: dict[str, str] | None = None) -> dict:
-    sample_ids = sorted({s for f in benchmark_folds(config, ws)[0] for s in f.train + f.test})
+    sample_ids = sorted({s for f in benchmark_folds(config, ws)[0] for s in fold_inputs(config, ws, f)})
     return {
         "command": command or " ".join(["he2st", *sys.argv[1:]]),
         "config": config.model_dump(mode="json"),
@@ -289,7 +296,7 @@ def run_benchmark(
     store, known = TaskStore(out_dir), {}
     keys, pending, outcomes, reused = {}, [], {}, set()
     for fold in folds:
-        checksums = input_checksums(config, ws, [*fold.train, *fold.test], known)
+        checksums = input_checksums(config, ws, fold_inputs(config, ws, fold), known)
         for label, method, opts in variants:
             keys[(fold.name, label)] = task_key(task_settings(config, label, method, opts), fold, patients,
                                                 checksums, model_digest(tls_model))

@@ -36,10 +36,12 @@ def evaluate_model(
     samples = {sid: ws.load_sample(sid) for sid in sample_ids}
     for sample in samples.values():
         warn_if_too_coarse(sample, patch)
-    shared = {sid for sid, s in samples.items() if s.patient_id in set(card.training_patients)}
+    # a trained-on sample is caught by its id too: another work folder may name its patient differently
+    shared = {sid for sid, s in samples.items()
+              if s.patient_id in set(card.training_patients) or sid in card.training_samples}
     if shared and not allow_training_patients:
         raise He2stError(
-            f"sample(s) {sorted(shared)} come from patients the model was trained on "
+            f"sample(s) {sorted(shared)} were trained on, or come from patients the model was trained on "
             f"({card.training_patients}); pass --allow-training-patients to score them anyway (leaky)",
             model_path,
         )

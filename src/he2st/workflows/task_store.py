@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from he2st.data.splits import Fold
+from he2st.evaluate.localisation import read_signature
 from he2st.evaluate.tls import TlsModel
 from he2st.io import atomic_path, check_output, inside, is_own, jsonable, path_kind, safe_name
 from he2st.methods import method_class
@@ -45,6 +46,9 @@ PER_ROW = ("methods", "ablation", "ablation_only", "method_options", "seeds")
 def task_settings(config: BenchmarkConfig, label: str, method: str, options: dict[str, Any]) -> dict[str, Any]:
     """The settings that can change the numbers of row ``label`` (``method`` with ablation ``options``)."""
     settings = config.model_dump(mode="json", exclude=set(NOT_RESULTS + PER_ROW))
+    signature = config.localisation_signature  # a file's weights, not only its name, decide the rows it scores
+    if config.localisation and signature is not None:
+        settings["localisation_signature_digest"] = model_digest(read_signature(signature))
     return settings | {
         "label": label, "method": method, "options": jsonable(config.options_for(method) | options),
         "seeds": config.seeds if method_class(method).stochastic else 1,

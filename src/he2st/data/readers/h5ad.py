@@ -39,14 +39,15 @@ def read_h5ad_sample(
     technology: str = "h5ad",
     dataset: str | None = None,
 ) -> Sample:
-    """Any AnnData with raw counts in ``X`` and spot centres (x, y) in ``obsm['spatial']``. Without
+    """Any AnnData with raw counts in ``layers['counts']`` (where scverse keeps them once ``X`` is normalised),
+    else in ``X``, and spot centres (x, y) in ``obsm['spatial']``. Without
     ``sample_id``, the sample is named by the file's own library id (the one key of ``uns['spatial']``, the
     scverse convention), else by the file's stem. The file's spot annotations (``obs`` columns) are kept, a
     ``barcode`` column that differs from the spot ids as ``barcode_original`` (:func:`_kept_annotations`)."""
     path = require(Path(path), "AnnData file")
     try:
         adata = ad.read_h5ad(path)
-    except Exception as exc:  # noqa: BLE001 - corrupt/truncated files raise many exception types
+    except Exception as exc:  # corrupt/truncated files raise many exception types
         raise He2stError(f"not a readable .h5ad file ({type(exc).__name__}: {exc})", path) from exc
     if "spatial" not in adata.obsm:
         raise He2stError("AnnData has no obsm['spatial'] spot coordinates", path)
@@ -56,9 +57,10 @@ def read_h5ad_sample(
         adata = adata[adata.obs["in_tissue"].astype(int) == 1].copy()
     if adata.n_obs == 0:
         raise He2stError("no spot left after keeping spots under tissue (in_tissue == 1)", path)
-    X = adata.X
+    where = "layers['counts']" if "counts" in adata.layers else "X"
+    X = adata.layers.get("counts", adata.X)
     if not np.issubdtype((X.data if sp.issparse(X) else np.asarray(X)).dtype, np.number):
-        raise He2stError("X must hold raw counts (numbers)", path)
+        raise He2stError(f"{where} must hold raw counts (numbers)", path)
     built = build_adata(X, list(adata.obs_names), list(adata.var_names), np.asarray(adata.obsm["spatial"])[:, :2],
                         where=path)
     for col, values in _kept_annotations(adata.obs, str(built.obs.index.name)).items():

@@ -14,7 +14,7 @@ class RidgeConfig(MethodConfig):
 
     pca_components: int = Field(256, gt=0, description="PCA components after standard scaling (HEST-Benchmark: 256)")
     alpha: float | None = Field(None, description="ridge penalty; None: HEST's 100 / (n_components * n_genes)")
-    alpha_cv: bool = Field(False, description="choose alpha by inner cross-validation on training samples")
+    alpha_cv: bool = Field(False, description="choose alpha by inner cross-validation over training patients")
     alphas: list[float] = Field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5],
                                 description="candidate alphas for alpha_cv")
     fit_intercept: bool = Field(False, description="fit an intercept (HEST-Benchmark: False)")

@@ -16,9 +16,9 @@ from torch import nn
 
 from he2st.data.splits import held_out_groups
 from he2st.data.spots import SpotSet
-from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.base import Method, Prediction, TrainLog
 from he2st.methods.configs.baselines import KNNConfig, MLPConfig, RidgeConfig, RidgeCVConfig
+from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.layers.features import FeatureScaler, clean_proportions
 from he2st.methods.neural import NeuralMethod
 from he2st.methods.registry import register_method
@@ -58,7 +58,7 @@ class RidgeProbe(Method):
         alpha = self.config.alpha if self.config.alpha is not None else 100.0 / (n_comp * Y.shape[1])
         log = TrainLog()
         if self.config.alpha_cv:
-            alpha = self._cv_alpha(Z, Y, data.sample_ids, log)
+            alpha = self._cv_alpha(Z, Y, self.training_groups(data), data.sample_ids, log)
         ridge = Ridge(alpha=alpha, fit_intercept=self.config.fit_intercept, solver="lsqr", max_iter=1000,
                       random_state=self.config.seed).fit(Z, Y)
         self.arrays = {
@@ -84,13 +84,16 @@ class RidgeProbe(Method):
     def feature_dim(self) -> int | None:
         return len(self.arrays["scale_mean"]) if self.arrays else None
 
-    def _cv_alpha(self, Z: np.ndarray, Y: np.ndarray, groups: np.ndarray, log: TrainLog) -> float:
-        """Inner CV over training samples only (whole samples per inner fold when there are several),
-        scored per held-out sample as the benchmark scores. Each inner fold takes one SVD of its training
-        features, which gives the exact ridge solution for every candidate alpha at once."""
-        groups = np.asarray(groups).astype(str)
+    def _cv_alpha(self, Z: np.ndarray, Y: np.ndarray, groups: np.ndarray, samples: np.ndarray,
+                  log: TrainLog) -> float:
+        """Inner CV over the training spots only, each inner fold holding out whole ``groups`` (the training
+        patients, or samples: :meth:`training_groups`, so that a patient's sections never sit on both sides of
+        a fold), scored per held-out sample as the benchmark scores; spots are split only when there is one
+        group. Each inner fold takes one SVD of its training features, which gives the exact ridge solution
+        for every candidate alpha at once."""
+        groups, samples = np.asarray(groups).astype(str), np.asarray(samples).astype(str)
         n_groups = len(np.unique(groups))
-        if n_groups >= 3:
+        if n_groups >= 2:
             splits = list(GroupKFold(n_splits=min(5, n_groups)).split(Z, Y, groups))
         else:
             splits = list(KFold(5, shuffle=True, random_state=0).split(Z, Y))
@@ -98,7 +101,7 @@ class RidgeProbe(Method):
         fold_scores = np.zeros((len(splits), len(alphas)))
         for f, (tr, te) in enumerate(splits):
             for a, pred in enumerate(ridge_path(Z[tr], Y[tr], Z[te], alphas, self.config.fit_intercept)):
-                fold_scores[f, a] = mean_sample_pearson(pred, Y[te], groups[te])
+                fold_scores[f, a] = mean_sample_pearson(pred, Y[te], samples[te])
         scores = np.nanmean(fold_scores, axis=0)
         for score in scores:
             log.add(cv_pearson=float(score))
@@ -123,7 +126,7 @@ class RidgeProbe(Method):
 
 @register_method
 class RidgeCV(RidgeProbe):
-    """The ridge probe with alpha chosen by inner cross-validation on training samples, and an intercept.
+    """The ridge probe with alpha chosen by inner cross-validation over training patients, and an intercept.
 
     The intercept is HEST-Benchmark PR #140's fix."""
 
