@@ -22,7 +22,7 @@ from he2st.methods import list_methods
 from he2st.workflows.benchmark import run_benchmark
 from he2st.workflows.config import BenchmarkConfig
 from he2st.workflows.embed import embed_cache, embed_workspace
-from he2st.workflows.protocol import build_fold_data, run_fold
+from he2st.workflows.protocol import allowed_references, build_fold_data, run_fold
 
 FAST = {"bleep": {"ensemble": 1, "train": {"epochs": 6}}, "bleep_faithful": {"train": {"epochs": 6}},
         "mlp": {"train": {"epochs": 6}}, "cmrcnet": {"train": {"epochs": 4}}, "nh2st": {"train": {"epochs": 4}},
@@ -248,3 +248,11 @@ def test_cli_embed_second_run_is_noop(embedded):
     out = cli("embed", "-w", str(work))
     assert out.returncode == 0, out.stderr
     assert "nothing to do" in out.stdout
+
+
+def test_a_reference_section_of_a_test_patient_is_kept_out_whatever_the_patient_is_called():
+    """A work folder may name her2st's patient A 'patient-A' (a sample sheet): A2 is still A1's patient."""
+    patients = {"A1": "patient-A", "B1": "patient-B"}
+    assert allowed_references(["A2", "B2", "D1"], ["A1"], patients) == ["B2", "D1"]
+    assert allowed_references(["A2", "D1"], ["B1"], patients) == ["A2", "D1"]
+    assert allowed_references(["A2"], ["mine"], {"mine": "A"}) == []  # a test patient called A by the folder

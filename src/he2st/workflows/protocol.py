@@ -16,7 +16,7 @@ import numpy as np
 
 from he2st.data.embeddings import EmbeddingFile
 from he2st.data.genes import GenePanel
-from he2st.data.her2st import load_section, patient_of
+from he2st.data.her2st import SECTIONS, load_section, patient_of
 from he2st.data.splits import Fold, validation_mask
 from he2st.data.spots import SpotSet, load_spots, shared_extras
 from he2st.data.workspace import Workspace
@@ -146,12 +146,19 @@ def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients
     return data
 
 
+def allowed_references(sections: list[str], test: list[str], patients: dict[str, str]) -> list[str]:
+    """The her2st ``sections`` that may join a fold's reference bank: none of a test patient. A test sample
+    that is a her2st section counts by her2st's own patient too, so that a work folder naming the patient
+    otherwise (a sample sheet's ``patient-A``) cannot let another section of that patient in."""
+    test_patients = {patients[s] for s in test} | {patient_of(s) for s in test if s in SECTIONS}
+    return [s for s in sections if patient_of(s) not in test_patients and s not in test]
+
+
 def _reference_spots(fold: Fold, config: BenchmarkConfig, panel: GenePanel, patients: dict[str, str]) -> SpotSet | None:
     """Expression-only her2st sections whose patient is not among the fold's test patients."""
     if not config.reference_sections:
         return None
-    test_patients = {patients[s] for s in fold.test}
-    allowed = [s for s in config.reference_sections if patient_of(s) not in test_patients and s not in fold.test]
+    allowed = allowed_references(config.reference_sections, fold.test, patients)
     if not allowed:
         return None
     ys, ids = [], []
