@@ -298,3 +298,24 @@ def test_xenium_cells_placed_on_the_he_by_its_alignment(tmp_path, cell_level):
         assert sample.n_spots == kept.sum() == 9  # near-empty edge squares dropped
         np.testing.assert_allclose(sample.adata.X.sum(), counts[kept[which.ravel()]].sum())  # conserved where kept
         assert set(np.unique(sample.spatial)) <= set((np.arange(4) + 0.5) * side)
+
+
+def test_vendor_slide_named_tif_goes_to_openslide(tmp_path):
+    """An Aperio slide keeps its pyramid and pixel size (in the Aperio description, which tifffile does not
+    read) whatever its name ends in: the suffix is not what decides the backend."""
+    import tifffile
+
+    from he2st.data.slide import OpenSlideSlide
+
+    img = tissue_image(512, 512, seed=2)
+    path = tmp_path / "aperio.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, photometric="rgb", tile=(256, 256), compression="jpeg", metadata=None,
+                 description="Aperio Image Library v12.0.15 \r\n512x512 [0,0 512x512] (256x256) JPEG/RGB Q=70"
+                             "|AppMag = 20|MPP = 0.4990")
+        tw.write(img[::4, ::4].copy(), photometric="rgb", tile=(256, 256), compression="jpeg", metadata=None,
+                 description="Aperio Image Library v12.0.15 \r\n128x128")
+    with open_slide(path) as slide:
+        assert isinstance(slide, OpenSlideSlide)
+        assert slide.level_dimensions == [(512, 512), (128, 128)]
+        assert slide.embedded_mpp == pytest.approx(0.499)

@@ -281,6 +281,9 @@ def open_slide(path: str | Path) -> Slide:
     if suffix in PLAIN_SUFFIXES or (suffix == ".gz" and Path(path.stem).suffix.lower() in PLAIN_SUFFIXES):
         return PlainImageSlide(path)
     if suffix in TIFF_SUFFIXES:
+        if _openslide_vendor(path) not in (None, "generic-tiff"):
+            # Aperio, Philips, Ventana, ... named .tif: only openslide reads their pyramid and pixel size.
+            return OpenSlideSlide(path)
         try:
             slide = TiffFileSlide(path)
         except He2stError:
@@ -292,14 +295,21 @@ def open_slide(path: str | Path) -> Slide:
     return _open_with_openslide(path)
 
 
-def _open_with_openslide(path: Path) -> Slide:
-    import openslide
-
+def _openslide_vendor(path: Path) -> str | None:
+    """openslide's name for the format of ``path`` (``"aperio"``, ``"generic-tiff"``, ...); None when it is not
+    a slide openslide knows, or openslide is not installed."""
     try:
-        vendor = openslide.OpenSlide.detect_format(str(path))
+        import openslide
+    except ImportError:
+        return None
+    try:
+        return openslide.OpenSlide.detect_format(str(path))
     except Exception:  # noqa: BLE001 - any failure means "not a slide"
-        vendor = None
-    if vendor is None:
+        return None
+
+
+def _open_with_openslide(path: Path) -> Slide:
+    if _openslide_vendor(path) is None:
         # Not a whole-slide format: maybe a plain image with an unusual suffix.
         try:
             return PlainImageSlide(path)
