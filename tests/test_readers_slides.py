@@ -319,3 +319,23 @@ def test_vendor_slide_named_tif_goes_to_openslide(tmp_path):
         assert isinstance(slide, OpenSlideSlide)
         assert slide.level_dimensions == [(512, 512), (128, 128)]
         assert slide.embedded_mpp == pytest.approx(0.499)
+
+
+@pytest.mark.parametrize("layout", ["strip", "ome", "ome-nm"])
+def test_tiff_pixel_size_from_resolution_tags_or_ome_xml(tmp_path, layout):
+    """A single-level strip TIFF keeps its XResolution (Pillow would drop it), and an OME-TIFF's
+    PhysicalSizeX is read in its unit."""
+    import tifffile
+
+    img = tissue_image(300, 400, seed=2)
+    path = tmp_path / "slide.tif"
+    if layout == "strip":
+        tifffile.imwrite(path, img, photometric="rgb", resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    else:
+        size, unit = (0.25, "µm") if layout == "ome" else (250.0, "nm")
+        tifffile.imwrite(path, img, photometric="rgb", tile=(256, 256), ome=True,
+                         metadata={"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeXUnit": unit})
+    with open_slide(path) as slide:
+        assert isinstance(slide, TiffFileSlide) and slide.dimensions == (400, 300)
+        assert slide.embedded_mpp == pytest.approx(0.25)
+        np.testing.assert_array_equal(slide.read_region(10, 20, 0, 50, 40), img[20:60, 10:60])

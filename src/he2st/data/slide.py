@@ -16,6 +16,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 from PIL import Image
@@ -31,6 +32,8 @@ _PIL_LIMIT_LOCK = threading.Lock()
 WHOLE_SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf"}
 PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+# Micrometres per OME-XML length unit (the schema's UnitsLength symbols a slide's pixel size can come in).
+_OME_UM_PER_UNIT = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
 @contextlib.contextmanager
@@ -159,7 +162,8 @@ class OpenSlideSlide(Slide):
 
 
 class TiffFileSlide(Slide):
-    """Tiled (pyramidal, OME or SubIFD) TIFFs through tifffile, decoding only the tiles needed."""
+    """TIFFs through tifffile: a tiled page (pyramidal, OME or SubIFD) decodes only the tiles needed; a strip
+    page is decoded whole on first access, as Pillow would, but its resolution tags and OME-XML are kept."""
 
     def __init__(self, path: Path) -> None:
         import tifffile
@@ -174,12 +178,21 @@ class TiffFileSlide(Slide):
         for page in self._pages:
             if page.samplesperpixel not in (3, 4) or page.dtype != np.uint8:
                 raise He2stError("expected an 8-bit RGB TIFF", path)
+            if not page.is_tiled and page.imagewidth * page.imagelength > PLAIN_IMAGE_MAX_PIXELS:
+                raise He2stError(f"untiled image has more than {PLAIN_IMAGE_MAX_PIXELS:,} pixels; convert it to a "
+                                 "tiled pyramidal TIFF", path)
         self.level_dimensions = [(int(p.imagewidth), int(p.imagelength)) for p in self._pages]
         self._lock = threading.Lock()
         self._untiled: dict[int, np.ndarray] = {}
 
     @property
     def embedded_mpp(self) -> float | None:
+        """The OME-XML's PhysicalSizeX (the more specific record: OME writers often leave the resolution tags
+        at a default), else the level-0 page's XResolution in its ResolutionUnit."""
+        ome = _ome_mpp(self._tif.ome_metadata)
+        return ome if ome is not None else self._resolution_mpp()
+
+    def _resolution_mpp(self) -> float | None:
         page = self._pages[0]
         tag = page.tags.get("XResolution")
         unit = page.tags.get("ResolutionUnit")
@@ -194,7 +207,8 @@ class TiffFileSlide(Slide):
         page = self._pages[level]
         if not page.is_tiled:
             if level not in self._untiled:
-                self._untiled[level] = page.asarray()[..., :3]
+                with self._lock:  # asarray seeks the file handle that tile reads share
+                    self._untiled[level] = page.asarray()[..., :3]
             return self._untiled[level][y : y + height, x : x + width]
         tw, th = page.tilewidth, page.tilelength
         n_across = math.ceil(page.imagewidth / tw)
@@ -216,6 +230,30 @@ class TiffFileSlide(Slide):
 
     def close(self) -> None:
         self._tif.close()
+
+
+def _ome_mpp(xml: str | None) -> float | None:
+    """µm/px from the first image's ``PhysicalSizeX`` (or ``PhysicalSizeY``) in OME-XML, in its unit (µm when
+    the unit is not given, as the OME schema defaults); None when absent, unparsable or in an unknown unit."""
+    if not xml:
+        return None
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return None
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    for axis in ("X", "Y"):
+        size, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "µm")
+        if size is None:
+            continue
+        try:
+            value = float(size) * _OME_UM_PER_UNIT[unit]
+        except (KeyError, ValueError):
+            return None
+        return value if math.isfinite(value) and value > 0 else None
+    return None
 
 
 @contextlib.contextmanager
@@ -285,13 +323,10 @@ def open_slide(path: str | Path) -> Slide:
             # Aperio, Philips, Ventana, ... named .tif: only openslide reads their pyramid and pixel size.
             return OpenSlideSlide(path)
         try:
-            slide = TiffFileSlide(path)
+            # tiled or not: tifffile reads the resolution tags and OME-XML that Pillow would drop
+            return TiffFileSlide(path)
         except He2stError:
             return _open_with_openslide(path)
-        if slide.level_count > 1 or slide._pages[0].is_tiled:
-            return slide
-        slide.close()
-        return _open_with_openslide(path)
     return _open_with_openslide(path)
 
 
