@@ -610,3 +610,24 @@ def test_many_slides_one_command_equal_one_by_one(model_path, slide_path, encode
         batch = ad.read_h5ad(out / f"{path.stem}.h5ad")
         np.testing.assert_array_equal(batch.X, ad.read_h5ad(alone).X)
         np.testing.assert_array_equal(batch.obsm["spatial"], ad.read_h5ad(alone).obsm["spatial"])
+
+
+@pytest.mark.parametrize(("resolution", "unit", "recorded"), [(72, "INCH", 352.778), (10, "CENTIMETER", 1000.0)])
+def test_screen_default_resolution_is_an_unknown_pixel_size(tmp_path, resolution, unit, recorded):
+    """An editor's 72 dpi or libvips' 10 px/cm is not a scan's pixel size: predict asks for --mpp, saying what
+    the file records, instead of refusing the slide as too coarse with advice to upsample 700x."""
+    import tifffile
+
+    from he2st.data.patches import check_resolution
+    from he2st.predict.slide import resolve_mpp
+
+    path = tmp_path / "edited.tif"
+    tifffile.imwrite(path, tissue_image(64, 64), photometric="rgb", tile=(32, 32), resolution=(resolution, resolution),
+                     resolutionunit=unit)
+    with open_slide(path) as slide:
+        assert slide.recorded_mpp == pytest.approx(recorded, rel=1e-4) and slide.embedded_mpp is None
+        with pytest.raises(He2stError, match=rf"records {recorded:g} µm/px, a screen or editor default.*pass --mpp"):
+            resolve_mpp(None, slide)
+        assert resolve_mpp(0.5, slide) == 0.5
+    with pytest.raises(He2stError, match=r"check the pixel size \(set it with --mpp\).*--max-upsample to at least"):
+        check_resolution(30.0, PatchSpec(), path, training_mpp=[0.5], option="--max-upsample", mpp_option="--mpp")

@@ -32,6 +32,10 @@ _PIL_LIMIT_LOCK = threading.Lock()
 WHOLE_SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf"}
 PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+# Largest pixel size (µm/px) a file may record and be believed. 50 µm/px is already coarser than half a Visium
+# spot and ~12x a 2.5x objective's scan; what does exceed it are the defaults written by tools that never knew
+# the scale (72 / 96 dpi = 352.8 / 264.6 µm/px, libvips' 10 px/cm = 1000 µm/px), so such a value means unknown.
+MAX_PLAUSIBLE_MPP = 50.0
 # Micrometres per OME-XML length unit (the schema's UnitsLength symbols a slide's pixel size can come in).
 _OME_UM_PER_UNIT = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
@@ -70,9 +74,24 @@ class Slide(ABC):
         return [w0 / w for w, _ in self.level_dimensions]
 
     @property
-    def embedded_mpp(self) -> float | None:
-        """Pixel size written in the file (µm/px), if any. Sample metadata takes precedence."""
+    def recorded_mpp(self) -> float | None:
+        """Pixel size written in the file (µm/px) as it stands, plausible or not; None when it records none."""
         return None
+
+    @property
+    def embedded_mpp(self) -> float | None:
+        """:attr:`recorded_mpp` when it is plausible for a slide scan (:data:`MAX_PLAUSIBLE_MPP`), else None
+        (unknown). Sample metadata takes precedence."""
+        mpp = self.recorded_mpp
+        return mpp if mpp is not None and 0 < mpp <= MAX_PLAUSIBLE_MPP else None
+
+    def unknown_mpp(self) -> He2stError:
+        """The one-line refusal of a slide whose pixel size is unknown, saying when the file records an
+        implausible one (a screen default) rather than none."""
+        recorded = self.recorded_mpp
+        what = ("the slide does not record its pixel size" if recorded is None else
+                f"the slide records {recorded:g} µm/px, a screen or editor default rather than a scan's pixel size")
+        return He2stError(f"{what}; pass --mpp (µm per level-0 pixel)", getattr(self, "path", None))
 
     def best_level(self, downsample: float) -> int:
         """Deepest level whose downsample does not exceed ``downsample`` (never lose resolution)."""
@@ -146,7 +165,7 @@ class OpenSlideSlide(Slide):
         self.level_dimensions = [tuple(d) for d in self._osr.level_dimensions]
 
     @property
-    def embedded_mpp(self) -> float | None:
+    def recorded_mpp(self) -> float | None:
         mpp = self._osr.properties.get("openslide.mpp-x")
         return float(mpp) if mpp else None
 
@@ -186,7 +205,7 @@ class TiffFileSlide(Slide):
         self._untiled: dict[int, np.ndarray] = {}
 
     @property
-    def embedded_mpp(self) -> float | None:
+    def recorded_mpp(self) -> float | None:
         """The OME-XML's PhysicalSizeX (the more specific record: OME writers often leave the resolution tags
         at a default), else the level-0 page's XResolution in its ResolutionUnit."""
         ome = _ome_mpp(self._tif.ome_metadata)

@@ -139,7 +139,7 @@ def resolve_mpp(mpp: float | None, slide: Slide, sample: Sample | None = None) -
     """Level-0 µm/px: the argument, else the spot sample's pixel size, else the file's, else an error."""
     value = mpp if mpp is not None else (sample.pixel_size_um if sample is not None else slide.embedded_mpp)
     if value is None:
-        raise He2stError("the slide does not record its pixel size; pass --mpp (µm per level-0 pixel)", slide.path)
+        raise slide.unknown_mpp()
     if not (math.isfinite(value) and value > 0):
         raise He2stError(f"pixel size must be a positive number of µm/px, got {value}", slide.path)
     return float(value)
@@ -261,7 +261,7 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
     with open_slide(slide_path) as slide:
         mpp = resolve_mpp(config.mpp, slide, sample)
         check_resolution(mpp, patch, slide_path, config.max_upsample, method.card.training_mpp,
-                         option="--max-upsample")
+                         option="--max-upsample", mpp_option="--mpp")
         thumb, scale = slide.thumbnail(config.thumbnail_px)
         grid, tissue_source = _spots(slide, thumb, scale, mpp, config.pitch_um, sample, config.mask)
         library_id = config.library_id or (sample.sample_id if sample is not None else name_from_stem(slide_path.stem))
