@@ -339,3 +339,31 @@ def test_tiff_pixel_size_from_resolution_tags_or_ome_xml(tmp_path, layout):
         assert isinstance(slide, TiffFileSlide) and slide.dimensions == (400, 300)
         assert slide.embedded_mpp == pytest.approx(0.25)
         np.testing.assert_array_equal(slide.read_region(10, 20, 0, 50, 40), img[20:60, 10:60])
+
+
+@pytest.mark.parametrize("kind", ["png", "tiff", "tiff-tiled", "tiff-premultiplied"])
+def test_transparent_pixels_read_as_white_background(tmp_path, kind):
+    """Alpha is composited on white, as openslide's backend does: a transparent (black) strip is background,
+    a half-transparent pixel is half way to white, opaque pixels are unchanged."""
+    import tifffile
+
+    rgb = tissue_image(64, 96, seed=4)
+    alpha = np.full((64, 96), 255, np.uint8)
+    alpha[:, :20], alpha[:, 20:30] = 0, 128
+    colour = rgb.copy()
+    colour[:, :20] = 0  # what an editor leaves under a transparent area
+    if kind == "tiff-premultiplied":
+        colour = (colour.astype(np.uint16) * alpha[..., None] // 255).astype(np.uint8)
+    rgba = np.dstack([colour, alpha])
+    path = tmp_path / ("slide.png" if kind == "png" else "slide.tif")
+    if kind == "png":
+        Image.fromarray(rgba, "RGBA").save(path)
+    else:
+        tifffile.imwrite(path, rgba, photometric="rgb", tile=(32, 32) if kind == "tiff-tiled" else None,
+                         extrasamples=["assocalpha" if kind == "tiff-premultiplied" else "unassalpha"])
+    with open_slide(path) as slide:
+        got = slide.read_region(0, 0, 0, 96, 64).astype(int)
+    assert (got[:, :20] == 255).all()
+    half = (rgb[:, 20:30].astype(int) * 128 + 255 * 127) / 255
+    assert np.abs(got[:, 20:30] - half).max() <= 1
+    np.testing.assert_array_equal(got[:, 30:], rgb[:, 30:])

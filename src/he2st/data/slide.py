@@ -16,6 +16,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from xml.etree import ElementTree
 
 import numpy as np
@@ -23,6 +24,9 @@ from PIL import Image
 
 from he2st.errors import He2stError
 from he2st.io import file_type, input_path
+
+if TYPE_CHECKING:
+    import tifffile
 
 # Largest plain (non-tiled) image we agree to decode. Pillow's default bomb guard (~89 Mpx) trips on
 # ordinary ST images (her2st JPEGs are ~92 Mpx); we raise the limit for our own reads only.
@@ -38,6 +42,19 @@ PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 MAX_PLAUSIBLE_MPP = 50.0
 # Micrometres per OME-XML length unit (the schema's UnitsLength symbols a slide's pixel size can come in).
 _OME_UM_PER_UNIT = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _on_white(pixels: np.ndarray, premultiplied: bool = False) -> np.ndarray:
+    """RGB uint8 of an RGB or RGBA array, alpha composited on white: a transparent pixel holds no data, which is
+    slide background, as openslide's backend and the padding outside the image read it (not black, which the
+    tissue mask and the patches of edge spots would take for dark tissue). ``premultiplied``: the colour is
+    already scaled by alpha (a TIFF's associated alpha)."""
+    if pixels.shape[-1] < 4:
+        return pixels[..., :3]
+    rgb, alpha = pixels[..., :3].astype(np.uint16), pixels[..., 3:4].astype(np.uint16)
+    white = 255 - alpha
+    mixed = rgb + white if premultiplied else (rgb * alpha + 255 * white + 127) // 255
+    return np.minimum(mixed, 255).astype(np.uint8)
 
 
 @contextlib.contextmanager
@@ -172,9 +189,7 @@ class OpenSlideSlide(Slide):
     def _read_inside(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         ds = self.level_downsamples[level]
         rgba = self._osr.read_region((round(x * ds), round(y * ds)), level, (width, height))
-        rgb = Image.new("RGB", rgba.size, (255, 255, 255))
-        rgb.paste(rgba, mask=rgba.getchannel("A"))  # transparent = no data = background
-        return np.asarray(rgb)
+        return _on_white(np.asarray(rgba))  # transparent = no data = background
 
     def close(self) -> None:
         self._osr.close()
@@ -201,6 +216,8 @@ class TiffFileSlide(Slide):
                 raise He2stError(f"untiled image has more than {PLAIN_IMAGE_MAX_PIXELS:,} pixels; convert it to a "
                                  "tiled pyramidal TIFF", path)
         self.level_dimensions = [(int(p.imagewidth), int(p.imagelength)) for p in self._pages]
+        # per level: its 4th sample is alpha (None: no alpha, or an unspecified extra sample, which is dropped)
+        self._alpha = [_tiff_alpha(p) for p in self._pages]
         self._lock = threading.Lock()
         self._untiled: dict[int, np.ndarray] = {}
 
@@ -227,7 +244,7 @@ class TiffFileSlide(Slide):
         if not page.is_tiled:
             if level not in self._untiled:
                 with self._lock:  # asarray seeks the file handle that tile reads share
-                    self._untiled[level] = page.asarray()[..., :3]
+                    self._untiled[level] = self._rgb(level, page.asarray())
             return self._untiled[level][y : y + height, x : x + width]
         tw, th = page.tilewidth, page.tilelength
         n_across = math.ceil(page.imagewidth / tw)
@@ -240,15 +257,28 @@ class TiffFileSlide(Slide):
                     fh.seek(page.dataoffsets[index])
                     data = fh.read(page.databytecounts[index])
                 tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
-                tile = np.asarray(tile).reshape(th, tw, -1)[..., :3]
+                tile = self._rgb(level, np.asarray(tile).reshape(th, tw, -1))
                 gx0, gy0 = tx * tw, ty * th
                 sx0, sy0 = max(x, gx0), max(y, gy0)
                 sx1, sy1 = min(x + width, gx0 + tw), min(y + height, gy0 + th)
                 out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - gy0 : sy1 - gy0, sx0 - gx0 : sx1 - gx0]
         return out
 
+    def _rgb(self, level: int, pixels: np.ndarray) -> np.ndarray:
+        """Decoded samples of ``level`` as RGB, its alpha (if any) composited on white."""
+        alpha = self._alpha[level]
+        return pixels[..., :3] if alpha is None else _on_white(pixels[..., :4], premultiplied=alpha == "associated")
+
     def close(self) -> None:
         self._tif.close()
+
+
+def _tiff_alpha(page: tifffile.TiffPage) -> str | None:
+    """``"associated"`` (premultiplied) or ``"unassociated"`` when a 4-sample page's extra sample is alpha."""
+    extra = tuple(page.extrasamples or ())
+    if page.samplesperpixel < 4 or not extra:
+        return None
+    return {1: "associated", 2: "unassociated"}.get(int(extra[0]))
 
 
 def _ome_mpp(xml: str | None) -> float | None:
@@ -308,6 +338,8 @@ class PlainImageSlide(Slide):
             with _raised_pil_limit(), _open_plain(self.path) as img:
                 if reduce > 1:
                     img.draft("RGB", (img.size[0] // reduce, img.size[1] // reduce))
+                if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+                    return _on_white(np.asarray(img.convert("RGBA")))
                 return np.asarray(img.convert("RGB"))
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise He2stError(f"image is truncated or corrupt ({exc})", self.path) from exc
