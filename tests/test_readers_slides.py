@@ -367,3 +367,20 @@ def test_transparent_pixels_read_as_white_background(tmp_path, kind):
     half = (rgb[:, 20:30].astype(int) * 128 + 255 * 127) / 255
     assert np.abs(got[:, 20:30] - half).max() <= 1
     np.testing.assert_array_equal(got[:, 30:], rgb[:, 30:])
+
+
+def test_unwritten_tile_of_a_sparse_tiff_reads_white(tmp_path):
+    """A tile of byte count 0 (a sparse TIFF leaves empty background unwritten) is background, not corrupt."""
+    import tifffile
+
+    img = tissue_image(128, 128, seed=5)
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, img, photometric="rgb", tile=(64, 64), compression="zlib")
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tags = tif.pages[0].tags
+        tags["TileOffsets"].overwrite([0, *tif.pages[0].dataoffsets[1:]])
+        tags["TileByteCounts"].overwrite([0, *tif.pages[0].databytecounts[1:]])
+    with open_slide(path) as slide:
+        got = slide.read_region(0, 0, 0, 128, 128)
+    assert (got[:64, :64] == 255).all()
+    np.testing.assert_array_equal(got[64:, 64:], img[64:, 64:])

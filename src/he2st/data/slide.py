@@ -249,20 +249,28 @@ class TiffFileSlide(Slide):
         tw, th = page.tilewidth, page.tilelength
         n_across = math.ceil(page.imagewidth / tw)
         out = np.empty((height, width, 3), dtype=np.uint8)
-        fh = self._tif.filehandle
         for ty in range(y // th, (y + height - 1) // th + 1):
             for tx in range(x // tw, (x + width - 1) // tw + 1):
-                index = ty * n_across + tx
-                with self._lock:
-                    fh.seek(page.dataoffsets[index])
-                    data = fh.read(page.databytecounts[index])
-                tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
-                tile = self._rgb(level, np.asarray(tile).reshape(th, tw, -1))
+                tile = self._tile(level, ty * n_across + tx)
                 gx0, gy0 = tx * tw, ty * th
                 sx0, sy0 = max(x, gx0), max(y, gy0)
                 sx1, sy1 = min(x + width, gx0 + tw), min(y + height, gy0 + th)
                 out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - gy0 : sy1 - gy0, sx0 - gx0 : sx1 - gx0]
         return out
+
+    def _tile(self, level: int, index: int) -> np.ndarray:
+        """Tile ``index`` of ``level`` as RGB. A tile of byte count 0 was never written -- legal in a sparse TIFF,
+        which leaves empty background out -- and is white: it is background (tifffile's own fill, 0, would read
+        as black tissue)."""
+        page = self._pages[level]
+        count = page.databytecounts[index]
+        if not count:
+            return np.full((page.tilelength, page.tilewidth, 3), 255, dtype=np.uint8)
+        with self._lock:
+            self._tif.filehandle.seek(page.dataoffsets[index])
+            data = self._tif.filehandle.read(count)
+        tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
+        return self._rgb(level, np.asarray(tile).reshape(page.tilelength, page.tilewidth, -1))
 
     def _rgb(self, level: int, pixels: np.ndarray) -> np.ndarray:
         """Decoded samples of ``level`` as RGB, its alpha (if any) composited on white."""
