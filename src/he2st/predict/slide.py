@@ -223,7 +223,7 @@ def _halo_rows(tree: cKDTree, xy: np.ndarray, rows: np.ndarray, hops: tuple[int,
 
 def run_prediction(
     config: PredictConfig, method: Method, *, encoder: Encoder | None = None,
-    on_chunk: Callable[[ChunkInfo], None] | None = None,
+    on_chunk: Callable[[ChunkInfo], None] | None = None, check_beside: Callable[[Path], object] | None = None,
 ) -> Path:
     """Predict ``method``'s genes over a slide; returns the written ``<out>/<library_id>.h5ad``.
 
@@ -234,13 +234,16 @@ def run_prediction(
     loading it by name (tests, custom weights). A rerun with identical inputs returns the existing
     file; an interrupted one resumes. Outputs that he2st did not write are refused unless
     ``config.overwrite``; another process predicting the same output is refused in one line naming it.
+    ``check_beside`` is called with the output path where the outputs are checked, before any work: a caller
+    that writes more beside it afterwards (the CLI's maps) refuses a foreign file there up front.
     """
     with overwriting(config.overwrite):
-        return _run_prediction(config, method, encoder, on_chunk)
+        return _run_prediction(config, method, encoder, on_chunk, check_beside)
 
 
 def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | None,
-                    on_chunk: Callable[[ChunkInfo], None] | None) -> Path:
+                    on_chunk: Callable[[ChunkInfo], None] | None,
+                    check_beside: Callable[[Path], object] | None = None) -> Path:
     trained_encoder, patch, trained = method.card.features(config.model)
     sample = Sample.load(config.spots_from) if config.spots_from is not None else None
     slide_path = config.slide
@@ -271,6 +274,8 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
         check_output(partial)
         if config.format == "zarr":
             check_output(final.with_suffix(".zarr"), folder=True)
+        if check_beside is not None:
+            check_beside(final)
         encoder = encoder or load_encoder(enc_cfg)
         _check_encoder(encoder, trained_encoder, config.model)
         # a checkpoint file is identified by path, size and mtime; a method in memory by its tensors
