@@ -631,3 +631,15 @@ def test_screen_default_resolution_is_an_unknown_pixel_size(tmp_path, resolution
         assert resolve_mpp(0.5, slide) == 0.5
     with pytest.raises(He2stError, match=r"check the pixel size \(set it with --mpp\).*--max-upsample to at least"):
         check_resolution(30.0, PatchSpec(), path, training_mpp=[0.5], option="--max-upsample", mpp_option="--mpp")
+
+
+def test_a_pitch_under_a_pixel_or_a_huge_grid_is_refused_in_one_line(model_path, slide_path, encoder, tmp_path):
+    """A mistyped --pitch-um is refused naming its value, not found out as an allocation failure."""
+    from he2st.predict.grid import MAX_GRID_POINTS
+
+    with pytest.raises(He2stError, match=r"a 0\.001 µm spot pitch \(--pitch-um\) is under one pixel.*0\.5 µm/px"):
+        predict_slide(model_path, slide_path, tmp_path / "x", pitch_um=0.001, encoder=encoder)
+    assert not (tmp_path / "x").exists()
+    mask = np.ones((100, 100), bool)  # a 10 cm square of tissue at 1 µm/px: 1.15e10 points at a 1 µm pitch
+    with pytest.raises(He2stError, match=rf"1 µm spot pitch.*more than {MAX_GRID_POINTS:,}; choose a coarser"):
+        hex_grid(mask, 0.001, pitch_um=1.0, mpp=1.0, where="slide.tif")

@@ -41,7 +41,7 @@ from he2st.errors import He2stError
 from he2st.io import check_output, name_from_stem, output_lock, overwriting, sha256_file, writing
 from he2st.methods import Method, ModelCard
 from he2st.predict.config import PredictConfig
-from he2st.predict.grid import SpotGrid, grid_from_sample, hex_grid
+from he2st.predict.grid import SpotGrid, check_pitch, grid_from_sample, hex_grid
 from he2st.predict.sdata import store_is_current, write_spatialdata
 from he2st.predict.store import (
     file_id,
@@ -263,6 +263,8 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
 
     with open_slide(slide_path) as slide:
         mpp = resolve_mpp(config.mpp, slide, sample)
+        if sample is None:
+            check_pitch(config.pitch_um, mpp, slide_path)
         check_resolution(mpp, patch, slide_path, config.max_upsample, method.card.training_mpp,
                          option="--max-upsample", mpp_option="--mpp")
         thumb, scale = slide.thumbnail(config.thumbnail_px)
@@ -364,7 +366,7 @@ def _spots(slide: Slide, thumb: np.ndarray, scale: float, mpp: float, pitch_um: 
     if tissue is None:
         tissue = detect_tissue(thumb, mpp / scale, where=slide.path)
         source = "detected"
-    grid = hex_grid(tissue, scale, pitch_um, mpp)
+    grid = hex_grid(tissue, scale, pitch_um, mpp, where=slide.path)
     if len(grid) == 0:
         raise He2stError(f"the tissue area holds no spot centre at a {pitch_um:g} µm pitch", slide.path)
     return grid, source
