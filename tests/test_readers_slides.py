@@ -384,3 +384,29 @@ def test_unwritten_tile_of_a_sparse_tiff_reads_white(tmp_path):
         got = slide.read_region(0, 0, 0, 128, 128)
     assert (got[:64, :64] == 255).all()
     np.testing.assert_array_equal(got[64:, 64:], img[64:, 64:])
+
+
+@pytest.mark.parametrize("tile", [None, (32, 32)])
+def test_planar_separate_rgb_tiff_reads_all_three_planes(tmp_path, tile):
+    """Each sample's plane is its own run of tiles (or strips): all three are read, not the red one as gray."""
+    import tifffile
+
+    img = tissue_image(80, 100, seed=6)
+    path = tmp_path / "planar.tif"
+    tifffile.imwrite(path, np.moveaxis(img, -1, 0), photometric="rgb", planarconfig="separate", tile=tile)
+    with open_slide(path) as slide:
+        assert isinstance(slide, TiffFileSlide)
+        got = slide.read_region(0, 0, 0, 100, 80)
+    np.testing.assert_array_equal(got, img)
+    assert len({got[..., c].tobytes() for c in range(3)}) == 3  # the channels differ
+
+
+def test_a_tiff_tifffile_refuses_is_not_handed_to_another_reader(tmp_path):
+    """A 16-bit RGB TIFF is refused in one line naming the file and what it holds, not read some other way."""
+    import tifffile
+
+    path = tmp_path / "deep.tif"
+    tifffile.imwrite(path, tissue_image(64, 64).astype(np.uint16) * 257, photometric="rgb", tile=(32, 32))
+    with pytest.raises(He2stError, match="expected an 8-bit RGB TIFF, got 3 sample.s. per pixel of uint16") as err:
+        open_slide(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

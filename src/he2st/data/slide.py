@@ -211,7 +211,8 @@ class TiffFileSlide(Slide):
             raise He2stError(f"not a readable TIFF ({exc})", path) from exc
         for page in self._pages:
             if page.samplesperpixel not in (3, 4) or page.dtype != np.uint8:
-                raise He2stError("expected an 8-bit RGB TIFF", path)
+                raise He2stError(f"expected an 8-bit RGB TIFF, got {page.samplesperpixel} sample(s) per pixel of "
+                                 f"{page.dtype}", path)
             if not page.is_tiled and page.imagewidth * page.imagelength > PLAIN_IMAGE_MAX_PIXELS:
                 raise He2stError(f"untiled image has more than {PLAIN_IMAGE_MAX_PIXELS:,} pixels; convert it to a "
                                  "tiled pyramidal TIFF", path)
@@ -244,7 +245,8 @@ class TiffFileSlide(Slide):
         if not page.is_tiled:
             if level not in self._untiled:
                 with self._lock:  # asarray seeks the file handle that tile reads share
-                    self._untiled[level] = self._rgb(level, page.asarray())
+                    pixels = page.asarray()
+                    self._untiled[level] = self._rgb(level, np.moveaxis(pixels, 0, -1) if _is_planar(page) else pixels)
             return self._untiled[level][y : y + height, x : x + width]
         tw, th = page.tilewidth, page.tilelength
         n_across = math.ceil(page.imagewidth / tw)
@@ -259,18 +261,28 @@ class TiffFileSlide(Slide):
         return out
 
     def _tile(self, level: int, index: int) -> np.ndarray:
-        """Tile ``index`` of ``level`` as RGB. A tile of byte count 0 was never written -- legal in a sparse TIFF,
-        which leaves empty background out -- and is white: it is background (tifffile's own fill, 0, would read
-        as black tissue)."""
+        """Tile ``index`` of ``level`` as RGB. A planar-separate page stores each sample's plane as its own run
+        of tiles (plane ``s`` of tile ``index`` is segment ``index + s * tiles per plane``): all are read, or
+        the image would be its red plane only."""
         page = self._pages[level]
+        if not _is_planar(page):
+            return self._rgb(level, self._segment(page, index, page.samplesperpixel))
+        per_plane = len(page.dataoffsets) // page.samplesperpixel
+        planes = [self._segment(page, index + s * per_plane, 1) for s in range(page.samplesperpixel)]
+        return self._rgb(level, np.concatenate(planes, axis=-1))
+
+    def _segment(self, page: tifffile.TiffPage, index: int, samples: int) -> np.ndarray:
+        """Segment ``index`` of ``page`` decoded to (tile height, tile width, ``samples``). A segment of byte count
+        0 was never written -- legal in a sparse TIFF, which leaves empty background out -- and is white: it is
+        background (tifffile's own fill, 0, would read as black tissue)."""
         count = page.databytecounts[index]
         if not count:
-            return np.full((page.tilelength, page.tilewidth, 3), 255, dtype=np.uint8)
+            return np.full((page.tilelength, page.tilewidth, samples), 255, dtype=np.uint8)
         with self._lock:
             self._tif.filehandle.seek(page.dataoffsets[index])
             data = self._tif.filehandle.read(count)
         tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
-        return self._rgb(level, np.asarray(tile).reshape(page.tilelength, page.tilewidth, -1))
+        return np.asarray(tile).reshape(page.tilelength, page.tilewidth, samples)
 
     def _rgb(self, level: int, pixels: np.ndarray) -> np.ndarray:
         """Decoded samples of ``level`` as RGB, its alpha (if any) composited on white."""
@@ -279,6 +291,11 @@ class TiffFileSlide(Slide):
 
     def close(self) -> None:
         self._tif.close()
+
+
+def _is_planar(page: tifffile.TiffPage) -> bool:
+    """Whether ``page`` stores each sample as its own plane (PlanarConfiguration 2) rather than interleaved."""
+    return int(page.planarconfig) == 2
 
 
 def _tiff_alpha(page: tifffile.TiffPage) -> str | None:
@@ -381,12 +398,11 @@ def open_slide(path: str | Path) -> Slide:
         if _openslide_vendor(path) not in (None, "generic-tiff"):
             # Aperio, Philips, Ventana, ... named .tif: only openslide reads their pyramid and pixel size.
             return OpenSlideSlide(path)
-        try:
-            # tiled or not: tifffile reads the resolution tags and OME-XML that Pillow would drop
+        if "TIFF" in file_type(path):
+            # Tiled or not, tifffile reads the resolution tags and OME-XML that Pillow would drop. Its refusal of
+            # a layout it cannot read as RGB stands: openslide would read such a file as one gray channel.
             return TiffFileSlide(path)
-        except He2stError:
-            return _open_with_openslide(path)
-    return _open_with_openslide(path)
+    return _open_with_openslide(path)  # also a JPEG or PNG named .tif
 
 
 def _openslide_vendor(path: Path) -> str | None:
