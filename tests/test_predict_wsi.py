@@ -400,11 +400,19 @@ def test_gene_subset_and_user_mask(model_path, slide_path, encoder, tmp_path):
         predict_slide(model_path, slide_path, tmp_path / "x", genes="NOPE", encoder=encoder)
 
 
-@pytest.mark.parametrize(("kind", "message"), [("empty", "no tissue found"), ("grayscale", "not H&E-like")])
+@pytest.mark.parametrize(("kind", "message"), [
+    ("empty", "no tissue found"), ("grayscale", "not H&E-like"),
+    ("speck", r"tissue found is too small: its largest piece covers 0\.00\d+ mm², below the 0\.02 mm²"),
+])
 def test_empty_and_grayscale_slides_are_refused(kind, message, model_path, encoder, tmp_path):
+    """An empty slide, a grayscale one and one whose only H&E is a fragment below the speck limit are each
+    refused with their own reason (the fragment is H&E, not "grayscale or fluorescence")."""
     img = tissue_image(1200, 1200, seed=5)
     if kind == "empty":
         img = np.full_like(img, 242)
+    elif kind == "speck":  # a 100 x 100 µm H&E fragment: about 0.005 mm² of tissue
+        img = np.full_like(img, 242)
+        img[500:700, 500:700] = tissue_image(200, 200, seed=5)
     else:
         img = np.repeat(img.mean(-1, keepdims=True), 3, -1).astype(np.uint8)
     path = write_pyramid(tmp_path / f"{kind}.tif", img, MPP)
