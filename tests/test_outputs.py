@@ -187,6 +187,19 @@ def test_zarr_store_of_the_user_is_kept_and_replaced_only_with_overwrite(kit, tm
     assert not [p for p in os.listdir(out) if "partial" in p]
 
 
+def test_a_foreign_map_is_refused_before_any_prediction(kit, tmp_path):  # noqa: F811
+    """``<out>/<library-id>/maps.png`` that he2st did not write is refused with the other outputs, before the
+    slide is predicted (on a real slide, hours before), leaving nothing written."""
+    out = tmp_path / "out"
+    (out / "slide").mkdir(parents=True)
+    (out / "slide" / "maps.png").write_text("my own figure")
+    result = run_cli(*[a for a in _predict(kit, out) if a != "--no-maps"])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert "maps.png" in errors[0] and "--overwrite" in errors[0]
+    assert sorted(os.listdir(out)) == ["slide"] and os.listdir(out / "slide") == ["maps.png"]
+
+
 def test_a_prediction_being_written_by_another_process_is_one_line(kit, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     with output_lock(out / "slide.h5ad"):

@@ -400,11 +400,19 @@ def test_gene_subset_and_user_mask(model_path, slide_path, encoder, tmp_path):
         predict_slide(model_path, slide_path, tmp_path / "x", genes="NOPE", encoder=encoder)
 
 
-@pytest.mark.parametrize(("kind", "message"), [("empty", "no tissue found"), ("grayscale", "not H&E-like")])
+@pytest.mark.parametrize(("kind", "message"), [
+    ("empty", "no tissue found"), ("grayscale", "not H&E-like"),
+    ("speck", r"tissue found is too small: its largest piece covers 0\.00\d+ mm², below the 0\.02 mm²"),
+])
 def test_empty_and_grayscale_slides_are_refused(kind, message, model_path, encoder, tmp_path):
+    """An empty slide, a grayscale one and one whose only H&E is a fragment below the speck limit are each
+    refused with their own reason (the fragment is H&E, not "grayscale or fluorescence")."""
     img = tissue_image(1200, 1200, seed=5)
     if kind == "empty":
         img = np.full_like(img, 242)
+    elif kind == "speck":  # a 100 x 100 µm H&E fragment: about 0.005 mm² of tissue
+        img = np.full_like(img, 242)
+        img[500:700, 500:700] = tissue_image(200, 200, seed=5)
     else:
         img = np.repeat(img.mean(-1, keepdims=True), 3, -1).astype(np.uint8)
     path = write_pyramid(tmp_path / f"{kind}.tif", img, MPP)
@@ -610,3 +618,36 @@ def test_many_slides_one_command_equal_one_by_one(model_path, slide_path, encode
         batch = ad.read_h5ad(out / f"{path.stem}.h5ad")
         np.testing.assert_array_equal(batch.X, ad.read_h5ad(alone).X)
         np.testing.assert_array_equal(batch.obsm["spatial"], ad.read_h5ad(alone).obsm["spatial"])
+
+
+@pytest.mark.parametrize(("resolution", "unit", "recorded"), [(72, "INCH", 352.778), (10, "CENTIMETER", 1000.0)])
+def test_screen_default_resolution_is_an_unknown_pixel_size(tmp_path, resolution, unit, recorded):
+    """An editor's 72 dpi or libvips' 10 px/cm is not a scan's pixel size: predict asks for --mpp, saying what
+    the file records, instead of refusing the slide as too coarse with advice to upsample 700x."""
+    import tifffile
+
+    from he2st.data.patches import check_resolution
+    from he2st.predict.slide import resolve_mpp
+
+    path = tmp_path / "edited.tif"
+    tifffile.imwrite(path, tissue_image(64, 64), photometric="rgb", tile=(32, 32), resolution=(resolution, resolution),
+                     resolutionunit=unit)
+    with open_slide(path) as slide:
+        assert slide.recorded_mpp == pytest.approx(recorded, rel=1e-4) and slide.embedded_mpp is None
+        with pytest.raises(He2stError, match=rf"records {recorded:g} µm/px, a screen or editor default.*pass --mpp"):
+            resolve_mpp(None, slide)
+        assert resolve_mpp(0.5, slide) == 0.5
+    with pytest.raises(He2stError, match=r"check the pixel size \(set it with --mpp\).*--max-upsample to at least"):
+        check_resolution(30.0, PatchSpec(), path, training_mpp=[0.5], option="--max-upsample", mpp_option="--mpp")
+
+
+def test_a_pitch_under_a_pixel_or_a_huge_grid_is_refused_in_one_line(model_path, slide_path, encoder, tmp_path):
+    """A mistyped --pitch-um is refused naming its value, not found out as an allocation failure."""
+    from he2st.predict.grid import MAX_GRID_POINTS
+
+    with pytest.raises(He2stError, match=r"a 0\.001 µm spot pitch \(--pitch-um\) is under one pixel.*0\.5 µm/px"):
+        predict_slide(model_path, slide_path, tmp_path / "x", pitch_um=0.001, encoder=encoder)
+    assert not (tmp_path / "x").exists()
+    mask = np.ones((100, 100), bool)  # a 10 cm square of tissue at 1 µm/px: 1.15e10 points at a 1 µm pitch
+    with pytest.raises(He2stError, match=rf"1 µm spot pitch.*more than {MAX_GRID_POINTS:,}; choose a coarser"):
+        hex_grid(mask, 0.001, pitch_um=1.0, mpp=1.0, where="slide.tif")

@@ -323,3 +323,115 @@ def test_xenium_cells_placed_on_the_he_by_its_alignment(tmp_path, cell_level):
         assert sample.n_spots == kept.sum() == 9  # near-empty edge squares dropped
         np.testing.assert_allclose(sample.adata.X.sum(), counts[kept[which.ravel()]].sum())  # conserved where kept
         assert set(np.unique(sample.spatial)) <= set((np.arange(4) + 0.5) * side)
+
+
+def test_vendor_slide_named_tif_goes_to_openslide(tmp_path):
+    """An Aperio slide keeps its pyramid and pixel size (in the Aperio description, which tifffile does not
+    read) whatever its name ends in: the suffix is not what decides the backend."""
+    import tifffile
+
+    from he2st.data.slide import OpenSlideSlide
+
+    img = tissue_image(512, 512, seed=2)
+    path = tmp_path / "aperio.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, photometric="rgb", tile=(256, 256), compression="jpeg", metadata=None,
+                 description="Aperio Image Library v12.0.15 \r\n512x512 [0,0 512x512] (256x256) JPEG/RGB Q=70"
+                             "|AppMag = 20|MPP = 0.4990")
+        tw.write(img[::4, ::4].copy(), photometric="rgb", tile=(256, 256), compression="jpeg", metadata=None,
+                 description="Aperio Image Library v12.0.15 \r\n128x128")
+    with open_slide(path) as slide:
+        assert isinstance(slide, OpenSlideSlide)
+        assert slide.level_dimensions == [(512, 512), (128, 128)]
+        assert slide.embedded_mpp == pytest.approx(0.499)
+
+
+@pytest.mark.parametrize("layout", ["strip", "ome", "ome-nm"])
+def test_tiff_pixel_size_from_resolution_tags_or_ome_xml(tmp_path, layout):
+    """A single-level strip TIFF keeps its XResolution (Pillow would drop it), and an OME-TIFF's
+    PhysicalSizeX is read in its unit."""
+    import tifffile
+
+    img = tissue_image(300, 400, seed=2)
+    path = tmp_path / "slide.tif"
+    if layout == "strip":
+        tifffile.imwrite(path, img, photometric="rgb", resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    else:
+        size, unit = (0.25, "µm") if layout == "ome" else (250.0, "nm")
+        tifffile.imwrite(path, img, photometric="rgb", tile=(256, 256), ome=True,
+                         metadata={"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeXUnit": unit})
+    with open_slide(path) as slide:
+        assert isinstance(slide, TiffFileSlide) and slide.dimensions == (400, 300)
+        assert slide.embedded_mpp == pytest.approx(0.25)
+        np.testing.assert_array_equal(slide.read_region(10, 20, 0, 50, 40), img[20:60, 10:60])
+
+
+@pytest.mark.parametrize("kind", ["png", "tiff", "tiff-tiled", "tiff-premultiplied"])
+def test_transparent_pixels_read_as_white_background(tmp_path, kind):
+    """Alpha is composited on white, as openslide's backend does: a transparent (black) strip is background,
+    a half-transparent pixel is half way to white, opaque pixels are unchanged."""
+    import tifffile
+
+    rgb = tissue_image(64, 96, seed=4)
+    alpha = np.full((64, 96), 255, np.uint8)
+    alpha[:, :20], alpha[:, 20:30] = 0, 128
+    colour = rgb.copy()
+    colour[:, :20] = 0  # what an editor leaves under a transparent area
+    if kind == "tiff-premultiplied":
+        colour = (colour.astype(np.uint16) * alpha[..., None] // 255).astype(np.uint8)
+    rgba = np.dstack([colour, alpha])
+    path = tmp_path / ("slide.png" if kind == "png" else "slide.tif")
+    if kind == "png":
+        Image.fromarray(rgba, "RGBA").save(path)
+    else:
+        tifffile.imwrite(path, rgba, photometric="rgb", tile=(32, 32) if kind == "tiff-tiled" else None,
+                         extrasamples=["assocalpha" if kind == "tiff-premultiplied" else "unassalpha"])
+    with open_slide(path) as slide:
+        got = slide.read_region(0, 0, 0, 96, 64).astype(int)
+    assert (got[:, :20] == 255).all()
+    half = (rgb[:, 20:30].astype(int) * 128 + 255 * 127) / 255
+    assert np.abs(got[:, 20:30] - half).max() <= 1
+    np.testing.assert_array_equal(got[:, 30:], rgb[:, 30:])
+
+
+def test_unwritten_tile_of_a_sparse_tiff_reads_white(tmp_path):
+    """A tile of byte count 0 (a sparse TIFF leaves empty background unwritten) is background, not corrupt."""
+    import tifffile
+
+    img = tissue_image(128, 128, seed=5)
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, img, photometric="rgb", tile=(64, 64), compression="zlib")
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tags = tif.pages[0].tags
+        tags["TileOffsets"].overwrite([0, *tif.pages[0].dataoffsets[1:]])
+        tags["TileByteCounts"].overwrite([0, *tif.pages[0].databytecounts[1:]])
+    with open_slide(path) as slide:
+        got = slide.read_region(0, 0, 0, 128, 128)
+    assert (got[:64, :64] == 255).all()
+    np.testing.assert_array_equal(got[64:, 64:], img[64:, 64:])
+
+
+@pytest.mark.parametrize("tile", [None, (32, 32)])
+def test_planar_separate_rgb_tiff_reads_all_three_planes(tmp_path, tile):
+    """Each sample's plane is its own run of tiles (or strips): all three are read, not the red one as gray."""
+    import tifffile
+
+    img = tissue_image(80, 100, seed=6)
+    path = tmp_path / "planar.tif"
+    tifffile.imwrite(path, np.moveaxis(img, -1, 0), photometric="rgb", planarconfig="separate", tile=tile)
+    with open_slide(path) as slide:
+        assert isinstance(slide, TiffFileSlide)
+        got = slide.read_region(0, 0, 0, 100, 80)
+    np.testing.assert_array_equal(got, img)
+    assert len({got[..., c].tobytes() for c in range(3)}) == 3  # the channels differ
+
+
+def test_a_tiff_tifffile_refuses_is_not_handed_to_another_reader(tmp_path):
+    """A 16-bit RGB TIFF is refused in one line naming the file and what it holds, not read some other way."""
+    import tifffile
+
+    path = tmp_path / "deep.tif"
+    tifffile.imwrite(path, tissue_image(64, 64).astype(np.uint16) * 257, photometric="rgb", tile=(32, 32))
+    with pytest.raises(He2stError, match="expected an 8-bit RGB TIFF, got 3 sample.s. per pixel of uint16") as err:
+        open_slide(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

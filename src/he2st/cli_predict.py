@@ -99,16 +99,24 @@ def predict(
         _predict_many(checkpoint, cfg, slides, manifest, engine, workers, address)
         return
     method = load_method(checkpoint)
+    if maps:
+        from he2st.report.plots import check_prediction_figures, plot_prediction
+    # a foreign maps.png is refused with the prediction's outputs, before any work, not after it
+    check_maps = (lambda out: check_prediction_figures(_maps_folder(out))) if maps else None
     with progress_bar(None, "predict") as advance:
-        path = run_prediction(cfg, method, on_chunk=lambda info: advance(info.n_spots, total=info.total_spots))
+        path = run_prediction(cfg, method, on_chunk=lambda info: advance(info.n_spots, total=info.total_spots),
+                              check_beside=check_maps)
     typer.echo(f"predictions: {path}")
     if cfg.format == "zarr":
         typer.echo(f"SpatialData store: {path.with_suffix('.zarr')}")
     if maps:
-        from he2st.report.plots import plot_prediction
-
-        written = plot_prediction(path, path.parent / path.stem)
+        written = plot_prediction(path, _maps_folder(path))
         typer.echo(f"maps: {written['maps']}")
+
+
+def _maps_folder(prediction: Path) -> Path:
+    """``<out>/<library-id>/``, where the maps of ``<out>/<library-id>.h5ad`` go."""
+    return prediction.parent / prediction.stem
 
 
 def _predict_many(model: Path, cfg, slides: list[Path], manifest: Path | None, engine: str, workers: int,

@@ -87,7 +87,8 @@ def path_kind(path: str | Path) -> str:
 
 _SIGNATURES = (
     (b"\x89HDF\r\n\x1a\n", "an HDF5 file"), (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
-    (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"II+\x00", "a BigTIFF image"),
+    (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+    (b"II+\x00", "a BigTIFF image"), (b"MM\x00+", "a BigTIFF image"),
     (b"\x1f\x8b", "a gzip file"), (b"PK\x03\x04", "a zip archive (e.g. a torch checkpoint)"), (b"%PDF", "a PDF"),
     (b"GIF8", "a GIF image"), (b"BM", "a BMP image"),
 )

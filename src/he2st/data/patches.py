@@ -78,11 +78,13 @@ def _um_range(values: Iterable[float]) -> str:
 
 
 def too_coarse(mpp: float, patch: PatchSpec, max_upsample: float = MAX_UPSAMPLE,
-               training_mpp: Iterable[float] | None = None, option: str | None = None) -> str | None:
+               training_mpp: Iterable[float] | None = None, option: str | None = None,
+               mpp_option: str | None = None) -> str | None:
     """The one resolution rule of prepare, evaluate, benchmark and predict: None when a slide of ``mpp``
     µm/px suits ``patch``, else why not (predict refuses such a slide; the others warn). ``training_mpp``
     (the model's training slides, predict only) is named in the reason: an empty list says it is unknown;
-    ``option`` is the setting that would accept the slide."""
+    ``option`` is the setting that would accept the slide, ``mpp_option`` the one that corrects a wrong
+    pixel size (a file's recorded one is often a default, and a coarse slide is most often a wrong one)."""
     need = patch.pixel_size_um
     if upsampling(mpp, patch) <= max_upsample * 1.001:
         return None
@@ -92,22 +94,24 @@ def too_coarse(mpp: float, patch: PatchSpec, max_upsample: float = MAX_UPSAMPLE,
         trained = list(training_mpp)
         seen = (f"the model's training slides ({_um_range(trained)})" if trained
                 else "anything the model saw (its card records no training µm/px)")
+    check = "the pixel size" if mpp_option is None else f"the pixel size (set it with {mpp_option})"
     return (f"slide pixel size {mpp:g} µm/px is too coarse for {patch.field_um:g} µm patches at {patch.size_px} px "
             f"({need:g} µm/px): they are upsampled {upsampling(mpp, patch):.1f}x, more than {max_upsample:g}x, so "
             f"they are blurrier than {seen} (the slide should be {need * max_upsample:g} µm/px or finer; check "
-            + ("the pixel size, or scan at higher magnification)" if option is None else
-               f"the pixel size, scan at higher magnification, or set {option} to at least "
+            + (f"{check}, or scan at higher magnification)" if option is None else
+               f"{check}, scan at higher magnification, or set {option} to at least "
                f"{upsampling(mpp, patch):.3g})"))
 
 
 def check_resolution(mpp: float, patch: PatchSpec, where: str | Path | None = None,
                      max_upsample: float | None = None, training_mpp: Iterable[float] = (),
-                     option: str = "max_upsample") -> None:
+                     option: str = "max_upsample", mpp_option: str = "mpp") -> None:
     """Refuse a slide too coarse for a model (:func:`too_coarse`): one trained on slides of ``training_mpp``
-    µm/px accepts up to :func:`allowed_upsampling`, unless ``max_upsample`` (the ``option``) sets the limit."""
+    µm/px accepts up to :func:`allowed_upsampling`, unless ``max_upsample`` (the ``option``) sets the limit;
+    ``mpp_option`` is the setting that gives the pixel size."""
     trained = list(training_mpp)
     limit = max_upsample if max_upsample is not None else allowed_upsampling(patch, trained)
-    problem = too_coarse(mpp, patch, limit, trained, option)
+    problem = too_coarse(mpp, patch, limit, trained, option, mpp_option)
     if problem is not None:
         raise He2stError(problem, where)
 

@@ -16,12 +16,17 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+from xml.etree import ElementTree
 
 import numpy as np
 from PIL import Image
 
 from he2st.errors import He2stError
 from he2st.io import file_type, input_path
+
+if TYPE_CHECKING:
+    import tifffile
 
 # Largest plain (non-tiled) image we agree to decode. Pillow's default bomb guard (~89 Mpx) trips on
 # ordinary ST images (her2st JPEGs are ~92 Mpx); we raise the limit for our own reads only.
@@ -31,6 +36,25 @@ _PIL_LIMIT_LOCK = threading.Lock()
 WHOLE_SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf"}
 PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+# Largest pixel size (µm/px) a file may record and be believed. 50 µm/px is already coarser than half a Visium
+# spot and ~12x a 2.5x objective's scan; what does exceed it are the defaults written by tools that never knew
+# the scale (72 / 96 dpi = 352.8 / 264.6 µm/px, libvips' 10 px/cm = 1000 µm/px), so such a value means unknown.
+MAX_PLAUSIBLE_MPP = 50.0
+# Micrometres per OME-XML length unit (the schema's UnitsLength symbols a slide's pixel size can come in).
+_OME_UM_PER_UNIT = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _on_white(pixels: np.ndarray, premultiplied: bool = False) -> np.ndarray:
+    """RGB uint8 of an RGB or RGBA array, alpha composited on white: a transparent pixel holds no data, which is
+    slide background, as openslide's backend and the padding outside the image read it (not black, which the
+    tissue mask and the patches of edge spots would take for dark tissue). ``premultiplied``: the colour is
+    already scaled by alpha (a TIFF's associated alpha)."""
+    if pixels.shape[-1] < 4:
+        return pixels[..., :3]
+    rgb, alpha = pixels[..., :3].astype(np.uint16), pixels[..., 3:4].astype(np.uint16)
+    white = 255 - alpha
+    mixed = rgb + white if premultiplied else (rgb * alpha + 255 * white + 127) // 255
+    return np.minimum(mixed, 255).astype(np.uint8)
 
 
 @contextlib.contextmanager
@@ -67,9 +91,24 @@ class Slide(ABC):
         return [w0 / w for w, _ in self.level_dimensions]
 
     @property
-    def embedded_mpp(self) -> float | None:
-        """Pixel size written in the file (µm/px), if any. Sample metadata takes precedence."""
+    def recorded_mpp(self) -> float | None:
+        """Pixel size written in the file (µm/px) as it stands, plausible or not; None when it records none."""
         return None
+
+    @property
+    def embedded_mpp(self) -> float | None:
+        """:attr:`recorded_mpp` when it is plausible for a slide scan (:data:`MAX_PLAUSIBLE_MPP`), else None
+        (unknown). Sample metadata takes precedence."""
+        mpp = self.recorded_mpp
+        return mpp if mpp is not None and 0 < mpp <= MAX_PLAUSIBLE_MPP else None
+
+    def unknown_mpp(self) -> He2stError:
+        """The one-line refusal of a slide whose pixel size is unknown, saying when the file records an
+        implausible one (a screen default) rather than none."""
+        recorded = self.recorded_mpp
+        what = ("the slide does not record its pixel size" if recorded is None else
+                f"the slide records {recorded:g} µm/px, a screen or editor default rather than a scan's pixel size")
+        return He2stError(f"{what}; pass --mpp (µm per level-0 pixel)", getattr(self, "path", None))
 
     def best_level(self, downsample: float) -> int:
         """Deepest level whose downsample does not exceed ``downsample`` (never lose resolution)."""
@@ -143,23 +182,22 @@ class OpenSlideSlide(Slide):
         self.level_dimensions = [tuple(d) for d in self._osr.level_dimensions]
 
     @property
-    def embedded_mpp(self) -> float | None:
+    def recorded_mpp(self) -> float | None:
         mpp = self._osr.properties.get("openslide.mpp-x")
         return float(mpp) if mpp else None
 
     def _read_inside(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         ds = self.level_downsamples[level]
         rgba = self._osr.read_region((round(x * ds), round(y * ds)), level, (width, height))
-        rgb = Image.new("RGB", rgba.size, (255, 255, 255))
-        rgb.paste(rgba, mask=rgba.getchannel("A"))  # transparent = no data = background
-        return np.asarray(rgb)
+        return _on_white(np.asarray(rgba))  # transparent = no data = background
 
     def close(self) -> None:
         self._osr.close()
 
 
 class TiffFileSlide(Slide):
-    """Tiled (pyramidal, OME or SubIFD) TIFFs through tifffile, decoding only the tiles needed."""
+    """TIFFs through tifffile: a tiled page (pyramidal, OME or SubIFD) decodes only the tiles needed; a strip
+    page is decoded whole on first access, as Pillow would, but its resolution tags and OME-XML are kept."""
 
     def __init__(self, path: Path) -> None:
         import tifffile
@@ -173,13 +211,25 @@ class TiffFileSlide(Slide):
             raise He2stError(f"not a readable TIFF ({exc})", path) from exc
         for page in self._pages:
             if page.samplesperpixel not in (3, 4) or page.dtype != np.uint8:
-                raise He2stError("expected an 8-bit RGB TIFF", path)
+                raise He2stError(f"expected an 8-bit RGB TIFF, got {page.samplesperpixel} sample(s) per pixel of "
+                                 f"{page.dtype}", path)
+            if not page.is_tiled and page.imagewidth * page.imagelength > PLAIN_IMAGE_MAX_PIXELS:
+                raise He2stError(f"untiled image has more than {PLAIN_IMAGE_MAX_PIXELS:,} pixels; convert it to a "
+                                 "tiled pyramidal TIFF", path)
         self.level_dimensions = [(int(p.imagewidth), int(p.imagelength)) for p in self._pages]
+        # per level: its 4th sample is alpha (None: no alpha, or an unspecified extra sample, which is dropped)
+        self._alpha = [_tiff_alpha(p) for p in self._pages]
         self._lock = threading.Lock()
         self._untiled: dict[int, np.ndarray] = {}
 
     @property
-    def embedded_mpp(self) -> float | None:
+    def recorded_mpp(self) -> float | None:
+        """The OME-XML's PhysicalSizeX (the more specific record: OME writers often leave the resolution tags
+        at a default), else the level-0 page's XResolution in its ResolutionUnit."""
+        ome = _ome_mpp(self._tif.ome_metadata)
+        return ome if ome is not None else self._resolution_mpp()
+
+    def _resolution_mpp(self) -> float | None:
         page = self._pages[0]
         tag = page.tags.get("XResolution")
         unit = page.tags.get("ResolutionUnit")
@@ -194,28 +244,90 @@ class TiffFileSlide(Slide):
         page = self._pages[level]
         if not page.is_tiled:
             if level not in self._untiled:
-                self._untiled[level] = page.asarray()[..., :3]
+                with self._lock:  # asarray seeks the file handle that tile reads share
+                    pixels = page.asarray()
+                    self._untiled[level] = self._rgb(level, np.moveaxis(pixels, 0, -1) if _is_planar(page) else pixels)
             return self._untiled[level][y : y + height, x : x + width]
         tw, th = page.tilewidth, page.tilelength
         n_across = math.ceil(page.imagewidth / tw)
         out = np.empty((height, width, 3), dtype=np.uint8)
-        fh = self._tif.filehandle
         for ty in range(y // th, (y + height - 1) // th + 1):
             for tx in range(x // tw, (x + width - 1) // tw + 1):
-                index = ty * n_across + tx
-                with self._lock:
-                    fh.seek(page.dataoffsets[index])
-                    data = fh.read(page.databytecounts[index])
-                tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
-                tile = np.asarray(tile).reshape(th, tw, -1)[..., :3]
+                tile = self._tile(level, ty * n_across + tx)
                 gx0, gy0 = tx * tw, ty * th
                 sx0, sy0 = max(x, gx0), max(y, gy0)
                 sx1, sy1 = min(x + width, gx0 + tw), min(y + height, gy0 + th)
                 out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - gy0 : sy1 - gy0, sx0 - gx0 : sx1 - gx0]
         return out
 
+    def _tile(self, level: int, index: int) -> np.ndarray:
+        """Tile ``index`` of ``level`` as RGB. A planar-separate page stores each sample's plane as its own run
+        of tiles (plane ``s`` of tile ``index`` is segment ``index + s * tiles per plane``): all are read, or
+        the image would be its red plane only."""
+        page = self._pages[level]
+        if not _is_planar(page):
+            return self._rgb(level, self._segment(page, index, page.samplesperpixel))
+        per_plane = len(page.dataoffsets) // page.samplesperpixel
+        planes = [self._segment(page, index + s * per_plane, 1) for s in range(page.samplesperpixel)]
+        return self._rgb(level, np.concatenate(planes, axis=-1))
+
+    def _segment(self, page: tifffile.TiffPage, index: int, samples: int) -> np.ndarray:
+        """Segment ``index`` of ``page`` decoded to (tile height, tile width, ``samples``). A segment of byte count
+        0 was never written -- legal in a sparse TIFF, which leaves empty background out -- and is white: it is
+        background (tifffile's own fill, 0, would read as black tissue)."""
+        count = page.databytecounts[index]
+        if not count:
+            return np.full((page.tilelength, page.tilewidth, samples), 255, dtype=np.uint8)
+        with self._lock:
+            self._tif.filehandle.seek(page.dataoffsets[index])
+            data = self._tif.filehandle.read(count)
+        tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
+        return np.asarray(tile).reshape(page.tilelength, page.tilewidth, samples)
+
+    def _rgb(self, level: int, pixels: np.ndarray) -> np.ndarray:
+        """Decoded samples of ``level`` as RGB, its alpha (if any) composited on white."""
+        alpha = self._alpha[level]
+        return pixels[..., :3] if alpha is None else _on_white(pixels[..., :4], premultiplied=alpha == "associated")
+
     def close(self) -> None:
         self._tif.close()
+
+
+def _is_planar(page: tifffile.TiffPage) -> bool:
+    """Whether ``page`` stores each sample as its own plane (PlanarConfiguration 2) rather than interleaved."""
+    return int(page.planarconfig) == 2
+
+
+def _tiff_alpha(page: tifffile.TiffPage) -> str | None:
+    """``"associated"`` (premultiplied) or ``"unassociated"`` when a 4-sample page's extra sample is alpha."""
+    extra = tuple(page.extrasamples or ())
+    if page.samplesperpixel < 4 or not extra:
+        return None
+    return {1: "associated", 2: "unassociated"}.get(int(extra[0]))
+
+
+def _ome_mpp(xml: str | None) -> float | None:
+    """µm/px from the first image's ``PhysicalSizeX`` (or ``PhysicalSizeY``) in OME-XML, in its unit (µm when
+    the unit is not given, as the OME schema defaults); None when absent, unparsable or in an unknown unit."""
+    if not xml:
+        return None
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return None
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    for axis in ("X", "Y"):
+        size, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "µm")
+        if size is None:
+            continue
+        try:
+            value = float(size) * _OME_UM_PER_UNIT[unit]
+        except (KeyError, ValueError):
+            return None
+        return value if math.isfinite(value) and value > 0 else None
+    return None
 
 
 @contextlib.contextmanager
@@ -251,6 +363,8 @@ class PlainImageSlide(Slide):
             with _raised_pil_limit(), _open_plain(self.path) as img:
                 if reduce > 1:
                     img.draft("RGB", (img.size[0] // reduce, img.size[1] // reduce))
+                if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+                    return _on_white(np.asarray(img.convert("RGBA")))
                 return np.asarray(img.convert("RGB"))
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise He2stError(f"image is truncated or corrupt ({exc})", self.path) from exc
@@ -281,25 +395,31 @@ def open_slide(path: str | Path) -> Slide:
     if suffix in PLAIN_SUFFIXES or (suffix == ".gz" and Path(path.stem).suffix.lower() in PLAIN_SUFFIXES):
         return PlainImageSlide(path)
     if suffix in TIFF_SUFFIXES:
-        try:
-            slide = TiffFileSlide(path)
-        except He2stError:
-            return _open_with_openslide(path)
-        if slide.level_count > 1 or slide._pages[0].is_tiled:
-            return slide
-        slide.close()
-        return _open_with_openslide(path)
-    return _open_with_openslide(path)
+        if _openslide_vendor(path) not in (None, "generic-tiff"):
+            # Aperio, Philips, Ventana, ... named .tif: only openslide reads their pyramid and pixel size.
+            return OpenSlideSlide(path)
+        if "TIFF" in file_type(path):
+            # Tiled or not, tifffile reads the resolution tags and OME-XML that Pillow would drop. Its refusal of
+            # a layout it cannot read as RGB stands: openslide would read such a file as one gray channel.
+            return TiffFileSlide(path)
+    return _open_with_openslide(path)  # also a JPEG or PNG named .tif
+
+
+def _openslide_vendor(path: Path) -> str | None:
+    """openslide's name for the format of ``path`` (``"aperio"``, ``"generic-tiff"``, ...); None when it is not
+    a slide openslide knows, or openslide is not installed."""
+    try:
+        import openslide
+    except ImportError:
+        return None
+    try:
+        return openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # noqa: BLE001 - any failure means "not a slide"
+        return None
 
 
 def _open_with_openslide(path: Path) -> Slide:
-    import openslide
-
-    try:
-        vendor = openslide.OpenSlide.detect_format(str(path))
-    except Exception:  # noqa: BLE001 - any failure means "not a slide"
-        vendor = None
-    if vendor is None:
+    if _openslide_vendor(path) is None:
         # Not a whole-slide format: maybe a plain image with an unusual suffix.
         try:
             return PlainImageSlide(path)

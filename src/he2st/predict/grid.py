@@ -10,6 +10,7 @@ numbers on even rows and odd numbers on odd rows. We follow that, so squidpy's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +19,10 @@ from he2st.errors import He2stError
 
 VISIUM_PITCH_UM = 100.0
 VISIUM_SPOT_FRACTION = 0.55  # spot diameter / pitch (55 µm / 100 µm)
+# Most lattice points a grid may lay over the tissue's bounding box. Each kept one is a patch to cut and encode,
+# so 10 million (a 10 µm pitch over 3 x 3 cm) is already days of prediction and ~0.5 GB only to place them;
+# a larger grid is a mistaken pitch, refused in one line rather than found out as an allocation failure.
+MAX_GRID_POINTS = 10_000_000
 
 
 @dataclass
@@ -36,12 +41,14 @@ class SpotGrid:
         return len(self.xy)
 
 
-def hex_grid(mask: np.ndarray, scale: float, pitch_um: float = VISIUM_PITCH_UM, mpp: float = 1.0) -> SpotGrid:
+def hex_grid(mask: np.ndarray, scale: float, pitch_um: float = VISIUM_PITCH_UM, mpp: float = 1.0,
+             where: str | Path | None = None) -> SpotGrid:
     """Hexagonal spot centres (level-0 px) whose centre falls on tissue.
 
     ``mask`` is a tissue mask at thumbnail resolution, ``scale`` = mask px per level-0 px,
     ``mpp`` = level-0 µm/px. The lattice is centred on the tissue's bounding box so the result
-    does not depend on how much glass surrounds the tissue.
+    does not depend on how much glass surrounds the tissue. A lattice of more than :data:`MAX_GRID_POINTS`
+    is refused (naming ``where``) before it is allocated.
     """
     if pitch_um <= 0 or mpp <= 0 or scale <= 0:
         raise He2stError(f"pitch ({pitch_um} µm), pixel size ({mpp} µm/px) and scale ({scale}) must be positive")
@@ -55,6 +62,10 @@ def hex_grid(mask: np.ndarray, scale: float, pitch_um: float = VISIUM_PITCH_UM, 
     y_lo, y_hi = ys.min() / scale, (ys.max() + 1) / scale
     n_cols = int((x_hi - x_lo) // pitch) + 1
     n_rows = int((y_hi - y_lo) // row_step) + 1
+    if n_rows * (n_cols + 1) > MAX_GRID_POINTS:
+        raise He2stError(f"a {pitch_um:g} µm spot pitch (--pitch-um) lays {n_rows * (n_cols + 1):,} grid points over "
+                         f"the tissue, more than {MAX_GRID_POINTS:,}; choose a coarser pitch (Visium: "
+                         f"{VISIUM_PITCH_UM:g} µm)", where)
     x0 = x_lo + ((x_hi - x_lo) - (n_cols - 1) * pitch) / 2 - pitch / 4  # room for the half-pitch shift
     y0 = y_lo + ((y_hi - y_lo) - (n_rows - 1) * row_step) / 2
     rows, cols = np.mgrid[0:n_rows, 0 : n_cols + 1]
@@ -76,6 +87,14 @@ def hex_grid(mask: np.ndarray, scale: float, pitch_um: float = VISIUM_PITCH_UM, 
         array_row=rows.astype(np.int64),
         array_col=array_col.astype(np.int64),
     )
+
+
+def check_pitch(pitch_um: float, mpp: float, where: str | Path | None = None) -> None:
+    """Refuse a spot pitch under one pixel of a slide of ``mpp`` µm/px: neighbouring spots would share their
+    pixels (and the lattice would outgrow memory), which no prediction needs -- it is a mistyped pitch."""
+    if pitch_um < mpp:
+        raise He2stError(f"a {pitch_um:g} µm spot pitch (--pitch-um) is under one pixel of this slide ({mpp:g} "
+                         f"µm/px); choose a pitch of at least {mpp:g} µm (Visium: {VISIUM_PITCH_UM:g} µm)", where)
 
 
 def grid_from_sample(sample: Sample) -> SpotGrid:

@@ -41,7 +41,7 @@ from he2st.errors import He2stError
 from he2st.io import check_output, name_from_stem, output_lock, overwriting, sha256_file, writing
 from he2st.methods import Method, ModelCard
 from he2st.predict.config import PredictConfig
-from he2st.predict.grid import SpotGrid, grid_from_sample, hex_grid
+from he2st.predict.grid import SpotGrid, check_pitch, grid_from_sample, hex_grid
 from he2st.predict.sdata import store_is_current, write_spatialdata
 from he2st.predict.store import (
     file_id,
@@ -139,7 +139,7 @@ def resolve_mpp(mpp: float | None, slide: Slide, sample: Sample | None = None) -
     """Level-0 µm/px: the argument, else the spot sample's pixel size, else the file's, else an error."""
     value = mpp if mpp is not None else (sample.pixel_size_um if sample is not None else slide.embedded_mpp)
     if value is None:
-        raise He2stError("the slide does not record its pixel size; pass --mpp (µm per level-0 pixel)", slide.path)
+        raise slide.unknown_mpp()
     if not (math.isfinite(value) and value > 0):
         raise He2stError(f"pixel size must be a positive number of µm/px, got {value}", slide.path)
     return float(value)
@@ -223,7 +223,7 @@ def _halo_rows(tree: cKDTree, xy: np.ndarray, rows: np.ndarray, hops: tuple[int,
 
 def run_prediction(
     config: PredictConfig, method: Method, *, encoder: Encoder | None = None,
-    on_chunk: Callable[[ChunkInfo], None] | None = None,
+    on_chunk: Callable[[ChunkInfo], None] | None = None, check_beside: Callable[[Path], object] | None = None,
 ) -> Path:
     """Predict ``method``'s genes over a slide; returns the written ``<out>/<library_id>.h5ad``.
 
@@ -234,13 +234,16 @@ def run_prediction(
     loading it by name (tests, custom weights). A rerun with identical inputs returns the existing
     file; an interrupted one resumes. Outputs that he2st did not write are refused unless
     ``config.overwrite``; another process predicting the same output is refused in one line naming it.
+    ``check_beside`` is called with the output path where the outputs are checked, before any work: a caller
+    that writes more beside it afterwards (the CLI's maps) refuses a foreign file there up front.
     """
     with overwriting(config.overwrite):
-        return _run_prediction(config, method, encoder, on_chunk)
+        return _run_prediction(config, method, encoder, on_chunk, check_beside)
 
 
 def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | None,
-                    on_chunk: Callable[[ChunkInfo], None] | None) -> Path:
+                    on_chunk: Callable[[ChunkInfo], None] | None,
+                    check_beside: Callable[[Path], object] | None = None) -> Path:
     trained_encoder, patch, trained = method.card.features(config.model)
     sample = Sample.load(config.spots_from) if config.spots_from is not None else None
     slide_path = config.slide
@@ -260,8 +263,10 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
 
     with open_slide(slide_path) as slide:
         mpp = resolve_mpp(config.mpp, slide, sample)
+        if sample is None:
+            check_pitch(config.pitch_um, mpp, slide_path)
         check_resolution(mpp, patch, slide_path, config.max_upsample, method.card.training_mpp,
-                         option="--max-upsample")
+                         option="--max-upsample", mpp_option="--mpp")
         thumb, scale = slide.thumbnail(config.thumbnail_px)
         grid, tissue_source = _spots(slide, thumb, scale, mpp, config.pitch_um, sample, config.mask)
         library_id = config.library_id or (sample.sample_id if sample is not None else name_from_stem(slide_path.stem))
@@ -271,6 +276,8 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
         check_output(partial)
         if config.format == "zarr":
             check_output(final.with_suffix(".zarr"), folder=True)
+        if check_beside is not None:
+            check_beside(final)
         encoder = encoder or load_encoder(enc_cfg)
         _check_encoder(encoder, trained_encoder, config.model)
         # a checkpoint file is identified by path, size and mtime; a method in memory by its tensors
@@ -359,7 +366,7 @@ def _spots(slide: Slide, thumb: np.ndarray, scale: float, mpp: float, pitch_um: 
     if tissue is None:
         tissue = detect_tissue(thumb, mpp / scale, where=slide.path)
         source = "detected"
-    grid = hex_grid(tissue, scale, pitch_um, mpp)
+    grid = hex_grid(tissue, scale, pitch_um, mpp, where=slide.path)
     if len(grid) == 0:
         raise He2stError(f"the tissue area holds no spot centre at a {pitch_um:g} µm pitch", slide.path)
     return grid, source

@@ -60,6 +60,7 @@ class TissueStats:
     arc_fraction: float
     median_value: float
     mean_hue_deg: float
+    largest_mm2: float = 0.0  # largest piece of coloured tissue before specks were dropped
 
 
 def _pen_marks(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -91,15 +92,16 @@ def _close(mask: np.ndarray, radius: float) -> np.ndarray:
     return (ndi.distance_transform_edt(grown) > radius)[pad:-pad, pad:-pad]
 
 
-def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
-    """Remove connected components smaller than ``min_px`` (version-independent of skimage)."""
+def _drop_small(mask: np.ndarray, min_px: float) -> tuple[np.ndarray, int]:
+    """Remove connected components smaller than ``min_px`` (version-independent of skimage); also the largest
+    component's pixels, so that a slide whose tissue was all dropped as specks can be told from an empty one."""
     labels, n = ndi.label(mask)
     if n == 0:
-        return mask
+        return mask, 0
     area = np.bincount(labels.ravel())
     keep = area >= min_px
     keep[0] = False
-    return keep[labels]
+    return keep[labels], int(area[1:].max())
 
 
 def _fill_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
@@ -131,12 +133,12 @@ def tissue_stats(rgb: np.ndarray, um_per_px: float | None = None) -> tuple[np.nd
         threshold = max(float(threshold_otsu(s[valid])), MIN_TISSUE_SATURATION)
     coloured = ~dark & (s > threshold)  # pen included: used to judge whether this is an H&E
     raw = coloured & ~pen
-    mask = raw
+    mask, largest_px = raw, 0
     if mask.any():
         mask = _close(mask, max(1.0, CLOSE_UM / upx))
         mask = _fill_holes(mask, MAX_HOLE_MM2 * 1e6 / upx**2)
         pen_zone = _dilate(pen, max(1.0, PEN_DILATE_UM / upx))
-        mask = _drop_small(mask & ~pen_zone & ~dark, MIN_OBJECT_MM2 * 1e6 / upx**2)
+        mask, largest_px = _drop_small(mask & ~pen_zone & ~dark, MIN_OBJECT_MM2 * 1e6 / upx**2)
     judged = coloured if coloured.any() else np.zeros_like(coloured)
     n = max(int(judged.sum()), 1)
     stats = TissueStats(
@@ -146,6 +148,7 @@ def tissue_stats(rgb: np.ndarray, um_per_px: float | None = None) -> tuple[np.nd
         arc_fraction=float((_in_arc(h[judged] * 360) & ~pen[judged]).sum() / n) if judged.any() else 0.0,
         median_value=float(np.median(v[judged])) if judged.any() else 0.0,
         mean_hue_deg=_circular_mean_deg(h[judged]) if judged.any() else float("nan"),
+        largest_mm2=largest_px * upx**2 / 1e6,
     )
     return mask, stats
 
@@ -179,7 +182,13 @@ def detect_tissue(rgb: np.ndarray, um_per_px: float | None = None, where: str | 
         mask = np.asarray(big) > 127
     else:
         mask, st = tissue_stats(rgb, um_per_px)
+    problems = _not_he(st)
     if not mask.any():
+        if st.largest_mm2 > 0 and not problems:
+            raise He2stError(
+                f"the tissue found is too small: its largest piece covers {st.largest_mm2:.3g} mm², below the "
+                f"{MIN_OBJECT_MM2:g} mm² under which a coloured patch is taken for a speck of dust or debris; "
+                "pass --mask to choose the area", where)
         if st.arc_fraction < HE_MIN_ARC_FRACTION and st.mean_saturation >= HE_MIN_MEAN_SATURATION:
             raise He2stError(
                 f"slide is not H&E-like: its coloured pixels are mostly pen-like or off-hue (mean hue "
@@ -190,6 +199,14 @@ def detect_tissue(rgb: np.ndarray, um_per_px: float | None = None, where: str | 
                 "he2st models need brightfield H&E", where)
         raise He2stError("no tissue found on the slide (empty or blank slide?); pass --mask to choose the area",
                          where)
+    if problems:
+        raise He2stError("slide is not H&E-like (grayscale, fluorescence or another stain?): " + "; ".join(problems),
+                         where)
+    return mask
+
+
+def _not_he(st: TissueStats) -> list[str]:
+    """Which of the H&E rules (module docstring) the coloured pixels break; empty when they look like H&E."""
     problems = []
     if st.mean_saturation < HE_MIN_MEAN_SATURATION:
         problems.append(f"mean saturation {st.mean_saturation:.2f} < {HE_MIN_MEAN_SATURATION}")
@@ -198,10 +215,7 @@ def detect_tissue(rgb: np.ndarray, um_per_px: float | None = None, where: str | 
                         f"mean hue {st.mean_hue_deg:.0f}°)")
     if st.median_value < HE_MIN_MEDIAN_V:
         problems.append(f"tissue is dark (median brightness {st.median_value:.2f} < {HE_MIN_MEDIAN_V})")
-    if problems:
-        raise He2stError("slide is not H&E-like (grayscale, fluorescence or another stain?): " + "; ".join(problems),
-                         where)
-    return mask
+    return problems
 
 
 def load_mask(path: str | Path, shape: tuple[int, int] | None = None,

@@ -422,14 +422,25 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
+PREDICTION_FIGURES = ("maps.png", "uncertainty.png", "compare.png", "scatter.png", "pearson.png")
+
+
+def check_prediction_figures(out_dir: str | Path) -> Path:
+    """``out_dir`` when :func:`plot_prediction` may write its figures there, else one line naming the folder or
+    a figure he2st did not write. Writes nothing, so ``he2st predict`` can refuse a foreign ``maps.png``
+    before hours of prediction rather than after them."""
+    out = check_folder(out_dir)
+    for name in PREDICTION_FIGURES:
+        check_output(out / name)
+    return out
+
+
 def plot_prediction(prediction: str | Path | ad.AnnData, out_dir: str | Path, genes: list[str] | None = None,
                     sample: Sample | str | Path | None = None, n: int = 6) -> dict[str, Path]:
     """Write ``maps.png`` (+ ``uncertainty.png``; with a measured sample ``compare.png``, ``scatter.png``,
     ``pearson.png``)."""
     adata = load_prediction(prediction)
-    out = check_folder(out_dir)
-    for name in ("maps.png", "uncertainty.png", "compare.png", "scatter.png", "pearson.png"):
-        check_output(out / name)  # before any work: files he2st did not write are refused
+    out = check_prediction_figures(out_dir)  # before any work: files he2st did not write are refused
     paired = None if sample is None else pair_with_measured(adata, sample)  # refused before anything is written
     paths = {"maps": save_figure(expression_maps(adata, genes, n), out / "maps.png")}
     unc = uncertainty_map(adata)

@@ -74,7 +74,7 @@ def load_section(path: Path, mpp: float | None = None) -> Section:
         size = slide.dimensions
         px = sample.pixel_size_um if sample is not None else (mpp or slide.embedded_mpp)
         if px is None:
-            raise He2stError("the slide does not record its pixel size; pass --mpp (µm per level-0 pixel)", path)
+            raise slide.unknown_mpp()
         thumb, scale = slide.thumbnail(max(64, math.ceil(max(size) * px / THUMB_UM_PER_PX)))
     um_per_px = px / scale
     mask = detect_tissue(thumb, um_per_px, where=image)
