@@ -181,8 +181,8 @@ def _gene_predictability(pred: np.ndarray, true: np.ndarray, samples: np.ndarray
     sections = np.unique(samples)
     per_section = np.stack([pearson_per_gene(pred[samples == s], true[samples == s]) for s in sections])
     group_of = np.array([groups[samples == s][0] for s in sections])
-    spots = np.array([(samples == s).sum() for s in sections])
-    precision = np.where(spots >= MIN_SECTION_SPOTS, spots - 3.0, 0.0)
+    n_spots = np.array([(samples == s).sum() for s in sections])
+    precision = np.where(n_spots >= MIN_SECTION_SPOTS, n_spots - 3.0, 0.0)
     of_group = np.array([precision[group_of == g].sum() for g in group_of])
     weight = np.divide(precision, of_group, out=np.zeros_like(precision), where=of_group > 0)[:, None]
     z = np.arctanh(np.clip(per_section, -0.999, 0.999))

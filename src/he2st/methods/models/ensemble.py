@@ -397,8 +397,8 @@ class Ensemble(Method):
                     beyond_genes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """The members' inner-fold predictions, each fold combined by weights fitted on the other folds and then
         smoothed as the ensemble's predictions are (``smooth_neighbours``), when ``spots`` are the rows its fit
-        saw and ``folds`` the ones it held out; else refits. (The members' variants were chosen on all the
-        folds, which makes this a little optimistic.)"""
+        saw and ``folds`` the ones it held out; else refits. (Which members take part, and their variants, were
+        chosen on all the folds, which makes this a little optimistic.)"""
         if self._inner is not None and self._inner.matches(spots, folds):
             inner = Prediction(self._inner.predictions, list(self.panel.genes))
             return self.smoothed(inner, spots).expression, None  # the ensemble returns its panel only
