@@ -174,7 +174,8 @@ TRANSCRIPTOME_HINT = ("the model has no transcriptome bank: train a retrieval me
 
 def _select_genes(method: Method, genes: list[str] | None, transcriptome: bool = False) -> GeneColumns:
     """The requested genes (None: the panel; ``transcriptome``: the panel, then every other gene of the
-    model's transcriptome bank), each from the panel when it is there, else from the transcriptome bank."""
+    model's transcriptome bank), each from the panel when it is there, else from the transcriptome bank; a
+    gene named twice is one column (an AnnData's genes must be unique for scanpy, `plot` and `report`)."""
     panel_genes = list(method.panel.genes)
     bank = method.transcriptome_bank
     bank_genes = list(bank.genes) if bank is not None else []
@@ -188,6 +189,7 @@ def _select_genes(method: Method, genes: list[str] | None, transcriptome: bool =
         genes = panel_genes + [g for g in bank_genes if g not in in_panel]
     elif genes is None:
         genes = panel_genes
+    genes = list(dict.fromkeys(genes))
     if not genes:
         raise He2stError("no genes selected")
     panel_index = {g: i for i, g in enumerate(panel_genes)}
