@@ -24,7 +24,7 @@ from he2st.workflows import benchmark_tasks
 from he2st.workflows.benchmark import longest_first, run_benchmark
 from he2st.workflows.benchmark_tasks import BenchmarkTask
 from he2st.workflows.config import BenchmarkConfig
-from he2st.workflows.task_store import NOT_RESULTS, TaskStore, task_key, task_settings
+from he2st.workflows.task_store import NOT_RESULTS, TaskStore, run_settings, task_key, task_settings
 
 GENES = [f"G{i}" for i in range(60)]
 OPTIONS = {"knn": {"top_k": 5}, "ridge_cv": {"pca_components": 8}}
@@ -146,7 +146,7 @@ def test_the_key_holds_what_changes_a_tasks_numbers_and_nothing_else(work):
 
     def key(cfg: BenchmarkConfig, label: str = "ridge_cv", checksums=None, tls: str | None = None,
             method: str | None = None) -> str:
-        return task_key(task_settings(cfg, label, method or label, {}), fold, patients, checksums or sums, tls)
+        return task_key(task_settings(run_settings(cfg), cfg, label, method or label, {}), fold, patients, checksums or sums, tls)
 
     base = config(work, "a")
     same = [config(work, "b"), config(work, "a", engine="local", workers=4), config(work, "a", resume=False),
@@ -175,7 +175,7 @@ def test_the_key_reads_a_localisation_signature_file_and_the_fold_inputs_name_un
 
     def key() -> str:
         cfg = config(work, "a", localisation=True, localisation_signature=str(signature))
-        return task_key(task_settings(cfg, "knn", "knn", {}), fold, {"S1": "P1", "S2": "P2", "S3": "P3"}, {}, None)
+        return task_key(task_settings(run_settings(cfg), cfg, "knn", "knn", {}), fold, {"S1": "P1", "S2": "P2", "S3": "P3"}, {}, None)
 
     signature.write_text("G0\t1.0\nG1\t1.0\n")
     first = key()

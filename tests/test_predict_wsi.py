@@ -618,6 +618,20 @@ def test_many_slides_one_command_equal_one_by_one(model_path, slide_path, encode
         batch = ad.read_h5ad(out / f"{path.stem}.h5ad")
         np.testing.assert_array_equal(batch.X, ad.read_h5ad(alone).X)
         np.testing.assert_array_equal(batch.obsm["spatial"], ad.read_h5ad(alone).obsm["spatial"])
+        assert (out / path.stem / "maps.png").is_file()  # each slide's maps beside it, as for one slide
+    assert not (out / "broken").exists()
+
+
+def test_one_output_name_for_several_slides_is_refused_before_any_work(model_path, slide_path, tmp_path):
+    """--library-id names one output: with several slides it would be dropped or make them overwrite each
+    other, so it is refused in one line with exit 2 and nothing written."""
+    from in_process import run_cli
+
+    out = tmp_path / "batch"
+    result = run_cli("predict", "--model", model_path, "--slide", slide_path, "--slide", slide_path,
+                     "--library-id", "mine", "--out", out)
+    assert result.returncode == 2 and "library_id names the output of one slide" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
 @pytest.mark.parametrize(("resolution", "unit", "recorded"), [(72, "INCH", 352.778), (10, "CENTIMETER", 1000.0)])

@@ -88,6 +88,11 @@ def predict(
                       weights=_path(weights), device=device, stain=stain,
                       tta=tta, library_id=library_id, format=format, overwrite=overwrite or None,
                       coverage=coverage)
+    if (manifest is not None or len(slides) > 1) and cfg.library_id is not None:
+        from he2st.errors import He2stError
+
+        raise He2stError("library_id names the output of one slide; with several slides each output is named "
+                         "after its slide (or its manifest out column)", manifest)
     if manifest is None and len(slides) == 1:
         from he2st.predict.slide import check_slide_scale
 
@@ -96,7 +101,7 @@ def predict(
     allow_overwrite(overwrite)  # the maps too
     cfg = cfg.model_copy(update={"model": checkpoint})
     if manifest is not None or len(slides) > 1:
-        _predict_many(checkpoint, cfg, slides, manifest, engine, workers, address)
+        _predict_many(checkpoint, cfg, slides, manifest, engine, workers, address, maps)
         return
     method = load_method(checkpoint)
     if maps:
@@ -120,17 +125,25 @@ def _maps_folder(prediction: Path) -> Path:
 
 
 def _predict_many(model: Path, cfg, slides: list[Path], manifest: Path | None, engine: str, workers: int,
-                  address: str | None) -> None:
-    """Several slides: one task each on the chosen engine, one overall progress bar, an index CSV."""
+                  address: str | None, maps: bool) -> None:
+    """Several slides: one task each on the chosen engine, one overall progress bar, an index CSV, and each
+    predicted slide's maps beside its prediction (as for one slide)."""
     from he2st.progress import progress_bar
-    from he2st.workflows.batch_predict import predict_many, read_manifest, slide_configs
+    from he2st.workflows.batch_predict import output_of, predict_many, read_manifest, slide_configs
 
     rows = ([{"slide": str(s)} for s in slides]) + (read_manifest(manifest) if manifest is not None else [])
     configs = slide_configs(cfg, rows, manifest)
+    if maps:
+        from he2st.report.plots import check_prediction_figures, plot_prediction
+
+        for output in filter(None, map(output_of, configs)):  # foreign maps are refused before any work
+            check_prediction_figures(_maps_folder(output))
     with progress_bar(len(configs), f"predict ({engine}, {workers} workers)") as advance:
         outcomes = predict_many(model, configs, cfg.out, engine, workers, address, on_done=lambda _: advance(1))
     for o in outcomes:
         typer.echo(f"{o.status}\t{o.slide}\t{o.output or o.error}")
+        if maps and o.status == "done":
+            typer.echo(f"maps: {plot_prediction(Path(o.output), _maps_folder(Path(o.output)))['maps']}")
     failed = [o for o in outcomes if o.status == "failed"]
     typer.echo(f"{len(outcomes) - len(failed)} of {len(outcomes)} slides predicted; index: {cfg.out / 'index.csv'}")
     for o in failed:  # the failure summary: one line per slide, on stderr

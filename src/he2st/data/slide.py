@@ -394,15 +394,16 @@ def open_slide(path: str | Path) -> Slide:
     suffix = path.suffix.lower()
     if suffix in PLAIN_SUFFIXES or (suffix == ".gz" and Path(path.stem).suffix.lower() in PLAIN_SUFFIXES):
         return PlainImageSlide(path)
+    vendor = _openslide_vendor(path)
     if suffix in TIFF_SUFFIXES:
-        if _openslide_vendor(path) not in (None, "generic-tiff"):
+        if vendor not in (None, "generic-tiff"):
             # Aperio, Philips, Ventana, ... named .tif: only openslide reads their pyramid and pixel size.
             return OpenSlideSlide(path)
         if "TIFF" in file_type(path):
             # Tiled or not, tifffile reads the resolution tags and OME-XML that Pillow would drop. Its refusal of
             # a layout it cannot read as RGB stands: openslide would read such a file as one gray channel.
             return TiffFileSlide(path)
-    return _open_with_openslide(path)  # also a JPEG or PNG named .tif
+    return _open_with_openslide(path, vendor)  # also a JPEG or PNG named .tif
 
 
 def _openslide_vendor(path: Path) -> str | None:
@@ -418,8 +419,9 @@ def _openslide_vendor(path: Path) -> str | None:
         return None
 
 
-def _open_with_openslide(path: Path) -> Slide:
-    if _openslide_vendor(path) is None:
+def _open_with_openslide(path: Path, vendor: str | None) -> Slide:
+    """``path`` through openslide when it knows the format (``vendor``), else as a plain image."""
+    if vendor is None:
         # Not a whole-slide format: maybe a plain image with an unusual suffix.
         try:
             return PlainImageSlide(path)

@@ -87,7 +87,7 @@ def slide_configs(base: PredictConfig, rows: list[dict[str, str]], manifest: Pat
                           He2stWarning, stacklevel=2)
             continue
         seen[key] = where
-        output = _output_of(config)
+        output = output_of(config)
         if output is not None and output in outputs:
             raise He2stError(f"{outputs[output]} and {where} would both write {output}; give one of them its own "
                              "out column (or rename a slide)", manifest)
@@ -101,7 +101,7 @@ def _same(path: Path | None) -> str | None:
     return None if path is None else str(Path(path).resolve())
 
 
-def _output_of(config: PredictConfig) -> Path | None:
+def output_of(config: PredictConfig) -> Path | None:
     """The ``.h5ad`` a row writes (None when it depends on a sample file that cannot be read here: that row
     then fails on its own)."""
     if config.spots_from is None:

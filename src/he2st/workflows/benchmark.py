@@ -38,7 +38,7 @@ from he2st.workflows.config import BenchmarkConfig, dump_config
 from he2st.workflows.engines import run_tasks
 from he2st.workflows.learning_curve import CURVE_FILE, curve_markdown, run_learning_curve
 from he2st.workflows.protocol import FoldAudit, FoldRun
-from he2st.workflows.task_store import TaskStore, model_digest, task_key, task_settings
+from he2st.workflows.task_store import TaskStore, model_digest, run_settings, task_key, task_settings
 from he2st.workflows.tls import read_model
 from he2st.workflows.unlabelled import unlabelled_ids
 
@@ -293,13 +293,14 @@ def run_benchmark(
     _check_folds(config, ws, folds, patients)
     tls = tls_report(config)
     tls_model = None if tls is None else tls.model
-    store, known = TaskStore(out_dir), {}
+    tls_digest = model_digest(tls_model)
+    store, known, shared = TaskStore(out_dir), {}, run_settings(config)
     keys, pending, outcomes, reused = {}, [], {}, set()
     for fold in folds:
         checksums = input_checksums(config, ws, fold_inputs(config, ws, fold), known)
         for label, method, opts in variants:
-            keys[(fold.name, label)] = task_key(task_settings(config, label, method, opts), fold, patients,
-                                                checksums, model_digest(tls_model))
+            keys[(fold.name, label)] = task_key(task_settings(shared, config, label, method, opts), fold, patients,
+                                                checksums, tls_digest)
             stored = store.load(fold.name, label, keys[(fold.name, label)]) if config.resume else None
             if isinstance(stored, TaskOutcome) and stored.run is not None:
                 outcomes[(fold.name, label)] = stored

@@ -12,7 +12,8 @@ A task -- one row label (a method and its options) on one fold, all its seeds --
 - The sha256 of each file the fold reads (its samples, embeddings, context-field embeddings, and patch
   caches when a method trains on patches), the fold's training and test samples and their patients.
 - The TLS model's weights, when TLS is scored (the TLS scores are stored with the task).
-- he2st's version and a hash of every file of the installed he2st package, so changed code recomputes.
+- he2st's version, a hash of every file of the installed he2st package and the versions of the numerical
+  libraries (:data:`NUMERIC_LIBRARIES`), so changed code or an upgraded library recomputes.
 
 Expression-only ``reference_sections`` enter the key by name (the dataset's files are verified by their
 checksums when fetched). A stored file is read only when he2st wrote it (listed in the folder's
@@ -25,6 +26,7 @@ import functools
 import hashlib
 import json
 import pickle
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +45,21 @@ NOT_RESULTS = ("name", "work_dir", "engine", "workers", "address", "resume", "le
 PER_ROW = ("methods", "ablation", "ablation_only", "method_options", "seeds")
 
 
-def task_settings(config: BenchmarkConfig, label: str, method: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The settings that can change the numbers of row ``label`` (``method`` with ablation ``options``)."""
+def run_settings(config: BenchmarkConfig) -> dict[str, Any]:
+    """The settings shared by every row of a run that can change its numbers (read once per run: the
+    localisation signature's file is digested here)."""
     settings = config.model_dump(mode="json", exclude=set(NOT_RESULTS + PER_ROW))
     signature = config.localisation_signature  # a file's weights, not only its name, decide the rows it scores
     if config.localisation and signature is not None:
         settings["localisation_signature_digest"] = model_digest(read_signature(signature))
-    return settings | {
+    return settings
+
+
+def task_settings(shared: dict[str, Any], config: BenchmarkConfig, label: str, method: str,
+                  options: dict[str, Any]) -> dict[str, Any]:
+    """The settings that can change the numbers of row ``label`` (``method`` with ablation ``options``):
+    the run's ``shared`` settings (:func:`run_settings`) and the row's own."""
+    return shared | {
         "label": label, "method": method, "options": jsonable(config.options_for(method) | options),
         "seeds": config.seeds if method_class(method).stochastic else 1,
         "fold_data": {"patches": config.needs_patches(), "tokens": config.needs_tokens()},
@@ -64,11 +74,29 @@ def model_digest(model: TlsModel | None) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# the libraries whose version can move a fitted model's numbers (a missing optional one enters as absent)
+NUMERIC_LIBRARIES = ("numpy", "scipy", "scikit-learn", "torch", "pandas", "anndata", "onnxruntime", "openvino",
+                     "faiss-cpu", "timm")
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed version of each of :data:`NUMERIC_LIBRARIES` (None: not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in NUMERIC_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 @functools.cache
 def code_fingerprint() -> str:
-    """he2st's version and the sha256 of every file of the installed package (compiled caches aside)."""
+    """he2st's version, the sha256 of every file of the installed package (compiled caches aside) and the
+    versions of the numerical libraries it runs on: an upgraded library recomputes as changed code does."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256(__version__.encode())
+    digest.update(json.dumps(library_versions(), sort_keys=True).encode())
     for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return f"{__version__}+{digest.hexdigest()}"

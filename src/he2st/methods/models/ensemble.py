@@ -370,7 +370,7 @@ class Ensemble(Method):
         if mode == "auto":
             mode = "global" if n_folds >= self.config.min_selection_folds else "equal"
         self.combination = fit_combination(np.stack(predictions, axis=-1), spots.targets, spots.sample_ids, mode,
-                                           self.config.scale_within == "sample")
+                                           self.predicts_whole_samples)
         return mode
 
     def _cross_fitted(self, members: np.ndarray, spots: SpotSet, groups: np.ndarray, held_out: list[np.ndarray],
@@ -384,7 +384,7 @@ class Ensemble(Method):
         for fold in held_out:
             test = np.isin(labels, fold)
             fitted = fit_combination(members[~test], spots.targets[~test], spots.sample_ids[~test], mode,
-                                     self.config.scale_within == "sample")
+                                     self.predicts_whole_samples)
             combined[test] = fitted(members[test], spots.sample_ids[test])
         return combined
 
