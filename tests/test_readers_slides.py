@@ -61,6 +61,40 @@ def test_read_patch_uses_pyramid_level_and_physical_size(pyramid):
     assert patch.shape == (112, 112, 3) and patch.mean() < 230
 
 
+def test_a_slide_without_a_pyramid_is_thumbnailed_band_by_band(tmp_path, monkeypatch):
+    """A tiled TIFF of one level is shrunk as it is read, never decoded whole (a 40,000 px side would be
+    gigabytes), and the bands give the thumbnail of a whole decode."""
+    import tifffile
+
+    from he2st.data import slide as slide_module
+
+    img = tissue_image(640, 480, seed=3)
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, img, photometric="rgb", tile=(64, 64))
+    whole, scale = TiffFileSlide(path).thumbnail(96)
+    monkeypatch.setattr(slide_module, "THUMBNAIL_BAND_PIXELS", 480 * 50)  # 50 rows at a time
+    heights = []
+    tiff = TiffFileSlide(path)
+    decode = tiff._decoded
+    monkeypatch.setattr(tiff, "_decoded", lambda *a: heights.append(a[4]) or decode(*a))
+    banded, banded_scale = tiff.thumbnail(96)
+    assert banded.shape == whole.shape == (96, 72, 3) and banded_scale == scale
+    assert max(heights) <= 50 and sum(heights) == 640
+    assert np.abs(banded.astype(int) - whole.astype(int)).mean() < 2.0
+
+
+def test_a_cmyk_tiff_is_refused_rather_than_read_as_rgb(tmp_path):
+    """A CMYK TIFF has four 8-bit samples like RGBA; its first three are cyan, magenta and yellow, which read
+    as RGB would give the encoder an inverted, wrong-coloured slide."""
+    import tifffile
+
+    path = tmp_path / "print.tif"
+    tifffile.imwrite(path, 255 - tissue_image(64, 64).repeat(2, axis=2)[..., :4], photometric="separated",
+                     tile=(32, 32))
+    with pytest.raises(He2stError, match=r"print\.tif: expected an RGB TIFF, got CMYK \(separated\) colour"):
+        open_slide(path)
+
+
 def test_plain_jpeg_large_image_does_not_change_pillow_limit(tmp_path):
     before = Image.MAX_IMAGE_PIXELS
     path = tmp_path / "big.jpg"

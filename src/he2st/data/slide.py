@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 PLAIN_IMAGE_MAX_PIXELS = 1_500_000_000
 _PIL_LIMIT_LOCK = threading.Lock()
 
+# Pixels of one pyramid level decoded at once for a thumbnail (~190 MB as RGB).
+THUMBNAIL_BAND_PIXELS = 64_000_000
+
 WHOLE_SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf"}
 PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
@@ -149,14 +152,24 @@ class Slide(ABC):
         """Read a rectangle fully inside ``level`` (coordinates in level px)."""
 
     def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
-        """A downsampled RGB view and its scale factor (thumbnail px per level-0 px)."""
+        """A downsampled RGB view and its scale factor (thumbnail px per level-0 px).
+
+        The nearest pyramid level is read in bands of rows, each shrunk as it is read: a slide without a
+        pyramid (a tiled TIFF of one level) would otherwise be decoded whole, gigabytes for a 40,000 px side."""
         w0, h0 = self.dimensions
         scale = min(1.0, max_side / max(w0, h0))
         level = self.best_level(1.0 / scale)
         lw, lh = self.level_dimensions[level]
-        img = Image.fromarray(self._decoded(level, 0, 0, lw, lh))
         size = (max(1, round(w0 * scale)), max(1, round(h0 * scale)))
-        return np.asarray(img.resize(size, Image.Resampling.BILINEAR)), scale
+        rows_per_band = max(1, THUMBNAIL_BAND_PIXELS // lw, math.ceil(lh / size[1]))
+        bands = []
+        for top in range(0, lh, rows_per_band):
+            bottom = min(lh, top + rows_per_band)
+            first, last = round(top * size[1] / lh), round(bottom * size[1] / lh)
+            if last > first:  # a band may round to no output row at all: it is skipped, not read
+                band = Image.fromarray(self._decoded(level, 0, top, lw, bottom - top))
+                bands.append(np.asarray(band.resize((size[0], last - first), Image.Resampling.BILINEAR)))
+        return np.concatenate(bands), scale
 
     def close(self) -> None:  # noqa: B027 - optional for backends without handles
         """Release file handles."""
@@ -210,6 +223,11 @@ class TiffFileSlide(Slide):
         except Exception as exc:  # tifffile raises many types for corrupt files
             raise He2stError(f"not a readable TIFF ({exc})", path) from exc
         for page in self._pages:
+            colours = page.photometric.name if hasattr(page.photometric, "name") else str(page.photometric)
+            if colours not in ("RGB", "YCBCR"):  # CMYK's first three samples are not red, green and blue
+                what = {"SEPARATED": "CMYK (separated)", "MINISBLACK": "grayscale", "MINISWHITE": "grayscale",
+                        "PALETTE": "palette"}.get(colours, colours)
+                raise He2stError(f"expected an RGB TIFF, got {what} colour; convert it to RGB", path)
             if page.samplesperpixel not in (3, 4) or page.dtype != np.uint8:
                 raise He2stError(f"expected an 8-bit RGB TIFF, got {page.samplesperpixel} sample(s) per pixel of "
                                  f"{page.dtype}", path)
