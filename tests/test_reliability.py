@@ -305,3 +305,14 @@ def test_train_predict_and_report_carry_the_reliability(tmp_path):
     assert "How far to trust it" in page and "80% conformal interval" in page
     best = pred.var["expected_r"].sort_values(ascending=False).index[0]
     assert best in page.split("Predicted expression")[0]
+
+
+def test_a_card_without_reliability_says_when_it_is_estimated():
+    """The card's line agrees with train's rule: by default from 3 training patients, from 2 when asked."""
+    from he2st.workflows.config import TrainRunConfig
+
+    card = ModelCard(method="knn", panel=GenePanel(genes=["G0"]), training_samples={"A1": "A", "B4": "B"})
+    line = dict(card.describe())["reliability"]
+    assert TrainRunConfig().wants_reliability(card.training_samples) is False
+    assert TrainRunConfig(reliability=True).wants_reliability(card.training_samples) is True
+    assert "3 or more training patients" in line and "reliability=true" in line and "from 2" in line

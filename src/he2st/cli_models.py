@@ -15,7 +15,8 @@ models_app = typer.Typer(no_args_is_help=True, help="Ready-made models: list, sh
 
 NameArg = Annotated[str, typer.Argument(help="ready-made model name (he2st models list)")]
 ModelsDirOpt = Annotated[Path | None, typer.Option(
-    "--models-dir", help="cache of ready-made models (default $HE2ST_MODELS_DIR or ~/.cache/he2st/models)")]
+    "--models-dir", help="cache of ready-made models (default $HE2ST_MODELS_DIR, else $HE2ST_CACHE_DIR/models, else "
+    "~/.cache/he2st/models)")]
 
 
 @models_app.command("list")

@@ -172,8 +172,8 @@ class ModelCard(BaseModel):
         """Expected accuracy on a new patient, as the inner patient folds measured it."""
         r = self.reliability
         if not r:
-            return ("not estimated (needs >= 2 training patients or samples; `he2st train --set reliability=true`): "
-                    "predictions carry no intervals or OOD flags")
+            return ("not estimated (by default with 3 or more training patients or samples; `he2st train --set "
+                    "reliability=true` estimates it from 2): predictions carry no intervals or OOD flags")
         return (f"on held-out {r['units']} ({', '.join(r['held_out'])}; {r['sections']} sections) mean expected "
                 f"r {r['mean_expected_r']:.3f}; {r['genes_expected_r_above_0.3']} genes above 0.3, "
                 f"{r['genes_lower_bound_above_0.1']} with a 90% lower bound above 0.1; most predictable: "

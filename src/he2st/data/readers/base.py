@@ -32,7 +32,8 @@ class SourceOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reader: str = Field(description="which reader reads the files (he2st prepare --help lists them)")
+    reader: str = Field(
+        description="which reader reads the files (an unknown name is refused with the list of readers)")
     sample_id: str = Field(description="the sample's id (a file name in the work folder)")
     patient_id: str | None = Field(None, description="default: the sample is its own patient")
     path: Path = Field(description="the reader's main input: a folder or a counts file")
