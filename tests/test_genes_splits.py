@@ -114,3 +114,31 @@ def test_inner_folds_hold_out_whole_groups_and_stay_few():
     assert [list(f) for f in two] == [["P1"], ["P2"]]
     many = held_out_groups(np.repeat([f"s{i:02d}" for i in range(20)], 4), 3)
     assert len(many) == 3 and sorted(np.concatenate(many)) == [f"s{i:02d}" for i in range(20)]
+
+
+def test_a_one_patient_study_gets_folds_by_following_the_line_that_refuses_lopo(tmp_path):
+    """One patient with several sections (a serial-section study) has no leave-one-patient-out folds; the line
+    saying so offers leave-one-sample-out. Each held-out section's siblings are then its only training data, so
+    the offered settings must allow them, or preparing as told fails on its first sample."""
+    import re
+
+    from synthetic import prepared_sections
+
+    from he2st.data.workspace import Workspace
+    from he2st.workflows.benchmark import missing_folds
+    from he2st.workflows.config import PrepareConfig, load_config
+    from he2st.workflows.prepare import prepare
+
+    work = prepared_sections(tmp_path, {"S1": "P", "S2": "P", "S3": "P"}, [f"G{i}" for i in range(10)], side=3)
+    line = str(missing_folds(Workspace(work), "lopo"))
+    prepare_command = re.search(r"`he2st prepare ([^`]*)`", line).group(1)
+    overrides = re.findall(r"--set (\S+)", prepare_command)
+    raw = tmp_path / "raw"
+    sources = [{"reader": "st", "sample_id": s, "patient_id": "P", "path": raw / s / "cnts.tsv.gz",
+                "spots_file": raw / s / "sel.tsv", "image": raw / s / "he.jpg"} for s in ("S1", "S2", "S3")]
+    prepare(load_config(PrepareConfig, None, overrides, work_dir=str(work), context_field=False,
+                        data={"dataset": None, "samples": sources}))
+    folds, _ = Workspace(work).load_folds("loso")
+    assert [f.test for f in folds] == [["S1"], ["S2"], ["S3"]] and all(f.leaky for f in folds)
+    with pytest.raises(He2stError, match="every other sample is of its patient P; allow_shared_patients"):
+        leave_one_sample_out({"S1": "P", "S2": "P"})

@@ -262,3 +262,27 @@ def test_her2st_labels_load_where_a_labelled_row_has_no_coordinates(her2st):
     regions = load_section("F1", her2st, with_image=False).adata.obs["region"]
     assert regions.value_counts().to_dict() == {"invasive cancer": 577, "connective tissue": 56, "undetermined": 32,
                                                 "immune infiltrate": 26}
+
+
+def test_a_section_labelled_in_other_words_is_not_scored_and_the_note_says_which_words_count():
+    """Region labels follow her2st's words (``invasive cancer``, ``cancer in situ``); another study's ``tumor``
+    and ``stroma`` make every spot non-cancer, so the section cannot be scored. The fold's note names the
+    words that count as cancer and the ones it found, so the cause is on the page rather than guessed."""
+    from types import SimpleNamespace
+
+    from he2st.data.spots import SpotSet
+    from he2st.evaluate.localisation import build_localisation_fold
+
+    rng = np.random.default_rng(0)
+    genes = SIGNATURE[:4]
+    barcodes = np.array([f"s{i}" for i in range(20)], dtype=object)
+    obs = pd.DataFrame({"region": ["tumor"] * 10 + ["stroma"] * 10}, index=barcodes)
+    samples = {"T": SimpleNamespace(adata=ad.AnnData(np.ones((20, 4), np.float32), obs=obs,
+                                                     var=pd.DataFrame(index=genes)))}
+    test = SpotSet(np.full(20, "T", dtype=object), barcodes, rng.normal(size=(20, 4)).astype(np.float32),
+                   np.zeros((20, 2)), genes)
+    fold = build_localisation_fold("breast-her2", read_signature("breast-her2"), samples, test, test,
+                                   {"T": rng.gamma(2.0, 1.0, (20, 4))}, genes)
+    assert not fold.labels
+    assert ("not scored (no spots of both cancer, obs['region'] invasive cancer or cancer in situ, and other "
+            "labelled tissue; labels found: stroma, tumor): T") in fold.note

@@ -16,6 +16,7 @@ from synthetic import embedded_with_signature
 from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.data.workspace import Workspace
+from he2st.errors import He2stError
 from he2st.evaluate.tls import TlsModel
 from he2st.evaluate.tls_benchmark import PROBE, build_tls_fold, method_tls_scores
 from he2st.methods import create_method
@@ -73,11 +74,31 @@ def test_a_test_sample_identical_to_a_training_one_is_retrieved_exactly_and_the_
     assert again.info["probe_alpha"] == fold.info["probe_alpha"] and again.probe["tls_pearson"] < 0.5
 
 
+def test_a_fold_holding_little_of_the_model_s_weight_is_not_scored_and_says_why():
+    """Another tissue's panel or another species' symbols may share a few names with the TLS model (her2st's
+    breast signature on a mouse section: ``Cd74`` upper-cased is ``CD74``). A score read from under half of the
+    model's weight is not the model's score: the fold is listed as not scored, with the coverage, not reported."""
+    from he2st.evaluate.tls_benchmark import TlsReport
+
+    model = TlsModel(pd.Series([1.0, 0.8, 0.5, -0.3, 3.0], index=["G0", "G1", "G2", "G3", "CXCL13"]))
+    samples, spots = {}, {}
+    for sid, seed in (("A1", 0), ("B1", 1), ("C1", 2)):
+        samples[sid], spots[sid] = _section(sid, *_tissue(60, seed))
+    train, test = SpotSet.concat([spots["A1"], spots["B1"]]), spots["C1"].without_expression()
+    patients = {"A1": "A", "B1": "B", "C1": "C"}
+    with pytest.raises(He2stError, match=r"measure 46% of the TLS model's weight \(4 of 5 genes\)"):
+        build_tls_fold(samples, train, test, patients, model)
+    report = TlsReport("mouse-free", model)
+    assert report.fold("patient_C", samples, train, test, patients) is None
+    assert "46%" in report.failures["patient_C"] and "not scored: patient_C" in report.markdown()
+    assert build_tls_fold(samples, train, test, patients, MODEL).info["weight_coverage"] == 1.0
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """Three prepared and embedded synthetic sections of three patients, and a TLS signature on their genes."""
     return embedded_with_signature(tmp_path_factory.mktemp("tls_bench"), {"S1": "P0", "S2": "P1", "S3": "P2"}, GENES,
-                                   "G0\t1.0\nG1\t0.5\nG7\t-0.2\nNOTMEASURED\t2.0\nintercept\t0.1\n")
+                                   "G0\t1.0\nG1\t0.5\nG7\t-0.2\nNOTMEASURED\t1.0\nintercept\t0.1\n")
 
 
 def test_benchmark_writes_a_tls_table_for_retrieval_methods_and_the_probe(work):
@@ -96,7 +117,7 @@ def test_benchmark_writes_a_tls_table_for_retrieval_methods_and_the_probe(work):
     folds, patients = Workspace(path).load_folds("lopo")
     for fold in folds:
         info = tls["folds"][fold.name]
-        assert info["genes_used"] == 3 and info["weight_coverage"] == pytest.approx(1.7 / 3.7)
+        assert info["genes_used"] == 3 and info["weight_coverage"] == pytest.approx(1.7 / 2.7)
         assert not {patients[s] for s in info["probe_fitted_on"]} & {patients[s] for s in fold.test}
     assert "## TLS detection" in outcome.paths["markdown"].read_text()
     # a model that cannot be read skips TLS with the reason (the benchmark itself runs on); tls=false: no table

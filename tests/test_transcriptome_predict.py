@@ -137,3 +137,20 @@ def test_cli_predict_transcriptome_flag(small, knn_model, tmp_path):
     assert sorted(ad.read_h5ad(tmp_path / "a" / "S1.h5ad").var_names) == sorted(GENE_NAMES)
     res = CliRunner().invoke(app, [*args, str(tmp_path / "b"), "--transcriptome", "--genes", "G0"])
     assert res.exit_code != 0 and "not both" in str(res.exception) and "\n" not in str(res.exception)
+
+
+def test_a_benchmark_builds_whole_transcriptome_targets_only_when_a_method_retrieves(small):
+    """The whole-transcriptome targets are dense, training spots x every gene measured in all of them: about
+    7 GB on 30 Visium sections of 18,000 genes, where her2st's 1,500 spots take 90 MB. Only retrieval methods
+    are scored on them, so a run without one does not build them; one with a retrieval method still does."""
+    from he2st.workflows.config import BenchmarkConfig
+    from he2st.workflows.protocol import build_fold_data
+
+    work, embed = small
+    folds, patients = Workspace(work).load_folds("lopo")
+    ridge = BenchmarkConfig(work_dir=work, embed=embed, genes=GENES, n_top=5, methods=["ridge"], tls=False)
+    assert ridge.transcriptome_threshold is not None  # the default, kept: nothing here would read the targets
+    assert build_fold_data(Workspace(work), folds[0], ridge, patients).transcriptome is None
+    knn = ridge.model_copy(update={"methods": ["ridge", "knn"]})
+    built = build_fold_data(Workspace(work), folds[0], knn, patients).transcriptome
+    assert built is not None and built.train.shape == (50, len(GENE_NAMES))

@@ -61,7 +61,9 @@ def leave_one_sample_out(samples: Mapping[str, str], allow_shared_patients: bool
         else:
             train = sorted(s for s, p in samples.items() if p != patient)
             if not train:
-                raise He2stError(f"leave-one-sample-out: no training sample left for {sample}")
+                raise He2stError(f"leave-one-sample-out: no training sample left for {sample}: every other sample is "
+                                 f"of its patient {patient}; allow_shared_patients (folds.allow_shared_patients=true) "
+                                 "trains on them, the folds labelled LEAKY")
             folds.append(Fold(name=f"sample_{sample}", train=train, test=[sample]))
     return folds
 

@@ -187,7 +187,11 @@ def build_localisation_fold(name: str, signature: TlsModel, samples: Mapping[str
                       f"({', '.join(present)})")
     skipped = [s for s, v in labels.items() if v is not None and not scorable(v)]
     if skipped:
-        fold.notes.append(f"not scored (no spots of both cancer and other labelled tissue): {', '.join(skipped)}")
+        # the labels are her2st's words: a study that says "tumor" must see why none of its spots counted
+        found = sorted({str(v).strip().lower() for s in skipped for v in samples[s].adata.obs[REGION_KEY].dropna()})
+        fold.notes.append(f"not scored (no spots of both cancer, obs['{REGION_KEY}'] {' or '.join(CANCER_REGIONS)}, "
+                          f"and other labelled tissue; labels found: {', '.join(found[:8]) or 'none'}"
+                          f"{', ...' if len(found) > 8 else ''}): {', '.join(skipped)}")
     fold.labels = {s: v for s, v in labels.items() if scorable(v)}
     if not fold.labels:
         return fold

@@ -28,6 +28,10 @@ HER2ST_MODEL = Path("res") / "TLS-pred" / "coef-full.tsv.gz"  # inside the her2s
 HER2ST_SIGNATURE = Path("res") / "TLS-pred" / "tls-signature.tsv.gz"  # its 172-gene signature, same folder
 #: published TLS gene lists shipped with he2st (``signatures/<name>.tsv``, unit weights), scored by the rule above
 PACKAGED_SIGNATURES = ("chemokine-12", "melanoma-cabrita")
+#: share of a signature's |weight| the data must hold before its score stands for the signature: below it a few
+#: genes that happen to share a name (another tissue's panel, another species' symbols upper-cased) would be
+#: reported as the model's TLS score
+MIN_WEIGHT_COVERAGE = 0.5
 SIGNATURE_SOURCES = {
     "her2st": "Andersson et al. 2021, Nat Commun 12:6012 -- her2st's TLS model (breast; needs the her2st dataset)",
     "her2st-signature": "Andersson et al. 2021 -- the 172-gene signature of that model (breast; her2st dataset)",

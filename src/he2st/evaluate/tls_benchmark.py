@@ -7,7 +7,9 @@ scale of each spot's whole library -- the scale on which :func:`~he2st.evaluate.
 predictions as relative abundance, exactly as it reads measured counts. Per held-out sample: Pearson r
 between the two scores across its spots, and the AUROC of the predicted score for the spots whose
 measured score is in the top decile; a fold's value is the mean over its test samples. The model is
-restricted to the genes measured in every sample of the fold, so both scores read the same genes.
+restricted to the genes measured in every sample of the fold, so both scores read the same genes; a fold
+whose samples hold less than :data:`~he2st.evaluate.tls.MIN_WEIGHT_COVERAGE` of the model's weight (another
+tissue's gene panel, another species) is not scored, and says so.
 
 The floor to beat is a ridge probe from the frozen image features straight to the measured TLS score
 (standard scaling, PCA to 256 dimensions as HEST's probe, ridge with its alpha chosen by
@@ -32,7 +34,7 @@ from he2st.data.genes import transform_counts
 from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.evaluate.tables import extra_markdown
-from he2st.evaluate.tls import TlsModel, gene_symbols, tls_agreement, tls_score
+from he2st.evaluate.tls import MIN_WEIGHT_COVERAGE, TlsModel, gene_symbols, tls_agreement, tls_score
 from he2st.methods import Method
 
 __all__ = ["PROBE", "TlsFold", "TlsReport", "build_tls_fold", "method_tls_scores"]
@@ -97,6 +99,11 @@ def build_tls_fold(
     test_ids = list(dict.fromkeys(test.sample_ids))
     genes = _fold_genes(model, [samples[s].adata for s in train_ids + test_ids])
     restricted = model.restricted(pd.Index(genes))
+    coverage = float(np.abs(restricted.weights).sum() / np.abs(model.weights).sum())
+    if coverage < MIN_WEIGHT_COVERAGE:  # the threshold `he2st tls` refuses calls under, for the same reason
+        raise He2stError(f"the fold's samples measure {coverage:.0%} of the TLS model's weight ({len(genes)} of "
+                         f"{len(model.weights)} genes), under {MIN_WEIGHT_COVERAGE:.0%}: its score would not be the "
+                         "model's; set tls_model to a signature of this tissue and species, or tls to false")
     expression, measured = [], []
     for sid in train_ids:
         adata = samples[sid].adata
@@ -115,7 +122,6 @@ def build_tls_fold(
         RidgeCV(alphas=PROBE_ALPHAS, cv=_inner_splits(groups)))
     probe.fit(train.features, np.concatenate(measured))
     predicted = {s: probe.predict(test.features[test.sample_ids == s]) for s in test_ids}
-    coverage = float(np.abs(restricted.weights).sum() / np.abs(model.weights).sum())
     info = {"genes_used": len(genes), "weight_coverage": coverage, "probe_alpha": float(probe[-1].alpha_),
             "probe_fitted_on": sorted(train_ids), "test": sorted(test_ids)}
     return TlsFold(restricted, spelled, np.concatenate(expression), truth, _agreement(predicted, truth), info)

@@ -100,8 +100,10 @@ def missing_folds(ws: Workspace, scheme: str) -> He2stError:
     patients = {sid: ws.load_sample(sid).patient_id for sid in ids}
     names = ", ".join(ids)
     if scheme == "lopo" and len(set(patients.values())) < 2:
-        offer = (" ; to hold out one sample at a time instead, run `he2st prepare --set folds.scheme=loso` and "
-                 "`he2st benchmark --folds loso`" if len(ids) >= 2 else "")
+        # one patient: every other section is a sibling, so leave-one-sample-out trains only where they are allowed
+        offer = (" ; to hold out one sample at a time instead (folds labelled LEAKY: the training sections are the "
+                 "same patient's), run `he2st prepare --set folds.scheme=loso --set folds.allow_shared_patients=true` "
+                 "and `he2st benchmark --folds loso --set folds.allow_shared_patients=true`" if len(ids) >= 2 else "")
         return He2stError(f"all prepared samples ({names}) are of one patient ({patients[ids[0]]}): "
                           f"leave-one-patient-out folds need samples of at least 2 patients{offer}".replace(" ;", ";"),
                           ws.root)

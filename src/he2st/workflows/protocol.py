@@ -37,7 +37,7 @@ from he2st.evaluate.localisation import (
 from he2st.evaluate.markers import fold_markers
 from he2st.evaluate.reliability import predictability_spearman, reliability_metrics
 from he2st.evaluate.scoring import FoldResult, evaluate_fold
-from he2st.methods import Method, ModelCard, Prediction, create_method
+from he2st.methods import Method, ModelCard, Prediction, create_method, method_class
 from he2st.methods.calibration import estimate_reliability
 from he2st.methods.reliability import Reliability
 from he2st.methods.retrieval import RetrievalMethod
@@ -131,7 +131,9 @@ def build_fold_data(ws: Workspace, fold: Fold, config: BenchmarkConfig, patients
     data.notes = {"markers": markers_note} if markers_note else {}
     # test expression and proportions below are read for scoring only (predictions never see them)
     test_samples = {sid: ws.load_sample(sid) for sid in fold.test}
-    if config.transcriptome_threshold is not None:
+    # dense training spots x every gene measured in all of them (gigabytes on a Visium study), read only by
+    # methods that retrieve: built when one of this run's does
+    if config.transcriptome_threshold is not None and any(method_class(m).retrieves for m in config.fitted_methods()):
         data.transcriptome = build_transcriptome(samples | test_samples, fold.train, fold.test, train,
                                                  panel.transform, config.transcriptome_threshold)
     if CELLTYPE_KEY in extras and all(CELLTYPE_KEY in s.adata.obsm for s in test_samples.values()):

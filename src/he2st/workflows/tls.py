@@ -24,6 +24,7 @@ from he2st.errors import He2stError
 from he2st.evaluate.tls import (
     HER2ST_MODEL,
     HER2ST_SIGNATURE,
+    MIN_WEIGHT_COVERAGE,
     PACKAGED_SIGNATURES,
     SIGNATURE_SOURCES,
     TlsModel,
@@ -46,7 +47,6 @@ class TlsResult:
 
 
 SHIPPED_MODELS = {"her2st": HER2ST_MODEL, "her2st-signature": HER2ST_SIGNATURE}  # in the her2st dataset folder
-MIN_WEIGHT_COVERAGE = 0.5  # share of a signature's |weight| a prediction must hold before spots are called
 MIN_EXPECTED_R = 0.1  # lower bound of the signature genes' expected r (weighted) below which calls are refused
 
 
