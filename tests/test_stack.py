@@ -111,6 +111,24 @@ def test_registration_recovers_the_known_turn_and_shift(sections):
     assert reg.dice_before < 0.8 and reg.dice_after > 0.95
 
 
+def test_registration_frame_is_the_pixel_square_frame():
+    """A thumbnail turned 180° maps (x, y) µm to (w s - x, h s - y) µm when a pixel is the square [c s, (c+1) s)
+    (the frame of warp_mask, the stack's grid and the slides): no half-pixel offset from SimpleITK's centres."""
+    from he2st.predict.registration import SectionImage
+
+    h, w, s = 60, 80, 20.0
+    yy, xx = np.mgrid[0:h, 0:w]
+    mask = ((xx - 30) ** 2 / 400 + (yy - 25) ** 2 / 150 < 1) | ((xx > 40) & (xx < 65) & (yy > 20) & (yy < 45))
+    grey = np.where(mask, 0.3 + 0.5 * np.sin(xx / 3.0) * np.cos(yy / 4.0) ** 2, 0).astype(np.float32)
+    fixed = SectionImage(mask, grey, s)
+    turned = SectionImage(mask[::-1, ::-1].copy(), grey[::-1, ::-1].copy(), s)
+    reg = register_sections(fixed, turned)
+    points = np.array([[300.0, 500.0], [1000.0, 200.0], [600.0, 600.0]])
+    expected = np.array([w * s, h * s]) - points
+    assert np.abs(reg.rigid(points) - expected).max() < 1.0, reg.rigid(points) - expected
+    assert reg.dice_rigid > 0.99
+
+
 def test_stack_end_to_end(sections, model, tmp_path):
     model_path, weights = model
     out = tmp_path / "stack"
