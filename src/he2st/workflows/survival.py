@@ -2,7 +2,9 @@
 
 The table (CSV) has one row per slide: ``prediction`` (a prediction ``.h5ad``; relative paths are
 relative to the table), ``time`` (follow-up, any unit, > 0) and ``event`` (1 = recurrence/death, 0 =
-censored); an optional ``slide`` column names the rows. Features and models: :mod:`he2st.evaluate.survival`.
+censored); an optional ``slide`` column names the rows, and an optional ``patient`` column says which rows
+belong to one patient (several slides of a patient share its time and event; they are kept in one fold and
+resampled together). Features and models: :mod:`he2st.evaluate.survival`.
 Outputs, each written atomically into ``out``: ``results.json`` (scores, intervals, Cox coefficients,
 settings) and ``risk.csv`` (out-of-fold risks and groups per slide); the command adds ``km.png``
 (Kaplan-Meier curves of the risk groups, :mod:`he2st.report.survival_plot`).
@@ -19,7 +21,14 @@ import pandas as pd
 import scipy.sparse as sp
 
 from he2st.errors import He2stError
-from he2st.evaluate.survival import SurvivalCv, cross_validate, risk_groups, signature_score, tls_density
+from he2st.evaluate.survival import (
+    SurvivalCv,
+    cross_validate,
+    patient_index,
+    risk_groups,
+    signature_score,
+    tls_density,
+)
 from he2st.evaluate.tls import TlsModel, tls_score
 from he2st.io import (
     check_finite,
@@ -40,6 +49,7 @@ class Cohort:
     paths: list[Path]
     time: np.ndarray
     event: np.ndarray
+    patients: np.ndarray  # the patient of each row (str); each row its own when the table names none
 
 
 @dataclass
@@ -78,7 +88,24 @@ def read_cohort(table: Path) -> Cohort:
         except He2stError as exc:
             raise He2stError(f"row {row + 2}: {exc}", table) from None
     slides = frame["slide"].astype(str).tolist() if "slide" in frame else [p.stem for p in paths]
-    return Cohort(slides, paths, time, event.astype(np.int64))
+    return Cohort(slides, paths, time, event.astype(np.int64), _patients(frame, time, event, table))
+
+
+def _patients(frame: pd.DataFrame, time: np.ndarray, event: np.ndarray, table: Path) -> np.ndarray:
+    """The ``patient`` column (each row its own patient without one), checked: one outcome per patient."""
+    if "patient" not in frame:
+        return np.array([f"row{k + 2}" for k in range(len(frame))])
+    raw = frame["patient"]
+    if raw.isna().any():
+        raise He2stError(f"row {int(np.argmax(raw.isna().to_numpy())) + 2}: patient is empty", table)
+    patients = raw.astype(str).str.strip().to_numpy()
+    seen: dict[str, int] = {}
+    for row, patient in enumerate(patients):
+        first = seen.setdefault(patient, row)
+        if time[row] != time[first] or event[row] != event[first]:
+            raise He2stError(f"row {row + 2}: patient {patient} has another time or event than on row {first + 2} "
+                             "(an outcome belongs to the patient)", table)
+    return patients
 
 
 def _dense(adata: ad.AnnData) -> np.ndarray:
@@ -129,12 +156,15 @@ def run_survival(table: Path, out: Path, horizon: float, signature: Path | None 
     features, threshold = slide_features(cohort.paths, TlsModel.read(signature) if signature else None, genes,
                                          read_model(tls) if tls else None, tls_threshold)
     features.index = pd.Index(cohort.slides, name="slide")
-    cv = cross_validate(features, cohort.time, cohort.event, horizon, folds, penalizer, draws, seed)
-    high, p_value = risk_groups(cohort.time, cohort.event, cv.cox_risk)
-    risk = features.assign(time=cohort.time, event=cohort.event, fold=cv.fold, cox_risk=cv.cox_risk,
+    cv = cross_validate(features, cohort.time, cohort.event, horizon, folds, penalizer, draws, seed,
+                        groups=cohort.patients)
+    high, p_value = risk_groups(cohort.time, cohort.event, cv.cox_risk, cohort.patients)
+    risk = features.assign(patient=cohort.patients, time=cohort.time, event=cohort.event, fold=cv.fold, cox_risk=cv.cox_risk,
                            dfs_probability=cv.dfs_probability, risk_group=np.where(high, "high", "low"))
     write_text_atomic(out / "risk.csv", risk.to_csv())
-    results = {"n_slides": len(cohort.slides), "n_events": int(cohort.event.sum()), "horizon": horizon,
+    first = patient_index(cohort.patients)[0]
+    results = {"n_slides": len(cohort.slides), "n_patients": len(first), "n_events": int(cohort.event[first].sum()),
+               "horizon": horizon,
                "folds": folds, "penalizer": penalizer, "bootstrap_draws": draws, "seed": seed,
                "features": list(features.columns), "tls_threshold": threshold, "logrank_p": p_value,
                "cox_coefficients": {k: float(v) for k, v in cv.coefficients.items()}, **cv.scores}
