@@ -18,6 +18,7 @@ import pytest
 from in_process import run_cli
 from sklearn.metrics import roc_auc_score
 
+from he2st.errors import He2stError
 from he2st.evaluate.survival import concordance, cross_validate, cumulative_dynamic_auc
 
 GENES = ["SIG_UP", "SIG_DOWN", "CXCL13", "CCL19", "NOISE1", "NOISE2"]
@@ -163,3 +164,22 @@ def test_a_patient_with_two_outcomes_is_one_error_line(tmp_path: Path) -> None:
     table.write_text("prediction,time,event,patient\na.h5ad,3,1,P1\nb.h5ad,5,1,P1\n")
     result = run_cli("survival", "--slides", table, "--out", tmp_path / "out", "--horizon", "12", "--genes", "A")
     assert result.returncode == 2 and "row 3: patient P1 has another time or event" in result.stderr, result.stderr
+
+
+def test_slides_are_scored_on_the_signature_genes_they_all_hold(tmp_path: Path) -> None:
+    """One slide lacks gene B of the signature: every slide is scored on A and C, so equal expression gives
+    equal features (scored on their own genes, that slide's score fell by a third for lack of B)."""
+    from he2st.evaluate.tls import TlsModel
+    from he2st.workflows.survival import slide_features
+
+    paths = []
+    for i, genes in enumerate([["A", "B", "C"], ["A", "B", "C"], ["A", "C"]]):
+        adata = ad.AnnData(X=np.full((5, len(genes)), 2.0, np.float32), var=pd.DataFrame(index=genes))
+        adata.uns["he2st"] = {"target_transform": "log1p_cp10k"}
+        adata.write_h5ad(tmp_path / f"s{i}.h5ad")
+        paths.append(tmp_path / f"s{i}.h5ad")
+    signature = TlsModel(pd.Series([1.0, 1.0, 1.0], index=["A", "B", "C"]))
+    features, _ = slide_features(paths, signature=signature)
+    assert np.allclose(features["signature"], 4.0), features
+    with pytest.raises(He2stError, match="no gene of the signature is predicted in every slide"):
+        slide_features(paths, signature=TlsModel(pd.Series([1.0], index=["B"])))

@@ -31,7 +31,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from he2st.errors import He2stError
-from he2st.evaluate.tls import TlsModel
+from he2st.evaluate.tls import TlsModel, model_columns
 
 
 def _lifelines():
@@ -44,12 +44,9 @@ def _lifelines():
 
 # ------------------------------------------------------------------ features
 def signature_score(values: np.ndarray, genes: list[str], signature: TlsModel) -> np.ndarray:
-    """Per-spot weighted sum of the signature's genes (prediction scale; genes matched upper-case)."""
-    names = pd.Index([g.upper() for g in genes])
-    present = signature.weights.index.intersection(names)
-    if len(present) == 0:
-        raise He2stError("none of the signature's genes is in the predictions")
-    columns = names.get_indexer(present)
+    """Per-spot weighted sum of the signature's genes (prediction scale; genes matched as TLS models match
+    them, :func:`~he2st.evaluate.tls.model_columns`: upper case, a gene predicted twice left out)."""
+    present, columns = model_columns(list(genes), signature, "signature")
     return np.asarray(values, dtype=np.float64)[:, columns] @ signature.weights[present].to_numpy()
 
 

@@ -29,7 +29,7 @@ from he2st.evaluate.survival import (
     signature_score,
     tls_density,
 )
-from he2st.evaluate.tls import TlsModel, tls_score
+from he2st.evaluate.tls import TlsModel, gene_symbols, tls_score
 from he2st.io import (
     check_finite,
     check_folder,
@@ -112,9 +112,37 @@ def _dense(adata: ad.AnnData) -> np.ndarray:
     return np.asarray(adata.X.toarray() if sp.issparse(adata.X) else adata.X, dtype=np.float64)
 
 
+def shared_genes(paths: list[Path]) -> pd.Index:
+    """Gene symbols (upper case) predicted exactly once in every one of ``paths`` (var names only are read)."""
+    shared = None
+    for path in paths:
+        adata = read_h5ad_checked(path, "prediction file", backed=True)
+        names = gene_symbols(adata.var_names)
+        adata.file.close()
+        names = names[~names.duplicated(keep=False)]
+        shared = names if shared is None else shared.intersection(names)
+    return shared if shared is not None else pd.Index([])
+
+
+def on_shared_genes(model: TlsModel, shared: pd.Index, what: str) -> TlsModel:
+    """``model`` on the genes every slide holds: a slide scored on fewer genes would have a feature that
+    says which genes its prediction holds, not how much of the signature it expresses."""
+    restricted = model.restricted(shared)
+    if len(restricted.weights) == 0:
+        raise He2stError(f"no gene of the {what} is predicted in every slide of the table")
+    return restricted
+
+
 def slide_features(paths: list[Path], signature: TlsModel | None = None, genes: list[str] | None = None,
                    tls: TlsModel | None = None, tls_threshold: float | None = None) -> tuple[pd.DataFrame, float | None]:
-    """One row per slide: ``signature`` (mean spot score), ``tls_density`` (and ``tls_mean``), ``mean:<gene>``."""
+    """One row per slide: ``signature`` (mean spot score), ``tls_density`` (and ``tls_mean``), ``mean:<gene>``.
+
+    The signature and the TLS model are scored on their genes that every slide holds (:func:`on_shared_genes`),
+    so that every slide's feature is the same sum."""
+    if signature is not None or tls is not None:
+        shared = shared_genes(paths)
+        signature = on_shared_genes(signature, shared, "signature") if signature is not None else None
+        tls = on_shared_genes(tls, shared, "TLS model") if tls is not None else None
     rows, tls_scores = [], []
     for path in paths:
         adata = read_h5ad_checked(path, "prediction file")
@@ -153,8 +181,11 @@ def run_survival(table: Path, out: Path, horizon: float, signature: Path | None 
     check_folder(out)  # before any work: outputs he2st did not write are refused
     for name in ("results.json", "risk.csv", "km.png"):
         check_output(out / name)
-    features, threshold = slide_features(cohort.paths, TlsModel.read(signature) if signature else None, genes,
-                                         read_model(tls) if tls else None, tls_threshold)
+    try:
+        features, threshold = slide_features(cohort.paths, TlsModel.read(signature) if signature else None, genes,
+                                             read_model(tls) if tls else None, tls_threshold)
+    except He2stError as exc:  # a problem of the whole table (no shared gene) names the table
+        raise He2stError(exc.problem, exc.path or table) from exc
     features.index = pd.Index(cohort.slides, name="slide")
     cv = cross_validate(features, cohort.time, cohort.event, horizon, folds, penalizer, draws, seed,
                         groups=cohort.patients)
