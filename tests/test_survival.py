@@ -183,3 +183,21 @@ def test_slides_are_scored_on_the_signature_genes_they_all_hold(tmp_path: Path) 
     assert np.allclose(features["signature"], 4.0), features
     with pytest.raises(He2stError, match="no gene of the signature is predicted in every slide"):
         slide_features(paths, signature=TlsModel(pd.Series([1.0], index=["B"])))
+
+
+def test_a_feature_constant_on_the_slides_gets_no_weight() -> None:
+    """TLS density 0 on every slide (a threshold no spot reaches) or on every training slide of a fold: the Cox
+    model fits on the other features and gives it coefficient 0 (lifelines stopped on it with a NaN step)."""
+    rng = np.random.default_rng(0)
+    n = 60
+    signal = rng.normal(size=n)
+    time = np.minimum(rng.exponential(1 / (0.05 * np.exp(signal))), rng.uniform(5, 60, n))
+    event = (rng.uniform(size=n) < 0.6).astype(int)
+    rare = np.zeros(n)
+    rare[np.flatnonzero(event)[:2]] = 0.3  # non-zero on two slides: absent from some folds' training slides
+    features = pd.DataFrame({"signature": signal, "tls_density": np.zeros(n), "rare": rare})
+    cv = cross_validate(features, time, event, 12.0, draws=20)
+    assert cv.coefficients["tls_density"] == 0.0 and np.isfinite(cv.cox_risk).all()
+    assert cv.scores["cox_c_index"] > 0.6
+    with pytest.raises(He2stError, match="no feature varies across the slides"):
+        cross_validate(features[["tls_density"]], time, event, 12.0, draws=20)

@@ -141,14 +141,25 @@ def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nd
     return (train - mean) / std, (test - mean) / std
 
 
-def _cox(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, penalizer: float):
+def _cox(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, penalizer: float) -> pd.Series:
+    """The fitted Cox coefficients, one per feature; a feature constant on these slides gets 0.
+
+    A constant column tells the hazard nothing, and lifelines, which divides each column by its deviation,
+    stops on it with a convergence error; e.g. TLS density at a threshold few slides reach can be 0 on every
+    training slide of a fold."""
     lifelines = _lifelines()
-    table = features.assign(_time=time, _event=event)
+    varies = features.columns[features.std(axis=0, ddof=0).to_numpy() > 0]
+    coef = pd.Series(0.0, index=features.columns, name="coef")
+    if len(varies) == 0:
+        return coef
+    table = features[varies].assign(_time=time, _event=event)
     try:
-        return lifelines.CoxPHFitter(penalizer=penalizer).fit(table, duration_col="_time", event_col="_event")
+        model = lifelines.CoxPHFitter(penalizer=penalizer).fit(table, duration_col="_time", event_col="_event")
     except Exception as exc:  # lifelines raises convergence errors of several types
         raise He2stError(f"the Cox model did not converge ({type(exc).__name__}: {exc}); fewer features or a "
                          "larger penalizer may help") from exc
+    coef[varies] = model.params_[varies].to_numpy()
+    return coef
 
 
 def cross_validate(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, horizon: float, folds: int = 5,
@@ -162,6 +173,9 @@ def cross_validate(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, 
     n = len(time)
     if features.shape[1] == 0:
         raise He2stError("no features: give a signature, genes or a TLS model")
+    if not (features.std(axis=0, ddof=0).to_numpy() > 0).any():
+        raise He2stError(f"no feature varies across the slides ({', '.join(map(str, features.columns))}): "
+                         "nothing to rank them by; give other features or a lower --tls-threshold")
     grouped = groups is not None and len(np.unique(np.asarray(groups).astype(str))) < n
     first = patient_index(groups)[0] if grouped else np.arange(n)
     events, patients = int(event[first].sum()), len(first)
@@ -176,8 +190,8 @@ def cross_validate(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, 
         split = StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, event)
     for k, (train, test) in enumerate(split):
         xtr, xte = _standardise(x[train], x[test])
-        model = _cox(pd.DataFrame(xtr, columns=features.columns), time[train], event[train], penalizer)
-        cox_risk[test] = np.asarray(model.predict_log_partial_hazard(pd.DataFrame(xte, columns=features.columns)))
+        coef = _cox(pd.DataFrame(xtr, columns=features.columns), time[train], event[train], penalizer)
+        cox_risk[test] = xte @ coef.to_numpy()  # the log partial hazard (lifelines centres it; ranks agree)
         known = (time[train] > horizon) | (event[train] == 1)  # status at the horizon is known
         label = (time[train] <= horizon) & (event[train] == 1)
         if len(np.unique(label[known])) < 2:
@@ -201,7 +215,7 @@ def cross_validate(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, 
     scores |= {f"dfs_{k}": v for k, v in scored(probability).items()}
     full, _ = _standardise(x, x)
     refit = _cox(pd.DataFrame(full, columns=features.columns), time, event, penalizer)
-    return SurvivalCv(cox_risk, probability, fold_of, scores, refit.params_.rename("coef"))
+    return SurvivalCv(cox_risk, probability, fold_of, scores, refit)
 
 
 def risk_groups(time: np.ndarray, event: np.ndarray, risk: np.ndarray,

@@ -28,6 +28,8 @@ def draw_km(time: np.ndarray, event: np.ndarray, high: np.ndarray, path: str | P
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.subplots()
     for label, members, colour in (("low risk", ~high, "tab:blue"), ("high risk", high, "tab:red")):
+        if not members.any():  # risks tied at the median leave one group empty: nothing to draw for it
+            continue
         fitter = KaplanMeierFitter().fit(time[members], event[members])
         steps = fitter.survival_function_.index.to_numpy()
         band = fitter.confidence_interval_survival_function_.to_numpy()
