@@ -111,6 +111,40 @@ def test_registration_recovers_the_known_turn_and_shift(sections):
     assert reg.dice_before < 0.8 and reg.dice_after > 0.95
 
 
+def test_registration_frame_is_the_pixel_square_frame():
+    """A thumbnail turned 180° maps (x, y) µm to (w s - x, h s - y) µm when a pixel is the square [c s, (c+1) s)
+    (the frame of warp_mask, the stack's grid and the slides): no half-pixel offset from SimpleITK's centres."""
+    from he2st.predict.registration import SectionImage
+
+    h, w, s = 60, 80, 20.0
+    yy, xx = np.mgrid[0:h, 0:w]
+    mask = ((xx - 30) ** 2 / 400 + (yy - 25) ** 2 / 150 < 1) | ((xx > 40) & (xx < 65) & (yy > 20) & (yy < 45))
+    grey = np.where(mask, 0.3 + 0.5 * np.sin(xx / 3.0) * np.cos(yy / 4.0) ** 2, 0).astype(np.float32)
+    fixed = SectionImage(mask, grey, s)
+    turned = SectionImage(mask[::-1, ::-1].copy(), grey[::-1, ::-1].copy(), s)
+    reg = register_sections(fixed, turned)
+    points = np.array([[300.0, 500.0], [1000.0, 200.0], [600.0, 600.0]])
+    expected = np.array([w * s, h * s]) - points
+    assert np.abs(reg.rigid(points) - expected).max() < 1.0, reg.rigid(points) - expected
+    assert reg.dice_rigid > 0.99
+
+
+def test_common_grid_covers_tissue_beyond_the_first_sections_image():
+    """A second section twice the first's size, or shifted partly off its image: the grid covers all of its
+    tissue (drawn on the first section's canvas alone, it stopped at that image's edge, 1000 µm here)."""
+    from he2st.predict.registration import SectionImage
+    from he2st.workflows.stack import Section, common_grid
+
+    small, large = np.zeros((50, 50), bool), np.zeros((100, 100), bool)
+    small[10:40, 10:40], large[10:90, 10:90] = True, True  # tissue at 200-800 µm and 200-1800 µm (20 µm/px)
+    sections = [Section(n, Path(n), Path(n), 1.0, SectionImage(m, m.astype(np.float32), 20.0))
+                for n, m in (("a", small), ("b", large))]
+    grid = common_grid(sections, [Affine.identity(), Affine.identity()], 100.0)
+    assert grid.max(axis=0).min() > 1700 and grid.min(axis=0).min() > 200
+    shifted = common_grid(sections, [Affine.identity(), Affine(np.eye(2), np.array([600.0, 0.0]))], 100.0)
+    assert shifted[:, 0].min() < -300 and shifted[:, 0].max() > 1100  # b's tissue at -400..1200 µm in a's frame
+
+
 def test_stack_end_to_end(sections, model, tmp_path):
     model_path, weights = model
     out = tmp_path / "stack"

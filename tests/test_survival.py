@@ -18,6 +18,7 @@ import pytest
 from in_process import run_cli
 from sklearn.metrics import roc_auc_score
 
+from he2st.errors import He2stError
 from he2st.evaluate.survival import concordance, cross_validate, cumulative_dynamic_auc
 
 GENES = ["SIG_UP", "SIG_DOWN", "CXCL13", "CCL19", "NOISE1", "NOISE2"]
@@ -133,3 +134,70 @@ def test_bad_table_is_one_error_line(tmp_path: Path, content: str, message: str)
     result = run_cli("survival", "--slides", table, "--out", tmp_path / "out", "--horizon", "12", "--genes", "A")
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_slides_of_one_patient_stay_in_one_fold_and_noise_stays_null() -> None:
+    """Three near-identical slides per patient and outcomes unrelated to the features: with the patient named,
+    no fold trains on a slide of a test patient, so the C-index stays near 0.5 (split by slide it reached
+    0.68 on average over these seeds, the model recognising patients rather than outcomes)."""
+    found = []
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        patients, k = 40, 3
+        per_patient = rng.normal(size=(patients, 15))
+        time, censor = rng.exponential(20, patients), rng.uniform(5, 40, patients)
+        event, time = (time <= censor).astype(int), np.minimum(time, censor)
+        x = np.repeat(per_patient, k, 0) + 0.05 * rng.normal(size=(patients * k, 15))
+        groups = np.repeat([f"P{p}" for p in range(patients)], k)
+        cv = cross_validate(pd.DataFrame(x, columns=[f"g{i}" for i in range(15)]), np.repeat(time, k),
+                            np.repeat(event, k), 15.0, penalizer=0.01, draws=50, seed=seed, groups=groups)
+        fold_of = pd.Series(cv.fold).groupby(groups).nunique()
+        assert (fold_of == 1).all()
+        found.append(cv.scores["cox_c_index"])
+    assert abs(np.mean(found) - 0.5) < 0.08, found
+
+
+def test_a_patient_with_two_outcomes_is_one_error_line(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        ad.AnnData(X=np.ones((3, 1), np.float32), var=pd.DataFrame(index=["A"])).write_h5ad(tmp_path / f"{name}.h5ad")
+    table = tmp_path / "slides.csv"
+    table.write_text("prediction,time,event,patient\na.h5ad,3,1,P1\nb.h5ad,5,1,P1\n")
+    result = run_cli("survival", "--slides", table, "--out", tmp_path / "out", "--horizon", "12", "--genes", "A")
+    assert result.returncode == 2 and "row 3: patient P1 has another time or event" in result.stderr, result.stderr
+
+
+def test_slides_are_scored_on_the_signature_genes_they_all_hold(tmp_path: Path) -> None:
+    """One slide lacks gene B of the signature: every slide is scored on A and C, so equal expression gives
+    equal features (scored on their own genes, that slide's score fell by a third for lack of B)."""
+    from he2st.evaluate.tls import TlsModel
+    from he2st.workflows.survival import slide_features
+
+    paths = []
+    for i, genes in enumerate([["A", "B", "C"], ["A", "B", "C"], ["A", "C"]]):
+        adata = ad.AnnData(X=np.full((5, len(genes)), 2.0, np.float32), var=pd.DataFrame(index=genes))
+        adata.uns["he2st"] = {"target_transform": "log1p_cp10k"}
+        adata.write_h5ad(tmp_path / f"s{i}.h5ad")
+        paths.append(tmp_path / f"s{i}.h5ad")
+    signature = TlsModel(pd.Series([1.0, 1.0, 1.0], index=["A", "B", "C"]))
+    features, _ = slide_features(paths, signature=signature)
+    assert np.allclose(features["signature"], 4.0), features
+    with pytest.raises(He2stError, match="no gene of the signature is predicted in every slide"):
+        slide_features(paths, signature=TlsModel(pd.Series([1.0], index=["B"])))
+
+
+def test_a_feature_constant_on_the_slides_gets_no_weight() -> None:
+    """TLS density 0 on every slide (a threshold no spot reaches) or on every training slide of a fold: the Cox
+    model fits on the other features and gives it coefficient 0 (lifelines stopped on it with a NaN step)."""
+    rng = np.random.default_rng(0)
+    n = 60
+    signal = rng.normal(size=n)
+    time = np.minimum(rng.exponential(1 / (0.05 * np.exp(signal))), rng.uniform(5, 60, n))
+    event = (rng.uniform(size=n) < 0.6).astype(int)
+    rare = np.zeros(n)
+    rare[np.flatnonzero(event)[:2]] = 0.3  # non-zero on two slides: absent from some folds' training slides
+    features = pd.DataFrame({"signature": signal, "tls_density": np.zeros(n), "rare": rare})
+    cv = cross_validate(features, time, event, 12.0, draws=20)
+    assert cv.coefficients["tls_density"] == 0.0 and np.isfinite(cv.cox_risk).all()
+    assert cv.scores["cox_c_index"] > 0.6
+    with pytest.raises(He2stError, match="no feature varies across the slides"):
+        cross_validate(features[["tls_density"]], time, event, 12.0, draws=20)

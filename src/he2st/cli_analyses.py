@@ -72,7 +72,8 @@ def stack(
 
 
 def survival(
-    slides: Annotated[Path, typer.Option("--slides", help="CSV: prediction (.h5ad path), time, event (1/0)[, slide]")],
+    slides: Annotated[Path, typer.Option("--slides", help="CSV: prediction (.h5ad path), time, event (1/0)[, slide]"
+                                                          "[, patient: a patient's slides stay in one fold]")],
     horizon: Annotated[float, typer.Option(help="DFS horizon for the classifier and the AUC (the table's time unit)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("he2st-survival"),
     signature: Annotated[Path | None, typer.Option(help="weighted gene list (gene,weight): its mean spot score "
@@ -82,7 +83,7 @@ def survival(
                                                  "score) are features")] = None,
     tls_threshold: Annotated[float | None, typer.Option(help="TLS call threshold (default: 0.9 quantile of all "
                                                              "slides' spot scores)")] = None,
-    folds: Annotated[int, typer.Option(help="cross-validation folds (stratified by event)")] = 5,
+    folds: Annotated[int, typer.Option(help="cross-validation folds (stratified by event, by patient)")] = 5,
     penalizer: Annotated[float, typer.Option(help="Cox model L2 penalty")] = 0.1,
     bootstrap: Annotated[int, typer.Option(help="bootstrap draws for the 95% intervals")] = 500,
     seed: Annotated[int, typer.Option(help="seed of the folds and the bootstrap")] = 0,
@@ -91,6 +92,7 @@ def survival(
     """Survival from predicted expression: slide features, a Cox model and a DFS classifier at --horizon,
     cross-validated C-index and time-dependent AUC with bootstrap intervals, and a Kaplan-Meier plot of the
     out-of-fold risk groups (results.json, risk.csv, km.png in --out)."""
+    from he2st.evaluate.survival import patient_index
     from he2st.io import allow_overwrite
     from he2st.report.survival_plot import draw_km
 
@@ -100,13 +102,16 @@ def survival(
     result = run_survival(slides, out, horizon, signature, comma_list(genes), tls, tls_threshold, folds, penalizer,
                           bootstrap, seed)
     s = result.cv.scores
-    typer.echo(f"{len(result.features)} slides, {int(result.cohort.event.sum())} events; features: "
+    n_patients = len(set(result.cohort.patients))
+    typer.echo(f"{len(result.features)} slides of {n_patients} patients, "
+               f"{int(result.cohort.event[patient_index(result.cohort.patients)[0]].sum())} events; features: "
                f"{', '.join(result.features.columns)}")
     for name, label in (("cox", "Cox model"), ("dfs", f"DFS classifier (horizon {horizon:g})")):
         typer.echo(f"{label}: C-index {s[f'{name}_c_index']:.3f} [{s[f'{name}_c_index_ci'][0]:.3f}, "
                    f"{s[f'{name}_c_index_ci'][1]:.3f}], AUC({horizon:g}) {s[f'{name}_auc']:.3f} "
                    f"[{s[f'{name}_auc_ci'][0]:.3f}, {s[f'{name}_auc_ci'][1]:.3f}] (out-of-fold, {folds} folds)")
-    km = draw_km(result.cohort.time, result.cohort.event, result.high_risk, result.paths["km"], result.logrank_p)
+    km = draw_km(result.cohort.time, result.cohort.event, result.high_risk, result.paths["km"], result.logrank_p,
+                 result.cohort.patients)
     typer.echo(f"risk groups (median split): log-rank p {result.logrank_p:.3g}")
     typer.echo(f"written: {result.paths['results']}, {result.paths['risk']}, {km}")
 

@@ -7,14 +7,17 @@ score reaches a threshold shared by all slides), chosen genes' means.
 
 Models: a penalised Cox model (lifelines) for the hazard, and a logistic regression (scikit-learn) for
 "event before the horizon". Both are scored on out-of-fold predictions of a stratified k-fold split,
-features standardised with the training folds' mean and deviation only. Scores:
+features standardised with the training folds' mean and deviation only. A patient with several slides
+(serial sections, several blocks) shares one outcome among them, so the split keeps a patient's slides in
+one fold (stratified group k-fold) and the bootstrap resamples patients: a slide of a test patient in the
+training folds would let the model recognise the patient rather than learn the outcome. Scores:
 
 * Harrell's C-index of the Cox risk;
 * the cumulative/dynamic AUC at the horizon (as scikit-survival's ``cumulative_dynamic_auc``): cases
   are slides with an event by the horizon, weighted by the inverse probability of being still
   uncensored then (Kaplan-Meier of the censoring times, IPCW); controls are slides still event-free
   after it. Slides censored before the horizon are neither, and the weights stand in for them;
-* 95% bootstrap intervals (slides resampled, out-of-fold risks kept).
+* 95% bootstrap intervals (patients resampled with all their slides, out-of-fold risks kept).
 The classifier is trained only on slides whose status at the horizon is known.
 """
 
@@ -25,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from he2st.errors import He2stError
-from he2st.evaluate.tls import TlsModel
+from he2st.evaluate.tls import TlsModel, model_columns
 
 
 def _lifelines():
@@ -41,12 +44,9 @@ def _lifelines():
 
 # ------------------------------------------------------------------ features
 def signature_score(values: np.ndarray, genes: list[str], signature: TlsModel) -> np.ndarray:
-    """Per-spot weighted sum of the signature's genes (prediction scale; genes matched upper-case)."""
-    names = pd.Index([g.upper() for g in genes])
-    present = signature.weights.index.intersection(names)
-    if len(present) == 0:
-        raise He2stError("none of the signature's genes is in the predictions")
-    columns = names.get_indexer(present)
+    """Per-spot weighted sum of the signature's genes (prediction scale; genes matched as TLS models match
+    them, :func:`~he2st.evaluate.tls.model_columns`: upper case, a gene predicted twice left out)."""
+    present, columns = model_columns(list(genes), signature, "signature")
     return np.asarray(values, dtype=np.float64)[:, columns] @ signature.weights[present].to_numpy()
 
 
@@ -97,10 +97,26 @@ def cumulative_dynamic_auc(time: np.ndarray, event: np.ndarray, risk: np.ndarray
     return float((weights * wins).sum() / (weights.sum() * controls.sum()))
 
 
-def bootstrap_interval(stat, n: int, draws: int = 500, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of ``stat(rows)`` over ``draws`` resamples of ``n`` rows (NaN draws skipped)."""
+def patient_index(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each patient's first row and each row's patient number (patients in sorted order)."""
+    _, first, inverse = np.unique(np.asarray(groups).astype(str), return_index=True, return_inverse=True)
+    return first, inverse.ravel()
+
+
+def bootstrap_interval(stat, n: int, draws: int = 500, seed: int = 0, level: float = 0.95,
+                       groups: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile interval of ``stat(rows)`` over ``draws`` resamples of ``n`` rows (NaN draws skipped).
+
+    With ``groups`` (a patient per row) whole patients are resampled, each with all its rows: the rows of one
+    patient are not independent, and resampling them one by one would make the interval too narrow."""
     rng = np.random.default_rng(seed)
-    values = np.array([stat(rng.integers(0, n, n)) for _ in range(draws)])
+    if groups is None:
+        values = np.array([stat(rng.integers(0, n, n)) for _ in range(draws)])
+    else:
+        _, inverse = patient_index(groups)
+        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+        values = np.array([stat(np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]))
+                           for _ in range(draws)])
     values = values[np.isfinite(values)]
     if len(values) == 0:
         return float("nan"), float("nan")
@@ -125,32 +141,57 @@ def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nd
     return (train - mean) / std, (test - mean) / std
 
 
-def _cox(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, penalizer: float):
+def _cox(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, penalizer: float) -> pd.Series:
+    """The fitted Cox coefficients, one per feature; a feature constant on these slides gets 0.
+
+    A constant column tells the hazard nothing, and lifelines, which divides each column by its deviation,
+    stops on it with a convergence error; e.g. TLS density at a threshold few slides reach can be 0 on every
+    training slide of a fold."""
     lifelines = _lifelines()
-    table = features.assign(_time=time, _event=event)
+    varies = features.columns[features.std(axis=0, ddof=0).to_numpy() > 0]
+    coef = pd.Series(0.0, index=features.columns, name="coef")
+    if len(varies) == 0:
+        return coef
+    table = features[varies].assign(_time=time, _event=event)
     try:
-        return lifelines.CoxPHFitter(penalizer=penalizer).fit(table, duration_col="_time", event_col="_event")
+        model = lifelines.CoxPHFitter(penalizer=penalizer).fit(table, duration_col="_time", event_col="_event")
     except Exception as exc:  # lifelines raises convergence errors of several types
         raise He2stError(f"the Cox model did not converge ({type(exc).__name__}: {exc}); fewer features or a "
                          "larger penalizer may help") from exc
+    coef[varies] = model.params_[varies].to_numpy()
+    return coef
 
 
 def cross_validate(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, horizon: float, folds: int = 5,
-                   penalizer: float = 0.1, draws: int = 500, seed: int = 0) -> SurvivalCv:
-    """Out-of-fold Cox risks and DFS probabilities, C-index and AUC at ``horizon`` with bootstrap intervals."""
+                   penalizer: float = 0.1, draws: int = 500, seed: int = 0,
+                   groups: np.ndarray | None = None) -> SurvivalCv:
+    """Out-of-fold Cox risks and DFS probabilities, C-index and AUC at ``horizon`` with bootstrap intervals.
+
+    ``groups`` names each slide's patient (default: every slide its own patient); a patient's slides share
+    one fold and are resampled together (module docstring)."""
     time, event = np.asarray(time, dtype=np.float64), np.asarray(event, dtype=np.int64)
     n = len(time)
     if features.shape[1] == 0:
         raise He2stError("no features: give a signature, genes or a TLS model")
-    if event.sum() < folds or (n - event.sum()) < folds:
-        raise He2stError(f"too few events ({int(event.sum())} of {n} slides) for {folds}-fold cross-validation")
+    if not (features.std(axis=0, ddof=0).to_numpy() > 0).any():
+        raise He2stError(f"no feature varies across the slides ({', '.join(map(str, features.columns))}): "
+                         "nothing to rank them by; give other features or a lower --tls-threshold")
+    grouped = groups is not None and len(np.unique(np.asarray(groups).astype(str))) < n
+    first = patient_index(groups)[0] if grouped else np.arange(n)
+    events, patients = int(event[first].sum()), len(first)
+    if events < folds or (patients - events) < folds:
+        raise He2stError(f"too few events ({events} of {patients} patients) for {folds}-fold cross-validation")
     x = features.to_numpy(np.float64)
     cox_risk, probability, fold_of = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
-    split = StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, event)
+    if grouped:
+        split = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(
+            x, event, np.asarray(groups).astype(str))
+    else:
+        split = StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, event)
     for k, (train, test) in enumerate(split):
         xtr, xte = _standardise(x[train], x[test])
-        model = _cox(pd.DataFrame(xtr, columns=features.columns), time[train], event[train], penalizer)
-        cox_risk[test] = np.asarray(model.predict_log_partial_hazard(pd.DataFrame(xte, columns=features.columns)))
+        coef = _cox(pd.DataFrame(xtr, columns=features.columns), time[train], event[train], penalizer)
+        cox_risk[test] = xte @ coef.to_numpy()  # the log partial hazard (lifelines centres it; ranks agree)
         known = (time[train] > horizon) | (event[train] == 1)  # status at the horizon is known
         label = (time[train] <= horizon) & (event[train] == 1)
         if len(np.unique(label[known])) < 2:
@@ -163,23 +204,34 @@ def cross_validate(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, 
     def scored(risk: np.ndarray) -> dict[str, float | list[float]]:
         c = concordance(time, event, risk)
         auc = cumulative_dynamic_auc(time, event, risk, horizon)
+        by = groups if grouped else None
         return {"c_index": c, "c_index_ci": list(bootstrap_interval(
-                    lambda r: concordance(time[r], event[r], risk[r]), n, draws, seed)),
+                    lambda r: concordance(time[r], event[r], risk[r]), n, draws, seed, groups=by)),
                 "auc": auc, "auc_ci": list(bootstrap_interval(
-                    lambda r: cumulative_dynamic_auc(time[r], event[r], risk[r], horizon), n, draws, seed))}
+                    lambda r: cumulative_dynamic_auc(time[r], event[r], risk[r], horizon), n, draws, seed,
+                    groups=by))}
 
     scores = {f"cox_{k}": v for k, v in scored(cox_risk).items()}
     scores |= {f"dfs_{k}": v for k, v in scored(probability).items()}
     full, _ = _standardise(x, x)
     refit = _cox(pd.DataFrame(full, columns=features.columns), time, event, penalizer)
-    return SurvivalCv(cox_risk, probability, fold_of, scores, refit.params_.rename("coef"))
+    return SurvivalCv(cox_risk, probability, fold_of, scores, refit)
 
 
-def risk_groups(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> tuple[np.ndarray, float]:
-    """High-risk membership (above the median out-of-fold risk) and the log-rank p-value between groups."""
+def risk_groups(time: np.ndarray, event: np.ndarray, risk: np.ndarray,
+                groups: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """High-risk membership per slide and the log-rank p-value between the groups.
+
+    Decided per patient (``groups``; default every slide its own): a patient's risk is the mean out-of-fold
+    risk of its slides, high when above the median patient's, and the log-rank test counts each patient once
+    -- counting a patient's slides as several subjects would shrink the p-value."""
     _lifelines()
     from lifelines.statistics import logrank_test
 
-    high = np.asarray(risk) > np.median(risk)
-    test = logrank_test(time[high], time[~high], event[high], event[~high])
-    return high, float(test.p_value)
+    time, event, risk = np.asarray(time), np.asarray(event), np.asarray(risk, dtype=np.float64)
+    first, inverse = patient_index(groups if groups is not None else np.arange(len(time)))
+    patient_risk = np.bincount(inverse, risk) / np.bincount(inverse)
+    high = patient_risk > np.median(patient_risk)
+    t, e = time[first], event[first]
+    test = logrank_test(t[high], t[~high], e[high], e[~high])
+    return high[inverse], float(test.p_value)

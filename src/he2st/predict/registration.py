@@ -92,8 +92,15 @@ def _sitk():
 
 
 def _image(sitk, values: np.ndarray, um_per_px: float):
+    """``values`` as a SimpleITK image in µm: pixel (col, row) centred at ((col + .5) s, (row + .5) s).
+
+    SimpleITK places a pixel's centre at ``origin + index * spacing``; with its default origin 0 a pixel would
+    be centred on its top-left corner, half a thumbnail pixel off the frame in which :func:`warp_mask`, the
+    stack's grid and the slides' own coordinates read a pixel as the square ``[col s, (col + 1) s)``. The
+    transform found would then map points off by ``(I - A) s / 2`` (a whole pixel for a turn of 180°)."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float32))
     image.SetSpacing((um_per_px, um_per_px))
+    image.SetOrigin((um_per_px / 2, um_per_px / 2))
     return image
 
 

@@ -93,14 +93,34 @@ def place_sections(sections: list[Section], register: bool = True) -> tuple[list
     return registrations, chain
 
 
+def _tissue_box(section: Section, transform: Affine) -> np.ndarray:
+    """Corners (µm, first section's frame) of a box holding the section's tissue once placed there."""
+    ys, xs = np.nonzero(section.view.mask)
+    s = section.view.um_per_px
+    corners = np.array([[x, y] for x in (xs.min(), xs.max() + 1) for y in (ys.min(), ys.max() + 1)]) * s
+    return transform.inverse()(corners)
+
+
 def common_grid(sections: list[Section], chain: list[Affine], pitch_um: float) -> np.ndarray:
-    """Hexagonal grid points (µm, first section's frame) over the union of all registered tissue outlines."""
+    """Hexagonal grid points (µm, first section's frame) over the union of all registered tissue outlines.
+
+    The union is drawn on a canvas of the first section's pixels that reaches every placed section's tissue:
+    a later section larger than the first, or placed partly beyond its image, keeps all its tissue."""
     ref = sections[0].view
-    union = np.zeros_like(ref.mask)
+    s = ref.um_per_px
+    boxes = np.vstack([[[0.0, 0.0], [ref.mask.shape[1] * s, ref.mask.shape[0] * s]]]
+                      + [_tissue_box(section, t) for section, t in zip(sections, chain, strict=True)
+                         if section.view.mask.any()])
+    lo_px = np.floor(boxes.min(axis=0) / s).astype(np.int64)  # canvas on the first section's pixel lattice
+    hi_px = np.ceil(boxes.max(axis=0) / s).astype(np.int64)
+    shape = (int(hi_px[1] - lo_px[1]), int(hi_px[0] - lo_px[0]))
+    lo = lo_px * s
+    to_ref = Affine(np.eye(2), lo)  # canvas µm -> first section's µm
+    union = np.zeros(shape, dtype=bool)
     for section, transform in zip(sections, chain, strict=True):
-        union |= warp_mask(section.view.mask, section.view.um_per_px, transform, ref.mask.shape, ref.um_per_px)
-    grid = hex_grid(union, 1.0, pitch_um, ref.um_per_px)  # mask px as "level-0" px of ref.um_per_px µm
-    return grid.xy * ref.um_per_px
+        union |= warp_mask(section.view.mask, section.view.um_per_px, to_ref.then(transform), shape, s)
+    grid = hex_grid(union, 1.0, pitch_um, s)  # mask px as "level-0" px of s µm
+    return grid.xy * s + lo
 
 
 def _on_tissue(section: Section, xy_um: np.ndarray) -> np.ndarray:

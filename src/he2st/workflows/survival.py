@@ -2,7 +2,9 @@
 
 The table (CSV) has one row per slide: ``prediction`` (a prediction ``.h5ad``; relative paths are
 relative to the table), ``time`` (follow-up, any unit, > 0) and ``event`` (1 = recurrence/death, 0 =
-censored); an optional ``slide`` column names the rows. Features and models: :mod:`he2st.evaluate.survival`.
+censored); an optional ``slide`` column names the rows, and an optional ``patient`` column says which rows
+belong to one patient (several slides of a patient share its time and event; they are kept in one fold and
+resampled together). Features and models: :mod:`he2st.evaluate.survival`.
 Outputs, each written atomically into ``out``: ``results.json`` (scores, intervals, Cox coefficients,
 settings) and ``risk.csv`` (out-of-fold risks and groups per slide); the command adds ``km.png``
 (Kaplan-Meier curves of the risk groups, :mod:`he2st.report.survival_plot`).
@@ -19,8 +21,15 @@ import pandas as pd
 import scipy.sparse as sp
 
 from he2st.errors import He2stError
-from he2st.evaluate.survival import SurvivalCv, cross_validate, risk_groups, signature_score, tls_density
-from he2st.evaluate.tls import TlsModel, tls_score
+from he2st.evaluate.survival import (
+    SurvivalCv,
+    cross_validate,
+    patient_index,
+    risk_groups,
+    signature_score,
+    tls_density,
+)
+from he2st.evaluate.tls import TlsModel, gene_symbols, tls_score
 from he2st.io import (
     check_finite,
     check_folder,
@@ -40,6 +49,7 @@ class Cohort:
     paths: list[Path]
     time: np.ndarray
     event: np.ndarray
+    patients: np.ndarray  # the patient of each row (str); each row its own when the table names none
 
 
 @dataclass
@@ -78,16 +88,61 @@ def read_cohort(table: Path) -> Cohort:
         except He2stError as exc:
             raise He2stError(f"row {row + 2}: {exc}", table) from None
     slides = frame["slide"].astype(str).tolist() if "slide" in frame else [p.stem for p in paths]
-    return Cohort(slides, paths, time, event.astype(np.int64))
+    return Cohort(slides, paths, time, event.astype(np.int64), _patients(frame, time, event, table))
+
+
+def _patients(frame: pd.DataFrame, time: np.ndarray, event: np.ndarray, table: Path) -> np.ndarray:
+    """The ``patient`` column (each row its own patient without one), checked: one outcome per patient."""
+    if "patient" not in frame:
+        return np.array([f"row{k + 2}" for k in range(len(frame))])
+    raw = frame["patient"]
+    if raw.isna().any():
+        raise He2stError(f"row {int(np.argmax(raw.isna().to_numpy())) + 2}: patient is empty", table)
+    patients = raw.astype(str).str.strip().to_numpy()
+    seen: dict[str, int] = {}
+    for row, patient in enumerate(patients):
+        first = seen.setdefault(patient, row)
+        if time[row] != time[first] or event[row] != event[first]:
+            raise He2stError(f"row {row + 2}: patient {patient} has another time or event than on row {first + 2} "
+                             "(an outcome belongs to the patient)", table)
+    return patients
 
 
 def _dense(adata: ad.AnnData) -> np.ndarray:
     return np.asarray(adata.X.toarray() if sp.issparse(adata.X) else adata.X, dtype=np.float64)
 
 
+def shared_genes(paths: list[Path]) -> pd.Index:
+    """Gene symbols (upper case) predicted exactly once in every one of ``paths`` (var names only are read)."""
+    shared = None
+    for path in paths:
+        adata = read_h5ad_checked(path, "prediction file", backed=True)
+        names = gene_symbols(adata.var_names)
+        adata.file.close()
+        names = names[~names.duplicated(keep=False)]
+        shared = names if shared is None else shared.intersection(names)
+    return shared if shared is not None else pd.Index([])
+
+
+def on_shared_genes(model: TlsModel, shared: pd.Index, what: str) -> TlsModel:
+    """``model`` on the genes every slide holds: a slide scored on fewer genes would have a feature that
+    says which genes its prediction holds, not how much of the signature it expresses."""
+    restricted = model.restricted(shared)
+    if len(restricted.weights) == 0:
+        raise He2stError(f"no gene of the {what} is predicted in every slide of the table")
+    return restricted
+
+
 def slide_features(paths: list[Path], signature: TlsModel | None = None, genes: list[str] | None = None,
                    tls: TlsModel | None = None, tls_threshold: float | None = None) -> tuple[pd.DataFrame, float | None]:
-    """One row per slide: ``signature`` (mean spot score), ``tls_density`` (and ``tls_mean``), ``mean:<gene>``."""
+    """One row per slide: ``signature`` (mean spot score), ``tls_density`` (and ``tls_mean``), ``mean:<gene>``.
+
+    The signature and the TLS model are scored on their genes that every slide holds (:func:`on_shared_genes`),
+    so that every slide's feature is the same sum."""
+    if signature is not None or tls is not None:
+        shared = shared_genes(paths)
+        signature = on_shared_genes(signature, shared, "signature") if signature is not None else None
+        tls = on_shared_genes(tls, shared, "TLS model") if tls is not None else None
     rows, tls_scores = [], []
     for path in paths:
         adata = read_h5ad_checked(path, "prediction file")
@@ -126,15 +181,21 @@ def run_survival(table: Path, out: Path, horizon: float, signature: Path | None 
     check_folder(out)  # before any work: outputs he2st did not write are refused
     for name in ("results.json", "risk.csv", "km.png"):
         check_output(out / name)
-    features, threshold = slide_features(cohort.paths, TlsModel.read(signature) if signature else None, genes,
-                                         read_model(tls) if tls else None, tls_threshold)
+    try:
+        features, threshold = slide_features(cohort.paths, TlsModel.read(signature) if signature else None, genes,
+                                             read_model(tls) if tls else None, tls_threshold)
+    except He2stError as exc:  # a problem of the whole table (no shared gene) names the table
+        raise He2stError(exc.problem, exc.path or table) from exc
     features.index = pd.Index(cohort.slides, name="slide")
-    cv = cross_validate(features, cohort.time, cohort.event, horizon, folds, penalizer, draws, seed)
-    high, p_value = risk_groups(cohort.time, cohort.event, cv.cox_risk)
-    risk = features.assign(time=cohort.time, event=cohort.event, fold=cv.fold, cox_risk=cv.cox_risk,
+    cv = cross_validate(features, cohort.time, cohort.event, horizon, folds, penalizer, draws, seed,
+                        groups=cohort.patients)
+    high, p_value = risk_groups(cohort.time, cohort.event, cv.cox_risk, cohort.patients)
+    risk = features.assign(patient=cohort.patients, time=cohort.time, event=cohort.event, fold=cv.fold, cox_risk=cv.cox_risk,
                            dfs_probability=cv.dfs_probability, risk_group=np.where(high, "high", "low"))
     write_text_atomic(out / "risk.csv", risk.to_csv())
-    results = {"n_slides": len(cohort.slides), "n_events": int(cohort.event.sum()), "horizon": horizon,
+    first = patient_index(cohort.patients)[0]
+    results = {"n_slides": len(cohort.slides), "n_patients": len(first), "n_events": int(cohort.event[first].sum()),
+               "horizon": horizon,
                "folds": folds, "penalizer": penalizer, "bootstrap_draws": draws, "seed": seed,
                "features": list(features.columns), "tls_threshold": threshold, "logrank_p": p_value,
                "cox_coefficients": {k: float(v) for k, v in cv.coefficients.items()}, **cv.scores}
