@@ -172,6 +172,22 @@ def test_predict_replaces_its_own_output_and_a_foreign_one_only_with_overwrite(k
     assert ad.read_h5ad(foreign / "slide.h5ad").n_obs == first.n_obs
 
 
+def test_a_prediction_is_never_written_over_the_sample_it_predicts_at(kit, tmp_path):  # noqa: F811
+    """``--spots-from <work>/samples/S1.h5ad --out <work>/samples`` names the input as the output: the prepared
+    sample is he2st's own file, so only this check keeps the prediction from replacing the measured counts."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    sample = samples / "S1.h5ad"
+    sample.write_bytes((kit.work / "samples" / "S1.h5ad").read_bytes())
+    (samples / MARKER).write_text("S1.h5ad\n")  # he2st's own, as `he2st prepare` leaves it
+    before = sample.read_bytes()
+    result = run_cli("predict", "-m", kit.model, "--spots-from", sample, "--out", samples, "--device", "cpu",
+                     "--no-maps", "--max-upsample", "10")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "--spots-from" in errors[0], result.stderr
+    assert sample.read_bytes() == before and _entries(samples) == {"S1.h5ad", MARKER}
+
+
 def test_zarr_store_of_the_user_is_kept_and_replaced_only_with_overwrite(kit, tmp_path):  # noqa: F811
     pytest.importorskip("spatialdata")
     out = tmp_path / "Z"
