@@ -105,6 +105,39 @@ def test_folders_are_replaced_whole_only_when_every_entry_is_he2sts(tmp_path):
     assert (store / "notes.txt").exists() and _entries(tmp_path) == {"s.zarr", MARKER}
 
 
+def test_a_checkpoint_is_never_read_with_a_bank_saved_with_another(tmp_path, monkeypatch):
+    """A checkpoint and its bank are two files: a save that fails leaves both old ones, and a bank that is not
+    the one saved with the checkpoint beside it (a save killed between the two renames) is refused on load
+    instead of predicting another model's genes."""
+    import errno
+
+    import torch
+    from synthetic import random_knn_model
+
+    from he2st.encoders import create
+    from he2st.methods import Method, load_method
+
+    encoder = create("test_vit", pretrained=False)
+    path = tmp_path / "m" / "knn.pt"
+    random_knn_model(encoder, ["A", "B"], seed=0).save(path)
+    old_bank = Method.bank_path(path).read_bytes()
+    other = random_knn_model(encoder, ["C", "D", "E"], seed=1)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "save", disk_full)
+        with pytest.raises(He2stError, match="no space left"):
+            other.save(path)
+    assert Method.bank_path(path).read_bytes() == old_bank and load_method(path).bank.genes == ["A", "B"]
+    assert _entries(path.parent) == {"knn.pt", "knn.bank.h5", MARKER}
+    other.save(path)
+    Method.bank_path(path).write_bytes(old_bank)  # the new checkpoint beside the old bank
+    with pytest.raises(He2stError, match="not saved with the checkpoint knn.pt"):
+        load_method(path)
+
+
 def test_a_second_writer_is_one_line_naming_the_first(tmp_path):
     target = tmp_path / "slide.h5ad"
     with output_lock(target):
