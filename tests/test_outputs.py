@@ -105,6 +105,25 @@ def test_folders_are_replaced_whole_only_when_every_entry_is_he2sts(tmp_path):
     assert (store / "notes.txt").exists() and _entries(tmp_path) == {"s.zarr", MARKER}
 
 
+def test_a_file_put_into_a_subfolder_of_a_store_keeps_the_store_from_being_replaced(tmp_path):
+    """A store's top-level entries are all he2st's, but a file of the user's one level down is not: replacing
+    the store whole would delete it, so it is refused as for a file at the top."""
+    store = tmp_path / "s.zarr"
+    with atomic_folder(store) as new:
+        (new / "tables" / "table").mkdir(parents=True)
+        (new / "tables" / "table" / "x").write_text("v1")
+    assert is_own(store)
+    (store / "tables" / "notes.txt").write_text("added by the user")
+    assert not is_own(store)
+    with pytest.raises(He2stError, match="--overwrite"), atomic_folder(store) as new:
+        new.mkdir()
+    assert (store / "tables" / "notes.txt").read_text() == "added by the user"
+    (store / "tables" / "notes.txt").unlink()
+    with atomic_folder(store) as new:  # its own again: replaced
+        new.mkdir()
+    assert _entries(store) == {MARKER}
+
+
 def test_a_checkpoint_is_never_read_with_a_bank_saved_with_another(tmp_path, monkeypatch):
     """A checkpoint and its bank are two files: a save that fails leaves both old ones, and a bank that is not
     the one saved with the checkpoint beside it (a save killed between the two renames) is refused on load
