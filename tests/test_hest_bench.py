@@ -20,7 +20,7 @@ import pytest
 
 from he2st.io import MARKER
 from in_process import run_cli
-from synthetic import embedded_sections
+from synthetic import embedded_sections, prepared_sections
 
 N_SPOTS = 100
 GRID = 14  # block grid of the synthetic patches: 14 x 14 blocks of 16 px = 224 px
@@ -156,6 +156,31 @@ def test_bad_layout_is_one_line_naming_the_file(tmp_path: Path) -> None:
     res = run_cli("hest-bench", "--bench-dir", bench, "--tasks", "IDC", "--out", tmp_path / "out")
     assert res.returncode == 2 and "'IDC'" in res.stderr and "PRAD" in res.stderr
     assert all(len(r.strip().splitlines()) == 1 for r in [res.stderr])
+
+
+def test_a_refused_re_export_keeps_the_old_export_and_a_split_file_of_the_users(tmp_path: Path) -> None:
+    """A re-export refused for bad input (a patch cache gone) leaves the earlier export whole, its splits
+    included; a file of the user's in splits/ is refused in one line naming it, never deleted."""
+    work = prepared_sections(tmp_path, {"S1": "P0", "S2": "P1", "S3": "P2"}, [f"G{i}" for i in range(20)])
+    bench = tmp_path / "bench"
+    export = ("data", "export-hest", "-w", work, "-o", bench, "--task", "MINE", "--n-genes", "10")
+    assert run_cli(*export).returncode == 0
+    splits = bench / "MINE" / "splits"
+    before = {p.name: p.read_bytes() for p in splits.iterdir()}
+    mine = splits / "my_split.csv"
+    mine.write_text("sample_id,patches_path,expr_path\n")
+    res = run_cli(*export)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "my_split.csv" in res.stderr
+    assert mine.read_text() == "sample_id,patches_path,expr_path\n"
+    mine.unlink()
+    from he2st.data.patches import PatchSpec
+    from he2st.data.workspace import Workspace
+
+    cache = Workspace(work).patch_path("S3", PatchSpec())
+    cache.rename(tmp_path / cache.name)
+    res = run_cli(*export)
+    assert res.returncode == 2 and cache.name in res.stderr
+    assert {p.name: p.read_bytes() for p in splits.iterdir()} == before
 
 
 def test_export_then_benchmark_a_work_folder(tmp_path: Path, one_torch_thread) -> None:

@@ -105,6 +105,58 @@ def test_folders_are_replaced_whole_only_when_every_entry_is_he2sts(tmp_path):
     assert (store / "notes.txt").exists() and _entries(tmp_path) == {"s.zarr", MARKER}
 
 
+def test_a_file_put_into_a_subfolder_of_a_store_keeps_the_store_from_being_replaced(tmp_path):
+    """A store's top-level entries are all he2st's, but a file of the user's one level down is not: replacing
+    the store whole would delete it, so it is refused as for a file at the top."""
+    store = tmp_path / "s.zarr"
+    with atomic_folder(store) as new:
+        (new / "tables" / "table").mkdir(parents=True)
+        (new / "tables" / "table" / "x").write_text("v1")
+    assert is_own(store)
+    (store / "tables" / "notes.txt").write_text("added by the user")
+    assert not is_own(store)
+    with pytest.raises(He2stError, match="--overwrite"), atomic_folder(store) as new:
+        new.mkdir()
+    assert (store / "tables" / "notes.txt").read_text() == "added by the user"
+    (store / "tables" / "notes.txt").unlink()
+    with atomic_folder(store) as new:  # its own again: replaced
+        new.mkdir()
+    assert _entries(store) == {MARKER}
+
+
+def test_a_checkpoint_is_never_read_with_a_bank_saved_with_another(tmp_path, monkeypatch):
+    """A checkpoint and its bank are two files: a save that fails leaves both old ones, and a bank that is not
+    the one saved with the checkpoint beside it (a save killed between the two renames) is refused on load
+    instead of predicting another model's genes."""
+    import errno
+
+    import torch
+    from synthetic import random_knn_model
+
+    from he2st.encoders import create
+    from he2st.methods import Method, load_method
+
+    encoder = create("test_vit", pretrained=False)
+    path = tmp_path / "m" / "knn.pt"
+    random_knn_model(encoder, ["A", "B"], seed=0).save(path)
+    old_bank = Method.bank_path(path).read_bytes()
+    other = random_knn_model(encoder, ["C", "D", "E"], seed=1)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "save", disk_full)
+        with pytest.raises(He2stError, match="no space left"):
+            other.save(path)
+    assert Method.bank_path(path).read_bytes() == old_bank and load_method(path).bank.genes == ["A", "B"]
+    assert _entries(path.parent) == {"knn.pt", "knn.bank.h5", MARKER}
+    other.save(path)
+    Method.bank_path(path).write_bytes(old_bank)  # the new checkpoint beside the old bank
+    with pytest.raises(He2stError, match="not saved with the checkpoint knn.pt"):
+        load_method(path)
+
+
 def test_a_second_writer_is_one_line_naming_the_first(tmp_path):
     target = tmp_path / "slide.h5ad"
     with output_lock(target):
@@ -170,6 +222,22 @@ def test_predict_replaces_its_own_output_and_a_foreign_one_only_with_overwrite(k
     assert (foreign / "slide.h5ad").read_text() == "the user's own table"
     assert run_cli(*_predict(kit, foreign, "--overwrite")).returncode == 0
     assert ad.read_h5ad(foreign / "slide.h5ad").n_obs == first.n_obs
+
+
+def test_a_prediction_is_never_written_over_the_sample_it_predicts_at(kit, tmp_path):  # noqa: F811
+    """``--spots-from <work>/samples/S1.h5ad --out <work>/samples`` names the input as the output: the prepared
+    sample is he2st's own file, so only this check keeps the prediction from replacing the measured counts."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    sample = samples / "S1.h5ad"
+    sample.write_bytes((kit.work / "samples" / "S1.h5ad").read_bytes())
+    (samples / MARKER).write_text("S1.h5ad\n")  # he2st's own, as `he2st prepare` leaves it
+    before = sample.read_bytes()
+    result = run_cli("predict", "-m", kit.model, "--spots-from", sample, "--out", samples, "--device", "cpu",
+                     "--no-maps", "--max-upsample", "10")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "--spots-from" in errors[0], result.stderr
+    assert sample.read_bytes() == before and _entries(samples) == {"S1.h5ad", MARKER}
 
 
 def test_zarr_store_of_the_user_is_kept_and_replaced_only_with_overwrite(kit, tmp_path):  # noqa: F811

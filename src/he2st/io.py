@@ -229,14 +229,33 @@ def record_output(path: str | Path) -> None:
 
 def is_own(path: str | Path) -> bool:
     """Whether he2st may replace ``path`` without ``--overwrite``: a file listed in its folder's marker, or a
-    folder whose every entry is listed in its own marker (or that is empty). Links are never he2st's."""
+    folder whose every entry is listed in its own marker (or that is empty). Links are never he2st's.
+
+    A folder written whole (:func:`atomic_folder`) lists every entry under it (``tables/table/x``), so a file
+    the user put into one of its subfolders makes it not he2st's: replacing the folder would delete that file.
+    A marker of top-level names only (a folder written by an older he2st) is checked at the top level."""
     path = Path(path)
     if path.is_symlink():
         return False
     if path.is_dir():
         entries = set(os.listdir(path)) - _BOOKKEEPING
-        return not entries or entries <= written_here(path)
+        listed = written_here(path)
+        if entries and any("/" in name for name in listed):
+            return _tree(path) <= listed
+        return not entries or entries <= listed
     return path.name in written_here(path.parent)
+
+
+def _tree(folder: Path) -> set[str]:
+    """Every entry under ``folder`` (files and folders, links not followed) as a ``/``-separated path relative
+    to it, he2st's bookkeeping at its top aside."""
+    entries = set()
+    for parent, folders, files in os.walk(folder):
+        relative = Path(parent).relative_to(folder)
+        for name in folders + files:
+            if relative.parts or name not in _BOOKKEEPING:
+                entries.add((relative / name).as_posix())
+    return entries
 
 
 def check_output(path: str | Path, folder: bool = False, overwrite: bool | None = None) -> Path:
@@ -258,6 +277,25 @@ def check_output(path: str | Path, folder: bool = False, overwrite: bool | None 
         raise He2stError(f"exists and was not written by he2st; {OVERWRITE_HINT}", path)
     return path
 
+
+
+def not_an_input(target: str | Path, inputs: Mapping[str, str | Path | None]) -> Path:
+    """``target`` unless it is one of the command's input files (``{option: path}``), the same file by any
+    path, else one line naming it and the option. An input he2st wrote earlier (a prepared sample) is its own
+    by the marker, so :func:`check_output` would let the output replace the file being read."""
+    target = Path(target)
+    for option, path in inputs.items():
+        if path is not None and _same_file(target, Path(path)):
+            raise He2stError(f"is the input {option}, which the output would replace; choose another output folder "
+                             "or name", target)
+    return target
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.abspath(a) == os.path.abspath(b)
 
 def check_folder(path: str | Path) -> Path:
     """``path`` when he2st may write files into it: missing (made when written) or a writable folder; else one
@@ -408,7 +446,7 @@ def _reason(exc: OSError) -> str | None:
 @contextlib.contextmanager
 def atomic_folder(target: str | Path, overwrite: bool | None = None) -> Iterator[Path]:
     """Yield a path (not yet existing) in a temporary folder beside ``target``; on success it replaces
-    ``target`` (a folder: he2st's own, or ``--overwrite``) with a marker listing its entries. On any failure
+    ``target`` (a folder: he2st's own, or ``--overwrite``) with a marker listing every entry under it. On any failure
     the temporary folder is removed and ``target`` is left as it was."""
     target = check_output(target, folder=True, overwrite=overwrite)
     make_folder(target.parent)
@@ -421,7 +459,7 @@ def atomic_folder(target: str | Path, overwrite: bool | None = None) -> Iterator
         built = scratch / "new"
         with writing(target):
             yield built
-        (built / MARKER).write_text("".join(f"{name}\n" for name in sorted(os.listdir(built))), encoding="utf-8")
+        (built / MARKER).write_text("".join(f"{name}\n" for name in sorted(_tree(built))), encoding="utf-8")
         check_output(target, folder=True, overwrite=overwrite)
         if target.exists():
             os.rename(target, scratch / "old")  # out of the way in one step; removed below with the scratch folder

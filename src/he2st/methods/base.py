@@ -9,7 +9,9 @@ as class capabilities (``uses_bank``, ``uses_tokens``, ``uses_patches``, ``conte
 
 from __future__ import annotations
 
+import contextlib
 import json
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -321,14 +323,19 @@ class Method(ABC):
         check_output(path)  # before the bank is written or removed: both are refused unless he2st's own
         check_output(self.bank_path(path))
         check_output(self.transcriptome_path(path))
-        for bank, bank_path in ((self.bank, self.bank_path(path)),
-                                (self.transcriptome_bank, self.transcriptome_path(path))):
-            if bank is not None:
-                bank.save(bank_path)
-            elif bank_path.exists():
-                bank_path.unlink()  # never pair this model with another model's bank
-        with atomic_path(path, suffix=".pt") as tmp:
-            torch.save(payload, tmp)
+        banks = {"bank": (self.bank, self.bank_path(path)),
+                 "transcriptome": (self.transcriptome_bank, self.transcriptome_path(path))}
+        token = uuid.uuid4().hex  # the checkpoint names the banks saved with it: another's is refused on load
+        payload["banks"] = {key: None if bank is None else token for key, (bank, _) in banks.items()}
+        with contextlib.ExitStack() as written:  # every file complete before any is renamed into place
+            for bank, bank_path in banks.values():
+                if bank is not None:
+                    bank.write(written.enter_context(atomic_path(bank_path, suffix=bank_path.suffix)), token)
+            with atomic_path(path, suffix=".pt") as tmp:
+                torch.save(payload, tmp)
+        for bank, bank_path in banks.values():
+            if bank is None and bank_path.exists():
+                bank_path.unlink()  # another model's bank: this checkpoint never reads it
         return path
 
     @property

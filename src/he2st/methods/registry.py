@@ -155,7 +155,7 @@ def load_method(path: str | Path) -> Method:
     from he2st.methods.base import Method
     from he2st.methods.card import ModelCard
     from he2st.methods.checkpoint import CHECKPOINT_FORMAT
-    from he2st.methods.layers.bank import ReferenceBank
+    from he2st.methods.layers.bank import ReferenceBank, saved_pair
     from he2st.methods.reliability import Reliability
 
     path = input_path(path, "checkpoint")
@@ -191,10 +191,19 @@ def load_method(path: str | Path) -> Method:
     if "reliability" in payload:
         saved = payload["reliability"]
         method.reliability = Reliability.from_state(saved["state"], json.loads(saved["layout"]))
-    if Method.bank_path(path).exists():
-        method.bank = ReferenceBank.load(Method.bank_path(path))
-    if Method.transcriptome_path(path).exists():
-        method.transcriptome_bank = ReferenceBank.load(Method.transcriptome_path(path))
+    pairs = payload.get("banks")  # absent from checkpoints of older he2st versions: any bank beside it is read
+    for key, bank_path in (("bank", Method.bank_path(path)), ("transcriptome", Method.transcriptome_path(path))):
+        token = pairs.get(key) if isinstance(pairs, dict) else None
+        if token is None and (pairs is not None or not bank_path.exists()):
+            continue
+        if not bank_path.exists():
+            raise He2stError(f"reference bank of the checkpoint {path.name} not found (it is saved beside the "
+                             "checkpoint: copy the two together)", bank_path)
+        bank = ReferenceBank.load(bank_path)
+        if token is not None and saved_pair(bank_path) != token:
+            raise He2stError(f"reference bank was not saved with the checkpoint {path.name} beside it (a save "
+                             "stopped between the two files?); train the model again", bank_path)
+        setattr(method, "bank" if key == "bank" else "transcriptome_bank", bank)
     return method
 
 

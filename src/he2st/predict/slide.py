@@ -38,7 +38,15 @@ from he2st.encoders.inference import PatchEmbedder, load_encoder
 from he2st.encoders.spec import EncoderSpec
 from he2st.encoders.weights import weights_sha256
 from he2st.errors import He2stError
-from he2st.io import check_output, name_from_stem, output_lock, overwriting, sha256_file, writing
+from he2st.io import (
+    check_output,
+    name_from_stem,
+    not_an_input,
+    output_lock,
+    overwriting,
+    sha256_file,
+    writing,
+)
 from he2st.methods import Method, ModelCard
 from he2st.predict.config import PredictConfig
 from he2st.predict.grid import SpotGrid, check_pitch, grid_from_sample, hex_grid
@@ -272,7 +280,8 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
         thumb, scale = slide.thumbnail(config.thumbnail_px)
         grid, tissue_source = _spots(slide, thumb, scale, mpp, config.pitch_um, sample, config.mask)
         library_id = config.library_id or (sample.sample_id if sample is not None else name_from_stem(slide_path.stem))
-        final = config.output(library_id)
+        final = not_an_input(config.output(library_id), {"--spots-from": config.spots_from, "--slide": slide_path,
+                                                         "--model": config.model, "--mask": config.mask})
         partial = final.with_suffix(".partial.h5")
         check_output(final)  # before any work: a foreign file here is refused, not found out at the end
         check_output(partial)

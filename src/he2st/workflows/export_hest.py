@@ -26,7 +26,8 @@ from he2st.data.patches import PatchCache, PatchSpec
 from he2st.data.splits import leave_one_patient_out
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError
-from he2st.io import inside, safe_name, write_text_atomic
+from he2st.io import LOCKS, inside, is_own, safe_name, write_text_atomic
+from he2st.io import MARKER as IO_MARKER
 
 MARKER = ".he2st-export"  # in the task folder: a re-export may replace it; any other non-empty folder is refused
 MIN_SPOT_FRACTION = 0.1
@@ -58,19 +59,35 @@ def export_hest(work_dir: str | Path, out: str | Path, task: str, patch: PatchSp
     if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
         raise He2stError("task folder is not empty and was not written by `he2st data export-hest`; "
                          "choose another --task or --out", root)
-    root.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(root / MARKER, "written by `he2st data export-hest`; a re-export may replace it\n")
-    for old in (root / SPLITS_DIR).glob("*.csv"):  # HEST counts every file in splits/ as half a split
-        old.unlink()
-    entries = {}
-    for sid, sample in samples.items():
+    caches = {}
+    for sid, sample in samples.items():  # every patch cache checked before anything is written or removed
         cache = PatchCache(ws.patch_path(sid, patch))
         cache.check(patch)
         if cache.barcodes != list(sample.adata.obs_names):
             raise He2stError(f"patches of {sid} do not match its spots; re-run `he2st prepare`", cache.path)
-        entries[sid] = BenchSample(sid, copy_patch_file(cache.path, root / "patches" / f"{sid}.h5"),
-                                   write_expression(root / "adata" / f"{sid}.h5ad", sample.adata), patients[sid])
+        caches[sid] = cache
+    stale = _old_splits(root / SPLITS_DIR)
+    root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(root / MARKER, "written by `he2st data export-hest`; a re-export may replace it\n")
+    entries = {sid: BenchSample(sid, copy_patch_file(caches[sid].path, root / "patches" / f"{sid}.h5"),
+                                write_expression(root / "adata" / f"{sid}.h5ad", sample.adata), patients[sid])
+               for sid, sample in samples.items()}
+    for old in stale:  # HEST counts every file in splits/ as half a split: the old export's go
+        old.unlink()
     for i, fold in enumerate(folds):
         write_split(root / SPLITS_DIR, i, [entries[s] for s in fold.train], [entries[s] for s in fold.test], root)
     write_genes(root / GENES_FILE, genes)
     return Exported(root, ids, genes, len(folds))
+
+
+def _old_splits(folder: Path) -> list[Path]:
+    """The split files of an earlier export in ``folder``, to be replaced. A file there that he2st did not
+    write (a split of the user's own) is refused in one line rather than removed: HEST would count it as half
+    a split of this task, and it is not he2st's to delete."""
+    files = sorted(p for p in folder.glob("*") if p.name not in (IO_MARKER, LOCKS)) if folder.is_dir() else []
+    for path in files:
+        if not path.is_file() or not is_own(path):
+            raise He2stError("is in the task's splits folder but was not written by `he2st data export-hest` (HEST "
+                             "counts every file there as part of a split); move it away or choose another --task",
+                             path)
+    return files

@@ -42,6 +42,7 @@ MAX_BLOCK_ELEMENTS = 1 << 24
 #: gather is memory-bound, so small blocks that are averaged while still cached are fastest.
 GATHER_BLOCK_ELEMENTS = 1 << 20
 _FORMAT_VERSION = 1
+_PAIR = "checkpoint_pair"  # the token of the checkpoint saved with the bank (an optional addition)
 _WEIGHTINGS = ("average", "softmax", "similarity")
 _SEARCHES = ("auto", "exact", "approximate")
 _INDEX = "ivf_index"  # optional dataset of a .h5 bank: the serialised approximate index
@@ -303,15 +304,23 @@ class ReferenceBank:
         return torch.tensor([self._gene_index[g] for g in genes], dtype=torch.long)
 
     # ------------------------------------------------------------------- I/O
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, pair: str | None = None) -> None:
         """Write the bank atomically as HDF5 (``.h5``/``.hdf5``) or ``.npz``; no pickled objects.
 
         Arrays are stored contiguous and uncompressed, so a big bank can be memory-mapped when loaded.
         An ``.h5`` bank that searches approximately stores its index too (dataset ``ivf_index``: an
-        optional addition to format version 1 that readers without it ignore).
+        optional addition to format version 1 that readers without it ignore). ``pair``: the token of the
+        checkpoint saved with it (:func:`saved_pair`).
         """
         path = Path(path)
-        kind = _file_kind(path)
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            self.write(tmp, pair)
+
+    def write(self, file: str | Path, pair: str | None = None) -> None:
+        """Write the bank into ``file`` as it is (its format by its suffix): :meth:`save` without the atomic
+        rename, for a caller that renames it together with other files."""
+        file = Path(file)
+        kind = _file_kind(file)
         arrays = {
             "embeddings": self.embeddings,
             "expression": self.expression,
@@ -319,21 +328,23 @@ class ReferenceBank:
         }
         if self.sample_ids is not None:
             arrays["sample_ids"] = np.array(self.sample_ids, dtype=str)
-        with atomic_path(path, suffix=path.suffix) as tmp:
-            if kind == "npz":
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, format_version=np.array(_FORMAT_VERSION), **arrays)
-            else:
-                with h5py.File(tmp, "w") as f:
-                    f.attrs["format_version"] = _FORMAT_VERSION
-                    for name, value in arrays.items():
-                        if value.dtype.kind == "U":
-                            value = value.astype(object)
-                            f.create_dataset(name, data=value, dtype=h5py.string_dtype())
-                        else:
-                            f.create_dataset(name, data=value)
-                    if self._searches_approximately():
-                        f.create_dataset(_INDEX, data=ann.to_bytes(self.approximate_index()))
+        if kind == "npz":
+            extra = {} if pair is None else {_PAIR: np.array(pair)}
+            with open(file, "wb") as fh:
+                np.savez(fh, format_version=np.array(_FORMAT_VERSION), **arrays, **extra)
+        else:
+            with h5py.File(file, "w") as f:
+                f.attrs["format_version"] = _FORMAT_VERSION
+                if pair is not None:
+                    f.attrs[_PAIR] = pair
+                for name, value in arrays.items():
+                    if value.dtype.kind == "U":
+                        value = value.astype(object)
+                        f.create_dataset(name, data=value, dtype=h5py.string_dtype())
+                    else:
+                        f.create_dataset(name, data=value)
+                if self._searches_approximately():
+                    f.create_dataset(_INDEX, data=ann.to_bytes(self.approximate_index()))
 
     def _searches_approximately(self) -> bool:
         """Whether the bank's own search (``auto`` or ``approximate``) uses the index."""
@@ -354,7 +365,7 @@ class ReferenceBank:
         try:
             if kind == "npz":
                 with np.load(path, allow_pickle=False) as f:
-                    data = {name: f[name] for name in f.files}
+                    data = {name: f[name] for name in f.files if name != _PAIR}
                     version = int(data.pop("format_version", -1))
             else:
                 with h5py.File(path, "r") as f:
@@ -382,6 +393,22 @@ class ReferenceBank:
             bank = cls(data["embeddings"], data["expression"], genes, samples, normalize=False)
         bank._stored_index = path if stored_index else None
         return bank
+
+
+def saved_pair(path: str | Path) -> str | None:
+    """The token of the checkpoint a bank file was saved with (None: saved alone, or by an older he2st). A
+    checkpoint and its banks are separate files, so a save stopped between them would otherwise leave a
+    checkpoint beside another model's bank, and predict with it without a word."""
+    path = Path(path)
+    try:
+        if _file_kind(path) == "npz":
+            with np.load(path, allow_pickle=False) as f:
+                return str(f[_PAIR]) if _PAIR in f.files else None
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get(_PAIR)
+    except (OSError, ValueError) as exc:
+        raise He2stError(f"cannot read reference bank ({exc})", path) from exc
+    return None if value is None else value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _mapped(path: Path, dataset: h5py.Dataset) -> np.ndarray | None:
