@@ -278,7 +278,6 @@ def check_output(path: str | Path, folder: bool = False, overwrite: bool | None 
     return path
 
 
-
 def not_an_input(target: str | Path, inputs: Mapping[str, str | Path | None]) -> Path:
     """``target`` unless it is one of the command's input files (``{option: path}``), the same file by any
     path, else one line naming it and the option. An input he2st wrote earlier (a prepared sample) is its own
@@ -296,6 +295,7 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist (yet)
         return os.path.abspath(a) == os.path.abspath(b)
+
 
 def check_folder(path: str | Path) -> Path:
     """``path`` when he2st may write files into it: missing (made when written) or a writable folder; else one
