@@ -144,6 +144,23 @@ def synthetic_recipe(tmp_path_factory) -> Recipe:
         "genes": {"n_genes": 10, "min_spot_fraction": 0.0}, "n_top": 5, "method_options": {"knn": {"top_k": 5}}})
 
 
+def test_a_failed_build_leaves_neither_its_work_folder_nor_a_model(models_dir, synthetic_recipe, monkeypatch):
+    """A build that fails in training (here: an error raised by the fit) removes the samples it prepared in
+    the cache's work folder, and no model folder appears: a failed build leaves nothing half made."""
+    from he2st.errors import He2stError
+    from he2st.workflows import model_cache, train
+
+    def fail(*_args, **_kwargs):
+        raise He2stError("the fit failed")
+
+    monkeypatch.setattr(train, "train_model", fail)
+    entry = ModelEntry(name="tiny-fail", description="fails", trained_on="3 synthetic sections", not_for="anything",
+                       recipe=synthetic_recipe)
+    with pytest.raises(He2stError, match="the fit failed"):
+        model_cache._build(entry, models_dir / "tiny-fail", models_dir, lambda _line: None)
+    assert not (models_dir / ".work" / "tiny-fail").exists() and not (models_dir / "tiny-fail").exists()
+
+
 def test_predict_builds_a_recipe_on_first_use_and_refuses_a_changed_one(models_dir, synthetic_recipe, tmp_path,
                                                                         monkeypatch):
     entry = ModelEntry(name="tiny-knn", description="knn on synthetic sections", trained_on="3 synthetic sections",

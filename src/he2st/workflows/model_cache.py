@@ -152,15 +152,18 @@ def _build(entry: ModelEntry, folder: Path, home: Path, log: Log) -> Path:
     recipe.train_config(work, work / CHECKPOINT)  # a bad setting fails here, before any work
     started = time.monotonic()
     log(f"building {entry.name}: {recipe.summary()}")
-    prepared = prepare(recipe.prepare_config(work))
-    log(f"prepared {len(prepared.sample_ids)} samples ({', '.join(prepared.sample_ids)}) in {work}")
-    log(f"training {recipe.method} (minutes for an ensemble; reliability on inner patient folds at >= 3 patients)")
-    with atomic_folder(folder) as built:
-        fitted, _, _ = train_model(recipe.train_config(work, built / CHECKPOINT, prepared.sample_ids),
-                                   command=f"he2st models build {entry.name}")
-        log(f"trained {fitted.name} on {fitted.card.training_line()}")
-        _stamp(entry, built, time.monotonic() - started)
-    shutil.rmtree(work, ignore_errors=True)
+    try:  # the build's work folder goes whether the build ends or fails: only the model is kept
+        prepared = prepare(recipe.prepare_config(work))
+        log(f"prepared {len(prepared.sample_ids)} samples ({', '.join(prepared.sample_ids)}) in {work}")
+        log(f"training {recipe.method} (minutes for an ensemble; reliability on inner patient folds at >= 3 "
+            "patients)")
+        with atomic_folder(folder) as built:
+            fitted, _, _ = train_model(recipe.train_config(work, built / CHECKPOINT, prepared.sample_ids),
+                                       command=f"he2st models build {entry.name}")
+            log(f"trained {fitted.name} on {fitted.card.training_line()}")
+            _stamp(entry, built, time.monotonic() - started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return folder / CHECKPOINT
 
 
