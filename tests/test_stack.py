@@ -192,6 +192,11 @@ def test_bad_stacks_are_one_error_line(sections, model, tmp_path, monkeypatch):
     Image.open(sections[0]).convert("RGB").resize((500, 500)).save(png)
     result = run_cli("stack", png, sections[1], "--spacing-um", "10", "--model", model_path, "--out", tmp_path / "b")
     assert result.returncode == 2 and "plain.png" in result.stderr and "--mpp" in result.stderr
+    # a refusal the prediction would make (a gene the model does not return) stops the stack before its first file
+    result = run_cli("stack", *sections, "--spacing-um", "10", "--model", model_path, "--out", tmp_path / "c",
+                     "--genes", "NOT_A_GENE", "--pitch-um", "150", "--device", "cpu")
+    assert result.returncode == 2 and "NOT_A_GENE" in result.stderr, result.stderr
+    assert not (tmp_path / "c" / "grids").exists() and not (tmp_path / "c" / "sections").exists()
     monkeypatch.setitem(sys.modules, "SimpleITK", None)
     with pytest.raises(He2stError, match=r"he2st\[registration\]"):
         register_sections(load_section(sections[0]).view, load_section(sections[1]).view)

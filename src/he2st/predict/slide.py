@@ -180,7 +180,7 @@ TRANSCRIPTOME_HINT = ("the model has no transcriptome bank: train a retrieval me
                       "--method knn --set transcriptome_threshold=0.1`")
 
 
-def _select_genes(method: Method, genes: list[str] | None, transcriptome: bool = False) -> GeneColumns:
+def select_genes(method: Method, genes: list[str] | None, transcriptome: bool = False) -> GeneColumns:
     """The requested genes (None: the panel; ``transcriptome``: the panel, then every other gene of the
     model's transcriptome bank), each from the panel when it is there, else from the transcriptome bank; a
     gene named twice is one column (an AnnData's genes must be unique for scanpy, `plot` and `report`)."""
@@ -265,7 +265,7 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
     stain = config.stain if config.stain is not None else trained.stain
     tta = config.tta if config.tta is not None else trained.tta
     weights = config.weights if config.weights is not None else trained.weights
-    columns = _select_genes(method, config.genes, config.transcriptome)
+    columns = select_genes(method, config.genes, config.transcriptome)
     method.coverage = config.coverage
     enc_cfg = EmbedConfig(encoder=trained_encoder.name, weights=weights, batch_size=config.batch_size,
                           device=config.device, precision=config.precision, runtime=config.runtime, stain=stain,

@@ -27,6 +27,7 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from he2st.data.genes import transform_counts
+from he2st.data.patches import check_resolution
 from he2st.data.sample import Sample, build_adata
 from he2st.data.slide import open_slide
 from he2st.errors import He2stError
@@ -36,6 +37,7 @@ from he2st.methods import Method
 from he2st.predict import PredictConfig, run_prediction
 from he2st.predict.grid import hex_grid
 from he2st.predict.registration import Affine, Registration, SectionImage, register_sections, warp_mask
+from he2st.predict.slide import select_genes
 from he2st.predict.tissue import detect_tissue
 from he2st.stats import pearson_per_gene
 
@@ -140,6 +142,23 @@ def _grid_sample(section: Section, ids: np.ndarray, xy_um: np.ndarray, pitch_um:
     return Sample(section.name, "stack", adata, section.mpp, diameter, technology="grid")  # image given apart
 
 
+def _placed(section: Section, own_um: np.ndarray, method: Method, model: Path | None, out: Path,
+            genes: list[str] | None) -> tuple[Section, np.ndarray, np.ndarray]:
+    """The section, the common grid in its frame and the grid points on its tissue, once what its prediction
+    would refuse is known not to apply (no point on tissue, a resolution the model cannot read, a gene the
+    model does not return, an output that is not he2st's): a stack stops before its first file, not part way."""
+    ids = np.flatnonzero(_on_tissue(section, own_um))
+    if len(ids) == 0:
+        raise He2stError("no common grid point falls on this section's tissue", section.path)
+    _, patch, _ = method.card.features(model)
+    check_resolution(section.mpp, patch, section.image, PredictConfig().max_upsample, method.card.training_mpp,
+                     option="--max-upsample", mpp_option="--mpp")
+    select_genes(method, genes)
+    check_output(out / "grids" / f"{section.name}.h5ad")
+    check_output(out / "sections" / f"{section.name}.h5ad")
+    return section, own_um, ids
+
+
 def build_stack(paths: list[Path], spacing_um: float, method: Method, model: Path | None, out: Path,
                 pitch_um: float = 100.0, interpolate: int = 0, mpp: float | None = None,
                 genes: list[str] | None = None, register: bool = True, device: str = "auto",
@@ -158,12 +177,10 @@ def build_stack(paths: list[Path], spacing_um: float, method: Method, model: Pat
         raise He2stError(f"two sections share a name ({', '.join(names)}); rename the files")
     registrations, chain = place_sections(sections, register)
     grid_um = common_grid(sections, chain, pitch_um)
+    placed = [_placed(section, transform(grid_um), method, model, out, genes) for section, transform in
+              zip(sections, chain, strict=True)]  # every section checked before any file is written
     blocks, meta = [], {}
-    for k, (section, transform) in enumerate(zip(sections, chain, strict=True)):
-        own_um = transform(grid_um)
-        ids = np.flatnonzero(_on_tissue(section, own_um))
-        if len(ids) == 0:
-            raise He2stError("no common grid point falls on this section's tissue", section.path)
+    for k, (section, own_um, ids) in enumerate(placed):
         grids = make_folder(out / "grids")
         grid_path = _grid_sample(section, ids, own_um[ids], pitch_um).save(grids / f"{section.name}.h5ad")
         cfg = PredictConfig(model=model, slide=section.image, mpp=section.mpp, out=out / "sections",
