@@ -97,10 +97,11 @@ def test_tls_calls_say_no_when_the_prediction_cannot_support_them(tmp_path):
     with pytest.raises(He2stError, match=r"holds 17% of signature chemokine-12's weight \(2 of 12 genes"):
         detect_tls(few, tmp_path, "chemokine-12")
     weak = _prediction(tmp_path / "weak.h5ad", CHEMOKINES, expected_r_low=0.02)
-    with pytest.raises(He2stError, match="not predictable enough on a new patient"):
+    with pytest.raises(He2stError, match=r"not predictable enough on a new patient.*; or pass --force$"):
         detect_tls(weak, tmp_path, "chemokine-12")
-    forced = detect_tls(weak, tmp_path, "chemokine-12", force=True)
-    assert "not predictable" in forced.adata.uns["he2st_tls"]["refused_without_force"]
+    forced = detect_tls(weak, tmp_path, "chemokine-12", force=True)  # its caution no longer offers --force
+    reason = forced.adata.uns["he2st_tls"]["refused_without_force"]
+    assert "not predictable" in reason and "--force" not in reason
     good = detect_tls(_prediction(tmp_path / "good.h5ad", CHEMOKINES, expected_r_low=0.4), tmp_path, "chemokine-12")
     assert good.adata.uns["he2st_tls"]["refused_without_force"] == "" and good.adata.obs["tls_call"].sum() >= 10
     with pytest.raises(He2stError, match="unknown TLS signature 'chemokines'"):

@@ -82,13 +82,13 @@ def refusal(adata: ad.AnnData, scored: TlsScore, model: TlsModel, name: str) -> 
         return (f"the prediction holds {scored.weight_coverage:.0%} of signature {name}'s weight "
                 f"({scored.genes_used} of {len(model.weights)} genes; missing e.g. {', '.join(missing)}); predict "
                 "its genes with a retrieval model trained with a transcriptome bank (`he2st train --method knn --set "
-                "transcriptome_threshold=0`, then `he2st predict --transcriptome`), or pass --force")
+                "transcriptome_threshold=0`, then `he2st predict --transcriptome`)")
     measured = measured_score(adata, scored, name)
     if measured:
         if not measured["expected_r_low"] >= MIN_EXPECTED_R:  # NaN: not measurable on the held-out patients
             return (f"signature {name}'s score is not predictable enough by this model on a new patient (90% lower "
                     f"bound of its expected r {measured['expected_r_low']:.3f} < {MIN_EXPECTED_R}, measured on "
-                    "held-out training patients); see `he2st card`, or pass --force")
+                    "held-out training patients); see `he2st card`")
         return ""
     if "expected_r_low" in adata.var:
         symbols = gene_symbols(adata.var_names)
@@ -100,7 +100,7 @@ def refusal(adata: ad.AnnData, scored: TlsScore, model: TlsModel, name: str) -> 
             if bound < MIN_EXPECTED_R:
                 return (f"the model's genes of signature {name} are not predictable enough on a new patient "
                         f"(weighted 90% lower bound of their expected r {bound:.3f} < {MIN_EXPECTED_R}); "
-                        "see `he2st card` for what this model predicts, or pass --force")
+                        "see `he2st card` for what this model predicts")
     return ""
 
 
@@ -162,7 +162,7 @@ def scored_for_calls(path: Path, target: Path, signature: TlsModel, name: str,
     is_prediction = "target_transform" in dict(adata.uns.get("he2st", {}))
     reason = refusal(adata, scored, signature, name) if is_prediction else ""
     if reason and not force:
-        raise He2stError(f"no {calls} calls: {reason}", path)
+        raise He2stError(f"no {calls} calls: {reason}; or pass --force", path)
     return CallInput(adata, target, scored, is_prediction, reason)
 
 
