@@ -277,8 +277,10 @@ def test_learning_curve_refits_on_nested_subsets_of_training_data(small, tmp_pat
     cfg = BenchmarkConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, name="curve",
                           methods=["knn", "ridge_cv"], method_options=TINY, transcriptome_threshold=None, tls=False,
                           reliability=False, learning_curve=[1, 2, 0.5])
-    outcome = run_benchmark(cfg)
+    lines: list[str] = []
+    outcome = run_benchmark(cfg, log=lines.append)
     curve = outcome.curve
+    assert any("2 patients: the fold trains on 2 patient(s): its `all` point" in line for line in lines)
     folds, patients = Workspace(work).load_folds("lopo")
     assert set(curve["amount"]) == {"1 patient", "50% of spots", "all"}  # 2 patients: all a fold has
     heg = curve[curve["gene_set"] == f"heg{N_TOP}"]

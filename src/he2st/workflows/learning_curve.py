@@ -80,7 +80,10 @@ def run_learning_curve(config: BenchmarkConfig, ws: Workspace, folds: list[Fold]
         full = build_fold_data(ws, fold, lean, patients)
         for amount in [*sorted(set(config.learning_curve)), ALL]:
             data = subset_data(ws, fold, amount, lean, patients, full)
-            if data is None:
+            if data is None:  # as many patients as the fold trains on, or more: its `all` point says it
+                if log is not None:
+                    n = len({patients[s] for s in fold.train})
+                    log(f"{fold.name:<12} {amount_label(amount)}: the fold trains on {n} patient(s): its `all` point")
                 continue
             for method in config.methods:
                 result = (done or {}).get((method, fold.name)) if data is full and config.seeds == 1 else None
