@@ -235,7 +235,7 @@ def test_named_scores_cover_tls_and_localisation_signatures():
     genes = SIGNATURE + ["ACTB"]
     values = rng.gamma(2.0, 0.5, size=(50, len(genes)))
     score, used = scores["breast-her2"](values, genes)
-    assert score.shape == (50,) and used == len(SIGNATURE)
+    assert score.shape == (50,) and sorted(used) == sorted(SIGNATURE)
     assert scores["breast-her2"](values[:, :2], genes[:2]) is None
     assert scores["chemokine-12"](values, genes) is None
 

@@ -206,12 +206,13 @@ def test_a_score_of_many_genes_is_judged_on_itself(split):
                             training_samples={s: f"p{s[1:]}" for s in np.unique(train.sample_ids.astype(str))})
     method.fit(train, train.subset(np.zeros(len(train), bool)))
     rel = estimate_reliability(method, train, scores={
-        "sum": lambda values, genes: (values.sum(1), len(genes)),
+        "sum": lambda values, genes: (values.sum(1), list(genes)),
         "absent": lambda values, genes: None})
     assert set(rel.scores) == {"sum"}
     entry = rel.scores["sum"]
     assert entry["expected_r"] > np.median(rel.expected_r) and entry["expected_r_low"] <= entry["expected_r"]
     assert entry["precision"] > 0.3 and 0 < entry["recall"] <= 1 and entry["genes_used"] == len(train.genes)
+    assert entry["genes"] == sorted(train.genes)  # which genes, so a prediction scored on others is not matched
     assert Reliability.from_state(rel.state(), rel.layout()).scores == rel.scores
 
 

@@ -132,3 +132,7 @@ def test_tls_calls_follow_what_the_model_measured_of_the_score_itself(tmp_path):
     other = _prediction(tmp_path / "o.h5ad", CHEMOKINES[:10], expected_r_low=0.4,
                         scores={"chemokine-12": measured | {"expected_r_low": 0.05}})
     assert "this section" in detect_tls(other, tmp_path, "chemokine-12").threshold_source
+    # as many genes as the model measured, but other ones: not what it measured either
+    swapped = measured | {"expected_r_low": 0.05, "genes": sorted([*CHEMOKINES[:11], "CD3E"])}
+    same_count = _prediction(tmp_path / "s.h5ad", CHEMOKINES, expected_r_low=0.4, scores={"chemokine-12": swapped})
+    assert "this section" in detect_tls(same_count, tmp_path, "chemokine-12").threshold_source

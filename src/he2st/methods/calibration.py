@@ -29,9 +29,9 @@ CALL_FRACTION = 0.1  # a score's calls are judged against each held-out section'
 #: (its Fisher-z standard error, 1/sqrt(n - 3), exceeds 0.38) and would still carry a whole patient's say
 MIN_SECTION_SPOTS = 10
 
-#: a per-spot score of one section's expression (values, gene names) and how many genes it used, or None
-#: when too few of its genes are there
-SectionScore = Callable[[np.ndarray, list[str]], "tuple[np.ndarray, int] | None"]
+#: a per-spot score of one section's expression (values, gene names) and the genes it used, or None when too
+#: few of its genes are there
+SectionScore = Callable[[np.ndarray, list[str]], "tuple[np.ndarray, list[str]] | None"]
 
 
 def estimate_reliability(method: Method, spots: SpotSet, seed: int = 0,
@@ -109,7 +109,8 @@ def _score_predictability(scores: dict[str, SectionScore], predicted: np.ndarray
             called = pred >= threshold
             out[name] = {"expected_r": round(float(expected[0]), 4), "expected_r_low": round(float(low[0]), 4),
                          "threshold": threshold, "precision": round(float(top[called].mean()), 4),
-                         "recall": round(float(called[top].mean()), 4), "genes_used": used}
+                         "recall": round(float(called[top].mean()), 4), "genes_used": len(used),
+                         "genes": sorted(used)}
     return out
 
 

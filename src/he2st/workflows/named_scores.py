@@ -35,10 +35,11 @@ def signature_scores(scale: str) -> dict[str, SectionScore]:
     return scores
 
 
-def _covered(values: np.ndarray, genes: list[str], score: Callable[..., TlsScore]) -> tuple[np.ndarray, int] | None:
+def _covered(values: np.ndarray, genes: list[str],
+             score: Callable[..., TlsScore]) -> tuple[np.ndarray, list[str]] | None:
     """The score and the genes it used, or None when the genes hold too little of the signature's weight."""
     try:
         scored = score(values, genes)
     except He2stError:
         return None
-    return (scored.score, scored.genes_used) if scored.weight_coverage >= MIN_WEIGHT_COVERAGE else None
+    return (scored.score, list(scored.genes)) if scored.weight_coverage >= MIN_WEIGHT_COVERAGE else None

@@ -65,11 +65,14 @@ def read_model(model: str | Path) -> TlsModel:
 
 def measured_score(adata: ad.AnnData, scored: TlsScore, name: str) -> dict[str, float]:
     """What the prediction's model measured of this signature's score on held-out training patients (expected
-    r, its bound, call threshold and precision), when it scored the same genes; else {}."""
+    r, its bound, call threshold and precision), when it scored the same genes; else {}. (A card that lists
+    only how many genes it scored is matched by that number.)"""
     card = dict(adata.uns.get("he2st", {})).get("card")
     if not card:
         return {}
     entry = json.loads(str(card)).get("reliability", {}).get("scores", {}).get(name, {})
+    if "genes" in entry:
+        return entry if set(entry["genes"]) == set(scored.genes) else {}
     return entry if entry.get("genes_used") == scored.genes_used else {}
 
 
