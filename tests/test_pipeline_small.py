@@ -31,7 +31,7 @@ from he2st.io import record_output
 from he2st.methods import list_methods, load_method
 from he2st.workflows.benchmark import run_benchmark
 from he2st.workflows.config import BenchmarkConfig, TrainRunConfig
-from he2st.workflows.embed import embed_cache, embed_workspace
+from he2st.workflows.embed import embed_cache, embed_workspace, finished, recipe
 from he2st.workflows.evaluate import evaluate_model
 from he2st.workflows.protocol import build_fold_data, run_fold
 from he2st.workflows.train import train_model
@@ -106,6 +106,20 @@ def test_weights_rewritten_at_the_same_path_are_embedded_again(small, tmp_path):
     got = EmbeddingFile(again.paths["S1"]).embeddings
     assert not np.allclose(got, first)
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_auto_precision_on_a_gpu_is_not_taken_for_the_fp32_of_a_cpu(small):
+    """``precision=auto`` is fp32 on a CPU and bf16 on a GPU: a file made on one is not finished for the other."""
+    work, embed = small
+    ws = Workspace(work)
+    cache = PatchCache(ws.patch_path("S1", PatchSpec()))
+    encoder = load_encoder(embed)
+    on_cpu = recipe(embed.model_copy(update={"device": "cpu"}), encoder, cache)
+    on_gpu = recipe(embed.model_copy(update={"device": "cuda"}), encoder, cache)
+    assert on_cpu["precision"] == "auto" and on_gpu["precision"] == "bf16"
+    assert recipe(embed.model_copy(update={"device": "cuda", "precision": "bf16"}), encoder, cache) == on_gpu
+    made_on_cpu = ws.embedding_path(embed, "S1", PatchSpec())
+    assert finished(made_on_cpu, on_cpu, cache) and not finished(made_on_cpu, on_gpu, cache)
 
 
 def test_prepared_samples_carry_the_scverse_spatial_layout(small):

@@ -26,7 +26,7 @@ from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.patches import PatchCache, PatchSpec
 from he2st.data.views import FIELD, TILES, is_encoder_view, view_embed, view_patch, view_tiles
 from he2st.encoders import Encoder
-from he2st.encoders.inference import PatchEmbedder, load_encoder
+from he2st.encoders.inference import PatchEmbedder, load_encoder, precision_label
 from he2st.encoders.weights import weights_sha256
 from he2st.errors import He2stError
 from he2st.io import check_output, make_folder, output_lock, record_output, writing
@@ -46,7 +46,7 @@ def recipe(config: EmbedConfig, encoder: Encoder, cache: PatchCache, tiles: int 
         "sample_fingerprint": str(cache.attrs.get("sample_fingerprint", "")),
         "stain": config.stain,
         "tta": config.tta,
-        "precision": config.precision,
+        "precision": precision_label(config),
     }
     checksum = weights_sha256(encoder.spec)  # the spec names the weights file, not what it holds
     if checksum is not None:
