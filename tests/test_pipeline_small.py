@@ -15,6 +15,7 @@ import anndata as ad
 import h5py
 import numpy as np
 import pytest
+import torch
 from synthetic import embedded_sections
 from typer.testing import CliRunner
 
@@ -23,13 +24,14 @@ from he2st.data.genes import GeneConfig, GenePanel
 from he2st.data.patches import PatchCache, PatchSpec
 from he2st.data.spots import load_spots
 from he2st.data.workspace import Workspace
+from he2st.encoders import create
 from he2st.encoders.inference import load_encoder
 from he2st.errors import He2stError
 from he2st.io import record_output
 from he2st.methods import list_methods, load_method
 from he2st.workflows.benchmark import run_benchmark
 from he2st.workflows.config import BenchmarkConfig, TrainRunConfig
-from he2st.workflows.embed import embed_cache, embed_workspace
+from he2st.workflows.embed import embed_cache, embed_workspace, finished, recipe
 from he2st.workflows.evaluate import evaluate_model
 from he2st.workflows.protocol import build_fold_data, run_fold
 from he2st.workflows.train import train_model
@@ -81,6 +83,43 @@ def test_prepared_and_embedded_once_and_rerun_is_noop(small):
         assert f.encoder_spec["name"] == "test_vit" and np.isfinite(f.embeddings).all()
     again = embed_workspace(ws, sorted(PATIENTS), PatchSpec(), embed)
     assert again.n_embedded == 0
+
+
+def test_weights_rewritten_at_the_same_path_are_embedded_again(small, tmp_path):
+    """The spec records the weights file's path; new weights saved under that path must not reuse the old
+    embeddings."""
+    work, embed = small
+    ws = Workspace(work)
+    weights = tmp_path / "weights.pth"
+    shutil.copy(embed.weights, weights)
+    config = embed.model_copy(update={"weights": weights})
+    made = embed_workspace(ws, ["S1"], PatchSpec(), config)
+    first = EmbeddingFile(made.paths["S1"]).embeddings
+    torch.manual_seed(1)
+    torch.save(create("test_vit", pretrained=False).backbone.state_dict(), weights)
+    again = embed_workspace(ws, ["S1"], PatchSpec(), config)
+    assert again.n_embedded == made.n_embedded > 0  # the spots and their context field, all again
+    fresh = load_encoder(config)
+    patches = PatchCache(ws.patch_path("S1", PatchSpec())).read()
+    with torch.inference_mode():
+        expected = fresh(fresh.preprocess(patches)).numpy()
+    got = EmbeddingFile(again.paths["S1"]).embeddings
+    assert not np.allclose(got, first)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_auto_precision_on_a_gpu_is_not_taken_for_the_fp32_of_a_cpu(small):
+    """``precision=auto`` is fp32 on a CPU and bf16 on a GPU: a file made on one is not finished for the other."""
+    work, embed = small
+    ws = Workspace(work)
+    cache = PatchCache(ws.patch_path("S1", PatchSpec()))
+    encoder = load_encoder(embed)
+    on_cpu = recipe(embed.model_copy(update={"device": "cpu"}), encoder, cache)
+    on_gpu = recipe(embed.model_copy(update={"device": "cuda"}), encoder, cache)
+    assert on_cpu["precision"] == "auto" and on_gpu["precision"] == "bf16"
+    assert recipe(embed.model_copy(update={"device": "cuda", "precision": "bf16"}), encoder, cache) == on_gpu
+    made_on_cpu = ws.embedding_path(embed, "S1", PatchSpec())
+    assert finished(made_on_cpu, on_cpu, cache) and not finished(made_on_cpu, on_gpu, cache)
 
 
 def test_prepared_samples_carry_the_scverse_spatial_layout(small):

@@ -32,6 +32,18 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16}[precision]
 
 
+def precision_label(config: EmbedConfig) -> str:
+    """The arithmetic ``config`` embeds in, as embedding files record it: ``precision`` as set, except that
+    ``auto`` on a GPU is written as the half precision it resolves to there (``auto`` on a CPU is fp32).
+
+    ``auto`` means fp32 on one machine and bf16 on another, so a file made on a GPU must not pass for one
+    made on a CPU (or be resumed there), and the reverse."""
+    dtype = autocast_dtype(resolve_device(config.device), config.precision)
+    if config.precision != "auto" or dtype is None:
+        return config.precision
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 class PatchEmbedder:
     """uint8 patches ``(B, H, W, 3)`` -> float32 embeddings ``(B, D)`` (and token grids), encoded the
     way ``config`` says: device, precision, stain normalisation, test-time augmentation and runtime.

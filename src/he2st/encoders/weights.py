@@ -8,6 +8,7 @@ embeddings, which is worse than an error.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -223,8 +224,13 @@ def load_strict(
 
 
 def weights_sha256(spec: EncoderSpec) -> str | None:
-    """sha256 of the local file an encoder's weights were read from, for the model card; None when they
-    came from a hub or timm download (the spec's ``weights``/``hub_id`` name those) or are random."""
+    """sha256 of the local file an encoder's weights were read from, for the model card and the embedding
+    recipe; None when they came from a hub or timm download (the spec's ``weights``/``hub_id`` name those)
+    or are random.
+
+    The spec records only the file's path, and a file rewritten in place (new download, fine-tuned copy)
+    keeps it, so the content is what tells two weights apart. A multi-GB checkpoint is hashed once per
+    process for each (path, size, modification time), not once per sample that asks."""
     variant = package_variant(spec.weights)
     if variant is not None:
         path = package_weights_path(variant)
@@ -232,4 +238,11 @@ def weights_sha256(spec: EncoderSpec) -> str | None:
         path = Path(spec.weights)
         if not path.is_file():
             return None
+    stat = path.stat()
+    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of ``path``; ``size`` and ``mtime_ns`` are part of the cache key so a rewritten file is hashed anew."""
     return sha256_file(path)

@@ -26,7 +26,8 @@ from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.patches import PatchCache, PatchSpec
 from he2st.data.views import FIELD, TILES, is_encoder_view, view_embed, view_patch, view_tiles
 from he2st.encoders import Encoder
-from he2st.encoders.inference import PatchEmbedder, load_encoder
+from he2st.encoders.inference import PatchEmbedder, load_encoder, precision_label
+from he2st.encoders.weights import weights_sha256
 from he2st.errors import He2stError
 from he2st.io import check_output, make_folder, output_lock, record_output, writing
 from he2st.workflows.engines import run_tasks
@@ -36,16 +37,20 @@ FORMAT = 1
 
 def recipe(config: EmbedConfig, encoder: Encoder, cache: PatchCache, tiles: int = 1) -> dict[str, str]:
     """The attrs that must match for an existing embedding file to be reused: how the vectors were
-    computed (``tiles``: sub-spot tiles per side), and from which patches (the cache's sample fingerprint
-    changes with the sample)."""
+    computed (``tiles``: sub-spot tiles per side; the weights by their sha256, since a file rewritten at
+    the same path holds other weights), and from which patches (the cache's sample fingerprint changes
+    with the sample)."""
     wanted = {
         "encoder_spec": encoder.spec.model_dump_json(),
         "patch_spec": cache.spec.model_dump_json(),
         "sample_fingerprint": str(cache.attrs.get("sample_fingerprint", "")),
         "stain": config.stain,
         "tta": config.tta,
-        "precision": config.precision,
+        "precision": precision_label(config),
     }
+    checksum = weights_sha256(encoder.spec)  # the spec names the weights file, not what it holds
+    if checksum is not None:
+        wanted["weights_sha256"] = checksum
     if config.token_grid:  # only then, so files made before token grids existed stay valid
         wanted["token_grid"] = str(config.token_grid)
     if tiles > 1:
