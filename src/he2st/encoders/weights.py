@@ -242,6 +242,13 @@ def weights_sha256(spec: EncoderSpec) -> str | None:
     return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
+def user_weights_sha256(spec: EncoderSpec) -> str | None:
+    """:func:`weights_sha256` of a weights file the user names (None for the pip-packaged Lite weights, which
+    their package names and no one rewrites in place): what an embedding recipe records, so caches made
+    with the default encoder stay valid while a rewritten file of one's own is embedded again."""
+    return None if package_variant(spec.weights) is not None else weights_sha256(spec)
+
+
 @functools.lru_cache(maxsize=16)
 def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     """sha256 of ``path``; ``size`` and ``mtime_ns`` are part of the cache key so a rewritten file is hashed anew."""

@@ -27,7 +27,7 @@ from he2st.data.patches import PatchCache, PatchSpec
 from he2st.data.views import FIELD, TILES, is_encoder_view, view_embed, view_patch, view_tiles
 from he2st.encoders import Encoder
 from he2st.encoders.inference import PatchEmbedder, load_encoder, precision_label
-from he2st.encoders.weights import weights_sha256
+from he2st.encoders.weights import user_weights_sha256
 from he2st.errors import He2stError
 from he2st.io import check_output, make_folder, output_lock, record_output, writing
 from he2st.workflows.engines import run_tasks
@@ -48,7 +48,7 @@ def recipe(config: EmbedConfig, encoder: Encoder, cache: PatchCache, tiles: int 
         "tta": config.tta,
         "precision": precision_label(config),
     }
-    checksum = weights_sha256(encoder.spec)  # the spec names the weights file, not what it holds
+    checksum = user_weights_sha256(encoder.spec)  # the spec names the weights file, not what it holds
     if checksum is not None:
         wanted["weights_sha256"] = checksum
     if config.token_grid:  # only then, so files made before token grids existed stay valid

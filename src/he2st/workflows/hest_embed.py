@@ -19,7 +19,7 @@ from he2st.data.embeddings import EmbedConfig, EmbeddingFile
 from he2st.data.hest_layout import BenchSample, iter_patch_images, read_patch_index
 from he2st.encoders import Encoder
 from he2st.encoders.inference import PatchEmbedder, load_encoder, precision_label
-from he2st.encoders.weights import weights_sha256
+from he2st.encoders.weights import user_weights_sha256
 from he2st.errors import He2stError
 from he2st.io import atomic_path
 
@@ -77,7 +77,7 @@ class CachedFeatures:
     def _recipe(self) -> dict[str, str]:
         recipe = {"encoder_spec": self.encoder.spec.model_dump_json(), "stain": self.config.stain,
                   "tta": self.config.tta, "precision": precision_label(self.config)}
-        checksum = weights_sha256(self.encoder.spec)  # the spec names the weights file, not what it holds
+        checksum = user_weights_sha256(self.encoder.spec)  # the spec names the weights file, not what it holds
         return recipe | ({"weights_sha256": checksum} if checksum is not None else {})
 
     @property
