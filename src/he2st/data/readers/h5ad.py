@@ -81,18 +81,22 @@ def read_h5ad_sample(
     return sample
 
 
-def _kept_annotations(obs: pd.DataFrame, index_name: str) -> dict[str, np.ndarray]:
-    """The columns of ``obs`` by the names a sample keeps them under. The spot ids (``obs_names``) are the
-    sample's index, named ``index_name`` (``barcode``: :func:`~he2st.data.sample.build_adata`); a column of that
-    name holding other values (exported Visium files often keep the 10x barcodes there beside other spot
-    ids) cannot sit beside it in a saved ``.h5ad``, so it is kept, unchanged, as ``<name>_original``."""
-    kept: dict[str, np.ndarray] = {}
+def _kept_annotations(obs: pd.DataFrame, index_name: str) -> dict[str, np.ndarray | pd.api.extensions.ExtensionArray]:
+    """The columns of ``obs`` by the names a sample keeps them under, each with its own dtype: a categorical
+    stays categorical, and a nullable column (``boolean``, ``Int64``, ``string``) stays nullable -- as a
+    NumPy array its missing values become ``pd.NA`` in an object column, which ``.h5ad`` cannot store. The
+    spot ids (``obs_names``) are the sample's index, named ``index_name`` (``barcode``:
+    :func:`~he2st.data.sample.build_adata`); a column of that name holding other values (exported Visium files
+    often keep the 10x barcodes there beside other spot ids) cannot sit beside it in a saved ``.h5ad``, so it
+    is kept, unchanged, as ``<name>_original``."""
+    kept: dict[str, np.ndarray | pd.api.extensions.ExtensionArray] = {}
     for col in obs.columns:
         name = col
         if col == index_name and not (obs[col].astype(str).to_numpy() == obs.index.astype(str)).all():
             while name in obs.columns:
                 name = f"{name}_original"
-        kept[name] = obs[col].to_numpy()
+        values = obs[col]
+        kept[name] = values.array if isinstance(values.dtype, pd.api.extensions.ExtensionDtype) else values.to_numpy()
     return kept
 
 
