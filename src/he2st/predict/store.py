@@ -122,8 +122,11 @@ def write_h5ad(partial: Path, final: Path, grid: SpotGrid, genes: list[str], thu
     adata.obsm["spatial"] = grid.xy.astype(np.float64)
     for key, values in extras.items():  # e.g. predicted cell-type proportions
         adata.obsm[key] = values if values.ndim == 2 else values[:, None]
-    adata.uns["spatial"] = {library_id: spatial_library(thumb, scale, grid.spot_diameter_um / mpp, meta["slide"],
-                                                        "he2st predict")}
+    library = spatial_library(thumb, scale, grid.spot_diameter_um / mpp, meta["slide"], "he2st predict")
+    # readers of scale factors (he2st's own included) take µm/px from microns_per_pixel, else from
+    # spot_diameter_fullres as Space Ranger's theoretical 65 µm spot: here that is the spot's true size (drawn so)
+    library["scalefactors"]["microns_per_pixel"] = float(mpp)
+    adata.uns["spatial"] = {library_id: library}
     adata.uns["he2st"] = meta
     with atomic_path(final, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
