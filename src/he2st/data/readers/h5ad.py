@@ -54,6 +54,10 @@ def read_h5ad_sample(
     if adata.obs_names.has_duplicates:
         raise He2stError(f"duplicate spot barcode {adata.obs_names[adata.obs_names.duplicated()][0]!r}", path)
     if "in_tissue" in adata.obs:
+        missing = int(adata.obs["in_tissue"].isna().sum())
+        if missing:  # neither under tissue nor off it: a partly filled column, not a choice to make silently
+            raise He2stError(f"obs['in_tissue'] has {missing} missing value(s); give every spot 1 (under tissue) or 0",
+                             path)
         adata = adata[adata.obs["in_tissue"].astype(int) == 1].copy()
     if adata.n_obs == 0:
         raise He2stError("no spot left after keeping spots under tissue (in_tissue == 1)", path)
