@@ -151,6 +151,42 @@ def test_prediction_h5ad_layout(reference, model_path, slide_path, encoder):
     np.testing.assert_allclose(adata.X[pick], method.predict(spots).expression, rtol=1e-4, atol=1e-5)
 
 
+def _small_prediction(folder: Path, uncertainty: dict[str, list[float]], mpp: float = 1.0) -> ad.AnnData:
+    """What :func:`he2st.predict.store.write_h5ad` makes of a partial file of 4 spots and 2 genes."""
+    from he2st.predict.grid import SpotGrid
+    from he2st.predict.store import write_h5ad
+
+    partial = folder / "S.partial.h5"
+    with h5py.File(partial, "w") as fh:
+        fh["expression"] = np.ones((4, 2), np.float32)
+        for key, values in uncertainty.items():
+            fh[key] = np.asarray(values, np.float32)
+            fh[key].attrs["kind"] = "uncertainty"
+    grid = SpotGrid(xy=np.array([[10.0, 10], [20, 10], [10, 20], [20, 20]]), names=["s0", "s1", "s2", "s3"],
+                    in_tissue=np.ones(4, np.int64), spot_diameter_um=55.0, pitch_um=100.0)
+    write_h5ad(partial, folder / "S.h5ad", grid, ["G0", "G1"], np.zeros((4, 4, 3), np.uint8), 0.1, mpp, "S",
+               {"slide": "slide.tif"})
+    return ad.read_h5ad(folder / "S.h5ad")
+
+
+def test_in_distribution_is_a_boolean_column_that_selects_its_spots(tmp_path):
+    """scverse selects spots by a flag column, ``adata[adata.obs["in_distribution"]]``; a float 0/1 column
+    (as the partial file holds it) indexes rows by position there: copies of the first two spots."""
+    adata = _small_prediction(tmp_path, {"ood_score": [0.5, 2.0, 0.8, 3.0], "in_distribution": [1, 0, 1, 0]})
+    assert adata.obs["in_distribution"].dtype == bool and adata.obs["ood_score"].dtype == np.float32
+    assert list(adata[adata.obs["in_distribution"]].obs_names) == ["s0", "s2"]
+
+
+def test_scale_factors_of_a_prediction_give_its_pixel_size(tmp_path):
+    """``spot_diameter_fullres`` is the spot's true diameter (55 µm on the grid); readers of scale factors take
+    µm/px from ``microns_per_pixel``, else from a theoretical 65 µm spot (0.59 µm/px for this 0.5)."""
+    from he2st.data.readers.visium import full_resolution_pixel_um
+
+    factors = _small_prediction(tmp_path, {}, mpp=MPP).uns["spatial"]["S"]["scalefactors"]
+    assert factors["spot_diameter_fullres"] == pytest.approx(55.0 / MPP)
+    assert full_resolution_pixel_um(factors, tmp_path / "S.h5ad") == pytest.approx(MPP)
+
+
 def test_interrupted_prediction_resumes_and_finished_run_is_reused(reference, model_path, slide_path, encoder,
                                                                    tmp_path):
     class Stop(Exception):

@@ -249,6 +249,41 @@ def test_h5ad_barcode_column_other_than_the_spot_ids_is_kept_as_barcode_original
     assert list(back.adata.obs["barcode_original"]) == [f"AAAC-{i}" for i in range(6)]
 
 
+def test_h5ad_annotations_with_missing_values_keep_their_dtype_and_save(tmp_path):
+    """Annotations of an .h5ad often miss values (spots nobody labelled): a nullable boolean column with NA
+    became an object column of True/False/NA, which the saved sample's .h5ad cannot store."""
+    import anndata as ad
+
+    from he2st.data.sample import Sample
+
+    xy = spot_grid(2, 3, 50, (60, 60))
+    adata = ad.AnnData(X=counts_for(xy, GENES).astype(np.float32),
+                       obs=pd.DataFrame({"tumour": pd.array([True, None, False] * 2, dtype="boolean"),
+                                         "depth": pd.array([1, None, 3] * 2, dtype="Int64"),
+                                         "label": pd.Categorical(["a", None, "b"] * 2)},
+                                        index=[f"spot{i}" for i in range(6)]))
+    adata.obsm["spatial"] = xy
+    adata.write_h5ad(tmp_path / "x.h5ad")
+    sample = read_h5ad_sample(tmp_path / "x.h5ad", None, pixel_size_um=1.0, sample_id="S")
+    obs = Sample.load(sample.save(tmp_path / "S.h5ad")).adata.obs
+    assert {col: str(obs[col].dtype) for col in obs} == {"tumour": "boolean", "depth": "Int64", "label": "category"}
+    assert obs["tumour"].isna().tolist() == [False, True, False] * 2 and obs["label"].tolist()[:2] == ["a", np.nan]
+
+
+def test_h5ad_in_tissue_with_missing_values_is_refused_in_one_line(tmp_path):
+    """A nullable ``in_tissue`` column with NA stopped on pandas' "cannot convert NA to integer", naming no file."""
+    import anndata as ad
+
+    xy = spot_grid(2, 3, 50, (60, 60))
+    adata = ad.AnnData(X=counts_for(xy, GENES).astype(np.float32),
+                       obs=pd.DataFrame({"in_tissue": pd.array([1, None, 1] * 2, dtype="Int64")},
+                                        index=[f"spot{i}" for i in range(6)]))
+    adata.obsm["spatial"] = xy
+    adata.write_h5ad(tmp_path / "x.h5ad")
+    with pytest.raises(He2stError, match=r"x.h5ad.*in_tissue'\] has 2 missing value"):
+        read_h5ad_sample(tmp_path / "x.h5ad", None, pixel_size_um=1.0, sample_id="S")
+
+
 @pytest.mark.parametrize(("array", "pitch_um"), [("1k", 200.0), ("2k", 100.0)])
 def test_legacy_st_array_and_its_pixel_size_come_from_the_spot_lattice(tmp_path, array, pitch_um):
     """The 2k array numbers positions in 100 µm steps and fills a checkerboard of them (141 µm diagonal

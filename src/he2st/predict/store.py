@@ -26,6 +26,10 @@ from he2st.methods import Method
 from he2st.predict.grid import SpotGrid
 
 PARTIAL_FORMAT = 1
+#: per-spot flags a method returns as 0/1 (the partial file holds every per-spot value as float32): written as
+#: booleans, as scverse selects spots by them -- ``adata[adata.obs["in_distribution"]]`` with a float column
+#: indexes rows by position and returns copies of the first two spots
+FLAGS = ("in_distribution",)
 
 
 def file_id(path: Path) -> str:
@@ -112,14 +116,17 @@ def write_h5ad(partial: Path, final: Path, grid: SpotGrid, genes: list[str], thu
     if grid.array_row is not None and grid.array_col is not None:
         obs["array_row"], obs["array_col"] = grid.array_row, grid.array_col
     for key, values in uncertainty.items():
-        obs[key] = values
+        obs[key] = values > 0.5 if key in FLAGS else values
     var = pd.DataFrame(var_columns or {}, index=pd.Index(genes, name="gene"))
     adata = ad.AnnData(X=expression, obs=obs, var=var, layers=layers)
     adata.obsm["spatial"] = grid.xy.astype(np.float64)
     for key, values in extras.items():  # e.g. predicted cell-type proportions
         adata.obsm[key] = values if values.ndim == 2 else values[:, None]
-    adata.uns["spatial"] = {library_id: spatial_library(thumb, scale, grid.spot_diameter_um / mpp, meta["slide"],
-                                                        "he2st predict")}
+    library = spatial_library(thumb, scale, grid.spot_diameter_um / mpp, meta["slide"], "he2st predict")
+    # readers of scale factors (he2st's own included) take µm/px from microns_per_pixel, else from
+    # spot_diameter_fullres as Space Ranger's theoretical 65 µm spot: here that is the spot's true size (drawn so)
+    library["scalefactors"]["microns_per_pixel"] = float(mpp)
+    adata.uns["spatial"] = {library_id: library}
     adata.uns["he2st"] = meta
     with atomic_path(final, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)

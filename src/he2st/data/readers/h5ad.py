@@ -54,6 +54,10 @@ def read_h5ad_sample(
     if adata.obs_names.has_duplicates:
         raise He2stError(f"duplicate spot barcode {adata.obs_names[adata.obs_names.duplicated()][0]!r}", path)
     if "in_tissue" in adata.obs:
+        missing = int(adata.obs["in_tissue"].isna().sum())
+        if missing:  # neither under tissue nor off it: a partly filled column, not a choice to make silently
+            raise He2stError(f"obs['in_tissue'] has {missing} missing value(s); give every spot 1 (under tissue) or 0",
+                             path)
         adata = adata[adata.obs["in_tissue"].astype(int) == 1].copy()
     if adata.n_obs == 0:
         raise He2stError("no spot left after keeping spots under tissue (in_tissue == 1)", path)
@@ -81,18 +85,22 @@ def read_h5ad_sample(
     return sample
 
 
-def _kept_annotations(obs: pd.DataFrame, index_name: str) -> dict[str, np.ndarray]:
-    """The columns of ``obs`` by the names a sample keeps them under. The spot ids (``obs_names``) are the
-    sample's index, named ``index_name`` (``barcode``: :func:`~he2st.data.sample.build_adata`); a column of that
-    name holding other values (exported Visium files often keep the 10x barcodes there beside other spot
-    ids) cannot sit beside it in a saved ``.h5ad``, so it is kept, unchanged, as ``<name>_original``."""
-    kept: dict[str, np.ndarray] = {}
+def _kept_annotations(obs: pd.DataFrame, index_name: str) -> dict[str, np.ndarray | pd.api.extensions.ExtensionArray]:
+    """The columns of ``obs`` by the names a sample keeps them under, each with its own dtype: a categorical
+    stays categorical, and a nullable column (``boolean``, ``Int64``, ``string``) stays nullable -- as a
+    NumPy array its missing values become ``pd.NA`` in an object column, which ``.h5ad`` cannot store. The
+    spot ids (``obs_names``) are the sample's index, named ``index_name`` (``barcode``:
+    :func:`~he2st.data.sample.build_adata`); a column of that name holding other values (exported Visium files
+    often keep the 10x barcodes there beside other spot ids) cannot sit beside it in a saved ``.h5ad``, so it
+    is kept, unchanged, as ``<name>_original``."""
+    kept: dict[str, np.ndarray | pd.api.extensions.ExtensionArray] = {}
     for col in obs.columns:
         name = col
         if col == index_name and not (obs[col].astype(str).to_numpy() == obs.index.astype(str)).all():
             while name in obs.columns:
                 name = f"{name}_original"
-        kept[name] = obs[col].to_numpy()
+        values = obs[col]
+        kept[name] = values.array if isinstance(values.dtype, pd.api.extensions.ExtensionDtype) else values.to_numpy()
     return kept
 
 
