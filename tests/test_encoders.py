@@ -149,7 +149,11 @@ def test_preprocess_rejects_non_rgb_uint8_batches(bad: np.ndarray) -> None:
 # --- any timm model ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "size", "pooling"), [("resnet18", 64, "avg"), ("test_vit", 160, "cls")])
+@pytest.mark.parametrize(("name", "size", "pooling"), [
+    ("resnet18", 64, "head"), ("test_vit", 160, "cls"),
+    ("convnext_atto", 64, "head"),  # its head normalises the pooled features: a plain mean would skip that
+    ("mobilenetv3_small_050", 64, "head"),  # its head widens them (288 -> 1,024)
+])
 def test_timm_models_pool_like_timm(name: str, size: int, pooling: str) -> None:
     encoder = create(name, pretrained=False)
     x = _images(2, size)
@@ -159,6 +163,15 @@ def test_timm_models_pool_like_timm(name: str, size: int, pooling: str) -> None:
     assert encoder.spec.pooling == pooling and encoder.spec.weights == "random"
     assert embedding.shape == (2, encoder.embed_dim)
     torch.testing.assert_close(embedding, expected)
+
+
+def test_a_truncated_timm_model_averages_its_last_kept_stage() -> None:
+    """The head reads the last stage, which truncation removes: the kept stage's map is averaged, and asking
+    for the head anyway is refused in one line."""
+    encoder = create("resnet18", pretrained=False, truncate_after="layer3")
+    assert encoder.spec.pooling == "avg" and encoder.embed_dim == 256
+    with pytest.raises(He2stError, match="pooling 'head' reads the last stage of 'resnet18'"):
+        create("resnet18", pretrained=False, truncate_after="layer3", pooling="head")
 
 
 @pytest.mark.parametrize(("name", "size"), [("resnet18", 64), ("test_vit", 160)])

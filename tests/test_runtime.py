@@ -36,7 +36,7 @@ def _patches(n: int = 6, size: int = 224, seed: int = 1) -> np.ndarray:
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
-@pytest.mark.parametrize("name", ["test_vit", "efficientnet_lite0"])  # a ViT and the default CNN
+@pytest.mark.parametrize("name", ["test_vit", "efficientnet_lite0", "convnext_atto"])  # + timm's own head pooling
 @pytest.mark.parametrize(("tta", "token_grid", "patch_px"), [("none", 0, 224), ("d4", 2, 224), ("flips", 0, 160)])
 def test_graph_matches_torch(name: str, runtime: str, tta: str, token_grid: int, patch_px: int) -> None:
     encoder = create(name, pretrained=name == "efficientnet_lite0")

@@ -84,6 +84,8 @@ class Encoder(nn.Module):
         pooling = self.spec.pooling
         if pooling == "attentional":
             return self.backbone.attentional_pool(features)
+        if pooling == "head":
+            return self.backbone.forward_head(features, pre_logits=True)
         head_norm = getattr(self.backbone, "fc_norm", nn.Identity())
         if pooling == "avg":
             return head_norm(spatial_tokens(features, self.backbone).mean(dim=1))

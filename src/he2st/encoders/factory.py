@@ -73,6 +73,8 @@ def create(
     model = _build_timm(architecture, kwargs, source)
     base = preset.model_dump() if preset is not None else _timm_spec_fields(name, model, model_overrides)
     spec = _validated(name, base, spec_overrides, {"weights": source.label})
+    if spec.truncate_after and spec.pooling == "head" and "pooling" not in spec_overrides:
+        spec = spec.model_copy(update={"pooling": "avg"})  # the head reads the last stage, which truncation drops
 
     _check_pooling(model, spec)
     removed = _truncate(model, spec.truncate_after) if spec.truncate_after else ()
@@ -154,7 +156,9 @@ def _timm_spec_fields(name: str, model: nn.Module, model_kwargs: dict[str, Any])
         "mean": tuple(cfg.get("mean", IMAGENET_MEAN)),
         "std": tuple(cfg.get("std", IMAGENET_STD)),
         "interpolation": interpolation if interpolation in _TIMM_INTERPOLATIONS else "bicubic",
-        "pooling": "cls" if has_cls and getattr(model, "global_pool", "token") in ("token", "") else "avg",
+        # timm's own pooled features (``forward_head(pre_logits=True)``): a plain mean of the tokens would skip
+        # what a model's head does before its classifier (ConvNeXt's norm, SigLIP's attention pool, ...)
+        "pooling": "cls" if has_cls and getattr(model, "global_pool", "token") in ("token", "") else "head",
         "embed_dim": model.num_features,
         "model_kwargs": model_kwargs,
     }
@@ -186,11 +190,16 @@ def _check_pooling(model: nn.Module, spec: EncoderSpec) -> None:
         )
     if spec.pooling == "attentional":
         raise He2stError(f"pooling 'attentional' is only available for CONCH, not '{spec.architecture}'")
+    if spec.pooling == "head" and spec.truncate_after:
+        raise He2stError(f"pooling 'head' reads the last stage of '{spec.architecture}', which truncate_after "
+                         f"'{spec.truncate_after}' removes; use pooling 'avg'")
 
 
 def _embed_dim(model: nn.Module, spec: EncoderSpec) -> int:
     if spec.truncate_after:
         width = next(info["num_chs"] for info in model.feature_info if info["module"] == spec.truncate_after)
+    elif spec.pooling == "head":
+        width = getattr(model, "head_hidden_size", None) or model.num_features  # e.g. MobileNetV3's conv head
     else:
         width = model.num_features
     return 2 * width if spec.pooling == "cls+mean_after_registers" else width

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Pooling = Literal["avg", "cls", "cls+mean_after_registers", "attentional"]
+Pooling = Literal["avg", "cls", "cls+mean_after_registers", "attentional", "head"]
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 CheckpointFormat = Literal["timm", "efficientnet_lite_pytorch", "hf_dinov2", "swin_v1"]
 Backend = Literal["timm", "conch"]
