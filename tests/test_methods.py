@@ -333,6 +333,21 @@ def test_every_method_reads_spatial_context_as_features(name, tmp_path):
         method.predict(replace(test, features=test.features[:, :8], views={"field": test.views["field"][:, :8]}))
 
 
+@pytest.mark.parametrize("name", ["knn", "ridge_cv"])
+def test_an_empty_validation_set_takes_the_context_too(name):
+    """Methods that pool validation spots with training ones fit with an empty validation set as without one,
+    the context their features carry included."""
+    spots = with_field(linear_spots())
+    train, test = spots.subset(np.arange(0, 200)), spots.subset(np.arange(200, 240))
+    predictions = []
+    for val in (None, train.subset(np.zeros(len(train), bool))):
+        method = create_method(name, **OPTIONS[name], context_neighbours=4, context_field=True)
+        method.panel = GenePanel(genes=spots.genes)
+        method.fit(train, val)
+        predictions.append(method.predict(test).expression)
+    np.testing.assert_array_equal(predictions[1], predictions[0])
+
+
 def test_ensemble_chooses_each_members_context_on_inner_folds():
     train, _, _ = two_patient_spots()
     train = with_field(train.subset(np.isin(train.sample_ids, ["s1", "s2"])))
