@@ -124,3 +124,16 @@ def test_benchmark_writes_a_tls_table_for_retrieval_methods_and_the_probe(work):
     missing = tls_report(cfg.model_copy(update={"tls_model": str(path / "none.tsv")}))
     assert missing.model is None and "not found" in missing.skipped and "TLS scores skipped" in missing.markdown()
     assert tls_report(cfg.model_copy(update={"tls": False})) is None
+
+
+def test_a_sample_without_a_measured_tls_pattern_does_not_blank_its_fold():
+    """A held-out sample whose measured score is constant has no r or AUROC; the fold's value is that of its
+    other samples, not NaN."""
+    from he2st.evaluate.tls_benchmark import _agreement
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=100)
+    scores = _agreement({"S1": truth + rng.normal(0, 0.5, 100), "S2": rng.normal(size=50)},
+                        {"S1": truth, "S2": np.zeros(50)})
+    assert np.isfinite(scores["tls_pearson"]) and scores["tls_pearson"] > 0.5
+    assert np.isfinite(scores["tls_auroc_top_decile"]) and scores["tls_auroc_top_decile"] > 0.5

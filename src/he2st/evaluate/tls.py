@@ -149,7 +149,9 @@ def tls_agreement(predicted: np.ndarray, measured: np.ndarray, top: float = 0.1,
     ``threshold`` the precision of the calls (called spots that are in that top fraction)."""
     positive = measured >= np.quantile(measured, 1 - top)
     auroc = float(roc_auc_score(positive, predicted)) if 0 < positive.sum() < len(positive) else float("nan")
-    scores = {"pearson": float(np.corrcoef(predicted, measured)[0, 1]), "auroc_top_decile": auroc}
+    varies = np.ptp(predicted) > 0 and np.ptp(measured) > 0  # a constant score has no r (NaN, said quietly)
+    pearson = float(np.corrcoef(predicted, measured)[0, 1]) if varies else float("nan")
+    scores = {"pearson": pearson, "auroc_top_decile": auroc}
     if threshold is not None:
         called = predicted >= threshold
         scores["precision"] = float(positive[called].mean()) if called.any() else float("nan")

@@ -82,9 +82,15 @@ def _inner_splits(groups: np.ndarray) -> list | None:
 
 
 def _agreement(predicted: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Per-sample agreement (:func:`tls_agreement`), averaged over the fold's test samples."""
+    """Per-sample agreement (:func:`tls_agreement`), averaged over the fold's test samples where it is defined:
+    a sample whose measured score is constant (no spot above the others) has no r or AUROC, and would
+    otherwise blank the fold's value for the samples that have one."""
     per_sample = [tls_agreement(predicted[s], truth[s]) for s in truth]
-    return {f"tls_{k}": float(np.mean([a[k] for a in per_sample])) for k in per_sample[0]}
+    out = {}
+    for key in per_sample[0]:
+        values = np.array([a[key] for a in per_sample], dtype=np.float64)
+        out[f"tls_{key}"] = float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan")
+    return out
 
 
 def build_tls_fold(
