@@ -335,3 +335,24 @@ def test_the_ensembles_nested_selection_tries_the_adapted_view(study):
     method.card = method.card.model_copy(update={"training_samples": {"S1": "P1", "S2": "P2"}})
     tried = method.fit(spots).selection["context_inner_pearson"]["ridge"]
     assert sorted(tried) == ['{"views": ["adapted"]}', "{}"]
+
+
+def test_prediction_refuses_encoder_weights_other_than_the_cards(study, tmp_path):
+    """A model trained on embeddings of adapted weights (``embed.weights``) records their sha256; slide
+    prediction reads the weights file its card names, so a file rewritten since then is refused in one line
+    rather than silently giving features the model never saw."""
+    work, base, adapted = study
+    ws = Workspace(work)
+    weights = tmp_path / "tuned.pth"
+    shutil.copyfile(adapted.weights, weights)
+    embed = EmbedConfig(encoder="test_vit", weights=weights, num_workers=0, runtime="torch")
+    embed_workspace(ws, ["S1", "S2"], SMALL, embed)
+    panel = GenePanel.from_config({"S1": ws.load_sample("S1").adata}, GeneConfig(n_genes=4, min_spot_fraction=0.0))
+    method = create_method("ridge")
+    method.card = model_card("ridge", panel, EmbeddingFile(ws.embedding_path(embed, "S1", SMALL)), SMALL, embed,
+                             {}, {"S1": "P1"})
+    method.fit(load_spots(ws, ["S1"], SMALL, embed, panel, with_targets=True))
+    assert predict_slide(method, None, tmp_path / "pred", spots_from=ws.sample_path("S2"), runtime="torch").exists()
+    shutil.copyfile(base, weights)  # the same path now holds the base weights
+    with pytest.raises(He2stError, match="not those the ridge model was trained with"):
+        predict_slide(method, None, tmp_path / "other", spots_from=ws.sample_path("S2"), runtime="torch")

@@ -217,3 +217,18 @@ def test_export_then_benchmark_a_work_folder(tmp_path: Path, one_torch_thread) -
                     "--weights", embed.weights, "--out", out, "--set", "embed.runtime=torch")
     assert "0 patches embedded" in again.stdout  # the cache is reused
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), table)
+
+
+def test_the_task_average_is_over_every_task_as_hests_np_mean() -> None:
+    """A method NaN on one task, or skipped on it, averages to NaN (HEST's ``np.mean``), never to the mean of
+    the tasks it has, which would sit beside the other methods' averages over all tasks."""
+    from he2st.evaluate.hest_results import summarise_splits, task_average
+
+    def row(task: str, method: str, score: float) -> dict:
+        return {"task": task, "split": 0, "method": method, "score_hest": score, "score_per_sample": score}
+
+    rows = [row("A", "hest-ridge", 0.2), row("B", "hest-ridge", 0.3), row("A", "nan", 0.5),
+            row("B", "nan", float("nan")), row("A", "skipped", 0.5)]
+    average = task_average(summarise_splits(rows))
+    assert average["hest-ridge"]["score_hest"] == pytest.approx(0.25)
+    assert np.isnan(average["nan"]["score_hest"]) and np.isnan(average["skipped"]["score_per_sample"])

@@ -41,9 +41,17 @@ def summarise_splits(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 
 
 def task_average(summary: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """Method -> score -> mean over tasks of the task means (HEST's average over datasets)."""
-    return {method: {score: float(group[f"{score}_mean"].mean()) for score in SCORES}
-            for method, group in summary.groupby("method", sort=False)}
+    """Method -> score -> mean over tasks of the task means (HEST's average over datasets, ``np.mean``).
+
+    Every method is averaged over every task of the run: a task where its mean is NaN, or where it was
+    skipped, makes its average NaN, as in HEST, rather than an average over fewer (other) tasks that would
+    sit beside the other methods' averages as if comparable."""
+    tasks = list(dict.fromkeys(summary["task"]))
+    out = {}
+    for method, group in summary.groupby("method", sort=False):
+        by_task = group.set_index("task").reindex(tasks)
+        out[method] = {score: float(np.mean(by_task[f"{score}_mean"].to_numpy(np.float64))) for score in SCORES}
+    return out
 
 
 def _cell(mean: float, sd: float) -> str:

@@ -289,7 +289,10 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
             check_output(final.with_suffix(".zarr"), folder=True)
         if check_beside is not None:
             check_beside(final)
-        encoder = encoder or load_encoder(enc_cfg)
+        if encoder is None:
+            encoder = load_encoder(enc_cfg)
+            if config.weights is None:  # the card's own weights file: it must still hold what the model saw
+                _check_weights(encoder, method.card, config.model)
         _check_encoder(encoder, trained_encoder, config.model)
         # a checkpoint file is identified by path, size and mtime; a method in memory by its tensors
         model_id = file_id(config.model) if config.model is not None else method_fingerprint(method)
@@ -388,6 +391,19 @@ def _check_encoder(encoder: Encoder, trained: EncoderSpec, where: Path | None) -
         raise He2stError(
             f"model was trained on {trained.embed_dim}-d features of encoder {trained.name!r}, "
             f"got encoder {encoder.spec.name!r} ({encoder.embed_dim}-d)", where)
+
+
+def _check_weights(encoder: Encoder, card: ModelCard, where: Path | None) -> None:
+    """Refuse, in one line, an encoder whose weights file no longer holds the weights the card records the
+    model was trained on (a file rewritten in place, e.g. adapted weights replaced): its features would not be
+    the ones the model learned from. Weights without a recorded sha256 (a hub download) are not checked."""
+    if card.weights_sha256 is None:
+        return
+    found = weights_sha256(encoder.spec)
+    if found != card.weights_sha256:
+        raise He2stError(f"the encoder weights here ({encoder.spec.weights}, sha256 {(found or 'not computed')[:12]}...) "
+                         f"are not those the {card.method} model was trained with (sha256 {card.weights_sha256[:12]}...); "
+                         "restore that file or retrain", where)
 
 
 def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, views: list[ViewEmbedder], batch_size: int,
