@@ -356,3 +356,21 @@ def test_prediction_refuses_encoder_weights_other_than_the_cards(study, tmp_path
     shutil.copyfile(base, weights)  # the same path now holds the base weights
     with pytest.raises(He2stError, match="not those the ridge model was trained with"):
         predict_slide(method, None, tmp_path / "other", spots_from=ws.sample_path("S2"), runtime="torch")
+
+
+def test_the_card_records_the_weights_file_as_it_is_when_the_model_is_fitted(study, tmp_path):
+    """A weights file rewritten at the same path (adapted weights copied over the base ones) in the same
+    process: the embeddings are recomputed, and the card records the sha256 of what the file holds now, not
+    the one read for the same path earlier, so the adaptation record and prediction's check find them."""
+    from he2st.io import sha256_file
+
+    work, base, adapted = study
+    ws = Workspace(work)
+    weights = tmp_path / "weights.pth"
+    embed = EmbedConfig(encoder="test_vit", weights=weights, num_workers=0, runtime="torch")
+    panel = GenePanel(genes=GENES)
+    for source in (base, adapted.weights):
+        shutil.copyfile(source, weights)
+        path = embed_workspace(ws, ["S1"], SMALL, embed).paths["S1"]
+        card = model_card("knn", panel, EmbeddingFile(path), SMALL, embed, {}, {"S1": "P1"})
+        assert card.weights_sha256 == sha256_file(source)

@@ -4,7 +4,6 @@ a method may read, the patch spec and embedding recipe, the gene sets and the tr
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,15 +18,13 @@ from he2st.encoders.weights import weights_sha256
 from he2st.methods import ModelCard
 
 
-@functools.lru_cache(maxsize=8)
-def _checksum(spec_json: str) -> str | None:
-    return weights_sha256(EncoderSpec.model_validate_json(spec_json))
-
-
 def _recorded(embeddings: EmbeddingFile) -> tuple[EncoderSpec, str | None]:
-    """The encoder an embedding file records it was made with, and the sha256 of its weights file."""
-    spec_json = embeddings.attrs["encoder_spec"]
-    return EncoderSpec.model_validate_json(spec_json), _checksum(spec_json)
+    """The encoder an embedding file records it was made with, and the sha256 of its weights file.
+
+    Not cached by the spec: a file rewritten at the same path holds other weights, and
+    :func:`weights_sha256` already hashes each (path, size, modification time) once."""
+    spec = EncoderSpec.model_validate_json(embeddings.attrs["encoder_spec"])
+    return spec, weights_sha256(spec)
 
 
 def model_card(
