@@ -145,7 +145,7 @@ def embed(
     config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = None,
     encoder: Annotated[str | None, typer.Option(help="preset or timm name (default efficientnet_lite0)")] = None,
     weights: Annotated[Path | None, typer.Option(help="local weights file/folder")] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option(help="patches per encoder batch (default 64)")] = None,
     runtime: Annotated[str | None, typer.Option(
         help="auto (an ONNX graph on OpenVINO or ONNX Runtime on a CPU, torch on a GPU), torch, onnxruntime, "
              "openvino")] = None,

@@ -42,7 +42,8 @@ def read_samplesheet(path: str | Path) -> list[dict[str, object]]:
     if not path.exists():
         raise He2stError("sample sheet not found", path)
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        # blank lines kept as rows, so that a row's line number is its index + 2 (the header is line 1)
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
     except (OSError, ValueError) as exc:
         raise He2stError(f"not a readable CSV sample sheet ({type(exc).__name__})", path) from exc
     table.columns = [c.strip() for c in table.columns]
@@ -50,10 +51,11 @@ def read_samplesheet(path: str | Path) -> list[dict[str, object]]:
     if missing:
         raise He2stError(f"sample sheet lacks column(s) {', '.join(missing)} (needs sample, reader, path; "
                          "optional patient, image, pixel_size_um, spots_file)", path)
-    if table.empty:
-        raise He2stError("sample sheet lists no samples", path)
     sources = []
+    lines: dict[str, int] = {}
     for i, row in enumerate(table.to_dict(orient="records"), start=2):
+        if not any(str(value).strip() for value in row.values()):
+            continue  # a blank line, or a row of empty cells as spreadsheets export
         source: dict[str, object] = {}
         for column, value in row.items():
             value = str(value).strip()
@@ -64,7 +66,14 @@ def read_samplesheet(path: str | Path) -> list[dict[str, object]]:
         for column in REQUIRED:
             if RENAMED.get(column, column) not in source:
                 raise He2stError(f"line {i}: empty {column!r}", path)
+        sample = str(source["sample_id"])
+        if sample in lines:
+            raise He2stError(f"line {i}: sample {sample!r} is listed again (first on line {lines[sample]}); "
+                             "each row needs its own sample id", path)
+        lines[sample] = i
         sources.append(source)
+    if not sources:
+        raise He2stError("sample sheet lists no samples", path)
     return sources
 
 

@@ -31,7 +31,8 @@ WORK_DIR_ENV = "HE2ST_WORK_DIR"
 
 def default_work_dir() -> Path:
     """Where prepared samples, patches, embeddings and runs go: ``$HE2ST_WORK_DIR`` or ``./he2st-work``."""
-    return Path(os.environ.get(WORK_DIR_ENV, "he2st-work"))
+    # an empty variable is unset (not the current folder); ``~`` is the home folder, as a shell would read it
+    return Path(os.environ.get(WORK_DIR_ENV) or "he2st-work").expanduser()
 
 
 class Workspace:

@@ -95,7 +95,7 @@ class Method(ABC):
         try:
             self.config = self.Config(**options)
         except ValidationError as exc:
-            raise one_line(exc, f"method {self.name!r}: invalid option") from exc
+            raise one_line(exc, f"method {self.name!r}: invalid option", model=self.Config) from exc
         self.card: ModelCard | None = None
 
     # -------------------------------------------------------------- capabilities

@@ -6,6 +6,7 @@ The resolved configuration is written next to every result so a run can be repea
 
 from __future__ import annotations
 
+import collections.abc
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -118,8 +119,35 @@ class AdaptRunConfig(WorkConfig):
 C = TypeVar("C", bound=BaseModel)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last silently, so a
+    setting repeated further down a config file would override the one the user reads first."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, collections.abc.Hashable) and key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as ``<problem> (line N)``: what is wrong and where, on one line."""
+    problem = getattr(exc, "problem", None) or exc.__class__.__name__
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1})" if mark is not None else str(problem)
+
+
 def _set_dotted(tree: dict, dotted: str, value: object) -> None:
     keys = dotted.split(".")
+    if not all(key.strip() for key in keys):
+        raise He2stError(f"cannot set {dotted!r}: a key must be a dotted name such as patch.field_um")
     node = tree
     for key in keys[:-1]:
         node = node.setdefault(key, {})
@@ -128,32 +156,68 @@ def _set_dotted(tree: dict, dotted: str, value: object) -> None:
     node[keys[-1]] = value
 
 
+def _expand_home(model: BaseModel) -> None:
+    """Every path setting starting with ``~`` taken from the home folder, as a shell would: a quoted
+    ``work_dir: ~/he2st-work`` in a config file is otherwise a folder named ``~`` in the current one."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, BaseModel):
+                _expand_home(item)
+        if isinstance(value, Path) and value.parts and value.parts[0].startswith("~"):
+            object.__setattr__(model, name, value.expanduser())
+        elif isinstance(value, list) and any(isinstance(v, Path) for v in value):
+            object.__setattr__(model, name, [v.expanduser() if isinstance(v, Path) else v for v in value])
+
+
+def _from_command_line(loc: tuple, given: set[str]) -> bool:
+    """Whether the setting at ``loc`` (or a section holding it) was given by ``--set`` or a flag."""
+    dotted = [str(part) for part in loc]
+    return any(dotted[:len(key.split("."))] == key.split(".") for key in given)
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None, **flags: object) -> C:
     """Build a config: defaults, then the YAML file, then ``key.sub=value`` overrides, then flags.
 
-    Flags whose value is ``None`` are ignored (not given on the command line).
+    Flags whose value is ``None`` are ignored (not given on the command line). A bad value given by
+    ``--set`` or a flag is reported as such, not as the config file's.
     """
     tree: dict = {}
     if path is not None:
         path = table_path(path, "config file", empty_ok=True)  # a readable text file (YAML is text), else one line saying what it is
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise He2stError(f"invalid YAML ({exc.__class__.__name__})", path) from exc
+            tree = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader) or {}  # a SafeLoader
+        except UnicodeDecodeError as exc:
+            raise He2stError("invalid YAML (not UTF-8 text)", path) from exc
+        except yaml.YAMLError as exc:
+            raise He2stError(f"invalid YAML: {_yaml_problem(exc)}", path) from exc
         if not isinstance(tree, dict):
             raise He2stError("config file must contain a mapping", path)
+    given: set[str] = set()
     for item in overrides or []:
         if "=" not in item:
             raise He2stError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise He2stError(f"--set {key}: value {raw!r} is not valid YAML ({_yaml_problem(exc)}); quote it "
+                             "or write a list as [a, b]") from exc
+        _set_dotted(tree, key, value)
+        given.add(key)
     for key, value in flags.items():
         if value is not None:
             _set_dotted(tree, key, value)
+            given.add(key)
     try:
-        return cls.model_validate(tree)
+        config = cls.model_validate(tree)
     except ValidationError as exc:
-        raise one_line(exc, "invalid setting", path) from exc
+        where = None if _from_command_line(exc.errors()[0]["loc"], given) else path
+        raise one_line(exc, "invalid setting", where, model=cls) from exc
+    _expand_home(config)
+    return config
 
 
 def dump_config(config: BaseModel) -> str:

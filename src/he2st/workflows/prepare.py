@@ -5,6 +5,7 @@ panel can never be fitted with settings other than the run's."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ from he2st.data.readers import SourceOptions, read_source
 from he2st.data.sample import Sample
 from he2st.data.splits import check_fold, make_folds
 from he2st.data.workspace import Workspace
-from he2st.errors import He2stError
+from he2st.errors import He2stError, He2stWarning
 from he2st.io import safe_name
 from he2st.workflows.config import PrepareConfig
 from he2st.workflows.samplesheet import save_sheet, sheet_sources
@@ -81,9 +82,25 @@ def prepare(config: PrepareConfig, on_patch: Callable[..., None] | None = None,
         if on_sample is not None:
             on_sample(sample)
     ids = [s.sample_id for s in samples]
+    _warn_stale(ws, ids, config.folds.scheme, folds is None)
     if folds is None:
         what = "patient" if config.folds.scheme == "lopo" else "sample"
         return Prepared(ws, ids, patients, "", f"one {what} only: no {config.folds.scheme} folds (benchmarking needs "
                                                f"at least 2); the sample can be used for training or prediction")
     folds_path = ws.save_folds(config.folds.scheme, folds, patients)
     return Prepared(ws, ids, patients, str(folds_path))
+
+
+def _warn_stale(ws: Workspace, ids: list[str], scheme: str, no_folds: bool) -> None:
+    """One warning line naming what an earlier prepare left in the work folder that this run did not write:
+    samples it no longer lists (``embed`` and ``train`` take every prepared sample, so they would still use
+    them) and, when this run makes no folds, the earlier folds file (``benchmark`` would still run it)."""
+    stale = sorted(set(ws.sample_ids()) - set(ids))
+    old_folds = no_folds and ws.folds_path(scheme).exists()
+    if not stale and not old_folds:
+        return
+    left = [f"sample(s) {', '.join(stale)} in {ws.root / 'samples'} (`embed` and `train` still use them)"] if stale else []
+    left += [f"{ws.folds_path(scheme)} (`benchmark` still runs it)"] if old_folds else []
+    warnings.warn(f"{ws.root}: {' and '.join(left)} left from an earlier prepare, not part of this one; remove them "
+                  "or prepare into a new work folder",
+                  He2stWarning, stacklevel=3)
