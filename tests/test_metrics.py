@@ -93,6 +93,14 @@ def test_gene_gene_preservation(rng):
     assert math.isnan(gene_gene_correlation_preservation(true[:, :2], true[:, :2]))
 
 
+def test_gene_gene_preservation_is_nan_when_all_predicted_genes_share_one_pattern(rng):
+    # every predicted gene a positive rescaling of one pattern: all predicted pairs correlate at 1, so there is
+    # no structure to compare, and round-off must not be scored as if there were
+    pattern = rng.normal(size=200)
+    pred = np.column_stack([pattern * s + o for s, o in zip(rng.uniform(0.5, 3, 20), rng.uniform(0, 5, 20))])
+    assert math.isnan(gene_gene_correlation_preservation(pred, rng.normal(size=(200, 20))))
+
+
 def test_missing_gene_in_set_raises(rng):
     pred, true = _pair(rng, n_genes=3)
     with pytest.raises(He2stError, match="NOPE"):
