@@ -45,6 +45,16 @@ def test_panel_heg_hvg_and_common_genes_from_training_only():
         GenePanel.fit(train, n_genes=3, transform="log1p", min_spot_fraction=0.9)
 
 
+def test_hvg_panel_ranks_variance_without_float32_round_off():
+    # A gene constant at log1p(200) over thousands of spots has variance 0; summed in float32, E[x^2] - E[x]^2
+    # gave it more than a gene alternating between 200 and 210 counts (true variance 5.9e-4).
+    n = 5000
+    counts = np.column_stack([np.full(n, 200.0), np.where(np.arange(n) % 2, 200.0, 210.0)])
+    train = {"s": _ad(counts, ["A_constant", "B_varies"])}
+    panel = GenePanel.fit(train, n_genes=1, selection="hvg", transform="log1p", min_spot_fraction=0)
+    assert panel.genes == ["B_varies"]
+
+
 def test_panel_targets_are_always_on_the_transform_scale_and_roundtrip_as_json():
     train = {"s": _ad(np.random.default_rng(0).poisson(5, (30, 4)), ["A", "B", "C", "D"])}
     panel = GenePanel.fit(train, n_genes=3)

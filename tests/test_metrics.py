@@ -22,7 +22,7 @@ from he2st.evaluate.metrics import (
     spearman_per_gene,
 )
 from he2st.evaluate.results import write_results
-from he2st.evaluate.scoring import FoldResult, evaluate_fold, summarise
+from he2st.evaluate.scoring import FoldResult, average_results, evaluate_fold, summarise
 from he2st.evaluate.tables import to_markdown
 from he2st.io import MARKER
 
@@ -93,6 +93,14 @@ def test_gene_gene_preservation(rng):
     assert math.isnan(gene_gene_correlation_preservation(true[:, :2], true[:, :2]))
 
 
+def test_gene_gene_preservation_is_nan_when_all_predicted_genes_share_one_pattern(rng):
+    # every predicted gene a positive rescaling of one pattern: all predicted pairs correlate at 1, so there is
+    # no structure to compare, and round-off must not be scored as if there were
+    pattern = rng.normal(size=200)
+    pred = np.column_stack([pattern * s + o for s, o in zip(rng.uniform(0.5, 3, 20), rng.uniform(0, 5, 20))])
+    assert math.isnan(gene_gene_correlation_preservation(pred, rng.normal(size=(200, 20))))
+
+
 def test_missing_gene_in_set_raises(rng):
     pred, true = _pair(rng, n_genes=3)
     with pytest.raises(He2stError, match="NOPE"):
@@ -151,6 +159,22 @@ def test_summarise_mean_sd_over_three_folds():
     md = to_markdown(df, sets=("all", "heg50"))
     assert "0.300 ± 0.200" in md and "0.700" in md and "n/a" in md
     assert md.splitlines()[0].startswith("| method")
+
+
+def test_seed_average_keeps_a_gene_that_one_seed_predicted_constant_nan(rng):
+    # per_gene.csv must agree with the set means: a gene NaN in one seed is NaN in the average, as
+    # pearson_mean (averaged over seeds with the NaN kept) and n_nan (0.5) say.
+    truth = rng.normal(size=(30, 4))
+    genes = ["a", "b", "c", "d"]
+    pred = truth + rng.normal(size=truth.shape)
+    constant = pred.copy()
+    constant[:, 0] = 1.0
+    runs = [evaluate_fold("m", 0, {"s": p}, {"s": truth}, genes, {"all": genes}) for p in (pred, constant)]
+    seeds = average_results(runs)
+    assert math.isnan(seeds.per_gene.loc[seeds.per_gene["gene"] == "a", "pearson"].iloc[0])
+    np.testing.assert_allclose(seeds.per_gene["mse"], (runs[0].per_gene["mse"] + runs[1].per_gene["mse"]) / 2)
+    assert seeds.per_sample["s"]["all"]["n_nan"] == 0.5
+    assert list(seeds.per_gene.columns) == list(runs[0].per_gene.columns)
 
 
 def test_write_results_valid_json_and_no_temp_files(rng, tmp_path):

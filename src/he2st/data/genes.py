@@ -103,11 +103,9 @@ class GenePanel(BaseModel):
         detected = np.asarray((pooled > 0).mean(axis=0)).ravel()
         if selection != "given":
             keep = detected >= min_spot_fraction
-            if selection == "heg":
-                score = np.asarray(pooled.mean(axis=0)).ravel()
-            elif selection == "hvg":
-                mean = np.asarray(pooled.mean(axis=0)).ravel()
-                score = np.asarray(pooled.multiply(pooled).mean(axis=0)).ravel() - mean**2
+            if selection in ("heg", "hvg"):
+                mean, variance = _column_moments(pooled)
+                score = mean if selection == "heg" else variance
             else:
                 raise He2stError(f"unknown gene selection {selection!r}; use 'heg', 'hvg' or pass genes")
             order = sorted(np.flatnonzero(keep), key=lambda i: (-score[i], candidates[i]))[:n_genes]
@@ -151,6 +149,21 @@ class GenePanel(BaseModel):
         present = [i for i, g in enumerate(self.genes) if g in index]
         out[:, present] = full[:, [index[self.genes[i]] for i in present]].toarray()
         return out
+
+
+def _column_moments(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance (ddof=0) of each column, accumulated in float64 around the mean.
+
+    The pooled targets are float32, and scipy sums a float32 matrix in float32: over thousands of spots
+    ``E[x^2] - E[x]^2`` then loses the variance of a highly expressed gene to round-off (a gene constant
+    at log1p 5.3 would outrank one that varies), so HVG and near-tied HEG picks would depend on it.
+    """
+    n_rows, n_cols = matrix.shape
+    values = matrix.data.astype(np.float64)
+    mean = np.bincount(matrix.indices, weights=values, minlength=n_cols) / n_rows
+    centred = np.bincount(matrix.indices, weights=(values - mean[matrix.indices]) ** 2, minlength=n_cols)
+    zeros = n_rows - np.bincount(matrix.indices, minlength=n_cols)  # implicit zeros lie mean away from it
+    return mean, (centred + zeros * mean**2) / n_rows
 
 
 def _pooled_targets(adatas: dict[str, ad.AnnData], genes: list[str], transform: Transform) -> sp.csr_matrix:

@@ -72,6 +72,12 @@ def pearson_per_spot(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     return column_pearson(p.T, t.T)
 
 
+#: Gene-pair correlations closer than this are one value: every pair of a matrix whose genes all follow one
+#: pattern correlates at 1 up to round-off (~1e-16), and the Pearson of that round-off with the true pairs
+#: would be a number carrying no information instead of the undefined value it is.
+_SAME_CORRELATION = 1e-9
+
+
 def _correlation_matrix(a: np.ndarray) -> np.ndarray:
     """Gene x gene Pearson matrix of a finite matrix with no constant columns."""
     z = a - a.mean(axis=0)
@@ -91,8 +97,9 @@ def gene_gene_correlation_preservation(
 
     NaN-safe: genes constant in either array are left out of both matrices (their
     correlations are undefined); NaN is returned when fewer than three genes remain,
-    because fewer than two gene pairs cannot be correlated. ``genes_idx`` restricts the
-    comparison to those columns.
+    because fewer than two gene pairs cannot be correlated, and when every gene pair of either
+    array correlates alike (e.g. all predicted genes are one spatial pattern scaled: their
+    pairs all correlate at 1). ``genes_idx`` restricts the comparison to those columns.
     """
     p, t = finite_pair(pred, true)
     if genes_idx is not None:
@@ -104,7 +111,10 @@ def gene_gene_correlation_preservation(
     cp = _correlation_matrix(p[:, keep])
     ct = _correlation_matrix(t[:, keep])
     upper = np.triu_indices(int(keep.sum()), k=1)
-    r = column_pearson(cp[upper][:, None], ct[upper][:, None])[0]
+    a, b = cp[upper], ct[upper]
+    if np.ptp(a) <= _SAME_CORRELATION or np.ptp(b) <= _SAME_CORRELATION:
+        return float("nan")
+    r = column_pearson(a[:, None], b[:, None])[0]
     return float(r)
 
 

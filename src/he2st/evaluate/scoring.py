@@ -130,13 +130,30 @@ def average_results(results: Sequence[FoldResult]) -> FoldResult:
 
     per_sample = mean_of([r.per_sample for r in results])
     pooled = mean_of([r.pooled for r in results])
-    keys = ["sample", "gene"]
-    per_gene = pd.concat([r.per_gene for r in results]).groupby(keys, sort=False).mean(numeric_only=True).reset_index()
+    per_gene = _mean_per_gene([r.per_gene for r in results])
     extra = {k: float(np.mean([r.extra[k] for r in results])) for k in first.extra}
     curves = {label: c for r in results for label, c in r.curves.items()}
     selection = {label: c for r in results for label, c in r.selection.items()}
     return FoldResult(first.method, first.fold, list(first.test_samples), per_sample, pooled, per_gene, extra, curves,
                       selection, mean_of([r.localisation for r in results]), dict(first.notes))
+
+
+def _mean_per_gene(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Mean of the runs' per-gene scores, row by (sample, gene); NaN in any run stays NaN.
+
+    pandas' groupby mean skips NaN, which would give a gene the r of the seeds that did not predict it as a
+    constant: per_gene.csv would then hide the constant and disagree with the set means (``n_nan``), which
+    are averaged over seeds with the NaN kept.
+    """
+    keys = ["sample", "gene"]
+    first = tables[0]
+    for table in tables[1:]:
+        if not table[keys].reset_index(drop=True).equals(first[keys].reset_index(drop=True)):
+            raise He2stError("the runs to average scored different (sample, gene) rows")
+    columns = [c for c in first.columns if c not in keys and pd.api.types.is_numeric_dtype(first[c])]
+    stacked = np.stack([t[columns].to_numpy(dtype=np.float64) for t in tables])
+    return pd.concat([first[keys].reset_index(drop=True), pd.DataFrame(stacked.mean(axis=0), columns=columns)],
+                     axis=1)
 
 
 def _fold_column(fold: int | str) -> str:
