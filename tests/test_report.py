@@ -97,6 +97,20 @@ def test_default_genes_skip_genes_absent_from_most_spots():
     assert plots.default_genes(_prediction(values), len(GENES))[-1] == "G0"  # kept, last, when asked for all
 
 
+def test_plot_compares_the_most_predictable_genes_as_the_maps_do(tmp_path, monkeypatch):
+    sample, truth = _measured()
+    values = truth.copy()
+    values[:, 5] *= 4.0  # by far the most variable, but the model expects little of it
+    adata = _prediction(values)
+    adata.var["expected_r"] = [0.1, 0.2, 0.3, 0.4, 0.9, 0.0]
+    shown: list[list[str]] = []
+    pick = plots._pick
+    monkeypatch.setattr(plots, "_pick", lambda paired, genes, n: shown.append(pick(paired, genes, n)) or shown[-1])
+    plots.plot_prediction(adata, tmp_path / "figs", sample=sample, n=2)
+    assert plots.default_genes(adata, 2) == ["G4", "G3"]
+    assert shown == [["G4", "G3"], ["G4", "G3"]]  # compare.png, scatter.png: the maps' genes, in their order
+
+
 def test_morans_i_matches_the_definition():
     rng = np.random.default_rng(0)
     xy = spot_grid(SIDE, SIDE, 100.0, (0.0, 0.0)) + rng.uniform(-20, 20, (SIDE * SIDE, 2))  # no distance ties
