@@ -88,8 +88,8 @@ def _quantised(v: np.ndarray) -> list[int | None]:
     if not finite.any():
         return [None] * len(v)
     lo, hi = np.percentile(v[finite], [1, 99])
-    codes = np.clip((v - lo) / (hi - lo if hi > lo else 1.0) * 255, 0, 255)
-    return [int(round(c)) if ok else None for c, ok in zip(codes, finite, strict=True)]
+    codes = np.clip(np.nan_to_num((v - lo) / (hi - lo if hi > lo else 1.0)) * 255, 0, 255).round().astype(int)
+    return [c if ok else None for c, ok in zip(codes.tolist(), finite.tolist(), strict=True)]
 
 
 def write_stack_html(adata: ad.AnnData, path: str | Path, genes: list[str], title: str = "he2st stack") -> Path:
