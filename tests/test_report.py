@@ -86,6 +86,19 @@ def test_predicted_and_measured_maps_share_one_robust_colour_scale():
     assert [a.get_ylabel() for a in fig.axes if a.get_ylabel()] == ["log1p CP10k"] * 4
 
 
+def test_gene_names_with_dollars_are_drawn_as_written():
+    sample, truth = _measured()
+    adata = _prediction(truth)
+    adata.var_names = ["A$B$C", *GENES[1:]]  # mathtext would draw "ABC", B in italics
+    sample.adata.var_names = ["A$B$C", *GENES[1:]]
+    titled = [a.title for a in plots.expression_maps(adata, ["A$B$C"]).axes if a.get_title()]
+    paired = plots.pair_with_measured(adata, sample)
+    titled += [a.title for a in plots.measured_scatter(paired, ["A$B$C"]).axes if a.get_title()]
+    titled += [a.title for a in plots.predicted_vs_measured(paired, plots.spatial_view(adata), ["A$B$C"]).axes
+               if a.get_title()]
+    assert len(titled) == 4 and all("A$B$C" in t.get_text() and not t.get_parse_math() for t in titled)
+
+
 def test_default_genes_skip_genes_absent_from_most_spots():
     rng = np.random.default_rng(0)
     values = rng.normal(2.0, 0.3, (SIDE * SIDE, len(GENES)))

@@ -173,7 +173,7 @@ def draw_map(ax, view: SpatialView, values: np.ndarray, title: str = "", cmap: s
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, parse_math=False)  # a "$" in a gene name is a character, not TeX
     if colorbar:
         bar = ax.figure.colorbar(discs, ax=ax, fraction=0.046, pad=0.02)
         bar.set_label(label, fontsize=8)
@@ -338,7 +338,7 @@ def measured_scatter(paired: Paired, genes: list[str] | None = None, n: int = 6,
     for ax, gene in zip(axes, genes, strict=True):
         j = paired.genes.index(gene)
         ax.scatter(paired.measured[:, j], paired.predicted[:, j], s=6, alpha=0.6, linewidths=0)
-        ax.set_title(f"{gene}: r = {paired.pearson[gene]:.2f}", fontsize=9)
+        ax.set_title(f"{gene}: r = {paired.pearson[gene]:.2f}", fontsize=9, parse_math=False)
         ax.set_xlabel(f"measured{unit}", fontsize=8)
         ax.set_ylabel(f"predicted{unit}", fontsize=8)
         ax.tick_params(labelsize=7)
