@@ -86,6 +86,19 @@ def test_predicted_and_measured_maps_share_one_robust_colour_scale():
     assert [a.get_ylabel() for a in fig.axes if a.get_ylabel()] == ["log1p CP10k"] * 4
 
 
+def test_gene_names_with_dollars_are_drawn_as_written():
+    sample, truth = _measured()
+    adata = _prediction(truth)
+    adata.var_names = ["A$B$C", *GENES[1:]]  # mathtext would draw "ABC", B in italics
+    sample.adata.var_names = ["A$B$C", *GENES[1:]]
+    titled = [a.title for a in plots.expression_maps(adata, ["A$B$C"]).axes if a.get_title()]
+    paired = plots.pair_with_measured(adata, sample)
+    titled += [a.title for a in plots.measured_scatter(paired, ["A$B$C"]).axes if a.get_title()]
+    titled += [a.title for a in plots.predicted_vs_measured(paired, plots.spatial_view(adata), ["A$B$C"]).axes
+               if a.get_title()]
+    assert len(titled) == 4 and all("A$B$C" in t.get_text() and not t.get_parse_math() for t in titled)
+
+
 def test_default_genes_skip_genes_absent_from_most_spots():
     rng = np.random.default_rng(0)
     values = rng.normal(2.0, 0.3, (SIDE * SIDE, len(GENES)))
@@ -95,6 +108,20 @@ def test_default_genes_skip_genes_absent_from_most_spots():
     genes = plots.default_genes(_prediction(values), 2)
     assert genes[0] == "G1" and "G0" not in genes
     assert plots.default_genes(_prediction(values), len(GENES))[-1] == "G0"  # kept, last, when asked for all
+
+
+def test_plot_compares_the_most_predictable_genes_as_the_maps_do(tmp_path, monkeypatch):
+    sample, truth = _measured()
+    values = truth.copy()
+    values[:, 5] *= 4.0  # by far the most variable, but the model expects little of it
+    adata = _prediction(values)
+    adata.var["expected_r"] = [0.1, 0.2, 0.3, 0.4, 0.9, 0.0]
+    shown: list[list[str]] = []
+    pick = plots._pick
+    monkeypatch.setattr(plots, "_pick", lambda paired, genes, n: shown.append(pick(paired, genes, n)) or shown[-1])
+    plots.plot_prediction(adata, tmp_path / "figs", sample=sample, n=2)
+    assert plots.default_genes(adata, 2) == ["G4", "G3"]
+    assert shown == [["G4", "G3"], ["G4", "G3"]]  # compare.png, scatter.png: the maps' genes, in their order
 
 
 def test_morans_i_matches_the_definition():

@@ -9,11 +9,13 @@ test (slow) stacks patient C's five imaged serial sections with a ridge model tr
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from in_process import run_cli
@@ -29,6 +31,7 @@ from he2st.encoders import create
 from he2st.errors import He2stError
 from he2st.methods import ModelCard, create_method
 from he2st.predict.registration import Affine, register_sections
+from he2st.report.stack_view import write_stack_html
 from he2st.workflows.stack import load_section
 
 MPP = 1.0
@@ -143,6 +146,20 @@ def test_common_grid_covers_tissue_beyond_the_first_sections_image():
     assert grid.max(axis=0).min() > 1700 and grid.min(axis=0).min() > 200
     shifted = common_grid(sections, [Affine.identity(), Affine(np.eye(2), np.array([600.0, 0.0]))], 100.0)
     assert shifted[:, 0].min() < -300 and shifted[:, 0].max() > 1100  # b's tissue at -400..1200 µm in a's frame
+
+
+def test_stack_page_leaves_points_without_a_value_undrawn(tmp_path):
+    n = 40
+    values = np.linspace(1.0, 5.0, n * 2, dtype=np.float32).reshape(n, 2)
+    values[:10, 1] = np.nan  # e.g. a gene no section's measurement covers there
+    adata = ad.AnnData(values, var=pd.DataFrame(index=["A", "B"]))
+    adata.obsm["spatial_3d"] = np.c_[np.arange(n) * 10.0, np.arange(n) * 5.0, np.repeat([0.0, 10.0], n // 2)]
+    adata.obs["interpolated"] = False
+    page = write_stack_html(adata, tmp_path / "stack.html", ["A", "B"]).read_text()
+    data = json.loads(re.search(r"const D=(.*?);\n", page).group(1).replace("<\\/", "</"))
+    assert data["v"][1][:10] == [None] * 10  # not 0, the colour of the lowest expression
+    assert data["v"][1][10] == 0 and data["v"][1][-1] == 255 and data["v"][0][0] == 0
+    assert "if(v===null)continue" in page
 
 
 def test_stack_end_to_end(sections, model, tmp_path):

@@ -173,7 +173,7 @@ def draw_map(ax, view: SpatialView, values: np.ndarray, title: str = "", cmap: s
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, parse_math=False)  # a "$" in a gene name is a character, not TeX
     if colorbar:
         bar = ax.figure.colorbar(discs, ax=ax, fraction=0.046, pad=0.02)
         bar.set_label(label, fontsize=8)
@@ -291,6 +291,16 @@ def pair_with_measured(prediction: str | Path | ad.AnnData, sample: Sample | str
     return Paired(pred, meas, wanted, sample.spatial[rows_m], dict(zip(wanted, map(float, r), strict=True)), how)
 
 
+def measured_defaults(adata: ad.AnnData, paired: Paired, n: int) -> list[str] | None:
+    """The ``n`` measured genes to compare first when the model measured its own predictability
+    (``var["expected_r"]``): the same ranking as the maps (:func:`default_genes`), so ``compare.png`` and
+    ``scatter.png`` show the genes ``maps.png`` leads with rather than the most variable ones. None without
+    ``expected_r`` (:func:`_pick` then ranks by variance of both predicted and measured values)."""
+    if "expected_r" not in adata.var:
+        return None
+    return [g for g in default_genes(adata, adata.n_vars) if g in paired.pearson][:n] or None
+
+
 def _pick(paired: Paired, genes: list[str] | None, n: int) -> list[str]:
     if genes:
         return [g for g in genes if g in paired.pearson]
@@ -328,7 +338,7 @@ def measured_scatter(paired: Paired, genes: list[str] | None = None, n: int = 6,
     for ax, gene in zip(axes, genes, strict=True):
         j = paired.genes.index(gene)
         ax.scatter(paired.measured[:, j], paired.predicted[:, j], s=6, alpha=0.6, linewidths=0)
-        ax.set_title(f"{gene}: r = {paired.pearson[gene]:.2f}", fontsize=9)
+        ax.set_title(f"{gene}: r = {paired.pearson[gene]:.2f}", fontsize=9, parse_math=False)
         ax.set_xlabel(f"measured{unit}", fontsize=8)
         ax.set_ylabel(f"predicted{unit}", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -448,9 +458,10 @@ def plot_prediction(prediction: str | Path | ad.AnnData, out_dir: str | Path, ge
         paths["uncertainty"] = save_figure(unc, out / "uncertainty.png")
     if paired is not None:
         view, scale = spatial_view(adata), scale_label(adata)
-        paths["compare"] = save_figure(predicted_vs_measured(paired, view, genes, min(n, 4), scale),
+        shown = genes or measured_defaults(adata, paired, n)
+        paths["compare"] = save_figure(predicted_vs_measured(paired, view, shown, min(n, 4), scale),
                                        out / "compare.png")
-        paths["scatter"] = save_figure(measured_scatter(paired, genes, n, scale=scale), out / "scatter.png")
+        paths["scatter"] = save_figure(measured_scatter(paired, shown, n, scale=scale), out / "scatter.png")
         paths["pearson"] = save_figure(pearson_histogram(paired), out / "pearson.png")
     return paths
 

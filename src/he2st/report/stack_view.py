@@ -70,7 +70,7 @@ function draw(){{const g=+sel.value,n=D.x.length,cy=Math.cos(yaw),sy=Math.sin(ya
  for(let i=0;i<n;i++){{const x=D.x[i],y=D.y[i],z=D.z[i]*D.ez;const X=x*cy-y*sy,Y=x*sy+y*cy;
   P[i]=[cv.width/2+X*s,cv.height/2+(Y*cp-z*sp)*s,Y*sp+z*cp,i];}}
  P.sort((a,b)=>a[2]-b[2]);cx.clearRect(0,0,cv.width,cv.height);
- for(const p of P){{cx.fillStyle=col(D.v[g][p[3]]);cx.globalAlpha=D.i[p[3]]?0.35:1;
+ for(const p of P){{const v=D.v[g][p[3]];if(v===null)continue;cx.fillStyle=col(v);cx.globalAlpha=D.i[p[3]]?0.35:1;
   cx.fillRect(p[0]-1.5,p[1]-1.5,3,3);}}cx.globalAlpha=1;}}
 cv.onpointerdown=e=>{{drag=[e.clientX,e.clientY];cv.setPointerCapture(e.pointerId);}};
 cv.onpointerup=cv.onpointercancel=()=>{{drag=null;}};
@@ -79,6 +79,17 @@ cv.onpointermove=e=>{{if(!drag)return;yaw+=(e.clientX-drag[0])*0.01;pitch+=(e.cl
 cv.onwheel=e=>{{e.preventDefault();zoom*=e.deltaY<0?1.1:1/1.1;draw();}};sel.onchange=draw;draw();
 </script></body></html>
 """
+
+
+def _quantised(v: np.ndarray) -> list[int | None]:
+    """``v`` on 0..255 between its 1st and 99th percentiles; a point without a value (NaN) is None (JSON null),
+    which the page leaves undrawn, as the PNG does: coded as 0 it would look like the lowest expression."""
+    finite = np.isfinite(v)
+    if not finite.any():
+        return [None] * len(v)
+    lo, hi = np.percentile(v[finite], [1, 99])
+    codes = np.clip(np.nan_to_num((v - lo) / (hi - lo if hi > lo else 1.0)) * 255, 0, 255).round().astype(int)
+    return [c if ok else None for c, ok in zip(codes.tolist(), finite.tolist(), strict=True)]
 
 
 def write_stack_html(adata: ad.AnnData, path: str | Path, genes: list[str], title: str = "he2st stack") -> Path:
@@ -95,10 +106,7 @@ def write_stack_html(adata: ad.AnnData, path: str | Path, genes: list[str], titl
     exaggerate = max(1.0, 0.4 * extent / depth) if depth > 0 else 1.0  # a few sections µm apart stay visible
     values = []
     for gene in genes:
-        v = np.asarray(adata[rows, gene].X, dtype=np.float64).ravel()
-        lo, hi = np.nanpercentile(v, [1, 99])
-        values.append(np.clip(np.nan_to_num((v - lo) / (hi - lo if hi > lo else 1.0)) * 255, 0, 255)
-                      .round().astype(int).tolist())
+        values.append(_quantised(np.asarray(adata[rows, gene].X, dtype=np.float64).ravel()))
     data = {"x": xyz[:, 0].round(1).tolist(), "y": xyz[:, 1].round(1).tolist(), "z": xyz[:, 2].round(1).tolist(),
             "i": adata.obs["interpolated"].to_numpy(bool)[rows].astype(int).tolist(), "genes": genes, "v": values,
             "r": extent, "ez": exaggerate}
