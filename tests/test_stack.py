@@ -214,6 +214,11 @@ def test_bad_stacks_are_one_error_line(sections, model, tmp_path, monkeypatch):
                      "--genes", "NOT_A_GENE", "--pitch-um", "150", "--device", "cpu")
     assert result.returncode == 2 and "NOT_A_GENE" in result.stderr, result.stderr
     assert not (tmp_path / "c" / "grids").exists() and not (tmp_path / "c" / "sections").exists()
+    # a gene to show that the stack does not predict: refused before any work, not swapped for another
+    result = run_cli("stack", *sections, "--spacing-um", "10", "--model", model_path, "--out", tmp_path / "d",
+                     "--show", "NOT_A_GENE", "--pitch-um", "150", "--device", "cpu")
+    assert result.returncode == 2 and "--show NOT_A_GENE: not among the genes" in result.stderr, result.stderr
+    assert not (tmp_path / "d").exists()
     monkeypatch.setitem(sys.modules, "SimpleITK", None)
     with pytest.raises(He2stError, match=r"he2st\[registration\]"):
         register_sections(load_section(sections[0]).view, load_section(sections[1]).view)

@@ -46,7 +46,15 @@ def stack(
     from he2st.workflows.stack import build_stack, evaluate_stack
 
     allow_overwrite(overwrite)
-    result = build_stack(sections, spacing_um, load_method(model), model, out, pitch_um, interpolate, mpp,
+    method = load_method(model)
+    predicted, wanted = comma_list(genes) or list(method.panel.genes), comma_list(show) or []
+    unknown = [g for g in wanted if g not in predicted]
+    if unknown:  # before any work: the views can only show genes the stack predicts
+        from he2st.errors import He2stError
+
+        raise He2stError(f"--show {', '.join(unknown)}: not among the genes the stack predicts (--genes, else the "
+                         "model's panel)")
+    result = build_stack(sections, spacing_um, method, model, out, pitch_um, interpolate, mpp,
                          comma_list(genes), register, device, weights)
     info = result.adata.uns["he2st_stack"]["transforms"]
     for k, name in enumerate(result.adata.uns["he2st_stack"]["sections"]):

@@ -16,6 +16,7 @@ import anndata as ad
 import numpy as np
 from matplotlib.figure import Figure
 
+from he2st.errors import He2stError
 from he2st.io import write_text_atomic
 from he2st.report.plots import informative_genes, save_figure
 
@@ -23,9 +24,12 @@ MAX_POINTS = 20000  # keeps the page small (a few hundred kB) and the canvas smo
 
 
 def stack_genes(adata: ad.AnnData, genes: list[str] | None, n: int = 6) -> list[str]:
-    """The genes to show: those asked for, else the ``n`` that vary most over the stack."""
+    """The genes to show: those asked for (each must be in the stack), else the ``n`` that vary most over it."""
     if genes:
-        return [g for g in genes if g in set(adata.var_names)] or list(adata.var_names[:1])
+        unknown = [g for g in genes if g not in set(adata.var_names)]
+        if unknown:
+            raise He2stError(f"gene(s) {', '.join(unknown)} not in the stack")
+        return list(genes)
     values = np.asarray(adata.X, dtype=np.float64)
     return informative_genes(values, list(adata.var_names), n)
 
