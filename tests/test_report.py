@@ -99,6 +99,19 @@ def test_gene_names_with_dollars_are_drawn_as_written():
     assert len(titled) == 4 and all("A$B$C" in t.get_text() and not t.get_parse_math() for t in titled)
 
 
+def test_a_gene_without_values_is_titled_so_and_has_no_colour_bar():
+    """A gene with no value at any spot (beyond the panel, unmeasured) is an empty map: its title says so, and no
+    colour bar suggests a scale it does not have."""
+    sample, truth = _measured()
+    adata = _prediction(truth)
+    adata.X = np.asarray(adata.X, dtype=np.float32)
+    adata.X[:, 0] = np.nan
+    figure = plots.expression_maps(adata, [GENES[0], GENES[1]])
+    titles = [a.get_title() for a in figure.axes if a.get_title()]
+    assert titles[0] == f"{GENES[0]} (predicted) (no values)" and "no values" not in titles[1]
+    assert len(figure.axes) == 3  # two maps and the second one's colour bar
+
+
 def test_default_genes_skip_genes_absent_from_most_spots():
     rng = np.random.default_rng(0)
     values = rng.normal(2.0, 0.3, (SIDE * SIDE, len(GENES)))

@@ -173,8 +173,10 @@ def draw_map(ax, view: SpatialView, values: np.ndarray, title: str = "", cmap: s
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
+    if not finite.any():  # an empty map with a colour bar would read as a gene predicted flat
+        title = f"{title} (no values)" if title else "no values"
     ax.set_title(title, fontsize=9, parse_math=False)  # a "$" in a gene name is a character, not TeX
-    if colorbar:
+    if colorbar and finite.any():
         bar = ax.figure.colorbar(discs, ax=ax, fraction=0.046, pad=0.02)
         bar.set_label(label, fontsize=8)
 
