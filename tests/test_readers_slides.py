@@ -504,3 +504,26 @@ def test_a_tiff_tifffile_refuses_is_not_handed_to_another_reader(tmp_path):
     with pytest.raises(He2stError, match="expected an 8-bit RGB TIFF, got 3 sample.s. per pixel of uint16") as err:
         open_slide(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_patch_cache_is_cut_again_for_another_image_of_the_same_name_and_size(tmp_path):
+    """An uncompressed TIFF re-exported under its name (another scan, a stain-normalised copy) keeps its byte
+    size; its patches are cut from the new pixels, not taken from the cache of the old ones."""
+    import tifffile
+
+    from he2st.data.patches import PatchCache, PatchSpec, extract_patches
+    from he2st.data.sample import Sample, build_adata
+
+    image, xy = tmp_path / "he.tif", np.array([[100.0, 100.0], [300.0, 300.0]])
+    spec = PatchSpec(field_um=56, size_px=112)
+
+    def cut(grey: int) -> float:
+        tifffile.imwrite(image, np.full((400, 400, 3), grey, np.uint8), photometric="rgb")
+        sample = Sample("s", "p", build_adata(np.ones((2, 1)), ["a", "b"], ["g"], xy), 0.5, 55.0, image_path=image)
+        try:
+            return float(PatchCache(extract_patches(sample, spec, tmp_path)).read().mean())
+        finally:
+            sample.close()
+
+    assert cut(200) == 200.0
+    assert cut(30) == 30.0

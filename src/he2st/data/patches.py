@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # annotations only: a PatchSpec (a model card's) needs neithe
 CACHE_FORMAT = 1
 MAX_UPSAMPLE = 2.0  # upsampling beyond the coarsest training slide patches may apply (prepare warns past it)
 BLOCK_PX = 2048  # side (level px) of the blocks patches are read in
+DIGEST_BLOCKS = 16  # blocks of a slide's file read into a sample's fingerprint (:func:`image_digest`)
+DIGEST_BLOCK_BYTES = 65_536
 CONTEXT_FIELD_SCALE = 3.0  # the context field's side as a multiple of the spot field (TRIPLEX's global view)
 
 
@@ -169,7 +171,25 @@ def sample_fingerprint(sample: Sample) -> str:
     if sample.image_path is not None:
         st = Path(sample.image_path).stat()
         h.update(f"{Path(sample.image_path).name}:{st.st_size}".encode())
+        h.update(image_digest(sample.image_path, st.st_size))
     return h.hexdigest()[:16]
+
+
+def image_digest(path: str | Path, size: int | None = None) -> bytes:
+    """SHA-1 of :data:`DIGEST_BLOCKS` blocks of :data:`DIGEST_BLOCK_BYTES` spread evenly over the file (the first
+    and the last among them). The name and byte size alone do not tell images apart: an uncompressed TIFF
+    re-exported under the same name (another scan, a stain-normalised copy) keeps both, and its stale patches
+    would be reused. The modification time is left out, so a work folder copied elsewhere keeps its caches;
+    a few blocks, not the whole file, so checking the cache of a multi-gigabyte slide stays instant."""
+    size = Path(path).stat().st_size if size is None else size
+    h = hashlib.sha1()
+    span = max(size - DIGEST_BLOCK_BYTES, 0)
+    starts = sorted({span * i // (DIGEST_BLOCKS - 1) for i in range(DIGEST_BLOCKS)})
+    with open(path, "rb") as fh:
+        for start in starts:
+            fh.seek(start)
+            h.update(fh.read(DIGEST_BLOCK_BYTES))
+    return h.digest()
 
 
 def patch_cache_path(work_dir: str | Path, sample_id: str, spec: PatchSpec) -> Path:
