@@ -527,3 +527,26 @@ def test_patch_cache_is_cut_again_for_another_image_of_the_same_name_and_size(tm
 
     assert cut(200) == 200.0
     assert cut(30) == 30.0
+
+
+@pytest.mark.parametrize("cut", ["one", "blocks"])
+def test_a_patch_read_from_a_coarse_level_is_centred_on_its_spot(tmp_path, cut):
+    """A patch read at a level of downsample 4 is centred on its spot to within a level-0 pixel on average:
+    the corner goes to the nearest level pixel, not the one at or before it (which shifts every patch 1.5
+    level-0 px towards the top left)."""
+    from he2st.data.patches import read_patches
+
+    img = np.full((2048, 2048, 3), 255, np.uint8)
+    corners = np.array([[200 + 300 * i + i % 4, 200 + 300 * j + (j + 1) % 4] for i in range(6) for j in range(6)])
+    for x, y in corners:
+        img[y : y + 16, x : x + 16] = 0  # 16 px squares, centred on (x + 8, y + 8)
+    slide = open_slide(write_pyramid(tmp_path / "slide.tif", img, mpp=0.25))
+    centres = corners + 8.0
+    assert slide.best_level(256 / 64) == 2
+    patches = (read_patches(slide, centres, 256, 64) if cut == "blocks"
+               else np.stack([read_patch(slide, tuple(c), 256, 64) for c in centres]))
+    dark = 255.0 - patches[..., 0]
+    ys, xs = np.mgrid[:64, :64]
+    found = np.stack([(dark * xs).sum((1, 2)), (dark * ys).sum((1, 2))], axis=1) / dark.sum((1, 2))[:, None]
+    offset = (found - 31.5) * 4  # level-0 px from the patch's centre
+    assert np.abs(offset.mean(axis=0)).max() < 0.75

@@ -130,7 +130,7 @@ def read_patches(slide: Slide, xy: np.ndarray, side_level0_px: float, out_px: in
     """Square patches of ``side_level0_px`` level-0 pixels centred on ``xy`` ``(n, 2)``, resampled to ``out_px``.
 
     Each patch is read at the coarsest pyramid level that is still at least the target resolution
-    (top-left corner rounded half-to-even in level-0 px), then resized once (bilinear). Patches are
+    (top-left corner rounded half-to-even to a pixel of that level), then resized once (bilinear). Patches are
     read in blocks of about ``block_px`` level pixels, so neighbouring patches share one decode of the
     tiles they overlap: ``he2st prepare`` and whole-slide prediction both cut patches here, so a
     slide is cut exactly as the training samples were.
@@ -142,8 +142,9 @@ def read_patches(slide: Slide, xy: np.ndarray, side_level0_px: float, out_px: in
     level = slide.best_level(side_level0_px / out_px)
     ds = slide.level_downsamples[level]
     size = max(1, round(side_level0_px / ds))
-    top_left = np.round(xy - side_level0_px / 2)  # half-to-even, as Python's round() in read_patch
-    lxy = np.floor(top_left / ds).astype(np.int64)  # what read_region computes
+    # the level pixel nearest the top-left corner (half-to-even, as Python's round() in read_patch): flooring a
+    # level-0 corner to a coarse level would shift every patch towards the top left by (ds - 1) / 2 level-0 px
+    lxy = np.round((xy - side_level0_px / 2) / ds).astype(np.int64)
     keys = lxy // max(block_px, size)
     _, group = np.unique(keys, axis=0, return_inverse=True)
     for g in np.unique(group):
