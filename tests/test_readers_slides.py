@@ -504,3 +504,49 @@ def test_a_tiff_tifffile_refuses_is_not_handed_to_another_reader(tmp_path):
     with pytest.raises(He2stError, match="expected an 8-bit RGB TIFF, got 3 sample.s. per pixel of uint16") as err:
         open_slide(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_patch_cache_is_cut_again_for_another_image_of_the_same_name_and_size(tmp_path):
+    """An uncompressed TIFF re-exported under its name (another scan, a stain-normalised copy) keeps its byte
+    size; its patches are cut from the new pixels, not taken from the cache of the old ones."""
+    import tifffile
+
+    from he2st.data.patches import PatchCache, PatchSpec, extract_patches
+    from he2st.data.sample import Sample, build_adata
+
+    image, xy = tmp_path / "he.tif", np.array([[100.0, 100.0], [300.0, 300.0]])
+    spec = PatchSpec(field_um=56, size_px=112)
+
+    def cut(grey: int) -> float:
+        tifffile.imwrite(image, np.full((400, 400, 3), grey, np.uint8), photometric="rgb")
+        sample = Sample("s", "p", build_adata(np.ones((2, 1)), ["a", "b"], ["g"], xy), 0.5, 55.0, image_path=image)
+        try:
+            return float(PatchCache(extract_patches(sample, spec, tmp_path)).read().mean())
+        finally:
+            sample.close()
+
+    assert cut(200) == 200.0
+    assert cut(30) == 30.0
+
+
+@pytest.mark.parametrize("cut", ["one", "blocks"])
+def test_a_patch_read_from_a_coarse_level_is_centred_on_its_spot(tmp_path, cut):
+    """A patch read at a level of downsample 4 is centred on its spot to within a level-0 pixel on average:
+    the corner goes to the nearest level pixel, not the one at or before it (which shifts every patch 1.5
+    level-0 px towards the top left)."""
+    from he2st.data.patches import read_patches
+
+    img = np.full((2048, 2048, 3), 255, np.uint8)
+    corners = np.array([[200 + 300 * i + i % 4, 200 + 300 * j + (j + 1) % 4] for i in range(6) for j in range(6)])
+    for x, y in corners:
+        img[y : y + 16, x : x + 16] = 0  # 16 px squares, centred on (x + 8, y + 8)
+    slide = open_slide(write_pyramid(tmp_path / "slide.tif", img, mpp=0.25))
+    centres = corners + 8.0
+    assert slide.best_level(256 / 64) == 2
+    patches = (read_patches(slide, centres, 256, 64) if cut == "blocks"
+               else np.stack([read_patch(slide, tuple(c), 256, 64) for c in centres]))
+    dark = 255.0 - patches[..., 0]
+    ys, xs = np.mgrid[:64, :64]
+    found = np.stack([(dark * xs).sum((1, 2)), (dark * ys).sum((1, 2))], axis=1) / dark.sum((1, 2))[:, None]
+    offset = (found - 31.5) * 4  # level-0 px from the patch's centre
+    assert np.abs(offset.mean(axis=0)).max() < 0.75

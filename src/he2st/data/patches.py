@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # annotations only: a PatchSpec (a model card's) needs neithe
 CACHE_FORMAT = 1
 MAX_UPSAMPLE = 2.0  # upsampling beyond the coarsest training slide patches may apply (prepare warns past it)
 BLOCK_PX = 2048  # side (level px) of the blocks patches are read in
+DIGEST_BLOCKS = 16  # blocks of a slide's file read into a sample's fingerprint (:func:`image_digest`)
+DIGEST_BLOCK_BYTES = 65_536
 CONTEXT_FIELD_SCALE = 3.0  # the context field's side as a multiple of the spot field (TRIPLEX's global view)
 
 
@@ -128,7 +130,7 @@ def read_patches(slide: Slide, xy: np.ndarray, side_level0_px: float, out_px: in
     """Square patches of ``side_level0_px`` level-0 pixels centred on ``xy`` ``(n, 2)``, resampled to ``out_px``.
 
     Each patch is read at the coarsest pyramid level that is still at least the target resolution
-    (top-left corner rounded half-to-even in level-0 px), then resized once (bilinear). Patches are
+    (top-left corner rounded half-to-even to a pixel of that level), then resized once (bilinear). Patches are
     read in blocks of about ``block_px`` level pixels, so neighbouring patches share one decode of the
     tiles they overlap: ``he2st prepare`` and whole-slide prediction both cut patches here, so a
     slide is cut exactly as the training samples were.
@@ -140,8 +142,9 @@ def read_patches(slide: Slide, xy: np.ndarray, side_level0_px: float, out_px: in
     level = slide.best_level(side_level0_px / out_px)
     ds = slide.level_downsamples[level]
     size = max(1, round(side_level0_px / ds))
-    top_left = np.round(xy - side_level0_px / 2)  # half-to-even, as Python's round() in read_patch
-    lxy = np.floor(top_left / ds).astype(np.int64)  # what read_region computes
+    # the level pixel nearest the top-left corner (half-to-even, as Python's round() in read_patch): flooring a
+    # level-0 corner to a coarse level would shift every patch towards the top left by (ds - 1) / 2 level-0 px
+    lxy = np.round((xy - side_level0_px / 2) / ds).astype(np.int64)
     keys = lxy // max(block_px, size)
     _, group = np.unique(keys, axis=0, return_inverse=True)
     for g in np.unique(group):
@@ -169,7 +172,25 @@ def sample_fingerprint(sample: Sample) -> str:
     if sample.image_path is not None:
         st = Path(sample.image_path).stat()
         h.update(f"{Path(sample.image_path).name}:{st.st_size}".encode())
+        h.update(image_digest(sample.image_path, st.st_size))
     return h.hexdigest()[:16]
+
+
+def image_digest(path: str | Path, size: int | None = None) -> bytes:
+    """SHA-1 of :data:`DIGEST_BLOCKS` blocks of :data:`DIGEST_BLOCK_BYTES` spread evenly over the file (the first
+    and the last among them). The name and byte size alone do not tell images apart: an uncompressed TIFF
+    re-exported under the same name (another scan, a stain-normalised copy) keeps both, and its stale patches
+    would be reused. The modification time is left out, so a work folder copied elsewhere keeps its caches;
+    a few blocks, not the whole file, so checking the cache of a multi-gigabyte slide stays instant."""
+    size = Path(path).stat().st_size if size is None else size
+    h = hashlib.sha1()
+    span = max(size - DIGEST_BLOCK_BYTES, 0)
+    starts = sorted({span * i // (DIGEST_BLOCKS - 1) for i in range(DIGEST_BLOCKS)})
+    with open(path, "rb") as fh:
+        for start in starts:
+            fh.seek(start)
+            h.update(fh.read(DIGEST_BLOCK_BYTES))
+    return h.digest()
 
 
 def patch_cache_path(work_dir: str | Path, sample_id: str, spec: PatchSpec) -> Path:

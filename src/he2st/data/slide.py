@@ -462,7 +462,9 @@ def read_patch(
     x0 = center_xy[0] - side_level0_px / 2
     y0 = center_xy[1] - side_level0_px / 2
     size = max(1, round(side_level0_px / ds))
-    region = slide.read_region(round(x0), round(y0), level, size, size)
+    # the level pixel nearest the corner; (p + 0.5) * ds is level pixel p under read_region's floor(x / ds)
+    lx, ly = round(x0 / ds), round(y0 / ds)
+    region = slide.read_region((lx + 0.5) * ds, (ly + 0.5) * ds, level, size, size)
     if size == out_px:
         return region
     return np.asarray(Image.fromarray(region).resize((out_px, out_px), Image.Resampling.BILINEAR))
