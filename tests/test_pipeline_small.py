@@ -198,6 +198,19 @@ def test_train_then_evaluate_held_out_patient(small, tmp_path):
     assert not (tmp_path / "leaky").exists()
 
 
+def test_evaluate_feeds_a_model_trained_end_to_end_its_patches(small, tmp_path):
+    """A fine-tuned encoder reads raw patches, not the cached features: `he2st evaluate` must load them."""
+    work, embed = small
+    options = {"bleep": {"ensemble": 1, "finetune_encoder": True, "encoder_weights": str(embed.weights),
+                         "train": {"epochs": 1, "batch_size": 16}}}
+    config = TrainRunConfig(work_dir=work, embed=embed, genes=GENES, n_top=N_TOP, method="bleep",
+                            method_options=options, train_samples=["S2", "S3"], out=tmp_path / "e2e.pt")
+    model, _, path = train_model(config)
+    assert model.uses_patches and model.nets[0].encoder is not None
+    result, _, _ = evaluate_model(path, work, ["S1"], tmp_path / "eval")
+    assert result.set_scores()["all"]["n_genes"] == 50
+
+
 def test_evaluate_refuses_a_trained_on_sample_whatever_its_patient_is_called(tmp_path):
     """A work folder may name a trained-on section's patient differently (a sample sheet against a registered
     dataset): the section is still refused, by its id."""

@@ -46,7 +46,9 @@ def evaluate_model(
             model_path,
         )
     embed_workspace(ws, sample_ids, patch, embed)
-    inputs = load_spots(ws, sample_ids, patch, embed, method.panel, with_targets=False, views=method.reads_views)
+    # a model whose encoder was trained end to end predicts from the raw patches, not from the cached features
+    inputs = load_spots(ws, sample_ids, patch, embed, method.panel, with_targets=False,
+                        with_patches=method.uses_patches, views=method.reads_views)
     truth = load_spots(ws, sample_ids, patch, embed, method.panel, with_targets=True, views=())
     # test-selected sets as large as the training-selected ones the card records (the run's n_top)
     n_top = next((len(genes) for name, genes in card.gene_sets.items() if name.startswith("heg")),
