@@ -102,7 +102,7 @@ def test_gene_names_with_dollars_are_drawn_as_written():
 def test_a_gene_without_values_is_titled_so_and_has_no_colour_bar():
     """A gene with no value at any spot (beyond the panel, unmeasured) is an empty map: its title says so, and no
     colour bar suggests a scale it does not have."""
-    sample, truth = _measured()
+    _, truth = _measured()
     adata = _prediction(truth)
     adata.X = np.asarray(adata.X, dtype=np.float32)
     adata.X[:, 0] = np.nan
