@@ -2,6 +2,8 @@
 # Set up the environment if needed, then run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-eval "$(bash scripts/setup.sh)"
+# An assignment keeps setup.sh's exit status (set -e stops here when it fails); `eval "$(...)"` would not.
+setup_env=$(bash scripts/setup.sh)
+eval "$setup_env"
 export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 exec .venv/bin/python -m pytest "$@"

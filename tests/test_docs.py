@@ -97,3 +97,18 @@ def test_package_and_project_versions_agree():
     assert project["version"] == __version__
     assert f"## [{__version__}]" in (REPO / "CHANGELOG.md").read_text()
     assert f"version: {__version__}" in (REPO / "CITATION.cff").read_text()
+
+
+@pytest.mark.parametrize("script", ["demo.sh", "test.sh"])
+def test_scripts_stop_when_setup_fails(tmp_path: Path, script: str) -> None:
+    """A failed install must stop the demo and the tests, not run them on a stale or broken .venv."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / script).write_text((REPO / "scripts" / script).read_text())
+    (tmp_path / "scripts" / "setup.sh").write_text("echo 'error: install failed' >&2\nexit 1\n")
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    for name in ("he2st", "python"):
+        (venv / name).write_text("#!/usr/bin/env bash\necho RAN\n")
+        (venv / name).chmod(0o755)
+    done = subprocess.run(["bash", str(tmp_path / "scripts" / script)], capture_output=True, text=True, check=False)
+    assert done.returncode != 0 and "RAN" not in done.stdout

@@ -215,3 +215,19 @@ def test_predict_builds_a_recipe_on_first_use_and_refuses_a_changed_one(models_d
     by_path = run_cli("predict", "--model", checkpoint, "--slide", slide, "--out", tmp_path / "by_path", "--device",
                       "cpu", "--no-maps", "--set", "runtime=torch")
     assert by_path.returncode == 0, by_path.stderr  # the checkpoint path works as before
+
+
+@pytest.mark.parametrize("xdg", ["", "relative/cache", "  "])
+def test_caches_ignore_an_empty_or_relative_xdg_cache_home(monkeypatch: pytest.MonkeyPatch, xdg: str) -> None:
+    """An empty or relative $XDG_CACHE_HOME would put the caches in the folder the command runs from."""
+    from he2st.data.datasets import data_home
+    from he2st.encoders.export import cache_dir
+    from he2st.workflows.model_cache import models_home
+
+    for name in ("HE2ST_DATA_DIR", "HE2ST_MODELS_DIR", "HE2ST_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    home = Path.home() / ".cache" / "he2st"
+    assert (data_home(), models_home(), cache_dir()) == (home / "data", home / "models", home)
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/elsewhere")
+    assert data_home() == Path.home() / "elsewhere" / "he2st" / "data"

@@ -557,6 +557,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def user_cache(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/he2st/<parts>``, by default ``~/.cache/he2st/<parts>``: he2st's caches when the user
+    names no folder. An empty or relative ``$XDG_CACHE_HOME`` is ignored, as the XDG base directory
+    specification asks: taken as is, it would put the cache in whatever folder the command runs from."""
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", "").strip()).expanduser()
+    base = xdg if xdg.is_absolute() else Path.home() / ".cache"
+    return base.joinpath("he2st", *parts)
+
+
 def comma_list(text: str | None) -> list[str] | None:
     """``"a, b,,c"`` as ``["a", "b", "c"]``: names given in one command-line option or setting; None for none."""
     return [t.strip() for t in text.split(",") if t.strip()] if text else None

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from he2st.errors import He2stError
-from he2st.io import atomic_path, sha256_file
+from he2st.io import atomic_path, sha256_file, user_cache
 
 DATA_DIR_ENV = "HE2ST_DATA_DIR"
 
@@ -79,8 +79,7 @@ def data_home() -> Path:
     """``$HE2ST_DATA_DIR`` if set, else the user cache (``$XDG_CACHE_HOME/he2st/data``)."""
     if os.environ.get(DATA_DIR_ENV):
         return Path(os.environ[DATA_DIR_ENV]).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "he2st" / "data"
+    return user_cache("data")
 
 
 def dataset_dir(name: str) -> Path:

@@ -25,6 +25,7 @@ from torch import nn
 
 from he2st.encoders.encoder import Encoder, spatial_tokens
 from he2st.errors import He2stError
+from he2st.io import user_cache
 
 CACHE_DIR_ENV = "HE2ST_CACHE_DIR"
 OPSET = 17
@@ -37,7 +38,7 @@ def cache_dir() -> Path:
     """``$HE2ST_CACHE_DIR`` if set, else the user cache (``$XDG_CACHE_HOME/he2st``)."""
     if os.environ.get(CACHE_DIR_ENV):
         return Path(os.environ[CACHE_DIR_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "he2st"
+    return user_cache()
 
 
 class _Graph(nn.Module):

@@ -26,7 +26,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from he2st.errors import He2stError
-from he2st.io import atomic_folder, atomic_path, inside, output_lock, sha256_file, write_json_atomic
+from he2st.io import (
+    atomic_folder,
+    atomic_path,
+    inside,
+    output_lock,
+    sha256_file,
+    user_cache,
+    write_json_atomic,
+)
 from he2st.workflows.model_zoo import CHECKPOINT, MODELS, ModelEntry, get_model
 
 MODELS_DIR_ENV = "HE2ST_MODELS_DIR"
@@ -43,7 +51,7 @@ def models_home(override: str | Path | None = None) -> Path:
         return Path(os.environ[MODELS_DIR_ENV]).expanduser()
     if os.environ.get("HE2ST_CACHE_DIR"):
         return Path(os.environ["HE2ST_CACHE_DIR"]).expanduser() / "models"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "he2st" / "models"
+    return user_cache("models")
 
 
 def model_folder(name: str, home: str | Path | None = None) -> Path:
