@@ -299,6 +299,8 @@ class Ensemble(Method):
                 default = ok[0]
             scores = {v: inner[(label, *v)] for v in ok}
             chosen[label] = one_standard_error_choice(scores, default) if selecting else default
+        if not chosen:  # nothing to stack: say why each failed rather than stacking an empty set
+            raise He2stError(f"ensemble: no member could be fitted ({'; '.join(f'{k}: {v}' for k, v in dropped.items())})")
         combination = self._stack(spots, [oof[(lb, *v)] for lb, v in chosen.items()], len(held_out))
         kept = list(chosen)
         self.fitted = {}
@@ -321,7 +323,12 @@ class Ensemble(Method):
             self.fitted[label] = run.member
         if not self.fitted:
             raise He2stError(f"ensemble: no member could be fitted ({'; '.join(f'{k}: {v}' for k, v in dropped.items())})")
-        self.combination = self.combination.columns([kept.index(lb) for lb in self.fitted])
+        if len(self.fitted) < len(refits):
+            # a member with weight could not be refitted: the weights, scale and intercepts fitted with it would
+            # leave its share out of the sum, so the combination is fitted again on the others' held-out predictions
+            combination = self._stack(spots, [oof[(lb, *chosen[lb])] for lb in self.fitted], len(held_out))
+        else:  # the members left out had no weight: the combination of the others is the one fitted
+            self.combination = self.combination.columns([kept.index(lb) for lb in self.fitted])
         self._inner = None
         if held_out:
             members = np.stack([oof[(lb, *chosen[lb])] for lb in self.fitted], axis=-1)
