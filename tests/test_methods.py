@@ -660,3 +660,20 @@ def test_an_ensemble_whose_members_all_fail_on_the_inner_folds_says_why():
     method.panel = GenePanel(genes=spots.genes)
     with pytest.raises(He2stError, match="no member could be fitted.*proportions"):
         method.fit(spots)
+
+
+def test_a_candidate_whose_label_is_a_members_running_another_method_is_still_tried():
+    """A member labelled ``ridge`` that runs ``ridge_cv`` does not run ``ridge``: the candidate ``ridge`` (named,
+    registered, or a spec labelled so) is tried under a label of its own, and runs as itself."""
+    members = {"ridge": {"method": "ridge_cv", "pca_components": 8}}
+    named = create_method("ensemble", members=members, candidates=["ridge", "ridge_cv"])
+    assert named._candidate_labels() == ["ridge (candidate)"]  # ridge_cv: a member runs it
+    assert named._create("ridge (candidate)").name == "ridge" and named._create("ridge").name == "ridge_cv"
+    assert "ridge (candidate)" in create_method("ensemble", members=members)._candidate_labels()
+    spec = create_method("ensemble", members=members, candidates=[{"method": "knn", "top_k": 5, "label": "ridge"}])
+    assert spec._candidate_labels() == ["ridge (candidate)"] and spec._create("ridge (candidate)").config.top_k == 5
+    spots = replace(linear_spots(300), sample_ids=np.repeat(np.array(["s1", "s2", "s3", "s4", "s5"], dtype=object), 60))
+    named = create_method("ensemble", members=members, candidates=["ridge"], context=[{}], smoothing=[])
+    named.panel = GenePanel(genes=spots.genes)
+    sel = named.fit(spots).selection
+    assert sel["candidates"] == ["ridge (candidate)"] and len(sel["inner_pearson"]["ridge (candidate)"]) == 3

@@ -185,8 +185,10 @@ class Ensemble(Method):
         """Label -> spec of each method tried beside the members when the inner folds select: those listed in
         ``candidates`` (a name, labelled by itself; a spec, labelled by its ``label`` key or else by its
         method and options, e.g. ``bleep(finetune_encoder=True)``), or every registered method (but the
-        ensemble) whose listed cost is within ``cost_budget``. A named method some member already runs, a
-        spec some member already has, or a label that is a member's, is not tried twice."""
+        ensemble) whose listed cost is within ``cost_budget``. A named method some member already runs, or a
+        spec some member already has, is not tried twice. A candidate that runs something no member does but
+        whose label is a member's (a member labelled ``ridge`` that runs ``ridge_cv``) is still tried, as
+        ``<label> (candidate)``: a label names a member's spec and its saved state, so two cannot share one."""
         members = self.config.members
         listed = self.config.candidates
         if listed == "registered":
@@ -203,8 +205,11 @@ class Ensemble(Method):
             else:
                 label, spec = candidate, {"method": candidate}
                 taken = any(member["method"] == label for member in members.values())
-            if label not in members and not taken:
-                specs.setdefault(label, spec)
+            if taken:
+                continue
+            while label in members:
+                label += " (candidate)"
+            specs.setdefault(label, spec)
         return specs
 
     def _create(self, label: str, context: dict[str, Any] | None = None) -> Method:
