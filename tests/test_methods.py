@@ -623,3 +623,57 @@ def test_a_group_of_options_given_in_part_keeps_the_methods_own_defaults():
     assert create_method("bleep", train=TrainConfig(epochs=3)).config.train == TrainConfig(epochs=3)
     ensemble = create_method("ensemble", members={"b": {"method": "bleep", "train": {"epochs": 2}}})
     assert ensemble._create("b").config.train.lr == 3e-4
+
+
+@pytest.mark.parametrize("scale_within", ["inner", "sample"])
+def test_a_member_whose_refit_fails_leaves_the_combination_of_the_others(monkeypatch, scale_within):
+    """A member with weight on the inner folds whose refit fails is dropped; the others' combination is then
+    the one their held-out predictions give alone, not theirs with the dropped member's share (its level in
+    the intercepts, its part of the spread) cut out."""
+    from he2st.methods.models import ensemble
+
+    spots = replace(linear_spots(300), sample_ids=np.repeat(np.array(["s1", "s2", "s3", "s4", "s5"], dtype=object), 60))
+    train, query = spots.subset(np.arange(240)), spots.subset(np.arange(240, 300)).without_expression()
+    ridge = {"ridge": {"method": "ridge_cv", "pca_components": 8}}
+    options = {"context": [{}], "smoothing": [], "candidates": [], "scale_within": scale_within}
+    own = ensemble.fit_member
+
+    def knn_refit_fails(method, spots, test, val, queries):
+        if test is None and method.name == "knn":
+            return ensemble.MemberFit(failure="knn: cannot refit")
+        return own(method, spots, test, val, queries)
+
+    monkeypatch.setattr(ensemble, "fit_member", knn_refit_fails)
+    both = create_method("ensemble", members=ridge | {"knn": {"method": "knn", "top_k": 5}}, **options)
+    both.panel = GenePanel(genes=spots.genes)
+    assert "cannot refit" in both.fit(train).selection["dropped"]["knn"] and list(both.fitted) == ["ridge"]
+    alone = create_method("ensemble", members=ridge, **options)
+    alone.panel = GenePanel(genes=spots.genes)
+    alone.fit(train)
+    np.testing.assert_allclose(both.predict(query).expression, alone.predict(query).expression, rtol=1e-5, atol=1e-5)
+
+
+def test_an_ensemble_whose_members_all_fail_on_the_inner_folds_says_why():
+    spots = replace(linear_spots(300), sample_ids=np.repeat(np.array(["s1", "s2", "s3", "s4", "s5"], dtype=object), 60))
+    method = create_method("ensemble", members={"carhe": {"method": "carhe", "celltypes_from": "extras"}},
+                           candidates=[], context=[{}], smoothing=[])
+    method.panel = GenePanel(genes=spots.genes)
+    with pytest.raises(He2stError, match="no member could be fitted.*proportions"):
+        method.fit(spots)
+
+
+def test_a_candidate_whose_label_is_a_members_running_another_method_is_still_tried():
+    """A member labelled ``ridge`` that runs ``ridge_cv`` does not run ``ridge``: the candidate ``ridge`` (named,
+    registered, or a spec labelled so) is tried under a label of its own, and runs as itself."""
+    members = {"ridge": {"method": "ridge_cv", "pca_components": 8}}
+    named = create_method("ensemble", members=members, candidates=["ridge", "ridge_cv"])
+    assert named._candidate_labels() == ["ridge (candidate)"]  # ridge_cv: a member runs it
+    assert named._create("ridge (candidate)").name == "ridge" and named._create("ridge").name == "ridge_cv"
+    assert "ridge (candidate)" in create_method("ensemble", members=members)._candidate_labels()
+    spec = create_method("ensemble", members=members, candidates=[{"method": "knn", "top_k": 5, "label": "ridge"}])
+    assert spec._candidate_labels() == ["ridge (candidate)"] and spec._create("ridge (candidate)").config.top_k == 5
+    spots = replace(linear_spots(300), sample_ids=np.repeat(np.array(["s1", "s2", "s3", "s4", "s5"], dtype=object), 60))
+    named = create_method("ensemble", members=members, candidates=["ridge"], context=[{}], smoothing=[])
+    named.panel = GenePanel(genes=spots.genes)
+    sel = named.fit(spots).selection
+    assert sel["candidates"] == ["ridge (candidate)"] and len(sel["inner_pearson"]["ridge (candidate)"]) == 3

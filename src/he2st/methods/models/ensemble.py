@@ -185,8 +185,10 @@ class Ensemble(Method):
         """Label -> spec of each method tried beside the members when the inner folds select: those listed in
         ``candidates`` (a name, labelled by itself; a spec, labelled by its ``label`` key or else by its
         method and options, e.g. ``bleep(finetune_encoder=True)``), or every registered method (but the
-        ensemble) whose listed cost is within ``cost_budget``. A named method some member already runs, a
-        spec some member already has, or a label that is a member's, is not tried twice."""
+        ensemble) whose listed cost is within ``cost_budget``. A named method some member already runs, or a
+        spec some member already has, is not tried twice. A candidate that runs something no member does but
+        whose label is a member's (a member labelled ``ridge`` that runs ``ridge_cv``) is still tried, as
+        ``<label> (candidate)``: a label names a member's spec and its saved state, so two cannot share one."""
         members = self.config.members
         listed = self.config.candidates
         if listed == "registered":
@@ -203,8 +205,11 @@ class Ensemble(Method):
             else:
                 label, spec = candidate, {"method": candidate}
                 taken = any(member["method"] == label for member in members.values())
-            if label not in members and not taken:
-                specs.setdefault(label, spec)
+            if taken:
+                continue
+            while label in members:
+                label += " (candidate)"
+            specs.setdefault(label, spec)
         return specs
 
     def _create(self, label: str, context: dict[str, Any] | None = None) -> Method:
@@ -299,6 +304,8 @@ class Ensemble(Method):
                 default = ok[0]
             scores = {v: inner[(label, *v)] for v in ok}
             chosen[label] = one_standard_error_choice(scores, default) if selecting else default
+        if not chosen:  # nothing to stack: say why each failed rather than stacking an empty set
+            raise He2stError(f"ensemble: no member could be fitted ({'; '.join(f'{k}: {v}' for k, v in dropped.items())})")
         combination = self._stack(spots, [oof[(lb, *v)] for lb, v in chosen.items()], len(held_out))
         kept = list(chosen)
         self.fitted = {}
@@ -321,7 +328,12 @@ class Ensemble(Method):
             self.fitted[label] = run.member
         if not self.fitted:
             raise He2stError(f"ensemble: no member could be fitted ({'; '.join(f'{k}: {v}' for k, v in dropped.items())})")
-        self.combination = self.combination.columns([kept.index(lb) for lb in self.fitted])
+        if len(self.fitted) < len(refits):
+            # a member with weight could not be refitted: the weights, scale and intercepts fitted with it would
+            # leave its share out of the sum, so the combination is fitted again on the others' held-out predictions
+            combination = self._stack(spots, [oof[(lb, *chosen[lb])] for lb in self.fitted], len(held_out))
+        else:  # the members left out had no weight: the combination of the others is the one fitted
+            self.combination = self.combination.columns([kept.index(lb) for lb in self.fitted])
         self._inner = None
         if held_out:
             members = np.stack([oof[(lb, *chosen[lb])] for lb in self.fitted], axis=-1)
