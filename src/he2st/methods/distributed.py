@@ -186,7 +186,9 @@ def launch(fn: Callable[..., Any], devices: int, *args: Any) -> Any:
     if launched():
         setup(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
         try:
-            return fn(*args)
+            result = fn(*args)
+            barrier()  # every rank through its last collective before any leaves the group (below)
+            return result
         finally:
             teardown()
     if devices <= 1:
@@ -208,6 +210,10 @@ def _worker(rank_: int, world: int, port: int, fn: Callable[..., Any], args: tup
     setup(rank_, world, f"tcp://127.0.0.1:{port}")
     try:
         result = fn(*args)
+        # a rank that leaves the group while another still exchanges with it can abort that one's gloo threads
+        # ("terminate called without an active exception"): all meet here first. (A rank that raised does not:
+        # its peers then fail on the lost connection and the error is reported.)
+        barrier()
         if rank_ == 0:
             queue.put(("result", result))
     except He2stError as exc:
