@@ -103,14 +103,23 @@ def check_view_encoders(card: ModelCard, views: list[ViewEmbedder], where: Path 
     """Refuse, in one line, an encoder view whose weights here are not those its card records the model was
     trained with (a preset's weights file replaced, or another file named by ``$HE2ST_WEIGHTS``)."""
     for view in views:
-        recorded = card.view_encoders.get(view.name, {}).get("weights_sha256")
-        if recorded is None:
-            continue
-        found = weights_sha256(view.embedder.encoder.spec)
-        if found != recorded:
-            raise He2stError(f"the {view.name} weights here (sha256 {(found or 'not computed')[:12]}...) are not those "
-                             f"the {card.method} model's '{view.name}' view was trained with (sha256 {recorded[:12]}...); "
-                             "install the same weights or retrain", where)
+        _check_weights(view.embedder.encoder.spec, card.view_encoders.get(view.name, {}).get("weights_sha256"),
+                      f"{view.name} weights", f"the {card.method} model's '{view.name}' view",
+                      "install the same weights or retrain", where)
+
+
+def _check_weights(spec: EncoderSpec, recorded: str | None, what: str, trained: str, advice: str,
+                  where: Path | None, name_file: bool = False) -> None:
+    """Refuse, in one line, an encoder whose weights file does not hold the weights (sha256 ``recorded``) that
+    ``trained`` (the model, or one of its views) learned from: its features would not be those the model saw.
+    Nothing recorded (a hub download) is not checked. ``name_file``: the message names the weights file too."""
+    if recorded is None:
+        return
+    found = weights_sha256(spec)
+    if found != recorded:
+        file = f"{spec.weights}, " if name_file else ""
+        raise He2stError(f"the {what} here ({file}sha256 {(found or 'not computed')[:12]}...) are not those {trained} "
+                         f"was trained with (sha256 {recorded[:12]}...); {advice}", where)
 
 
 def adapted_encoder(card: ModelCard, view: str, where: Path | None) -> Encoder:
@@ -292,7 +301,8 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
         if encoder is None:
             encoder = load_encoder(enc_cfg)
             if config.weights is None:  # the card's own weights file: it must still hold what the model saw
-                _check_weights(encoder, method.card, config.model)
+                _check_weights(encoder.spec, method.card.weights_sha256, "encoder weights", f"the {method.card.method} model",
+                              "restore that file or retrain", config.model, name_file=True)
         _check_encoder(encoder, trained_encoder, config.model)
         # a checkpoint file is identified by path, size and mtime; a method in memory by its tensors
         model_id = file_id(config.model) if config.model is not None else method_fingerprint(method)
@@ -391,19 +401,6 @@ def _check_encoder(encoder: Encoder, trained: EncoderSpec, where: Path | None) -
         raise He2stError(
             f"model was trained on {trained.embed_dim}-d features of encoder {trained.name!r}, "
             f"got encoder {encoder.spec.name!r} ({encoder.embed_dim}-d)", where)
-
-
-def _check_weights(encoder: Encoder, card: ModelCard, where: Path | None) -> None:
-    """Refuse, in one line, an encoder whose weights file no longer holds the weights the card records the
-    model was trained on (a file rewritten in place, e.g. adapted weights replaced): its features would not be
-    the ones the model learned from. Weights without a recorded sha256 (a hub download) are not checked."""
-    if card.weights_sha256 is None:
-        return
-    found = weights_sha256(encoder.spec)
-    if found != card.weights_sha256:
-        raise He2stError(f"the encoder weights here ({encoder.spec.weights}, sha256 {(found or 'not computed')[:12]}...) "
-                         f"are not those the {card.method} model was trained with (sha256 {card.weights_sha256[:12]}...); "
-                         "restore that file or retrain", where)
 
 
 def _run_chunks(slide: Slide, method: Method, embedder: PatchEmbedder, views: list[ViewEmbedder], batch_size: int,
