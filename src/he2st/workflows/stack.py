@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from he2st.data.genes import transform_counts
-from he2st.data.patches import check_resolution
+from he2st.data.patches import PatchSpec, check_resolution
 from he2st.data.sample import Sample, build_adata
 from he2st.data.slide import open_slide
 from he2st.errors import He2stError
@@ -142,18 +142,16 @@ def _grid_sample(section: Section, ids: np.ndarray, xy_um: np.ndarray, pitch_um:
     return Sample(section.name, "stack", adata, section.mpp, diameter, technology="grid")  # image given apart
 
 
-def _placed(section: Section, own_um: np.ndarray, method: Method, model: Path | None, out: Path,
-            genes: list[str] | None) -> tuple[Section, np.ndarray, np.ndarray]:
+def _placed(section: Section, own_um: np.ndarray, method: Method, patch: PatchSpec,
+            out: Path) -> tuple[Section, np.ndarray, np.ndarray]:
     """The section, the common grid in its frame and the grid points on its tissue, once what its prediction
-    would refuse is known not to apply (no point on tissue, a resolution the model cannot read, a gene the
-    model does not return, an output that is not he2st's): a stack stops before its first file, not part way."""
+    would refuse is known not to apply (no point on tissue, a resolution the model cannot read with its
+    ``patch``, an output that is not he2st's): a stack stops before its first file, not part way."""
     ids = np.flatnonzero(_on_tissue(section, own_um))
     if len(ids) == 0:
         raise He2stError("no common grid point falls on this section's tissue", section.path)
-    _, patch, _ = method.card.features(model)
     check_resolution(section.mpp, patch, section.image, PredictConfig().max_upsample, method.card.training_mpp,
                      option="--max-upsample", mpp_option="--mpp")
-    select_genes(method, genes)
     check_output(out / "grids" / f"{section.name}.h5ad")
     check_output(out / "sections" / f"{section.name}.h5ad")
     return section, own_um, ids
@@ -177,7 +175,9 @@ def build_stack(paths: list[Path], spacing_um: float, method: Method, model: Pat
         raise He2stError(f"two sections share a name ({', '.join(names)}); rename the files")
     registrations, chain = place_sections(sections, register)
     grid_um = common_grid(sections, chain, pitch_um)
-    placed = [_placed(section, transform(grid_um), method, model, out, genes) for section, transform in
+    select_genes(method, genes)  # a gene the model does not return: refused before any file is written
+    _, patch, _ = method.card.features(model)
+    placed = [_placed(section, transform(grid_um), method, patch, out) for section, transform in
               zip(sections, chain, strict=True)]  # every section checked before any file is written
     blocks, meta = [], {}
     for k, (section, own_um, ids) in enumerate(placed):
