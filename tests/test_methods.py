@@ -333,6 +333,21 @@ def test_every_method_reads_spatial_context_as_features(name, tmp_path):
         method.predict(replace(test, features=test.features[:, :8], views={"field": test.views["field"][:, :8]}))
 
 
+@pytest.mark.parametrize("name", ["knn", "ridge_cv"])
+def test_an_empty_validation_set_takes_the_context_too(name):
+    """Methods that pool validation spots with training ones fit with an empty validation set as without one,
+    the context their features carry included."""
+    spots = with_field(linear_spots())
+    train, test = spots.subset(np.arange(0, 200)), spots.subset(np.arange(200, 240))
+    predictions = []
+    for val in (None, train.subset(np.zeros(len(train), bool))):
+        method = create_method(name, **OPTIONS[name], context_neighbours=4, context_field=True)
+        method.panel = GenePanel(genes=spots.genes)
+        method.fit(train, val)
+        predictions.append(method.predict(test).expression)
+    np.testing.assert_array_equal(predictions[1], predictions[0])
+
+
 def test_ensemble_chooses_each_members_context_on_inner_folds():
     train, _, _ = two_patient_spots()
     train = with_field(train.subset(np.isin(train.sample_ids, ["s1", "s2"])))
@@ -608,3 +623,17 @@ def test_a_group_of_options_given_in_part_keeps_the_methods_own_defaults():
     assert create_method("bleep", train=TrainConfig(epochs=3)).config.train == TrainConfig(epochs=3)
     ensemble = create_method("ensemble", members={"b": {"method": "bleep", "train": {"epochs": 2}}})
     assert ensemble._create("b").config.train.lr == 3e-4
+
+
+def test_validation_score_is_taken_within_each_validation_sample():
+    """Early stopping scores what the benchmark scores: each gene's pattern within a validation sample, averaged
+    over the samples. A prediction that only tells two sections' levels apart correlates well when the sections
+    are pooled, yet predicts no spot within either of them."""
+    method, _ = fitted("mlp")
+    spots = linear_spots(n=200, n_samples=2)
+    rng = np.random.default_rng(0)
+    level = np.where(spots.sample_ids == "s1", 0.0, 5.0)[:, None]
+    val = replace(spots, targets=(level + rng.normal(size=spots.targets.shape)).astype(np.float32))
+    # the sections' levels, and noise within each
+    method.validation_prediction = lambda spots, rows: (level + rng.normal(size=val.targets.shape)).astype(np.float32)
+    assert abs(method.validation_pearson(spots, val)) < 0.1

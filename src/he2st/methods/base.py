@@ -152,8 +152,8 @@ class Method(ABC):
             both = self.contextual(SpotSet.concat([train, val]))
             rows = np.arange(len(both))
             train, val = both.subset(rows < len(train)), both.subset(rows >= len(train))
-        else:
-            train = self.contextual(train)
+        else:  # an empty validation set still takes the context: methods that pool it with train need its width
+            train, val = self.contextual(train), None if val is None else self.contextual(val)
         return self._fit(train, val, None if unlabelled is None else self.contextual(unlabelled))
 
     @abstractmethod

@@ -21,7 +21,7 @@ from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import Method, MethodConfig, TrainLog
 from he2st.methods.layers.features import FeatureScaler
-from he2st.stats import pearson_per_gene
+from he2st.stats import mean_sample_pearson
 
 
 def has_validation(val: SpotSet | None) -> bool:
@@ -100,15 +100,17 @@ class NeuralMethod(Method):
 
     def validation_pearson(self, train: SpotSet, val: SpotSet, rows: np.ndarray | None = None) -> float:
         """Mean per-gene Pearson of the method's own prediction for the validation spots (``rows`` of them:
-        all when None) -- what the benchmark scores, so early stopping and checkpoint choice follow it,
-        whatever the objective."""
+        all when None), taken within each validation sample and averaged over the samples -- what the
+        benchmark scores, so early stopping and checkpoint choice follow it, whatever the objective. A
+        correlation pooled over several sections would also reward the level shifts between them, which the
+        benchmark does not score."""
         self.prepare_validation(train)
+        truth, samples = (val.targets, val.sample_ids) if rows is None else (val.targets[rows], val.sample_ids[rows])
         try:
-            truth = val.targets if rows is None else val.targets[rows]
-            r = pearson_per_gene(self.validation_prediction(val.without_expression(), rows), truth)
+            r = mean_sample_pearson(self.validation_prediction(val.without_expression(), rows), truth, samples)
         except He2stError:  # non-finite predictions: the worst score, so this epoch is never chosen
             return -1.0
-        return float(np.nanmean(r)) if np.isfinite(r).any() else -1.0
+        return r if np.isfinite(r) else -1.0
 
     def validation_prediction(self, spots: SpotSet, rows: np.ndarray | None) -> np.ndarray:
         """Predicted expression of ``rows`` of the validation ``spots`` (all when None)."""
