@@ -61,12 +61,13 @@ def test_validation_above_the_cap_scores_the_same_seeded_sample_every_epoch(quer
     assert len(scored[0]) == 25 and (np.diff(scored[0]) > 0).all()
     assert np.array_equal(_fit(spots, max_validation_spots=25, query_neighbours=query_neighbours)[2][0], scored[0])
     # the sampled score is the whole-set prediction's, restricted to the sample: neighbour averaging of the
-    # queries still reads every validation spot
+    # queries still reads every validation spot (and the training spots of their sections)
     rows = np.arange(len(spots))
     train, val = method.contextual(spots.subset(rows < 240)), method.contextual(spots.subset(rows >= 240))
     method.prepare_validation(train)
-    whole = method._retrieve(val.without_expression(), method.bank).expression
-    sampled = method._retrieve(val.without_expression(), method.bank, scored[0]).expression
+    inputs = method.validation_inputs(train, val)
+    whole = method._retrieve(inputs, method.bank).expression[: len(val)]
+    sampled = method._retrieve(inputs, method.bank, scored[0]).expression
     np.testing.assert_allclose(sampled, whole[scored[0]], rtol=1e-5, atol=1e-6)
     r = np.nanmean(pearson_per_gene(whole[scored[0]], val.targets[scored[0]]))
     assert method.validation_pearson(train, val, scored[0]) == pytest.approx(r, abs=1e-5)

@@ -677,3 +677,39 @@ def test_a_candidate_whose_label_is_a_members_running_another_method_is_still_tr
     named.panel = GenePanel(genes=spots.genes)
     sel = named.fit(spots).selection
     assert sel["candidates"] == ["ridge (candidate)"] and len(sel["inner_pearson"]["ridge (candidate)"]) == 3
+
+
+def test_validation_score_is_taken_within_each_validation_sample():
+    """Early stopping scores what the benchmark scores: each gene's pattern within a validation sample, averaged
+    over the samples. A prediction that only tells two sections' levels apart correlates well when the sections
+    are pooled, yet predicts no spot within either of them."""
+    method, _ = fitted("mlp")
+    spots = linear_spots(n=200, n_samples=2)
+    rng = np.random.default_rng(0)
+    level = np.where(spots.sample_ids == "s1", 0.0, 5.0)[:, None]
+    val = replace(spots, targets=(level + rng.normal(size=spots.targets.shape)).astype(np.float32))
+    # the sections' levels, and noise within each
+    method.validation_prediction = lambda spots, rows: (level + rng.normal(size=val.targets.shape)).astype(np.float32)
+    assert abs(method.validation_pearson(spots, val)) < 0.1
+
+
+@pytest.mark.parametrize("name, options", [
+    ("nh2st", {"dim": 16, "fusion_heads": 2, "head_hidden": 16, "neighbour_k": 4}),
+    ("bleep_faithful", {"top_k": 5, "query_neighbours": 4}),
+])
+def test_validation_spots_cut_from_training_sections_read_their_sections_neighbours(name, options):
+    """Validation spots drawn at random from training sections (too few samples to hold out whole ones) are
+    scored as a prediction of their whole section scores them: a method reading physical neighbours finds
+    them among all the section's spots, not among the other validation spots scattered over it."""
+    from he2st.stats import mean_sample_pearson
+
+    spots = linear_spots(n=200, n_samples=2)
+    held = np.random.default_rng(0).random(len(spots)) < 0.2
+    method = create_method(name, **options, train={"epochs": 2, "batch_size": 32})
+    method.panel = GenePanel(genes=spots.genes)
+    method.fit(spots.subset(~held), spots.subset(held))
+    train, val = spots.subset(~held), spots.subset(held)
+    method.prepare_validation(train)
+    whole = method._predict(spots.without_expression()).expression[held]
+    expected = mean_sample_pearson(whole, val.targets, val.sample_ids)
+    assert method.validation_pearson(train, val) == pytest.approx(expected, abs=1e-5)

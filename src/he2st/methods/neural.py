@@ -21,7 +21,7 @@ from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import Method, MethodConfig, TrainLog
 from he2st.methods.layers.features import FeatureScaler
-from he2st.stats import pearson_per_gene
+from he2st.stats import mean_sample_pearson
 
 
 def has_validation(val: SpotSet | None) -> bool:
@@ -100,19 +100,42 @@ class NeuralMethod(Method):
 
     def validation_pearson(self, train: SpotSet, val: SpotSet, rows: np.ndarray | None = None) -> float:
         """Mean per-gene Pearson of the method's own prediction for the validation spots (``rows`` of them:
-        all when None) -- what the benchmark scores, so early stopping and checkpoint choice follow it,
-        whatever the objective."""
+        all when None), taken within each validation sample and averaged over the samples -- what the
+        benchmark scores, so early stopping and checkpoint choice follow it, whatever the objective. A
+        correlation pooled over several sections would also reward the level shifts between them, which the
+        benchmark does not score."""
         self.prepare_validation(train)
+        truth, samples = (val.targets, val.sample_ids) if rows is None else (val.targets[rows], val.sample_ids[rows])
+        inputs = self.validation_inputs(train, val)
+        if rows is None and len(inputs) > len(val):
+            rows = np.arange(len(val))
         try:
-            truth = val.targets if rows is None else val.targets[rows]
-            r = pearson_per_gene(self.validation_prediction(val.without_expression(), rows), truth)
+            r = mean_sample_pearson(self.validation_prediction(inputs, rows), truth, samples)
         except He2stError:  # non-finite predictions: the worst score, so this epoch is never chosen
             return -1.0
-        return float(np.nanmean(r)) if np.isfinite(r).any() else -1.0
+        return r if np.isfinite(r) else -1.0
+
+    def validation_inputs(self, train: SpotSet, val: SpotSet) -> SpotSet:
+        """The validation spots as a prediction reads them, expression removed; for a method that reads each
+        spot's physical neighbours (``context_k``), followed by the training spots of the validation samples.
+        Validation spots are a random share of training samples when there are too few samples to hold out
+        whole ones, and a section is predicted whole: a validation spot's neighbours are the spots of its
+        section, whichever set they fell in (as the context features' are), not the other validation spots
+        scattered over it."""
+        inputs = val.without_expression()
+        shared = np.isin(np.asarray(train.sample_ids).astype(str), np.unique(np.asarray(val.sample_ids).astype(str)))
+        if not self.context_k or not shared.any():
+            return inputs
+        return SpotSet.concat([inputs, train.subset(shared).without_expression()])
 
     def validation_prediction(self, spots: SpotSet, rows: np.ndarray | None) -> np.ndarray:
-        """Predicted expression of ``rows`` of the validation ``spots`` (all when None)."""
-        return self._predict(spots if rows is None else spots.subset(rows)).expression
+        """Predicted expression of ``rows`` of the validation ``spots`` (all when None); a method that reads
+        physical neighbours predicts every spot, so that the rows' neighbours are read."""
+        if rows is None:
+            return self._predict(spots).expression
+        if self.context_k:
+            return self._predict(spots).expression[rows]
+        return self._predict(spots.subset(rows)).expression
 
     def validation(self, train: SpotSet, val: SpotSet | None) -> Callable[[], float] | None:
         """The validation score callable for :func:`~he2st.methods.training.fit_minibatches` (None: no val);
