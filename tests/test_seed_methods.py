@@ -327,6 +327,23 @@ def test_carhe_proportion_head_beats_the_training_mean():
     assert mse_model < 0.7 * mse_mean, (mse_model, mse_mean)
 
 
+def test_carhe_validation_scores_the_proportions_within_each_sample(monkeypatch):
+    """The proportions' share of CarHE's validation score is taken within each validation sample, as the
+    expression's is: predicted proportions that only tell two sections' compositions apart add nothing."""
+    from he2st.methods.neural import NeuralMethod
+
+    method, _, train, _ = fit_method("carhe", train=EPOCHS | {"epochs": 1})
+    spots = synthetic_spots()
+    val = spots.subset(np.flatnonzero(np.isin(spots.sample_ids, ["s2", "s3"])))
+    truth = val.extras["celltype_major"]
+    rng = np.random.default_rng(0)
+    # each section's mean composition, and noise within it
+    level = np.stack([truth[val.sample_ids == s].mean(0) for s in val.sample_ids])
+    monkeypatch.setattr(NeuralMethod, "validation_pearson", lambda self, train, val, rows=None: 0.5)
+    monkeypatch.setattr(method, "predict_proportions", lambda spots: level + 0.01 * rng.normal(size=level.shape))
+    assert method.validation_pearson(train, val) == pytest.approx(0.25, abs=0.1)
+
+
 def test_carhe_without_proportions_learns_expression_programmes(tmp_path):
     """Data without cell-type proportions (most data): the third modality is NMF expression programmes of
     the training spots, predicted from the image as extras["expression_programmes"]; asking for the

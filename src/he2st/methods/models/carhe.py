@@ -37,7 +37,7 @@ from he2st.methods.layers.nn import MLPEncoder, expression_tower
 from he2st.methods.registry import register_method
 from he2st.methods.retrieval import RetrievalMethod
 from he2st.methods.training import fit_minibatches
-from he2st.stats import pearson_per_gene
+from he2st.stats import mean_sample_pearson
 
 
 class CarHEModule(nn.Module):
@@ -294,7 +294,8 @@ class CarHE(RetrievalMethod):
 
     def validation_pearson(self, train: SpotSet, val: SpotSet, rows: np.ndarray | None = None) -> float:
         """Both of CarHE's outputs count: the expression Pearson, averaged with the mean per-type Pearson
-        of the predicted cell-type proportions when the validation spots carry proportions."""
+        of the predicted cell-type proportions when the validation spots carry proportions, each taken
+        within a validation sample and averaged over the samples."""
         expression = super().validation_pearson(train, val, rows)
         val = val if rows is None else val.subset(rows)
         key = self.proportion_key
@@ -303,8 +304,8 @@ class CarHE(RetrievalMethod):
         truth, ok = clean_proportions(val.extras[key])
         if ok.sum() < 3:
             return expression
-        r = pearson_per_gene(self.predict_proportions(val.subset(ok)), truth[ok])
-        return (expression + float(np.nanmean(r))) / 2 if np.isfinite(r).any() else expression
+        r = mean_sample_pearson(self.predict_proportions(val.subset(ok)), truth[ok], val.sample_ids[ok])
+        return (expression + r) / 2 if np.isfinite(r) else expression
 
     def embed_images(self, spots: SpotSet) -> np.ndarray:
         """Image embeddings from the frozen features alone (the query side of retrieval)."""
