@@ -36,9 +36,9 @@ def _bank(n: int = 6000, seed: int = 1) -> tuple[ReferenceBank, np.ndarray]:
 def _fit(spots, **options):
     method = create_method("bleep_faithful", **(FAST | options))
     method.panel = GenePanel(genes=spots.genes)
-    scored = []
-    score = method.validation_pearson
-    method.validation_pearson = lambda train, val, rows=None: scored.append(rows) or score(train, val, rows)
+    scored = []  # the barcodes each epoch scores
+    score = method.validation_score
+    method.validation_score = lambda train, val: scored.append(val.scored.barcodes) or score(train, val)
     rows = np.arange(len(spots))
     log = method.fit(spots.subset(rows < 240), spots.subset(rows >= 240))
     return method, log, scored
@@ -48,7 +48,7 @@ def test_validation_below_the_cap_scores_every_spot_as_without_one():
     spots = linear_spots(n=300)
     capped, capped_log, scored = _fit(spots, max_validation_spots=60)
     whole, whole_log, _ = _fit(spots, max_validation_spots=None)
-    assert scored == [None] * 3  # 60 validation spots: all of them, through the unchanged path
+    assert len(scored) == 3 and all(len(b) == 60 for b in scored)  # 60 validation spots: all of them
     assert capped_log.curves == whole_log.curves
     np.testing.assert_array_equal(capped.bank.embeddings, whole.bank.embeddings)
 
@@ -58,19 +58,21 @@ def test_validation_above_the_cap_scores_the_same_seeded_sample_every_epoch(quer
     spots = linear_spots(n=300)
     method, _, scored = _fit(spots, max_validation_spots=25, query_neighbours=query_neighbours)
     assert len(scored) == 3 and all(np.array_equal(r, scored[0]) for r in scored)
-    assert len(scored[0]) == 25 and (np.diff(scored[0]) > 0).all()
-    assert np.array_equal(_fit(spots, max_validation_spots=25, query_neighbours=query_neighbours)[2][0], scored[0])
-    # the sampled score is the whole-set prediction's, restricted to the sample: neighbour averaging of the
-    # queries still reads every validation spot (and the training spots of their sections)
     rows = np.arange(len(spots))
     train, val = method.contextual(spots.subset(rows < 240)), method.contextual(spots.subset(rows >= 240))
+    sample = np.flatnonzero(np.isin(val.barcodes, scored[0]))
+    assert len(sample) == 25 and np.array_equal(val.barcodes[sample], scored[0])
+    assert np.array_equal(_fit(spots, max_validation_spots=25, query_neighbours=query_neighbours)[2][0], scored[0])
+    # the sampled score is the whole sections' prediction, restricted to the sample: the sample's neighbour
+    # averaging reads its neighbours among every spot of its sections, and only those are predicted with it
     method.prepare_validation(train)
-    inputs = method.validation_inputs(train, val)
-    whole = method._retrieve(inputs, method.bank).expression[: len(val)]
-    sampled = method._retrieve(inputs, method.bank, scored[0]).expression
-    np.testing.assert_allclose(sampled, whole[scored[0]], rtol=1e-5, atol=1e-6)
-    r = np.nanmean(pearson_per_gene(whole[scored[0]], val.targets[scored[0]]))
-    assert method.validation_pearson(train, val, scored[0]) == pytest.approx(r, abs=1e-5)
+    sections = method._retrieve(spots.without_expression(), method.bank).expression[rows >= 240]
+    gathered = method.validation_spots(train, val, sample)
+    assert len(gathered.inputs) <= 25 * (query_neighbours + 1)
+    sampled = method.validation_prediction(gathered.inputs, len(gathered.scored))
+    np.testing.assert_allclose(sampled, sections[sample], rtol=1e-5, atol=1e-6)
+    r = np.nanmean(pearson_per_gene(sections[sample], val.targets[sample]))
+    assert method.validation_pearson(train, val, sample) == pytest.approx(r, abs=1e-5)
     assert method.bank.default_search == "exact"  # rebuilt every epoch: never an index
 
 

@@ -693,6 +693,18 @@ def test_validation_score_is_taken_within_each_validation_sample():
     assert abs(method.validation_pearson(spots, val)) < 0.1
 
 
+def test_validation_without_two_spots_of_one_sample_does_not_steer_training():
+    """A within-sample Pearson needs two spots of a sample: validation sets without them are no validation
+    (the fit keeps its last epoch), not a score of -1 every epoch that keeps the first."""
+    from he2st.methods.neural import has_validation
+
+    spots = linear_spots(n=60, n_samples=3)
+    one_each = spots.subset(np.array([np.flatnonzero(spots.sample_ids == s)[0] for s in ("s1", "s2", "s3")]))
+    assert len(set(one_each.sample_ids)) == 3 and not has_validation(one_each)
+    assert has_validation(spots.subset(np.flatnonzero(spots.sample_ids == spots.sample_ids[0])[:2]))
+    assert not has_validation(None) and not has_validation(spots.subset(np.array([0])))
+
+
 @pytest.mark.parametrize("name, options", [
     ("nh2st", {"dim": 16, "fusion_heads": 2, "head_hidden": 16, "neighbour_k": 4}),
     ("bleep_faithful", {"top_k": 5, "query_neighbours": 4}),

@@ -339,9 +339,19 @@ def test_carhe_validation_scores_the_proportions_within_each_sample(monkeypatch)
     rng = np.random.default_rng(0)
     # each section's mean composition, and noise within it
     level = np.stack([truth[val.sample_ids == s].mean(0) for s in val.sample_ids])
-    monkeypatch.setattr(NeuralMethod, "validation_pearson", lambda self, train, val, rows=None: 0.5)
+    monkeypatch.setattr(NeuralMethod, "validation_score", lambda self, train, spots: 0.5)
     monkeypatch.setattr(method, "predict_proportions", lambda spots: level + 0.01 * rng.normal(size=level.shape))
     assert method.validation_pearson(train, val) == pytest.approx(0.25, abs=0.1)
+
+
+def test_carhe_validation_of_non_finite_proportions_is_the_worst_score(monkeypatch):
+    """A diverged proportion head scores the epoch as the worst (never kept), as non-finite expression does,
+    rather than ending the fit."""
+    method, _, train, _ = fit_method("carhe", train=EPOCHS | {"epochs": 1})
+    val = synthetic_spots().subset(np.arange(160, 240))
+    assert method.validation_pearson(train, val) > -1.0
+    monkeypatch.setattr(method, "predict_proportions", lambda spots: np.full((len(spots), N_TYPES), np.nan))
+    assert method.validation_pearson(train, val) == -1.0
 
 
 def test_carhe_without_proportions_learns_expression_programmes(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,12 +22,17 @@ from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import Method, MethodConfig, TrainLog
 from he2st.methods.layers.features import FeatureScaler
+from he2st.methods.layers.neighbourhood import spatial_neighbours
 from he2st.stats import mean_sample_pearson
 
 
 def has_validation(val: SpotSet | None) -> bool:
-    """Whether ``val`` can steer early stopping (a contrastive batch needs two spots)."""
-    return val is not None and len(val) > 1
+    """Whether ``val`` can steer early stopping: its score is a Pearson within a sample, which needs two spots
+    of one sample (as a contrastive batch needs two spots)."""
+    if val is None or len(val) < 2:
+        return False
+    _, counts = np.unique(np.asarray(val.sample_ids).astype(str), return_counts=True)
+    return bool((counts > 1).any())
 
 
 def validation_sample(n: int, cap: int | None, seed: int) -> np.ndarray | None:
@@ -35,6 +41,16 @@ def validation_sample(n: int, cap: int | None, seed: int) -> np.ndarray | None:
     if cap is None or n <= cap:
         return None
     return np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
+
+
+@dataclass(frozen=True)
+class ValidationSpots:
+    """Validation spots as every epoch scores them, gathered once per fit: ``inputs`` holds the scored spots
+    (expression removed) first, then the spots whose features they read as physical neighbours; ``scored``
+    the scored spots themselves, with their measured values, samples and extras."""
+
+    inputs: SpotSet
+    scored: SpotSet
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -104,46 +120,53 @@ class NeuralMethod(Method):
         benchmark scores, so early stopping and checkpoint choice follow it, whatever the objective. A
         correlation pooled over several sections would also reward the level shifts between them, which the
         benchmark does not score."""
+        return self.validation_score(train, self.validation_spots(train, val, rows))
+
+    def validation_score(self, train: SpotSet, spots: ValidationSpots) -> float:
+        """:meth:`validation_pearson` of validation spots gathered by :meth:`validation_spots`."""
         self.prepare_validation(train)
-        truth, samples = (val.targets, val.sample_ids) if rows is None else (val.targets[rows], val.sample_ids[rows])
-        inputs = self.validation_inputs(train, val)
-        if rows is None and len(inputs) > len(val):
-            rows = np.arange(len(val))
+        scored = spots.scored
         try:
-            r = mean_sample_pearson(self.validation_prediction(inputs, rows), truth, samples)
+            r = mean_sample_pearson(self.validation_prediction(spots.inputs, len(scored)), scored.targets,
+                                    scored.sample_ids)
         except He2stError:  # non-finite predictions: the worst score, so this epoch is never chosen
             return -1.0
         return r if np.isfinite(r) else -1.0
 
-    def validation_inputs(self, train: SpotSet, val: SpotSet) -> SpotSet:
-        """The validation spots as a prediction reads them, expression removed; for a method that reads each
-        spot's physical neighbours (``context_k``), followed by the training spots of the validation samples.
-        Validation spots are a random share of training samples when there are too few samples to hold out
-        whole ones, and a section is predicted whole: a validation spot's neighbours are the spots of its
-        section, whichever set they fell in (as the context features' are), not the other validation spots
-        scattered over it."""
-        inputs = val.without_expression()
+    def validation_spots(self, train: SpotSet, val: SpotSet, rows: np.ndarray | None = None) -> ValidationSpots:
+        """The validation spots of ``rows`` (all when None) and, for a method that reads each spot's physical
+        neighbours (``context_k``), the spots they read: their nearest spots among all spots of their
+        sections, training spots included. Validation spots are a random share of the training sections when
+        there are too few samples to hold out whole ones, and a section is predicted whole, so a validation
+        spot's neighbours are the spots of its section, whichever set they fell in (as the context
+        features' are), not only the other validation spots scattered over it. Only those neighbours are
+        predicted with the scored spots, so an epoch's validation costs at most ``context_k + 1`` times the
+        spots it scores, however large the sections."""
+        scored = val if rows is None else val.subset(rows)
+        inputs = scored.without_expression()
+        if not self.context_k:
+            return ValidationSpots(inputs, scored)
         shared = np.isin(np.asarray(train.sample_ids).astype(str), np.unique(np.asarray(val.sample_ids).astype(str)))
-        if not self.context_k or not shared.any():
-            return inputs
-        return SpotSet.concat([inputs, train.subset(shared).without_expression()])
+        sections = SpotSet.concat([val, train.subset(shared)]) if shared.any() else val
+        index, valid = spatial_neighbours(sections.coords_um, sections.sample_ids, self.context_k)
+        own = np.arange(len(val)) if rows is None else np.asarray(rows)
+        read = np.setdiff1d(np.unique(index[own][valid[own]]), own)
+        if len(read):
+            inputs = SpotSet.concat([inputs, sections.subset(read).without_expression()])
+        return ValidationSpots(inputs, scored)
 
-    def validation_prediction(self, spots: SpotSet, rows: np.ndarray | None) -> np.ndarray:
-        """Predicted expression of ``rows`` of the validation ``spots`` (all when None); a method that reads
-        physical neighbours predicts every spot, so that the rows' neighbours are read."""
-        if rows is None:
-            return self._predict(spots).expression
-        if self.context_k:
-            return self._predict(spots).expression[rows]
-        return self._predict(spots.subset(rows)).expression
+    def validation_prediction(self, inputs: SpotSet, n: int) -> np.ndarray:
+        """Predicted expression of the first ``n`` of ``inputs`` (the scored validation spots; the rest are
+        the neighbours they read)."""
+        return self._predict(inputs).expression[:n]
 
     def validation(self, train: SpotSet, val: SpotSet | None) -> Callable[[], float] | None:
         """The validation score callable for :func:`~he2st.methods.training.fit_minibatches` (None: no val);
-        the rows it scores (:meth:`validation_rows`) are chosen here, once."""
+        the rows it scores (:meth:`validation_rows`) and the neighbours they read are gathered here, once."""
         if val is None:
             return None
-        rows = self.validation_rows(len(val))
-        return lambda: self.validation_pearson(train, val, rows)
+        spots = self.validation_spots(train, val, self.validation_rows(len(val)))
+        return lambda: self.validation_score(train, spots)
 
     # ------------------------------------------------------------------ the shared sequence
     def _fit(self, train: SpotSet, val: SpotSet | None, unlabelled: SpotSet | None) -> TrainLog:

@@ -80,8 +80,8 @@ class RetrievalMethod(NeuralMethod):
         would average a wider neighbourhood -- another, smoother predictor -- not the model's."""
         return validation_sample(n, self.config.max_validation_spots, self.config.seed)
 
-    def validation_prediction(self, spots: SpotSet, rows: np.ndarray | None) -> np.ndarray:
-        return self._retrieve(spots, self.bank, rows).expression
+    def validation_prediction(self, inputs: SpotSet, n: int) -> np.ndarray:
+        return self._retrieve(inputs, self.bank, None if n == len(inputs) else np.arange(n)).expression
 
     @torch.no_grad()
     def embed_frozen(self, head: nn.Module, spots: SpotSet, batch: int = 1024) -> torch.Tensor:

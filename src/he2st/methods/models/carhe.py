@@ -34,6 +34,7 @@ from he2st.methods.layers.losses import AlignmentLoss, multi_positive_nce
 from he2st.methods.layers.masking import feature_augment
 from he2st.methods.layers.neighbourhood import sample_neighbour, spatial_neighbours
 from he2st.methods.layers.nn import MLPEncoder, expression_tower
+from he2st.methods.neural import ValidationSpots
 from he2st.methods.registry import register_method
 from he2st.methods.retrieval import RetrievalMethod
 from he2st.methods.training import fit_minibatches
@@ -292,19 +293,22 @@ class CarHE(RetrievalMethod):
         log.best_epoch, log.seconds, log.epoch_seconds = joint.best_epoch, log.seconds + joint.seconds, joint.epoch_seconds
         return log
 
-    def validation_pearson(self, train: SpotSet, val: SpotSet, rows: np.ndarray | None = None) -> float:
+    def validation_score(self, train: SpotSet, spots: ValidationSpots) -> float:
         """Both of CarHE's outputs count: the expression Pearson, averaged with the mean per-type Pearson
         of the predicted cell-type proportions when the validation spots carry proportions, each taken
-        within a validation sample and averaged over the samples."""
-        expression = super().validation_pearson(train, val, rows)
-        val = val if rows is None else val.subset(rows)
-        key = self.proportion_key
-        if not self.dims.get("n_types") or key not in val.extras:
+        within a validation sample and averaged over the samples. Non-finite predictions of either are the
+        worst score."""
+        expression = super().validation_score(train, spots)
+        val, key = spots.scored, self.proportion_key
+        if expression == -1.0 or not self.dims.get("n_types") or key not in val.extras:
             return expression
         truth, ok = clean_proportions(val.extras[key])
         if ok.sum() < 3:
             return expression
-        r = mean_sample_pearson(self.predict_proportions(val.subset(ok)), truth[ok], val.sample_ids[ok])
+        try:
+            r = mean_sample_pearson(self.predict_proportions(val.subset(ok)), truth[ok], val.sample_ids[ok])
+        except He2stError:
+            return -1.0
         return (expression + r) / 2 if np.isfinite(r) else expression
 
     def embed_images(self, spots: SpotSet) -> np.ndarray:
