@@ -25,6 +25,10 @@ from he2st.methods.layers.features import FeatureScaler
 from he2st.methods.layers.neighbourhood import spatial_neighbours
 from he2st.stats import mean_sample_pearson
 
+#: the validation score of an epoch whose predictions are not finite (or define no within-sample Pearson):
+#: below any Pearson, so early stopping never keeps that epoch
+WORST_VALIDATION_SCORE = -1.0
+
 
 def has_validation(val: SpotSet | None) -> bool:
     """Whether ``val`` can steer early stopping: its score is a Pearson within a sample, which needs two spots
@@ -129,9 +133,9 @@ class NeuralMethod(Method):
         try:
             r = mean_sample_pearson(self.validation_prediction(spots.inputs, len(scored)), scored.targets,
                                     scored.sample_ids)
-        except He2stError:  # non-finite predictions: the worst score, so this epoch is never chosen
-            return -1.0
-        return r if np.isfinite(r) else -1.0
+        except He2stError:  # non-finite predictions
+            return WORST_VALIDATION_SCORE
+        return r if np.isfinite(r) else WORST_VALIDATION_SCORE
 
     def validation_spots(self, train: SpotSet, val: SpotSet, rows: np.ndarray | None = None) -> ValidationSpots:
         """The validation spots of ``rows`` (all when None) and, for a method that reads each spot's physical

@@ -34,7 +34,7 @@ from he2st.methods.layers.losses import AlignmentLoss, multi_positive_nce
 from he2st.methods.layers.masking import feature_augment
 from he2st.methods.layers.neighbourhood import sample_neighbour, spatial_neighbours
 from he2st.methods.layers.nn import MLPEncoder, expression_tower
-from he2st.methods.neural import ValidationSpots
+from he2st.methods.neural import WORST_VALIDATION_SCORE, ValidationSpots
 from he2st.methods.registry import register_method
 from he2st.methods.retrieval import RetrievalMethod
 from he2st.methods.training import fit_minibatches
@@ -300,7 +300,7 @@ class CarHE(RetrievalMethod):
         worst score."""
         expression = super().validation_score(train, spots)
         val, key = spots.scored, self.proportion_key
-        if expression == -1.0 or not self.dims.get("n_types") or key not in val.extras:
+        if expression == WORST_VALIDATION_SCORE or not self.dims.get("n_types") or key not in val.extras:
             return expression
         truth, ok = clean_proportions(val.extras[key])
         if ok.sum() < 3:
@@ -308,7 +308,7 @@ class CarHE(RetrievalMethod):
         try:
             r = mean_sample_pearson(self.predict_proportions(val.subset(ok)), truth[ok], val.sample_ids[ok])
         except He2stError:
-            return -1.0
+            return WORST_VALIDATION_SCORE
         return (expression + r) / 2 if np.isfinite(r) else expression
 
     def embed_images(self, spots: SpotSet) -> np.ndarray:
