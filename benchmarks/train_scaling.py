@@ -7,6 +7,8 @@ thing for every method). One-off set-up of a fit (scalers, principal axes, neigh
 epoch; non-neural baselines report their whole fit as one epoch. Sizes and methods are chosen with
 ``--n`` and ``--methods``; all sizes of one method run in this process, side by side. ``--options`` (JSON)
 sets options of every method run, e.g. ``'{"candidates": []}'`` for the ensemble's members only.
+``--engine local --workers N`` runs the fit's inner fits (the ensemble's inner folds and refits) on a pool of N
+processes, as ``he2st train --engine local --workers N`` does.
 
     python benchmarks/train_scaling.py --n 2000,10000,40000,100000 --methods bleep,cmrcnet,nh2st,carhe,mlp
 """
@@ -24,7 +26,9 @@ from he2st.data.genes import GenePanel
 from he2st.data.spots import SpotSet
 from he2st.methods import create_method, list_methods, method_class
 from he2st.methods.configs.common import merged_groups
+from he2st.methods.inner_tasks import inner_tasks
 from he2st.methods.neural import NeuralMethod
+from he2st.workflows.engines import task_runner
 
 DIM, GENES, TYPES = 1280, 250, 8
 
@@ -45,15 +49,17 @@ def synthetic(n: int, seed: int = 0) -> SpotSet:
                    targets=targets.astype(np.float32), extras={"celltype_major": props})
 
 
-def seconds_per_epoch(name: str, spots: SpotSet, epochs: int, extra: dict | None = None) -> float:
+def seconds_per_epoch(name: str, spots: SpotSet, epochs: int, extra: dict | None = None, engine: str = "serial",
+                      workers: int = 1) -> float:
     options = {"train": {"epochs": epochs}} if issubclass(method_class(name), NeuralMethod) else {}
     options = merged_groups(options, extra or {})
     if name == "carhe":
         options["histology_pretrain_epochs"] = 0
     method = create_method(name, **options)
     method.panel = GenePanel(genes=spots.genes)
-    start = time.perf_counter()
-    log = method.fit(spots)
+    with task_runner(engine, workers) as runner, inner_tasks(runner):
+        start = time.perf_counter()
+        log = method.fit(spots)
     total = time.perf_counter() - start
     return float(np.median(log.epoch_seconds)) if options and log.epoch_seconds else total
 
@@ -64,6 +70,8 @@ def main() -> None:
     ap.add_argument("--methods", default="bleep,bleep_faithful,cmrcnet,nh2st,carhe,mlp,ridge,knn")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per fit (the figure is their median)")
     ap.add_argument("--options", default="{}", help="JSON options given to every method run")
+    ap.add_argument("--engine", default="serial", choices=["serial", "local"], help="where a fit's inner fits run")
+    ap.add_argument("--workers", type=int, default=1, help="processes of the local engine")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     sizes = [int(v) for v in args.n.split(",")]
@@ -71,7 +79,8 @@ def main() -> None:
         if name not in list_methods():
             raise SystemExit(f"unknown method {name!r}; available: {', '.join(list_methods())}")
         for n in sizes:
-            seconds = seconds_per_epoch(name, synthetic(n), args.epochs, json.loads(args.options))
+            seconds = seconds_per_epoch(name, synthetic(n), args.epochs, json.loads(args.options), args.engine,
+                                        args.workers)
             print(f"method={name} n={n} seconds_per_epoch={seconds:.2f}", flush=True)
 
 

@@ -4,6 +4,7 @@ ensemble's inner folds (the contract every method shares is in test_method_confo
 from __future__ import annotations
 
 import json
+import operator
 import pickle
 from dataclasses import replace
 
@@ -517,11 +518,52 @@ def test_ensemble_fits_weights_once_enough_patients_are_held_out():
     assert np.mean(sel["weights"]["ridge"]) > np.mean(sel["weights"]["knn1"]) >= 0
 
 
+def test_an_inner_fit_predicts_once_for_every_smoothing_it_is_scored_with(monkeypatch):
+    """Smoothing averages a prediction with its neighbours', so the ensemble's inner fits predict a held-out
+    fold once per other query option and smooth that prediction for each smoothing tried: the same values as
+    predicting anew with each setting."""
+    from he2st.methods.models.ensemble import fit_member
+
+    spots = replace(linear_spots(240), sample_ids=np.repeat(np.array(["s1", "s2", "s3", "s4"], dtype=object), 60))
+    test = np.asarray(spots.sample_ids) == "s4"
+    knn = create_method("knn", top_k=5)
+    knn.panel = GenePanel(genes=spots.genes)
+    calls: list[int] = []
+    own = type(knn)._predict
+    monkeypatch.setattr(type(knn), "_predict", lambda self, s: calls.append(len(s)) or own(self, s))
+    queries = [{"smooth_neighbours": 0}, {"smooth_neighbours": 4}, {"smooth_neighbours": 8}]
+    run = fit_member(knn, spots, test, np.zeros(int((~test).sum()), bool), queries)
+    assert not run.failure and calls == [60]
+    for options, pred in zip(queries, run.predictions, strict=True):
+        knn.config = knn.config.model_copy(update=options)
+        np.testing.assert_array_equal(pred, knn.predict(spots.subset(test)).expression)
+    assert not np.allclose(run.predictions[0], run.predictions[2])
+
+
+def test_a_runner_receives_the_fits_longest_first_and_returns_them_in_order():
+    """Tasks reach a pool longest first, so that its workers run out of work together; the results come back
+    in the order the tasks were given. Without a runner they run here, in order."""
+    from he2st.methods.inner_tasks import inner_tasks, map_fits, runs_in_parallel
+
+    seen: list[int] = []
+
+    def runner(task, arguments):
+        seen.extend(a[0] for a in arguments)
+        return [task(*a) for a in arguments]
+
+    with inner_tasks(runner):
+        assert runs_in_parallel()
+        assert map_fits(operator.neg, [(1,), (2,), (3,), (4,)], [1.0, 5.0, 1.0, 3.0]) == [-1, -2, -3, -4]
+    assert seen == [2, 4, 1, 3] and not runs_in_parallel()
+    assert map_fits(operator.neg, [(1,), (2,)], [1.0, 5.0]) == [-1, -2] and seen == [2, 4, 1, 3]
+
+
 def test_inner_fits_and_refits_go_to_the_runner_a_workflow_hands_and_give_the_same_model():
-    """A workflow's runner (a process pool, Ray) receives every independent fit of a fit: each inner fold's
-    fits of the ensemble in one map (a member that failed on a fold is not tried on the next, as in a serial
-    fit), its refits in another, and the inner folds of a reliability estimate of a method without stored
-    inner predictions."""
+    """A workflow's runner (a process pool, Ray) receives every independent fit of a fit: the ensemble's fits
+    on all inner folds in one map, longest first, with the refits of the members whose options the selection
+    cannot change (here all three: one context variant each), and the inner folds of a reliability estimate
+    of a method without stored inner predictions. A member that failed on a fold counts on no later fold, and
+    the model is the serial fit's."""
     from he2st.methods.calibration import estimate_reliability
     from he2st.methods.inner_tasks import inner_tasks
 
@@ -546,9 +588,9 @@ def test_inner_fits_and_refits_go_to_the_runner_a_workflow_hands_and_give_the_sa
 
     serial, sel, rel = fitted(None)
     pooled, sel_p, rel_p = fitted(runner)
-    refits = [("fit_member", len(pooled.fitted))] if len(pooled.fitted) > 1 else []  # one fit runs here
-    assert maps == [("fit_member", 3), ("fit_member", 2), ("fit_member", 2), *refits, ("fit_and_predict", 3)]
+    assert maps == [("fit_member", 3 * 3 + 3), ("fit_and_predict", 3)]
     assert "carhe" in sel_p["dropped"] and sel_p["inner_pearson"] == sel["inner_pearson"]
+    assert sel_p["dropped"] == sel["dropped"] and sel_p["weights"] == sel["weights"]
     query = spots.without_expression()
     np.testing.assert_array_equal(pooled.predict(query).expression, serial.predict(query).expression)
     np.testing.assert_array_equal(rel_p.expected_r, rel.expected_r)

@@ -31,10 +31,18 @@ def inner_tasks(runner: TaskRunner | None) -> Iterator[None]:
         _RUNNER.reset(token)
 
 
-def map_fits(task: Callable[..., Any], arguments: list[tuple]) -> list[Any]:
-    """``task(*args)`` for every entry of ``arguments``, in input order: on the runner of :func:`inner_tasks`
-    when one is set and there is more than one, else here one after another. ``task`` must be importable
-    (a module-level function) and its arguments picklable. The tasks' own inner fits run where they run.
+def runs_in_parallel() -> bool:
+    """Whether :func:`map_fits` hands its fits to a runner here (a pool or a cluster) rather than running them
+    one after another."""
+    return _RUNNER.get() is not None
+
+
+def map_fits(task: Callable[..., Any], arguments: list[tuple], expected: list[float] | None = None) -> list[Any]:
+    """``task(*args)`` for every entry of ``arguments``, results in input order: on the runner of
+    :func:`inner_tasks` when one is set and there is more than one, else here one after another. ``task`` must
+    be importable (a module-level function) and its arguments picklable. The tasks' own inner fits run where
+    they run. ``expected``: each task's expected duration (any unit); a runner receives the tasks longest
+    first, so that its workers run out of work together (ties keep their order).
 
     Here, each entry is let go of as soon as its task has run (the list is emptied as it goes), so a
     model fitted by one task does not live on beside the next task's fit."""
@@ -45,5 +53,10 @@ def map_fits(task: Callable[..., Any], arguments: list[tuple]) -> list[Any]:
             args, arguments[k] = arguments[k], None  # rebinding lets the previous entry go
             results.append(task(*args))
         return results
+    order = sorted(range(len(arguments)), key=lambda k: -expected[k]) if expected else list(range(len(arguments)))
     with inner_tasks(None):
-        return runner(task, arguments)
+        results = runner(task, [arguments[k] for k in order])
+    placed: list[Any] = [None] * len(arguments)
+    for k, result in zip(order, results, strict=True):
+        placed[k] = result
+    return placed

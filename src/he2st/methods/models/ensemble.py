@@ -32,7 +32,7 @@ from he2st.data.views import FIELD
 from he2st.errors import He2stError
 from he2st.methods.base import Method, Prediction, TrainLog
 from he2st.methods.configs.ensemble import EnsembleConfig
-from he2st.methods.inner_tasks import map_fits
+from he2st.methods.inner_tasks import map_fits, runs_in_parallel
 from he2st.methods.layers.bank import ReferenceBank
 from he2st.methods.neural import strip_prefix
 from he2st.methods.registry import METHODS, create_method, list_methods, method_class, register_method
@@ -95,10 +95,20 @@ def fit_member(method: Method, spots: SpotSet, test: np.ndarray | None, val: np.
     if test is None:
         return MemberFit(member=method, seconds=seconds)
     held_out, predictions = spots.subset(test), []
+    unsmoothed: dict[str, np.ndarray] = {}  # smoothing averages a prediction's neighbours: made once per other option
     try:
         for options in queries:
+            if "smooth_neighbours" not in options:
+                method.config = method.config.model_copy(update=options)
+                predictions.append(method.predict(held_out).expression)
+                continue
+            rest = {k: v for k, v in options.items() if k != "smooth_neighbours"}
+            key = json.dumps(rest, sort_keys=True)
+            if key not in unsmoothed:
+                method.config = method.config.model_copy(update=rest | {"smooth_neighbours": 0})
+                unsmoothed[key] = method.predict(held_out).expression
             method.config = method.config.model_copy(update=options)
-            predictions.append(method.predict(held_out).expression)
+            predictions.append(method.smoothed(Prediction(unsmoothed[key].copy(), []), held_out).expression)
     except He2stError as exc:
         return MemberFit(predictions, seconds=seconds, failure=str(exc))
     return MemberFit(predictions, seconds=seconds)
@@ -108,7 +118,8 @@ def fit_member(method: Method, spots: SpotSet, test: np.ndarray | None, val: np.
 class Ensemble(Method):
     """he2st's default: knn, bleep, ridge_cv, carhe and other methods within a budget, stacked by nested cross-validation.
 
-    The members are refitted on all training spots after the selection."""
+    The members with weight are refitted on all training spots (on a pool, those whose options the selection
+    cannot change alongside the inner fits)."""
 
     name = "ensemble"
     Config = EnsembleConfig
@@ -277,20 +288,29 @@ class Ensemble(Method):
         failed: dict[tuple[str, int], str] = {}
         inner: dict[tuple[str, int, int], list[float]] = {v: [] for v in variants}
         oof = {v: np.full(spots.targets.shape, np.nan, np.float32) for v in variants}
-        for fold in held_out:  # each fold's fits in one map; a fit that failed is not tried on later folds
-            test = np.isin(groups.astype(str), fold)
-            todo = [f for f in fits if f not in failed]
-            runs = map_fits(fit_member, [self._member_task(label, i, spots, groups, test,
-                                                           [self._queries(label)[q] for q in tried(label)[1]])
-                                         for label, i in todo])
-            for (label, i), run in zip(todo, runs, strict=True):
-                seconds[label] += run.seconds
-                for q, pred in zip(tried(label)[1], run.predictions):  # those made before any failure
-                    oof[(label, i, q)][test] = pred
-                    inner[(label, i, q)].append(
-                        mean_sample_pearson(pred, spots.targets[test], spots.sample_ids[test]))
-                if run.failure:
-                    failed[(label, i)] = run.failure
+        tests = [np.isin(groups.astype(str), fold) for fold in held_out]
+        tasks = [(k, label, i) for k in range(len(held_out)) for label, i in fits]
+        # on a pool, a member's refit that the selection cannot change (one context variant: its spec pins it, or
+        # nothing is selected) starts with the inner fits, so that no worker idles while the last of them ends
+        early = [lb for lb in self.config.members if runs_in_parallel() and len(tried(lb)[0]) == 1]
+        runs = map_fits(
+            fit_member,
+            [self._member_task(label, i, spots, groups, tests[k], [self._queries(label)[q] for q in tried(label)[1]])
+             for k, label, i in tasks]
+            + [self._member_task(label, tried(label)[0][0], spots, groups, None, [], given_val) for label in early],
+            [self._expected_cost(label, int((~tests[k]).sum())) for k, label, _ in tasks]
+            + [self._expected_cost(label, len(spots)) for label in early])
+        refitted = dict(zip(early, runs[len(tasks):], strict=True))
+        for (k, label, i), run in zip(tasks, runs[:len(tasks)], strict=True):  # fold by fold, as they were cut
+            seconds[label] += run.seconds
+            if (label, i) in failed:  # a fit that failed on a fold counts on no later fold
+                continue
+            test = tests[k]
+            for q, pred in zip(tried(label)[1], run.predictions):  # those made before any failure
+                oof[(label, i, q)][test] = pred
+                inner[(label, i, q)].append(mean_sample_pearson(pred, spots.targets[test], spots.sample_ids[test]))
+            if run.failure:
+                failed[(label, i)] = run.failure
         # each member keeps its own configuration unless another variant is clearly better on the inner folds
         chosen: dict[str, tuple[int, int]] = {}
         dropped: dict[str, str] = {}
@@ -311,16 +331,19 @@ class Ensemble(Method):
         self.fitted = {}
         # a member with no say in any gene is not refitted: its refit would change no prediction
         weightless = [lb for lb in chosen if not (self.combination.weights[:, kept.index(lb)] > 0).any()]
+        late = [lb for lb in chosen if lb not in weightless and lb not in refitted]
+        refitted |= dict(zip(late, map_fits(
+            fit_member, [self._member_task(label, chosen[label][0], spots, groups, None, [], given_val) for label in late],
+            [self._expected_cost(label, len(spots)) for label in late]), strict=True))
+        for label, run in refitted.items():
+            seconds[label] += run.seconds
         refits = [lb for lb in chosen if lb not in weightless]
-        runs = dict(zip(refits, map_fits(fit_member, [self._member_task(label, chosen[label][0], spots, groups,
-                                                                         None, [], given_val) for label in refits]),
-                        strict=True))
         for label in chosen:
             if label in weightless:
-                dropped[label] = "weight 0 for every gene on the inner folds (not refitted)"
+                dropped[label] = "weight 0 for every gene on the inner folds (" + (
+                    "its refit is not used)" if label in refitted else "not refitted)")
                 continue
-            run = runs[label]
-            seconds[label] += run.seconds
+            run = refitted[label]
             if run.failure:
                 dropped[label] = run.failure
                 continue
@@ -357,6 +380,11 @@ class Ensemble(Method):
             "member_seconds": {lb: round(t, 1) for lb, t in seconds.items()},
         }
         return log
+
+    def _expected_cost(self, label: str, n_spots: int) -> float:
+        """A fit's expected duration, to order a pool's tasks: its method's listed cost per 1,000 spots (the
+        registry's) times the spots it trains on."""
+        return METHODS[self._spec(label)["method"]].cost * n_spots
 
     def _default_variant(self, label: str) -> tuple[int, int]:
         """The tried variant that is the member as configured (its own defaults); the first if none is."""
