@@ -209,19 +209,38 @@ def test_ensemble_weights_come_from_inner_folds_over_training_patients_and_round
 
 def test_ensemble_does_not_refit_a_member_without_weight(monkeypatch):
     """A member the stacking gives no weight in any gene changes no prediction: it is not refitted, and the
-    selection says why."""
+    selection says why. On a runner its refit, which the selection could not change, ran beside the inner
+    fits; it is let go, and the model and selection are the serial fit's."""
     from he2st.methods import stacking
+    from he2st.methods.inner_tasks import inner_tasks
 
     train, test, _ = two_patient_spots()
     members = {"knn": {"method": "knn", "top_k": 5}, "ridge": {"method": "ridge_cv", "pca_components": 8}}
     monkeypatch.setattr(stacking, "_nnls", lambda X, y: np.eye(X.shape[1])[0])  # all on the first
-    method = create_method("ensemble", members=members, min_selection_folds=2, context=[], smoothing=[], candidates=[])
-    method.panel = GenePanel(genes=train.genes)
-    method.card = method.card.model_copy(update={"training_samples": {s: f"P{s[1:]}" for s in set(train.sample_ids)}})
-    sel = method.fit(train).selection
+    maps: list[int] = []
+
+    def runner(task, arguments):
+        maps.append(len(arguments))
+        return [task(*a) for a in arguments]
+
+    def fitted(run):
+        method = create_method("ensemble", members=members, min_selection_folds=2, context=[], smoothing=[],
+                               candidates=[])
+        method.panel = GenePanel(genes=train.genes)
+        method.card = method.card.model_copy(
+            update={"training_samples": {s: f"P{s[1:]}" for s in set(train.sample_ids)}})
+        with inner_tasks(run):
+            return method, method.fit(train).selection
+
+    method, sel = fitted(None)
     assert sel["combination"] == "global" and list(method.fitted) == ["knn"]
-    assert "not refitted" in sel["dropped"]["ridge"] and list(sel["weights"]) == ["knn"]
-    assert method.predict(test.without_expression()).expression.shape == (len(test), len(train.genes))
+    assert "left out" in sel["dropped"]["ridge"] and list(sel["weights"]) == ["knn"]
+    query = test.without_expression()
+    assert method.predict(query).expression.shape == (len(test), len(train.genes))
+    pooled, sel_p = fitted(runner)
+    assert maps == [len(sel["inner_folds"]) * 2 + 2]  # both members on every inner fold and both refits, in one map
+    assert list(pooled.fitted) == ["knn"] and sel_p["dropped"] == sel["dropped"]
+    np.testing.assert_array_equal(pooled.predict(query).expression, method.predict(query).expression)
 
 
 def test_ensemble_gives_each_member_its_say_within_the_predicted_sample():

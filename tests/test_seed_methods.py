@@ -193,6 +193,39 @@ def test_neighbour_padding_for_small_samples_and_distance_limit():
     assert valid.all() and (index != np.arange(3)[:, None]).all()
 
 
+def test_equidistant_neighbours_depend_on_the_spots_alone():
+    """On a lattice many spots are equidistant: which of them are a spot's k nearest is decided by their
+    coordinates (x, then y), not by the order of the rows or by which other spots are in the set, so that a
+    slide predicted in chunks reads the neighbours it reads whole. On a square grid of 8 um bins, k = 6 takes
+    the 4 sides and 2 of the 4 diagonals. A tie wider than the k-d tree's window (the centre of a ring of 20
+    spots, equidistant up to float rounding) is resolved the same way."""
+    side = np.arange(12) * 8.0
+    coords = np.stack(np.meshgrid(side, side), -1).reshape(-1, 2)
+    sids = np.array(["a"] * len(coords), dtype=object)
+    perm = np.random.default_rng(0).permutation(len(coords))
+    chunk = np.flatnonzero((coords < 64).all(1))
+    inside = ((coords[chunk] >= 16) & (coords[chunk] < 48)).all(1)  # every candidate of these is in the chunk
+    for k in (1, 2, 6, 8):
+        index, valid = spatial_neighbours(coords, sids, k)
+        shuffled, _ = spatial_neighbours(coords[perm], sids[perm], k)
+        np.testing.assert_array_equal(perm[shuffled], index[perm])
+        part, _ = spatial_neighbours(coords[chunk], sids[chunk], k)
+        np.testing.assert_array_equal(chunk[part[inside]], index[chunk[inside]])
+        d = np.linalg.norm(coords[index] - coords[:, None], axis=2)
+        assert valid.all() and (np.diff(d, axis=1) >= 0).all()
+    centre = np.flatnonzero((coords == [40.0, 40.0]).all(1))[0]
+    index, _ = spatial_neighbours(coords, sids, 6)
+    assert coords[index[centre]].tolist() == [[32, 40], [40, 32], [40, 48], [48, 40], [32, 32], [32, 48]]
+    assert coords[spatial_neighbours(coords, sids, 1)[0][centre]].tolist() == [[32, 40]]
+    angles = np.arange(20) * np.pi / 10 + 0.3
+    ring = np.concatenate([[[0.0, 0.0]], 10 * np.stack([np.cos(angles), np.sin(angles)], 1)])
+    ring_ids = np.array(["r"] * 21, dtype=object)
+    nearest = spatial_neighbours(ring, ring_ids, 3)[0][0]
+    np.testing.assert_array_equal(nearest, 1 + np.lexsort((ring[1:, 1], ring[1:, 0]))[:3])
+    order = np.r_[0, 1 + np.random.default_rng(1).permutation(20)]
+    np.testing.assert_array_equal(order[spatial_neighbours(ring[order], ring_ids, 3)[0][0]], nearest)
+
+
 def test_nh2st_neighbourhoods_never_cross_samples_at_prediction():
     method, _, train, test = fit_method("nh2st")
     other = train.without_expression()

@@ -46,6 +46,8 @@ def map_fits(task: Callable[..., Any], arguments: list[tuple], expected: list[fl
 
     Here, each entry is let go of as soon as its task has run (the list is emptied as it goes), so a
     model fitted by one task does not live on beside the next task's fit."""
+    if expected is not None and len(expected) != len(arguments):
+        raise ValueError(f"{len(expected)} expected durations for {len(arguments)} tasks")
     runner = _RUNNER.get()
     if runner is None or len(arguments) < 2:
         results = []

@@ -21,6 +21,13 @@ from he2st.errors import He2stError
 from he2st.methods.layers.nn import CrossAttentionBlock
 
 
+#: distances within this relative tolerance are ties (a lattice's equidistant spots differ in their last bits)
+TIE_TOLERANCE = 1e-9
+#: points looked at beyond the k-th nearest, to see its ties: on a square or hexagonal lattice a spot's nearer
+#: shells of equidistant spots hold at most 12
+TIE_WINDOW = 12
+
+
 def spatial_neighbours(
     coords_um: np.ndarray, sample_ids: Sequence, k: int, max_distance_um: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -30,8 +37,10 @@ def spatial_neighbours(
     each spot. Returns ``index`` ``(N, k)`` (row numbers into the same arrays, nearest first) and
     ``valid`` ``(N, k)``. A slot is invalid when the sample has fewer than ``k + 1`` spots or the
     neighbour is farther than ``max_distance_um``; invalid slots hold the spot's own row (safe to
-    gather) and must be masked. The spot itself is never its own neighbour, spots of another
-    sample never are, and ties are broken deterministically (k-d tree order).
+    gather) and must be masked. The spot itself is never its own neighbour, and spots of another
+    sample never are. Equidistant spots (a lattice's) are ordered by their coordinates, so which of
+    them is a neighbour depends on the spots alone, not on the order of the rows or on which other
+    spots are in the set: a slide predicted in chunks reads the neighbours it reads whole.
     """
     coords = np.asarray(coords_um, dtype=np.float64)
     ids = np.asarray(sample_ids)
@@ -51,18 +60,52 @@ def spatial_neighbours(
         m = len(rows)
         if m < 2:
             continue
-        kk = min(k + 1, m)
-        dist, nb = cKDTree(coords[rows]).query(coords[rows], k=kk)
-        is_self = nb == np.arange(m)[:, None]
-        is_self[~is_self.any(axis=1), -1] = True  # duplicated coordinates: self may fall outside the top kk
-        keep = ~is_self
-        nb, dist = nb[keep].reshape(m, kk - 1), dist[keep].reshape(m, kk - 1)
+        kk = min(k, m - 1)
+        nb, dist = _nearest_others(coords[rows], kk)
         ok = np.isfinite(dist)
         if max_distance_um is not None:
             ok &= dist <= max_distance_um
-        index[rows, : kk - 1] = np.where(ok, rows[nb], rows[:, None])
-        valid[rows, : kk - 1] = ok
+        index[rows, :kk] = np.where(ok, rows[nb], rows[:, None])
+        valid[rows, :kk] = ok
     return index, valid
+
+
+def _nearest_others(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, distances)`` ``(m, k)`` of each point's ``k`` nearest other points (``k < m``), nearest first,
+    ties (within :data:`TIE_TOLERANCE`) ordered by x, then y, then row. The k-d tree is asked for
+    :data:`TIE_WINDOW` points beyond the k-th, so that a tie across the k-th is seen and resolved within them;
+    a point whose tie runs past them is completed by a radius search."""
+    m = len(points)
+    tree = cKDTree(points)
+    width = min(k + 1 + TIE_WINDOW, m)
+    dist, nb = tree.query(points, k=width)
+    dist, nb = dist.reshape(m, width), nb.reshape(m, width)
+    is_self = nb == np.arange(m)[:, None]
+    is_self[~is_self.any(axis=1), -1] = True  # duplicated coordinates: self may fall outside the window
+    keep = ~is_self
+    nb, dist = nb[keep].reshape(m, width - 1), dist[keep].reshape(m, width - 1)
+    kth = dist[:, k - 1 : k]
+    beyond = dist > kth + TIE_TOLERANCE * kth  # farther than the k-th: sorted after every tie of it
+    order = np.lexsort((nb, points[nb, 1], points[nb, 0], _tie_groups(dist), beyond), axis=-1)
+    nb, dist = np.take_along_axis(nb, order, 1)[:, :k], np.take_along_axis(dist, order, 1)[:, :k]
+    spill = np.flatnonzero(~beyond[:, -1]) if width < m else np.zeros(0, np.int64)
+    for i in spill:  # the k-th's tie runs past the window: every point at that distance, then ordered
+        others = np.array([j for j in tree.query_ball_point(points[i], kth[i, 0] * (1 + 2 * TIE_TOLERANCE))
+                           if j != i], dtype=np.int64)
+        d = np.linalg.norm(points[others] - points[i], axis=1)
+        by_distance = np.argsort(d, kind="stable")
+        others, d = others[by_distance], d[by_distance]
+        pick = np.lexsort((others, points[others, 1], points[others, 0], _tie_groups(d)))[:k]
+        nb[i], dist[i] = others[pick], d[pick]
+    return nb, dist
+
+
+def _tie_groups(dist: np.ndarray) -> np.ndarray:
+    """Rank of each distance's tie group along the last axis (``dist`` sorted ascending there): distances
+    within :data:`TIE_TOLERANCE` of the previous one share its group."""
+    step = np.diff(dist, axis=-1) > TIE_TOLERANCE * dist[..., 1:]
+    first = np.zeros(dist.shape[:-1] + (1,), dtype=np.int64)
+    return np.concatenate([first, np.cumsum(step, axis=-1)], axis=-1)
 
 
 def sample_neighbour(

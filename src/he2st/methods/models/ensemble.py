@@ -4,7 +4,7 @@ Diverse members (``knn``, ``bleep``, ``ridge_cv``, ``carhe``) are combined with 
 chosen by cross-validation over the training patients only -- the inner loop of nested cross-validation,
 run inside ``fit`` -- and then refitted on all training spots. When the inner folds select, every other
 registered method within ``cost_budget`` (``candidates``) is tried beside them and stacked with them, so
-the best single method of a dataset can take part; a method the stacking gives no weight is not refitted.
+the best single method of a dataset can take part; a method the stacking gives no weight is left out.
 Each member's spatial context (neighbours, the field, and each view of ``view_variants``: by default every
 view the training spots carry; workflows pass the run's ``embed.views``), and whether it trains within each
 sample (``within_sample``), is chosen on the same inner folds by the one-standard-error rule. Members'
@@ -108,7 +108,7 @@ def fit_member(method: Method, spots: SpotSet, test: np.ndarray | None, val: np.
                 method.config = method.config.model_copy(update=rest | {"smooth_neighbours": 0})
                 unsmoothed[key] = method.predict(held_out).expression
             method.config = method.config.model_copy(update=options)
-            predictions.append(method.smoothed(Prediction(unsmoothed[key].copy(), []), held_out).expression)
+            predictions.append(method.smoothed(Prediction(unsmoothed[key], []), held_out).expression)
     except He2stError as exc:
         return MemberFit(predictions, seconds=seconds, failure=str(exc))
     return MemberFit(predictions, seconds=seconds)
@@ -290,27 +290,36 @@ class Ensemble(Method):
         oof = {v: np.full(spots.targets.shape, np.nan, np.float32) for v in variants}
         tests = [np.isin(groups.astype(str), fold) for fold in held_out]
         tasks = [(k, label, i) for k in range(len(held_out)) for label, i in fits]
-        # on a pool, a member's refit that the selection cannot change (one context variant: its spec pins it, or
-        # nothing is selected) starts with the inner fits, so that no worker idles while the last of them ends
-        early = [lb for lb in self.config.members if runs_in_parallel() and len(tried(lb)[0]) == 1]
-        runs = map_fits(
-            fit_member,
-            [self._member_task(label, i, spots, groups, tests[k], [self._queries(label)[q] for q in tried(label)[1]])
-             for k, label, i in tasks]
-            + [self._member_task(label, tried(label)[0][0], spots, groups, None, [], given_val) for label in early],
-            [self._expected_cost(label, int((~tests[k]).sum())) for k, label, _ in tasks]
-            + [self._expected_cost(label, len(spots)) for label in early])
-        refitted = dict(zip(early, runs[len(tasks):], strict=True))
-        for (k, label, i), run in zip(tasks, runs[:len(tasks)], strict=True):  # fold by fold, as they were cut
-            seconds[label] += run.seconds
-            if (label, i) in failed:  # a fit that failed on a fold counts on no later fold
-                continue
-            test = tests[k]
-            for q, pred in zip(tried(label)[1], run.predictions):  # those made before any failure
-                oof[(label, i, q)][test] = pred
-                inner[(label, i, q)].append(mean_sample_pearson(pred, spots.targets[test], spots.sample_ids[test]))
-            if run.failure:
-                failed[(label, i)] = run.failure
+        # here, fold after fold, so that a fit that failed is not tried on later folds; on a pool, every fold's fits
+        # in one map, with each member's refit that the selection cannot change (one context variant: its spec
+        # pins it, or nothing is selected), so that no worker idles while the last of them ends
+        parallel = runs_in_parallel()
+        batches = [tasks] if parallel else [[t for t in tasks if t[0] == k] for k in range(len(held_out))]
+        early = [lb for lb in self.config.members if parallel and len(tried(lb)[0]) == 1]
+        refitted: dict[str, MemberFit] = {}
+        for b, batch in enumerate(batches):
+            todo = [(k, label, i) for k, label, i in batch if (label, i) not in failed]
+            ahead = early if b == 0 else []
+            runs = map_fits(
+                fit_member,
+                [self._member_task(label, i, spots, groups, tests[k],
+                                   [self._queries(label)[q] for q in tried(label)[1]]) for k, label, i in todo]
+                + [self._member_task(label, tried(label)[0][0], spots, groups, None, [], given_val) for label in ahead],
+                [self._expected_cost(label, int((~tests[k]).sum())) for k, label, _ in todo]
+                + [self._expected_cost(label, len(spots)) for label in ahead])
+            refitted |= dict(zip(ahead, runs[len(todo):], strict=True))
+            for (k, label, i), run in zip(todo, runs[:len(todo)], strict=True):  # in fold order
+                seconds[label] += run.seconds
+                if (label, i) in failed:  # on a pool, a fit that failed on an earlier fold counts on no later one
+                    continue
+                test = tests[k]
+                for q, pred in zip(tried(label)[1], run.predictions):  # those made before any failure
+                    oof[(label, i, q)][test] = pred
+                    inner[(label, i, q)].append(
+                        mean_sample_pearson(pred, spots.targets[test], spots.sample_ids[test]))
+                run.predictions = []  # copied into oof: let them go
+                if run.failure:
+                    failed[(label, i)] = run.failure
         # each member keeps its own configuration unless another variant is clearly better on the inner folds
         chosen: dict[str, tuple[int, int]] = {}
         dropped: dict[str, str] = {}
@@ -329,7 +338,7 @@ class Ensemble(Method):
         combination = self._stack(spots, [oof[(lb, *v)] for lb, v in chosen.items()], len(held_out))
         kept = list(chosen)
         self.fitted = {}
-        # a member with no say in any gene is not refitted: its refit would change no prediction
+        # a member with no say in any gene is not refitted (an early refit is let go): it would change no prediction
         weightless = [lb for lb in chosen if not (self.combination.weights[:, kept.index(lb)] > 0).any()]
         late = [lb for lb in chosen if lb not in weightless and lb not in refitted]
         refitted |= dict(zip(late, map_fits(
@@ -340,8 +349,7 @@ class Ensemble(Method):
         refits = [lb for lb in chosen if lb not in weightless]
         for label in chosen:
             if label in weightless:
-                dropped[label] = "weight 0 for every gene on the inner folds (" + (
-                    "its refit is not used)" if label in refitted else "not refitted)")
+                dropped[label] = "weight 0 for every gene on the inner folds (left out of the model)"
                 continue
             run = refitted[label]
             if run.failure:
