@@ -20,7 +20,6 @@ from torch import nn
 from he2st.errors import He2stError
 from he2st.methods.layers.nn import CrossAttentionBlock
 
-
 #: distances within this relative tolerance are ties (a lattice's equidistant spots differ in their last bits)
 TIE_TOLERANCE = 1e-9
 #: points looked at beyond the k-th nearest, to see its ties: on a square or hexagonal lattice a spot's nearer
