@@ -85,7 +85,7 @@ def _nearest_others(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     nb, dist = nb[keep].reshape(m, width - 1), dist[keep].reshape(m, width - 1)
     kth = dist[:, k - 1 : k]
     beyond = dist > kth + TIE_TOLERANCE * kth  # farther than the k-th: sorted after every tie of it
-    order = np.lexsort((nb, points[nb, 1], points[nb, 0], _tie_groups(dist), beyond), axis=-1)
+    order = _tie_order(points, nb, dist, beyond)
     nb, dist = np.take_along_axis(nb, order, 1)[:, :k], np.take_along_axis(dist, order, 1)[:, :k]
     spill = np.flatnonzero(~beyond[:, -1]) if width < m else np.zeros(0, np.int64)
     for i in spill:  # the k-th's tie runs past the window: every point at that distance, then ordered
@@ -94,9 +94,16 @@ def _nearest_others(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
         d = np.linalg.norm(points[others] - points[i], axis=1)
         by_distance = np.argsort(d, kind="stable")
         others, d = others[by_distance], d[by_distance]
-        pick = np.lexsort((others, points[others, 1], points[others, 0], _tie_groups(d)))[:k]
+        pick = _tie_order(points, others, d)[:k]
         nb[i], dist[i] = others[pick], d[pick]
     return nb, dist
+
+
+def _tie_order(points: np.ndarray, nb: np.ndarray, dist: np.ndarray, first: np.ndarray | None = None) -> np.ndarray:
+    """The order (along the last axis) of candidate rows ``nb`` of ``points`` at distances ``dist`` (ascending
+    there): nearest first, ties by x, then y, then row; ``first``: a key that comes before all of these."""
+    keys = (nb, points[nb, 1], points[nb, 0], _tie_groups(dist))
+    return np.lexsort(keys if first is None else (*keys, first), axis=-1)
 
 
 def _tie_groups(dist: np.ndarray) -> np.ndarray:
