@@ -206,6 +206,39 @@ def test_generic_h5ad_reader(tmp_path):
     assert sample.n_spots == 6 and sample.slide.dimensions == (300, 300)
 
 
+def test_an_h5ad_keyed_by_ensembl_ids_names_its_genes_by_their_symbols(tmp_path):
+    """CELLxGENE-style files key genes by Ensembl id and keep symbols in ``var['feature_name']``: signatures,
+    markers and ``--genes`` are symbols, so the symbols name the genes (the ids kept in ``var['gene_ids']``);
+    a missing symbol keeps its id, a shared one is made unique, and 'index' or another column can be chosen."""
+    import anndata as ad
+
+    xy = spot_grid(2, 3, 50, (60, 60))
+    ids = [f"ENSG{i:011d}" for i in range(len(GENES))]
+    symbols = ["CD79A", "MS4A1", None, "", "CXCL13", "CXCL13", *GENES[6:]]
+    adata = ad.AnnData(X=counts_for(xy, GENES).astype(np.float32),
+                       var=pd.DataFrame({"feature_name": symbols, "other": [f"o{i}" for i in range(len(GENES))]},
+                                        index=ids))
+    adata.obsm["spatial"] = xy
+    adata.write_h5ad(tmp_path / "ens.h5ad")
+    with pytest.warns(UserWarning, match=r"ens.h5ad: duplicate gene name\(s\) CXCL13"):
+        sample = read_h5ad_sample(tmp_path / "ens.h5ad", None, pixel_size_um=1.0, sample_id="S")
+    assert list(sample.adata.var_names[:6]) == ["CD79A", "MS4A1", ids[2], ids[3], "CXCL13", "CXCL13-1"]
+    assert list(sample.adata.var["gene_ids"]) == ids
+    assert list(read_h5ad_sample(tmp_path / "ens.h5ad", None, 1.0, sample_id="S",
+                                 gene_names="index").adata.var_names) == ids
+    source = read_source({"reader": "h5ad", "sample_id": "S", "path": str(tmp_path / "ens.h5ad"),
+                          "pixel_size_um": 1.0, "gene_names": "other"})
+    assert list(source.adata.var_names) == [f"o{i}" for i in range(len(GENES))]
+    with pytest.raises(He2stError, match=r"ens.h5ad: gene_names: var has no column 'symbols' \(columns: feature_name"):
+        read_h5ad_sample(tmp_path / "ens.h5ad", None, 1.0, sample_id="S", gene_names="symbols")
+    # symbols already: var_names kept whatever columns the file has
+    adata.var_names = [s or f"X{i}" for i, s in enumerate(symbols)]
+    adata.var_names_make_unique()
+    adata.write_h5ad(tmp_path / "sym.h5ad")
+    named = read_h5ad_sample(tmp_path / "sym.h5ad", None, 1.0, sample_id="S").adata
+    assert list(named.var_names) == list(adata.var_names) and "gene_ids" not in named.var
+
+
 def test_h5ad_counts_come_from_the_counts_layer_and_fractional_counts_are_named(tmp_path):
     """A normalised ``X`` with the raw counts in ``layers['counts']`` (the scverse convention) gives the counts;
     a file with only normalised values is read with one warning naming it, since he2st would normalise them

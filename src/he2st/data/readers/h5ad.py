@@ -1,10 +1,13 @@
 """Any AnnData ``.h5ad`` with raw counts in ``X`` and spot centres in ``obsm['spatial']`` (scverse convention).
 
-Such a file does not know its image's pixel size, so the source must give ``pixel_size_um``.
+Such a file does not know its image's pixel size, so the source must give ``pixel_size_um``. Files keyed by
+Ensembl ids (CELLxGENE's schema, many portal exports) name their genes by symbol in a ``var`` column; he2st's
+signatures, markers and the genes a user asks for are symbols, so that column names the genes.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -18,15 +21,25 @@ from he2st.data.sample import VISIUM_SPOT_UM, Sample, build_adata
 from he2st.data.sample_header import id_from_file
 from he2st.errors import He2stError
 
+#: ``var`` columns holding gene symbols, looked for in this order when the genes are keyed by Ensembl ids:
+#: CELLxGENE's schema, scanpy's ``read_10x_*`` and common spellings
+SYMBOL_COLUMNS: tuple[str, ...] = ("feature_name", "gene_symbols", "gene_symbol", "gene_name", "gene_names", "symbol")
+#: an Ensembl gene id of any species (ENSG, ENSMUSG, ...), with or without its version
+_ENSEMBL_ID = re.compile(r"ENS[A-Z]*G\d{6,}(\.\d+)?")
+
 
 @register_reader("h5ad")
 class H5adSource(SourceOptions):
     """A ``.h5ad`` (``path``) and the image its ``obsm['spatial']`` is in (``image``)."""
 
     pixel_size_um: float = Field(gt=0, description="µm/px of the image (an .h5ad does not record it)")
+    gene_names: str = Field(
+        "auto", description="var column naming the genes; 'auto': a symbol column when var_names are Ensembl ids; "
+        "'index': var_names")
 
     def read(self) -> Sample:
-        return read_h5ad_sample(self.path, self.image, self.pixel_size_um, self.sample_id, self.patient_id)
+        return read_h5ad_sample(self.path, self.image, self.pixel_size_um, self.sample_id, self.patient_id,
+                                gene_names=self.gene_names)
 
 
 def read_h5ad_sample(
@@ -38,12 +51,15 @@ def read_h5ad_sample(
     spot_diameter_um: float = VISIUM_SPOT_UM,
     technology: str = "h5ad",
     dataset: str | None = None,
+    gene_names: str = "auto",
 ) -> Sample:
     """Any AnnData with raw counts in ``layers['counts']`` (where scverse keeps them once ``X`` is normalised),
     else in ``X``, and spot centres (x, y) in ``obsm['spatial']``. Without
     ``sample_id``, the sample is named by the file's own library id (the one key of ``uns['spatial']``, the
     scverse convention), else by the file's stem. The file's spot annotations (``obs`` columns) are kept, a
-    ``barcode`` column that differs from the spot ids as ``barcode_original`` (:func:`_kept_annotations`)."""
+    ``barcode`` column that differs from the spot ids as ``barcode_original`` (:func:`_kept_annotations`).
+    ``gene_names``: the ``var`` column naming the genes (:func:`gene_names_of`); the ids it replaces are kept
+    in ``var['gene_ids']``."""
     path = require(Path(path), "AnnData file")
     try:
         adata = ad.read_h5ad(path)
@@ -65,8 +81,10 @@ def read_h5ad_sample(
     X = adata.layers.get("counts", adata.X)
     if not np.issubdtype((X.data if sp.issparse(X) else np.asarray(X)).dtype, np.number):
         raise He2stError(f"{where} must hold raw counts (numbers)", path)
-    built = build_adata(X, list(adata.obs_names), list(adata.var_names), np.asarray(adata.obsm["spatial"])[:, :2],
-                        where=path)
+    names = gene_names_of(adata.var, gene_names, path)
+    built = build_adata(X, list(adata.obs_names), names, np.asarray(adata.obsm["spatial"])[:, :2], where=path)
+    if names != list(adata.var_names.astype(str)):
+        built.var["gene_ids"] = adata.var_names.astype(str).to_numpy()
     for col, values in _kept_annotations(adata.obs, str(built.obs.index.name)).items():
         built.obs[col] = values
     sid = sample_id or _own_library_id(adata, path) or path.stem
@@ -83,6 +101,27 @@ def read_h5ad_sample(
     )
     sample.validate()
     return sample
+
+
+def gene_names_of(var: pd.DataFrame, column: str, path: Path) -> list[str]:
+    """The genes' names: the ``var`` column ``column`` (``'index'``: ``var_names``). ``'auto'`` takes the first
+    of :data:`SYMBOL_COLUMNS` present when most ``var_names`` are Ensembl ids, else ``var_names``. A gene whose
+    symbol is missing or empty keeps its ``var_names`` entry; a symbol shared by several ids is made unique
+    as any duplicate name is (:func:`~he2st.data.sample.build_adata`)."""
+    ids = var.index.astype(str)
+    if column == "index":
+        return list(ids)
+    if column == "auto":
+        ensembl = np.mean([_ENSEMBL_ID.fullmatch(name) is not None for name in ids]) > 0.5 if len(ids) else False
+        column = next((c for c in SYMBOL_COLUMNS if c in var.columns), "index") if ensembl else "index"
+        if column == "index":
+            return list(ids)
+    if column not in var.columns:
+        raise He2stError(f"gene_names: var has no column {column!r} (columns: {', '.join(map(str, var.columns)) or 'none'}"
+                         "; 'index' names the genes by var_names)", path)
+    symbols = var[column].astype("string").str.strip()
+    missing = symbols.isna() | (symbols == "")
+    return [i if gone else str(s) for i, s, gone in zip(ids, symbols.fillna(""), missing, strict=True)]
 
 
 def _kept_annotations(obs: pd.DataFrame, index_name: str) -> dict[str, np.ndarray | pd.api.extensions.ExtensionArray]:
