@@ -136,3 +136,30 @@ def test_tls_calls_follow_what_the_model_measured_of_the_score_itself(tmp_path):
     swapped = measured | {"expected_r_low": 0.05, "genes": sorted([*CHEMOKINES[:11], "CD3E"])}
     same_count = _prediction(tmp_path / "s.h5ad", CHEMOKINES, expected_r_low=0.4, scores={"chemokine-12": swapped})
     assert "this section" in detect_tls(same_count, tmp_path, "chemokine-12").threshold_source
+
+
+@pytest.mark.parametrize("command, drawer, written", [
+    ("tls", "draw_tls_map", "good.tls.h5ad"), ("localize", "draw_cancer_map", "good.localize.csv")])
+def test_calls_whose_map_cannot_be_drawn_are_not_left_behind(tmp_path, monkeypatch, command, drawer, written):
+    """The map is drawn after the calls are written; when drawing fails, the calls go too (one error line), so
+    no output passes for a finished result without its map."""
+    from in_process import run_cli
+
+    from he2st.errors import He2stError
+    from he2st.report import plots
+
+    path = _prediction(tmp_path / "good.h5ad", CHEMOKINES + ["EPCAM", "KRT8", "KRT18", "KRT19", "ERBB2"],
+                       expected_r_low=0.4)
+
+    def fails(adata, png):
+        raise He2stError("cannot be written (no space left on device)", png)
+
+    monkeypatch.setattr(plots, drawer, fails)
+    args = ["--signature", "chemokine-12"] if command == "tls" else ["--force"]
+    result = run_cli(command, path, "--out", tmp_path / "out", *args)
+    assert result.returncode == 2 and "no space left on device" in result.stderr, result.stderr
+    assert not (tmp_path / "out" / written).exists() and not (tmp_path / "out" / "good.png").exists()
+    monkeypatch.undo()
+    result = run_cli(command, path, "--out", tmp_path / "out", *args)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / written).exists() and (tmp_path / "out" / written).with_suffix(".png").exists()

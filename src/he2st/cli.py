@@ -345,7 +345,7 @@ def tls(
     """TLS score per spot (her2st's published model or any weighted gene list), calls and connected regions,
     written into <out>/<name>.tls.h5ad with a map over the H&E (<name>.tls.png)."""
     _overwrite(overwrite)
-    from he2st.report.plots import draw_tls_map
+    from he2st.report.plots import draw_beside, draw_tls_map
     from he2st.workflows.tls import detect_tls
 
     result = detect_tls(prediction, out or prediction.parent, signature, threshold, quantile,
@@ -360,7 +360,7 @@ def tls(
         _echo(f"against the measured sample: r {result.agreement['pearson']:.3f}, AUROC for its top-decile spots "
               f"{result.agreement['auroc_top_decile']:.3f}, precision of the calls "
               f"{result.agreement.get('precision', float('nan')):.3f}")
-    _echo(f"written: {result.path} and {draw_tls_map(result.adata, result.path.with_suffix('.png'))}")
+    _echo(f"written: {result.path} and {draw_beside(result.path, draw_tls_map, result.adata)}")
 
 
 @app.command()

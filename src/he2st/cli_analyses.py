@@ -143,7 +143,7 @@ def localize(
     """Cancer spots from a biomarker signature: per-spot score (mean of the genes' within-section z-scores),
     calls, and a table <out>/<name>.localize.csv with a map over the H&E (<name>.localize.png)."""
     from he2st.io import allow_overwrite
-    from he2st.report.plots import draw_cancer_map
+    from he2st.report.plots import draw_beside, draw_cancer_map
     from he2st.workflows.localize import localize as run_localize
 
     allow_overwrite(overwrite)
@@ -160,7 +160,7 @@ def localize(
                     f"cancer-labelled spots ({result.agreement['cancer_share']:.0%} of its labelled spots)"
                     if "auroc" in result.agreement else "")
         typer.echo(f"against the measured sample: r {result.agreement['pearson']:.3f}{labelled}")
-    typer.echo(f"written: {result.path} and {draw_cancer_map(result.adata, result.path.with_suffix('.png'))}")
+    typer.echo(f"written: {result.path} and {draw_beside(result.path, draw_cancer_map, result.adata)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -12,6 +12,7 @@ colour bars name that scale.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -479,6 +480,16 @@ def called_map(adata: ad.AnnData, path: str | Path, score: np.ndarray, called: n
                                         offsets=view.xy[np.asarray(called, dtype=bool)], offset_transform=ax.transData,
                                         facecolors="none", edgecolors="black", linewidths=1.0))
     return save_figure(fig, path)
+
+
+def draw_beside(output: Path, draw: Callable[[ad.AnnData, Path], Path], adata: ad.AnnData) -> Path:
+    """``draw``'s map of ``adata`` as ``output`` with the suffix ``.png``, beside that output just written. When
+    the map cannot be drawn the output goes too: calls without their map would pass for a finished result."""
+    try:
+        return draw(adata, output.with_suffix(".png"))
+    except BaseException:
+        output.unlink(missing_ok=True)
+        raise
 
 
 def draw_tls_map(adata: ad.AnnData, path: str | Path) -> Path:
