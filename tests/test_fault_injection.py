@@ -109,7 +109,7 @@ def assert_same(reference: Path, rerun: Path) -> None:
                 assert np.array_equal(a[key], b[key]), key
         else:
             assert a[key] == b[key], key
-    leftovers = [p for p in rerun.rglob("*") if re.search(r"\.he2st-\d+-|\.partial\.h5$", p.name)]
+    leftovers = [p for p in rerun.rglob("*") if re.search(r"\.he2st-\d+@|\.partial\.h5$", p.name)]
     assert not leftovers, leftovers  # temporary files of the killed run were swept, partial files finished
 
 

@@ -68,6 +68,29 @@ def test_a_failed_write_keeps_the_old_output_and_leaves_no_temporary_file(tmp_pa
     assert target.read_text() == "old" and _entries(tmp_path) == {"r.csv", MARKER}
 
 
+def test_temporary_files_of_dead_writers_of_this_machine_are_swept_and_no_others(tmp_path, monkeypatch):
+    """A temporary sibling names its writer's process and machine. A killed writer's is removed by the next
+    write of the target; a live process's, and any of another machine writing into a shared folder (whose
+    process ids mean nothing here), are kept. A name without a machine (older he2st) counts as this machine's."""
+    import socket
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-7.cluster")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    names = {"dead_here": f".r.csv.he2st-{dead}@node_7.cluster-abc.part",
+             "dead_unnamed": f".r.csv.he2st-{dead}-abd.part",
+             "alive_here": f".r.csv.he2st-{os.getpid()}@node_7.cluster-abe.part",
+             "other_machine": f".r.csv.he2st-{dead}@node_8.cluster-abf.part"}
+    for name in names.values():
+        (tmp_path / name).write_text("x")
+    with atomic_path(tmp_path / "r.csv") as tmp:
+        assert tmp.name.startswith(f".r.csv.he2st-{os.getpid()}@node_7.cluster-")
+        tmp.write_text("new")
+    assert _entries(tmp_path) == {"r.csv", MARKER, names["alive_here"], names["other_machine"]}
+
+
 def test_wrong_kinds_are_one_line(tmp_path):
     (tmp_path / "folder.h5ad").mkdir()
     (tmp_path / "file").write_text("x")

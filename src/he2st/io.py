@@ -341,20 +341,28 @@ def forget_created() -> None:
     _created.clear()
 
 
+def _host() -> str:
+    """This machine's name as it goes into temporary names: letters, digits and dots (no ``-``, which ends it)."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "_"
+
+
 def _temp_prefix(target: Path) -> str:
-    """Temporary siblings are named after the target and the process writing them (see :func:`sweep_stale`)."""
-    return f".{target.name}.he2st-{os.getpid()}-"
+    """Temporary siblings are named after the target and the process writing them, with its machine: on a shared
+    file system a process id says nothing of another machine's processes (see :func:`sweep_stale`)."""
+    return f".{target.name}.he2st-{os.getpid()}@{_host()}-"
 
 
 def sweep_stale(target: str | Path) -> None:
-    """Remove temporary siblings of ``target`` left by he2st processes that were killed mid-write (the process
-    named in the temporary name no longer runs on this machine); those of running processes are kept."""
+    """Remove temporary siblings of ``target`` left by he2st processes of this machine that were killed
+    mid-write (the process named in the temporary name no longer runs here); those of running processes, and
+    those another machine writes into a shared folder, are kept. A name without a machine is this machine's."""
     target = Path(target)
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.he2st-(\d+)-")
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.he2st-(\d+)(?:@([A-Za-z0-9._]+))?-")
+    here = _host()
     with contextlib.suppress(OSError):
         for entry in target.parent.iterdir():
             found = pattern.match(entry.name)
-            if found is None or _alive(int(found.group(1))):
+            if found is None or found.group(2) not in (None, here) or _alive(int(found.group(1))):
                 continue
             with contextlib.suppress(OSError):
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
