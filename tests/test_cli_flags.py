@@ -43,3 +43,20 @@ def test_flags_mean_the_same_in_every_command():
     assert option(tls, "--model") is None and "TLS gene model" in option(tls, "--signature").help
     for name in ("stack", "survival", "predict", "tls", "report", "plot", "evaluate"):
         assert not option(every[name], "--out").required, name
+
+
+def test_help_states_the_defaults_the_settings_have():
+    """Defaults written into help texts (the CLI module does not import the settings, to start fast) are
+    the settings' own, and no help hides one in square brackets, which the help's markup would drop."""
+    from rich.markup import RE_TAGS
+
+    from he2st.workflows.config import BenchmarkConfig
+
+    every = commands()
+    methods = option(every["benchmark"], "--methods").help
+    assert methods.endswith(f"(default: {', '.join(BenchmarkConfig.model_fields['methods'].default_factory())})")
+    assert BenchmarkConfig.model_fields["folds"].default_factory().scheme == "lopo"
+    assert "lopo (leave one patient out, the default)" in option(every["benchmark"], "--folds").help
+    for name, command in every.items():
+        for param in command.params:
+            assert not RE_TAGS.search(getattr(param, "help", None) or ""), (name, param.name, param.help)

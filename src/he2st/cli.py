@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from he2st.workflows.adapt import Adapted
 
 app = typer.Typer(no_args_is_help=True, add_completion=True, help="Predict spatial gene expression from H&E.")
-data_app = typer.Typer(no_args_is_help=True, help="Public datasets: list and fetch.")
+data_app = typer.Typer(no_args_is_help=True, help="Public datasets: list, fetch, export-hest.")
 app.add_typer(data_app, name="data")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
@@ -402,8 +402,9 @@ def evaluate(
 def benchmark(
     config: ConfigOpt = None, set_: SetOpt = None, work_dir: WorkOpt = None,
     dataset: Annotated[str | None, typer.Option(help="prepare this dataset first if the work folder is empty")] = None,
-    methods: Annotated[str | None, typer.Option(help="comma-separated methods")] = None,
-    folds: Annotated[str | None, typer.Option(help="lopo (leave one patient out) or loso")] = None,
+    methods: Annotated[str | None, typer.Option(
+        help="comma-separated methods (default: ensemble, bleep_faithful, bleep, ridge, ridge_cv, mlp, knn)")] = None,
+    folds: Annotated[str | None, typer.Option(help="lopo (leave one patient out, the default) or loso")] = None,
     ablation: Annotated[bool | None, typer.Option("--ablation/--no-ablation", help="also run each method with one component switched off at a time")] = None,
     name: Annotated[str | None, typer.Option(help="results folder name under <work>/runs/")] = None,
     engine: Annotated[str | None, typer.Option(

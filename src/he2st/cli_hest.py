@@ -28,7 +28,7 @@ def hest_bench(
         "--out", "-o", help="output folder for the results (default ./hest-bench-results)")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None,
     set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="override a setting, e.g. --set embed.batch_size=32 --set method_options.knn.k=20")] = None,
+        "--set", help="override a setting, e.g. --set embed.batch_size=32 --set method_options.knn.top_k=20")] = None,
 ) -> None:
     """Run HEST-Benchmark's tasks: the hest-ridge row exactly as HEST's linear probe (comparable with its
     table) and he2st methods on the same splits and genes, each scored HEST's way (pooled test spots) and

@@ -17,8 +17,8 @@ from he2st.io import comma_list
 
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", help="checkpoint from `he2st train`, or a ready-made model's name (he2st models list)")]
-GenesOpt = Annotated[str | None, typer.Option(help="comma-separated genes (default: predict all panel genes; "
-                                                    "plot the most variable)")]
+GenesOpt = Annotated[str | None, typer.Option(help="comma-separated genes to show (default: the most predictable, "
+                                                    "by their expected r; else the most variable)")]
 SampleOpt = Annotated[Path | None, typer.Option("--sample", help="measured he2st sample .h5ad to compare with")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace existing outputs that he2st did not write "
                                                              "(default: refuse them)")]
@@ -28,7 +28,7 @@ def predict(
     model: ModelOpt,
     slide: Annotated[list[Path] | None, typer.Option(
         "--slide", "-s", help="whole-slide image (SVS, NDPI, TIFF, JPEG, ...); repeat it for several slides")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder [he2st-predictions]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: he2st-predictions)")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML with PredictConfig fields")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a setting: key=value (repeatable)")] = None,
     mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel (default: from the file)")] = None,
@@ -50,7 +50,7 @@ def predict(
     batch_size: Annotated[int | None, typer.Option(help="encoder batch size [64]")] = None,
     weights: Annotated[Path | None, typer.Option(
         help="encoder weights file (default: as the model's training features)")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1, ... [auto]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1, ... (default: auto)")] = None,
     stain: Annotated[str | None, typer.Option(
         help="none, macenko or reinhard (default: as the model's training features)")] = None,
     tta: Annotated[str | None, typer.Option(
@@ -58,7 +58,7 @@ def predict(
     library_id: Annotated[str | None, typer.Option(help="output name (default: slide file stem; sample id with --spots-from)")] = None,
     maps: Annotated[bool, typer.Option("--maps/--no-maps", help="also write maps.png into <out>/<library-id>/")] = True,
     format: Annotated[str | None, typer.Option(
-        "--format", help="h5ad, or zarr: also a SpatialData store <out>/<library-id>.zarr [h5ad]")] = None,
+        "--format", help="h5ad, or zarr: also a SpatialData store <out>/<library-id>.zarr (default: h5ad)")] = None,
     manifest: Annotated[Path | None, typer.Option(
         help="CSV of slides (columns slide[, mpp, spots_from, out]): one task per slide")] = None,
     engine: Annotated[str, typer.Option(help="for several slides: local (a process pool) or ray")] = "local",
@@ -69,7 +69,7 @@ def predict(
 ) -> None:
     """Predict expression over a new slide: hexagonal spots on detected tissue -> one .h5ad (resumable).
 
-    Settings (PredictConfig) come from defaults < --config YAML < --set key=value < the flags above.
+    Settings (PredictConfig) come from defaults < --config YAML < --set key=value < the flags.
     Exit status: 0 every slide predicted; 1 some slides failed (each named in an `error:` line on stderr,
     the others written, all listed in <out>/index.csv); 2 bad input before any work (one `error:` line).
     A ready-made model (--model NAME) is downloaded or built into the models cache on first use."""
