@@ -249,6 +249,50 @@ def test_a_tiny_section_has_no_say_and_an_undefined_gene_is_nan():
 
 
 
+def test_every_patient_keeps_its_say_in_a_gene_whatever_its_sections_define():
+    """A gene constant in one of a patient's two sections leaves that patient's other section with the
+    patient's whole say; a flat predicted map of a gene that varies counts as r = 0 (it says nothing of the
+    gene), not as a section left out, which would credit the gene with the patients the model follows."""
+    from he2st.methods.calibration import _gene_predictability
+
+    rng = np.random.default_rng(0)
+    samples = np.repeat(["a1", "a2", "b1"], 200)
+    groups = np.repeat(["A", "A", "B"], 200)
+    true = rng.normal(size=(600, 3))
+    pred = true.copy()
+    a = groups == "A"
+    pred[a] = true[a] + 0.5 * rng.normal(size=(a.sum(), 3))  # patient A: r about 0.9
+    pred[~a] = rng.normal(size=((~a).sum(), 3))  # patient B: r about 0
+    true[samples == "a2", 1] = 2.0  # gene 1 constant in a2: a1 speaks for patient A alone
+    pred[samples == "b1", 2] = 0.0  # gene 2: a flat map on patient B
+    expected, _, _ = _gene_predictability(pred, true, samples, groups)
+    z = lambda r: np.arctanh(r)  # noqa: E731
+    with np.errstate(invalid="ignore", divide="ignore"):  # the constant columns' correlations are not used
+        per = {s: np.array([np.corrcoef(pred[samples == s, g], true[samples == s, g])[0, 1] for g in range(3)])
+               for s in ("a1", "a2", "b1")}
+    equal_say = np.tanh((z(per["a1"][1]) + z(per["b1"][1])) / 2)
+    assert expected[1] == pytest.approx(equal_say, abs=1e-5)
+    assert expected[2] == pytest.approx(np.tanh((z(per["a1"][2]) + z(per["a2"][2])) / 4), abs=1e-5)
+    assert expected[2] < 0.6 < expected[0]
+
+
+def test_the_interval_kind_is_chosen_with_every_patient_held_out_alone():
+    """With more patients than inner folds, a fold holds several; the choice between constant and
+    difficulty-scaled intervals still scores each patient alone with an equal say, so three large patients
+    whose errors grow with difficulty do not outvote three small ones whose errors shrink with it."""
+    from he2st.methods.calibration import _difficulty_pays
+
+    rng = np.random.default_rng(1)
+    sizes = {"A": 1500, "B": 1500, "C": 1500, "D": 60, "E": 60, "F": 60}
+    groups = np.concatenate([[g] * n for g, n in sizes.items()])
+    difficulty = rng.uniform(0.5, 2.0, len(groups))
+    large = np.isin(groups, ["A", "B", "C"])
+    scale = np.where(large, difficulty, 4.0 / difficulty)
+    residuals = np.abs(rng.normal(size=(len(groups), 4)) * scale[:, None])
+    assert _difficulty_pays(residuals, difficulty, groups) is False
+    assert _difficulty_pays(residuals[large], difficulty[large], groups[large]) is True
+
+
 def test_metrics_on_known_values():
     rng = np.random.default_rng(0)
     truth = rng.normal(size=(200, 5))

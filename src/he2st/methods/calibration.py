@@ -20,7 +20,7 @@ from he2st.data.spots import SpotSet
 from he2st.errors import He2stError
 from he2st.methods.base import Method
 from he2st.methods.reliability import MAX_SCORES, FeatureDistance, Reliability, conformal_quantile
-from he2st.stats import pearson_per_gene
+from he2st.stats import constant_columns, pearson_per_gene
 
 LOWER_BOUND_LEVEL = 0.9  # one-sided confidence of expected_r_low
 OOD_LEVEL = 0.99  # quantile of held-out patients' difficulty above which a spot is flagged
@@ -72,7 +72,7 @@ def estimate_reliability(method: Method, spots: SpotSet, seed: int = 0,
         distance=FeatureDistance.fit(spots.features, seed=seed),
         ood_threshold=float(conformal_quantile(difficulty[:, None], group_weights(groups), OOD_LEVEL)[0]),
         ood_level=OOD_LEVEL,
-        normalised=_difficulty_pays(residuals, difficulty, groups, folds),
+        normalised=_difficulty_pays(residuals[rows], difficulty[rows], groups[rows]),
         held_out=[[str(g) for g in fold] for fold in folds],
         units="samples" if np.array_equal(groups, samples) else "patients", n_sections=n_sections,
         scores=_score_predictability(scores or {}, predicted, measured, genes, samples, groups))
@@ -114,22 +114,24 @@ def _score_predictability(scores: dict[str, SectionScore], predicted: np.ndarray
     return out
 
 
-def _difficulty_pays(residuals: np.ndarray, difficulty: np.ndarray, groups: np.ndarray, folds: list[np.ndarray],
+def _difficulty_pays(residuals: np.ndarray, difficulty: np.ndarray, groups: np.ndarray,
                      coverage: float = 0.9) -> bool:
     """Whether intervals scaled by each spot's difficulty beat constant-width ones on the training patients.
 
-    Each held-out group in turn is scored with intervals calibrated on the other groups' held-out spots; the
-    two kinds are compared by their mean interval score (Winkler's: width plus 2/alpha times the distance by
-    which a value falls outside), a proper scoring rule that rewards narrow intervals only while they cover.
+    Each held-out group (patient, or sample) in turn is scored with intervals calibrated on the other groups'
+    held-out spots (all of them held out by models that never saw them, so no refit is needed), every group
+    with an equal say in the calibration and in the comparison, as in the intervals themselves; the two kinds
+    are compared by their mean interval score (Winkler's: width plus 2/alpha times the distance by which a
+    value falls outside), a proper scoring rule that rewards narrow intervals only while they cover.
     Difficulty pays where image novelty tracks the size of the errors; where it does not, scaling by it only
     moves width from where it is needed. With one group there is nothing to compare on: constant width."""
     labels = np.asarray(groups).astype(str)
-    if len(folds) < 2:
+    if len(np.unique(labels)) < 2:
         return False
     alpha = 1.0 - coverage
     scores = {False: [], True: []}
-    for fold in folds:
-        test = np.isin(labels, fold)
+    for group in np.unique(labels):
+        test = labels == group
         calib = ~test
         for normalised in (False, True):
             s_cal = np.ones(calib.sum()) if not normalised else np.maximum(difficulty[calib], 1e-12)
@@ -168,27 +170,32 @@ def group_weights(groups: np.ndarray) -> np.ndarray:
 
 def _gene_predictability(pred: np.ndarray, true: np.ndarray, samples: np.ndarray, groups: np.ndarray
                          ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Each gene's expected Pearson on a new patient and a one-sided lower bound of it (NaN for a gene with
-    no defined Pearson in any held-out section: constant there, or measured nowhere).
+    """Each gene's expected Pearson on a new patient and a one-sided lower bound of it (NaN for a gene
+    measured constant in every held-out section, or measured nowhere).
 
     Per-section correlations are averaged on Fisher's z scale (correlations are bounded and skewed near their
     limits), each held-out patient (or sample, when samples are the groups) with an equal say: sections of one
     patient are alike, and a patient cut into many sections would otherwise outvote the rest. Within a patient
-    each section weighs by its Fisher-z precision, n - 3 for n spots, and a section of fewer than
-    ``MIN_SECTION_SPOTS`` spots does not count (a patient left with none has no say). The bound uses the t
-    quantile with Kish's effective number of sections; with one section it is -1 (nothing is known of the
-    spread between sections)."""
+    each section weighs by its Fisher-z precision, n - 3 for n spots, among the sections that count for the
+    gene. A section counts unless it has fewer than ``MIN_SECTION_SPOTS`` spots or the gene's measured values
+    are constant there (no pattern to follow); a patient left with none has no say. Where the measured values
+    vary but the prediction is constant, the section counts as r = 0: a flat map says nothing of the gene, and
+    leaving such sections out would credit the gene with the patients where the model does follow it. The
+    bound uses the t quantile with Kish's effective number of sections; with one section it is -1 (nothing is
+    known of the spread between sections)."""
     samples, groups = samples.astype(str), np.asarray(groups).astype(str)
     sections = np.unique(samples)
     per_section = np.stack([pearson_per_gene(pred[samples == s], true[samples == s]) for s in sections])
+    flat_map = np.stack([~constant_columns(true[samples == s]) for s in sections]) & np.isnan(per_section)
+    per_section[flat_map] = 0.0
     group_of = np.array([groups[samples == s][0] for s in sections])
     n_spots = np.array([(samples == s).sum() for s in sections])
     precision = np.where(n_spots >= MIN_SECTION_SPOTS, n_spots - 3.0, 0.0)
-    of_group = np.array([precision[group_of == g].sum() for g in group_of])
-    weight = np.divide(precision, of_group, out=np.zeros_like(precision), where=of_group > 0)[:, None]
     z = np.arctanh(np.clip(per_section, -0.999, 0.999))
     ok = np.isfinite(z)
-    w = np.where(ok, weight, 0.0)
+    counted = np.where(ok, precision[:, None], 0.0)  # (sections, genes)
+    of_group = np.stack([counted[group_of == g].sum(0) for g in group_of])  # each section's patient's total, per gene
+    w = np.divide(counted, of_group, out=np.zeros_like(counted), where=of_group > 0)
     total = w.sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = (w * np.where(ok, z, 0.0)).sum(0) / total
@@ -197,6 +204,6 @@ def _gene_predictability(pred: np.ndarray, true: np.ndarray, samples: np.ndarray
         spread = np.sqrt(var * n_eff / np.maximum(n_eff - 1, 1e-12))  # unbiased sd with n_eff sections
         t = stats.t.ppf(LOWER_BOUND_LEVEL, np.maximum(n_eff - 1, 1))
         low = np.where(n_eff > 1.5, mean - t * spread / np.sqrt(n_eff), -np.inf)
-    expected = np.tanh(mean)  # NaN where no section defines the gene's Pearson
+    expected = np.tanh(mean)  # NaN where no section counts
     lower = np.where(np.isfinite(low), np.tanh(np.nan_to_num(low, nan=-10.0)), np.where(np.isnan(mean), np.nan, -1.0))
     return expected.astype(np.float32), np.minimum(lower, expected).astype(np.float32), len(sections)

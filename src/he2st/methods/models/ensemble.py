@@ -424,9 +424,11 @@ class Ensemble(Method):
     def _cross_fitted(self, members: np.ndarray, spots: SpotSet, groups: np.ndarray, held_out: list[np.ndarray],
                       mode: Mode) -> np.ndarray:
         """The members' held-out predictions (spots, genes, members) combined fold by fold, each by a combination
-        fitted (under ``mode``) on the other folds only, so that the ensemble's own out-of-fold predictions --
-        what its reliability estimate is made of -- owe their weights and scale nothing to the measured values
-        they are scored against. (Each member's variant, chosen on all folds, is kept as chosen.)"""
+        fitted (under ``mode``) on the other folds only, so that the weights and scale that combine the ensemble's
+        own out-of-fold predictions -- what its reliability estimate is made of -- are not fitted on the measured
+        values they are scored against. The link left is indirect: the other folds' predictions come from member
+        models that trained on this fold (removing it would take a fit per pair of folds). Each member's variant,
+        chosen on all folds, is kept as chosen."""
         combined = np.empty(members.shape[:2], np.float32)
         labels = groups.astype(str)
         for fold in held_out:
