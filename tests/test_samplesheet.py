@@ -135,3 +135,64 @@ def test_folder_search_skips_the_work_folder_and_other_he2st_outputs(tmp_path: P
     assert [s["sample_id"] for s in discover_sources(root, work_dir=root / "x" / ".." / "fresh")] == ["st_A"]
     with pytest.warns(He2stWarning, match="for sample new"):  # no image, no pixel size: it is a section here
         assert sorted(s["sample_id"] for s in discover_sources(root)) == ["new", "st_A"]
+
+
+def test_folder_search_finds_downloaded_visium_hest_patients_and_exact_st_images(tmp_path: Path) -> None:
+    """Found as a user downloads them: a Visium section without ``outs/`` (10x's download page: a prefixed
+    matrix beside ``spatial/`` and the H&E, Space Ranger's own images left aside); HEST samples grouped by the
+    patient their metadata names (``Patient 27`` made an id); legacy ST sections whose images share a prefix
+    (``A1``, ``A10``) each with its own image."""
+    from synthetic import counts_for, write_hest
+
+    root = tmp_path / "study"
+    xy = spot_grid(4, 4, 80, (200, 200))
+    write_space_ranger(root / "V7", xy, np.ones((16, 3), int), ["a", "b", "c"], 60.0, prefix="V7_")
+    for name in ("spatial/tissue_hires_image.png", "V7_image.tif"):
+        Image.fromarray(tissue_image(600, 600)).save(root / "V7" / name)
+    for f in (root / "V7" / "spatial").glob("V7_*"):
+        f.rename(f.with_name(f.name.removeprefix("V7_")))  # spatial/ as the tarball unpacks: names unprefixed
+    genes = ["a", "b", "c"]
+    for sid, patient in (("NCBI1", "Patient 27"), ("NCBI2", "Patient 27"), ("NCBI3", float("nan"))):
+        write_hest(root / "hest", sid, tissue_image(400, 400), 0.5, xy, counts_for(xy, genes), genes, patient=patient)
+    st = root / "st"
+    for sid, seed in (("A1", 1), ("A10", 2)):
+        files = write_st_section(tmp_path / sid, seed=seed)
+        st.mkdir(exist_ok=True)
+        for kind, f in files.items():
+            f.rename(st / f"{sid}_{f.name}" if kind != "image" else st / f"{sid}.jpg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", He2stWarning)
+        found = {s["sample_id"]: s for s in discover_sources(root)}
+    assert found["V7"]["reader"] == "visium" and str(found["V7"]["image"]).endswith("V7_image.tif")
+    assert [found[s].get("patient_id") for s in ("NCBI1", "NCBI2", "NCBI3")] == ["Patient_27", "Patient_27", None]
+    assert str(found["A1"]["image"]).endswith("A1.jpg") and str(found["A10"]["image"]).endswith("A10.jpg")
+    with pytest.warns(He2stWarning, match=r"no patient for 4 sample\(s\)"):
+        patients = {s["sample_id"]: s["patient_id"] for s in with_default_patients(list(found.values()), root)}
+    assert patients["NCBI1"] == patients["NCBI2"] == "Patient_27" and patients["NCBI3"] == "NCBI3"
+    sheet_row = [{"sample_id": "NCBI2", "reader": "hest", "path": str(root / "hest")}]  # a sheet's empty patient
+    assert with_default_patients(sheet_row, root)[0]["patient_id"] == "Patient_27"
+    from he2st.data.readers import read_source
+
+    sample = read_source(found["V7"] | {"patient_id": "P"})
+    assert sample.n_spots == 16
+
+
+def test_hest_metadata_without_a_spot_diameter_or_with_a_spaced_patient_reads(tmp_path: Path) -> None:
+    """HEST's Xenium rows leave ``spot_diameter`` empty (NaN in the JSON) and its table writes patients as
+    ``Patient 1``: the default spot diameter and a cleaned patient id, not NaN in the saved sample or a refusal."""
+    import json
+
+    from synthetic import counts_for, write_hest
+
+    from he2st.data.readers.hest import read_hest
+
+    xy = spot_grid(3, 3, 80, (100, 100))
+    write_hest(tmp_path, "TENX9", tissue_image(400, 400), 0.5, xy, counts_for(xy, ["a", "b"]), ["a", "b"],
+               patient="Patient 1")
+    meta = tmp_path / "metadata" / "TENX9.json"
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"spot_diameter": float("nan")}))
+    sample = read_hest(tmp_path, "TENX9")
+    assert sample.patient_id == "Patient_1" and sample.spot_diameter_um == 55.0
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"pixel_size_um_estimated": float("nan"),
+                                                               "pixel_size_um_embedded": 0.25}))
+    assert read_hest(tmp_path, "TENX9").pixel_size_um == 0.25

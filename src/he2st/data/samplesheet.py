@@ -7,9 +7,11 @@ optionally ``pixel_size_um``, ``spots_file`` or any other field of a sample sour
 
 :func:`discover_sources` finds, under a folder: Space Ranger ``outs/`` folders (``visium``; ``visium_hd``
 when ``binned_outputs/`` is there), with the one slide image beside ``outs/`` when there is exactly one;
-HEST-1k roots (``st/``, ``wsis/``, ``metadata/``: ``hest``); legacy ST triples in one folder (a counts
-table, a spot file, an image: ``st``); and any other ``.h5ad`` (``h5ad``, pixel size from its Visium
-scale factors when it has them). Folders he2st wrote into (work folders, predictions, exports: they hold its
+Visium sections as 10x's and GEO's download pages ship them (a ``*filtered_feature_bc_matrix.h5``
+beside ``spatial/``, no ``outs/``: ``visium``, the image in the same folder); HEST-1k roots (``st/``,
+``wsis/``, ``metadata/``: ``hest``, each sample's patient from its metadata); legacy ST triples in one
+folder (a counts table, a spot file, an image sharing its first name part: ``st``); and any other
+``.h5ad`` (``h5ad``, pixel size from its Visium scale factors when it has them). Folders he2st wrote into (work folders, predictions, exports: they hold its
 ``.he2st-output`` marker) are not searched, nor the work folder being prepared: their ``.h5ad`` files are
 he2st's outputs, not sections, and a re-run from the same folder must not find them.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 import anndata as ad
 import pandas as pd
 
+from he2st.data.readers.hest import metadata_patient, read_metadata
 from he2st.data.readers.visium import full_resolution_pixel_um
 from he2st.errors import He2stError, He2stWarning
 from he2st.io import MARKER, name_from_stem, write_text_atomic
@@ -32,6 +35,10 @@ REQUIRED = ("sample", "reader", "path")
 RENAMED = {"sample": "sample_id", "patient": "patient_id"}
 PATH_FIELDS = ("path", "image", "spots_file", "alignment")
 SHEET_ORDER = ("sample", "patient", "reader", "path", "image", "pixel_size_um", "spots_file")
+SCALEFACTORS = ("scalefactors_json.json", "scalefactors_json.json.gz")  # Space Ranger's, maybe prefixed
+#: images Space Ranger writes beside its outputs (downsampled copies, QC, CytAssist's capture): not the H&E
+SPACE_RANGER_IMAGES = ("tissue_hires_image", "tissue_lowres_image", "aligned_fiducials", "detected_tissue_image",
+                       "aligned_tissue_image", "cytassist_image")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".jpg", ".jpeg", ".png", ".mrxs", ".scn")
 
 
@@ -79,7 +86,10 @@ def read_samplesheet(path: str | Path) -> list[dict[str, object]]:
 
 def with_default_patients(sources: list[dict[str, object]], where: str | Path) -> list[dict[str, object]]:
     """Sources whose patient is missing get their sample as patient, with one warning line (leave one
-    patient out is then leave one sample out: sections of one patient would land on both sides)."""
+    patient out is then leave one sample out: sections of one patient would land on both sides). A HEST
+    sample's patient is its metadata's, when the metadata name one."""
+    sources = [s | {"patient_id": _hest_patient(s)} if s.get("reader") == "hest" and not s.get("patient_id") else s
+               for s in sources]
     lacking = [s["sample_id"] for s in sources if not s.get("patient_id")]
     if lacking:
         warnings.warn(f"{where}: no patient for {len(lacking)} sample(s) ({', '.join(map(str, lacking[:3]))}"
@@ -116,9 +126,11 @@ def discover_sources(folder: str | Path, work_dir: str | Path | None = None) -> 
         if (here.name == "outs" and (here / "spatial").is_dir()) or (here / "binned_outputs").is_dir():
             sources.append(_space_ranger(here))
             dirnames[:] = []  # nothing inside outs/ is a section of its own
+        elif _visium_download(here, filenames):
+            sources.append(_space_ranger(here))
+            dirnames[:] = []
         elif all((here / d).is_dir() for d in ("st", "wsis", "metadata")):
-            sources += [{"sample_id": p.stem, "reader": "hest", "path": str(here)}
-                        for p in sorted((here / "st").glob("*.h5ad"))]
+            sources += [_hest(here, p.stem) for p in sorted((here / "st").glob("*.h5ad"))]
             dirnames[:] = []
         else:
             sources += _st_triples(here, sorted(filenames))
@@ -145,15 +157,55 @@ def _he2st_output(folder: Path, work_dir: Path | None) -> bool:
     return (folder / MARKER).exists() or (work_dir is not None and folder.resolve() == work_dir)
 
 
-def _images(folder: Path, stem: str | None = None) -> list[Path]:
+def _images(folder: Path, prefix: str | None = None) -> list[Path]:
+    """Image files of ``folder`` other than Space Ranger's own (:data:`SPACE_RANGER_IMAGES`); with ``prefix``,
+    those whose first name part (:func:`_first_part`) it is."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and (stem is None or p.name.startswith(stem)))
+                  and not any(name in p.name for name in SPACE_RANGER_IMAGES)
+                  and (prefix is None or _first_part(p.name) == prefix))
+
+
+def _first_part(name: str) -> str:
+    """A file name up to its first ``_`` or ``.``: ``A1`` of ``A1_selection.tsv`` and of ``A1.jpg``, not of
+    ``A10.jpg``."""
+    return name.split("_")[0].split(".")[0]
+
+
+def _visium_download(folder: Path, files: list[str]) -> bool:
+    """Whether ``folder`` holds a Visium section as 10x's and GEO's download pages ship it, without ``outs/``:
+    one (maybe prefixed, maybe gzipped) ``filtered_feature_bc_matrix.h5`` or its folder, and scale factors in
+    ``spatial/`` or beside it. A folder of several sections' files is left, with a warning, to a sample sheet."""
+    matrices = [f for f in files if f.endswith(("filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix.h5.gz"))]
+    matrices += ["filtered_feature_bc_matrix/"] if (folder / "filtered_feature_bc_matrix").is_dir() else []
+    spatial = (folder / "spatial").is_dir() and any(f.name.endswith(SCALEFACTORS) for f in (folder / "spatial").iterdir())
+    if not matrices or not (spatial or any(f.endswith(SCALEFACTORS) for f in files)):
+        return False
+    if len(matrices) > 1:
+        warnings.warn(f"{folder}: {len(matrices)} Visium matrices in one folder ({', '.join(matrices[:3])}); list "
+                      "its sections in a sample sheet", He2stWarning, stacklevel=3)
+        return False
+    return True
+
+
+def _hest(root: Path, sample_id: str) -> dict[str, object]:
+    """A HEST-1k sample, with its metadata's patient when it names one (the sheet then shows it)."""
+    source: dict[str, object] = {"sample_id": sample_id, "reader": "hest", "path": str(root)}
+    return source | ({"patient_id": patient} if (patient := _hest_patient(source)) else {})
+
+
+def _hest_patient(source: dict[str, object]) -> str | None:
+    """The patient a HEST sample's metadata names (None: none, or no readable metadata: the reader says why)."""
+    try:
+        return metadata_patient(read_metadata(Path(str(source["path"])), str(source["sample_id"]))[0])
+    except He2stError:
+        return None
 
 
 def _space_ranger(outs: Path) -> dict[str, object]:
-    """An ``outs/`` folder; its slide image is the one image file beside ``outs/`` (Space Ranger's input)."""
+    """A Space Ranger output folder; its slide image is the one image file beside ``outs/`` (Space Ranger's
+    input), or in the folder itself for a section downloaded without ``outs/``."""
     sample = name_from_stem(outs.parent.name if outs.name == "outs" else outs.name)
-    images = _images(outs.parent)
+    images = _images(outs.parent if outs.name == "outs" or (outs / "binned_outputs").is_dir() else outs)
     return {"sample_id": sample, "reader": "visium_hd" if (outs / "binned_outputs").is_dir() else "visium",
             "path": str(outs)} | ({"image": str(images[0])} if len(images) == 1 else {})
 
@@ -167,9 +219,9 @@ def _st_triples(folder: Path, files: list[str]) -> list[dict[str, object]]:
     counts = [f for f in tables if f not in spot_files]
     out = []
     for spots in spot_files:
-        prefix = spots.split("_")[0].split(".")[0]
+        prefix = _first_part(spots)
         alone = len(spot_files) == 1
-        mine = counts if alone else [c for c in counts if c.split("_")[0].split(".")[0] == prefix]
+        mine = counts if alone else [c for c in counts if _first_part(c) == prefix]
         images = _images(folder, None if alone else prefix)
         if len(mine) != 1:
             continue
@@ -184,7 +236,7 @@ def _h5ad(path: Path) -> dict[str, object]:
     read as the ``visium`` reader reads them (:func:`~he2st.data.readers.visium.full_resolution_pixel_um`:
     ``microns_per_pixel``, else a theoretical 65 µm spot over ``spot_diameter_fullres``)."""
     source: dict[str, object] = {"sample_id": name_from_stem(path.stem), "reader": "h5ad", "path": str(path)}
-    images = [p for p in _images(path.parent, path.stem) if p.stem == path.stem]
+    images = [p for p in _images(path.parent) if p.stem == path.stem]
     if len(images) == 1:
         source["image"] = str(images[0])
     try:

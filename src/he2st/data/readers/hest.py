@@ -6,13 +6,16 @@ The metadata gives the whole-slide image's pixel size and the patient, so serial
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 from he2st.data.readers.base import SourceOptions, register_reader, require
 from he2st.data.readers.h5ad import read_h5ad_sample
 from he2st.data.sample import VISIUM_SPOT_UM, Sample
-from he2st.data.sample_header import id_from_file, is_missing
+from he2st.data.sample_header import is_missing
 from he2st.errors import He2stError
+from he2st.io import name_from_stem
 
 
 @register_reader("hest")
@@ -29,28 +32,50 @@ class HestSource(SourceOptions):
 def read_hest(root: str | Path, sample_id: str, patient_id: str | None = None) -> Sample:
     """A HEST-1k sample: ``st/<id>.h5ad``, ``wsis/<id>.tif``, ``metadata/<id>.json``.
 
-    The patient comes from ``patient_id``, else the metadata's ``patient``; without either (a missing,
-    NaN or empty ``patient``), the sample is its own patient -- then serial sections of one patient are not
-    grouped, so pass it.
+    The patient comes from ``patient_id``, else the metadata's ``patient`` (:func:`metadata_patient`); without
+    either, the sample is its own patient -- then serial sections of one patient are not grouped, so pass it.
+    A spot diameter or pixel size the metadata leaves empty (NaN in HEST's Xenium rows) is not a number to use.
     """
-    root = Path(root)
-    meta_path = require(root / "metadata" / f"{sample_id}.json", "HEST metadata")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise He2stError(f"cannot parse HEST metadata ({exc})", meta_path) from exc
-    mpp = meta.get("pixel_size_um_estimated") or meta.get("pixel_size_um_embedded")
-    if not mpp:
-        raise He2stError("metadata has no pixel_size_um_estimated", meta_path)
-    image = require(root / "wsis" / f"{sample_id}.tif", "HEST whole-slide image")
+    meta, meta_path = read_metadata(root, sample_id)
+    mpp = _positive(meta, "pixel_size_um_estimated", "pixel_size_um_embedded")
+    if mpp is None:
+        raise He2stError("metadata has no positive pixel_size_um_estimated or pixel_size_um_embedded", meta_path)
+    image = require(Path(root) / "wsis" / f"{sample_id}.tif", "HEST whole-slide image")
     return read_h5ad_sample(
-        root / "st" / f"{sample_id}.h5ad",
+        Path(root) / "st" / f"{sample_id}.h5ad",
         image,
-        pixel_size_um=float(mpp),
+        pixel_size_um=mpp,
         sample_id=sample_id,
-        patient_id=patient_id or id_from_file(sample_id if is_missing(meta.get("patient")) else meta["patient"],
-                                             f"patient id of sample {sample_id}", meta_path),
-        spot_diameter_um=float(meta.get("spot_diameter") or VISIUM_SPOT_UM),
+        patient_id=patient_id or metadata_patient(meta) or sample_id,
+        spot_diameter_um=_positive(meta, "spot_diameter") or VISIUM_SPOT_UM,
         technology=str(meta.get("st_technology", "hest")).lower(),
         dataset="hest",
     )
+
+
+def read_metadata(root: str | Path, sample_id: str) -> tuple[dict[str, Any], Path]:
+    """``metadata/<sample_id>.json`` under the HEST root, and its path."""
+    meta_path = require(Path(root) / "metadata" / f"{sample_id}.json", "HEST metadata")
+    try:
+        return json.loads(meta_path.read_text()), meta_path
+    except (OSError, json.JSONDecodeError) as exc:
+        raise He2stError(f"cannot parse HEST metadata ({exc})", meta_path) from exc
+
+
+def metadata_patient(meta: dict[str, Any]) -> str | None:
+    """The metadata's ``patient`` as an id, characters other than letters, digits and ``._-`` made ``_``
+    (HEST's table writes ``Patient 27``); None when it gives none (missing, NaN or blank)."""
+    value = meta.get("patient")
+    return None if is_missing(value) else name_from_stem(str(value).strip())
+
+
+def _positive(meta: dict[str, Any], *keys: str) -> float | None:
+    """The first of ``keys`` that holds a finite positive number (NaN and empty are no value)."""
+    for key in keys:
+        try:
+            value = float(meta.get(key))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value) and value > 0:
+            return value
+    return None
