@@ -210,6 +210,11 @@ def test_interrupted_prediction_resumes_and_finished_run_is_reused(reference, mo
     predict_slide(model_path, slide_path, tmp_path, chunk=32, encoder=encoder,
                   on_chunk=lambda i: seen.append(i.index))
     assert not seen and out.stat().st_mtime_ns == mtime
+    # another arithmetic (bf16 features) is another output: not reused, nor resumed from fp32 chunks
+    predict_slide(model_path, slide_path, tmp_path, chunk=32, encoder=encoder, precision="bf16",
+                  on_chunk=lambda i: seen.append(i.index))
+    assert seen[0] == 0 and ad.read_h5ad(out).uns["he2st"]["fingerprint"] != ad.read_h5ad(reference).uns["he2st"][
+        "fingerprint"]
 
 
 @pytest.mark.parametrize(("context_neighbours", "smooth_neighbours"), [(0, 0), (6, 0), (0, 6)])
@@ -658,16 +663,38 @@ def test_many_slides_one_command_equal_one_by_one(model_path, slide_path, encode
     assert not (out / "broken").exists()
 
 
-def test_one_output_name_for_several_slides_is_refused_before_any_work(model_path, slide_path, tmp_path):
-    """--library-id names one output: with several slides it would be dropped or make them overwrite each
-    other, so it is refused in one line with exit 2 and nothing written."""
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--library-id", "library_id names the output of one slide"), ("--mask", "--mask belongs to one slide"),
+    ("--spots-from", "--spots-from belongs to one slide")])
+def test_one_slides_settings_for_several_slides_are_refused_before_any_work(model_path, slide_path, tmp_path, flag,
+                                                                             message):
+    """--library-id names one output, --mask one slide's tissue, --spots-from one slide's spots: with several
+    slides they would be every slide's (spots on another slide's background), so each is refused in one line
+    with exit 2 and nothing written."""
     from in_process import run_cli
 
     out = tmp_path / "batch"
+    value = "mine" if flag == "--library-id" else str(tmp_path / "any.png")
     result = run_cli("predict", "--model", model_path, "--slide", slide_path, "--slide", slide_path,
-                     "--library-id", "mine", "--out", out)
-    assert result.returncode == 2 and "library_id names the output of one slide" in result.stderr, result.stderr
+                     flag, value, "--out", out)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_manifest_row_may_name_only_its_sample(tmp_path):
+    """A manifest row with ``spots_from`` and no ``slide`` predicts on the sample's own image (as
+    ``--spots-from`` alone does); a row with neither is refused in one line naming its row."""
+    from he2st.predict.config import PredictConfig
+    from he2st.workflows.batch_predict import read_manifest, slide_configs
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide,spots_from\n,samples/B4.h5ad\nslides/x.tif,\n")
+    configs = slide_configs(PredictConfig(out=tmp_path / "o"), read_manifest(manifest), manifest)
+    assert configs[0].slide is None and configs[0].spots_from == tmp_path / "samples" / "B4.h5ad"
+    assert configs[1].slide == tmp_path / "slides" / "x.tif"
+    manifest.write_text("slide,spots_from,mpp\n,,0.5\n")
+    with pytest.raises(He2stError, match="row 2: neither a slide nor spots_from"):
+        slide_configs(PredictConfig(out=tmp_path / "o"), read_manifest(manifest), manifest)
 
 
 @pytest.mark.parametrize(("resolution", "unit", "recorded"), [(72, "INCH", 352.778), (10, "CENTIMETER", 1000.0)])

@@ -88,11 +88,17 @@ def predict(
                       weights=_path(weights), device=device, stain=stain,
                       tta=tta, library_id=library_id, format=format, overwrite=overwrite or None,
                       coverage=coverage)
-    if (manifest is not None or len(slides) > 1) and cfg.library_id is not None:
+    if manifest is not None or len(slides) > 1:
         from he2st.errors import He2stError
 
-        raise He2stError("library_id names the output of one slide; with several slides each output is named "
-                         "after its slide (or its manifest out column)", manifest)
+        if cfg.library_id is not None:
+            raise He2stError("library_id names the output of one slide; with several slides each output is named "
+                             "after its slide (or its manifest out column)", manifest)
+        for key, flag in (("mask", "--mask"), ("spots_from", "--spots-from")):
+            if getattr(cfg, key) is not None:  # one slide's tissue or spots would be every slide's
+                raise He2stError(f"{flag} belongs to one slide; with several slides give each its own "
+                                 f"({'a manifest spots_from column' if key == 'spots_from' else 'one command per slide'})",
+                                 manifest)
     if manifest is None and len(slides) == 1:
         from he2st.predict.slide import check_slide_scale
 

@@ -44,6 +44,15 @@ def precision_label(config: EmbedConfig) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
+def arithmetic(config: EmbedConfig) -> dict[str, str]:
+    """What decides an embedding's floats beside the encoder and its weights: the precision (as files record
+    it, :func:`precision_label`), the device type and the runtime ``config`` resolves to here. Work made under
+    one must not be resumed, or reused, under another."""
+    device = resolve_device(config.device)
+    return {"precision": precision_label(config), "device": device.type,
+            "runtime": resolve_runtime(config.runtime, device, autocast_dtype(device, config.precision))}
+
+
 class PatchEmbedder:
     """uint8 patches ``(B, H, W, 3)`` -> float32 embeddings ``(B, D)`` (and token grids), encoded the
     way ``config`` says: device, precision, stain normalisation, test-time augmentation and runtime.

@@ -34,7 +34,7 @@ from he2st.data.slide import Slide, open_slide
 from he2st.data.spots import SpotSet
 from he2st.data.views import FIELD, adapted_recipe, is_encoder_view, view_embed, view_tiles
 from he2st.encoders import Encoder, create
-from he2st.encoders.inference import PatchEmbedder, load_encoder
+from he2st.encoders.inference import PatchEmbedder, arithmetic, load_encoder
 from he2st.encoders.spec import EncoderSpec
 from he2st.encoders.weights import weights_sha256
 from he2st.errors import He2stError
@@ -313,8 +313,10 @@ def _run_prediction(config: PredictConfig, method: Method, encoder: Encoder | No
             "patch": patch.model_dump(), "encoder": encoder.spec.model_dump_json(), "stain": stain, "tta": tta,
             "genes": columns.genes, "chunk": config.chunk,
             "xy": hashlib.sha1(np.ascontiguousarray(grid.xy).tobytes()).hexdigest(), "names": grid.names,
+            "in_tissue": hashlib.sha1(np.ascontiguousarray(grid.in_tissue, np.int8).tobytes()).hexdigest(),
+            "tissue": tissue_source, "thumbnail_px": config.thumbnail_px,
             "field": FIELD in views, "coverage": config.coverage if method.reliability is not None else None,
-        } | ({"views": views} if set(views) - {FIELD} else {})
+        } | arithmetic(enc_cfg) | ({"views": views} if set(views) - {FIELD} else {})
           | ({"adapted": {v: method.card.adapted_views[v]["weights_sha256"] for v in adapted}} if adapted else {}))
         if final.exists() and stored_fingerprint(final) == stamp:
             return _with_store(final, config)

@@ -37,8 +37,9 @@ class SlideOutcome:
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV with a ``slide`` column and optional ``mpp``, ``spots_from`` and ``out`` columns;
-    relative input paths are relative to the manifest's folder, ``out`` to the command's output folder."""
+    """Rows of a CSV with a ``slide`` column and optional ``mpp``, ``spots_from`` and ``out`` columns (a row
+    with ``spots_from`` may leave ``slide`` empty: the sample's image); relative input paths are relative to
+    the manifest's folder, ``out`` to the command's output folder."""
     table_path(path, "manifest")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -69,8 +70,11 @@ def slide_configs(base: PredictConfig, rows: list[dict[str, str]], manifest: Pat
     seen: dict[tuple, str] = {}
     outputs: dict[Path, str] = {}
     for i, row in enumerate(rows):
-        where = f"row {i + 2}" if manifest is not None else f"--slide {row['slide']}"
-        update = {"slide": Path(row["slide"]), "library_id": None}
+        named = row.get("slide") or row.get("spots_from")
+        where = f"row {i + 2}" if manifest is not None else f"--slide {named}"
+        if named is None:
+            raise He2stError(f"{where}: neither a slide nor spots_from", manifest)
+        update = {"slide": Path(row["slide"]) if row.get("slide") else None, "library_id": None}
         if "mpp" in row:
             try:
                 update["mpp"] = float(row["mpp"])
@@ -79,11 +83,11 @@ def slide_configs(base: PredictConfig, rows: list[dict[str, str]], manifest: Pat
         if "spots_from" in row:
             update["spots_from"] = Path(row["spots_from"])
         if "out" in row:
-            update["out"] = inside(base.out, base.out / row["out"], f"manifest out of {Path(row['slide']).name}:")
+            update["out"] = inside(base.out, base.out / row["out"], f"manifest out of {Path(named).name}:")
         config = base.model_copy(update=update)
         key = (_same(config.slide), _same(config.spots_from), config.mpp, _same(config.out))
         if key in seen:
-            warnings.warn(f"{manifest or 'predict'}: {where} repeats {seen[key]} ({row['slide']}): predicted once",
+            warnings.warn(f"{manifest or 'predict'}: {where} repeats {seen[key]} ({named}): predicted once",
                           He2stWarning, stacklevel=2)
             continue
         seen[key] = where
@@ -125,15 +129,16 @@ def predict_one(model: str, config: PredictConfig, threads: int) -> SlideOutcome
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
+    slide = str(config.slide or config.spots_from)  # a manifest row may name only its sample
     try:
         path = run_prediction(config, load_method(model))
-        return SlideOutcome(str(config.slide), "done", str(path), "", time.perf_counter() - start)
+        return SlideOutcome(slide, "done", str(path), "", time.perf_counter() - start)
     except He2stError as exc:  # a failing slide is recorded, the others go on
-        return SlideOutcome(str(config.slide), "failed", "", " ".join(str(exc).split()), time.perf_counter() - start)
+        return SlideOutcome(slide, "failed", "", " ".join(str(exc).split()), time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - not bad input: named with its type
         text = str(exc).strip()
         message = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-        return SlideOutcome(str(config.slide), "failed", "", message, time.perf_counter() - start)
+        return SlideOutcome(slide, "failed", "", message, time.perf_counter() - start)
 
 
 def predict_many(model: str | Path, configs: list[PredictConfig], out: Path, engine: str = "local",
