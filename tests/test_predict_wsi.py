@@ -728,3 +728,22 @@ def test_a_pitch_under_a_pixel_or_a_huge_grid_is_refused_in_one_line(model_path,
     mask = np.ones((100, 100), bool)  # a 10 cm square of tissue at 1 µm/px: 1.15e10 points at a 1 µm pitch
     with pytest.raises(He2stError, match=rf"1 µm spot pitch.*more than {MAX_GRID_POINTS:,}; choose a coarser"):
         hex_grid(mask, 0.001, pitch_um=1.0, mpp=1.0, where="slide.tif")
+
+
+def test_spots_of_a_sample_are_not_placed_on_another_sized_slide(slide_path, tmp_path):
+    """With --spots-from, a --slide other than the sample's image must be one of its size: the spots' pixel
+    positions and µm/px are that image's, and on another scan they would cut patches elsewhere."""
+    from types import SimpleNamespace
+
+    from he2st.predict.slide import _check_same_image
+
+    small = tmp_path / "export.png"
+    Image.fromarray(tissue_image(300, 200)).save(small)
+    same_size = tmp_path / "copy.png"
+    with open_slide(slide_path) as slide:
+        Image.fromarray(tissue_image(*slide.dimensions)).save(same_size)
+        sample = SimpleNamespace(sample_id="S1", image_path=small)
+        with pytest.raises(He2stError, match=r"spots of sample S1 are placed on its image .*export.png \(200x300 px\)"):
+            _check_same_image(slide, sample)
+        _check_same_image(slide, SimpleNamespace(sample_id="S1", image_path=same_size))  # another file, same size
+        _check_same_image(slide, SimpleNamespace(sample_id="S1", image_path=tmp_path / "moved.tif"))  # gone: no check

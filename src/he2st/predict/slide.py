@@ -379,6 +379,7 @@ def _spots(slide: Slide, thumb: np.ndarray, scale: float, mpp: float, pitch_um: 
     if sample is not None:
         grid = grid_from_sample(sample)
         w, h = slide.dimensions
+        _check_same_image(slide, sample)
         off = (grid.xy[:, 0] < 0) | (grid.xy[:, 1] < 0) | (grid.xy[:, 0] >= w) | (grid.xy[:, 1] >= h)
         if off.any():
             raise He2stError(f"{int(off.sum())} spot(s) of sample {sample.sample_id} lie off the {w}x{h} slide; "
@@ -396,6 +397,21 @@ def _spots(slide: Slide, thumb: np.ndarray, scale: float, mpp: float, pitch_um: 
     if len(grid) == 0:
         raise He2stError(f"the tissue area holds no spot centre at a {pitch_um:g} µm pitch", slide.path)
     return grid, source
+
+
+def _check_same_image(slide: Slide, sample: Sample) -> None:
+    """A slide given beside ``--spots-from`` must be the image the sample's spots were placed on, or one of its
+    size: the spots' pixel positions and the sample's µm/px are that image's, and on another scan of the
+    section (the original slide instead of an export) they would cut patches at other places and scales."""
+    own = sample.image_path
+    if own is None or not Path(own).is_file() or Path(own).resolve() == Path(slide.path).resolve():
+        return
+    with open_slide(own) as image:
+        placed = image.dimensions
+    if tuple(placed) != tuple(slide.dimensions):
+        raise He2stError(f"the spots of sample {sample.sample_id} are placed on its image {own} "
+                         f"({placed[0]}x{placed[1]} px), not on this {slide.dimensions[0]}x{slide.dimensions[1]} slide; "
+                         "pass that image, or predict this slide on its own spot grid (no --spots-from)", slide.path)
 
 
 def _check_encoder(encoder: Encoder, trained: EncoderSpec, where: Path | None) -> None:
