@@ -152,3 +152,17 @@ def test_a_one_patient_study_gets_folds_by_following_the_line_that_refuses_lopo(
     assert [f.test for f in folds] == [["S1"], ["S2"], ["S3"]] and all(f.leaky for f in folds)
     with pytest.raises(He2stError, match="every other sample is of its patient P; allow_shared_patients"):
         leave_one_sample_out({"S1": "P", "S2": "P"})
+
+
+def test_validation_never_takes_every_section_of_a_training_patient():
+    """Validation sections are drawn among patients that keep another in training; drawn several at a time,
+    they may still be all of a patient's sections (2 of patient A's 2 beside 12 of B's): one goes back."""
+    import numpy as np
+
+    from he2st.data.splits import validation_mask
+
+    groups = np.array(["A1"] * 10 + ["A2"] * 10 + [f"B{i}" for i in range(12) for _ in range(10)])
+    patients = np.array([g[0] for g in groups])
+    masks = [validation_mask(groups, 0.15, seed, patients) for seed in range(400)]
+    assert not any(m[patients == "A"].all() for m in masks)
+    assert any(m[patients == "A"].any() for m in masks) and all(m.any() for m in masks)

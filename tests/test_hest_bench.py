@@ -232,3 +232,18 @@ def test_the_task_average_is_over_every_task_as_hests_np_mean() -> None:
     average = task_average(summarise_splits(rows))
     assert average["hest-ridge"]["score_hest"] == pytest.approx(0.25)
     assert np.isnan(average["nan"]["score_hest"]) and np.isnan(average["skipped"]["score_per_sample"])
+
+
+def test_a_split_with_a_patient_on_both_sides_is_refused(tmp_path: Path) -> None:
+    """Split files may name each sample's patient (HEST's reader ignores the column, he2st draws validation by
+    it); a split holding one patient's samples on both sides would inflate every score, so it is refused."""
+    from he2st.data.hest_layout import read_task
+    from he2st.errors import He2stError
+
+    task = write_task(tmp_path / "PRAD")
+    for kind in ("train", "test"):
+        table = pd.read_csv(task / "splits" / f"{kind}_1.csv")
+        table["patient_id"] = ["P0" if s in ("S0", "S1") else s for s in table["sample_id"]]
+        table.to_csv(task / "splits" / f"{kind}_1.csv", index=False)
+    with pytest.raises(He2stError, match=r"patient\(s\) \['P0'\] have samples in both train_1.csv and test_1.csv"):
+        read_task(task)

@@ -158,6 +158,10 @@ def read_task(task_dir: str | Path) -> BenchTask:
         shared = {s.sample_id for s in train} & {s.sample_id for s in test}
         if shared:
             raise He2stError(f"sample(s) {sorted(shared)} are both in train_{i}.csv and test_{i}.csv", split_dir)
+        shared = {s.patient_id for s in train} & {s.patient_id for s in test}
+        if shared:  # sections of one patient on both sides: every score of the split would be inflated
+            raise He2stError(f"patient(s) {sorted(shared)} have samples in both train_{i}.csv and test_{i}.csv; a "
+                             "split must hold out whole patients", split_dir)
         splits.append(BenchSplit(i, train, test))
     task = BenchTask(root.name, root, genes, splits)
     task.samples()  # one file per sample id across splits

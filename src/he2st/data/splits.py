@@ -22,6 +22,9 @@ class Fold(BaseModel):
     train: list[str]
     test: list[str]
     shared_patients: list[str] = []  # non-empty only when the user explicitly allowed leakage
+    #: the test samples of the fold this one is nested in (:func:`inner_folds`): nothing of this fold may read
+    #: their expression, nor that of other sections of their patients
+    excluded: list[str] = []
 
     @property
     def leaky(self) -> bool:
@@ -89,7 +92,7 @@ def inner_folds(
     if scheme == "lopo" and len(set(train.values())) < 2:
         raise He2stError(f"fold {outer} trains on one patient ({sorted(set(train.values()))}); "
                          "leave-one-patient-out inside it needs at least 2")
-    return [f.model_copy(update={"name": f"{outer}__{f.name}"})
+    return [f.model_copy(update={"name": f"{outer}__{f.name}", "excluded": list(match.test)})
             for f in make_folds(train, scheme, allow_shared_patients)]
 
 
@@ -134,7 +137,8 @@ def validation_mask(
     if len(samples) >= 3:
         spare = [s for s in samples if len(np.unique(groups[patient_of == patient_of[groups == s][0]])) >= 2]
         if spare:
-            return _hold_out(rng, groups, np.asarray(spare), fraction, len(samples))
+            mask = _hold_out(rng, groups, np.asarray(spare), fraction, len(samples))
+            return _keep_a_sample_per_patient(mask, groups, patient_of)
     mask = np.zeros(len(groups), dtype=bool)
     for key in samples:
         idx = np.flatnonzero(groups == key)
@@ -149,3 +153,15 @@ def _hold_out(rng: np.random.Generator, keys: np.ndarray, candidates: np.ndarray
     n_groups = n_groups or len(candidates)
     n_val = min(len(candidates), n_groups - 1, max(1, round(fraction * n_groups)))
     return np.isin(keys, rng.choice(candidates, size=n_val, replace=False))
+
+
+def _keep_a_sample_per_patient(mask: np.ndarray, groups: np.ndarray, patient_of: np.ndarray) -> np.ndarray:
+    """``mask`` with, for each patient it would leave without a training sample, its held-out samples but the
+    first (in sorted order) given back to training: several drawn together may be all a patient has."""
+    mask = mask.copy()
+    for patient in np.unique(patient_of[mask]):
+        own = patient_of == patient
+        if mask[own].all():
+            first = np.unique(groups[own])[0]
+            mask[own & (groups == first)] = False
+    return mask

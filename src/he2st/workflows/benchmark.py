@@ -37,7 +37,7 @@ from he2st.workflows.benchmark_tasks import BenchmarkTask, TaskOutcome, forget_f
 from he2st.workflows.config import BenchmarkConfig, dump_config
 from he2st.workflows.engines import run_tasks
 from he2st.workflows.learning_curve import CURVE_FILE, curve_markdown, run_learning_curve
-from he2st.workflows.protocol import FoldAudit, FoldRun
+from he2st.workflows.protocol import FoldAudit, FoldRun, check_references
 from he2st.workflows.task_store import TaskStore, model_digest, run_settings, task_key, task_settings
 from he2st.workflows.tls import read_model
 from he2st.workflows.unlabelled import unlabelled_ids
@@ -196,8 +196,17 @@ def check_outputs(config: BenchmarkConfig) -> Path:
     return out_dir
 
 
-def _check_folds(config: BenchmarkConfig, ws: Workspace, folds: list[Fold], patients: dict[str, str]) -> None:
-    """Every fold holds out whole patients, unless shared patients were allowed (then labelled LEAKY)."""
+def _check_folds(config: BenchmarkConfig, ws: Workspace, folds: list[Fold], patients: dict[str, str],
+                 recorded: dict[str, str]) -> None:
+    """Every fold holds out whole patients, unless shared patients were allowed (then labelled LEAKY), by the
+    patients the samples now record (``recorded``): a folds file written before the samples were prepared again with other
+    patients would otherwise put one patient on both sides without a word."""
+    for sid, now in recorded.items():
+        if patients[sid] != now:
+            raise He2stError(f"the {config.folds.scheme} folds give sample {sid} patient {patients[sid]!r}, its sample "
+                             f"file {now!r}: run `he2st prepare --set folds.scheme={config.folds.scheme}` again",
+                             ws.folds_path(config.folds.scheme))
+    check_references(config, folds)
     for fold in folds:
         check_fold(fold, patients)
         if fold.leaky and not config.folds.allow_shared_patients:
@@ -285,14 +294,14 @@ def run_benchmark(
     and are stored as each ends, so a run stopped part way resumes where it stopped."""
     ws = Workspace(config.work_dir)
     folds, patients = benchmark_folds(config, ws)
-    n_spots = {}
+    n_spots, recorded = {}, {}
     for sid in sorted({s for fold in folds for s in [*fold.train, *fold.test]}):
         sample = ws.load_sample(sid)
         warn_if_too_coarse(sample, config.patch)
-        n_spots[sid] = sample.n_spots
+        n_spots[sid], recorded[sid] = sample.n_spots, sample.patient_id
     variants = benchmark_variants(config)
     out_dir = check_outputs(config)  # before any work: files he2st did not write are refused
-    _check_folds(config, ws, folds, patients)
+    _check_folds(config, ws, folds, patients, recorded)
     tls = tls_report(config)
     tls_model = None if tls is None else tls.model
     tls_digest = model_digest(tls_model)

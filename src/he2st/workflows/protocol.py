@@ -156,11 +156,26 @@ def allowed_references(sections: list[str], test: list[str], patients: dict[str,
     return [s for s in sections if patient_of(s) not in test_patients and s not in test]
 
 
+def check_references(config: BenchmarkConfig, folds: list[Fold]) -> None:
+    """``reference_sections`` only where a fold's held-out samples are her2st sections by name: a section is
+    kept out of a fold's banks by its her2st patient, and a held-out sample under another id (a sample
+    sheet's ``her2st_A1``) would let its own patient's other sections -- or itself -- into the bank its spots
+    retrieve from."""
+    if not config.reference_sections:
+        return
+    for fold in folds:
+        unknown = [s for s in [*fold.test, *fold.excluded] if s not in SECTIONS]
+        if unknown:
+            raise He2stError(f"reference_sections adds her2st's expression-only sections, so it needs held-out "
+                             f"samples named as her2st sections; fold {fold.name} holds out {unknown[0]!r}, whose "
+                             "her2st patient cannot be told (drop reference_sections)")
+
+
 def _reference_spots(fold: Fold, config: BenchmarkConfig, panel: GenePanel, patients: dict[str, str]) -> SpotSet | None:
     """Expression-only her2st sections whose patient is not among the fold's test patients."""
     if not config.reference_sections:
         return None
-    allowed = allowed_references(config.reference_sections, fold.test, patients)
+    allowed = allowed_references(config.reference_sections, [*fold.test, *fold.excluded], patients)
     if not allowed:
         return None
     ys, ids = [], []
@@ -221,7 +236,7 @@ def run_fold(name: str, data: FoldData, config: BenchmarkConfig, options: dict |
         gene_sets_from=sorted(set(data.train.sample_ids)), reference_bank=bank_ids,
         images_only=[] if unlabelled is None else sorted(set(unlabelled.sample_ids)),
     )
-    leaked = audit.used_for_fitting() & set(audit.test)
+    leaked = audit.used_for_fitting() & (set(audit.test) | set(data.fold.excluded))
     if leaked:  # a guard, not a check for tests only: no number is reported from a leaky fit
         raise He2stError(f"{name} fold {data.fold.name}: test sample(s) {sorted(leaked)} fed a fitted component")
     return FoldRun(result, audit, predictions, method.card, seconds, method, method.reliability)
