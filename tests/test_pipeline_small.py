@@ -391,6 +391,42 @@ def test_nested_folds_never_touch_the_outer_test_patient(small):
         assert "S2" not in audit.used_for_fitting() | set(audit.test)
 
 
+def test_nested_folds_keep_the_outer_test_patients_references_out_and_refuse_unnamed_ones(small, tmp_path):
+    """Inner folds carry the outer fold's test samples (``excluded``): a her2st reference section of that
+    patient stays out of their banks as it stays out of the outer fold's; and ``reference_sections`` is refused
+    where a held-out sample is not named as a her2st section (its patient's sections could not be told)."""
+    from he2st.data.splits import Fold, inner_folds, leave_one_patient_out
+    from he2st.workflows.protocol import allowed_references, check_references
+
+    samples = {"A1": "A", "B4": "B", "C2": "C", "C3": "C"}
+    inner = inner_folds(leave_one_patient_out(samples), samples, "patient_A")
+    assert [f.excluded for f in inner] == [["A1"], ["A1"]]
+    for fold in inner:
+        assert allowed_references(["A2", "D1"], [*fold.test, *fold.excluded], samples) == ["D1"]
+    config = BenchmarkConfig(work_dir=tmp_path, reference_sections=["D1"])
+    check_references(config, inner)
+    with pytest.raises(He2stError, match="fold x holds out 'her2st_B4', whose her2st patient cannot be told"):
+        check_references(config, [Fold(name="x", train=["A1"], test=["her2st_B4"])])
+
+
+def test_folds_whose_patients_the_samples_no_longer_record_are_refused(small, tmp_path):
+    """Samples prepared again with other patients beside a folds file written before: the folds would put one
+    patient on both sides, so the benchmark refuses them in one line before any work."""
+    import json
+    import shutil
+
+    work, embed = small
+    copy = tmp_path / "w"
+    shutil.copytree(work, copy)
+    path = Workspace(copy).folds_path("lopo")
+    payload = json.loads(path.read_text())
+    payload["patients"]["S3"] = "P9"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(He2stError, match=r"the lopo folds give sample S3 patient 'P9', its sample file 'P3'"):
+        run_benchmark(BenchmarkConfig(work_dir=copy, embed=embed, genes=GENES, n_top=N_TOP, methods=["ridge"],
+                                      method_options=TINY))
+
+
 @pytest.mark.slow
 def test_model_predicted_at_a_samples_own_spots_with_plots_and_report(small, tmp_path):
     """Whole-slide prediction at the spots of a prepared sample, compared with its measurements."""
