@@ -98,10 +98,12 @@ def test_a_killed_run_resumes_with_the_numbers_of_an_uninterrupted_one(work, mon
     done = fits(monkeypatch)
     run_benchmark(config(work, "cut", method_options=OPTIONS | {"knn": {"top_k": 3}}))
     assert sorted(m for m, _ in done) == ["knn"] * 3
-    # where, how and by how many processes a run is scheduled changes nothing: all reused, no pool started
+    # where and by how many processes a run is scheduled changes nothing but the threads each task computes
+    # with: a pool at one thread a task reuses every task of a serial run at one thread, and starts no pool
+    options = OPTIONS | {"knn": {"top_k": 3}}
+    run_benchmark(config(work, "cut", method_options=options, task_threads=1))
     done = fits(monkeypatch)
-    again = run_benchmark(config(work, "cut", method_options=OPTIONS | {"knn": {"top_k": 3}}, engine="local",
-                                 workers=2))
+    again = run_benchmark(config(work, "cut", method_options=options, engine="local", workers=2, task_threads=1))
     assert done == [] and all(r["reused"] for r in task_records(again).values())
     # resume=false recomputes every task
     done = fits(monkeypatch)
@@ -149,8 +151,7 @@ def test_the_key_holds_what_changes_a_tasks_numbers_and_nothing_else(work):
         return task_key(task_settings(run_settings(cfg), cfg, label, method or label, {}), fold, patients, checksums or sums, tls)
 
     base = config(work, "a")
-    same = [config(work, "b"), config(work, "a", engine="local", workers=4), config(work, "a", resume=False),
-            config(work, "a", task_threads=1),
+    same = [config(work, "b"), config(work, "a", resume=False),
             config(work, "a", methods=["ridge_cv", "mlp"]),  # another row: not this one's business
             config(work, "a", method_options=OPTIONS | {"knn": {"top_k": 9}}),
             config(work, "a", work_dir=work[0].parent / "elsewhere")]
@@ -163,6 +164,11 @@ def test_the_key_holds_what_changes_a_tasks_numbers_and_nothing_else(work):
                key(base, checksums={"samples/S1.h5ad": "b"}), key(base, tls="model digest")]
     assert len(set(changed) | {key(base)}) == len(changed) + 1
     assert set(NOT_RESULTS) <= set(BenchmarkConfig.model_fields)
+    # the engine and its workers enter through the threads each task computes with (sums, lsqr's iterates)
+    one = key(config(work, "a", task_threads=1))
+    assert one == key(config(work, "a", engine="local", workers=64)) == key(config(work, "a", engine="ray",
+                                                                                    task_threads=1))
+    assert one != key(config(work, "a", task_threads=2))
 
 
 def test_the_key_reads_a_localisation_signature_file_and_the_fold_inputs_name_unlabelled_samples(work, tmp_path):

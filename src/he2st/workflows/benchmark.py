@@ -355,6 +355,7 @@ def run_benchmark(
     _gather_tls(tls, outcomes, folds, [label for label, _, _ in variants])
     prov = provenance(config, ws, command, known)
     prov["tasks"] = tasks
+    prov["threads"] = shared["threads"]
     prov["audit"] = {f"{m}/{f}": a.__dict__ for (m, f), a in audits.items()}
     prov["failures"] = failures
     if not results:

@@ -30,6 +30,21 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+def task_threads(engine: str, workers: int, threads: int | None) -> dict[str, int]:
+    """The CPU threads each task of ``engine`` computes with, torch's and the BLAS's: ``threads`` when given,
+    else the cores shared among the workers, or in a serial run this process's own pools as they are. Neural
+    fits sum in another order, and iterative solvers (ridge's lsqr) stop at another iterate, under other
+    counts, so a task computed under one count is not another's."""
+    if threads is not None or engine != "serial":
+        count = threads or threads_per_worker(workers)
+        return {"torch": count, "blas": count}
+    import torch
+    from threadpoolctl import threadpool_info
+
+    blas = [pool["num_threads"] for pool in threadpool_info() if pool.get("user_api") == "blas"]
+    return {"torch": torch.get_num_threads(), "blas": max(blas, default=1)}
+
+
 def limit_threads(threads: int) -> None:
     """Hold this process (a worker) to ``threads`` CPU threads: torch's pool, the BLAS and OpenMP pools already
     loaded (threadpoolctl) and, through the environment, any loaded later."""

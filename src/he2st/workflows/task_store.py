@@ -37,9 +37,11 @@ from he2st.io import atomic_path, check_output, inside, is_own, jsonable, path_k
 from he2st.methods import method_class
 from he2st.version import __version__
 from he2st.workflows.config import BenchmarkConfig
+from he2st.workflows.engines import task_threads
 
-# settings that never change a task's numbers: where the run is written, how its tasks are scheduled, and the
-# learning curve (its refits on less data are run after the tasks, apart from them)
+# settings that never change a task's numbers but through the threads they give each task (in the key as such):
+# where the run is written, how its tasks are scheduled, and the learning curve (its refits on less data are
+# run after the tasks, apart from them)
 NOT_RESULTS = ("name", "work_dir", "engine", "workers", "address", "resume", "learning_curve", "task_threads")
 # settings that choose the rows: each task's key holds its own row's part of them instead
 PER_ROW = ("methods", "ablation", "ablation_only", "method_options", "seeds")
@@ -47,8 +49,10 @@ PER_ROW = ("methods", "ablation", "ablation_only", "method_options", "seeds")
 
 def run_settings(config: BenchmarkConfig) -> dict[str, Any]:
     """The settings shared by every row of a run that can change its numbers (read once per run: the
-    localisation signature's file is digested here)."""
+    localisation signature's file is digested here), with the CPU threads each task computes with, which the
+    engine, its workers and ``task_threads`` decide."""
     settings = config.model_dump(mode="json", exclude=set(NOT_RESULTS + PER_ROW))
+    settings["threads"] = task_threads(config.engine, config.workers, config.task_threads)
     signature = config.localisation_signature  # a file's weights, not only its name, decide the rows it scores
     if config.localisation and signature is not None:
         settings["localisation_signature_digest"] = model_digest(read_signature(signature))
