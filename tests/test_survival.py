@@ -201,3 +201,26 @@ def test_a_feature_constant_on_the_slides_gets_no_weight() -> None:
     assert cv.scores["cox_c_index"] > 0.6
     with pytest.raises(He2stError, match="no feature varies across the slides"):
         cross_validate(features[["tls_density"]], time, event, 12.0, draws=20)
+
+
+def test_the_tls_density_threshold_is_set_on_each_folds_training_slides() -> None:
+    """Without --tls-threshold, a fold's TLS density is cut at the 0.9 quantile of its training slides' spot
+    scores, never at one set with the slides it then scores; the refit on all slides uses all of them."""
+    from he2st.workflows.survival import density_of
+
+    rng = np.random.default_rng(1)
+    n = 40
+    scores = [rng.normal(loc=rng.normal(), size=50) for _ in range(n)]
+    time = rng.uniform(1, 30, n)
+    event = (rng.uniform(size=n) < 0.6).astype(int)
+    features = pd.DataFrame({"tls_mean": [s.mean() for s in scores]})
+    by_fold = density_of(scores, None)
+    cv = cross_validate(features, time, event, 12.0, draws=10, fold_features=by_fold)
+    for k, cut in enumerate(cv.fold_settings):
+        train = np.flatnonzero(cv.fold != k)
+        assert cut == pytest.approx(np.quantile(np.concatenate([scores[i] for i in train]), 0.9))
+        held = np.flatnonzero(cv.fold == k)
+        np.testing.assert_allclose(cv.fold_values["tls_density"].to_numpy()[held],
+                                   [np.mean(scores[i] >= cut) for i in held])
+    assert by_fold(np.arange(n))[1] == pytest.approx(np.quantile(np.concatenate(scores), 0.9))
+    assert "tls_density" in cv.coefficients.index and len(set(cv.fold_settings)) == len(cv.fold_settings)

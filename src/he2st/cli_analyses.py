@@ -89,8 +89,8 @@ def survival(
     genes: Annotated[str | None, typer.Option(help="comma-separated genes whose slide means are features")] = None,
     tls: Annotated[str | None, typer.Option(help="'her2st' or a gene,weight TLS model: TLS density (and mean "
                                                  "score) are features")] = None,
-    tls_threshold: Annotated[float | None, typer.Option(help="TLS call threshold (default: 0.9 quantile of all "
-                                                             "slides' spot scores)")] = None,
+    tls_threshold: Annotated[float | None, typer.Option(help="TLS call threshold (default: 0.9 quantile of each "
+                                                             "fold's training slides' spot scores)")] = None,
     folds: Annotated[int, typer.Option(help="cross-validation folds (stratified by event, by patient)")] = 5,
     penalizer: Annotated[float, typer.Option(help="Cox model L2 penalty")] = 0.1,
     bootstrap: Annotated[int, typer.Option(help="bootstrap draws for the 95% intervals")] = 500,

@@ -23,7 +23,8 @@ The classifier is trained only on slides whose status at the horizon is known.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -50,12 +51,20 @@ def signature_score(values: np.ndarray, genes: list[str], signature: TlsModel) -
     return np.asarray(values, dtype=np.float64)[:, columns] @ signature.weights[present].to_numpy()
 
 
-def tls_density(scores: list[np.ndarray], threshold: float | None = None, quantile: float = 0.9) -> tuple[
-        np.ndarray, float]:
-    """Share of each slide's spots at or above one threshold: ``threshold``, else the ``quantile`` of all
-    slides' scores pooled (outcome-free, so the same for every fold)."""
-    cut = float(np.quantile(np.concatenate(scores), quantile)) if threshold is None else float(threshold)
+def tls_density(scores: list[np.ndarray], threshold: float | None = None, quantile: float = 0.9,
+                rows: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Share of each slide's spots at or above one threshold: ``threshold``, else the ``quantile`` of the
+    scores of the slides ``rows`` (all when None) pooled -- in cross-validation the fold's training slides, so
+    that no threshold is set on a slide it then scores."""
+    chosen = range(len(scores)) if rows is None else rows
+    cut = float(np.quantile(np.concatenate([scores[i] for i in chosen]), quantile)) if threshold is None else float(
+        threshold)
     return np.array([float((s >= cut).mean()) for s in scores]), cut
+
+
+#: columns of the slides' features computed from a fold's training slides alone (``rows``): their values for
+#: every slide, and what was set on those slides (e.g. a threshold)
+FoldFeatures = Callable[[np.ndarray], tuple[pd.DataFrame, float]]
 
 
 # ------------------------------------------------------------------ metrics
@@ -133,6 +142,9 @@ class SurvivalCv:
     fold: np.ndarray
     scores: dict[str, float | list[float]]
     coefficients: pd.Series  # the Cox model refitted on all slides (standardised features)
+    #: the columns of ``fold_features``: each slide's values from the fold that held it out
+    fold_values: pd.DataFrame = field(default_factory=pd.DataFrame)
+    fold_settings: list[float] = field(default_factory=list)  # what each fold set on its training slides
 
 
 def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -164,13 +176,18 @@ def _cox(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, penalizer:
 
 def cross_validate(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, horizon: float, folds: int = 5,
                    penalizer: float = 0.1, draws: int = 500, seed: int = 0,
-                   groups: np.ndarray | None = None) -> SurvivalCv:
+                   groups: np.ndarray | None = None, fold_features: FoldFeatures | None = None) -> SurvivalCv:
     """Out-of-fold Cox risks and DFS probabilities, C-index and AUC at ``horizon`` with bootstrap intervals.
 
     ``groups`` names each slide's patient (default: every slide its own patient); a patient's slides share
-    one fold and are resampled together (module docstring)."""
+    one fold and are resampled together (module docstring). ``fold_features`` adds columns computed from each
+    fold's training slides (and, for the refit, from all): ``SurvivalCv.fold_values`` holds each slide's values
+    from the fold that held it out, ``fold_settings`` what each fold set."""
     time, event = np.asarray(time, dtype=np.float64), np.asarray(event, dtype=np.int64)
     n = len(time)
+    if fold_features is not None:
+        every = fold_features(np.arange(n))[0].set_axis(features.index)
+        features = pd.concat([features, every], axis=1)  # the checks see every column
     if features.shape[1] == 0:
         raise He2stError("no features: give a signature, genes or a TLS model")
     if not (features.std(axis=0, ddof=0).to_numpy() > 0).any():
@@ -181,14 +198,21 @@ def cross_validate(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, 
     events, patients = int(event[first].sum()), len(first)
     if events < folds or (patients - events) < folds:
         raise He2stError(f"too few events ({events} of {patients} patients) for {folds}-fold cross-validation")
-    x = features.to_numpy(np.float64)
+    own = features.drop(columns=[] if fold_features is None else fold_features(np.arange(n))[0].columns)
+    x = features.to_numpy(np.float64)  # fold columns (the last) replaced fold by fold below
     cox_risk, probability, fold_of = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
+    fold_values, fold_settings = features.drop(columns=own.columns).copy(), []
     if grouped:
         split = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(
             x, event, np.asarray(groups).astype(str))
     else:
         split = StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, event)
     for k, (train, test) in enumerate(split):
+        if fold_features is not None:
+            values, setting = fold_features(train)
+            x = np.concatenate([own.to_numpy(np.float64), values.to_numpy(np.float64)], axis=1)
+            fold_values.iloc[test] = values.iloc[test].to_numpy()
+            fold_settings.append(setting)
         xtr, xte = _standardise(x[train], x[test])
         coef = _cox(pd.DataFrame(xtr, columns=features.columns), time[train], event[train], penalizer)
         cox_risk[test] = xte @ coef.to_numpy()  # the log partial hazard (lifelines centres it; ranks agree)
@@ -213,9 +237,10 @@ def cross_validate(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, 
 
     scores = {f"cox_{k}": v for k, v in scored(cox_risk).items()}
     scores |= {f"dfs_{k}": v for k, v in scored(probability).items()}
+    x = features.to_numpy(np.float64)  # the refit on all slides: fold columns set on all of them
     full, _ = _standardise(x, x)
     refit = _cox(pd.DataFrame(full, columns=features.columns), time, event, penalizer)
-    return SurvivalCv(cox_risk, probability, fold_of, scores, refit)
+    return SurvivalCv(cox_risk, probability, fold_of, scores, refit, fold_values, fold_settings)
 
 
 def risk_groups(time: np.ndarray, event: np.ndarray, risk: np.ndarray,

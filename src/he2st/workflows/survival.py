@@ -22,6 +22,7 @@ import scipy.sparse as sp
 
 from he2st.errors import He2stError
 from he2st.evaluate.survival import (
+    FoldFeatures,
     SurvivalCv,
     cross_validate,
     patient_index,
@@ -134,8 +135,9 @@ def on_shared_genes(model: TlsModel, shared: pd.Index, what: str) -> TlsModel:
 
 
 def slide_features(paths: list[Path], signature: TlsModel | None = None, genes: list[str] | None = None,
-                   tls: TlsModel | None = None, tls_threshold: float | None = None) -> tuple[pd.DataFrame, float | None]:
-    """One row per slide: ``signature`` (mean spot score), ``tls_density`` (and ``tls_mean``), ``mean:<gene>``.
+                   tls: TlsModel | None = None) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """One row per slide: ``signature`` (mean spot score), ``tls_mean``, ``mean:<gene>``; and each slide's spot
+    TLS scores (empty without ``tls``), from which ``tls_density`` is made fold by fold (:func:`density_of`).
 
     The signature and the TLS model are scored on their genes that every slide holds (:func:`on_shared_genes`),
     so that every slide's feature is the same sum."""
@@ -163,11 +165,18 @@ def slide_features(paths: list[Path], signature: TlsModel | None = None, genes: 
         except He2stError as exc:
             raise He2stError(exc.problem, path) from exc
         rows.append(row)
-    features = pd.DataFrame(rows)
-    threshold = None
-    if tls is not None:
-        features["tls_density"], threshold = tls_density(tls_scores, tls_threshold)
-    return features, threshold
+    return pd.DataFrame(rows), tls_scores
+
+
+def density_of(scores: list[np.ndarray], threshold: float | None) -> FoldFeatures:
+    """``tls_density`` of every slide at ``threshold``, else at the 0.9 quantile of the spot scores of the
+    slides it is given (a fold's training slides), with the threshold it used."""
+
+    def features(rows: np.ndarray) -> tuple[pd.DataFrame, float]:
+        density, cut = tls_density(scores, threshold, rows=rows)
+        return pd.DataFrame({"tls_density": density}), cut
+
+    return features
 
 
 def run_survival(table: Path, out: Path, horizon: float, signature: Path | None = None,
@@ -182,13 +191,16 @@ def run_survival(table: Path, out: Path, horizon: float, signature: Path | None 
     for name in ("results.json", "risk.csv", "km.png"):
         check_output(out / name)
     try:
-        features, threshold = slide_features(cohort.paths, TlsModel.read(signature) if signature else None, genes,
-                                             read_model(tls) if tls else None, tls_threshold)
+        features, tls_scores = slide_features(cohort.paths, TlsModel.read(signature) if signature else None, genes,
+                                              read_model(tls) if tls else None)
     except He2stError as exc:  # a problem of the whole table (no shared gene) names the table
         raise He2stError(exc.problem, exc.path or table) from exc
     features.index = pd.Index(cohort.slides, name="slide")
+    by_fold = density_of(tls_scores, tls_threshold) if tls else None
     cv = cross_validate(features, cohort.time, cohort.event, horizon, folds, penalizer, draws, seed,
-                        groups=cohort.patients)
+                        groups=cohort.patients, fold_features=by_fold)
+    threshold = by_fold(np.arange(len(tls_scores)))[1] if by_fold else None  # the refit's: all slides
+    features = pd.concat([features, cv.fold_values.set_axis(features.index)], axis=1)
     high, p_value = risk_groups(cohort.time, cohort.event, cv.cox_risk, cohort.patients)
     risk = features.assign(patient=cohort.patients, time=cohort.time, event=cohort.event, fold=cv.fold, cox_risk=cv.cox_risk,
                            dfs_probability=cv.dfs_probability, risk_group=np.where(high, "high", "low"))
@@ -197,7 +209,8 @@ def run_survival(table: Path, out: Path, horizon: float, signature: Path | None 
     results = {"n_slides": len(cohort.slides), "n_patients": len(first), "n_events": int(cohort.event[first].sum()),
                "horizon": horizon,
                "folds": folds, "penalizer": penalizer, "bootstrap_draws": draws, "seed": seed,
-               "features": list(features.columns), "tls_threshold": threshold, "logrank_p": p_value,
+               "features": list(features.columns), "tls_threshold": threshold,
+               "tls_threshold_per_fold": cv.fold_settings if tls else None, "logrank_p": p_value,
                "cox_coefficients": {k: float(v) for k, v in cv.coefficients.items()}, **cv.scores}
     write_json_atomic(out / "results.json", results)
     return SurvivalResult(cohort, features, cv, high, p_value, threshold,
