@@ -196,7 +196,8 @@ def _hest(root: Path, sample_id: str) -> dict[str, object]:
 def _hest_patient(source: dict[str, object]) -> str | None:
     """The patient a HEST sample's metadata names (None: none, or no readable metadata: the reader says why)."""
     try:
-        return metadata_patient(read_metadata(Path(str(source["path"])), str(source["sample_id"]))[0])
+        meta, where = read_metadata(Path(str(source["path"])), str(source["sample_id"]))
+        return metadata_patient(meta, str(source["sample_id"]), where)
     except He2stError:
         return None
 

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from he2st.data.readers.base import SourceOptions, register_reader, require
 from he2st.data.readers.h5ad import read_h5ad_sample
 from he2st.data.sample import VISIUM_SPOT_UM, Sample
-from he2st.data.sample_header import is_missing
+from he2st.data.sample_header import id_from_file, is_missing
 from he2st.errors import He2stError
-from he2st.io import name_from_stem
 
 
 @register_reader("hest")
@@ -46,7 +46,7 @@ def read_hest(root: str | Path, sample_id: str, patient_id: str | None = None) -
         image,
         pixel_size_um=mpp,
         sample_id=sample_id,
-        patient_id=patient_id or metadata_patient(meta) or sample_id,
+        patient_id=patient_id or metadata_patient(meta, sample_id, meta_path) or sample_id,
         spot_diameter_um=_positive(meta, "spot_diameter") or VISIUM_SPOT_UM,
         technology=str(meta.get("st_technology", "hest")).lower(),
         dataset="hest",
@@ -62,11 +62,14 @@ def read_metadata(root: str | Path, sample_id: str) -> tuple[dict[str, Any], Pat
         raise He2stError(f"cannot parse HEST metadata ({exc})", meta_path) from exc
 
 
-def metadata_patient(meta: dict[str, Any]) -> str | None:
-    """The metadata's ``patient`` as an id, characters other than letters, digits and ``._-`` made ``_``
-    (HEST's table writes ``Patient 27``); None when it gives none (missing, NaN or blank)."""
+def metadata_patient(meta: dict[str, Any], sample_id: str, where: Path) -> str | None:
+    """The metadata's ``patient`` as an id, runs of spaces made ``_`` (HEST's table writes ``Patient 27``) and
+    then checked as any id read from a file is (one line naming ``where`` when it could leave a folder); None
+    when it gives none (missing, NaN or blank)."""
     value = meta.get("patient")
-    return None if is_missing(value) else name_from_stem(str(value).strip())
+    if is_missing(value):
+        return None
+    return id_from_file(re.sub(r"\s+", "_", str(value).strip()), f"patient id of sample {sample_id}", where)
 
 
 def _positive(meta: dict[str, Any], *keys: str) -> float | None:
