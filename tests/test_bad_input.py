@@ -273,3 +273,68 @@ def test_cli_prints_its_version():
 
     out = run_cli("--version")
     assert out.returncode == 0 and out.stdout.strip() == f"he2st {__version__}"
+
+
+def _prediction_file(path: Path, n: int = 20, spatial: bool = True) -> Path:
+    """A small prediction as `he2st predict` writes one (uns['he2st'] names the target transform)."""
+    import anndata as ad
+
+    adata = ad.AnnData(X=np.random.default_rng(0).gamma(2.0, 0.5, (n, 3)).astype(np.float32),
+                       var=pd.DataFrame(index=["CXCL13", "CCL19", "EPCAM"]))
+    if spatial:
+        adata.obsm["spatial"] = np.stack(np.meshgrid(np.arange(5), np.arange(n // 5)), -1).reshape(-1, 2) * 100.0
+    adata.uns["he2st"] = {"target_transform": "log1p_cp10k"}
+    adata.write_h5ad(path)
+    return path
+
+
+def test_a_prediction_where_a_map_or_a_sample_is_read_is_one_line(tmp_path):
+    """A prediction given as a measured sample, one without spot centres or without spots, and a threshold that
+    is not a number: one line naming the file, exit 2, nothing written (they were internal errors, or calls
+    at a NaN threshold)."""
+    pred = _prediction_file(tmp_path / "p.h5ad")
+    result = run_cli("info", pred)
+    assert result.returncode == 2 and "p.h5ad: a prediction, not a measured sample" in result.stderr, result.stderr
+    for name, kwargs, words in (("nospatial", {"spatial": False}, "no finite (x, y) spot centres"),
+                                ("empty", {"n": 0}, "holds 0 spot(s) and 3 gene(s)")):
+        path = _prediction_file(tmp_path / f"{name}.h5ad", **kwargs)
+        for command in ("tls", "localize"):
+            signature = ["--signature", "chemokine-12"] if command == "tls" else []
+            result = run_cli(command, path, "--force", *signature, "--out", tmp_path / "out")
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2 and len(lines) == 1 and f"{name}.h5ad: {words}" in lines[0], result.stderr
+    result = run_cli("localize", pred, "--force", "--threshold", "nan", "--out", tmp_path / "out")
+    assert result.returncode == 2 and "threshold must be a finite number, got nan" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("value", "words"), [('"big"', "spot_diameter_fullres is 'big', not a positive number"),
+                                              ("-5", "spot_diameter_fullres is -5, not a positive number")])
+def test_visium_scale_factors_that_are_not_a_positive_number_are_named(tmp_path, value, words):
+    import json
+
+    from synthetic import spot_grid, write_space_ranger
+
+    from he2st.data.readers import read_source
+    from he2st.errors import He2stError
+
+    outs = tmp_path / "V1" / "outs"
+    write_space_ranger(outs, spot_grid(3, 3, 80, (100, 100)), np.ones((9, 3), int), GENES, 60.0)
+    factors = outs / "spatial" / "scalefactors_json.json"
+    factors.write_text(json.dumps(json.loads(factors.read_text()) | {"spot_diameter_fullres": json.loads(value)}))
+    Image.fromarray(tissue_image(400, 400)).save(tmp_path / "he.png")
+    with pytest.raises(He2stError, match=words) as caught:
+        read_source({"reader": "visium", "sample_id": "V1", "path": str(outs), "image": str(tmp_path / "he.png")})
+    assert "scalefactors_json.json" in str(caught.value)
+
+
+@pytest.mark.parametrize("setting", ["method_options.ridge.alpha=-1", "method_options.ridge.alphas=[]",
+                                     "method_options.mlp.hidden=[0]", "method_options.mlp.hidden=[-1]"])
+def test_method_options_out_of_range_are_refused_before_any_fit(setting):
+    """A negative ridge penalty, no alpha to choose from, a layer of no width: refused as the settings are
+    read (they crashed the fit, or saved a model that cannot predict)."""
+    from he2st.errors import He2stError
+    from he2st.workflows.config import BenchmarkConfig, load_config
+
+    with pytest.raises(He2stError, match=setting.split("=")[0].split(".")[-1]):
+        load_config(BenchmarkConfig, None, [setting])

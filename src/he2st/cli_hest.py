@@ -51,7 +51,7 @@ def export_hest(
                                                   "(default $HE2ST_WORK_DIR or ./he2st-work)")] = None,
     task: Annotated[str, typer.Option(help="task folder name")] = "he2st",
     samples: Annotated[str | None, typer.Option(help="comma-separated samples (default: all prepared)")] = None,
-    n_genes: Annotated[int, typer.Option(help="genes in var_50genes.json")] = 50,
+    n_genes: Annotated[int, typer.Option(min=1, help="genes in var_50genes.json")] = 50,
     selection: Annotated[str, typer.Option(help="hvg: highest variance of log1p counts (the file's 'var'); "
                                                 "heg: highest mean")] = "hvg",
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (for patch.*)")] = None,

@@ -168,7 +168,7 @@ def plot(
         "--out", "-o", help="output folder for the PNGs (default: <prediction> without .h5ad)")] = None,
     genes: GenesOpt = None,
     sample: SampleOpt = None,
-    n: Annotated[int, typer.Option(help="number of genes when --genes is not given")] = 6,
+    n: Annotated[int, typer.Option(min=1, help="number of genes when --genes is not given")] = 6,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Maps of predicted expression over the H&E; with --sample, predicted vs measured with per-gene Pearson."""

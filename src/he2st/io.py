@@ -169,6 +169,20 @@ def read_h5ad_checked(path: str | Path, what: str = ".h5ad file", backed: bool =
         raise He2stError(f"not a readable .h5ad file ({type(exc).__name__}: {_first_line(exc)})", path) from exc
 
 
+def read_spots_h5ad(path: str | Path, what: str = ".h5ad file"):
+    """:func:`read_h5ad_checked` of a file whose spots are drawn or called on a map: at least one spot and one
+    gene, and finite (x, y) centres in ``obsm['spatial']``; else one line naming the file."""
+    import numpy as np
+
+    adata = read_h5ad_checked(path, what)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise He2stError(f"holds {adata.n_obs} spot(s) and {adata.n_vars} gene(s): nothing to map", path)
+    xy = np.asarray(adata.obsm["spatial"]) if "spatial" in adata.obsm else None
+    if xy is None or xy.ndim != 2 or xy.shape[1] < 2 or not np.isfinite(xy[:, :2].astype(float)).all():
+        raise He2stError("no finite (x, y) spot centres in obsm['spatial']", path)
+    return adata
+
+
 def checked_h5ad(path: str | Path, what: str = ".h5ad file") -> Path:
     """``path`` when it is an HDF5 file with AnnData's obs and var, else one line naming the file and what it
     is instead: not found, empty, not HDF5 (a PNG, a text file, ...), truncated, HDF5 but not AnnData."""

@@ -51,7 +51,13 @@ def not_a_sample(path: str | Path) -> He2stError:
 
 def sample_fields(meta: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
     """What a sample file's ``uns['he2st']`` says of its sample, as every reader of the file takes it: the
-    ids (checked as output names), pixel and spot sizes, image, technology and dataset."""
+    ids (checked as output names), pixel and spot sizes, image, technology and dataset. A prediction (its
+    ``uns['he2st']`` records a method, not a sample) or a file lacking a field is refused in one line."""
+    missing = [k for k in ("sample_id", "patient_id", "pixel_size_um", "spot_diameter_um") if k not in meta]
+    if missing:
+        kind = ("a prediction, not a measured sample" if "target_transform" in meta
+                else f"not a he2st sample file (uns['he2st'] lacks {', '.join(missing)})")
+        raise He2stError(kind, path)
     return {
         "sample_id": id_from_file(meta["sample_id"], "sample id", path),
         "patient_id": id_from_file(meta["patient_id"], "patient id", path),

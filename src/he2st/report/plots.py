@@ -29,7 +29,7 @@ from he2st.data.genes import transform_counts
 from he2st.data.sample import Sample
 from he2st.errors import He2stError
 from he2st.evaluate.metrics import pearson_per_gene
-from he2st.io import atomic_path, check_folder, check_output, read_h5ad_checked, sha256_file
+from he2st.io import atomic_path, check_folder, check_output, read_spots_h5ad, sha256_file
 
 UNCERTAINTY_KEYS = ("ood_score", "best_similarity", "dispersion")
 #: target transform -> (colour-bar label, what it means)
@@ -44,7 +44,7 @@ def load_prediction(prediction: str | Path | ad.AnnData) -> ad.AnnData:
     """A prediction AnnData from a path (errors name the file) or as given."""
     if isinstance(prediction, ad.AnnData):
         return prediction
-    return read_h5ad_checked(prediction, "prediction file")
+    return read_spots_h5ad(prediction, "prediction file")
 
 
 @dataclass

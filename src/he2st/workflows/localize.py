@@ -85,7 +85,7 @@ def localize(path: Path, out: Path, signature: str | Path = DEFAULT_SIGNATURE, t
     its model cannot predict the signature's genes on a new patient; ``force`` calls it anyway, so noted."""
     model = read_signature(signature)
     calls = scored_for_calls(path, out / f"{path.stem}.localize.csv", model, str(signature), section_score,
-                             "cancer", quantile, force)
+                             "cancer", quantile, force, threshold)
     adata, target, scored, reason = calls.adata, calls.target, calls.scored, calls.reason
     threshold, source = _threshold(scored, model, threshold, quantile, threshold_from)
     adata.obs["cancer_score"] = scored.score.astype(np.float32)

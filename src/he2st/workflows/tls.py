@@ -9,6 +9,7 @@ sections' pooled scores; else the section's own ``quantile``, said so in the out
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from he2st.evaluate.tls import (
     tls_regions,
     tls_score,
 )
-from he2st.io import atomic_path, check_finite, check_output, read_h5ad_checked
+from he2st.io import atomic_path, check_finite, check_output, read_spots_h5ad
 
 
 @dataclass
@@ -153,12 +154,14 @@ class CallInput:
 
 def scored_for_calls(path: Path, target: Path, signature: TlsModel, name: str,
                      score: Callable[[ad.AnnData, TlsModel, Path], TlsScore], calls: str, quantile: float,
-                     force: bool) -> CallInput:
+                     force: bool, threshold: float | None = None) -> CallInput:
     """Read and score ``path`` for ``he2st tls`` or ``he2st localize``, once its outputs are known to be
     writable; a prediction that cannot support the calls is refused in one line unless ``force``."""
     if not 0 < quantile < 1:
         raise He2stError(f"quantile must lie between 0 and 1, got {quantile}")
-    adata = read_h5ad_checked(path, "input")
+    if threshold is not None and not math.isfinite(threshold):
+        raise He2stError(f"threshold must be a finite number, got {threshold}")
+    adata = read_spots_h5ad(path, "input")
     check_output(target)  # before any work; the map (.png) beside it too
     check_output(target.with_suffix(".png"))
     scored = score(adata, signature, path)
@@ -179,7 +182,7 @@ def detect_tls(path: Path, out: Path, model: str | Path = "her2st", threshold: f
     its model cannot predict the signature's genes on a new patient; ``force`` calls it anyway, so noted."""
     tls = read_model(model)
     calls = scored_for_calls(path, out / f"{path.stem}.tls.h5ad", tls, str(model), section_score, "TLS", quantile,
-                             force)
+                             force, threshold)
     adata, target, scored, is_prediction, reason = (calls.adata, calls.target, calls.scored, calls.is_prediction,
                                                     calls.reason)
     trained = measured_score(adata, scored, str(model)) if is_prediction else {}

@@ -18,6 +18,7 @@ true scale.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -124,10 +125,16 @@ def bundled_image(folders: list[Path], factors: dict[str, float], factors_path: 
 def full_resolution_pixel_um(factors: dict[str, float], factors_path: Path) -> float:
     """µm per full-resolution pixel: ``microns_per_pixel`` when Space Ranger wrote it (Visium HD), else
     the theoretical 65 µm spot that ``spot_diameter_fullres`` spans."""
-    if factors.get("microns_per_pixel"):
-        return float(factors["microns_per_pixel"])
-    if factors.get("spot_diameter_fullres"):
-        return SCALEFACTOR_SPOT_UM / float(factors["spot_diameter_fullres"])
+    for key in ("microns_per_pixel", "spot_diameter_fullres"):
+        if factors.get(key) is None:
+            continue
+        try:
+            value = float(factors[key])
+        except (TypeError, ValueError):
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise He2stError(f"{key} is {factors[key]!r}, not a positive number", factors_path)
+        return value if key == "microns_per_pixel" else SCALEFACTOR_SPOT_UM / value
     raise He2stError("neither microns_per_pixel nor spot_diameter_fullres present", factors_path)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from he2st.methods.configs.common import MethodConfig, TrainConfig, preset
 
@@ -13,9 +13,9 @@ class RidgeConfig(MethodConfig):
     """Options of the ridge probe (defaults: HEST-Benchmark's)."""
 
     pca_components: int = Field(256, gt=0, description="PCA components after standard scaling (HEST-Benchmark: 256)")
-    alpha: float | None = Field(None, description="ridge penalty; None: HEST's 100 / (n_components * n_genes)")
+    alpha: float | None = Field(None, ge=0, description="ridge penalty; None: HEST's 100 / (n_components * n_genes)")
     alpha_cv: bool = Field(False, description="choose alpha by inner cross-validation over training patients")
-    alphas: list[float] = Field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5],
+    alphas: list[PositiveFloat] = Field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5], min_length=1,
                                 description="candidate alphas for alpha_cv")
     fit_intercept: bool = Field(False, description="fit an intercept (HEST-Benchmark: False)")
     celltype_key: str | None = Field(
@@ -30,7 +30,7 @@ RidgeCVConfig = preset(RidgeConfig, "RidgeCVConfig", "The ridge probe with alpha
 class MLPConfig(MethodConfig):
     """Options of the MLP regression (defaults: he2st's; ``n_models=1, epochs_by='validation'``: ST-Net's)."""
 
-    hidden: list[int] = Field(default_factory=lambda: [256], description="hidden widths")
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [256], description="hidden widths")
     dropout: float = Field(0.5, ge=0, lt=1, description="dropout after each hidden layer")
     standardize_targets: bool = Field(
         True, description="regress per-gene z-scores (training statistics); predictions return to the panel's scale")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from he2st.methods.configs.common import RetrievalConfig, TrainConfig
 
@@ -13,7 +13,7 @@ from he2st.methods.configs.common import RetrievalConfig, TrainConfig
 class CarHEConfig(RetrievalConfig):
     """Options of CarHE (contrastive and retrieval options as RetrievalConfig)."""
 
-    image_hidden: list[int] = Field(
+    image_hidden: list[PositiveInt] = Field(
         default_factory=list, description="hidden widths of the image tower before its projection head ([]: BLEEP's "
         "head)")
     celltype_transfer: bool = Field(
@@ -28,7 +28,7 @@ class CarHEConfig(RetrievalConfig):
         None, description="single-cell reference .h5ad (counts, cell-type column celltype_key) for "
         "celltypes_from='reference'")
     programmes: int = Field(8, ge=2, description="number of NMF expression programmes (celltypes_from='programmes')")
-    proportion_hidden: list[int] = Field(
+    proportion_hidden: list[PositiveInt] = Field(
         default_factory=lambda: [64], description="hidden widths of the proportion encoder")
     celltype_weight: float = Field(
         0.5, ge=0, description="weight of the proportion-image and proportion-expression alignment")

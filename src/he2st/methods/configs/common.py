@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, create_model, model_validator
 
 
 class MethodConfig(BaseModel):
@@ -112,7 +112,7 @@ class RetrievalConfig(MethodConfig):
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout inside the projection heads and encoders")
     expression_encoder: Literal["projection", "mlp"] = Field(
         "mlp", description="expression tower: BLEEP's projection head ('projection') or an MLP encoder ('mlp')")
-    mlp_hidden: list[int] = Field(
+    mlp_hidden: list[PositiveInt] = Field(
         default_factory=lambda: [512], description="hidden widths of the MLP expression encoder")
     loss: Literal["bleep_soft", "contrastive"] = Field(
         "contrastive", description="'bleep_soft': BLEEP's soft CLIP loss, fixed τ, unnormalised; 'contrastive': "
