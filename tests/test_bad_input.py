@@ -338,3 +338,32 @@ def test_method_options_out_of_range_are_refused_before_any_fit(setting):
 
     with pytest.raises(He2stError, match=setting.split("=")[0].split(".")[-1]):
         load_config(BenchmarkConfig, None, [setting])
+
+
+def test_an_image_found_damaged_part_way_leaves_no_sample_of_the_run(tmp_path):
+    """A truncated JPEG is found only when patches are cut from it, after the sections before it were saved:
+    the samples and patch files this run added go again, and the sample sheet is not written; a foreign file
+    where a sample goes is refused before anything is written."""
+    from he2st.data.samplesheet import write_samplesheet
+
+    good = write_st(tmp_path / "good")
+    bad = write_st(tmp_path / "bad")
+    bad["image"].write_bytes(bad["image"].read_bytes()[:600])  # the header reads; the pixels end early
+    sheet = write_samplesheet(tmp_path / "sheet.csv", [
+        {"sample_id": "S1", "patient_id": "P1", "reader": "st", "path": good["counts"], "spots_file": good["spots"],
+         "image": good["image"]},
+        {"sample_id": "S2", "patient_id": "P2", "reader": "st", "path": bad["counts"], "spots_file": bad["spots"],
+         "image": bad["image"]}])
+    work = tmp_path / "work"
+    result = run_cli("prepare", "--samplesheet", sheet, "-w", work, "--set", "patch.field_um=50",
+                     "--set", "patch.size_px=32")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "he.jpg" in result.stderr
+    assert not [p for p in work.rglob("*") if p.is_file() and p.name != ".he2st-output"], list(work.rglob("*"))
+    bad["image"].write_bytes(good["image"].read_bytes())
+    foreign = tmp_path / "w2" / "samples" / "S2.h5ad"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text("mine")
+    result = run_cli("prepare", "--samplesheet", sheet, "-w", tmp_path / "w2")
+    assert result.returncode == 2 and "S2.h5ad" in result.stderr and "not written by he2st" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "w2").rglob("*") if p.is_file()) == ["S2.h5ad"]

@@ -11,15 +11,15 @@ from dataclasses import dataclass
 
 from he2st.data.datasets import dataset_dir, fetch
 from he2st.data.her2st import load_her2st
-from he2st.data.patches import extract_patches, warn_if_too_coarse
+from he2st.data.patches import extract_patches, patch_cache_path, warn_if_too_coarse
 from he2st.data.readers import SourceOptions, read_source
 from he2st.data.sample import Sample
 from he2st.data.splits import check_fold, make_folds
 from he2st.data.workspace import Workspace
 from he2st.errors import He2stError, He2stWarning
-from he2st.io import safe_name
+from he2st.io import check_output, safe_name
 from he2st.workflows.config import PrepareConfig
-from he2st.workflows.samplesheet import save_sheet, sheet_sources
+from he2st.workflows.samplesheet import SHEET_NAME, save_sheet, sheet_sources
 
 
 @dataclass
@@ -70,17 +70,28 @@ def prepare(config: PrepareConfig, on_patch: Callable[..., None] | None = None,
              if len(groups) >= 2 else None)
     for fold in folds or []:
         check_fold(fold, patients)
-    if sheet:  # what this run read, to repeat it; written only now, so that a refused run writes nothing
+    specs = [config.patch, *([config.patch.context_field()] if config.context_field else [])]
+    outputs = [path for s in samples for path in (ws.sample_path(s.sample_id),
+                                                  *(patch_cache_path(ws.root, s.sample_id, spec) for spec in specs))]
+    for path in [*outputs, ws.folds_path(config.folds.scheme), *([ws.root / SHEET_NAME] if sheet else [])]:
+        check_output(path)  # a foreign file anywhere is refused before the first sample is written
+    new = [path for path in outputs if not path.exists()]
+    try:
+        for sample in samples:
+            warn_if_too_coarse(sample, config.patch)
+            sample.save(ws.sample_path(sample.sample_id))  # always: patient ids or counts may have changed
+            for spec in specs:
+                extract_patches(sample, spec, ws.root, on_progress=on_patch)
+            sample.close()
+            if on_sample is not None:
+                on_sample(sample)
+    except He2stError:  # bad input found part-way (a damaged image): the samples and patches this run added go
+        # again; an interrupted run keeps them, as a rerun reuses finished patch files
+        for path in new:
+            path.unlink(missing_ok=True)
+        raise
+    if sheet:  # what this run read, to repeat it; written last, so that a failed run leaves none
         save_sheet(config.work_dir, sheet)
-    for sample in samples:
-        warn_if_too_coarse(sample, config.patch)
-        sample.save(ws.sample_path(sample.sample_id))  # always: patient ids or counts may have changed
-        extract_patches(sample, config.patch, ws.root, on_progress=on_patch)
-        if config.context_field:
-            extract_patches(sample, config.patch.context_field(), ws.root, on_progress=on_patch)
-        sample.close()
-        if on_sample is not None:
-            on_sample(sample)
     ids = [s.sample_id for s in samples]
     _warn_stale(ws, ids, config.folds.scheme, folds is None)
     if folds is None:
