@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -528,6 +529,8 @@ def main() -> None:
         sys.exit(code)
 
     warnings.showwarning = one_line
+    # tifffile logs what it finds wrong in a damaged TIFF on lines of its own; he2st's one error line says it
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     forget_created()
     allow_overwrite(False)  # until the command's --overwrite says otherwise
     try:

@@ -112,7 +112,8 @@ class GenePanel(BaseModel):
             if len(order) < n_genes:
                 raise He2stError(
                     f"only {len(order)} genes pass the detection filter (>= {min_spot_fraction:.0%} of spots); "
-                    f"asked for {n_genes}"
+                    f"asked for {n_genes} (--set genes.n_genes=N asks for fewer, genes.min_spot_fraction lowers the "
+                    "filter)"
                 )
             chosen = [candidates[i] for i in order]
             pooled = pooled[:, order]

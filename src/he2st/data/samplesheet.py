@@ -117,7 +117,8 @@ def discover_sources(folder: str | Path, work_dir: str | Path | None = None) -> 
     kept, with a warning line, for the user to fill in."""
     root = Path(folder)
     if not root.is_dir():
-        raise He2stError("folder to search for samples not found", root)
+        raise He2stError("is a file, not a folder to search for samples" if root.exists()
+                         else "folder to search for samples not found", root)
     work = None if work_dir is None else Path(work_dir).resolve()
     sources: list[dict[str, object]] = []
     for dirpath, dirnames, filenames in os.walk(root):

@@ -36,7 +36,8 @@ def _checked(expr: np.ndarray, genes: Sequence[str], n: int) -> np.ndarray:
     if not np.isfinite(x).all():
         raise He2stError("expression matrix contains non-finite values (NaN or inf)")
     if not 1 <= n <= len(genes):
-        raise He2stError(f"cannot pick {n} genes from a panel of {len(genes)}")
+        raise He2stError(f"cannot pick {n} genes from a panel of {len(genes)} (--set n_top=N sets the genes of each "
+                         "gene set, genes.n_genes the panel)")
     return x
 
 

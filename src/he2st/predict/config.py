@@ -15,7 +15,7 @@ from he2st.predict.grid import VISIUM_PITCH_UM
 class PredictConfig(BaseModel):
     """Where to predict, what to write, and how to encode the slide (``None``: as the model was trained)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite pitch or pixel size is no size
 
     model: Path | None = Field(None, description="checkpoint path, recorded in the output")
     slide: Path | None = Field(None, description="whole-slide image (SVS, NDPI, TIFF, JPEG, ...); "
