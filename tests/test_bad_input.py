@@ -290,8 +290,7 @@ def _prediction_file(path: Path, n: int = 20, spatial: bool = True) -> Path:
 
 def test_a_prediction_where_a_map_or_a_sample_is_read_is_one_line(tmp_path):
     """A prediction given as a measured sample, one without spot centres or without spots, and a threshold that
-    is not a number: one line naming the file, exit 2, nothing written (they were internal errors, or calls
-    at a NaN threshold)."""
+    is not a number: one line naming the file, exit 2, nothing written."""
     pred = _prediction_file(tmp_path / "p.h5ad")
     result = run_cli("info", pred)
     assert result.returncode == 2 and "p.h5ad: a prediction, not a measured sample" in result.stderr, result.stderr

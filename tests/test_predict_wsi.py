@@ -695,6 +695,9 @@ def test_a_manifest_row_may_name_only_its_sample(tmp_path):
     manifest.write_text("slide,spots_from,mpp\n,,0.5\n")
     with pytest.raises(He2stError, match="row 2: neither a slide nor spots_from"):
         slide_configs(PredictConfig(out=tmp_path / "o"), read_manifest(manifest), manifest)
+    manifest.write_text("slide,mpp\nslides/x.tif,nan\n")
+    with pytest.raises(He2stError, match="row 2: mpp 'nan' is not a positive pixel size"):
+        slide_configs(PredictConfig(out=tmp_path / "o"), read_manifest(manifest), manifest)
 
 
 @pytest.mark.parametrize(("resolution", "unit", "recorded"), [(72, "INCH", 352.778), (10, "CENTIMETER", 1000.0)])

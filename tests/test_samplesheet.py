@@ -151,6 +151,7 @@ def test_folder_search_finds_downloaded_visium_hest_patients_and_exact_st_images
         Image.fromarray(tissue_image(600, 600)).save(root / "V7" / name)
     for f in (root / "V7" / "spatial").glob("V7_*"):
         f.rename(f.with_name(f.name.removeprefix("V7_")))  # spatial/ as the tarball unpacks: names unprefixed
+    (root / "V7" / "filtered_feature_bc_matrix").mkdir()  # the .h5's matrix as a folder too: one section
     genes = ["a", "b", "c"]
     for sid, patient in (("NCBI1", "Patient 27"), ("NCBI2", "Patient 27"), ("NCBI3", float("nan"))):
         write_hest(root / "hest", sid, tissue_image(400, 400), 0.5, xy, counts_for(xy, genes), genes, patient=patient)
@@ -171,6 +172,10 @@ def test_folder_search_finds_downloaded_visium_hest_patients_and_exact_st_images
     assert patients["NCBI1"] == patients["NCBI2"] == "Patient_27" and patients["NCBI3"] == "NCBI3"
     sheet_row = [{"sample_id": "NCBI2", "reader": "hest", "path": str(root / "hest")}]  # a sheet's empty patient
     assert with_default_patients(sheet_row, root)[0]["patient_id"] == "Patient_27"
+    meta = root / "hest" / "metadata" / "NCBI3.json"
+    meta.write_text(meta.read_text().replace("NaN", '"../P 9"'))  # no safe id: refused, not left out
+    with pytest.raises(He2stError, match=r"NCBI3.json: patient id of sample NCBI3"):
+        discover_sources(root)
     from he2st.data.readers import read_source
 
     sample = read_source(found["V7"] | {"patient_id": "P"})

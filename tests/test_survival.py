@@ -224,3 +224,10 @@ def test_the_tls_density_threshold_is_set_on_each_folds_training_slides() -> Non
                                    [np.mean(scores[i] >= cut) for i in held])
     assert by_fold(np.arange(n))[1] == pytest.approx(np.quantile(np.concatenate(scores), 0.9))
     assert "tls_density" in cv.coefficients.index and len(set(cv.fold_settings)) == len(cv.fold_settings)
+
+
+def test_a_tls_threshold_that_is_not_a_number_is_refused(cohort: Path, tmp_path: Path) -> None:
+    result = run_cli("survival", "--slides", cohort / "slides.csv", "--out", tmp_path / "out", "--horizon", "12",
+                     "--tls", cohort / "tls.csv", "--tls-threshold", "nan")
+    assert result.returncode == 2 and "--tls-threshold must be a finite number, got nan" in result.stderr
+    assert not (tmp_path / "out").exists()

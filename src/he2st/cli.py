@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -514,6 +513,7 @@ def main() -> None:
     import os
 
     from he2st.io import allow_overwrite, forget_created, remove_created
+    from he2st.progress import quiet_libraries
 
     show = warnings.showwarning
 
@@ -529,8 +529,7 @@ def main() -> None:
         sys.exit(code)
 
     warnings.showwarning = one_line
-    # tifffile logs what it finds wrong in a damaged TIFF on lines of its own; he2st's one error line says it
-    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+    quiet_libraries()
     forget_created()
     allow_overwrite(False)  # until the command's --overwrite says otherwise
     try:

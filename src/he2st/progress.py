@@ -39,3 +39,11 @@ def say(line: str) -> None:
     """A progress line (e.g. one per training epoch) on an interactive terminal; silent in logs and pipes."""
     if interactive():
         console.print(line, highlight=False)
+
+
+def quiet_libraries() -> None:
+    """Keep libraries' own log lines off the terminal in this process (the command's, or a worker's): tifffile
+    logs what it finds wrong in a damaged TIFF on lines of its own, where he2st says it in one error line."""
+    import logging
+
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)

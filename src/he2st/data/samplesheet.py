@@ -176,14 +176,18 @@ def _visium_download(folder: Path, files: list[str]) -> bool:
     """Whether ``folder`` holds a Visium section as 10x's and GEO's download pages ship it, without ``outs/``:
     one (maybe prefixed, maybe gzipped) ``filtered_feature_bc_matrix.h5`` or its folder, and scale factors in
     ``spatial/`` or beside it. A folder of several sections' files is left, with a warning, to a sample sheet."""
-    matrices = [f for f in files if f.endswith(("filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix.h5.gz"))]
-    matrices += ["filtered_feature_bc_matrix/"] if (folder / "filtered_feature_bc_matrix").is_dir() else []
+    names = [f for f in files if f.endswith(("filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix.h5.gz"))]
+    # sections are told apart by the prefix of their .h5; the matrix folder (unpacked without a prefix) is the
+    # .h5's section, or the one section where there is no .h5
+    matrices = sorted({name.split("filtered_feature_bc_matrix")[0] for name in names})
+    if not matrices and (folder / "filtered_feature_bc_matrix").is_dir():
+        matrices, names = [""], ["filtered_feature_bc_matrix/"]
     spatial = (folder / "spatial").is_dir() and any(f.name.endswith(SCALEFACTORS) for f in (folder / "spatial").iterdir())
     if not matrices or not (spatial or any(f.endswith(SCALEFACTORS) for f in files)):
         return False
     if len(matrices) > 1:
-        warnings.warn(f"{folder}: {len(matrices)} Visium matrices in one folder ({', '.join(matrices[:3])}); list "
-                      "its sections in a sample sheet", He2stWarning, stacklevel=3)
+        warnings.warn(f"{folder}: Visium matrices of {len(matrices)} sections in one folder ({', '.join(names[:3])}); "
+                      "list its sections in a sample sheet", He2stWarning, stacklevel=3)
         return False
     return True
 
@@ -195,12 +199,14 @@ def _hest(root: Path, sample_id: str) -> dict[str, object]:
 
 
 def _hest_patient(source: dict[str, object]) -> str | None:
-    """The patient a HEST sample's metadata names (None: none, or no readable metadata: the reader says why)."""
+    """The patient a HEST sample's metadata names (None: none, or no readable metadata: the reader says why).
+    A patient that is no safe id is refused here, in one line naming the metadata: left out, the sample would
+    be its own patient and its patient's other sections would fall on both sides of a fold."""
     try:
         meta, where = read_metadata(Path(str(source["path"])), str(source["sample_id"]))
-        return metadata_patient(meta, str(source["sample_id"]), where)
     except He2stError:
         return None
+    return metadata_patient(meta, str(source["sample_id"]), where)
 
 
 def _space_ranger(outs: Path) -> dict[str, object]:

@@ -3,7 +3,8 @@
 A prediction covers one slide with many spots; an outcome belongs to the patient. Features are slide
 summaries of predicted expression -- weighted signature scores (spot score = weighted sum of the
 signature's genes, slide feature = its mean over spots), the TLS density (share of spots whose TLS
-score reaches a threshold shared by all slides), chosen genes' means.
+score reaches a threshold: given, else set on the spot scores of each fold's training slides), chosen
+genes' means.
 
 Models: a penalised Cox model (lifelines) for the hazard, and a logistic regression (scikit-learn) for
 "event before the horizon". Both are scored on out-of-fold predictions of a stratified k-fold split,

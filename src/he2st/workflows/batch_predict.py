@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import pandas as pd
 from he2st.errors import He2stError, He2stWarning
 from he2st.io import check_output, inside, name_from_stem, table_path, write_text_atomic
 from he2st.predict import PredictConfig
+from he2st.progress import quiet_libraries
 from he2st.workflows.engines import run_tasks
 
 MANIFEST_COLUMNS = ("slide", "mpp", "spots_from", "out")
@@ -80,6 +82,8 @@ def slide_configs(base: PredictConfig, rows: list[dict[str, str]], manifest: Pat
                 update["mpp"] = float(row["mpp"])
             except ValueError:
                 raise He2stError(f"{where}: mpp {row['mpp']!r} is not a number", manifest) from None
+            if not (math.isfinite(update["mpp"]) and update["mpp"] > 0):  # model_copy does not validate
+                raise He2stError(f"{where}: mpp {row['mpp']!r} is not a positive pixel size", manifest)
         if "spots_from" in row:
             update["spots_from"] = Path(row["spots_from"])
         if "out" in row:
@@ -128,6 +132,7 @@ def predict_one(model: str, config: PredictConfig, threads: int) -> SlideOutcome
     from he2st.predict import run_prediction
 
     torch.set_num_threads(threads)
+    quiet_libraries()  # a Ray worker, too, keeps to the command's one error line per slide
     start = time.perf_counter()
     slide = str(config.slide or config.spots_from)  # a manifest row may name only its sample
     try:

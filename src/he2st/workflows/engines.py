@@ -14,6 +14,7 @@ from multiprocessing import get_context
 from typing import TYPE_CHECKING, Any
 
 from he2st.errors import He2stError
+from he2st.progress import quiet_libraries
 
 if TYPE_CHECKING:
     from he2st.methods.inner_tasks import TaskRunner
@@ -122,8 +123,8 @@ def run_tasks(task: Callable[..., Any], arguments: list[tuple], engine: str, wor
 
 def local_pool(workers: int) -> ProcessPoolExecutor:
     """A pool of ``workers`` fresh processes (spawned: a forked copy of a process whose torch and OpenMP
-    threads have run can hang)."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    threads have run can hang), each as quiet as the command's own (:func:`he2st.progress.quiet_libraries`)."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=quiet_libraries)
 
 
 def _ray() -> Any:

@@ -12,6 +12,7 @@ settings) and ``risk.csv`` (out-of-fold risks and groups per slide); the command
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +188,8 @@ def run_survival(table: Path, out: Path, horizon: float, signature: Path | None 
     cohort = read_cohort(table)
     if not horizon > 0:
         raise He2stError(f"--horizon must be a positive time, got {horizon}")
+    if tls_threshold is not None and not math.isfinite(tls_threshold):
+        raise He2stError(f"--tls-threshold must be a finite number, got {tls_threshold}")
     check_folder(out)  # before any work: outputs he2st did not write are refused
     for name in ("results.json", "risk.csv", "km.png"):
         check_output(out / name)
