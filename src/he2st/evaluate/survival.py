@@ -186,8 +186,8 @@ def cross_validate(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, 
     from the fold that held it out, ``fold_settings`` what each fold set."""
     time, event = np.asarray(time, dtype=np.float64), np.asarray(event, dtype=np.int64)
     n = len(time)
-    if fold_features is not None:
-        every = fold_features(np.arange(n))[0].set_axis(features.index)
+    every = None if fold_features is None else fold_features(np.arange(n))[0].set_axis(features.index)
+    if every is not None:
         features = pd.concat([features, every], axis=1)  # the checks see every column
     if features.shape[1] == 0:
         raise He2stError("no features: give a signature, genes or a TLS model")
@@ -199,7 +199,7 @@ def cross_validate(features: pd.DataFrame, time: np.ndarray, event: np.ndarray, 
     events, patients = int(event[first].sum()), len(first)
     if events < folds or (patients - events) < folds:
         raise He2stError(f"too few events ({events} of {patients} patients) for {folds}-fold cross-validation")
-    own = features.drop(columns=[] if fold_features is None else fold_features(np.arange(n))[0].columns)
+    own = features.drop(columns=[] if every is None else every.columns)
     x = features.to_numpy(np.float64)  # fold columns (the last) replaced fold by fold below
     cox_risk, probability, fold_of = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
     fold_values, fold_settings = features.drop(columns=own.columns).copy(), []
