@@ -7,13 +7,14 @@ optionally ``pixel_size_um``, ``spots_file`` or any other field of a sample sour
 
 :func:`discover_sources` finds, under a folder: Space Ranger ``outs/`` folders (``visium``; ``visium_hd``
 when ``binned_outputs/`` is there), with the one slide image beside ``outs/`` when there is exactly one;
-Visium sections as 10x's and GEO's download pages ship them (a ``*filtered_feature_bc_matrix.h5``
-beside ``spatial/``, no ``outs/``: ``visium``, the image in the same folder); HEST-1k roots (``st/``,
-``wsis/``, ``metadata/``: ``hest``, each sample's patient from its metadata); legacy ST triples in one
-folder (a counts table, a spot file, an image sharing its first name part: ``st``); and any other
-``.h5ad`` (``h5ad``, pixel size from its Visium scale factors when it has them). Folders he2st wrote into (work folders, predictions, exports: they hold its
-``.he2st-output`` marker) are not searched, nor the work folder being prepared: their ``.h5ad`` files are
-he2st's outputs, not sections, and a re-run from the same folder must not find them.
+Visium sections as 10x's and GEO's download pages ship them (a ``*filtered_feature_bc_matrix.h5`` beside
+``spatial/``, no ``outs/``: ``visium``, the image in the same folder); HEST-1k roots (``st/``, ``wsis/``,
+``metadata/``: ``hest``; :func:`with_default_patients` takes each one's patient from its metadata); legacy
+ST triples in one folder (a counts table, a spot file, an image sharing its first name part: ``st``); and
+any other ``.h5ad`` (``h5ad``, pixel size from its Visium scale factors when it has them). Folders he2st
+wrote into (work folders, predictions, exports: they hold its ``.he2st-output`` marker) are not searched,
+nor the work folder being prepared: their ``.h5ad`` files are he2st's outputs, not sections, and a re-run
+from the same folder must not find them.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def discover_sources(folder: str | Path, work_dir: str | Path | None = None) -> 
             sources.append(_space_ranger(here))
             dirnames[:] = []
         elif all((here / d).is_dir() for d in ("st", "wsis", "metadata")):
-            sources += [_hest(here, p.stem) for p in sorted((here / "st").glob("*.h5ad"))]
+            sources += [{"sample_id": p.stem, "reader": "hest", "path": str(here)}
+                        for p in sorted((here / "st").glob("*.h5ad"))]
             dirnames[:] = []
         else:
             sources += _st_triples(here, sorted(filenames))
@@ -190,12 +192,6 @@ def _visium_download(folder: Path, files: list[str]) -> bool:
                       "list its sections in a sample sheet", He2stWarning, stacklevel=3)
         return False
     return True
-
-
-def _hest(root: Path, sample_id: str) -> dict[str, object]:
-    """A HEST-1k sample, with its metadata's patient when it names one (the sheet then shows it)."""
-    source: dict[str, object] = {"sample_id": sample_id, "reader": "hest", "path": str(root)}
-    return source | ({"patient_id": patient} if (patient := _hest_patient(source)) else {})
 
 
 def _hest_patient(source: dict[str, object]) -> str | None:

@@ -199,8 +199,8 @@ def check_outputs(config: BenchmarkConfig) -> Path:
 def _check_folds(config: BenchmarkConfig, ws: Workspace, folds: list[Fold], patients: dict[str, str],
                  recorded: dict[str, str]) -> None:
     """Every fold holds out whole patients, unless shared patients were allowed (then labelled LEAKY), by the
-    patients the sample files record (``recorded``): a folds file written before the samples were prepared again with other
-    patients would otherwise put one patient on both sides without a word."""
+    patients the sample files record (``recorded``): a folds file written before the samples were prepared
+    again with other patients would otherwise put one patient on both sides without a word."""
     for sid, now in recorded.items():
         if patients[sid] != now:
             raise He2stError(f"the {config.folds.scheme} folds give sample {sid} patient {patients[sid]!r}, its sample "
